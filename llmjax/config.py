@@ -1,0 +1,241 @@
+"""Configs: the ConfigDict a run is described by, and the frozen dataclass a model is built from.
+
+A config file in `configs/` holds values only: per variant, the model's every dimension, plus
+whatever it changes of the shared `train`/`data`/`eval`/`logging` defaults below. It is picked as
+`configs/modern.py:tiny` (no suffix means `default`), the ml_collections `config_flags` convention.
+
+Model code never sees the ConfigDict: `model_config(cfg)` turns `cfg.model` into the frozen
+dataclass registered for `cfg.model.arch`, and rejects unknown, missing or mistyped keys with one
+line that names the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import ml_collections
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ATTENTION_IMPLS = ("auto", "cudnn", "xla")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+VARIANTS = ("default", "small", "tiny")
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; its message is one line that says how."""
+
+
+def closest(name: str, valid) -> str:
+    """' (did you mean 'x'?)' for the nearest valid name, or '' when nothing is close."""
+    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# The model dataclasses. Each architecture registers a subclass with its own fields.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Fields every architecture has. All are required: config files write every dimension."""
+
+    arch: str
+    vocab_size: int  # tokenizer's vocabulary (50257 for GPT-2 BPE)
+    padded_vocab_size: int  # rows allocated in the embedding (50304 = a multiple of 64)
+    n_layer: int
+    n_head: int
+    d_model: int
+    context_len: int  # longest sequence the model is trained on / can decode to
+    dtype: str  # compute dtype: float32 | bfloat16 | float16 (parameters are always float32)
+    attention_impl: str  # auto | cudnn | xla
+    scan_layers: bool  # True: one scanned layer (fast compile); False: unrolled Python loop
+    remat: str  # none | full | dots | dots_no_batch (jax.checkpoint policies)
+    init_std: float  # N(0, init_std) for weights; residual projections get init_std/sqrt(2*n_layer)
+    norm_eps: float
+
+    def __post_init__(self):
+        if self.padded_vocab_size < self.vocab_size:
+            raise ConfigError(
+                f"model.padded_vocab_size={self.padded_vocab_size} is smaller than "
+                f"model.vocab_size={self.vocab_size}; set it to vocab_size rounded up to a multiple of 64"
+            )
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "context_len"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype='{self.dtype}' is not one of {', '.join(DTYPES)}{closest(self.dtype, DTYPES)}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(
+                f"model.attention_impl='{self.attention_impl}' is not one of {', '.join(ATTENTION_IMPLS)}"
+                f"{closest(self.attention_impl, ATTENTION_IMPLS)}"
+            )
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(
+                f"model.remat='{self.remat}' is not one of {', '.join(REMAT_POLICIES)}{closest(self.remat, REMAT_POLICIES)}"
+            )
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_type(cls_name: str, field: dataclasses.Field, value: Any) -> Any:
+    want = field.type if isinstance(field.type, type) else {"int": int, "float": float, "bool": bool, "str": str}.get(
+        str(field.type)
+    )
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is not None and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
+        raise ConfigError(
+            f"model.{field.name} for arch '{cls_name}' must be {want.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def model_config(cfg: ml_collections.ConfigDict | Mapping[str, Any] | ModelConfig) -> ModelConfig:
+    """The frozen dataclass for `cfg.model` (or a mapping of model keys), validated."""
+    from llmjax.registry import get_arch  # the registry imports this module
+
+    if isinstance(cfg, ModelConfig):
+        return cfg
+    if isinstance(cfg, ml_collections.ConfigDict) and "model" in cfg:
+        cfg = cfg.model
+    values = dict(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg)
+    if "arch" not in values:
+        raise ConfigError("model.arch is missing; set it to a registered architecture")
+    cls = get_arch(values["arch"]).config_class
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            raise ConfigError(f"unknown key 'model.{key}' for arch '{values['arch']}'{closest(key, fields)}")
+    missing = [k for k in fields if k not in values]
+    if missing:
+        raise ConfigError(f"config for arch '{values['arch']}' is missing model key(s): {', '.join(missing)}")
+    return cls(**{k: _check_type(values["arch"], fields[k], v) for k, v in values.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# The run config: shared groups, filled per variant, then overridden by the arch's config file.
+
+
+def _shared_groups(variant: str) -> dict[str, dict[str, Any]]:
+    """data/train/eval/logging defaults. `default` is the GPU (GPT-2-small scale) recipe; `small` and
+    `tiny` train on CPU, on the character-level Shakespeare that ships with the repo."""
+    gpu = variant == "default"
+    return dict(
+        data=dict(
+            dataset="fineweb_edu" if gpu else "tinyshakespeare_char",
+            dir="data",  # LLMJAX_DATA_DIR overrides it
+        ),
+        train=dict(
+            seed=0,
+            batch_size=16 if gpu else (32 if variant == "small" else 8),
+            grad_accum_steps=1,
+            max_steps=5000 if gpu else (2000 if variant == "small" else 50),
+            stop_at_step=0,  # 0: run to max_steps
+            lr=6e-4 if gpu else 1e-3,
+            min_lr=6e-5 if gpu else 1e-4,
+            warmup_steps=700 if gpu else (100 if variant == "small" else 5),
+            weight_decay=0.1,
+            beta1=0.9,
+            beta2=0.95 if gpu else 0.99,
+            grad_clip=1.0,
+            log_every_steps=10,
+            checkpoint_every_steps=1000 if gpu else 250,
+            keep_checkpoints=3,
+        ),
+        eval=dict(
+            every_steps=250,
+            num_batches=20,
+        ),
+        logging=dict(
+            wandb=False,
+            progress_bar=True,
+        ),
+    )
+
+
+def make_config(variant: str, models: Mapping[str, Mapping[str, Any]], **group_overrides) -> ml_collections.ConfigDict:
+    """The ConfigDict for one variant of an architecture's config file.
+
+    `models` maps each variant name to its complete `model` group; `group_overrides` maps a group name
+    (train, data, eval, logging) to {variant: {key: value}} changes of the shared defaults.
+    """
+    if variant not in models:
+        raise ConfigError(f"unknown variant '{variant}'; choose one of {', '.join(models)}{closest(variant, models)}")
+    groups = _shared_groups(variant)
+    for group, per_variant in group_overrides.items():
+        if group not in groups:
+            raise ConfigError(f"unknown config group '{group}'{closest(group, groups)}")
+        for key, value in per_variant.get(variant, {}).items():
+            if key not in groups[group]:
+                raise ConfigError(f"unknown key '{group}.{key}'{closest(key, groups[group])}")
+            groups[group][key] = value
+    cfg = ml_collections.ConfigDict({"model": dict(models[variant]), **groups})
+    return cfg
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """'configs/modern.py:tiny' -> ('configs/modern.py', 'tiny'); no suffix means 'default'."""
+    path, _, variant = str(spec).partition(":")
+    return path, variant or "default"
+
+
+def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """Load `path[:variant]`, apply {'train.lr': 3e-4, ...} overrides, and validate every key."""
+    path, variant = split_spec(spec)
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file '{path}' not found; pass e.g. configs/modern.py or configs/modern.py:tiny")
+    module_spec = importlib.util.spec_from_file_location(f"llmjax_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file '{path}' has no get_config(variant) function")
+    cfg = module.get_config(variant)
+    for key, value in (overrides or {}).items():
+        set_key(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def set_key(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    """cfg['a.b'] = value, with a one-line error naming the closest key when 'a.b' does not exist."""
+    *groups, leaf = dotted.split(".")
+    node, seen = cfg, []
+    for name in groups:
+        if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+            raise ConfigError(f"unknown config key '{'.'.join(seen + [name])}'{closest(name, node.keys() if isinstance(node, ml_collections.ConfigDict) else [])}")
+        node, seen = node[name], seen + [name]
+    if leaf not in node:
+        valid = [f"{'.'.join(seen)}.{k}" if seen else k for k in node.keys()]
+        raise ConfigError(f"unknown config key '{dotted}'{closest(dotted, valid)}")
+    try:
+        node[leaf] = value
+    except TypeError as e:
+        raise ConfigError(f"config key '{dotted}': {str(e).splitlines()[0]}") from None
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Check every group and key against the schema; raise ConfigError (one line) on the first problem."""
+    schema = _shared_groups("default")
+    expected = ["model", *schema]
+    for group in cfg.keys():
+        if group not in expected:
+            raise ConfigError(f"unknown config group '{group}'{closest(group, expected)}")
+    for group in expected:
+        if group not in cfg:
+            raise ConfigError(f"config has no '{group}' group")
+    for group, keys in schema.items():
+        for key in cfg[group].keys():
+            if key not in keys:
+                raise ConfigError(f"unknown config key '{group}.{key}'{closest(f'{group}.{key}', [f'{group}.{k}' for k in keys])}")
+    model_config(cfg)

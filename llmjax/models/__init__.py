@@ -1,0 +1,3 @@
+"""Every architecture module; importing this package registers them all (see llmjax.registry)."""
+
+from llmjax.models import gqa, mla, modern, vanilla  # noqa: F401

@@ -1,0 +1,99 @@
+"""Causal attention: the kernel switch, the decode-cache write, and the grouped-query attention
+module shared by `vanilla`, `gqa` and `modern`.
+
+Kernels (`attention_impl`): `cudnn` is cuDNN's fused flash attention (GPU, bf16/fp16 only); `xla`
+is the plain softmax(QK^T)V that runs everywhere; `auto` picks cuDNN on a GPU for bf16/fp16 compute
+and XLA otherwise. Both go through `jax.nn.dot_product_attention`, whose XLA path keeps the logits
+and the softmax in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llmjax.config import ConfigError, ModelConfig
+from llmjax.models.layers import apply_rope, dense, residual_std
+
+
+def resolve_impl(impl: str, dtype) -> str:
+    """'auto' -> 'cudnn' on a GPU for 16-bit compute, else 'xla'. Asking for cuDNN where it cannot
+    run is a one-line error rather than a silent fallback."""
+    on_gpu = jax.default_backend() == "gpu"
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if impl == "auto":
+        return "cudnn" if on_gpu and half else "xla"
+    if impl == "cudnn" and not on_gpu:
+        raise ConfigError("model.attention_impl='cudnn' needs a CUDA GPU; use 'auto' or 'xla' here")
+    if impl == "cudnn" and not half:
+        raise ConfigError("model.attention_impl='cudnn' needs model.dtype bfloat16 or float16; use 'auto' or 'xla'")
+    return impl
+
+
+def causal_attention(q_BTHd, k_BSKd, v_BSKd, *, impl: str, scale: float | None = None):
+    """Causal self-attention over one sequence chunk (T == S). K may divide H (grouped queries)."""
+    return jax.nn.dot_product_attention(
+        q_BTHd, k_BSKd, v_BSKd, scale=scale, is_causal=True, implementation=resolve_impl(impl, q_BTHd.dtype)
+    )
+
+
+def visible_mask(positions_BT, max_len: int):
+    """(B, 1, T, S) True where cached position s may be seen by the query at positions[b, t]."""
+    return (jnp.arange(max_len)[None, None, :] <= positions_BT[:, :, None])[:, None]
+
+
+def cached_attention(q_BTHd, k_BSKd, v_BSKd, positions_BT, *, scale: float | None = None):
+    """Attention of T new queries over a decode cache of S slots: slot s is visible to the query at
+    position p when s <= p. Used for prefill and decode; XLA kernel (the mask is arbitrary)."""
+    mask = visible_mask(positions_BT, k_BSKd.shape[1])
+    return jax.nn.dot_product_attention(
+        q_BTHd, k_BSKd.astype(q_BTHd.dtype), v_BSKd.astype(q_BTHd.dtype), scale=scale, mask=mask, implementation="xla"
+    )
+
+
+def write_cache(buf_BS, new_BT, positions_BT):
+    """Write each row's T new entries into its cache buffer starting at that row's first position.
+    Positions must be contiguous within a row and end below the buffer's length (dynamic_update_slice
+    would otherwise clamp the start)."""
+
+    def one(buf, new, start):
+        return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (start,) + (0,) * (buf.ndim - 1))
+
+    return jax.vmap(one)(buf_BS, new_BT, positions_BT[:, 0])
+
+
+class Attention(nnx.Module):
+    """Causal multi-head attention with `n_kv_head` shared key/value heads (grouped-query attention;
+    n_kv_head == n_head is plain multi-head attention) and optional rotary embeddings.
+
+    Decode cache per layer: {'k': (B, S, K, hd), 'v': (B, S, K, hd)} - only the K shared heads.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, n_kv_head: int, head_dim: int, bias: bool, rope_base: float | None, rngs: nnx.Rngs):
+        if cfg.n_head % n_kv_head:
+            raise ConfigError(f"model.n_head={cfg.n_head} must be a multiple of model.n_kv_head={n_kv_head}")
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, n_kv_head, head_dim
+        self.rope_base = rope_base
+        self.impl = cfg.attention_impl
+        self.q_proj = dense(cfg, cfg.d_model, cfg.n_head * head_dim, bias=bias, rngs=rngs)
+        self.kv_proj = dense(cfg, cfg.d_model, 2 * n_kv_head * head_dim, bias=bias, rngs=rngs)
+        self.o_proj = dense(cfg, cfg.n_head * head_dim, cfg.d_model, bias=bias, std=residual_std(cfg), rngs=rngs)
+
+    def __call__(self, x_BTD, positions_BT, cache):
+        B, T, _ = x_BTD.shape
+        q = self.q_proj(x_BTD).reshape(B, T, self.n_head, self.head_dim)  # (B, T, H, hd)
+        k, v = jnp.split(self.kv_proj(x_BTD).reshape(B, T, 2 * self.n_kv_head, self.head_dim), 2, axis=2)  # (B, T, K, hd)
+        if self.rope_base is not None:
+            q = apply_rope(q, positions_BT, self.rope_base)
+            k = apply_rope(k, positions_BT, self.rope_base)
+        if cache is None:
+            out = causal_attention(q, k, v, impl=self.impl)
+        else:
+            cache = {"k": write_cache(cache["k"], k, positions_BT), "v": write_cache(cache["v"], v, positions_BT)}
+            out = cached_attention(q, cache["k"], cache["v"], positions_BT)
+        return self.o_proj(out.reshape(B, T, self.n_head * self.head_dim)), cache
+
+    def init_cache(self, batch_size: int, max_len: int, dtype):
+        shape = (batch_size, max_len, self.n_kv_head, self.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

@@ -1,0 +1,261 @@
+"""Shared building blocks: dense layers, norms, MLPs, rotary embeddings, the tied embedding/head,
+the layer stack (scanned or unrolled, with rematerialisation) and the decoder skeleton.
+
+Shape letters: B batch, T query length, S key length, D model, H heads, K kv heads, F ffn, V vocab,
+L layers. Parameters are float32; compute runs in `cfg.compute_dtype`; norm statistics, softmax,
+logits and the loss are float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llmjax.config import ModelConfig
+
+# Logit given to padded vocabulary rows: exp() of it underflows to exactly 0 in float32.
+PADDED_LOGIT = -1e9
+
+Cache = Any  # an architecture's decode-state pytree (dicts of arrays), or None
+
+
+def normal(std: float):
+    return nnx.initializers.normal(std)
+
+
+def residual_std(cfg: ModelConfig) -> float:
+    """GPT-2's scaled init for projections that write into the residual stream."""
+    return cfg.init_std / math.sqrt(2 * cfg.n_layer)
+
+
+def dense(cfg: ModelConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs, bias: bool = False, std: float | None = None):
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=bias,
+        dtype=cfg.compute_dtype,
+        param_dtype=jnp.float32,
+        kernel_init=normal(cfg.init_std if std is None else std),
+        bias_init=nnx.initializers.zeros_init(),
+        rngs=rngs,
+    )
+
+
+def layer_norm(cfg: ModelConfig, d: int, *, rngs: nnx.Rngs):
+    return nnx.LayerNorm(d, epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def rms_norm(cfg: ModelConfig, d: int, *, rngs: nnx.Rngs):
+    return nnx.RMSNorm(d, epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+class MLP(nnx.Module):
+    """GPT-2's feed-forward block: Linear(D, F) -> tanh-GELU -> Linear(F, D), with biases."""
+
+    def __init__(self, cfg: ModelConfig, d_ff: int, *, rngs: nnx.Rngs):
+        self.fc = dense(cfg, cfg.d_model, d_ff, bias=True, rngs=rngs)
+        self.proj = dense(cfg, d_ff, cfg.d_model, bias=True, std=residual_std(cfg), rngs=rngs)
+
+    def __call__(self, x_BTD):
+        return self.proj(jax.nn.gelu(self.fc(x_BTD), approximate=True))
+
+
+class SwiGLU(nnx.Module):
+    """Llama's feed-forward block: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, cfg: ModelConfig, d_ff: int, *, rngs: nnx.Rngs):
+        self.gate = dense(cfg, cfg.d_model, d_ff, rngs=rngs)
+        self.up = dense(cfg, cfg.d_model, d_ff, rngs=rngs)
+        self.down = dense(cfg, d_ff, cfg.d_model, std=residual_std(cfg), rngs=rngs)
+
+    def __call__(self, x_BTD):
+        return self.down(jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD))
+
+
+def apply_rope(x_BTHd, positions_BT, base: float):
+    """Rotary embedding, rotate-half convention (GPT-NeoX / Llama): the pair (x[i], x[i + d/2]) is
+    rotated by the angle position * base^(-2i/d). Computed in float32, returned in x's dtype."""
+    d = x_BTHd.shape[-1]
+    if d % 2:
+        raise ValueError(f"rotary dimension must be even, got {d}")
+    inv_freq = base ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2 / d)  # (d/2,)
+    angles_BTf = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    cos = jnp.cos(angles_BTf)[:, :, None, :]  # (B, T, 1, d/2)
+    sin = jnp.sin(angles_BTf)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTHd.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTHd.dtype)
+
+
+class Embedding(nnx.Module):
+    """Token embedding whose transpose is the output head (weight tying).
+
+    The table has `padded_vocab_size` rows; logits of rows >= `vocab_size` are set to PADDED_LOGIT,
+    so no loss, argmax or sampler ever gives them probability.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.vocab_size = cfg.vocab_size
+        self.dtype = cfg.compute_dtype
+        self.embedding = nnx.Param(normal(cfg.init_std)(rngs.params(), (cfg.padded_vocab_size, cfg.d_model), jnp.float32))
+
+    def __call__(self, tokens_BT):
+        return jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
+
+    def attend(self, x_BTD):
+        logits_BTV = jnp.einsum(
+            "btd,vd->btv", x_BTD.astype(self.dtype), self.embedding[...].astype(self.dtype), preferred_element_type=jnp.float32
+        )
+        return mask_padded_vocab(logits_BTV, self.vocab_size)
+
+
+def mask_padded_vocab(logits, vocab_size: int):
+    if logits.shape[-1] == vocab_size:
+        return logits
+    valid = jnp.arange(logits.shape[-1]) < vocab_size
+    return jnp.where(valid, logits, jnp.asarray(PADDED_LOGIT, logits.dtype))
+
+
+class PositionEmbedding(nnx.Module):
+    """GPT-2's learned absolute positions. A position >= context_len gives NaN (jnp.take's fill)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.dtype = cfg.compute_dtype
+        self.embedding = nnx.Param(normal(cfg.init_std)(rngs.params(), (cfg.context_len, cfg.d_model), jnp.float32))
+
+    def __call__(self, positions_BT):
+        return jnp.take(self.embedding[...], positions_BT, axis=0).astype(self.dtype)
+
+
+_REMAT = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class LayerStack(nnx.Module):
+    """`n_layer` blocks, either stacked and applied with `nnx.scan` (one traced layer: fast compiles)
+    or held in an `nnx.List` and applied in a Python loop (unrolled: faster steps on the H100).
+
+    A block is called as `block(x, positions, cache) -> (x, cache)`. The decode cache follows the
+    layout: scanned layers take one pytree whose leaves have a leading L axis, unrolled layers a
+    tuple of L per-layer pytrees (so a decode step updates each layer's buffers in place).
+    """
+
+    def __init__(self, cfg: ModelConfig, make_block: Callable[[nnx.Rngs], nnx.Module], *, rngs: nnx.Rngs):
+        self.scan = cfg.scan_layers
+        self.n_layer = cfg.n_layer
+        self.remat = cfg.remat
+        if self.scan:
+
+            @nnx.split_rngs(splits=cfg.n_layer)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def build(rngs):
+                return make_block(rngs)
+
+            self.layers = build(rngs)
+        else:
+            self.layers = nnx.List([make_block(rngs) for _ in range(cfg.n_layer)])
+
+    def __call__(self, x, positions, cache: Cache):
+        def apply(block, x, cache):
+            return block(x, positions, cache)
+
+        if self.remat != "none":
+            apply = nnx.remat(apply, policy=_REMAT[self.remat])
+        if self.scan:
+            scanned = nnx.scan(apply, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+            return scanned(self.layers, x, cache)
+        new_cache = []
+        for i, block in enumerate(self.layers):
+            x, layer_cache = apply(block, x, None if cache is None else cache[i])
+            new_cache.append(layer_cache)
+        return x, None if cache is None else tuple(new_cache)
+
+    def init_cache(self, batch_size: int, max_len: int, dtype) -> Cache:
+        block = self.layers if self.scan else self.layers[0]
+        one = block.init_cache(batch_size, max_len, dtype)
+        if self.scan:
+            return jax.tree.map(lambda a: jnp.zeros((self.n_layer, *a.shape), a.dtype), one)
+        return tuple(jax.tree.map(jnp.zeros_like, one) for _ in range(self.n_layer))
+
+
+class PreNormBlock(nnx.Module):
+    """A pre-norm residual block: x + attn(norm_1(x)), then x + mlp(norm_2(x)).
+
+    `attn(x, positions, cache) -> (y, cache)` and `attn.init_cache(batch, max_len, dtype)` are the
+    mixer's whole contract, so a new token mixer drops in without touching the stack.
+    """
+
+    def __init__(self, *, norm_1, attn, norm_2, mlp):
+        self.norm_1, self.attn, self.norm_2, self.mlp = norm_1, attn, norm_2, mlp
+
+    def __call__(self, x_BTD, positions_BT, cache):
+        h_BTD, cache = self.attn(self.norm_1(x_BTD), positions_BT, cache)
+        x_BTD = x_BTD + h_BTD
+        return x_BTD + self.mlp(self.norm_2(x_BTD)), cache
+
+    def init_cache(self, batch_size: int, max_len: int, dtype):
+        return self.attn.init_cache(batch_size, max_len, dtype)
+
+
+class DecoderLM(nnx.Module):
+    """The calling convention every architecture follows (the trainer, sampler and evaluator rely on
+    nothing else):
+
+        logits_BTV, cache, aux = model(tokens_BT, positions=None, cache=None)
+        cache = model.init_cache(batch_size, max_len, dtype=None)
+
+    - `tokens` int32 (B, T). `positions` int32 (B, T): each token's index in its own sequence
+      (default 0..T-1 for every row). Rows may sit at different positions.
+    - `logits` float32 (B, T, padded_vocab_size); padded rows are PADDED_LOGIT.
+    - Without a cache the call is a causal forward over the T tokens. With a cache (from
+      `init_cache`), the tokens' decode state is written at their positions, and each token attends
+      to every cached position <= its own: prefill with the prompt, then feed one token per step.
+      Positions must be contiguous within a row and below `max_len`; writing at a position
+      overwrites what was there, so right-padded prompts are safe (the padding is overwritten
+      before any later token could see it).
+    - `aux`: a dict of auxiliary losses (empty for dense models; the MoE router's later), which the
+      trainer adds with configured weights.
+
+    This skeleton is embed (+ learned positions) -> LayerStack of `block` -> final norm -> tied head.
+    Subclasses pick the block and the norm.
+    """
+
+    config_class = ModelConfig
+
+    def __init__(self, cfg: ModelConfig, *, make_block, final_norm, learned_positions: bool, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = Embedding(cfg, rngs=rngs)
+        self.pos_embed = PositionEmbedding(cfg, rngs=rngs) if learned_positions else None
+        self.blocks = LayerStack(cfg, make_block, rngs=rngs)
+        self.norm_f = final_norm(cfg, cfg.d_model, rngs=rngs)
+
+    def __call__(self, tokens_BT, *, positions=None, cache: Cache = None):
+        B, T = tokens_BT.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        x_BTD = self.embed(tokens_BT)
+        if self.pos_embed is not None:
+            x_BTD = x_BTD + self.pos_embed(positions)
+        x_BTD, cache = self.blocks(x_BTD, positions, cache)
+        logits_BTV = self.embed.attend(self.norm_f(x_BTD))
+        return logits_BTV, cache, {}
+
+    def init_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> Cache:
+        """Zeroed decode state for `batch_size` sequences of up to `max_len` (default context_len)
+        tokens, in `dtype` (default the compute dtype)."""
+        max_len = self.cfg.context_len if max_len is None else max_len
+        return self.blocks.init_cache(batch_size, max_len, dtype or self.cfg.compute_dtype)
+
+    @classmethod
+    def mixer_flops_per_token(cls, cfg: ModelConfig, seq_len: int) -> int:
+        """Forward FLOPs per token that no parameter accounts for: attention scores Q.K^T and the
+        weighted sum of V, 2 * seq_len * n_head * head_dim each per layer, counted over the full
+        `seq_len` keys as nanoGPT and PaLM do. Architectures with another mixer override this."""
+        return cfg.n_layer * 2 * seq_len * cfg.n_head * 2 * cfg.head_dim

@@ -1,0 +1,132 @@
+"""`mla`: DeepSeek-V2 multi-head latent attention (DeepSeek-AI, 2024) on the modern stack
+(RMSNorm, SwiGLU, no biases, tied embedding).
+
+Keys and values are compressed jointly into one latent per token:
+
+    c_BTr      = RMSNorm(x W_dkv[:, :r])              the latent (kv_lora_rank r)
+    kr_BTp     = RoPE(x W_dkv[:, r:])                 one decoupled RoPE key, shared by all heads
+    [k_nope, v] = c W_ukv                             per head: qk_nope_dim and v_head_dim
+    q = [q_nope, RoPE(q_rope)] = x W_q                (or x W_dq -> RMSNorm -> W_uq with q_lora_rank > 0)
+    score_h(t, s) = (q_nope_h . k_nope_h(s) + q_rope_h . kr(s)) / sqrt(qk_nope_dim + qk_rope_dim)
+
+Training expands k_nope and v and runs ordinary (flash) attention. Decoding caches only c and kr,
+r + p numbers per token and layer (288 at the default, against 2 * 12 * 64 = 1536 for GPT-2), and
+never re-expands keys and values: W_uk is absorbed into the query (q_nope W_uk^T scores directly
+against the latent) and W_uv is applied after the weighted sum of latents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llmjax.config import ModelConfig
+from llmjax.models.attention import causal_attention, visible_mask, write_cache
+from llmjax.models.layers import DecoderLM, PreNormBlock, SwiGLU, apply_rope, dense, residual_std, rms_norm
+from llmjax.registry import register
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MLAConfig(ModelConfig):
+    d_ff: int
+    rope_base: float
+    kv_lora_rank: int  # r: width of the cached latent
+    q_lora_rank: int  # 0: full-rank query projection; > 0: compress queries too
+    qk_nope_dim: int  # per-head key/query width without rotary
+    qk_rope_dim: int  # width of the decoupled rotary key (shared) and query (per head)
+    v_head_dim: int
+
+
+class MultiHeadLatentAttention(nnx.Module):
+    """Decode cache per layer: {'latent': (B, S, r), 'k_rope': (B, S, p)}."""
+
+    def __init__(self, cfg: MLAConfig, *, rngs: nnx.Rngs):
+        H, D = cfg.n_head, cfg.d_model
+        self.n_head, self.r, self.nope, self.rope, self.vd = H, cfg.kv_lora_rank, cfg.qk_nope_dim, cfg.qk_rope_dim, cfg.v_head_dim
+        self.rope_base, self.impl, self.dtype = cfg.rope_base, cfg.attention_impl, cfg.compute_dtype
+        self.scale = 1.0 / math.sqrt(cfg.qk_nope_dim + cfg.qk_rope_dim)
+        qk = cfg.qk_nope_dim + cfg.qk_rope_dim
+        if cfg.q_lora_rank > 0:
+            self.q_down = dense(cfg, D, cfg.q_lora_rank, rngs=rngs)
+            self.q_norm = rms_norm(cfg, cfg.q_lora_rank, rngs=rngs)
+            self.q_up = dense(cfg, cfg.q_lora_rank, H * qk, rngs=rngs)
+        else:
+            self.q_proj = dense(cfg, D, H * qk, rngs=rngs)
+        self.kv_down = dense(cfg, D, cfg.kv_lora_rank + cfg.qk_rope_dim, rngs=rngs)
+        self.kv_norm = rms_norm(cfg, cfg.kv_lora_rank, rngs=rngs)
+        self.kv_up = dense(cfg, cfg.kv_lora_rank, H * (cfg.qk_nope_dim + cfg.v_head_dim), rngs=rngs)
+        self.o_proj = dense(cfg, H * cfg.v_head_dim, D, std=residual_std(cfg), rngs=rngs)
+
+    def _queries(self, x_BTD, positions_BT):
+        B, T, _ = x_BTD.shape
+        q = self.q_up(self.q_norm(self.q_down(x_BTD))) if hasattr(self, "q_down") else self.q_proj(x_BTD)
+        q_nope, q_rope = jnp.split(q.reshape(B, T, self.n_head, self.nope + self.rope), [self.nope], axis=-1)
+        return q_nope, apply_rope(q_rope, positions_BT, self.rope_base)  # (B, T, H, nope), (B, T, H, p)
+
+    def __call__(self, x_BTD, positions_BT, cache):
+        B, T, _ = x_BTD.shape
+        H = self.n_head
+        q_nope, q_rope = self._queries(x_BTD, positions_BT)
+        latent, k_rope = jnp.split(self.kv_down(x_BTD), [self.r], axis=-1)  # (B, T, r), (B, T, p)
+        latent = self.kv_norm(latent)
+        k_rope = apply_rope(k_rope[:, :, None, :], positions_BT, self.rope_base)[:, :, 0, :]
+        if cache is None:
+            kv = self.kv_up(latent).reshape(B, T, H, self.nope + self.vd)
+            k_nope, v = jnp.split(kv, [self.nope], axis=-1)
+            q = jnp.concatenate([q_nope, q_rope], axis=-1)  # (B, T, H, nope + p)
+            k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None, :], (B, T, H, self.rope))], axis=-1)
+            # jax.nn.dot_product_attention wants one head width: zero-pad the narrower side.
+            width = max(self.nope + self.rope, self.vd)
+            pad = lambda a: jnp.pad(a, ((0, 0),) * 3 + ((0, width - a.shape[-1]),))  # noqa: E731
+            out = causal_attention(pad(q), pad(k), pad(v), impl=self.impl, scale=self.scale)[..., : self.vd]
+        else:
+            cache = {"latent": write_cache(cache["latent"], latent, positions_BT), "k_rope": write_cache(cache["k_rope"], k_rope, positions_BT)}
+            out = self._absorbed_attention(q_nope, q_rope, cache, positions_BT)
+        return self.o_proj(out.reshape(B, T, H * self.vd)), cache
+
+    def _absorbed_attention(self, q_nope_BTHn, q_rope_BTHp, cache, positions_BT):
+        """Attention straight against the cached latents: W_uk folded into the queries, W_uv applied
+        to the attended latent. Logits and softmax in float32."""
+        w_ukv = self.kv_up.kernel[...].astype(self.dtype).reshape(self.r, self.n_head, self.nope + self.vd)
+        w_uk_rHn, w_uv_rHv = w_ukv[..., : self.nope], w_ukv[..., self.nope :]
+        c_BSr = cache["latent"].astype(self.dtype)
+        kr_BSp = cache["k_rope"].astype(self.dtype)
+        q_lat_BTHr = jnp.einsum("bthn,rhn->bthr", q_nope_BTHn, w_uk_rHn)
+        scores_BHTS = jnp.einsum("bthr,bsr->bhts", q_lat_BTHr, c_BSr, preferred_element_type=jnp.float32)
+        scores_BHTS += jnp.einsum("bthp,bsp->bhts", q_rope_BTHp, kr_BSp, preferred_element_type=jnp.float32)
+        scores_BHTS = jnp.where(visible_mask(positions_BT, c_BSr.shape[1]), scores_BHTS * self.scale, -jnp.inf)
+        probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(self.dtype)
+        o_lat_BTHr = jnp.einsum("bhts,bsr->bthr", probs_BHTS, c_BSr)
+        return jnp.einsum("bthr,rhv->bthv", o_lat_BTHr, w_uv_rHv)
+
+    def init_cache(self, batch_size: int, max_len: int, dtype):
+        return {
+            "latent": jnp.zeros((batch_size, max_len, self.r), dtype),
+            "k_rope": jnp.zeros((batch_size, max_len, self.rope), dtype),
+        }
+
+
+def block(cfg: MLAConfig, rngs: nnx.Rngs) -> PreNormBlock:
+    return PreNormBlock(
+        norm_1=rms_norm(cfg, cfg.d_model, rngs=rngs),
+        attn=MultiHeadLatentAttention(cfg, rngs=rngs),
+        norm_2=rms_norm(cfg, cfg.d_model, rngs=rngs),
+        mlp=SwiGLU(cfg, cfg.d_ff, rngs=rngs),
+    )
+
+
+@register("mla")
+class MLA(DecoderLM):
+    config_class = MLAConfig
+
+    def __init__(self, cfg: MLAConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, make_block=lambda r: block(cfg, r), final_norm=rms_norm, learned_positions=False, rngs=rngs)
+
+    @classmethod
+    def mixer_flops_per_token(cls, cfg, seq_len):
+        # As trained (expanded keys/values): scores over qk_nope + qk_rope, weighted sum over v_head_dim.
+        return cfg.n_layer * 2 * seq_len * cfg.n_head * (cfg.qk_nope_dim + cfg.qk_rope_dim + cfg.v_head_dim)
