@@ -207,17 +207,29 @@ def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_col
     return cfg
 
 
-def set_key(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
-    """cfg['a.b'] = value, with a one-line error naming the closest key when 'a.b' does not exist."""
+def _locate(cfg: ml_collections.ConfigDict, dotted: str):
+    """(node, leaf) for 'a.b.leaf', or a one-line ConfigError naming the closest existing key."""
     *groups, leaf = dotted.split(".")
     node, seen = cfg, []
     for name in groups:
         if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-            raise ConfigError(f"unknown config key '{'.'.join(seen + [name])}'{closest(name, node.keys() if isinstance(node, ml_collections.ConfigDict) else [])}")
+            valid = node.keys() if isinstance(node, ml_collections.ConfigDict) else []
+            raise ConfigError(f"unknown config key '{'.'.join(seen + [name])}'{closest(name, valid)}")
         node, seen = node[name], seen + [name]
-    if leaf not in node:
-        valid = [f"{'.'.join(seen)}.{k}" if seen else k for k in node.keys()]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        valid = [".".join(seen + [k]) for k in node.keys()] if isinstance(node, ml_collections.ConfigDict) else []
         raise ConfigError(f"unknown config key '{dotted}'{closest(dotted, valid)}")
+    return node, leaf
+
+
+def check_key(cfg: ml_collections.ConfigDict, dotted: str) -> None:
+    """Raise a one-line ConfigError when 'group.key' is not in cfg."""
+    _locate(cfg, dotted)
+
+
+def set_key(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    """cfg['a.b'] = value, with a one-line error naming the closest key when 'a.b' does not exist."""
+    node, leaf = _locate(cfg, dotted)
     try:
         node[leaf] = value
     except TypeError as e:

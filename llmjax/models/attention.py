@@ -63,6 +63,11 @@ def write_cache(buf_BS, new_BT, positions_BT):
     return jax.vmap(one)(buf_BS, new_BT, positions_BT[:, 0])
 
 
+def check_kv_heads(cfg) -> None:
+    if cfg.n_kv_head <= 0 or cfg.n_head % cfg.n_kv_head:
+        raise ConfigError(f"model.n_head={cfg.n_head} must be a multiple of model.n_kv_head={cfg.n_kv_head}")
+
+
 class Attention(nnx.Module):
     """Causal multi-head attention with `n_kv_head` shared key/value heads (grouped-query attention;
     n_kv_head == n_head is plain multi-head attention) and optional rotary embeddings.
@@ -71,8 +76,6 @@ class Attention(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, *, n_kv_head: int, head_dim: int, bias: bool, rope_base: float | None, rngs: nnx.Rngs):
-        if cfg.n_head % n_kv_head:
-            raise ConfigError(f"model.n_head={cfg.n_head} must be a multiple of model.n_kv_head={n_kv_head}")
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, n_kv_head, head_dim
         self.rope_base = rope_base
         self.impl = cfg.attention_impl

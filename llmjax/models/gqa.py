@@ -10,6 +10,7 @@ import dataclasses
 
 from flax import nnx
 
+from llmjax.models.attention import check_kv_heads
 from llmjax.models.layers import DecoderLM, layer_norm
 from llmjax.models.vanilla import VanillaConfig, block
 from llmjax.registry import register
@@ -18,6 +19,10 @@ from llmjax.registry import register
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GQAConfig(VanillaConfig):
     n_kv_head: int  # key/value heads; divides n_head
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_kv_heads(self)
 
 
 @register("gqa")

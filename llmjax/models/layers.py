@@ -259,3 +259,19 @@ class DecoderLM(nnx.Module):
         weighted sum of V, 2 * seq_len * n_head * head_dim each per layer, counted over the full
         `seq_len` keys as nanoGPT and PaLM do. Architectures with another mixer override this."""
         return cfg.n_layer * 2 * seq_len * cfg.n_head * 2 * cfg.head_dim
+
+
+def convert_layer_layout(params: dict, scan_layers: bool) -> dict:
+    """Convert a pure-dict parameter tree (nnx.to_pure_dict) between the two LayerStack layouts:
+    scanned (`blocks.layers.<leaf>` with a leading L axis) and unrolled (`blocks.layers.<i>.<leaf>`).
+    A tree already in the asked-for layout is returned unchanged."""
+    layers = params["blocks"]["layers"]
+    unrolled = all(isinstance(k, int) for k in layers)
+    if unrolled == (not scan_layers):
+        return params
+    if scan_layers:
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *[layers[i] for i in sorted(layers)])
+    else:
+        n_layer = jax.tree.leaves(layers)[0].shape[0]
+        stacked = {i: jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n_layer)}
+    return {**params, "blocks": {**params["blocks"], "layers": stacked}}

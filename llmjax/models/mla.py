@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llmjax.config import ModelConfig
+from llmjax.config import ConfigError, ModelConfig
 from llmjax.models.attention import causal_attention, visible_mask, write_cache
 from llmjax.models.layers import DecoderLM, PreNormBlock, SwiGLU, apply_rope, dense, residual_std, rms_norm
 from llmjax.registry import register
@@ -39,6 +39,16 @@ class MLAConfig(ModelConfig):
     qk_nope_dim: int  # per-head key/query width without rotary
     qk_rope_dim: int  # width of the decoupled rotary key (shared) and query (per head)
     v_head_dim: int
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.qk_rope_dim % 2 or self.qk_rope_dim <= 0:
+            raise ConfigError(f"model.qk_rope_dim={self.qk_rope_dim} must be positive and even")
+        for name in ("kv_lora_rank", "qk_nope_dim", "v_head_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.q_lora_rank < 0:
+            raise ConfigError(f"model.q_lora_rank must be 0 (no query compression) or positive, got {self.q_lora_rank}")
 
 
 class MultiHeadLatentAttention(nnx.Module):

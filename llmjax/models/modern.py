@@ -13,8 +13,8 @@ import dataclasses
 
 from flax import nnx
 
-from llmjax.config import ModelConfig
-from llmjax.models.attention import Attention
+from llmjax.config import ConfigError, ModelConfig
+from llmjax.models.attention import Attention, check_kv_heads
 from llmjax.models.layers import DecoderLM, PreNormBlock, SwiGLU, rms_norm
 from llmjax.registry import register
 
@@ -25,6 +25,12 @@ class ModernConfig(ModelConfig):
     n_kv_head: int
     d_ff: int  # SwiGLU hidden width
     rope_base: float
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_kv_heads(self)
+        if self.head_dim % 2:
+            raise ConfigError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
 
 
 def block(cfg: ModernConfig, rngs: nnx.Rngs) -> PreNormBlock:

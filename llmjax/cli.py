@@ -1,0 +1,80 @@
+"""What every `python -m llmjax.<tool>` shares: the `--config path[:variant]` flag with
+`--config.group.key=value` overrides (ml_collections config_flags), and one-line errors.
+
+A user's mistake (a missing file, an unknown variant or key, a value of the wrong type) ends the
+program with `error: <what to do>` on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Callable
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from llmjax.config import ConfigError, check_key, load_config, split_spec, validate
+
+FLAGS = flags.FLAGS
+
+
+def define_config_flag(required: bool = True):
+    return config_flags.DEFINE_config_file(
+        "config",
+        default=None,
+        help_string="config file and variant, e.g. configs/modern.py or configs/modern.py:tiny; "
+        "override keys with --config.train.lr=3e-4",
+        lock_config=True,
+    )
+
+
+def fail(message: str, code: int = 2):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _config_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The --config spec and the dotted keys of the --config.* overrides in argv."""
+    spec, keys = None, []
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg.startswith("--config="):
+            spec = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            spec = argv[i + 1]
+        elif arg.startswith("--config."):
+            keys.append(arg[len("--config.") :].split("=", 1)[0])
+    return spec, keys
+
+
+def _parse(argv: list[str]):
+    spec, keys = _config_args(argv)
+    try:
+        if spec is not None:  # our own checks first: clearer messages than config_flags'
+            cfg = load_config(spec)
+            for key in keys:
+                check_key(cfg, key)
+        rest = FLAGS(argv)
+        if spec is not None:
+            validate(FLAGS["config"].value)
+        return rest
+    except ConfigError as e:
+        fail(str(e))
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+        text = " ".join(str(e).replace("\\n", " ").split())
+        fail(re.sub(r"^flag (--\S+): ", r"\1: ", text) or type(e).__name__)
+
+
+def run(main: Callable[[list[str]], None]):
+    """absl's app.run with flag errors and ConfigErrors reported as one line."""
+
+    def guarded(argv):
+        try:
+            main(argv)
+        except ConfigError as e:
+            fail(str(e))
+
+    app.run(guarded, flags_parser=_parse)
+
+
+__all__ = ["define_config_flag", "fail", "run", "split_spec"]

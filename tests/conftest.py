@@ -1,0 +1,35 @@
+"""Test setup shared by the whole suite (CPU).
+
+- 8 fake CPU devices, set once here before JAX is imported; tests that need a mesh take a sub-mesh.
+- JAX's persistent compilation cache, so a second run of the suite skips most compiles.
+- Compiled models are shared through session fixtures.
+"""
+
+import os
+from pathlib import Path
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+CACHE_DIR = Path(os.environ.get("LLMJAX_TEST_JAX_CACHE", Path.home() / ".cache" / "llmjax" / "jax-test-cache"))
+
+jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_collection_modifyitems(config, items):
+    on_gpu = jax.default_backend() == "gpu"
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (scripts/gpu_check.sh runs it there)")
+    for item in items:
+        if "gpu" in item.keywords and not on_gpu:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT

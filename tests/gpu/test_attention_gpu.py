@@ -1,0 +1,48 @@
+"""GPU-only checks (collected by scripts/gpu_check.sh; skipped on machines without a CUDA GPU)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import llmjax
+from helpers import config, load_params, params, tokens
+from llmjax.models.attention import causal_attention
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("n_kv_head", [12, 4, 1])
+def test_cudnn_and_xla_attention_agree(n_kv_head):
+    """cuDNN flash attention vs XLA, bf16, B4 T1024 H12 D64: forward and gradients."""
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(k1, (4, 1024, 12, 64), jnp.bfloat16)
+    k = jax.random.normal(k2, (4, 1024, n_kv_head, 64), jnp.bfloat16)
+    v = jax.random.normal(k3, (4, 1024, n_kv_head, 64), jnp.bfloat16)
+
+    def loss(impl, q, k, v):
+        return jnp.sum(causal_attention(q, k, v, impl=impl).astype(jnp.float32) ** 2)
+
+    out_c = jax.jit(lambda q, k, v: causal_attention(q, k, v, impl="cudnn"))(q, k, v)
+    out_x = jax.jit(lambda q, k, v: causal_attention(q, k, v, impl="xla"))(q, k, v)
+    np.testing.assert_allclose(np.asarray(out_c, np.float32), np.asarray(out_x, np.float32), atol=2e-2, rtol=2e-2)
+    g_c = jax.jit(jax.grad(lambda *a: loss("cudnn", *a), argnums=(0, 1, 2)))(q, k, v)
+    g_x = jax.jit(jax.grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(g_c, g_x):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.abs(a - b).max() < 0.05 * np.abs(b).max() + 1e-2
+
+
+@pytest.mark.parametrize("arch", ["vanilla", "gqa", "modern", "mla"])
+def test_model_logits_cudnn_vs_xla(arch):
+    """Whole tiny models in bf16: auto (cuDNN on GPU) and XLA attention give the same logits."""
+    m_xla = llmjax.build_model(config(arch, dtype="bfloat16", attention_impl="xla"), seed=0)
+    m_cud = load_params(llmjax.build_model(config(arch, dtype="bfloat16", attention_impl="cudnn"), seed=1), params(m_xla))
+    toks = tokens(0, 4, 64)
+    fwd = nnx.jit(lambda m, t: m(t)[0])
+    a, b = fwd(m_xla, toks), fwd(m_cud, toks)
+    V = m_xla.cfg.vocab_size
+    assert jnp.abs(a[..., :V] - b[..., :V]).max() < 0.05 * jnp.abs(a[..., :V]).max()

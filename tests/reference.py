@@ -1,0 +1,81 @@
+"""Naive float64 NumPy references for the attention family, written from the papers' formulas
+(independently of llmjax's code) to check the models against."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rope(x, positions, base):
+    """Rotate-half RoPE: pair (i, i + d/2) rotated by position * base^(-2i/d). x: (T, H, d)."""
+    x = np.asarray(x, np.float64)
+    d = x.shape[-1]
+    out = np.empty_like(x)
+    for t, p in enumerate(positions):
+        for i in range(d // 2):
+            theta = p * base ** (-2.0 * i / d)
+            c, s = np.cos(theta), np.sin(theta)
+            a, b = x[t, :, i], x[t, :, i + d // 2]
+            out[t, :, i] = a * c - b * s
+            out[t, :, i + d // 2] = b * c + a * s
+    return out
+
+
+def softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def causal_softmax_attention(q, k, v, scale):
+    """q: (T, H, dq), k: (T, H, dq), v: (T, H, dv) -> (T, H, dv); position t sees s <= t."""
+    T = q.shape[0]
+    scores = np.einsum("thd,shd->hts", q, k) * scale
+    scores = np.where(np.tril(np.ones((T, T), bool))[None], scores, -np.inf)
+    return np.einsum("hts,shd->thd", softmax(scores), v)
+
+
+def linear(x, p):
+    y = x @ np.asarray(p["kernel"], np.float64)
+    return y + np.asarray(p["bias"], np.float64) if "bias" in p else y
+
+
+def rms_norm(x, p, eps):
+    x = np.asarray(x, np.float64)
+    return x / np.sqrt((x**2).mean(-1, keepdims=True) + eps) * np.asarray(p["scale"], np.float64)
+
+
+def grouped_attention(x, p, *, n_head, n_kv_head, head_dim, rope_base=None):
+    """One sequence (T, D) through GQA: query head h uses key/value head h // (n_head / n_kv_head)."""
+    x = np.asarray(x, np.float64)
+    T = x.shape[0]
+    q = linear(x, p["q_proj"]).reshape(T, n_head, head_dim)
+    kv = linear(x, p["kv_proj"]).reshape(T, 2 * n_kv_head, head_dim)
+    k, v = kv[:, :n_kv_head], kv[:, n_kv_head:]
+    if rope_base is not None:
+        q, k = rope(q, range(T), rope_base), rope(k, range(T), rope_base)
+    group = n_head // n_kv_head
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    out = causal_softmax_attention(q, k, v, 1 / np.sqrt(head_dim))
+    return linear(out.reshape(T, n_head * head_dim), p["o_proj"])
+
+
+def latent_attention(x, p, cfg):
+    """One sequence (T, D) through DeepSeek-V2 MLA, keys and values expanded from the latent."""
+    x = np.asarray(x, np.float64)
+    T, H = x.shape[0], cfg.n_head
+    nope, r_dim, vd, r = cfg.qk_nope_dim, cfg.qk_rope_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    if cfg.q_lora_rank:
+        q = linear(rms_norm(linear(x, p["q_down"]), p["q_norm"], cfg.norm_eps), p["q_up"])
+    else:
+        q = linear(x, p["q_proj"])
+    q = q.reshape(T, H, nope + r_dim)
+    q_nope, q_rope = q[..., :nope], rope(q[..., nope:], range(T), cfg.rope_base)
+    ckv = linear(x, p["kv_down"])
+    c = rms_norm(ckv[:, :r], p["kv_norm"], cfg.norm_eps)
+    k_rope = rope(ckv[:, None, r:], range(T), cfg.rope_base)  # (T, 1, rope)
+    kv = linear(c, p["kv_up"]).reshape(T, H, nope + vd)
+    k = np.concatenate([kv[..., :nope], np.repeat(k_rope, H, axis=1)], axis=-1)
+    qf = np.concatenate([q_nope, q_rope], axis=-1)
+    out = causal_softmax_attention(qf, k, kv[..., nope:], 1 / np.sqrt(nope + r_dim))
+    return linear(out.reshape(T, H * vd), p["o_proj"])

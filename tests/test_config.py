@@ -1,0 +1,108 @@
+"""Config files, variants, overrides and their one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import llmjax
+from conftest import ROOT
+from helpers import config
+from llmjax.config import ConfigError, model_config
+
+CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("variant", ["default", "small", "tiny"])
+def test_every_config_and_variant_loads(name, variant):
+    cfg = llmjax.load_config(f"{ROOT}/configs/{name}.py:{variant}")
+    assert set(cfg.keys()) == {"model", "data", "train", "eval", "logging"}
+    mcfg = model_config(cfg)
+    assert mcfg.arch in llmjax.ARCHS
+    assert mcfg.dtype == ("bfloat16" if variant == "default" else "float32")
+
+
+def test_no_suffix_means_default():
+    a = llmjax.load_config(f"{ROOT}/configs/modern.py").to_dict()
+    b = llmjax.load_config(f"{ROOT}/configs/modern.py:default").to_dict()
+    assert a == b
+
+
+def test_small_variants_are_about_10m_parameters():
+    from llmjax.summary import summarize
+
+    for name in ("vanilla", "modern", "gqa", "mla"):
+        n = summarize(config(name, "small"))["params_total"]
+        assert 9e6 < n < 11.5e6, (name, n)
+
+
+def test_model_gets_a_frozen_dataclass():
+    mcfg = model_config(config("modern"))
+    with pytest.raises(Exception):
+        mcfg.n_layer = 3  # frozen
+    assert mcfg.replace(n_layer=3).n_layer == 3
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"model.n_layr": 3}, "unknown config key 'model.n_layr' (did you mean 'model.n_layer'?)"),
+        ({"trian.lr": 1e-3}, "unknown config key 'trian' (did you mean 'train'?)"),
+        ({"train.learning_rate": 1e-3}, "unknown config key 'train.learning_rate'"),
+        ({"model.n_layer": "four"}, "config key 'model.n_layer'"),
+        ({"model.dtype": "bf16"}, "model.dtype='bf16' is not one of float32, bfloat16, float16 (did you mean 'bfloat16'?)"),
+        ({"model.attention_impl": "flash"}, "model.attention_impl='flash' is not one of auto, cudnn, xla"),
+        ({"model.remat": "ful"}, "(did you mean 'full'?)"),
+        ({"model.arch": "vanila"}, "unknown arch 'vanila'; registered: gqa, mla, modern, vanilla (did you mean 'vanilla'?)"),
+        ({"model.padded_vocab_size": 10}, "smaller than model.vocab_size=65"),
+        ({"model.n_kv_head": 3}, "model.n_head=4 must be a multiple of model.n_kv_head=3"),
+    ],
+)
+def test_bad_overrides_are_one_line_errors(overrides, message):
+    spec = f"{ROOT}/configs/{'modern' if 'n_kv_head' in str(overrides) else 'vanilla'}.py:tiny"
+    with pytest.raises(ConfigError) as err:
+        llmjax.load_config(spec, overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_key_written_in_a_config_file(tmp_path):
+    f = tmp_path / "bad.py"
+    f.write_text(
+        "from llmjax.config import make_config\n"
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('v', '{ROOT}/configs/vanilla.py')\n"
+        "v = importlib.util.module_from_spec(spec); spec.loader.exec_module(v)\n"
+        "MODELS = {k: dict(m) for k, m in v.MODELS.items()}\n"
+        "MODELS['tiny']['n_embd'] = 64\n"
+        "def get_config(variant='default'):\n    return make_config(variant, MODELS)\n"
+    )
+    with pytest.raises(ConfigError, match=r"unknown key 'model.n_embd' for arch 'vanilla'"):
+        llmjax.load_config(f"{f}:tiny")
+    with pytest.raises(ConfigError, match=r"unknown variant 'tinny'; choose one of default, small, tiny \(did you mean 'tiny'\?\)"):
+        llmjax.load_config(f"{f}:tinny")
+
+
+def test_missing_model_key_is_named():
+    values = config("mla").model.to_dict()
+    del values["kv_lora_rank"]
+    with pytest.raises(ConfigError, match="missing model key\\(s\\): kv_lora_rank"):
+        model_config(values)
+
+
+def test_wrong_type_in_model_group():
+    values = config("vanilla").model.to_dict()
+    values["scan_layers"] = 1
+    with pytest.raises(ConfigError, match="model.scan_layers for arch 'vanilla' must be bool"):
+        model_config(values)
+
+
+def test_cli_errors_are_one_line_without_traceback():
+    """What a user sees from `python -m llmjax.summary` with a misspelled override (one process)."""
+    cmd = [sys.executable, "-m", "llmjax.summary", "--config", "configs/modern.py:tiny", "--config.model.n_layr=3"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: unknown config key 'model.n_layr' (did you mean 'model.n_layer'?)"
+    assert "Traceback" not in proc.stderr + proc.stdout

@@ -1,0 +1,119 @@
+"""Building blocks against naive float64 references (tests/reference.py)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import llmjax
+import reference
+from helpers import config, load_params, params, scale_params, tokens
+from llmjax.config import ConfigError
+from llmjax.models.attention import resolve_impl, write_cache
+from llmjax.models.layers import apply_rope, convert_layer_layout
+
+
+def test_rope_matches_pairwise_rotation_reference():
+    x = jax.random.normal(jax.random.key(0), (1, 6, 3, 8))
+    pos = jnp.array([[0, 1, 2, 7, 100, 1023]])
+    got = apply_rope(x, pos, 10000.0)
+    want = reference.rope(np.asarray(x[0]), [0, 1, 2, 7, 100, 1023], 10000.0)
+    np.testing.assert_allclose(got[0], want, atol=2e-5)
+    np.testing.assert_allclose(jnp.linalg.norm(got, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    q = jax.random.normal(jax.random.key(1), (1, 1, 2, 16))
+    k = jax.random.normal(jax.random.key(2), (1, 1, 2, 16))
+
+    def score(pq, pk):
+        rq = apply_rope(q, jnp.array([[pq]]), 10000.0)
+        rk = apply_rope(k, jnp.array([[pk]]), 10000.0)
+        return jnp.sum(rq * rk, axis=-1)
+
+    for shift in (1, 5, 300):
+        np.testing.assert_allclose(score(10 + shift, 3 + shift), score(10, 3), atol=1e-4)
+        np.testing.assert_allclose(score(3 + shift, 10 + shift), score(3, 10), atol=1e-4)
+    assert jnp.abs(score(10, 3) - score(10, 4)).max() > 1e-3  # and it does depend on the offset
+
+
+@pytest.mark.parametrize(
+    "arch,opts",
+    [("vanilla", {}), ("gqa", {"n_kv_head": 1}), ("gqa", {"n_kv_head": 2}), ("modern", {}), ("modern", {"n_kv_head": 2})],
+)
+def test_attention_matches_float64_reference(arch, opts):
+    """Query head h uses key/value head h // (n_head / n_kv_head); RoPE where the arch has it."""
+    m = scale_params(llmjax.build_model(config(arch, **opts), seed=4), 5.0)
+    cfg = m.cfg
+    block = m.blocks.layers  # scanned: parameters with a leading layer axis
+    attn = params(m)["blocks"]["layers"]["attn"]
+    layer0 = jax.tree.map(lambda a: np.asarray(a[0]), attn)
+    x = jax.random.normal(jax.random.key(5), (1, 12, cfg.d_model))
+    got = nnx.jit(lambda blk, x: nnx.vmap(lambda b: b.attn(x, jnp.arange(12)[None], None)[0])(blk))(block, x)[0]
+    want = reference.grouped_attention(
+        x[0],
+        layer0,
+        n_head=cfg.n_head,
+        n_kv_head=getattr(cfg, "n_kv_head", cfg.n_head),
+        head_dim=cfg.head_dim,
+        rope_base=getattr(cfg, "rope_base", None),
+    )
+    np.testing.assert_allclose(got[0], want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("opts", [{}, {"q_lora_rank": 24}, {"v_head_dim": 32}])
+def test_latent_attention_matches_float64_reference(opts):
+    m = scale_params(llmjax.build_model(config("mla", **opts), seed=4), 5.0)
+    cfg = m.cfg
+    layer0 = jax.tree.map(lambda a: np.asarray(a[0]), params(m)["blocks"]["layers"]["attn"])
+    x = jax.random.normal(jax.random.key(6), (1, 12, cfg.d_model))
+    pos = jnp.arange(12)[None]
+    got = nnx.jit(lambda blk, x: nnx.vmap(lambda b: b.attn(x, pos, None)[0])(blk))(m.blocks.layers, x)[0]
+    want = reference.latent_attention(x[0], layer0, cfg)
+    np.testing.assert_allclose(got[0], want, atol=1e-4, rtol=1e-4)
+    # The absorbed decode path (against the cached latent) computes the same thing.
+    cached = nnx.jit(
+        lambda blk, x: nnx.vmap(lambda b: b.attn(x, pos, b.attn.init_cache(1, 16, jnp.float32))[0])(blk)
+    )(m.blocks.layers, x)[0]
+    np.testing.assert_allclose(cached[0], want, atol=1e-4, rtol=1e-4)
+
+
+def test_gqa_with_all_heads_is_multi_head_attention():
+    """gqa with n_kv_head == n_head computes exactly vanilla's multi-head attention on the same weights."""
+    vanilla = scale_params(llmjax.build_model(config("vanilla"), seed=7), 5.0)
+    gqa = llmjax.build_model(config("gqa", n_kv_head=4), seed=0)
+    load_params(gqa, params(vanilla))
+    toks = tokens(11, 2, 30)
+    np.testing.assert_array_equal(gqa(toks)[0], vanilla(toks)[0])
+    narrow = scale_params(llmjax.build_model(config("gqa", n_kv_head=2), seed=7), 5.0)
+    assert jnp.abs(narrow(toks)[0] - vanilla(toks)[0]).max() > 1e-3
+
+
+def test_write_cache_writes_each_row_at_its_own_position():
+    buf = jnp.zeros((2, 8, 1))
+    new = jnp.ones((2, 3, 1)) * jnp.array([1.0, 2.0])[:, None, None]
+    out = write_cache(buf, new, jnp.array([[0, 1, 2], [4, 5, 6]]))
+    np.testing.assert_array_equal(out[0, :, 0], [1, 1, 1, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(out[1, :, 0], [0, 0, 0, 0, 2, 2, 2, 0])
+
+
+def test_attention_kernel_switch():
+    assert resolve_impl("xla", jnp.bfloat16) == "xla"
+    assert resolve_impl("auto", jnp.float32) == "xla"
+    if jax.default_backend() != "gpu":
+        assert resolve_impl("auto", jnp.bfloat16) == "xla"
+        with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+            resolve_impl("cudnn", jnp.bfloat16)
+
+
+def test_layer_layout_round_trip():
+    m = llmjax.build_model(config("modern"), seed=0)
+    scanned = params(m)
+    unrolled = convert_layer_layout(scanned, scan_layers=False)
+    assert sorted(unrolled["blocks"]["layers"]) == [0, 1]
+    assert convert_layer_layout(unrolled, scan_layers=False) is unrolled
+    back = convert_layer_layout(unrolled, scan_layers=True)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), back, scanned))

@@ -1,0 +1,274 @@
+"""The contract suite: every registered architecture passes the same tests, under every config
+option that changes its computation. A new architecture joins by registering itself and shipping
+configs/<arch>.py with a `tiny` variant; OPTIONS and EXACT_PARAMS below must name it (a test fails
+until they do)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import llmjax
+import llmjax.models  # noqa: F401  (registers every architecture)
+from helpers import config, load_params, model, params, scale_params, tokens
+from llmjax.models.layers import PADDED_LOGIT, convert_layer_layout
+
+ARCHS = sorted(llmjax.ARCHS)
+
+# Config options that change the computation, per architecture (on top of the tiny variant).
+COMMON = [{}, {"scan_layers": False}, {"remat": "full"}, {"remat": "dots", "scan_layers": False}]
+OPTIONS = {
+    "vanilla": COMMON,
+    "gqa": COMMON + [{"n_kv_head": 1}, {"n_kv_head": 4}],
+    "modern": COMMON + [{"n_kv_head": 2}, {"n_kv_head": 1, "scan_layers": False}],
+    "mla": COMMON + [{"q_lora_rank": 24}, {"v_head_dim": 32}, {"qk_rope_dim": 16, "scan_layers": False}],
+}
+CASES = [(arch, opts) for arch in ARCHS for opts in OPTIONS.get(arch, [{}])]
+
+
+def case_id(case):
+    arch, opts = case
+    return arch + ("" if not opts else "-" + "-".join(f"{k}={v}" for k, v in opts.items()))
+
+
+def test_every_arch_has_options_and_counts():
+    for arch in ARCHS:
+        assert arch in OPTIONS, f"add {arch}'s computation-changing options to OPTIONS"
+        assert arch in EXACT_PARAMS, f"add {arch}'s parameter-count formula to EXACT_PARAMS"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shapes_and_dtypes(arch):
+    m = model(arch)
+    cfg = m.cfg
+    toks = tokens(0, 3, 17)
+    logits, cache, aux = m(toks)
+    assert logits.shape == (3, 17, cfg.padded_vocab_size) and logits.dtype == jnp.float32
+    assert cache is None and isinstance(aux, dict)
+    state = m.init_cache(3, 32)
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(state))
+    assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(m.init_cache(3, 32, jnp.bfloat16)))
+    for p in jax.tree.leaves(params(m)):
+        assert p.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_jit_equals_eager(arch):
+    m = model(arch)
+    toks = tokens(1, 2, 20)
+    eager = m(toks)[0]
+    jitted = nnx.jit(lambda m, t: m(t)[0])(m, toks)
+    np.testing.assert_allclose(jitted, eager, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_close_to_float32(arch):
+    """Same weights, bf16 compute: logits within bf16 rounding of float32 (about 1% of their size)."""
+    m32 = scale_params(llmjax.build_model(config(arch), seed=3), 2.0)
+    m16 = load_params(llmjax.build_model(config(arch, dtype="bfloat16"), seed=0), params(m32))
+    toks = tokens(2, 4, 48)
+    V = m32.cfg.vocab_size
+    l32, l16 = m32(toks)[0][..., :V], m16(toks)[0][..., :V]
+    err = jnp.abs(l32 - l16)
+    assert err.max() < 0.05 * jnp.abs(l32).max() and err.mean() < 0.02 * jnp.abs(l32).mean(), (err.max(), err.mean())
+    loss32 = llmjax.cross_entropy(l32[:, :-1], toks[:, 1:])
+    loss16 = llmjax.cross_entropy(l16[:, :-1], toks[:, 1:])
+    assert abs(float(loss32 - loss16)) < 1e-3 * float(loss32)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_causality(case):
+    """Changing any token after position t never changes the logits at positions <= t (and does
+    change later ones, so the test can fail)."""
+    arch, opts = case
+    m = scale_params(llmjax.build_model(config(arch, **opts), seed=1), 10.0)
+    fwd = nnx.jit(lambda m, t: m(t)[0])
+    T = 24
+    base = tokens(3, 2, T)
+    ref = fwd(m, base)
+    for i, t in enumerate((0, 7, 15, T - 2)):
+        changed = base.at[:, t + 1 :].set(tokens(10 + i, 2, T - t - 1))
+        out = fwd(m, changed)
+        np.testing.assert_array_equal(out[:, : t + 1], ref[:, : t + 1], err_msg=f"t={t}")
+        assert jnp.abs(out[:, t + 1 :] - ref[:, t + 1 :]).max() > 1e-4, f"later logits did not change (t={t})"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_cached_decoding_matches_full_forward(case):
+    """Prefill in chunks, then one token at a time: every step's logits equal the full forward's at
+    that position (float32, 1e-4). Includes rows that sit at different positions in one batch."""
+    arch, opts = case
+    m = scale_params(llmjax.build_model(config(arch, **opts), seed=2), 5.0)
+    B, T = 2, 20
+    toks = tokens(4, B, T)
+    full = nnx.jit(lambda m, t: m(t)[0])(m, toks)
+    step = nnx.jit(lambda m, t, p, c: m(t, positions=p, cache=c)[:2])
+
+    cache = m.init_cache(B, 32)
+    start = 0
+    for size in (7, 3, 1, 1, 1, 1, 4, 1, 1):
+        pos = jnp.broadcast_to(jnp.arange(start, start + size), (B, size))
+        logits, cache = step(m, toks[:, start : start + size], pos, cache)
+        np.testing.assert_allclose(logits, full[:, start : start + size], atol=1e-4, rtol=1e-4, err_msg=f"chunk at {start}")
+        start += size
+    assert start == T
+
+    # Ragged batch: row 0 has a 5-token prompt, row 1 a 9-token one, right-padded to 9 with junk;
+    # each row then decodes from its own position. Each row must match its own full forward.
+    lengths = jnp.array([5, 9])
+    prompt = jnp.where(jnp.arange(9) < lengths[:, None], toks[:, :9], 63)
+    cache = m.init_cache(B, 32)
+    logits, cache = step(m, prompt, jnp.broadcast_to(jnp.arange(9), (B, 9)), cache)
+    for b in range(B):
+        np.testing.assert_allclose(logits[b, : lengths[b]], full[b, : lengths[b]], atol=1e-4, rtol=1e-4)
+    for i in range(6):
+        pos = (lengths + i)[:, None]
+        nxt = jnp.take_along_axis(toks, pos, axis=1)
+        logits, cache = step(m, nxt, pos, cache)
+        want = jnp.take_along_axis(full, pos[:, :, None], axis=1)
+        np.testing.assert_allclose(logits, want, atol=1e-4, rtol=1e-4, err_msg=f"ragged step {i}")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_decoding_equals_argmax_of_full_forward(arch):
+    m = scale_params(llmjax.build_model(config(arch), seed=5), 5.0)
+    fwd = nnx.jit(lambda m, t: m(t)[0])
+    step = nnx.jit(lambda m, t, p, c: m(t, positions=p, cache=c)[:2])
+    seq = tokens(5, 1, 6)
+    cache = m.init_cache(1, 32)
+    logits, cache = step(m, seq, jnp.arange(6)[None], cache)
+    cached_seq = seq
+    for t in range(6, 16):
+        nxt = jnp.argmax(logits[:, -1], axis=-1)[:, None]
+        cached_seq = jnp.concatenate([cached_seq, nxt], axis=1)
+        logits, cache = step(m, nxt, jnp.array([[t]]), cache)
+    full_seq = seq
+    for _ in range(10):
+        nxt = jnp.argmax(fwd(m, full_seq)[:, -1], axis=-1)[:, None]
+        full_seq = jnp.concatenate([full_seq, nxt], axis=1)
+    np.testing.assert_array_equal(cached_seq, full_seq)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padded_vocab_rows_never_win(arch):
+    m = scale_params(llmjax.build_model(config(arch), seed=6), 10.0)
+    # Make the padded rows look attractive: a large embedding row would win without the mask.
+    p = params(m)
+    V = m.cfg.vocab_size
+    p["embed"]["embedding"] = p["embed"]["embedding"].at[V:].set(100.0)
+    load_params(m, p)
+    logits = m(tokens(6, 2, 16))[0]
+    assert (logits[..., V:] == PADDED_LOGIT).all()
+    assert (jnp.argmax(logits, -1) < V).all()
+    assert (jax.nn.softmax(logits, -1)[..., V:] == 0).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loss_at_init_is_log_vocab(arch):
+    m = model(arch)
+    toks = tokens(7, 8, 64)
+    loss = llmjax.cross_entropy(m(toks)[0][:, :-1], toks[:, 1:])
+    assert abs(float(loss) - math.log(m.cfg.vocab_size)) < 0.1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_overfits_one_batch(arch):
+    """A tiny model memorises one fixed batch of random tokens: loss from ~4.2 to below 0.2."""
+    m = llmjax.build_model(config(arch), seed=0)
+    opt = nnx.Optimizer(m, optax.adam(3e-3), wrt=nnx.Param)
+    toks = tokens(8, 4, 33)
+
+    @nnx.jit
+    def train_step(m, opt, toks):
+        def loss_fn(m):
+            logits, _, aux = m(toks[:, :-1])
+            return llmjax.cross_entropy(logits, toks[:, 1:]) + sum(aux.values(), 0.0)
+
+        loss, grads = nnx.value_and_grad(loss_fn)(m)
+        opt.update(m, grads)
+        return loss
+
+    losses = [float(train_step(m, opt, toks)) for _ in range(150)]
+    assert losses[0] > 3.5 and losses[-1] < 0.2, (losses[0], losses[-1])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_scanned_and_unrolled_layers_agree(arch):
+    """Same weights in both LayerStack layouts (and with remat) give the same logits and gradients."""
+    scanned = scale_params(llmjax.build_model(config(arch), seed=9), 5.0)
+    unrolled = llmjax.build_model(config(arch, scan_layers=False, remat="full"), seed=0)
+    load_params(unrolled, convert_layer_layout(params(scanned), scan_layers=False))
+    toks = tokens(9, 2, 24)
+
+    def loss(m):
+        return llmjax.cross_entropy(m(toks[:, :-1])[0], toks[:, 1:])
+
+    l1, g1 = nnx.value_and_grad(loss)(scanned)
+    l2, g2 = nnx.value_and_grad(loss)(unrolled)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    g2 = convert_layer_layout(nnx.to_pure_dict(g2), scan_layers=True)
+    for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(g1)), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, atol=1e-4 * np.abs(a).max() + 1e-7, rtol=1e-4)
+    np.testing.assert_allclose(scanned(toks)[0], unrolled(toks)[0], atol=1e-5)
+
+
+# --- exact parameter counts of the default (GPT-2-small shape) variants, from their dimensions ---
+
+
+def _vanilla(c, n_kv):
+    D, L, hd, F = c.d_model, c.n_layer, c.head_dim, c.d_ff
+    attn = D * c.n_head * hd + c.n_head * hd + 2 * (D * n_kv * hd + n_kv * hd) + c.n_head * hd * D + D
+    mlp = D * F + F + F * D + D
+    return c.padded_vocab_size * D + c.context_len * D + L * (attn + mlp + 4 * D) + 2 * D
+
+
+def _modern(c):
+    D, hd = c.d_model, c.head_dim
+    attn = D * c.n_head * hd + 2 * D * c.n_kv_head * hd + c.n_head * hd * D
+    return c.padded_vocab_size * D + c.n_layer * (attn + 3 * D * c.d_ff + 2 * D) + D
+
+
+def _mla(c):
+    D, H = c.d_model, c.n_head
+    qk = c.qk_nope_dim + c.qk_rope_dim
+    q = D * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * H * qk if c.q_lora_rank else D * H * qk
+    kv = D * (c.kv_lora_rank + c.qk_rope_dim) + c.kv_lora_rank + c.kv_lora_rank * H * (c.qk_nope_dim + c.v_head_dim)
+    attn = q + kv + H * c.v_head_dim * D
+    return c.padded_vocab_size * D + c.n_layer * (attn + 3 * D * c.d_ff + 2 * D) + D
+
+
+EXACT_PARAMS = {
+    "vanilla": lambda c: _vanilla(c, c.n_head),
+    "gqa": lambda c: _vanilla(c, c.n_kv_head),
+    "modern": _modern,
+    "mla": _mla,
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant", ["default", "tiny"])
+def test_parameter_count_is_exact(arch, variant):
+    cfg = llmjax.model_config(config(arch, variant))
+    abstract = nnx.eval_shape(lambda: llmjax.build_model(cfg))
+    count = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    assert count == EXACT_PARAMS[arch](cfg)
+
+
+def test_gpt2_small_is_exactly_124_439_808_parameters():
+    cfg = llmjax.model_config(config("vanilla", "default"))
+    assert EXACT_PARAMS["vanilla"](cfg.replace(padded_vocab_size=50257)) == 124_439_808
+    assert EXACT_PARAMS["vanilla"](cfg) == 124_475_904
+    assert 123.5e6 < EXACT_PARAMS["modern"](llmjax.model_config(config("modern", "default"))) < 123.7e6
+
+
+def test_default_variants_are_gpt2_small_shaped():
+    for arch in ARCHS:
+        c = llmjax.model_config(config(arch, "default"))
+        assert (c.n_layer, c.n_head, c.d_model, c.context_len) == (12, 12, 768, 1024), arch
+        assert (c.vocab_size, c.padded_vocab_size, c.dtype) == (50257, 50304, "bfloat16"), arch

@@ -1,0 +1,54 @@
+"""The install: pinned versions, and no torch in the default dependency closure."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from importlib import metadata
+
+from conftest import ROOT
+from packaging.requirements import Requirement
+
+
+def _closure(name: str, seen: set[str]) -> set[str]:
+    key = re.sub(r"[-_.]+", "-", name).lower()
+    if key in seen:
+        return seen
+    seen.add(key)
+    try:
+        reqs = metadata.requires(name) or []
+    except metadata.PackageNotFoundError:
+        return seen
+    for r in map(Requirement, reqs):
+        if r.marker is None or r.marker.evaluate({"extra": ""}):
+            _closure(r.name, seen)
+    return seen
+
+
+def test_default_install_pulls_in_no_torch():
+    deps = _closure("llmjax", set())
+    assert "jax" in deps and "flax" in deps and "grain" in deps
+    assert not {"torch", "tensorflow"} & deps
+
+
+def test_constraints_pin_the_same_core_versions_as_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = dict(d.split("==") for d in project["dependencies"] if "==" in d)
+    constraints = dict(
+        line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line and not line.startswith("#")
+    )
+    norm = lambda s: re.sub(r"[-_.]+", "-", s).lower()  # noqa: E731
+    constraints = {norm(k): v for k, v in constraints.items()}
+    for name, version in pins.items():
+        assert constraints[norm(name)] == version, name
+    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tiktoken"):
+        assert norm(name) in constraints
+    assert constraints["jax"] == "0.11.2" and constraints["flax"] == "0.12.10"
+
+
+def test_installed_versions_match_the_pins():
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==")
+            if name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tiktoken", "grain", "ml_collections"):
+                assert metadata.version(name) == version, name

@@ -1,0 +1,74 @@
+"""`llmjax.summary`: parameter, FLOP and decode-state accounting."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from helpers import config
+from llmjax.summary import config_files, format_table, summarize
+
+DEFAULTS = {
+    # arch: (params_total, decode-state bf16 bytes per token at the default shape)
+    "vanilla": (124_475_904, 12 * 2 * 12 * 64 * 2),  # k and v, every head
+    "modern": (123_587_328, 12 * 2 * 12 * 64 * 2),
+    "gqa": (115_026_432, 12 * 2 * 4 * 64 * 2),  # only the 4 shared kv heads
+    "mla": (120_346_368, 12 * (256 + 32) * 2),  # only the latent and the rope key
+}
+
+
+@pytest.mark.parametrize("arch", sorted(DEFAULTS))
+def test_default_summaries(arch):
+    s = summarize(config(arch, "default"))
+    total, per_token = DEFAULTS[arch]
+    assert s["params_total"] == total
+    assert s["params_active"] == total
+    assert s["decode_state_bytes_per_token"] == per_token
+    assert s["decode_state_bytes"] == per_token * 1024
+    position_table = 1024 * 768 if arch in ("vanilla", "gqa") else 0
+    assert s["params_non_embedding"] == total - 50304 * 768 - position_table
+
+
+def test_flops_per_token_formula():
+    s = summarize(config("vanilla", "default"))
+    N = 124_475_904 - 1024 * 768  # the position table is a lookup, not a matmul
+    L, H, hd, T = 12, 12, 64, 1024
+    assert s["flops_per_token"] == 6 * N + 12 * L * H * hd * T  # nanoGPT's estimate_mfu
+    m = summarize(config("mla", "default"))
+    assert m["flops_per_token"] == 6 * 120_346_368 + 6 * L * T * H * (64 + 32 + 64)
+
+
+def test_summary_allocates_nothing_at_any_size():
+    big = config("modern", "default")
+    big.model.n_layer, big.model.d_model, big.model.n_head = 96, 12288, 96
+    big.model.head_dim, big.model.n_kv_head, big.model.d_ff = 128, 96, 49152
+    s = summarize(big)  # about 175B parameters: only possible through eval_shape
+    assert s["params_total"] > 1.7e11
+
+
+def test_table_lists_every_config():
+    rows = [dict(config=p.name, **summarize(config(p.stem, "tiny"))) for p in config_files()]
+    text = format_table(rows)
+    for arch in ("vanilla", "modern", "gqa", "mla"):
+        assert arch in text
+    assert [p.stem for p in config_files()][:4] == ["vanilla", "modern", "gqa", "mla"]
+
+
+def test_cli_json(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmjax.summary", "--config", "configs/gqa.py", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    for key in ("arch", "params_total", "params_non_embedding", "params_active", "flops_per_token",
+                "decode_state_bytes_per_token", "decode_state_bytes"):
+        assert key in data
+    assert data["arch"] == "gqa" and data["params_total"] == DEFAULTS["gqa"][0]
