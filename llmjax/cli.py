@@ -11,7 +11,7 @@ import re
 import sys
 from typing import Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from llmjax.config import ConfigError, check_key, load_config, split_spec, validate
@@ -69,6 +69,7 @@ def run(main: Callable[[list[str]], None]):
     """absl's app.run with flag errors and ConfigErrors reported as one line."""
 
     def guarded(argv):
+        logging.set_verbosity(logging.WARNING)  # Orbax and grain log every save at INFO
         try:
             main(argv)
         except ConfigError as e:

@@ -72,7 +72,11 @@ def summarize(cfg) -> dict:
 
 
 def config_files() -> list[Path]:
-    files = {p.stem: p for p in CONFIG_DIR.glob("*.py") if not p.name.startswith("_")}
+    """The architecture configs in configs/ (configs/<arch>.py for each registered arch)."""
+    from llmjax.registry import ARCHS, get_arch
+
+    get_arch("vanilla")  # imports llmjax.models, registering every architecture
+    files = {p.stem: p for p in CONFIG_DIR.glob("*.py") if p.stem in ARCHS}
     ordered = [files.pop(a) for a in ARCH_ORDER if a in files]
     return ordered + sorted(files.values())
 
@@ -101,27 +105,25 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in lines)
 
 
-_CONFIG = cli.define_config_flag()
-_JSON = flags.DEFINE_bool("json", False, "print JSON (an object for --config, a list otherwise)")
-_VARIANT = flags.DEFINE_string("variant", "default", "variant of every config, when --config is not given")
-
-
 def main(argv):
+    FLAGS = flags.FLAGS
     if len(argv) > 1:
         cli.fail(f"unexpected argument '{argv[1]}'; flags are --config, --json, --variant")
-    if _CONFIG.value is not None:
-        spec = flags.FLAGS["config"].config_filename
-        rows = [dict(config=spec, **summarize(_CONFIG.value))]
+    if FLAGS.config is not None:
+        rows = [dict(config=FLAGS["config"].config_filename, **summarize(FLAGS.config))]
     else:
         rows = []
         for path in config_files():
-            spec = f"configs/{path.name}:{_VARIANT.value}"
-            rows.append(dict(config=spec, **summarize(load_config(f"{path}:{_VARIANT.value}"))))
-    if _JSON.value:
-        print(json.dumps(rows[0] if _CONFIG.value is not None else rows, indent=2))
+            spec = f"configs/{path.name}:{FLAGS.variant}"
+            rows.append(dict(config=spec, **summarize(load_config(f"{path}:{FLAGS.variant}"))))
+    if FLAGS.json:
+        print(json.dumps(rows[0] if FLAGS.config is not None else rows, indent=2))
     else:
         print(format_table(rows))
 
 
 if __name__ == "__main__":
+    cli.define_config_flag()
+    flags.DEFINE_bool("json", False, "print JSON (an object for --config, a list otherwise)")
+    flags.DEFINE_string("variant", "default", "variant of every config, when --config is not given")
     cli.run(main)

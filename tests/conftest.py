@@ -33,3 +33,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_dir(tmp_path_factory):
+    """Every test prepares datasets under one temporary data directory (LLMJAX_DATA_DIR)."""
+    path = tmp_path_factory.mktemp("data")
+    os.environ["LLMJAX_DATA_DIR"] = str(path)
+    return path

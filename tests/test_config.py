@@ -8,14 +8,16 @@ import sys
 import pytest
 
 import llmjax
+import llmjax.models  # noqa: F401  (registers every architecture)
 from conftest import ROOT
 from helpers import config
 from llmjax.config import ConfigError, model_config
 
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py"))
+ARCH_CONFIGS = [c for c in CONFIGS if c in llmjax.ARCHS]
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", ARCH_CONFIGS)
 @pytest.mark.parametrize("variant", ["default", "small", "tiny"])
 def test_every_config_and_variant_loads(name, variant):
     cfg = llmjax.load_config(f"{ROOT}/configs/{name}.py:{variant}")
@@ -23,6 +25,12 @@ def test_every_config_and_variant_loads(name, variant):
     mcfg = model_config(cfg)
     assert mcfg.arch in llmjax.ARCHS
     assert mcfg.dtype == ("bfloat16" if variant == "default" else "float32")
+
+
+@pytest.mark.parametrize("name", sorted(set(CONFIGS) - set(ARCH_CONFIGS)))
+def test_recipe_configs_load(name):
+    cfg = llmjax.load_config(f"{ROOT}/configs/{name}.py")
+    assert model_config(cfg).arch in llmjax.ARCHS
 
 
 def test_no_suffix_means_default():

@@ -163,17 +163,24 @@ class LayerStack(nnx.Module):
             self.layers = nnx.List([make_block(rngs) for _ in range(cfg.n_layer)])
 
     def __call__(self, x, positions, cache: Cache):
-        def apply(block, x, cache):
-            return block(x, positions, cache)
+        # Functional (split/merge + jax.lax.scan / jax.checkpoint) rather than nnx.scan/nnx.remat,
+        # so the stack also runs inside a caller's own jax transforms (a decode loop's lax.scan).
+        def apply(graphdef, state, x, cache):
+            return nnx.merge(graphdef, state)(x, positions, cache)
 
         if self.remat != "none":
-            apply = nnx.remat(apply, policy=_REMAT[self.remat])
+            apply = jax.checkpoint(apply, policy=_REMAT[self.remat], static_argnums=(0,))
         if self.scan:
-            scanned = nnx.scan(apply, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
-            return scanned(self.layers, x, cache)
+            graphdef, state = nnx.split(self.layers)
+
+            def body(x, state_and_cache):
+                return apply(graphdef, *state_and_cache[:1], x, state_and_cache[1])
+
+            return jax.lax.scan(body, x, (state, cache))
         new_cache = []
         for i, block in enumerate(self.layers):
-            x, layer_cache = apply(block, x, None if cache is None else cache[i])
+            graphdef, state = nnx.split(block)
+            x, layer_cache = apply(graphdef, state, x, None if cache is None else cache[i])
             new_cache.append(layer_cache)
         return x, None if cache is None else tuple(new_cache)
 

@@ -1,0 +1,28 @@
+"""nanoGPT's "baby GPT" on character-level Shakespeare, the CPU quickstart:
+
+    python -m llmjax.train --config configs/shakespeare_char.py
+
+GPT-2 architecture (`vanilla`) with 4 layers, 4 heads, d_model 128, context 64, no dropout; batch 12,
+2000 steps, AdamW lr 1e-3 (beta2 0.99, weight decay 0.1), 100 warm-up steps then cosine to 1e-4;
+validation every 250 steps over 20 batches, and over the whole validation split at the last step.
+"""
+
+from llmjax.config import make_config
+
+# fmt: off
+MODELS = dict(
+    default=dict(arch="vanilla", vocab_size=65, padded_vocab_size=128, context_len=64,
+                 n_layer=4, n_head=4, head_dim=32, d_model=128, d_ff=512,
+                 dtype="float32", attention_impl="auto", scan_layers=False, remat="none",
+                 init_std=0.02, norm_eps=1e-5),
+)
+TRAIN = dict(default=dict(batch_size=12, max_steps=2000, lr=1e-3, min_lr=1e-4, warmup_steps=100,
+                          beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
+                          log_every_steps=100, checkpoint_every_steps=1000))
+DATA = dict(default=dict(dataset="tinyshakespeare_char"))
+EVAL = dict(default=dict(every_steps=250, num_batches=20, sample_tokens=500))
+# fmt: on
+
+
+def get_config(variant: str = "default"):
+    return make_config(variant, MODELS, train=TRAIN, data=DATA, eval=EVAL)

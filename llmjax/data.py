@@ -1,0 +1,280 @@
+"""Token datasets: binary shards + a manifest, the built-in Shakespeare datasets, and grain loading.
+
+On disk, a dataset is a folder:
+
+    <data dir>/<dataset>/manifest.json     splits, shard names, token counts, sha256, tokenizer
+    <data dir>/<dataset>/train_0000.bin    a shard: a 64-byte header, then uint16 tokens
+    <data dir>/<dataset>/val_0000.bin
+
+Shard header (little-endian): magic b"LLMJAXTK", u32 format version, u32 dtype code (1 = uint16),
+u64 token count, zero padding to 64 bytes. Every file is written to a temporary name and renamed,
+so a reader never sees a half-written one; a truncated or foreign file is a clear error when opened.
+One reader serves every dataset (the preparation tool writes large corpora in this same format).
+
+Training batches are random windows of context + 1 tokens, drawn through grain: the window starts
+are shuffled per epoch from the seed, sliced across processes, read and batched in background
+threads; the iterator's state is small and checkpointable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import grain
+import numpy as np
+
+from llmjax import tokenizer as tok
+
+MAGIC = b"LLMJAXTK"
+VERSION = 1
+DTYPE_CODES = {1: np.uint16}
+HEADER = struct.Struct("<8sIIQ")
+HEADER_BYTES = 64
+MANIFEST = "manifest.json"
+BUILTIN = ("tinyshakespeare", "tinyshakespeare_char")
+PREPARE_HINT = "python -m llmjax.prepare {name} --out {dir}"
+
+
+class DataError(ValueError):
+    """A data problem a user can fix; the message is one line that says how."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic files
+
+
+def atomic_write_bytes(path: Path, chunks) -> None:
+    """Write `chunks` (bytes or an iterable of bytes-like) to `path` via a temporary file + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in [chunks] if isinstance(chunks, (bytes, bytearray, memoryview)) else chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards
+
+
+def write_shard(path: Path, tokens: np.ndarray) -> dict:
+    """Write one shard atomically; returns its manifest entry (file, tokens, sha256)."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(np.uint16).max):
+        raise DataError(f"tokens for {path} do not fit in uint16")
+    header = HEADER.pack(MAGIC, VERSION, 1, tokens.size).ljust(HEADER_BYTES, b"\0")
+    body = tokens.astype("<u2").tobytes()
+    atomic_write_bytes(path, [header, body])
+    digest = hashlib.sha256(header + body).hexdigest()
+    return {"file": Path(path).name, "tokens": int(tokens.size), "sha256": digest}
+
+
+def open_shard(path: Path, expected_tokens: int | None = None) -> np.memmap:
+    """Memory-map a shard's tokens after checking its header and size."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"shard {path} is missing; prepare the dataset again")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_BYTES)
+    if len(raw) < HEADER.size or raw[:8] != MAGIC:
+        raise DataError(f"{path} is not an llmjax token shard (bad magic); prepare the dataset again")
+    _, version, dtype_code, count = HEADER.unpack(raw[: HEADER.size])
+    if version != VERSION or dtype_code not in DTYPE_CODES:
+        raise DataError(f"{path} has shard format version {version}, dtype code {dtype_code}; this llmjax reads version {VERSION}")
+    itemsize = np.dtype(DTYPE_CODES[dtype_code]).itemsize
+    if size != HEADER_BYTES + count * itemsize:
+        raise DataError(f"{path} is truncated or corrupt: header says {count} tokens, file holds {(size - HEADER_BYTES) // itemsize}; prepare the dataset again")
+    if expected_tokens is not None and count != expected_tokens:
+        raise DataError(f"{path} holds {count} tokens but the manifest says {expected_tokens}; prepare the dataset again")
+    if count == 0:
+        return np.zeros((0,), DTYPE_CODES[dtype_code])
+    return np.memmap(path, dtype=np.dtype(DTYPE_CODES[dtype_code]).newbyteorder("<"), mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def verify_shard(path: Path, sha256: str) -> bool:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest() == sha256
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+
+
+@dataclass
+class TokenDataset:
+    """A prepared dataset: its manifest, tokenizer and memory-mapped splits."""
+
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, path: Path) -> "TokenDataset":
+        path = Path(path)
+        file = path / MANIFEST
+        if not file.is_file():
+            raise DataError(f"no dataset at {path} (no {MANIFEST})")
+        try:
+            manifest = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{file} is not valid JSON ({e.msg}); prepare the dataset again") from None
+        if manifest.get("format") != "llmjax-tokens" or manifest.get("version") != VERSION:
+            raise DataError(f"{file} is not an llmjax token manifest of version {VERSION}")
+        return cls(path, manifest)
+
+    @property
+    def name(self) -> str:
+        return self.manifest["dataset"]
+
+    def tokenizer(self):
+        return tok.from_description(self.manifest["tokenizer"])
+
+    def split(self, name: str) -> list[np.ndarray]:
+        if name not in self.manifest["splits"]:
+            raise DataError(f"dataset {self.name} has no '{name}' split (has {', '.join(self.manifest['splits'])})")
+        return [open_shard(self.path / s["file"], s["tokens"]) for s in self.manifest["splits"][name]]
+
+    def num_tokens(self, name: str) -> int:
+        return sum(s["tokens"] for s in self.manifest["splits"][name])
+
+
+def write_manifest(path: Path, dataset: str, tokenizer_desc: dict, splits: dict[str, list[dict]], **extra) -> None:
+    atomic_write_json(
+        Path(path) / MANIFEST,
+        {"format": "llmjax-tokens", "version": VERSION, "dataset": dataset, "tokenizer": tokenizer_desc, "splits": splits, **extra},
+    )
+
+
+def data_dir(configured: str) -> Path:
+    """The data directory: $LLMJAX_DATA_DIR if set, else the configured `data.dir`."""
+    return Path(os.environ.get("LLMJAX_DATA_DIR") or configured)
+
+
+def prepare_builtin(name: str, out: Path) -> TokenDataset:
+    """Tokenise the shipped tinyshakespeare.txt (90/10 train/val split by characters, as nanoGPT)
+    with GPT-2 BPE (`tinyshakespeare`) or characters (`tinyshakespeare_char`). Idempotent."""
+    out = Path(out)
+    try:
+        return TokenDataset.open(out)
+    except DataError:
+        pass
+    text = (tok.ASSETS / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    tokenizer = tok.CharTokenizer.from_text(text) if name == "tinyshakespeare_char" else tok.GPT2Tokenizer()
+    cut = int(len(text) * 0.9)
+    splits = {}
+    for split, part in (("train", text[:cut]), ("val", text[cut:])):
+        splits[split] = [write_shard(out / f"{split}_0000.bin", np.array(tokenizer.encode(part), np.uint16))]
+    write_manifest(out, name, tokenizer.description(), splits, source="llmjax/assets/tinyshakespeare.txt (karpathy/char-rnn)")
+    return TokenDataset.open(out)
+
+
+def open_dataset(name: str, configured_dir: str) -> TokenDataset:
+    """Open a prepared dataset; the built-in ones are prepared on first use."""
+    path = data_dir(configured_dir) / name
+    if name in BUILTIN:
+        return prepare_builtin(name, path)
+    if not (path / MANIFEST).is_file():
+        raise DataError(f"dataset '{name}' is not prepared in {path}; prepare it with: {PREPARE_HINT.format(name=name, dir=path)}")
+    return TokenDataset.open(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows and batches
+
+
+class WindowSource:
+    """Index i -> the i-th window of `length` tokens, over every start position of every shard
+    (a window never crosses a shard boundary)."""
+
+    def __init__(self, shards: list[np.ndarray], length: int):
+        self.shards, self.length = shards, length
+        counts = np.array([max(len(s) - length + 1, 0) for s in shards], np.int64)
+        if counts.sum() == 0:
+            raise DataError(f"the split is shorter than one window of {length} tokens; lower model.context_len")
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        shard = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        start = int(i - self.offsets[shard])
+        return np.asarray(self.shards[shard][start : start + self.length], np.int32)
+
+
+def train_batches(
+    shards: list[np.ndarray],
+    *,
+    seq_len: int,
+    global_batch: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    threads: int = 2,
+    prefetch: int = 8,
+) -> grain.DatasetIterator:
+    """An endless, checkpointable iterator of this process's rows of each global batch: int32
+    (global_batch / process_count, seq_len + 1) random windows. Window starts are shuffled from
+    `seed`, reshuffled every epoch; process p takes elements p, p + P, ... of the shuffled stream, so
+    the union over processes of step s's rows is the same set for any process count."""
+    if global_batch % process_count:
+        raise DataError(f"train.batch_size={global_batch} must be divisible by the {process_count} processes")
+    source = WindowSource(shards, seq_len + 1)
+    ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
+    ds = ds[process_index::process_count].map(source.__getitem__)
+    ds = ds.batch(global_batch // process_count, drop_remainder=True, batch_fn=np.stack)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)))
+
+
+def sample_windows(shards: list[np.ndarray], *, seq_len: int, batch: int, num_batches: int, seed: int) -> Iterator[np.ndarray]:
+    """`num_batches` batches of random windows, the same ones for the same seed (loss estimates)."""
+    source = WindowSource(shards, seq_len + 1)
+    rng = np.random.default_rng(seed)
+    for _ in range(num_batches):
+        yield np.stack([source[int(i)] for i in rng.integers(0, len(source), batch)])
+
+
+def sequential_windows(shards: list[np.ndarray], *, seq_len: int, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The whole split as windows of seq_len + 1 tokens overlapping by one, so every token after a
+    shard's first is a target exactly once. Yields (tokens, mask) batches; the mask (over targets)
+    is 0 on padding, including the padded rows of the last batch."""
+    rows, masks = [], []
+    for shard in shards:
+        for start in range(0, max(len(shard) - 1, 0), seq_len):
+            window = np.asarray(shard[start : start + seq_len + 1], np.int32)
+            n = len(window) - 1
+            rows.append(np.pad(window, (0, seq_len + 1 - len(window))))
+            masks.append((np.arange(seq_len) < n).astype(np.float32))
+            if len(rows) == batch:
+                yield np.stack(rows), np.stack(masks)
+                rows, masks = [], []
+    if rows:
+        pad = batch - len(rows)
+        yield (
+            np.concatenate([np.stack(rows), np.zeros((pad, seq_len + 1), np.int32)]),
+            np.concatenate([np.stack(masks), np.zeros((pad, seq_len), np.float32)]),
+        )

@@ -1,0 +1,128 @@
+"""Device mesh and logical-axis sharding rules (MaxText's idea, at jax-llm-examples' size).
+
+Every parameter gets logical axis names from its path (`logical_axes`); one table (`RULES`) maps
+logical names to mesh axes. The mesh has a `data` axis (pure data parallelism: parameters
+replicated) and an `fsdp` axis (fully sharded: parameters and optimizer state split along their
+`embed` dimension, gathered for each use by XLA); the batch is split over both. Change the layout in
+the table or the config (`train.mesh`), not in model code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from llmjax.config import ConfigError
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis -> mesh axis (or None: replicated)
+RULES = {
+    "batch": BATCH_AXES,
+    "embed": "fsdp",
+    "vocab": None,
+    "mlp": None,
+    "heads": None,
+    "latent": None,
+    "layers": None,
+    "norm": None,
+}
+
+# kernel (d_in, d_out) of each projection, by module name
+KERNEL_AXES = {
+    "q_proj": ("embed", "heads"),
+    "kv_proj": ("embed", "heads"),
+    "o_proj": ("heads", "embed"),
+    "fc": ("embed", "mlp"),
+    "proj": ("mlp", "embed"),
+    "gate": ("embed", "mlp"),
+    "up": ("embed", "mlp"),
+    "down": ("mlp", "embed"),
+    "q_down": ("embed", "latent"),
+    "q_up": ("latent", "heads"),
+    "kv_down": ("embed", "latent"),
+    "kv_up": ("latent", "heads"),
+}
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+    """A (data, fsdp) mesh over `devices` (default: every device of every process). One size may
+    be -1: it takes what the other leaves."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ConfigError("train.mesh: at most one axis may be -1")
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if len(devices) % known:
+            raise ConfigError(f"train.mesh {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ConfigError(f"train.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, there are {len(devices)}")
+    return Mesh(np.array(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
+    """Logical axis names of the parameter at `path` (keys of the pure-dict tree)."""
+    names = [str(k) for k in path]
+    leaf = names[-1]
+    i = names.index("layers") if "layers" in names else None
+    stacked = i is not None and i + 1 < len(names) and not names[i + 1].isdigit()  # scanned layout
+    lead = ("layers",) if stacked else ()
+    body = ndim - len(lead)
+    if leaf == "embedding":
+        axes = ("vocab", "embed") if names[0] == "embed" else (None, "embed")
+    elif leaf == "kernel" and len(names) >= 2 and names[-2] in KERNEL_AXES:
+        axes = KERNEL_AXES[names[-2]]
+    elif leaf == "kernel" and body == 2:
+        axes = ("embed", "mlp")
+    else:  # biases, norm scales
+        axes = ("norm",) * body
+    if len(axes) != body:
+        raise ValueError(f"parameter {'/'.join(names)} has {ndim} dims; its logical axes {axes} do not fit")
+    return lead + tuple(axes)
+
+
+def spec_for(path, shape, mesh: Mesh, rules=RULES) -> P:
+    """PartitionSpec of a parameter; a dimension that the mesh axis does not divide is replicated."""
+    out = []
+    for name, dim in zip(logical_axes(path, len(shape)), shape):
+        axis = rules.get(name) if name else None
+        size = math.prod(mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,))) if axis else 1
+        out.append(axis if axis and dim % size == 0 else None)
+    return P(*out)
+
+
+def _path_keys(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+
+
+def param_shardings(params, mesh: Mesh):
+    """NamedShardings for a pure-dict parameter tree (arrays or ShapeDtypeStructs)."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: NamedSharding(mesh, spec_for(_path_keys(p), x.shape, mesh)), params)
+
+
+def state_shardings(tree, params_shardings, mesh: Mesh):
+    """Shardings for a tree that embeds parameter-shaped subtrees (an optimizer state): a leaf whose
+    path ends with a parameter's path gets that parameter's sharding; anything else is replicated."""
+    by_path = {}
+    jax.tree_util.tree_map_with_path(lambda p, s: by_path.__setitem__(_path_keys(p), s), params_shardings)
+    replicated = NamedSharding(mesh, P())
+
+    def pick(path, x):
+        keys = _path_keys(path)
+        for i in range(len(keys)):
+            s = by_path.get(keys[i:])
+            if s is not None and len(s.spec) <= len(x.shape):
+                return s
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))

@@ -1,0 +1,100 @@
+"""Tokenizers: GPT-2 BPE (tiktoken, built from files shipped in the package, so nothing is ever
+downloaded) and a character-level tokenizer for the char configs.
+
+Every tokenizer describes itself as a small JSON-able dict (`description()`), stored in dataset
+manifests and run directories, and `from_description` rebuilds it: a run is self-describing.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import tiktoken
+import tiktoken.load
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+# The sha256 tiktoken pins for its "gpt2" encoding (the shipped files are checked against them).
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+EOT = "<|endoftext|>"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer problem a user can fix (one line)."""
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_encoding() -> tiktoken.Encoding:
+    try:
+        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=str(ASSETS / "gpt2" / "vocab.bpe"),
+            encoder_json_file=str(ASSETS / "gpt2" / "encoder.json"),
+            vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
+            encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
+        )
+    except ValueError as e:  # tiktoken's hash check
+        raise TokenizerError(f"the shipped GPT-2 BPE files in {ASSETS / 'gpt2'} are corrupt ({e}); reinstall llmjax") from None
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: 50256})
+
+
+class GPT2Tokenizer:
+    """OpenAI's GPT-2 byte-level BPE: 50257 tokens, end-of-text = 50256."""
+
+    vocab_size = 50257
+    eot_id = 50256
+
+    def __init__(self):
+        self.encoding = gpt2_encoding()
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
+        return self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
+
+    def decode(self, ids) -> str:
+        return self.encoding.decode([int(i) for i in ids])
+
+    def description(self) -> dict:
+        return {"kind": "gpt2", "vocab_size": self.vocab_size, "eot_id": self.eot_id}
+
+
+class CharTokenizer:
+    """One token per character of a fixed alphabet (sorted, as nanoGPT's shakespeare_char). It has
+    no end-of-text token."""
+
+    eot_id = None
+
+    def __init__(self, chars: str):
+        if len(set(chars)) != len(chars):
+            raise TokenizerError("character vocabulary has repeated characters")
+        self.chars = chars
+        self.stoi = {c: i for i, c in enumerate(chars)}
+        self.vocab_size = len(chars)
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls("".join(sorted(set(text))))
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise TokenizerError(f"character {e.args[0]!r} is not in this model's {self.vocab_size}-character vocabulary") from None
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+    def description(self) -> dict:
+        return {"kind": "char", "vocab_size": self.vocab_size, "chars": self.chars}
+
+
+def from_description(desc: dict):
+    kind = desc.get("kind")
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    if kind == "char":
+        return CharTokenizer(desc["chars"])
+    raise TokenizerError(f"unknown tokenizer kind {kind!r} (expected 'gpt2' or 'char')")

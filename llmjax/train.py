@@ -1,0 +1,499 @@
+"""`python -m llmjax.train --config configs/<arch>.py[:variant] [--config.key=value ...] [--workdir runs/NAME]`
+
+One trainer for every architecture, on one CPU, one GPU, many GPUs or many hosts:
+
+- data: grain batches of random windows (llmjax.data), each process reading its rows of the
+  global batch; the global batch is sharded over the mesh's (data, fsdp) axes;
+- model: float32 master parameters (in the scanned layer layout; converted inside the step when
+  `model.scan_layers` is False), compute in `model.dtype`, sharded by logical-axis rules
+  (llmjax.sharding);
+- optimizer: AdamW (weight decay on matrices and embeddings only), linear warm-up then cosine
+  decay, global-norm clipping, gradient accumulation over `train.grad_accum_steps` micro-batches,
+  auxiliary losses added with `train.aux_loss_weights`;
+- the step is jitted with explicit in/out shardings and donated buffers; metrics are read one
+  step late so dispatch stays ahead of the device;
+- Orbax checkpoints (llmjax.checkpoint) with exact resume, SIGTERM handling and a NaN guard;
+- metrics.jsonl, a progress bar, and Weights & Biases when `logging.wandb=True`.
+
+The workdir holds config.json, tokenizer.json, metrics.jsonl and checkpoints/: everything the
+sampler and evaluator need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import flags
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from llmjax import cli, data as data_lib
+from llmjax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
+from llmjax.config import ConfigError, model_config, validate
+from llmjax.loss import cross_entropy
+from llmjax.models.layers import convert_layer_layout
+from llmjax.registry import build_model
+from llmjax.sample import generate
+from llmjax.sharding import batch_sharding, make_mesh, param_shardings, state_shardings
+from llmjax.summary import summarize
+
+# Dense bf16 datasheet peaks (FLOP/s) used for MFU; `train.peak_flops_per_device` overrides.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+# Model keys that change how the computation runs, not what the parameters are: a run may resume
+# with them changed (e.g. unrolled layers on a GPU after scanned ones on a CPU).
+EXECUTION_KEYS = ("scan_layers", "remat", "attention_impl", "dtype")
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user must see (one line)."""
+
+
+def peak_flops(device, override: float) -> float | None:
+    if override:
+        return override
+    if device.platform != "gpu":
+        return None
+    kind = device.device_kind
+    return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+
+
+def make_optimizer(tcfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=tcfg.lr,
+        warmup_steps=tcfg.warmup_steps,
+        decay_steps=max(tcfg.max_steps, tcfg.warmup_steps + 1),
+        end_value=tcfg.min_lr,
+    )
+
+    def decay_mask(params):  # matrices and embeddings decay; biases and norm scales do not
+        return jax.tree_util.tree_map_with_path(lambda p, _: getattr(p[-1], "key", None) in ("kernel", "embedding"), params)
+
+    tx = optax.chain(
+        optax.clip_by_global_norm(tcfg.grad_clip) if tcfg.grad_clip > 0 else optax.identity(),
+        optax.adamw(schedule, b1=tcfg.beta1, b2=tcfg.beta2, weight_decay=tcfg.weight_decay, mask=decay_mask),
+    )
+    return tx, schedule
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key} ({a} -> {b})")
+    return diffs
+
+
+@dataclasses.dataclass
+class Run:
+    """What `train()` returns: where the run ended and its last figures."""
+
+    workdir: Path
+    step: int
+    final: bool  # reached max_steps
+    last_val_loss: float | None
+    metrics: list[dict]
+    sample: str | None
+
+
+class _Stop:
+    """SIGTERM (preemption) sets a flag; the loop checkpoints and exits at the next step."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading_main():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False) -> Run:
+    """Train (or resume) the run described by `cfg` in `workdir`. `devices` defaults to all."""
+    validate(cfg)
+    mcfg = model_config(cfg)
+    tcfg, ecfg = cfg.train, cfg.eval
+    workdir = Path(workdir).absolute()
+    lead = jax.process_index() == 0
+    say = (lambda *a: None) if quiet or not lead else (lambda *a: print(*a, flush=True))
+    if tcfg.max_steps <= 0:
+        raise ConfigError(f"train.max_steps must be positive, got {tcfg.max_steps}")
+    if tcfg.grad_accum_steps <= 0 or tcfg.batch_size <= 0:
+        raise ConfigError("train.batch_size and train.grad_accum_steps must be positive")
+
+    # --- data ---------------------------------------------------------------------------
+    try:
+        dataset = data_lib.open_dataset(cfg.data.dataset, cfg.data.dir)
+    except data_lib.DataError as e:
+        raise ConfigError(str(e)) from None
+    tokenizer = dataset.tokenizer()
+    if tokenizer.vocab_size != mcfg.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={mcfg.vocab_size} does not match dataset '{dataset.name}' ({tokenizer.vocab_size} tokens); "
+            f"set --config.model.vocab_size={tokenizer.vocab_size}"
+        )
+
+    # --- workdir: config.json (a resumed run must have the same model) ----------------------
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=tcfg.keep_checkpoints)
+    resolved = json.loads(cfg.to_json())
+    saved_cfg = workdir / "config.json"
+    start = ckpt.latest_step() or 0
+    if start and saved_cfg.is_file():
+        diffs = [
+            d
+            for d in config_diff(json.loads(saved_cfg.read_text())["model"], resolved["model"], "model.")
+            if d.split(" ")[0].removeprefix("model.") not in EXECUTION_KEYS
+        ]
+        if diffs:
+            raise ConfigError(
+                f"{workdir} holds a run with a different model config: {'; '.join(diffs)}; use another --workdir or the same config"
+            )
+    if lead:
+        data_lib.atomic_write_json(saved_cfg, resolved)
+        data_lib.atomic_write_json(workdir / "tokenizer.json", tokenizer.description())
+
+    # --- mesh, model, optimizer -----------------------------------------------------------
+    mesh = make_mesh(tcfg.mesh, devices)
+    n_dev = mesh.devices.size
+    if tcfg.batch_size % n_dev:
+        raise ConfigError(f"train.batch_size={tcfg.batch_size} must be divisible by the {n_dev} devices of the mesh")
+    canonical = mcfg.replace(scan_layers=True)  # storage layout of parameters (and checkpoints)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(mcfg, seed=0)))
+
+    def init_params():
+        return nnx.to_pure_dict(nnx.state(build_model(canonical, seed=tcfg.seed), nnx.Param))
+
+    abstract_params = jax.eval_shape(init_params)
+    p_shard = param_shardings(abstract_params, mesh)
+    tx, schedule = make_optimizer(tcfg)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    replicated = NamedSharding(mesh, P())
+    state_shard = {"params": p_shard, "opt": state_shardings(abstract_opt, p_shard, mesh), "rng": replicated, "step": replicated}
+    abstract_state = {
+        "params": abstract_params,
+        "opt": abstract_opt,
+        "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),  # for stochastic layers; none of the current ones is
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+    }
+
+    weights = dict(tcfg.aux_loss_weights)
+    accum, micro = tcfg.grad_accum_steps, tcfg.batch_size
+    T = mcfg.context_len
+    tok_shard = NamedSharding(mesh, P(None, *batch_sharding(mesh).spec))  # (accum, B, T+1)
+
+    def loss_fn(params, tokens_BT1):
+        model = nnx.merge(graphdef, convert_layer_layout(params, mcfg.scan_layers))
+        logits, _, aux = model(tokens_BT1[:, :-1])
+        ce = cross_entropy(logits, tokens_BT1[:, 1:])
+        missing = sorted(set(aux) - set(weights))
+        if missing:
+            raise ConfigError(f"the model returns auxiliary loss(es) {', '.join(missing)}; give each a weight in train.aux_loss_weights")
+        total = ce + sum((weights[k] * v for k, v in aux.items()), jnp.float32(0))
+        return total, (ce, aux)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state, tokens):
+        params = state["params"]
+        if accum == 1:
+            (_, (ce, aux)), grads = grad_fn(params, tokens[0])
+        else:  # accumulate over micro-batches
+            aux_shape = jax.eval_shape(lambda: loss_fn(params, tokens[0])[1][1])
+            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape))
+
+            def micro_step(acc, tokens_BT1):
+                (_, (ce, aux)), grads = grad_fn(params, tokens_BT1)
+                return jax.tree.map(jnp.add, acc, (grads, ce, aux)), None
+
+            (grads, ce, aux), _ = jax.lax.scan(micro_step, zeros, tokens)
+            grads, ce, aux = jax.tree.map(lambda x: x / accum, (grads, ce, aux))
+        updates, opt = tx.update(grads, state["opt"], params)
+        metrics = {
+            "train_loss": ce,
+            "grad_norm": optax.tree.norm(grads),
+            "update_norm": optax.tree.norm(updates),
+            "lr": schedule(state["step"]),
+            **{f"aux_{k}": v for k, v in aux.items()},
+        }
+        new_state = {"params": optax.apply_updates(params, updates), "opt": opt, "rng": state["rng"], "step": state["step"] + 1}
+        return new_state, metrics
+
+    step_fn = jax.jit(train_step, in_shardings=(state_shard, tok_shard), out_shardings=(state_shard, replicated), donate_argnums=0)
+
+    eval_shard = batch_sharding(mesh)
+
+    def eval_step(params, tokens_BT1, mask_BT):
+        model = nnx.merge(graphdef, convert_layer_layout(params, mcfg.scan_layers))
+        logits = model(tokens_BT1[:, :-1])[0]
+        per_tok = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens_BT1[:, 1:])
+        return jnp.sum(per_tok * mask_BT), jnp.sum(mask_BT)
+
+    eval_fn = jax.jit(eval_step, in_shardings=(p_shard, eval_shard, eval_shard), out_shardings=(replicated, replicated))
+
+    # --- data iterators ---------------------------------------------------------------------
+    pi, pc = jax.process_index(), jax.process_count()
+    train_it = data_lib.train_batches(
+        dataset.split("train"), seq_len=T, global_batch=micro * accum, seed=tcfg.seed, process_index=pi, process_count=pc
+    )
+    val_shards = dataset.split("val")
+
+    def to_global(local: np.ndarray, sharding, global_shape):
+        return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+    def local_rows(batch: np.ndarray) -> np.ndarray:  # this process's rows of a global batch
+        n = batch.shape[0] // pc
+        return batch[pi * n : (pi + 1) * n]
+
+    def evaluate(params, whole_split: bool) -> float:
+        if whole_split:
+            batches = data_lib.sequential_windows(val_shards, seq_len=T, batch=micro)
+        else:
+            windows = data_lib.sample_windows(val_shards, seq_len=T, batch=micro, num_batches=ecfg.num_batches, seed=tcfg.seed + 1)
+            batches = ((w, np.ones((micro, T), np.float32)) for w in windows)
+        total, count = 0.0, 0.0
+        for toks, mask in batches:
+            s, c = eval_fn(
+                params,
+                to_global(local_rows(toks), eval_shard, toks.shape),
+                to_global(local_rows(mask), eval_shard, mask.shape),
+            )
+            total, count = total + float(s), count + float(c)
+        return total / max(count, 1.0)
+
+    # --- initialise or restore -------------------------------------------------------------------
+    target = abstract_with_shardings(abstract_state, state_shard)
+    if start:
+        try:
+            state, meta = ckpt.restore(start, target, train_it)
+        except CheckpointError as e:
+            raise ConfigError(str(e)) from None
+        say(f"resumed from {workdir / 'checkpoints'} at step {start}")
+    else:
+        def init():
+            params = init_params()
+            rng = jax.random.key_data(jax.random.key(tcfg.seed))
+            return {"params": params, "opt": tx.init(params), "rng": rng, "step": jnp.int32(0)}
+
+        state = jax.jit(init, out_shardings=state_shard)()
+
+    metrics_path = workdir / "metrics.jsonl"
+    history = []
+    if lead:
+        if metrics_path.is_file():  # keep what the restored checkpoint covers; later steps are redone
+            for line in metrics_path.read_text().splitlines():
+                if line.strip() and json.loads(line)["step"] <= start:
+                    history.append(json.loads(line))
+        data_lib.atomic_write_bytes(metrics_path, "".join(json.dumps(m) + "\n" for m in history).encode())
+
+    # --- loop --------------------------------------------------------------------------------------
+    summary = summarize(mcfg)
+    peak = peak_flops(mesh.devices.flat[0], tcfg.peak_flops_per_device)
+    tokens_per_step = micro * accum * T
+    end = tcfg.max_steps if not tcfg.stop_at_step else min(tcfg.stop_at_step, tcfg.max_steps)
+    wandb_run = _wandb_init(cfg, workdir) if (cfg.logging.wandb and lead) else None
+    bar = _progress(start, tcfg.max_steps, enabled=cfg.logging.progress_bar and lead and not quiet)
+    metrics_file = open(metrics_path, "a") if lead else None
+    last_good = start
+    last_val = None
+    last_time = time.perf_counter()
+
+    def fetch(step: int, m: dict) -> dict:
+        """Host copy of one step's metrics (blocks until the step is done), its wall time, NaN guard."""
+        nonlocal last_time
+        host = {k: float(v) for k, v in jax.device_get(m).items()}
+        now = time.perf_counter()
+        dt, last_time = now - last_time, now
+        if not all(math.isfinite(host[k]) for k in ("train_loss", "grad_norm", "update_norm")):
+            raise TrainingError(
+                f"loss became non-finite at step {step} (train_loss={host['train_loss']}, grad_norm={host['grad_norm']}); stopped. "
+                + (f"The last good checkpoint is step {last_good} in {workdir / 'checkpoints'}" if last_good else "No checkpoint was written")
+            )
+        line = {"step": step, "train_loss": host["train_loss"], "lr": host["lr"], "grad_norm": host["grad_norm"],
+                "tokens_per_sec": tokens_per_step / dt, "step_time": dt,
+                "mfu": summary["flops_per_token"] * tokens_per_step / dt / (peak * n_dev) if peak else None}
+        line.update({k: v for k, v in host.items() if k.startswith("aux_")})
+        return line
+
+    def emit(line: dict, val_loss: float | None = None) -> None:
+        step = line["step"]
+        if val_loss is not None:
+            line["val_loss"] = val_loss
+        history.append(line)
+        if metrics_file:
+            metrics_file.write(json.dumps(line) + "\n")
+            metrics_file.flush()
+        if bar is not None:
+            bar.update(1)
+            if step % tcfg.log_every_steps == 0 or val_loss is not None:
+                post = {"loss": f"{line['train_loss']:.4f}", "lr": f"{line['lr']:.2e}", "tok/s": f"{line['tokens_per_sec']:,.0f}",
+                        "ms": f"{line['step_time'] * 1e3:.1f}"}
+                if line["mfu"] is not None:
+                    post["mfu"] = f"{line['mfu']:.1%}"
+                if val_loss is not None:
+                    post["val"] = f"{val_loss:.4f}"
+                bar.set_postfix(post, refresh=False)
+        if wandb_run is not None and (step % tcfg.log_every_steps == 0 or val_loss is not None):
+            wandb_run.log({k: v for k, v in line.items() if v is not None and k != "step"}, step=step)
+
+    pending = None
+    try:
+        with _Stop() as stop:
+            for step in range(start + 1, end + 1):
+                local = next(train_it).reshape(accum, micro // pc, T + 1)
+                batch = to_global(local, tok_shard, (accum, micro, T + 1))
+                state, m = step_fn(state, batch)
+                if pending is not None:
+                    emit(fetch(*pending))
+                    pending = None
+                is_last = step == tcfg.max_steps
+                do_eval = is_last or (ecfg.every_steps > 0 and step % ecfg.every_steps == 0)
+                do_ckpt = do_eval or step == end or stop.requested or (step % tcfg.checkpoint_every_steps == 0)
+                if not (do_eval or do_ckpt):
+                    pending = (step, m)
+                    continue
+                line = fetch(step, m)
+                val = evaluate(state["params"], whole_split=is_last) if do_eval else None
+                emit(line, val)
+                if val is not None:
+                    last_val = val
+                ckpt.save(step, state, train_it, {"step": step, "val_loss": val}, val_loss=val)
+                last_good = step
+                last_time = time.perf_counter()  # evaluation and checkpointing are not step time
+                if stop.requested and step < end:
+                    say(f"stopped by SIGTERM after step {step}; checkpoint saved. Run the same command to resume.")
+                    end = step
+                    break
+            if pending is not None:
+                emit(fetch(*pending))
+    finally:
+        ckpt.close()
+        if metrics_file:
+            metrics_file.close()
+        if bar is not None:
+            bar.close()
+        if wandb_run is not None:
+            wandb_run.finish()
+
+    final = end == tcfg.max_steps
+    if last_val is None:
+        last_val = next((m["val_loss"] for m in reversed(history) if "val_loss" in m), None)
+    sample = None
+    if final and ecfg.sample_tokens > 0 and jax.process_count() == 1:
+        model = nnx.merge(graphdef, convert_layer_layout(jax.device_get(state["params"]), mcfg.scan_layers))
+        prompt = [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode("\n")
+        sample = tokenizer.decode(generate(model, prompt, ecfg.sample_tokens, seed=tcfg.seed))
+    return Run(workdir=workdir, step=end, final=final, last_val_loss=last_val, metrics=history, sample=sample)
+
+
+def _progress(start, total, enabled):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def _wandb_init(cfg, workdir: Path):
+    try:
+        import wandb
+        from dotenv import load_dotenv
+    except ImportError:
+        raise ConfigError("logging.wandb=True needs the wandb extra: pip install 'llmjax[wandb]'") from None
+    load_dotenv(Path.cwd() / ".env")
+    id_file = workdir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    return wandb.init(
+        project=os.environ.get("WANDB_PROJECT_NAME") or cfg.logging.wandb_project,
+        entity=os.environ.get("WANDB_ENTITY") or None,
+        name=workdir.name,
+        id=run_id,
+        resume="allow",
+        dir=str(workdir),
+        config=json.loads(cfg.to_json()),
+    )
+
+
+# --- command line ------------------------------------------------------------------------------
+
+def define_flags():
+    cli.define_config_flag()
+    flags.DEFINE_string("workdir", None, "run directory (default: runs/<config name>[_<variant>])")
+    flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0 (else auto-detected, e.g. SLURM)")
+    flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
+    flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
+
+
+def default_workdir(spec: str) -> str:
+    path, variant = cli.split_spec(spec)
+    return str(Path("runs") / (Path(path).stem + ("" if variant == "default" else f"_{variant}")))
+
+
+def init_distributed():
+    """jax.distributed for multi-process runs: explicit flags, or what a cluster (SLURM, ...) sets."""
+    FLAGS = flags.FLAGS
+    if FLAGS.coordinator_address or FLAGS.num_processes:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU-only runs; GPUs use NCCL
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes, process_id=FLAGS.process_id
+        )
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize()
+
+
+def main(argv):
+    if len(argv) > 1:
+        cli.fail(f"unexpected argument '{argv[1]}'; see --help")
+    FLAGS = flags.FLAGS
+    if FLAGS.config is None:
+        cli.fail("--config is required, e.g. --config configs/shakespeare_char.py")
+    init_distributed()
+    workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
+    try:
+        run = train(FLAGS.config, workdir)
+    except TrainingError as e:
+        cli.fail(str(e), code=1)
+    if jax.process_index() == 0:
+        if run.final:
+            print(f"done: {run.step} steps, final val_loss {run.last_val_loss:.4f} (whole validation split); run in {run.workdir}")
+        if run.sample:
+            print("--- sample ---")
+            print(run.sample)
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)

@@ -1,0 +1,141 @@
+"""Token shards, manifests, the built-in datasets, tokenizers and grain batches."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from llmjax import data as D
+from llmjax import tokenizer as tok
+
+
+def test_shard_round_trip_and_header(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 50257, 1000).astype(np.uint16)
+    entry = D.write_shard(tmp_path / "s.bin", tokens)
+    assert entry["tokens"] == 1000 and D.verify_shard(tmp_path / "s.bin", entry["sha256"])
+    np.testing.assert_array_equal(D.open_shard(tmp_path / "s.bin", 1000), tokens)
+    raw = (tmp_path / "s.bin").read_bytes()
+    assert raw[:8] == b"LLMJAXTK" and len(raw) == 64 + 2000
+    assert [p.name for p in tmp_path.iterdir()] == ["s.bin"]  # no temporary file left behind
+
+
+def test_truncated_foreign_and_mismatched_shards_are_clear_errors(tmp_path):
+    D.write_shard(tmp_path / "s.bin", np.arange(100, dtype=np.uint16))
+    raw = (tmp_path / "s.bin").read_bytes()
+    (tmp_path / "cut.bin").write_bytes(raw[:-10])
+    with pytest.raises(D.DataError, match="truncated or corrupt: header says 100 tokens, file holds 95"):
+        D.open_shard(tmp_path / "cut.bin")
+    (tmp_path / "foreign.bin").write_bytes(b"\x00" * 300)
+    with pytest.raises(D.DataError, match="not an llmjax token shard"):
+        D.open_shard(tmp_path / "foreign.bin")
+    with pytest.raises(D.DataError, match="manifest says 99"):
+        D.open_shard(tmp_path / "s.bin", expected_tokens=99)
+    with pytest.raises(D.DataError, match="missing"):
+        D.open_shard(tmp_path / "nope.bin")
+
+
+def test_manifest_validation(tmp_path):
+    with pytest.raises(D.DataError, match="no manifest.json"):
+        D.TokenDataset.open(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(D.DataError, match="not valid JSON"):
+        D.TokenDataset.open(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(D.DataError, match="not an llmjax token manifest"):
+        D.TokenDataset.open(tmp_path)
+
+
+def test_builtin_datasets_prepare_once_and_decode_back(data_dir):
+    text = (tok.ASSETS / "tinyshakespeare.txt").read_text()
+    cut = int(len(text) * 0.9)
+    char = D.open_dataset("tinyshakespeare_char", "unused")  # LLMJAX_DATA_DIR wins over data.dir
+    assert char.path == data_dir / "tinyshakespeare_char"
+    t = char.tokenizer()
+    assert t.vocab_size == 65
+    assert t.decode(char.split("train")[0]) == text[:cut] and t.decode(char.split("val")[0]) == text[cut:]
+    mtime = (char.path / "manifest.json").stat().st_mtime_ns
+    assert D.open_dataset("tinyshakespeare_char", "unused").manifest == char.manifest
+    assert (char.path / "manifest.json").stat().st_mtime_ns == mtime  # idempotent: nothing rewritten
+    bpe = D.open_dataset("tinyshakespeare", "unused")
+    assert bpe.num_tokens("train") == 301_966 and bpe.num_tokens("val") == 36_059  # nanoGPT's figures
+    assert bpe.tokenizer().decode(bpe.split("val")[0]) == text[cut:]
+
+
+def test_unprepared_dataset_names_the_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMJAX_DATA_DIR", str(tmp_path))
+    with pytest.raises(D.DataError) as err:
+        D.open_dataset("fineweb_edu", "data")
+    assert f"python -m llmjax.prepare fineweb_edu --out {tmp_path / 'fineweb_edu'}" in str(err.value)
+
+
+def test_tokenizers():
+    gpt2 = tok.GPT2Tokenizer()
+    assert gpt2.encode("Hello world") == [15496, 995] and gpt2.decode([15496, 995]) == "Hello world"
+    assert gpt2.eot_id == 50256 and tok.from_description(gpt2.description()).encode("hi") == gpt2.encode("hi")
+    char = tok.CharTokenizer("abc\n")
+    assert char.decode(char.encode("cab\n")) == "cab\n"
+    assert tok.from_description(char.description()).chars == "abc\n"
+    with pytest.raises(tok.TokenizerError, match="'z' is not in this model's 4-character vocabulary"):
+        char.encode("z")
+
+
+def _shards():
+    return [np.arange(0, 500, dtype=np.uint16), np.arange(1000, 1300, dtype=np.uint16)]
+
+
+def test_windows_never_cross_shards_and_cover_every_start():
+    src = D.WindowSource(_shards(), 9)
+    assert len(src) == (500 - 8) + (300 - 8)
+    windows = [src[i] for i in range(len(src))]
+    assert all(np.all(np.diff(w) == 1) for w in windows)  # contiguous: never spans two shards
+    assert {int(w[0]) for w in windows} == set(range(0, 492)) | set(range(1000, 1292))
+
+
+def test_train_batches_deterministic_resumable_and_process_sharded():
+    it = D.train_batches(_shards(), seq_len=8, global_batch=6, seed=3)
+    first = [next(it) for _ in range(5)]
+    again = D.train_batches(_shards(), seq_len=8, global_batch=6, seed=3)
+    for a in first:
+        np.testing.assert_array_equal(a, next(again))
+    state = again.get_state()
+    want = [next(again) for _ in range(3)]
+    resumed = D.train_batches(_shards(), seq_len=8, global_batch=6, seed=3)
+    resumed.set_state(state)
+    for w in want:
+        np.testing.assert_array_equal(next(resumed), w)
+    other = D.train_batches(_shards(), seq_len=8, global_batch=6, seed=4)
+    assert not np.array_equal(next(other), first[0])
+    # Two processes: each gets half the rows; together, the same windows as one process.
+    halves = [D.train_batches(_shards(), seq_len=8, global_batch=6, seed=3, process_index=p, process_count=2) for p in (0, 1)]
+    for step in range(5):
+        parts = [next(h) for h in halves]
+        assert parts[0].shape == (3, 9)
+        assert sorted(map(tuple, np.concatenate(parts).tolist())) == sorted(map(tuple, first[step].tolist()))
+
+
+def test_sequential_windows_score_every_token_once():
+    shards = _shards()
+    seen = []
+    for toks, mask in D.sequential_windows(shards, seq_len=7, batch=4):
+        assert toks.shape == (4, 8) and mask.shape == (4, 7)
+        for row, m in zip(toks, mask):
+            seen += [int(t) for t, keep in zip(row[1:], m) if keep]
+    want = [int(t) for s in shards for t in s[1:]]
+    assert seen == want
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    target = tmp_path / "f.json"
+    D.atomic_write_json(target, {"a": 1})
+
+    def broken():
+        yield b"partial"
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        D.atomic_write_bytes(target, broken())
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert os.listdir(tmp_path) == ["f.json"]

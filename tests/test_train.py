@@ -1,0 +1,229 @@
+"""The trainer: loss falls for every architecture, exact resume, sharding, processes, signals and the
+one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import llmjax
+import llmjax.models  # noqa: F401
+from conftest import ROOT
+from jax.sharding import PartitionSpec as P
+from llmjax.config import ConfigError
+from llmjax.train import TrainingError, train
+
+TINY = {
+    "train.max_steps": 12,
+    "train.batch_size": 8,
+    "train.lr": 3e-3,
+    "train.min_lr": 3e-4,
+    "train.warmup_steps": 2,
+    "train.checkpoint_every_steps": 5,
+    "eval.every_steps": 4,
+    "eval.num_batches": 2,
+    "eval.sample_tokens": 0,
+    "logging.progress_bar": False,
+    "model.context_len": 32,
+}
+
+
+def cfg(arch="vanilla", **overrides):
+    over = dict(TINY)
+    over.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return llmjax.load_config(f"{ROOT}/configs/{arch}.py:tiny", over)
+
+
+def losses(run_or_dir, key="train_loss"):
+    if hasattr(run_or_dir, "metrics"):
+        rows = run_or_dir.metrics
+    else:
+        rows = [json.loads(line) for line in (run_or_dir / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: m[key] for m in rows if key in m}
+
+
+@pytest.mark.parametrize("arch", sorted(llmjax.ARCHS))
+def test_loss_falls_for_every_architecture(arch, tmp_path):
+    run = train(cfg(arch, train__max_steps=40, eval__every_steps=0), tmp_path / "run", quiet=True)
+    tl = losses(run)
+    assert sorted(tl) == list(range(1, 41))
+    first, last = np.mean([tl[s] for s in (1, 2, 3)]), np.mean([tl[s] for s in (38, 39, 40)])
+    assert first > 3.9 and last < first - 0.8, (first, last)
+    assert run.final and run.last_val_loss is not None and run.last_val_loss < first - 0.6
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"config.json", "tokenizer.json", "metrics.jsonl", "checkpoints"} <= files
+    assert json.loads((tmp_path / "run" / "tokenizer.json").read_text())["kind"] == "char"
+
+
+@pytest.mark.parametrize(
+    "arch,opts",
+    [("vanilla", {"train__grad_accum_steps": 2}), ("mla", {"model__scan_layers": False})],
+    ids=["vanilla-accum2", "mla-unrolled"],
+)
+def test_exact_resume_is_bit_identical(arch, opts, tmp_path):
+    """A 12-step run, and the same command stopped at step 6 then run again on the same workdir,
+    give bit-identical losses for every step (and identical validation losses)."""
+    full = train(cfg(arch, **opts), tmp_path / "full", quiet=True)
+    first = train(cfg(arch, train__stop_at_step=6, **opts), tmp_path / "split", quiet=True)
+    assert first.step == 6 and not first.final
+    second = train(cfg(arch, **opts), tmp_path / "split", quiet=True)
+    assert second.final and second.step == 12
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "split")
+    assert sorted(b) == list(range(1, 13))
+    assert a == b  # bit-identical floats
+    assert losses(tmp_path / "full", "val_loss") == losses(tmp_path / "split", "val_loss")
+    assert full.metrics[-1]["lr"] == second.metrics[-1]["lr"]
+
+
+def test_resume_onto_another_device_count_and_layout(tmp_path):
+    """Stop on one device; resume on 8 fake devices with FSDP and the other layer layout."""
+    full = losses(train(cfg("modern"), tmp_path / "full", devices=jax.devices()[:1], quiet=True))
+    train(cfg("modern", train__stop_at_step=6), tmp_path / "split", devices=jax.devices()[:1], quiet=True)
+    resumed = train(
+        cfg("modern", model__scan_layers=False, **{"train.mesh.data": 2, "train.mesh.fsdp": 4}),
+        tmp_path / "split",
+        devices=jax.devices()[:8],
+        quiet=True,
+    )
+    assert resumed.step == 12
+    got = losses(tmp_path / "split")
+    np.testing.assert_allclose([got[s] for s in range(1, 13)], [full[s] for s in range(1, 13)], rtol=2e-5)
+
+
+def test_eight_fsdp_devices_match_one(tmp_path):
+    one = losses(train(cfg("gqa"), tmp_path / "one", devices=jax.devices()[:1], quiet=True))
+    eight = losses(
+        train(cfg("gqa", **{"train.mesh.data": 2, "train.mesh.fsdp": 4}), tmp_path / "eight", devices=jax.devices()[:8], quiet=True)
+    )
+    np.testing.assert_allclose([eight[s] for s in range(1, 13)], [one[s] for s in range(1, 13)], rtol=2e-5)
+
+
+def test_fsdp_shards_parameters_along_embed():
+    from llmjax.sharding import make_mesh, param_shardings
+
+    mesh = make_mesh({"data": 2, "fsdp": 4}, jax.devices()[:8])
+    m = llmjax.build_model(cfg("vanilla"))
+    from flax import nnx
+
+    sh = param_shardings(nnx.to_pure_dict(nnx.state(m, nnx.Param)), mesh)
+    assert sh["embed"]["embedding"].spec == P(None, "fsdp")
+    assert sh["blocks"]["layers"]["attn"]["q_proj"]["kernel"].spec == P(None, "fsdp", None)
+    assert sh["blocks"]["layers"]["mlp"]["proj"]["kernel"].spec == P(None, None, "fsdp")
+    assert sh["blocks"]["layers"]["attn"]["q_proj"]["bias"].spec == P(None, None)
+    with pytest.raises(ConfigError, match="needs 6 devices, there are 8"):
+        make_mesh({"data": 3, "fsdp": 2}, jax.devices()[:8])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def _train_cmd(workdir, *extra):
+    args = [sys.executable, "-m", "llmjax.train", "--config", "configs/vanilla.py:tiny", "--workdir", str(workdir)]
+    args += [f"--config.{k}={v}" for k, v in TINY.items()]
+    return args + list(extra)
+
+
+def test_two_processes_train_together(tmp_path):
+    """jax.distributed on localhost: 2 processes x 2 CPU devices match one process on 4 devices."""
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            _train_cmd(tmp_path / "multi", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    single = losses(train(cfg("vanilla"), tmp_path / "single", devices=jax.devices()[:4], quiet=True))
+    multi = losses(tmp_path / "multi")
+    np.testing.assert_allclose([multi[s] for s in range(1, 13)], [single[s] for s in range(1, 13)], rtol=2e-5)
+
+
+def test_sigterm_leaves_a_checkpoint_to_resume_from(tmp_path):
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(
+        _train_cmd(workdir, "--config.train.max_steps=100000", "--config.train.checkpoint_every_steps=100000"),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 5):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out
+    assert "stopped by SIGTERM after step" in out
+    stopped = max(losses(workdir))
+    assert (workdir / "checkpoints" / str(stopped)).is_dir()
+    run = train(cfg("vanilla", train__max_steps=100000, train__stop_at_step=stopped + 3), workdir, quiet=True)
+    assert run.step == stopped + 3 and sorted(losses(workdir)) == list(range(1, stopped + 4))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    bad = cfg("vanilla", train__lr=1e30, train__warmup_steps=5, train__checkpoint_every_steps=1, eval__every_steps=0)
+    with pytest.raises(TrainingError, match=r"non-finite at step 2 .*The last good checkpoint is step 1 in "):
+        train(bad, tmp_path / "run", quiet=True)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+
+
+def test_resuming_with_a_different_model_is_refused(tmp_path):
+    train(cfg("vanilla", train__stop_at_step=2), tmp_path / "run", quiet=True)
+    with pytest.raises(ConfigError, match=r"different model config: model.d_ff \(256 -> 128\); model.n_layer \(2 -> 3\)"):
+        train(cfg("vanilla", model__n_layer=3, model__d_ff=128), tmp_path / "run", quiet=True)
+
+
+def test_vocab_mismatch_and_missing_dataset_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match="set --config.model.vocab_size=65"):
+        train(cfg("vanilla", model__vocab_size=60), tmp_path / "a", quiet=True)
+    with pytest.raises(ConfigError, match="python -m llmjax.prepare fineweb_edu"):
+        train(cfg("vanilla", data__dataset="fineweb_edu"), tmp_path / "b", quiet=True)
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    proc = subprocess.run(
+        _train_cmd(tmp_path / "run", "--config.data.dataset=tinystories"), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: dataset 'tinystories' is not prepared"), proc.stderr
+    assert "python -m llmjax.prepare tinystories" in lines[0]
+
+
+def test_wandb_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)
+    run = train(cfg("vanilla", logging__wandb=True, train__max_steps=4), tmp_path / "run", quiet=True)
+    assert run.final
+    offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert offline, list((tmp_path / "run").rglob("*"))[:20]
