@@ -2,7 +2,8 @@
 
     python -m llmjax.train --config configs/shakespeare_char.py
 
-GPT-2 architecture (`vanilla`) with 4 layers, 4 heads, d_model 128, context 64, no dropout; batch 12,
+GPT-2 architecture (`vanilla`) with 4 layers, 4 heads, d_model 128, context 64, no biases (nanoGPT's
+default), no dropout; batch 12,
 2000 steps, AdamW lr 1e-3 (beta2 0.99, weight decay 0.1), 100 warm-up steps then cosine to 1e-4;
 validation every 250 steps over 20 batches, and over the whole validation split at the last step.
 """
@@ -12,7 +13,7 @@ from llmjax.config import make_config
 # fmt: off
 MODELS = dict(
     default=dict(arch="vanilla", vocab_size=65, padded_vocab_size=128, context_len=64,
-                 n_layer=4, n_head=4, head_dim=32, d_model=128, d_ff=512,
+                 n_layer=4, n_head=4, head_dim=32, d_model=128, d_ff=512, bias=False,
                  dtype="float32", attention_impl="auto", scan_layers=False, remat="none",
                  init_std=0.02, norm_eps=1e-5),
 )

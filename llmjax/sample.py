@@ -45,18 +45,18 @@ def _generate(model, prompt_1T, key, max_new_tokens: int, temperature: float, to
 
 def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.8, top_k: int | None = 200, seed: int = 0) -> list[int]:
     """`max_new_tokens` tokens after `prompt_ids` (at least one token). Past the context length it
-    slides: each chunk of up to half a context is decoded after re-prefilling the last tokens."""
+    slides: each chunk of half a context is decoded after re-prefilling the last tokens. Chunks all
+    have one size (the last is cut), so at most two shapes are compiled."""
     context = model.cfg.context_len
+    chunk = max(context // 2, 1)
     if top_k is not None:
         top_k = min(top_k, model.cfg.vocab_size)
     key = jax.random.key(seed)
     tokens, out = list(prompt_ids), []
     while len(out) < max_new_tokens:
-        n = min(max_new_tokens - len(out), max(context // 2, 1))
-        prompt = tokens[-(context - n) :]
+        prompt = tokens[-(context - chunk) :]
         key, sub = jax.random.split(key)
-        new = _generate(model, jnp.asarray([prompt], jnp.int32), sub, n, float(temperature), top_k)
-        new = [int(t) for t in new]
+        new = [int(t) for t in _generate(model, jnp.asarray([prompt], jnp.int32), sub, chunk, float(temperature), top_k)]
         tokens += new
         out += new
-    return out
+    return out[:max_new_tokens]

@@ -35,7 +35,7 @@ RULES = {
 # kernel (d_in, d_out) of each projection, by module name
 KERNEL_AXES = {
     "q_proj": ("embed", "heads"),
-    "kv_proj": ("embed", "heads"),
+    "qkv_proj": ("embed", "heads"),
     "o_proj": ("heads", "embed"),
     "fc": ("embed", "mlp"),
     "proj": ("mlp", "embed"),

@@ -46,6 +46,7 @@ from llmjax.config import ConfigError, model_config, validate
 from llmjax.loss import cross_entropy
 from llmjax.models.layers import convert_layer_layout
 from llmjax.registry import build_model
+from llmjax.runtime import enable_compilation_cache, tune_host_allocator
 from llmjax.sample import generate
 from llmjax.sharding import batch_sharding, make_mesh, param_shardings, state_shardings
 from llmjax.summary import summarize
@@ -142,6 +143,8 @@ def threading_main() -> bool:
 
 def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False) -> Run:
     """Train (or resume) the run described by `cfg` in `workdir`. `devices` defaults to all."""
+    if jax.default_backend() == "cpu":
+        tune_host_allocator()
     validate(cfg)
     mcfg = model_config(cfg)
     tcfg, ecfg = cfg.train, cfg.eval
@@ -481,6 +484,7 @@ def main(argv):
     if FLAGS.config is None:
         cli.fail("--config is required, e.g. --config configs/shakespeare_char.py")
     init_distributed()
+    enable_compilation_cache()
     workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
     try:
         run = train(FLAGS.config, workdir)

@@ -49,9 +49,8 @@ def grouped_attention(x, p, *, n_head, n_kv_head, head_dim, rope_base=None):
     """One sequence (T, D) through GQA: query head h uses key/value head h // (n_head / n_kv_head)."""
     x = np.asarray(x, np.float64)
     T = x.shape[0]
-    q = linear(x, p["q_proj"]).reshape(T, n_head, head_dim)
-    kv = linear(x, p["kv_proj"]).reshape(T, 2 * n_kv_head, head_dim)
-    k, v = kv[:, :n_kv_head], kv[:, n_kv_head:]
+    qkv = linear(x, p["qkv_proj"]).reshape(T, n_head + 2 * n_kv_head, head_dim)
+    q, k, v = qkv[:, :n_head], qkv[:, n_head : n_head + n_kv_head], qkv[:, n_head + n_kv_head :]
     if rope_base is not None:
         q, k = rope(q, range(T), rope_base), rope(k, range(T), rope_base)
     group = n_head // n_kv_head

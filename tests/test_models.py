@@ -24,7 +24,7 @@ ARCHS = sorted(llmjax.ARCHS)
 # Config options that change the computation, per architecture (on top of the tiny variant).
 COMMON = [{}, {"scan_layers": False}, {"remat": "full"}, {"remat": "dots", "scan_layers": False}]
 OPTIONS = {
-    "vanilla": COMMON,
+    "vanilla": COMMON + [{"bias": False}],
     "gqa": COMMON + [{"n_kv_head": 1}, {"n_kv_head": 4}],
     "modern": COMMON + [{"n_kv_head": 2}, {"n_kv_head": 1, "scan_layers": False}],
     "mla": COMMON + [{"q_lora_rank": 24}, {"v_head_dim": 32}, {"qk_rope_dim": 16, "scan_layers": False}],
@@ -222,10 +222,11 @@ def test_scanned_and_unrolled_layers_agree(arch):
 
 
 def _vanilla(c, n_kv):
-    D, L, hd, F = c.d_model, c.n_layer, c.head_dim, c.d_ff
-    attn = D * c.n_head * hd + c.n_head * hd + 2 * (D * n_kv * hd + n_kv * hd) + c.n_head * hd * D + D
-    mlp = D * F + F + F * D + D
-    return c.padded_vocab_size * D + c.context_len * D + L * (attn + mlp + 4 * D) + 2 * D
+    D, L, hd, F, b = c.d_model, c.n_layer, c.head_dim, c.d_ff, int(c.bias)
+    attn = D * c.n_head * hd + b * c.n_head * hd + 2 * (D * n_kv * hd + b * n_kv * hd) + c.n_head * hd * D + b * D
+    mlp = D * F + b * F + F * D + b * D
+    norms = (1 + b) * D
+    return c.padded_vocab_size * D + c.context_len * D + L * (attn + mlp + 2 * norms) + norms
 
 
 def _modern(c):
@@ -251,10 +252,12 @@ EXACT_PARAMS = {
 }
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("variant", ["default", "tiny"])
-def test_parameter_count_is_exact(arch, variant):
-    cfg = llmjax.model_config(config(arch, variant))
+COUNT_CASES = [(a, v, {}) for a in ARCHS for v in ("default", "tiny")] + [(a, "tiny", {"bias": False}) for a in ("vanilla", "gqa")]
+
+
+@pytest.mark.parametrize("arch,variant,opts", COUNT_CASES, ids=lambda x: str(x) if not isinstance(x, dict) else "-".join(x))
+def test_parameter_count_is_exact(arch, variant, opts):
+    cfg = llmjax.model_config(config(arch, variant, **opts))
     abstract = nnx.eval_shape(lambda: llmjax.build_model(cfg))
     count = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
     assert count == EXACT_PARAMS[arch](cfg)

@@ -116,9 +116,9 @@ def test_fsdp_shards_parameters_along_embed():
 
     sh = param_shardings(nnx.to_pure_dict(nnx.state(m, nnx.Param)), mesh)
     assert sh["embed"]["embedding"].spec == P(None, "fsdp")
-    assert sh["blocks"]["layers"]["attn"]["q_proj"]["kernel"].spec == P(None, "fsdp", None)
+    assert sh["blocks"]["layers"]["attn"]["qkv_proj"]["kernel"].spec == P(None, "fsdp", None)
     assert sh["blocks"]["layers"]["mlp"]["proj"]["kernel"].spec == P(None, None, "fsdp")
-    assert sh["blocks"]["layers"]["attn"]["q_proj"]["bias"].spec == P(None, None)
+    assert sh["blocks"]["layers"]["attn"]["qkv_proj"]["bias"].spec == P(None, None)
     with pytest.raises(ConfigError, match="needs 6 devices, there are 8"):
         make_mesh({"data": 3, "fsdp": 2}, jax.devices()[:8])
 

@@ -79,14 +79,14 @@ class Attention(nnx.Module):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, n_kv_head, head_dim
         self.rope_base = rope_base
         self.impl = cfg.attention_impl
-        self.q_proj = dense(cfg, cfg.d_model, cfg.n_head * head_dim, bias=bias, rngs=rngs)
-        self.kv_proj = dense(cfg, cfg.d_model, 2 * n_kv_head * head_dim, bias=bias, rngs=rngs)
+        # One fused projection for queries, keys and values: (D, (H + 2K) * hd).
+        self.qkv_proj = dense(cfg, cfg.d_model, (cfg.n_head + 2 * n_kv_head) * head_dim, bias=bias, rngs=rngs)
         self.o_proj = dense(cfg, cfg.n_head * head_dim, cfg.d_model, bias=bias, std=residual_std(cfg), rngs=rngs)
 
     def __call__(self, x_BTD, positions_BT, cache):
         B, T, _ = x_BTD.shape
-        q = self.q_proj(x_BTD).reshape(B, T, self.n_head, self.head_dim)  # (B, T, H, hd)
-        k, v = jnp.split(self.kv_proj(x_BTD).reshape(B, T, 2 * self.n_kv_head, self.head_dim), 2, axis=2)  # (B, T, K, hd)
+        qkv = self.qkv_proj(x_BTD).reshape(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
+        q, k, v = jnp.split(qkv, [self.n_head, self.n_head + self.n_kv_head], axis=2)  # (B, T, H|K|K, hd)
         if self.rope_base is not None:
             q = apply_rope(q, positions_BT, self.rope_base)
             k = apply_rope(k, positions_BT, self.rope_base)

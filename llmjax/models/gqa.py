@@ -11,8 +11,8 @@ import dataclasses
 from flax import nnx
 
 from llmjax.models.attention import check_kv_heads
-from llmjax.models.layers import DecoderLM, layer_norm
-from llmjax.models.vanilla import VanillaConfig, block
+from llmjax.models.layers import DecoderLM
+from llmjax.models.vanilla import VanillaConfig, block, final_norm
 from llmjax.registry import register
 
 
@@ -31,5 +31,5 @@ class GQA(DecoderLM):
 
     def __init__(self, cfg: GQAConfig, *, rngs: nnx.Rngs):
         super().__init__(
-            cfg, make_block=lambda r: block(cfg, cfg.n_kv_head, r), final_norm=layer_norm, learned_positions=True, rngs=rngs
+            cfg, make_block=lambda r: block(cfg, cfg.n_kv_head, r), final_norm=final_norm, learned_positions=True, rngs=rngs
         )

@@ -45,8 +45,8 @@ def dense(cfg: ModelConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs, bias: bool
     )
 
 
-def layer_norm(cfg: ModelConfig, d: int, *, rngs: nnx.Rngs):
-    return nnx.LayerNorm(d, epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=jnp.float32, rngs=rngs)
+def layer_norm(cfg: ModelConfig, d: int, *, rngs: nnx.Rngs, bias: bool = True):
+    return nnx.LayerNorm(d, epsilon=cfg.norm_eps, use_bias=bias, dtype=cfg.compute_dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
 def rms_norm(cfg: ModelConfig, d: int, *, rngs: nnx.Rngs):
@@ -54,11 +54,11 @@ def rms_norm(cfg: ModelConfig, d: int, *, rngs: nnx.Rngs):
 
 
 class MLP(nnx.Module):
-    """GPT-2's feed-forward block: Linear(D, F) -> tanh-GELU -> Linear(F, D), with biases."""
+    """GPT-2's feed-forward block: Linear(D, F) -> tanh-GELU -> Linear(F, D), with biases by default."""
 
-    def __init__(self, cfg: ModelConfig, d_ff: int, *, rngs: nnx.Rngs):
-        self.fc = dense(cfg, cfg.d_model, d_ff, bias=True, rngs=rngs)
-        self.proj = dense(cfg, d_ff, cfg.d_model, bias=True, std=residual_std(cfg), rngs=rngs)
+    def __init__(self, cfg: ModelConfig, d_ff: int, *, rngs: nnx.Rngs, bias: bool = True):
+        self.fc = dense(cfg, cfg.d_model, d_ff, bias=bias, rngs=rngs)
+        self.proj = dense(cfg, d_ff, cfg.d_model, bias=bias, std=residual_std(cfg), rngs=rngs)
 
     def __call__(self, x_BTD):
         return self.proj(jax.nn.gelu(self.fc(x_BTD), approximate=True))

@@ -1,0 +1,58 @@
+"""Process-level settings that make the CPU backend fast.
+
+XLA's CPU runtime allocates and frees tens of megabytes of temporaries on every step (a 48.5 MB
+block on the CPU quickstart). glibc's malloc serves blocks that large with a fresh mmap and unmaps
+them on free, and trims heap tops eagerly, so every step faults the same pages in again: on the CPU
+quickstart (baby GPT, 2 cores) 6,000-13,000 page faults per step and about half the step time in
+the kernel (measured with strace and getrusage). Serving every block from the heap and keeping
+freed memory in the process removes that: 65 faults per step, about 20 ms/step instead of 26-37.
+The cost is that the process's resident memory stays at its peak, which a training process reaches
+anyway; the trainer applies it only when JAX runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
+_done = False
+
+
+def tune_host_allocator() -> bool:
+    """Ask glibc malloc to keep freed memory (no-op elsewhere, or with LLMJAX_NO_MALLOC_TUNING=1).
+    Returns whether the settings were applied."""
+    global _done
+    if _done:
+        return True
+    if sys.platform != "linux" or os.environ.get("LLMJAX_NO_MALLOC_TUNING"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = all(
+            libc.mallopt(param, value)
+            for param, value in (
+                (_M_MMAP_MAX, 0),  # no block gets its own mmap: all come from the heap
+                (_M_MMAP_THRESHOLD, 32 << 20),  # (and should mmap be re-enabled, blocks below 32 MiB still do)
+                (_M_TRIM_THRESHOLD, 1 << 30),  # do not give the heap's top back to the kernel
+                (_M_TOP_PAD, 64 << 20),  # grow heaps in large steps
+            )
+        )
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+    _done = ok
+    return ok
+
+
+def enable_compilation_cache() -> str | None:
+    """JAX's persistent compilation cache for the command-line tools, so a second run skips most
+    compiles. The folder is $LLMJAX_COMPILATION_CACHE (empty: off), default ~/.cache/llmjax/jax."""
+    import jax
+
+    path = os.environ.get("LLMJAX_COMPILATION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "llmjax", "jax"))
+    if not path:
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path
