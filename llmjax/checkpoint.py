@@ -31,7 +31,12 @@ class Checkpointer:
             ]
         )
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=policy, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True
+            preservation_policy=policy,
+            best_fn=lambda m: m["val_loss"],  # for best_step()
+            best_mode="min",
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
 

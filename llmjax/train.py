@@ -332,23 +332,29 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
     last_good = start
     last_val = None
     last_time = time.perf_counter()
+    metrics_block = max(1, min(tcfg.log_every_steps, 50))
 
-    def fetch(step: int, m: dict) -> dict:
-        """Host copy of one step's metrics (blocks until the step is done), its wall time, NaN guard."""
+    def fetch(block: list[tuple[int, dict]]) -> list[dict]:
+        """Host copies of some steps' metrics (one transfer; blocks until they are done), their
+        average wall time per step, and the NaN guard."""
         nonlocal last_time
-        host = {k: float(v) for k, v in jax.device_get(m).items()}
+        hosts = jax.device_get([m for _, m in block])
         now = time.perf_counter()
-        dt, last_time = now - last_time, now
-        if not all(math.isfinite(host[k]) for k in ("train_loss", "grad_norm", "update_norm")):
-            raise TrainingError(
-                f"loss became non-finite at step {step} (train_loss={host['train_loss']}, grad_norm={host['grad_norm']}); stopped. "
-                + (f"The last good checkpoint is step {last_good} in {workdir / 'checkpoints'}" if last_good else "No checkpoint was written")
-            )
-        line = {"step": step, "train_loss": host["train_loss"], "lr": host["lr"], "grad_norm": host["grad_norm"],
-                "tokens_per_sec": tokens_per_step / dt, "step_time": dt,
-                "mfu": summary["flops_per_token"] * tokens_per_step / dt / (peak * n_dev) if peak else None}
-        line.update({k: v for k, v in host.items() if k.startswith("aux_")})
-        return line
+        dt, last_time = (now - last_time) / len(block), now
+        lines = []
+        for (step, _), host in zip(block, hosts):
+            host = {k: float(v) for k, v in host.items()}
+            if not all(math.isfinite(host[k]) for k in ("train_loss", "grad_norm", "update_norm")):
+                raise TrainingError(
+                    f"loss became non-finite at step {step} (train_loss={host['train_loss']}, grad_norm={host['grad_norm']}); stopped. "
+                    + (f"The last good checkpoint is step {last_good} in {workdir / 'checkpoints'}" if last_good else "No checkpoint was written")
+                )
+            line = {"step": step, "train_loss": host["train_loss"], "lr": host["lr"], "grad_norm": host["grad_norm"],
+                    "tokens_per_sec": tokens_per_step / dt, "step_time": dt,
+                    "mfu": summary["flops_per_token"] * tokens_per_step / dt / (peak * n_dev) if peak else None}
+            line.update({k: v for k, v in host.items() if k.startswith("aux_")})
+            lines.append(line)
+        return lines
 
     def emit(line: dict, val_loss: float | None = None) -> None:
         step = line["step"]
@@ -371,25 +377,31 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
         if wandb_run is not None and (step % tcfg.log_every_steps == 0 or val_loss is not None):
             wandb_run.log({k: v for k, v in line.items() if v is not None and k != "step"}, step=step)
 
-    pending = None
+    pending: list[tuple[int, dict]] = []  # dispatched steps whose metrics are not read yet
     try:
         with _Stop() as stop:
             for step in range(start + 1, end + 1):
                 local = next(train_it).reshape(accum, micro // pc, T + 1)
                 batch = to_global(local, tok_shard, (accum, micro, T + 1))
                 state, m = step_fn(state, batch)
-                if pending is not None:
-                    emit(fetch(*pending))
-                    pending = None
                 is_last = step == tcfg.max_steps
                 do_eval = is_last or (ecfg.every_steps > 0 and step % ecfg.every_steps == 0)
                 do_ckpt = do_eval or step == end or stop.requested or (step % tcfg.checkpoint_every_steps == 0)
                 if not (do_eval or do_ckpt):
-                    pending = (step, m)
+                    # Read metrics in blocks, a block behind: the host never waits for the step it
+                    # just dispatched, and syncs once per block rather than once per step.
+                    pending.append((step, m))
+                    if len(pending) >= 2 * metrics_block:
+                        for line in fetch(pending[:metrics_block]):
+                            emit(line)
+                        del pending[:metrics_block]
                     continue
-                line = fetch(step, m)
+                lines = fetch(pending + [(step, m)])
+                pending = []
+                for line in lines[:-1]:
+                    emit(line)
                 val = evaluate(state["params"], whole_split=is_last) if do_eval else None
-                emit(line, val)
+                emit(lines[-1], val)
                 if val is not None:
                     last_val = val
                 ckpt.save(step, state, train_it, {"step": step, "val_loss": val}, val_loss=val)
@@ -399,8 +411,9 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
                     say(f"stopped by SIGTERM after step {step}; checkpoint saved. Run the same command to resume.")
                     end = step
                     break
-            if pending is not None:
-                emit(fetch(*pending))
+            if pending:
+                for line in fetch(pending):
+                    emit(line)
     finally:
         ckpt.close()
         if metrics_file:

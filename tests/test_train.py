@@ -227,3 +227,23 @@ def test_wandb_offline(tmp_path, monkeypatch):
     assert run.final
     offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert offline, list((tmp_path / "run").rglob("*"))[:20]
+
+
+def test_checkpoints_keep_the_last_k_plus_the_best(tmp_path):
+    import grain
+
+    from llmjax.checkpoint import Checkpointer
+
+    it = iter(grain.MapDataset.range(100).to_iter_dataset())
+    ckpt = Checkpointer(tmp_path / "ckpt", keep=2)
+    state = {"w": np.zeros(3, np.float32)}
+    for step, val in zip(range(1, 7), [3.0, 1.0, None, 4.0, None, 5.0]):
+        state = {"w": np.full(3, step, np.float32)}
+        ckpt.save(step, state, it, {"step": step}, val_loss=val)
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 5, 6]  # the best (val 1.0) and the last two
+    assert ckpt.best_step() == 2
+    restored, meta = ckpt.restore(2, {"w": jax.ShapeDtypeStruct((3,), np.float32)})
+    np.testing.assert_array_equal(restored["w"], np.full(3, 2, np.float32))
+    assert meta == {"step": 2}
+    ckpt.close()
