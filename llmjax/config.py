@@ -48,11 +48,10 @@ class ModelConfig:
     vocab_size: int  # tokenizer's vocabulary (50257 for GPT-2 BPE)
     padded_vocab_size: int  # rows allocated in the embedding (50304 = a multiple of 64)
     n_layer: int
-    n_head: int
     d_model: int
     context_len: int  # longest sequence the model is trained on / can decode to
     dtype: str  # compute dtype: float32 | bfloat16 | float16 (parameters are always float32)
-    attention_impl: str  # auto | cudnn | xla
+    attention_impl: str  # auto | cudnn | xla (architectures with attention)
     scan_layers: bool  # True: one scanned layer (fast compile); False: unrolled Python loop
     remat: str  # none | full | dots | dots_no_batch (jax.checkpoint policies)
     init_std: float  # N(0, init_std) for weights; residual projections get init_std/sqrt(2*n_layer)
@@ -64,7 +63,7 @@ class ModelConfig:
                 f"model.padded_vocab_size={self.padded_vocab_size} is smaller than "
                 f"model.vocab_size={self.vocab_size}; set it to vocab_size rounded up to a multiple of 64"
             )
-        for name in ("vocab_size", "n_layer", "n_head", "d_model", "context_len"):
+        for name in ("vocab_size", "n_layer", "d_model", "context_len"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.dtype not in DTYPES:

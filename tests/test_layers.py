@@ -98,6 +98,10 @@ def test_write_cache_writes_each_row_at_its_own_position():
     out = write_cache(buf, new, jnp.array([[0, 1, 2], [4, 5, 6]]))
     np.testing.assert_array_equal(out[0, :, 0], [1, 1, 1, 0, 0, 0, 0, 0])
     np.testing.assert_array_equal(out[1, :, 0], [0, 0, 0, 0, 2, 2, 2, 0])
+    # padding (-1) and positions past the buffer write nothing; nothing else moves
+    out = write_cache(out, new * 5, jnp.array([[3, -1, -1], [7, 8, -1]]))
+    np.testing.assert_array_equal(out[0, :, 0], [1, 1, 1, 5, 0, 0, 0, 0])
+    np.testing.assert_array_equal(out[1, :, 0], [0, 0, 0, 0, 2, 2, 2, 10])
 
 
 def test_attention_kernel_switch():

@@ -39,8 +39,9 @@ def causal_attention(q_BTHd, k_BSKd, v_BSKd, *, impl: str, scale: float | None =
 
 
 def visible_mask(positions_BT, max_len: int):
-    """(B, 1, T, S) True where cached position s may be seen by the query at positions[b, t]."""
-    return (jnp.arange(max_len)[None, None, :] <= positions_BT[:, :, None])[:, None]
+    """(B, 1, T, S) True where cached position s may be seen by the query at positions[b, t].
+    A padding query (position < 0) sees slot 0 only, so its (unused) output stays finite."""
+    return (jnp.arange(max_len)[None, None, :] <= jnp.maximum(positions_BT, 0)[:, :, None])[:, None]
 
 
 def cached_attention(q_BTHd, k_BSKd, v_BSKd, positions_BT, *, scale: float | None = None):
@@ -53,14 +54,11 @@ def cached_attention(q_BTHd, k_BSKd, v_BSKd, positions_BT, *, scale: float | Non
 
 
 def write_cache(buf_BS, new_BT, positions_BT):
-    """Write each row's T new entries into its cache buffer starting at that row's first position.
-    Positions must be contiguous within a row and end below the buffer's length (dynamic_update_slice
-    would otherwise clamp the start)."""
-
-    def one(buf, new, start):
-        return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (start,) + (0,) * (buf.ndim - 1))
-
-    return jax.vmap(one)(buf_BS, new_BT, positions_BT[:, 0])
+    """Write each token's entry into its row's cache buffer at the token's position. Padding tokens
+    (position < 0) and positions past the buffer write nothing."""
+    B, S = buf_BS.shape[:2]
+    slots = jnp.where(positions_BT >= 0, positions_BT, S)  # S is out of range: dropped
+    return buf_BS.at[jnp.arange(B)[:, None], slots].set(new_BT.astype(buf_BS.dtype), mode="drop")
 
 
 def check_kv_heads(cfg) -> None:

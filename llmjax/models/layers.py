@@ -121,14 +121,15 @@ def mask_padded_vocab(logits, vocab_size: int):
 
 
 class PositionEmbedding(nnx.Module):
-    """GPT-2's learned absolute positions. A position >= context_len gives NaN (jnp.take's fill)."""
+    """GPT-2's learned absolute positions. A position >= context_len gives NaN (jnp.take's fill);
+    padding (position < 0) reads position 0."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.dtype = cfg.compute_dtype
         self.embedding = nnx.Param(normal(cfg.init_std)(rngs.params(), (cfg.context_len, cfg.d_model), jnp.float32))
 
     def __call__(self, positions_BT):
-        return jnp.take(self.embedding[...], positions_BT, axis=0).astype(self.dtype)
+        return jnp.take(self.embedding[...], jnp.maximum(positions_BT, 0), axis=0).astype(self.dtype)
 
 
 _REMAT = {
@@ -224,9 +225,10 @@ class DecoderLM(nnx.Module):
     - Without a cache the call is a causal forward over the T tokens. With a cache (from
       `init_cache`), the tokens' decode state is written at their positions, and each token attends
       to every cached position <= its own: prefill with the prompt, then feed one token per step.
-      Positions must be contiguous within a row and below `max_len`; writing at a position
-      overwrites what was there, so right-padded prompts are safe (the padding is overwritten
-      before any later token could see it).
+      Positions must be below `max_len`. A token at a negative position is padding: it leaves the
+      decode state unchanged (its logits are meaningless), so prompts of different lengths are
+      prefilled together right-padded with position -1 (recurrent states cannot be rewound, so
+      padding must be marked rather than overwritten later).
     - `aux`: a dict of auxiliary losses (empty for dense models; the MoE router's later), which the
       trainer adds with configured weights.
 
@@ -256,7 +258,7 @@ class DecoderLM(nnx.Module):
 
     def init_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> Cache:
         """Zeroed decode state for `batch_size` sequences of up to `max_len` (default context_len)
-        tokens, in `dtype` (default the compute dtype)."""
+        tokens, in `dtype` (default the compute dtype; a recurrent state may stay float32)."""
         max_len = self.cfg.context_len if max_len is None else max_len
         return self.blocks.init_cache(batch_size, max_len, dtype or self.cfg.compute_dtype)
 

@@ -32,6 +32,7 @@ from llmjax.registry import register
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MLAConfig(ModelConfig):
+    n_head: int
     d_ff: int
     rope_base: float
     kv_lora_rank: int  # r: width of the cached latent

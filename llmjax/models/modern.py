@@ -21,6 +21,7 @@ from llmjax.registry import register
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModernConfig(ModelConfig):
+    n_head: int
     head_dim: int
     n_kv_head: int
     d_ff: int  # SwiGLU hidden width

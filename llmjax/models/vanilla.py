@@ -21,6 +21,7 @@ from llmjax.registry import register
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class VanillaConfig(ModelConfig):
+    n_head: int
     head_dim: int  # n_head * head_dim is the attention width (d_model for GPT-2)
     d_ff: int  # MLP hidden width (4 * d_model for GPT-2)
     bias: bool  # biases in linear layers and LayerNorms (GPT-2: True; nanoGPT's default: False)

@@ -1,0 +1,170 @@
+"""`ssm`: a selective state-space language model (the S6 layer of Mamba, Gu & Dao 2023) in pre-norm
+residual blocks with LayerNorm and a GELU MLP. No attention and no positional embedding.
+
+The mixer, per channel e of the d_inner-wide stream u and per state dimension n:
+
+    u, z       = split(x W_in)                            (B, T, E) each
+    delta      = softplus(u W_x[:, :R] W_dt + b_dt)        (B, T, E)   input-dependent step size
+    B_t, C_t   = u W_x[:, R:R+N], u W_x[:, R+N:]           (B, T, N)   input-dependent in/out maps
+    A          = -exp(A_log)                               (E, N)      diagonal, stable
+    h_t        = exp(delta_t A) * h_{t-1} + delta_t B_t u_t   (E, N)   zero-order hold on A
+    y_t        = C_t . h_t + D * u_t
+    out        = (y * silu(z)) W_out
+
+Training runs the recurrence as a parallel scan (`jax.lax.associative_scan` over the pairs
+(a_t, b_t) with (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2)) inside chunks of `scan_chunk` tokens,
+carrying h from chunk to chunk with `lax.scan` and rematerialising each chunk in the backward
+pass, so memory stays O(B * chunk * E * N) at any context. Decoding runs the same recurrence one
+token at a time: the decode state is h, (B, E, N) per layer, kept in float32, whatever the length.
+A padding token (position < 0) is the identity step (a = 1, b = 0), so it leaves h unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llmjax.config import ConfigError, ModelConfig
+from llmjax.models.layers import MLP, DecoderLM, PreNormBlock, dense, layer_norm, residual_std
+from llmjax.registry import register
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SSMConfig(ModelConfig):
+    d_inner: int  # E: width of the state-space stream (2 * d_model in Mamba)
+    d_state: int  # N: state size per channel
+    dt_rank: int  # R: rank of the step-size projection
+    d_ff: int  # GELU MLP hidden width
+    scan_chunk: int  # tokens per associative-scan chunk (bounds training memory)
+    dt_min: float  # initial step sizes are log-uniform in [dt_min, dt_max]
+    dt_max: float
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("d_inner", "d_state", "dt_rank", "d_ff", "scan_chunk"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.dt_min < self.dt_max:
+            raise ConfigError(f"need 0 < model.dt_min < model.dt_max, got {self.dt_min}, {self.dt_max}")
+
+
+def combine(left, right):
+    """Compose two affine steps h -> a h + b (left first)."""
+    a1, b1 = left
+    a2, b2 = right
+    return a1 * a2, a2 * b1 + b2
+
+
+def scan_chunked(delta_BTE, u_BTE, B_BTN, C_BTN, A_EN, h0_BEN, valid_BT, chunk: int):
+    """y (B, T, E) and the final state of h_t = exp(delta A) h_{t-1} + delta B u, y_t = C . h_t,
+    as associative scans over chunks of `chunk` tokens. float32 throughout."""
+    B, T, E = u_BTE.shape
+    n_chunks = -(-T // chunk)
+    pad = n_chunks * chunk - T
+
+    def prep(x, fill=0.0):
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
+        return x.reshape(B, n_chunks, chunk, *x.shape[2:]).swapaxes(0, 1)  # (n_chunks, B, chunk, ...)
+
+    xs = (prep(delta_BTE), prep(u_BTE), prep(B_BTN), prep(C_BTN), prep(valid_BT, False))
+
+    @jax.checkpoint  # keep only the carried state per chunk for the backward pass
+    def body(h_BEN, inputs):
+        delta, u, Bm, Cm, valid = inputs
+        a = jnp.exp(delta[..., None] * A_EN)  # (B, C, E, N)
+        b = (delta * u)[..., None] * Bm[:, :, None, :]
+        a = jnp.where(valid[..., None, None], a, 1.0)  # padding: the identity step
+        b = jnp.where(valid[..., None, None], b, 0.0)
+        a_cum, b_cum = jax.lax.associative_scan(combine, (a, b), axis=1)
+        h_all = a_cum * h_BEN[:, None] + b_cum  # state after each token of the chunk
+        y = jnp.einsum("bcen,bcn->bce", h_all, Cm)
+        return h_all[:, -1], y
+
+    h_last, ys = jax.lax.scan(body, h0_BEN, xs)
+    return ys.swapaxes(0, 1).reshape(B, n_chunks * chunk, E)[:, :T], h_last
+
+
+def scan_reference(delta_BTE, u_BTE, B_BTN, C_BTN, A_EN, h0_BEN):
+    """The same recurrence one step at a time (lax.scan): the reference the tests compare against."""
+
+    def step(h, inputs):
+        delta, u, Bm, Cm = inputs
+        h = jnp.exp(delta[..., None] * A_EN) * h + (delta * u)[..., None] * Bm[:, None, :]
+        return h, jnp.einsum("ben,bn->be", h, Cm)
+
+    h_last, ys = jax.lax.scan(step, h0_BEN, tuple(x.swapaxes(0, 1) for x in (delta_BTE, u_BTE, B_BTN, C_BTN)))
+    return ys.swapaxes(0, 1), h_last
+
+
+class SelectiveSSM(nnx.Module):
+    """The S6 mixer. Decode cache per layer: {'h': (B, E, N) float32}."""
+
+    def __init__(self, cfg: SSMConfig, *, rngs: nnx.Rngs):
+        E, N, R = cfg.d_inner, cfg.d_state, cfg.dt_rank
+        self.E, self.N, self.R, self.chunk, self.dtype = E, N, R, cfg.scan_chunk, cfg.compute_dtype
+        self.in_proj = dense(cfg, cfg.d_model, 2 * E, rngs=rngs)
+        self.x_proj = dense(cfg, E, R + 2 * N, rngs=rngs)
+        self.dt_proj = nnx.Linear(
+            R,
+            E,
+            dtype=cfg.compute_dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nnx.initializers.uniform(2 * R**-0.5),  # shifted to +-R^-0.5 below
+            rngs=rngs,
+        )
+        self.dt_proj.kernel[...] = self.dt_proj.kernel[...] - R**-0.5
+        # Bias: softplus^-1 of log-uniform step sizes in [dt_min, dt_max] (Mamba's init).
+        u = jax.random.uniform(rngs.params(), (E,))
+        dt = jnp.exp(u * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        self.dt_proj.bias[...] = dt + jnp.log(-jnp.expm1(-dt))
+        self.A_log = nnx.Param(jnp.log(jnp.broadcast_to(jnp.arange(1, N + 1, dtype=jnp.float32), (E, N))))  # S4D-real
+        self.D = nnx.Param(jnp.ones((E,), jnp.float32))
+        self.out_proj = dense(cfg, E, cfg.d_model, std=residual_std(cfg), rngs=rngs)
+
+    def _inputs(self, x_BTD):
+        u, z = jnp.split(self.in_proj(x_BTD), 2, axis=-1)  # (B, T, E) each
+        dt_in, B_BTN, C_BTN = jnp.split(self.x_proj(u), [self.R, self.R + self.N], axis=-1)
+        delta = jax.nn.softplus(self.dt_proj(dt_in).astype(jnp.float32))
+        f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+        return delta, f32(u), f32(B_BTN), f32(C_BTN), z
+
+    def __call__(self, x_BTD, positions_BT, cache):
+        B = x_BTD.shape[0]
+        delta, u, B_BTN, C_BTN, z = self._inputs(x_BTD)
+        A = -jnp.exp(self.A_log[...])
+        h0 = jnp.zeros((B, self.E, self.N), jnp.float32) if cache is None else cache["h"]
+        y, h = scan_chunked(delta, u, B_BTN, C_BTN, A, h0, positions_BT >= 0, self.chunk)
+        y = y + u * self.D[...]
+        out = self.out_proj((y * jax.nn.silu(z.astype(jnp.float32))).astype(self.dtype))
+        return out, (None if cache is None else {"h": h})
+
+    def init_cache(self, batch_size: int, max_len: int, dtype):
+        del max_len, dtype  # the state does not grow, and stays float32 for accuracy
+        return {"h": jnp.zeros((batch_size, self.E, self.N), jnp.float32)}
+
+
+def block(cfg: SSMConfig, rngs: nnx.Rngs) -> PreNormBlock:
+    return PreNormBlock(
+        norm_1=layer_norm(cfg, cfg.d_model, rngs=rngs),
+        attn=SelectiveSSM(cfg, rngs=rngs),
+        norm_2=layer_norm(cfg, cfg.d_model, rngs=rngs),
+        mlp=MLP(cfg, cfg.d_ff, rngs=rngs),
+    )
+
+
+@register("ssm")
+class SSM(DecoderLM):
+    config_class = SSMConfig
+
+    def __init__(self, cfg: SSMConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, make_block=lambda r: block(cfg, r), final_norm=layer_norm, learned_positions=False, rngs=rngs)
+
+    @classmethod
+    def mixer_flops_per_token(cls, cfg, seq_len):
+        # Per token, channel and state: delta*A, exp, (delta*u)*B, a*h + b (2), C*h summed (2).
+        del seq_len  # linear in length: no term grows with the context
+        return cfg.n_layer * 7 * cfg.d_inner * cfg.d_state
