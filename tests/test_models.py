@@ -28,6 +28,7 @@ OPTIONS = {
     "gqa": COMMON + [{"n_kv_head": 1}, {"n_kv_head": 4}],
     "modern": COMMON + [{"n_kv_head": 2}, {"n_kv_head": 1, "scan_layers": False}],
     "mla": COMMON + [{"q_lora_rank": 24}, {"v_head_dim": 32}, {"qk_rope_dim": 16, "scan_layers": False}],
+    "linformer": COMMON + [{"block_size": 4, "rank": 3}, {"block_size": 64, "rank": 2, "scan_layers": False}],
     "ssm": COMMON + [{"scan_chunk": 3}, {"scan_chunk": 64, "d_state": 4, "scan_layers": False}],
 }
 CASES = [(arch, opts) for arch in ARCHS for opts in OPTIONS.get(arch, [{}])]
@@ -52,11 +53,12 @@ def test_shapes_and_dtypes(arch):
     logits, cache, aux = m(toks)
     assert logits.shape == (3, 17, cfg.padded_vocab_size) and logits.dtype == jnp.float32
     assert cache is None and isinstance(aux, dict)
-    state = m.init_cache(3, 32)
-    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(state))
-    # the requested dtype, except recurrent states, which may stay float32 for accuracy
-    assert all(a.dtype in (jnp.bfloat16, jnp.float32) for a in jax.tree.leaves(m.init_cache(3, 32, jnp.bfloat16)))
-    assert any(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(m.init_cache(3, 32, jnp.bfloat16))) or arch == "ssm"
+    # Float leaves in the requested dtype, except running sums and recurrent states, which may
+    # stay float32 for accuracy; integer leaves (counters) are allowed.
+    floats = lambda c: [a for a in jax.tree.leaves(c) if jnp.issubdtype(a.dtype, jnp.floating)]  # noqa: E731
+    assert all(a.dtype == jnp.float32 for a in floats(m.init_cache(3, 32)))
+    assert all(a.dtype in (jnp.bfloat16, jnp.float32) for a in floats(m.init_cache(3, 32, jnp.bfloat16)))
+    assert any(a.dtype == jnp.bfloat16 for a in floats(m.init_cache(3, 32, jnp.bfloat16))) or arch == "ssm"
     for p in jax.tree.leaves(params(m)):
         assert p.dtype == jnp.float32
 
@@ -256,8 +258,16 @@ def _ssm(c):
     return c.padded_vocab_size * D + c.n_layer * (mixer + mlp + 4 * D) + 2 * D
 
 
+def _linformer(c):
+    D, L, W, F = c.d_model, c.n_layer, c.n_head * c.head_dim, c.d_ff
+    attn = D * 3 * W + 3 * W + W * D + D + 2 * c.rank * c.block_size
+    mlp = D * F + F + F * D + D
+    return c.padded_vocab_size * D + c.context_len * D + L * (attn + mlp + 4 * D) + 2 * D
+
+
 EXACT_PARAMS = {
     "ssm": _ssm,
+    "linformer": _linformer,
     "vanilla": lambda c: _vanilla(c, c.n_head),
     "gqa": lambda c: _vanilla(c, c.n_kv_head),
     "modern": _modern,

@@ -1,0 +1,175 @@
+"""`linformer`: a strictly causal Linformer (after Wang et al., 2020) on the GPT-2 stack (learned
+positions, LayerNorm, GELU MLP, biases).
+
+Linformer compresses the keys and values of the whole sequence with learned projections along the
+sequence axis: applied to a causal model that way, every summary mixes in future tokens. Here the
+sequence is cut into blocks of `block_size` tokens, and a query at position t in block i attends to
+
+  - the keys and values of its own block up to t, exactly (causal attention inside the block), and
+  - `rank` summary keys and values of the *completed* blocks 0..i-1: each completed block j is
+    projected along its positions by learned matrices P_k, P_v (rank x block_size), and the
+    summaries of blocks 0..i-1 are averaged: K~_i = mean_{j<i} P_k K_j (likewise V~_i).
+
+No summary ever contains a token at or after the current block, so no position sees a later token.
+Cost: each query scores block_size + rank keys, so a layer's attention costs
+O(T * (block_size + rank) * d) instead of O(T^2 * d), plus O(T * rank * d) to build the summaries:
+linear in the context length for a fixed block size and rank. The decode state is bounded: the
+current block's keys and values, the running sums of the block summaries and their count:
+(block_size + rank) * 2 * d numbers per layer, whatever the length.
+
+Training runs all blocks at once (summaries by an exclusive cumulative sum over blocks); decoding
+with a cache runs the same computation one token at a time (a completed block is folded into the
+running sums when the first token of the next block arrives), so prefill with a cache is sequential.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llmjax.config import ConfigError, ModelConfig
+from llmjax.models.layers import MLP, DecoderLM, PreNormBlock, dense, layer_norm, residual_std
+from llmjax.registry import register
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LinformerConfig(ModelConfig):
+    n_head: int
+    head_dim: int
+    d_ff: int
+    block_size: int  # tokens attended exactly (the current block)
+    rank: int  # summary keys/values of all completed blocks
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("n_head", "head_dim", "d_ff", "block_size", "rank"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+
+
+def _attend(q, keys, values, mask, scale, dtype):
+    """softmax(q k^T) v over the last key axis with a boolean mask; float32 logits and softmax."""
+    scores = jnp.einsum("...thd,...shd->...hts", q, keys, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask, scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jnp.einsum("...hts,...shd->...thd", probs, values)
+
+
+class CausalLinformerAttention(nnx.Module):
+    """Decode cache per layer: {'k_block', 'v_block': (B, block, H, hd), 'k_sum', 'v_sum':
+    (B, rank, H, hd), 'n_blocks': (B,) completed blocks folded into the sums}."""
+
+    def __init__(self, cfg: LinformerConfig, *, rngs: nnx.Rngs):
+        H, hd, b, r = cfg.n_head, cfg.head_dim, cfg.block_size, cfg.rank
+        self.H, self.hd, self.b, self.r, self.dtype = H, hd, b, r, cfg.compute_dtype
+        self.scale = 1.0 / math.sqrt(hd)
+        self.qkv_proj = dense(cfg, cfg.d_model, 3 * H * hd, bias=True, rngs=rngs)
+        self.o_proj = dense(cfg, H * hd, cfg.d_model, bias=True, std=residual_std(cfg), rngs=rngs)
+        init = nnx.initializers.normal(b**-0.5)  # Johnson-Lindenstrauss-style random projections
+        self.proj_k = nnx.Param(init(rngs.params(), (r, b), jnp.float32))
+        self.proj_v = nnx.Param(init(rngs.params(), (r, b), jnp.float32))
+
+    def __call__(self, x_BTD, positions_BT, cache):
+        B, T, _ = x_BTD.shape
+        q, k, v = jnp.split(self.qkv_proj(x_BTD).reshape(B, T, 3 * self.H, self.hd), 3, axis=2)  # (B, T, H, hd)
+        if cache is None:
+            out = self._blocks(q, k, v)
+        else:
+            out, cache = self._decode(q, k, v, positions_BT, cache)
+        return self.o_proj(out.reshape(B, T, self.H * self.hd)), cache
+
+    def _blocks(self, q, k, v):
+        """All blocks at once (training, and forward passes without a cache)."""
+        B, T = q.shape[:2]
+        b, r, dt = self.b, self.r, self.dtype
+        nb = -(-T // b)
+        pad = lambda a: jnp.pad(a, ((0, 0), (0, nb * b - T), (0, 0), (0, 0))).reshape(B, nb, b, self.H, self.hd)  # noqa: E731
+        qb, kb, vb = pad(q), pad(k), pad(v)  # (B, nb, b, H, hd)
+        # Per-block summaries, then the mean over strictly earlier blocks (exclusive cumsum).
+        sk = jnp.einsum("rs,bnshd->bnrhd", self.proj_k[...].astype(dt), kb)
+        sv = jnp.einsum("rs,bnshd->bnrhd", self.proj_v[...].astype(dt), vb)
+        count = jnp.maximum(jnp.arange(nb, dtype=jnp.float32), 1)[None, :, None, None, None]
+
+        def earlier_mean(s):  # mean over blocks j < i, never touching block i's own summary
+            csum = jnp.cumsum(s.astype(jnp.float32), axis=1)
+            return (jnp.concatenate([jnp.zeros_like(csum[:, :1]), csum[:, :-1]], axis=1) / count).astype(dt)
+
+        mean_k, mean_v = earlier_mean(sk), earlier_mean(sv)
+        keys = jnp.concatenate([mean_k, kb], axis=2)  # (B, nb, r + b, H, hd)
+        values = jnp.concatenate([mean_v, vb], axis=2)
+        has_summary = (jnp.arange(nb) > 0)[:, None, None]  # (nb, 1, 1): block 0 has none
+        summary_mask = jnp.broadcast_to(has_summary, (nb, b, r))
+        causal = jnp.broadcast_to(jnp.tril(jnp.ones((b, b), bool)), (nb, b, b))
+        mask = jnp.concatenate([summary_mask, causal], axis=-1)[None, :, None]  # (1, nb, 1, b, r + b)
+        out = _attend(qb, keys, values, mask, self.scale, dt)  # (B, nb, b, H, hd)
+        return out.reshape(B, nb * b, self.H, self.hd)[:, :T]
+
+    def _decode(self, q, k, v, positions_BT, cache):
+        """Token by token through the bounded state (prefill and decoding with a cache)."""
+        b, dt = self.b, self.dtype
+        pk, pv = self.proj_k[...].astype(dt), self.proj_v[...].astype(dt)
+        rows = jnp.arange(q.shape[0])
+
+        def step(c, inputs):
+            q_t, k_t, v_t, pos = inputs  # (B, H, hd) x3, (B,)
+            valid = pos >= 0
+            slot = jnp.where(valid, pos % b, 0)
+            fold = valid & (slot == 0) & (pos > 0)  # the previous block is complete: fold it
+            f = fold[:, None, None, None]
+            k_sum = jnp.where(f, c["k_sum"] + jnp.einsum("rs,bshd->brhd", pk, c["k_block"]).astype(c["k_sum"].dtype), c["k_sum"])
+            v_sum = jnp.where(f, c["v_sum"] + jnp.einsum("rs,bshd->brhd", pv, c["v_block"]).astype(c["v_sum"].dtype), c["v_sum"])
+            n = c["n_blocks"] + fold
+            k_block = jnp.where(f, 0, c["k_block"])
+            v_block = jnp.where(f, 0, c["v_block"])
+            w = valid[:, None, None]
+            k_block = k_block.at[rows, slot].set(jnp.where(w, k_t.astype(k_block.dtype), k_block[rows, slot]))
+            v_block = v_block.at[rows, slot].set(jnp.where(w, v_t.astype(v_block.dtype), v_block[rows, slot]))
+            denom = jnp.maximum(n, 1).astype(jnp.float32)[:, None, None, None]
+            keys = jnp.concatenate([(k_sum / denom).astype(dt), k_block.astype(dt)], axis=1)  # (B, r + b, H, hd)
+            values = jnp.concatenate([(v_sum / denom).astype(dt), v_block.astype(dt)], axis=1)
+            mask = jnp.concatenate(
+                [jnp.broadcast_to((n > 0)[:, None], (n.shape[0], self.r)), jnp.arange(b)[None, :] <= slot[:, None]], axis=1
+            )[:, None, None, :]  # (B, 1, 1, r + b)
+            out = _attend(q_t[:, None], keys, values, mask, self.scale, dt)[:, 0]
+            new = {"k_block": k_block, "v_block": v_block, "k_sum": k_sum, "v_sum": v_sum, "n_blocks": n}
+            keep = lambda a, b_: jnp.where(valid.reshape((-1,) + (1,) * (a.ndim - 1)), a, b_)  # noqa: E731
+            return jax.tree.map(keep, new, c), out
+
+        xs = (q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1), positions_BT.swapaxes(0, 1))
+        cache, outs = jax.lax.scan(step, cache, xs)
+        return outs.swapaxes(0, 1), cache
+
+    def init_cache(self, batch_size: int, max_len: int, dtype):
+        del max_len  # bounded: one block plus the summaries
+        block = jnp.zeros((batch_size, self.b, self.H, self.hd), dtype)
+        sums = jnp.zeros((batch_size, self.r, self.H, self.hd), jnp.float32)  # running sums stay float32
+        return {"k_block": block, "v_block": block, "k_sum": sums, "v_sum": sums, "n_blocks": jnp.zeros((batch_size,), jnp.int32)}
+
+
+def block(cfg: LinformerConfig, rngs: nnx.Rngs) -> PreNormBlock:
+    return PreNormBlock(
+        norm_1=layer_norm(cfg, cfg.d_model, rngs=rngs),
+        attn=CausalLinformerAttention(cfg, rngs=rngs),
+        norm_2=layer_norm(cfg, cfg.d_model, rngs=rngs),
+        mlp=MLP(cfg, cfg.d_ff, rngs=rngs),
+    )
+
+
+@register("linformer")
+class Linformer(DecoderLM):
+    config_class = LinformerConfig
+
+    def __init__(self, cfg: LinformerConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, make_block=lambda r: block(cfg, r), final_norm=layer_norm, learned_positions=True, rngs=rngs)
+
+    @classmethod
+    def mixer_flops_per_token(cls, cfg, seq_len):
+        # scores and weighted sum over block_size + rank keys (2 * 2 * (b + r) * H * hd), plus the
+        # summaries: each token's key and value projected into rank slots (2 * 2 * r * H * hd).
+        del seq_len  # independent of the context length
+        width = cfg.n_head * cfg.head_dim
+        return cfg.n_layer * (4 * (cfg.block_size + cfg.rank) * width + 4 * cfg.rank * width)
