@@ -64,7 +64,7 @@ def test_model_gets_a_frozen_dataclass():
         ({"model.dtype": "bf16"}, "model.dtype='bf16' is not one of float32, bfloat16, float16 (did you mean 'bfloat16'?)"),
         ({"model.attention_impl": "flash"}, "model.attention_impl='flash' is not one of auto, cudnn, xla"),
         ({"model.remat": "ful"}, "(did you mean 'full'?)"),
-        ({"model.arch": "vanila"}, "unknown arch 'vanila'; registered: gqa, mla, modern, vanilla (did you mean 'vanilla'?)"),
+        ({"model.arch": "vanila"}, f"unknown arch 'vanila'; registered: {', '.join(sorted(llmjax.ARCHS))} (did you mean 'vanilla'?)"),
         ({"model.padded_vocab_size": 10}, "smaller than model.vocab_size=65"),
         ({"model.n_kv_head": 3}, "model.n_head=4 must be a multiple of model.n_kv_head=3"),
     ],
