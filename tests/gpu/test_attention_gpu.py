@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import llmjax
+import llmjax.models  # noqa: F401  (registers every architecture)
 from helpers import config, load_params, params, tokens
 from llmjax.models.attention import causal_attention
 
@@ -46,3 +47,22 @@ def test_model_logits_cudnn_vs_xla(arch):
     a, b = fwd(m_xla, toks), fwd(m_cud, toks)
     V = m_xla.cfg.vocab_size
     assert jnp.abs(a[..., :V] - b[..., :V]).max() < 0.05 * jnp.abs(a[..., :V]).max()
+
+
+@pytest.mark.parametrize("arch", sorted(llmjax.ARCHS))
+def test_bf16_training_step_on_gpu(arch):
+    """Each architecture's `small` variant in bf16 on the GPU: a jitted loss + gradient step is
+    finite and close to float32."""
+    toks = tokens(0, 8, 129)
+    losses = {}
+    for dtype in ("bfloat16", "float32"):
+        m = llmjax.build_model(config(arch, "small", dtype=dtype, context_len=128), seed=0)
+        graphdef, state = nnx.split(m)
+
+        def loss(s):
+            return llmjax.cross_entropy(nnx.merge(graphdef, s)(toks[:, :-1])[0], toks[:, 1:])
+
+        value, grads = jax.jit(jax.value_and_grad(loss))(state)
+        assert bool(jnp.isfinite(value)) and all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+        losses[dtype] = float(value)
+    assert abs(losses["bfloat16"] - losses["float32"]) < 0.02 * losses["float32"]
