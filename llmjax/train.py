@@ -30,7 +30,6 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
