@@ -220,28 +220,30 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
         model = nnx.merge(graphdef, convert_layer_layout(params, mcfg.scan_layers))
         logits, _, aux = model(tokens_BT1[:, :-1])
         ce = cross_entropy(logits, tokens_BT1[:, 1:])
+        aux = dict(aux)
+        stats = aux.pop("stats", {})  # logged, not optimised
         missing = sorted(set(aux) - set(weights))
         if missing:
             raise ConfigError(f"the model returns auxiliary loss(es) {', '.join(missing)}; give each a weight in train.aux_loss_weights")
         total = ce + sum((weights[k] * v for k, v in aux.items()), jnp.float32(0))
-        return total, (ce, aux)
+        return total, (ce, aux, stats)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state, tokens):
         params = state["params"]
         if accum == 1:
-            (_, (ce, aux)), grads = grad_fn(params, tokens[0])
+            (_, (ce, aux, stats)), grads = grad_fn(params, tokens[0])
         else:  # accumulate over micro-batches
-            aux_shape = jax.eval_shape(lambda: loss_fn(params, tokens[0])[1][1])
-            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape))
+            aux_shape = jax.eval_shape(lambda: loss_fn(params, tokens[0])[1][1:])
+            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), *jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape))
 
             def micro_step(acc, tokens_BT1):
-                (_, (ce, aux)), grads = grad_fn(params, tokens_BT1)
-                return jax.tree.map(jnp.add, acc, (grads, ce, aux)), None
+                (_, (ce, aux, stats)), grads = grad_fn(params, tokens_BT1)
+                return jax.tree.map(jnp.add, acc, (grads, ce, aux, stats)), None
 
-            (grads, ce, aux), _ = jax.lax.scan(micro_step, zeros, tokens)
-            grads, ce, aux = jax.tree.map(lambda x: x / accum, (grads, ce, aux))
+            (grads, ce, aux, stats), _ = jax.lax.scan(micro_step, zeros, tokens)
+            grads, ce, aux, stats = jax.tree.map(lambda x: x / accum, (grads, ce, aux, stats))
         updates, opt = tx.update(grads, state["opt"], params)
         metrics = {
             "train_loss": ce,
@@ -249,6 +251,7 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
             "update_norm": optax.tree.norm(updates),
             "lr": schedule(state["step"]),
             **{f"aux_{k}": v for k, v in aux.items()},
+            **{f"stat_{k}": v for k, v in stats.items()},
         }
         new_state = {"params": optax.apply_updates(params, updates), "opt": opt, "rng": state["rng"], "step": state["step"] + 1}
         return new_state, metrics
@@ -342,7 +345,7 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
         dt, last_time = (now - last_time) / len(block), now
         lines = []
         for (step, _), host in zip(block, hosts):
-            host = {k: float(v) for k, v in host.items()}
+            host = {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in host.items()}
             if not all(math.isfinite(host[k]) for k in ("train_loss", "grad_norm", "update_norm")):
                 raise TrainingError(
                     f"loss became non-finite at step {step} (train_loss={host['train_loss']}, grad_norm={host['grad_norm']}); stopped. "
@@ -351,7 +354,7 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
             line = {"step": step, "train_loss": host["train_loss"], "lr": host["lr"], "grad_norm": host["grad_norm"],
                     "tokens_per_sec": tokens_per_step / dt, "step_time": dt,
                     "mfu": summary["flops_per_token"] * tokens_per_step / dt / (peak * n_dev) if peak else None}
-            line.update({k: v for k, v in host.items() if k.startswith("aux_")})
+            line.update({k: v for k, v in host.items() if k.startswith(("aux_", "stat_"))})
             lines.append(line)
         return lines
 
@@ -374,7 +377,7 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
                     post["val"] = f"{val_loss:.4f}"
                 bar.set_postfix(post, refresh=False)
         if wandb_run is not None and (step % tcfg.log_every_steps == 0 or val_loss is not None):
-            wandb_run.log({k: v for k, v in line.items() if v is not None and k != "step"}, step=step)
+            wandb_run.log({k: v for k, v in line.items() if v is not None and k != "step" and not isinstance(v, list)}, step=step)
 
     pending: list[tuple[int, dict]] = []  # dispatched steps whose metrics are not read yet
     try:

@@ -29,9 +29,18 @@ OPTIONS = {
     "modern": COMMON + [{"n_kv_head": 2}, {"n_kv_head": 1, "scan_layers": False}],
     "mla": COMMON + [{"q_lora_rank": 24}, {"v_head_dim": 32}, {"qk_rope_dim": 16, "scan_layers": False}],
     "linformer": COMMON + [{"block_size": 4, "rank": 3}, {"block_size": 64, "rank": 2, "scan_layers": False}],
+    "moe": COMMON
+    + [
+        {"moe_mode": "capacity", "capacity_factor": 8.0},
+        {"moe_mode": "capacity", "capacity_factor": 0.5},  # drops: still causal
+        {"top_k": 1, "scan_layers": False},
+    ],
     "ssm": COMMON + [{"scan_chunk": 3}, {"scan_chunk": 64, "d_state": 4, "scan_layers": False}],
 }
 CASES = [(arch, opts) for arch in ARCHS for opts in OPTIONS.get(arch, [{}])]
+# Cached decoding routes every token (no capacity drops), so it equals the full forward only where
+# the full forward drops nothing.
+CACHE_CASES = [(arch, opts) for arch, opts in CASES if opts.get("capacity_factor", 1.0) >= 1.0]
 
 
 def case_id(case):
@@ -81,7 +90,9 @@ def test_bf16_close_to_float32(arch):
     V = m32.cfg.vocab_size
     l32, l16 = m32(toks)[0][..., :V], m16(toks)[0][..., :V]
     err = jnp.abs(l32 - l16)
-    assert err.max() < 0.05 * jnp.abs(l32).max() and err.mean() < 0.02 * jnp.abs(l32).mean(), (err.max(), err.mean())
+    assert err.mean() < 0.02 * jnp.abs(l32).mean(), err.mean()
+    if arch != "moe":  # a router's top-k choice may flip under bf16 rounding: large, rare, expected
+        assert err.max() < 0.05 * jnp.abs(l32).max(), err.max()
     loss32 = llmjax.cross_entropy(l32[:, :-1], toks[:, 1:])
     loss16 = llmjax.cross_entropy(l16[:, :-1], toks[:, 1:])
     assert abs(float(loss32 - loss16)) < 1e-3 * float(loss32)
@@ -104,7 +115,7 @@ def test_causality(case):
         assert jnp.abs(out[:, t + 1 :] - ref[:, t + 1 :]).max() > 1e-4, f"later logits did not change (t={t})"
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", CACHE_CASES, ids=case_id)
 def test_cached_decoding_matches_full_forward(case):
     """Prefill in chunks, then one token at a time: every step's logits equal the full forward's at
     that position (float32, 1e-4). Includes rows that sit at different positions in one batch."""
@@ -186,8 +197,11 @@ def test_loss_at_init_is_log_vocab(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_overfits_one_batch(arch):
-    """A tiny model memorises one fixed batch of random tokens: loss from ~4.2 to below 0.2."""
-    m = llmjax.build_model(config(arch), seed=0)
+    """A tiny model memorises one fixed batch of random tokens: cross-entropy from ~4.2 to below 0.2
+    (auxiliary losses added with the config's weights)."""
+    cfg = config(arch)
+    weights = dict(cfg.train.aux_loss_weights)
+    m = llmjax.build_model(cfg, seed=0)
     opt = nnx.Optimizer(m, optax.adam(3e-3), wrt=nnx.Param)
     toks = tokens(8, 4, 33)
 
@@ -195,11 +209,12 @@ def test_overfits_one_batch(arch):
     def train_step(m, opt, toks):
         def loss_fn(m):
             logits, _, aux = m(toks[:, :-1])
-            return llmjax.cross_entropy(logits, toks[:, 1:]) + sum(aux.values(), 0.0)
+            ce = llmjax.cross_entropy(logits, toks[:, 1:])
+            return ce + sum(weights[k] * v for k, v in aux.items() if k != "stats"), ce
 
-        loss, grads = nnx.value_and_grad(loss_fn)(m)
+        (_, ce), grads = nnx.value_and_grad(loss_fn, has_aux=True)(m)
         opt.update(m, grads)
-        return loss
+        return ce
 
     losses = [float(train_step(m, opt, toks)) for _ in range(150)]
     assert losses[0] > 3.5 and losses[-1] < 0.2, (losses[0], losses[-1])
@@ -265,7 +280,15 @@ def _linformer(c):
     return c.padded_vocab_size * D + c.context_len * D + L * (attn + mlp + 4 * D) + 2 * D
 
 
+def _moe(c):
+    D, L, W, F, E = c.d_model, c.n_layer, c.n_head * c.head_dim, c.d_ff, c.n_experts
+    attn = D * 3 * W + 3 * W + W * D + D
+    experts = E * (D * F + F + F * D + D) + D * E  # experts and the router
+    return c.padded_vocab_size * D + c.context_len * D + L * (attn + experts + 4 * D) + 2 * D
+
+
 EXACT_PARAMS = {
+    "moe": _moe,
     "ssm": _ssm,
     "linformer": _linformer,
     "vanilla": lambda c: _vanilla(c, c.n_head),

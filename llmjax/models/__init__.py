@@ -1,3 +1,3 @@
 """Every architecture module; importing this package registers them all (see llmjax.registry)."""
 
-from llmjax.models import gqa, linformer, mla, modern, ssm, vanilla  # noqa: F401
+from llmjax.models import gqa, linformer, mla, modern, moe, ssm, vanilla  # noqa: F401

@@ -164,10 +164,13 @@ class LayerStack(nnx.Module):
             self.layers = nnx.List([make_block(rngs) for _ in range(cfg.n_layer)])
 
     def __call__(self, x, positions, cache: Cache):
+        """-> (x, cache, aux): aux is the mean over layers of each block's auxiliary outputs."""
+
         # Functional (split/merge + jax.lax.scan / jax.checkpoint) rather than nnx.scan/nnx.remat,
         # so the stack also runs inside a caller's own jax transforms (a decode loop's lax.scan).
         def apply(graphdef, state, x, cache):
-            return nnx.merge(graphdef, state)(x, positions, cache)
+            x, cache, aux = nnx.merge(graphdef, state)(x, positions, cache)
+            return x, (cache, aux)
 
         if self.remat != "none":
             apply = jax.checkpoint(apply, policy=_REMAT[self.remat], static_argnums=(0,))
@@ -175,15 +178,18 @@ class LayerStack(nnx.Module):
             graphdef, state = nnx.split(self.layers)
 
             def body(x, state_and_cache):
-                return apply(graphdef, *state_and_cache[:1], x, state_and_cache[1])
+                return apply(graphdef, state_and_cache[0], x, state_and_cache[1])
 
-            return jax.lax.scan(body, x, (state, cache))
-        new_cache = []
+            x, (cache, aux) = jax.lax.scan(body, x, (state, cache))
+            return x, cache, jax.tree.map(lambda a: a.mean(axis=0), aux)
+        new_cache, auxes = [], []
         for i, block in enumerate(self.layers):
             graphdef, state = nnx.split(block)
-            x, layer_cache = apply(graphdef, state, x, None if cache is None else cache[i])
+            x, (layer_cache, aux) = apply(graphdef, state, x, None if cache is None else cache[i])
             new_cache.append(layer_cache)
-        return x, None if cache is None else tuple(new_cache)
+            auxes.append(aux)
+        aux = jax.tree.map(lambda *a: sum(a) / len(a), *auxes)
+        return x, None if cache is None else tuple(new_cache), aux
 
     def init_cache(self, batch_size: int, max_len: int, dtype) -> Cache:
         block = self.layers if self.scan else self.layers[0]
@@ -197,7 +203,9 @@ class PreNormBlock(nnx.Module):
     """A pre-norm residual block: x + attn(norm_1(x)), then x + mlp(norm_2(x)).
 
     `attn(x, positions, cache) -> (y, cache)` and `attn.init_cache(batch, max_len, dtype)` are the
-    mixer's whole contract, so a new token mixer drops in without touching the stack.
+    mixer's whole contract, so a new token mixer drops in without touching the stack. `mlp(x)`
+    returns y, or (y, aux) with a dict of auxiliary outputs (a router's losses and statistics).
+    Returns (x, cache, aux).
     """
 
     def __init__(self, *, norm_1, attn, norm_2, mlp):
@@ -206,7 +214,9 @@ class PreNormBlock(nnx.Module):
     def __call__(self, x_BTD, positions_BT, cache):
         h_BTD, cache = self.attn(self.norm_1(x_BTD), positions_BT, cache)
         x_BTD = x_BTD + h_BTD
-        return x_BTD + self.mlp(self.norm_2(x_BTD)), cache
+        out = self.mlp(self.norm_2(x_BTD))
+        out, aux = out if isinstance(out, tuple) else (out, {})
+        return x_BTD + out, cache, aux
 
     def init_cache(self, batch_size: int, max_len: int, dtype):
         return self.attn.init_cache(batch_size, max_len, dtype)
@@ -229,8 +239,9 @@ class DecoderLM(nnx.Module):
       decode state unchanged (its logits are meaningless), so prompts of different lengths are
       prefilled together right-padded with position -1 (recurrent states cannot be rewound, so
       padding must be marked rather than overwritten later).
-    - `aux`: a dict of auxiliary losses (empty for dense models; the MoE router's later), which the
-      trainer adds with configured weights.
+    - `aux`: a dict of auxiliary losses averaged over layers (empty for dense models; the MoE
+      router's), which the trainer adds with `train.aux_loss_weights`; under the key "stats", values
+      the trainer only logs (expert load, dropped tokens).
 
     This skeleton is embed (+ learned positions) -> LayerStack of `block` -> final norm -> tied head.
     Subclasses pick the block and the norm.
@@ -252,9 +263,9 @@ class DecoderLM(nnx.Module):
         x_BTD = self.embed(tokens_BT)
         if self.pos_embed is not None:
             x_BTD = x_BTD + self.pos_embed(positions)
-        x_BTD, cache = self.blocks(x_BTD, positions, cache)
+        x_BTD, cache, aux = self.blocks(x_BTD, positions, cache)
         logits_BTV = self.embed.attend(self.norm_f(x_BTD))
-        return logits_BTV, cache, {}
+        return logits_BTV, cache, aux
 
     def init_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> Cache:
         """Zeroed decode state for `batch_size` sequences of up to `max_len` (default context_len)
