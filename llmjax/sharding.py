@@ -2,8 +2,10 @@
 
 Every parameter gets logical axis names from its path (`logical_axes`); one table (`RULES`) maps
 logical names to mesh axes. The mesh has a `data` axis (pure data parallelism: parameters
-replicated) and an `fsdp` axis (fully sharded: parameters and optimizer state split along their
-`embed` dimension, gathered for each use by XLA); the batch is split over both. Change the layout in
+replicated), an `fsdp` axis (fully sharded: parameters and optimizer state split along their
+`embed` dimension, gathered for each use by XLA) and an `expert` axis (expert parallelism: a MoE
+layer's experts split across devices; XLA's partitioner moves the tokens to their experts); the
+batch is split over all three. Change the layout in
 the table or the config (`train.mesh`), not in model code.
 """
 
@@ -17,8 +19,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llmjax.config import ConfigError
 
-MESH_AXES = ("data", "fsdp")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "expert")
+BATCH_AXES = ("data", "fsdp", "expert")  # the expert axis also splits the batch outside the experts
 
 # logical axis -> mesh axis (or None: replicated)
 RULES = {
@@ -30,6 +32,7 @@ RULES = {
     "latent": None,
     "layers": None,
     "norm": None,
+    "expert": "expert",  # expert parallelism: each device holds n_experts / mesh.expert experts
 }
 
 # kernel (d_in, d_out) of each projection, by module name
@@ -46,14 +49,23 @@ KERNEL_AXES = {
     "q_up": ("latent", "heads"),
     "kv_down": ("embed", "latent"),
     "kv_up": ("latent", "heads"),
+    "router": ("embed", None),
+}
+
+# other parameters by leaf name (MoE experts: stacked over the expert axis)
+LEAF_AXES = {
+    "w_in": ("expert", "embed", "mlp"),
+    "w_out": ("expert", "mlp", "embed"),
+    "b_in": ("expert", None),
+    "b_out": ("expert", None),
 }
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-    """A (data, fsdp) mesh over `devices` (default: every device of every process). One size may
-    be -1: it takes what the other leaves."""
+    """A (data, fsdp, expert) mesh over `devices` (default: every device of every process). One
+    size may be -1: it takes what the others leave. A missing axis has size 1."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+    sizes = [int(mesh_cfg[a]) if a in mesh_cfg else 1 for a in MESH_AXES]
     if sizes.count(-1) > 1:
         raise ConfigError("train.mesh: at most one axis may be -1")
     if -1 in sizes:
@@ -74,7 +86,9 @@ def logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
     stacked = i is not None and i + 1 < len(names) and not names[i + 1].isdigit()  # scanned layout
     lead = ("layers",) if stacked else ()
     body = ndim - len(lead)
-    if leaf == "embedding":
+    if leaf in LEAF_AXES:
+        axes = LEAF_AXES[leaf]
+    elif leaf == "embedding":
         axes = ("vocab", "embed") if names[0] == "embed" else (None, "embed")
     elif leaf == "kernel" and len(names) >= 2 and names[-2] in KERNEL_AXES:
         axes = KERNEL_AXES[names[-2]]

@@ -302,7 +302,8 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
     target = abstract_with_shardings(abstract_state, state_shard)
     if start:
         try:
-            state, meta = ckpt.restore(start, target, train_it)
+            with jax.set_mesh(mesh):
+                state, meta = ckpt.restore(start, target, train_it)
         except CheckpointError as e:
             raise ConfigError(str(e)) from None
         say(f"resumed from {workdir / 'checkpoints'} at step {start}")
@@ -312,7 +313,8 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
             rng = jax.random.key_data(jax.random.key(tcfg.seed))
             return {"params": params, "opt": tx.init(params), "rng": rng, "step": jnp.int32(0)}
 
-        state = jax.jit(init, out_shardings=state_shard)()
+        with jax.set_mesh(mesh):
+            state = jax.jit(init, out_shardings=state_shard)()
 
     metrics_path = workdir / "metrics.jsonl"
     history = []
@@ -381,7 +383,7 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
 
     pending: list[tuple[int, dict]] = []  # dispatched steps whose metrics are not read yet
     try:
-        with _Stop() as stop:
+        with _Stop() as stop, jax.set_mesh(mesh):  # the mesh in context: MoE's expert parallelism uses it
             for step in range(start + 1, end + 1):
                 local = next(train_it).reshape(accum, micro // pc, T + 1)
                 batch = to_global(local, tok_shard, (accum, micro, T + 1))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import llmjax
@@ -83,3 +84,47 @@ def test_trainer_logs_router_losses_and_expert_load(tmp_path):
     assert {"aux_load_balance", "aux_router_z", "stat_dropped", "stat_expert_load"} <= set(last)
     assert len(last["stat_expert_load"]) == 4 and abs(sum(last["stat_expert_load"]) - 1) < 1e-5
     assert 0.0 <= last["stat_dropped"] < 1.0
+
+
+@pytest.mark.parametrize("mode", ["dropless", "capacity"])
+def test_expert_parallel_training_matches_one_device(mode, tmp_path):
+    """Experts sharded over an `expert` mesh axis of 4 fake CPU devices give the losses of one device."""
+    from llmjax.sharding import make_mesh, param_shardings
+    from llmjax.train import train
+
+    over = {"train.max_steps": 6, "train.batch_size": 8, "eval.sample_tokens": 0, "eval.num_batches": 1,
+            "eval.every_steps": 0, "logging.progress_bar": False, "model.context_len": 32,
+            "model.moe_mode": mode, "model.capacity_factor": 1.0}
+    one = train(llmjax.load_config(f"{ROOT}/configs/moe.py:tiny", over), tmp_path / "one", devices=jax.devices()[:1], quiet=True)
+    ep = {**over, "train.mesh.data": 1, "train.mesh.expert": 4}
+    cfg = llmjax.load_config(f"{ROOT}/configs/moe.py:tiny", ep)
+    four = train(cfg, tmp_path / "four", devices=jax.devices()[:4], quiet=True)
+    a = [m["train_loss"] for m in one.metrics]
+    b = [m["train_loss"] for m in four.metrics]
+    np.testing.assert_allclose(b, a, rtol=2e-5)
+    assert [m["stat_dropped"] for m in four.metrics] == pytest.approx([m["stat_dropped"] for m in one.metrics], abs=1e-6)
+    # and the experts really are split: each device holds one of the 4 experts
+    shardings = param_shardings(nnx.to_pure_dict(nnx.state(llmjax.build_model(cfg), nnx.Param)), make_mesh(cfg.train.mesh, jax.devices()[:4]))
+    assert shardings["blocks"]["layers"]["mlp"]["w_in"].spec[1] == "expert"
+
+
+def test_capacity_mode_exchanges_tokens_with_all_to_all():
+    """Under a mesh with an expert axis the capacity-mode layer sends buffers to the experts' devices
+    (two all-to-alls), and computes what one device computes."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from llmjax.sharding import make_mesh, param_shardings
+
+    layer = _layer(moe_mode="capacity", capacity_factor=1.0)
+    graphdef, state = nnx.split(layer)
+    pure = nnx.to_pure_dict(state)
+    x = jax.random.normal(jax.random.key(4), (8, 16, 64))
+    want = layer(x)[0]
+    mesh = make_mesh({"data": 1, "fsdp": 1, "expert": 4}, jax.devices()[:4])
+    shardings = param_shardings({"blocks": {"layers": {0: {"mlp": pure}}}}, mesh)["blocks"]["layers"][0]["mlp"]
+    with jax.set_mesh(mesh):
+        f = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x)[0], in_shardings=(shardings, NamedSharding(mesh, P(("data", "fsdp", "expert")))))
+        hlo = f.lower(pure, x).compile().as_text()
+        got = f(pure, x)
+    assert hlo.count("all-to-all") >= 2
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

@@ -21,8 +21,11 @@ Two ways to run the experts:
 Decoding with a cache always runs dropless (per-token routing, no drops), so cached decoding equals
 the full forward exactly when the full forward dropped nothing.
 
-Still to come (issue 4): sharding the experts over an `expert` mesh axis (expert parallelism with an
-all-to-all under shard_map). On one device both modes run as written here.
+Expert parallelism: with a mesh `expert` axis of size n (`train.mesh.expert`), each device holds
+n_experts / n experts. In capacity mode the (expert, slot) buffers travel to their experts' devices
+and back by two all-to-alls under `jax.shard_map` (`expert_parallel`). The dropless mode's ragged
+groups are left to XLA's partitioner, which gathers rather than exchanges (an all-to-all of ragged
+groups is still to do).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.models.attention import Attention
@@ -119,13 +123,40 @@ class MoEFeedForward(nnx.Module):
         dispatch = (jax.nn.one_hot(jnp.where(kept, slot, -1), C, dtype=dt))  # (B, T*k, E, C); -1 -> all zeros
         rows = jnp.repeat(x_BTD.astype(dt), k, axis=1)  # (B, T*k, D)
         buffers = jnp.einsum("bsec,bsd->becd", dispatch, rows)  # (B, E, C, D)
-        h = jnp.einsum("becd,edf->becf", buffers, self.w_in[...].astype(dt), preferred_element_type=jnp.float32)
-        h = jax.nn.gelu(h + self.b_in[...][None, :, None], approximate=True).astype(dt)
-        out = jnp.einsum("becf,efd->becd", h, self.w_out[...].astype(dt), preferred_element_type=jnp.float32)
-        out = (out + self.b_out[...][None, :, None]).astype(dt)
+        weights = (self.w_in[...].astype(dt), self.b_in[...], self.w_out[...].astype(dt), self.b_out[...])
+        out = expert_parallel(expert_ffn, buffers, *weights)
         combined = jnp.einsum("bsec,becd->bsd", dispatch, out).reshape(B, T, k, D)
         kept_BTk = kept.any(axis=-1).reshape(B, T, k)
         return jnp.einsum("btkd,btk->btd", combined, (gates * kept_BTk).astype(dt)), kept_BTk
+
+
+def expert_ffn(buffers_BECD, w_in, b_in, w_out, b_out):
+    """Each expert's GELU FFN on its (C, D) buffer of every row."""
+    dt = buffers_BECD.dtype
+    h = jnp.einsum("becd,edf->becf", buffers_BECD, w_in, preferred_element_type=jnp.float32)
+    h = jax.nn.gelu(h + b_in[None, :, None], approximate=True).astype(dt)
+    out = jnp.einsum("becf,efd->becd", h, w_out, preferred_element_type=jnp.float32)
+    return (out + b_out[None, :, None]).astype(dt)
+
+
+def expert_parallel(ffn, buffers_BECD, *weights):
+    """Run `ffn` with the experts split over the mesh's `expert` axis, when the surrounding
+    computation runs under one (`jax.set_mesh`, as the trainer does) and it has more than one
+    device: rows arrive split over the batch axes, an all-to-all sends each expert's buffers to the
+    device that holds that expert, and a second all-to-all brings the results back. Elsewhere it
+    is a plain call."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "expert" not in mesh.axis_names or mesh.shape["expert"] == 1:
+        return ffn(buffers_BECD, *weights)
+    batch = tuple(a for a in ("data", "fsdp", "expert") if a in mesh.axis_names)
+
+    def local(buffers, *local_weights):  # buffers: (B / n_batch_shards, E, C, D); weights: E / n_expert
+        buffers = jax.lax.all_to_all(buffers, "expert", split_axis=1, concat_axis=0, tiled=True)
+        out = ffn(buffers, *local_weights)  # this device's experts, for the rows of its expert group
+        return jax.lax.all_to_all(out, "expert", split_axis=0, concat_axis=1, tiled=True)
+
+    weight_specs = tuple(P("expert") for _ in weights)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(batch), *weight_specs), out_specs=P(batch))(buffers_BECD, *weights)
 
 
 class MoEBlock(PreNormBlock):
