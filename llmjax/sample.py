@@ -23,10 +23,11 @@ def sample_logits(logits_BV, key, temperature: float, top_k: int | None):
 
 
 @nnx.jit(static_argnames=("max_new_tokens", "temperature", "top_k"))
-def _generate(model, prompt_1T, key, max_new_tokens: int, temperature: float, top_k: int | None):
+def _generate(model, prompt_1T, n_prompt, key, max_new_tokens: int, temperature: float, top_k: int | None):
+    """The prompt is left-padded to T: its first T - n_prompt tokens are padding (position < 0)."""
     T = prompt_1T.shape[1]
     cache = model.init_cache(1, T + max_new_tokens)
-    logits, cache, _ = model(prompt_1T, positions=jnp.arange(T)[None], cache=cache)
+    logits, cache, _ = model(prompt_1T, positions=(jnp.arange(T) - (T - n_prompt))[None], cache=cache)
     keys = jax.random.split(key, max_new_tokens)
     first = sample_logits(logits[:, -1], keys[0], temperature, top_k)
 
@@ -39,14 +40,15 @@ def _generate(model, prompt_1T, key, max_new_tokens: int, temperature: float, to
         nxt = sample_logits(logits[:, -1], key, temperature, top_k)
         return (nxt, cache), tok
 
-    (last, _), toks = jax.lax.scan(step, (first, cache), (keys[1:], T + jnp.arange(max_new_tokens - 1)))
+    (last, _), toks = jax.lax.scan(step, (first, cache), (keys[1:], n_prompt + jnp.arange(max_new_tokens - 1)))
     return jnp.concatenate([toks[:, 0], last])
 
 
 def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.8, top_k: int | None = 200, seed: int = 0) -> list[int]:
     """`max_new_tokens` tokens after `prompt_ids` (at least one token). Past the context length it
-    slides: each chunk of half a context is decoded after re-prefilling the last tokens. Chunks all
-    have one size (the last is cut), so at most two shapes are compiled."""
+    slides: each chunk of half a context is decoded after re-prefilling the last tokens. Prompts are
+    left-padded (padding positions are negative) and chunks all have one size (the last is cut),
+    so one shape is compiled."""
     context = model.cfg.context_len
     chunk = max(context // 2, 1)
     if top_k is not None:
@@ -55,8 +57,10 @@ def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.8
     tokens, out = list(prompt_ids), []
     while len(out) < max_new_tokens:
         prompt = tokens[-(context - chunk) :]
+        padded = [0] * (context - chunk - len(prompt)) + prompt
         key, sub = jax.random.split(key)
-        new = [int(t) for t in _generate(model, jnp.asarray([prompt], jnp.int32), sub, chunk, float(temperature), top_k)]
+        new = _generate(model, jnp.asarray([padded], jnp.int32), len(prompt), sub, chunk, float(temperature), top_k)
+        new = [int(t) for t in new]
         tokens += new
         out += new
     return out[:max_new_tokens]
