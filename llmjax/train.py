@@ -405,6 +405,8 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
                 for line in lines[:-1]:
                     emit(line)
                 val = evaluate(state["params"], whole_split=is_last) if do_eval else None
+                if is_last and ecfg.num_batches > 0:  # also the periodic estimate, comparable with earlier steps
+                    lines[-1]["val_loss_estimate"] = evaluate(state["params"], whole_split=False)
                 emit(lines[-1], val)
                 if val is not None:
                     last_val = val
