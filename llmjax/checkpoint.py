@@ -70,9 +70,6 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {self.directory}/{step} cannot be restored: {first}") from None
         return out["state"], out["meta"]
 
-    def read_meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -49,13 +49,3 @@ def scale_params(m, factor: float):
 
 def tokens(key: int, batch: int, length: int, vocab: int = 65):
     return jax.random.randint(jax.random.key(key), (batch, length), 0, vocab, dtype=jnp.int32)
-
-
-def forward(m, toks, **kw):
-    """Jitted forward returning logits only; the graph is cached per model."""
-    return _jitted_forward(m, toks, **kw)
-
-
-@nnx.jit
-def _jitted_forward(m, toks):
-    return m(toks)[0]
