@@ -1,66 +1,494 @@
-"""Decoding with the decode cache: prefill once, then one jitted loop of single-token steps.
+"""`python -m llmjax.sample --checkpoint_path=runs/NAME --prompt="Once upon a time" --max_new_tokens=100`
 
-`generate` is the plain loop the trainer uses for its end-of-run sample; it works for every
-architecture through the calling convention (model(tokens, positions=, cache=)).
+The sampler for every architecture: prefill the prompts once, then one jitted decode loop
+(`lax.while_loop`) over a fixed-size state, stopping per row at end-of-text or at max tokens.
+
+- The decode state is what the model's `init_cache` gives (keys and values; GQA's shared heads;
+  MLA's latent and RoPE key; Linformer's block and summaries; the SSM's recurrent state), plus the
+  tokens drawn so far. Rows that are done are fed at position -1 (padding: their state stays put).
+- Prompts are left-padded to a bucket length (powers of two from 16, capped at the context), so a
+  new prompt length compiles nothing new within its bucket; a row's tokens sit at positions
+  0..n-1 whatever its padding, so batching never changes a row's computation.
+- Row r's random stream is `fold_in(fold_in(key(seed), r), t)` for its t-th new token: it depends on
+  the seed and the row's index, not on its batch-mates.
+- Past the context a row slides: its last `context - context // 2` tokens are prefilled again and
+  decoding goes on (every row is re-prefilled with its own window at that moment).
+- Sampling: temperature, then top-k, then top-p (nucleus) on the rest; greedy is argmax. Padded
+  vocabulary rows are never drawn.
+
+Python API: `load(path)` -> `Loaded` (model, tokenizer, config, step); `generate(model, prompts, ...)`
+on token ids; `Loaded.generate_text(prompts, ...)` on strings.
 """
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from absl import flags, logging
 from flax import nnx
 
+from llmjax import cli
+from llmjax.config import ConfigError, model_config
+from llmjax.models.layers import convert_layer_layout
+from llmjax.registry import build_model
+from llmjax.tokenizer import TokenizerError, from_description
 
-def sample_logits(logits_BV, key, temperature: float, top_k: int | None):
-    """One token per row: greedy at temperature 0, else softmax sampling, optionally top-k."""
-    if temperature == 0:
-        return jnp.argmax(logits_BV, axis=-1)
-    logits_BV = logits_BV / temperature
-    if top_k:
-        kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
-        logits_BV = jnp.where(logits_BV < kth, -jnp.inf, logits_BV)
-    return jax.random.categorical(key, logits_BV, axis=-1)
+MIN_BUCKET = 16
 
 
-@nnx.jit(static_argnames=("max_new_tokens", "temperature", "top_k"))
-def _generate(model, prompt_1T, n_prompt, key, max_new_tokens: int, temperature: float, top_k: int | None):
-    """The prompt is left-padded to T: its first T - n_prompt tokens are padding (position < 0)."""
-    T = prompt_1T.shape[1]
-    cache = model.init_cache(1, T + max_new_tokens)
-    logits, cache, _ = model(prompt_1T, positions=(jnp.arange(T) - (T - n_prompt))[None], cache=cache)
-    keys = jax.random.split(key, max_new_tokens)
-    first = sample_logits(logits[:, -1], keys[0], temperature, top_k)
-
-    graphdef, state = nnx.split(model)  # a plain pytree inside lax.scan; nnx modules cannot cross it
-
-    def step(carry, key_and_pos):
-        tok, cache = carry
-        key, pos = key_and_pos
-        logits, cache, _ = nnx.merge(graphdef, state)(tok[:, None], positions=jnp.full((1, 1), pos), cache=cache)
-        nxt = sample_logits(logits[:, -1], key, temperature, top_k)
-        return (nxt, cache), tok
-
-    (last, _), toks = jax.lax.scan(step, (first, cache), (keys[1:], n_prompt + jnp.arange(max_new_tokens - 1)))
-    return jnp.concatenate([toks[:, 0], last])
+class SampleError(ValueError):
+    """A sampler problem a user can fix (one line)."""
 
 
-def generate(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.8, top_k: int | None = 200, seed: int = 0) -> list[int]:
-    """`max_new_tokens` tokens after `prompt_ids` (at least one token). Past the context length it
-    slides: each chunk of half a context is decoded after re-prefilling the last tokens. Prompts are
-    left-padded (padding positions are negative) and chunks all have one size (the last is cut),
-    so one shape is compiled."""
-    context = model.cfg.context_len
+class PromptTruncated(UserWarning):
+    """A prompt longer than the context: its last tokens are kept."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. `greedy` (or temperature 0) is argmax; otherwise logits are
+    divided by `temperature`, cut to the `top_k` largest (None or 0: all), then to the smallest set
+    whose probability reaches `top_p` (1.0: all), and sampled."""
+
+    temperature: float = 0.8
+    top_k: int | None = 200
+    top_p: float = 1.0
+    greedy: bool = False
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise SampleError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise SampleError(f"top_k must be >= 0 (0: no top-k), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise SampleError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0:
+            object.__setattr__(self, "top_k", None)
+        if self.temperature == 0:
+            object.__setattr__(self, "greedy", True)
+
+
+def filter_logits(logits_BV, vocab_size: int, s: Sampling):
+    """float32 logits / temperature with every token that may not be drawn set to -inf: padded
+    vocabulary rows, those outside the top-k, and those outside the top-p nucleus (the most likely
+    tokens whose probabilities, summed in decreasing order, first reach top_p)."""
+    B, V = logits_BV.shape
+    rows = jnp.arange(B)[:, None]
+    logits = jnp.where(jnp.arange(V) < vocab_size, logits_BV.astype(jnp.float32), -jnp.inf)
+    if s.greedy:
+        return logits
+    logits = logits / s.temperature
+    k = min(s.top_k or V, vocab_size)
+    if k < vocab_size:
+        vals, idx = jax.lax.top_k(logits, k)
+        logits = jnp.full_like(logits, -jnp.inf).at[rows, idx].set(vals)
+    if s.top_p < 1:
+        if k < vocab_size:  # already sorted, descending
+            vals, idx = jax.lax.top_k(logits, k)
+        else:
+            idx = jnp.argsort(-logits, axis=-1)
+            vals = jnp.take_along_axis(logits, idx, axis=-1)
+        probs = jax.nn.softmax(vals, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
+        keep = before < s.top_p
+        logits = jnp.full_like(logits, -jnp.inf).at[rows, idx].set(jnp.where(keep, vals, -jnp.inf))
+    return logits
+
+
+def choose(logits_BV, keys_B, vocab_size: int, s: Sampling):
+    """One token per row: argmax when greedy, else a draw from the filtered distribution with that
+    row's key."""
+    logits = filter_logits(logits_BV, vocab_size, s)
+    if s.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.vmap(jax.random.categorical)(keys_B, logits).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The jitted parts: prefill (and the first token), then the decode loop
+
+
+def _record(state, nxt, max_new: int, eot: int):
+    """Append `nxt` to the rows that are still going; mark rows done at end-of-text or max tokens."""
+    B = nxt.shape[0]
+    active = ~state["done"]
+    slot = jnp.where(active, state["n_gen"], max_new)  # max_new is out of range: dropped
+    out = state["out"].at[jnp.arange(B), slot].set(nxt, mode="drop")
+    n_gen = state["n_gen"] + active
+    done = state["done"] | (active & ((nxt == eot) | (n_gen >= max_new)))
+    return {**state, "out": out, "n_gen": n_gen, "done": done, "last": jnp.where(active, nxt, state["last"])}
+
+
+def _keys(state):
+    return jax.vmap(jax.random.fold_in)(state["row_keys"], state["n_gen"])
+
+
+@nnx.jit(static_argnames=("cache_len", "sampling", "eot"))
+def _prefill(model, state, tokens_BT, lengths_B, *, cache_len: int, sampling: Sampling, eot: int):
+    """Prefill each row's window (left-padded to T; row b's last lengths[b] tokens are real, at
+    positions 0..lengths[b]-1) into a fresh cache of `cache_len` slots and draw each row's next token."""
+    B, T = tokens_BT.shape
+    positions = jnp.arange(T, dtype=jnp.int32)[None, :] - (T - lengths_B[:, None])
+    cache = model.init_cache(B, cache_len)
+    logits, cache, _ = model(tokens_BT, positions=positions, cache=cache)
+    nxt = choose(logits[:, -1], _keys(state), model.cfg.vocab_size, sampling)
+    state = _record(state, nxt, state["out"].shape[1], eot)
+    return {**state, "cache": cache, "pos": lengths_B, "limit": jnp.int32(cache_len)}
+
+
+@nnx.jit(static_argnames=("sampling", "eot"), donate_argnames=("state",))
+def _decode(model, state, num_steps, *, sampling: Sampling, eot: int):
+    """Up to `num_steps` decode steps. Stops early when every row is done, or when a row that is
+    still going has reached `limit`, the end of the cache or the context (the caller slides it)."""
+    graphdef, params = nnx.split(model)  # nnx modules cannot cross lax.while_loop; pytrees can
+    vocab_size, max_new = model.cfg.vocab_size, state["out"].shape[1]
+
+    def cond(carry):
+        i, st = carry
+        active = ~st["done"]
+        return (i < num_steps) & jnp.any(active) & jnp.all(~active | (st["pos"] < st["limit"]))
+
+    def body(carry):
+        i, st = carry
+        pos = jnp.where(st["done"], -1, st["pos"])  # finished rows are padding: nothing changes
+        logits, cache, _ = nnx.merge(graphdef, params)(st["last"][:, None], positions=pos[:, None], cache=st["cache"])
+        nxt = choose(logits[:, -1], _keys(st), vocab_size, sampling)
+        st = _record({**st, "cache": cache}, nxt, max_new, eot)
+        return i + 1, {**st, "pos": st["pos"] + 1}
+
+    return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
+
+
+def bucket(n: int, context: int) -> int:
+    """Prompt length bucket: the next power of two from MIN_BUCKET, capped at the context."""
+    return min(context, max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length()))
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+# ---------------------------------------------------------------------------------------------
+# The host loop
+
+
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    sampling: Sampling | None = None,
+    seed: int = 0,
+    eot_id: int | None = None,
+    on_tokens: Callable[[int, list[int]], None] | None = None,
+    stream_every: int = 8,
+) -> list[list[int]]:
+    """Up to `max_new_tokens` new tokens after each prompt (token ids, at least one each), decoded
+    as one batch. A row ends early at `eot_id` (not included in its output). `on_tokens(row, ids)`,
+    when given, receives each row's new tokens as they arrive (every `stream_every` steps)."""
+    sampling = sampling or Sampling()
+    cfg = model.cfg
+    context, B = cfg.context_len, len(prompts)
+    if B == 0 or max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    if any(len(p) == 0 for p in prompts):
+        raise SampleError("every prompt needs at least one token (start an empty one from end-of-text)")
+    if any(not 0 <= t < cfg.vocab_size for p in prompts for t in p):
+        raise SampleError(f"prompt token ids must be in [0, {cfg.vocab_size})")
+    eot = -1 if eot_id is None else int(eot_id)
     chunk = max(context // 2, 1)
-    if top_k is not None:
-        top_k = min(top_k, model.cfg.vocab_size)
-    key = jax.random.key(seed)
-    tokens, out = list(prompt_ids), []
-    while len(out) < max_new_tokens:
-        prompt = tokens[-(context - chunk) :]
-        padded = [0] * (context - chunk - len(prompt)) + prompt
-        key, sub = jax.random.split(key)
-        new = _generate(model, jnp.asarray([padded], jnp.int32), len(prompt), sub, chunk, float(temperature), top_k)
-        new = [int(t) for t in new]
-        tokens += new
-        out += new
-    return out[:max_new_tokens]
+    seqs = [list(p) for p in prompts]
+    starts = [max(0, len(p) - context) for p in prompts]  # each row's window is seqs[r][starts[r]:]
+
+    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), jnp.arange(B))
+    state = {
+        "out": jnp.zeros((B, max_new_tokens), jnp.int32),
+        "n_gen": jnp.zeros((B,), jnp.int32),
+        "done": jnp.zeros((B,), bool),
+        "last": jnp.zeros((B,), jnp.int32),
+        "row_keys": row_keys,
+    }
+
+    def prefill(state, cache_len):
+        windows = [s[st:] for s, st in zip(seqs, starts)]
+        T = bucket(max(len(w) for w in windows), context)
+        toks = np.zeros((B, T), np.int32)
+        for r, w in enumerate(windows):
+            toks[r, T - len(w) :] = w
+        lengths = jnp.asarray([len(w) for w in windows], jnp.int32)
+        state = {k: v for k, v in state.items() if k not in ("cache", "pos", "limit")}
+        return _prefill(model, state, jnp.asarray(toks), lengths, cache_len=cache_len, sampling=sampling, eot=eot)
+
+    T0 = bucket(max(len(s) - st for s, st in zip(seqs, starts)), context)
+    state = prefill(state, min(context, _round_up(T0 + max_new_tokens, 64)))
+    emitted = [0] * B
+    while True:
+        if on_tokens is not None:
+            out, n_gen = jax.device_get((state["out"], state["n_gen"]))
+            for r in range(B):
+                new = [int(t) for t in out[r, emitted[r] : n_gen[r]] if t != eot]
+                if new:
+                    on_tokens(r, new)
+                emitted[r] = int(n_gen[r])
+        done, pos, limit = jax.device_get((state["done"], state["pos"], state["limit"]))
+        if done.all():
+            break
+        if (pos[~done] >= limit).any():  # some row is at the end of the context: slide
+            out, n_gen = jax.device_get((state["out"], state["n_gen"]))
+            for r in range(B):
+                seqs[r] = list(prompts[r]) + [int(t) for t in out[r, : n_gen[r]]]
+                if done[r]:
+                    starts[r] = len(seqs[r]) - 1  # prefilled, not used
+                elif len(seqs[r]) - starts[r] > context:
+                    starts[r] = len(seqs[r]) - (context - chunk)
+            state = prefill(state, context)
+            continue
+        steps = stream_every if on_tokens is not None else max_new_tokens
+        state = _decode(model, state, jnp.int32(steps), sampling=sampling, eot=eot)
+    out, n_gen = jax.device_get((state["out"], state["n_gen"]))
+    return [[int(t) for t in out[r, : n_gen[r]] if t != eot] for r in range(B)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a run's checkpoint
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A model restored from a training run, ready to sample."""
+
+    model: nnx.Module
+    tokenizer: object
+    config: dict  # the run's resolved config (config.json)
+    step: int
+    path: Path
+
+    def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each prompt: an empty prompt starts from end-of-text (a newline for a
+        character vocabulary); a prompt longer than the context keeps its last tokens (warning)."""
+        context = self.model.cfg.context_len
+        tok = self.tokenizer
+        out = []
+        for i, text in enumerate(prompts):
+            try:
+                ids = tok.encode(text) if text else []
+            except TokenizerError as e:
+                raise SampleError(f"prompt {i + 1}: {e}") from None
+            if not ids:
+                ids = [tok.eot_id] if tok.eot_id is not None else tok.encode("\n") if "\n" in getattr(tok, "chars", "\n") else [0]
+            if len(ids) > context:
+                warnings.warn(
+                    f"prompt {i + 1} has {len(ids)} tokens, more than the model's context of {context}; keeping its last {context}",
+                    PromptTruncated,
+                    stacklevel=2,
+                )
+                ids = ids[-context:]
+            out.append(ids)
+        return out
+
+    def generate_text(
+        self, prompts: Sequence[str], max_new_tokens: int = 100, *, num_samples: int = 1, sampling: Sampling | None = None,
+        seed: int = 0, on_text: Callable[[int, str], None] | None = None,
+    ) -> list[str]:
+        """`num_samples` continuations of each prompt (without the prompt), prompt-major: row
+        r = i * num_samples + j is prompt i's j-th sample. `on_text(row, text)` streams."""
+        ids = [p for p in self.encode_prompts(prompts) for _ in range(num_samples)]
+        decoders = [StreamDecoder(self.tokenizer) for _ in ids]
+
+        def stream(row, new):
+            text = decoders[row].add(new)
+            if text:
+                on_text(row, text)
+
+        outs = generate(self.model, ids, max_new_tokens, sampling=sampling, seed=seed, eot_id=self.tokenizer.eot_id,
+                        on_tokens=stream if on_text is not None else None)
+        return [self.tokenizer.decode(o) for o in outs]
+
+
+class StreamDecoder:
+    """Text of a token stream as it arrives: bytes are buffered until they form whole UTF-8
+    characters (a BPE token may end inside one)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, ids: list[int]) -> str:
+        return self.utf8.decode(self.tokenizer.decode_bytes(ids))
+
+
+def resolve(path: str | Path, which: str = "latest") -> tuple[Path, int]:
+    """(run directory, checkpoint step) for a run directory (its latest or best checkpoint), its
+    checkpoints/ directory, or one checkpoints/<step> directory."""
+    import orbax.checkpoint as ocp
+
+    p = Path(path).expanduser()
+    if not p.exists() and p.name.isdigit() and p.parent.name == "checkpoints" and p.parent.is_dir():
+        steps = sorted(int(c.name) for c in p.parent.iterdir() if c.name.isdigit())
+        raise SampleError(f"{p.parent} has no checkpoint {p.name} (it has {steps})")
+    if not p.exists():
+        raise SampleError(f"no such run or checkpoint: {path}; pass a training --workdir (e.g. runs/NAME) or one of its checkpoints/<step>")
+    step = None
+    if p.name.isdigit() and p.parent.name == "checkpoints":
+        run, step = p.parent.parent, int(p.name)
+    elif p.name == "checkpoints" and (p.parent / "config.json").is_file():
+        run = p.parent
+    else:
+        run = p
+    if not (run / "config.json").is_file() or not (run / "checkpoints").is_dir():
+        raise SampleError(f"{path} is not an llmjax training run (no config.json and checkpoints/); pass the --workdir of a training run")
+    if which not in ("latest", "best"):
+        raise SampleError(f"--which must be 'latest' or 'best', got {which!r}")
+    if step is None:
+        options = ocp.CheckpointManagerOptions(read_only=True, best_fn=lambda m: m["val_loss"], best_mode="min")
+        with ocp.CheckpointManager((run / "checkpoints").absolute(), options=options) as mgr:
+            step = mgr.latest_step() if which == "latest" else mgr.best_step()
+        if step is None:
+            what = "no checkpoint" if which == "latest" else "no checkpoint with a validation loss"
+            raise SampleError(f"{run / 'checkpoints'} holds {what}; train longer or pass --which=latest")
+    return run, step
+
+
+def inference_params(params: dict, dtype) -> dict:
+    """Kernels and the token table cast to the compute dtype once, as every forward casts them
+    anyway (the logits are identical; decoding reads half the bytes in bf16). Everything else stays
+    float32."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32:
+        return params
+
+    def cast(path, x):
+        names = [getattr(k, "key", None) for k in path]
+        if names[-1] == "kernel" or names[-2:] == ["embed", "embedding"]:
+            return x.astype(dtype)
+        return x
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def load(path: str | Path, which: str = "latest", *, dtype: str | None = None, scan_layers: bool = False) -> Loaded:
+    """The model of a training run's checkpoint (see `resolve`), in `dtype` (default: the run's),
+    with unrolled layers (decoding writes each layer's cache in place)."""
+    import orbax.checkpoint as ocp
+
+    run, step = resolve(path, which)
+    try:
+        config = json.loads((run / "config.json").read_text())
+        overrides = {"scan_layers": scan_layers, **({"dtype": dtype} if dtype else {})}
+        mcfg = model_config({**config["model"], **overrides})
+        tokenizer = from_description(json.loads((run / "tokenizer.json").read_text()))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SampleError(f"{run} is not a readable llmjax run ({type(e).__name__}: {e})") from None
+    except (ConfigError, TokenizerError) as e:
+        raise SampleError(f"{run}: {e}") from None
+
+    canonical = mcfg.replace(scan_layers=True)  # the checkpoint's layout
+    abstract = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(build_model(canonical, seed=0), nnx.Param)))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)}
+    ckpt_dir = run / "checkpoints"
+    try:
+        options = ocp.CheckpointManagerOptions(read_only=True)
+        with ocp.CheckpointManager(ckpt_dir.absolute(), options=options, item_names=("state", "data", "meta")) as mgr:
+            if step not in mgr.all_steps():
+                raise SampleError(f"{ckpt_dir} has no checkpoint {step} (it has {sorted(mgr.all_steps())})")
+            restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=device), target)
+            state = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)  # params only
+            restored = mgr.restore(step, args=ocp.args.Composite(state=state))
+    except SampleError:
+        raise
+    except Exception as e:  # orbax raises many types for a corrupt or foreign checkpoint
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise SampleError(f"checkpoint {ckpt_dir / str(step)} cannot be restored ({type(e).__name__}: {first})") from None
+    params = inference_params(convert_layer_layout(restored["state"]["params"], mcfg.scan_layers), mcfg.compute_dtype)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(mcfg, seed=0)))
+    model = nnx.merge(graphdef, params)
+    return Loaded(model=model, tokenizer=tokenizer, config=config, step=step, path=run)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+def define_flags():
+    flags.DEFINE_string("checkpoint_path", None, "a training run directory (runs/NAME) or one of its checkpoints/<step>")
+    flags.DEFINE_alias("checkpoint", "checkpoint_path")
+    flags.DEFINE_enum("which", "latest", ["latest", "best"], "with a run directory: its latest checkpoint or the best by val loss")
+    flags.DEFINE_string("prompt", None, "the prompt (empty: start from end-of-text)")
+    flags.DEFINE_string("prompt_file", None, "a file with one prompt per line (after --prompt, if given)")
+    flags.DEFINE_integer("max_new_tokens", 100, "new tokens per sample")
+    flags.DEFINE_float("temperature", 0.8, "softmax temperature (0: greedy)")
+    flags.DEFINE_integer("top_k", 200, "sample among the k most likely tokens (0: all)")
+    flags.DEFINE_float("top_p", 1.0, "then among the most likely tokens whose probability reaches p (1: all)")
+    flags.DEFINE_bool("greedy", False, "always take the most likely token")
+    flags.DEFINE_integer("num_samples", 1, "samples per prompt")
+    flags.DEFINE_integer("seed", 0, "random seed")
+    flags.DEFINE_string("dtype", None, "compute dtype (default: the run's model.dtype)")
+
+
+def _prompts(FLAGS) -> list[str]:
+    prompts = [] if FLAGS.prompt is None else [FLAGS.prompt]
+    if FLAGS.prompt_file:
+        try:
+            lines = Path(FLAGS.prompt_file).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SampleError(f"cannot read --prompt_file {FLAGS.prompt_file}: {e.strerror if isinstance(e, OSError) else e}") from None
+        prompts += [line for line in lines if line.strip()]
+        if not prompts:
+            raise SampleError(f"--prompt_file {FLAGS.prompt_file} holds no prompt")
+    return prompts or [""]
+
+
+def main(argv):
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS.checkpoint_path:
+        cli.fail("--checkpoint_path is required: a training run directory such as runs/shakespeare_char")
+    from llmjax.runtime import enable_compilation_cache
+
+    enable_compilation_cache()
+    logging.set_verbosity(logging.ERROR)  # Orbax logs its read-only mode at WARNING
+    warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
+    try:
+        if FLAGS.num_samples < 1 or FLAGS.max_new_tokens < 0:
+            raise SampleError("--num_samples must be >= 1 and --max_new_tokens >= 0")
+        sampling = Sampling(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, greedy=FLAGS.greedy)
+        prompts = _prompts(FLAGS)
+        loaded = load(FLAGS.checkpoint_path, FLAGS.which, dtype=FLAGS.dtype)
+        n = FLAGS.num_samples
+        rows = [p for p in prompts for _ in range(n)]
+        if len(rows) == 1:  # one sample: plain text, streamed
+            sys.stdout.write(rows[0])
+            sys.stdout.flush()
+
+            def stream(row, text):
+                sys.stdout.write(text)
+                sys.stdout.flush()
+
+            loaded.generate_text(rows, FLAGS.max_new_tokens, sampling=sampling, seed=FLAGS.seed, on_text=stream)
+            sys.stdout.write("\n")
+        else:
+            texts = loaded.generate_text(prompts, FLAGS.max_new_tokens, num_samples=n, sampling=sampling, seed=FLAGS.seed)
+            for k, (prompt, text) in enumerate(zip(rows, texts), start=1):
+                print(f"--- sample {k} ---")
+                print(prompt + text)
+    except (SampleError, ConfigError) as e:
+        cli.fail(str(e))
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)

@@ -57,6 +57,10 @@ class GPT2Tokenizer:
     def decode(self, ids) -> str:
         return self.encoding.decode([int(i) for i in ids])
 
+    def decode_bytes(self, ids) -> bytes:
+        """The UTF-8 bytes of some tokens (a token may hold part of a character)."""
+        return self.encoding.decode_bytes([int(i) for i in ids])
+
     def description(self) -> dict:
         return {"kind": "gpt2", "vocab_size": self.vocab_size, "eot_id": self.eot_id}
 
@@ -86,6 +90,9 @@ class CharTokenizer:
 
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
+
+    def decode_bytes(self, ids) -> bytes:
+        return self.decode(ids).encode("utf-8")
 
     def description(self) -> dict:
         return {"kind": "char", "vocab_size": self.vocab_size, "chars": self.chars}

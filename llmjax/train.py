@@ -140,58 +140,23 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False) -> Run:
-    """Train (or resume) the run described by `cfg` in `workdir`. `devices` defaults to all."""
-    if jax.default_backend() == "cpu":
-        tune_host_allocator()
-    validate(cfg)
-    mcfg = model_config(cfg)
-    tcfg, ecfg = cfg.train, cfg.eval
-    workdir = Path(workdir).absolute()
-    lead = jax.process_index() == 0
-    say = (lambda *a: None) if quiet or not lead else (lambda *a: print(*a, flush=True))
-    if tcfg.max_steps <= 0:
-        raise ConfigError(f"train.max_steps must be positive, got {tcfg.max_steps}")
-    if tcfg.grad_accum_steps <= 0 or tcfg.batch_size <= 0:
-        raise ConfigError("train.batch_size and train.grad_accum_steps must be positive")
+@dataclasses.dataclass
+class Steps:
+    """The jitted pieces of training for one config on one mesh (the trainer's and the benchmark's)."""
 
-    # --- data ---------------------------------------------------------------------------
-    try:
-        dataset = data_lib.open_dataset(cfg.data.dataset, cfg.data.dir)
-    except data_lib.DataError as e:
-        raise ConfigError(str(e)) from None
-    tokenizer = dataset.tokenizer()
-    if tokenizer.vocab_size != mcfg.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size={mcfg.vocab_size} does not match dataset '{dataset.name}' ({tokenizer.vocab_size} tokens); "
-            f"set --config.model.vocab_size={tokenizer.vocab_size}"
-        )
+    graphdef: object  # the model's nnx graph (in the config's layer layout)
+    abstract_state: dict  # {'params', 'opt', 'rng', 'step'} shapes
+    state_shard: dict  # and their shardings
+    init_state: object  # () -> a fresh state, sharded
+    train_step: object  # (state, tokens (accum, batch, T+1)) -> (state, metrics); donates the state
+    eval_step: object  # (params, tokens (batch, T+1), mask (batch, T)) -> (loss sum, token count)
+    tok_shard: NamedSharding
+    eval_shard: NamedSharding
 
-    # --- workdir: config.json (a resumed run must have the same model) ----------------------
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(workdir / "checkpoints", keep=tcfg.keep_checkpoints)
-    resolved = json.loads(cfg.to_json())
-    saved_cfg = workdir / "config.json"
-    start = ckpt.latest_step() or 0
-    if start and saved_cfg.is_file():
-        diffs = [
-            d
-            for d in config_diff(json.loads(saved_cfg.read_text())["model"], resolved["model"], "model.")
-            if d.split(" ")[0].removeprefix("model.") not in EXECUTION_KEYS
-        ]
-        if diffs:
-            raise ConfigError(
-                f"{workdir} holds a run with a different model config: {'; '.join(diffs)}; use another --workdir or the same config"
-            )
-    if lead:
-        data_lib.atomic_write_json(saved_cfg, resolved)
-        data_lib.atomic_write_json(workdir / "tokenizer.json", tokenizer.description())
 
-    # --- mesh, model, optimizer -----------------------------------------------------------
-    mesh = make_mesh(tcfg.mesh, devices)
-    n_dev = mesh.devices.size
-    if tcfg.batch_size % n_dev:
-        raise ConfigError(f"train.batch_size={tcfg.batch_size} must be divisible by the {n_dev} devices of the mesh")
+def build_steps(cfg, mesh) -> Steps:
+    """Model, optimizer, shardings and the jitted train and eval steps for `cfg` on `mesh`."""
+    mcfg, tcfg = model_config(cfg), cfg.train
     canonical = mcfg.replace(scan_layers=True)  # storage layout of parameters (and checkpoints)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(mcfg, seed=0)))
 
@@ -212,8 +177,7 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
     }
 
     weights = dict(tcfg.aux_loss_weights)
-    accum, micro = tcfg.grad_accum_steps, tcfg.batch_size
-    T = mcfg.context_len
+    accum = tcfg.grad_accum_steps
     tok_shard = NamedSharding(mesh, P(None, *batch_sharding(mesh).spec))  # (accum, B, T+1)
 
     def loss_fn(params, tokens_BT1):
@@ -268,6 +232,75 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
 
     eval_fn = jax.jit(eval_step, in_shardings=(p_shard, eval_shard, eval_shard), out_shardings=(replicated, replicated))
 
+    def init():
+        params = init_params()
+        rng = jax.random.key_data(jax.random.key(tcfg.seed))
+        return {"params": params, "opt": tx.init(params), "rng": rng, "step": jnp.int32(0)}
+
+    return Steps(
+        graphdef=graphdef, abstract_state=abstract_state, state_shard=state_shard,
+        init_state=jax.jit(init, out_shardings=state_shard), train_step=step_fn, eval_step=eval_fn,
+        tok_shard=tok_shard, eval_shard=eval_shard,
+    )
+
+
+def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False) -> Run:
+    """Train (or resume) the run described by `cfg` in `workdir`. `devices` defaults to all."""
+    if jax.default_backend() == "cpu":
+        tune_host_allocator()
+    validate(cfg)
+    mcfg = model_config(cfg)
+    tcfg, ecfg = cfg.train, cfg.eval
+    workdir = Path(workdir).absolute()
+    lead = jax.process_index() == 0
+    say = (lambda *a: None) if quiet or not lead else (lambda *a: print(*a, flush=True))
+    if tcfg.max_steps <= 0:
+        raise ConfigError(f"train.max_steps must be positive, got {tcfg.max_steps}")
+    if tcfg.grad_accum_steps <= 0 or tcfg.batch_size <= 0:
+        raise ConfigError("train.batch_size and train.grad_accum_steps must be positive")
+
+    # --- data ---------------------------------------------------------------------------
+    try:
+        dataset = data_lib.open_dataset(cfg.data.dataset, cfg.data.dir)
+    except data_lib.DataError as e:
+        raise ConfigError(str(e)) from None
+    tokenizer = dataset.tokenizer()
+    if tokenizer.vocab_size != mcfg.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={mcfg.vocab_size} does not match dataset '{dataset.name}' ({tokenizer.vocab_size} tokens); "
+            f"set --config.model.vocab_size={tokenizer.vocab_size}"
+        )
+
+    # --- workdir: config.json (a resumed run must have the same model) ----------------------
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=tcfg.keep_checkpoints)
+    resolved = json.loads(cfg.to_json())
+    saved_cfg = workdir / "config.json"
+    start = ckpt.latest_step() or 0
+    if start and saved_cfg.is_file():
+        diffs = [
+            d
+            for d in config_diff(json.loads(saved_cfg.read_text())["model"], resolved["model"], "model.")
+            if d.split(" ")[0].removeprefix("model.") not in EXECUTION_KEYS
+        ]
+        if diffs:
+            raise ConfigError(
+                f"{workdir} holds a run with a different model config: {'; '.join(diffs)}; use another --workdir or the same config"
+            )
+    if lead:
+        data_lib.atomic_write_json(saved_cfg, resolved)
+        data_lib.atomic_write_json(workdir / "tokenizer.json", tokenizer.description())
+
+    # --- mesh, model, optimizer -----------------------------------------------------------
+    mesh = make_mesh(tcfg.mesh, devices)
+    n_dev = mesh.devices.size
+    if tcfg.batch_size % n_dev:
+        raise ConfigError(f"train.batch_size={tcfg.batch_size} must be divisible by the {n_dev} devices of the mesh")
+    steps = build_steps(cfg, mesh)
+    graphdef, state_shard, abstract_state = steps.graphdef, steps.state_shard, steps.abstract_state
+    step_fn, eval_fn, eval_shard, tok_shard = steps.train_step, steps.eval_step, steps.eval_shard, steps.tok_shard
+    accum, micro, T = tcfg.grad_accum_steps, tcfg.batch_size, mcfg.context_len
+
     # --- data iterators ---------------------------------------------------------------------
     pi, pc = jax.process_index(), jax.process_count()
     train_it = data_lib.train_batches(
@@ -308,13 +341,8 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
             raise ConfigError(str(e)) from None
         say(f"resumed from {workdir / 'checkpoints'} at step {start}")
     else:
-        def init():
-            params = init_params()
-            rng = jax.random.key_data(jax.random.key(tcfg.seed))
-            return {"params": params, "opt": tx.init(params), "rng": rng, "step": jnp.int32(0)}
-
         with jax.set_mesh(mesh):
-            state = jax.jit(init, out_shardings=state_shard)()
+            state = steps.init_state()
 
     metrics_path = workdir / "metrics.jsonl"
     history = []
@@ -436,7 +464,7 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
     if final and ecfg.sample_tokens > 0 and jax.process_count() == 1:
         model = nnx.merge(graphdef, convert_layer_layout(jax.device_get(state["params"]), mcfg.scan_layers))
         prompt = [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode("\n")
-        sample = tokenizer.decode(generate(model, prompt, ecfg.sample_tokens, seed=tcfg.seed))
+        sample = tokenizer.decode(generate(model, [prompt], ecfg.sample_tokens, seed=tcfg.seed, eot_id=tokenizer.eot_id)[0])
     return Run(workdir=workdir, step=end, final=final, last_val_loss=last_val, metrics=history, sample=sample)
 
 

@@ -1,0 +1,399 @@
+"""The sampler: its decode loop against full recomputation for every architecture and option,
+batching and bucketing that change nothing, sliding past the context, top-k / top-p exactness,
+per-row random streams, end-of-text, checkpoint loading and the command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import llmjax
+import llmjax.models  # noqa: F401
+from flax import nnx
+from conftest import ROOT
+from helpers import config, load_params, params, scale_params
+from llmjax import sample as S
+from llmjax.models.layers import convert_layer_layout
+from llmjax.sample import Sampling, filter_logits, generate
+from test_models import CACHE_CASES, case_id
+
+GREEDY = Sampling(greedy=True)
+ARCHS = sorted(llmjax.ARCHS)
+
+
+def decoder(arch, scan_layers=False, seed=1, **opts):
+    """A random model with decisive logits (weights scaled up), as the sampler builds it."""
+    m = llmjax.build_model(config(arch, scan_layers=scan_layers, **opts), seed=seed)
+    return scale_params(m, 6.0)
+
+
+def reference_greedy(m, prompt, n, context=None):
+    """Greedy continuation by full recomputation: each token is the argmax of a fresh forward over
+    the row's window (right-padded to the context, so one shape; causality makes padding harmless).
+    The window slides as the sampler's does: past the context it keeps the last context - context//2."""
+    context = context or m.cfg.context_len
+    graphdef, state = nnx.split(m)
+    full = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])
+    seq, start = list(prompt), max(0, len(prompt) - context)
+    out = []
+    for _ in range(n):
+        if len(seq) - start > context:
+            start = len(seq) - (context - context // 2)
+        window = seq[start:]
+        padded = np.zeros((1, context), np.int32)
+        padded[0, : len(window)] = window
+        logits = full(state, jnp.asarray(padded))[0, len(window) - 1, : m.cfg.vocab_size]
+        seq.append(int(jnp.argmax(logits)))
+        out.append(seq[-1])
+    return out
+
+
+# --- the decode loop against full recomputation -------------------------------------------------
+
+PROMPTS = [[5, 1, 4], [9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2], [7]]
+
+
+@pytest.mark.parametrize("case", CACHE_CASES, ids=case_id)
+def test_greedy_batch_equals_full_recomputation(case):
+    """Prompts of different lengths decoded as one batch: each row equals the argmax of a full
+    forward recomputation at every step, and each row alone gives the same text."""
+    arch, opts = case
+    opts = {"scan_layers": False, **opts}
+    m = decoder(arch, **opts)
+    n = 12
+    batch = generate(m, PROMPTS, n, sampling=GREEDY)
+    for prompt, row in zip(PROMPTS, batch):
+        assert row == reference_greedy(m, prompt, n)
+    assert generate(m, [PROMPTS[1]], n, sampling=GREEDY)[0] == batch[1]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sliding_past_the_context_equals_recomputation(arch):
+    """Generation longer than the context slides each row's window; rows reach the end of the
+    context at different steps and are re-prefilled together."""
+    m = decoder(arch)
+    C = m.cfg.context_len
+    prompts = [[3] * (C - 5), [1, 2]]
+    n = C + 10
+    out = generate(m, prompts, n, sampling=GREEDY)
+    for prompt, row in zip(prompts, out):
+        assert row == reference_greedy(m, prompt, n)
+
+
+def test_decode_loop_logits_equal_full_forward_at_every_step():
+    """The logits the jitted loop computes (float32) are within 1e-4 of a full forward's at every
+    step, for rows of different lengths; read back through a greedy run with the loop's own state."""
+    for arch in ARCHS:
+        m = decoder(arch, seed=2)
+        prompts = [[1, 2, 3, 4, 5], [6, 7]]
+        n = 6
+        out = generate(m, prompts, n, sampling=GREEDY)
+        graphdef, state = nnx.split(m)
+        full = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])
+        for r, (prompt, row) in enumerate(zip(prompts, out)):
+            seq = prompt + row
+            ref = full(state, jnp.asarray([seq]))[0]
+            # Each step's token was the argmax of these logits; its margin over the runner-up is
+            # far above 1e-4, so argmax equality pins the logits to that tolerance at every step.
+            for t in range(len(prompt) - 1, len(seq) - 1):
+                top2 = jnp.sort(ref[t, : m.cfg.vocab_size])[-2:]
+                assert int(jnp.argmax(ref[t])) == seq[t + 1], (arch, r, t)
+                assert float(top2[1] - top2[0]) > 1e-4
+
+
+def test_cache_vs_full_logits_through_the_sampler_prefill_and_decode():
+    """The sampler's own prefill and decode steps, driven one step at a time, give logits equal to
+    the full forward within 1e-4 (float32) at every step, every architecture."""
+    for arch in ARCHS:
+        m = decoder(arch, seed=3)
+        graphdef, state = nnx.split(m)
+        toks = [4, 8, 15, 16, 23, 42 % 65, 7, 1, 9, 30]
+        full = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])(state, jnp.asarray([toks]))[0]
+        # prefill the first 4 left-padded to a bucket, then feed one token at a time
+        T = S.bucket(4, m.cfg.context_len)
+        padded = jnp.asarray([[0] * (T - 4) + toks[:4]])
+        pos = jnp.arange(T)[None] - (T - 4)
+        cache = m.init_cache(1, 32)
+        logits, cache, _ = m(padded, positions=pos, cache=cache)
+        np.testing.assert_allclose(logits[0, -1], full[3], atol=1e-4, rtol=1e-4)
+        step = jax.jit(lambda s, t, p, c: nnx.merge(graphdef, s)(t, positions=p, cache=c)[:2])
+        for i in range(4, len(toks)):
+            logits, cache = step(state, jnp.asarray([[toks[i]]]), jnp.asarray([[i]]), cache)
+            np.testing.assert_allclose(logits[0, -1], full[i], atol=1e-4, rtol=1e-4, err_msg=f"{arch} step {i}")
+
+
+def test_scanned_and_unrolled_layers_decode_the_same():
+    m = decoder("modern", scan_layers=True)
+    u = load_params(llmjax.build_model(config("modern", scan_layers=False), seed=0), convert_layer_layout(params(m), False))
+    assert generate(m, PROMPTS, 8, sampling=GREEDY) == generate(u, PROMPTS, 8, sampling=GREEDY)
+
+
+# --- buckets, seeds, rows, end-of-text ------------------------------------------------------------
+
+
+def test_bucket_sizes():
+    assert [S.bucket(n, 1024) for n in (1, 15, 16, 17, 100, 1000, 1024, 5000)] == [16, 16, 16, 32, 128, 1024, 1024, 1024]
+    assert S.bucket(40, 32) == 32
+
+
+def compiles_during(fn) -> list[str]:
+    """Names of the functions JAX compiles while fn() runs (from jax.log_compiles)."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            fn()
+    finally:
+        logger.removeHandler(handler)
+    return [r.getMessage() for r in records if "Compiling" in r.getMessage()]
+
+
+def test_a_new_prompt_length_in_the_same_bucket_compiles_nothing():
+    m = decoder("vanilla", seed=4)
+    generate(m, [[1] * 5], 4, sampling=GREEDY)
+    for n in (9, 16, 3):
+        names = compiles_during(lambda: generate(m, [[2] * n], 4, sampling=GREEDY))
+        assert not [x for x in names if "_prefill" in x or "_decode" in x], (n, names)
+    # a length in another bucket does compile (the check can fail)
+    assert any("_prefill" in x for x in compiles_during(lambda: generate(m, [[2] * 20], 4, sampling=GREEDY)))
+
+
+def test_seeds_and_per_row_streams():
+    m = decoder("gqa", seed=5)
+    sp = Sampling(temperature=1.0, top_k=None)
+    p0, p1, p2 = [1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [30]
+    a = generate(m, [p0, p1], 20, sampling=sp, seed=7)
+    assert generate(m, [p0, p1], 20, sampling=sp, seed=7) == a  # same seed, same text
+    assert generate(m, [p0, p1], 20, sampling=sp, seed=8) != a  # another seed, another text
+    assert generate(m, [p0], 20, sampling=sp, seed=7)[0] == a[0]  # batched == unbatched
+    assert generate(m, [p2, p1], 20, sampling=sp, seed=7)[1] == a[1]  # row 1 ignores its batch-mate
+    assert a[0] != generate(m, [p0, p0], 20, sampling=sp, seed=7)[1]  # row index matters
+    assert len(set(map(tuple, generate(m, [p0] * 4, 20, sampling=sp, seed=7)))) == 4
+
+
+def test_rows_stop_at_end_of_text():
+    m = decoder("vanilla", seed=6)
+    prompts = [[1, 2, 3], [40, 41]]
+    free = generate(m, prompts, 15, sampling=Sampling(temperature=1.0, top_k=None), seed=3)
+    eot = free[0][4]
+    stopped = generate(m, prompts, 15, sampling=Sampling(temperature=1.0, top_k=None), seed=3, eot_id=eot)
+    for f, s in zip(free, stopped):
+        assert s == (f[: f.index(eot)] if eot in f else f)
+    assert len(stopped[0]) == free[0].index(eot) <= 4
+
+
+def test_streaming_delivers_every_token_in_order():
+    m = decoder("ssm", seed=7)
+    got = {0: [], 1: []}
+    out = generate(m, [[1, 2], [3]], 30, sampling=Sampling(temperature=1.0), seed=2, on_tokens=lambda r, t: got[r].extend(t), stream_every=4)
+    assert got[0] == out[0] and got[1] == out[1]
+    assert out == generate(m, [[1, 2], [3]], 30, sampling=Sampling(temperature=1.0), seed=2)
+
+
+def test_bad_generate_input():
+    m = decoder("vanilla")
+    with pytest.raises(S.SampleError, match="at least one token"):
+        generate(m, [[1], []], 3)
+    with pytest.raises(S.SampleError, match="token ids"):
+        generate(m, [[1, 999]], 3)
+    with pytest.raises(S.SampleError, match="top_p"):
+        Sampling(top_p=0)
+    assert generate(m, [[1]], 0) == [[]]
+
+
+# --- top-k, top-p, padded vocabulary ---------------------------------------------------------------
+
+
+def np_filter(logits, vocab, temperature, top_k, top_p):
+    """float64 reference: which tokens may be drawn, and their probabilities."""
+    x = np.asarray(logits, np.float64)[:vocab] / temperature
+    order = np.argsort(-x, kind="stable")
+    keep = np.zeros(len(x), bool)
+    keep[order[: top_k or vocab]] = True
+    if top_p < 1:
+        kept = order[: top_k or vocab]
+        p = np.exp(x[kept] - x[kept].max())
+        p /= p.sum()
+        before = np.cumsum(p) - p
+        keep[:] = False
+        keep[kept[before < top_p]] = True
+    probs = np.where(keep, np.exp(x - x.max()), 0)
+    return keep, probs / probs.sum()
+
+
+def test_top_k_and_top_p_keep_exactly_the_right_tokens():
+    x = jnp.log(jnp.asarray([[0.05, 0.5, 0.15, 0.3, 0.0 + 1e-9, 9.0]]))  # last column: padded vocab
+    V = 5
+    kept = lambda s: np.flatnonzero(np.isfinite(np.asarray(filter_logits(x, V, s)[0]))).tolist()  # noqa: E731
+    assert kept(Sampling(temperature=1.0, top_k=2)) == [1, 3]
+    assert kept(Sampling(temperature=1.0, top_k=None, top_p=0.75)) == [1, 3]  # 0.5 + 0.3 reaches 0.75
+    assert kept(Sampling(temperature=1.0, top_k=None, top_p=0.85)) == [1, 2, 3]
+    assert kept(Sampling(temperature=1.0, top_k=None, top_p=0.4)) == [1]
+    assert kept(Sampling(temperature=1.0, top_k=2, top_p=0.9)) == [1, 3]
+    assert kept(Sampling(temperature=1.0, top_k=None)) == [0, 1, 2, 3, 4]  # never the padded row
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(64, 100)) * 3
+    for s in [Sampling(1.0, 7, 1.0), Sampling(0.7, None, 0.9), Sampling(1.3, 20, 0.6), Sampling(1.0, None, 1.0)]:
+        got = np.asarray(filter_logits(jnp.asarray(logits, jnp.float32), 90, s))
+        for row in range(64):
+            keep, probs = np_filter(logits[row], 90, s.temperature, s.top_k, s.top_p)
+            np.testing.assert_array_equal(np.isfinite(got[row, :90]), keep)
+            assert not np.isfinite(got[row, 90:]).any()
+            p = np.exp(got[row, :90] - got[row, :90].max())
+            np.testing.assert_allclose(p / p.sum(), probs, atol=1e-6)
+
+
+def test_draws_follow_the_filtered_distribution():
+    logits = jnp.log(jnp.asarray([[0.1, 0.4, 0.2, 0.25, 0.05, 0.5]]))
+    s = Sampling(temperature=1.0, top_k=3)
+    n = 20000
+    keys = jax.random.split(jax.random.key(0), n)
+    draws = np.asarray(jax.vmap(lambda k: S.choose(logits, k[None], 5, s)[0])(keys))
+    freq = np.bincount(draws, minlength=6) / n
+    expect = np.array([0, 0.4, 0.2, 0.25, 0, 0]) / 0.85
+    np.testing.assert_allclose(freq, expect, atol=0.015)
+    assert S.choose(logits, keys[:1], 5, GREEDY)[0] == 1  # greedy: argmax of the real vocabulary
+
+
+# --- loading runs, the command line -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory):
+    from llmjax.train import train
+
+    cfg = llmjax.load_config(
+        f"{ROOT}/configs/vanilla.py:tiny",
+        {"train.max_steps": 8, "train.batch_size": 8, "eval.every_steps": 4, "eval.num_batches": 2, "eval.sample_tokens": 0,
+         "train.checkpoint_every_steps": 2, "train.keep_checkpoints": 1, "logging.progress_bar": False, "model.context_len": 32},
+    )
+    path = tmp_path_factory.mktemp("sample") / "run"
+    train(cfg, path, quiet=True)
+    return path
+
+
+def test_load_restores_the_trained_weights(run_dir):
+    """The loaded model's loss on the whole validation split equals the trainer's last val_loss."""
+    from llmjax import data as data_lib
+
+    loaded = S.load(run_dir)
+    assert loaded.step == 8 and loaded.model.cfg.scan_layers is False
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    want = [m["val_loss"] for m in metrics if m["step"] == 8][0]
+    ds = data_lib.open_dataset("tinyshakespeare_char", None)
+    total = count = 0.0
+    for toks, mask in data_lib.sequential_windows(ds.split("val"), seq_len=32, batch=8):
+        logits = loaded.model(jnp.asarray(toks[:, :-1]))[0]
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), jnp.asarray(toks[:, 1:])[..., None], -1)[..., 0]
+        total += float((ce * mask).sum())
+        count += float(mask.sum())
+    assert abs(total / count - want) < 1e-5, (total / count, want)
+    # best (by val loss) and one checkpoint step directory
+    best = S.load(run_dir, "best")
+    assert best.step in (4, 8)
+    assert S.load(run_dir / "checkpoints" / "8").step == 8
+
+
+def test_inference_params_leave_bf16_logits_unchanged():
+    for arch in ARCHS:
+        m = llmjax.build_model(config(arch, dtype="bfloat16"), seed=0)
+        toks = jax.random.randint(jax.random.key(0), (2, 20), 0, 65)
+        cast = load_params(llmjax.build_model(config(arch, dtype="bfloat16"), seed=0), S.inference_params(params(m), jnp.bfloat16))
+        assert any(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(params(cast)))
+        np.testing.assert_array_equal(np.asarray(cast(toks)[0]), np.asarray(m(toks)[0]), err_msg=arch)
+
+
+def test_bad_checkpoints_are_one_line_errors(run_dir, tmp_path):
+    with pytest.raises(S.SampleError, match="no such run"):
+        S.load(tmp_path / "nope")
+    (tmp_path / "foreign").mkdir()
+    with pytest.raises(S.SampleError, match="not an llmjax training run"):
+        S.load(tmp_path / "foreign")
+    with pytest.raises(S.SampleError, match="no checkpoint 99"):
+        S.load(run_dir / "checkpoints" / "99")
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    for f in (broken / "checkpoints" / "8" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 100:  # truncate the array data and its metadata
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    with pytest.raises(S.SampleError) as e:
+        S.load(broken)
+    assert "\n" not in str(e.value)
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(S.SampleError, match="not a readable llmjax run"):
+        S.load(broken)
+
+
+def test_prompts_empty_and_too_long(run_dir):
+    loaded = S.load(run_dir)
+    C = loaded.model.cfg.context_len
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        ids = loaded.encode_prompts(["", "ab" * C])
+    assert ids[0] == loaded.tokenizer.encode("\n")  # char vocabulary: no end-of-text, a newline
+    assert ids[1] == loaded.tokenizer.encode(("ab" * C)[-C:])
+    assert len(w) == 1 and "keeping its last" in str(w[0].message)
+    with pytest.raises(S.SampleError, match="prompt 1"):
+        loaded.encode_prompts(["ĳ"])
+
+
+def test_stream_decoder_handles_characters_split_across_tokens():
+    from llmjax.tokenizer import GPT2Tokenizer
+
+    tok = GPT2Tokenizer()
+    text = "naïve 🙂 façade — 東京"
+    ids = tok.encode(text)
+    d = S.StreamDecoder(tok)
+    pieces = [d.add([i]) for i in ids]
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "llmjax.sample", *args], capture_output=True, text=True, cwd=cwd or ROOT, timeout=300)
+
+
+def test_cli_single_sample_streams_plain_text(run_dir):
+    loaded = S.load(run_dir)
+    want = loaded.generate_text(["ROMEO:"], 20, sampling=GREEDY)[0]
+    r = _cli(f"--checkpoint_path={run_dir}", "--prompt=ROMEO:", "--max_new_tokens=20", "--greedy")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "ROMEO:" + want + "\n"
+
+
+def test_cli_several_samples_and_prompt_file(run_dir, tmp_path):
+    (tmp_path / "prompts.txt").write_text("First\n\nSecond line\n")
+    r = _cli(f"--checkpoint={run_dir}", "--prompt=Zero", f"--prompt_file={tmp_path / 'prompts.txt'}", "--num_samples=2",
+             "--max_new_tokens=10", "--seed=3", "--top_k=5", "--top_p=0.9")
+    assert r.returncode == 0, r.stderr
+    blocks = r.stdout.split("--- sample ")[1:]
+    assert [b.split(" ---\n")[0] for b in blocks] == ["1", "2", "3", "4", "5", "6"]
+    texts = [b.split(" ---\n", 1)[1].rstrip("\n") for b in blocks]
+    assert [t[:4] for t in texts] == ["Zero", "Zero", "Firs", "Firs", "Seco", "Seco"]
+    loaded = S.load(run_dir)
+    want = loaded.generate_text(["Zero", "Zero", "First", "First", "Second line", "Second line"], 10, sampling=Sampling(0.8, 5, 0.9), seed=3)
+    assert texts == [p + w for p, w in zip(["Zero", "Zero", "First", "First", "Second line", "Second line"], want)]
+
+
+def test_cli_errors_are_one_line(run_dir, tmp_path):
+    for args, needle in [
+        ([f"--checkpoint_path={tmp_path / 'missing'}"], "no such run"),
+        ([], "--checkpoint_path is required"),
+        ([f"--checkpoint_path={run_dir}", "--top_p=1.5"], "top_p"),
+        ([f"--checkpoint_path={run_dir}", "--which=worst"], "which"),
+    ]:
+        r = _cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
