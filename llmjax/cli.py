@@ -47,6 +47,11 @@ def _config_args(argv: list[str]) -> tuple[str | None, list[str]]:
     return spec, keys
 
 
+def config_spec(argv: list[str]) -> str | None:
+    """The `--config` spec as given on the command line (e.g. configs/modern.py:tiny)."""
+    return _config_args(argv)[0]
+
+
 def _parse(argv: list[str]):
     spec, keys = _config_args(argv)
     try:

@@ -322,20 +322,3 @@ def test_default_variants_are_gpt2_small_shaped():
         assert (c.n_layer, c.d_model, c.context_len) == (12, 768, 1024), arch
         assert getattr(c, "n_head", 12) == 12, arch
         assert (c.vocab_size, c.padded_vocab_size, c.dtype) == (50257, 50304, "bfloat16"), arch
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_generate_runs_past_the_context(arch):
-    """The plain decode loop (used for the trainer's end-of-run sample) works through the decode
-    state of every architecture, slides past the context, and is reproducible for a seed."""
-    from llmjax.sample import generate
-
-    m = model(arch)
-    a = generate(m, [1, 2, 3], m.cfg.context_len + 10, seed=4)
-    assert len(a) == m.cfg.context_len + 10 and all(0 <= t < m.cfg.vocab_size for t in a)
-    assert generate(m, [1, 2, 3], m.cfg.context_len + 10, seed=4) == a
-    greedy = generate(m, [1, 2, 3], 5, temperature=0)
-    seq = [1, 2, 3]
-    for _ in range(5):
-        seq.append(int(jnp.argmax(m(jnp.asarray([seq]))[0][0, -1])))
-    assert greedy == seq[3:]

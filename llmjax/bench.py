@@ -1,0 +1,300 @@
+"""`python -m llmjax.bench --config configs/<arch>.py[:variant] [--suite train,decode,memory] [--batch_size N] [--json]`
+
+One row of the results table, measured on this machine's default JAX backend:
+
+- train: tokens/s and MFU of the trainer's own jitted step (`llmjax.train.build_steps`: the same
+  optimizer, shardings, donation) on device-resident random tokens, so the input pipeline is not
+  timed; warm-up and compilation excluded; median over `--repeats` timed blocks of `--steps` steps,
+  each block synchronised at its end.
+- memory: the device's peak bytes in use (`memory_stats`, with XLA preallocation off; null where the
+  device reports none, as the CPU does) and XLA's compiled memory analysis of the step (arguments,
+  outputs and temporaries), which every backend gives.
+- decode: the sampler's tokens/s (`llmjax.sample.generate`, prefill included) for a
+  `--prompt_len`-token prompt and `--new_tokens` new tokens at batch 1 and 64 (`--decode_batches`),
+  greedy and top-k 200 sampling; random weights cast for inference as a loaded checkpoint is; and the
+  decode state of one sequence at full context (`llmjax.summary`).
+
+`--all` measures every registered architecture's `--variant` and rewrites the generated table in
+docs/benchmarks.md (between its `bench:begin` / `bench:end` markers) with card, versions, date and
+command; `--out FILE` also writes the rows as JSON lines.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before any backend starts: true peaks
+
+import flax  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from llmjax import cli  # noqa: E402
+from llmjax.config import ConfigError, load_config, model_config, set_key  # noqa: E402
+from llmjax.registry import ARCHS, build_model  # noqa: E402
+from llmjax.sample import Sampling, generate, inference_params  # noqa: E402
+from llmjax.sharding import make_mesh  # noqa: E402
+from llmjax.summary import ARCH_ORDER, CONFIG_DIR, summarize  # noqa: E402
+from llmjax.train import peak_flops  # noqa: E402
+
+SUITES = ("train", "decode", "memory")
+DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def _median_rate(run, units: float, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return units / statistics.median(times)
+
+
+def bench_train(cfg, *, steps: int, repeats: int, memory: bool) -> dict:
+    """Tokens/s, MFU and memory of the trainer's step on random tokens."""
+    from llmjax.train import build_steps
+
+    mcfg, tcfg = model_config(cfg), cfg.train
+    mesh = make_mesh(tcfg.mesh, None)
+    B, T, accum = tcfg.batch_size, mcfg.context_len, tcfg.grad_accum_steps
+    s = build_steps(cfg, mesh)
+    with jax.set_mesh(mesh):
+        state = s.init_state()
+        tokens = jax.device_put(
+            jax.random.randint(jax.random.key(1), (accum, B, T + 1), 0, mcfg.vocab_size, dtype=jnp.int32), s.tok_shard
+        )
+        compiled = s.train_step.lower(state, tokens).compile()
+        holder = {"state": state}
+
+        def block(n):
+            st = holder["state"]
+            for _ in range(n):
+                st, metrics = compiled(st, tokens)
+            jax.block_until_ready(metrics["train_loss"])
+            holder["state"] = st
+
+        block(2)  # warm-up
+        tps = _median_rate(lambda: block(steps), steps * accum * B * T, repeats)
+    dev = mesh.devices.flat[0]
+    peak = peak_flops(dev, tcfg.peak_flops_per_device)
+    flops = summarize(mcfg)["flops_per_token"]
+    row = {
+        "train_tokens_per_sec": tps,
+        "step_time_ms": 1e3 * accum * B * T / tps,
+        "mfu": flops * tps / (peak * mesh.devices.size) if peak else None,
+    }
+    if memory:
+        stats = dev.memory_stats() or {}
+        row["peak_memory_bytes"] = stats.get("peak_bytes_in_use")
+        m = compiled.memory_analysis()
+        row["compiled_memory_bytes"] = (
+            int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes) if m else None
+        )
+    return row
+
+
+def bench_decode(cfg, *, batches: list[int], prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    """The sampler's tokens/s at each batch size, greedy and top-k 200 sampling."""
+    mcfg = model_config(cfg).replace(scan_layers=False)
+    model = build_model(mcfg, seed=0)
+    params = inference_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), mcfg.compute_dtype)
+    model = nnx.merge(nnx.graphdef(model), params)
+    rng = np.random.default_rng(0)
+    row = {}
+    for name, sampling in (("", Sampling(greedy=True)), ("sampled_", Sampling(temperature=1.0, top_k=200))):
+        for b in batches:
+            prompts = rng.integers(0, mcfg.vocab_size, (b, prompt_len)).tolist()
+
+            def run():
+                out = generate(model, prompts, new_tokens, sampling=sampling, seed=0)
+                assert all(len(o) == new_tokens for o in out)
+
+            run()  # compile
+            row[f"decode_{name}tokens_per_sec_b{b}"] = _median_rate(run, b * new_tokens, repeats)
+    return row
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    return d.device_kind if d.platform == "gpu" else f"{d.platform} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len, new_tokens) -> dict:
+    """One row for the run config `cfg` (named `spec` in the row)."""
+    mcfg = model_config(cfg)
+    summ = summarize(mcfg)
+    row = {
+        "arch": mcfg.arch,
+        "config": spec,
+        "device": device_name(),
+        "n_devices": jax.device_count(),
+        "dtype": mcfg.dtype,
+        "scan_layers": mcfg.scan_layers,
+        "remat": mcfg.remat,
+        "attention_impl": mcfg.attention_impl,
+        "batch_size": cfg.train.batch_size,
+        "seq_len": mcfg.context_len,
+        "params_total": summ["params_total"],
+        "params_active": summ["params_active"],
+        "flops_per_token": summ["flops_per_token"],
+        "train_tokens_per_sec": None,
+        "step_time_ms": None,
+        "mfu": None,
+        "peak_memory_bytes": None,
+        "compiled_memory_bytes": None,
+        **{f"decode_{k}tokens_per_sec_b{b}": None for k in ("", "sampled_") for b in decode_batches},
+        "decode_state_bytes": summ["decode_state_bytes"],
+        "decode_prompt_len": prompt_len,
+        "decode_new_tokens": new_tokens,
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    if "train" in suites or "memory" in suites:
+        row.update(bench_train(cfg, steps=steps, repeats=repeats, memory="memory" in suites))
+        if "train" not in suites:
+            for k in ("train_tokens_per_sec", "step_time_ms", "mfu"):
+                row[k] = None
+    if "decode" in suites:
+        row.update(bench_decode(cfg, batches=decode_batches, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats))
+    return row
+
+
+# --- the table in docs/benchmarks.md ----------------------------------------------------------------
+
+
+def _fmt(v, kind=""):
+    if v is None:
+        return "-"
+    if kind == "pct":
+        return f"{v:.1%}"
+    if kind == "gb":
+        return f"{v / 1e9:.2f}"
+    if kind == "m":
+        return f"{v / 1e6:.2f}M"
+    return f"{v:,.0f}"
+
+
+def table(rows: list[dict], command: str) -> str:
+    b = sorted({int(k.rsplit("_b", 1)[1]) for r in rows for k in r if k.startswith("decode_tokens_per_sec_b")})
+    head = ["arch", "params (active)", "batch", "train tok/s", "MFU", "peak GB", "compiled GB"]
+    head += [f"decode tok/s b{x} (greedy / top-k)" for x in b] + ["decode state (bf16, full context)"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |"]
+    for r in rows:
+        cells = [f"`{r['arch']}`", _fmt(r["params_active"], "m"), str(r["batch_size"]), _fmt(r["train_tokens_per_sec"]),
+                 _fmt(r["mfu"], "pct"), _fmt(r["peak_memory_bytes"], "gb"), _fmt(r["compiled_memory_bytes"], "gb")]
+        cells += [f"{_fmt(r.get(f'decode_tokens_per_sec_b{x}'))} / {_fmt(r.get(f'decode_sampled_tokens_per_sec_b{x}'))}" for x in b]
+        cells.append(f"{r['decode_state_bytes'] / 2**20:.2f} MiB")
+        lines.append("| " + " | ".join(cells) + " |")
+    r0 = rows[0]
+    meta = (f"Measured {r0['date']} on {r0['device']} x{r0['n_devices']}, jax {r0['jax']}, flax {r0['flax']}, "
+            f"context {r0['seq_len']}, decode prompt {r0['decode_prompt_len']} + {r0['decode_new_tokens']} new tokens. Command: `{command}`")
+    return "\n".join([BEGIN, meta, "", *lines, END])
+
+
+def rewrite_doc(text: str, block: str) -> str:
+    if BEGIN in text and END in text:
+        a, b = text.index(BEGIN), text.index(END) + len(END)
+        return text[:a] + block + text[b:]
+    return text.rstrip("\n") + "\n\n## Generated results table (`python -m llmjax.bench --all`)\n\n" + block + "\n"
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+
+def define_flags():
+    cli.define_config_flag(required=False)
+    flags.DEFINE_bool("all", False, "every registered architecture's --variant; rewrites the table in docs/benchmarks.md")
+    flags.DEFINE_string("variant", "default", "with --all: the variant of each config")
+    flags.DEFINE_list("suite", list(SUITES), "suites to run: train, decode, memory")
+    flags.DEFINE_integer("batch_size", None, "training batch size (default: the config's)")
+    flags.DEFINE_integer("steps", 10, "training steps per timed block")
+    flags.DEFINE_integer("repeats", 3, "timed blocks (the median is reported)")
+    flags.DEFINE_list("decode_batches", ["1", "64"], "decode batch sizes")
+    flags.DEFINE_integer("prompt_len", 16, "decode prompt tokens")
+    flags.DEFINE_integer("new_tokens", 256, "decode new tokens")
+    flags.DEFINE_multi_string("set", [], "with --all: config overrides key=value, e.g. --set model.remat=dots")
+    flags.DEFINE_bool("json", False, "print JSON rows instead of a table")
+    flags.DEFINE_string("out", None, "also write the rows as JSON lines here")
+    flags.DEFINE_string("doc", str(DOC), "with --all: the markdown file whose generated table is rewritten")
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def main(argv):
+    F = flags.FLAGS
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    if (F.config is not None) == F.all:
+        cli.fail("give --config configs/<arch>.py[:variant] or --all")
+    unknown = [s for s in F.suite if s not in SUITES]
+    if unknown:
+        cli.fail(f"unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}")
+    from llmjax.runtime import enable_compilation_cache, tune_host_allocator
+
+    enable_compilation_cache()
+    if jax.default_backend() == "cpu":
+        tune_host_allocator()
+    overrides = {}
+    for item in F.set:
+        if "=" not in item:
+            cli.fail(f"--set takes key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        overrides[k] = _parse_value(v)
+    if F.batch_size:
+        overrides["train.batch_size"] = F.batch_size
+    try:
+        batches = [int(b) for b in F.decode_batches]
+    except ValueError:
+        cli.fail(f"--decode_batches takes integers, got {F.decode_batches}")
+    if F.config is not None:
+        runs = [(cli.config_spec(sys.argv), F.config)]
+    else:
+        runs = [(f"configs/{a}.py:{F.variant}", f"{CONFIG_DIR / a}.py:{F.variant}") for a in ARCH_ORDER if a in ARCHS]
+    rows = []
+    for spec, cfg in runs:
+        try:
+            if isinstance(cfg, str):
+                cfg = load_config(cfg)
+            cfg = cfg.copy_and_resolve_references() if hasattr(cfg, "copy_and_resolve_references") else cfg
+            with cfg.unlocked():
+                for key, value in overrides.items():
+                    set_key(cfg, key, value)
+            row = bench(cfg, spec, suites=set(F.suite), steps=F.steps, repeats=F.repeats, decode_batches=batches,
+                        prompt_len=F.prompt_len, new_tokens=F.new_tokens)
+        except ConfigError as e:
+            cli.fail(str(e))
+        rows.append(row)
+        if F.json:
+            print(json.dumps(row), flush=True)
+        if F.out:
+            with open(F.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    command = "python -m llmjax.bench " + " ".join(a for a in sys.argv[1:] if not a.startswith("--doc"))
+    block = table(rows, command)
+    if not F.json:
+        print(block.replace(BEGIN + "\n", "").replace("\n" + END, ""))
+    if F.all:
+        path = Path(F.doc)
+        path.write_text(rewrite_doc(path.read_text() if path.exists() else "# Benchmarks\n", block))
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)

@@ -1,0 +1,72 @@
+"""The benchmark CLI on CPU (tiny variants): every suite measures something, the table and the
+generated section of docs/benchmarks.md are written, bad flags are one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import llmjax
+from conftest import ROOT
+from llmjax import bench
+from llmjax.summary import summarize
+
+
+@pytest.fixture(scope="module")
+def row():
+    cfg = llmjax.load_config(f"{ROOT}/configs/modern.py:tiny", {"train.batch_size": 8})
+    return bench.bench(cfg, "configs/modern.py:tiny", suites={"train", "decode", "memory"}, steps=2, repeats=1,
+                       decode_batches=[1, 3], prompt_len=5, new_tokens=6)
+
+
+def test_a_row_has_every_field(row):
+    for key in ("arch", "device", "batch_size", "seq_len", "params_total", "params_active", "train_tokens_per_sec", "mfu",
+                "peak_memory_bytes", "decode_tokens_per_sec_b1", "decode_tokens_per_sec_b3", "decode_state_bytes"):
+        assert key in row, key
+    assert row["arch"] == "modern" and row["batch_size"] == 8 and row["seq_len"] == 64
+    assert row["train_tokens_per_sec"] > 0 and row["step_time_ms"] > 0
+    assert row["mfu"] is None and row["peak_memory_bytes"] is None  # the CPU reports neither
+    assert row["compiled_memory_bytes"] > 0
+    for b in (1, 3):
+        assert row[f"decode_tokens_per_sec_b{b}"] > 0 and row[f"decode_sampled_tokens_per_sec_b{b}"] > 0
+    assert row["params_total"] == row["params_active"] == summarize(llmjax.load_config(f"{ROOT}/configs/modern.py:tiny"))["params_total"]
+    json.dumps(row)
+
+
+def test_table_and_doc_rewrite(row):
+    block = bench.table([row, {**row, "arch": "gqa", "mfu": 0.5, "peak_memory_bytes": 12.4e9}], "python -m llmjax.bench --all")
+    assert block.startswith(bench.BEGIN) and block.endswith(bench.END)
+    assert "| `modern` |" in block and "| `gqa` |" in block and "50.0%" in block and "12.40" in block
+    doc = "# Benchmarks\n\nhand-written\n"
+    once = bench.rewrite_doc(doc, block)
+    assert once.startswith(doc.rstrip("\n")) and block in once
+    twice = bench.rewrite_doc(once + "\nlater text\n", block.replace("modern", "mla"))
+    assert "hand-written" in twice and "later text" in twice and "`mla`" in twice and "`modern`" not in twice
+    assert twice.count(bench.BEGIN) == 1
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "llmjax.bench", *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def test_cli_all_rewrites_the_doc_table(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nkept\n")
+    r = _cli("--all", "--variant=tiny", "--suite=decode", "--decode_batches=1", "--new_tokens=3", "--prompt_len=4", "--repeats=1",
+             f"--doc={doc}", f"--out={tmp_path / 'rows.jsonl'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = doc.read_text()
+    assert "kept" in text and text.count("| `") == len(llmjax.ARCHS)
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert sorted(r["arch"] for r in rows) == sorted(llmjax.ARCHS)
+    assert all(r["decode_tokens_per_sec_b1"] > 0 and r["train_tokens_per_sec"] is None for r in rows)
+
+
+def test_cli_bad_input_is_one_line():
+    for args, needle in [([], "--config"), (["--config=configs/vanilla.py:tiny", "--suite=speed"], "unknown suite"),
+                         (["--config=configs/vanilla.py:tiny", "--config.model.n_layr=2"], "n_layer")]:
+        r = _cli(*args)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
