@@ -4,21 +4,33 @@
     cfg = llmjax.load_config("configs/modern.py:tiny", {"model.n_layer": 4})
     model = llmjax.build_model(cfg, seed=0)
     logits, cache, aux = model(tokens)          # the one calling convention (see DecoderLM)
+
+The names below are imported on first use, so a light submodule (the tokenizer, which the
+dataset-preparation workers import) does not pull in JAX.
 """
 
-from llmjax.config import ConfigError, ModelConfig, load_config, model_config
-from llmjax.loss import cross_entropy
-from llmjax.registry import ARCHS, build_model, get_arch, register
+import importlib
 
-__all__ = [
-    "ARCHS",
-    "ConfigError",
-    "ModelConfig",
-    "build_model",
-    "cross_entropy",
-    "get_arch",
-    "load_config",
-    "model_config",
-    "register",
-]
+_EXPORTS = {
+    "ConfigError": "llmjax.config",
+    "ModelConfig": "llmjax.config",
+    "load_config": "llmjax.config",
+    "model_config": "llmjax.config",
+    "cross_entropy": "llmjax.loss",
+    "ARCHS": "llmjax.registry",
+    "build_model": "llmjax.registry",
+    "get_arch": "llmjax.registry",
+    "register": "llmjax.registry",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'llmjax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))

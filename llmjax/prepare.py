@@ -1,0 +1,435 @@
+"""`python -m llmjax.prepare <dataset> [--out DIR] [--source PATH_OR_URL ...] [--workers N]`
+
+Tokenises a corpus into the trainer's token format (llmjax.data: uint16 shards behind a 64-byte
+header, and manifest.json), streaming and in parallel:
+
+- datasets: `tinyshakespeare`, `tinyshakespeare_char` (the text shipped in the package),
+  `tinystories` (TinyStoriesV2-GPT4 train and valid text of roneneldan/TinyStories) and `fineweb_edu`
+  (HuggingFaceFW/fineweb-edu, sample-10BT: about 10B GPT-2 tokens in 14 parquet files). Downloads go
+  through huggingface_hub (its cache; retried); `--source` takes local files or URLs instead:
+  `.txt` (documents separated by `<|endoftext|>`), `.jsonl` (a "text" field per line) or `.parquet`
+  (a "text" column), optionally as `train=PATH` / `val=PATH`.
+- each document is preceded by the end-of-text token, so documents are separated by it (and a
+  sample that starts from end-of-text starts a document); shards hold `--shard_tokens` tokens (100M)
+  and a document may continue into the next shard.
+- validation: the dataset's own split where it has one (TinyStories valid, or `val=` sources);
+  otherwise a held-out tail of whole documents: the last ceil(1%) of the documents, at least one,
+  recorded in the manifest.
+- tokenisation runs in `--workers` processes (tiktoken's batch encoding), on batches of about 4 MB
+  of text, with a bounded number in flight: memory stays flat whatever the corpus size. The
+  progress bar shows source bytes (with ETA), documents, tokens and tokens/s.
+- resumable: each finished shard is recorded in `.prepare_state.json` (atomically, with the document
+  and token offset where it ends); a rerun with the same arguments skips the finished shards and
+  redoes the partial one. manifest.json, which the trainer looks for, is written last, so an
+  interrupted preparation is never mistaken for a finished one. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from absl import flags
+
+from llmjax import cli
+from llmjax import data as D
+from llmjax import tokenize_worker
+from llmjax import tokenizer as tok
+
+EOT_TEXT = "<|endoftext|>"
+SHARD_TOKENS = 100_000_000
+BATCH_BYTES = 4 << 20
+STATE = ".prepare_state.json"
+HUB = {
+    "tinystories": dict(
+        repo_id="roneneldan/TinyStories",
+        files={"train": ["TinyStoriesV2-GPT4-train.txt"], "val": ["TinyStoriesV2-GPT4-valid.txt"]},
+    ),
+    "fineweb_edu": dict(repo_id="HuggingFaceFW/fineweb-edu", prefix="sample/10BT/", files=None),
+}
+DATASETS = (*D.BUILTIN, *HUB)
+
+
+class PrepareError(ValueError):
+    """A preparation problem a user can fix (one line)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: files -> a stream of documents
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path
+    split: str | None  # "train", "val", or None (train, with a held-out val tail)
+
+    @property
+    def kind(self) -> str:
+        name = self.path.name.lower()
+        for ext in ("parquet", "jsonl", "txt"):
+            if name.endswith("." + ext):
+                return ext
+        raise PrepareError(f"{self.path}: unknown source type; use .txt (documents separated by {EOT_TEXT}), .jsonl or .parquet")
+
+
+def read_documents(src: Source) -> Iterator[tuple[str, int]]:
+    """(document, source bytes it took) for each document of a source, streamed. Blank documents of
+    txt and jsonl sources are skipped; a parquet source yields every row (its row count is then the
+    document count, from the file's metadata)."""
+    kind = src.kind
+    if kind == "txt":
+        with open(src.path, "r", encoding="utf-8", newline="") as f:
+            rest = ""
+            while True:
+                block = f.read(1 << 22)
+                if not block:
+                    break
+                parts = (rest + block).split(EOT_TEXT)
+                rest = parts.pop()
+                for doc in parts:
+                    if doc.strip():
+                        yield doc, len(doc.encode()) + len(EOT_TEXT)
+            if rest.strip():
+                yield rest, len(rest.encode())
+    elif kind == "jsonl":
+        with open(src.path, "rb") as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise PrepareError(f"{src.path}: line {i + 1} is not a JSON object with a 'text' field") from None
+                if isinstance(text, str) and text.strip():
+                    yield text, len(line)
+    else:
+        pf = _parquet(src.path)
+        per_row = src.path.stat().st_size // max(pf.metadata.num_rows, 1)
+        for batch in pf.iter_batches(columns=["text"], batch_size=2048):
+            for text in batch.column(0).to_pylist():
+                yield text or "", per_row
+
+
+def _parquet(path: Path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise PrepareError("parquet sources need pyarrow: pip install 'llmjax[prepare]'") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise PrepareError(f"{path} is not a readable parquet file ({type(e).__name__})") from None
+    if "text" not in pf.schema_arrow.names:
+        raise PrepareError(f"{path}: no 'text' column (has {', '.join(pf.schema_arrow.names)})")
+    return pf
+
+
+def count_documents(src: Source) -> int:
+    if src.kind == "parquet":
+        return _parquet(src.path).metadata.num_rows
+    return sum(1 for _ in read_documents(src))
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloads
+
+
+def _retry(fn, what: str, tries: int = 5):
+    for attempt in range(tries):
+        try:
+            return fn()
+        except Exception as e:  # network errors come in many types
+            if attempt == tries - 1:
+                raise PrepareError(f"cannot download {what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            time.sleep(min(2**attempt, 30))
+
+
+def download_url(url: str, cache: Path) -> Path:
+    target = cache / hashlib.sha256(url.encode()).hexdigest()[:16] / url.rstrip("/").rsplit("/", 1)[-1]
+    if target.is_file():
+        return target
+
+    def fetch():
+        with urllib.request.urlopen(url, timeout=60) as r:
+            D.atomic_write_bytes(target, iter(lambda: r.read(1 << 20), b""))
+
+    _retry(fetch, url)
+    return target
+
+
+def hub_sources(name: str) -> list[Source]:
+    try:
+        from huggingface_hub import HfApi, hf_hub_download
+    except ImportError:
+        raise PrepareError("downloading needs huggingface_hub: pip install 'llmjax[prepare]' (or give local files with --source)") from None
+    spec = HUB[name]
+    files = spec["files"]
+    if files is None:
+        listing = _retry(lambda: HfApi().list_repo_files(spec["repo_id"], repo_type="dataset"), spec["repo_id"])
+        files = {None: sorted(f for f in listing if f.startswith(spec["prefix"]) and f.endswith(".parquet"))}
+    out = []
+    for split, names in files.items():
+        for fname in names:
+            path = _retry(lambda f=fname: hf_hub_download(spec["repo_id"], f, repo_type="dataset"), f"{spec['repo_id']}/{fname}")
+            out.append(Source(Path(path), split))
+    return out
+
+
+def parse_sources(items: list[str], cache: Path) -> list[Source]:
+    out = []
+    for item in items:
+        split = None
+        if "=" in item.split("://")[0]:
+            split, item = item.split("=", 1)
+            if split not in ("train", "val"):
+                raise PrepareError(f"--source {split}=...: the split must be 'train' or 'val'")
+        if item.startswith(("http://", "https://")):
+            path = download_url(item, cache)
+        else:
+            path = Path(item).expanduser()
+            if not path.is_file():
+                raise PrepareError(f"--source {item}: no such file")
+        out.append(Source(path.absolute(), split))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenising
+
+
+def _batches(docs: Iterator[tuple[str, int]]) -> Iterator[tuple[list[str], int]]:
+    """Documents grouped into batches of about BATCH_BYTES of source. The cuts depend only on the
+    documents from where batching starts, so a resumed run cuts the same batches."""
+    batch, size = [], 0
+    for doc, nbytes in docs:
+        batch.append(doc)
+        size += nbytes
+        if size >= BATCH_BYTES:
+            yield batch, size
+            batch, size = [], 0
+    if batch:
+        yield batch, size
+
+
+class ShardWriter:
+    """Fills fixed-size shards of one split; each shard written records where to resume after it:
+    the first document of the batch that completed it and how many of that batch's tokens it took."""
+
+    def __init__(self, out: Path, split: str, shard_tokens: int, done: list[dict], on_shard):
+        self.out, self.split, self.size = out, split, shard_tokens
+        self.shards = list(done)
+        self.buf = np.empty(shard_tokens, np.uint16)
+        self.fill = 0
+        self.on_shard = on_shard
+
+    def add(self, tokens: np.ndarray, batch_doc: int, skip: int = 0) -> None:
+        pos = skip
+        while pos < len(tokens):
+            n = min(self.size - self.fill, len(tokens) - pos)
+            self.buf[self.fill : self.fill + n] = tokens[pos : pos + n]
+            self.fill += n
+            pos += n
+            if self.fill == self.size:
+                self._flush({"doc": batch_doc, "skip_tokens": pos})
+
+    def _flush(self, resume: dict | None) -> None:
+        name = f"{self.split}_{len(self.shards):04d}.bin"
+        entry = D.write_shard(self.out / name, self.buf[: self.fill])
+        self.shards.append({**entry, "resume": resume})
+        self.fill = 0
+        self.on_shard(self.shards)
+
+    def close(self) -> None:
+        if self.fill:
+            self._flush(None)
+
+
+def tokenize_split(srcs: list[Source], *, split: str, doc_range: tuple[int, int | None], out: Path, shard_tokens: int,
+                   workers: int, done: list[dict], on_shard, bar=None) -> list[dict]:
+    """Tokenise documents [start, stop) of the concatenated sources into `split` shards, after the
+    finished shards `done` (resuming where the last one says). `on_shard(shards)` is called after
+    each shard is written. Returns the manifest entries."""
+    start, stop = doc_range
+    first_doc, drop = start, 0
+    if done:
+        if done[-1]["resume"] is None:  # the split was finished
+            return [{k: v for k, v in s.items() if k != "resume"} for s in done]
+        first_doc, drop = done[-1]["resume"]["doc"], done[-1]["resume"]["skip_tokens"]
+    writer = ShardWriter(out, split, shard_tokens, done, on_shard)
+
+    def documents():
+        n = 0
+        for src in srcs:
+            for doc, nbytes in read_documents(src):
+                if stop is not None and n >= stop:
+                    return
+                if n >= first_doc:
+                    yield doc, nbytes
+                elif n >= start and bar is not None:  # done in an earlier run
+                    bar.update(nbytes)
+                n += 1
+
+    pending: collections.deque = collections.deque()
+    state = {"skip": drop}
+
+    def take():
+        fut, batch_doc, n_docs, nbytes = pending.popleft()
+        toks = fut.result()
+        writer.add(toks, batch_doc, state["skip"])
+        state["skip"] = 0
+        if bar is not None:
+            bar.docs += n_docs
+            bar.tokens += len(toks)
+            rate = bar.tokens / max(time.perf_counter() - bar.t0, 1e-9)
+            bar.set_postfix(docs=f"{bar.docs:,}", tokens=f"{bar.tokens:,}", tok_s=f"{rate:,.0f}", refresh=False)
+            bar.update(nbytes)
+
+    cursor = first_doc
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that may run JAX threads
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=tokenize_worker.init) as pool:
+        for batch, nbytes in _batches(documents()):
+            pending.append((pool.submit(tokenize_worker.encode_documents, batch), cursor, len(batch), nbytes))
+            cursor += len(batch)
+            while len(pending) > 2 * workers or (pending and pending[0][0].done()):
+                take()  # in order; at most 2 * workers batches of text in flight
+        while pending:
+            take()
+    writer.close()
+    return [{k: v for k, v in s.items() if k != "resume"} for s in writer.shards]
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole preparation
+
+
+def prepare(name: str, out: Path, sources: list[Source] | None = None, *, workers: int | None = None,
+            shard_tokens: int = SHARD_TOKENS, progress: bool = True, stop_after_shards: int | None = None) -> D.TokenDataset:
+    """Prepare dataset `name` into `out` from `sources` (default: its Hugging Face files). Returns
+    the opened dataset. Idempotent; resumes an interrupted run with the same arguments."""
+    out = Path(out).absolute()
+    if name in D.BUILTIN and not sources:
+        return D.prepare_builtin(name, out)
+    if name not in DATASETS and not sources:
+        raise PrepareError(f"unknown dataset '{name}'; choose from {', '.join(DATASETS)} (or give --source files)")
+    if shard_tokens <= 0:
+        raise PrepareError("--shard_tokens must be positive")
+    workers = workers or os.cpu_count() or 1
+    sources = sources if sources else hub_sources(name)
+    args = {"dataset": name, "sources": [[str(s.path), s.split, s.path.stat().st_size] for s in sources], "shard_tokens": shard_tokens}
+
+    manifest = out / D.MANIFEST
+    if manifest.is_file():
+        existing = json.loads(manifest.read_text())
+        if existing.get("prepared_from") == args:
+            return D.TokenDataset.open(out)
+        raise PrepareError(f"{out} already holds a prepared dataset from other sources; use another --out or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):  # temporaries of an interrupted write
+        stale.unlink()
+    state_path = out / STATE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    if state.get("args") != args:
+        state = {"args": args}
+    for split in ("train", "val"):  # finished shards must still be intact
+        for s in state.get(split, []):
+            if not (out / s["file"]).is_file() or not D.verify_shard(out / s["file"], s["sha256"]):
+                state = {"args": args}
+                break
+    recorded = {s["file"] for split in ("train", "val") for s in state.get(split, [])}
+    for f in out.iterdir():  # shards of an unfinished or other run that the state does not vouch for
+        if re.fullmatch(r"(train|val)_\d{4}\.bin", f.name) and f.name not in recorded:
+            f.unlink()
+
+    def save_state():
+        D.atomic_write_json(state_path, state)
+
+    train_srcs = [s for s in sources if s.split in (None, "train")]
+    val_srcs = [s for s in sources if s.split == "val"]
+    if not train_srcs:
+        raise PrepareError("no training source (give a file without 'val=')")
+    extra = {}
+    if val_srcs:
+        train_range, val_plan = (0, None), (val_srcs, (0, None))
+    else:  # a held-out tail of whole documents
+        n_docs = state.get("documents") or sum(count_documents(s) for s in train_srcs)
+        state["documents"] = n_docs
+        if n_docs < 2:
+            raise PrepareError("the source holds fewer than 2 documents; a held-out validation tail needs at least one "
+                               "document besides the training ones (or give a val=PATH source)")
+        n_val = max(1, math.ceil(n_docs / 100))
+        train_range, val_plan = (0, n_docs - n_val), (train_srcs, (n_docs - n_val, None))
+        extra["validation"] = {"held_out_tail_documents": n_val, "documents": n_docs}
+    total = sum(s.path.stat().st_size for s in sources)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"prepare {name}", file=sys.stderr, dynamic_ncols=True)
+        bar.docs, bar.tokens, bar.t0 = 0, 0, time.perf_counter()
+    def recorder(split):
+        def on_shard(shards):
+            state[split] = shards
+            save_state()
+            if stop_after_shards is not None and sum(len(state.get(k, [])) for k in ("train", "val")) >= stop_after_shards:
+                raise KeyboardInterrupt  # tests: an interruption right after a shard
+        return on_shard
+
+    try:
+        save_state()
+        splits = {}
+        for split, srcs, rng in (("train", train_srcs, train_range), ("val", *val_plan)):
+            splits[split] = tokenize_split(srcs, split=split, doc_range=rng, out=out, shard_tokens=shard_tokens, workers=workers,
+                                           done=state.get(split, []), on_shard=recorder(split), bar=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    D.write_manifest(out, name, tok.GPT2Tokenizer().description(), splits, prepared_from=args, **extra)
+    state_path.unlink(missing_ok=True)
+    return D.TokenDataset.open(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def define_flags():
+    flags.DEFINE_string("out", None, "output folder (default: <data dir>/<dataset>; LLMJAX_DATA_DIR or data/)")
+    flags.DEFINE_multi_string("source", [], "local file or URL (.txt, .jsonl, .parquet), optionally train=... or val=...")
+    flags.DEFINE_integer("workers", None, "tokeniser processes (default: all cores)")
+    flags.DEFINE_integer("shard_tokens", SHARD_TOKENS, "tokens per shard")
+    flags.DEFINE_bool("progress", True, "show a progress bar")
+
+
+def main(argv):
+    F = flags.FLAGS
+    if len(argv) != 2:
+        cli.fail(f"give one dataset: python -m llmjax.prepare <{'|'.join(DATASETS)}> [--out DIR] [--source FILE ...]")
+    name = argv[1]
+    out = Path(F.out) if F.out else D.data_dir("data") / name
+    try:
+        sources = parse_sources(F.source, Path.home() / ".cache" / "llmjax" / "downloads") if F.source else None
+        ds = prepare(name, out, sources, workers=F.workers, shard_tokens=F.shard_tokens, progress=F.progress)
+    except (PrepareError, D.DataError) as e:
+        cli.fail(str(e))
+    except KeyboardInterrupt:
+        cli.fail(f"interrupted; finished shards are kept in {out}: run the same command to resume", code=130)
+    counts = ", ".join(f"{s}: {ds.num_tokens(s):,} tokens" for s in ds.manifest["splits"])
+    print(f"prepared {name} in {out} ({counts})")
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)

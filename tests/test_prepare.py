@@ -1,0 +1,205 @@
+"""Dataset preparation, offline: txt / jsonl / parquet fixtures -> shards that decode back to the
+source documents, held-out and given validation splits, resuming after an interruption gives the
+same bytes, damaged shards are caught, and the command line's one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from llmjax import data as D
+from llmjax import prepare as P
+from llmjax.tokenizer import GPT2Tokenizer
+
+EOT = "<|endoftext|>"
+WORDS = "the cat sat on a mat and ran to town with a big red hat, naïve café 東京 🙂 — \"quoted\" 123 over\tunder".split(" ")
+
+
+def make_docs(n: int, seed: int = 0, long: int = 200) -> list[str]:
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, long)))
+        docs.append(("\n" if i % 4 == 1 else "") + text + ("\n\n" if i % 3 else ""))
+    return docs
+
+
+def write_sources(tmp_path, docs, name="docs"):
+    txt = tmp_path / f"{name}.txt"
+    txt.write_text(EOT.join(docs) + EOT + "\n", encoding="utf-8")  # the trailing blank piece is not a document
+    jsonl = tmp_path / f"{name}.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)), encoding="utf-8")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = tmp_path / f"{name}.parquet"
+    pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}), parquet, row_group_size=37)
+    return txt, jsonl, parquet
+
+
+def files(path):
+    return {f.name: f.read_bytes() for f in sorted(path.iterdir()) if f.name.endswith(".bin")}
+
+
+def decoded(ds, split):
+    return GPT2Tokenizer().decode(np.concatenate([np.asarray(s) for s in ds.split(split)]))
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return make_docs(300)
+
+
+def test_txt_jsonl_parquet_decode_back_to_the_documents(tmp_path, docs):
+    srcs = write_sources(tmp_path, docs)
+    outs = []
+    for src in srcs:
+        out = tmp_path / f"out_{src.suffix[1:]}"
+        ds = P.prepare("mine", out, [P.Source(src, None)], workers=2, shard_tokens=3000, progress=False)
+        n_val = 3  # ceil(1% of 300)
+        assert ds.manifest["validation"] == {"held_out_tail_documents": n_val, "documents": 300}
+        assert decoded(ds, "train") == "".join(EOT + d for d in docs[:-n_val])
+        assert decoded(ds, "val") == "".join(EOT + d for d in docs[-n_val:])
+        assert all(s["tokens"] == 3000 for s in ds.manifest["splits"]["train"][:-1])
+        assert ds.tokenizer().eot_id == 50256
+        outs.append(files(out))
+    assert outs[0] == outs[1] == outs[2]  # the same documents give the same bytes from any format
+    assert not (tmp_path / "out_txt" / P.STATE).exists()
+
+
+def test_given_validation_split_and_idempotence(tmp_path, docs):
+    train, _, _ = write_sources(tmp_path, docs[:200], "train")
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[200:]))
+    sources = [P.Source(train, "train"), P.Source(val, "val")]
+    ds = P.prepare("tinystories", tmp_path / "out", sources, workers=1, shard_tokens=10**6, progress=False)
+    assert decoded(ds, "train") == "".join(EOT + d for d in docs[:200])
+    assert decoded(ds, "val") == "".join(EOT + d for d in docs[200:])
+    assert "validation" not in ds.manifest
+    before = (tmp_path / "out" / "manifest.json").stat().st_mtime_ns
+    P.prepare("tinystories", tmp_path / "out", sources, workers=1, shard_tokens=10**6, progress=False)  # already done
+    assert (tmp_path / "out" / "manifest.json").stat().st_mtime_ns == before
+    with pytest.raises(P.PrepareError, match="other sources"):
+        P.prepare("tinystories", tmp_path / "out", sources[:1], workers=1, shard_tokens=10**6, progress=False)
+
+
+def test_interrupted_then_resumed_gives_the_same_bytes(tmp_path, monkeypatch):
+    docs = make_docs(400, seed=1, long=400)
+    txt, _, parquet = write_sources(tmp_path, docs)
+    monkeypatch.setattr(P, "BATCH_BYTES", 20_000)  # many batches, so shards end inside batches
+    for src in (txt, parquet):
+        ref = tmp_path / f"ref_{src.suffix[1:]}"
+        P.prepare("x", ref, [P.Source(src, None)], workers=2, shard_tokens=4000, progress=False)
+        out = tmp_path / f"resumed_{src.suffix[1:]}"
+        for stop in (2, 5, 9, 10):  # interrupted right after the 2nd, 5th, ... shard, then run again
+            with pytest.raises(KeyboardInterrupt):
+                P.prepare("x", out, [P.Source(src, None)], workers=2, shard_tokens=4000, progress=False, stop_after_shards=stop)
+            assert not (out / "manifest.json").exists()
+            with pytest.raises(D.DataError, match="no dataset"):
+                D.TokenDataset.open(out)
+        state = json.loads((out / P.STATE).read_text())
+        assert len(state["train"]) == 10
+        P.prepare("x", out, [P.Source(src, None)], workers=2, shard_tokens=4000, progress=False)
+        assert files(out) == files(ref) and len(files(ref)) > 12
+        assert json.loads((out / "manifest.json").read_text())["splits"] == json.loads((ref / "manifest.json").read_text())["splits"]
+
+
+def test_killed_process_resumes_to_the_same_bytes(tmp_path):
+    """SIGKILL at an arbitrary moment (after some shards), then the same command again."""
+    docs = make_docs(3000, seed=2, long=300)
+    txt, _, _ = write_sources(tmp_path, docs)
+    args = [sys.executable, "-m", "llmjax.prepare", "mine", f"--source={txt}", "--shard_tokens=20000", "--workers=2", "--noprogress"]
+    ref = tmp_path / "ref"
+    assert subprocess.run(args + [f"--out={ref}"], capture_output=True, cwd=ROOT, timeout=300).returncode == 0
+    out = tmp_path / "out"
+    proc = subprocess.Popen(args + [f"--out={out}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads((out / P.STATE).read_text()).get("train", [])) >= 3:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    killed = proc.poll() is None
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if killed:
+        assert not (out / "manifest.json").exists()
+    r = subprocess.run(args + [f"--out={out}"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert files(out) == files(ref)
+    assert not [f for f in out.iterdir() if f.name.endswith(".tmp")]
+
+
+def test_damaged_shards_are_caught(tmp_path, docs):
+    txt, _, _ = write_sources(tmp_path, docs)
+    out = tmp_path / "out"
+    P.prepare("mine", out, [P.Source(txt, None)], workers=1, shard_tokens=3000, progress=False)
+    shard = out / "train_0001.bin"
+    good = shard.read_bytes()
+    shard.write_bytes(good[:-10])
+    with pytest.raises(D.DataError, match="truncated"):
+        D.TokenDataset.open(out).split("train")
+    shard.write_bytes(b"XXXXXXXX" + good[8:])
+    with pytest.raises(D.DataError, match="bad magic"):
+        D.TokenDataset.open(out).split("train")
+    shard.write_bytes(good)
+    D.TokenDataset.open(out).split("train")
+    # a damaged finished shard of an interrupted preparation is redone, not trusted
+    out2 = tmp_path / "out2"
+    with pytest.raises(KeyboardInterrupt):
+        P.prepare("mine", out2, [P.Source(txt, None)], workers=1, shard_tokens=3000, progress=False, stop_after_shards=3)
+    (out2 / "train_0000.bin").write_bytes(b"junk")
+    P.prepare("mine", out2, [P.Source(txt, None)], workers=1, shard_tokens=3000, progress=False)
+    assert files(out2) == files(out)
+
+
+def test_trained_on_a_prepared_dataset(tmp_path, docs, monkeypatch):
+    """The trainer reads what prepare writes (GPT-2 vocabulary, by dataset name under data.dir)."""
+    import llmjax
+    from llmjax.train import train
+
+    txt, _, _ = write_sources(tmp_path, docs)
+    P.prepare("mystories", tmp_path / "data" / "mystories", [P.Source(txt, None)], workers=1, shard_tokens=5000, progress=False)
+    cfg = llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", {
+        "data.dataset": "mystories", "data.dir": str(tmp_path / "data"), "model.vocab_size": 50257, "model.padded_vocab_size": 50304,
+        "model.context_len": 32, "train.max_steps": 3, "train.batch_size": 8, "eval.num_batches": 1, "eval.sample_tokens": 0,
+        "logging.progress_bar": False})
+    monkeypatch.delenv("LLMJAX_DATA_DIR")
+    run = train(cfg, tmp_path / "run", quiet=True)
+    assert run.step == 3 and np.isfinite(run.last_val_loss)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "llmjax.prepare", *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    one = tmp_path / "one.txt"
+    one.write_text("a single document, no separator")
+    for args, needle in [
+        (["nosuch"], "unknown dataset"),
+        ([], "give one dataset"),
+        (["mine", f"--source={tmp_path / 'missing.txt'}"], "no such file"),
+        (["mine", f"--source={one}", f"--out={tmp_path / 'o'}"], "fewer than 2 documents"),
+        (["mine", f"--source=test={one}"], "must be 'train' or 'val'"),
+        (["mine", f"--source={tmp_path}/x.csv"], "no such file"),
+    ]:
+        r = _cli(*args)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
+
+
+def test_cli_prepares_the_builtin_datasets(tmp_path):
+    r = _cli("tinyshakespeare", f"--out={tmp_path / 'ts'}")
+    assert r.returncode == 0, r.stderr
+    assert "301,966" in r.stdout and D.TokenDataset.open(tmp_path / "ts").num_tokens("val") == 36059
