@@ -13,13 +13,14 @@ header, and manifest.json), streaming and in parallel:
   sample that starts from end-of-text starts a document); shards hold `--shard_tokens` tokens (100M)
   and a document may continue into the next shard.
 - validation: the dataset's own split where it has one (TinyStories valid, or `val=` sources);
-  otherwise a held-out tail of whole documents: the last ceil(1%) of the documents, at least one,
-  recorded in the manifest.
+  otherwise a held-out tail of whole documents: those that start in the last 1% of the source
+  bytes, and at least the last one; their count is recorded in the manifest. Everything is one
+  pass over the sources.
 - tokenisation runs in `--workers` processes (tiktoken's batch encoding), on batches of about 4 MB
   of text, with a bounded number in flight: memory stays flat whatever the corpus size. The
   progress bar shows source bytes (with ETA), documents, tokens and tokens/s.
-- resumable: each finished shard is recorded in `.prepare_state.json` (atomically, with the document
-  and token offset where it ends); a rerun with the same arguments skips the finished shards and
+- resumable: each finished shard is recorded in `.prepare_state.json` (atomically, with the
+  document where the batch that completed it starts and how many of its tokens are written); a rerun with the same arguments skips the finished shards and
   redoes the partial one. manifest.json, which the trainer looks for, is written last, so an
   interrupted preparation is never mistaken for a finished one. Every file is written atomically.
 """
@@ -30,7 +31,6 @@ import collections
 import concurrent.futures as cf
 import hashlib
 import json
-import math
 import multiprocessing
 import os
 import re
@@ -137,12 +137,6 @@ def _parquet(path: Path):
     return pf
 
 
-def count_documents(src: Source) -> int:
-    if src.kind == "parquet":
-        return _parquet(src.path).metadata.num_rows
-    return sum(1 for _ in read_documents(src))
-
-
 # ---------------------------------------------------------------------------------------------
 # Downloads
 
@@ -225,8 +219,8 @@ def _batches(docs: Iterator[tuple[str, int]]) -> Iterator[tuple[list[str], int]]
 
 
 class ShardWriter:
-    """Fills fixed-size shards of one split; each shard written records where to resume after it:
-    the first document of the batch that completed it and how many of that batch's tokens it took."""
+    """Fills fixed-size shards of one split. `on_shard(shards, resume)` is called after each shard
+    is written, with where the input must restart to redo what follows it."""
 
     def __init__(self, out: Path, split: str, shard_tokens: int, done: list[dict], on_shard):
         self.out, self.split, self.size = out, split, shard_tokens
@@ -242,54 +236,90 @@ class ShardWriter:
             self.buf[self.fill : self.fill + n] = tokens[pos : pos + n]
             self.fill += n
             pos += n
-            if self.fill == self.size:
+            if self.fill == self.size:  # restart: re-tokenise this batch, keep what follows `pos`
                 self._flush({"doc": batch_doc, "skip_tokens": pos})
 
-    def _flush(self, resume: dict | None) -> None:
-        name = f"{self.split}_{len(self.shards):04d}.bin"
-        entry = D.write_shard(self.out / name, self.buf[: self.fill])
-        self.shards.append({**entry, "resume": resume})
-        self.fill = 0
-        self.on_shard(self.shards)
-
-    def close(self) -> None:
+    def close(self, next_doc: int) -> None:
         if self.fill:
-            self._flush(None)
+            self._flush({"doc": next_doc, "skip_tokens": 0})
+
+    def _flush(self, resume: dict) -> None:
+        entry = D.write_shard(self.out / f"{self.split}_{len(self.shards):04d}.bin", self.buf[: self.fill])
+        self.shards.append(entry)
+        self.fill = 0
+        self.on_shard(self.split, self.shards, resume)
 
 
-def tokenize_split(srcs: list[Source], *, split: str, doc_range: tuple[int, int | None], out: Path, shard_tokens: int,
-                   workers: int, done: list[dict], on_shard, bar=None) -> list[dict]:
-    """Tokenise documents [start, stop) of the concatenated sources into `split` shards, after the
-    finished shards `done` (resuming where the last one says). `on_shard(shards)` is called after
-    each shard is written. Returns the manifest entries."""
-    start, stop = doc_range
-    first_doc, drop = start, 0
-    if done:
-        if done[-1]["resume"] is None:  # the split was finished
-            return [{k: v for k, v in s.items() if k != "resume"} for s in done]
-        first_doc, drop = done[-1]["resume"]["doc"], done[-1]["resume"]["skip_tokens"]
-    writer = ShardWriter(out, split, shard_tokens, done, on_shard)
-
-    def documents():
+def stream_documents(sources: list[Source], held_out: bool) -> Iterator[tuple[int, str, int, str]]:
+    """(index, document, source bytes, split) for every document of the sources, in order, in one
+    pass. With `held_out`, the documents that start in the last 1% of the source bytes form the
+    validation split, and the last document always does (one document of lookahead)."""
+    if not held_out:
         n = 0
-        for src in srcs:
+        for src in sources:
             for doc, nbytes in read_documents(src):
-                if stop is not None and n >= stop:
-                    return
-                if n >= first_doc:
-                    yield doc, nbytes
-                elif n >= start and bar is not None:  # done in an earlier run
-                    bar.update(nbytes)
+                yield n, doc, nbytes, src.split or "train"
                 n += 1
+        return
+    threshold = 0.99 * sum(s.path.stat().st_size for s in sources)
+    seen, prev, n = 0, None, 0
+    for src in sources:
+        for doc, nbytes in read_documents(src):
+            if prev is not None:
+                yield prev
+            prev = (n, doc, nbytes, "val" if seen >= threshold else "train")
+            seen += nbytes
+            n += 1
+    if prev is not None:
+        yield (*prev[:3], "val")
+
+
+def tokenize(stream, *, out: Path, shard_tokens: int, workers: int, state: dict, save_state, bar=None) -> dict:
+    """Tokenise a document stream into train and val shards in one pass, resuming from
+    state["resume"]. Returns per-split document counts."""
+    resume = state.get("resume", {"doc": 0, "skip_tokens": 0})
+    closed = set(state.get("closed", []))
+
+    def on_shard(split, shards, where):
+        state[split] = shards
+        state["resume"] = where
+        save_state()
+
+    writers = {sp: ShardWriter(out, sp, shard_tokens, state.get(sp, []), on_shard) for sp in ("train", "val")}
+    counts = {"train": 0, "val": 0}
+
+    def batches():
+        batch, size, first, split = [], 0, None, None
+        for n, doc, nbytes, sp in stream:
+            counts[sp] += 1
+            if n < resume["doc"]:  # done in an earlier run
+                if bar is not None:
+                    bar.update(nbytes)
+                continue
+            if batch and (sp != split or size >= BATCH_BYTES):
+                yield first, split, batch, size
+                batch, size = [], 0
+            if not batch:
+                first, split = n, sp
+            batch.append(doc)
+            size += nbytes
+        if batch:
+            yield first, split, batch, size
 
     pending: collections.deque = collections.deque()
-    state = {"skip": drop}
+    skip = {"tokens": resume["skip_tokens"]}
 
     def take():
-        fut, batch_doc, n_docs, nbytes = pending.popleft()
+        fut, first, split, n_docs, nbytes = pending.popleft()
         toks = fut.result()
-        writer.add(toks, batch_doc, state["skip"])
-        state["skip"] = 0
+        for sp in ("train",) if split == "val" else ():
+            if sp not in closed:  # the training documents are over: their last shard
+                writers[sp].close(next_doc=first)
+                closed.add(sp)
+                state["closed"] = sorted(closed)
+                save_state()
+        writers[split].add(toks, first, skip["tokens"])
+        skip["tokens"] = 0
         if bar is not None:
             bar.docs += n_docs
             bar.tokens += len(toks)
@@ -297,18 +327,20 @@ def tokenize_split(srcs: list[Source], *, split: str, doc_range: tuple[int, int 
             bar.set_postfix(docs=f"{bar.docs:,}", tokens=f"{bar.tokens:,}", tok_s=f"{rate:,.0f}", refresh=False)
             bar.update(nbytes)
 
-    cursor = first_doc
     ctx = multiprocessing.get_context("spawn")  # never fork a process that may run JAX threads
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=tokenize_worker.init) as pool:
-        for batch, nbytes in _batches(documents()):
-            pending.append((pool.submit(tokenize_worker.encode_documents, batch), cursor, len(batch), nbytes))
-            cursor += len(batch)
+        for first, split, batch, nbytes in batches():
+            pending.append((pool.submit(tokenize_worker.encode_documents, batch), first, split, len(batch), nbytes))
             while len(pending) > 2 * workers or (pending and pending[0][0].done()):
                 take()  # in order; at most 2 * workers batches of text in flight
         while pending:
             take()
-    writer.close()
-    return [{k: v for k, v in s.items() if k != "resume"} for s in writer.shards]
+    end = sum(counts.values())
+    for sp in ("train", "val"):
+        if sp not in closed:
+            writers[sp].close(next_doc=end)
+            closed.add(sp)
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,49 +385,35 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
         if re.fullmatch(r"(train|val)_\d{4}\.bin", f.name) and f.name not in recorded:
             f.unlink()
 
-    def save_state():
-        D.atomic_write_json(state_path, state)
-
-    train_srcs = [s for s in sources if s.split in (None, "train")]
-    val_srcs = [s for s in sources if s.split == "val"]
-    if not train_srcs:
+    if not any(s.split in (None, "train") for s in sources):
         raise PrepareError("no training source (give a file without 'val=')")
-    extra = {}
-    if val_srcs:
-        train_range, val_plan = (0, None), (val_srcs, (0, None))
-    else:  # a held-out tail of whole documents
-        n_docs = state.get("documents") or sum(count_documents(s) for s in train_srcs)
-        state["documents"] = n_docs
-        if n_docs < 2:
-            raise PrepareError("the source holds fewer than 2 documents; a held-out validation tail needs at least one "
-                               "document besides the training ones (or give a val=PATH source)")
-        n_val = max(1, math.ceil(n_docs / 100))
-        train_range, val_plan = (0, n_docs - n_val), (train_srcs, (n_docs - n_val, None))
-        extra["validation"] = {"held_out_tail_documents": n_val, "documents": n_docs}
-    total = sum(s.path.stat().st_size for s in sources)
+    held_out = not any(s.split == "val" for s in sources)
+    order = [s for s in sources if s.split != "val"] + [s for s in sources if s.split == "val"]
     bar = None
     if progress:
         from tqdm import tqdm
 
+        total = sum(s.path.stat().st_size for s in sources)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"prepare {name}", file=sys.stderr, dynamic_ncols=True)
         bar.docs, bar.tokens, bar.t0 = 0, 0, time.perf_counter()
-    def recorder(split):
-        def on_shard(shards):
-            state[split] = shards
-            save_state()
-            if stop_after_shards is not None and sum(len(state.get(k, [])) for k in ("train", "val")) >= stop_after_shards:
-                raise KeyboardInterrupt  # tests: an interruption right after a shard
-        return on_shard
+
+    def save():
+        D.atomic_write_json(state_path, state)
+        if stop_after_shards is not None and sum(len(state.get(k, [])) for k in ("train", "val")) >= stop_after_shards:
+            raise KeyboardInterrupt  # tests: an interruption right after a shard
 
     try:
-        save_state()
-        splits = {}
-        for split, srcs, rng in (("train", train_srcs, train_range), ("val", *val_plan)):
-            splits[split] = tokenize_split(srcs, split=split, doc_range=rng, out=out, shard_tokens=shard_tokens, workers=workers,
-                                           done=state.get(split, []), on_shard=recorder(split), bar=bar)
+        D.atomic_write_json(state_path, state)
+        counts = tokenize(stream_documents(order, held_out), out=out, shard_tokens=shard_tokens, workers=workers, state=state,
+                          save_state=save, bar=bar)
     finally:
         if bar is not None:
             bar.close()
+    if counts["train"] == 0 or counts["val"] == 0:
+        raise PrepareError(f"the sources hold {counts['train']} training and {counts['val']} validation documents; both need at least one"
+                           + (" (a held-out validation tail needs at least 2 documents)" if held_out else ""))
+    splits = {sp: state[sp] for sp in ("train", "val")}
+    extra = {"validation": {"held_out_tail_documents": counts["val"], "documents": counts["train"] + counts["val"]}} if held_out else {}
     D.write_manifest(out, name, tok.GPT2Tokenizer().description(), splits, prepared_from=args, **extra)
     state_path.unlink(missing_ok=True)
     return D.TokenDataset.open(out)

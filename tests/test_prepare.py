@@ -61,19 +61,32 @@ def docs():
 
 def test_txt_jsonl_parquet_decode_back_to_the_documents(tmp_path, docs):
     srcs = write_sources(tmp_path, docs)
-    outs = []
+    streams = []
     for src in srcs:
         out = tmp_path / f"out_{src.suffix[1:]}"
         ds = P.prepare("mine", out, [P.Source(src, None)], workers=2, shard_tokens=3000, progress=False)
-        n_val = 3  # ceil(1% of 300)
-        assert ds.manifest["validation"] == {"held_out_tail_documents": n_val, "documents": 300}
+        n_val = ds.manifest["validation"]["held_out_tail_documents"]
+        assert ds.manifest["validation"]["documents"] == 300 and 1 <= n_val <= 9  # about 1% of the text
         assert decoded(ds, "train") == "".join(EOT + d for d in docs[:-n_val])
         assert decoded(ds, "val") == "".join(EOT + d for d in docs[-n_val:])
         assert all(s["tokens"] == 3000 for s in ds.manifest["splits"]["train"][:-1])
         assert ds.tokenizer().eot_id == 50256
-        outs.append(files(out))
-    assert outs[0] == outs[1] == outs[2]  # the same documents give the same bytes from any format
+        streams.append(np.concatenate([np.asarray(s) for sp in ("train", "val") for s in ds.split(sp)]))
+    np.testing.assert_array_equal(streams[0], streams[1])  # the same documents give the same tokens from any format
+    np.testing.assert_array_equal(streams[0], streams[2])
     assert not (tmp_path / "out_txt" / P.STATE).exists()
+
+
+def test_held_out_tail_is_one_percent_of_the_text_and_at_least_one_document(tmp_path):
+    docs = ["short"] * 50 + ["x" * 40_000]  # the last document alone is far more than 1%
+    txt = tmp_path / "a.txt"
+    txt.write_text(EOT.join(docs))
+    ds = P.prepare("mine", tmp_path / "o", [P.Source(txt, None)], workers=1, shard_tokens=10**6, progress=False)
+    assert ds.manifest["validation"]["held_out_tail_documents"] == 1
+    docs = [f"document {i} " * 10 for i in range(1000)]  # equal sizes: the last 1% of bytes is the last 10 documents
+    txt.write_text(EOT.join(docs))
+    ds = P.prepare("mine", tmp_path / "o2", [P.Source(txt, None)], workers=1, shard_tokens=10**6, progress=False)
+    assert 9 <= ds.manifest["validation"]["held_out_tail_documents"] <= 11
 
 
 def test_given_validation_split_and_idempotence(tmp_path, docs):
@@ -191,7 +204,7 @@ def test_cli_errors_are_one_line(tmp_path):
         (["nosuch"], "unknown dataset"),
         ([], "give one dataset"),
         (["mine", f"--source={tmp_path / 'missing.txt'}"], "no such file"),
-        (["mine", f"--source={one}", f"--out={tmp_path / 'o'}"], "fewer than 2 documents"),
+        (["mine", f"--source={one}", f"--out={tmp_path / 'o'}", "--noprogress"], "needs at least 2 documents"),  # found while reading
         (["mine", f"--source=test={one}"], "must be 'train' or 'val'"),
         (["mine", f"--source={tmp_path}/x.csv"], "no such file"),
     ]:
