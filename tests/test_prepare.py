@@ -216,3 +216,37 @@ def test_cli_prepares_the_builtin_datasets(tmp_path):
     r = _cli("tinyshakespeare", f"--out={tmp_path / 'ts'}")
     assert r.returncode == 0, r.stderr
     assert "301,966" in r.stdout and D.TokenDataset.open(tmp_path / "ts").num_tokens("val") == 36059
+
+
+def test_hub_sources_list_download_and_retry(monkeypatch, tmp_path):
+    """fineweb_edu: the sample-10BT parquet files are listed and downloaded through huggingface_hub,
+    with retries; tinystories: its train and valid files, as the two splits (no network: mocked)."""
+    import huggingface_hub
+
+    calls = {"download": [], "failures": 1}
+
+    def fake_download(repo_id, filename, repo_type):
+        assert repo_type == "dataset"
+        if calls["failures"]:
+            calls["failures"] -= 1
+            raise ConnectionError("flaky network")
+        calls["download"].append((repo_id, filename))
+        path = tmp_path / filename.replace("/", "_")
+        path.write_text("x")
+        return str(path)
+
+    class FakeApi:
+        def list_repo_files(self, repo_id, repo_type):
+            return ["README.md", "sample/10BT/001_00000.parquet", "sample/10BT/000_00000.parquet", "sample/100BT/000.parquet", "data/x.parquet"]
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(P.time, "sleep", lambda s: None)
+    srcs = P.hub_sources("fineweb_edu")
+    assert calls["download"] == [("HuggingFaceFW/fineweb-edu", "sample/10BT/000_00000.parquet"), ("HuggingFaceFW/fineweb-edu", "sample/10BT/001_00000.parquet")]
+    assert [s.split for s in srcs] == [None, None]  # no validation split: a held-out tail
+    srcs = P.hub_sources("tinystories")
+    assert [(s.path.name, s.split) for s in srcs] == [("TinyStoriesV2-GPT4-train.txt", "train"), ("TinyStoriesV2-GPT4-valid.txt", "val")]
+    calls["failures"] = 10
+    with pytest.raises(P.PrepareError, match="cannot download .*flaky network"):
+        P.hub_sources("tinystories")
