@@ -13,6 +13,8 @@ One row of the results table, measured on this machine's default JAX backend:
   `--prompt_len`-token prompt and `--new_tokens` new tokens at batch 1 and 64 (`--decode_batches`),
   greedy and top-k 200 sampling; random weights cast for inference as a loaded checkpoint is; and the
   decode state of one sequence at full context (`llmjax.summary`).
+- hellaswag (not run by default): items/s of the built-in HellaSwag scorer over the validation set
+  (`--task_limit`, `--task_batch_size`, `--task_dir`), every length bucket compiled first.
 
 `--all` measures every registered architecture's `--variant` and rewrites the generated table in
 docs/benchmarks.md (between its `bench:begin` / `bench:end` markers) with card, versions, date and
@@ -47,7 +49,8 @@ from llmjax.sharding import make_mesh  # noqa: E402
 from llmjax.summary import ARCH_ORDER, CONFIG_DIR, summarize  # noqa: E402
 from llmjax.train import peak_flops  # noqa: E402
 
-SUITES = ("train", "decode", "memory")
+SUITES = ("train", "decode", "memory", "hellaswag")
+DEFAULT_SUITES = ("train", "decode", "memory")
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
@@ -125,12 +128,43 @@ def bench_decode(cfg, *, batches: list[int], prompt_len: int, new_tokens: int, r
     return row
 
 
+def bench_hellaswag(cfg, *, batch_size: int, limit: int | None, task_dir: str | None) -> dict:
+    """HellaSwag items/s of the built-in scorer (llmjax.downstream, the trainer's in-loop one) with
+    random weights cast for inference; every length bucket compiled before the timed pass."""
+    from llmjax import downstream
+    from llmjax.scoring import Scorer, length_bucket, scoring_config
+    from llmjax.tokenizer import GPT2Tokenizer
+
+    mcfg = scoring_config(model_config(cfg).replace(scan_layers=False))
+    if mcfg.vocab_size != GPT2Tokenizer.vocab_size:
+        raise ConfigError(f"the hellaswag suite needs a GPT-2 BPE config (vocab 50257), not vocab {mcfg.vocab_size}")
+    model = build_model(mcfg, seed=0)
+    model = nnx.merge(nnx.graphdef(model), inference_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), mcfg.compute_dtype))
+    tok = GPT2Tokenizer()
+    try:
+        items = downstream.load_items("hellaswag", task_dir, limit=limit)
+    except downstream.TaskError as e:
+        raise ConfigError(str(e)) from None
+    scorer = Scorer.for_model(model, batch_size)
+    requests = downstream.requests_for(items, tok)
+    by_bucket = {}
+    for ctx, cont in requests:
+        by_bucket.setdefault(length_bucket(min(len(ctx) + len(cont), mcfg.context_len + 1) - 1, mcfg.context_len), (ctx, cont))
+    scorer.score(list(by_bucket.values()))  # compile every bucket
+    t0 = time.perf_counter()
+    m = downstream.score_task(scorer, tok, items)
+    dt = time.perf_counter() - t0
+    return {"hellaswag_items_per_sec": len(items) / dt, "hellaswag_items": len(items), "hellaswag_batch_size": batch_size,
+            "hellaswag_acc_norm_random_init": m["acc_norm"]}
+
+
 def device_name() -> str:
     d = jax.devices()[0]
     return d.device_kind if d.platform == "gpu" else f"{d.platform} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len, new_tokens) -> dict:
+def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len, new_tokens, task_batch_size=32, task_limit=None,
+          task_dir=None) -> dict:
     """One row for the run config `cfg` (named `spec` in the row)."""
     mcfg = model_config(cfg)
     summ = summarize(mcfg)
@@ -166,6 +200,8 @@ def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len,
         if "train" not in suites:
             for k in ("train_tokens_per_sec", "step_time_ms", "mfu"):
                 row[k] = None
+    if "hellaswag" in suites:
+        row.update(bench_hellaswag(cfg, batch_size=task_batch_size, limit=task_limit, task_dir=task_dir))
     if "decode" in suites:
         row.update(bench_decode(cfg, batches=decode_batches, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats))
     return row
@@ -217,7 +253,7 @@ def define_flags():
     cli.define_config_flag(required=False)
     flags.DEFINE_bool("all", False, "every registered architecture's --variant; rewrites the table in docs/benchmarks.md")
     flags.DEFINE_string("variant", "default", "with --all: the variant of each config")
-    flags.DEFINE_list("suite", list(SUITES), "suites to run: train, decode, memory")
+    flags.DEFINE_list("suite", list(DEFAULT_SUITES), "suites to run: train, decode, memory, hellaswag")
     flags.DEFINE_integer("batch_size", None, "training batch size (default: the config's)")
     flags.DEFINE_integer("steps", 10, "training steps per timed block")
     flags.DEFINE_integer("repeats", 3, "timed blocks (the median is reported)")
@@ -225,6 +261,9 @@ def define_flags():
     flags.DEFINE_integer("prompt_len", 16, "decode prompt tokens")
     flags.DEFINE_integer("new_tokens", 256, "decode new tokens")
     flags.DEFINE_multi_string("set", [], "with --all: config overrides key=value, e.g. --set model.remat=dots")
+    flags.DEFINE_integer("task_batch_size", 32, "hellaswag suite: sequences per forward pass")
+    flags.DEFINE_integer("task_limit", None, "hellaswag suite: the first N items (default: all 10,042)")
+    flags.DEFINE_string("task_dir", None, "hellaswag suite: where hellaswag_val.jsonl is or is downloaded to")
     flags.DEFINE_bool("json", False, "print JSON rows instead of a table")
     flags.DEFINE_string("out", None, "also write the rows as JSON lines here")
     flags.DEFINE_string("doc", str(DOC), "with --all: the markdown file whose generated table is rewritten")
@@ -277,7 +316,8 @@ def main(argv):
                 for key, value in overrides.items():
                     set_key(cfg, key, value)
             row = bench(cfg, spec, suites=set(F.suite), steps=F.steps, repeats=F.repeats, decode_batches=batches,
-                        prompt_len=F.prompt_len, new_tokens=F.new_tokens)
+                        prompt_len=F.prompt_len, new_tokens=F.new_tokens, task_batch_size=F.task_batch_size,
+                        task_limit=F.task_limit, task_dir=F.task_dir)
         except ConfigError as e:
             cli.fail(str(e))
         rows.append(row)

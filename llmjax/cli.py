@@ -83,4 +83,17 @@ def run(main: Callable[[list[str]], None]):
     app.run(guarded, flags_parser=_parse)
 
 
-__all__ = ["define_config_flag", "fail", "run", "split_spec"]
+def start_run_reader(argv: list[str], example: str) -> None:
+    """The common start of a tool that reads a training run (sample, evaluate): no stray
+    arguments, --checkpoint_path given, JAX's compilation cache on, Orbax's read-only notice off."""
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS.checkpoint_path:
+        fail(f"--checkpoint_path is required: a training run directory such as {example}")
+    from llmjax.runtime import enable_compilation_cache
+
+    enable_compilation_cache()
+    logging.set_verbosity(logging.ERROR)  # Orbax logs its read-only mode at WARNING
+
+
+__all__ = ["define_config_flag", "fail", "run", "split_spec", "start_run_reader"]

@@ -158,6 +158,11 @@ def _shared_groups(variant: str) -> dict[str, dict[str, Any]]:
             every_steps=250,
             num_batches=20,  # batches of random windows per periodic estimate (the last step: whole split)
             sample_tokens=200,  # a sample printed at the end of training (0: none)
+            tasks="",  # downstream tasks scored in the loop: comma-separated hellaswag, arc_easy ("": none)
+            tasks_every_steps=0,  # score them every N steps (0: at the last step only)
+            tasks_limit=0,  # the first N items of each task (0: all)
+            tasks_batch_size=32,  # sequences per forward pass (global; divisible by the devices)
+            tasks_dir="",  # where the task files are or are downloaded to ("": $LLMJAX_TASK_DIR or ~/.cache/llmjax/tasks)
         ),
         logging=dict(
             wandb=False,  # credentials from .env: WANDB_API_KEY, WANDB_PROJECT_NAME, WANDB_ENTITY

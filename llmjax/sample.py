@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags, logging
+from absl import flags
 from flax import nnx
 
 from llmjax import cli
@@ -379,15 +379,19 @@ def inference_params(params: dict, dtype) -> dict:
     return jax.tree_util.tree_map_with_path(cast, params)
 
 
-def load(path: str | Path, which: str = "latest", *, dtype: str | None = None, scan_layers: bool = False) -> Loaded:
+def load(
+    path: str | Path, which: str = "latest", *, dtype: str | None = None, scan_layers: bool = False, device=None,
+    model_overrides: dict | None = None,
+) -> Loaded:
     """The model of a training run's checkpoint (see `resolve`), in `dtype` (default: the run's),
-    with unrolled layers (decoding writes each layer's cache in place)."""
+    with unrolled layers (decoding writes each layer's cache in place), on `device` (default: the
+    first). `model_overrides` may change execution options of the model config (not its shapes)."""
     import orbax.checkpoint as ocp
 
     run, step = resolve(path, which)
     try:
         config = json.loads((run / "config.json").read_text())
-        overrides = {"scan_layers": scan_layers, **({"dtype": dtype} if dtype else {})}
+        overrides = {"scan_layers": scan_layers, **({"dtype": dtype} if dtype else {}), **(model_overrides or {})}
         mcfg = model_config({**config["model"], **overrides})
         tokenizer = from_description(json.loads((run / "tokenizer.json").read_text()))
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
@@ -397,7 +401,7 @@ def load(path: str | Path, which: str = "latest", *, dtype: str | None = None, s
 
     canonical = mcfg.replace(scan_layers=True)  # the checkpoint's layout
     abstract = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(build_model(canonical, seed=0), nnx.Param)))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
     target = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)}
     ckpt_dir = run / "checkpoints"
     try:
@@ -453,14 +457,7 @@ def _prompts(FLAGS) -> list[str]:
 
 def main(argv):
     FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS.checkpoint_path:
-        cli.fail("--checkpoint_path is required: a training run directory such as runs/shakespeare_char")
-    from llmjax.runtime import enable_compilation_cache
-
-    enable_compilation_cache()
-    logging.set_verbosity(logging.ERROR)  # Orbax logs its read-only mode at WARNING
+    cli.start_run_reader(argv, "runs/shakespeare_char")
     warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
     try:
         if FLAGS.num_samples < 1 or FLAGS.max_new_tokens < 0:

@@ -39,7 +39,7 @@ from absl import flags
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llmjax import cli, data as data_lib
+from llmjax import cli, data as data_lib, downstream
 from llmjax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
 from llmjax.config import ConfigError, model_config, validate
 from llmjax.loss import cross_entropy
@@ -47,6 +47,7 @@ from llmjax.models.layers import convert_layer_layout
 from llmjax.registry import build_model
 from llmjax.runtime import enable_compilation_cache, tune_host_allocator
 from llmjax.sample import generate
+from llmjax.scoring import Scorer, continuation_scores, scoring_config
 from llmjax.sharding import batch_sharding, make_mesh, param_shardings, state_shardings
 from llmjax.summary import summarize
 
@@ -152,6 +153,7 @@ class Steps:
     eval_step: object  # (params, tokens (batch, T+1), mask (batch, T)) -> (loss sum, token count)
     tok_shard: NamedSharding
     eval_shard: NamedSharding
+    score_step: object  # (params, tokens, targets, mask (batch, T)) -> (log-likelihood, greedy) per row (llmjax.scoring)
 
 
 def build_steps(cfg, mesh) -> Steps:
@@ -232,6 +234,14 @@ def build_steps(cfg, mesh) -> Steps:
 
     eval_fn = jax.jit(eval_step, in_shardings=(p_shard, eval_shard, eval_shard), out_shardings=(replicated, replicated))
 
+    score_graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(scoring_config(mcfg), seed=0)))
+
+    def score_step(params, tokens_BT, targets_BT, mask_BT):
+        model = nnx.merge(score_graphdef, convert_layer_layout(params, mcfg.scan_layers))
+        return continuation_scores(model(tokens_BT)[0], targets_BT, mask_BT, mcfg.vocab_size)
+
+    score_fn = jax.jit(score_step, in_shardings=(p_shard, eval_shard, eval_shard, eval_shard), out_shardings=(replicated, replicated))
+
     def init():
         params = init_params()
         rng = jax.random.key_data(jax.random.key(tcfg.seed))
@@ -240,7 +250,7 @@ def build_steps(cfg, mesh) -> Steps:
     return Steps(
         graphdef=graphdef, abstract_state=abstract_state, state_shard=state_shard,
         init_state=jax.jit(init, out_shardings=state_shard), train_step=step_fn, eval_step=eval_fn,
-        tok_shard=tok_shard, eval_shard=eval_shard,
+        tok_shard=tok_shard, eval_shard=eval_shard, score_step=score_fn,
     )
 
 
@@ -271,6 +281,17 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
             f"set --config.model.vocab_size={tokenizer.vocab_size}"
         )
 
+    # --- downstream tasks scored in the loop (loaded now: a download problem stops nothing later) ---
+    task_names = [t.strip() for t in ecfg.tasks.split(",") if t.strip()]
+    task_items = {}
+    if task_names:
+        try:
+            downstream.check_names(task_names)
+            downstream.check_tokenizer(tokenizer)
+            task_items = {t: downstream.load_items(t, ecfg.tasks_dir or None, limit=ecfg.tasks_limit or None) for t in task_names}
+        except downstream.TaskError as e:
+            raise ConfigError(f"eval.tasks: {e}") from None
+
     # --- workdir: config.json (a resumed run must have the same model) ----------------------
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(workdir / "checkpoints", keep=tcfg.keep_checkpoints)
@@ -296,6 +317,8 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
     n_dev = mesh.devices.size
     if tcfg.batch_size % n_dev:
         raise ConfigError(f"train.batch_size={tcfg.batch_size} must be divisible by the {n_dev} devices of the mesh")
+    if task_items and (ecfg.tasks_batch_size <= 0 or ecfg.tasks_batch_size % n_dev):
+        raise ConfigError(f"eval.tasks_batch_size={ecfg.tasks_batch_size} must be a positive multiple of the {n_dev} devices of the mesh")
     steps = build_steps(cfg, mesh)
     graphdef, state_shard, abstract_state = steps.graphdef, steps.state_shard, steps.abstract_state
     step_fn, eval_fn, eval_shard, tok_shard = steps.train_step, steps.eval_step, steps.eval_shard, steps.tok_shard
@@ -330,6 +353,18 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
             )
             total, count = total + float(s), count + float(c)
         return total / max(count, 1.0)
+
+    def score_tasks(params) -> dict:
+        """acc and acc_norm of every in-loop task (llmjax.downstream), as metrics."""
+        def batch_fn(toks, tgts, mask):
+            return steps.score_step(params, *(to_global(local_rows(a), eval_shard, a.shape) for a in (toks, tgts, mask)))
+
+        scorer = Scorer(batch_fn, context_len=T, batch_size=ecfg.tasks_batch_size)
+        out = {}
+        for name, items in task_items.items():
+            m = downstream.score_task(scorer, tokenizer, items)
+            out[f"{name}_acc"], out[f"{name}_acc_norm"] = m["acc"], m["acc_norm"]
+        return out
 
     # --- initialise or restore -------------------------------------------------------------------
     target = abstract_with_shardings(abstract_state, state_shard)
@@ -398,15 +433,19 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
             metrics_file.flush()
         if bar is not None:
             bar.update(1)
-            if step % tcfg.log_every_steps == 0 or val_loss is not None:
+            if step % tcfg.log_every_steps == 0 or val_loss is not None or any(f"{t}_acc" in line for t in task_items):
                 post = {"loss": f"{line['train_loss']:.4f}", "lr": f"{line['lr']:.2e}", "tok/s": f"{line['tokens_per_sec']:,.0f}",
                         "ms": f"{line['step_time'] * 1e3:.1f}"}
                 if line["mfu"] is not None:
                     post["mfu"] = f"{line['mfu']:.1%}"
                 if val_loss is not None:
                     post["val"] = f"{val_loss:.4f}"
+                for name in task_items:
+                    if f"{name}_acc_norm" in line:
+                        post[name[:4]] = f"{line[f'{name}_acc_norm']:.3f}"
                 bar.set_postfix(post, refresh=False)
-        if wandb_run is not None and (step % tcfg.log_every_steps == 0 or val_loss is not None):
+        scored = any(f"{name}_acc" in line for name in task_items)
+        if wandb_run is not None and (step % tcfg.log_every_steps == 0 or val_loss is not None or scored):
             wandb_run.log({k: v for k, v in line.items() if v is not None and k != "step" and not isinstance(v, list)}, step=step)
 
     pending: list[tuple[int, dict]] = []  # dispatched steps whose metrics are not read yet
@@ -419,7 +458,8 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
                 is_last = step == tcfg.max_steps
                 do_eval = is_last or (ecfg.every_steps > 0 and step % ecfg.every_steps == 0)
                 do_ckpt = do_eval or step == end or stop.requested or (step % tcfg.checkpoint_every_steps == 0)
-                if not (do_eval or do_ckpt):
+                do_tasks = bool(task_items) and (is_last or (ecfg.tasks_every_steps > 0 and step % ecfg.tasks_every_steps == 0))
+                if not (do_eval or do_ckpt or do_tasks):
                     # Read metrics in blocks, a block behind: the host never waits for the step it
                     # just dispatched, and syncs once per block rather than once per step.
                     pending.append((step, m))
@@ -435,11 +475,14 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
                 val = evaluate(state["params"], whole_split=is_last) if do_eval else None
                 if is_last and ecfg.num_batches > 0:  # also the periodic estimate, comparable with earlier steps
                     lines[-1]["val_loss_estimate"] = evaluate(state["params"], whole_split=False)
+                if do_tasks:
+                    lines[-1].update(score_tasks(state["params"]))
                 emit(lines[-1], val)
                 if val is not None:
                     last_val = val
-                ckpt.save(step, state, train_it, {"step": step, "val_loss": val}, val_loss=val)
-                last_good = step
+                if do_ckpt:
+                    ckpt.save(step, state, train_it, {"step": step, "val_loss": val}, val_loss=val)
+                    last_good = step
                 last_time = time.perf_counter()  # evaluation and checkpointing are not step time
                 if stop.requested and step < end:
                     say(f"stopped by SIGTERM after step {step}; checkpoint saved. Run the same command to resume.")

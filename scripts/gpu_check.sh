@@ -10,6 +10,8 @@
 # - benchmarks (python -m llmjax.bench): full figures for vanilla and modern (train at batch 16 and
 #   32, memory, decode at batch 1 and 64), short ones for the rest; with --sweep, training tokens/s
 #   over scanned/unrolled layers x remat x batch x attention kernel, as one table;
+# - HellaSwag items/s of the built-in scorer for vanilla and modern when LLMJAX_TASK_DIR holds
+#   hellaswag_val.jsonl (carry it: the machine is offline);
 # - the PyTorch anchors (../shared/anchors/gpu_anchors.sh) when NANOGPT_SRC is set;
 # - writes logs, JUnit XML, JSON rows and the tables into OUTDIR.
 # GPU_CHECK_VARIANT=tiny runs the same steps on tiny configs (to check this script on a CPU).
@@ -42,6 +44,9 @@ if [ "$variant" = default ]; then
   step "contract suite on the GPU backend"
   JAX_DEFAULT_MATMUL_PRECISION=highest "$py" -m pytest -p no:cacheprovider -q tests/test_models.py tests/test_layers.py tests/test_sample.py -x \
     -k "not cli" --junitxml="$out/contract_on_gpu.xml" 2>&1 | tail -5 | tee "$out/contract_on_gpu.log" || status=1
+  step "scoring engine on the GPU backend"
+  JAX_DEFAULT_MATMUL_PRECISION=highest "$py" -m pytest -p no:cacheprovider -q tests/test_evaluate.py -x \
+    -k "float64 or batch_size_does_not or rolling_loglikelihood" --junitxml="$out/scoring_on_gpu.xml" 2>&1 | tail -5 | tee "$out/scoring_on_gpu.log" || status=1
 fi
 
 bench() { "$py" -m llmjax.bench --json --out "$out/bench.jsonl" "$@" 2>>"$out/bench.err" | tee -a "$out/bench.log" | cut -c1-300 || status=1; }
@@ -69,6 +74,14 @@ else
     done
     bench --config "$(cfg $arch)" --suite=decode --repeats=3
   done
+  step "benchmarks: HellaSwag items/s (built-in scorer)"
+  if [ -n "${LLMJAX_TASK_DIR:-}" ] && { [ -f "$LLMJAX_TASK_DIR/hellaswag_val.jsonl" ] || [ -f "$LLMJAX_TASK_DIR/hellaswag/hellaswag_val.jsonl" ]; }; then
+    for arch in vanilla modern; do
+      bench --config "$(cfg $arch)" --suite=hellaswag --task_batch_size=64
+    done
+  else
+    echo "skipped: set LLMJAX_TASK_DIR to a folder holding hellaswag_val.jsonl (the machine is offline)" | tee -a "$out/steps.log"
+  fi
   step "benchmarks: the rest (short)"
   for arch in gqa mla moe linformer ssm; do
     bench --config "$(cfg $arch)" --suite=train,memory --batch_size=16 --steps=10 --repeats=2

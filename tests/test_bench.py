@@ -70,3 +70,17 @@ def test_cli_bad_input_is_one_line():
                          (["--config=configs/vanilla.py:tiny", "--config.model.n_layr=2"], "n_layer")]:
         r = _cli(*args)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
+
+
+def test_hellaswag_suite_scores_items():
+    from llmjax.config import ConfigError
+
+    cfg = llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny",
+                             {"model.vocab_size": 50257, "model.padded_vocab_size": 50304, "model.context_len": 128})
+    row = bench.bench(cfg, "configs/vanilla.py:tiny", suites={"hellaswag"}, steps=1, repeats=1, decode_batches=[1], prompt_len=4,
+                      new_tokens=4, task_batch_size=4, task_limit=6, task_dir=str(ROOT / "tests" / "fixtures"))
+    assert row["hellaswag_items"] == 6 and row["hellaswag_items_per_sec"] > 0 and row["train_tokens_per_sec"] is None
+    assert 0 <= row["hellaswag_acc_norm_random_init"] <= 1
+    with pytest.raises(ConfigError, match="GPT-2 BPE"):
+        bench.bench(llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny"), "x", suites={"hellaswag"}, steps=1, repeats=1,
+                    decode_batches=[1], prompt_len=4, new_tokens=4)

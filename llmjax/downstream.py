@@ -1,0 +1,255 @@
+"""HellaSwag and ARC-Easy, scored fast and exactly as lm-evaluation-harness scores them.
+
+The data are the official files: HellaSwag's validation jsonl from the rowanz/hellaswag repository
+on GitHub (10,042 items) and ARC-Easy's test split (2,376 questions; Hugging Face `allenai/ai2_arc`
+parquet, kept as jsonl). Each is downloaded on first use into the task directory
+($LLMJAX_TASK_DIR, default ~/.cache/llmjax/tasks) and checked by content (item count and every
+item's fields), never by checksum; a local copy is used as is when the directory already holds it
+(as `hellaswag_val.jsonl` or `hellaswag/hellaswag_val.jsonl`, `ARC-Easy-test.jsonl` or
+`arc_easy/ARC-Easy-test.jsonl`).
+
+Preprocessing and metrics are lm-eval's `hellaswag` and `arc_easy` tasks (0-shot):
+- HellaSwag: context `preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize())`,
+  choices `preprocess(ending)`, where preprocess strips, turns " [title]" into ". ", drops
+  bracketed WikiHow artefacts and double spaces;
+- ARC: context "Question: {question}\\nAnswer:", choices the answer texts;
+- each choice is scored as the continuation " " + choice (llmjax.scoring, lm-eval's tokenisation
+  rules); `acc` takes the choice of highest log-likelihood, `acc_norm` the highest
+  log-likelihood per character of the choice; ties go to the first.
+The test suite checks per-item log-likelihoods and both metrics against lm-eval's own tasks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable, Sequence
+
+from llmjax.scoring import Scorer, encode_pair
+
+TASK_NAMES = ("hellaswag", "arc_easy")
+
+
+class TaskError(ValueError):
+    """A task-data problem a user can fix (one line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    context: str
+    choices: tuple[str, ...]
+    gold: int
+
+
+def _hellaswag_clean(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _parse_hellaswag(doc: dict) -> Item:
+    fields = {"activity_label": str, "ctx_a": str, "ctx_b": str, "endings": list, "label": (int, str)}
+    for key, kind in fields.items():
+        if not isinstance(doc.get(key), kind):
+            raise ValueError(f"field '{key}' missing or not {getattr(kind, '__name__', 'int')}")
+    label = int(doc["label"])
+    if len(doc["endings"]) != 4 or not all(isinstance(e, str) for e in doc["endings"]) or not 0 <= label < 4:
+        raise ValueError("needs 4 string endings and a label in 0-3")
+    ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+    return Item(_hellaswag_clean(doc["activity_label"] + ": " + ctx), tuple(_hellaswag_clean(e) for e in doc["endings"]), label)
+
+
+def _arc_doc(doc: dict) -> tuple[str, list[str], list[str], str]:
+    """(question, choice texts, choice labels, answer key) of a Hugging Face `ai2_arc` row or an
+    original AI2 jsonl row ({"question": {"stem", "choices": [{"text", "label"}]}})."""
+    q = doc.get("question")
+    if isinstance(q, dict):  # AI2's original format
+        texts = [c.get("text") for c in q.get("choices", [])]
+        labels = [c.get("label") for c in q.get("choices", [])]
+        q = q.get("stem")
+    else:
+        choices = doc.get("choices") or {}
+        texts, labels = choices.get("text"), choices.get("label")
+    if not isinstance(q, str) or not isinstance(texts, list) or not isinstance(labels, list) or not texts:
+        raise ValueError("needs a question and choices {text, label}")
+    if len(texts) != len(labels) or not all(isinstance(t, str) for t in texts + labels):
+        raise ValueError("choices need as many string labels as texts")
+    key = doc.get("answerKey")
+    if key not in labels:
+        raise ValueError(f"answerKey {key!r} is not among the labels {labels}")
+    return q, texts, labels, key
+
+
+def _parse_arc(doc: dict) -> Item:
+    q, texts, labels, key = _arc_doc(doc)
+    return Item(f"Question: {q}\nAnswer:", tuple(texts), labels.index(key))
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    file: str  # the file name in the task directory
+    url: str
+    count: int  # items in the official split
+    parse: Callable[[dict], Item]
+    split: str  # the split lm-eval's task scores
+
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+ARC_EASY_URL = "https://huggingface.co/datasets/allenai/ai2_arc/resolve/main/ARC-Easy/test-00000-of-00001.parquet"
+TASKS = {
+    "hellaswag": TaskSpec("hellaswag", "hellaswag_val.jsonl", HELLASWAG_URL, 10042, _parse_hellaswag, "validation"),
+    "arc_easy": TaskSpec("arc_easy", "ARC-Easy-test.jsonl", ARC_EASY_URL, 2376, _parse_arc, "test"),
+}
+
+
+def task_dir(configured: str | os.PathLike | None = None) -> Path:
+    """Where task files are found and downloaded to: the argument, else $LLMJAX_TASK_DIR, else
+    ~/.cache/llmjax/tasks."""
+    return Path(configured or os.environ.get("LLMJAX_TASK_DIR") or Path.home() / ".cache" / "llmjax" / "tasks").expanduser()
+
+
+def check_names(names: Sequence[str]) -> list[str]:
+    names = [n.strip() for n in names if n.strip()]
+    for n in names:
+        if n not in TASKS:
+            raise TaskError(f"unknown task '{n}' for the built-in scorer; it scores {', '.join(TASK_NAMES)}")
+    return names
+
+
+def parse_file(path: Path, spec: TaskSpec) -> list[Item]:
+    """Every item of a task jsonl, or a one-line TaskError naming the first bad line."""
+    items = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    items.append(spec.parse(json.loads(line)))
+                except (ValueError, TypeError, AttributeError) as e:
+                    raise TaskError(f"{path}:{lineno} is not a {spec.name} item ({e}); delete the file to download it again") from None
+    except OSError as e:
+        raise TaskError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise TaskError(f"{path} is not UTF-8 text; delete it to download it again") from None
+    if not items:
+        raise TaskError(f"{path} holds no {spec.name} items")
+    return items
+
+
+def _download(spec: TaskSpec, target: Path, tries: int = 4) -> None:
+    """Fetch the official file into `target` (HellaSwag as is; ARC's parquet converted to jsonl),
+    checking its content before it is moved into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"downloading {spec.name} from {spec.url} to {target}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
+        raw = Path(tmp) / spec.url.rsplit("/", 1)[-1]
+        for attempt in range(tries):
+            try:
+                with urllib.request.urlopen(spec.url, timeout=60) as r, open(raw, "wb") as f:
+                    while chunk := r.read(1 << 20):
+                        f.write(chunk)
+                break
+            except Exception as e:  # network errors come in many types
+                if attempt == tries - 1:
+                    raise TaskError(
+                        f"cannot download {spec.name} from {spec.url} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        f"put {spec.file} in {target.parent} or pass another task directory"
+                    ) from None
+                time.sleep(2**attempt)
+        out = Path(tmp) / spec.file
+        if raw.suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise TaskError(f"reading {spec.name}'s parquet needs pyarrow: pip install 'llmjax[prepare]'") from None
+            rows = pq.read_table(raw).to_pylist()
+            out.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        else:
+            raw.replace(out)
+        items = parse_file(out, spec)
+        if len(items) != spec.count:
+            raise TaskError(f"the download of {spec.name} holds {len(items)} items, not {spec.count}; try again later")
+        out.replace(target)
+
+
+def find_file(name: str, directory: str | os.PathLike | None = None, *, download: bool = True) -> Path:
+    """The task's file in the task directory (downloading it there when missing)."""
+    spec = TASKS[check_names([name])[0]]
+    base = task_dir(directory)
+    for candidate in (base / spec.file, base / spec.name / spec.file):
+        if candidate.is_file():
+            return candidate
+    if not download:
+        raise TaskError(f"no {spec.file} in {base}; download it from {spec.url}")
+    _download(spec, base / spec.file)
+    return base / spec.file
+
+
+def load_items(name: str, directory: str | os.PathLike | None = None, *, limit: int | None = None) -> list[Item]:
+    """The task's items in file order (the first `limit` of them). A downloaded file must hold
+    the whole official split; a file found in the directory is used as is (e.g. a subset), with a
+    note on stderr when its count differs from the official one."""
+    spec = TASKS[check_names([name])[0]]
+    path = find_file(name, directory)
+    items = parse_file(path, spec)
+    if len(items) != spec.count:
+        print(f"note: {path} holds {len(items)} {spec.name} items (the official {spec.split} split has {spec.count})", file=sys.stderr)
+    return items[:limit] if limit else items
+
+
+def requests_for(items: Sequence[Item], tokenizer) -> list[tuple[list[int], list[int]]]:
+    """The (context, continuation) token pairs of every choice of every item, item-major."""
+    return [encode_pair(tokenizer, item.context, " " + choice) for item in items for choice in item.choices]
+
+
+def metrics(items: Sequence[Item], lls: Sequence[float]) -> dict:
+    """acc and acc_norm (log-likelihood per character of the choice) with their standard errors,
+    plus each item's choice log-likelihoods."""
+    per_item, correct, correct_norm, k = [], [], [], 0
+    for item in items:
+        scores = list(lls[k : k + len(item.choices)])
+        k += len(item.choices)
+        per_item.append(scores)
+        best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+        norm = [s / len(c) for s, c in zip(scores, item.choices)]
+        best_norm = max(range(len(norm)), key=lambda i: (norm[i], -i))
+        correct.append(float(best == item.gold))
+        correct_norm.append(float(best_norm == item.gold))
+    n = len(items)
+
+    def stderr(xs):
+        if n < 2:
+            return float("nan")
+        mean = sum(xs) / n
+        return math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1) / n)
+
+    return {
+        "acc": sum(correct) / n, "acc_stderr": stderr(correct),
+        "acc_norm": sum(correct_norm) / n, "acc_norm_stderr": stderr(correct_norm),
+        "n": n, "loglikelihoods": per_item,
+    }
+
+
+def score_task(scorer: Scorer, tokenizer, items: Sequence[Item], *, progress: bool = False) -> dict:
+    """lm-eval's metrics for `items`, scored with `scorer` (see `metrics`)."""
+    check_tokenizer(tokenizer)
+    results = scorer.score(requests_for(items, tokenizer), progress=progress)
+    return metrics(items, [ll for ll, _ in results])
+
+
+def check_tokenizer(tokenizer) -> None:
+    if getattr(tokenizer, "eot_id", None) is None:
+        raise TaskError(
+            "HellaSwag and ARC are scored on text with the GPT-2 BPE tokenizer; this is a character-level model "
+            "(train a BPE config, e.g. data.dataset=tinyshakespeare, to score it)"
+        )

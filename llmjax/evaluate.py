@@ -1,0 +1,229 @@
+"""`python -m llmjax.evaluate --checkpoint runs/NAME --tasks hellaswag,arc_easy [--batch_size 8] [--limit N]`
+
+Evaluate a training run's checkpoint on downstream tasks and print the aggregated results as JSON
+(`--output_json FILE` also writes them):
+
+- `--scorer=harness` (default): lm-evaluation-harness (the `eval` extra) with the `llmjax` model
+  (llmjax.harness), any of its tasks. HellaSwag and ARC-Easy read the local task files of
+  llmjax.downstream (downloaded once into the task directory, or already there), so they run
+  offline; other tasks load their data as lm-eval does.
+- `--scorer=fast`: llmjax's own HellaSwag / ARC-Easy scorer (llmjax.downstream), the one the
+  trainer runs in the loop: the same requests, tokens and metrics as the harness, without it.
+
+Both print lm-eval's result keys (`acc,none`, `acc_norm,none`, their `_stderr`), plus
+`items_per_sec`. The flags are those of the original playground's `run_benchmarks.py`
+(`scripts/run_benchmarks.py` is an alias; `--checkpoint_path` is a synonym of `--checkpoint`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+from absl import flags
+
+from llmjax import cli, downstream
+from llmjax.config import ConfigError
+from llmjax.sample import SampleError, load, resolve
+from llmjax.scoring import Scorer, ScoreError
+
+
+class EvalError(ValueError):
+    """An evaluation problem a user can fix (one line)."""
+
+
+def pick_device(spec: str | None):
+    """The JAX device for a torch-style name: cuda, cuda:N, gpu:N, cpu (None: JAX's first)."""
+    if spec is None or str(spec) == "":
+        return jax.devices()[0]
+    name, _, index = str(spec).lower().partition(":")
+    platform = {"cuda": "gpu", "gpu": "gpu", "rocm": "gpu", "cpu": "cpu", "tpu": "tpu"}.get(name)
+    if platform is None or not (index == "" or index.isdigit()):
+        raise EvalError(f"--device={spec}: use cuda, cuda:N, gpu:N or cpu")
+    try:
+        devices = jax.devices(platform)
+    except RuntimeError:
+        raise EvalError(
+            f"--device={spec}: JAX has no {platform} backend here (it runs on {jax.default_backend()}); "
+            "install a CUDA build (pip install 'llmjax[cuda13]') or pass --device=cpu"
+        ) from None
+    i = int(index or 0)
+    if i >= len(devices):
+        raise EvalError(f"--device={spec}: there are only {len(devices)} {platform} device(s)")
+    return devices[i]
+
+
+def load_for_scoring(path, which: str = "latest", *, dtype: str | None = None, device=None):
+    """`sample.load` with the model as scoring runs it (a capacity-mode MoE dropless; see
+    llmjax.scoring.scoring_config)."""
+    run, _ = resolve(path, which)
+    try:
+        mode = json.loads((run / "config.json").read_text())["model"].get("moe_mode")
+    except (OSError, ValueError, KeyError, AttributeError):
+        mode = None  # load() reports an unreadable run
+    overrides = {"moe_mode": "dropless"} if mode == "capacity" else None
+    return load(path, which, dtype=dtype, device=device, model_overrides=overrides)
+
+
+def _result_entry(task: str, m: dict) -> dict:
+    return {
+        "alias": task, "sample_len": m["n"],
+        "acc,none": m["acc"], "acc_stderr,none": m["acc_stderr"],
+        "acc_norm,none": m["acc_norm"], "acc_norm_stderr,none": m["acc_norm_stderr"],
+    }
+
+
+def run_fast(loaded, tasks: list[str], *, batch_size: int, limit: int | None, task_dir=None, progress: bool = True) -> dict:
+    """The built-in scorer on `tasks` (hellaswag, arc_easy)."""
+    tasks = downstream.check_names(tasks)
+    downstream.check_tokenizer(loaded.tokenizer)
+    scorer = Scorer.for_model(loaded.model, batch_size)
+    results, samples, speed = {}, {}, {}
+    for task in tasks:
+        items = downstream.load_items(task, task_dir, limit=limit)
+        start = time.perf_counter()
+        m = downstream.score_task(scorer, loaded.tokenizer, items, progress=progress)
+        elapsed = time.perf_counter() - start
+        results[task] = _result_entry(task, m)
+        samples[task] = len(items)
+        speed[task] = len(items) / elapsed
+    return {"results": results, "n-samples": samples, "items_per_sec": speed}
+
+
+def _local_task_configs(tasks: list[str], task_dir, folder: Path) -> list[str]:
+    """Write lm-eval task YAMLs into `folder` that point lm-eval's own hellaswag / arc_easy at the
+    local files (the same task names, preprocessing and metrics; only the data source changes).
+    Returns the tasks so redirected."""
+    import lm_eval
+
+    lm_tasks = Path(lm_eval.__file__).parent / "tasks"
+    base = {"hellaswag": lm_tasks / "hellaswag" / "hellaswag.yaml", "arc_easy": lm_tasks / "arc" / "arc_easy.yaml"}
+    done = []
+    for task in tasks:
+        if task not in downstream.TASKS or not base[task].is_file():
+            continue
+        spec = downstream.TASKS[task]
+        path = downstream.find_file(task, task_dir)
+        lines = [
+            f"include: {json.dumps(str(base[task]))}",
+            f"task: {task}",
+            "dataset_path: json",
+            "dataset_name: null",
+            f"dataset_kwargs: {{data_files: {{{spec.split}: {json.dumps(str(path.absolute()))}}}}}",
+            "training_split: null",
+        ]
+        if spec.split == "test":
+            lines.append("validation_split: null")
+        (folder / f"{task}.yaml").write_text("\n".join(lines) + "\n")
+        done.append(task)
+    return done
+
+
+def run_harness(
+    loaded, tasks: list[str], *, batch_size: int, limit: int | None, task_dir=None, num_fewshot: int | None = None,
+    device=None,
+) -> dict:
+    """lm-evaluation-harness on `tasks` with the llmjax model."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise EvalError("--scorer=harness needs lm-evaluation-harness: pip install 'llmjax[eval]' (or use --scorer=fast)") from None
+    from llmjax.harness import LlmjaxLM
+
+    downstream.check_tokenizer(loaded.tokenizer)
+    lm = LlmjaxLM(model=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, device=device)
+    with tempfile.TemporaryDirectory(prefix="llmjax-tasks-") as folder:
+        local = _local_task_configs(tasks, task_dir, Path(folder))
+        manager = TaskManager(include_path=folder if local else None)
+        unknown = [t for t in tasks if t not in manager.all_tasks]
+        if unknown:
+            import difflib
+
+            near = difflib.get_close_matches(unknown[0], manager.all_tasks, n=1)
+            raise EvalError(f"unknown lm-eval task '{unknown[0]}'" + (f" (did you mean '{near[0]}'?)" if near else ""))
+        if set(tasks) <= set(local):  # nothing to fetch: keep the datasets library offline
+            os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        start = time.perf_counter()
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=False,
+        )
+        elapsed = time.perf_counter() - start
+    n = {k: v["effective"] if isinstance(v, dict) else v for k, v in out.get("n-samples", {}).items()}
+    return {
+        "results": out["results"], "n-samples": n, "n-shot": out.get("n-shot"), "versions": out.get("versions"),
+        "lm_eval_version": getattr(lm_eval, "__version__", None), "items_per_sec": {"all": sum(n.values()) / elapsed},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def define_flags():
+    flags.DEFINE_string("checkpoint_path", None, "a training run directory (runs/NAME) or one of its checkpoints/<step>")
+    flags.DEFINE_alias("checkpoint", "checkpoint_path")
+    flags.DEFINE_enum("which", "latest", ["latest", "best"], "with a run directory: its latest checkpoint or the best by val loss")
+    flags.DEFINE_string("tasks", "hellaswag", "comma-separated tasks (lm-eval names; --scorer=fast: hellaswag, arc_easy)")
+    flags.DEFINE_integer("batch_size", 8, "sequences per forward pass")
+    flags.DEFINE_string("dtype", None, "compute dtype (default: the run's model.dtype)")
+    flags.DEFINE_string("device", None, "cuda, cuda:N, cpu (default: JAX's first device)")
+    flags.DEFINE_integer("limit", None, "score only the first N items of each task")
+    flags.DEFINE_string("output_json", None, "also write the results to this JSON file")
+    flags.DEFINE_enum("scorer", "harness", ["harness", "fast"], "lm-evaluation-harness, or llmjax's built-in HellaSwag/ARC scorer")
+    flags.DEFINE_string("task_dir", None, "where hellaswag/arc_easy files are found or downloaded (default: $LLMJAX_TASK_DIR or ~/.cache/llmjax/tasks)")
+    flags.DEFINE_integer("num_fewshot", None, "harness: few-shot examples (default: each task's own)")
+
+
+def evaluate(FLAGS) -> dict:
+    tasks = [t.strip() for t in FLAGS.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise EvalError("--tasks is empty; e.g. --tasks=hellaswag,arc_easy")
+    if FLAGS.batch_size < 1 or (FLAGS.limit is not None and FLAGS.limit < 1):
+        raise EvalError("--batch_size and --limit must be >= 1")
+    if FLAGS.scorer == "fast":
+        downstream.check_names(tasks)
+    device = pick_device(FLAGS.device)
+    loaded = load_for_scoring(FLAGS.checkpoint_path, FLAGS.which, dtype=FLAGS.dtype, device=device)
+    downstream.check_tokenizer(loaded.tokenizer)
+    kwargs = dict(batch_size=FLAGS.batch_size, limit=FLAGS.limit, task_dir=FLAGS.task_dir)
+    with jax.default_device(device):
+        if FLAGS.scorer == "fast":
+            out = run_fast(loaded, tasks, **kwargs)
+        else:
+            out = run_harness(loaded, tasks, num_fewshot=FLAGS.num_fewshot, device=FLAGS.device, **kwargs)
+    mcfg = loaded.model.cfg
+    out["config"] = {
+        "model": "llmjax", "checkpoint": str(loaded.path), "step": loaded.step, "arch": mcfg.arch, "dtype": mcfg.dtype,
+        "scorer": FLAGS.scorer, "batch_size": FLAGS.batch_size, "limit": FLAGS.limit, "device": str(device),
+    }
+    out["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return out
+
+
+def main(argv):
+    FLAGS = flags.FLAGS
+    cli.start_run_reader(argv, "runs/NAME")
+    try:
+        out = evaluate(FLAGS)
+    except (EvalError, SampleError, ScoreError, downstream.TaskError, ConfigError) as e:
+        cli.fail(str(e))
+    text = json.dumps(out, indent=2, default=str)
+    if FLAGS.output_json:
+        from llmjax.data import atomic_write_bytes
+
+        atomic_write_bytes(Path(FLAGS.output_json), (text + "\n").encode())
+    print(text)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)

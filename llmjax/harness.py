@@ -1,0 +1,134 @@
+"""An lm-evaluation-harness model for llmjax checkpoints, registered as `llmjax`.
+
+    import lm_eval, llmjax.harness
+    lm = llmjax.harness.LlmjaxLM(checkpoint="runs/NAME", batch_size=16, dtype="bfloat16")
+    lm_eval.simple_evaluate(model=lm, tasks=["hellaswag", "arc_easy"])
+    # or, after `import llmjax.harness`: simple_evaluate(model="llmjax", model_args="checkpoint=runs/NAME")
+
+- `loglikelihood` / `loglikelihood_rolling`: llmjax.scoring (requests sorted by length, fixed-size
+  batches padded to length buckets, one jitted forward per bucket; a score never depends on the
+  batch size beyond float rounding);
+- `generate_until`: the jitted KV-cache sampler (llmjax.sample), greedy unless the request asks to
+  sample; the text is cut at the first stop string, and at most `max_gen_toks` tokens are drawn.
+  As lm-eval's HF model does, a prompt keeps its last `context_len - max_gen_toks` tokens.
+
+Needs the `eval` extra (lm-eval). `python -m llmjax.evaluate` is the command line.
+"""
+
+from __future__ import annotations
+
+import json
+
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
+from llmjax.downstream import check_tokenizer
+from llmjax.sample import Sampling, generate
+from llmjax.scoring import Scorer
+
+
+def _int(value, name: str) -> int:
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+    if out < 1:
+        raise ValueError(f"{name} must be >= 1, got {out}")
+    return out
+
+
+@register_model("llmjax")
+class LlmjaxLM(TemplateLM):
+    """An llmjax model for lm-eval: a checkpoint (`checkpoint`/`checkpoint_path`: a training run
+    directory or one of its checkpoints/<step>; `which`: latest or best; `dtype`; `device`, e.g.
+    cuda:0 or cpu), or an in-memory `model` and `tokenizer`."""
+
+    def __init__(
+        self, checkpoint: str | None = None, checkpoint_path: str | None = None, which: str = "latest", dtype: str | None = None,
+        batch_size: int | str = 8, device: str | None = None, max_gen_toks: int | str = 256, seed: int | str = 1234,
+        model=None, tokenizer=None, **unused,
+    ):
+        super().__init__()
+        from llmjax.evaluate import load_for_scoring, pick_device  # (evaluate imports this module lazily)
+
+        if str(batch_size).startswith("auto"):  # lm-eval's "auto" probes memory with torch; a fixed size here
+            batch_size = 8
+        self.batch_size_per_gpu = _int(batch_size, "batch_size")
+        self.max_gen_toks = _int(max_gen_toks, "max_gen_toks")
+        self.seed = int(seed)
+        self.jax_device = pick_device(device)
+        self.step = None
+        if model is None:
+            path = checkpoint or checkpoint_path
+            if not path:
+                raise ValueError("the llmjax model needs checkpoint=runs/NAME (a training run directory)")
+            loaded = load_for_scoring(path, which, dtype=dtype, device=self.jax_device)
+            model, tokenizer, self.step = loaded.model, loaded.tokenizer, loaded.step
+        check_tokenizer(tokenizer)
+        self.model, self.llmjax_tokenizer = model, tokenizer
+        self.scorer = Scorer.for_model(model, self.batch_size_per_gpu)
+
+    # --- what TemplateLM needs --------------------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.llmjax_tokenizer.eot_id
+
+    @property
+    def max_length(self) -> int:
+        return self.model.cfg.context_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.llmjax_tokenizer.encode(string)
+
+    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return self.llmjax_tokenizer.decode(tokens)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        out = self.scorer.score([(ctx, cont) for _, ctx, cont in requests], progress=not disable_tqdm)
+        for (key, _, _), result in zip(requests, out):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, result)
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        texts = [req.args[0] for req in requests]
+        out = self.scorer.rolling([self.tok_encode(t) for t in texts], self.eot_token_id, progress=not disable_tqdm)
+        for text, ll in zip(texts, out):
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), ll)
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled, when a request asks) continuations, batched per distinct set of
+        generation arguments, each cut before its first stop string."""
+        eos = self.tok_decode([self.eot_token_id])
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        out: list[str | None] = [None] * len(requests)
+        for g, idx in enumerate(groups.values()):
+            kwargs = normalize_gen_kwargs(dict(requests[idx[0]].args[1]), self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_gen = int(kwargs.pop("max_gen_toks"))
+            temperature = float(kwargs.get("temperature") or 0.0)
+            sampling = Sampling(temperature=temperature, top_k=None, top_p=float(kwargs.get("top_p") or 1.0)) \
+                if kwargs.get("do_sample") and temperature > 0 else Sampling(greedy=True)
+            keep = max(self.max_length - max_gen, 1)
+            idx = sorted(idx, key=lambda i: -len(requests[i].args[0]))
+            for s in range(0, len(idx), self.batch_size):
+                chunk = idx[s : s + self.batch_size]
+                prompts = []
+                for i in chunk:
+                    ids = self.tok_encode(requests[i].args[0]) or [self.eot_token_id]
+                    prompts.append(ids[-keep:])
+                new = generate(self.model, prompts, max_gen, sampling=sampling, seed=self.seed + 1000 * g + s, eot_id=self.eot_token_id)
+                for i, ids in zip(chunk, new):
+                    text = postprocess_generated_text(self.tok_decode(ids), until, None)
+                    out[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        return out  # type: ignore[return-value]

@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""The original playground's `run_benchmarks.py`: an alias of `python -m llmjax.evaluate`, with
+the same flags (`--checkpoint_path runs/NAME --tasks hellaswag,arc_easy --batch_size 4 --dtype
+bfloat16 --device cuda:0 [--limit N] [--output_json metrics.json]`)."""
+
+from llmjax import cli
+from llmjax.evaluate import define_flags, main
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)

@@ -1,0 +1,416 @@
+"""Evaluation: the log-likelihood engine against a float64 reference and the trainer's loss; the
+built-in HellaSwag / ARC scorer against lm-evaluation-harness's own tasks (offline, on the fixture
+files in tests/fixtures); the harness model's batching, rolling and generation; task files; the
+trainer's in-loop scoring; the command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import llmjax
+from conftest import ROOT
+from helpers import config, model, scale_params
+from llmjax import downstream, evaluate as E
+from llmjax.scoring import Scorer, ScoreError, encode_pair, length_bucket, rolling_windows, scoring_config
+from llmjax.tokenizer import GPT2Tokenizer
+
+FIXTURES = ROOT / "tests" / "fixtures"
+ARCHS = sorted(llmjax.ARCHS)
+OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+
+pytestmark = pytest.mark.xdist_group("evaluate")
+
+
+def reference_scores(m, pairs, context_len):
+    """Each request alone at its exact length (no padding, no batch-mates); float64 log-softmax."""
+    out = []
+    for ctx, cont in pairs:
+        whole = (list(ctx) + list(cont))[-(context_len + 1) :]
+        logits = np.asarray(m(jnp.asarray([whole[:-1]], jnp.int32))[0][0], np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+        n = len(cont)
+        rows = np.arange(len(whole) - 1 - n, len(whole) - 1)
+        targets = np.asarray(whole[1:])[rows]
+        ll = float(logp[rows, targets].sum())
+        greedy = bool(np.all(logits[rows, : m.cfg.vocab_size].argmax(-1) == targets))
+        out.append((ll, greedy))
+    return out
+
+
+def random_pairs(seed, n, context_len, vocab=65):
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(n):
+        c = int(rng.integers(1, context_len + 20))  # some requests are longer than the context: cut on the left
+        k = int(rng.integers(1, min(context_len, 24)))
+        pairs.append((rng.integers(0, vocab, c).tolist(), rng.integers(0, vocab, k).tolist()))
+    return pairs
+
+
+def scoring_model(arch, **opts):
+    m = model(arch, seed=3, **opts)
+    if getattr(m.cfg, "moe_mode", None) == "capacity":
+        m = llmjax.build_model(scoring_config(m.cfg), seed=3)
+    return m
+
+
+# --- the engine ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_scores_equal_the_float64_reference_for_every_arch(arch):
+    m = scale_params(llmjax.build_model(config(arch), seed=3), 4.0)  # sharper than at init: argmax ties would be luck
+    pairs = random_pairs(0, 9, m.cfg.context_len)
+    got = Scorer.for_model(m, batch_size=4).score(pairs)
+    want = reference_scores(m, pairs, m.cfg.context_len)
+    np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=0, atol=2e-4)
+    assert [g[1] for g in got] == [w[1] for w in want]
+
+
+@pytest.mark.parametrize("arch,opts", [("vanilla", {}), ("moe", {"moe_mode": "capacity"}), ("linformer", {}), ("ssm", {})])
+def test_batch_size_does_not_change_scores(arch, opts):
+    m = scoring_model(arch, **opts)
+    pairs = random_pairs(1, 11, m.cfg.context_len)
+    runs = [Scorer.for_model(m, batch_size=b).score(pairs) for b in (1, 3, 8)]
+    for other in runs[1:]:
+        np.testing.assert_allclose([r[0] for r in other], [r[0] for r in runs[0]], rtol=0, atol=1e-4)
+        assert [r[1] for r in other] == [r[1] for r in runs[0]]
+
+
+def test_capacity_moe_is_scored_dropless():
+    m = model("moe", moe_mode="capacity")
+    with pytest.raises(ScoreError, match="dropless"):
+        Scorer.for_model(m)
+    assert scoring_config(m.cfg).moe_mode == "dropless" and scoring_config(model("vanilla").cfg) is model("vanilla").cfg
+
+
+def test_length_buckets_and_bad_requests():
+    assert [length_bucket(n, 1024) for n in (1, 16, 17, 100, 128, 129, 300, 1000, 1024)] == [16, 16, 32, 128, 128, 256, 384, 1024, 1024]
+    assert length_bucket(300, 256) == 256
+    s = Scorer.for_model(model("vanilla"))
+    with pytest.raises(ScoreError, match="does not fit"):
+        s.score([([1], list(range(65)))])
+    with pytest.raises(ScoreError, match="context token"):
+        s.score([([], [1, 2])])
+    assert s.score([([1, 2], [])]) == [(0.0, True)]
+
+
+def test_rolling_windows_are_lm_evals():
+    lm_utils = pytest.importorskip("lm_eval.utils")
+    for n in (1, 5, 16, 17, 40, 100):
+        toks = list(range(100, 100 + n))
+        want = [lm_utils.make_disjoint_window(w) for w in lm_utils.get_rolling_token_windows(toks, 7, 16, 1)]
+        assert rolling_windows(toks, 7, 16) == [(list(a), list(b)) for a, b in want]
+
+
+def test_rolling_loglikelihood_is_the_trainers_loss():
+    """-rolling log-likelihood = the trainer's eval_step loss summed over the same windows: the
+    first predicts tokens 0..L-1 from end-of-text; the next predict the rest with a full context."""
+    from llmjax.sharding import make_mesh
+    from llmjax.train import build_steps
+
+    cfg = config("vanilla")
+    L = cfg.model.context_len  # 64
+    steps = build_steps(cfg, make_mesh(cfg.train.mesh, jax.devices()[:1]))
+    params = steps.init_state()["params"]
+    m = llmjax.build_model(cfg, seed=0)
+    from helpers import load_params
+
+    load_params(m, jax.tree.map(np.asarray, params))
+    prefix = 0
+    rng = np.random.default_rng(5)
+    for n in (10, L, 2 * L + 22):
+        toks = rng.integers(0, 65, n).tolist()
+        got = Scorer.for_model(m, batch_size=2).rolling([toks], prefix)[0]
+        windows, masks = [[prefix] + toks[:L]], [np.arange(L) < min(n, L)]
+        end = L
+        while end < n:
+            new_end = min(end + L, n)
+            windows.append(toks[new_end - L - 1 : new_end])
+            masks.append(np.arange(L) >= L - (new_end - end))
+            end = new_end
+        total = 0.0
+        for w, mask in zip(windows, masks):
+            w = (w + [0] * (L + 1))[: L + 1]
+            s, c = steps.eval_step(params, jnp.asarray([w], jnp.int32), jnp.asarray([mask], jnp.float32))
+            total += float(s)
+        np.testing.assert_allclose(-got, total, rtol=2e-6)
+
+
+# --- HellaSwag / ARC: the built-in scorer against lm-eval's own tasks -------------------------------
+
+
+@pytest.fixture(scope="module")
+def bpe_model():
+    """A random GPT-2-BPE model with a context long enough for the fixture items."""
+    cfg = config("vanilla", vocab_size=50257, padded_vocab_size=50304, context_len=256, scan_layers=False)
+    return scale_params(llmjax.build_model(cfg, seed=1), 3.0), GPT2Tokenizer()
+
+
+def test_encode_pair_is_lm_evals():
+    pytest.importorskip("lm_eval")
+    from llmjax.harness import LlmjaxLM
+
+    tok = GPT2Tokenizer()
+    lm = LlmjaxLM(model=model("vanilla", vocab_size=50257, padded_vocab_size=50304), tokenizer=tok)
+    from lm_eval.api.instance import Instance
+
+    cases = [("Hello", " world"), ("Question: x\nAnswer: ", "yes"), ("trailing  ", "tab\tand"), ("", "Starts here"),
+             ("", "<|endoftext|>x"), ("un", "believable"), ("The cat", "")]
+    seen = []
+    lm._loglikelihood_tokens = lambda reqs, **k: seen.extend(reqs) or [(0.0, True)] * len(reqs)
+    lm.loglikelihood([Instance("loglikelihood", {}, c, 0) for c in cases], disable_tqdm=True)
+    for (ctx, cont), (_, want_ctx, want_cont) in zip(cases, seen):
+        assert encode_pair(tok, ctx, cont) == (list(want_ctx), list(want_cont)), (ctx, cont)
+
+
+def lm_eval_run(lm, tasks, limit=None):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    with tempfile.TemporaryDirectory() as folder:
+        assert E._local_task_configs(tasks, FIXTURES, Path(folder)) == tasks
+        return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=folder), limit=limit,
+                                       log_samples=True)
+
+
+def test_fast_scorer_equals_lm_evals_tasks_at_every_batch_size(bpe_model, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from llmjax.harness import LlmjaxLM
+
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+    m, tok = bpe_model
+    tasks = ["hellaswag", "arc_easy"]
+    fast = {t: downstream.score_task(Scorer.for_model(m, 5), tok, downstream.load_items(t, FIXTURES)) for t in tasks}
+    assert fast["hellaswag"]["n"] == 40 and fast["arc_easy"]["n"] == 30
+    for batch_size in (1, 3, 8):
+        out = lm_eval_run(LlmjaxLM(model=m, tokenizer=tok, batch_size=batch_size), tasks)
+        for t in tasks:
+            res = out["results"][t]
+            assert res["acc,none"] == fast[t]["acc"] and res["acc_norm,none"] == fast[t]["acc_norm"], (t, batch_size)
+            docs = sorted(out["samples"][t], key=lambda d: d["doc_id"])
+            lls = [[r[0][0] for r in d["resps"]] for d in docs]
+            assert [len(x) for x in lls] == [len(x) for x in fast[t]["loglikelihoods"]]
+            np.testing.assert_allclose(np.concatenate(lls), np.concatenate(fast[t]["loglikelihoods"]), rtol=0, atol=1e-4)
+    # the metrics are lm-eval's: argmax, and argmax per character (an item where they differ exists)
+    items = downstream.load_items("hellaswag", FIXTURES)
+    lls = fast["hellaswag"]["loglikelihoods"]
+    acc = np.mean([np.argmax(x) == it.gold for x, it in zip(lls, items)])
+    acc_norm = np.mean([np.argmax(np.array(x) / [len(c) for c in it.choices]) == it.gold for x, it in zip(lls, items)])
+    assert (fast["hellaswag"]["acc"], fast["hellaswag"]["acc_norm"]) == (acc, acc_norm)
+
+
+def test_preprocessing():
+    items = downstream.load_items("hellaswag", FIXTURES)
+    assert items[0].context == "Roof shingle removal: A man is sitting on a roof. He"
+    assert items[0].choices[3] == "starts pulling up roofing on a roof." and items[0].gold == 3
+    wiki = [it for it in items if "[" in it.context or any("[" in c for c in it.choices)]
+    assert not wiki and any(". " in it.context for it in items[32:])
+    arc = downstream.load_items("arc_easy", FIXTURES)
+    assert arc[0].context.startswith("Question: Which statement best explains") and arc[0].context.endswith("\nAnswer:")
+    assert sorted({len(it.choices) for it in arc}) == [3, 4, 5]
+    assert downstream.load_items("arc_easy", FIXTURES, limit=4) == arc[:4]
+    # AI2's original jsonl format gives the same items
+    row = json.loads((FIXTURES / "ARC-Easy-test.jsonl").read_text().splitlines()[0])
+    original = {"id": row["id"], "answerKey": row["answerKey"],
+                "question": {"stem": row["question"], "choices": [{"text": t, "label": lab} for t, lab in zip(row["choices"]["text"], row["choices"]["label"])]}}
+    assert downstream._parse_arc(original) == arc[0]
+
+
+# --- the harness model: rolling and generation -------------------------------------------------------
+
+
+def test_harness_rolling_and_generate_until(bpe_model):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from llmjax.harness import LlmjaxLM
+    from llmjax.sample import Sampling, generate
+
+    m, tok = bpe_model
+    lm = LlmjaxLM(model=m, tokenizer=tok, batch_size=3)
+    texts = ["A short text.", "word " * 400]  # the second needs two windows
+    got = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), 0) for t in texts], disable_tqdm=True)
+    for text, ll in zip(texts, got):
+        ids = tok.encode(text)
+        want = sum(r[0] for r in reference_scores(m, rolling_windows(ids, tok.eot_id, 256), 256))
+        np.testing.assert_allclose(ll, want, rtol=1e-5)
+
+    prompt = "The quick brown fox"
+    ids = generate(m, [tok.encode(prompt)], 24, sampling=Sampling(greedy=True), eot_id=tok.eot_id)[0]
+    full = tok.decode(ids)
+    stop = tok.decode(ids[6:8])  # a string the greedy continuation reaches
+    want_cut = full[: full.index(stop)]
+    reqs = [
+        Instance("generate_until", {}, (prompt, {"until": [stop], "max_gen_toks": 24}), 0),
+        Instance("generate_until", {}, (prompt, {"until": ["never appears"], "max_gen_toks": 5}), 1),
+        Instance("generate_until", {}, (prompt, {"until": [stop, tok.decode(ids[2:3])], "max_gen_toks": 24, "do_sample": False}), 2),
+    ]
+    out = lm.generate_until(reqs, disable_tqdm=True)
+    assert out[0] == want_cut and stop not in out[0]
+    assert out[1] == tok.decode(ids[:5]) and len(tok.encode(out[1])) <= 5
+    assert out[2] == full[: min(full.index(stop), full.index(tok.decode(ids[2:3])))]
+
+
+# --- task files -----------------------------------------------------------------------------------
+
+
+def test_task_files_are_checked_by_content(tmp_path):
+    good = (FIXTURES / "hellaswag_val.jsonl").read_text().splitlines()
+    (tmp_path / "hellaswag_val.jsonl").write_text("\n".join(good[:3] + ['{"ctx_a": "x"}'] + good[3:]) + "\n")
+    with pytest.raises(downstream.TaskError, match=r"hellaswag_val.jsonl:4 is not a hellaswag item \(field 'activity_label'"):
+        downstream.load_items("hellaswag", tmp_path)
+    bad_label = json.loads(good[0]) | {"label": 7}
+    (tmp_path / "hellaswag_val.jsonl").write_text(json.dumps(bad_label) + "\n")
+    with pytest.raises(downstream.TaskError, match="label in 0-3"):
+        downstream.load_items("hellaswag", tmp_path)
+    with pytest.raises(downstream.TaskError, match="unknown task 'mmlu'"):
+        downstream.load_items("mmlu", tmp_path)
+    row = json.loads((FIXTURES / "ARC-Easy-test.jsonl").read_text().splitlines()[0]) | {"answerKey": "Z"}
+    (tmp_path / "arc_easy").mkdir()
+    (tmp_path / "arc_easy" / "ARC-Easy-test.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(downstream.TaskError, match="answerKey 'Z'"):
+        downstream.load_items("arc_easy", tmp_path)
+
+
+class FakeURL:
+    def __init__(self, data: bytes):
+        self.data, self.calls = data, 0
+
+    def __call__(self, url, timeout=None):
+        import io
+
+        self.calls += 1
+        return io.BytesIO(self.data)
+
+
+def test_downloads_are_checked_then_cached(tmp_path, monkeypatch):
+    import dataclasses
+
+    monkeypatch.setattr(downstream.time, "sleep", lambda s: None)
+    fake = FakeURL((FIXTURES / "hellaswag_val.jsonl").read_bytes())
+    monkeypatch.setattr(downstream.urllib.request, "urlopen", fake)
+    # the official split has 10,042 items: a 40-item download is refused and nothing is kept
+    with pytest.raises(downstream.TaskError, match="holds 40 items, not 10042"):
+        downstream.load_items("hellaswag", tmp_path / "a")
+    assert not list((tmp_path / "a").iterdir())
+    monkeypatch.setitem(downstream.TASKS, "hellaswag", dataclasses.replace(downstream.TASKS["hellaswag"], count=40))
+    items = downstream.load_items("hellaswag", tmp_path / "a")
+    assert items == downstream.load_items("hellaswag", FIXTURES) and fake.calls == 2
+    downstream.load_items("hellaswag", tmp_path / "a")
+    assert fake.calls == 2  # cached
+    monkeypatch.setenv("LLMJAX_TASK_DIR", str(tmp_path / "a"))
+    assert downstream.find_file("hellaswag") == tmp_path / "a" / "hellaswag_val.jsonl"
+
+    # ARC-Easy comes as the Hugging Face parquet and is kept as jsonl
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    rows = [json.loads(line) for line in (FIXTURES / "ARC-Easy-test.jsonl").read_text().splitlines()]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "arc.parquet")
+    monkeypatch.setattr(downstream.urllib.request, "urlopen", FakeURL((tmp_path / "arc.parquet").read_bytes()))
+    monkeypatch.setitem(downstream.TASKS, "arc_easy", dataclasses.replace(downstream.TASKS["arc_easy"], count=30))
+    assert downstream.load_items("arc_easy", tmp_path / "b") == downstream.load_items("arc_easy", FIXTURES)
+
+    def offline(url, timeout=None):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(downstream.urllib.request, "urlopen", offline)
+    with pytest.raises(downstream.TaskError, match="cannot download hellaswag .* put hellaswag_val.jsonl in"):
+        downstream.load_items("hellaswag", tmp_path / "c")
+
+
+def test_character_models_are_refused():
+    from llmjax.tokenizer import CharTokenizer
+
+    with pytest.raises(downstream.TaskError, match="character-level"):
+        downstream.score_task(Scorer.for_model(model("vanilla")), CharTokenizer("abc"), [])
+
+
+# --- the trainer's in-loop scoring and the command line -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory):
+    """A GPT-2-BPE run (tiny shakespeare) that scores hellaswag and arc_easy at steps 2 and 4, on 8 devices."""
+    from llmjax.train import train
+
+    cfg = llmjax.load_config(
+        f"{ROOT}/configs/vanilla.py:tiny",
+        {"data.dataset": "tinyshakespeare", "model.vocab_size": 50257, "model.padded_vocab_size": 50304, "model.context_len": 128,
+         "train.max_steps": 4, "train.batch_size": 8, "eval.every_steps": 0, "eval.num_batches": 1, "eval.sample_tokens": 0,
+         "eval.tasks": "hellaswag,arc_easy", "eval.tasks_every_steps": 2, "eval.tasks_limit": 12, "eval.tasks_batch_size": 8,
+         "eval.tasks_dir": str(FIXTURES), "logging.progress_bar": False},
+    )
+    path = tmp_path_factory.mktemp("evaluate") / "run"
+    train(cfg, path, quiet=True)
+    return path
+
+
+def test_trainer_scores_tasks_in_the_loop(bpe_run):
+    metrics = [json.loads(line) for line in (bpe_run / "metrics.jsonl").read_text().splitlines()]
+    scored = {m["step"]: m for m in metrics if "hellaswag_acc" in m}
+    assert sorted(scored) == [2, 4] and all("arc_easy_acc_norm" in m for m in scored.values())
+    # the same figures as the standalone scorer on the saved checkpoint (8 sharded devices vs one)
+    loaded = E.load_for_scoring(bpe_run)
+    out = E.run_fast(loaded, ["hellaswag", "arc_easy"], batch_size=3, limit=12, task_dir=FIXTURES, progress=False)
+    for t in ("hellaswag", "arc_easy"):
+        assert out["results"][t]["acc,none"] == scored[4][f"{t}_acc"]
+        assert out["results"][t]["acc_norm,none"] == scored[4][f"{t}_acc_norm"]
+
+
+def test_trainer_refuses_tasks_it_cannot_score(tmp_path):
+    from llmjax.config import ConfigError
+    from llmjax.train import train
+
+    base = {"train.max_steps": 2, "eval.sample_tokens": 0, "logging.progress_bar": False, "eval.tasks_dir": str(FIXTURES)}
+    with pytest.raises(ConfigError, match="eval.tasks: .*character-level"):
+        train(llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", base | {"eval.tasks": "hellaswag"}), tmp_path / "a", quiet=True)
+    with pytest.raises(ConfigError, match="unknown task 'hellaswagg'"):
+        train(llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", base | {"eval.tasks": "hellaswagg"}), tmp_path / "b", quiet=True)
+
+
+def _cli(*args, script=None):
+    cmd = [sys.executable, str(script)] if script else [sys.executable, "-m", "llmjax.evaluate"]
+    env = {**__import__("os").environ, **OFFLINE}
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+
+
+def test_cli_harness_and_fast_scorer_agree(bpe_run, tmp_path):
+    pytest.importorskip("lm_eval")
+    common = ["--tasks=hellaswag,arc_easy", f"--task_dir={FIXTURES}", "--limit=10", "--batch_size=4"]
+    r = _cli(f"--checkpoint={bpe_run}", *common, f"--output_json={tmp_path / 'h.json'}", "--device=cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    harness = json.loads(r.stdout)
+    assert harness == json.loads((tmp_path / "h.json").read_text())
+    r = _cli(f"--checkpoint_path={bpe_run}", *common, "--scorer=fast", script=ROOT / "scripts" / "run_benchmarks.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    fast = json.loads(r.stdout)
+    for t in ("hellaswag", "arc_easy"):
+        for key in ("acc,none", "acc_norm,none"):
+            assert harness["results"][t][key] == fast["results"][t][key]
+        assert harness["n-samples"][t] == fast["n-samples"][t] == 10
+    assert harness["config"]["step"] == 4 and fast["config"]["scorer"] == "fast" and fast["items_per_sec"]["hellaswag"] > 0
+
+
+def test_cli_errors_are_one_line(bpe_run, tmp_path):
+    args = types.SimpleNamespace(tasks="hellaswag", batch_size=2, limit=None, scorer="fast", device="cuda:0", checkpoint_path=str(bpe_run),
+                                 which="latest", dtype=None, task_dir=str(FIXTURES), num_fewshot=None)
+    if jax.default_backend() == "cpu":
+        with pytest.raises(E.EvalError, match="--device=cuda:0: JAX has no gpu backend"):
+            E.evaluate(args)
+    for change, needle in [({"tasks": "mmlu"}, "unknown task 'mmlu'"), ({"device": "tpux"}, "use cuda"), ({"tasks": " "}, "--tasks is empty"),
+                           ({"device": "cpu:99"}, "there are only")]:
+        with pytest.raises((E.EvalError, downstream.TaskError), match=needle):
+            E.evaluate(types.SimpleNamespace(**(vars(args) | change)))
+    r = _cli(f"--checkpoint={tmp_path / 'nope'}", "--scorer=fast")
+    assert r.returncode == 2 and r.stderr.startswith("error: no such run") and r.stderr.count("\n") == 1, r.stderr
