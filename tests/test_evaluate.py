@@ -402,6 +402,18 @@ def test_cli_harness_and_fast_scorer_agree(bpe_run, tmp_path):
     assert harness["config"]["step"] == 4 and fast["config"]["scorer"] == "fast" and fast["items_per_sec"]["hellaswag"] > 0
 
 
+def test_registered_model_loads_a_checkpoint(bpe_run):
+    pytest.importorskip("lm_eval")
+    import llmjax.harness  # noqa: F401  (registers the model)
+    from lm_eval.api.registry import get_model
+
+    cls = get_model("llmjax")
+    lm = cls.create_from_arg_string(f"checkpoint={bpe_run},batch_size=4,dtype=float32", {"device": "cpu"})
+    assert lm.step == 4 and lm.batch_size == 4 and lm.max_length == 128 and lm.eot_token_id == 50256
+    with pytest.raises(ValueError, match="batch_size must be a whole number"):
+        cls.create_from_arg_string(f"checkpoint={bpe_run},batch_size=many")
+
+
 def test_cli_errors_are_one_line(bpe_run, tmp_path):
     args = types.SimpleNamespace(tasks="hellaswag", batch_size=2, limit=None, scorer="fast", device="cuda:0", checkpoint_path=str(bpe_run),
                                  which="latest", dtype=None, task_dir=str(FIXTURES), num_fewshot=None)
