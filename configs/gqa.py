@@ -10,7 +10,7 @@ MODELS = dict(
                  dtype="bfloat16", attention_impl="auto", scan_layers=False, remat="none",
                  init_std=0.02, norm_eps=1e-5),
     small=dict(arch="gqa", vocab_size=65, padded_vocab_size=128, context_len=256,
-               n_layer=6, n_head=6, n_kv_head=2, head_dim=64, d_model=384, d_ff=1536, bias=True,
+               n_layer=6, n_head=6, n_kv_head=2, head_dim=64, d_model=384, d_ff=1776, bias=True,
                dtype="float32", attention_impl="auto", scan_layers=True, remat="none",
                init_std=0.02, norm_eps=1e-5),
     tiny=dict(arch="gqa", vocab_size=65, padded_vocab_size=128, context_len=64,

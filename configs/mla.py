@@ -11,7 +11,7 @@ MODELS = dict(
                  dtype="bfloat16", attention_impl="auto", scan_layers=False, remat="none",
                  init_std=0.02, norm_eps=1e-5),
     small=dict(arch="mla", vocab_size=65, padded_vocab_size=128, context_len=256,
-               n_layer=6, n_head=6, d_model=384, d_ff=1024, rope_base=10000.0,
+               n_layer=6, n_head=6, d_model=384, d_ff=1096, rope_base=10000.0,
                kv_lora_rank=128, q_lora_rank=0, qk_nope_dim=64, qk_rope_dim=32, v_head_dim=64,
                dtype="float32", attention_impl="auto", scan_layers=True, remat="none",
                init_std=0.02, norm_eps=1e-5),

@@ -12,7 +12,7 @@ MODELS = dict(
                  dtype="bfloat16", attention_impl="auto", scan_layers=False, remat="none",
                  init_std=0.02, norm_eps=1e-5),
     small=dict(arch="ssm", vocab_size=65, padded_vocab_size=128, context_len=256,
-               n_layer=6, d_model=384, d_inner=768, d_state=16, dt_rank=24, d_ff=1024,
+               n_layer=6, d_model=384, d_inner=768, d_state=16, dt_rank=24, d_ff=1088,
                scan_chunk=64, dt_min=0.001, dt_max=0.1,
                dtype="float32", attention_impl="auto", scan_layers=True, remat="none",
                init_std=0.02, norm_eps=1e-5),

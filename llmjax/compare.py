@@ -1,0 +1,250 @@
+"""`python -m llmjax.compare --configs configs/vanilla.py:small,configs/modern.py:small --max_steps 500 --seeds 3`
+
+Train several architectures on the same data, token budget and seeds, then write one results table
+(Markdown and JSON) and the loss-curve figure:
+
+- every (config, seed) is one ordinary training run (`python -m llmjax.train` in a subprocess, so
+  each has its own process: clean timings, its own peak memory) in `--out/<arch>_<variant>/seed<S>`;
+  a finished run is reused, so an interrupted comparison continues where it stopped;
+- the configs must share the dataset, context length and vocabulary; `--max_steps` and
+  `--batch_size` apply to all, so every run sees the same number of tokens, in the same order for
+  the same seed (the data order depends on the seed only);
+- the table: parameters (total and active), FLOPs per token, final validation loss over the whole
+  split (mean +- sample std over seeds), training tokens/s (the median step of each run, averaged over
+  seeds), peak memory (device peak on a GPU; the training process's peak resident memory on a CPU),
+  training wall time, and, for GPT-2 BPE models, HellaSwag acc_norm from the in-loop scorer;
+- `val_loss.png`: validation loss against tokens and against training wall-clock time, one line per
+  architecture (mean over seeds, band from the lowest to the highest), drawn by llmjax.plot.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from absl import flags
+
+from llmjax import cli
+from llmjax.config import ConfigError, load_config, model_config, set_key, split_spec
+from llmjax.data import atomic_write_bytes, atomic_write_json
+from llmjax.summary import summarize
+
+
+class CompareError(ValueError):
+    """A comparison problem a user can fix (one line)."""
+
+
+def run_name(spec: str) -> str:
+    path, variant = split_spec(spec)
+    return Path(path).stem + ("" if variant == "default" else f"_{variant}")
+
+
+def plan(specs: list[str], *, max_steps: int, batch_size: int | None, eval_every: int | None, eval_batches: int | None,
+         tasks: str, tasks_limit: int, overrides: dict) -> list[dict]:
+    """The override set of every config, after checking that they compare fairly."""
+    if len(set(specs)) != len(specs):
+        raise CompareError("a config is listed twice in --configs")
+    out = []
+    for spec in specs:
+        try:
+            cfg = load_config(spec)
+        except ConfigError as e:
+            raise CompareError(f"{spec}: {e}") from None
+        o = {"train.max_steps": max_steps, **overrides}
+        if batch_size:
+            o["train.batch_size"] = batch_size
+        o["eval.every_steps"] = eval_every if eval_every else max(1, max_steps // 10)
+        if eval_batches:
+            o["eval.num_batches"] = eval_batches
+        o["eval.sample_tokens"] = 0
+        o["train.checkpoint_every_steps"] = max_steps
+        o["train.keep_checkpoints"] = 1
+        bpe = model_config(cfg).vocab_size == 50257
+        if bpe and tasks:
+            o.update({"eval.tasks": tasks, "eval.tasks_limit": tasks_limit})
+        try:
+            with cfg.unlocked():
+                for k, v in o.items():
+                    set_key(cfg, k, v)
+            mcfg = model_config(cfg)
+        except ConfigError as e:
+            raise CompareError(f"{spec}: {e}") from None
+        t = cfg.train
+        out.append({"spec": spec, "name": run_name(spec), "overrides": o, "cfg": cfg, "mcfg": mcfg,
+                    "tokens_per_step": t.batch_size * t.grad_accum_steps * mcfg.context_len, "bpe": bpe})
+    first = out[0]
+    for p in out[1:]:
+        for what, a, b in (
+            ("data.dataset", first["cfg"].data.dataset, p["cfg"].data.dataset),
+            ("model.context_len", first["mcfg"].context_len, p["mcfg"].context_len),
+            ("model.vocab_size", first["mcfg"].vocab_size, p["mcfg"].vocab_size),
+            ("tokens per step (train.batch_size x grad_accum_steps x context)", first["tokens_per_step"], p["tokens_per_step"]),
+        ):
+            if a != b:
+                raise CompareError(f"{p['spec']} differs from {first['spec']} in {what} ({b} vs {a}); compare configs that share it "
+                                   "(--batch_size sets every run's batch)")
+    if len({p["name"] for p in out}) != len(out):
+        raise CompareError("two configs have the same file name and variant; their runs would share a folder")
+    return out
+
+
+def train_once(p: dict, seed: int, folder: Path, quiet: bool) -> dict:
+    """One training run in its own process (reused when already finished). Returns its stats."""
+    stats_file = folder / "compare_run.json"
+    if stats_file.is_file() and (folder / "metrics.jsonl").is_file():
+        stats = json.loads(stats_file.read_text())
+        if stats.get("overrides") == p["overrides"] and stats.get("seed") == seed and stats.get("returncode") == 0:
+            return stats
+    folder.mkdir(parents=True, exist_ok=True)
+    path, variant = split_spec(p["spec"])
+    cmd = [sys.executable, "-m", "llmjax.train", f"--config={Path(path).absolute()}:{variant}", f"--workdir={folder}",
+           f"--config.train.seed={seed}", "--config.logging.progress_bar=False"]
+    cmd += [f"--config.{k}={v}" for k, v in p["overrides"].items()]
+    if not quiet:
+        print(f"compare: training {p['name']} seed {seed} -> {folder}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    with open(folder / "train.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = (folder / "train.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise CompareError(f"training {p['name']} seed {seed} failed (exit {proc.returncode}): {tail[0][:300]}; see {folder / 'train.log'}")
+    stats = {"seed": seed, "overrides": p["overrides"], "returncode": 0, "wall_seconds": wall,
+             "max_rss_bytes": usage.ru_maxrss * 1024}  # Linux reports KiB
+    atomic_write_json(stats_file, stats)
+    return stats
+
+
+def summarize_runs(p: dict, runs: list[tuple[Path, dict]]) -> dict:
+    """One table row from a config's runs."""
+    finals, rates, peaks, hs, walls = [], [], [], [], []
+    for folder, stats in runs:
+        lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        last = lines[-1]
+        if last["step"] != p["overrides"]["train.max_steps"] or "val_loss" not in last:
+            raise CompareError(f"{folder} did not finish; delete it and run again")
+        finals.append(last["val_loss"])
+        rates.append(statistics.median(m["tokens_per_sec"] for m in lines[1:] or lines))
+        gpu_peak = max((m["peak_memory_bytes"] for m in lines if m.get("peak_memory_bytes")), default=None)
+        peaks.append(gpu_peak if gpu_peak is not None else stats["max_rss_bytes"])
+        if "hellaswag_acc_norm" in last:
+            hs.append(last["hellaswag_acc_norm"])
+        walls.append(stats["wall_seconds"])
+        device = "gpu" if gpu_peak is not None else "cpu"
+    s = summarize(p["mcfg"])
+    return {
+        "arch": p["mcfg"].arch, "config": p["spec"], "seeds": len(runs),
+        "params_total": s["params_total"], "params_active": s["params_active"], "flops_per_token": s["flops_per_token"],
+        "tokens": p["overrides"]["train.max_steps"] * p["tokens_per_step"],
+        "val_loss_mean": statistics.fmean(finals), "val_loss_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+        "val_loss_per_seed": finals,
+        "train_tokens_per_sec": statistics.fmean(rates),
+        "peak_memory_bytes": max(peaks), "peak_memory_kind": "device peak" if device == "gpu" else "process peak RSS",
+        "wall_seconds_mean": statistics.fmean(walls),
+        "hellaswag_acc_norm": statistics.fmean(hs) if hs else None,
+    }
+
+
+def markdown(rows: list[dict], command: str, meta: dict) -> str:
+    totals = [r["params_total"] for r in rows]
+    spread = max(totals) / min(totals) - 1
+    head = ["arch", "config", "params (total / active)", "GFLOPs/token", f"val loss (mean ± std, {rows[0]['seeds']} seeds)",
+            "tokens/s", f"peak memory ({rows[0]['peak_memory_kind']})", "train wall (s)"]
+    hs = any(r["hellaswag_acc_norm"] is not None for r in rows)
+    if hs:
+        head.append("HellaSwag acc_norm")
+    lines = ["| " + " | ".join(head) + " |", "| --- | --- | " + " | ".join(["---:"] * (len(head) - 2)) + " |"]
+    for r in sorted(rows, key=lambda r: r["val_loss_mean"]):
+        active = f"{r['params_total'] / 1e6:.2f}M" + (f" / {r['params_active'] / 1e6:.2f}M" if r["params_active"] != r["params_total"] else "")
+        cells = [f"`{r['arch']}`", f"`{r['config']}`", active, f"{r['flops_per_token'] / 1e9:.3f}",
+                 f"{r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f}", f"{r['train_tokens_per_sec']:,.0f}",
+                 f"{r['peak_memory_bytes'] / 2**30:.2f} GiB", f"{r['wall_seconds_mean']:.0f}"]
+        if hs:
+            cells.append("-" if r["hellaswag_acc_norm"] is None else f"{r['hellaswag_acc_norm']:.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    note = (f"Same data ({meta['dataset']}), {rows[0]['tokens']:,} training tokens per run, context {meta['context_len']}, "
+            f"seeds {meta['seeds']}; total parameters within {spread:.1%} of each other. Validation loss over the whole "
+            f"validation split at the end. {meta['device']}, {meta['date']}. Command: `{command}`")
+    return note + "\n\n" + "\n".join(lines) + "\n"
+
+
+def compare(specs, *, out: Path, seeds: int, max_steps: int, batch_size=None, eval_every=None, eval_batches=None, tasks="hellaswag",
+            tasks_limit=0, overrides=None, command="", quiet=False) -> dict:
+    if seeds < 1 or max_steps < 1:
+        raise CompareError("--seeds and --max_steps must be >= 1")
+    plans = plan(specs, max_steps=max_steps, batch_size=batch_size, eval_every=eval_every, eval_batches=eval_batches, tasks=tasks,
+                 tasks_limit=tasks_limit, overrides=overrides or {})
+    out = Path(out)
+    rows = []
+    for p in plans:
+        runs = []
+        for seed in range(seeds):
+            folder = out / p["name"] / f"seed{seed}"
+            runs.append((folder, train_once(p, seed, folder, quiet)))
+        rows.append(summarize_runs(p, runs))
+    import jax
+
+    d = jax.devices()[0]
+    meta = {"dataset": plans[0]["cfg"].data.dataset, "context_len": plans[0]["mcfg"].context_len, "seeds": ", ".join(map(str, range(seeds))),
+            "device": d.device_kind if d.platform == "gpu" else f"CPU ({os.cpu_count()} cores)",
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
+    text = markdown(rows, command, meta)
+    atomic_write_bytes(out / "results.md", text.encode())
+    atomic_write_json(out / "results.json", {"rows": rows, "meta": meta, "command": command})
+    from llmjax.plot import curves, draw
+
+    draw(curves([out / p["name"] for p in plans]), out / "val_loss.png",
+         title=f"{meta['dataset']}, {rows[0]['tokens']:,} tokens, {seeds} seed(s)")
+    return {"rows": rows, "markdown": text, "figure": out / "val_loss.png"}
+
+
+def define_flags():
+    flags.DEFINE_list("configs", None, "comma-separated config specs, e.g. configs/vanilla.py:small,configs/modern.py:small")
+    flags.DEFINE_integer("max_steps", 500, "training steps of every run")
+    flags.DEFINE_integer("seeds", 3, "runs per config (seeds 0..N-1)")
+    flags.DEFINE_integer("batch_size", None, "every run's batch size (default: the configs', which must agree)")
+    flags.DEFINE_integer("eval_every", None, "validation estimate every N steps (default: max_steps // 10)")
+    flags.DEFINE_integer("eval_batches", None, "batches per validation estimate (default: the configs')")
+    flags.DEFINE_string("tasks", "hellaswag", "in-loop tasks for GPT-2 BPE models ('' for none)")
+    flags.DEFINE_integer("tasks_limit", 0, "items per task (0: all)")
+    flags.DEFINE_multi_string("set", [], "config overrides for every run, key=value (e.g. --set train.lr=1e-3)")
+    flags.DEFINE_string("out", "runs/compare", "output folder: one folder per config, results.md/.json, val_loss.png")
+
+
+def main(argv):
+    F = flags.FLAGS
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not F.configs:
+        cli.fail("--configs is required, e.g. --configs configs/vanilla.py:small,configs/modern.py:small")
+    overrides = {}
+    for item in F.set:
+        if "=" not in item:
+            cli.fail(f"--set takes key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            overrides[k] = json.loads(v)
+        except json.JSONDecodeError:
+            overrides[k] = v
+    command = "python -m llmjax.compare " + " ".join(sys.argv[1:])
+    try:
+        result = compare(F.configs, out=Path(F.out), seeds=F.seeds, max_steps=F.max_steps, batch_size=F.batch_size,
+                         eval_every=F.eval_every, eval_batches=F.eval_batches, tasks=F.tasks, tasks_limit=F.tasks_limit,
+                         overrides=overrides, command=command)
+    except CompareError as e:
+        cli.fail(str(e))
+    print(result["markdown"])
+    print(f"figure: {result['figure']}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)

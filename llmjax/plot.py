@@ -1,0 +1,134 @@
+"""`python -m llmjax.plot RUN_DIR... -o plot.png`: validation loss against tokens seen and against
+training wall-clock time, one line per argument.
+
+An argument is a training run directory (its `metrics.jsonl`) or a folder of runs (e.g. one
+architecture's seeds under `python -m llmjax.compare`'s output): a folder's runs are drawn as their
+mean, with a band from the lowest to the highest. Points are the periodic validation estimates
+(`val_loss`, and `val_loss_estimate` at the last step, so every point is the same kind of
+estimate); tokens = step x tokens per step (from the run's config.json); time = the sum of the
+training steps' wall time (evaluation and checkpointing excluded; the first steps include
+compilation).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from absl import flags
+
+from llmjax import cli
+
+
+class PlotError(ValueError):
+    """A plotting problem a user can fix (one line)."""
+
+
+def read_run(path: Path) -> dict:
+    """A run's validation curve: {'tokens', 'seconds', 'val_loss'} (arrays), its label and config."""
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+        lines = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as e:
+        raise PlotError(f"{path} is not a readable training run ({type(e).__name__}: {e}); pass run directories") from None
+    t = config["train"]
+    tokens_per_step = t["batch_size"] * t["grad_accum_steps"] * config["model"]["context_len"]
+    steps, seconds, losses, elapsed = [], [], [], 0.0
+    for m in lines:
+        elapsed += m.get("step_time") or 0.0
+        loss = m.get("val_loss_estimate", m.get("val_loss"))
+        if loss is not None:
+            steps.append(m["step"])
+            seconds.append(elapsed)
+            losses.append(loss)
+    if not steps:
+        raise PlotError(f"{path} has no validation loss yet (eval.every_steps)")
+    label = f"{config['model']['arch']}"
+    return {"tokens": np.asarray(steps, float) * tokens_per_step, "seconds": np.asarray(seconds), "val_loss": np.asarray(losses),
+            "label": label, "config": config, "path": path}
+
+
+def find_runs(path: Path) -> list[Path]:
+    """`path` itself when it is a run, else the runs directly below it."""
+    path = Path(path)
+    if (path / "metrics.jsonl").is_file():
+        return [path]
+    runs = sorted(p for p in path.iterdir() if (p / "metrics.jsonl").is_file()) if path.is_dir() else []
+    if not runs:
+        raise PlotError(f"{path} is neither a training run nor a folder of runs (no metrics.jsonl)")
+    return runs
+
+
+def curves(paths, labels=None) -> list[dict]:
+    """One curve per path: a run, or the mean (and min/max) of the runs in a folder over the points
+    they share."""
+    out = []
+    for i, p in enumerate(paths):
+        runs = [read_run(r) for r in find_runs(Path(p))]
+        n = min(len(r["val_loss"]) for r in runs)
+        losses = np.stack([r["val_loss"][:n] for r in runs])
+        out.append({
+            "label": labels[i] if labels else runs[0]["label"],
+            "tokens": runs[0]["tokens"][:n],
+            "seconds": np.mean([r["seconds"][:n] for r in runs], axis=0),
+            "mean": losses.mean(0), "low": losses.min(0), "high": losses.max(0), "n_runs": len(runs),
+        })
+    labels_seen = [c["label"] for c in out]
+    for c, p in zip(out, paths):  # two lines of the same architecture: name them by their folders
+        if labels_seen.count(c["label"]) > 1 and not labels:
+            c["label"] = Path(p).name
+    return out
+
+
+def draw(curve_list: list[dict], out: str | Path, title: str = "") -> Path:
+    """Two panels, validation loss against tokens and against wall-clock time, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    for c in curve_list:
+        for ax, x in zip(axes, (c["tokens"], c["seconds"])):
+            (line,) = ax.plot(x, c["mean"], marker="o", markersize=3, label=c["label"] + (f" ({c['n_runs']} seeds)" if c["n_runs"] > 1 else ""))
+            if c["n_runs"] > 1:
+                ax.fill_between(x, c["low"], c["high"], color=line.get_color(), alpha=0.15, linewidth=0)
+    axes[0].set_xlabel("tokens seen")
+    axes[1].set_xlabel("training wall-clock time (s)")
+    for ax in axes:
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def define_flags():
+    flags.DEFINE_string("o", "plot.png", "output PNG")
+    flags.DEFINE_alias("out", "o")
+    flags.DEFINE_string("title", "", "figure title")
+
+
+def main(argv):
+    paths = argv[1:]
+    if not paths:
+        cli.fail("give one or more run directories: python -m llmjax.plot runs/a runs/b -o plot.png")
+    try:
+        path = draw(curves([Path(p) for p in paths]), flags.FLAGS.o, flags.FLAGS.title)
+    except PlotError as e:
+        cli.fail(str(e))
+    print(path)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)
