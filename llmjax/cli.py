@@ -83,6 +83,13 @@ def run(main: Callable[[list[str]], None]):
     app.run(guarded, flags_parser=_parse)
 
 
+def define_checkpoint_flags():
+    """--checkpoint_path (alias --checkpoint) and --which: the flags of every tool that reads a run."""
+    flags.DEFINE_string("checkpoint_path", None, "a training run directory (runs/NAME) or one of its checkpoints/<step>")
+    flags.DEFINE_alias("checkpoint", "checkpoint_path")
+    flags.DEFINE_enum("which", "latest", ["latest", "best"], "with a run directory: its latest checkpoint or the best by val loss")
+
+
 def start_run_reader(argv: list[str], example: str) -> None:
     """The common start of a tool that reads a training run (sample, evaluate): no stray
     arguments, --checkpoint_path given, JAX's compilation cache on, Orbax's read-only notice off."""
@@ -96,4 +103,4 @@ def start_run_reader(argv: list[str], example: str) -> None:
     logging.set_verbosity(logging.ERROR)  # Orbax logs its read-only mode at WARNING
 
 
-__all__ = ["define_config_flag", "fail", "run", "split_spec", "start_run_reader"]
+__all__ = ["define_checkpoint_flags", "define_config_flag", "fail", "run", "split_spec", "start_run_reader"]

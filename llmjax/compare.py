@@ -65,13 +65,15 @@ def plan(specs: list[str], *, max_steps: int, batch_size: int | None, eval_every
         o["eval.sample_tokens"] = 0
         o["train.checkpoint_every_steps"] = max_steps
         o["train.keep_checkpoints"] = 1
-        bpe = model_config(cfg).vocab_size == 50257
-        if bpe and tasks:
-            o.update({"eval.tasks": tasks, "eval.tasks_limit": tasks_limit})
         try:
             with cfg.unlocked():
                 for k, v in o.items():
                     set_key(cfg, k, v)
+                bpe = model_config(cfg).vocab_size == 50257
+                if bpe and tasks:  # HellaSwag from the in-loop scorer (text: GPT-2 BPE models only)
+                    o.update({"eval.tasks": tasks, "eval.tasks_limit": tasks_limit})
+                    set_key(cfg, "eval.tasks", tasks)
+                    set_key(cfg, "eval.tasks_limit", tasks_limit)
             mcfg = model_config(cfg)
         except ConfigError as e:
             raise CompareError(f"{spec}: {e}") from None

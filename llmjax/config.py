@@ -128,7 +128,7 @@ def model_config(cfg: ml_collections.ConfigDict | Mapping[str, Any] | ModelConfi
 def _shared_groups(variant: str) -> dict[str, dict[str, Any]]:
     """data/train/eval/logging defaults. `default` is the GPU (GPT-2-small scale) recipe; `small` and
     `tiny` train on CPU, on the character-level Shakespeare that ships with the repo."""
-    gpu = variant == "default"
+    gpu = variant not in ("small", "tiny")  # default and the larger shapes: the GPU recipe
     return dict(
         data=dict(
             dataset="fineweb_edu" if gpu else "tinyshakespeare_char",
@@ -153,6 +153,7 @@ def _shared_groups(variant: str) -> dict[str, dict[str, Any]]:
             mesh=dict(data=-1, fsdp=1, expert=1),  # device mesh; one axis may be -1 (all remaining devices)
             peak_flops_per_device=0.0,  # for MFU; 0: look the device up (H100/H200 989e12, A100 312e12)
             aux_loss_weights={},  # weight of each auxiliary loss the model returns (MoE router, ...)
+            init_from="",  # start a fresh run from OpenAI GPT-2 weights: gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF folder or .safetensors (vanilla)
         ),
         eval=dict(
             every_steps=250,

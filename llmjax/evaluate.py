@@ -168,9 +168,7 @@ def run_harness(
 
 
 def define_flags():
-    flags.DEFINE_string("checkpoint_path", None, "a training run directory (runs/NAME) or one of its checkpoints/<step>")
-    flags.DEFINE_alias("checkpoint", "checkpoint_path")
-    flags.DEFINE_enum("which", "latest", ["latest", "best"], "with a run directory: its latest checkpoint or the best by val loss")
+    cli.define_checkpoint_flags()
     flags.DEFINE_string("tasks", "hellaswag", "comma-separated tasks (lm-eval names; --scorer=fast: hellaswag, arc_easy)")
     flags.DEFINE_integer("batch_size", 8, "sequences per forward pass")
     flags.DEFINE_string("dtype", None, "compute dtype (default: the run's model.dtype)")

@@ -427,9 +427,7 @@ def load(
 # The command line
 
 def define_flags():
-    flags.DEFINE_string("checkpoint_path", None, "a training run directory (runs/NAME) or one of its checkpoints/<step>")
-    flags.DEFINE_alias("checkpoint", "checkpoint_path")
-    flags.DEFINE_enum("which", "latest", ["latest", "best"], "with a run directory: its latest checkpoint or the best by val loss")
+    cli.define_checkpoint_flags()
     flags.DEFINE_string("prompt", None, "the prompt (empty: start from end-of-text)")
     flags.DEFINE_string("prompt_file", None, "a file with one prompt per line (after --prompt, if given)")
     flags.DEFINE_integer("max_new_tokens", 100, "new tokens per sample")

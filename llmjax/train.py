@@ -378,6 +378,15 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
     else:
         with jax.set_mesh(mesh):
             state = steps.init_state()
+        if tcfg.init_from:  # pretrained weights (the optimizer's moments start at zero either way)
+            from llmjax.export import ExportError, params_from_gpt2, read_gpt2
+
+            try:
+                pretrained = params_from_gpt2(read_gpt2(tcfg.init_from), mcfg)
+            except ExportError as e:
+                raise ConfigError(f"train.init_from: {e}") from None
+            state["params"] = jax.device_put(pretrained, state_shard["params"])
+            say(f"initialised from {tcfg.init_from}")
 
     metrics_path = workdir / "metrics.jsonl"
     history = []

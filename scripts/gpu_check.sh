@@ -44,6 +44,8 @@ if [ "$variant" = default ]; then
   step "contract suite on the GPU backend"
   JAX_DEFAULT_MATMUL_PRECISION=highest "$py" -m pytest -p no:cacheprovider -q tests/test_models.py tests/test_layers.py tests/test_sample.py -x \
     -k "not cli" --junitxml="$out/contract_on_gpu.xml" 2>&1 | tail -5 | tee "$out/contract_on_gpu.log" || status=1
+  step "exports against transformers (needs torch + transformers)"
+  "$py" -m pytest -p no:cacheprovider -q tests/test_export.py -k transformers -rs --junitxml="$out/export_parity.xml" 2>&1 | tail -5 | tee "$out/export_parity.log" || status=1
   step "scoring engine on the GPU backend"
   JAX_DEFAULT_MATMUL_PRECISION=highest "$py" -m pytest -p no:cacheprovider -q tests/test_evaluate.py -x \
     -k "float64 or batch_size_does_not or rolling_loglikelihood" --junitxml="$out/scoring_on_gpu.xml" 2>&1 | tail -5 | tee "$out/scoring_on_gpu.log" || status=1

@@ -1,0 +1,382 @@
+"""`python -m llmjax.export --checkpoint runs/NAME --format safetensors|gguf --out PATH`, and importing
+OpenAI's GPT-2 weights.
+
+Export (from a training run's checkpoint, float32 master weights, written as `--dtype`):
+- `safetensors`: a Hugging Face model folder: `model.safetensors`, `config.json`, and the GPT-2 BPE
+  tokenizer files (`vocab.json`, `merges.txt`). `vanilla` becomes `GPT2LMHeadModel` (Conv1D
+  weights are (in, out), as our kernels), `modern` becomes `LlamaForCausalLM` (Linear weights are
+  (out, in): transposed; RoPE is rotate-half in both, so q/k need no permutation). Vocabulary rows
+  are cut to the tokenizer's 50257; the head is tied to the embedding.
+- `gguf`: one llama.cpp file for `modern` (architecture `llama`): llama.cpp's tensor names and
+  metadata, q/k rows permuted from rotate-half to llama.cpp's interleaved rotary layout (as its own
+  HF converter does), the GPT-2 BPE tokenizer embedded (tokens, merges, end-of-text).
+Any other architecture or format is a one-line error naming what is supported.
+
+Import: `--config.train.init_from=gpt2` (or gpt2-medium / gpt2-large / gpt2-xl, with the matching
+`configs/vanilla.py:<default|medium|large|xl>`; or a local HF GPT-2 folder or .safetensors file)
+starts a fresh run from those weights: nanoGPT's `from_pretrained`, in JAX. The hub files come
+through huggingface_hub (its cache); needs the `hf` extra.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from absl import flags
+
+from llmjax import cli
+from llmjax.config import ConfigError
+from llmjax.tokenizer import ASSETS
+
+HUB_MODELS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+              "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
+SUPPORTED = "safetensors for vanilla (Hugging Face GPT-2) and modern (Hugging Face Llama); gguf for modern (llama.cpp)"
+
+
+class ExportError(ValueError):
+    """An export/import problem a user can fix (one line)."""
+
+
+def _np(x, dtype=np.float32) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32).astype(dtype)
+
+
+def _layers(params: dict) -> list[dict]:
+    """Per-layer pure dicts from the scanned layout (leading L axis)."""
+    layers = params["blocks"]["layers"]
+    n = len(next(iter(_leaves(layers))))
+    out = []
+    for i in range(n):
+        out.append(_map(lambda a, i=i: np.asarray(a[i]), layers))
+    return out
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _leaves(v)
+    else:
+        yield tree
+
+
+def _map(fn, tree):
+    return {k: _map(fn, v) for k, v in tree.items()} if isinstance(tree, dict) else fn(tree)
+
+
+# --- GPT-2 (vanilla) <-> Hugging Face GPT2LMHeadModel ------------------------------------------------
+
+
+def check_gpt2(mcfg) -> None:
+    if mcfg.arch != "vanilla":
+        raise ExportError(f"the Hugging Face GPT-2 layout holds `vanilla` models, not `{mcfg.arch}`; supported: {SUPPORTED}")
+    if not mcfg.bias or mcfg.n_head * mcfg.head_dim != mcfg.d_model:
+        raise ExportError("Hugging Face GPT-2 needs model.bias=True and n_head * head_dim == d_model")
+
+
+def gpt2_config(mcfg) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": mcfg.vocab_size, "n_positions": mcfg.context_len,
+        "n_ctx": mcfg.context_len, "n_embd": mcfg.d_model, "n_layer": mcfg.n_layer, "n_head": mcfg.n_head, "n_inner": mcfg.d_ff,
+        "activation_function": "gelu_new", "layer_norm_epsilon": mcfg.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0, "initializer_range": mcfg.init_std, "bos_token_id": 50256, "eos_token_id": 50256,
+        "tie_word_embeddings": True, "torch_dtype": "float32",
+    }
+
+
+def gpt2_tensors(params: dict, mcfg, dtype=np.float32) -> dict[str, np.ndarray]:
+    """HF GPT2LMHeadModel tensors (prefix `transformer.`) of a scanned-layout parameter tree."""
+    check_gpt2(mcfg)
+    t = {"transformer.wte.weight": _np(params["embed"]["embedding"][: mcfg.vocab_size], dtype),
+         "transformer.wpe.weight": _np(params["pos_embed"]["embedding"], dtype),
+         "transformer.ln_f.weight": _np(params["norm_f"]["scale"], dtype), "transformer.ln_f.bias": _np(params["norm_f"]["bias"], dtype)}
+    for i, L in enumerate(_layers(params)):
+        p = f"transformer.h.{i}."
+        t.update({
+            p + "ln_1.weight": L["norm_1"]["scale"], p + "ln_1.bias": L["norm_1"]["bias"],
+            p + "attn.c_attn.weight": L["attn"]["qkv_proj"]["kernel"], p + "attn.c_attn.bias": L["attn"]["qkv_proj"]["bias"],
+            p + "attn.c_proj.weight": L["attn"]["o_proj"]["kernel"], p + "attn.c_proj.bias": L["attn"]["o_proj"]["bias"],
+            p + "ln_2.weight": L["norm_2"]["scale"], p + "ln_2.bias": L["norm_2"]["bias"],
+            p + "mlp.c_fc.weight": L["mlp"]["fc"]["kernel"], p + "mlp.c_fc.bias": L["mlp"]["fc"]["bias"],
+            p + "mlp.c_proj.weight": L["mlp"]["proj"]["kernel"], p + "mlp.c_proj.bias": L["mlp"]["proj"]["bias"],
+        })
+    return {k: _np(v, dtype) for k, v in t.items()}
+
+
+def params_from_gpt2(tensors: dict[str, np.ndarray], mcfg) -> dict:
+    """A scanned-layout float32 parameter tree for `mcfg` (vanilla) from HF GPT-2 tensors (with or
+    without the `transformer.` prefix; OpenAI's files have none). Padded vocabulary rows are zero."""
+    check_gpt2(mcfg)
+    t = {k.removeprefix("transformer."): np.asarray(v, np.float32) for k, v in tensors.items()}
+
+    def get(name, shape):
+        if name not in t:
+            raise ExportError(f"the GPT-2 weights have no tensor '{name}'; is this a GPT-2 checkpoint?")
+        if t[name].shape != shape:
+            raise ExportError(f"GPT-2 tensor '{name}' has shape {t[name].shape}, the config wants {shape}; "
+                              "pick the matching config (configs/vanilla.py, :medium, :large, :xl)")
+        return t[name]
+
+    D, F, V, L = mcfg.d_model, mcfg.d_ff, mcfg.vocab_size, mcfg.n_layer
+    if f"h.{L}.ln_1.weight" in t:
+        raise ExportError(f"the GPT-2 weights have more than model.n_layer={L} layers; pick the matching config")
+    wte = np.zeros((mcfg.padded_vocab_size, D), np.float32)
+    wte[:V] = get("wte.weight", (V, D))
+
+    def layer(i):
+        p = f"h.{i}."
+        return {
+            "norm_1": {"scale": get(p + "ln_1.weight", (D,)), "bias": get(p + "ln_1.bias", (D,))},
+            "attn": {"qkv_proj": {"kernel": get(p + "attn.c_attn.weight", (D, 3 * D)), "bias": get(p + "attn.c_attn.bias", (3 * D,))},
+                     "o_proj": {"kernel": get(p + "attn.c_proj.weight", (D, D)), "bias": get(p + "attn.c_proj.bias", (D,))}},
+            "norm_2": {"scale": get(p + "ln_2.weight", (D,)), "bias": get(p + "ln_2.bias", (D,))},
+            "mlp": {"fc": {"kernel": get(p + "mlp.c_fc.weight", (D, F)), "bias": get(p + "mlp.c_fc.bias", (F,))},
+                    "proj": {"kernel": get(p + "mlp.c_proj.weight", (F, D)), "bias": get(p + "mlp.c_proj.bias", (D,))}},
+        }
+
+    per_layer = [layer(i) for i in range(L)]
+    stacked = _map(lambda *_: None, per_layer[0])
+
+    def stack(path_tree, trees):
+        return {k: stack(v, [tr[k] for tr in trees]) if isinstance(v, dict) else np.stack([tr[k] for tr in trees])
+                for k, v in path_tree.items()}
+
+    return {
+        "embed": {"embedding": wte},
+        "pos_embed": {"embedding": get("wpe.weight", (mcfg.context_len, D))},
+        "blocks": {"layers": stack(stacked, per_layer)},
+        "norm_f": {"scale": get("ln_f.weight", (D,)), "bias": get("ln_f.bias", (D,))},
+    }
+
+
+def read_gpt2(source: str) -> dict[str, np.ndarray]:
+    """GPT-2 tensors from a hub name (gpt2, gpt2-medium, ...), a local HF folder or a .safetensors file."""
+    try:
+        from safetensors.numpy import load_file
+    except ImportError:
+        raise ExportError("importing GPT-2 weights needs safetensors and huggingface_hub: pip install 'llmjax[hf]'") from None
+    path = Path(source).expanduser()
+    if source in HUB_MODELS:
+        try:
+            from huggingface_hub import hf_hub_download
+        except ImportError:
+            raise ExportError("downloading GPT-2 weights needs huggingface_hub: pip install 'llmjax[hf]'") from None
+        try:
+            path = Path(hf_hub_download(HUB_MODELS[source], "model.safetensors"))
+        except Exception as e:  # network and hub errors come in many types
+            raise ExportError(f"cannot download {HUB_MODELS[source]} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                              "pass a local folder or .safetensors file instead") from None
+    elif path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise ExportError(f"train.init_from='{source}' is neither {', '.join(HUB_MODELS)} nor a .safetensors file or HF model folder")
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise ExportError(f"cannot read {path} as safetensors ({type(e).__name__}: {e})") from None
+
+
+# --- modern <-> Hugging Face Llama, and llama.cpp GGUF --------------------------------------------------
+
+
+def check_llama(mcfg) -> None:
+    if mcfg.arch != "modern":
+        raise ExportError(f"the Llama layouts (Hugging Face, GGUF) hold `modern` models, not `{mcfg.arch}`; supported: {SUPPORTED}")
+
+
+def llama_config(mcfg) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": mcfg.vocab_size, "hidden_size": mcfg.d_model,
+        "intermediate_size": mcfg.d_ff, "num_hidden_layers": mcfg.n_layer, "num_attention_heads": mcfg.n_head,
+        "num_key_value_heads": mcfg.n_kv_head, "head_dim": mcfg.head_dim, "max_position_embeddings": mcfg.context_len,
+        "rms_norm_eps": mcfg.norm_eps, "rope_theta": mcfg.rope_base, "hidden_act": "silu", "attention_bias": False,
+        "mlp_bias": False, "tie_word_embeddings": True, "bos_token_id": 50256, "eos_token_id": 50256,
+        "initializer_range": mcfg.init_std, "torch_dtype": "float32",
+    }
+
+
+def _split_qkv(kernel, mcfg):
+    H, K, hd = mcfg.n_head, mcfg.n_kv_head, mcfg.head_dim
+    return kernel[:, : H * hd], kernel[:, H * hd : (H + K) * hd], kernel[:, (H + K) * hd :]
+
+
+def llama_tensors(params: dict, mcfg, dtype=np.float32) -> dict[str, np.ndarray]:
+    """HF LlamaForCausalLM tensors: torch Linear weights are (out, in), our kernels (in, out)."""
+    check_llama(mcfg)
+    t = {"model.embed_tokens.weight": params["embed"]["embedding"][: mcfg.vocab_size], "model.norm.weight": params["norm_f"]["scale"]}
+    for i, L in enumerate(_layers(params)):
+        p = f"model.layers.{i}."
+        q, k, v = _split_qkv(L["attn"]["qkv_proj"]["kernel"], mcfg)
+        t.update({
+            p + "input_layernorm.weight": L["norm_1"]["scale"], p + "post_attention_layernorm.weight": L["norm_2"]["scale"],
+            p + "self_attn.q_proj.weight": q.T, p + "self_attn.k_proj.weight": k.T, p + "self_attn.v_proj.weight": v.T,
+            p + "self_attn.o_proj.weight": L["attn"]["o_proj"]["kernel"].T,
+            p + "mlp.gate_proj.weight": L["mlp"]["gate"]["kernel"].T, p + "mlp.up_proj.weight": L["mlp"]["up"]["kernel"].T,
+            p + "mlp.down_proj.weight": L["mlp"]["down"]["kernel"].T,
+        })
+    return {k: np.ascontiguousarray(_np(v, dtype)) for k, v in t.items()}
+
+
+def rotate_half_to_interleaved(w_out_in: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows of a q/k projection (out, in) reordered from rotate-half pairs (i, i + d/2) to adjacent
+    pairs (2i, 2i + 1), llama.cpp's rotary layout (the permutation of its HF converter)."""
+    out, d_in = w_out_in.shape
+    hd = out // n_heads
+    return w_out_in.reshape(n_heads, 2, hd // 2, d_in).swapaxes(1, 2).reshape(out, d_in)
+
+
+def interleaved_to_rotate_half(w_out_in: np.ndarray, n_heads: int) -> np.ndarray:
+    out, d_in = w_out_in.shape
+    hd = out // n_heads
+    return w_out_in.reshape(n_heads, hd // 2, 2, d_in).swapaxes(1, 2).reshape(out, d_in)
+
+
+GGUF_NAMES = {  # HF Llama name (per layer) -> llama.cpp name
+    "input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def gguf_tensors(params: dict, mcfg, dtype=np.float32) -> dict[str, np.ndarray]:
+    """llama.cpp tensor names and layouts (numpy shapes as torch's: (out, in))."""
+    hf = llama_tensors(params, mcfg, dtype)
+    out = {"token_embd.weight": hf.pop("model.embed_tokens.weight"), "output_norm.weight": hf.pop("model.norm.weight")}
+    for name, w in hf.items():
+        i, rest = name.removeprefix("model.layers.").split(".", 1)
+        if rest == "self_attn.q_proj.weight":
+            w = rotate_half_to_interleaved(w, mcfg.n_head)
+        elif rest == "self_attn.k_proj.weight":
+            w = rotate_half_to_interleaved(w, mcfg.n_kv_head)
+        out[f"blk.{i}.{GGUF_NAMES[rest]}"] = np.ascontiguousarray(w)
+    # norms stay float32, as llama.cpp's converter keeps 1-D tensors
+    return {k: (v.astype(np.float32) if v.ndim == 1 else v) for k, v in out.items()}
+
+
+def write_gguf(params: dict, mcfg, tokenizer, path: Path, dtype=np.float32, name: str = "llmjax-modern") -> None:
+    try:
+        import gguf
+    except ImportError:
+        raise ExportError("GGUF export needs the gguf package: pip install 'llmjax[hf]'") from None
+    check_llama(mcfg)
+    if getattr(tokenizer, "eot_id", None) != 50256:
+        raise ExportError("GGUF export embeds the GPT-2 BPE tokenizer; this model has another vocabulary")
+    encoder = json.loads((ASSETS / "gpt2" / "encoder.json").read_text(encoding="utf-8"))
+    tokens = [t for t, _ in sorted(encoder.items(), key=lambda kv: kv[1])]
+    merges = [line for line in (ASSETS / "gpt2" / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:] if line]
+    tmp = path.with_name(f".{path.name}.tmp")
+    w = gguf.GGUFWriter(str(tmp), arch="llama")
+    w.add_name(name)
+    w.add_context_length(mcfg.context_len)
+    w.add_embedding_length(mcfg.d_model)
+    w.add_block_count(mcfg.n_layer)
+    w.add_feed_forward_length(mcfg.d_ff)
+    w.add_head_count(mcfg.n_head)
+    w.add_head_count_kv(mcfg.n_kv_head)
+    w.add_key_length(mcfg.head_dim)
+    w.add_value_length(mcfg.head_dim)
+    w.add_rope_dimension_count(mcfg.head_dim)
+    w.add_rope_freq_base(float(mcfg.rope_base))
+    w.add_layer_norm_rms_eps(float(mcfg.norm_eps))
+    w.add_vocab_size(mcfg.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == np.float32 else gguf.LlamaFileType.MOSTLY_F16)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if i == 50256 else gguf.TokenType.NORMAL for i in range(len(tokens))])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(50256)
+    w.add_eos_token_id(50256)
+    w.add_add_bos_token(False)
+    for tname, arr in gguf_tensors(params, mcfg, dtype).items():
+        w.add_tensor(tname, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tmp.replace(path)
+
+
+# --- writing ----------------------------------------------------------------------------------------
+
+
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def export(checkpoint, fmt: str, out, *, which: str = "latest", dtype: str = "float32") -> Path:
+    """Write a run's checkpoint as `fmt` (safetensors | gguf) at `out`; returns the path written."""
+    import jax
+
+    from llmjax.sample import load
+
+    if fmt not in ("safetensors", "gguf"):
+        raise ExportError(f"unknown format '{fmt}'; supported: {SUPPORTED}")
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype must be float32 or float16 (bfloat16 has no NumPy type; export float32 and convert), got {dtype}")
+    loaded = load(checkpoint, which, dtype="float32", scan_layers=True)
+    from flax import nnx
+
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param)))
+    mcfg, np_dtype, out = loaded.model.cfg, DTYPES[dtype], Path(out)
+    if fmt == "gguf":
+        check_llama(mcfg)
+        path = out if out.suffix == ".gguf" else out.with_suffix(".gguf")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_gguf(params, mcfg, loaded.tokenizer, path, np_dtype, name=loaded.path.name)
+        return path
+    try:
+        from safetensors.numpy import save_file
+    except ImportError:
+        raise ExportError("safetensors export needs the safetensors package: pip install 'llmjax[hf]'") from None
+    if mcfg.arch == "vanilla":
+        tensors, config = gpt2_tensors(params, mcfg, np_dtype), gpt2_config(mcfg)
+    elif mcfg.arch == "modern":
+        tensors, config = llama_tensors(params, mcfg, np_dtype), llama_config(mcfg)
+    else:
+        raise ExportError(f"no Hugging Face layout for `{mcfg.arch}`; supported: {SUPPORTED}")
+    if loaded.tokenizer.eot_id != 50256:
+        raise ExportError("Hugging Face export ships the GPT-2 BPE tokenizer; this model has another vocabulary")
+    config["torch_dtype"] = dtype
+    from llmjax.data import atomic_write_bytes, atomic_write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / "model.safetensors")
+    atomic_write_json(out / "config.json", config)
+    atomic_write_bytes(out / "vocab.json", (ASSETS / "gpt2" / "encoder.json").read_bytes())
+    atomic_write_bytes(out / "merges.txt", (ASSETS / "gpt2" / "vocab.bpe").read_bytes())
+    atomic_write_json(out / "tokenizer_config.json", {"tokenizer_class": "GPT2Tokenizer", "model_max_length": mcfg.context_len,
+                                                      "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                                                      "unk_token": "<|endoftext|>", "add_prefix_space": False})
+    return out
+
+
+def define_flags():
+    cli.define_checkpoint_flags()
+    flags.DEFINE_string("format", None, "safetensors (HF GPT-2 for vanilla, HF Llama for modern) or gguf (llama.cpp, modern)")
+    flags.DEFINE_string("out", None, "output folder (safetensors) or .gguf file")
+    flags.DEFINE_string("dtype", "float32", "float32 or float16")
+
+
+def main(argv):
+    F = flags.FLAGS
+    cli.start_run_reader(argv, "runs/NAME")
+    if not F.format or not F.out:
+        cli.fail("--format (safetensors or gguf) and --out are required")
+    try:
+        path = export(F.checkpoint_path, F.format, F.out, which=F.which, dtype=F.dtype)
+    except (ExportError, ConfigError) as e:
+        cli.fail(str(e))
+    except ValueError as e:  # the sampler's one-line checkpoint errors
+        cli.fail(str(e))
+    print(path)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)

@@ -1,0 +1,120 @@
+"""The comparison and plotting CLIs: fair plans, a table that is exactly the runs' figures, reused
+runs, figures, matched small variants, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import llmjax
+from conftest import ROOT
+from llmjax import compare as C, plot as P
+from llmjax.summary import ARCH_ORDER, summarize
+
+pytestmark = pytest.mark.xdist_group("compare")
+SPECS = [f"{ROOT}/configs/vanilla.py:tiny", f"{ROOT}/configs/modern.py:tiny"]
+
+
+def test_small_variants_are_matched_for_a_fair_fight():
+    cfgs = [llmjax.load_config(f"{ROOT}/configs/{a}.py:small") for a in ARCH_ORDER]
+    totals = [summarize(c)["params_total"] for c in cfgs]
+    assert max(totals) / min(totals) < 1.05, dict(zip(ARCH_ORDER, totals))
+    assert len({(c.model.context_len, c.model.vocab_size, c.data.dataset) for c in cfgs}) == 1
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    r = C.compare(SPECS, out=out, seeds=2, max_steps=4, eval_every=2, eval_batches=1, command="test", quiet=True)
+    return out, r
+
+
+def test_table_holds_the_runs_figures(result):
+    import statistics
+
+    out, r = result
+    rows = {row["arch"]: row for row in json.loads((out / "results.json").read_text())["rows"]}
+    assert sorted(rows) == ["modern", "vanilla"]
+    for arch, spec in (("vanilla", SPECS[0]), ("modern", SPECS[1])):
+        row = rows[arch]
+        finals, rates = [], []
+        for seed in (0, 1):
+            lines = [json.loads(x) for x in (out / f"{arch}_tiny" / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+            assert [m["step"] for m in lines if "val_loss" in m] == [2, 4]
+            finals.append(lines[-1]["val_loss"])
+            rates.append(statistics.median(m["tokens_per_sec"] for m in lines[1:]))
+            cfg = json.loads((out / f"{arch}_tiny" / f"seed{seed}" / "config.json").read_text())
+            assert cfg["train"]["seed"] == seed and cfg["train"]["max_steps"] == 4
+        assert finals[0] != finals[1]  # the seeds differ
+        assert row["val_loss_mean"] == pytest.approx(statistics.fmean(finals), abs=1e-12)
+        assert row["val_loss_std"] == pytest.approx(statistics.stdev(finals), abs=1e-12)
+        assert row["train_tokens_per_sec"] == pytest.approx(statistics.fmean(rates))
+        assert row["params_total"] == summarize(llmjax.load_config(spec))["params_total"]
+        assert row["tokens"] == 4 * 8 * 64 and row["peak_memory_bytes"] > 0 and row["hellaswag_acc_norm"] is None
+    md = (out / "results.md").read_text()
+    assert md == r["markdown"] and "`vanilla`" in md and "± " in md and "HellaSwag" not in md and "within " in md
+    from PIL import Image
+
+    with Image.open(out / "val_loss.png") as im:
+        assert im.size[0] > 1000
+
+
+def test_finished_runs_are_reused(result):
+    out, _ = result
+    before = (out / "vanilla_tiny" / "seed0" / "compare_run.json").read_text()
+    C.compare(SPECS, out=out, seeds=2, max_steps=4, eval_every=2, eval_batches=1, command="test", quiet=True)
+    assert (out / "vanilla_tiny" / "seed0" / "compare_run.json").read_text() == before
+
+
+def test_plans_refuse_unfair_comparisons():
+    with pytest.raises(C.CompareError, match="model.context_len"):
+        C.plan([SPECS[0], f"{ROOT}/configs/modern.py:small"], max_steps=2, batch_size=None, eval_every=None, eval_batches=None,
+               tasks="", tasks_limit=0, overrides={})
+    with pytest.raises(C.CompareError, match="listed twice"):
+        C.plan([SPECS[0], SPECS[0]], max_steps=2, batch_size=None, eval_every=None, eval_batches=None, tasks="", tasks_limit=0, overrides={})
+    plans = C.plan([SPECS[0]], max_steps=50, batch_size=4, eval_every=None, eval_batches=None, tasks="hellaswag", tasks_limit=0,
+                   overrides={"model.vocab_size": 50257, "model.padded_vocab_size": 50304, "data.dataset": "tinyshakespeare"})
+    o = plans[0]["overrides"]
+    assert o["eval.tasks"] == "hellaswag" and o["eval.every_steps"] == 5 and o["train.batch_size"] == 4  # BPE: HellaSwag in the loop
+    assert "eval.tasks" not in C.plan([SPECS[0]], max_steps=5, batch_size=None, eval_every=None, eval_batches=None, tasks="hellaswag",
+                                      tasks_limit=0, overrides={})[0]["overrides"]  # characters: none
+
+
+def test_hellaswag_column(tmp_path):
+    """summarize_runs reads the in-loop scorer's acc_norm from the last metrics line."""
+    plans = C.plan([SPECS[0]], max_steps=2, batch_size=None, eval_every=None, eval_batches=None, tasks="", tasks_limit=0, overrides={})
+    runs = []
+    for seed, acc in ((0, 0.25), (1, 0.35)):
+        d = tmp_path / f"seed{seed}"
+        d.mkdir()
+        lines = [{"step": 1, "tokens_per_sec": 10.0}, {"step": 2, "tokens_per_sec": 20.0, "val_loss": 3.0 + seed, "hellaswag_acc_norm": acc}]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        runs.append((d, {"wall_seconds": 5.0, "max_rss_bytes": 2**30}))
+    row = C.summarize_runs(plans[0], runs)
+    assert row["hellaswag_acc_norm"] == pytest.approx(0.30) and row["val_loss_mean"] == 3.5 and row["train_tokens_per_sec"] == 20.0
+    assert "HellaSwag acc_norm" in C.markdown([row], "cmd", {"dataset": "d", "context_len": 64, "seeds": "0, 1", "device": "CPU", "date": "x"})
+
+
+def _cli(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_plot_cli(result, tmp_path):
+    out, _ = result
+    r = _cli("llmjax.plot", str(out / "vanilla_tiny"), str(out / "modern_tiny" / "seed1"), "-o", str(tmp_path / "p.png"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+    c = P.curves([out / "vanilla_tiny", out / "modern_tiny" / "seed1"])
+    assert [x["n_runs"] for x in c] == [2, 1] and list(c[0]["tokens"]) == [2 * 8 * 64, 4 * 8 * 64]
+    r = _cli("llmjax.plot", str(tmp_path), "-o", str(tmp_path / "q.png"))
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "no metrics.jsonl" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_compare_cli_errors_are_one_line(tmp_path):
+    r = _cli("llmjax.compare", f"--configs={SPECS[0]},{ROOT}/configs/modern.py:small", f"--out={tmp_path}", "--max_steps=2")
+    assert r.returncode == 2 and "context_len" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = _cli("llmjax.compare", f"--out={tmp_path}")
+    assert r.returncode == 2 and "--configs is required" in r.stderr

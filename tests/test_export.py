@@ -1,0 +1,205 @@
+"""Export (Hugging Face safetensors for vanilla/modern, llama.cpp GGUF for modern) and GPT-2 import:
+round trips to the same tensors, the rotary permutation, the trainer starting from imported weights,
+one-line errors; logit parity with transformers where it is installed (the GPU machine)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import llmjax
+from conftest import ROOT
+from helpers import config, params
+from llmjax import export as X
+
+pytestmark = pytest.mark.xdist_group("export")
+BPE = {"data.dataset": "tinyshakespeare", "model.vocab_size": 50257, "model.padded_vocab_size": 50304}
+
+
+def test_gpt2_tensors_round_trip():
+    cfg = config("vanilla")
+    m = llmjax.build_model(cfg, seed=2)
+    p = jax.tree.map(np.asarray, params(m))
+    mcfg = m.cfg
+    t = X.gpt2_tensors(p, mcfg)
+    assert t["transformer.wte.weight"].shape == (65, 64) and t["transformer.h.1.attn.c_attn.weight"].shape == (64, 192)
+    back = X.params_from_gpt2(t, mcfg)
+    assert np.array_equal(back["embed"]["embedding"][:65], p["embed"]["embedding"][:65])
+    assert not back["embed"]["embedding"][65:].any()  # padded rows start at zero
+    for a, b in zip(jax.tree.leaves({**back, "embed": None}), jax.tree.leaves({**p, "embed": None})):
+        assert np.array_equal(a, b)
+    # OpenAI's own files have no `transformer.` prefix
+    assert jax.tree.all(jax.tree.map(np.array_equal, X.params_from_gpt2({k.removeprefix("transformer."): v for k, v in t.items()}, mcfg), back))
+    with pytest.raises(X.ExportError, match="has shape .* pick the matching config"):
+        X.params_from_gpt2(t, llmjax.model_config(config("vanilla", d_ff=128)))
+
+
+def rope_interleaved(x, positions, base):
+    """Rotary embedding on adjacent pairs (2i, 2i+1): llama.cpp's layout."""
+    d = x.shape[-1]
+    inv = base ** (-np.arange(0, d // 2) * 2 / d)
+    ang = positions[:, None] * inv
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = x1 * np.cos(ang) - x2 * np.sin(ang)
+    out[..., 1::2] = x2 * np.cos(ang) + x1 * np.sin(ang)
+    return out
+
+
+def test_rotary_permutation_is_llama_cpps():
+    """Permuted q/k rows under interleaved RoPE give the same attention scores as the original rows
+    under our rotate-half RoPE."""
+    from llmjax.models.layers import apply_rope
+
+    rng = np.random.default_rng(0)
+    H, hd, D, T = 2, 8, 12, 5
+    wq, wk = rng.normal(size=(H * hd, D)), rng.normal(size=(H * hd, D))
+    x = rng.normal(size=(T, D))
+    pos = np.arange(T, dtype=np.float64) * 3
+    ours = [np.asarray(apply_rope(jnp.asarray((x @ w.T).reshape(1, T, H, hd), jnp.float32), jnp.asarray(pos[None], jnp.int32), 10000.0))[0]
+            for w in (wq, wk)]
+    theirs = [rope_interleaved((x @ X.rotate_half_to_interleaved(w, H).T).reshape(T, H, hd).transpose(1, 0, 2), pos, 10000.0)
+              for w in (wq, wk)]
+    scores_ours = np.einsum("thd,shd->hts", ours[0], ours[1])
+    scores_theirs = np.einsum("htd,hsd->hts", theirs[0], theirs[1])
+    np.testing.assert_allclose(scores_theirs, scores_ours, rtol=1e-4, atol=1e-4)
+    assert np.array_equal(X.interleaved_to_rotate_half(X.rotate_half_to_interleaved(wq, H), H), wq)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two-step GPT-2-BPE runs of vanilla and modern (tiny shapes)."""
+    from llmjax.train import train
+
+    base = tmp_path_factory.mktemp("export")
+    out = {}
+    for arch in ("vanilla", "modern"):
+        cfg = llmjax.load_config(f"{ROOT}/configs/{arch}.py:tiny", BPE | {"train.max_steps": 2, "train.batch_size": 8, "eval.num_batches": 1,
+                                                                         "eval.sample_tokens": 0, "logging.progress_bar": False})
+        train(cfg, base / arch, quiet=True)
+        out[arch] = base / arch
+    return out
+
+
+def run_params(path):
+    from llmjax.sample import load
+
+    loaded = load(path, dtype="float32", scan_layers=True)
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param))), loaded
+
+
+def test_safetensors_exports_read_back(runs, tmp_path):
+    from safetensors.numpy import load_file
+
+    for arch in ("vanilla", "modern"):
+        p, loaded = run_params(runs[arch])
+        folder = X.export(runs[arch], "safetensors", tmp_path / arch)
+        got = load_file(str(folder / "model.safetensors"))
+        want = X.gpt2_tensors(p, loaded.model.cfg) if arch == "vanilla" else X.llama_tensors(p, loaded.model.cfg)
+        assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+        cfg = json.loads((folder / "config.json").read_text())
+        assert cfg["vocab_size"] == 50257 and cfg["tie_word_embeddings"] is True
+        assert (folder / "vocab.json").stat().st_size > 1e6 and (folder / "merges.txt").is_file()
+    # Llama's Linear weights are the transposed kernels, split into q/k/v
+    p, loaded = run_params(runs["modern"])
+    got = load_file(str(tmp_path / "modern" / "model.safetensors"))
+    H, hd = loaded.model.cfg.n_head, loaded.model.cfg.head_dim
+    qkv = p["blocks"]["layers"]["attn"]["qkv_proj"]["kernel"][1]
+    assert np.array_equal(got["model.layers.1.self_attn.k_proj.weight"], qkv[:, H * hd : 2 * H * hd].T)
+    assert json.loads((tmp_path / "modern" / "config.json").read_text())["model_type"] == "llama"
+    # float16
+    half = load_file(str(X.export(runs["vanilla"], "safetensors", tmp_path / "half", dtype="float16") / "model.safetensors"))
+    assert half["transformer.wte.weight"].dtype == np.float16
+
+
+def test_gguf_export_reads_back(runs, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    p, loaded = run_params(runs["modern"])
+    path = X.export(runs["modern"], "gguf", tmp_path / "model.gguf")
+    reader = gguf.GGUFReader(str(path))
+    want = X.gguf_tensors(p, loaded.model.cfg)
+    got = {t.name: np.asarray(t.data).reshape([int(d) for d in reversed(t.shape)]) for t in reader.tensors}
+    assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    assert "blk.1.attn_q.weight" in got and "token_embd.weight" in got and "output.weight" not in got  # tied head
+    H, hd = loaded.model.cfg.n_head, loaded.model.cfg.head_dim
+    q = p["blocks"]["layers"]["attn"]["qkv_proj"]["kernel"][0][:, : H * hd].T
+    assert np.array_equal(X.interleaved_to_rotate_half(got["blk.0.attn_q.weight"], H), q)
+
+    def field(name):
+        f = reader.fields[name]
+        return f.contents() if hasattr(f, "contents") else f.parts[f.data[0]]
+
+    assert field("general.architecture") == "llama"
+    assert int(field("llama.block_count")) == 2 and int(field("llama.attention.head_count")) == H
+    assert field("tokenizer.ggml.model") == "gpt2" and len(field("tokenizer.ggml.tokens")) == 50257
+    assert int(field("tokenizer.ggml.eos_token_id")) == 50256
+
+
+def test_trainer_starts_from_imported_gpt2_weights(runs, tmp_path):
+    from llmjax.config import ConfigError
+    from llmjax.train import train
+
+    folder = X.export(runs["vanilla"], "safetensors", tmp_path / "hf")
+    src, _ = run_params(runs["vanilla"])
+    cfg = llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", BPE | {
+        "train.max_steps": 1, "train.batch_size": 8, "train.lr": 0.0, "train.min_lr": 0.0, "eval.num_batches": 1,
+        "eval.sample_tokens": 0, "logging.progress_bar": False, "train.init_from": str(folder)})
+    train(cfg, tmp_path / "ft", quiet=True)
+    got, _ = run_params(tmp_path / "ft")  # lr 0: the weights are the imported ones
+    assert np.array_equal(got["embed"]["embedding"][:50257], src["embed"]["embedding"][:50257])
+    assert not got["embed"]["embedding"][50257:].any()
+    for a, b in zip(jax.tree.leaves({**got, "embed": None}), jax.tree.leaves({**src, "embed": None})):
+        assert np.array_equal(a, b)
+    bad = cfg.copy_and_resolve_references()
+    with bad.unlocked():
+        bad.model.d_ff = 128
+    with pytest.raises(ConfigError, match="train.init_from: GPT-2 tensor .* has shape"):
+        train(bad, tmp_path / "bad", quiet=True)
+    with bad.unlocked():
+        bad.model.d_ff, bad.train.init_from = 256, str(tmp_path / "nothing")
+    with pytest.raises(ConfigError, match="neither gpt2"):
+        train(bad, tmp_path / "bad2", quiet=True)
+
+
+def test_unsupported_exports_are_one_line_errors(runs, tmp_path):
+    with pytest.raises(X.ExportError, match="hold `modern` models, not `vanilla`; supported"):
+        X.export(runs["vanilla"], "gguf", tmp_path / "x.gguf")
+    with pytest.raises(X.ExportError, match="unknown format 'onnx'"):
+        X.export(runs["vanilla"], "onnx", tmp_path / "x")
+    with pytest.raises(X.ExportError, match="hold `modern` models, not `ssm`"):
+        X.check_llama(llmjax.model_config(config("ssm")))
+    with pytest.raises(X.ExportError, match="holds `vanilla` models, not `modern`"):
+        X.check_gpt2(llmjax.model_config(config("modern")))
+    with pytest.raises(X.ExportError, match="bias=True"):
+        X.check_gpt2(llmjax.model_config(config("vanilla", bias=False)))
+    r = subprocess.run([sys.executable, "-m", "llmjax.export", f"--checkpoint={runs['vanilla']}", "--format=gguf", f"--out={tmp_path / 'y'}"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "supported" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+# --- parity with transformers (where torch and transformers are installed: the GPU machine) ----------
+
+
+def _hf_logits(folder, tokens):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.numpy()
+
+
+@pytest.mark.parametrize("arch", ["vanilla", "modern"])
+def test_logits_match_transformers(runs, tmp_path, arch):
+    pytest.importorskip("transformers")
+    folder = X.export(runs[arch], "safetensors", tmp_path / arch)
+    _, loaded = run_params(runs[arch])
+    tokens = np.random.default_rng(0).integers(0, 50257, (2, 20)).tolist()
+    ours = np.asarray(loaded.model(jnp.asarray(tokens, jnp.int32))[0])[..., :50257]
+    np.testing.assert_allclose(_hf_logits(folder, tokens), ours, rtol=1e-4, atol=2e-4)
