@@ -107,14 +107,25 @@ def bench_train(cfg, *, steps: int, repeats: int, memory: bool) -> dict:
     return row
 
 
-def bench_decode(cfg, *, batches: list[int], prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    """The sampler's tokens/s at each batch size, greedy and top-k 200 sampling."""
-    mcfg = model_config(cfg).replace(scan_layers=False)
+def inference_model(mcfg, quantize: str | None = None):
+    """Random weights prepared as a loaded checkpoint is (llmjax.sample.load): kernels and token
+    table in the compute dtype, or int8 (llmjax.quant)."""
     model = build_model(mcfg, seed=0)
-    params = inference_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), mcfg.compute_dtype)
-    model = nnx.merge(nnx.graphdef(model), params)
+    if quantize not in (None, "", "none"):
+        from llmjax import quant
+
+        return quant.apply(model, quantize)
+    return nnx.merge(nnx.graphdef(model), inference_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), mcfg.compute_dtype))
+
+
+def bench_decode(cfg, *, batches: list[int], prompt_len: int, new_tokens: int, repeats: int, quantize: str | None = None) -> dict:
+    """The sampler's tokens/s at each batch size, greedy and top-k 200 sampling."""
+    from llmjax.quant import weight_bytes
+
+    mcfg = model_config(cfg).replace(scan_layers=False)
+    model = inference_model(mcfg, quantize)
     rng = np.random.default_rng(0)
-    row = {}
+    row = {"decode_weight_bytes": weight_bytes(model)}
     for name, sampling in (("", Sampling(greedy=True)), ("sampled_", Sampling(temperature=1.0, top_k=200))):
         for b in batches:
             prompts = rng.integers(0, mcfg.vocab_size, (b, prompt_len)).tolist()
@@ -128,7 +139,7 @@ def bench_decode(cfg, *, batches: list[int], prompt_len: int, new_tokens: int, r
     return row
 
 
-def bench_hellaswag(cfg, *, batch_size: int, limit: int | None, task_dir: str | None) -> dict:
+def bench_hellaswag(cfg, *, batch_size: int, limit: int | None, task_dir: str | None, quantize: str | None = None) -> dict:
     """HellaSwag items/s of the built-in scorer (llmjax.downstream, the trainer's in-loop one) with
     random weights cast for inference; every length bucket compiled before the timed pass."""
     from llmjax import downstream
@@ -138,8 +149,7 @@ def bench_hellaswag(cfg, *, batch_size: int, limit: int | None, task_dir: str | 
     mcfg = scoring_config(model_config(cfg).replace(scan_layers=False))
     if mcfg.vocab_size != GPT2Tokenizer.vocab_size:
         raise ConfigError(f"the hellaswag suite needs a GPT-2 BPE config (vocab 50257), not vocab {mcfg.vocab_size}")
-    model = build_model(mcfg, seed=0)
-    model = nnx.merge(nnx.graphdef(model), inference_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), mcfg.compute_dtype))
+    model = inference_model(mcfg, quantize)
     tok = GPT2Tokenizer()
     try:
         items = downstream.load_items("hellaswag", task_dir, limit=limit)
@@ -164,7 +174,7 @@ def device_name() -> str:
 
 
 def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len, new_tokens, task_batch_size=32, task_limit=None,
-          task_dir=None) -> dict:
+          task_dir=None, quantize=None) -> dict:
     """One row for the run config `cfg` (named `spec` in the row)."""
     mcfg = model_config(cfg)
     summ = summarize(mcfg)
@@ -189,6 +199,8 @@ def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len,
         "compiled_memory_bytes": None,
         **{f"decode_{k}tokens_per_sec_b{b}": None for k in ("", "sampled_") for b in decode_batches},
         "decode_state_bytes": summ["decode_state_bytes"],
+        "quantize": quantize or "none",
+        "decode_weight_bytes": None,
         "decode_prompt_len": prompt_len,
         "decode_new_tokens": new_tokens,
         "jax": jax.__version__,
@@ -201,9 +213,10 @@ def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len,
             for k in ("train_tokens_per_sec", "step_time_ms", "mfu"):
                 row[k] = None
     if "hellaswag" in suites:
-        row.update(bench_hellaswag(cfg, batch_size=task_batch_size, limit=task_limit, task_dir=task_dir))
+        row.update(bench_hellaswag(cfg, batch_size=task_batch_size, limit=task_limit, task_dir=task_dir, quantize=quantize))
     if "decode" in suites:
-        row.update(bench_decode(cfg, batches=decode_batches, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats))
+        row.update(bench_decode(cfg, batches=decode_batches, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
+                                quantize=quantize))
     return row
 
 
@@ -264,6 +277,7 @@ def define_flags():
     flags.DEFINE_integer("task_batch_size", 32, "hellaswag suite: sequences per forward pass")
     flags.DEFINE_integer("task_limit", None, "hellaswag suite: the first N items (default: all 10,042)")
     flags.DEFINE_string("task_dir", None, "hellaswag suite: where hellaswag_val.jsonl is or is downloaded to")
+    flags.DEFINE_enum("quantize", "none", ["none", "int8"], "decode and hellaswag suites: int8 weight-only model (llmjax.quant)")
     flags.DEFINE_bool("json", False, "print JSON rows instead of a table")
     flags.DEFINE_string("out", None, "also write the rows as JSON lines here")
     flags.DEFINE_string("doc", str(DOC), "with --all: the markdown file whose generated table is rewritten")
@@ -317,7 +331,7 @@ def main(argv):
                     set_key(cfg, key, value)
             row = bench(cfg, spec, suites=set(F.suite), steps=F.steps, repeats=F.repeats, decode_batches=batches,
                         prompt_len=F.prompt_len, new_tokens=F.new_tokens, task_batch_size=F.task_batch_size,
-                        task_limit=F.task_limit, task_dir=F.task_dir)
+                        task_limit=F.task_limit, task_dir=F.task_dir, quantize=F.quantize)
         except ConfigError as e:
             cli.fail(str(e))
         rows.append(row)

@@ -59,7 +59,8 @@ def pick_device(spec: str | None):
     return devices[i]
 
 
-def load_for_scoring(path, which: str = "latest", *, dtype: str | None = None, device=None):
+def load_for_scoring(path, which: str = "latest", *, dtype: str | None = None, device=None, quantize: str | None = None,
+                     quantize_embeddings: bool = False):
     """`sample.load` with the model as scoring runs it (a capacity-mode MoE dropless; see
     llmjax.scoring.scoring_config)."""
     run, _ = resolve(path, which)
@@ -68,7 +69,8 @@ def load_for_scoring(path, which: str = "latest", *, dtype: str | None = None, d
     except (OSError, ValueError, KeyError, AttributeError):
         mode = None  # load() reports an unreadable run
     overrides = {"moe_mode": "dropless"} if mode == "capacity" else None
-    return load(path, which, dtype=dtype, device=device, model_overrides=overrides)
+    return load(path, which, dtype=dtype, device=device, model_overrides=overrides, quantize=quantize,
+                quantize_embeddings=quantize_embeddings)
 
 
 def _result_entry(task: str, m: dict) -> dict:
@@ -178,6 +180,9 @@ def define_flags():
     flags.DEFINE_enum("scorer", "harness", ["harness", "fast"], "lm-evaluation-harness, or llmjax's built-in HellaSwag/ARC scorer")
     flags.DEFINE_string("task_dir", None, "where hellaswag/arc_easy files are found or downloaded (default: $LLMJAX_TASK_DIR or ~/.cache/llmjax/tasks)")
     flags.DEFINE_integer("num_fewshot", None, "harness: few-shot examples (default: each task's own)")
+    from llmjax.sample import define_quantize_flags
+
+    define_quantize_flags()
 
 
 def evaluate(FLAGS) -> dict:
@@ -189,7 +194,8 @@ def evaluate(FLAGS) -> dict:
     if FLAGS.scorer == "fast":
         downstream.check_names(tasks)
     device = pick_device(FLAGS.device)
-    loaded = load_for_scoring(FLAGS.checkpoint_path, FLAGS.which, dtype=FLAGS.dtype, device=device)
+    loaded = load_for_scoring(FLAGS.checkpoint_path, FLAGS.which, dtype=FLAGS.dtype, device=device,
+                              quantize=getattr(FLAGS, "quantize", None), quantize_embeddings=getattr(FLAGS, "quantize_embeddings", False))
     downstream.check_tokenizer(loaded.tokenizer)
     kwargs = dict(batch_size=FLAGS.batch_size, limit=FLAGS.limit, task_dir=FLAGS.task_dir)
     with jax.default_device(device):
@@ -201,6 +207,7 @@ def evaluate(FLAGS) -> dict:
     out["config"] = {
         "model": "llmjax", "checkpoint": str(loaded.path), "step": loaded.step, "arch": mcfg.arch, "dtype": mcfg.dtype,
         "scorer": FLAGS.scorer, "batch_size": FLAGS.batch_size, "limit": FLAGS.limit, "device": str(device),
+        "quantize": getattr(FLAGS, "quantize", None) or "none",
     }
     out["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return out

@@ -47,6 +47,7 @@ class LlmjaxLM(TemplateLM):
     def __init__(
         self, checkpoint: str | None = None, checkpoint_path: str | None = None, which: str = "latest", dtype: str | None = None,
         batch_size: int | str = 8, device: str | None = None, max_gen_toks: int | str = 256, seed: int | str = 1234,
+        quantize: str | None = None,
         model=None, tokenizer=None, **unused,
     ):
         super().__init__()
@@ -63,7 +64,7 @@ class LlmjaxLM(TemplateLM):
             path = checkpoint or checkpoint_path
             if not path:
                 raise ValueError("the llmjax model needs checkpoint=runs/NAME (a training run directory)")
-            loaded = load_for_scoring(path, which, dtype=dtype, device=self.jax_device)
+            loaded = load_for_scoring(path, which, dtype=dtype, device=self.jax_device, quantize=quantize)
             model, tokenizer, self.step = loaded.model, loaded.tokenizer, loaded.step
         check_tokenizer(tokenizer)
         self.model, self.llmjax_tokenizer = model, tokenizer

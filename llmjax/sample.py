@@ -381,11 +381,12 @@ def inference_params(params: dict, dtype) -> dict:
 
 def load(
     path: str | Path, which: str = "latest", *, dtype: str | None = None, scan_layers: bool = False, device=None,
-    model_overrides: dict | None = None,
+    model_overrides: dict | None = None, quantize: str | None = None, quantize_embeddings: bool = False,
 ) -> Loaded:
     """The model of a training run's checkpoint (see `resolve`), in `dtype` (default: the run's),
     with unrolled layers (decoding writes each layer's cache in place), on `device` (default: the
-    first). `model_overrides` may change execution options of the model config (not its shapes)."""
+    first). `model_overrides` may change execution options of the model config (not its shapes);
+    `quantize='int8'` gives llmjax.quant's int8 weight-only model (from the float32 weights)."""
     import orbax.checkpoint as ocp
 
     run, step = resolve(path, which)
@@ -417,9 +418,17 @@ def load(
     except Exception as e:  # orbax raises many types for a corrupt or foreign checkpoint
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise SampleError(f"checkpoint {ckpt_dir / str(step)} cannot be restored ({type(e).__name__}: {first})") from None
-    params = inference_params(convert_layer_layout(restored["state"]["params"], mcfg.scan_layers), mcfg.compute_dtype)
+    params = convert_layer_layout(restored["state"]["params"], mcfg.scan_layers)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(mcfg, seed=0)))
-    model = nnx.merge(graphdef, params)
+    if quantize not in (None, "", "none"):
+        from llmjax import quant
+
+        try:
+            model = quant.apply(nnx.merge(graphdef, params), quantize, embeddings=quantize_embeddings)
+        except ValueError as e:
+            raise SampleError(str(e)) from None
+    else:
+        model = nnx.merge(graphdef, inference_params(params, mcfg.compute_dtype))
     return Loaded(model=model, tokenizer=tokenizer, config=config, step=step, path=run)
 
 
@@ -438,6 +447,12 @@ def define_flags():
     flags.DEFINE_integer("num_samples", 1, "samples per prompt")
     flags.DEFINE_integer("seed", 0, "random seed")
     flags.DEFINE_string("dtype", None, "compute dtype (default: the run's model.dtype)")
+    define_quantize_flags()
+
+
+def define_quantize_flags():
+    flags.DEFINE_enum("quantize", "none", ["none", "int8"], "int8: per-channel int8 weights, dequantized inside the jitted step")
+    flags.DEFINE_bool("quantize_embeddings", False, "with --quantize int8: the token table too")
 
 
 def _prompts(FLAGS) -> list[str]:
@@ -462,7 +477,8 @@ def main(argv):
             raise SampleError("--num_samples must be >= 1 and --max_new_tokens >= 0")
         sampling = Sampling(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, greedy=FLAGS.greedy)
         prompts = _prompts(FLAGS)
-        loaded = load(FLAGS.checkpoint_path, FLAGS.which, dtype=FLAGS.dtype)
+        loaded = load(FLAGS.checkpoint_path, FLAGS.which, dtype=FLAGS.dtype, quantize=FLAGS.quantize,
+                      quantize_embeddings=FLAGS.quantize_embeddings)
         n = FLAGS.num_samples
         rows = [p for p in prompts for _ in range(n)]
         if len(rows) == 1:  # one sample: plain text, streamed

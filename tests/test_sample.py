@@ -397,3 +397,17 @@ def test_cli_errors_are_one_line(run_dir, tmp_path):
         r = _cli(*args)
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
+
+
+def test_quantized_load_and_cli(run_dir):
+    """--quantize int8: the int8 model (llmjax.quant) from the checkpoint's float32 weights."""
+    from llmjax.quant import Int8LM, weight_bytes
+
+    q = S.load(run_dir, quantize="int8")
+    assert isinstance(q.model, Int8LM) and weight_bytes(q.model) < weight_bytes(S.load(run_dir).model)
+    want = q.generate_text(["ROMEO:"], 12, sampling=GREEDY)[0]
+    r = _cli(f"--checkpoint_path={run_dir}", "--prompt=ROMEO:", "--max_new_tokens=12", "--greedy", "--quantize=int8")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "ROMEO:" + want + "\n"
+    with pytest.raises(S.SampleError, match="--quantize must be"):
+        S.load(run_dir, quantize="int4")
