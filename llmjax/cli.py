@@ -85,7 +85,8 @@ def run(main: Callable[[list[str]], None]):
 
 def define_checkpoint_flags():
     """--checkpoint_path (alias --checkpoint) and --which: the flags of every tool that reads a run."""
-    flags.DEFINE_string("checkpoint_path", None, "a training run directory (runs/NAME) or one of its checkpoints/<step>")
+    flags.DEFINE_string("checkpoint_path", None, "a training run directory (runs/NAME), one of its checkpoints/<step>, "
+                        "or OpenAI GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder")
     flags.DEFINE_alias("checkpoint", "checkpoint_path")
     flags.DEFINE_enum("which", "latest", ["latest", "best"], "with a run directory: its latest checkpoint or the best by val loss")
 

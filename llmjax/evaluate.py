@@ -63,6 +63,10 @@ def load_for_scoring(path, which: str = "latest", *, dtype: str | None = None, d
                      quantize_embeddings: bool = False):
     """`sample.load` with the model as scoring runs it (a capacity-mode MoE dropless; see
     llmjax.scoring.scoring_config)."""
+    from llmjax.export import is_gpt2_source
+
+    if is_gpt2_source(path):  # OpenAI GPT-2 (no experts)
+        return load(path, which, dtype=dtype, device=device, quantize=quantize, quantize_embeddings=quantize_embeddings)
     run, _ = resolve(path, which)
     try:
         mode = json.loads((run / "config.json").read_text())["model"].get("moe_mode")

@@ -178,6 +178,60 @@ def read_gpt2(source: str) -> dict[str, np.ndarray]:
         raise ExportError(f"cannot read {path} as safetensors ({type(e).__name__}: {e})") from None
 
 
+def is_gpt2_source(path) -> bool:
+    """A hub name (gpt2, gpt2-medium, ...) or a Hugging Face GPT-2 folder (config.json model_type gpt2)."""
+    if str(path) in HUB_MODELS:
+        return True
+    cfg = Path(path).expanduser() / "config.json"
+    try:
+        return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "gpt2" and not (Path(path) / "checkpoints").is_dir()
+    except (OSError, ValueError):
+        return False
+
+
+def gpt2_model_config(hf: dict, dtype: str = "float32") -> dict:
+    """The `vanilla` model keys of a Hugging Face GPT2Config."""
+    D, H = hf["n_embd"], hf["n_head"]
+    return dict(arch="vanilla", vocab_size=hf["vocab_size"], padded_vocab_size=-(-hf["vocab_size"] // 64) * 64,
+                context_len=hf.get("n_positions", hf.get("n_ctx", 1024)), n_layer=hf["n_layer"], n_head=H, head_dim=D // H,
+                d_model=D, d_ff=hf.get("n_inner") or 4 * D, bias=True, dtype=dtype, attention_impl="auto", scan_layers=True,
+                remat="none", init_std=hf.get("initializer_range", 0.02), norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+
+
+def load_gpt2(source, *, dtype: str | None = None, device=None, quantize: str | None = None, quantize_embeddings: bool = False):
+    """OpenAI GPT-2 (hub name or HF folder) as a `sample.Loaded`, for sampling and evaluation without
+    a training run."""
+    import jax
+    from flax import nnx
+
+    from llmjax.config import model_config
+    from llmjax.models.layers import convert_layer_layout
+    from llmjax.registry import build_model
+    from llmjax.sample import Loaded, inference_params
+    from llmjax.tokenizer import GPT2Tokenizer
+
+    tensors = read_gpt2(str(source))
+    if str(source) in HUB_MODELS:
+        from huggingface_hub import hf_hub_download
+
+        hf = json.loads(Path(hf_hub_download(HUB_MODELS[str(source)], "config.json")).read_text())
+    else:
+        hf = json.loads((Path(source).expanduser() / "config.json").read_text())
+    mcfg = model_config(gpt2_model_config(hf, dtype or "float32"))
+    params = convert_layer_layout(params_from_gpt2(tensors, mcfg), False)
+    mcfg = mcfg.replace(scan_layers=False)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(mcfg, seed=0)))
+    params = jax.device_put(params, device or jax.devices()[0])
+    if quantize not in (None, "", "none"):
+        from llmjax import quant
+
+        model = quant.apply(nnx.merge(graphdef, params), quantize, embeddings=quantize_embeddings)
+    else:
+        model = nnx.merge(graphdef, inference_params(params, mcfg.compute_dtype))
+    config = {"model": gpt2_model_config(hf, mcfg.dtype), "source": str(source)}
+    return Loaded(model=model, tokenizer=GPT2Tokenizer(), config=config, step=0, path=Path(str(source)))
+
+
 # --- modern <-> Hugging Face Llama, and llama.cpp GGUF --------------------------------------------------
 
 

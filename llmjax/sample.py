@@ -389,6 +389,13 @@ def load(
     `quantize='int8'` gives llmjax.quant's int8 weight-only model (from the float32 weights)."""
     import orbax.checkpoint as ocp
 
+    from llmjax import export
+
+    if export.is_gpt2_source(path):  # OpenAI GPT-2 from the hub, or an exported / HF GPT-2 folder
+        try:
+            return export.load_gpt2(path, dtype=dtype, device=device, quantize=quantize, quantize_embeddings=quantize_embeddings)
+        except (export.ExportError, ValueError) as e:
+            raise SampleError(str(e)) from None
     run, step = resolve(path, which)
     try:
         config = json.loads((run / "config.json").read_text())

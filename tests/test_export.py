@@ -203,3 +203,30 @@ def test_logits_match_transformers(runs, tmp_path, arch):
     tokens = np.random.default_rng(0).integers(0, 50257, (2, 20)).tolist()
     ours = np.asarray(loaded.model(jnp.asarray(tokens, jnp.int32))[0])[..., :50257]
     np.testing.assert_allclose(_hf_logits(folder, tokens), ours, rtol=1e-4, atol=2e-4)
+
+
+def test_sample_and_evaluate_gpt2_weights_without_a_run(runs, tmp_path, monkeypatch):
+    """`load` takes OpenAI GPT-2 directly: a hub name (mocked hub) or a Hugging Face GPT-2 folder."""
+    from llmjax.evaluate import load_for_scoring
+    from llmjax.sample import load
+
+    folder = X.export(runs["vanilla"], "safetensors", tmp_path / "hf")
+    _, ref = run_params(runs["vanilla"])
+    toks = jnp.asarray(np.random.default_rng(1).integers(0, 50257, (2, 16)), jnp.int32)
+    want = np.asarray(ref.model(toks)[0])[..., :50257]
+    got = load(folder, dtype="float32")
+    assert got.step == 0 and got.tokenizer.eot_id == 50256 and got.model.cfg.context_len == 64
+    np.testing.assert_allclose(np.asarray(got.model(toks)[0])[..., :50257], want, atol=1e-5)
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo, filename, **kw):
+        calls.append((repo, filename))
+        return str(folder / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    hub = load_for_scoring("gpt2", dtype="float32")
+    assert ("openai-community/gpt2", "model.safetensors") in calls
+    np.testing.assert_allclose(np.asarray(hub.model(toks)[0])[..., :50257], want, atol=1e-5)
+    assert load("gpt2", dtype="float32", quantize="int8").model.__class__.__name__ == "Int8LM"
