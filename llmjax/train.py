@@ -440,9 +440,10 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
         if metrics_file:
             metrics_file.write(json.dumps(line) + "\n")
             metrics_file.flush()
+        scored = any(f"{name}_acc" in line for name in task_items)
         if bar is not None:
             bar.update(1)
-            if step % tcfg.log_every_steps == 0 or val_loss is not None or any(f"{t}_acc" in line for t in task_items):
+            if step % tcfg.log_every_steps == 0 or val_loss is not None or scored:
                 post = {"loss": f"{line['train_loss']:.4f}", "lr": f"{line['lr']:.2e}", "tok/s": f"{line['tokens_per_sec']:,.0f}",
                         "ms": f"{line['step_time'] * 1e3:.1f}"}
                 if line["mfu"] is not None:
@@ -453,7 +454,6 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
                     if f"{name}_acc_norm" in line:
                         post[name[:4]] = f"{line[f'{name}_acc_norm']:.3f}"
                 bar.set_postfix(post, refresh=False)
-        scored = any(f"{name}_acc" in line for name in task_items)
         if wandb_run is not None and (step % tcfg.log_every_steps == 0 or val_loss is not None or scored):
             wandb_run.log({k: v for k, v in line.items() if v is not None and k != "step" and not isinstance(v, list)}, step=step)
 
