@@ -486,7 +486,7 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
                     lines[-1]["val_loss_estimate"] = evaluate(state["params"], whole_split=False)
                 if do_tasks:
                     lines[-1].update(score_tasks(state["params"]))
-                peak_mem = (mesh.devices.flat[0].memory_stats() or {}).get("peak_bytes_in_use")
+                peak_mem = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
                 if peak_mem is not None:  # (the CPU reports none)
                     lines[-1]["peak_memory_bytes"] = int(peak_mem)
                 emit(lines[-1], val)

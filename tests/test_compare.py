@@ -14,7 +14,6 @@ from conftest import ROOT
 from llmjax import compare as C, plot as P
 from llmjax.summary import ARCH_ORDER, summarize
 
-pytestmark = pytest.mark.xdist_group("compare")
 SPECS = [f"{ROOT}/configs/vanilla.py:tiny", f"{ROOT}/configs/modern.py:tiny"]
 
 

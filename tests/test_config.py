@@ -89,7 +89,7 @@ def test_unknown_key_written_in_a_config_file(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"unknown key 'model.n_embd' for arch 'vanilla'"):
         llmjax.load_config(f"{f}:tiny")
-    with pytest.raises(ConfigError, match=r"unknown variant 'tinny'; choose one of default, small, tiny \(did you mean 'tiny'\?\)"):
+    with pytest.raises(ConfigError, match=r"unknown variant 'tinny'; choose one of default, small, tiny, medium, large, xl \(did you mean 'tiny'\?\)"):
         llmjax.load_config(f"{f}:tinny")
 
 

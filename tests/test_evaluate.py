@@ -28,7 +28,6 @@ FIXTURES = ROOT / "tests" / "fixtures"
 ARCHS = sorted(llmjax.ARCHS)
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 
-pytestmark = pytest.mark.xdist_group("evaluate")
 
 
 def reference_scores(m, pairs, context_len):

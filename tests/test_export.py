@@ -19,7 +19,6 @@ from conftest import ROOT
 from helpers import config, params
 from llmjax import export as X
 
-pytestmark = pytest.mark.xdist_group("export")
 BPE = {"data.dataset": "tinyshakespeare", "model.vocab_size": 50257, "model.padded_vocab_size": 50304}
 
 
