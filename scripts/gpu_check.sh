@@ -4,7 +4,8 @@
 #   scripts/gpu_check.sh OUTDIR            # tests, then benchmarks (default mode, about 8 minutes)
 #   scripts/gpu_check.sh OUTDIR --sweep    # tests, then the settings sweep for vanilla and modern
 #
-# - installs missing Python packages from ./.whl (wheels carried to the machine) when present;
+# - installs missing Python packages from ./.whl (wheels carried to the machine) when present: the
+#   machine lacks grain, ml_collections (core), safetensors and gguf (export tests), lm-eval (harness);
 # - runs the GPU-only tests (tests/gpu: cuDNN against XLA attention, a bf16 training step per
 #   architecture) and the contract suite on the GPU backend;
 # - benchmarks (python -m llmjax.bench): full figures for vanilla and modern (train at batch 16 and
@@ -76,8 +77,12 @@ else
     done
     bench --config "$(cfg $arch)" --suite=decode --repeats=3
   done
+  step "benchmarks: int8 weight-only decoding (vanilla)"
+  bench --config "$(cfg vanilla)" --suite=decode --repeats=3 --quantize=int8
   step "benchmarks: HellaSwag items/s (built-in scorer)"
-  if [ -n "${LLMJAX_TASK_DIR:-}" ] && { [ -f "$LLMJAX_TASK_DIR/hellaswag_val.jsonl" ] || [ -f "$LLMJAX_TASK_DIR/hellaswag/hellaswag_val.jsonl" ]; }; then
+  if [ "$variant" != default ]; then
+    echo "skipped: the tiny configs have a character vocabulary" | tee -a "$out/steps.log"
+  elif [ -n "${LLMJAX_TASK_DIR:-}" ] && { [ -f "$LLMJAX_TASK_DIR/hellaswag_val.jsonl" ] || [ -f "$LLMJAX_TASK_DIR/hellaswag/hellaswag_val.jsonl" ]; }; then
     for arch in vanilla modern; do
       bench --config "$(cfg $arch)" --suite=hellaswag --task_batch_size=64
     done
