@@ -46,24 +46,11 @@ def _np(x, dtype=np.float32) -> np.ndarray:
 
 def _layers(params: dict) -> list[dict]:
     """Per-layer pure dicts from the scanned layout (leading L axis)."""
+    import jax
+
     layers = params["blocks"]["layers"]
-    n = len(next(iter(_leaves(layers))))
-    out = []
-    for i in range(n):
-        out.append(_map(lambda a, i=i: np.asarray(a[i]), layers))
-    return out
-
-
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _leaves(v)
-    else:
-        yield tree
-
-
-def _map(fn, tree):
-    return {k: _map(fn, v) for k, v in tree.items()} if isinstance(tree, dict) else fn(tree)
+    n = len(jax.tree.leaves(layers)[0])
+    return [jax.tree.map(lambda a, i=i: np.asarray(a[i]), layers) for i in range(n)]
 
 
 # --- GPT-2 (vanilla) <-> Hugging Face GPT2LMHeadModel ------------------------------------------------
@@ -136,17 +123,13 @@ def params_from_gpt2(tensors: dict[str, np.ndarray], mcfg) -> dict:
                     "proj": {"kernel": get(p + "mlp.c_proj.weight", (F, D)), "bias": get(p + "mlp.c_proj.bias", (D,))}},
         }
 
-    per_layer = [layer(i) for i in range(L)]
-    stacked = _map(lambda *_: None, per_layer[0])
+    import jax
 
-    def stack(path_tree, trees):
-        return {k: stack(v, [tr[k] for tr in trees]) if isinstance(v, dict) else np.stack([tr[k] for tr in trees])
-                for k, v in path_tree.items()}
-
+    layers = jax.tree.map(lambda *a: np.stack(a), *[layer(i) for i in range(L)])  # the scanned layout: a leading L axis
     return {
         "embed": {"embedding": wte},
         "pos_embed": {"embedding": get("wpe.weight", (mcfg.context_len, D))},
-        "blocks": {"layers": stack(stacked, per_layer)},
+        "blocks": {"layers": layers},
         "norm_f": {"scale": get("ln_f.weight", (D,)), "bias": get("ln_f.bias", (D,))},
     }
 
