@@ -1,5 +1,13 @@
 """Process-level settings that make the CPU backend fast.
 
+XLA's CPU compiler hands matrix multiplications to YNNPACK one dot at a time by default (jaxlib
+0.11), and makes a transposed copy of an operand for each weight gradient. Letting YNNPACK take each
+dot together with its neighbouring operations (the compile option `xla_cpu_experimental_ynn_fusion_type`
+= dot, reduce) removes most of those copies: the CPU quickstart's training step goes from 25.5 to 18.5
+ms (docs/benchmarks.md). That mode computes bfloat16 dots less accurately (a float32-accumulated dot of
+bfloat16 inputs comes out rounded to about bfloat16 precision), so `cpu_compiler_options` gives it only
+to float32 computations, per jitted function (not through XLA_FLAGS, which is global).
+
 XLA's CPU runtime allocates and frees tens of megabytes of temporaries on every step (a 48.5 MB
 block on the CPU quickstart). glibc's malloc serves blocks that large with a fresh mmap and unmaps
 them on free, and trims heap tops eagerly, so every step faults the same pages in again: on the CPU
@@ -15,6 +23,10 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+
+# measured with jaxlib 0.11; another version may not know the option (an error), so it gets none
+CPU_FLOAT32_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+_TESTED_JAXLIB = ("0.11.",)
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
 _done = False
@@ -43,6 +55,21 @@ def tune_host_allocator() -> bool:
         return False
     _done = ok
     return ok
+
+
+def cpu_compiler_options(compute_dtype, platform: str | None = None) -> dict[str, str] | None:
+    """Compile options for a jitted step whose matrix multiplications run in `compute_dtype` on
+    `platform` (default: JAX's default backend): the YNNPACK fusion mode above for float32 on the
+    CPU, else None (XLA's defaults). None as well
+    with LLMJAX_NO_XLA_TUNING=1, or with a jaxlib it was not measured on (the option may not exist)."""
+    import jax
+    import jax.numpy as jnp
+
+    if os.environ.get("LLMJAX_NO_XLA_TUNING") or (platform or jax.default_backend()) != "cpu" or jnp.dtype(compute_dtype) != jnp.float32:
+        return None
+    if not jax.lib.__version__.startswith(_TESTED_JAXLIB):
+        return None
+    return dict(CPU_FLOAT32_OPTIONS)
 
 
 def enable_compilation_cache() -> str | None:

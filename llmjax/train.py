@@ -45,7 +45,7 @@ from llmjax.config import ConfigError, model_config, validate
 from llmjax.loss import cross_entropy
 from llmjax.models.layers import convert_layer_layout
 from llmjax.registry import build_model
-from llmjax.runtime import enable_compilation_cache, tune_host_allocator
+from llmjax.runtime import cpu_compiler_options, enable_compilation_cache, tune_host_allocator
 from llmjax.sample import generate
 from llmjax.scoring import Scorer, continuation_scores, scoring_config
 from llmjax.sharding import batch_sharding, make_mesh, param_shardings, state_shardings
@@ -222,7 +222,11 @@ def build_steps(cfg, mesh) -> Steps:
         new_state = {"params": optax.apply_updates(params, updates), "opt": opt, "rng": state["rng"], "step": state["step"] + 1}
         return new_state, metrics
 
-    step_fn = jax.jit(train_step, in_shardings=(state_shard, tok_shard), out_shardings=(state_shard, replicated), donate_argnums=0)
+    options = cpu_compiler_options(mcfg.dtype, mesh.devices.flat[0].platform)  # (llmjax/runtime.py)
+    step_fn = jax.jit(
+        train_step, in_shardings=(state_shard, tok_shard), out_shardings=(state_shard, replicated), donate_argnums=0,
+        compiler_options=options,
+    )
 
     eval_shard = batch_sharding(mesh)
 
@@ -232,7 +236,9 @@ def build_steps(cfg, mesh) -> Steps:
         per_tok = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens_BT1[:, 1:])
         return jnp.sum(per_tok * mask_BT), jnp.sum(mask_BT)
 
-    eval_fn = jax.jit(eval_step, in_shardings=(p_shard, eval_shard, eval_shard), out_shardings=(replicated, replicated))
+    eval_fn = jax.jit(
+        eval_step, in_shardings=(p_shard, eval_shard, eval_shard), out_shardings=(replicated, replicated), compiler_options=options
+    )
 
     score_graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(scoring_config(mcfg), seed=0)))
 
@@ -240,7 +246,10 @@ def build_steps(cfg, mesh) -> Steps:
         model = nnx.merge(score_graphdef, convert_layer_layout(params, mcfg.scan_layers))
         return continuation_scores(model(tokens_BT)[0], targets_BT, mask_BT, mcfg.vocab_size)
 
-    score_fn = jax.jit(score_step, in_shardings=(p_shard, eval_shard, eval_shard, eval_shard), out_shardings=(replicated, replicated))
+    score_fn = jax.jit(
+        score_step, in_shardings=(p_shard, eval_shard, eval_shard, eval_shard), out_shardings=(replicated, replicated),
+        compiler_options=options,
+    )
 
     def init():
         params = init_params()

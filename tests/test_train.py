@@ -247,3 +247,45 @@ def test_checkpoints_keep_the_last_k_plus_the_best(tmp_path):
     np.testing.assert_array_equal(restored["w"], np.full(3, 2, np.float32))
     assert meta == {"step": 2}
     ckpt.close()
+
+
+def test_cpu_compile_options_are_for_float32_only(monkeypatch):
+    """The YNNPACK fusion mode (llmjax/runtime.py) goes to float32 steps on the CPU only: it computes
+    bfloat16 dots less accurately, and other backends do not have it."""
+    from llmjax.runtime import CPU_FLOAT32_OPTIONS, cpu_compiler_options
+
+    assert cpu_compiler_options("float32", "cpu") == CPU_FLOAT32_OPTIONS
+    assert cpu_compiler_options("bfloat16", "cpu") is None
+    assert cpu_compiler_options("float32", "gpu") is None
+    monkeypatch.setenv("LLMJAX_NO_XLA_TUNING", "1")
+    assert cpu_compiler_options("float32", "cpu") is None
+
+
+@pytest.mark.parametrize("arch", sorted(llmjax.ARCHS))
+def test_tuned_cpu_step_matches_xla_defaults(arch, monkeypatch):
+    """Three float32 training steps compiled with the CPU compile options agree with the same steps
+    compiled with XLA's defaults (the options change which kernels run, not the arithmetic)."""
+    from llmjax.sharding import make_mesh
+    from llmjax.train import build_steps
+
+    c = cfg(arch, model__dtype="float32")
+    mesh = make_mesh(c.train.mesh, jax.devices()[:1])
+    batches = np.random.default_rng(0).integers(0, 65, (3, 1, 8, 33)).astype(np.int32)
+
+    def run():
+        steps = build_steps(c, mesh)
+        with jax.set_mesh(mesh):
+            state, out = steps.init_state(), []
+            hlo = steps.train_step.lower(state, jax.device_put(batches[0], steps.tok_shard)).compile().as_text()
+            for b in batches:
+                state, m = steps.train_step(state, jax.device_put(b, steps.tok_shard))
+                out.append(float(m["train_loss"]))
+        return out, jax.device_get(state["params"]), hlo
+
+    tuned = run()
+    monkeypatch.setenv("LLMJAX_NO_XLA_TUNING", "1")
+    plain = run()
+    assert tuned[2] != plain[2]  # the options reached the compiler
+    np.testing.assert_allclose(tuned[0], plain[0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(tuned[1]), jax.tree.leaves(plain[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
