@@ -81,5 +81,5 @@ def enable_compilation_cache() -> str | None:
     if not path:
         return None
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # small programs too: loading beats compiling
     return path

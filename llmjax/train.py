@@ -74,8 +74,10 @@ def peak_flops(device, override: float) -> float | None:
 
 
 def make_optimizer(tcfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    # nanoGPT's warm-up: step s (from 1) of the first `warmup_steps` runs at lr * s / (warmup_steps + 1),
+    # so no step is wasted at lr 0; then cosine decay to `min_lr` at `max_steps`.
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
+        init_value=tcfg.lr / (tcfg.warmup_steps + 1),
         peak_value=tcfg.lr,
         warmup_steps=tcfg.warmup_steps,
         decay_steps=max(tcfg.max_steps, tcfg.warmup_steps + 1),
