@@ -60,8 +60,8 @@ def tune_host_allocator() -> bool:
 def cpu_compiler_options(compute_dtype, platform: str | None = None) -> dict[str, str] | None:
     """Compile options for a jitted step whose matrix multiplications run in `compute_dtype` on
     `platform` (default: JAX's default backend): the YNNPACK fusion mode above for float32 on the
-    CPU, else None (XLA's defaults). None as well
-    with LLMJAX_NO_XLA_TUNING=1, or with a jaxlib it was not measured on (the option may not exist)."""
+    CPU, else None (XLA's defaults). None as well with LLMJAX_NO_XLA_TUNING=1, or with a jaxlib it
+    was not measured on (the option may not exist there)."""
     import jax
     import jax.numpy as jnp
 
