@@ -406,9 +406,7 @@ def main(argv):
         cli.fail("--format (safetensors or gguf) and --out are required")
     try:
         path = export(F.checkpoint_path, F.format, F.out, which=F.which, dtype=F.dtype)
-    except (ExportError, ConfigError) as e:
-        cli.fail(str(e))
-    except ValueError as e:  # the sampler's one-line checkpoint errors
+    except (ExportError, ConfigError, ValueError) as e:  # (ValueError: the sampler's one-line checkpoint errors)
         cli.fail(str(e))
     print(path)
     sys.stdout.flush()
