@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+MATMUL_DTYPES = ("", "bfloat16")
 ATTENTION_IMPLS = ("auto", "cudnn", "xla")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 VARIANTS = ("default", "small", "tiny")
@@ -56,6 +57,10 @@ class ModelConfig:
     remat: str  # none | full | dots | dots_no_batch (jax.checkpoint policies)
     init_std: float  # N(0, init_std) for weights; residual projections get init_std/sqrt(2*n_layer)
     norm_eps: float
+    # Parameter matmuls' operand dtype when narrower than `dtype`: "" (the default) = `dtype`;
+    # "bfloat16" with dtype float32 = bfloat16 operands, float32 accumulation and result, every
+    # other operation in float32 (layers.matmul: twice the CPU quickstart's matmul speed).
+    matmul_dtype: str = ""
 
     def __post_init__(self):
         if self.padded_vocab_size < self.vocab_size:
@@ -68,6 +73,16 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype='{self.dtype}' is not one of {', '.join(DTYPES)}{closest(self.dtype, DTYPES)}")
+        if self.matmul_dtype not in MATMUL_DTYPES:
+            raise ConfigError(
+                f"model.matmul_dtype='{self.matmul_dtype}' is not one of {', '.join(repr(d) for d in MATMUL_DTYPES)}"
+                f"{closest(self.matmul_dtype, MATMUL_DTYPES)} ('' = model.dtype)"
+            )
+        if self.matmul_dtype and self.dtype not in ("float32", self.matmul_dtype):
+            raise ConfigError(
+                f"model.matmul_dtype='{self.matmul_dtype}' needs model.dtype='float32' (got '{self.dtype}'); "
+                "with 16-bit compute the matmuls already run in model.dtype: leave matmul_dtype empty"
+            )
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(
                 f"model.attention_impl='{self.attention_impl}' is not one of {', '.join(ATTENTION_IMPLS)}"
@@ -81,6 +96,12 @@ class ModelConfig:
     @property
     def compute_dtype(self):
         return DTYPES[self.dtype]
+
+    @property
+    def narrow_matmuls(self):
+        """The dtype parameter matmuls round their operands to, when it differs from the compute
+        dtype (matmul_dtype='bfloat16' with dtype='float32'); else None."""
+        return DTYPES[self.matmul_dtype] if self.matmul_dtype and self.matmul_dtype != self.dtype else None
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -115,7 +136,7 @@ def model_config(cfg: ml_collections.ConfigDict | Mapping[str, Any] | ModelConfi
     for key in values:
         if key not in fields:
             raise ConfigError(f"unknown key 'model.{key}' for arch '{values['arch']}'{closest(key, fields)}")
-    missing = [k for k in fields if k not in values]
+    missing = [k for k, f in fields.items() if k not in values and f.default is dataclasses.MISSING]
     if missing:
         raise ConfigError(f"config for arch '{values['arch']}' is missing model key(s): {', '.join(missing)}")
     return cls(**{k: _check_type(values["arch"], fields[k], v) for k, v in values.items()})
@@ -189,8 +210,20 @@ def make_config(variant: str, models: Mapping[str, Mapping[str, Any]], **group_o
             if key not in groups[group]:
                 raise ConfigError(f"unknown key '{group}.{key}'{closest(key, groups[group])}")
             groups[group][key] = value
-    cfg = ml_collections.ConfigDict({"model": dict(models[variant]), **groups})
+    cfg = ml_collections.ConfigDict({"model": {**model_defaults(models[variant].get("arch")), **models[variant]}, **groups})
     return cfg
+
+
+def model_defaults(arch: str | None) -> dict[str, Any]:
+    """The model keys that have a default (optional in config files; present in every ConfigDict,
+    so `--config.model.KEY=...` can set them)."""
+    from llmjax.registry import get_arch  # the registry imports this module
+
+    try:
+        cls = get_arch(arch).config_class
+    except ConfigError:  # (an unknown arch is reported when the model is built)
+        return {}
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
 def split_spec(spec: str) -> tuple[str, str]:

@@ -57,7 +57,7 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
 # Model keys that change how the computation runs, not what the parameters are: a run may resume
 # with them changed (e.g. unrolled layers on a GPU after scanned ones on a CPU).
-EXECUTION_KEYS = ("scan_layers", "remat", "attention_impl", "dtype")
+EXECUTION_KEYS = ("scan_layers", "remat", "attention_impl", "dtype", "matmul_dtype")
 
 
 class TrainingError(RuntimeError):
@@ -224,7 +224,7 @@ def build_steps(cfg, mesh) -> Steps:
         new_state = {"params": optax.apply_updates(params, updates), "opt": opt, "rng": state["rng"], "step": state["step"] + 1}
         return new_state, metrics
 
-    options = cpu_compiler_options(mcfg.dtype, mesh.devices.flat[0].platform)  # (llmjax/runtime.py)
+    options = cpu_compiler_options(mcfg.matmul_dtype or mcfg.dtype, mesh.devices.flat[0].platform)  # (llmjax/runtime.py)
     step_fn = jax.jit(
         train_step, in_shardings=(state_shard, tok_shard), out_shardings=(state_shard, replicated), donate_argnums=0,
         compiler_options=options,

@@ -35,8 +35,20 @@ def causal_softmax_attention(q, k, v, scale):
     return np.einsum("hts,shd->thd", softmax(scores), v)
 
 
-def linear(x, p):
-    y = x @ np.asarray(p["kernel"], np.float64)
+def round_to(a, dtype):
+    """`a` rounded to a narrower float dtype (bfloat16: round to nearest even), back in float64."""
+    import jax.numpy as jnp
+
+    return np.asarray(np.asarray(a, np.float32).astype(jnp.dtype(dtype)), np.float64)
+
+
+def linear(x, p, narrow=None):
+    """x @ kernel + bias; with `narrow` (model.matmul_dtype) both matmul operands are first rounded
+    to it, the product and the bias add exact."""
+    kernel = np.asarray(p["kernel"], np.float64)
+    if narrow is not None:
+        x, kernel = round_to(x, narrow), round_to(kernel, narrow)
+    y = x @ kernel
     return y + np.asarray(p["bias"], np.float64) if "bias" in p else y
 
 
@@ -45,18 +57,18 @@ def rms_norm(x, p, eps):
     return x / np.sqrt((x**2).mean(-1, keepdims=True) + eps) * np.asarray(p["scale"], np.float64)
 
 
-def grouped_attention(x, p, *, n_head, n_kv_head, head_dim, rope_base=None):
+def grouped_attention(x, p, *, n_head, n_kv_head, head_dim, rope_base=None, narrow=None):
     """One sequence (T, D) through GQA: query head h uses key/value head h // (n_head / n_kv_head)."""
     x = np.asarray(x, np.float64)
     T = x.shape[0]
-    qkv = linear(x, p["qkv_proj"]).reshape(T, n_head + 2 * n_kv_head, head_dim)
+    qkv = linear(x, p["qkv_proj"], narrow).reshape(T, n_head + 2 * n_kv_head, head_dim)
     q, k, v = qkv[:, :n_head], qkv[:, n_head : n_head + n_kv_head], qkv[:, n_head + n_kv_head :]
     if rope_base is not None:
         q, k = rope(q, range(T), rope_base), rope(k, range(T), rope_base)
     group = n_head // n_kv_head
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
     out = causal_softmax_attention(q, k, v, 1 / np.sqrt(head_dim))
-    return linear(out.reshape(T, n_head * head_dim), p["o_proj"])
+    return linear(out.reshape(T, n_head * head_dim), p["o_proj"], narrow)
 
 
 def latent_attention(x, p, cfg):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import pytest
 
 import llmjax
@@ -67,6 +68,8 @@ def test_model_gets_a_frozen_dataclass():
         ({"model.arch": "vanila"}, f"unknown arch 'vanila'; registered: {', '.join(sorted(llmjax.ARCHS))} (did you mean 'vanilla'?)"),
         ({"model.padded_vocab_size": 10}, "smaller than model.vocab_size=65"),
         ({"model.n_kv_head": 3}, "model.n_head=4 must be a multiple of model.n_kv_head=3"),
+        ({"model.matmul_dtype": "bf16"}, "model.matmul_dtype='bf16' is not one of '', 'bfloat16' (did you mean 'bfloat16'?)"),
+        ({"model.matmul_dtype": "bfloat16", "model.dtype": "float16"}, "model.matmul_dtype='bfloat16' needs model.dtype='float32'"),
     ],
 )
 def test_bad_overrides_are_one_line_errors(overrides, message):
@@ -98,6 +101,18 @@ def test_missing_model_key_is_named():
     del values["kv_lora_rank"]
     with pytest.raises(ConfigError, match="missing model key\\(s\\): kv_lora_rank"):
         model_config(values)
+
+
+def test_optional_model_keys_have_defaults():
+    """matmul_dtype may be left out of a config file or an older run's config.json ('' = model.dtype),
+    and is still in every ConfigDict, so --config.model.matmul_dtype can set it."""
+    values = config("vanilla").model.to_dict()
+    assert values["matmul_dtype"] == ""
+    del values["matmul_dtype"]
+    assert model_config(values).matmul_dtype == "" and model_config(values).narrow_matmuls is None
+    assert model_config({**values, "matmul_dtype": "bfloat16"}).narrow_matmuls == jnp.bfloat16
+    assert model_config({**values, "matmul_dtype": "bfloat16", "dtype": "bfloat16"}).narrow_matmuls is None  # already bf16
+    assert config("vanilla", matmul_dtype="bfloat16").model.matmul_dtype == "bfloat16"
 
 
 def test_wrong_type_in_model_group():

@@ -13,7 +13,7 @@ import reference
 from helpers import config, load_params, params, scale_params, tokens
 from llmjax.config import ConfigError
 from llmjax.models.attention import resolve_impl, write_cache
-from llmjax.models.layers import apply_rope, convert_layer_layout
+from llmjax.models.layers import apply_rope, convert_layer_layout, narrow_matmul
 
 
 def test_rope_matches_pairwise_rotation_reference():
@@ -42,10 +42,12 @@ def test_rope_scores_depend_only_on_relative_position():
 
 @pytest.mark.parametrize(
     "arch,opts",
-    [("vanilla", {}), ("gqa", {"n_kv_head": 1}), ("gqa", {"n_kv_head": 2}), ("modern", {}), ("modern", {"n_kv_head": 2})],
+    [("vanilla", {}), ("gqa", {"n_kv_head": 1}), ("gqa", {"n_kv_head": 2}), ("modern", {}), ("modern", {"n_kv_head": 2}),
+     ("vanilla", {"matmul_dtype": "bfloat16"}), ("modern", {"n_kv_head": 2, "matmul_dtype": "bfloat16"})],
 )
 def test_attention_matches_float64_reference(arch, opts):
-    """Query head h uses key/value head h // (n_head / n_kv_head); RoPE where the arch has it."""
+    """Query head h uses key/value head h // (n_head / n_kv_head); RoPE where the arch has it. With
+    matmul_dtype the projections' operands are rounded to bfloat16 (the reference rounds them too)."""
     m = scale_params(llmjax.build_model(config(arch, **opts), seed=4), 5.0)
     cfg = m.cfg
     block = m.blocks.layers  # scanned: parameters with a leading layer axis
@@ -60,8 +62,15 @@ def test_attention_matches_float64_reference(arch, opts):
         n_kv_head=getattr(cfg, "n_kv_head", cfg.n_head),
         head_dim=cfg.head_dim,
         rope_base=getattr(cfg, "rope_base", None),
+        narrow=cfg.matmul_dtype or None,
     )
     np.testing.assert_allclose(got[0], want, atol=1e-4, rtol=1e-4)
+    if cfg.matmul_dtype:  # the rounding is real: the unrounded reference is further away than 1e-4
+        plain = reference.grouped_attention(
+            x[0], layer0, n_head=cfg.n_head, n_kv_head=getattr(cfg, "n_kv_head", cfg.n_head), head_dim=cfg.head_dim,
+            rope_base=getattr(cfg, "rope_base", None),
+        )
+        assert np.abs(np.asarray(got[0]) - plain).max() > 1e-3
 
 
 @pytest.mark.parametrize("opts", [{}, {"q_lora_rank": 24}, {"v_head_dim": 32}])
@@ -121,3 +130,35 @@ def test_layer_layout_round_trip():
     assert convert_layer_layout(unrolled, scan_layers=False) is unrolled
     back = convert_layer_layout(unrolled, scan_layers=True)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), back, scanned))
+
+
+@pytest.mark.parametrize(
+    "spec,x_shape,w_shape",
+    [("ni,io->no", (24, 48), (48, 16)), ("btd,vd->btv", (2, 5, 32), (40, 32)), ("becd,edf->becf", (2, 3, 4, 16), (3, 16, 8))],
+    ids=["linear", "tied-head", "experts"],
+)
+def test_narrow_matmul_matches_float64_reference(spec, x_shape, w_shape):
+    """model.matmul_dtype's product: bfloat16-rounded operands, float32 result; its backward pass
+    rounds the incoming gradient too and returns float32 gradients (float64 einsums of the rounded
+    values are the reference)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
+    y, vjp = jax.vjp(lambda x, w: narrow_matmul(spec, x, w, jnp.bfloat16), x, w)
+    g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    dx, dw = vjp(g)
+    (a, b), out = spec.split("->")[0].split(","), spec.split("->")[1]
+    r = lambda t: reference.round_to(t, jnp.bfloat16)  # noqa: E731
+    want = {"y": np.einsum(spec, r(x), r(w)), "dx": np.einsum(f"{out},{b}->{a}", r(g), r(w)), "dw": np.einsum(f"{a},{out}->{b}", r(x), r(g))}
+    exact = {"y": np.einsum(spec, x, w), "dx": np.einsum(f"{out},{b}->{a}", g, w), "dw": np.einsum(f"{a},{out}->{b}", x, g)}
+    for name, got in (("y", y), ("dx", dx), ("dw", dw)):
+        assert got.dtype == jnp.float32
+        scale = np.abs(want[name]).max()
+        assert np.abs(np.asarray(got, np.float64) - want[name]).max() < 1e-6 * scale, name
+        assert np.abs(exact[name] - want[name]).max() > 1e-4 * scale, name  # the rounding is visible
+
+
+@pytest.mark.parametrize("spec", ["ii,ij->j", "ij,jk->i", "...i,io->...o", "ni,io->n"])
+def test_narrow_matmul_takes_plain_and_batched_products_only(spec):
+    with pytest.raises(ValueError, match="two or three operands"):
+        narrow_matmul(spec, jnp.ones((2, 2)), jnp.ones((2, 2)), jnp.bfloat16)

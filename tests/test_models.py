@@ -22,7 +22,7 @@ from llmjax.models.layers import PADDED_LOGIT, convert_layer_layout
 ARCHS = sorted(llmjax.ARCHS)
 
 # Config options that change the computation, per architecture (on top of the tiny variant).
-COMMON = [{}, {"scan_layers": False}, {"remat": "full"}, {"remat": "dots", "scan_layers": False}]
+COMMON = [{}, {"scan_layers": False}, {"remat": "full"}, {"remat": "dots", "scan_layers": False}, {"matmul_dtype": "bfloat16"}]
 OPTIONS = {
     "vanilla": COMMON + [{"bias": False}],
     "gqa": COMMON + [{"n_kv_head": 1}, {"n_kv_head": 4}],
@@ -96,6 +96,27 @@ def test_bf16_close_to_float32(arch):
     loss32 = llmjax.cross_entropy(l32[:, :-1], toks[:, 1:])
     loss16 = llmjax.cross_entropy(l16[:, :-1], toks[:, 1:])
     assert abs(float(loss32 - loss16)) < 1e-3 * float(loss32)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_narrow_matmuls_close_to_float32(arch):
+    """Same weights, matmul_dtype='bfloat16': logits within bfloat16 rounding of float32, and not
+    equal to them (the parameter matmuls did take rounded operands)."""
+    m32 = scale_params(llmjax.build_model(config(arch), seed=3), 2.0)
+    mbf = load_params(llmjax.build_model(config(arch, matmul_dtype="bfloat16"), seed=0), params(m32))
+    assert mbf.cfg.narrow_matmuls == jnp.bfloat16 and m32.cfg.narrow_matmuls is None
+    toks = tokens(2, 4, 48)
+    V = m32.cfg.vocab_size
+    l32, lbf = m32(toks)[0][..., :V], mbf(toks)[0][..., :V]
+    assert lbf.dtype == jnp.float32
+    err = jnp.abs(l32 - lbf)
+    assert err.mean() < 0.02 * jnp.abs(l32).mean(), err.mean()
+    assert err.max() > 1e-4 * jnp.abs(l32).max()
+    if arch != "moe":  # (a router's top-k choice may flip: large, rare, expected)
+        assert err.max() < 0.05 * jnp.abs(l32).max(), err.max()
+    loss32 = llmjax.cross_entropy(l32[:, :-1], toks[:, 1:])
+    lossbf = llmjax.cross_entropy(lbf[:, :-1], toks[:, 1:])
+    assert abs(float(loss32 - lossbf)) < 1e-3 * float(loss32)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

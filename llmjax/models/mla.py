@@ -59,6 +59,7 @@ class MultiHeadLatentAttention(nnx.Module):
         H, D = cfg.n_head, cfg.d_model
         self.n_head, self.r, self.nope, self.rope, self.vd = H, cfg.kv_lora_rank, cfg.qk_nope_dim, cfg.qk_rope_dim, cfg.v_head_dim
         self.rope_base, self.impl, self.dtype = cfg.rope_base, cfg.attention_impl, cfg.compute_dtype
+        self.narrow = cfg.narrow_matmuls
         self.scale = 1.0 / math.sqrt(cfg.qk_nope_dim + cfg.qk_rope_dim)
         qk = cfg.qk_nope_dim + cfg.qk_rope_dim
         if cfg.q_lora_rank > 0:
@@ -102,9 +103,12 @@ class MultiHeadLatentAttention(nnx.Module):
     def _absorbed_attention(self, q_nope_BTHn, q_rope_BTHp, cache, positions_BT):
         """Attention straight against the cached latents: W_uk folded into the queries, W_uv applied
         to the attended latent. Logits and softmax in float32."""
-        w_ukv = self.kv_up.kernel[...].astype(self.dtype).reshape(self.r, self.n_head, self.nope + self.vd)
+        # Under model.matmul_dtype the expanded path multiplies the latent and W_ukv rounded to it:
+        # round them the same way here, so both paths compute the same products.
+        rounded = (lambda a: a.astype(self.narrow).astype(self.dtype)) if self.narrow is not None else (lambda a: a.astype(self.dtype))  # noqa: E731
+        w_ukv = rounded(self.kv_up.kernel[...]).reshape(self.r, self.n_head, self.nope + self.vd)
         w_uk_rHn, w_uv_rHv = w_ukv[..., : self.nope], w_ukv[..., self.nope :]
-        c_BSr = cache["latent"].astype(self.dtype)
+        c_BSr = rounded(cache["latent"])
         kr_BSp = cache["k_rope"].astype(self.dtype)
         q_lat_BTHr = jnp.einsum("bthn,rhn->bthr", q_nope_BTHn, w_uk_rHn)
         scores_BHTS = jnp.einsum("bthr,bsr->bhts", q_lat_BTHr, c_BSr, preferred_element_type=jnp.float32)

@@ -31,6 +31,7 @@ groups is still to do).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -40,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.models.attention import Attention
-from llmjax.models.layers import DecoderLM, PreNormBlock, dense, layer_norm, normal, residual_std
+from llmjax.models.layers import DecoderLM, PreNormBlock, dense, layer_norm, normal, param_einsum, residual_std
 from llmjax.registry import register
 
 MODES = ("dropless", "capacity")
@@ -70,7 +71,8 @@ class MoEFeedForward(nnx.Module):
     def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
         E, D, F = cfg.n_experts, cfg.d_model, cfg.d_ff
         self.E, self.k, self.mode, self.cf, self.dtype = E, cfg.top_k, cfg.moe_mode, cfg.capacity_factor, cfg.compute_dtype
-        self.router = dense(cfg, D, E, rngs=rngs)
+        self.narrow = cfg.narrow_matmuls  # (the experts' operand dtype under model.matmul_dtype)
+        self.router = dense(cfg, D, E, rngs=rngs, narrow=False)  # routing decisions in full precision
         self.w_in = nnx.Param(normal(cfg.init_std)(rngs.params(), (E, D, F), jnp.float32))
         self.b_in = nnx.Param(jnp.zeros((E, F), jnp.float32))
         self.w_out = nnx.Param(normal(residual_std(cfg))(rngs.params(), (E, F, D), jnp.float32))
@@ -106,9 +108,10 @@ class MoEFeedForward(nnx.Module):
         sorted_e = flat_e[order]
         rows = x_BTD.reshape(N, D)[order // k].astype(dt)  # (N*k, D), grouped by expert
         sizes = jnp.bincount(flat_e, length=self.E).astype(jnp.int32)
-        h = jax.lax.ragged_dot(rows, self.w_in[...].astype(dt), sizes, preferred_element_type=jnp.float32)
+        mm = self.narrow or dt  # (autodiff's backward here: exact gradients of the rounded operands)
+        h = jax.lax.ragged_dot(rows.astype(mm), self.w_in[...].astype(mm), sizes, preferred_element_type=jnp.float32)
         h = jax.nn.gelu(h + self.b_in[...][sorted_e], approximate=True).astype(dt)
-        out = jax.lax.ragged_dot(h, self.w_out[...].astype(dt), sizes, preferred_element_type=jnp.float32)
+        out = jax.lax.ragged_dot(h.astype(mm), self.w_out[...].astype(mm), sizes, preferred_element_type=jnp.float32)
         out = out + self.b_out[...][sorted_e]
         unsorted = jnp.zeros_like(out).at[order].set(out).reshape(B, T, k, D)
         return jnp.einsum("btkd,btk->btd", unsorted, gates).astype(dt)
@@ -124,18 +127,19 @@ class MoEFeedForward(nnx.Module):
         rows = jnp.repeat(x_BTD.astype(dt), k, axis=1)  # (B, T*k, D)
         buffers = jnp.einsum("bsec,bsd->becd", dispatch, rows)  # (B, E, C, D)
         weights = (self.w_in[...].astype(dt), self.b_in[...], self.w_out[...].astype(dt), self.b_out[...])
-        out = expert_parallel(expert_ffn, buffers, *weights)
+        out = expert_parallel(functools.partial(expert_ffn, narrow=self.narrow), buffers, *weights)
         combined = jnp.einsum("bsec,becd->bsd", dispatch, out).reshape(B, T, k, D)
         kept_BTk = kept.any(axis=-1).reshape(B, T, k)
         return jnp.einsum("btkd,btk->btd", combined, (gates * kept_BTk).astype(dt)), kept_BTk
 
 
-def expert_ffn(buffers_BECD, w_in, b_in, w_out, b_out):
-    """Each expert's GELU FFN on its (C, D) buffer of every row."""
+def expert_ffn(buffers_BECD, w_in, b_in, w_out, b_out, narrow=None):
+    """Each expert's GELU FFN on its (C, D) buffer of every row (matmul operands in `narrow` when
+    given: model.matmul_dtype)."""
     dt = buffers_BECD.dtype
-    h = jnp.einsum("becd,edf->becf", buffers_BECD, w_in, preferred_element_type=jnp.float32)
+    h = param_einsum("becd,edf->becf", buffers_BECD, w_in, dt, narrow)
     h = jax.nn.gelu(h + b_in[None, :, None], approximate=True).astype(dt)
-    out = jnp.einsum("becf,efd->becd", h, w_out, preferred_element_type=jnp.float32)
+    out = param_einsum("becf,efd->becd", h, w_out, dt, narrow)
     return (out + b_out[None, :, None]).astype(dt)
 
 
