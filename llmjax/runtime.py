@@ -10,7 +10,7 @@ to float32 computations, per jitted function (not through XLA_FLAGS, which is gl
 mode, in turn, runs bfloat16 x bfloat16 -> float32 dots at about 1.7x the float32 rate on CPUs with
 AVX-512 BF16 (while a dot with a bfloat16 result is several times slower than float32): a model with
 `matmul_dtype='bfloat16'` (layers.narrow_matmul) compiles without the option, and its step is faster
-still (the quickstart's 18.5 ms -> ~14.5 ms).
+still (the quickstart: ~20 ms -> ~13 ms per step).
 
 XLA's CPU runtime allocates and frees tens of megabytes of temporaries on every step (a 48.5 MB
 block on the CPU quickstart). glibc's malloc serves blocks that large with a fresh mmap and unmaps
