@@ -34,6 +34,23 @@ def test_recipe_configs_load(name):
     assert model_config(cfg).arch in llmjax.ARCHS
 
 
+def test_quickstart_modern_variant_changes_only_the_block():
+    """configs/shakespeare_char.py:modern: the quickstart's recipe and budget, the Llama-style block,
+    parameters within 1% of the baby GPT's."""
+    from llmjax.summary import summarize
+
+    base = llmjax.load_config(f"{ROOT}/configs/shakespeare_char.py")
+    modern = llmjax.load_config(f"{ROOT}/configs/shakespeare_char.py:modern")
+    for group in ("train", "data", "eval", "logging"):
+        assert modern[group].to_dict() == base[group].to_dict(), group
+    assert (model_config(base).arch, model_config(modern).arch) == ("vanilla", "modern")
+    shared = ("vocab_size", "padded_vocab_size", "context_len", "n_layer", "n_head", "head_dim", "d_model",
+              "dtype", "matmul_dtype", "init_std", "norm_eps")
+    assert {k: modern.model[k] for k in shared} == {k: base.model[k] for k in shared}
+    n_base, n_modern = (summarize(c)["params_total"] for c in (base, modern))
+    assert abs(n_modern / n_base - 1) < 0.01, (n_base, n_modern)
+
+
 def test_no_suffix_means_default():
     a = llmjax.load_config(f"{ROOT}/configs/modern.py").to_dict()
     b = llmjax.load_config(f"{ROOT}/configs/modern.py:default").to_dict()
