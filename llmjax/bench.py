@@ -1,4 +1,4 @@
-"""`python -m llmjax.bench --config configs/<arch>.py[:variant] [--suite train,decode,memory] [--batch_size N] [--json]`
+"""`python -m llmjax.bench --config configs/<arch>.py[:variant] [--suite train,decode,memory] [--batch_size N[,N]] [--json]`
 
 One row of the results table, measured on this machine's default JAX backend:
 
@@ -7,16 +7,18 @@ One row of the results table, measured on this machine's default JAX backend:
   timed; warm-up and compilation excluded; median over `--repeats` timed blocks of `--steps` steps,
   each block synchronised at its end.
 - memory: the device's peak bytes in use (`memory_stats`, with XLA preallocation off; null where the
-  device reports none, as the CPU does) and XLA's compiled memory analysis of the step (arguments,
-  outputs and temporaries), which every backend gives.
+  device reports none, as the CPU does, or where an earlier row of the same process peaked higher:
+  measure such a row alone) and XLA's compiled memory analysis of the step (arguments, outputs and
+  temporaries), which every backend gives.
 - decode: the sampler's tokens/s (`llmjax.sample.generate`, prefill included) for a
   `--prompt_len`-token prompt and `--new_tokens` new tokens at batch 1 and 64 (`--decode_batches`),
-  greedy and top-k 200 sampling; random weights cast for inference as a loaded checkpoint is; and the
+  greedy and top-k 200 sampling (`--decode_modes`); random weights cast for inference as a loaded checkpoint is; and the
   decode state of one sequence at full context (`llmjax.summary`).
 - hellaswag (not run by default): items/s of the built-in HellaSwag scorer over the validation set
   (`--task_limit`, `--task_batch_size`, `--task_dir`), every length bucket compiled first.
 
-`--all` measures every registered architecture's `--variant` and rewrites the generated table in
+`--batch_size 16,32` gives one row per batch size in one process (smallest first; the decode and
+hellaswag suites run once, into the last row). `--all` measures every registered architecture's `--variant` and rewrites the generated table in
 docs/benchmarks.md (between its `bench:begin` / `bench:end` markers) with card, versions, date and
 command; `--out FILE` also writes the rows as JSON lines.
 """
@@ -64,6 +66,15 @@ def _median_rate(run, units: float, repeats: int) -> float:
     return units / statistics.median(times)
 
 
+def own_peak(before: dict, after: dict) -> int | None:
+    """A measurement's peak bytes from the device's memory statistics before and after it. The device
+    reports the process's peak so far, which is this measurement's only when it rose meanwhile;
+    otherwise an earlier one peaked higher and this one's is unknown (None), as it is on a device
+    that reports nothing."""
+    peak_after, peak_before = after.get("peak_bytes_in_use"), before.get("peak_bytes_in_use", 0)
+    return peak_after if peak_after is not None and peak_after > peak_before else None
+
+
 def bench_train(cfg, *, steps: int, repeats: int, memory: bool) -> dict:
     """Tokens/s, MFU and memory of the trainer's step on random tokens."""
     from llmjax.train import build_steps
@@ -72,6 +83,8 @@ def bench_train(cfg, *, steps: int, repeats: int, memory: bool) -> dict:
     mesh = make_mesh(tcfg.mesh, None)
     B, T, accum = tcfg.batch_size, mcfg.context_len, tcfg.grad_accum_steps
     s = build_steps(cfg, mesh)
+    dev = mesh.devices.flat[0]
+    before = dev.memory_stats() or {}
     with jax.set_mesh(mesh):
         state = s.init_state()
         tokens = jax.device_put(
@@ -89,7 +102,6 @@ def bench_train(cfg, *, steps: int, repeats: int, memory: bool) -> dict:
 
         block(2)  # warm-up
         tps = _median_rate(lambda: block(steps), steps * accum * B * T, repeats)
-    dev = mesh.devices.flat[0]
     peak = peak_flops(dev, tcfg.peak_flops_per_device)
     flops = summarize(mcfg)["flops_per_token"]
     row = {
@@ -98,8 +110,8 @@ def bench_train(cfg, *, steps: int, repeats: int, memory: bool) -> dict:
         "mfu": flops * tps / (peak * mesh.devices.size) if peak else None,
     }
     if memory:
-        stats = dev.memory_stats() or {}
-        row["peak_memory_bytes"] = stats.get("peak_bytes_in_use")
+        row["peak_memory_bytes"] = own_peak(before, dev.memory_stats() or {})
+        row["memory_in_use_before_bytes"] = before.get("bytes_in_use")
         m = compiled.memory_analysis()
         row["compiled_memory_bytes"] = (
             int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes) if m else None
@@ -118,15 +130,19 @@ def inference_model(mcfg, quantize: str | None = None):
     return nnx.merge(nnx.graphdef(model), inference_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), mcfg.compute_dtype))
 
 
-def bench_decode(cfg, *, batches: list[int], prompt_len: int, new_tokens: int, repeats: int, quantize: str | None = None) -> dict:
-    """The sampler's tokens/s at each batch size, greedy and top-k 200 sampling."""
+DECODE_MODES = {"greedy": ("", Sampling(greedy=True)), "topk": ("sampled_", Sampling(temperature=1.0, top_k=200))}
+
+
+def bench_decode(cfg, *, batches: list[int], prompt_len: int, new_tokens: int, repeats: int, quantize: str | None = None,
+                 modes=tuple(DECODE_MODES)) -> dict:
+    """The sampler's tokens/s at each batch size, greedy and/or top-k 200 sampling (`modes`)."""
     from llmjax.quant import weight_bytes
 
     mcfg = model_config(cfg).replace(scan_layers=False)
     model = inference_model(mcfg, quantize)
     rng = np.random.default_rng(0)
     row = {"decode_weight_bytes": weight_bytes(model)}
-    for name, sampling in (("", Sampling(greedy=True)), ("sampled_", Sampling(temperature=1.0, top_k=200))):
+    for name, sampling in (DECODE_MODES[m] for m in modes):
         for b in batches:
             prompts = rng.integers(0, mcfg.vocab_size, (b, prompt_len)).tolist()
 
@@ -174,7 +190,7 @@ def device_name() -> str:
 
 
 def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len, new_tokens, task_batch_size=32, task_limit=None,
-          task_dir=None, quantize=None) -> dict:
+          task_dir=None, quantize=None, decode_modes=tuple(DECODE_MODES)) -> dict:
     """One row for the run config `cfg` (named `spec` in the row)."""
     mcfg = model_config(cfg)
     summ = summarize(mcfg)
@@ -197,6 +213,7 @@ def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len,
         "step_time_ms": None,
         "mfu": None,
         "peak_memory_bytes": None,
+        "memory_in_use_before_bytes": None,
         "compiled_memory_bytes": None,
         **{f"decode_{k}tokens_per_sec_b{b}": None for k in ("", "sampled_") for b in decode_batches},
         "decode_state_bytes": summ["decode_state_bytes"],
@@ -206,6 +223,7 @@ def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len,
         "decode_new_tokens": new_tokens,
         "jax": jax.__version__,
         "flax": flax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     if "train" in suites or "memory" in suites:
@@ -217,7 +235,7 @@ def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len,
         row.update(bench_hellaswag(cfg, batch_size=task_batch_size, limit=task_limit, task_dir=task_dir, quantize=quantize))
     if "decode" in suites:
         row.update(bench_decode(cfg, batches=decode_batches, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
-                                quantize=quantize))
+                                quantize=quantize, modes=decode_modes))
     return row
 
 
@@ -268,10 +286,12 @@ def define_flags():
     flags.DEFINE_bool("all", False, "every registered architecture's --variant; rewrites the table in docs/benchmarks.md")
     flags.DEFINE_string("variant", "default", "with --all: the variant of each config")
     flags.DEFINE_list("suite", list(DEFAULT_SUITES), "suites to run: train, decode, memory, hellaswag")
-    flags.DEFINE_integer("batch_size", None, "training batch size (default: the config's)")
+    flags.DEFINE_list("batch_size", [], "training batch sizes (default: the config's); several give one row each in one "
+                      "process, smallest first (a row's peak memory is the process's so far), decode and hellaswag in the last")
     flags.DEFINE_integer("steps", 10, "training steps per timed block")
     flags.DEFINE_integer("repeats", 3, "timed blocks (the median is reported)")
     flags.DEFINE_list("decode_batches", ["1", "64"], "decode batch sizes")
+    flags.DEFINE_list("decode_modes", list(DECODE_MODES), "decode suite: greedy and/or topk (top-k 200 sampling)")
     flags.DEFINE_integer("prompt_len", 16, "decode prompt tokens")
     flags.DEFINE_integer("new_tokens", 256, "decode new tokens")
     flags.DEFINE_multi_string("set", [], "with --all: config overrides key=value, e.g. --set model.remat=dots")
@@ -311,36 +331,44 @@ def main(argv):
             cli.fail(f"--set takes key=value, got {item!r}")
         k, v = item.split("=", 1)
         overrides[k] = _parse_value(v)
-    if F.batch_size:
-        overrides["train.batch_size"] = F.batch_size
     try:
         batches = [int(b) for b in F.decode_batches]
+        train_batches = sorted({int(b) for b in F.batch_size}) or [None]
     except ValueError:
-        cli.fail(f"--decode_batches takes integers, got {F.decode_batches}")
+        cli.fail(f"--batch_size and --decode_batches take integers, got {F.batch_size} and {F.decode_batches}")
+    if min(batches + [b for b in train_batches if b is not None]) < 1:
+        cli.fail("batch sizes must be at least 1")
+    if not F.decode_modes or not set(F.decode_modes) <= set(DECODE_MODES):
+        cli.fail(f"--decode_modes takes {', '.join(DECODE_MODES)}, got {','.join(F.decode_modes)}")
+    suites = set(F.suite)
+    train_suites = suites & {"train", "memory"}
     if F.config is not None:
         runs = [(cli.config_spec(sys.argv), F.config)]
     else:
         runs = [(f"configs/{a}.py:{F.variant}", f"{CONFIG_DIR / a}.py:{F.variant}") for a in ARCH_ORDER if a in ARCHS]
     rows = []
-    for spec, cfg in runs:
-        try:
-            if isinstance(cfg, str):
-                cfg = load_config(cfg)
-            cfg = cfg.copy_and_resolve_references() if hasattr(cfg, "copy_and_resolve_references") else cfg
-            with cfg.unlocked():
-                for key, value in overrides.items():
-                    set_key(cfg, key, value)
-            row = bench(cfg, spec, suites=set(F.suite), steps=F.steps, repeats=F.repeats, decode_batches=batches,
-                        prompt_len=F.prompt_len, new_tokens=F.new_tokens, task_batch_size=F.task_batch_size,
-                        task_limit=F.task_limit, task_dir=F.task_dir, quantize=F.quantize)
-        except ConfigError as e:
-            cli.fail(str(e))
-        rows.append(row)
-        if F.json:
-            print(json.dumps(row), flush=True)
-        if F.out:
-            with open(F.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+    for spec, source in runs:
+        sizes = train_batches if train_suites else train_batches[-1:]
+        for i, batch_size in enumerate(sizes):
+            last = i == len(sizes) - 1
+            try:
+                cfg = load_config(source) if isinstance(source, str) else source
+                cfg = cfg.copy_and_resolve_references() if hasattr(cfg, "copy_and_resolve_references") else cfg
+                with cfg.unlocked():
+                    for key, value in {**overrides, **({"train.batch_size": batch_size} if batch_size else {})}.items():
+                        set_key(cfg, key, value)
+                row = bench(cfg, spec, suites=suites if last else train_suites, steps=F.steps, repeats=F.repeats,
+                            decode_batches=batches, prompt_len=F.prompt_len, new_tokens=F.new_tokens,
+                            task_batch_size=F.task_batch_size, task_limit=F.task_limit, task_dir=F.task_dir,
+                            quantize=F.quantize, decode_modes=tuple(F.decode_modes))
+            except ConfigError as e:
+                cli.fail(str(e))
+            rows.append(row)
+            if F.json:
+                print(json.dumps(row), flush=True)
+            if F.out:
+                with open(F.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
     command = "python -m llmjax.bench " + " ".join(a for a in sys.argv[1:] if not a.startswith("--doc"))
     block = table(rows, command)
     if not F.json:

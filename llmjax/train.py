@@ -161,6 +161,8 @@ class Steps:
 def build_steps(cfg, mesh) -> Steps:
     """Model, optimizer, shardings and the jitted train and eval steps for `cfg` on `mesh`."""
     mcfg, tcfg = model_config(cfg), cfg.train
+    if tcfg.batch_size % mesh.devices.size:
+        raise ConfigError(f"train.batch_size={tcfg.batch_size} must be divisible by the {mesh.devices.size} devices of the mesh")
     canonical = mcfg.replace(scan_layers=True)  # storage layout of parameters (and checkpoints)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(mcfg, seed=0)))
 
@@ -326,8 +328,6 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
     # --- mesh, model, optimizer -----------------------------------------------------------
     mesh = make_mesh(tcfg.mesh, devices)
     n_dev = mesh.devices.size
-    if tcfg.batch_size % n_dev:
-        raise ConfigError(f"train.batch_size={tcfg.batch_size} must be divisible by the {n_dev} devices of the mesh")
     if task_items and (ecfg.tasks_batch_size <= 0 or ecfg.tasks_batch_size % n_dev):
         raise ConfigError(f"eval.tasks_batch_size={ecfg.tasks_batch_size} must be a positive multiple of the {n_dev} devices of the mesh")
     steps = build_steps(cfg, mesh)

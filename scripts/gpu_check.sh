@@ -1,30 +1,51 @@
 #!/usr/bin/env bash
 # Every GPU check in one go, for one short slot on a GPU machine.
 #
-#   scripts/gpu_check.sh OUTDIR            # tests, then benchmarks (default mode, about 8 minutes)
-#   scripts/gpu_check.sh OUTDIR --sweep    # tests, then the settings sweep for vanilla and modern
+#   scripts/gpu_check.sh OUTDIR            # tests, then benchmarks (default mode)
+#   scripts/gpu_check.sh OUTDIR --sweep    # the settings sweep for vanilla and modern (no tests)
 #
-# - installs missing Python packages from ./.whl (wheels carried to the machine) when present: the
-#   machine lacks grain, ml_collections (core), safetensors and gguf (export tests), lm-eval (harness);
-# - runs the GPU-only tests (tests/gpu: cuDNN against XLA attention, a bf16 training step per
-#   architecture) and the contract suite on the GPU backend;
-# - benchmarks (python -m llmjax.bench): full figures for vanilla and modern (train at batch 16 and
-#   32, memory, decode at batch 1 and 64), short ones for the rest; with --sweep, training tokens/s
-#   over scanned/unrolled layers x remat x batch x attention kernel, as one table;
-# - HellaSwag items/s of the built-in scorer for vanilla and modern when LLMJAX_TASK_DIR holds
-#   hellaswag_val.jsonl (carry it: the machine is offline);
-# - the PyTorch anchors (../shared/anchors/gpu_anchors.sh) when NANOGPT_SRC is set;
-# - writes logs, JUnit XML, JSON rows and the tables into OUTDIR.
-# GPU_CHECK_VARIANT=tiny runs the same steps on tiny configs (to check this script on a CPU).
+# It keeps to a time budget (GPU_CHECK_BUDGET seconds, default 540: a 10-minute slot less margin).
+# Steps run in order of importance, each under `timeout` with what is left of the budget (and its own
+# cap, so that a slow step cannot starve the ones after it); a step that no longer fits is skipped and
+# logged. Default mode:
+#   1. the GPU-only tests (tests/gpu: cuDNN against XLA attention, whole models in bf16, a bf16
+#      training step per architecture);
+#   2. benchmarks (python -m llmjax.bench, one process per architecture): vanilla and modern in full
+#      (training at batch 16 and 32 with memory, decoding at batch 1 and 64, greedy and top-k), then
+#      gqa, mla, moe, linformer, ssm short (training at batch 16, greedy decoding);
+#   3. HellaSwag items/s of the built-in scorer (vanilla, modern) when LLMJAX_TASK_DIR holds
+#      hellaswag_val.jsonl (carry it: the machine is offline); int8 weight-only decoding (vanilla);
+#   4. the contract, sampler and scoring suites on the GPU backend, the exports against transformers;
+#   5. with what time is left, a few sweep settings (vanilla at batch 64, scanned layers, remat; modern
+#      at batch 64; vanilla decoding with while loops in CUDA graphs, and without), then the PyTorch
+#      anchors (../shared/anchors/gpu_anchors.sh, NANOGPT_SRC set) if 4 minutes are left.
+# --sweep: training tokens/s over batch x scanned/unrolled layers x remat x attention kernel, most
+# telling settings first, as far as the budget goes.
+#
+# Missing Python packages are installed from ./.whl (or GPU_CHECK_WHEELS) when present: see
+# scripts/gpu_carry.sh. OUTDIR receives at most six files, since a lent machine returns only a few:
+# env.txt, steps.log (each step's status, time and summary), bench.jsonl, bench_table.md, bench.err
+# and logs.tgz (every log and JUnit XML, refreshed after each step); a rerun starts them afresh.
+# GPU_CHECK_ONLY=REGEX runs only the steps whose names match (e.g. 'bench (vanilla|modern) \(full' on a
+# second slot). GPU_CHECK_VARIANT=tiny runs the same steps on tiny configs (to check this script on a CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:?usage: scripts/gpu_check.sh OUTDIR [--sweep]}"
 mode="${2:-default}"
 mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+work="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"
 py="${PYTHON:-python3}"
 variant="${GPU_CHECK_VARIANT:-default}"
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+budget="${GPU_CHECK_BUDGET:-540}"
+only="${GPU_CHECK_ONLY:-.}"  # an extended regular expression: run only the steps whose names match
+start=$SECONDS
+status=0
+rm -f "$out/steps.log" "$out/bench.jsonl" "$out/bench_table.md" "$out/bench.err" "$out/logs.tgz"
+
+wheels="${GPU_CHECK_WHEELS:-.whl}"
+if [ -d "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl 2>&1 | tail -3
   export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -34,73 +55,18 @@ export LLMJAX_COMPILATION_CACHE="${LLMJAX_COMPILATION_CACHE:-/tmp/llmjax-jax-cac
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-  "$py" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, jax.devices())'
+  "$py" -c 'import jax, flax, optax, orbax.checkpoint as o, grain, ml_collections; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, "orbax", o.__version__, "grain", grain.__version__, jax.devices())'
+  echo "mode $mode, variant $variant, budget ${budget}s"
 } 2>&1 | tee "$out/env.txt"
-status=0
-step() { echo "== $(date -u +%T) $*" | tee -a "$out/steps.log"; }
 
-if [ "$variant" = default ]; then
-  step "GPU tests"
-  "$py" -m pytest -p no:cacheprovider -q tests/gpu --junitxml="$out/gpu_tests.xml" 2>&1 | tee "$out/gpu_tests.log" | tail -15 || status=1
-  step "contract suite on the GPU backend"
-  JAX_DEFAULT_MATMUL_PRECISION=highest "$py" -m pytest -p no:cacheprovider -q tests/test_models.py tests/test_layers.py tests/test_sample.py -x \
-    -k "not cli" --junitxml="$out/contract_on_gpu.xml" 2>&1 | tail -5 | tee "$out/contract_on_gpu.log" || status=1
-  step "exports against transformers (needs torch + transformers)"
-  "$py" -m pytest -p no:cacheprovider -q tests/test_export.py -k transformers -rs --junitxml="$out/export_parity.xml" 2>&1 | tail -5 | tee "$out/export_parity.log" || status=1
-  step "scoring engine on the GPU backend"
-  JAX_DEFAULT_MATMUL_PRECISION=highest "$py" -m pytest -p no:cacheprovider -q tests/test_evaluate.py -x \
-    -k "float64 or batch_size_does_not or rolling_loglikelihood" --junitxml="$out/scoring_on_gpu.xml" 2>&1 | tail -5 | tee "$out/scoring_on_gpu.log" || status=1
-fi
-
-bench() { "$py" -m llmjax.bench --json --out "$out/bench.jsonl" "$@" 2>>"$out/bench.err" | tee -a "$out/bench.log" | cut -c1-300 || status=1; }
-cfg() { echo "configs/$1.py:$variant"; }
-if [ "$mode" = --sweep ]; then
-  step "sweep"
-  for arch in vanilla modern; do
-    for scan in False True; do
-      for remat in none dots_no_batch; do
-        for bs in 16 32 64; do
-          for impl in cudnn xla; do
-            [ "$variant" != default ] && [ "$impl" = cudnn ] && continue
-            bench --config "$(cfg $arch)" --suite=train,memory --steps=10 --repeats=3 --batch_size=$bs \
-              --config.model.scan_layers=$scan --config.model.remat=$remat --config.model.attention_impl=$impl
-          done
-        done
-      done
-    done
-  done
-else
-  step "benchmarks: vanilla, modern (full)"
-  for arch in vanilla modern; do
-    for bs in 16 32; do
-      bench --config "$(cfg $arch)" --suite=train,memory --batch_size=$bs --steps=20 --repeats=3
-    done
-    bench --config "$(cfg $arch)" --suite=decode --repeats=3
-  done
-  step "benchmarks: int8 weight-only decoding (vanilla)"
-  bench --config "$(cfg vanilla)" --suite=decode --repeats=3 --quantize=int8
-  step "benchmarks: HellaSwag items/s (built-in scorer)"
-  if [ "$variant" != default ]; then
-    echo "skipped: the tiny configs have a character vocabulary" | tee -a "$out/steps.log"
-  elif [ -n "${LLMJAX_TASK_DIR:-}" ] && { [ -f "$LLMJAX_TASK_DIR/hellaswag_val.jsonl" ] || [ -f "$LLMJAX_TASK_DIR/hellaswag/hellaswag_val.jsonl" ]; }; then
-    for arch in vanilla modern; do
-      bench --config "$(cfg $arch)" --suite=hellaswag --task_batch_size=64
-    done
-  else
-    echo "skipped: set LLMJAX_TASK_DIR to a folder holding hellaswag_val.jsonl (the machine is offline)" | tee -a "$out/steps.log"
-  fi
-  step "benchmarks: the rest (short)"
-  for arch in gqa mla moe linformer ssm; do
-    bench --config "$(cfg $arch)" --suite=train,memory --batch_size=16 --steps=10 --repeats=2
-    bench --config "$(cfg $arch)" --suite=decode --repeats=1
-  done
-fi
-step "tables"
-"$py" - "$out/bench.jsonl" >"$out/bench_table.md" <<'EOF'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-cols = ["arch", "batch_size", "scan_layers", "remat", "attention_impl", "train_tokens_per_sec", "mfu", "peak_memory_bytes", "decode_tokens_per_sec_b1", "decode_tokens_per_sec_b64",
-        "decode_sampled_tokens_per_sec_b1", "decode_sampled_tokens_per_sec_b64", "config"]
+left() { echo $((budget - (SECONDS - start))); }
+log() { echo "$*" | tee -a "$out/steps.log"; }
+cat >"$work/table.py" <<'EOF'
+import json, os, sys
+rows = [json.loads(l) for l in open(sys.argv[1])] if os.path.exists(sys.argv[1]) else []
+cols = ["arch", "batch_size", "scan_layers", "remat", "attention_impl", "quantize", "train_tokens_per_sec", "mfu", "peak_memory_bytes",
+        "compiled_memory_bytes", "decode_tokens_per_sec_b1", "decode_tokens_per_sec_b64", "decode_sampled_tokens_per_sec_b1",
+        "decode_sampled_tokens_per_sec_b64", "hellaswag_items_per_sec", "config", "xla_flags"]
 print("| " + " | ".join(cols) + " |")
 print("|" + "---|" * len(cols))
 for r in rows:
@@ -110,12 +76,112 @@ for r in rows:
         cells.append("-" if v is None else str(v) if isinstance(v, bool) else f"{v:.3f}" if isinstance(v, float) and v < 1 else f"{v:,.0f}" if isinstance(v, (int, float)) else str(v))
     print("| " + " | ".join(cells) + " |")
 EOF
+table() { "$py" "$work/table.py" "$out/bench.jsonl" >"$out/bench_table.md" 2>>"$work/table.log"; }
+pack() { table; tar -czf "$out/logs.tgz.part" -C "$work" . 2>/dev/null && mv "$out/logs.tgz.part" "$out/logs.tgz"; }
+
+# step NAME CAP_SECONDS LOGFILE COMMAND...: run COMMAND under timeout min(CAP, budget left - 10 s),
+# its output to $work/LOGFILE; skipped when under 20 s would be left for it.
+step() {
+  local name="$1" cap="$2" logf="$work/$3" rc t0=$SECONDS limit n0=0
+  shift 3
+  [[ "$name" =~ $only ]] || return 0
+  [ -f "$logf" ] && n0=$(wc -l <"$logf")
+  limit=$(($(left) - 10))
+  [ "$cap" -lt "$limit" ] && limit=$cap
+  if [ "$limit" -lt 20 ]; then
+    log "== SKIP $name (out of time: $(left) s left)"
+    status=1
+    return
+  fi
+  log "== $(date -u +%T) $name (limit ${limit}s)"
+  timeout --kill-after=10 "$limit" "$@" >>"$logf" 2>&1
+  rc=$?
+  case $rc in
+    0) log "   ok in $((SECONDS - t0)) s" ;;
+    124 | 137) log "   TIMEOUT after $((SECONDS - t0)) s (rows written so far are kept)"; status=1 ;;
+    *) log "   FAILED (exit $rc) in $((SECONDS - t0)) s"; status=1 ;;
+  esac
+  tail -n +$((n0 + 1)) "$logf" | grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped|error)|Error:|^error:" | tail -8 | sed 's/^/   | /' | tee -a "$out/steps.log"
+  pack
+}
+
+bench=("$py" -m llmjax.bench --json --out "$out/bench.jsonl")  # commands, not functions: timeout runs them
+pytest=("$py" -m pytest -p no:cacheprovider -q)
+cfg() { echo "configs/$1.py:$variant"; }
+
+# sweep ARCH "BATCH SCAN REMAT KERNEL"...: one training row per setting, each in its own process (so
+# that each row's peak memory is its own)
+sweep() {
+  local arch="$1" setting bs scan remat impl
+  shift
+  for setting in "$@"; do
+    read -r bs scan remat impl <<<"$setting"
+    [ "$variant" != default ] && impl=xla
+    step "sweep $arch batch $bs scan $scan remat $remat $impl" 120 sweep.log \
+      "${bench[@]}" --config "$(cfg "$arch")" --suite=train,memory --steps=10 --repeats=3 --batch_size="$bs" \
+      --config.model.scan_layers="$scan" --config.model.remat="$remat" --config.model.attention_impl="$impl"
+  done
+}
+
+if [ "$mode" = --sweep ]; then
+  for arch in vanilla modern; do  # the most telling settings first
+    sweep $arch "16 False none cudnn" "32 False none cudnn" "64 False none cudnn" "32 True none cudnn" \
+      "64 False dots_no_batch cudnn" "32 False none xla" "64 True dots_no_batch cudnn" "16 True none cudnn" \
+      "32 False dots_no_batch cudnn" "16 False none xla"
+  done
+else
+  [ "$variant" = default ] && step "GPU-only tests" 150 gpu_tests.log "${pytest[@]}" tests/gpu --junitxml="$work/gpu_tests.xml"
+  step "bench vanilla (full)" 200 bench.log "${bench[@]}" --config "$(cfg vanilla)" --suite=train,memory,decode --batch_size=16,32 --steps=20 --repeats=3
+  step "bench modern (full)" 170 bench.log "${bench[@]}" --config "$(cfg modern)" --suite=train,memory,decode --batch_size=16,32 --steps=20 --repeats=3
+  for arch in gqa mla moe linformer ssm; do
+    step "bench $arch (short)" 80 bench.log "${bench[@]}" --config "$(cfg $arch)" --suite=train,memory,decode --batch_size=16 --steps=10 \
+      --repeats=2 --decode_modes=greedy
+  done
+  if [ "$variant" != default ]; then
+    log "== SKIP HellaSwag items/s (the tiny configs have a character vocabulary)"
+  elif [ -n "${LLMJAX_TASK_DIR:-}" ] && { [ -f "$LLMJAX_TASK_DIR/hellaswag_val.jsonl" ] || [ -f "$LLMJAX_TASK_DIR/hellaswag/hellaswag_val.jsonl" ]; }; then
+    for arch in vanilla modern; do
+      step "bench $arch HellaSwag items/s" 100 bench.log "${bench[@]}" --config "$(cfg $arch)" --suite=hellaswag --task_batch_size=64
+    done
+  else
+    log "== SKIP HellaSwag items/s (set LLMJAX_TASK_DIR to a folder holding hellaswag_val.jsonl: the machine is offline)"
+  fi
+  step "bench vanilla int8 weight-only decoding" 80 bench.log "${bench[@]}" --config "$(cfg vanilla)" --suite=decode --repeats=3 --quantize=int8
+  if [ "$variant" = default ]; then
+    step "contract and sampler suites on the GPU backend" 240 contract_on_gpu.log env JAX_DEFAULT_MATMUL_PRECISION=highest \
+      "${pytest[@]}" tests/test_models.py tests/test_layers.py tests/test_sample.py -k "not cli" \
+      --junitxml="$work/contract_on_gpu.xml"
+    step "scoring engine on the GPU backend" 90 scoring_on_gpu.log env JAX_DEFAULT_MATMUL_PRECISION=highest \
+      "${pytest[@]}" tests/test_evaluate.py -k "float64 or batch_size_does_not or rolling_loglikelihood" \
+      --junitxml="$work/scoring_on_gpu.xml"
+    step "exports against transformers" 90 export_parity.log "${pytest[@]}" tests/test_export.py -k transformers -rs \
+      --junitxml="$work/export_parity.xml"
+  fi
+  # what time is left goes to the settings that most likely beat the configs' defaults: training at
+  # batch 64, decoding with the whole while loop in CUDA graphs (and with no command buffers at all)
+  sweep vanilla "64 False none cudnn"
+  step "bench vanilla decoding, while loops in command buffers" 80 bench.log env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
+    "${bench[@]}" --config "$(cfg vanilla)" --suite=decode --repeats=3 --decode_modes=greedy
+  sweep vanilla "32 True none cudnn"
+  step "bench vanilla decoding, no command buffers" 80 bench.log env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
+    "${bench[@]}" --config "$(cfg vanilla)" --suite=decode --repeats=3 --decode_modes=greedy
+  sweep vanilla "64 False dots_no_batch cudnn"
+  sweep modern "64 False none cudnn"
+fi
+
+table
 cat "$out/bench_table.md"
 
-if [ -n "${NANOGPT_SRC:-}" ] && [ "$variant" = default ]; then
-  step "PyTorch anchors"
-  bash ../shared/anchors/gpu_anchors.sh 2>&1 | tee "$out/anchors.log" | tail -12 || true
+if [ "$mode" != --sweep ] && [ -n "${NANOGPT_SRC:-}" ] && [ "$variant" = default ] && [ -f ../shared/anchors/gpu_anchors.sh ]; then
+  if [ "$(left)" -ge 240 ]; then
+    step "PyTorch anchors" 240 anchors.log bash ../shared/anchors/gpu_anchors.sh
+  else
+    log "== SKIP PyTorch anchors (they need about 4 minutes; $(left) s left)"
+  fi
 fi
-step "done (exit $status)"
+[ -s "$work/bench.log" ] && grep -v '^{' "$work/bench.log" | grep -E "error|Error" | tail -20 >"$out/bench.err"
+pack
+log "== done in $((SECONDS - start)) s (exit $status)"
 echo "gpu_check: exit $status" | tee -a "$out/env.txt"
+rm -rf "$work"
 exit $status

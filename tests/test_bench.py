@@ -84,3 +84,59 @@ def test_hellaswag_suite_scores_items():
     with pytest.raises(ConfigError, match="GPT-2 BPE"):
         bench.bench(llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny"), "x", suites={"hellaswag"}, steps=1, repeats=1,
                     decode_batches=[1], prompt_len=4, new_tokens=4)
+
+
+def test_own_peak_is_reported_only_when_this_measurement_set_it():
+    assert bench.own_peak({}, {}) is None  # the CPU reports nothing
+    assert bench.own_peak({"peak_bytes_in_use": 0}, {"peak_bytes_in_use": 5}) == 5  # first in the process
+    assert bench.own_peak({"peak_bytes_in_use": 7}, {"peak_bytes_in_use": 9}) == 9  # rose during this one
+    assert bench.own_peak({"peak_bytes_in_use": 9}, {"peak_bytes_in_use": 9}) is None  # an earlier one was higher
+
+
+def test_cli_several_batch_sizes_in_one_process(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    r = _cli("--config=configs/vanilla.py:tiny", "--suite=train,memory,decode", "--batch_size=16,8", "--steps=1", "--repeats=1",
+             "--decode_batches=2", "--decode_modes=greedy", "--new_tokens=3", "--prompt_len=4", "--json", f"--out={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["batch_size"] for row in rows] == [8, 16]  # smallest first
+    assert all(row["train_tokens_per_sec"] > 0 and row["compiled_memory_bytes"] > 0 for row in rows)
+    assert rows[1]["compiled_memory_bytes"] > rows[0]["compiled_memory_bytes"]
+    assert rows[0]["decode_tokens_per_sec_b2"] is None and rows[1]["decode_tokens_per_sec_b2"] > 0  # decode once, last row
+    assert rows[1]["decode_sampled_tokens_per_sec_b2"] is None  # --decode_modes=greedy
+    for args, needle in [(["--batch_size=0"], "at least 1"), (["--decode_modes=beam"], "--decode_modes"),
+                         (["--batch_size=4"], "divisible by the 8 devices")]:  # the tests' 8 CPU devices
+        r = _cli("--config=configs/vanilla.py:tiny", *args)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def _gpu_check(out, **env):
+    import os
+
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_VARIANT": "tiny", "GPU_CHECK_WHEELS": str(out / "no-wheels"), **env}
+    return subprocess.run(["bash", "scripts/gpu_check.sh", str(out / "out")], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=600)
+
+
+def test_gpu_check_script_on_cpu(tmp_path):
+    """scripts/gpu_check.sh (tiny configs): a chosen step runs and writes its row; a lent machine
+    returns at most 8 files, so OUTDIR holds at most six; steps that no longer fit the budget are
+    skipped, logged, and make the exit status 1."""
+    r = _gpu_check(tmp_path, GPU_CHECK_ONLY="bench gqa")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    out = tmp_path / "out"
+    names = {p.name for p in out.iterdir()}
+    assert {"env.txt", "steps.log", "bench.jsonl", "bench_table.md", "logs.tgz"} <= names <= {
+        "env.txt", "steps.log", "bench.jsonl", "bench_table.md", "bench.err", "logs.tgz"}
+    rows = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
+    assert [(row["arch"], row["batch_size"]) for row in rows] == [("gqa", 16)]
+    assert rows[0]["train_tokens_per_sec"] > 0 and rows[0]["decode_tokens_per_sec_b1"] > 0
+    assert rows[0]["decode_sampled_tokens_per_sec_b1"] is None  # the short rows decode greedily
+    steps = (out / "steps.log").read_text()
+    assert "bench gqa (short)" in steps and "ok in" in steps and "modern" not in steps
+    assert "| gqa | 16 |" in (out / "bench_table.md").read_text()
+
+    r = _gpu_check(tmp_path, GPU_CHECK_BUDGET="25")
+    assert r.returncode == 1
+    steps = (out / "steps.log").read_text()
+    assert "SKIP bench vanilla (full) (out of time" in steps and "ok in" not in steps
