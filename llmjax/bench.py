@@ -5,7 +5,8 @@ One row of the results table, measured on this machine's default JAX backend:
 - train: tokens/s and MFU of the trainer's own jitted step (`llmjax.train.build_steps`: the same
   optimizer, shardings, donation) on device-resident random tokens, so the input pipeline is not
   timed; warm-up and compilation excluded; median over `--repeats` timed blocks of `--steps` steps,
-  each block synchronised at its end.
+  each block synchronised at its end. `--steps 0` compiles the step without running it (the memory
+  suite's compiled analysis, at any size on any machine; no tokens/s, no device peak).
 - memory: the device's peak bytes in use (`memory_stats`, with XLA preallocation off; null where the
   device reports none, as the CPU does, or where an earlier row of the same process peaked higher:
   measure such a row alone) and XLA's compiled memory analysis of the step (arguments, outputs and
@@ -85,32 +86,35 @@ def bench_train(cfg, *, steps: int, repeats: int, memory: bool) -> dict:
     s = build_steps(cfg, mesh)
     dev = mesh.devices.flat[0]
     before = dev.memory_stats() or {}
+    row = {"train_tokens_per_sec": None, "step_time_ms": None, "mfu": None, "peak_memory_bytes": None}
     with jax.set_mesh(mesh):
-        state = s.init_state()
-        tokens = jax.device_put(
-            jax.random.randint(jax.random.key(1), (accum, B, T + 1), 0, mcfg.vocab_size, dtype=jnp.int32), s.tok_shard
-        )
-        compiled = s.train_step.lower(state, tokens).compile()
-        holder = {"state": state}
+        if steps == 0:  # compile only (the memory analysis), nothing allocated or run
+            state = jax.eval_shape(s.init_state)
+            tokens = jax.ShapeDtypeStruct((accum, B, T + 1), jnp.int32, sharding=s.tok_shard)
+            compiled = s.train_step.lower(state, tokens).compile()
+        else:
+            state = s.init_state()
+            tokens = jax.device_put(
+                jax.random.randint(jax.random.key(1), (accum, B, T + 1), 0, mcfg.vocab_size, dtype=jnp.int32), s.tok_shard
+            )
+            compiled = s.train_step.lower(state, tokens).compile()
+            holder = {"state": state}
 
-        def block(n):
-            st = holder["state"]
-            for _ in range(n):
-                st, metrics = compiled(st, tokens)
-            jax.block_until_ready(metrics["train_loss"])
-            holder["state"] = st
+            def block(n):
+                st = holder["state"]
+                for _ in range(n):
+                    st, metrics = compiled(st, tokens)
+                jax.block_until_ready(metrics["train_loss"])
+                holder["state"] = st
 
-        block(2)  # warm-up
-        tps = _median_rate(lambda: block(steps), steps * accum * B * T, repeats)
-    peak = peak_flops(dev, tcfg.peak_flops_per_device)
-    flops = summarize(mcfg)["flops_per_token"]
-    row = {
-        "train_tokens_per_sec": tps,
-        "step_time_ms": 1e3 * accum * B * T / tps,
-        "mfu": flops * tps / (peak * mesh.devices.size) if peak else None,
-    }
+            block(2)  # warm-up
+            tps = _median_rate(lambda: block(steps), steps * accum * B * T, repeats)
+            peak = peak_flops(dev, tcfg.peak_flops_per_device)
+            row.update(train_tokens_per_sec=tps, step_time_ms=1e3 * accum * B * T / tps,
+                       mfu=summarize(mcfg)["flops_per_token"] * tps / (peak * mesh.devices.size) if peak else None)
+            if memory:
+                row["peak_memory_bytes"] = own_peak(before, dev.memory_stats() or {})
     if memory:
-        row["peak_memory_bytes"] = own_peak(before, dev.memory_stats() or {})
         row["memory_in_use_before_bytes"] = before.get("bytes_in_use")
         m = compiled.memory_analysis()
         row["compiled_memory_bytes"] = (
@@ -203,6 +207,7 @@ def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len,
         "matmul_dtype": mcfg.matmul_dtype or mcfg.dtype,
         "scan_layers": mcfg.scan_layers,
         "remat": mcfg.remat,
+        "loss_chunk": cfg.train.loss_chunk,
         "attention_impl": mcfg.attention_impl,
         "batch_size": cfg.train.batch_size,
         "seq_len": mcfg.context_len,
@@ -288,7 +293,7 @@ def define_flags():
     flags.DEFINE_list("suite", list(DEFAULT_SUITES), "suites to run: train, decode, memory, hellaswag")
     flags.DEFINE_list("batch_size", [], "training batch sizes (default: the config's); several give one row each in one "
                       "process, smallest first (a row's peak memory is the process's so far), decode and hellaswag in the last")
-    flags.DEFINE_integer("steps", 10, "training steps per timed block")
+    flags.DEFINE_integer("steps", 10, "training steps per timed block (0: compile only, for the memory suite's analysis)")
     flags.DEFINE_integer("repeats", 3, "timed blocks (the median is reported)")
     flags.DEFINE_list("decode_batches", ["1", "64"], "decode batch sizes")
     flags.DEFINE_list("decode_modes", list(DECODE_MODES), "decode suite: greedy and/or topk (top-k 200 sampling)")
@@ -338,6 +343,8 @@ def main(argv):
         cli.fail(f"--batch_size and --decode_batches take integers, got {F.batch_size} and {F.decode_batches}")
     if min(batches + [b for b in train_batches if b is not None]) < 1:
         cli.fail("batch sizes must be at least 1")
+    if F.steps < 0 or F.repeats < 1:
+        cli.fail("--steps must be at least 0 (0: compile only) and --repeats at least 1")
     if not F.decode_modes or not set(F.decode_modes) <= set(DECODE_MODES):
         cli.fail(f"--decode_modes takes {', '.join(DECODE_MODES)}, got {','.join(F.decode_modes)}")
     suites = set(F.suite)

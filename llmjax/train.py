@@ -42,7 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from llmjax import cli, data as data_lib, downstream
 from llmjax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
 from llmjax.config import ConfigError, model_config, validate
-from llmjax.loss import cross_entropy
+from llmjax.loss import chunked_cross_entropy
 from llmjax.models.layers import convert_layer_layout
 from llmjax.registry import build_model
 from llmjax.runtime import cpu_compiler_options, enable_compilation_cache, tune_host_allocator
@@ -163,6 +163,8 @@ def build_steps(cfg, mesh) -> Steps:
     mcfg, tcfg = model_config(cfg), cfg.train
     if tcfg.batch_size % mesh.devices.size:
         raise ConfigError(f"train.batch_size={tcfg.batch_size} must be divisible by the {mesh.devices.size} devices of the mesh")
+    if tcfg.loss_chunk < 0 or (tcfg.loss_chunk and mcfg.context_len % tcfg.loss_chunk):
+        raise ConfigError(f"train.loss_chunk={tcfg.loss_chunk} must be 0 (off) or divide model.context_len={mcfg.context_len}")
     canonical = mcfg.replace(scan_layers=True)  # storage layout of parameters (and checkpoints)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(mcfg, seed=0)))
 
@@ -188,8 +190,8 @@ def build_steps(cfg, mesh) -> Steps:
 
     def loss_fn(params, tokens_BT1):
         model = nnx.merge(graphdef, convert_layer_layout(params, mcfg.scan_layers))
-        logits, _, aux = model(tokens_BT1[:, :-1])
-        ce = cross_entropy(logits, tokens_BT1[:, 1:])
+        x, _, aux = model.features(tokens_BT1[:, :-1])
+        ce = chunked_cross_entropy(model.head, x, tokens_BT1[:, 1:], tcfg.loss_chunk)
         aux = dict(aux)
         stats = aux.pop("stats", {})  # logged, not optimised
         missing = sorted(set(aux) - set(weights))

@@ -140,3 +140,12 @@ def test_gpu_check_script_on_cpu(tmp_path):
     assert r.returncode == 1
     steps = (out / "steps.log").read_text()
     assert "SKIP bench vanilla (full) (out of time" in steps and "ok in" not in steps
+
+
+def test_steps_zero_compiles_without_running():
+    cfg = llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", {"train.batch_size": 8})
+    row = bench.bench(cfg, "configs/vanilla.py:tiny", suites={"memory"}, steps=0, repeats=1, decode_batches=[1], prompt_len=4,
+                      new_tokens=4)
+    assert row["compiled_memory_bytes"] > 0 and row["train_tokens_per_sec"] is None and row["peak_memory_bytes"] is None
+    ran = bench.bench(cfg, "x", suites={"memory"}, steps=1, repeats=1, decode_batches=[1], prompt_len=4, new_tokens=4)
+    assert ran["compiled_memory_bytes"] == row["compiled_memory_bytes"]

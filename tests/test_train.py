@@ -397,3 +397,66 @@ def test_quickstart_with_bfloat16_matmuls_tracks_nanogpt():
     # measured: loss within 2.0e-4, gradient norm within 0.18% (float32: 5e-5 and 0.1%)
     np.testing.assert_allclose([float(m["train_loss"]) for m in got], [w["loss"] for w in want], rtol=0, atol=1e-3)
     np.testing.assert_allclose([float(m["grad_norm"]) for m in got], [w["grad_norm"] for w in want], rtol=1e-2)
+
+
+@pytest.mark.parametrize("arch", sorted(llmjax.ARCHS))
+def test_chunked_loss_has_the_plain_loss_value_and_gradients(arch):
+    """`train.loss_chunk`: the loss a chunk of positions at a time (logits recomputed in the backward
+    pass) equals the plain loss over the whole logits, value and gradients, in float32; the model's
+    call is its head over its features."""
+    from flax import nnx
+
+    from helpers import tokens
+    from llmjax.loss import chunked_cross_entropy, cross_entropy
+
+    m = llmjax.build_model(cfg(arch, model__dtype="float32").model, seed=0)
+    graphdef, state = nnx.split(m)
+    toks = tokens(1, 2, 33)
+
+    def loss(state, chunk):
+        model = nnx.merge(graphdef, state)
+        x, _, aux = model.features(toks[:, :-1])
+        return chunked_cross_entropy(model.head, x, toks[:, 1:], chunk)
+
+    plain_logits = m(toks[:, :-1])[0]
+    np.testing.assert_array_equal(plain_logits, m.head(m.features(toks[:, :-1])[0]))
+    v0, g0 = jax.value_and_grad(loss)(state, 0)
+    np.testing.assert_allclose(v0, cross_entropy(plain_logits, toks[:, 1:]), rtol=1e-6)
+    for chunk in (8, 16):
+        v, g = jax.value_and_grad(loss)(state, chunk)
+        np.testing.assert_allclose(v, v0, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()) + 1e-9)
+    with pytest.raises(ValueError, match="must divide"):
+        loss(state, 12)
+
+
+def test_loss_chunk_trains_alike_and_holds_less_memory():
+    """Two float32 training steps with train.loss_chunk=8 match the plain steps; at GPT-2's vocabulary
+    the compiled step's temporaries shrink by most of the float32 logits; a chunk that does not divide
+    the context is a one-line config error."""
+    from llmjax.sharding import make_mesh
+    from llmjax.train import build_steps
+
+    big_vocab = {"model__vocab_size": 50257, "model__padded_vocab_size": 50304, "model__dtype": "float32"}
+    batches = np.random.default_rng(0).integers(0, 50257, (2, 1, 8, 33)).astype(np.int32)
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+
+    def run(chunk):
+        steps = build_steps(cfg("vanilla", train__loss_chunk=chunk, **big_vocab), mesh)
+        with jax.set_mesh(mesh):
+            state, out = steps.init_state(), []
+            compiled = steps.train_step.lower(state, jax.device_put(batches[0], steps.tok_shard)).compile()
+            for b in batches:
+                state, m = compiled(state, jax.device_put(b, steps.tok_shard))
+                out.append(float(m["train_loss"]))
+        return out, jax.device_get(state["params"]), compiled.memory_analysis().temp_size_in_bytes
+
+    plain, chunked = run(0), run(8)
+    np.testing.assert_allclose(chunked[0], plain[0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(chunked[1]), jax.tree.leaves(plain[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    logits_bytes = 8 * 32 * 50304 * 4
+    assert chunked[2] < plain[2] - logits_bytes, (chunked[2], plain[2])
+    with pytest.raises(ConfigError, match="loss_chunk"):
+        build_steps(cfg("vanilla", train__loss_chunk=12), mesh)

@@ -320,6 +320,8 @@ class DecoderLM(nnx.Module):
       decode state unchanged (its logits are meaningless), so prompts of different lengths are
       prefilled together right-padded with position -1 (recurrent states cannot be rewound, so
       padding must be marked rather than overwritten later).
+    - `model(...)` is `model.head(model.features(...)[0])`: the trainer computes its loss from the
+      features a chunk of positions at a time (`train.loss_chunk`).
     - `aux`: a dict of auxiliary losses averaged over layers (empty for dense models; the MoE
       router's), which the trainer adds with `train.aux_loss_weights`; under the key "stats", values
       the trainer only logs (expert load, dropped tokens).
@@ -338,6 +340,11 @@ class DecoderLM(nnx.Module):
         self.norm_f = final_norm(cfg, cfg.d_model, rngs=rngs)
 
     def __call__(self, tokens_BT, *, positions=None, cache: Cache = None):
+        x_BTD, cache, aux = self.features(tokens_BT, positions=positions, cache=cache)
+        return self.head(x_BTD), cache, aux
+
+    def features(self, tokens_BT, *, positions=None, cache: Cache = None):
+        """Everything but the output head: the final-normed features (B, T, d_model), cache, aux."""
         B, T = tokens_BT.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -345,8 +352,11 @@ class DecoderLM(nnx.Module):
         if self.pos_embed is not None:
             x_BTD = x_BTD + self.pos_embed(positions)
         x_BTD, cache, aux = self.blocks(x_BTD, positions, cache)
-        logits_BTV = self.embed.attend(self.norm_f(x_BTD))
-        return logits_BTV, cache, aux
+        return self.norm_f(x_BTD), cache, aux
+
+    def head(self, x_BTD):
+        """Logits (float32, padded rows masked) of final-normed features: the tied output head."""
+        return self.embed.attend(x_BTD)
 
     def init_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> Cache:
         """Zeroed decode state for `batch_size` sequences of up to `max_len` (default context_len)
