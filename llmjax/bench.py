@@ -13,15 +13,16 @@ One row of the results table, measured on this machine's default JAX backend:
   temporaries), which every backend gives.
 - decode: the sampler's tokens/s (`llmjax.sample.generate`, prefill included) for a
   `--prompt_len`-token prompt and `--new_tokens` new tokens at batch 1 and 64 (`--decode_batches`),
-  greedy and top-k 200 sampling (`--decode_modes`); random weights cast for inference as a loaded checkpoint is; and the
-  decode state of one sequence at full context (`llmjax.summary`).
+  greedy and top-k 200 sampling (`--decode_modes`); random weights cast for inference as a loaded
+  checkpoint is; and the decode state of one sequence at full context (`llmjax.summary`).
 - hellaswag (not run by default): items/s of the built-in HellaSwag scorer over the validation set
   (`--task_limit`, `--task_batch_size`, `--task_dir`), every length bucket compiled first.
 
 `--batch_size 16,32` gives one row per batch size in one process (smallest first; the decode and
-hellaswag suites run once, into the last row). `--all` measures every registered architecture's `--variant` and rewrites the generated table in
-docs/benchmarks.md (between its `bench:begin` / `bench:end` markers) with card, versions, date and
-command; `--out FILE` also writes the rows as JSON lines.
+hellaswag suites run once, into the last row). `--all` measures every registered architecture's
+`--variant` and rewrites the generated table in docs/benchmarks.md (between its `bench:begin` /
+`bench:end` markers) with card, versions, date and command; `--out FILE` also writes the rows as JSON
+lines. Each row records XLA_FLAGS.
 """
 
 from __future__ import annotations
