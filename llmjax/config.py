@@ -168,7 +168,7 @@ def _shared_groups(variant: str) -> dict[str, dict[str, Any]]:
             beta1=0.9,
             beta2=0.95 if gpu else 0.99,
             grad_clip=1.0,
-            loss_chunk=0,  # positions per chunk of the loss: the logits are never whole (less memory, one more head matmul); 0: off
+            loss_chunks=0,  # the loss over this many slices of the vocabulary: the logits are never whole (less memory, one more head matmul); 0: off
             log_every_steps=10,
             checkpoint_every_steps=1000 if gpu else 250,
             keep_checkpoints=3,

@@ -16,28 +16,32 @@ def cross_entropy(logits_BTV, targets_BT, mask_BT=None):
     return (losses * mask_BT).sum() / jnp.maximum(mask_BT.sum(), 1.0)
 
 
-def chunked_cross_entropy(head, x_BTD, targets_BT, chunk: int = 0):
-    """`cross_entropy(head(x_BTD), targets_BT)` without ever holding the whole (B, T, V) logits: the
-    positions go `chunk` at a time through `head` and the loss, and the backward pass recomputes each
-    chunk's logits (jax.checkpoint) instead of keeping them. At GPT-2's vocabulary the float32 logits
-    of a 16 x 1024 batch are 3.3 GB, and the plain path keeps several such buffers alive. Same value
-    and gradients up to float32 summation order; the cost is one more head matmul in the backward.
-    `chunk` 0 (or >= T) is the plain path. The batch axis is never split (it carries the sharding)."""
-    B, T, D = x_BTD.shape
-    if chunk <= 0 or chunk >= T:
-        return cross_entropy(head(x_BTD), targets_BT)
-    if T % chunk:
-        raise ValueError(f"the loss chunk ({chunk} positions) must divide the sequence length {T}")
-    n = T // chunk
+
+def chunked_cross_entropy(embed, x_BTD, targets_BT, chunks: int = 0):
+    """`cross_entropy(embed.attend(x_BTD), targets_BT)` without ever holding the whole (B, T, V)
+    logits: the tied head's table is cut into `chunks` slices of rows; each slice's logits give its
+    log-sum-exp and the targets' logits that fall in it, under jax.checkpoint, so the backward pass
+    recomputes one slice's logits at a time instead of keeping them all. At GPT-2's vocabulary the
+    float32 logits of a 16 x 1024 batch are 3.3 GB, and the plain path keeps several such buffers.
+    Same value and gradients up to float32 summation order; the cost is one more head matmul in the
+    backward. Slicing the vocabulary, not the positions, keeps the batch axis (the data sharding)
+    whole in every slice, so each slice's table gradient is reduced across devices once, as in the
+    plain path. `chunks` 0 or 1 is the plain path; it must divide the table's rows."""
+    table_VD = embed.embedding[...]
+    V, D = table_VD.shape
+    if chunks <= 1:
+        return cross_entropy(embed.attend(x_BTD), targets_BT)
+    if V % chunks:
+        raise ValueError(f"the loss chunks ({chunks}) must divide the {V} rows of the token table")
+    R = V // chunks
 
     @jax.checkpoint
-    def chunk_sum(x_BcD, t_Bc):
-        return optax.softmax_cross_entropy_with_integer_labels(head(x_BcD).astype(jnp.float32), t_Bc).sum()
+    def one_slice(rows_RD, first):
+        logits_BTR = embed.attend_rows(x_BTD, rows_RD, first)
+        local = targets_BT - first
+        hit = (local >= 0) & (local < R)
+        target_logit = jnp.take_along_axis(logits_BTR, jnp.clip(local, 0, R - 1)[..., None], axis=-1)[..., 0]
+        return jax.nn.logsumexp(logits_BTR, axis=-1), jnp.where(hit, target_logit, 0.0)
 
-    def body(total, xt):
-        return total + chunk_sum(*xt), None
-
-    xs = x_BTD.reshape(B, n, chunk, D).swapaxes(0, 1)  # (n, B, chunk, D)
-    ts = targets_BT.reshape(B, n, chunk).swapaxes(0, 1)
-    total, _ = jax.lax.scan(body, jnp.float32(0), (xs, ts))
-    return total / (B * T)
+    lse_CBT, target_CBT = jax.lax.map(lambda a: one_slice(*a), (table_VD.reshape(chunks, R, D), jnp.arange(chunks) * R))
+    return jnp.mean(jax.nn.logsumexp(lse_CBT, axis=0) - target_CBT.sum(axis=0))

@@ -163,8 +163,10 @@ def build_steps(cfg, mesh) -> Steps:
     mcfg, tcfg = model_config(cfg), cfg.train
     if tcfg.batch_size % mesh.devices.size:
         raise ConfigError(f"train.batch_size={tcfg.batch_size} must be divisible by the {mesh.devices.size} devices of the mesh")
-    if tcfg.loss_chunk < 0 or (tcfg.loss_chunk and mcfg.context_len % tcfg.loss_chunk):
-        raise ConfigError(f"train.loss_chunk={tcfg.loss_chunk} must be 0 (off) or divide model.context_len={mcfg.context_len}")
+    if tcfg.loss_chunks < 0 or (tcfg.loss_chunks > 1 and mcfg.padded_vocab_size % tcfg.loss_chunks):
+        raise ConfigError(
+            f"train.loss_chunks={tcfg.loss_chunks} must be 0 (off) or divide model.padded_vocab_size={mcfg.padded_vocab_size}"
+        )
     canonical = mcfg.replace(scan_layers=True)  # storage layout of parameters (and checkpoints)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(mcfg, seed=0)))
 
@@ -191,7 +193,7 @@ def build_steps(cfg, mesh) -> Steps:
     def loss_fn(params, tokens_BT1):
         model = nnx.merge(graphdef, convert_layer_layout(params, mcfg.scan_layers))
         x, _, aux = model.features(tokens_BT1[:, :-1])
-        ce = chunked_cross_entropy(model.head, x, tokens_BT1[:, 1:], tcfg.loss_chunk)
+        ce = chunked_cross_entropy(model.embed, x, tokens_BT1[:, 1:], tcfg.loss_chunks)
         aux = dict(aux)
         stats = aux.pop("stats", {})  # logged, not optimised
         missing = sorted(set(aux) - set(weights))

@@ -16,12 +16,12 @@
 #   3. HellaSwag items/s of the built-in scorer (vanilla, modern) when LLMJAX_TASK_DIR holds
 #      hellaswag_val.jsonl (carry it: the machine is offline); int8 weight-only decoding (vanilla);
 #   4. the contract, sampler and scoring suites on the GPU backend, the exports against transformers;
-#   5. with what time is left, a few sweep settings (vanilla: the loss in chunks at batch 16, batch 64,
-#      scanned layers, remat; modern at batch 64; vanilla decoding with while loops in CUDA graphs, and
-#      without), then the PyTorch
-#      anchors (../shared/anchors/gpu_anchors.sh, NANOGPT_SRC set) if 4 minutes are left.
+#   5. with what time is left, a few sweep settings (vanilla: the loss over 16 vocabulary slices at
+#      batch 16, batch 64, scanned layers, remat; modern at batch 64; vanilla decoding with while loops
+#      in CUDA graphs, and without), then the PyTorch anchors (../shared/anchors/gpu_anchors.sh,
+#      NANOGPT_SRC set) if 4 minutes are left.
 # --sweep: training tokens/s over batch x scanned/unrolled layers x remat x attention kernel x loss
-# chunk, most telling settings first, as far as the budget goes.
+# chunks, most telling settings first, as far as the budget goes.
 #
 # Missing Python packages are installed from ./.whl (or GPU_CHECK_WHEELS) when present: see
 # scripts/gpu_carry.sh. OUTDIR receives at most six files, since a lent machine returns only a few:
@@ -65,7 +65,7 @@ log() { echo "$*" | tee -a "$out/steps.log"; }
 cat >"$work/table.py" <<'EOF'
 import json, os, sys
 rows = [json.loads(l) for l in open(sys.argv[1])] if os.path.exists(sys.argv[1]) else []
-cols = ["arch", "batch_size", "scan_layers", "remat", "attention_impl", "loss_chunk", "quantize", "train_tokens_per_sec", "mfu", "peak_memory_bytes",
+cols = ["arch", "batch_size", "scan_layers", "remat", "attention_impl", "loss_chunks", "quantize", "train_tokens_per_sec", "mfu", "peak_memory_bytes",
         "compiled_memory_bytes", "decode_tokens_per_sec_b1", "decode_tokens_per_sec_b64", "decode_sampled_tokens_per_sec_b1",
         "decode_sampled_tokens_per_sec_b64", "hellaswag_items_per_sec", "config", "xla_flags"]
 print("| " + " | ".join(cols) + " |")
@@ -110,7 +110,7 @@ bench=("$py" -m llmjax.bench --json --out "$out/bench.jsonl")  # commands, not f
 pytest=("$py" -m pytest -p no:cacheprovider -q)
 cfg() { echo "configs/$1.py:$variant"; }
 
-# sweep ARCH "BATCH SCAN REMAT KERNEL [LOSS_CHUNK]"...: one training row per setting, each in its own
+# sweep ARCH "BATCH SCAN REMAT KERNEL [LOSS_CHUNKS]"...: one training row per setting, each in its own
 # process (so that each row's peak memory is its own)
 sweep() {
   local arch="$1" setting bs scan remat impl chunk
@@ -118,18 +118,18 @@ sweep() {
   for setting in "$@"; do
     read -r bs scan remat impl chunk <<<"$setting"
     chunk="${chunk:-0}"
-    [ "$variant" != default ] && impl=xla && [ "$chunk" -gt 0 ] && chunk=16
-    step "sweep $arch batch $bs scan $scan remat $remat $impl loss_chunk $chunk" 120 sweep.log \
+    [ "$variant" != default ] && impl=xla
+    step "sweep $arch batch $bs scan $scan remat $remat $impl loss_chunks $chunk" 120 sweep.log \
       "${bench[@]}" --config "$(cfg "$arch")" --suite=train,memory --steps=10 --repeats=3 --batch_size="$bs" \
       --config.model.scan_layers="$scan" --config.model.remat="$remat" --config.model.attention_impl="$impl" \
-      --config.train.loss_chunk="$chunk"
+      --config.train.loss_chunks="$chunk"
   done
 }
 
 if [ "$mode" = --sweep ]; then
   for arch in vanilla modern; do  # the most telling settings first
-    sweep $arch "16 False none cudnn" "32 False none cudnn" "64 False none cudnn" "16 False none cudnn 128" \
-      "32 True none cudnn" "64 False dots_no_batch cudnn" "32 False none cudnn 128" "32 False none xla" \
+    sweep $arch "16 False none cudnn" "32 False none cudnn" "64 False none cudnn" "16 False none cudnn 16" \
+      "32 True none cudnn" "64 False dots_no_batch cudnn" "32 False none cudnn 16" "32 False none xla" \
       "64 True dots_no_batch cudnn" "16 True none cudnn" "32 False dots_no_batch cudnn" "16 False none xla"
   done
 else
@@ -160,10 +160,10 @@ else
     step "exports against transformers" 90 export_parity.log "${pytest[@]}" tests/test_export.py -k transformers -rs \
       --junitxml="$work/export_parity.xml"
   fi
-  # what time is left goes to the settings that most likely beat the configs' defaults: the loss in
-  # chunks (memory at batch 16), training at batch 64, decoding with the whole while loop in CUDA
-  # graphs (and with no command buffers at all)
-  sweep vanilla "16 False none cudnn 128" "64 False none cudnn"
+  # what time is left goes to the settings that most likely beat the configs' defaults: the loss over
+  # vocabulary slices (memory at batch 16), training at batch 64, decoding with the whole while loop
+  # in CUDA graphs (and with no command buffers at all)
+  sweep vanilla "16 False none cudnn 16" "64 False none cudnn"
   step "bench vanilla decoding, while loops in command buffers" 80 bench.log env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
     "${bench[@]}" --config "$(cfg vanilla)" --suite=decode --repeats=3 --decode_modes=greedy
   sweep vanilla "32 True none cudnn"

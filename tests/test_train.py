@@ -401,40 +401,42 @@ def test_quickstart_with_bfloat16_matmuls_tracks_nanogpt():
 
 @pytest.mark.parametrize("arch", sorted(llmjax.ARCHS))
 def test_chunked_loss_has_the_plain_loss_value_and_gradients(arch):
-    """`train.loss_chunk`: the loss a chunk of positions at a time (logits recomputed in the backward
-    pass) equals the plain loss over the whole logits, value and gradients, in float32; the model's
-    call is its head over its features."""
+    """`train.loss_chunks`: the loss over slices of the vocabulary (each slice's logits recomputed in
+    the backward pass) equals the plain loss over the whole logits, value and gradients, in float32,
+    with targets in every slice and padded rows in the last; the model's call is its head over its
+    features."""
     from flax import nnx
 
     from helpers import tokens
     from llmjax.loss import chunked_cross_entropy, cross_entropy
 
     m = llmjax.build_model(cfg(arch, model__dtype="float32").model, seed=0)
+    assert m.cfg.padded_vocab_size == 128 and m.cfg.vocab_size == 65
     graphdef, state = nnx.split(m)
     toks = tokens(1, 2, 33)
 
-    def loss(state, chunk):
+    def loss(state, chunks):
         model = nnx.merge(graphdef, state)
         x, _, aux = model.features(toks[:, :-1])
-        return chunked_cross_entropy(model.head, x, toks[:, 1:], chunk)
+        return chunked_cross_entropy(model.embed, x, toks[:, 1:], chunks)
 
     plain_logits = m(toks[:, :-1])[0]
     np.testing.assert_array_equal(plain_logits, m.head(m.features(toks[:, :-1])[0]))
     v0, g0 = jax.value_and_grad(loss)(state, 0)
     np.testing.assert_allclose(v0, cross_entropy(plain_logits, toks[:, 1:]), rtol=1e-6)
-    for chunk in (8, 16):
-        v, g = jax.value_and_grad(loss)(state, chunk)
+    for chunks in (2, 4, 8):  # slices of 64, 32, 16 rows: with 4 and 8, some hold only padded rows
+        v, g = jax.value_and_grad(loss)(state, chunks)
         np.testing.assert_allclose(v, v0, rtol=1e-6)
         for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()) + 1e-9)
     with pytest.raises(ValueError, match="must divide"):
-        loss(state, 12)
+        loss(state, 3)
 
 
-def test_loss_chunk_trains_alike_and_holds_less_memory():
-    """Two float32 training steps with train.loss_chunk=8 match the plain steps; at GPT-2's vocabulary
-    the compiled step's temporaries shrink by most of the float32 logits; a chunk that does not divide
-    the context is a one-line config error."""
+def test_loss_chunks_train_alike_and_hold_less_memory():
+    """Two float32 training steps with train.loss_chunks=8 match the plain steps; at GPT-2's
+    vocabulary the compiled step's temporaries shrink by more than the float32 logits; a count that
+    does not divide the table is a one-line config error."""
     from llmjax.sharding import make_mesh
     from llmjax.train import build_steps
 
@@ -442,21 +444,21 @@ def test_loss_chunk_trains_alike_and_holds_less_memory():
     batches = np.random.default_rng(0).integers(0, 50257, (2, 1, 8, 33)).astype(np.int32)
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
 
-    def run(chunk):
-        steps = build_steps(cfg("vanilla", train__loss_chunk=chunk, **big_vocab), mesh)
+    def run(chunks):
+        steps = build_steps(cfg("vanilla", train__loss_chunks=chunks, **big_vocab), mesh)
         with jax.set_mesh(mesh):
             state, out = steps.init_state(), []
             compiled = steps.train_step.lower(state, jax.device_put(batches[0], steps.tok_shard)).compile()
             for b in batches:
                 state, m = compiled(state, jax.device_put(b, steps.tok_shard))
-                out.append(float(m["train_loss"]))
-        return out, jax.device_get(state["params"]), compiled.memory_analysis().temp_size_in_bytes
+                out.append((float(m["train_loss"]), float(m["grad_norm"])))
+        return out, compiled.memory_analysis().temp_size_in_bytes
 
+    # (parameters are not compared entry by entry: Adam's first steps move an entry whose gradient
+    # is at rounding level by up to lr either way; the previous test compares the gradients)
     plain, chunked = run(0), run(8)
-    np.testing.assert_allclose(chunked[0], plain[0], rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(chunked[1]), jax.tree.leaves(plain[1])):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(chunked[0], plain[0], rtol=1e-5)
     logits_bytes = 8 * 32 * 50304 * 4
-    assert chunked[2] < plain[2] - logits_bytes, (chunked[2], plain[2])
-    with pytest.raises(ConfigError, match="loss_chunk"):
-        build_steps(cfg("vanilla", train__loss_chunk=12), mesh)
+    assert chunked[1] < plain[1] - logits_bytes, (chunked[1], plain[1])
+    with pytest.raises(ConfigError, match="loss_chunks"):
+        build_steps(cfg("vanilla", train__loss_chunks=12), mesh)

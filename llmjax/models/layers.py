@@ -193,6 +193,13 @@ class Embedding(nnx.Module):
         logits_BTV = param_einsum("btd,vd->btv", x_BTD, self.embedding[...], self.dtype, self.narrow)
         return mask_padded_vocab(logits_BTV, self.vocab_size)
 
+    def attend_rows(self, x_BTD, rows_RD, first_row):
+        """`attend` against a slice of the table, rows `first_row`.. (a traced offset is fine): the
+        same logits as `attend`'s columns there, padded rows masked alike."""
+        logits_BTR = param_einsum("btd,vd->btv", x_BTD, rows_RD, self.dtype, self.narrow)
+        valid = first_row + jnp.arange(rows_RD.shape[0]) < self.vocab_size
+        return jnp.where(valid, logits_BTR, jnp.asarray(PADDED_LOGIT, logits_BTR.dtype))
+
 
 def mask_padded_vocab(logits, vocab_size: int):
     if logits.shape[-1] == vocab_size:
@@ -320,8 +327,9 @@ class DecoderLM(nnx.Module):
       decode state unchanged (its logits are meaningless), so prompts of different lengths are
       prefilled together right-padded with position -1 (recurrent states cannot be rewound, so
       padding must be marked rather than overwritten later).
-    - `model(...)` is `model.head(model.features(...)[0])`: the trainer computes its loss from the
-      features a chunk of positions at a time (`train.loss_chunk`).
+    - `model(...)` is `model.head(model.features(...)[0])`, the head being the tied token table
+      (`model.embed`): the trainer can compute its loss from the features a slice of the vocabulary
+      at a time (`train.loss_chunks`).
     - `aux`: a dict of auxiliary losses averaged over layers (empty for dense models; the MoE
       router's), which the trainer adds with `train.aux_loss_weights`; under the key "stats", values
       the trainer only logs (expert load, dropped tokens).
