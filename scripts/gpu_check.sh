@@ -10,8 +10,8 @@
 # logged. Default mode:
 #   1. the GPU-only tests (tests/gpu: cuDNN against XLA attention, whole models in bf16, a bf16
 #      training step per architecture);
-#   2. benchmarks (python -m llmjax.bench, one process per architecture): vanilla and modern in full
-#      (training at batch 16 and 32 with memory, decoding at batch 1 and 64, greedy and top-k), then
+#   2. benchmarks (python -m llmjax.bench): vanilla and modern in full (training at batch 16 and 32
+#      with memory in one process, then decoding at batch 1 and 64, greedy and top-k, in another), then
 #      gqa, mla, moe, linformer, ssm short (training at batch 16, greedy decoding);
 #   3. HellaSwag items/s of the built-in scorer (vanilla, modern) when LLMJAX_TASK_DIR holds
 #      hellaswag_val.jsonl (carry it: the machine is offline); int8 weight-only decoding (vanilla);
@@ -27,7 +27,7 @@
 # scripts/gpu_carry.sh. OUTDIR receives at most six files, since a lent machine returns only a few:
 # env.txt, steps.log (each step's status, time and summary), bench.jsonl, bench_table.md, bench.err
 # and logs.tgz (every log and JUnit XML, refreshed after each step); a rerun starts them afresh.
-# GPU_CHECK_ONLY=REGEX runs only the steps whose names match (e.g. 'bench (vanilla|modern) \(full' on a
+# GPU_CHECK_ONLY=REGEX runs only the steps whose names match (e.g. 'bench (vanilla|modern) decoding' on a
 # second slot). GPU_CHECK_VARIANT=tiny runs the same steps on tiny configs (to check this script on a CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -134,8 +134,12 @@ if [ "$mode" = --sweep ]; then
   done
 else
   [ "$variant" = default ] && step "GPU-only tests" 150 gpu_tests.log "${pytest[@]}" tests/gpu --junitxml="$work/gpu_tests.xml"
-  step "bench vanilla (full)" 200 bench.log "${bench[@]}" --config "$(cfg vanilla)" --suite=train,memory,decode --batch_size=16,32 --steps=20 --repeats=3
-  step "bench modern (full)" 170 bench.log "${bench[@]}" --config "$(cfg modern)" --suite=train,memory,decode --batch_size=16,32 --steps=20 --repeats=3
+  # training and decoding in separate steps: a slow training compile must not cost the decode figures
+  for arch in vanilla modern; do
+    step "bench $arch training (full)" 150 bench.log "${bench[@]}" --config "$(cfg $arch)" --suite=train,memory --batch_size=16,32 \
+      --steps=20 --repeats=3
+    step "bench $arch decoding (full)" 120 bench.log "${bench[@]}" --config "$(cfg $arch)" --suite=decode --repeats=3
+  done
   for arch in gqa mla moe linformer ssm; do
     step "bench $arch (short)" 80 bench.log "${bench[@]}" --config "$(cfg $arch)" --suite=train,memory,decode --batch_size=16 --steps=10 \
       --repeats=2 --decode_modes=greedy

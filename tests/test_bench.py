@@ -139,7 +139,7 @@ def test_gpu_check_script_on_cpu(tmp_path):
     r = _gpu_check(tmp_path, GPU_CHECK_BUDGET="25")
     assert r.returncode == 1
     steps = (out / "steps.log").read_text()
-    assert "SKIP bench vanilla (full) (out of time" in steps and "ok in" not in steps
+    assert "SKIP bench vanilla training (full) (out of time" in steps and "ok in" not in steps
 
 
 def test_steps_zero_compiles_without_running():
