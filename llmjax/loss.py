@@ -17,20 +17,21 @@ def cross_entropy(logits_BTV, targets_BT, mask_BT=None):
 
 
 
-def chunked_cross_entropy(embed, x_BTD, targets_BT, chunks: int = 0):
-    """`cross_entropy(embed.attend(x_BTD), targets_BT)` without ever holding the whole (B, T, V)
-    logits: the tied head's table is cut into `chunks` slices of rows; each slice's logits give its
-    log-sum-exp and the targets' logits that fall in it, under jax.checkpoint, so the backward pass
-    recomputes one slice's logits at a time instead of keeping them all. At GPT-2's vocabulary the
-    float32 logits of a 16 x 1024 batch are 3.3 GB, and the plain path keeps several such buffers.
-    Same value and gradients up to float32 summation order; the cost is one more head matmul in the
-    backward. Slicing the vocabulary, not the positions, keeps the batch axis (the data sharding)
-    whole in every slice, so each slice's table gradient is reduced across devices once, as in the
-    plain path. `chunks` 0 or 1 is the plain path; it must divide the table's rows."""
+def token_losses(embed, x_BTD, targets_BT, chunks: int = 0):
+    """Per-token cross-entropy (B, T), float32, of the tied head `embed.attend(x_BTD)` against
+    `targets_BT`, without ever holding the whole (B, T, V) logits when `chunks` > 1: the head's table
+    is cut into `chunks` slices of rows; each slice's logits give its log-sum-exp and the targets'
+    logits that fall in it, under jax.checkpoint, so the backward pass recomputes one slice's logits
+    at a time instead of keeping them all. At GPT-2's vocabulary the float32 logits of a 16 x 1024
+    batch are 3.3 GB, and the plain path keeps several such buffers. Same values and gradients up to
+    float32 summation order; the cost is one more head matmul in the backward. Slicing the
+    vocabulary, not the positions, keeps the batch axis (the data sharding) whole in every slice, so
+    each slice's table gradient is reduced across devices once, as in the plain path. `chunks` 0 or 1
+    is the plain path; it must divide the table's rows."""
     table_VD = embed.embedding[...]
     V, D = table_VD.shape
     if chunks <= 1:
-        return cross_entropy(embed.attend(x_BTD), targets_BT)
+        return optax.softmax_cross_entropy_with_integer_labels(embed.attend(x_BTD).astype(jnp.float32), targets_BT)
     if V % chunks:
         raise ValueError(f"the loss chunks ({chunks}) must divide the {V} rows of the token table")
     R = V // chunks
@@ -44,4 +45,4 @@ def chunked_cross_entropy(embed, x_BTD, targets_BT, chunks: int = 0):
         return jax.nn.logsumexp(logits_BTR, axis=-1), jnp.where(hit, target_logit, 0.0)
 
     lse_CBT, target_CBT = jax.lax.map(lambda a: one_slice(*a), (table_VD.reshape(chunks, R, D), jnp.arange(chunks) * R))
-    return jnp.mean(jax.nn.logsumexp(lse_CBT, axis=0) - target_CBT.sum(axis=0))
+    return jax.nn.logsumexp(lse_CBT, axis=0) - target_CBT.sum(axis=0)

@@ -42,7 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from llmjax import cli, data as data_lib, downstream
 from llmjax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
 from llmjax.config import ConfigError, model_config, validate
-from llmjax.loss import chunked_cross_entropy
+from llmjax.loss import token_losses
 from llmjax.models.layers import convert_layer_layout
 from llmjax.registry import build_model
 from llmjax.runtime import cpu_compiler_options, enable_compilation_cache, tune_host_allocator
@@ -193,7 +193,7 @@ def build_steps(cfg, mesh) -> Steps:
     def loss_fn(params, tokens_BT1):
         model = nnx.merge(graphdef, convert_layer_layout(params, mcfg.scan_layers))
         x, _, aux = model.features(tokens_BT1[:, :-1])
-        ce = chunked_cross_entropy(model.embed, x, tokens_BT1[:, 1:], tcfg.loss_chunks)
+        ce = token_losses(model.embed, x, tokens_BT1[:, 1:], tcfg.loss_chunks).mean()
         aux = dict(aux)
         stats = aux.pop("stats", {})  # logged, not optimised
         missing = sorted(set(aux) - set(weights))
@@ -240,8 +240,8 @@ def build_steps(cfg, mesh) -> Steps:
 
     def eval_step(params, tokens_BT1, mask_BT):
         model = nnx.merge(graphdef, convert_layer_layout(params, mcfg.scan_layers))
-        logits = model(tokens_BT1[:, :-1])[0]
-        per_tok = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens_BT1[:, 1:])
+        x = model.features(tokens_BT1[:, :-1])[0]
+        per_tok = token_losses(model.embed, x, tokens_BT1[:, 1:], tcfg.loss_chunks)
         return jnp.sum(per_tok * mask_BT), jnp.sum(mask_BT)
 
     eval_fn = jax.jit(

@@ -408,7 +408,7 @@ def test_chunked_loss_has_the_plain_loss_value_and_gradients(arch):
     from flax import nnx
 
     from helpers import tokens
-    from llmjax.loss import chunked_cross_entropy, cross_entropy
+    from llmjax.loss import cross_entropy, token_losses
 
     m = llmjax.build_model(cfg(arch, model__dtype="float32").model, seed=0)
     assert m.cfg.padded_vocab_size == 128 and m.cfg.vocab_size == 65
@@ -418,7 +418,7 @@ def test_chunked_loss_has_the_plain_loss_value_and_gradients(arch):
     def loss(state, chunks):
         model = nnx.merge(graphdef, state)
         x, _, aux = model.features(toks[:, :-1])
-        return chunked_cross_entropy(model.embed, x, toks[:, 1:], chunks)
+        return token_losses(model.embed, x, toks[:, 1:], chunks).mean()
 
     plain_logits = m(toks[:, :-1])[0]
     np.testing.assert_array_equal(plain_logits, m.head(m.features(toks[:, :-1])[0]))
@@ -434,7 +434,7 @@ def test_chunked_loss_has_the_plain_loss_value_and_gradients(arch):
 
 
 def test_loss_chunks_train_alike_and_hold_less_memory():
-    """Two float32 training steps with train.loss_chunks=8 match the plain steps; at GPT-2's
+    """Two float32 training steps and an evaluation with train.loss_chunks=8 match the plain ones; at GPT-2's
     vocabulary the compiled step's temporaries shrink by more than the float32 logits; a count that
     does not divide the table is a one-line config error."""
     from llmjax.sharding import make_mesh
@@ -452,6 +452,11 @@ def test_loss_chunks_train_alike_and_hold_less_memory():
             for b in batches:
                 state, m = compiled(state, jax.device_put(b, steps.tok_shard))
                 out.append((float(m["train_loss"]), float(m["grad_norm"])))
+            mask = np.ones((8, 32), np.float32)
+            mask[:, :5] = 0
+            total, count = steps.eval_step(state["params"], jax.device_put(batches[0, 0], steps.eval_shard),
+                                           jax.device_put(mask, steps.eval_shard))
+            out.append((float(total), float(count)))  # the validation loss's sums go through the same path
         return out, compiled.memory_analysis().temp_size_in_bytes
 
     # (parameters are not compared entry by entry: Adam's first steps move an entry whose gradient
