@@ -16,7 +16,6 @@ def cross_entropy(logits_BTV, targets_BT, mask_BT=None):
     return (losses * mask_BT).sum() / jnp.maximum(mask_BT.sum(), 1.0)
 
 
-
 def token_losses(embed, x_BTD, targets_BT, chunks: int = 0):
     """Per-token cross-entropy (B, T), float32, of the tied head `embed.attend(x_BTD)` against
     `targets_BT`, without ever holding the whole (B, T, V) logits when `chunks` > 1: the head's table
