@@ -15,6 +15,8 @@ One row of the results table, measured on this machine's default JAX backend:
   `--prompt_len`-token prompt and `--new_tokens` new tokens at batch 1 and 64 (`--decode_batches`),
   greedy and top-k 200 sampling (`--decode_modes`); random weights cast for inference as a loaded
   checkpoint is; and the decode state of one sequence at full context (`llmjax.summary`).
+  `--decode_unroll N`: the decode loop tests its stop condition every N steps (default 16; 1 = every
+  step, which on a GPU copies a flag to the host and waits for it after every token).
 - hellaswag (not run by default): items/s of the built-in HellaSwag scorer over the validation set
   (`--task_limit`, `--task_batch_size`, `--task_dir`), every length bucket compiled first.
 
@@ -48,7 +50,7 @@ from flax import nnx  # noqa: E402
 from llmjax import cli  # noqa: E402
 from llmjax.config import ConfigError, load_config, model_config, set_key  # noqa: E402
 from llmjax.registry import ARCHS, build_model  # noqa: E402
-from llmjax.sample import Sampling, generate, inference_params  # noqa: E402
+from llmjax.sample import DECODE_UNROLL, Sampling, generate, inference_params  # noqa: E402
 from llmjax.sharding import make_mesh  # noqa: E402
 from llmjax.summary import ARCH_ORDER, CONFIG_DIR, summarize  # noqa: E402
 from llmjax.train import peak_flops  # noqa: E402
@@ -139,8 +141,9 @@ DECODE_MODES = {"greedy": ("", Sampling(greedy=True)), "topk": ("sampled_", Samp
 
 
 def bench_decode(cfg, *, batches: list[int], prompt_len: int, new_tokens: int, repeats: int, quantize: str | None = None,
-                 modes=tuple(DECODE_MODES)) -> dict:
-    """The sampler's tokens/s at each batch size, greedy and/or top-k 200 sampling (`modes`)."""
+                 modes=tuple(DECODE_MODES), unroll: int = DECODE_UNROLL) -> dict:
+    """The sampler's tokens/s at each batch size, greedy and/or top-k 200 sampling (`modes`), its
+    decode loop testing the stop condition every `unroll` steps."""
     from llmjax.quant import weight_bytes
 
     mcfg = model_config(cfg).replace(scan_layers=False)
@@ -152,7 +155,7 @@ def bench_decode(cfg, *, batches: list[int], prompt_len: int, new_tokens: int, r
             prompts = rng.integers(0, mcfg.vocab_size, (b, prompt_len)).tolist()
 
             def run():
-                out = generate(model, prompts, new_tokens, sampling=sampling, seed=0)
+                out = generate(model, prompts, new_tokens, sampling=sampling, seed=0, unroll=unroll)
                 assert all(len(o) == new_tokens for o in out)
 
             run()  # compile
@@ -195,7 +198,7 @@ def device_name() -> str:
 
 
 def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len, new_tokens, task_batch_size=32, task_limit=None,
-          task_dir=None, quantize=None, decode_modes=tuple(DECODE_MODES)) -> dict:
+          task_dir=None, quantize=None, decode_modes=tuple(DECODE_MODES), decode_unroll=DECODE_UNROLL) -> dict:
     """One row for the run config `cfg` (named `spec` in the row)."""
     mcfg = model_config(cfg)
     summ = summarize(mcfg)
@@ -227,6 +230,7 @@ def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len,
         "decode_weight_bytes": None,
         "decode_prompt_len": prompt_len,
         "decode_new_tokens": new_tokens,
+        "decode_unroll": decode_unroll,
         "jax": jax.__version__,
         "flax": flax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -241,7 +245,7 @@ def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len,
         row.update(bench_hellaswag(cfg, batch_size=task_batch_size, limit=task_limit, task_dir=task_dir, quantize=quantize))
     if "decode" in suites:
         row.update(bench_decode(cfg, batches=decode_batches, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
-                                quantize=quantize, modes=decode_modes))
+                                quantize=quantize, modes=decode_modes, unroll=decode_unroll))
     return row
 
 
@@ -300,6 +304,7 @@ def define_flags():
     flags.DEFINE_list("decode_modes", list(DECODE_MODES), "decode suite: greedy and/or topk (top-k 200 sampling)")
     flags.DEFINE_integer("prompt_len", 16, "decode prompt tokens")
     flags.DEFINE_integer("new_tokens", 256, "decode new tokens")
+    flags.DEFINE_integer("decode_unroll", DECODE_UNROLL, "decode steps per test of the decode loop's stop condition (1: every step)")
     flags.DEFINE_multi_string("set", [], "with --all: config overrides key=value, e.g. --set model.remat=dots")
     flags.DEFINE_integer("task_batch_size", 32, "hellaswag suite: sequences per forward pass")
     flags.DEFINE_integer("task_limit", None, "hellaswag suite: the first N items (default: all 10,042)")
@@ -344,8 +349,8 @@ def main(argv):
         cli.fail(f"--batch_size and --decode_batches take integers, got {F.batch_size} and {F.decode_batches}")
     if min(batches + [b for b in train_batches if b is not None]) < 1:
         cli.fail("batch sizes must be at least 1")
-    if F.steps < 0 or F.repeats < 1:
-        cli.fail("--steps must be at least 0 (0: compile only) and --repeats at least 1")
+    if F.steps < 0 or F.repeats < 1 or F.decode_unroll < 1:
+        cli.fail("--steps must be at least 0 (0: compile only), --repeats and --decode_unroll at least 1")
     if not F.decode_modes or not set(F.decode_modes) <= set(DECODE_MODES):
         cli.fail(f"--decode_modes takes {', '.join(DECODE_MODES)}, got {','.join(F.decode_modes)}")
     suites = set(F.suite)
@@ -368,7 +373,7 @@ def main(argv):
                 row = bench(cfg, spec, suites=suites if last else train_suites, steps=F.steps, repeats=F.repeats,
                             decode_batches=batches, prompt_len=F.prompt_len, new_tokens=F.new_tokens,
                             task_batch_size=F.task_batch_size, task_limit=F.task_limit, task_dir=F.task_dir,
-                            quantize=F.quantize, decode_modes=tuple(F.decode_modes))
+                            quantize=F.quantize, decode_modes=tuple(F.decode_modes), decode_unroll=F.decode_unroll)
             except ConfigError as e:
                 cli.fail(str(e))
             rows.append(row)

@@ -2,6 +2,8 @@
 
 The sampler for every architecture: prefill the prompts once, then one jitted decode loop
 (`lax.while_loop`) over a fixed-size state, stopping per row at end-of-text or at max tokens.
+The loop tests whether to stop every `DECODE_UNROLL` steps (an inner loop of that many steps has a
+known trip count; on a GPU every data-dependent test costs a copy to the host and a wait).
 
 - The decode state is what the model's `init_cache` gives (keys and values; GQA's shared heads;
   MLA's latent and RoPE key; Linformer's block and summaries; the SSM's recurrent state), plus the
@@ -43,6 +45,7 @@ from llmjax.registry import build_model
 from llmjax.tokenizer import TokenizerError, from_description
 
 MIN_BUCKET = 16
+DECODE_UNROLL = 16  # decode steps per test of the loop's stop condition (see `_decode`)
 
 
 class SampleError(ValueError):
@@ -121,10 +124,11 @@ def choose(logits_BV, keys_B, vocab_size: int, s: Sampling):
 # The jitted parts: prefill (and the first token), then the decode loop
 
 
-def _record(state, nxt, max_new: int, eot: int):
-    """Append `nxt` to the rows that are still going; mark rows done at end-of-text or max tokens."""
+def _record(state, nxt, max_new: int, eot: int, active=None):
+    """Append `nxt` to the rows that are still going (`active`, default: not done); mark rows done
+    at end-of-text or max tokens."""
     B = nxt.shape[0]
-    active = ~state["done"]
+    active = ~state["done"] if active is None else active
     slot = jnp.where(active, state["n_gen"], max_new)  # max_new is out of range: dropped
     out = state["out"].at[jnp.arange(B), slot].set(nxt, mode="drop")
     n_gen = state["n_gen"] + active
@@ -149,27 +153,37 @@ def _prefill(model, state, tokens_BT, lengths_B, *, cache_len: int, sampling: Sa
     return {**state, "cache": cache, "pos": lengths_B, "limit": jnp.int32(cache_len)}
 
 
-@nnx.jit(static_argnames=("sampling", "eot"), donate_argnames=("state",))
-def _decode(model, state, num_steps, *, sampling: Sampling, eot: int):
-    """Up to `num_steps` decode steps. Stops early when every row is done, or when a row that is
-    still going has reached `limit`, the end of the cache or the context (the caller slides it)."""
+def _halted(i, st, num_steps):
+    """The decode loop's stop test: `num_steps` steps taken, every row done, or a row that is still
+    going at `limit` (the end of the cache or the context: the caller slides it)."""
+    active = ~st["done"]
+    return (i >= num_steps) | ~jnp.any(active) | jnp.any(active & (st["pos"] >= st["limit"]))
+
+
+@nnx.jit(static_argnames=("sampling", "eot", "unroll"), donate_argnames=("state",))
+def _decode(model, state, num_steps, *, sampling: Sampling, eot: int, unroll: int = 1):
+    """Up to `num_steps` decode steps; stops early when `_halted`. The loop tests its stop condition
+    every `unroll` steps: an outer `lax.while_loop` around an inner loop of exactly `unroll` steps
+    (a known trip count, so XLA's GPU runtime runs it without copying a predicate to the host and
+    waiting for it after every token). Steps taken after the stop condition holds inside a chunk
+    change nothing (every row is fed at position -1 and nothing is recorded), so the tokens are
+    the same for every `unroll`."""
     graphdef, params = nnx.split(model)  # nnx modules cannot cross lax.while_loop; pytrees can
     vocab_size, max_new = model.cfg.vocab_size, state["out"].shape[1]
 
-    def cond(carry):
+    def step(_, carry):
         i, st = carry
-        active = ~st["done"]
-        return (i < num_steps) & jnp.any(active) & jnp.all(~active | (st["pos"] < st["limit"]))
-
-    def body(carry):
-        i, st = carry
-        pos = jnp.where(st["done"], -1, st["pos"])  # finished rows are padding: nothing changes
+        go = ~st["done"] & ~_halted(i, st, num_steps)
+        pos = jnp.where(go, st["pos"], -1)  # finished (or halted) rows are padding: nothing changes
         logits, cache, _ = nnx.merge(graphdef, params)(st["last"][:, None], positions=pos[:, None], cache=st["cache"])
         nxt = choose(logits[:, -1], _keys(st), vocab_size, sampling)
-        st = _record({**st, "cache": cache}, nxt, max_new, eot)
-        return i + 1, {**st, "pos": st["pos"] + 1}
+        st = _record({**st, "cache": cache}, nxt, max_new, eot, active=go)
+        return i + jnp.any(go), {**st, "pos": st["pos"] + go}
 
-    return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
+    def body(carry):
+        return jax.lax.fori_loop(0, unroll, step, carry)
+
+    return jax.lax.while_loop(lambda c: ~_halted(*c, num_steps), body, (jnp.int32(0), state))[1]
 
 
 def bucket(n: int, context: int) -> int:
@@ -194,16 +208,21 @@ def generate(
     seed: int = 0,
     eot_id: int | None = None,
     on_tokens: Callable[[int, list[int]], None] | None = None,
-    stream_every: int = 8,
+    stream_every: int = DECODE_UNROLL,
+    unroll: int = DECODE_UNROLL,
 ) -> list[list[int]]:
     """Up to `max_new_tokens` new tokens after each prompt (token ids, at least one each), decoded
     as one batch. A row ends early at `eot_id` (not included in its output). `on_tokens(row, ids)`,
-    when given, receives each row's new tokens as they arrive (every `stream_every` steps)."""
+    when given, receives each row's new tokens as they arrive (every `stream_every` steps).
+    `unroll`: decode steps per test of the loop's stop condition (1: every step); it changes the
+    speed, never the tokens. Runs shorter than `unroll` steps test every step."""
     sampling = sampling or Sampling()
     cfg = model.cfg
     context, B = cfg.context_len, len(prompts)
     if B == 0 or max_new_tokens <= 0:
         return [[] for _ in prompts]
+    if unroll < 1 or stream_every < 1:
+        raise SampleError(f"unroll and stream_every must be >= 1, got {unroll} and {stream_every}")
     if any(len(p) == 0 for p in prompts):
         raise SampleError("every prompt needs at least one token (start an empty one from end-of-text)")
     if any(not 0 <= t < cfg.vocab_size for p in prompts for t in p):
@@ -257,7 +276,8 @@ def generate(
             state = prefill(state, context)
             continue
         steps = stream_every if on_tokens is not None else max_new_tokens
-        state = _decode(model, state, jnp.int32(steps), sampling=sampling, eot=eot)
+        k = unroll if steps >= unroll else 1
+        state = _decode(model, state, jnp.int32(steps), sampling=sampling, eot=eot, unroll=k)
     out, n_gen = jax.device_get((state["out"], state["n_gen"]))
     return [[int(t) for t in out[r, : n_gen[r]] if t != eot] for r in range(B)]
 

@@ -166,7 +166,10 @@ else
   fi
   # what time is left goes to the settings that most likely beat the configs' defaults: the loss over
   # vocabulary slices (memory at batch 16), training at batch 64, decoding with the whole while loop
-  # in CUDA graphs (and with no command buffers at all)
+  # in CUDA graphs (and with no command buffers at all); and decoding that tests its stop condition
+  # after every token (a predicate copied to the host and waited for each step), the old loop
+  step "bench vanilla decoding, stop test every step" 80 bench.log "${bench[@]}" --config "$(cfg vanilla)" --suite=decode \
+    --repeats=3 --decode_modes=greedy --decode_unroll=1
   sweep vanilla "16 False none cudnn 16" "64 False none cudnn"
   step "bench vanilla decoding, while loops in command buffers" 80 bench.log env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
     "${bench[@]}" --config "$(cfg vanilla)" --suite=decode --repeats=3 --decode_modes=greedy

@@ -96,7 +96,8 @@ def test_own_peak_is_reported_only_when_this_measurement_set_it():
 def test_cli_several_batch_sizes_in_one_process(tmp_path):
     out = tmp_path / "rows.jsonl"
     r = _cli("--config=configs/vanilla.py:tiny", "--suite=train,memory,decode", "--batch_size=16,8", "--steps=1", "--repeats=1",
-             "--decode_batches=2", "--decode_modes=greedy", "--new_tokens=3", "--prompt_len=4", "--json", f"--out={out}")
+             "--decode_batches=2", "--decode_modes=greedy", "--new_tokens=3", "--prompt_len=4", "--decode_unroll=2", "--json",
+             f"--out={out}")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["batch_size"] for row in rows] == [8, 16]  # smallest first
@@ -104,7 +105,9 @@ def test_cli_several_batch_sizes_in_one_process(tmp_path):
     assert rows[1]["compiled_memory_bytes"] > rows[0]["compiled_memory_bytes"]
     assert rows[0]["decode_tokens_per_sec_b2"] is None and rows[1]["decode_tokens_per_sec_b2"] > 0  # decode once, last row
     assert rows[1]["decode_sampled_tokens_per_sec_b2"] is None  # --decode_modes=greedy
+    assert rows[1]["decode_unroll"] == 2
     for args, needle in [(["--batch_size=0"], "at least 1"), (["--decode_modes=beam"], "--decode_modes"),
+                         (["--decode_unroll=0"], "--decode_unroll"),
                          (["--batch_size=4"], "divisible by the 8 devices")]:  # the tests' 8 CPU devices
         r = _cli("--config=configs/vanilla.py:tiny", *args)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr

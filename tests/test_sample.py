@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -135,6 +136,50 @@ def test_scanned_and_unrolled_layers_decode_the_same():
     m = decoder("modern", scan_layers=True)
     u = load_params(llmjax.build_model(config("modern", scan_layers=False), seed=0), convert_layer_layout(params(m), False))
     assert generate(m, PROMPTS, 8, sampling=GREEDY) == generate(u, PROMPTS, 8, sampling=GREEDY)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_testing_the_stop_condition_every_k_steps_changes_no_token(arch):
+    """The decode loop tests whether to stop every `unroll` steps; the steps a chunk runs after a
+    row ends, after the step budget, or when a row reaches the end of the context must change
+    nothing. Sampled rows of different lengths, one stopping at end-of-text, generation past the
+    context (sliding) and streaming every 5 steps: the same tokens for unroll 1, 3 and 16."""
+    m = decoder(arch, seed=8)
+    C = m.cfg.context_len
+    sp = Sampling(temperature=1.0, top_k=None)
+    prompts = [[3] * (C - 5), [1, 2], [7, 8, 9, 10, 11]]
+    n = C + 12
+    ref = generate(m, prompts, n, sampling=sp, seed=4, unroll=1)
+    eot = ref[1][6]  # row 1 ends at its 7th token (or earlier), inside a chunk
+    ref_eot = generate(m, prompts, n, sampling=sp, seed=4, eot_id=eot, unroll=1)
+    assert len(ref_eot[1]) <= 6 and any(len(p) + len(o) > C for p, o in zip(prompts, ref_eot))  # stops a row, slides
+    for k in (3, 16):
+        assert generate(m, prompts, n, sampling=sp, seed=4, unroll=k) == ref, k
+        assert generate(m, prompts, n, sampling=sp, seed=4, eot_id=eot, unroll=k) == ref_eot, k
+    got = {r: [] for r in range(3)}
+    streamed = generate(m, prompts, n, sampling=sp, seed=4, eot_id=eot, unroll=3, stream_every=5,
+                        on_tokens=lambda r, t: got[r].extend(t))
+    assert streamed == ref_eot and [got[r] for r in range(3)] == ref_eot
+
+
+def test_the_decode_loop_tests_its_stop_condition_once_per_chunk():
+    """The compiled decode loop is an outer while loop around an inner loop whose trip count XLA
+    knows (`known_trip_count` = unroll): XLA's GPU runtime runs such a loop without a device-to-host
+    copy and wait per step; the outer loop's data-dependent test runs once per chunk."""
+    m = decoder("vanilla", seed=9)
+    state = {
+        "out": jnp.zeros((2, 40), jnp.int32), "n_gen": jnp.zeros((2,), jnp.int32), "done": jnp.zeros((2,), bool),
+        "last": jnp.zeros((2,), jnp.int32), "row_keys": jax.random.split(jax.random.key(0), 2),
+    }
+    state = S._prefill(m, state, jnp.ones((2, 16), jnp.int32), jnp.asarray([3, 16]), cache_len=64, sampling=GREEDY, eot=-1)
+    for k in (1, 16):
+        hlo = S._decode.lower(m, state, jnp.int32(40), sampling=GREEDY, eot=-1, unroll=k).compile().as_text()
+        loops = [line for line in hlo.splitlines() if " while(" in line]
+        trips = [int(t) for t in re.findall(r'"known_trip_count":\{"n":"(\d+)"\}', "\n".join(loops))]
+        if k == 1:
+            assert len(loops) == 1 and trips == [], loops  # one data-dependent loop, tested every step
+        else:
+            assert len(loops) == 2 and trips == [k], loops
 
 
 # --- buckets, seeds, rows, end-of-text ------------------------------------------------------------
