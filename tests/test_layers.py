@@ -113,6 +113,16 @@ def test_write_cache_writes_each_row_at_its_own_position():
     np.testing.assert_array_equal(out[1, :, 0], [0, 0, 0, 0, 2, 2, 2, 10])
 
 
+def test_write_cache_heads_first_slots_last():
+    """The keys and values are stored (B, K, hd, S); new entries come as (B, T, K, hd)."""
+    B, K, d, S = 2, 3, 4, 8
+    new = jnp.arange(B * 2 * K * d, dtype=jnp.float32).reshape(B, 2, K, d) + 1
+    out = write_cache(jnp.zeros((B, K, d, S)), new, jnp.array([[2, 3], [-1, 7]]), slot_axis=3)
+    ref = np.zeros((B, K, d, S), np.float32)
+    ref[0, :, :, 2], ref[0, :, :, 3], ref[1, :, :, 7] = new[0, 0], new[0, 1], new[1, 1]  # row 1's -1 writes nothing
+    np.testing.assert_array_equal(out, ref)
+
+
 def test_attention_kernel_switch():
     assert resolve_impl("xla", jnp.bfloat16) == "xla"
     assert resolve_impl("auto", jnp.float32) == "xla"

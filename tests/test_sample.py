@@ -162,16 +162,23 @@ def test_testing_the_stop_condition_every_k_steps_changes_no_token(arch):
     assert streamed == ref_eot and [got[r] for r in range(3)] == ref_eot
 
 
+def prefilled(m, B: int, cache_len: int = 64):
+    """A decode state as `generate` makes it: B rows (prompt lengths 3, 16, 9, ...) prefilled into
+    a cache of `cache_len` slots, ready for `S._decode`."""
+    state = {
+        "out": jnp.zeros((B, 40), jnp.int32), "n_gen": jnp.zeros((B,), jnp.int32), "done": jnp.zeros((B,), bool),
+        "last": jnp.zeros((B,), jnp.int32), "row_keys": jax.random.split(jax.random.key(0), B),
+    }
+    lengths = jnp.asarray([(3, 16, 9)[r % 3] for r in range(B)])
+    return S._prefill(m, state, jnp.ones((B, 16), jnp.int32), lengths, cache_len=cache_len, sampling=GREEDY, eot=-1)
+
+
 def test_the_decode_loop_tests_its_stop_condition_once_per_chunk():
     """The compiled decode loop is an outer while loop around an inner loop whose trip count XLA
     knows (`known_trip_count` = unroll): XLA's GPU runtime runs such a loop without a device-to-host
     copy and wait per step; the outer loop's data-dependent test runs once per chunk."""
     m = decoder("vanilla", seed=9)
-    state = {
-        "out": jnp.zeros((2, 40), jnp.int32), "n_gen": jnp.zeros((2,), jnp.int32), "done": jnp.zeros((2,), bool),
-        "last": jnp.zeros((2,), jnp.int32), "row_keys": jax.random.split(jax.random.key(0), 2),
-    }
-    state = S._prefill(m, state, jnp.ones((2, 16), jnp.int32), jnp.asarray([3, 16]), cache_len=64, sampling=GREEDY, eot=-1)
+    state = prefilled(m, 2)
     for k in (1, 16):
         hlo = S._decode.lower(m, state, jnp.int32(40), sampling=GREEDY, eot=-1, unroll=k).compile().as_text()
         loops = [line for line in hlo.splitlines() if " while(" in line]
@@ -180,6 +187,52 @@ def test_the_decode_loop_tests_its_stop_condition_once_per_chunk():
             assert len(loops) == 1 and trips == [], loops  # one data-dependent loop, tested every step
         else:
             assert len(loops) == 2 and trips == [k], loops
+
+
+def _loop_body_buffers(hlo: str, min_bytes: int) -> list[tuple[str, str]]:
+    """(instruction, shape) of every buffer of at least `min_bytes` that the compiled decode loop's
+    inner body (the loop with a known trip count) computes at its top level."""
+    comps, name = {}, None
+    for line in hlo.splitlines():
+        if not line.startswith(" ") and line.rstrip().endswith("{"):
+            name = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            comps[name] = []
+        elif name is not None and line.startswith("  "):
+            comps[name].append(line)
+    body = re.search(r"while\(.*body=%([\w.\-]+).*known_trip_count", hlo).group(1)
+    size = {"f32": 4, "bf16": 2, "s32": 4, "pred": 1}
+    out = []
+    for line in comps[body]:
+        m = re.match(r"\s+(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]\S* (\S+?)\(", line)
+        if m and m.group(4) not in ("get-tuple-element", "parameter", "bitcast", "constant", "tuple"):
+            n = size.get(m.group(2), 4) * int(np.prod([int(x) for x in m.group(3).split(",") if x]))
+            if n >= min_bytes:
+                out.append((m.group(1), f"{m.group(2)}[{m.group(3)}]"))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["vanilla", "gqa"])
+def test_the_decode_loop_writes_the_cache_in_place_and_copies_none_of_it(arch):
+    """Every decoded token writes one slot of each layer's keys and values in place; nothing else in
+    the loop body is as large as one layer's key cache (stored (B, S, K, hd), the cache was copied
+    into a heads-first layout for the attention products, every layer, key and value, every token)."""
+    m = decoder(arch, seed=10)
+    state = prefilled(m, 3)
+    k_bytes = max(x.nbytes for x in jax.tree.leaves(state["cache"]))  # one layer's keys (or values)
+    hlo = S._decode.lower(m, state, jnp.int32(40), sampling=GREEDY, eot=-1, unroll=16).compile().as_text()
+    big = _loop_body_buffers(hlo, k_bytes)
+    assert len(big) == 2 * m.cfg.n_layer and all("scatter" in name for name, _ in big), big
+
+
+def test_the_ssm_decodes_one_step_per_token_not_a_chunk():
+    """A decoded token is one step of the recurrence: the decode loop builds nothing of the size of
+    a `scan_chunk`-token chunk of states (the training scan's unit; padding one token to a chunk of
+    128 made the 124M-class model do 128 steps' work per token)."""
+    m = decoder("ssm", seed=11)
+    state = prefilled(m, 3)
+    h_bytes = max(x.nbytes for x in jax.tree.leaves(state["cache"]))  # one layer's state (B, E, N)
+    hlo = S._decode.lower(m, state, jnp.int32(40), sampling=GREEDY, eot=-1, unroll=16).compile().as_text()
+    assert m.cfg.scan_chunk >= 8 and not _loop_body_buffers(hlo, 4 * h_bytes), _loop_body_buffers(hlo, 4 * h_bytes)
 
 
 # --- buckets, seeds, rows, end-of-text ------------------------------------------------------------

@@ -61,8 +61,10 @@ def combine(left, right):
 
 def scan_chunked(delta_BTE, u_BTE, B_BTN, C_BTN, A_EN, h0_BEN, valid_BT, chunk: int):
     """y (B, T, E) and the final state of h_t = exp(delta A) h_{t-1} + delta B u, y_t = C . h_t,
-    as associative scans over chunks of `chunk` tokens. float32 throughout."""
+    as associative scans over chunks of `chunk` tokens (at most T: one decoded token is one step,
+    not a chunk of padding). float32 throughout."""
     B, T, E = u_BTE.shape
+    chunk = min(chunk, T)
     n_chunks = -(-T // chunk)
     pad = n_chunks * chunk - T
 
