@@ -24,7 +24,9 @@ One row of the results table, measured on this machine's default JAX backend:
 hellaswag suites run once, into the last row). `--all` measures every registered architecture's
 `--variant` and rewrites the generated table in docs/benchmarks.md (between its `bench:begin` /
 `bench:end` markers) with card, versions, date and command; `--out FILE` also writes the rows as JSON
-lines. Each row records XLA_FLAGS.
+lines. Each row records XLA_FLAGS. `--profile DIR` traces one more block of training steps and one
+more decode run per batch size with `jax.profiler` (into DIR/<arch>/) and adds each trace's summary
+to the row (`llmjax.tracing`: device busy fraction, time per kind of operation, the top operations).
 """
 
 from __future__ import annotations
@@ -79,8 +81,27 @@ def own_peak(before: dict, after: dict) -> int | None:
     return peak_after if peak_after is not None and peak_after > peak_before else None
 
 
-def bench_train(cfg, *, steps: int, repeats: int, memory: bool) -> dict:
-    """Tokens/s, MFU and memory of the trainer's step on random tokens."""
+def _profile(row: dict, key: str, fn, directory: Path | None) -> None:
+    """With a `directory`: run `fn` once more under the profiler and put the trace's summary into
+    `row[key]` (llmjax.tracing), and its markdown into directory/../summary.md. A profiler that
+    cannot start (no CUPTI, say) leaves a one-line `profile_error`, not a failed row."""
+    if directory is None:
+        return
+    from llmjax import tracing
+
+    try:
+        _, summary = tracing.traced(fn, directory)
+    except Exception as e:  # the profiler's failures must not cost the measured figures
+        row["profile_error"] = f"{key}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return
+    row[key] = summary
+    with open(directory.parent / "summary.md", "a") as f:
+        f.write(tracing.format_summary(f"{directory.parent.name} {directory.name}", summary) + "\n\n")
+
+
+def bench_train(cfg, *, steps: int, repeats: int, memory: bool, profile_dir: Path | None = None) -> dict:
+    """Tokens/s, MFU and memory of the trainer's step on random tokens; with `profile_dir`, the
+    summary of a profiled block of steps."""
     from llmjax.train import build_steps
 
     mcfg, tcfg = model_config(cfg), cfg.train
@@ -117,6 +138,7 @@ def bench_train(cfg, *, steps: int, repeats: int, memory: bool) -> dict:
                        mfu=summarize(mcfg)["flops_per_token"] * tps / (peak * mesh.devices.size) if peak else None)
             if memory:
                 row["peak_memory_bytes"] = own_peak(before, dev.memory_stats() or {})
+            _profile(row, "profile_train", lambda: block(min(steps, 5)), profile_dir and profile_dir / f"train_b{B}")
     if memory:
         row["memory_in_use_before_bytes"] = before.get("bytes_in_use")
         m = compiled.memory_analysis()
@@ -141,9 +163,10 @@ DECODE_MODES = {"greedy": ("", Sampling(greedy=True)), "topk": ("sampled_", Samp
 
 
 def bench_decode(cfg, *, batches: list[int], prompt_len: int, new_tokens: int, repeats: int, quantize: str | None = None,
-                 modes=tuple(DECODE_MODES), unroll: int = DECODE_UNROLL) -> dict:
+                 modes=tuple(DECODE_MODES), unroll: int = DECODE_UNROLL, profile_dir: Path | None = None) -> dict:
     """The sampler's tokens/s at each batch size, greedy and/or top-k 200 sampling (`modes`), its
-    decode loop testing the stop condition every `unroll` steps."""
+    decode loop testing the stop condition every `unroll` steps; with `profile_dir`, the summary of
+    a profiled run at each."""
     from llmjax.quant import weight_bytes
 
     mcfg = model_config(cfg).replace(scan_layers=False)
@@ -160,6 +183,7 @@ def bench_decode(cfg, *, batches: list[int], prompt_len: int, new_tokens: int, r
 
             run()  # compile
             row[f"decode_{name}tokens_per_sec_b{b}"] = _median_rate(run, b * new_tokens, repeats)
+            _profile(row, f"profile_decode_{name}b{b}", run, profile_dir and profile_dir / f"decode_{name}b{b}")
     return row
 
 
@@ -198,9 +222,11 @@ def device_name() -> str:
 
 
 def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len, new_tokens, task_batch_size=32, task_limit=None,
-          task_dir=None, quantize=None, decode_modes=tuple(DECODE_MODES), decode_unroll=DECODE_UNROLL) -> dict:
-    """One row for the run config `cfg` (named `spec` in the row)."""
+          task_dir=None, quantize=None, decode_modes=tuple(DECODE_MODES), decode_unroll=DECODE_UNROLL, profile=None) -> dict:
+    """One row for the run config `cfg` (named `spec` in the row); with `profile` (a directory), the
+    training and decoding suites also trace one more run each into profile/<arch>/ and summarise it."""
     mcfg = model_config(cfg)
+    profile_dir = Path(profile) / mcfg.arch if profile else None
     summ = summarize(mcfg)
     row = {
         "arch": mcfg.arch,
@@ -237,7 +263,8 @@ def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     if "train" in suites or "memory" in suites:
-        row.update(bench_train(cfg, steps=steps, repeats=repeats, memory="memory" in suites))
+        row.update(bench_train(cfg, steps=steps, repeats=repeats, memory="memory" in suites,
+                               profile_dir=profile_dir if "train" in suites else None))
         if "train" not in suites:
             for k in ("train_tokens_per_sec", "step_time_ms", "mfu"):
                 row[k] = None
@@ -245,7 +272,7 @@ def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len,
         row.update(bench_hellaswag(cfg, batch_size=task_batch_size, limit=task_limit, task_dir=task_dir, quantize=quantize))
     if "decode" in suites:
         row.update(bench_decode(cfg, batches=decode_batches, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
-                                quantize=quantize, modes=decode_modes, unroll=decode_unroll))
+                                quantize=quantize, modes=decode_modes, unroll=decode_unroll, profile_dir=profile_dir))
     return row
 
 
@@ -310,6 +337,9 @@ def define_flags():
     flags.DEFINE_integer("task_limit", None, "hellaswag suite: the first N items (default: all 10,042)")
     flags.DEFINE_string("task_dir", None, "hellaswag suite: where hellaswag_val.jsonl is or is downloaded to")
     flags.DEFINE_enum("quantize", "none", ["none", "int8"], "decode and hellaswag suites: int8 weight-only model (llmjax.quant)")
+    flags.DEFINE_string("profile", None, "trace one more block of training steps (at most 5) and one more decode run per batch "
+                        "size with jax.profiler into DIR/<arch>/; rows get the traces' summaries (llmjax.tracing), "
+                        "DIR/<arch>/summary.md their tables")
     flags.DEFINE_bool("json", False, "print JSON rows instead of a table")
     flags.DEFINE_string("out", None, "also write the rows as JSON lines here")
     flags.DEFINE_string("doc", str(DOC), "with --all: the markdown file whose generated table is rewritten")
@@ -373,7 +403,8 @@ def main(argv):
                 row = bench(cfg, spec, suites=suites if last else train_suites, steps=F.steps, repeats=F.repeats,
                             decode_batches=batches, prompt_len=F.prompt_len, new_tokens=F.new_tokens,
                             task_batch_size=F.task_batch_size, task_limit=F.task_limit, task_dir=F.task_dir,
-                            quantize=F.quantize, decode_modes=tuple(F.decode_modes), decode_unroll=F.decode_unroll)
+                            quantize=F.quantize, decode_modes=tuple(F.decode_modes), decode_unroll=F.decode_unroll,
+                            profile=F.profile)
             except ConfigError as e:
                 cli.fail(str(e))
             rows.append(row)
@@ -386,6 +417,14 @@ def main(argv):
     block = table(rows, command)
     if not F.json:
         print(block.replace(BEGIN + "\n", "").replace("\n" + END, ""))
+        if F.profile:
+            from llmjax.tracing import format_summary
+
+            for r in rows:
+                for key in (k for k, v in r.items() if k.startswith("profile_") and isinstance(v, dict)):
+                    print("\n" + format_summary(f"{r['arch']} batch {r['batch_size']} {key[len('profile_'):]}", r[key]))
+                if r.get("profile_error"):
+                    print(f"\nprofile error ({r['arch']}): {r['profile_error']}")
     if F.all:
         path = Path(F.doc)
         path.write_text(rewrite_doc(path.read_text() if path.exists() else "# Benchmarks\n", block))

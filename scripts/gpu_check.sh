@@ -16,7 +16,9 @@
 #   3. HellaSwag items/s of the built-in scorer (vanilla, modern) when LLMJAX_TASK_DIR holds
 #      hellaswag_val.jsonl (carry it: the machine is offline); int8 weight-only decoding (vanilla);
 #   4. the contract, sampler and scoring suites on the GPU backend, the exports against transformers;
-#   5. with what time is left, a few sweep settings (vanilla: the loss over 16 vocabulary slices at
+#   5. a jax.profiler trace of vanilla (5 training steps at batch 16, decoding at batch 1 and 64),
+#      summarised in its row (device busy fraction, time per kind of operation, top operations);
+#   6. with what time is left, a few sweep settings (vanilla: the loss over 16 vocabulary slices at
 #      batch 16, batch 64, scanned layers, remat; modern at batch 64; vanilla decoding with while loops
 #      in CUDA graphs, and without), then the PyTorch anchors (../shared/anchors/gpu_anchors.sh,
 #      NANOGPT_SRC set) if 4 minutes are left.
@@ -24,9 +26,10 @@
 # chunks, most telling settings first, as far as the budget goes.
 #
 # Missing Python packages are installed from ./.whl (or GPU_CHECK_WHEELS) when present: see
-# scripts/gpu_carry.sh. OUTDIR receives at most six files, since a lent machine returns only a few:
-# env.txt, steps.log (each step's status, time and summary), bench.jsonl, bench_table.md, bench.err
-# and logs.tgz (every log and JUnit XML, refreshed after each step); a rerun starts them afresh.
+# scripts/gpu_carry.sh. OUTDIR receives at most seven files, since a lent machine returns only eight:
+# env.txt, steps.log (each step's status, time and summary), bench.jsonl, bench_table.md, bench.err,
+# logs.tgz (every log and JUnit XML, refreshed after each step) and traces.tgz (the profiler's
+# traces and their summaries, at most 15 MiB); a rerun starts them afresh.
 # GPU_CHECK_ONLY=REGEX runs only the steps whose names match (e.g. 'bench (vanilla|modern) decoding' on a
 # second slot). GPU_CHECK_VARIANT=tiny runs the same steps on tiny configs (to check this script on a CPU).
 set -uo pipefail
@@ -36,13 +39,14 @@ mode="${2:-default}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 work="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"
+traces="$work.traces"
 py="${PYTHON:-python3}"
 variant="${GPU_CHECK_VARIANT:-default}"
 budget="${GPU_CHECK_BUDGET:-540}"
 only="${GPU_CHECK_ONLY:-.}"  # an extended regular expression: run only the steps whose names match
 start=$SECONDS
 status=0
-rm -f "$out/steps.log" "$out/bench.jsonl" "$out/bench_table.md" "$out/bench.err" "$out/logs.tgz"
+rm -f "$out/steps.log" "$out/bench.jsonl" "$out/bench_table.md" "$out/bench.err" "$out/logs.tgz" "$out/traces.tgz"
 
 wheels="${GPU_CHECK_WHEELS:-.whl}"
 if [ -d "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
@@ -79,6 +83,15 @@ for r in rows:
 EOF
 table() { "$py" "$work/table.py" "$out/bench.jsonl" >"$out/bench_table.md" 2>>"$work/table.log"; }
 pack() { table; tar -czf "$out/logs.tgz.part" -C "$work" . 2>/dev/null && mv "$out/logs.tgz.part" "$out/logs.tgz"; }
+# the profiler's traces, apart from the logs: a returned file may hold 16 MiB; past 15 only the summaries
+pack_traces() {
+  [ -d "$traces" ] || return 0
+  tar -czf "$out/traces.tgz" -C "$traces" . 2>/dev/null
+  if [ "$(stat -c %s "$out/traces.tgz" 2>/dev/null || echo 0)" -gt 15728640 ]; then
+    log "== traces.tgz over 15 MiB: keeping only the summaries"
+    (cd "$traces" && tar -czf "$out/traces.tgz" $(find . -name summary.md))
+  fi
+}
 
 # step NAME CAP_SECONDS LOGFILE COMMAND...: run COMMAND under timeout min(CAP, budget left - 10 s),
 # its output to $work/LOGFILE; skipped when under 20 s would be left for it.
@@ -164,6 +177,11 @@ else
     step "exports against transformers" 90 export_parity.log "${pytest[@]}" tests/test_export.py -k transformers -rs \
       --junitxml="$work/export_parity.xml"
   fi
+  # where the time goes: a jax.profiler trace of 5 training steps and of a decode run at batch 1 and
+  # 64 (vanilla); summaries in the rows, the traces themselves in traces.tgz
+  step "profile vanilla (training batch 16, decoding)" 120 bench.log "${bench[@]}" --config "$(cfg vanilla)" \
+    --suite=train,decode --batch_size=16 --steps=5 --repeats=1 --decode_modes=greedy --profile="$traces"
+  pack_traces
   # what time is left goes to the settings that most likely beat the configs' defaults: the loss over
   # vocabulary slices (memory at batch 16), training at batch 64, decoding with the whole while loop
   # in CUDA graphs (and with no command buffers at all); and decoding that tests its stop condition
@@ -194,5 +212,5 @@ fi
 pack
 log "== done in $((SECONDS - start)) s (exit $status)"
 echo "gpu_check: exit $status" | tee -a "$out/env.txt"
-rm -rf "$work"
+rm -rf "$work" "$traces"
 exit $status

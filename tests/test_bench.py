@@ -122,19 +122,26 @@ def _gpu_check(out, **env):
 
 
 def test_gpu_check_script_on_cpu(tmp_path):
-    """scripts/gpu_check.sh (tiny configs): a chosen step runs and writes its row; a lent machine
-    returns at most 8 files, so OUTDIR holds at most six; steps that no longer fit the budget are
-    skipped, logged, and make the exit status 1."""
-    r = _gpu_check(tmp_path, GPU_CHECK_ONLY="bench gqa")
+    """scripts/gpu_check.sh (tiny configs): chosen steps run and write their rows (the profile step
+    its traces too); a lent machine returns at most 8 files, so OUTDIR holds at most seven; steps
+    that no longer fit the budget are skipped, logged, and make the exit status 1."""
+    import tarfile
+
+    r = _gpu_check(tmp_path, GPU_CHECK_ONLY="bench gqa|profile")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     out = tmp_path / "out"
     names = {p.name for p in out.iterdir()}
-    assert {"env.txt", "steps.log", "bench.jsonl", "bench_table.md", "logs.tgz"} <= names <= {
-        "env.txt", "steps.log", "bench.jsonl", "bench_table.md", "bench.err", "logs.tgz"}
+    assert {"env.txt", "steps.log", "bench.jsonl", "bench_table.md", "logs.tgz", "traces.tgz"} <= names <= {
+        "env.txt", "steps.log", "bench.jsonl", "bench_table.md", "bench.err", "logs.tgz", "traces.tgz"}
     rows = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
-    assert [(row["arch"], row["batch_size"]) for row in rows] == [("gqa", 16)]
+    assert [(row["arch"], row["batch_size"]) for row in rows] == [("gqa", 16), ("vanilla", 16)]
     assert rows[0]["train_tokens_per_sec"] > 0 and rows[0]["decode_tokens_per_sec_b1"] > 0
     assert rows[0]["decode_sampled_tokens_per_sec_b1"] is None  # the short rows decode greedily
+    assert "profile_train" not in rows[0]
+    assert rows[1]["profile_train"]["events"] > 0 and rows[1]["profile_decode_b64"]["top"]
+    with tarfile.open(out / "traces.tgz") as t:
+        members = t.getnames()
+    assert any(n.endswith("vanilla/summary.md") for n in members) and any(n.endswith(".xplane.pb") for n in members)
     steps = (out / "steps.log").read_text()
     assert "bench gqa (short)" in steps and "ok in" in steps and "modern" not in steps
     assert "| gqa | 16 |" in (out / "bench_table.md").read_text()

@@ -1,0 +1,94 @@
+"""llmjax.tracing: profiler traces summarised, on a real CPU trace and on a GPU-shaped trace built
+from an XSpace text proto (kernels on two streams, a derived line that repeats them)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from conftest import ROOT
+from llmjax import tracing
+
+GPU_TRACE = """
+planes {
+  id: 1
+  name: "/device:GPU:0"
+  lines {
+    id: 13
+    name: "Stream #13(Compute)"
+    timestamp_ns: 1000
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 4000000 stats { metadata_id: 10 str_value: "custom-call.3" } }
+    events { metadata_id: 2 offset_ps: 5000000 duration_ps: 1000000 stats { metadata_id: 10 str_value: "loop_fusion.2" } }
+    events { metadata_id: 3 offset_ps: 7000000 duration_ps: 2000000 stats { metadata_id: 10 str_value: "custom-call.7" } }
+  }
+  lines {
+    id: 20
+    name: "Stream #20(MemcpyD2D)"
+    timestamp_ns: 1000
+    events { metadata_id: 4 offset_ps: 3000000 duration_ps: 3000000 stats { metadata_id: 10 str_value: "copy.5" } }
+  }
+  lines {
+    id: 99
+    name: "XLA Ops"
+    timestamp_ns: 1000
+    events { metadata_id: 2 offset_ps: 5000000 duration_ps: 1000000 }
+  }
+  event_metadata { key: 1 value { id: 1 name: "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n" } }
+  event_metadata { key: 2 value { id: 2 name: "loop_fusion_2" } }
+  event_metadata { key: 3 value { id: 3 name: "cudnn_generated_fort_native_sdpa_sm90_knob_7" } }
+  event_metadata { key: 4 value { id: 4 name: "MemcpyD2D" } }
+  stat_metadata { key: 10 value { id: 10 name: "hlo_op" } }
+}
+planes { id: 2 name: "/host:CPU" }
+"""
+
+
+def test_gpu_shaped_trace():
+    """Stream lines only (the derived 'XLA Ops' line repeats a kernel); kinds from kernel and HLO op
+    names; busy time is the union over streams (the copy overlaps the gemm); shares sum to one."""
+    s = tracing.summarize(jax.profiler.ProfileData.from_text_proto(GPU_TRACE))
+    assert s["where"] == "device" and s["events"] == 4
+    # intervals (us): gemm 0-4, copy 3-6, fusion 5-6, attention 7-9 -> busy 8 of span 9
+    assert s["busy_ms"] == pytest.approx(0.008) and s["span_ms"] == pytest.approx(0.009)
+    assert s["busy_fraction"] == pytest.approx(8 / 9)
+    assert s["kinds_ms"] == pytest.approx({"matmul": 0.004, "copy": 0.003, "attention": 0.002, "fusion": 0.001})
+    assert [(t["op"], t["kind"], t["count"]) for t in s["top"]] == [
+        ("custom-call", "matmul", 1), ("copy", "copy", 1), ("custom-call", "attention", 1), ("loop_fusion", "fusion", 1)]
+    assert sum(t["share"] for t in s["top"]) == pytest.approx(1.0)
+    assert tracing.summarize(jax.profiler.ProfileData.from_text_proto(GPU_TRACE), wall_s=18e-6)["busy_fraction"] == pytest.approx(8 / 18)
+
+
+def test_cpu_trace_of_a_loop(tmp_path):
+    """A real trace: the loop's body runs 7 times; the while loop's own event, which holds its body's,
+    is not counted again; busy time is within the wall time."""
+    f = jax.jit(lambda x: jax.lax.fori_loop(0, 7, lambda i, x: jnp.tanh(x @ x) * 0.5, x).sum())
+    x = jnp.ones((128, 128))
+    f(x).block_until_ready()
+    out, s = tracing.traced(lambda: f(x).block_until_ready(), tmp_path / "trace")
+    assert float(out) == pytest.approx(float(f(x)))
+    assert s["where"] == "host" and s["events"] >= 7
+    assert 0 < s["busy_ms"] <= s["wall_ms"] and 0 < s["busy_fraction"] <= 1
+    ops = {t["op"]: t for t in s["top"]}
+    assert not any(op.startswith("while") for op in ops), ops
+    assert any(t["count"] % 7 == 0 and t["count"] > 0 for t in s["top"])  # the body's operations, once per trip
+    assert list(tmp_path.glob("trace/**/*.xplane.pb"))
+
+    r = subprocess.run([sys.executable, "-m", "llmjax.tracing", str(tmp_path / "trace")], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 0 and "host events" in r.stdout and "| operation | kind |" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-m", "llmjax.tracing", str(tmp_path / "none")], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("error: no *.xplane.pb") and r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("names, kind", [
+    (("sm90_xmma_gemm_bf16", "custom-call.1"), "matmul"), (("ynn_fusion", "dot.3"), "matmul"),
+    (("fmha_fwd", "custom-call.2"), "attention"), (("nccl_all_reduce", "all-reduce.1"), "collective"),
+    (("transpose_copy_fusion", "transpose_copy_fusion.2"), "copy"), (("loop_add_fusion", ""), "fusion"),
+    (("wrapped_reduce", "wrapped_reduce.1"), "other")])
+def test_kinds(names, kind):
+    assert tracing.kind_of(*names) == kind
