@@ -136,6 +136,18 @@ def _record(state, nxt, max_new: int, eot: int, active=None):
     return {**state, "out": out, "n_gen": n_gen, "done": done, "last": jnp.where(active, nxt, state["last"])}
 
 
+def start_state(B: int, max_new: int, seed: int) -> dict:
+    """The decode loop's state before the prefill adds the cache: no tokens drawn, every row going,
+    row r's random key `fold_in(key(seed), r)`."""
+    return {
+        "out": jnp.zeros((B, max_new), jnp.int32),
+        "n_gen": jnp.zeros((B,), jnp.int32),
+        "done": jnp.zeros((B,), bool),
+        "last": jnp.zeros((B,), jnp.int32),
+        "row_keys": jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), jnp.arange(B)),
+    }
+
+
 def _keys(state):
     return jax.vmap(jax.random.fold_in)(state["row_keys"], state["n_gen"])
 
@@ -232,14 +244,7 @@ def generate(
     seqs = [list(p) for p in prompts]
     starts = [max(0, len(p) - context) for p in prompts]  # each row's window is seqs[r][starts[r]:]
 
-    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), jnp.arange(B))
-    state = {
-        "out": jnp.zeros((B, max_new_tokens), jnp.int32),
-        "n_gen": jnp.zeros((B,), jnp.int32),
-        "done": jnp.zeros((B,), bool),
-        "last": jnp.zeros((B,), jnp.int32),
-        "row_keys": row_keys,
-    }
+    state = start_state(B, max_new_tokens, seed)
 
     def prefill(state, cache_len):
         windows = [s[st:] for s, st in zip(seqs, starts)]

@@ -165,12 +165,14 @@ def test_testing_the_stop_condition_every_k_steps_changes_no_token(arch):
 def prefilled(m, B: int, cache_len: int = 64):
     """A decode state as `generate` makes it: B rows (prompt lengths 3, 16, 9, ...) prefilled into
     a cache of `cache_len` slots, ready for `S._decode`."""
-    state = {
-        "out": jnp.zeros((B, 40), jnp.int32), "n_gen": jnp.zeros((B,), jnp.int32), "done": jnp.zeros((B,), bool),
-        "last": jnp.zeros((B,), jnp.int32), "row_keys": jax.random.split(jax.random.key(0), B),
-    }
     lengths = jnp.asarray([(3, 16, 9)[r % 3] for r in range(B)])
-    return S._prefill(m, state, jnp.ones((B, 16), jnp.int32), lengths, cache_len=cache_len, sampling=GREEDY, eot=-1)
+    return S._prefill(m, S.start_state(B, 40, 0), jnp.ones((B, 16), jnp.int32), lengths, cache_len=cache_len, sampling=GREEDY,
+                      eot=-1)
+
+
+def decode_hlo(m, state, unroll: int) -> str:
+    """The compiled decode loop's HLO text (40 steps, greedy)."""
+    return S._decode.lower(m, state, jnp.int32(40), sampling=GREEDY, eot=-1, unroll=unroll).compile().as_text()
 
 
 def test_the_decode_loop_tests_its_stop_condition_once_per_chunk():
@@ -180,7 +182,7 @@ def test_the_decode_loop_tests_its_stop_condition_once_per_chunk():
     m = decoder("vanilla", seed=9)
     state = prefilled(m, 2)
     for k in (1, 16):
-        hlo = S._decode.lower(m, state, jnp.int32(40), sampling=GREEDY, eot=-1, unroll=k).compile().as_text()
+        hlo = decode_hlo(m, state, k)
         loops = [line for line in hlo.splitlines() if " while(" in line]
         trips = [int(t) for t in re.findall(r'"known_trip_count":\{"n":"(\d+)"\}', "\n".join(loops))]
         if k == 1:
@@ -219,7 +221,7 @@ def test_the_decode_loop_writes_the_cache_in_place_and_copies_none_of_it(arch):
     m = decoder(arch, seed=10)
     state = prefilled(m, 3)
     k_bytes = max(x.nbytes for x in jax.tree.leaves(state["cache"]))  # one layer's keys (or values)
-    hlo = S._decode.lower(m, state, jnp.int32(40), sampling=GREEDY, eot=-1, unroll=16).compile().as_text()
+    hlo = decode_hlo(m, state, 16)
     big = _loop_body_buffers(hlo, k_bytes)
     assert len(big) == 2 * m.cfg.n_layer and all("scatter" in name for name, _ in big), big
 
@@ -231,7 +233,7 @@ def test_the_ssm_decodes_one_step_per_token_not_a_chunk():
     m = decoder("ssm", seed=11)
     state = prefilled(m, 3)
     h_bytes = max(x.nbytes for x in jax.tree.leaves(state["cache"]))  # one layer's state (B, E, N)
-    hlo = S._decode.lower(m, state, jnp.int32(40), sampling=GREEDY, eot=-1, unroll=16).compile().as_text()
+    hlo = decode_hlo(m, state, 16)
     assert m.cfg.scan_chunk >= 8 and not _loop_body_buffers(hlo, 4 * h_bytes), _loop_body_buffers(hlo, 4 * h_bytes)
 
 
