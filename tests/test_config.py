@@ -87,10 +87,13 @@ def test_model_gets_a_frozen_dataclass():
         ({"model.n_kv_head": 3}, "model.n_head=4 must be a multiple of model.n_kv_head=3"),
         ({"model.matmul_dtype": "bf16"}, "model.matmul_dtype='bf16' is not one of '', 'bfloat16' (did you mean 'bfloat16'?)"),
         ({"model.matmul_dtype": "bfloat16", "model.dtype": "float16"}, "model.matmul_dtype='bfloat16' needs model.dtype='float32'"),
+        ({"model.moe_impl": "blocks"}, "model.moe_impl='blocks' is not one of auto, blocked, dense, ragged_dot (did you mean 'blocked'?)"),
+        ({"model.moe_block_rows": 0}, "model.moe_block_rows must be positive, got 0"),
     ],
 )
 def test_bad_overrides_are_one_line_errors(overrides, message):
-    spec = f"{ROOT}/configs/{'modern' if 'n_kv_head' in str(overrides) else 'vanilla'}.py:tiny"
+    arch = "modern" if "n_kv_head" in str(overrides) else "moe" if "moe_" in str(overrides) else "vanilla"
+    spec = f"{ROOT}/configs/{arch}.py:tiny"
     with pytest.raises(ConfigError) as err:
         llmjax.load_config(spec, overrides)
     assert message in str(err.value) and "\n" not in str(err.value)

@@ -34,6 +34,8 @@ OPTIONS = {
         {"moe_mode": "capacity", "capacity_factor": 8.0},
         {"moe_mode": "capacity", "capacity_factor": 0.5},  # drops: still causal
         {"top_k": 1, "scan_layers": False},
+        {"moe_impl": "blocked", "moe_block_rows": 4},  # (the tiny shapes' `auto` is dense)
+        {"moe_impl": "ragged_dot", "scan_layers": False},
     ],
     "ssm": COMMON + [{"scan_chunk": 3}, {"scan_chunk": 64, "d_state": 4, "scan_layers": False}],
 }

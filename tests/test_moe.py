@@ -13,6 +13,7 @@ import llmjax
 import llmjax.models  # noqa: F401
 from conftest import ROOT
 from helpers import config
+from llmjax.models import moe as M
 from llmjax.models.moe import MoEFeedForward
 
 
@@ -44,6 +45,99 @@ def test_dropless_matches_a_per_token_reference():
     np.testing.assert_allclose(y, _reference(layer, x), atol=1e-5, rtol=1e-4)
     assert float(aux["stats"]["dropped"]) == 0.0
     np.testing.assert_allclose(float(aux["stats"]["expert_load"].sum()), 1.0, rtol=1e-6)
+
+
+def _routed(layer, x, route):
+    """(gates, experts) of the layer's router, or a forced routing: 'skewed' sends every token's
+    first choice to expert 0 and its second to expert 1 (two groups of every token, two empty
+    experts), 'one_empty' keeps the router's choices but never expert 3."""
+    _, _, gates, experts = layer.route(x)
+    if route == "skewed":
+        experts = jnp.broadcast_to(jnp.arange(layer.k, dtype=experts.dtype), experts.shape)
+    elif route == "one_empty":
+        experts = jnp.where(experts == 3, jnp.where(experts[..., :1] == 2, 1, 2), experts)
+    return gates, experts
+
+
+def _reference_routed(layer, x, gates, experts):
+    w_in, b_in = np.asarray(layer.w_in[...], np.float64), np.asarray(layer.b_in[...], np.float64)
+    w_out, b_out = np.asarray(layer.w_out[...], np.float64), np.asarray(layer.b_out[...], np.float64)
+    xs, g, e = np.asarray(x, np.float64), np.asarray(gates, np.float64), np.asarray(experts)
+    h = np.einsum("btd,btkdf->btkf", xs, w_in[e]) + b_in[e]
+    h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
+    return np.einsum("btk,btkd->btd", g, np.einsum("btkf,btkfd->btkd", h, w_out[e]) + b_out[e])
+
+
+@pytest.mark.parametrize("route", ["router", "skewed", "one_empty"])
+@pytest.mark.parametrize("impl,block", [("blocked", 1), ("blocked", 4), ("blocked", 5), ("blocked", 512), ("dense", 0), ("ragged_dot", 0)])
+def test_every_dropless_impl_matches_the_reference_and_each_other_in_gradients(impl, block, route):
+    """Each way of running the experts, each block size (1, a power of two, not one, larger than
+    any group), on the router's choices and on routings that leave experts empty or put every
+    token in one group: outputs against a float64 per-token reference, gradients (input, every
+    weight) against `ragged_dot`'s autodiff."""
+    layer = _layer(moe_block_rows=max(block, 1))
+    x = jax.random.normal(jax.random.key(5), (3, 7, 64))
+    gates, experts = _routed(layer, x, route)
+    if route == "one_empty":
+        assert not bool(jnp.any(experts == 3))
+    y = layer._dropless(x, gates, experts, impl=impl)
+    np.testing.assert_allclose(y, _reference_routed(layer, x, gates, experts), atol=1e-5, rtol=1e-4)
+    graphdef, state = nnx.split(layer)
+    cot = jax.random.normal(jax.random.key(6), x.shape)
+
+    def loss(state, x, impl):
+        return jnp.sum(nnx.merge(graphdef, state)._dropless(x, gates, experts, impl=impl) * cot)
+
+    got, want = jax.grad(loss, argnums=(0, 1))(state, x, impl), jax.grad(loss, argnums=(0, 1))(state, x, "ragged_dot")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), got, want)
+    assert float(jnp.abs(got[1]).max()) > 0
+
+
+def test_blocks_bound_holds_for_every_group_size():
+    """`n_blocks` rows suffice for any split of the assignments over the experts (each group padded
+    to whole blocks), and `block_rows` never pads a group by a block or more."""
+    import itertools
+
+    for rows, E, block in [(12, 4, 4), (9, 3, 2), (16, 4, 512), (10, 4, 3)]:
+        b = M.block_rows(rows, E, block)
+        assert b <= block and (b == 1 or b // 2 < -(-rows // E))
+        for sizes in itertools.product(range(rows + 1), repeat=E):
+            if sum(sizes) == rows:
+                assert sum(-(-s // b) for s in sizes) <= M.n_blocks(rows, E, b), (rows, E, b, sizes)
+
+
+def _flops(fn, *args) -> float:
+    return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+
+
+def test_dropless_flops_are_the_routed_rows_not_every_expert():
+    """The blocked layout multiplies the routed rows (plus padding to whole blocks); `ragged_dot`,
+    as XLA's CPU and NVIDIA backends run it, multiplies every row by every expert; `auto` picks
+    blocked for a training-sized batch and dense for decoding's few tokens."""
+    layer = _layer(n_experts=8, moe_block_rows=16)
+    x = jax.random.normal(jax.random.key(7), (4, 64, 64))
+    gates, experts = _routed(layer, x, "router")
+    routed = 2 * 2 * x.shape[0] * x.shape[1] * layer.k * 64 * 64  # two matmuls of the routed rows
+    rows = x.shape[0] * x.shape[1] * layer.k
+    padded = M.n_blocks(rows, 8, M.block_rows(rows, 8, 16)) * M.block_rows(rows, 8, 16)
+    flops = {impl: _flops(lambda x, impl=impl: layer._dropless(x, gates, experts, impl=impl), x) for impl in ("blocked", "dense", "ragged_dot")}
+    assert flops["blocked"] < 1.1 * routed * padded / rows, (flops, routed)
+    assert flops["ragged_dot"] > 0.9 * routed * 8 / layer.k and flops["dense"] > 0.9 * routed * 8 / layer.k
+    default = M.MoEConfig.moe_block_rows
+    assert M.dropless_plan(16 * 1024, 2, 8, default) == "blocked" and M.dropless_plan(16 * 1024, 2, 8, 2048) == "blocked"
+    assert M.dropless_plan(64, 2, 8, default) == "dense" and M.dropless_plan(1, 2, 8, default) == "dense"
+
+
+def test_capacity_dispatch_is_gathers_not_one_hot_products():
+    """The capacity mode's FLOPs are its experts' (E x C slots per sequence): rows reach their
+    slots and come back by gathers. GShard's one-hot dispatch and combine einsums would add
+    2 x 2 B (T k) E C D."""
+    layer = _layer(moe_mode="capacity", capacity_factor=1.25)
+    B, T, D, F, E, k = 4, 64, 64, 64, 4, 2
+    x = jax.random.normal(jax.random.key(8), (B, T, D))
+    C = int(np.ceil(1.25 * T * k / E))
+    experts_flops = 2 * 2 * B * E * C * D * F
+    assert _flops(lambda x: layer(x)[0], x) < 1.15 * experts_flops
 
 
 def test_capacity_mode_without_drops_equals_dropless_and_drops_latest_first():
@@ -86,15 +180,18 @@ def test_trainer_logs_router_losses_and_expert_load(tmp_path):
     assert 0.0 <= last["stat_dropped"] < 1.0
 
 
-@pytest.mark.parametrize("mode", ["dropless", "capacity"])
+@pytest.mark.parametrize("mode", ["dropless", "blocked", "capacity"])
 def test_expert_parallel_training_matches_one_device(mode, tmp_path):
-    """Experts sharded over an `expert` mesh axis of 4 fake CPU devices give the losses of one device."""
+    """Experts sharded over an `expert` mesh axis of 4 fake CPU devices give the losses of one device
+    (dropless: `auto`, which is dense at this size, and the blocked layout's gathered weights)."""
     from llmjax.sharding import make_mesh, param_shardings
     from llmjax.train import train
 
     over = {"train.max_steps": 6, "train.batch_size": 8, "eval.sample_tokens": 0, "eval.num_batches": 1,
             "eval.every_steps": 0, "logging.progress_bar": False, "model.context_len": 32,
-            "model.moe_mode": mode, "model.capacity_factor": 1.0}
+            "model.moe_mode": "capacity" if mode == "capacity" else "dropless", "model.capacity_factor": 1.0}
+    if mode == "blocked":
+        over.update({"model.moe_impl": "blocked", "model.moe_block_rows": 16})
     one = train(llmjax.load_config(f"{ROOT}/configs/moe.py:tiny", over), tmp_path / "one", devices=jax.devices()[:1], quiet=True)
     ep = {**over, "train.mesh.data": 1, "train.mesh.expert": 4}
     cfg = llmjax.load_config(f"{ROOT}/configs/moe.py:tiny", ep)

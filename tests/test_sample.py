@@ -213,11 +213,12 @@ def _loop_body_buffers(hlo: str, min_bytes: int) -> list[tuple[str, str]]:
     return out
 
 
-@pytest.mark.parametrize("arch", ["vanilla", "gqa"])
+@pytest.mark.parametrize("arch", ["vanilla", "gqa", "moe"])
 def test_the_decode_loop_writes_the_cache_in_place_and_copies_none_of_it(arch):
     """Every decoded token writes one slot of each layer's keys and values in place; nothing else in
     the loop body is as large as one layer's key cache (stored (B, S, K, hd), the cache was copied
-    into a heads-first layout for the attention products, every layer, key and value, every token)."""
+    into a heads-first layout for the attention products, every layer, key and value, every token;
+    the MoE's `ragged_dot` copied each layer's expert weights, larger still, transposed)."""
     m = decoder(arch, seed=10)
     state = prefilled(m, 3)
     k_bytes = max(x.nbytes for x in jax.tree.leaves(state["cache"]))  # one layer's keys (or values)

@@ -11,11 +11,26 @@ their probabilities renormalised to sum to 1. Auxiliary outputs (mean over layer
 The trainer weighs the losses with `train.aux_loss_weights` (configs/moe.py sets them).
 
 Two ways to run the experts:
-  - `dropless`: every assignment is computed: tokens are sorted by expert and each expert's group
-    multiplies its weights with `jax.lax.ragged_dot` (no padding, no drops);
+  - `dropless`: every assignment is computed (no padding of the result, no drops). How the experts
+    multiply their tokens is `moe_impl`:
+      `blocked`: assignments sorted by expert into blocks of `moe_block_rows` rows, each expert's
+        group padded to whole blocks, one batched matmul over the blocks with each block's expert
+        weights gathered (megablocks' layout with dense ops: the FLOPs of the routed rows plus the
+        padding, about 1/2 block per expert, plus one weight copy per block);
+      `dense`: every expert on every token, the top_k results picked (n_experts / top_k times the
+        FLOPs, but each weight read once and nothing copied: the right choice for a few tokens,
+        as in decoding);
+      `ragged_dot`: `jax.lax.ragged_dot` over the sorted groups. Native on TPUs; XLA's CPU and
+        NVIDIA GPU backends expand it to a dense dot over a group-masked copy of the rows
+        (n_experts times the FLOPs and an n_experts times larger operand) unless XLA's cuDNN
+        grouped-GEMM fusion is on (`--xla_gpu_experimental_use_ragged_dot_fusion`, cuDNN >= 9.22);
+      `auto` (the default): `dense` or `blocked`, whichever a cost model of the static shapes says
+        is cheaper (`dropless_plan`): dense for decoding's few tokens, blocked for training;
   - `capacity`: each expert takes at most C = ceil(capacity_factor * T * top_k / n_experts)
-    assignments per sequence, into fixed-size (E, C) buffers (dispatch and combine are one-hot
-    einsums, static shapes); assignments over capacity are dropped (the token keeps its residual).
+    assignments per sequence, into fixed-size (E, C) buffers (static shapes: one batched matmul per
+    expert weight, no copies; assignments over capacity are dropped, the token keeps its residual).
+    Rows go into and come back from the buffers by gathers (the same numbers as GShard's one-hot
+    dispatch and combine einsums, without their O(T^2 * top_k^2 * d_model) FLOPs per sequence).
     Slots are given in order of position (all of a token's choices before the next token's), per
     sequence, so a later token can never take an earlier token's slot: the layer stays causal.
 Decoding with a cache always runs dropless (per-token routing, no drops), so cached decoding equals
@@ -39,12 +54,18 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from llmjax.config import ConfigError, ModelConfig
+from llmjax.config import ConfigError, ModelConfig, closest
 from llmjax.models.attention import Attention
 from llmjax.models.layers import DecoderLM, PreNormBlock, dense, layer_norm, normal, param_einsum, residual_std
 from llmjax.registry import register
 
 MODES = ("dropless", "capacity")
+IMPLS = ("auto", "blocked", "dense", "ragged_dot")
+# `auto`'s cost model: a block's weight copy (the gather, and in training the block's float32 weight
+# gradient, written and summed into its expert's) costs about as much time as this many rows' products
+# (d x f elements moved at memory speed against 2 d f FLOPs per row: several hundred rows on an H100,
+# tens on a 2-core CPU; the choice only matters where the two paths are close).
+COPY_ROWS = 512
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,21 +77,48 @@ class MoEConfig(ModelConfig):
     top_k: int
     moe_mode: str  # dropless | capacity
     capacity_factor: float  # capacity mode: slots per expert = ceil(factor * T * top_k / n_experts)
+    moe_impl: str = "auto"  # dropless mode's expert matmuls: auto | blocked | dense | ragged_dot
+    moe_block_rows: int = 1024  # blocked: rows per block (at most the next power of two >= rows / n_experts)
 
     def __post_init__(self):
         super().__post_init__()
         if self.moe_mode not in MODES:
-            raise ConfigError(f"model.moe_mode='{self.moe_mode}' is not one of {', '.join(MODES)}")
+            raise ConfigError(f"model.moe_mode='{self.moe_mode}' is not one of {', '.join(MODES)}{closest(self.moe_mode, MODES)}")
         if not 0 < self.top_k <= self.n_experts:
             raise ConfigError(f"model.top_k={self.top_k} must be between 1 and model.n_experts={self.n_experts}")
         if self.capacity_factor <= 0:
             raise ConfigError(f"model.capacity_factor must be positive, got {self.capacity_factor}")
+        if self.moe_impl not in IMPLS:
+            raise ConfigError(f"model.moe_impl='{self.moe_impl}' is not one of {', '.join(IMPLS)}{closest(self.moe_impl, IMPLS)}")
+        if self.moe_block_rows <= 0:
+            raise ConfigError(f"model.moe_block_rows must be positive, got {self.moe_block_rows}")
+
+
+def block_rows(rows: int, n_experts: int, block: int) -> int:
+    """The blocked layout's rows per block: `block`, or less where the groups are small (the next
+    power of two at or above rows / n_experts), so that padding stays under one block per expert."""
+    return max(1, min(block, 1 << max(0, math.ceil(rows / n_experts) - 1).bit_length()))
+
+
+def n_blocks(rows: int, n_experts: int, b: int) -> int:
+    """Blocks enough for any routing: sum_e ceil(s_e / b) <= (rows + E (b - 1)) / b."""
+    return (rows + n_experts * (b - 1)) // b
+
+
+def dropless_plan(tokens: int, top_k: int, n_experts: int, block: int) -> str:
+    """`moe_impl='auto'`: 'dense' when every expert on every token costs no more than the blocked
+    layout's padded rows and weight copies, else 'blocked' (a trace-time choice: shapes are static)."""
+    rows = tokens * top_k
+    b = block_rows(rows, n_experts, block)
+    nb = n_blocks(rows, n_experts, b)
+    return "dense" if tokens * n_experts <= nb * (b + COPY_ROWS) else "blocked"
 
 
 class MoEFeedForward(nnx.Module):
     def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
         E, D, F = cfg.n_experts, cfg.d_model, cfg.d_ff
         self.E, self.k, self.mode, self.cf, self.dtype = E, cfg.top_k, cfg.moe_mode, cfg.capacity_factor, cfg.compute_dtype
+        self.impl, self.block = cfg.moe_impl, cfg.moe_block_rows
         self.narrow = cfg.narrow_matmuls  # (the experts' operand dtype under model.matmul_dtype)
         self.router = dense(cfg, D, E, rngs=rngs, narrow=False)  # routing decisions in full precision
         self.w_in = nnx.Param(normal(cfg.init_std)(rngs.params(), (E, D, F), jnp.float32))
@@ -100,37 +148,95 @@ class MoEFeedForward(nnx.Module):
         }
         return y, aux
 
-    def _dropless(self, x_BTD, gates, experts):
+    def _dropless(self, x_BTD, gates, experts, impl: str | None = None):
+        """Every assignment through its expert: (B, T, D) in the compute dtype. `impl` overrides
+        `moe_impl` (tests run every path)."""
         B, T, D = x_BTD.shape
-        N, k, dt = B * T, self.k, self.dtype
-        flat_e = experts.reshape(N * k)
-        order = jnp.argsort(flat_e, stable=True)
-        sorted_e = flat_e[order]
-        rows = x_BTD.reshape(N, D)[order // k].astype(dt)  # (N*k, D), grouped by expert
-        sizes = jnp.bincount(flat_e, length=self.E).astype(jnp.int32)
-        mm = self.narrow or dt  # (autodiff's backward here: exact gradients of the rounded operands)
+        N = B * T
+        impl = impl or self.impl
+        if impl == "auto":
+            impl = dropless_plan(N, self.k, self.E, self.block)
+        run = {"blocked": self._blocked, "dense": self._dense, "ragged_dot": self._ragged}[impl]
+        y = run(x_BTD.reshape(N, D).astype(self.dtype), experts.reshape(N, self.k))  # (N, k, D) float32
+        return jnp.einsum("nkd,nk->nd", y, gates.reshape(N, self.k)).reshape(B, T, D).astype(self.dtype)
+
+    def _weights(self):
+        """Expert weights in the matmul operand dtype (cast once, before any gather), biases float32."""
+        mm = self.narrow or self.dtype
+        return self.w_in[...].astype(mm), self.b_in[...], self.w_out[...].astype(mm), self.b_out[...]
+
+    def _ffn(self, rows, w_in, b_in, w_out, b_out, spec_in, spec_out):
+        """GELU FFN with float32 accumulation; biases already broadcast to the products' shapes."""
+        dt, narrow = self.dtype, self.narrow
+        h = jax.nn.gelu(param_einsum(spec_in, rows, w_in, dt, narrow) + b_in, approximate=True).astype(dt)
+        return param_einsum(spec_out, h, w_out, dt, narrow) + b_out
+
+    def _blocked(self, x_ND, experts_Nk):
+        """Sorted, block-padded groups: one batched matmul over blocks of rows of one expert each."""
+        N, D = x_ND.shape
+        k, E = self.k, self.E
+        M = N * k
+        b = block_rows(M, E, self.block)
+        nb = n_blocks(M, E, b)
+        flat = experts_Nk.reshape(M)
+        sizes = jnp.bincount(flat, length=E)
+        padded = (sizes + b - 1) // b * b
+        starts, ends = jnp.cumsum(sizes) - sizes, jnp.cumsum(padded)
+        order = jnp.argsort(flat, stable=True)  # sorted position -> assignment
+        sorted_e = flat[order]
+        dest = ends[sorted_e] - padded[sorted_e] + jnp.arange(M) - starts[sorted_e]  # its padded slot
+        slot = jnp.zeros(M, jnp.int32).at[order].set(dest.astype(jnp.int32), unique_indices=True)
+        token = jnp.full(nb * b, N, jnp.int32).at[dest].set((order // k).astype(jnp.int32), unique_indices=True)
+        rows = x_ND.at[token].get(mode="fill", fill_value=0).reshape(nb, b, D)  # token N: a padding row of zeros
+        block_e = jnp.minimum(jnp.searchsorted(ends, jnp.arange(nb) * b, side="right"), E - 1)
+        w_in, b_in, w_out, b_out = self._weights()
+        out = self._ffn(rows, w_in[block_e], b_in[block_e][:, None], w_out[block_e], b_out[block_e][:, None],
+                        "jbd,jdf->jbf", "jbf,jfd->jbd")
+        return out.reshape(nb * b, D)[slot].reshape(N, k, D)
+
+    def _dense(self, x_ND, experts_Nk):
+        """Every expert on every token; each token keeps its top_k results."""
+        w_in, b_in, w_out, b_out = self._weights()
+        x_END = jnp.broadcast_to(x_ND, (self.E, *x_ND.shape))
+        out = self._ffn(x_END, w_in, b_in[:, None], w_out, b_out[:, None], "end,edf->enf", "enf,efd->end")  # (E, N, D)
+        return out[experts_Nk, jnp.arange(x_ND.shape[0])[:, None]]
+
+    def _ragged(self, x_ND, experts_Nk):
+        """`jax.lax.ragged_dot` over the assignments sorted by expert."""
+        N, D = x_ND.shape
+        k, mm = self.k, self.narrow or self.dtype
+        flat = experts_Nk.reshape(N * k)
+        order = jnp.argsort(flat, stable=True)
+        sorted_e = flat[order]
+        rows = x_ND[order // k]  # (N*k, D), grouped by expert
+        sizes = jnp.bincount(flat, length=self.E).astype(jnp.int32)
+        # (autodiff's backward here: exact gradients of the rounded operands)
         h = jax.lax.ragged_dot(rows.astype(mm), self.w_in[...].astype(mm), sizes, preferred_element_type=jnp.float32)
-        h = jax.nn.gelu(h + self.b_in[...][sorted_e], approximate=True).astype(dt)
+        h = jax.nn.gelu(h + self.b_in[...][sorted_e], approximate=True).astype(self.dtype)
         out = jax.lax.ragged_dot(h.astype(mm), self.w_out[...].astype(mm), sizes, preferred_element_type=jnp.float32)
         out = out + self.b_out[...][sorted_e]
-        unsorted = jnp.zeros_like(out).at[order].set(out).reshape(B, T, k, D)
-        return jnp.einsum("btkd,btk->btd", unsorted, gates).astype(dt)
+        return jnp.zeros_like(out).at[order].set(out).reshape(N, k, D)
 
     def _capacity(self, x_BTD, gates, experts):
         B, T, D = x_BTD.shape
         k, E, dt = self.k, self.E, self.dtype
-        C = max(1, math.ceil(self.cf * T * k / E))
-        onehot = jax.nn.one_hot(experts.reshape(B, T * k), E, dtype=jnp.int32)  # position-major order
-        slot = jnp.cumsum(onehot, axis=1) * onehot - 1  # (B, T*k, E): slot in the expert's buffer, -1 if not routed
-        kept = (slot < C) & (onehot > 0)
-        dispatch = (jax.nn.one_hot(jnp.where(kept, slot, -1), C, dtype=dt))  # (B, T*k, E, C); -1 -> all zeros
-        rows = jnp.repeat(x_BTD.astype(dt), k, axis=1)  # (B, T*k, D)
-        buffers = jnp.einsum("bsec,bsd->becd", dispatch, rows)  # (B, E, C, D)
+        S, C = T * k, max(1, math.ceil(self.cf * T * k / E))
+        e_BS = experts.reshape(B, S)  # position-major order: all of a token's choices before the next token's
+        onehot = jax.nn.one_hot(e_BS, E, dtype=jnp.int32)
+        slot = jnp.sum(jnp.cumsum(onehot, axis=1) * onehot, axis=-1) - 1  # (B, S): its place in its expert's queue
+        kept = slot < C
+        target = jnp.where(kept, e_BS * C + slot, E * C)  # (B, S): index into the E*C slots; E*C: dropped
+
+        def per_row(x_TD, target_S):  # gathers, per sequence (vmap: the batch stays a batch dimension)
+            filler = jnp.full(E * C, S, jnp.int32).at[target_S].set(jnp.arange(S, dtype=jnp.int32), mode="drop")
+            return x_TD.at[filler // k].get(mode="fill", fill_value=0)  # empty slots (S // k = T): zeros
+
+        buffers = jax.vmap(per_row)(x_BTD.astype(dt), target).reshape(B, E, C, D)
         weights = (self.w_in[...].astype(dt), self.b_in[...], self.w_out[...].astype(dt), self.b_out[...])
         out = expert_parallel(functools.partial(expert_ffn, narrow=self.narrow), buffers, *weights)
-        combined = jnp.einsum("bsec,becd->bsd", dispatch, out).reshape(B, T, k, D)
-        kept_BTk = kept.any(axis=-1).reshape(B, T, k)
-        return jnp.einsum("btkd,btk->btd", combined, (gates * kept_BTk).astype(dt)), kept_BTk
+        back = jax.vmap(lambda o, t: o.at[t].get(mode="fill", fill_value=0))(out.reshape(B, E * C, D), target)
+        kept_BTk = kept.reshape(B, T, k)
+        return jnp.einsum("btkd,btk->btd", back.reshape(B, T, k, D), (gates * kept_BTk).astype(dt)), kept_BTk
 
 
 def expert_ffn(buffers_BECD, w_in, b_in, w_out, b_out, narrow=None):
