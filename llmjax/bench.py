@@ -141,11 +141,27 @@ def bench_train(cfg, *, steps: int, repeats: int, memory: bool, profile_dir: Pat
             _profile(row, "profile_train", lambda: block(min(steps, 5)), profile_dir and profile_dir / f"train_b{B}")
     if memory:
         row["memory_in_use_before_bytes"] = before.get("bytes_in_use")
+        row.update(compiled_flops(compiled, accum * B * T, summarize(mcfg)["flops_per_token"]))
         m = compiled.memory_analysis()
         row["compiled_memory_bytes"] = (
             int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes) if m else None
         )
     return row
+
+
+def compiled_flops(compiled, tokens: int, model_flops_per_token: float) -> dict:
+    """XLA's count of the FLOPs the compiled step performs, per token, and its ratio to the model's
+    accounting (`flops_per_token`, which MFU uses): above 1 where the step computes more than the
+    model needs (remat's recomputation, masked attention blocks, padding, a product expanded to
+    dense); XLA counts no FLOPs inside library calls it does not see into (cuDNN attention on a GPU).
+    None where the backend gives no cost analysis."""
+    try:
+        flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
+    except Exception:  # (a backend without a cost model)
+        flops = 0.0
+    if flops <= 0:
+        return {"compiled_flops_per_token": None, "compiled_flops_ratio": None}
+    return {"compiled_flops_per_token": flops / tokens, "compiled_flops_ratio": flops / tokens / model_flops_per_token}
 
 
 def inference_model(mcfg, quantize: str | None = None):
@@ -251,6 +267,8 @@ def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len,
         "peak_memory_bytes": None,
         "memory_in_use_before_bytes": None,
         "compiled_memory_bytes": None,
+        "compiled_flops_per_token": None,
+        "compiled_flops_ratio": None,
         **{f"decode_{k}tokens_per_sec_b{b}": None for k in ("", "sampled_") for b in decode_batches},
         "decode_state_bytes": summ["decode_state_bytes"],
         "quantize": quantize or "none",

@@ -71,7 +71,7 @@ cat >"$work/table.py" <<'EOF'
 import json, os, sys
 rows = [json.loads(l) for l in open(sys.argv[1])] if os.path.exists(sys.argv[1]) else []
 cols = ["arch", "batch_size", "scan_layers", "remat", "attention_impl", "loss_chunks", "moe_mode", "moe_impl", "moe_block_rows", "quantize", "train_tokens_per_sec", "mfu", "peak_memory_bytes",
-        "compiled_memory_bytes", "decode_tokens_per_sec_b1", "decode_tokens_per_sec_b64", "decode_sampled_tokens_per_sec_b1",
+        "compiled_memory_bytes", "compiled_flops_ratio", "decode_tokens_per_sec_b1", "decode_tokens_per_sec_b64", "decode_sampled_tokens_per_sec_b1",
         "decode_sampled_tokens_per_sec_b64", "hellaswag_items_per_sec", "config", "xla_flags"]
 print("| " + " | ".join(cols) + " |")
 print("|" + "---|" * len(cols))

@@ -159,3 +159,17 @@ def test_steps_zero_compiles_without_running():
     assert row["compiled_memory_bytes"] > 0 and row["train_tokens_per_sec"] is None and row["peak_memory_bytes"] is None
     ran = bench.bench(cfg, "x", suites={"memory"}, steps=1, repeats=1, decode_batches=[1], prompt_len=4, new_tokens=4)
     assert ran["compiled_memory_bytes"] == row["compiled_memory_bytes"]
+
+
+def test_compiled_flops_expose_a_step_that_computes_more_than_the_model_needs():
+    """`compiled_flops_ratio` (XLA's count of the compiled step's FLOPs over the model's accounting)
+    rises when the step does work the model does not need: the MoE's experts through ragged_dot
+    (expanded to every row times every expert on the CPU) against the blocked layout."""
+    def ratio(**over):
+        cfg = llmjax.load_config(f"{ROOT}/configs/moe.py:tiny", {"train.batch_size": 8, **over})
+        row = bench.bench(cfg, "configs/moe.py:tiny", suites={"memory"}, steps=0, repeats=1, decode_batches=[1], prompt_len=4,
+                          new_tokens=4)
+        assert row["compiled_flops_per_token"] > 0 and row["moe_impl"] == over["model.moe_impl"]
+        return row["compiled_flops_ratio"]
+
+    assert ratio(**{"model.moe_impl": "ragged_dot"}) > 1.4 * ratio(**{"model.moe_impl": "blocked"})
