@@ -128,6 +128,53 @@ def test_dropless_flops_are_the_routed_rows_not_every_expert():
     assert M.dropless_plan(64, 2, 8, default) == "dense" and M.dropless_plan(1, 2, 8, default) == "dense"
 
 
+def _gshard_capacity(layer, x):
+    """The capacity mode as GShard writes it: one-hot dispatch and combine einsums (plain autodiff)."""
+    B, T, D = x.shape
+    k, E = layer.k, layer.E
+    C = max(1, int(np.ceil(layer.cf * T * k / E)))
+    _, _, gates, experts = layer.route(x)
+    onehot = jax.nn.one_hot(experts.reshape(B, T * k), E, dtype=jnp.int32)
+    slot = jnp.cumsum(onehot, axis=1) * onehot - 1
+    kept = (slot < C) & (onehot > 0)
+    dispatch = jax.nn.one_hot(jnp.where(kept, slot, -1), C, dtype=x.dtype)  # (B, T*k, E, C)
+    buffers = jnp.einsum("bsec,bsd->becd", dispatch, jnp.repeat(x, k, axis=1))
+    out = M.expert_ffn(buffers, layer.w_in[...], layer.b_in[...], layer.w_out[...], layer.b_out[...])
+    combined = jnp.einsum("bsec,becd->bsd", dispatch, out).reshape(B, T, k, D)
+    return jnp.einsum("btkd,btk->btd", combined, gates * kept.any(axis=-1).reshape(B, T, k))
+
+
+@pytest.mark.parametrize("factor", [0.5, 8.0])
+def test_capacity_gathers_equal_gshards_einsums_in_values_and_gradients(factor):
+    """The gathers (and their gather-shaped gradients) against GShard's one-hot einsums under plain
+    autodiff, with drops (factor 0.5) and without."""
+    layer = _layer(moe_mode="capacity", capacity_factor=factor)
+    x = jax.random.normal(jax.random.key(9), (2, 16, 64))
+    cot = jax.random.normal(jax.random.key(10), x.shape)
+    graphdef, state = nnx.split(layer)
+
+    def loss(state, x, reference):
+        m = nnx.merge(graphdef, state)
+        return jnp.sum((_gshard_capacity(m, x) if reference else m(x)[0]) * cot)
+
+    np.testing.assert_allclose(layer(x)[0], _gshard_capacity(layer, x), atol=1e-5, rtol=1e-5)
+    got, want = jax.grad(loss, argnums=(0, 1))(state, x, False), jax.grad(loss, argnums=(0, 1))(state, x, True)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), got, want)
+
+
+def test_take_rows_gradient_is_autodiffs():
+    """take_rows' gather-shaped backward equals autodiff's scatter-add, for a routing-like index
+    (each row read twice or not at all, some outputs reading past the end)."""
+    x = jax.random.normal(jax.random.key(11), (5, 3))
+    index = jnp.array([4, 0, 5, 2, 0, 4, 2, 5, 5, 1, 1])  # 5: past the end (zeros); row 3 never read
+    inverse = jnp.array([[1, 4], [9, 10], [3, 6], [11, 11], [0, 5]])  # 11 = len(index): none
+    g = jax.random.normal(jax.random.key(12), (11, 3))
+    np.testing.assert_array_equal(M.take_rows(x, index, inverse), x.at[index].get(mode="fill", fill_value=0))
+    got = jax.vjp(lambda x: M.take_rows(x, index, inverse), x)[1](g)[0]
+    want = jax.vjp(lambda x: x.at[index].get(mode="fill", fill_value=0), x)[1](g)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_capacity_dispatch_is_gathers_not_one_hot_products():
     """The capacity mode's FLOPs are its experts' (E x C slots per sequence): rows reach their
     slots and come back by gathers. GShard's one-hot dispatch and combine einsums would add

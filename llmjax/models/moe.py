@@ -94,6 +94,28 @@ class MoEConfig(ModelConfig):
             raise ConfigError(f"model.moe_block_rows must be positive, got {self.moe_block_rows}")
 
 
+@jax.custom_vjp
+def take_rows(x, index, inverse):
+    """`x[index]` along the first axis, rows past the end of x reading zeros, whose gradient is a
+    gather as well: `inverse` (len(x), r) lists, for each row of x, the output rows that read it
+    (len(index): none). Autodiff would scatter-add instead (atomic, so order-dependent on GPUs);
+    every routing step here is a permutation with known inverse, so the backward stays a gather."""
+    return x.at[index].get(mode="fill", fill_value=0)
+
+
+def _take_rows_fwd(x, index, inverse):
+    return take_rows(x, index, inverse), (inverse, jnp.zeros((0,), x.dtype))
+
+
+def _take_rows_bwd(res, g):
+    inverse, like = res
+    dx = jnp.sum(g.at[inverse].get(mode="fill", fill_value=0).astype(jnp.float32), axis=1).astype(like.dtype)
+    return dx, None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
 def block_rows(rows: int, n_experts: int, block: int) -> int:
     """The blocked layout's rows per block: `block`, or less where the groups are small (the next
     power of two at or above rows / n_experts), so that padding stays under one block per expert."""
@@ -179,20 +201,21 @@ class MoEFeedForward(nnx.Module):
         b = block_rows(M, E, self.block)
         nb = n_blocks(M, E, b)
         flat = experts_Nk.reshape(M)
-        sizes = jnp.bincount(flat, length=E)
+        sizes = jnp.sum(jax.nn.one_hot(flat, E, dtype=jnp.int32), axis=0)  # (a reduction: no atomics)
         padded = (sizes + b - 1) // b * b
         starts, ends = jnp.cumsum(sizes) - sizes, jnp.cumsum(padded)
-        order = jnp.argsort(flat, stable=True)  # sorted position -> assignment
+        order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # sorted position -> assignment
         sorted_e = flat[order]
-        dest = ends[sorted_e] - padded[sorted_e] + jnp.arange(M) - starts[sorted_e]  # its padded slot
-        slot = jnp.zeros(M, jnp.int32).at[order].set(dest.astype(jnp.int32), unique_indices=True)
-        token = jnp.full(nb * b, N, jnp.int32).at[dest].set((order // k).astype(jnp.int32), unique_indices=True)
-        rows = x_ND.at[token].get(mode="fill", fill_value=0).reshape(nb, b, D)  # token N: a padding row of zeros
-        block_e = jnp.minimum(jnp.searchsorted(ends, jnp.arange(nb) * b, side="right"), E - 1)
+        dest = (ends[sorted_e] - padded[sorted_e] + jnp.arange(M) - starts[sorted_e]).astype(jnp.int32)  # its padded slot
+        slot = jnp.zeros(M, jnp.int32).at[order].set(dest, unique_indices=True)  # each assignment's padded slot
+        holder = jnp.full(nb * b, M, jnp.int32).at[dest].set(order, unique_indices=True)  # each slot's assignment (M: none)
+        token = jnp.where(holder < M, holder // k, N)  # each slot's token (N: padding, reads zeros)
+        rows = take_rows(x_ND, token, slot.reshape(N, k)).reshape(nb, b, D)
+        block_e = jnp.minimum(jnp.searchsorted(ends, jnp.arange(nb) * b, side="right", method="compare_all"), E - 1)
         w_in, b_in, w_out, b_out = self._weights()
         out = self._ffn(rows, w_in[block_e], b_in[block_e][:, None], w_out[block_e], b_out[block_e][:, None],
                         "jbd,jdf->jbf", "jbf,jfd->jbd")
-        return out.reshape(nb * b, D)[slot].reshape(N, k, D)
+        return take_rows(out.reshape(nb * b, D), slot, holder[:, None]).reshape(N, k, D)
 
     def _dense(self, x_ND, experts_Nk):
         """Every expert on every token; each token keeps its top_k results."""
@@ -227,14 +250,13 @@ class MoEFeedForward(nnx.Module):
         kept = slot < C
         target = jnp.where(kept, e_BS * C + slot, E * C)  # (B, S): index into the E*C slots; E*C: dropped
 
-        def per_row(x_TD, target_S):  # gathers, per sequence (vmap: the batch stays a batch dimension)
-            filler = jnp.full(E * C, S, jnp.int32).at[target_S].set(jnp.arange(S, dtype=jnp.int32), mode="drop")
-            return x_TD.at[filler // k].get(mode="fill", fill_value=0)  # empty slots (S // k = T): zeros
-
-        buffers = jax.vmap(per_row)(x_BTD.astype(dt), target).reshape(B, E, C, D)
+        # each slot's assignment (S: empty), per sequence; vmap keeps the batch a batch dimension
+        filler = jax.vmap(lambda t: jnp.full(E * C, S, jnp.int32).at[t].set(jnp.arange(S, dtype=jnp.int32), mode="drop"))(target)
+        dispatch = jax.vmap(lambda x, f, t: take_rows(x, f // k, t.reshape(T, k)))  # (empty slots: token T, zeros)
+        buffers = dispatch(x_BTD.astype(dt), filler, target).reshape(B, E, C, D)
         weights = (self.w_in[...].astype(dt), self.b_in[...], self.w_out[...].astype(dt), self.b_out[...])
         out = expert_parallel(functools.partial(expert_ffn, narrow=self.narrow), buffers, *weights)
-        back = jax.vmap(lambda o, t: o.at[t].get(mode="fill", fill_value=0))(out.reshape(B, E * C, D), target)
+        back = jax.vmap(lambda o, t, f: take_rows(o, t, f[:, None]))(out.reshape(B, E * C, D), target, filler)
         kept_BTk = kept.reshape(B, T, k)
         return jnp.einsum("btkd,btk->btd", back.reshape(B, T, k, D), (gates * kept_BTk).astype(dt)), kept_BTk
 
