@@ -227,6 +227,19 @@ def test_the_decode_loop_writes_the_cache_in_place_and_copies_none_of_it(arch):
     assert len(big) == 2 * m.cfg.n_layer and all("scatter" in name for name, _ in big), big
 
 
+def test_the_linformer_updates_its_state_in_place():
+    """Each decoded token writes its key and value into the block and adds a completed block's
+    summary into the sums, in place (4 scatters per layer); nothing copies, selects over or
+    concatenates anything as large as a block of keys (the first version rewrote the whole state
+    several times per token: zeroing, `where` over every leaf, keys concatenated for attention)."""
+    m = decoder("linformer", seed=12)
+    state = prefilled(m, 3)
+    hlo = decode_hlo(m, state, 16)
+    big = _loop_body_buffers(hlo, min(x.nbytes for x in jax.tree.leaves(state["cache"]) if x.ndim == 4))
+    assert sum("scatter" in name for name, _ in big) == 4 * m.cfg.n_layer, big
+    assert not [(n, sh) for n, sh in big if any(w in n for w in ("copy", "select", "concatenate"))], big
+
+
 def test_the_ssm_decodes_one_step_per_token_not_a_chunk():
     """A decoded token is one step of the recurrence: the decode loop builds nothing of the size of
     a `scan_chunk`-token chunk of states (the training scan's unit; padding one token to a chunk of

@@ -60,8 +60,8 @@ def _attend(q, keys, values, mask, scale, dtype):
 
 
 class CausalLinformerAttention(nnx.Module):
-    """Decode cache per layer: {'k_block', 'v_block': (B, block, H, hd), 'k_sum', 'v_sum':
-    (B, rank, H, hd), 'n_blocks': (B,) completed blocks folded into the sums}."""
+    """Decode cache per layer: {'k_block', 'v_block': (B, H, hd, block), 'k_sum', 'v_sum':
+    (B, H, hd, rank) float32, 'n_blocks': (B,) completed blocks added into the sums}."""
 
     def __init__(self, cfg: LinformerConfig, *, rngs: nnx.Rngs):
         H, hd, b, r = cfg.n_head, cfg.head_dim, cfg.block_size, cfg.rank
@@ -109,35 +109,44 @@ class CausalLinformerAttention(nnx.Module):
         return out.reshape(B, nb * b, self.H, self.hd)[:, :T]
 
     def _decode(self, q, k, v, positions_BT, cache):
-        """Token by token through the bounded state (prefill and decoding with a cache)."""
-        b, dt = self.b, self.dtype
+        """Token by token through the bounded state (prefill and decoding with a cache). Every write
+        is in place: the token's key and value into its slot of the block, a completed block's
+        summary added into the running sums of the rows that complete one (the others' indices
+        point past the batch and are dropped), nothing else; rows at position -1 change nothing.
+        Slots after the current one still hold the previous block: the mask hides them. Attention
+        reads the float32 sums and the block where they lie (scores against both, one softmax),
+        never a concatenated copy."""
+        b, r, dt = self.b, self.r, self.dtype
         pk, pv = self.proj_k[...].astype(dt), self.proj_v[...].astype(dt)
-        rows = jnp.arange(q.shape[0])
+        B = q.shape[0]
+        rows = jnp.arange(B)
 
         def step(c, inputs):
             q_t, k_t, v_t, pos = inputs  # (B, H, hd) x3, (B,)
             valid = pos >= 0
             slot = jnp.where(valid, pos % b, 0)
-            fold = valid & (slot == 0) & (pos > 0)  # the previous block is complete: fold it
-            f = fold[:, None, None, None]
-            k_sum = jnp.where(f, c["k_sum"] + jnp.einsum("rs,bshd->brhd", pk, c["k_block"]).astype(c["k_sum"].dtype), c["k_sum"])
-            v_sum = jnp.where(f, c["v_sum"] + jnp.einsum("rs,bshd->brhd", pv, c["v_block"]).astype(c["v_sum"].dtype), c["v_sum"])
+            fold = valid & (slot == 0) & (pos > 0)  # the block so far is complete: add its summary
+            folding = jnp.where(fold, rows, B)  # (B: dropped)
+            summary = lambda p, blk: jnp.einsum("rs,bhds->bhdr", p, blk).astype(jnp.float32)  # noqa: E731
+            # (the barrier orders the summaries' reads of the blocks before the writes below, so
+            # that XLA updates the blocks in place instead of copying them first)
+            sk, sv, k_block, v_block = jax.lax.optimization_barrier(
+                (summary(pk, c["k_block"]), summary(pv, c["v_block"]), c["k_block"], c["v_block"]))
+            k_sum = c["k_sum"].at[folding].add(sk, mode="drop")
+            v_sum = c["v_sum"].at[folding].add(sv, mode="drop")
             n = c["n_blocks"] + fold
-            k_block = jnp.where(f, 0, c["k_block"])
-            v_block = jnp.where(f, 0, c["v_block"])
-            w = valid[:, None, None]
-            k_block = k_block.at[rows, slot].set(jnp.where(w, k_t.astype(k_block.dtype), k_block[rows, slot]))
-            v_block = v_block.at[rows, slot].set(jnp.where(w, v_t.astype(v_block.dtype), v_block[rows, slot]))
-            denom = jnp.maximum(n, 1).astype(jnp.float32)[:, None, None, None]
-            keys = jnp.concatenate([(k_sum / denom).astype(dt), k_block.astype(dt)], axis=1)  # (B, r + b, H, hd)
-            values = jnp.concatenate([(v_sum / denom).astype(dt), v_block.astype(dt)], axis=1)
-            mask = jnp.concatenate(
-                [jnp.broadcast_to((n > 0)[:, None], (n.shape[0], self.r)), jnp.arange(b)[None, :] <= slot[:, None]], axis=1
-            )[:, None, None, :]  # (B, 1, 1, r + b)
-            out = _attend(q_t[:, None], keys, values, mask, self.scale, dt)[:, 0]
-            new = {"k_block": k_block, "v_block": v_block, "k_sum": k_sum, "v_sum": v_sum, "n_blocks": n}
-            keep = lambda a, b_: jnp.where(valid.reshape((-1,) + (1,) * (a.ndim - 1)), a, b_)  # noqa: E731
-            return jax.tree.map(keep, new, c), out
+            writing = jnp.where(valid, rows, B)
+            k_block = k_block.at[writing, :, :, slot].set(k_t.astype(k_block.dtype), mode="drop")
+            v_block = v_block.at[writing, :, :, slot].set(v_t.astype(v_block.dtype), mode="drop")
+            inv = (1.0 / jnp.maximum(n, 1).astype(jnp.float32))[:, None, None]  # the sums' mean
+            s_sum = jnp.einsum("bhd,bhdr->bhr", q_t.astype(jnp.float32), k_sum) * (self.scale * inv)
+            s_blk = jnp.einsum("bhd,bhds->bhs", q_t, k_block.astype(dt), preferred_element_type=jnp.float32) * self.scale
+            s_sum = jnp.where((n > 0)[:, None, None], s_sum, -jnp.inf)
+            s_blk = jnp.where((jnp.arange(b)[None, :] <= slot[:, None])[:, None, :], s_blk, -jnp.inf)
+            probs = jax.nn.softmax(jnp.concatenate([s_sum, s_blk], axis=-1), axis=-1)  # (B, H, r + b)
+            out = jnp.einsum("bhr,bhdr->bhd", probs[..., :r] * inv, v_sum) + jnp.einsum(
+                "bhs,bhds->bhd", probs[..., r:].astype(dt), v_block.astype(dt), preferred_element_type=jnp.float32)
+            return {"k_block": k_block, "v_block": v_block, "k_sum": k_sum, "v_sum": v_sum, "n_blocks": n}, out.astype(dt)
 
         xs = (q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1), positions_BT.swapaxes(0, 1))
         cache, outs = jax.lax.scan(step, cache, xs)
@@ -145,8 +154,8 @@ class CausalLinformerAttention(nnx.Module):
 
     def init_cache(self, batch_size: int, max_len: int, dtype):
         del max_len  # bounded: one block plus the summaries
-        block = jnp.zeros((batch_size, self.b, self.H, self.hd), dtype)
-        sums = jnp.zeros((batch_size, self.r, self.H, self.hd), jnp.float32)  # running sums stay float32
+        block = jnp.zeros((batch_size, self.H, self.hd, self.b), dtype)  # slots last: read in place by the products
+        sums = jnp.zeros((batch_size, self.H, self.hd, self.r), jnp.float32)  # running sums stay float32
         return {"k_block": block, "v_block": block, "k_sum": sums, "v_sum": sums, "n_blocks": jnp.zeros((batch_size,), jnp.int32)}
 
 
