@@ -93,6 +93,23 @@ def test_every_dropless_impl_matches_the_reference_and_each_other_in_gradients(i
     assert float(jnp.abs(got[1]).max()) > 0
 
 
+@pytest.mark.parametrize("impl", ["blocked", "dense"])
+def test_dropless_impls_in_bfloat16(impl):
+    """In bfloat16 (the default configs' dtype) each path stays within bfloat16 rounding of the
+    float64 reference, in the compute dtype, and its input gradient of `ragged_dot`'s."""
+    layer = _layer(dtype="bfloat16", moe_block_rows=8)
+    x = jax.random.normal(jax.random.key(13), (3, 11, 64)).astype(jnp.bfloat16)
+    gates, experts = _routed(layer, x, "router")
+    y = layer._dropless(x, gates, experts, impl=impl)
+    assert y.dtype == jnp.bfloat16
+    want = _reference_routed(layer, x.astype(jnp.float32), gates, experts)
+    np.testing.assert_allclose(np.asarray(y, np.float32), want, atol=3e-2 * np.abs(want).max(), rtol=0)
+    cot = jax.random.normal(jax.random.key(14), x.shape).astype(jnp.bfloat16)
+    grad = lambda impl: jax.grad(lambda x: jnp.sum((layer._dropless(x, gates, experts, impl=impl) * cot).astype(jnp.float32)))(x)  # noqa: E731
+    got, ref = np.asarray(grad(impl), np.float32), np.asarray(grad("ragged_dot"), np.float32)
+    np.testing.assert_allclose(got, ref, atol=3e-2 * np.abs(ref).max(), rtol=0)
+
+
 def test_blocks_bound_holds_for_every_group_size():
     """`n_blocks` rows suffice for any split of the assignments over the experts (each group padded
     to whole blocks), and `block_rows` never pads a group by a block or more."""
