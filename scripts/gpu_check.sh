@@ -9,7 +9,7 @@
 # cap, so that a slow step cannot starve the ones after it); a step that no longer fits is skipped and
 # logged. Default mode:
 #   1. the GPU-only tests (tests/gpu: cuDNN against XLA attention, whole models in bf16, a bf16
-#      training step per architecture);
+#      training step per architecture, the MoE's expert paths against each other);
 #   2. benchmarks (python -m llmjax.bench): vanilla and modern in full (training at batch 16 and 32
 #      with memory in one process, then decoding at batch 1 and 64, greedy and top-k, in another), then
 #      gqa, mla, moe, linformer, ssm short (training at batch 16, greedy decoding);
@@ -147,7 +147,7 @@ if [ "$mode" = --sweep ]; then
       "64 True dots_no_batch cudnn" "16 True none cudnn" "32 False dots_no_batch cudnn" "16 False none xla"
   done
 else
-  [ "$variant" = default ] && step "GPU-only tests" 150 gpu_tests.log "${pytest[@]}" tests/gpu --junitxml="$work/gpu_tests.xml"
+  [ "$variant" = default ] && step "GPU-only tests" 180 gpu_tests.log "${pytest[@]}" tests/gpu --junitxml="$work/gpu_tests.xml"
   # training and decoding in separate steps: a slow training compile must not cost the decode figures
   for arch in vanilla modern; do
     step "bench $arch training (full)" 150 bench.log "${bench[@]}" --config "$(cfg $arch)" --suite=train,memory --batch_size=16,32 \
