@@ -116,6 +116,27 @@ def _take_rows_bwd(res, g):
 take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
+@jax.custom_vjp
+def take_experts(w, block_e):
+    """`w[block_e]`: each block's copy of its expert's weights. The gradient sums each expert's
+    blocks by a one-hot contraction (exact ones and zeros, float32 accumulation), where autodiff
+    would scatter-add the blocks into the experts (atomic, order-dependent on GPUs)."""
+    return w[block_e]
+
+
+def _take_experts_fwd(w, block_e):
+    return w[block_e], (block_e, jnp.zeros((w.shape[0], 0), w.dtype))
+
+
+def _take_experts_bwd(res, g):
+    block_e, like = res  # (like: the experts' count and dtype)
+    onehot = jax.nn.one_hot(block_e, like.shape[0], dtype=jnp.float32)  # (blocks, E)
+    return jnp.einsum("je,j...->e...", onehot, g.astype(jnp.float32)).astype(like.dtype), None
+
+
+take_experts.defvjp(_take_experts_fwd, _take_experts_bwd)
+
+
 def block_rows(rows: int, n_experts: int, block: int) -> int:
     """The blocked layout's rows per block: `block`, or less where the groups are small (the next
     power of two at or above rows / n_experts), so that padding stays under one block per expert."""
@@ -213,8 +234,8 @@ class MoEFeedForward(nnx.Module):
         rows = take_rows(x_ND, token, slot.reshape(N, k)).reshape(nb, b, D)
         block_e = jnp.minimum(jnp.searchsorted(ends, jnp.arange(nb) * b, side="right", method="compare_all"), E - 1)
         w_in, b_in, w_out, b_out = self._weights()
-        out = self._ffn(rows, w_in[block_e], b_in[block_e][:, None], w_out[block_e], b_out[block_e][:, None],
-                        "jbd,jdf->jbf", "jbf,jfd->jbd")
+        w_in, b_in, w_out, b_out = (take_experts(w, block_e) for w in (w_in, b_in, w_out, b_out))
+        out = self._ffn(rows, w_in, b_in[:, None], w_out, b_out[:, None], "jbd,jdf->jbf", "jbf,jfd->jbd")
         return take_rows(out.reshape(nb * b, D), slot, holder[:, None]).reshape(N, k, D)
 
     def _dense(self, x_ND, experts_Nk):
