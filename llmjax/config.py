@@ -168,6 +168,7 @@ def _shared_groups(variant: str) -> dict[str, dict[str, Any]]:
             beta1=0.9,
             beta2=0.95 if gpu else 0.99,
             grad_clip=1.0,
+            deterministic=False,  # GPU: compile the steps with XLA's deterministic ops (no order-dependent atomic sums; slower)
             loss_chunks=0,  # the loss over this many slices of the vocabulary: the logits are never whole (less memory, one more head matmul); 0: off
             log_every_steps=10,
             checkpoint_every_steps=1000 if gpu else 250,

@@ -158,6 +158,21 @@ class Steps:
     score_step: object  # (params, tokens, targets, mask (batch, T)) -> (log-likelihood, greedy) per row (llmjax.scoring)
 
 
+# train.deterministic on a GPU: XLA's deterministic mode (scatter-adds such as the embedding table's
+# gradient by a sort instead of atomics, deterministic library algorithms), so that a run repeats,
+# and a resumed run continues, bit for bit.
+DETERMINISTIC_GPU_OPTIONS = {"xla_gpu_deterministic_ops": True}
+
+
+def step_compiler_options(mcfg, tcfg, platform: str) -> dict | None:
+    """XLA compile options for the jitted steps: the CPU's float32 tuning (llmjax/runtime.py) and,
+    with train.deterministic on a GPU, XLA's deterministic ops."""
+    options = cpu_compiler_options(mcfg.matmul_dtype or mcfg.dtype, platform)
+    if tcfg.get("deterministic", False) and platform == "gpu":
+        options = {**(options or {}), **DETERMINISTIC_GPU_OPTIONS}
+    return options
+
+
 def build_steps(cfg, mesh) -> Steps:
     """Model, optimizer, shardings and the jitted train and eval steps for `cfg` on `mesh`."""
     mcfg, tcfg = model_config(cfg), cfg.train
@@ -230,7 +245,7 @@ def build_steps(cfg, mesh) -> Steps:
         new_state = {"params": optax.apply_updates(params, updates), "opt": opt, "rng": state["rng"], "step": state["step"] + 1}
         return new_state, metrics
 
-    options = cpu_compiler_options(mcfg.matmul_dtype or mcfg.dtype, mesh.devices.flat[0].platform)  # (llmjax/runtime.py)
+    options = step_compiler_options(mcfg, tcfg, mesh.devices.flat[0].platform)
     step_fn = jax.jit(
         train_step, in_shardings=(state_shard, tok_shard), out_shardings=(state_shard, replicated), donate_argnums=0,
         compiler_options=options,

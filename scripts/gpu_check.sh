@@ -21,7 +21,7 @@
 #   6. with what time is left, a few sweep settings (vanilla: the loss over 16 vocabulary slices at
 #      batch 16, batch 64, scanned layers, remat; modern at batch 64; vanilla decoding with while loops
 #      in CUDA graphs, and without; the MoE in capacity mode, with 2048- and 512-row blocks, and through
-#      ragged_dot with XLA's cuDNN grouped GEMM), then the PyTorch anchors
+#      ragged_dot with XLA's cuDNN grouped GEMM; vanilla with XLA's deterministic ops), then the PyTorch anchors
 #      (../shared/anchors/gpu_anchors.sh, NANOGPT_SRC set) if 4 minutes are left.
 # --sweep: training tokens/s over batch x scanned/unrolled layers x remat x attention kernel x loss
 # chunks, most telling settings first, as far as the budget goes.
@@ -70,7 +70,7 @@ log() { echo "$*" | tee -a "$out/steps.log"; }
 cat >"$work/table.py" <<'EOF'
 import json, os, sys
 rows = [json.loads(l) for l in open(sys.argv[1])] if os.path.exists(sys.argv[1]) else []
-cols = ["arch", "batch_size", "scan_layers", "remat", "attention_impl", "loss_chunks", "moe_mode", "moe_impl", "moe_block_rows", "quantize", "train_tokens_per_sec", "mfu", "peak_memory_bytes",
+cols = ["arch", "batch_size", "scan_layers", "remat", "attention_impl", "loss_chunks", "deterministic", "moe_mode", "moe_impl", "moe_block_rows", "quantize", "train_tokens_per_sec", "mfu", "peak_memory_bytes",
         "compiled_memory_bytes", "compiled_flops_ratio", "decode_tokens_per_sec_b1", "decode_tokens_per_sec_b64", "decode_sampled_tokens_per_sec_b1",
         "decode_sampled_tokens_per_sec_b64", "hellaswag_items_per_sec", "config", "xla_flags"]
 print("| " + " | ".join(cols) + " |")
@@ -202,6 +202,8 @@ else
   step "sweep moe capacity mode" 80 sweep.log "${moe_train[@]}" --config.model.moe_mode=capacity
   step "sweep moe blocked 2048 rows" 80 sweep.log "${moe_train[@]}" --config.model.moe_impl=blocked --config.model.moe_block_rows=2048
   step "sweep moe blocked 512 rows" 80 sweep.log "${moe_train[@]}" --config.model.moe_impl=blocked --config.model.moe_block_rows=512
+  step "sweep vanilla deterministic ops" 80 sweep.log "${bench[@]}" --config "$(cfg vanilla)" --suite=train,memory --batch_size=16 \
+    --steps=10 --repeats=2 --config.train.deterministic=True
   step "sweep moe ragged_dot, cuDNN grouped GEMM" 80 sweep.log env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_experimental_use_ragged_dot_fusion=true" \
     "${moe_train[@]}" --config.model.moe_impl=ragged_dot
 fi

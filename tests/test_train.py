@@ -14,6 +14,7 @@ import time
 
 import jax
 import numpy as np
+import ml_collections
 import pytest
 
 import llmjax
@@ -274,6 +275,24 @@ def test_cpu_compile_options_are_for_float32_only(monkeypatch):
     assert cpu_compiler_options("float32", "gpu") is None
     monkeypatch.setenv("LLMJAX_NO_XLA_TUNING", "1")
     assert cpu_compiler_options("float32", "cpu") is None
+
+
+def test_deterministic_option_reaches_gpu_steps_only():
+    """train.deterministic compiles the GPU steps with XLA's deterministic ops (tests/gpu checks that
+    two runs then agree bit for bit); the CPU, deterministic anyway, keeps its own options; an older
+    run's config without the key means off."""
+    from llmjax.runtime import CPU_FLOAT32_OPTIONS
+    from llmjax.train import DETERMINISTIC_GPU_OPTIONS, step_compiler_options
+
+    cfg = llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", {"train.deterministic": True})
+    mcfg = llmjax.model_config(cfg.model)
+    assert step_compiler_options(mcfg, cfg.train, "gpu") == DETERMINISTIC_GPU_OPTIONS
+    assert step_compiler_options(mcfg, cfg.train, "cpu") == CPU_FLOAT32_OPTIONS
+    off = llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny")
+    assert off.train.deterministic is False and step_compiler_options(mcfg, off.train, "gpu") is None
+    old = off.train.to_dict()
+    del old["deterministic"]
+    assert step_compiler_options(mcfg, ml_collections.ConfigDict(old), "gpu") is None
 
 
 @pytest.mark.parametrize("arch", sorted(llmjax.ARCHS))

@@ -99,3 +99,31 @@ def test_moe_expert_paths_agree_on_gpu():
         for ga, gb in zip(jax.tree.leaves(gs), jax.tree.leaves(want_gs)):
             ga, gb = np.asarray(ga, np.float32), np.asarray(gb, np.float32)
             assert np.abs(ga - gb).max() <= 0.05 * np.abs(gb).max() + 1e-6, impl
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_training_repeats_bit_for_bit_with_deterministic_ops(deterministic):
+    """Three bf16 training steps of `vanilla:small` (cuDNN attention), twice from the same state:
+    with `train.deterministic` the parameters come out bit for bit the same (what exact resume on a
+    GPU needs). Without it XLA may sum the token table's gradient in a varying order: recorded as
+    an expected failure when it does."""
+    from conftest import ROOT
+    from llmjax.sharding import make_mesh
+    from llmjax.train import build_steps
+
+    over = {"train.batch_size": 8, "train.deterministic": deterministic, "model.dtype": "bfloat16", "model.context_len": 256}
+    cfg = llmjax.load_config(f"{ROOT}/configs/vanilla.py:small", over)
+    mesh = make_mesh(cfg.train.mesh, jax.devices()[:1])
+    s = build_steps(cfg, mesh)
+    toks = jax.random.randint(jax.random.key(3), (1, 8, 257), 0, 65, dtype=jnp.int32)
+    runs = []
+    with jax.set_mesh(mesh):
+        for _ in range(2):
+            state = s.init_state()
+            for _ in range(3):
+                state, _ = s.train_step(state, jax.device_put(toks, s.tok_shard))
+            runs.append([np.asarray(x) for x in jax.tree.leaves(state["params"])])
+    same = all(np.array_equal(a, b) for a, b in zip(*runs))
+    if not deterministic and not same:
+        pytest.xfail("XLA's default GPU ops summed in a different order on the second run")
+    assert same
