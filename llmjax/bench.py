@@ -154,14 +154,16 @@ def compiled_flops(compiled, tokens: int, model_flops_per_token: float) -> dict:
     accounting (`flops_per_token`, which MFU uses): above 1 where the step computes more than the
     model needs (remat's recomputation, masked attention blocks, padding, a product expanded to
     dense); XLA counts no FLOPs inside library calls it does not see into (cuDNN attention on a GPU).
-    None where the backend gives no cost analysis."""
+    Also XLA's estimate of the bytes the step's operations read and write, per token (FLOPs over
+    bytes: the step's arithmetic intensity). None where the backend gives no cost analysis."""
     try:
-        flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
+        cost = compiled.cost_analysis() or {}
     except Exception:  # (a backend without a cost model)
-        flops = 0.0
-    if flops <= 0:
-        return {"compiled_flops_per_token": None, "compiled_flops_ratio": None}
-    return {"compiled_flops_per_token": flops / tokens, "compiled_flops_ratio": flops / tokens / model_flops_per_token}
+        cost = {}
+    flops, moved = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    return {"compiled_flops_per_token": flops / tokens if flops > 0 else None,
+            "compiled_flops_ratio": flops / tokens / model_flops_per_token if flops > 0 else None,
+            "compiled_bytes_per_token": moved / tokens if moved > 0 else None}
 
 
 def inference_model(mcfg, quantize: str | None = None):
@@ -270,6 +272,7 @@ def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len,
         "compiled_memory_bytes": None,
         "compiled_flops_per_token": None,
         "compiled_flops_ratio": None,
+        "compiled_bytes_per_token": None,
         **{f"decode_{k}tokens_per_sec_b{b}": None for k in ("", "sampled_") for b in decode_batches},
         "decode_state_bytes": summ["decode_state_bytes"],
         "quantize": quantize or "none",

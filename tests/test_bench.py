@@ -169,7 +169,7 @@ def test_compiled_flops_expose_a_step_that_computes_more_than_the_model_needs():
         cfg = llmjax.load_config(f"{ROOT}/configs/moe.py:tiny", {"train.batch_size": 8, **over})
         row = bench.bench(cfg, "configs/moe.py:tiny", suites={"memory"}, steps=0, repeats=1, decode_batches=[1], prompt_len=4,
                           new_tokens=4)
-        assert row["compiled_flops_per_token"] > 0 and row["moe_impl"] == over["model.moe_impl"]
+        assert row["compiled_flops_per_token"] > 0 and row["compiled_bytes_per_token"] > 0 and row["moe_impl"] == over["model.moe_impl"]
         return row["compiled_flops_ratio"]
 
     assert ratio(**{"model.moe_impl": "ragged_dot"}) > 1.4 * ratio(**{"model.moe_impl": "blocked"})
