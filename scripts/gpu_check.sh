@@ -24,7 +24,9 @@
 #      ragged_dot with XLA's cuDNN grouped GEMM; vanilla with XLA's deterministic ops), then the PyTorch anchors
 #      (../shared/anchors/gpu_anchors.sh, NANOGPT_SRC set) if 4 minutes are left.
 # --sweep: training tokens/s over batch x scanned/unrolled layers x remat x attention kernel x loss
-# chunks, most telling settings first, as far as the budget goes.
+# chunks, most telling settings first, as far as the budget goes, for vanilla and modern (or the
+# architectures in GPU_CHECK_SWEEP_ARCHS; for moe: block sizes, capacity mode, dense experts; for
+# ssm: scan chunk lengths and remat).
 #
 # Missing Python packages are installed from ./.whl (or GPU_CHECK_WHEELS) when present: see
 # scripts/gpu_carry.sh. OUTDIR receives at most seven files, since a lent machine returns only eight:
@@ -70,7 +72,7 @@ log() { echo "$*" | tee -a "$out/steps.log"; }
 cat >"$work/table.py" <<'EOF'
 import json, os, sys
 rows = [json.loads(l) for l in open(sys.argv[1])] if os.path.exists(sys.argv[1]) else []
-cols = ["arch", "batch_size", "scan_layers", "remat", "attention_impl", "loss_chunks", "deterministic", "moe_mode", "moe_impl", "moe_block_rows", "quantize", "train_tokens_per_sec", "mfu", "peak_memory_bytes",
+cols = ["arch", "batch_size", "scan_layers", "remat", "attention_impl", "loss_chunks", "deterministic", "moe_mode", "moe_impl", "moe_block_rows", "capacity_factor", "scan_chunk", "quantize", "train_tokens_per_sec", "mfu", "peak_memory_bytes",
         "compiled_memory_bytes", "compiled_flops_ratio", "decode_tokens_per_sec_b1", "decode_tokens_per_sec_b64", "decode_sampled_tokens_per_sec_b1",
         "decode_sampled_tokens_per_sec_b64", "hellaswag_items_per_sec", "config", "xla_flags"]
 print("| " + " | ".join(cols) + " |")
@@ -79,7 +81,8 @@ for r in rows:
     cells = []
     for c in cols:
         v = r.get(c)
-        cells.append("-" if v is None else str(v) if isinstance(v, bool) else f"{v:.3f}" if isinstance(v, float) and v < 1 else f"{v:,.0f}" if isinstance(v, (int, float)) else str(v))
+        cells.append("-" if v is None else str(v) if isinstance(v, bool) else f"{v:.3f}" if isinstance(v, float) and (v < 1 or c.endswith(("ratio", "factor")))
+                     else f"{v:,.0f}" if isinstance(v, (int, float)) else str(v))
     print("| " + " | ".join(cells) + " |")
 EOF
 table() { "$py" "$work/table.py" "$out/bench.jsonl" >"$out/bench_table.md" 2>>"$work/table.log"; }
@@ -140,11 +143,30 @@ sweep() {
   done
 }
 
+# sweep_overrides ARCH "--config.KEY=VALUE ..."...: one training row at batch 16 per set of overrides
+sweep_overrides() {
+  local arch="$1" over
+  shift
+  for over in "$@"; do
+    # shellcheck disable=SC2086  # (each set is several words on purpose)
+    step "sweep $arch $over" 120 sweep.log "${bench[@]}" --config "$(cfg "$arch")" --suite=train,memory --steps=10 --repeats=3 \
+      --batch_size=16 $over
+  done
+}
+
 if [ "$mode" = --sweep ]; then
-  for arch in vanilla modern; do  # the most telling settings first
-    sweep $arch "16 False none cudnn" "32 False none cudnn" "64 False none cudnn" "16 False none cudnn 16" \
-      "32 True none cudnn" "64 False dots_no_batch cudnn" "32 False none cudnn 16" "32 False none xla" \
-      "64 True dots_no_batch cudnn" "16 True none cudnn" "32 False dots_no_batch cudnn" "16 False none xla"
+  for arch in ${GPU_CHECK_SWEEP_ARCHS:-vanilla modern}; do  # the most telling settings first
+    case $arch in
+      moe) sweep_overrides moe "--config.model.moe_impl=blocked" "--config.model.moe_mode=capacity" \
+        "--config.model.moe_impl=blocked --config.model.moe_block_rows=2048" \
+        "--config.model.moe_impl=blocked --config.model.moe_block_rows=512" "--config.model.moe_impl=dense" \
+        "--config.model.moe_mode=capacity --config.model.capacity_factor=1.0" ;;
+      ssm) sweep_overrides ssm "--config.model.scan_chunk=128" "--config.model.scan_chunk=64" "--config.model.scan_chunk=256" \
+        "--config.model.scan_chunk=32" "--config.model.scan_chunk=128 --config.model.remat=dots" ;;
+      *) sweep "$arch" "16 False none cudnn" "32 False none cudnn" "64 False none cudnn" "16 False none cudnn 16" \
+        "32 True none cudnn" "64 False dots_no_batch cudnn" "32 False none cudnn 16" "32 False none xla" \
+        "64 True dots_no_batch cudnn" "16 True none cudnn" "32 False dots_no_batch cudnn" "16 False none xla" ;;
+    esac
   done
 else
   [ "$variant" = default ] && step "GPU-only tests" 180 gpu_tests.log "${pytest[@]}" tests/gpu --junitxml="$work/gpu_tests.xml"
