@@ -20,12 +20,15 @@ Two ways to run the experts:
       `dense`: every expert on every token, the top_k results picked (n_experts / top_k times the
         FLOPs, but each weight read once and nothing copied: the right choice for a few tokens,
         as in decoding);
-      `ragged_dot`: `jax.lax.ragged_dot` over the sorted groups. Native on TPUs; XLA's CPU and
+      `ragged_dot`: `jax.lax.ragged_dot` over the sorted groups (sorted across the whole batch:
+        jax cannot vmap it over the devices' groups here). Native on TPUs; XLA's CPU and
         NVIDIA GPU backends expand it to a dense dot over a group-masked copy of the rows
         (n_experts times the FLOPs and an n_experts times larger operand) unless XLA's cuDNN
         grouped-GEMM fusion is on (`--xla_gpu_experimental_use_ragged_dot_fusion`, cuDNN >= 9.22);
       `auto` (the default): `dense` or `blocked`, whichever a cost model of the static shapes says
-        is cheaper (`dropless_plan`): dense for decoding's few tokens, blocked for training;
+        is cheaper (`dropless_plan`): dense for decoding's few tokens, blocked for training.
+    Under a mesh that splits the batch over G devices, `blocked` sorts each device's rows apart
+    (`batch_groups`), so that each device runs its own rows' experts;
   - `capacity`: each expert takes at most C = ceil(capacity_factor * T * top_k / n_experts)
     assignments per sequence, into fixed-size (E, C) buffers (static shapes: one batched matmul per
     expert weight, no copies; assignments over capacity are dropped, the token keeps its residual).
@@ -137,6 +140,19 @@ def _take_experts_bwd(res, g):
 take_experts.defvjp(_take_experts_fwd, _take_experts_bwd)
 
 
+def batch_groups(batch: int) -> tuple[int, tuple[str, ...]]:
+    """(G, axes): the number of devices the batch is split over under the surrounding mesh (the
+    trainer's `data`, `fsdp` and `expert` axes; 1 without a mesh or when the batch does not divide),
+    and those axes. The dropless layouts sort tokens within each such group: a sort across the
+    whole batch would gather every token to every device and run every expert's rows on each."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1, ()
+    axes = tuple(a for a in ("data", "fsdp", "expert") if a in mesh.axis_names and mesh.shape[a] > 1)
+    G = math.prod(mesh.shape[a] for a in axes)
+    return (G, axes) if G > 1 and batch % G == 0 else (1, ())
+
+
 def block_rows(rows: int, n_experts: int, block: int) -> int:
     """The blocked layout's rows per block: `block`, or less where the groups are small (the next
     power of two at or above rows / n_experts), so that padding stays under one block per expert."""
@@ -195,13 +211,19 @@ class MoEFeedForward(nnx.Module):
         """Every assignment through its expert: (B, T, D) in the compute dtype. `impl` overrides
         `moe_impl` (tests run every path)."""
         B, T, D = x_BTD.shape
-        N = B * T
+        N, k = B * T, self.k
+        G, batch_axes = batch_groups(B)
         impl = impl or self.impl
         if impl == "auto":
-            impl = dropless_plan(N, self.k, self.E, self.block)
+            impl = dropless_plan(N // G, k, self.E, self.block)
         run = {"blocked": self._blocked, "dense": self._dense, "ragged_dot": self._ragged}[impl]
-        y = run(x_BTD.reshape(N, D).astype(self.dtype), experts.reshape(N, self.k))  # (N, k, D) float32
-        return jnp.einsum("nkd,nk->nd", y, gates.reshape(N, self.k)).reshape(B, T, D).astype(self.dtype)
+        x = x_BTD.reshape(N, D).astype(self.dtype)
+        if impl != "blocked" or G == 1:  # (dense sorts nothing; jax cannot vmap this ragged_dot)
+            y = run(x, experts.reshape(N, k))  # (N, k, D) float32
+        else:  # sort within each device's rows of the batch, not across the whole batch
+            shard = lambda a: jax.lax.with_sharding_constraint(a, P(batch_axes))  # noqa: E731
+            y = jax.vmap(run)(shard(x.reshape(G, N // G, D)), shard(experts.reshape(G, N // G, k))).reshape(N, k, D)
+        return jnp.einsum("nkd,nk->nd", y, gates.reshape(N, k)).reshape(B, T, D).astype(self.dtype)
 
     def _weights(self):
         """Expert weights in the matmul operand dtype (cast once, before any gather), biases float32."""
