@@ -21,9 +21,10 @@ def _layer(**opts):
     return MoEFeedForward(llmjax.model_config(config("moe", **opts)), rngs=nnx.Rngs(3))
 
 
-def _reference(layer, x):
-    """Each token through its top-k experts one by one, float64."""
-    _, _, gates, experts = layer.route(x)
+def _reference(layer, x, gates=None, experts=None):
+    """Each token through its top-k experts one by one, float64 (the router's choices unless given)."""
+    if gates is None:
+        _, _, gates, experts = layer.route(x)
     w_in, b_in = np.asarray(layer.w_in[...], np.float64), np.asarray(layer.b_in[...], np.float64)
     w_out, b_out = np.asarray(layer.w_out[...], np.float64), np.asarray(layer.b_out[...], np.float64)
     xs, g, e = np.asarray(x, np.float64), np.asarray(gates, np.float64), np.asarray(experts)
@@ -59,15 +60,6 @@ def _routed(layer, x, route):
     return gates, experts
 
 
-def _reference_routed(layer, x, gates, experts):
-    w_in, b_in = np.asarray(layer.w_in[...], np.float64), np.asarray(layer.b_in[...], np.float64)
-    w_out, b_out = np.asarray(layer.w_out[...], np.float64), np.asarray(layer.b_out[...], np.float64)
-    xs, g, e = np.asarray(x, np.float64), np.asarray(gates, np.float64), np.asarray(experts)
-    h = np.einsum("btd,btkdf->btkf", xs, w_in[e]) + b_in[e]
-    h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
-    return np.einsum("btk,btkd->btd", g, np.einsum("btkf,btkfd->btkd", h, w_out[e]) + b_out[e])
-
-
 @pytest.mark.parametrize("route", ["router", "skewed", "one_empty"])
 @pytest.mark.parametrize("impl,block", [("blocked", 1), ("blocked", 4), ("blocked", 5), ("blocked", 512), ("dense", 0), ("ragged_dot", 0)])
 def test_every_dropless_impl_matches_the_reference_and_each_other_in_gradients(impl, block, route):
@@ -81,7 +73,7 @@ def test_every_dropless_impl_matches_the_reference_and_each_other_in_gradients(i
     if route == "one_empty":
         assert not bool(jnp.any(experts == 3))
     y = layer._dropless(x, gates, experts, impl=impl)
-    np.testing.assert_allclose(y, _reference_routed(layer, x, gates, experts), atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(y, _reference(layer, x, gates, experts), atol=1e-5, rtol=1e-4)
     graphdef, state = nnx.split(layer)
     cot = jax.random.normal(jax.random.key(6), x.shape)
 
@@ -102,7 +94,7 @@ def test_dropless_impls_in_bfloat16(impl):
     gates, experts = _routed(layer, x, "router")
     y = layer._dropless(x, gates, experts, impl=impl)
     assert y.dtype == jnp.bfloat16
-    want = _reference_routed(layer, x.astype(jnp.float32), gates, experts)
+    want = _reference(layer, x.astype(jnp.float32), gates, experts)
     np.testing.assert_allclose(np.asarray(y, np.float32), want, atol=3e-2 * np.abs(want).max(), rtol=0)
     cot = jax.random.normal(jax.random.key(14), x.shape).astype(jnp.bfloat16)
     grad = lambda impl: jax.grad(lambda x: jnp.sum((layer._dropless(x, gates, experts, impl=impl) * cot).astype(jnp.float32)))(x)  # noqa: E731

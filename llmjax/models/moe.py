@@ -255,8 +255,7 @@ class MoEFeedForward(nnx.Module):
         token = jnp.where(holder < M, holder // k, N)  # each slot's token (N: padding, reads zeros)
         rows = take_rows(x_ND, token, slot.reshape(N, k)).reshape(nb, b, D)
         block_e = jnp.minimum(jnp.searchsorted(ends, jnp.arange(nb) * b, side="right", method="compare_all"), E - 1)
-        w_in, b_in, w_out, b_out = self._weights()
-        w_in, b_in, w_out, b_out = (take_experts(w, block_e) for w in (w_in, b_in, w_out, b_out))
+        w_in, b_in, w_out, b_out = (take_experts(w, block_e) for w in self._weights())
         out = self._ffn(rows, w_in, b_in[:, None], w_out, b_out[:, None], "jbd,jdf->jbf", "jbf,jfd->jbd")
         return take_rows(out.reshape(nb * b, D), slot, holder[:, None]).reshape(N, k, D)
 
@@ -276,11 +275,11 @@ class MoEFeedForward(nnx.Module):
         sorted_e = flat[order]
         rows = x_ND[order // k]  # (N*k, D), grouped by expert
         sizes = jnp.bincount(flat, length=self.E).astype(jnp.int32)
+        w_in, b_in, w_out, b_out = self._weights()
         # (autodiff's backward here: exact gradients of the rounded operands)
-        h = jax.lax.ragged_dot(rows.astype(mm), self.w_in[...].astype(mm), sizes, preferred_element_type=jnp.float32)
-        h = jax.nn.gelu(h + self.b_in[...][sorted_e], approximate=True).astype(self.dtype)
-        out = jax.lax.ragged_dot(h.astype(mm), self.w_out[...].astype(mm), sizes, preferred_element_type=jnp.float32)
-        out = out + self.b_out[...][sorted_e]
+        h = jax.lax.ragged_dot(rows.astype(mm), w_in, sizes, preferred_element_type=jnp.float32)
+        h = jax.nn.gelu(h + b_in[sorted_e], approximate=True).astype(self.dtype)
+        out = jax.lax.ragged_dot(h.astype(mm), w_out, sizes, preferred_element_type=jnp.float32) + b_out[sorted_e]
         return jnp.zeros_like(out).at[order].set(out).reshape(N, k, D)
 
     def _capacity(self, x_BTD, gates, experts):
