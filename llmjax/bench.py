@@ -52,7 +52,7 @@ from flax import nnx  # noqa: E402
 from llmjax import cli  # noqa: E402
 from llmjax.config import ConfigError, load_config, model_config, set_key  # noqa: E402
 from llmjax.registry import ARCHS, build_model  # noqa: E402
-from llmjax.sample import DECODE_UNROLL, Sampling, generate, inference_params  # noqa: E402
+from llmjax.sample import DECODE_UNROLL, Sampling, decode_compiler_options, generate, inference_params  # noqa: E402
 from llmjax.sharding import make_mesh  # noqa: E402
 from llmjax.summary import ARCH_ORDER, CONFIG_DIR, summarize  # noqa: E402
 from llmjax.train import peak_flops  # noqa: E402
@@ -141,7 +141,7 @@ def bench_train(cfg, *, steps: int, repeats: int, memory: bool, profile_dir: Pat
             _profile(row, "profile_train", lambda: block(min(steps, 5)), profile_dir and profile_dir / f"train_b{B}")
     if memory:
         row["memory_in_use_before_bytes"] = before.get("bytes_in_use")
-        row.update(compiled_flops(compiled, accum * B * T, summarize(mcfg)["flops_per_token"]))
+        row.update(compiled_flops(compiled, accum * B * T, summarize(mcfg)["flops_per_token"], dev.platform))
         m = compiled.memory_analysis()
         row["compiled_memory_bytes"] = (
             int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes) if m else None
@@ -149,13 +149,17 @@ def bench_train(cfg, *, steps: int, repeats: int, memory: bool, profile_dir: Pat
     return row
 
 
-def compiled_flops(compiled, tokens: int, model_flops_per_token: float) -> dict:
+def compiled_flops(compiled, tokens: int, model_flops_per_token: float, platform: str = "cpu") -> dict:
     """XLA's count of the FLOPs the compiled step performs, per token, and its ratio to the model's
     accounting (`flops_per_token`, which MFU uses): above 1 where the step computes more than the
     model needs (remat's recomputation, masked attention blocks, padding, a product expanded to
     dense); XLA counts no FLOPs inside library calls it does not see into (cuDNN attention on a GPU).
     Also XLA's estimate of the bytes the step's operations read and write, per token (FLOPs over
-    bytes: the step's arithmetic intensity). None where the backend gives no cost analysis."""
+    bytes: the step's arithmetic intensity). None where the backend gives no cost analysis, and on
+    a GPU, where XLA's count leaves out every library call (cuBLAS GEMMs as well as cuDNN attention:
+    an H200 gave 0.003 of `vanilla`'s FLOPs), so the figures would say nothing."""
+    if platform == "gpu":
+        return {"compiled_flops_per_token": None, "compiled_flops_ratio": None, "compiled_bytes_per_token": None}
     try:
         cost = compiled.cost_analysis() or {}
     except Exception:  # (a backend without a cost model)
@@ -190,7 +194,7 @@ def bench_decode(cfg, *, batches: list[int], prompt_len: int, new_tokens: int, r
     mcfg = model_config(cfg).replace(scan_layers=False)
     model = inference_model(mcfg, quantize)
     rng = np.random.default_rng(0)
-    row = {"decode_weight_bytes": weight_bytes(model)}
+    row = {"decode_weight_bytes": weight_bytes(model), "decode_compiler_options": decode_compiler_options(jax.default_backend())}
     for name, sampling in (DECODE_MODES[m] for m in modes):
         for b in batches:
             prompts = rng.integers(0, mcfg.vocab_size, (b, prompt_len)).tolist()

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import functools
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -152,10 +154,10 @@ def _keys(state):
     return jax.vmap(jax.random.fold_in)(state["row_keys"], state["n_gen"])
 
 
-@nnx.jit(static_argnames=("cache_len", "sampling", "eot"))
-def _prefill(model, state, tokens_BT, lengths_B, *, cache_len: int, sampling: Sampling, eot: int):
+def _prefill_fn(graphdef, params, state, tokens_BT, lengths_B, *, cache_len: int, sampling: Sampling, eot: int):
     """Prefill each row's window (left-padded to T; row b's last lengths[b] tokens are real, at
     positions 0..lengths[b]-1) into a fresh cache of `cache_len` slots and draw each row's next token."""
+    model = nnx.merge(graphdef, params)
     B, T = tokens_BT.shape
     positions = jnp.arange(T, dtype=jnp.int32)[None, :] - (T - lengths_B[:, None])
     cache = model.init_cache(B, cache_len)
@@ -172,16 +174,14 @@ def _halted(i, st, num_steps):
     return (i >= num_steps) | ~jnp.any(active) | jnp.any(active & (st["pos"] >= st["limit"]))
 
 
-@nnx.jit(static_argnames=("sampling", "eot", "unroll"), donate_argnames=("state",))
-def _decode(model, state, num_steps, *, sampling: Sampling, eot: int, unroll: int = 1):
+def _decode_fn(graphdef, params, state, num_steps, *, sampling: Sampling, eot: int, unroll: int = 1):
     """Up to `num_steps` decode steps; stops early when `_halted`. The loop tests its stop condition
     every `unroll` steps: an outer `lax.while_loop` around an inner loop of exactly `unroll` steps
     (a known trip count, so XLA's GPU runtime runs it without copying a predicate to the host and
     waiting for it after every token). Steps taken after the stop condition holds inside a chunk
     change nothing (every row is fed at position -1 and nothing is recorded), so the tokens are
     the same for every `unroll`."""
-    graphdef, params = nnx.split(model)  # nnx modules cannot cross lax.while_loop; pytrees can
-    vocab_size, max_new = model.cfg.vocab_size, state["out"].shape[1]
+    vocab_size, max_new = nnx.merge(graphdef, params).cfg.vocab_size, state["out"].shape[1]
 
     def step(_, carry):
         i, st = carry
@@ -196,6 +196,51 @@ def _decode(model, state, num_steps, *, sampling: Sampling, eot: int, unroll: in
         return jax.lax.fori_loop(0, unroll, step, carry)
 
     return jax.lax.while_loop(lambda c: ~_halted(*c, num_steps), body, (jnp.int32(0), state))[1]
+
+
+# XLA options for the sampler's programs on a GPU. At batch 1 every parameter product is a vector
+# times a matrix, which XLA's algebraic simplifier rewrites by default into a broadcast multiply and
+# a reduction ("dot strength reduction"); on an H200 (jax 0.11.2) those became two kernels per
+# product, the first writing the whole elementwise product out (x times each weight matrix) and the
+# second reading it back: 8 of a layer's 17 kernels and about 60% of its 46 us per token. Turned
+# off, each product stays one matrix-vector kernel. LLMJAX_DECODE_XLA_DEFAULTS=1 keeps XLA's default
+# (for comparison: scripts/gpu_check.sh measures both).
+DECODE_GPU_OPTIONS = {"xla_gpu_enable_dot_strength_reduction": False}
+
+
+def decode_compiler_options(platform: str) -> dict | None:
+    if platform != "gpu" or os.environ.get("LLMJAX_DECODE_XLA_DEFAULTS"):
+        return None
+    return dict(DECODE_GPU_OPTIONS)
+
+
+@functools.cache
+def _jitted(platform: str, options_key: tuple):
+    """(prefill, decode) jitted for `platform`: pure functions of the model's graph definition
+    (static) and parameters, so a call flattens a plain pytree rather than the module graph (nnx.jit
+    walks every module on every call: milliseconds per call, twice per `generate`)."""
+    options = dict(options_key) or None
+    prefill = jax.jit(_prefill_fn, static_argnames=("graphdef", "cache_len", "sampling", "eot"), compiler_options=options)
+    decode = jax.jit(_decode_fn, static_argnames=("graphdef", "sampling", "eot", "unroll"), donate_argnames=("state",),
+                     compiler_options=options)
+    return prefill, decode
+
+
+def jitted_for(params):
+    """The (prefill, decode) pair for the platform that holds `params`."""
+    leaves = jax.tree.leaves(params)
+    platform = next(iter(leaves[0].devices())).platform if leaves else jax.default_backend()
+    return _jitted(platform, tuple(sorted((decode_compiler_options(platform) or {}).items())))
+
+
+def _prefill(model, state, tokens_BT, lengths_B, **kw):
+    graphdef, params = nnx.split(model)
+    return jitted_for(params)[0](graphdef, params, state, tokens_BT, lengths_B, **kw)
+
+
+def _decode(model, state, num_steps, **kw):
+    graphdef, params = nnx.split(model)
+    return jitted_for(params)[1](graphdef, params, state, num_steps, **kw)
 
 
 def bucket(n: int, context: int) -> int:
@@ -245,6 +290,8 @@ def generate(
     starts = [max(0, len(p) - context) for p in prompts]  # each row's window is seqs[r][starts[r]:]
 
     state = start_state(B, max_new_tokens, seed)
+    graphdef, params = nnx.split(model)
+    jit_prefill, jit_decode = jitted_for(params)
 
     def prefill(state, cache_len):
         windows = [s[st:] for s, st in zip(seqs, starts)]
@@ -254,7 +301,7 @@ def generate(
             toks[r, T - len(w) :] = w
         lengths = jnp.asarray([len(w) for w in windows], jnp.int32)
         state = {k: v for k, v in state.items() if k not in ("cache", "pos", "limit")}
-        return _prefill(model, state, jnp.asarray(toks), lengths, cache_len=cache_len, sampling=sampling, eot=eot)
+        return jit_prefill(graphdef, params, state, jnp.asarray(toks), lengths, cache_len=cache_len, sampling=sampling, eot=eot)
 
     T0 = bucket(max(len(s) - st for s, st in zip(seqs, starts)), context)
     state = prefill(state, min(context, _round_up(T0 + max_new_tokens, 64)))
@@ -282,7 +329,7 @@ def generate(
             continue
         steps = stream_every if on_tokens is not None else max_new_tokens
         k = unroll if steps >= unroll else 1
-        state = _decode(model, state, jnp.int32(steps), sampling=sampling, eot=eot, unroll=k)
+        state = jit_decode(graphdef, params, state, jnp.int32(steps), sampling=sampling, eot=eot, unroll=k)
     out, n_gen = jax.device_get((state["out"], state["n_gen"]))
     return [[int(t) for t in out[r, : n_gen[r]] if t != eot] for r in range(B)]
 

@@ -26,7 +26,7 @@ import jax
 
 KINDS = (  # first match wins; matched against the kernel name and the HLO operation, lower-cased
     ("attention", r"sdpa|fmha|flash|attention|cudnn|softmax_fusion"),
-    ("matmul", r"gemm|cublas|xmma|cutlass|\bdot\b|dot[._]|dot_|convolution|triton_gemm"),
+    ("matmul", r"gemm|cublas|nvjet|xmma|cutlass|\bdot\b|dot[._]|dot_|convolution|triton_gemm"),
     ("collective", r"all-reduce|all_reduce|all-gather|all_gather|reduce-scatter|reduce_scatter|nccl|collective|all-to-all"),
     ("copy", r"memcpy|memset|^copy|copy[._]|copy_start|dynamic-update-slice|dynamic_update_slice"),
     ("fusion", r"fusion"),
@@ -65,8 +65,10 @@ def _events(profile) -> list[tuple[str, str, float, float, str]]:
                         evs.append((float(e.start_ns), float(e.duration_ns), e.name, str(op or "")))
                 evs.sort(key=lambda v: (v[0], -v[1]))
                 for i, (start, dur, name, op) in enumerate(evs):
-                    # an event that holds the next one (a while loop, a call) is counted through its parts
-                    if i + 1 < len(evs) and evs[i + 1][0] < start + dur:
+                    # an event that holds the next one (a while loop, a call) is counted through its
+                    # parts; one that merely overlaps the next (kernels of a CUDA graph, whose
+                    # timestamps interleave by a few ns) is counted itself
+                    if i + 1 < len(evs) and evs[i + 1][0] < start + dur and evs[i + 1][0] + evs[i + 1][1] <= start + dur:
                         continue
                     out.append((name, op, start, dur, where))
     return out
@@ -92,7 +94,9 @@ def summarize(profile, *, wall_s: float | None = None, top: int = 12) -> dict:
     where = None
     for name, op, start, dur, where in _events(profile):
         intervals.append((start, start + dur))
-        key = re.sub(r"\.\d+$", "", op or name)  # one row per kind of operation: dot.12, dot.40 -> dot
+        # one row per kind of operation (dot.12, dot.40 -> dot); kernels that XLA runs inside a CUDA
+        # graph all carry the graph's op (command_buffer_N): those rows go by kernel name instead
+        key = re.sub(r"\.\d+$", "", name if not op or op.startswith("command_buffer") else op)
         k = kind_of(name, op)
         by_op[(key, k)] += dur
         count[(key, k)] += 1

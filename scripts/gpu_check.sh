@@ -74,7 +74,7 @@ import json, os, sys
 rows = [json.loads(l) for l in open(sys.argv[1])] if os.path.exists(sys.argv[1]) else []
 cols = ["arch", "batch_size", "scan_layers", "remat", "attention_impl", "loss_chunks", "deterministic", "moe_mode", "moe_impl", "moe_block_rows", "capacity_factor", "scan_chunk", "quantize", "train_tokens_per_sec", "mfu", "peak_memory_bytes",
         "compiled_memory_bytes", "compiled_flops_ratio", "decode_tokens_per_sec_b1", "decode_tokens_per_sec_b64", "decode_sampled_tokens_per_sec_b1",
-        "decode_sampled_tokens_per_sec_b64", "hellaswag_items_per_sec", "config", "xla_flags"]
+        "decode_sampled_tokens_per_sec_b64", "hellaswag_items_per_sec", "decode_compiler_options", "config", "xla_flags"]
 print("| " + " | ".join(cols) + " |")
 print("|" + "---|" * len(cols))
 for r in rows:
@@ -194,13 +194,19 @@ print("cuDNN attention ok on", jax.devices()[0].device_kind)'
       log "== cuDNN attention failed its preflight: the benchmarks below use attention_impl=xla"
     fi
     # shellcheck disable=SC2046
-    step "GPU-only tests" 180 gpu_tests.log "${pytest[@]}" $(xdist 4) tests/gpu --junitxml="$work/gpu_tests.xml"
+    step "GPU-only tests" 180 gpu_tests.log "${pytest[@]}" $(xdist 8) tests/gpu --junitxml="$work/gpu_tests.xml"
   fi
   # training and decoding in separate steps: a slow training compile must not cost the decode figures
   for arch in vanilla modern; do
     step "bench $arch training (full)" 150 bench.log "${bench[@]}" --config "$(cfg $arch)" --suite=train,memory --batch_size=16,32 \
       --steps=20 --repeats=3
     step "bench $arch decoding (full)" 120 bench.log "${bench[@]}" --config "$(cfg $arch)" --suite=decode --repeats=3
+    if [ "$arch" = vanilla ]; then
+      # the sampler compiles with XLA's dot strength reduction off on a GPU (llmjax/sample.py): the
+      # same rows with XLA's default, to keep or drop that choice
+      step "bench vanilla decoding, XLA's default dot strength reduction" 90 bench.log env LLMJAX_DECODE_XLA_DEFAULTS=1 \
+        "${bench[@]}" --config "$(cfg vanilla)" --suite=decode --repeats=3 --decode_modes=greedy
+    fi
   done
   # HellaSwag items/s of the built-in scorer: vanilla here, modern after the other architectures
   hellaswag() {
@@ -214,7 +220,7 @@ print("cuDNN attention ok on", jax.devices()[0].device_kind)'
   }
   hellaswag vanilla
   for arch in gqa mla moe linformer ssm; do
-    step "bench $arch (short)" 80 bench.log "${bench[@]}" --config "$(cfg $arch)" --suite=train,memory,decode --batch_size=16 --steps=10 \
+    step "bench $arch (short)" 100 bench.log "${bench[@]}" --config "$(cfg $arch)" --suite=train,memory,decode --batch_size=16 --steps=10 \
       --repeats=2 --decode_modes=greedy
   done
   # PyTorch nanoGPT (torch.compile, bf16, 124M, T=1024, random tokens) at batch 32, its fastest, on

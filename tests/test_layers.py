@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import reference
 from helpers import config, load_params, params, scale_params, tokens
 from llmjax.config import ConfigError
 from llmjax.models.attention import resolve_impl, write_cache
-from llmjax.models.layers import apply_rope, convert_layer_layout, narrow_matmul
+from llmjax.models.layers import Embedding, apply_rope, convert_layer_layout, narrow_matmul
 
 
 def test_rope_matches_pairwise_rotation_reference():
@@ -168,7 +169,92 @@ def test_narrow_matmul_matches_float64_reference(spec, x_shape, w_shape):
         assert np.abs(exact[name] - want[name]).max() > 1e-4 * scale, name  # the rounding is visible
 
 
+def _dot_operand_dtypes(jaxpr):
+    """The operand dtypes of every dot_general in a jaxpr, nested jaxprs (custom_vjp, pjit) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _dot_operand_dtypes(sub)
+    return found
+
+
+def test_tied_head_backward_runs_16bit_products():
+    """The tied head of a bfloat16 model (float32 logits for the loss) must not widen its weight to
+    float32 for the backward products: every product of the loss's gradient takes bfloat16 operands
+    (a widened product runs as a tf32 GEMM on a GPU, half the bf16 rate); the values are
+    `narrow_matmul`'s, tested against float64 above."""
+    emb = Embedding(llmjax.model_config(config("vanilla", "small", dtype="bfloat16").model), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 6, emb.embedding.shape[1]), jnp.bfloat16)
+    targets = jax.random.randint(jax.random.key(2), (2, 6), 0, emb.vocab_size)
+
+    graphdef, state = nnx.split(emb)
+
+    def loss(state, x):
+        return llmjax.cross_entropy(nnx.merge(graphdef, state).attend(x), targets)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(state, x).jaxpr
+    dtypes = _dot_operand_dtypes(jaxpr)
+    assert len(dtypes) >= 3 and all(d == ("bfloat16", "bfloat16") for d in dtypes), dtypes
+
+
 @pytest.mark.parametrize("spec", ["ii,ij->j", "ij,jk->i", "...i,io->...o", "ni,io->n"])
 def test_narrow_matmul_takes_plain_and_batched_products_only(spec):
     with pytest.raises(ValueError, match="two or three operands"):
         narrow_matmul(spec, jnp.ones((2, 2)), jnp.ones((2, 2)), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("vocab_size", [70, 96])
+def test_masked_cross_entropy_matches_float64_reference(vocab_size):
+    """The plain path's loss (`loss.masked_cross_entropy`): per-token values and the logits' gradient
+    against float64 (padding columns 70..95 masked out, or none to mask), for random incoming
+    per-token gradients; padding columns get exactly zero gradient."""
+    from llmjax.loss import masked_cross_entropy
+
+    rng = np.random.default_rng(vocab_size)
+    logits = jnp.asarray(rng.standard_normal((3, 5, 96)) * 4, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, vocab_size, (3, 5)), jnp.int32)
+    g = rng.standard_normal((3, 5))
+    got, vjp = jax.vjp(lambda z: masked_cross_entropy(z, targets, vocab_size), logits)
+    (dz,) = vjp(jnp.asarray(g, jnp.float32))
+    z = np.asarray(logits, np.float64)[..., :vocab_size]
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    onehot = np.arange(vocab_size) == np.asarray(targets)[..., None]
+    want = lse - (z * onehot).sum(-1)
+    want_dz = g[..., None] * (np.exp(z - lse[..., None]) - onehot)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dz[..., :vocab_size], want_dz, atol=1e-6)
+    assert not np.asarray(dz[..., vocab_size:]).any()
+
+
+def test_plain_loss_reads_the_logits_fewer_times():
+    """The head + loss gradient over a padded vocabulary moves about a third fewer bytes (XLA's
+    count) through `loss.token_losses` than through optax's loss of the masked logits, which
+    keeps the masked logits as a separate buffer for its backward pass; same value and gradients."""
+    import optax
+
+    from llmjax.loss import token_losses
+
+    emb = Embedding(llmjax.model_config(config("vanilla", "small", dtype="bfloat16", vocab_size=4000, padded_vocab_size=4096).model), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(emb)
+    x = jax.random.normal(jax.random.key(1), (2, 128, emb.embedding.shape[1]), jnp.bfloat16)
+    t = jax.random.randint(jax.random.key(2), (2, 128), 0, emb.vocab_size)
+
+    def ours(state, x):
+        return token_losses(nnx.merge(graphdef, state), x, t).mean()
+
+    def masked_then_optax(state, x):
+        return optax.softmax_cross_entropy_with_integer_labels(nnx.merge(graphdef, state).attend(x), t).mean()
+
+    runs = {}
+    for f in (ours, masked_then_optax):
+        step = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+        runs[f.__name__] = step(state, x), step.lower(state, x).compile().cost_analysis()["bytes accessed"]
+    (v0, g0), b0 = runs["masked_then_optax"]
+    (v1, g1), b1 = runs["ours"]
+    assert emb.embedding.shape[0] > emb.vocab_size and b1 < 0.8 * b0, (b1, b0)
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2 * float(np.abs(b).max()))  # (x: bfloat16, a rounding apart)

@@ -172,7 +172,7 @@ def prefilled(m, B: int, cache_len: int = 64):
 
 def decode_hlo(m, state, unroll: int) -> str:
     """The compiled decode loop's HLO text (40 steps, greedy)."""
-    return S._decode.lower(m, state, jnp.int32(40), sampling=GREEDY, eot=-1, unroll=unroll).compile().as_text()
+    return S.jitted_for(nnx.state(m))[1].lower(*nnx.split(m), state, jnp.int32(40), sampling=GREEDY, eot=-1, unroll=unroll).compile().as_text()
 
 
 def test_the_decode_loop_tests_its_stop_condition_once_per_chunk():
@@ -525,3 +525,16 @@ def test_quantized_load_and_cli(run_dir):
     assert r.stdout == "ROMEO:" + want + "\n"
     with pytest.raises(S.SampleError, match="--quantize must be"):
         S.load(run_dir, quantize="int4")
+
+
+def test_decode_compiler_options(monkeypatch):
+    """The sampler's programs compile with XLA's dot strength reduction off on a GPU only (batch-1
+    products stay matrix-vector kernels; llmjax/sample.py); LLMJAX_DECODE_XLA_DEFAULTS=1 restores
+    XLA's defaults; the CPU's programs are the default ones (and jitted once per platform and set)."""
+    monkeypatch.delenv("LLMJAX_DECODE_XLA_DEFAULTS", raising=False)
+    assert S.decode_compiler_options("gpu") == {"xla_gpu_enable_dot_strength_reduction": False}
+    assert S.decode_compiler_options("cpu") is None
+    m = decoder("vanilla", seed=3)
+    assert S.jitted_for(nnx.state(m)) is S.jitted_for(nnx.state(m)) is S._jitted("cpu", ())
+    monkeypatch.setenv("LLMJAX_DECODE_XLA_DEFAULTS", "1")
+    assert S.decode_compiler_options("gpu") is None

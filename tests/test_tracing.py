@@ -62,6 +62,41 @@ def test_gpu_shaped_trace():
     assert tracing.summarize(jax.profiler.ProfileData.from_text_proto(GPU_TRACE), wall_s=18e-6)["busy_fraction"] == pytest.approx(8 / 18)
 
 
+GRAPH_TRACE = """
+planes {
+  id: 1
+  name: "/device:GPU:0"
+  lines {
+    id: 14
+    name: "Stream #14(Compute)"
+    timestamp_ns: 1000
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 4000000 stats { metadata_id: 10 str_value: "command_buffer_1" } }
+    events { metadata_id: 2 offset_ps: 3990000 duration_ps: 2000000 stats { metadata_id: 10 str_value: "command_buffer_1" } }
+    events { metadata_id: 1 offset_ps: 5985000 duration_ps: 4000000 stats { metadata_id: 10 str_value: "command_buffer_1" } }
+    events { metadata_id: 3 offset_ps: 9980000 duration_ps: 1000000 stats { metadata_id: 10 str_value: "command_buffer_1" } }
+  }
+  event_metadata { key: 1 value { id: 1 name: "nvjet_sm90_tst_128x128_64x6_2x1_v_bz_TNT" } }
+  event_metadata { key: 2 value { id: 2 name: "loop_multiply_fusion_12" } }
+  event_metadata { key: 3 value { id: 3 name: "input_reduce_fusion_32" } }
+  stat_metadata { key: 10 value { id: 10 name: "hlo_op" } }
+}
+"""
+
+
+def test_gpu_trace_of_a_cuda_graph():
+    """Kernels that XLA runs in a CUDA graph (command buffer): each carries the graph's op, and their
+    timestamps overlap by a few nanoseconds. Every kernel counts (an overlap is not a parent event),
+    and rows go by kernel name; cuBLAS's nvjet kernels are matmuls. (Before: the overlapping
+    kernels were taken for parents and dropped, which reported an H200 training step 63% busy when
+    it was 99% busy.)"""
+    s = tracing.summarize(jax.profiler.ProfileData.from_text_proto(GRAPH_TRACE))
+    assert s["events"] == 4
+    assert s["busy_ms"] == pytest.approx(0.01098) and s["busy_fraction"] == pytest.approx(1.0)
+    assert [(t["op"], t["kind"], t["count"]) for t in s["top"]] == [
+        ("nvjet_sm90_tst_128x128_64x6_2x1_v_bz_TNT", "matmul", 2), ("loop_multiply_fusion_12", "fusion", 1),
+        ("input_reduce_fusion_32", "fusion", 1)]
+
+
 def test_cpu_trace_of_a_loop(tmp_path):
     """A real trace: the loop's body runs 7 times; the while loop's own event, which holds its body's,
     is not counted again; busy time is within the wall time."""

@@ -93,9 +93,17 @@ def narrow_matmul(spec: str, x, w, dtype):
 
 def param_einsum(spec: str, x, w, compute_dtype, narrow_dtype=None):
     """A parameter matmul with a float32 result: operands in `narrow_dtype` when given (the model's
-    `cfg.narrow_matmuls`), else in the compute dtype."""
+    `cfg.narrow_matmuls`), else in the compute dtype. With 16-bit operands either way it goes
+    through `narrow_matmul`, whose backward pass rounds the incoming float32 gradient to the operand
+    dtype: a plain `einsum(..., preferred_element_type=float32)` would instead widen the weights to
+    float32 for its two gradient products (JAX's transpose of a mixed-precision dot), which on a
+    GPU runs them as tf32 GEMMs at about half the bf16 rate (measured on an H200: the tied head's two
+    backward products took 7.8 ms of a 39 ms `vanilla` step at batch 16, against 1.7 ms for its
+    bf16 forward product; docs/benchmarks.md)."""
     if narrow_dtype is not None:
         return narrow_matmul(spec, x, w, narrow_dtype)
+    if jnp.dtype(compute_dtype).itemsize < 4:
+        return narrow_matmul(spec, x, w, compute_dtype)
     return jnp.einsum(spec, x.astype(compute_dtype), w.astype(compute_dtype), preferred_element_type=jnp.float32)
 
 
@@ -190,8 +198,12 @@ class Embedding(nnx.Module):
         return jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
 
     def attend(self, x_BTD):
-        logits_BTV = param_einsum("btd,vd->btv", x_BTD, self.embedding[...], self.dtype, self.narrow)
-        return mask_padded_vocab(logits_BTV, self.vocab_size)
+        return mask_padded_vocab(self.raw_logits(x_BTD), self.vocab_size)
+
+    def raw_logits(self, x_BTD):
+        """float32 logits over every row of the table, padding rows unmasked (`loss.token_losses`
+        masks them inside its loss)."""
+        return param_einsum("btd,vd->btv", x_BTD, self.embedding[...], self.dtype, self.narrow)
 
     def attend_rows(self, x_BTD, rows_RD, first_row):
         """`attend` against a slice of the table, rows `first_row`.. (a traced offset is fine): the
