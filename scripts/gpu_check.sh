@@ -210,6 +210,7 @@ print("cuDNN attention ok on", jax.devices()[0].device_kind)'
   done
   # HellaSwag items/s of the built-in scorer: vanilla here, modern after the other architectures
   hellaswag() {
+    [[ "bench $1 HellaSwag items/s" =~ $only ]] || return 0
     if [ "$variant" != default ]; then
       log "== SKIP $1 HellaSwag items/s (the tiny configs have a character vocabulary)"
     elif [ -n "${LLMJAX_TASK_DIR:-}" ] && { [ -f "$LLMJAX_TASK_DIR/hellaswag_val.jsonl" ] || [ -f "$LLMJAX_TASK_DIR/hellaswag/hellaswag_val.jsonl" ]; }; then
