@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llmjax.config import ConfigError, ModelConfig
-from llmjax.models.layers import MLP, DecoderLM, PreNormBlock, dense, layer_norm, residual_std
+from llmjax.models.layers import MLP, DecoderLM, PreNormBlock, dense, layer_norm, param_einsum, residual_std
 from llmjax.registry import register
 
 
@@ -52,8 +52,12 @@ class LinformerConfig(ModelConfig):
 
 
 def _attend(q, keys, values, mask, scale, dtype):
-    """softmax(q k^T) v over the last key axis with a boolean mask; float32 logits and softmax."""
-    scores = jnp.einsum("...thd,...shd->...hts", q, keys, preferred_element_type=jnp.float32) * scale
+    """softmax(q k^T) v over the last key axis with a boolean mask; float32 logits and softmax. The
+    logits' product goes through `param_einsum`, so that with 16-bit operands its backward pass
+    rounds the logits' gradient to them rather than widening q and k to float32 (tf32 GEMMs on a
+    GPU)."""
+    lead = "abcefg"[: q.ndim - 3]
+    scores = param_einsum(f"{lead}thd,{lead}shd->{lead}hts", q, keys, dtype) * scale
     scores = jnp.where(mask, scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     return jnp.einsum("...hts,...shd->...thd", probs, values)
