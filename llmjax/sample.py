@@ -227,9 +227,10 @@ def _jitted(platform: str, options_key: tuple):
 
 
 def jitted_for(params):
-    """The (prefill, decode) pair for the platform that holds `params`."""
-    leaves = jax.tree.leaves(params)
-    platform = next(iter(leaves[0].devices())).platform if leaves else jax.default_backend()
+    """The (prefill, decode) pair for the platform that holds `params` (JAX's default backend for
+    host arrays)."""
+    leaf = next((x for x in jax.tree.leaves(params) if isinstance(x, jax.Array)), None)
+    platform = next(iter(leaf.devices())).platform if leaf is not None else jax.default_backend()
     return _jitted(platform, tuple(sorted((decode_compiler_options(platform) or {}).items())))
 
 
@@ -291,6 +292,8 @@ def generate(
 
     state = start_state(B, max_new_tokens, seed)
     graphdef, params = nnx.split(model)
+    # host (NumPy) parameters, as the trainer's end-of-run sample has them, go to the device once
+    params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), params)
     jit_prefill, jit_decode = jitted_for(params)
 
     def prefill(state, cache_len):

@@ -538,3 +538,13 @@ def test_decode_compiler_options(monkeypatch):
     assert S.jitted_for(nnx.state(m)) is S.jitted_for(nnx.state(m)) is S._jitted("cpu", ())
     monkeypatch.setenv("LLMJAX_DECODE_XLA_DEFAULTS", "1")
     assert S.decode_compiler_options("gpu") is None
+
+
+def test_a_model_with_host_parameters_decodes_alike():
+    """A model merged from host (NumPy) parameters, as the trainer's end-of-run sample makes it,
+    decodes the same tokens as the same model on the device."""
+    m = decoder("vanilla", seed=6)
+    graphdef, state = nnx.split(m)
+    host = nnx.merge(graphdef, jax.device_get(state))
+    assert any(isinstance(x, np.ndarray) for x in jax.tree.leaves(nnx.state(host)))
+    assert generate(host, [[1, 2, 3]], 8, sampling=GREEDY) == generate(m, [[1, 2, 3]], 8, sampling=GREEDY)

@@ -66,6 +66,13 @@ def test_loss_falls_for_every_architecture(arch, tmp_path):
     assert json.loads((tmp_path / "run" / "tokenizer.json").read_text())["kind"] == "char"
 
 
+def test_the_end_of_run_sample(tmp_path):
+    """A finished run samples `eval.sample_tokens` tokens from its final parameters (fetched to the
+    host, as the trainer has them) and returns the text."""
+    run = train(cfg("vanilla", train__max_steps=4, eval__every_steps=0, eval__sample_tokens=12), tmp_path / "run", quiet=True)
+    assert run.final and isinstance(run.sample, str) and 0 < len(run.sample) <= 12
+
+
 @pytest.mark.parametrize(
     "arch,opts",
     [("vanilla", {"train__grad_accum_steps": 2}), ("mla", {"model__scan_layers": False})],
