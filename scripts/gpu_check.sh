@@ -8,13 +8,18 @@
 # Steps run in order of importance, each under `timeout` with what is left of the budget (and its own
 # cap, so that a slow step cannot starve the ones after it); a step that no longer fits is skipped and
 # logged. Default mode:
+#   0. a 20-second preflight of cuDNN attention (if it fails, the benchmarks use XLA's attention);
 #   1. the GPU-only tests (tests/gpu: cuDNN against XLA attention, whole models in bf16, a bf16
-#      training step per architecture, the MoE's expert paths against each other);
+#      training step per architecture, the MoE's expert paths against each other, bit-for-bit
+#      repeats with train.deterministic), over xdist workers;
 #   2. benchmarks (python -m llmjax.bench): vanilla and modern in full (training at batch 16 and 32
-#      with memory in one process, then decoding at batch 1 and 64, greedy and top-k, in another), then
-#      gqa, mla, moe, linformer, ssm short (training at batch 16, greedy decoding);
-#   3. HellaSwag items/s of the built-in scorer (vanilla, modern) when LLMJAX_TASK_DIR holds
-#      hellaswag_val.jsonl (carry it: the machine is offline); int8 weight-only decoding (vanilla);
+#      with memory in one process, then decoding at batch 1 and 64, greedy and top-k, in another;
+#      vanilla's decoding again with XLA's default dot strength reduction, LLMJAX_DECODE_XLA_DEFAULTS=1),
+#      vanilla's HellaSwag items/s (when LLMJAX_TASK_DIR holds hellaswag_val.jsonl: carry it, the
+#      machine is offline), then gqa, mla, moe, linformer, ssm short (training at batch 16, greedy
+#      decoding);
+#   3. nanoGPT's training at batch 32 on the same card (NANOGPT_SRC: its source, carried); modern's
+#      HellaSwag items/s; int8 weight-only decoding (vanilla);
 #   4. the contract, sampler and scoring suites on the GPU backend, the exports against transformers;
 #   5. a jax.profiler trace of vanilla (5 training steps at batch 16, decoding at batch 1 and 64),
 #      summarised in its row (device busy fraction, time per kind of operation, top operations);

@@ -86,6 +86,22 @@ def test_batch_size_does_not_change_scores(arch, opts):
         assert [r[1] for r in other] == [r[1] for r in runs[0]]
 
 
+def test_a_scorer_holds_the_parameters_it_was_made_with():
+    """`Scorer.for_model` splits the model once: host (NumPy) parameters score alike, and a scorer
+    keeps scoring the parameters the model had when it was made."""
+    from flax import nnx
+
+    m = llmjax.build_model(config("vanilla"), seed=3)
+    pairs = random_pairs(2, 5, m.cfg.context_len)
+    want = Scorer.for_model(m, batch_size=2).score(pairs)
+    graphdef, state = nnx.split(m)
+    host = nnx.merge(graphdef, jax.device_get(state))
+    assert Scorer.for_model(host, batch_size=2).score(pairs) == want
+    held = Scorer.for_model(m, batch_size=2)
+    nnx.update(m, nnx.state(llmjax.build_model(config("vanilla"), seed=4)))  # other weights, in place
+    assert held.score(pairs) == want and Scorer.for_model(m, batch_size=2).score(pairs) != want
+
+
 def test_capacity_moe_is_scored_dropless():
     m = model("moe", moe_mode="capacity")
     with pytest.raises(ScoreError, match="dropless"):
