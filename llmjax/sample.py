@@ -209,6 +209,7 @@ DECODE_GPU_OPTIONS = {"xla_gpu_enable_dot_strength_reduction": False}
 
 
 def decode_compiler_options(platform: str) -> dict | None:
+    """The sampler's XLA compile options on `platform` (None: XLA's defaults)."""
     if platform != "gpu" or os.environ.get("LLMJAX_DECODE_XLA_DEFAULTS"):
         return None
     return dict(DECODE_GPU_OPTIONS)
@@ -235,11 +236,13 @@ def jitted_for(params):
 
 
 def _prefill(model, state, tokens_BT, lengths_B, **kw):
+    """`_prefill_fn` on a model (one call; `generate` splits the model once for all its calls)."""
     graphdef, params = nnx.split(model)
     return jitted_for(params)[0](graphdef, params, state, tokens_BT, lengths_B, **kw)
 
 
 def _decode(model, state, num_steps, **kw):
+    """`_decode_fn` on a model (one call)."""
     graphdef, params = nnx.split(model)
     return jitted_for(params)[1](graphdef, params, state, num_steps, **kw)
 
