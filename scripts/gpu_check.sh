@@ -18,8 +18,8 @@
 #      vanilla's HellaSwag items/s (when LLMJAX_TASK_DIR holds hellaswag_val.jsonl: carry it, the
 #      machine is offline), then gqa, mla, moe, linformer, ssm short (training at batch 16, greedy
 #      decoding);
-#   3. nanoGPT's training at batch 32 on the same card (NANOGPT_SRC: its source, carried); modern's
-#      HellaSwag items/s; int8 weight-only decoding (vanilla);
+#   3. modern's HellaSwag items/s; nanoGPT's training at batch 32 on the same card (NANOGPT_SRC: its
+#      source, carried); int8 weight-only decoding (vanilla);
 #   4. the contract, sampler and scoring suites on the GPU backend, the exports against transformers;
 #   5. a jax.profiler trace of vanilla (5 training steps at batch 16, decoding at batch 1 and 64),
 #      summarised in its row (device busy fraction, time per kind of operation, top operations);
@@ -229,6 +229,7 @@ print("cuDNN attention ok on", jax.devices()[0].device_kind)'
     step "bench $arch (short)" 100 bench.log "${bench[@]}" --config "$(cfg $arch)" --suite=train,memory,decode --batch_size=16 --steps=10 \
       --repeats=2 --decode_modes=greedy
   done
+  hellaswag modern
   # PyTorch nanoGPT (torch.compile, bf16, 124M, T=1024, random tokens) at batch 32, its fastest, on
   # this card: the figure issue 8's training target is a ratio to (the full anchors run last)
   if [ -n "${NANOGPT_SRC:-}" ] && [ "$variant" = default ]; then
@@ -240,7 +241,6 @@ print(\"nanogpt train bs=32 peak_mem_GB %.2f\" % (torch.cuda.max_memory_allocate
 "'
     grep -hsE "time per iteration|peak_mem" "$work/anchors.log" | tail -4 | sed 's/^/   | /' | tee -a "$out/steps.log"
   fi
-  hellaswag modern
   step "bench vanilla int8 weight-only decoding" 80 bench.log "${bench[@]}" --config "$(cfg vanilla)" --suite=decode --repeats=3 --quantize=int8
   if [ "$variant" = default ]; then
     step "contract and sampler suites on the GPU backend" 240 contract_on_gpu.log env JAX_DEFAULT_MATMUL_PRECISION=highest \
