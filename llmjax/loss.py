@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llmjax.models.layers import PADDED_LOGIT
+from llmjax.models.layers import mask_padded_vocab
 
 
 def cross_entropy(logits_BTV, targets_BT, mask_BT=None):
@@ -55,12 +55,6 @@ def token_losses(embed, x_BTD, targets_BT, chunks: int = 0):
 # The plain path's loss: one pass over the logits each way
 
 
-def _mask(logits_BTV, vocab_size: int):
-    if logits_BTV.shape[-1] == vocab_size:
-        return logits_BTV
-    return jnp.where(jnp.arange(logits_BTV.shape[-1]) < vocab_size, logits_BTV, jnp.asarray(PADDED_LOGIT, logits_BTV.dtype))
-
-
 def masked_cross_entropy(logits_BTV, targets_BT, vocab_size: int):
     """Per-token cross-entropy (B, T) of float32 logits whose columns >= `vocab_size` (the table's
     padding rows) are masked out, as `Embedding.attend` masks them. The same values as optax's
@@ -79,14 +73,14 @@ def _xent(logits_BTV, targets_BT, vocab_size):
 
 
 def _xent_fwd(logits_BTV, targets_BT, vocab_size):
-    lse_BT = jax.nn.logsumexp(_mask(logits_BTV, vocab_size), axis=-1)
+    lse_BT = jax.nn.logsumexp(mask_padded_vocab(logits_BTV, vocab_size), axis=-1)
     target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
     return lse_BT - target_BT, (logits_BTV, targets_BT, lse_BT)
 
 
 def _xent_bwd(vocab_size, residuals, g_BT):
     logits_BTV, targets_BT, lse_BT = residuals
-    probs_BTV = jnp.exp(_mask(logits_BTV, vocab_size) - lse_BT[..., None])
+    probs_BTV = jnp.exp(mask_padded_vocab(logits_BTV, vocab_size) - lse_BT[..., None])
     onehot_BTV = jnp.arange(logits_BTV.shape[-1]) == targets_BT[..., None]
     return g_BT[..., None] * (probs_BTV - onehot_BTV), None
 

@@ -235,6 +235,14 @@ def jitted_for(params):
     return _jitted(platform, tuple(sorted((decode_compiler_options(platform) or {}).items())))
 
 
+def split_for_jit(model):
+    """(graph definition, parameters) of `model` for the plain `jax.jit` functions that take them
+    (the sampler's, the scorer's): host (NumPy) parameters, as the trainer's end-of-run sample has
+    them, go to the device here, once, instead of at every call."""
+    graphdef, params = nnx.split(model)
+    return graphdef, jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), params)
+
+
 def _prefill(model, state, tokens_BT, lengths_B, **kw):
     """`_prefill_fn` on a model (one call; `generate` splits the model once for all its calls)."""
     graphdef, params = nnx.split(model)
@@ -294,9 +302,7 @@ def generate(
     starts = [max(0, len(p) - context) for p in prompts]  # each row's window is seqs[r][starts[r]:]
 
     state = start_state(B, max_new_tokens, seed)
-    graphdef, params = nnx.split(model)
-    # host (NumPy) parameters, as the trainer's end-of-run sample has them, go to the device once
-    params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), params)
+    graphdef, params = split_for_jit(model)
     jit_prefill, jit_decode = jitted_for(params)
 
     def prefill(state, cache_len):

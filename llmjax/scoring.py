@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llmjax.sample import split_for_jit
+
 Pair = tuple[Sequence[int], Sequence[int]]  # (context tokens, continuation tokens)
 
 
@@ -132,8 +134,7 @@ class Scorer:
         device, with the parameters the model holds now (one that changes later needs a new scorer)."""
         if getattr(model.cfg, "moe_mode", None) == "capacity":
             raise ScoreError("score a capacity-mode MoE through scoring_config(cfg) (dropless); capacity depends on padding")
-        graphdef, params = nnx.split(model)
-        params = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), params)
+        graphdef, params = split_for_jit(model)
 
         def fn(tokens, targets, mask):
             return _score_model(graphdef, params, jnp.asarray(tokens), jnp.asarray(targets), jnp.asarray(mask))
