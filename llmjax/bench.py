@@ -52,7 +52,7 @@ from flax import nnx  # noqa: E402
 from llmjax import cli  # noqa: E402
 from llmjax.config import ConfigError, load_config, model_config, set_key  # noqa: E402
 from llmjax.registry import ARCHS, build_model  # noqa: E402
-from llmjax.sample import DECODE_UNROLL, Sampling, decode_compiler_options, generate, inference_params  # noqa: E402
+from llmjax.sample import DECODE_UNROLL, Sampling, decode_min_rows, generate, inference_params  # noqa: E402
 from llmjax.sharding import make_mesh  # noqa: E402
 from llmjax.summary import ARCH_ORDER, CONFIG_DIR, summarize  # noqa: E402
 from llmjax.train import peak_flops  # noqa: E402
@@ -194,7 +194,7 @@ def bench_decode(cfg, *, batches: list[int], prompt_len: int, new_tokens: int, r
     mcfg = model_config(cfg).replace(scan_layers=False)
     model = inference_model(mcfg, quantize)
     rng = np.random.default_rng(0)
-    row = {"decode_weight_bytes": weight_bytes(model), "decode_compiler_options": decode_compiler_options(jax.default_backend())}
+    row = {"decode_weight_bytes": weight_bytes(model), "decode_min_rows": decode_min_rows(jax.default_backend())}
     for name, sampling in (DECODE_MODES[m] for m in modes):
         for b in batches:
             prompts = rng.integers(0, mcfg.vocab_size, (b, prompt_len)).tolist()

@@ -24,6 +24,7 @@ anyway; the trainer applies it only when JAX runs on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
@@ -31,6 +32,8 @@ import sys
 # measured with jaxlib 0.11; another version may not know the option (an error), so it gets none
 CPU_FLOAT32_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 _TESTED_JAXLIB = ("0.11.",)
+
+_target: list[str] = []  # compiling_for's stack
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
 _done = False
@@ -87,3 +90,24 @@ def enable_compilation_cache() -> str | None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # small programs too: loading beats compiling
     return path
+
+
+def backend() -> str:
+    """The platform the model's code is being traced for: JAX's default backend, or the one an
+    enclosing `compiling_for` names (llmjax.aot compiles for a GPU in a process that has none).
+    Layers that choose an implementation by platform (cuDNN attention, narrow dots) ask this."""
+    if _target:
+        return _target[-1]
+    import jax
+
+    return jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+    """Trace the model as if `platform` ("gpu", "cpu") were JAX's default backend."""
+    _target.append(platform)
+    try:
+        yield
+    finally:
+        _target.pop()

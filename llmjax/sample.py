@@ -198,41 +198,38 @@ def _decode_fn(graphdef, params, state, num_steps, *, sampling: Sampling, eot: i
     return jax.lax.while_loop(lambda c: ~_halted(*c, num_steps), body, (jnp.int32(0), state))[1]
 
 
-# XLA options for the sampler's programs on a GPU. At batch 1 every parameter product is a vector
-# times a matrix, which XLA's algebraic simplifier rewrites by default into a broadcast multiply and
-# a reduction ("dot strength reduction"); on an H200 (jax 0.11.2) those became two kernels per
-# product, the first writing the whole elementwise product out (x times each weight matrix) and the
-# second reading it back: 8 of a layer's 17 kernels and about 60% of its 46 us per token. Turned
-# off, each product stays one matrix-vector kernel. LLMJAX_DECODE_XLA_DEFAULTS=1 keeps XLA's default
-# (for comparison: scripts/gpu_check.sh measures both).
-DECODE_GPU_OPTIONS = {"xla_gpu_enable_dot_strength_reduction": False}
+# Rows the sampler decodes at least, per platform. XLA's GPU compiler rewrites a product whose one
+# side is a vector (no dimension but the contracting ones: every parameter product at batch 1) into
+# an elementwise multiply and a reduction ("dot strength reduction", a pass with no switch in jaxlib
+# 0.11: the `xla_gpu_enable_dot_strength_reduction` option is gone); on an H200 each became two
+# kernels, the first writing the whole elementwise product out and the second reading it back: 8 of
+# a layer's 17 kernels and about 60% of its 46 us per token. A second row (a copy of the first,
+# done from the start, so it changes nothing and is not returned) keeps every product a GEMM: for
+# GPT-2 124M compiled for an H200 (llmjax.aot) 182 kernels per token instead of 222, and 0.03 GB
+# moved outside the GEMMs instead of 0.52. LLMJAX_DECODE_MIN_ROWS overrides (1: no padding row).
+DECODE_MIN_ROWS = {"gpu": 2}
 
 
-def decode_compiler_options(platform: str) -> dict | None:
-    """The sampler's XLA compile options on `platform` (None: XLA's defaults)."""
-    if platform != "gpu" or os.environ.get("LLMJAX_DECODE_XLA_DEFAULTS"):
-        return None
-    return dict(DECODE_GPU_OPTIONS)
+def decode_min_rows(platform: str) -> int:
+    """The fewest rows the sampler decodes on `platform` (a batch below it gets padding rows)."""
+    env = os.environ.get("LLMJAX_DECODE_MIN_ROWS")
+    return max(1, int(env)) if env else DECODE_MIN_ROWS.get(platform, 1)
 
 
 @functools.cache
-def _jitted(platform: str, options_key: tuple):
-    """(prefill, decode) jitted for `platform`: pure functions of the model's graph definition
-    (static) and parameters, so a call flattens a plain pytree rather than the module graph (nnx.jit
-    walks every module on every call: milliseconds per call, twice per `generate`)."""
-    options = dict(options_key) or None
-    prefill = jax.jit(_prefill_fn, static_argnames=("graphdef", "cache_len", "sampling", "eot"), compiler_options=options)
-    decode = jax.jit(_decode_fn, static_argnames=("graphdef", "sampling", "eot", "unroll"), donate_argnames=("state",),
-                     compiler_options=options)
+def _jitted():
+    """(prefill, decode) jitted: pure functions of the model's graph definition (static) and
+    parameters, so a call flattens a plain pytree rather than the module graph (nnx.jit walks every
+    module on every call: milliseconds per call, twice per `generate`)."""
+    prefill = jax.jit(_prefill_fn, static_argnames=("graphdef", "cache_len", "sampling", "eot"))
+    decode = jax.jit(_decode_fn, static_argnames=("graphdef", "sampling", "eot", "unroll"), donate_argnames=("state",))
     return prefill, decode
 
 
-def jitted_for(params):
-    """The (prefill, decode) pair for the platform that holds `params` (JAX's default backend for
-    host arrays)."""
+def platform_of(params) -> str:
+    """The platform that holds `params` (JAX's default backend for host arrays)."""
     leaf = next((x for x in jax.tree.leaves(params) if isinstance(x, jax.Array)), None)
-    platform = next(iter(leaf.devices())).platform if leaf is not None else jax.default_backend()
-    return _jitted(platform, tuple(sorted((decode_compiler_options(platform) or {}).items())))
+    return next(iter(leaf.devices())).platform if leaf is not None else jax.default_backend()
 
 
 def split_for_jit(model):
@@ -246,13 +243,13 @@ def split_for_jit(model):
 def _prefill(model, state, tokens_BT, lengths_B, **kw):
     """`_prefill_fn` on a model (one call; `generate` splits the model once for all its calls)."""
     graphdef, params = nnx.split(model)
-    return jitted_for(params)[0](graphdef, params, state, tokens_BT, lengths_B, **kw)
+    return _jitted()[0](graphdef, params, state, tokens_BT, lengths_B, **kw)
 
 
 def _decode(model, state, num_steps, **kw):
     """`_decode_fn` on a model (one call)."""
     graphdef, params = nnx.split(model)
-    return jitted_for(params)[1](graphdef, params, state, num_steps, **kw)
+    return _jitted()[1](graphdef, params, state, num_steps, **kw)
 
 
 def bucket(n: int, context: int) -> int:
@@ -298,17 +295,20 @@ def generate(
         raise SampleError(f"prompt token ids must be in [0, {cfg.vocab_size})")
     eot = -1 if eot_id is None else int(eot_id)
     chunk = max(context // 2, 1)
+    graphdef, params = split_for_jit(model)
+    jit_prefill, jit_decode = _jitted()
+    n_rows = max(B, decode_min_rows(platform_of(params)))  # padding rows (DECODE_MIN_ROWS) copy row 0
+    prompts = list(prompts) + [prompts[0]] * (n_rows - B)
     seqs = [list(p) for p in prompts]
     starts = [max(0, len(p) - context) for p in prompts]  # each row's window is seqs[r][starts[r]:]
 
-    state = start_state(B, max_new_tokens, seed)
-    graphdef, params = split_for_jit(model)
-    jit_prefill, jit_decode = jitted_for(params)
+    state = start_state(n_rows, max_new_tokens, seed)
+    state["done"] = jnp.arange(n_rows) >= B  # padding rows: done from the start, nothing drawn
 
     def prefill(state, cache_len):
         windows = [s[st:] for s, st in zip(seqs, starts)]
         T = bucket(max(len(w) for w in windows), context)
-        toks = np.zeros((B, T), np.int32)
+        toks = np.zeros((n_rows, T), np.int32)
         for r, w in enumerate(windows):
             toks[r, T - len(w) :] = w
         lengths = jnp.asarray([len(w) for w in windows], jnp.int32)
@@ -331,7 +331,7 @@ def generate(
             break
         if (pos[~done] >= limit).any():  # some row is at the end of the context: slide
             out, n_gen = jax.device_get((state["out"], state["n_gen"]))
-            for r in range(B):
+            for r in range(n_rows):
                 seqs[r] = list(prompts[r]) + [int(t) for t in out[r, : n_gen[r]]]
                 if done[r]:
                     starts[r] = len(seqs[r]) - 1  # prefilled, not used

@@ -14,7 +14,7 @@
 #      repeats with train.deterministic), over xdist workers;
 #   2. benchmarks (python -m llmjax.bench): vanilla and modern in full (training at batch 16 and 32
 #      with memory in one process, then decoding at batch 1 and 64, greedy and top-k, in another;
-#      vanilla's decoding again with XLA's default dot strength reduction, LLMJAX_DECODE_XLA_DEFAULTS=1),
+#      vanilla's batch-1 decoding again without the padding row, LLMJAX_DECODE_MIN_ROWS=1),
 #      vanilla's HellaSwag items/s (when LLMJAX_TASK_DIR holds hellaswag_val.jsonl: carry it, the
 #      machine is offline), then gqa, mla, moe, linformer, ssm short (training at batch 16, greedy
 #      decoding);
@@ -79,7 +79,7 @@ import json, os, sys
 rows = [json.loads(l) for l in open(sys.argv[1])] if os.path.exists(sys.argv[1]) else []
 cols = ["arch", "batch_size", "scan_layers", "remat", "attention_impl", "loss_chunks", "deterministic", "moe_mode", "moe_impl", "moe_block_rows", "capacity_factor", "scan_chunk", "quantize", "train_tokens_per_sec", "mfu", "peak_memory_bytes",
         "compiled_memory_bytes", "compiled_flops_ratio", "decode_tokens_per_sec_b1", "decode_tokens_per_sec_b64", "decode_sampled_tokens_per_sec_b1",
-        "decode_sampled_tokens_per_sec_b64", "hellaswag_items_per_sec", "decode_compiler_options", "config", "xla_flags"]
+        "decode_sampled_tokens_per_sec_b64", "hellaswag_items_per_sec", "decode_min_rows", "config", "xla_flags"]
 print("| " + " | ".join(cols) + " |")
 print("|" + "---|" * len(cols))
 for r in rows:
@@ -207,10 +207,10 @@ print("cuDNN attention ok on", jax.devices()[0].device_kind)'
       --steps=20 --repeats=3
     step "bench $arch decoding (full)" 120 bench.log "${bench[@]}" --config "$(cfg $arch)" --suite=decode --repeats=3
     if [ "$arch" = vanilla ]; then
-      # the sampler compiles with XLA's dot strength reduction off on a GPU (llmjax/sample.py): the
-      # same rows with XLA's default, to keep or drop that choice
-      step "bench vanilla decoding, XLA's default dot strength reduction" 90 bench.log env LLMJAX_DECODE_XLA_DEFAULTS=1 \
-        "${bench[@]}" --config "$(cfg vanilla)" --suite=decode --repeats=3 --decode_modes=greedy
+      # on a GPU the sampler decodes at least two rows (batch 1 gets a padding row, so that XLA's dot
+      # strength reduction leaves its products GEMMs; llmjax/sample.py): the same rows without it
+      step "bench vanilla decoding, no padding row at batch 1" 90 bench.log env LLMJAX_DECODE_MIN_ROWS=1 \
+        "${bench[@]}" --config "$(cfg vanilla)" --suite=decode --repeats=3 --decode_modes=greedy --decode_batches=1
     fi
   done
   # HellaSwag items/s of the built-in scorer: vanilla here, modern after the other architectures

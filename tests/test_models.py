@@ -16,6 +16,7 @@ from flax import nnx
 
 import llmjax
 import llmjax.models  # noqa: F401  (registers every architecture)
+from llmjax import runtime
 from helpers import config, load_params, model, params, scale_params, tokens
 from llmjax.models.layers import PADDED_LOGIT, convert_layer_layout
 
@@ -134,7 +135,7 @@ def _mixed_dots(jaxpr, out):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_bf16_training_gradient_widens_no_product(arch, monkeypatch):
+def test_bf16_training_gradient_widens_no_product(arch):
     """The training loss's gradient of a bfloat16 model, traced as for a GPU: no product takes a
     float32 and a bfloat16 operand. That mix is what JAX's transpose of a bf16 x bf16 -> float32
     product gives (the float32 gradient times the bf16 operand, widened), and on a GPU it runs as a
@@ -142,7 +143,6 @@ def test_bf16_training_gradient_widens_no_product(arch, monkeypatch):
     vanilla's 39 ms step. (XLA's attention is left out: on a GPU attention runs in cuDNN.)"""
     from llmjax.loss import token_losses
 
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # (layers._dot32 widens on the CPU only)
     m = llmjax.build_model(config(arch, "small", dtype="bfloat16", attention_impl="xla"), seed=0)
     graphdef, state = nnx.split(m)
     toks = tokens(0, 2, 65)
@@ -152,7 +152,8 @@ def test_bf16_training_gradient_widens_no_product(arch, monkeypatch):
         x, _, _ = mm.features(toks[:, :-1])
         return token_losses(mm.embed, x, toks[:, 1:]).mean()
 
-    found = _mixed_dots(jax.make_jaxpr(jax.grad(loss))(state).jaxpr, [])
+    with runtime.compiling_for("gpu"):  # (layers._dot32 widens on the CPU only)
+        found = _mixed_dots(jax.make_jaxpr(jax.grad(loss))(state).jaxpr, [])
     assert not [f for f in found if "BNTS" not in f[1]], found  # (jax.nn's XLA attention: 'BTNH,BSNH->BNTS')
 
 

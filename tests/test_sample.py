@@ -172,7 +172,7 @@ def prefilled(m, B: int, cache_len: int = 64):
 
 def decode_hlo(m, state, unroll: int) -> str:
     """The compiled decode loop's HLO text (40 steps, greedy)."""
-    return S.jitted_for(nnx.state(m))[1].lower(*nnx.split(m), state, jnp.int32(40), sampling=GREEDY, eot=-1, unroll=unroll).compile().as_text()
+    return S._jitted()[1].lower(*nnx.split(m), state, jnp.int32(40), sampling=GREEDY, eot=-1, unroll=unroll).compile().as_text()
 
 
 def test_the_decode_loop_tests_its_stop_condition_once_per_chunk():
@@ -527,17 +527,46 @@ def test_quantized_load_and_cli(run_dir):
         S.load(run_dir, quantize="int4")
 
 
-def test_decode_compiler_options(monkeypatch):
-    """The sampler's programs compile with XLA's dot strength reduction off on a GPU only (batch-1
-    products stay matrix-vector kernels; llmjax/sample.py); LLMJAX_DECODE_XLA_DEFAULTS=1 restores
-    XLA's defaults; the CPU's programs are the default ones (and jitted once per platform and set)."""
-    monkeypatch.delenv("LLMJAX_DECODE_XLA_DEFAULTS", raising=False)
-    assert S.decode_compiler_options("gpu") == {"xla_gpu_enable_dot_strength_reduction": False}
-    assert S.decode_compiler_options("cpu") is None
-    m = decoder("vanilla", seed=3)
-    assert S.jitted_for(nnx.state(m)) is S.jitted_for(nnx.state(m)) is S._jitted("cpu", ())
-    monkeypatch.setenv("LLMJAX_DECODE_XLA_DEFAULTS", "1")
-    assert S.decode_compiler_options("gpu") is None
+def test_decode_min_rows(monkeypatch):
+    """On a GPU the sampler decodes at least two rows (a vector x matrix product would be split by
+    XLA's dot strength reduction; llmjax/sample.py), elsewhere one; LLMJAX_DECODE_MIN_ROWS overrides."""
+    monkeypatch.delenv("LLMJAX_DECODE_MIN_ROWS", raising=False)
+    assert (S.decode_min_rows("gpu"), S.decode_min_rows("cpu")) == (2, 1)
+    monkeypatch.setenv("LLMJAX_DECODE_MIN_ROWS", "1")
+    assert S.decode_min_rows("gpu") == 1
+
+
+@pytest.mark.parametrize("sampling,eot", [(GREEDY, None), (S.Sampling(temperature=1.0, top_k=20), 7)], ids=["greedy", "top_k_eot"])
+def test_padding_rows_change_nothing(monkeypatch, sampling, eot):
+    """A batch padded to more rows (as on a GPU: LLMJAX_DECODE_MIN_ROWS) gives each real row the same
+    tokens, streamed the same, as without padding, including across a slide past the context, and
+    returns only the real rows; the padding rows draw nothing (done from the start), so the loop
+    stops when the real rows do."""
+    m = decoder("vanilla", seed=5)
+    prompts = [[1, 2, 3]]
+
+    def run(rows):
+        monkeypatch.setenv("LLMJAX_DECODE_MIN_ROWS", str(rows))
+        streamed = []
+        out = S.generate(m, prompts, 70, sampling=sampling, seed=3, eot_id=eot, on_tokens=lambda r, ids: streamed.append((r, ids)))
+        return out, streamed
+
+    one, streamed_one = run(1)
+    for rows in (2, 4):
+        out, streamed = run(rows)
+        assert out == one and streamed == streamed_one, rows
+    assert len(one) == 1 and 0 < len(one[0]) <= 70 and (eot is not None or len(one[0]) == 70 > m.cfg.context_len)
+    prefill, decode = S._jitted()
+    calls = {}
+
+    def counting(*args, **kw):
+        calls[rows] = calls.get(rows, 0) + 1
+        return decode(*args, **kw)
+
+    monkeypatch.setattr(S, "_jitted", lambda: (prefill, counting))
+    for rows in (1, 3):
+        run(rows)
+    assert calls[1] == calls[3], calls  # (no extra decode calls for rows that never run)
 
 
 def test_a_model_with_host_parameters_decodes_alike():

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llmjax import runtime
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.models.layers import apply_rope, dense, residual_std
 
@@ -22,7 +23,7 @@ from llmjax.models.layers import apply_rope, dense, residual_std
 def resolve_impl(impl: str, dtype) -> str:
     """'auto' -> 'cudnn' on a GPU for 16-bit compute, else 'xla'. Asking for cuDNN where it cannot
     run is a one-line error rather than a silent fallback."""
-    on_gpu = jax.default_backend() == "gpu"
+    on_gpu = runtime.backend() == "gpu"
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if impl == "auto":
         return "cudnn" if on_gpu and half else "xla"

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llmjax import runtime
 from llmjax.config import ModelConfig
 
 # Logit given to padded vocabulary rows: exp() of it underflows to exactly 0 in float32.
@@ -44,7 +45,7 @@ def _dot32(spec: str, a, b):
     bfloat16 values is exact in float32), at the float32 speed."""
     inputs, out = spec.split("->")
     x, y = inputs.split(",")
-    if jax.default_backend() == "cpu" and any(i in x and i in y for i in out):
+    if runtime.backend() == "cpu" and any(i in x and i in y for i in out):
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 

@@ -1,0 +1,188 @@
+"""llmjax.aot: compiling for a GPU without one, and reading what XLA made.
+
+The HLO reader is checked against a hand-written module (exact counts, bytes, FLOPs); the real GPU
+compile (JAX's CUDA plugin in ./.aot, which `scripts/test.sh` installs) runs in a subprocess, since
+the plugin must be found before JAX starts its backends, and is checked against the model's own
+arithmetic: the GEMM FLOPs of a bf16 training step, the bytes of its arguments, no float32 GEMM
+outside XLA's attention, and the sampler's padding row at batch 1 keeping its products GEMMs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from llmjax import aot
+from llmjax.config import load_config, model_config
+from llmjax.registry import build_model
+from llmjax.train import make_optimizer
+
+from conftest import ROOT
+
+HLO = """HloModule m, entry_computation_layout={()->f32[8,16]{1,0}}
+
+%fused_dot (param_0: bf16[8,32], param_1: bf16[32,16]) -> f32[8,16] {
+  %param_0 = bf16[8,32]{1,0} parameter(0)
+  %param_1 = bf16[32,16]{1,0} parameter(1)
+  ROOT %dot.1 = f32[8,16]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(f)/head/dot_general"}
+}
+
+%fused_gather (param_0.1: f32[1000,16], param_1.1: s32[8,1]) -> f32[8,16] {
+  %param_0.1 = f32[1000,16]{1,0} parameter(0)
+  %bitcast.9 = f32[1000,1,16]{2,1,0} bitcast(%param_0.1)
+  %param_1.1 = s32[8,1]{1,0} parameter(1)
+  ROOT %gather.1 = f32[8,16]{1,0} gather(%bitcast.9, %param_1.1), offset_dims={1}, collapsed_slice_dims={0,1}, start_index_map={0}, index_vector_dim=1, slice_sizes={1,1,16}
+}
+
+%fused_dus (param_0.2: f32[1000,16], param_1.2: f32[8,16], param_2.2: s32[]) -> f32[1000,16] {
+  %param_0.2 = f32[1000,16]{1,0} parameter(0)
+  %param_1.2 = f32[8,16]{1,0} parameter(1)
+  %param_2.2 = s32[] parameter(2)
+  %zero = s32[] constant(0)
+  ROOT %dus.1 = f32[1000,16]{1,0} dynamic-update-slice(%param_0.2, %param_1.2, %param_2.2, %zero)
+}
+
+%fused_add (param_0.3: f32[8,16], param_1.3: f32[8,16]) -> f32[8,16] {
+  %param_0.3 = f32[8,16]{1,0} parameter(0)
+  %param_1.3 = f32[8,16]{1,0} parameter(1)
+  ROOT %add.1 = f32[8,16]{1,0} add(%param_0.3, %param_1.3)
+}
+
+%body (p: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
+  %p = (s32[], f32[8,16]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[8,16]{1,0} get-tuple-element(%p), index=1
+  %add_fusion = f32[8,16]{1,0} fusion(%x, %x), kind=kLoop, calls=%fused_add
+  ROOT %t = (s32[], f32[8,16]{1,0}) tuple(%i, %add_fusion)
+}
+
+%cond (p.1: (s32[], f32[8,16])) -> pred[] {
+  %p.1 = (s32[], f32[8,16]{1,0}) parameter(0)
+  %i.1 = s32[] get-tuple-element(%p.1), index=0
+  %lim = s32[] constant(5)
+  ROOT %lt_fusion = pred[] compare(%i.1, %lim), direction=LT
+}
+
+ENTRY %main (a: bf16[8,32], b: bf16[32,16], table: f32[1000,16], idx: s32[8,1], pos: s32[]) -> f32[8,16] {
+  %a = bf16[8,32]{1,0} parameter(0)
+  %b = bf16[32,16]{1,0} parameter(1)
+  %table = f32[1000,16]{1,0} parameter(2)
+  %idx = s32[8,1]{1,0} parameter(3)
+  %pos = s32[] parameter(4)
+  %gemm_fusion = f32[8,16]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_dot
+  %gather_fusion = f32[8,16]{1,0} fusion(%table, %idx), kind=kLoop, calls=%fused_gather
+  %dus_fusion = f32[1000,16]{1,0} fusion(%table, %gather_fusion, %pos), kind=kLoop, calls=%fused_dus
+  %attn = (bf16[8,16]{1,0}, u8[0]{0}) custom-call(%a), custom_call_target="__cudnn$fmhaSoftmax"
+  %zero.1 = s32[] constant(0)
+  %init = (s32[], f32[8,16]{1,0}) tuple(%zero.1, %gemm_fusion)
+  %loop = (s32[], f32[8,16]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  ROOT %out = f32[8,16]{1,0} get-tuple-element(%loop), index=1
+}
+"""
+
+
+def test_the_hlo_reader_counts_launches_bytes_and_flops():
+    ks = {k.name: k for k in aot.kernels(HLO)}
+    assert set(ks) == {"gemm_fusion", "gather_fusion", "dus_fusion", "attn", "add_fusion", "lt_fusion"}
+    g = ks["gemm_fusion"]
+    assert (g.kind, g.count, g.flops, g.types, g.op) == ("gemm", 1, 2 * 8 * 16 * 32, ["bf16xbf16->f32"], "jit(f)/head/dot_general")
+    assert g.bytes == 8 * 32 * 2 + 32 * 16 * 2 + 8 * 16 * 4
+    # a gather reads its slices (through a bitcast), not the table; an in-place update writes its update
+    assert ks["gather_fusion"].bytes == 8 * 16 * 4 + 8 * 4 + 8 * 16 * 4
+    assert ks["dus_fusion"].bytes == 8 * 16 * 4 + 4 + 8 * 16 * 4
+    assert ks["attn"].kind == "attention"
+    assert (ks["add_fusion"].count, ks["lt_fusion"].count) == (5, 6)  # body x trip count; condition once more
+    s = aot.summarize_kernels(list(ks.values()), "h100")
+    assert s["kernels"] == 1 + 1 + 1 + 1 + 5 + 6 and s["gemm_kernels"] == 1 and s["attention_kernels"] == 1
+    assert s["gemm_flops_by_type"] == {"bf16xbf16->f32": 2 * 8 * 16 * 32} and s["wide_gemm_types"] == []
+    h100 = aot.TARGETS["h100"]
+    other = ks["gather_fusion"].bytes + ks["dus_fusion"].bytes + 5 * ks["add_fusion"].bytes + 6 * ks["lt_fusion"].bytes
+    assert s["other_bytes"] == other
+    assert s["roofline_ms"] == pytest.approx(1e3 * (max(g.flops / h100["peak_bf16"], g.bytes / h100["bandwidth"]) + other / h100["bandwidth"]))
+
+
+def test_target_configs_parse_as_xla_expects():
+    for name, t in aot.TARGETS.items():
+        text = aot.target_config(name)
+        assert f"core_count: {t['sms']}" in text and f'device_description_str: "{t["name"]}"' in text
+        assert text.count("{") == text.count("}")
+
+
+def test_a_missing_plugin_is_a_one_line_error(tmp_path):
+    env = {**os.environ, "LLMJAX_AOT_DIR": str(tmp_path / "none")}
+    r = subprocess.run([sys.executable, "-m", "llmjax.aot", "--config", "configs/vanilla.py:tiny"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "setup_aot.sh" in r.stderr
+
+
+needs_plugin = pytest.mark.skipif(not (aot.plugin_dir() / "jax_plugins").is_dir(),
+                                  reason="JAX's CUDA plugin is not in ./.aot (bash scripts/setup_aot.sh)")
+
+OVERRIDES = {"model.dtype": "bfloat16", "model.attention_impl": "xla"}  # (cuDNN attention needs cuDNN in ./.aot)
+
+SCRIPT = """
+import json, os, sys
+from llmjax import aot
+device = aot.gpu_device("h100")
+from llmjax.config import load_config
+cfg = load_config("configs/vanilla.py:tiny", json.loads(sys.argv[1]))
+rows = [aot.train_report(cfg, device, "h100")]
+for n in ("1", "2"):
+    os.environ["LLMJAX_DECODE_MIN_ROWS"] = n
+    rows.append(aot.decode_report(cfg, device, "h100", 1, 8, 24))
+print(json.dumps(rows))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled_rows():
+    r = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(OVERRIDES)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@needs_plugin
+
+def test_the_gpu_training_step_does_the_models_gemms_in_bf16(compiled_rows):
+    """The training step compiled for an H100: its GEMM FLOPs are exactly the model's (forward and
+    backward of every parameter product, the tied head once, and attention over the full square,
+    as XLA's attention computes it), none of its GEMMs takes float32 operands except XLA's
+    attention's (cuDNN's on a real GPU), and its arguments are exactly the training state and the
+    batch."""
+    train = compiled_rows[0]
+    cfg = load_config("configs/vanilla.py:tiny", OVERRIDES)
+    mcfg = model_config(cfg)
+    params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build_model(mcfg.replace(scan_layers=True), seed=0)), nnx.Param))
+    matmul = sum(
+        leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+        if str(path[-1].key) == "kernel" or (str(path[-1].key) == "embedding" and str(path[0].key) == "embed")
+    )
+    B, T, D, L = cfg.train.batch_size, mcfg.context_len, mcfg.d_model, mcfg.n_layer
+    assert train["gemm_flops"] == B * T * 3 * (2 * matmul + 2 * 2 * T * D * L)
+    assert all("BNTS" in w for w in train["wide_gemm_types"]), train["wide_gemm_types"]  # jax.nn's XLA attention only
+    tx, _ = make_optimizer(cfg.train)
+    state = {"params": params, "opt": jax.eval_shape(tx.init, params), "rng": np.zeros(2, np.uint32), "step": np.int32(0)}
+    state_bytes = sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+    assert train["argument_bytes"] == state_bytes + 4 * B * (T + 1)
+    assert train["peak_bytes"] == train["argument_bytes"] + train["output_bytes"] + train["temp_bytes"] - train["alias_bytes"]
+    assert train["alias_bytes"] >= state_bytes - 16  # the state is donated: updated in place
+
+
+@needs_plugin
+
+def test_a_padding_row_keeps_batch_one_decoding_in_gemms(compiled_rows):
+    """Decoding one row, XLA's GPU compiler strength-reduces every vector x matrix product into an
+    elementwise multiply and a reduction (no GEMM left); with the sampler's padding row (the GPU
+    default) each parameter product is a GEMM and far fewer bytes move outside them."""
+    one, two = compiled_rows[1], compiled_rows[2]
+    assert (one["decode_rows"], two["decode_rows"]) == (1, 2)
+    mcfg = model_config(load_config("configs/vanilla.py:tiny"))
+    assert one["gemm_kernels"] == 0
+    assert two["gemm_kernels"] >= 4 * mcfg.n_layer + 1  # qkv, out, fc, proj per layer and the head
+    assert two["other_bytes"] < one["other_bytes"] / 2 and two["kernels"] < one["kernels"]
