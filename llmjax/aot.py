@@ -451,7 +451,7 @@ def train_report(cfg, device, target: str, top: int = 0) -> dict:
     mcfg, tcfg = model_config(cfg), cfg.train
     mesh = make_mesh({"data": 1}, [device])
     B, T, accum = tcfg.batch_size, mcfg.context_len, tcfg.grad_accum_steps
-    with runtime.compiling_for("gpu"), jax.set_mesh(mesh):
+    with runtime.compiling_for("gpu"), jax.set_mesh(mesh), jax.default_device(device):  # (Pallas asks the default device)
         s = build_steps(cfg, mesh)
         state = jax.eval_shape(s.init_state)
         tokens = jax.ShapeDtypeStruct((accum, B, T + 1), jnp.int32, sharding=s.tok_shard)
@@ -480,7 +480,7 @@ def decode_report(cfg, device, target: str, batch: int, prompt_len: int, new_tok
     def place(tree):
         return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree)
 
-    with runtime.compiling_for("gpu"):
+    with runtime.compiling_for("gpu"), jax.default_device(device):
         graphdef, params = nnx.split(nnx.eval_shape(lambda: inference_model(mcfg)))
         params = place(params)
         prefill, decode = sample._jitted()

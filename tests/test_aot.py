@@ -135,6 +135,9 @@ rows = [aot.train_report(cfg, device, "h100")]
 for n in ("1", "2"):
     os.environ["LLMJAX_DECODE_MIN_ROWS"] = n
     rows.append(aot.decode_report(cfg, device, "h100", 1, 8, 24))
+for impl in ("auto", "xla"):  # the SSM: its fused kernel (Pallas -> Triton) on a GPU, and XLA's scan
+    ssm = load_config("configs/ssm.py:tiny", {"model.dtype": "bfloat16", "model.scan_impl": impl})
+    rows.append(aot.train_report(ssm, device, "h100", top=10000))
 print(json.dumps(rows))
 """
 
@@ -186,3 +189,16 @@ def test_a_padding_row_keeps_batch_one_decoding_in_gemms(compiled_rows):
     assert one["gemm_kernels"] == 0
     assert two["gemm_kernels"] >= 4 * mcfg.n_layer + 1  # qkv, out, fc, proj per layer and the head
     assert two["other_bytes"] < one["other_bytes"] / 2 and two["kernels"] < one["kernels"]
+
+
+@needs_plugin
+def test_the_ssm_compiles_its_fused_kernel_for_the_gpu(compiled_rows):
+    """On a GPU the SSM's scan is the Pallas kernel, compiled by Triton for the H100: per layer one
+    forward kernel and, in the backward pass, the forward again (keeping its states) and the backward
+    kernel; it moves well under half the bytes of XLA's chunked associative scan in fewer kernels."""
+    fused, xla = compiled_rows[3], compiled_rows[4]
+    n_layer = model_config(load_config("configs/ssm.py:tiny")).n_layer
+    launches = lambda row, key: sum(k["launches"] for k in row["top_kernels"] if key in k["op"])  # noqa: E731
+    assert launches(fused, "selective_scan/") == 2 * n_layer and launches(fused, "selective_scan_bwd/") == n_layer
+    assert launches(xla, "selective_scan") == 0
+    assert fused["other_bytes"] < xla["other_bytes"] / 2 and fused["kernels"] < xla["kernels"]

@@ -38,7 +38,7 @@ OPTIONS = {
         {"moe_impl": "blocked", "moe_block_rows": 4},  # (the tiny shapes' `auto` is dense)
         {"moe_impl": "ragged_dot", "scan_layers": False},
     ],
-    "ssm": COMMON + [{"scan_chunk": 3}, {"scan_chunk": 64, "d_state": 4, "scan_layers": False}],
+    "ssm": COMMON + [{"scan_chunk": 3}, {"scan_chunk": 64, "d_state": 4, "scan_layers": False}, {"scan_impl": "pallas"}],
 }
 CASES = [(arch, opts) for arch in ARCHS for opts in OPTIONS.get(arch, [{}])]
 # Cached decoding routes every token (no capacity drops), so it equals the full forward only where

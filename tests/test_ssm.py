@@ -11,6 +11,7 @@ from flax import nnx
 
 import llmjax
 from helpers import config
+from llmjax.models import selective_scan as fused
 from llmjax.models.ssm import SelectiveSSM, scan_chunked, scan_reference
 
 
@@ -42,6 +43,55 @@ def test_gradients_of_the_chunked_scan_match_the_recurrence():
     g = lambda *a: jnp.sum(scan_reference(*a, h0)[0] ** 2)  # noqa: E731
     for a, b in zip(jax.grad(f, argnums=(0, 1, 2, 3, 4))(delta, u, Bm, Cm, A), jax.grad(g, argnums=(0, 1, 2, 3, 4))(delta, u, Bm, Cm, A)):
         np.testing.assert_allclose(a, b, atol=1e-4 * float(jnp.abs(b).max()), rtol=1e-4)
+
+
+@pytest.mark.parametrize("B,T,E,N", [(2, 37, 16, 4), (1, 8, 24, 2), (3, 1, 64, 8), (1, 40, 72, 16)])
+def test_the_fused_kernel_equals_the_recurrence_in_values_and_gradients(B, T, E, N):
+    """The Pallas kernel (in the interpreter here; compiled for a GPU in tests/test_aot.py) and its
+    hand-written backward pass against the step-by-step recurrence differentiated by JAX: y, the last
+    state, and the gradient of every input including the starting state and the last state's
+    cotangent; odd lengths (padded to a power of two inside) and channel blocks of 8 to 64."""
+    delta, u, Bm, Cm, A, h0 = _inputs(2, B, T, E, N)
+    y, h = fused.selective_scan(delta, u, Bm, Cm, A, h0, True)
+    y_ref, h_ref = scan_reference(delta, u, Bm, Cm, A, h0)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(h, h_ref, atol=1e-5, rtol=1e-5)
+    k1, k2 = jax.random.split(jax.random.key(9))
+    wy, wh = jax.random.normal(k1, y.shape), jax.random.normal(k2, h.shape)
+
+    def loss(scan_fn):
+        return lambda *a: jnp.sum(scan_fn(*a)[0] * wy) + jnp.sum(scan_fn(*a)[1] * wh)
+
+    got = jax.grad(loss(lambda *a: fused.selective_scan(*a, True)), argnums=range(6))(delta, u, Bm, Cm, A, h0)
+    want = jax.grad(loss(scan_reference), argnums=range(6))(delta, u, Bm, Cm, A, h0)
+    for name, a, b in zip(("delta", "u", "B", "C", "A", "h0"), got, want):
+        assert float(jnp.abs(b).max()) > 0, name
+        np.testing.assert_allclose(a, b, atol=2e-5 * float(jnp.abs(b).max()), rtol=1e-4, err_msg=name)
+
+
+def test_the_fused_kernel_block_and_support():
+    assert [fused.block_e(e) for e in (1536, 768, 128, 24, 8, 6, 100)] == [64, 64, 64, 8, 8, None, None]
+    assert fused.supported(1536, 16) and not fused.supported(1536, 12) and not fused.supported(6, 4)
+
+
+def test_the_layer_runs_the_fused_kernel_alike():
+    """scan_impl='pallas' (the GPU default) and 'xla' give the same layer outputs, decode state and
+    parameter gradients, with padding positions in the input."""
+    cfgs = {impl: llmjax.model_config(config("ssm", scan_impl=impl)) for impl in ("xla", "pallas")}
+    layers = {impl: SelectiveSSM(c, rngs=nnx.Rngs(3)) for impl, c in cfgs.items()}
+    x = jax.random.normal(jax.random.key(4), (2, 21, 64))
+    pos = jnp.concatenate([jnp.full((2, 3), -1), jnp.broadcast_to(jnp.arange(18), (2, 18))], axis=1)
+
+    def run(m):
+        out, cache = m(x, pos, m.init_cache(2, 0, jnp.float32))
+        return jnp.sum(out**2) + jnp.sum(cache["h"]), (out, cache["h"])
+
+    results = {impl: nnx.grad(run, has_aux=True)(m) for impl, m in layers.items()}
+    (g_x, (o_x, h_x)), (g_p, (o_p, h_p)) = results["xla"], results["pallas"]
+    np.testing.assert_allclose(o_p, o_x, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(h_p, h_x, atol=1e-5, rtol=1e-5)
+    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(nnx.state(g_p)), jax.tree_util.tree_leaves_with_path(nnx.state(g_x))):
+        np.testing.assert_allclose(a, b, atol=1e-4 * float(jnp.abs(b).max()) + 1e-7, rtol=1e-3, err_msg=str(path))
 
 
 def test_two_halves_with_the_state_carried_equal_one_pass():

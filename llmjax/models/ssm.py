@@ -11,7 +11,9 @@ The mixer, per channel e of the d_inner-wide stream u and per state dimension n:
     y_t        = C_t . h_t + D * u_t
     out        = (y * silu(z)) W_out
 
-Training runs the recurrence as a parallel scan (`jax.lax.associative_scan` over the pairs
+On a GPU the recurrence runs as a fused kernel (llmjax/models/selective_scan.py: each row's state
+in registers, one pass over the tokens; `model.scan_impl`). Elsewhere (and with scan_impl='xla')
+it runs as a parallel scan (`jax.lax.associative_scan` over the pairs
 (a_t, b_t) with (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2)) inside chunks of `scan_chunk` tokens,
 carrying h from chunk to chunk with `lax.scan` and rematerialising each chunk in the backward
 pass, so memory stays O(B * chunk * E * N) at any context. Decoding runs the same recurrence one
@@ -28,9 +30,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llmjax import runtime
 from llmjax.config import ConfigError, ModelConfig
+from llmjax.models import selective_scan
 from llmjax.models.layers import MLP, DecoderLM, PreNormBlock, dense, layer_norm, residual_std
 from llmjax.registry import register
+
+
+SCAN_IMPLS = ("auto", "xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,6 +49,9 @@ class SSMConfig(ModelConfig):
     scan_chunk: int  # tokens per associative-scan chunk (bounds training memory)
     dt_min: float  # initial step sizes are log-uniform in [dt_min, dt_max]
     dt_max: float
+    # auto: the fused kernel (llmjax/models/selective_scan.py) on a GPU where the widths fit, else
+    # xla (the chunked associative scan); pallas anywhere (on a CPU in Pallas' interpreter: slow)
+    scan_impl: str = "auto"
 
     def __post_init__(self):
         super().__post_init__()
@@ -50,6 +60,13 @@ class SSMConfig(ModelConfig):
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.dt_min < self.dt_max:
             raise ConfigError(f"need 0 < model.dt_min < model.dt_max, got {self.dt_min}, {self.dt_max}")
+        if self.scan_impl not in SCAN_IMPLS:
+            raise ConfigError(f"model.scan_impl='{self.scan_impl}' is not one of {', '.join(SCAN_IMPLS)}")
+        if self.scan_impl == "pallas" and not selective_scan.supported(self.d_inner, self.d_state):
+            raise ConfigError(
+                f"model.scan_impl='pallas' needs model.d_state a power of two and model.d_inner a multiple of 8 "
+                f"(got {self.d_state}, {self.d_inner}); use 'auto' or 'xla'"
+            )
 
 
 def combine(left, right):
@@ -108,6 +125,7 @@ class SelectiveSSM(nnx.Module):
     def __init__(self, cfg: SSMConfig, *, rngs: nnx.Rngs):
         E, N, R = cfg.d_inner, cfg.d_state, cfg.dt_rank
         self.E, self.N, self.R, self.chunk, self.dtype = E, N, R, cfg.scan_chunk, cfg.compute_dtype
+        self.scan_impl = cfg.scan_impl
         self.in_proj = dense(cfg, cfg.d_model, 2 * E, rngs=rngs)
         self.x_proj = dense(cfg, E, R + 2 * N, rngs=rngs)
         self.dt_proj = nnx.Linear(
@@ -139,10 +157,22 @@ class SelectiveSSM(nnx.Module):
         delta, u, B_BTN, C_BTN, z = self._inputs(x_BTD)
         A = -jnp.exp(self.A_log[...])
         h0 = jnp.zeros((B, self.E, self.N), jnp.float32) if cache is None else cache["h"]
-        y, h = scan_chunked(delta, u, B_BTN, C_BTN, A, h0, positions_BT >= 0, self.chunk)
+        if self._fused(x_BTD.shape[1]):  # padding (position < 0): delta = 0, the identity step
+            valid = (positions_BT >= 0)[..., None]
+            y, h = selective_scan.selective_scan(jnp.where(valid, delta, 0.0), jnp.where(valid, u, 0.0), B_BTN, C_BTN, A, h0,
+                                                 runtime.backend() != "gpu")
+        else:
+            y, h = scan_chunked(delta, u, B_BTN, C_BTN, A, h0, positions_BT >= 0, self.chunk)
         y = y + u * self.D[...]
         out = self.out_proj((y * jax.nn.silu(z.astype(jnp.float32))).astype(self.dtype))
         return out, (None if cache is None else {"h": h})
+
+    def _fused(self, T: int) -> bool:
+        """Whether this call runs the fused kernel: 'pallas', or 'auto' on a GPU for more than one
+        token (one decoded token is a few elementwise operations either way)."""
+        if self.scan_impl == "pallas":
+            return True
+        return self.scan_impl == "auto" and T > 1 and runtime.backend() == "gpu" and selective_scan.supported(self.E, self.N)
 
     def init_cache(self, batch_size: int, max_len: int, dtype):
         del max_len, dtype  # the state does not grow, and stays float32 for accuracy
