@@ -270,10 +270,10 @@ def fusion_bytes(comp: list[Instr], operand_shapes: list[str], result_shape: str
             users.setdefault(o, []).append((i, pos))
     by_name = {i.name: i for i in comp}
 
-    def uses_of(name: str) -> list[tuple[Instr, int]]:  # through bitcasts (free: a new shape, same bytes)
+    def uses_of(name: str) -> list[tuple[Instr, int]]:  # through bitcasts and converts (computed per element read)
         out = []
         for u, pos in users.get(name, []):
-            out += uses_of(u.name) if u.opcode == "bitcast" else [(u, pos)]
+            out += uses_of(u.name) if u.opcode in ("bitcast", "convert") else [(u, pos)]
         return out
 
     total = 0.0

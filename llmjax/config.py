@@ -170,6 +170,9 @@ def _shared_groups(variant: str) -> dict[str, dict[str, Any]]:
             grad_clip=1.0,
             deterministic=False,  # GPU: compile the steps with XLA's deterministic ops (no order-dependent atomic sums; slower)
             loss_chunks=0,  # the loss over this many slices of the vocabulary: the logits are never whole (less memory, one more head matmul); 0: off
+            # the training loss's logits: auto = model.dtype (bf16 with bf16 compute, as PyTorch's autocast
+            # gives nanoGPT: half the logits' memory and traffic), float32, or bfloat16; the loss itself is float32
+            logits_dtype="auto",
             log_every_steps=10,
             checkpoint_every_steps=1000 if gpu else 250,
             keep_checkpoints=3,

@@ -20,7 +20,7 @@ def cross_entropy(logits_BTV, targets_BT, mask_BT=None):
     return (losses * mask_BT).sum() / jnp.maximum(mask_BT.sum(), 1.0)
 
 
-def token_losses(embed, x_BTD, targets_BT, chunks: int = 0):
+def token_losses(embed, x_BTD, targets_BT, chunks: int = 0, logits_dtype=jnp.float32):
     """Per-token cross-entropy (B, T), float32, of the tied head `embed.attend(x_BTD)` against
     `targets_BT`, without ever holding the whole (B, T, V) logits when `chunks` > 1: the head's table
     is cut into `chunks` slices of rows; each slice's logits give its log-sum-exp and the targets'
@@ -30,11 +30,13 @@ def token_losses(embed, x_BTD, targets_BT, chunks: int = 0):
     float32 summation order; the cost is one more head matmul in the backward. Slicing the
     vocabulary, not the positions, keeps the batch axis (the data sharding) whole in every slice, so
     each slice's table gradient is reduced across devices once, as in the plain path. `chunks` 0 or 1
-    is the plain path; it must divide the table's rows."""
+    is the plain path; it must divide the table's rows. `logits_dtype`: the plain path's logits as
+    the head writes them (bfloat16: half the memory and traffic of float32, as nanoGPT's autocast
+    has them; the loss is computed in float32 from them either way); the sliced path's stay float32."""
     table_VD = embed.embedding[...]
     V, D = table_VD.shape
     if chunks <= 1:
-        return masked_cross_entropy(embed.raw_logits(x_BTD), targets_BT, embed.vocab_size)
+        return masked_cross_entropy(embed.raw_logits(x_BTD).astype(logits_dtype), targets_BT, embed.vocab_size)
     if V % chunks:
         raise ValueError(f"the loss chunks ({chunks}) must divide the {V} rows of the token table")
     R = V // chunks
@@ -56,7 +58,8 @@ def token_losses(embed, x_BTD, targets_BT, chunks: int = 0):
 
 
 def masked_cross_entropy(logits_BTV, targets_BT, vocab_size: int):
-    """Per-token cross-entropy (B, T) of float32 logits whose columns >= `vocab_size` (the table's
+    """Per-token cross-entropy (B, T), float32, of logits (float32 or 16-bit: they are widened as
+    they are read, never copied wider; their gradient comes back in their dtype) whose columns >= `vocab_size` (the table's
     padding rows) are masked out, as `Embedding.attend` masks them. The same values as optax's
     `softmax_cross_entropy_with_integer_labels` of the masked logits; the difference is what the
     backward pass keeps: the raw logits (the head's output, in memory anyway) and the log-sum-exp,
@@ -64,7 +67,7 @@ def masked_cross_entropy(logits_BTV, targets_BT, vocab_size: int):
     masked logits instead makes XLA write them out as a separate (B, T, V) buffer for the backward
     pass: at GPT-2's vocabulary and a 16 x 1024 batch a 3.3 GB float32 write and two reads more per
     step (an H200 trace: 1.5 ms of a 39 ms `vanilla` step, and that much more peak memory)."""
-    return _xent(logits_BTV.astype(jnp.float32), targets_BT, vocab_size)
+    return _xent(logits_BTV, targets_BT, vocab_size)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -73,16 +76,17 @@ def _xent(logits_BTV, targets_BT, vocab_size):
 
 
 def _xent_fwd(logits_BTV, targets_BT, vocab_size):
-    lse_BT = jax.nn.logsumexp(mask_padded_vocab(logits_BTV, vocab_size), axis=-1)
-    target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    f32 = logits_BTV.astype(jnp.float32)
+    lse_BT = jax.nn.logsumexp(mask_padded_vocab(f32, vocab_size), axis=-1)
+    target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0].astype(jnp.float32)
     return lse_BT - target_BT, (logits_BTV, targets_BT, lse_BT)
 
 
 def _xent_bwd(vocab_size, residuals, g_BT):
     logits_BTV, targets_BT, lse_BT = residuals
-    probs_BTV = jnp.exp(mask_padded_vocab(logits_BTV, vocab_size) - lse_BT[..., None])
+    probs_BTV = jnp.exp(mask_padded_vocab(logits_BTV.astype(jnp.float32), vocab_size) - lse_BT[..., None])
     onehot_BTV = jnp.arange(logits_BTV.shape[-1]) == targets_BT[..., None]
-    return g_BT[..., None] * (probs_BTV - onehot_BTV), None
+    return (g_BT[..., None] * (probs_BTV - onehot_BTV)).astype(logits_BTV.dtype), None
 
 
 _xent.defvjp(_xent_fwd, _xent_bwd)

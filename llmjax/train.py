@@ -173,11 +173,23 @@ def step_compiler_options(mcfg, tcfg, platform: str) -> dict | None:
     return options
 
 
+LOGITS_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def loss_logits_dtype(mcfg, tcfg):
+    """The dtype of the training and eval loss's logits (train.logits_dtype; auto: model.dtype)."""
+    name = tcfg.get("logits_dtype", "auto")
+    if name not in LOGITS_DTYPES:
+        raise ConfigError(f"train.logits_dtype='{name}' is not one of {', '.join(LOGITS_DTYPES)}")
+    return mcfg.compute_dtype if name == "auto" else jnp.dtype(name)
+
+
 def build_steps(cfg, mesh) -> Steps:
     """Model, optimizer, shardings and the jitted train and eval steps for `cfg` on `mesh`."""
     mcfg, tcfg = model_config(cfg), cfg.train
     if tcfg.batch_size % mesh.devices.size:
         raise ConfigError(f"train.batch_size={tcfg.batch_size} must be divisible by the {mesh.devices.size} devices of the mesh")
+    logits_dtype = loss_logits_dtype(mcfg, tcfg)
     if tcfg.loss_chunks < 0 or (tcfg.loss_chunks > 1 and mcfg.padded_vocab_size % tcfg.loss_chunks):
         raise ConfigError(
             f"train.loss_chunks={tcfg.loss_chunks} must be 0 (off) or divide model.padded_vocab_size={mcfg.padded_vocab_size}"
@@ -208,7 +220,7 @@ def build_steps(cfg, mesh) -> Steps:
     def loss_fn(params, tokens_BT1):
         model = nnx.merge(graphdef, convert_layer_layout(params, mcfg.scan_layers))
         x, _, aux = model.features(tokens_BT1[:, :-1])
-        ce = token_losses(model.embed, x, tokens_BT1[:, 1:], tcfg.loss_chunks).mean()
+        ce = token_losses(model.embed, x, tokens_BT1[:, 1:], tcfg.loss_chunks, logits_dtype).mean()
         aux = dict(aux)
         stats = aux.pop("stats", {})  # logged, not optimised
         missing = sorted(set(aux) - set(weights))
@@ -256,7 +268,7 @@ def build_steps(cfg, mesh) -> Steps:
     def eval_step(params, tokens_BT1, mask_BT):
         model = nnx.merge(graphdef, convert_layer_layout(params, mcfg.scan_layers))
         x = model.features(tokens_BT1[:, :-1])[0]
-        per_tok = token_losses(model.embed, x, tokens_BT1[:, 1:], tcfg.loss_chunks)
+        per_tok = token_losses(model.embed, x, tokens_BT1[:, 1:], tcfg.loss_chunks, logits_dtype)
         return jnp.sum(per_tok * mask_BT), jnp.sum(mask_BT)
 
     eval_fn = jax.jit(

@@ -206,25 +206,30 @@ def test_narrow_matmul_takes_plain_and_batched_products_only(spec):
 
 
 @pytest.mark.parametrize("vocab_size", [70, 96])
-def test_masked_cross_entropy_matches_float64_reference(vocab_size):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_masked_cross_entropy_matches_float64_reference(vocab_size, dtype):
     """The plain path's loss (`loss.masked_cross_entropy`): per-token values and the logits' gradient
     against float64 (padding columns 70..95 masked out, or none to mask), for random incoming
-    per-token gradients; padding columns get exactly zero gradient."""
+    per-token gradients; padding columns get exactly zero gradient. bfloat16 logits (the training
+    loss's with bf16 compute, `train.logits_dtype`): the loss in float32 is the float64 loss of those
+    logits, and their gradient comes back in bfloat16, rounded from the float64 one."""
     from llmjax.loss import masked_cross_entropy
 
     rng = np.random.default_rng(vocab_size)
-    logits = jnp.asarray(rng.standard_normal((3, 5, 96)) * 4, jnp.float32)
+    logits = jnp.asarray(rng.standard_normal((3, 5, 96)) * 4, dtype)
     targets = jnp.asarray(rng.integers(0, vocab_size, (3, 5)), jnp.int32)
     g = rng.standard_normal((3, 5))
     got, vjp = jax.vjp(lambda z: masked_cross_entropy(z, targets, vocab_size), logits)
     (dz,) = vjp(jnp.asarray(g, jnp.float32))
-    z = np.asarray(logits, np.float64)[..., :vocab_size]
+    z = np.asarray(logits.astype(jnp.float32), np.float64)[..., :vocab_size]
     lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
     onehot = np.arange(vocab_size) == np.asarray(targets)[..., None]
     want = lse - (z * onehot).sum(-1)
     want_dz = g[..., None] * (np.exp(z - lse[..., None]) - onehot)
+    assert got.dtype == jnp.float32 and dz.dtype == dtype
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(dz[..., :vocab_size], want_dz, atol=1e-6)
+    tol = 1e-6 if dtype == jnp.float32 else 2**-8 * np.abs(want_dz).max()  # (bf16: one rounding)
+    np.testing.assert_allclose(np.asarray(dz[..., :vocab_size], np.float64), want_dz, atol=tol)
     assert not np.asarray(dz[..., vocab_size:]).any()
 
 
