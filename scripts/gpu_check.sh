@@ -17,13 +17,14 @@
 #      vanilla's batch-1 decoding again without the padding row, LLMJAX_DECODE_MIN_ROWS=1),
 #      vanilla's HellaSwag items/s (when LLMJAX_TASK_DIR holds hellaswag_val.jsonl: carry it, the
 #      machine is offline), then gqa, mla, moe, linformer, ssm short (training at batch 16, greedy
-#      decoding);
+#      decoding; the SSM's scan is a Pallas kernel, first run on a GPU here: if its row fails, a row
+#      with XLA's scan);
 #   3. modern's HellaSwag items/s; nanoGPT's training at batch 32 on the same card (NANOGPT_SRC: its
 #      source, carried); int8 weight-only decoding (vanilla);
 #   4. the contract, sampler and scoring suites on the GPU backend, the exports against transformers;
 #   5. a jax.profiler trace of vanilla (5 training steps at batch 16, decoding at batch 1 and 64),
 #      summarised in its row (device busy fraction, time per kind of operation, top operations);
-#   6. with what time is left, a few sweep settings (vanilla: the loss over 16 vocabulary slices at
+#   6. with what time is left, a few sweep settings (vanilla: float32 loss logits, the loss over 16 vocabulary slices at
 #      batch 16, batch 64, scanned layers, remat; modern at batch 64; vanilla decoding with while loops
 #      in CUDA graphs, and without; the MoE in capacity mode, with 2048- and 512-row blocks, and through
 #      ragged_dot with XLA's cuDNN grouped GEMM; vanilla with XLA's deterministic ops), then the PyTorch anchors
@@ -229,6 +230,12 @@ print("cuDNN attention ok on", jax.devices()[0].device_kind)'
     step "bench $arch (short)" 100 bench.log "${bench[@]}" --config "$(cfg $arch)" --suite=train,memory,decode --batch_size=16 --steps=10 \
       --repeats=2 --decode_modes=greedy
   done
+  # the SSM's scan runs as a Pallas (Triton) kernel on a GPU, first run here: if its row failed, the
+  # XLA scan's training row instead (slow, but a figure)
+  if [ "$last_rc" != 0 ] && [ "$last_rc" != skipped ]; then
+    step "bench ssm (short), XLA's scan" 100 bench.log "${bench[@]}" --config "$(cfg ssm)" --suite=train,memory --batch_size=16 \
+      --steps=5 --repeats=2 --config.model.scan_impl=xla
+  fi
   hellaswag modern
   # PyTorch nanoGPT (torch.compile, bf16, 124M, T=1024, random tokens) at batch 32, its fastest, on
   # this card: the figure issue 8's training target is a ratio to (the full anchors run last)
@@ -261,6 +268,9 @@ print(\"nanogpt train bs=32 peak_mem_GB %.2f\" % (torch.cuda.max_memory_allocate
   # vocabulary slices (memory at batch 16), training at batch 64, decoding with the whole while loop
   # in CUDA graphs (and with no command buffers at all); and decoding that tests its stop condition
   # after every token (a predicate copied to the host and waited for each step), the old loop
+  # the training loss's logits in float32 (train.logits_dtype; the default reads bf16 logits, as nanoGPT)
+  step "sweep vanilla float32 logits" 80 sweep.log "${bench[@]}" --config "$(cfg vanilla)" --suite=train,memory --batch_size=16 \
+    --steps=10 --repeats=2 --config.train.logits_dtype=float32
   step "bench vanilla decoding, stop test every step" 80 bench.log "${bench[@]}" --config "$(cfg vanilla)" --suite=decode \
     --repeats=3 --decode_modes=greedy --decode_unroll=1
   sweep vanilla "16 False none cudnn 16" "64 False none cudnn"

@@ -427,6 +427,8 @@ def test_inference_params_leave_bf16_logits_unchanged():
         toks = jax.random.randint(jax.random.key(0), (2, 20), 0, 65)
         cast = load_params(llmjax.build_model(config(arch, dtype="bfloat16"), seed=0), S.inference_params(params(m), jnp.bfloat16))
         assert any(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(params(cast)))
+        experts = [a for p, a in jax.tree_util.tree_leaves_with_path(params(cast)) if str(p[-1].key) in ("w_in", "w_out")]
+        assert all(a.dtype == jnp.bfloat16 for a in experts) and (arch != "moe" or experts)  # (not converted per token)
         np.testing.assert_array_equal(np.asarray(cast(toks)[0]), np.asarray(m(toks)[0]), err_msg=arch)
 
 

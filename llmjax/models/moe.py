@@ -134,7 +134,9 @@ def _take_experts_fwd(w, block_e):
 def _take_experts_bwd(res, g):
     block_e, like = res  # (like: the experts' count and dtype)
     onehot = jax.nn.one_hot(block_e, like.shape[0], dtype=jnp.float32)  # (blocks, E)
-    return jnp.einsum("je,j...->e...", onehot, g.astype(jnp.float32)).astype(like.dtype), None
+    # (HIGHEST: a float32 GEMM on a GPU, where the default precision would round g to tf32 first)
+    sums = jnp.einsum("je,j...->e...", onehot, g.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return sums.astype(like.dtype), None
 
 
 take_experts.defvjp(_take_experts_fwd, _take_experts_bwd)
