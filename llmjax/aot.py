@@ -97,7 +97,10 @@ def gpu_device(target: str = "h100"):
     if target in _devices:
         return _devices[target]
     folder = plugin_dir()
-    if not (folder / "jax_plugins").is_dir():
+    import importlib.util
+
+    installed = importlib.util.find_spec("jax_plugins") is not None and importlib.util.find_spec("jax_plugins.xla_cuda13") is not None
+    if not installed and not (folder / "jax_plugins").is_dir():  # (a GPU machine has it installed)
         raise AotError(f"no JAX CUDA plugin in {folder}: {SETUP_HINT}")
     os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"  # (it checks the CUDA runtime of a GPU there is not)
     if str(folder) not in sys.path:
