@@ -465,7 +465,7 @@ def train_report(cfg, device, target: str, top: int = 0) -> dict:
 
 
 def decode_report(cfg, device, target: str, batch: int, prompt_len: int, new_tokens: int, unroll: int | None = None,
-                  top: int = 0) -> dict:
+                  top: int = 0, quantize: str | None = None) -> dict:
     """The sampler's prefill and decode loop (llmjax.sample) for `batch` prompts of `prompt_len`
     tokens and `new_tokens` new ones, compiled for `device`; the loop's figures per token."""
     import jax
@@ -484,7 +484,7 @@ def decode_report(cfg, device, target: str, batch: int, prompt_len: int, new_tok
         return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree)
 
     with runtime.compiling_for("gpu"), jax.default_device(device):
-        graphdef, params = nnx.split(nnx.eval_shape(lambda: inference_model(mcfg)))
+        graphdef, params = nnx.split(nnx.eval_shape(lambda: inference_model(mcfg, quantize)))
         params = place(params)
         prefill, decode = sample._jitted()
         rows = max(batch, sample.decode_min_rows("gpu"))  # as `generate` pads a batch on a GPU
@@ -552,6 +552,7 @@ def define_flags():
     flags.DEFINE_list("decode_batches", ["1", "64"], "decode batch sizes")
     flags.DEFINE_integer("prompt_len", 16, "decode prompt tokens")
     flags.DEFINE_integer("new_tokens", 256, "decode new tokens")
+    flags.DEFINE_enum("quantize", None, ["int8"], "decode with int8 weight-only quantization (llmjax.quant)")
     flags.DEFINE_integer("top", 0, "also list the N kernels with the longest roofline time")
     flags.DEFINE_bool("json", False, "print one JSON object per row instead of the text report")
 
@@ -587,7 +588,7 @@ def main(argv):
     if "train" in F.suite:
         rows.append(train_report(cfg, device, F.target, F.top))
     if "decode" in F.suite:
-        rows += [decode_report(cfg, device, F.target, b, F.prompt_len, F.new_tokens, top=F.top) for b in batches]
+        rows += [decode_report(cfg, device, F.target, b, F.prompt_len, F.new_tokens, top=F.top, quantize=F.quantize) for b in batches]
     for r in rows:
         r.update(arch=arch, target=F.target)
         print(json.dumps(r) if F.json else format_rows([r]), flush=True)
