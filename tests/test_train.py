@@ -109,6 +109,21 @@ def test_resume_onto_another_device_count_and_layout(tmp_path):
     np.testing.assert_allclose([got[s] for s in range(1, 13)], [full[s] for s in range(1, 13)], rtol=2e-5)
 
 
+def test_an_ssm_run_resumes_with_the_other_scan(tmp_path):
+    """model.scan_impl changes how the SSM runs, not its parameters: a run stopped with XLA's scan
+    (its config.json written before the key existed) resumes with the fused kernel, within float32
+    rounding of the uninterrupted run."""
+    full = losses(train(cfg("ssm", model__scan_impl="xla"), tmp_path / "full", quiet=True))
+    train(cfg("ssm", model__scan_impl="xla", train__stop_at_step=6), tmp_path / "split", quiet=True)
+    saved = tmp_path / "split" / "config.json"
+    old = json.loads(saved.read_text())
+    del old["model"]["scan_impl"]
+    saved.write_text(json.dumps(old))
+    assert train(cfg("ssm", model__scan_impl="pallas"), tmp_path / "split", quiet=True).step == 12
+    got = losses(tmp_path / "split")
+    np.testing.assert_allclose([got[s] for s in range(1, 13)], [full[s] for s in range(1, 13)], rtol=1e-4)
+
+
 @pytest.mark.parametrize("matmul_dtype", ["", "bfloat16"])
 def test_eight_fsdp_devices_match_one(tmp_path, matmul_dtype):
     """Same losses on 8 devices (data 2 x FSDP 4) as on one: within float32 rounding, or within
