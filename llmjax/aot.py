@@ -26,6 +26,8 @@ gaps and overlap: a lower bound to compare two versions of a step by, not a pred
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import json
 import math
 import os
@@ -97,8 +99,6 @@ def gpu_device(target: str = "h100"):
     if target in _devices:
         return _devices[target]
     folder = plugin_dir()
-    import importlib.util
-
     installed = importlib.util.find_spec("jax_plugins") is not None and importlib.util.find_spec("jax_plugins.xla_cuda13") is not None
     if not installed and not (folder / "jax_plugins").is_dir():  # (a GPU machine has it installed)
         raise AotError(f"no JAX CUDA plugin in {folder}: {SETUP_HINT}")
@@ -140,8 +140,6 @@ def _find_cudnn() -> None:
 
     if lib.cuda_versions is None:
         try:
-            import importlib
-
             lib.cuda_versions = fused_attention_stablehlo.cuda_versions = importlib.import_module("jax_cuda13_plugin._versions")
         except ImportError:  # (cuDNN attention then says it finds no cuDNN)
             pass
