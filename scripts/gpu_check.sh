@@ -24,7 +24,8 @@
 #   4. the contract, sampler and scoring suites on the GPU backend, the exports against transformers;
 #   5. a jax.profiler trace of vanilla (5 training steps at batch 16, decoding at batch 1 and 64),
 #      summarised in its row (device busy fraction, time per kind of operation, top operations);
-#   6. with what time is left, a few sweep settings (vanilla: float32 loss logits, the loss over 16 vocabulary slices at
+#   6. with what time is left, a few sweep settings (vanilla: float32 loss logits, batch-64 decoding with
+#      the whole cache from the start, the loss over 16 vocabulary slices at
 #      batch 16, batch 64, scanned layers, remat; modern at batch 64; vanilla decoding with while loops
 #      in CUDA graphs, and without; the MoE in capacity mode, with 2048- and 512-row blocks, and through
 #      ragged_dot with XLA's cuDNN grouped GEMM; vanilla with XLA's deterministic ops), then the PyTorch anchors
@@ -271,6 +272,9 @@ print(\"nanogpt train bs=32 peak_mem_GB %.2f\" % (torch.cuda.max_memory_allocate
   # the training loss's logits in float32 (train.logits_dtype; the default reads bf16 logits, as nanoGPT)
   step "sweep vanilla float32 logits" 80 sweep.log "${bench[@]}" --config "$(cfg vanilla)" --suite=train,memory --batch_size=16 \
     --steps=10 --repeats=2 --config.train.logits_dtype=float32
+  # on a GPU the decode cache grows with the rows (llmjax/sample.py): batch 64 with the whole cache
+  step "bench vanilla decoding, whole cache from the start" 80 bench.log env LLMJAX_DECODE_GROW=0 "${bench[@]}" \
+    --config "$(cfg vanilla)" --suite=decode --repeats=3 --decode_modes=greedy --decode_batches=64
   step "bench vanilla decoding, stop test every step" 80 bench.log "${bench[@]}" --config "$(cfg vanilla)" --suite=decode \
     --repeats=3 --decode_modes=greedy --decode_unroll=1
   sweep vanilla "16 False none cudnn 16" "64 False none cudnn"

@@ -579,3 +579,39 @@ def test_a_model_with_host_parameters_decodes_alike():
     host = nnx.merge(graphdef, jax.device_get(state))
     assert any(isinstance(x, np.ndarray) for x in jax.tree.leaves(nnx.state(host)))
     assert generate(host, [[1, 2, 3]], 8, sampling=GREEDY) == generate(m, [[1, 2, 3]], 8, sampling=GREEDY)
+
+
+@pytest.mark.parametrize("arch", ["vanilla", "mla", "linformer", "ssm"])
+def test_a_growing_cache_changes_no_token(monkeypatch, arch):
+    """With the decode cache grown as the rows advance (the GPU default, LLMJAX_DECODE_GROW), rows of
+    different prompt lengths give the same greedy and sampled tokens, streamed the same, as with the
+    whole cache from the start, through a slide past the context too; the cache really grew (and a
+    bounded or recurrent state has nothing to grow)."""
+    m = decoder(arch, seed=2, context_len=256)
+    prompts = [[1, 2, 3], list(range(5, 25)), [7]]
+    grown, slots = [], []
+    real_grow = S.grow_cache
+
+    def spy(model, state, new_len):
+        out = real_grow(model, state, new_len)
+        grown.append(new_len)
+        slots.append(any(new_len in a.shape for a in jax.tree.leaves(out["cache"])))
+        return out
+
+    monkeypatch.setattr(S, "grow_cache", spy)
+
+    def run(flag, n, sampling):
+        monkeypatch.setenv("LLMJAX_DECODE_GROW", flag)
+        streamed = [[] for _ in prompts]  # (each row's stream as a whole: growing may end a chunk early)
+        out = S.generate(m, prompts, n, sampling=sampling, seed=1, on_tokens=lambda r, ids: streamed[r].extend(ids))
+        return out, streamed
+
+    for n, sampling in ((150, GREEDY), (300, S.Sampling(temperature=1.0, top_k=10))):
+        whole = run("0", n, sampling)
+        grown.clear()
+        slots.clear()
+        assert run("1", n, sampling) == whole, (n, sampling)
+        # a 32-token bucket: first 128 slots (32 + 64, rounded to 64), then what the run needs (192 for
+        # 150 tokens; for 300, the context, 256, and a slide past it)
+        assert grown == ([192] if n == 150 else [256]), grown
+        assert slots == [arch in ("vanilla", "mla")]  # (the Linformer's and the SSM's states are bounded)
