@@ -34,6 +34,7 @@ CPU_FLOAT32_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_T
 _TESTED_JAXLIB = ("0.11.",)
 
 _target: list[str] = []  # compiling_for's stack
+CACHE_MAX_BYTES = 16 << 30  # the compilation cache's size limit (enable_compilation_cache)
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
 _done = False
@@ -81,7 +82,8 @@ def cpu_compiler_options(compute_dtype, platform: str | None = None) -> dict[str
 
 def enable_compilation_cache() -> str | None:
     """JAX's persistent compilation cache for the command-line tools, so a second run skips most
-    compiles. The folder is $LLMJAX_COMPILATION_CACHE (empty: off), default ~/.cache/llmjax/jax."""
+    compiles. The folder is $LLMJAX_COMPILATION_CACHE (empty: off), default ~/.cache/llmjax/jax; at
+    most 16 GiB, the least recently used entries evicted, reads and writes under a file lock."""
     import jax
 
     path = os.environ.get("LLMJAX_COMPILATION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "llmjax", "jax"))
@@ -89,6 +91,9 @@ def enable_compilation_cache() -> str | None:
         return None
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # small programs too: loading beats compiling
+    # a size limit (least recently used entries go) also turns on JAX's file lock around reads and
+    # writes, so that two processes sharing the folder never read an entry half written
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
     return path
 
 

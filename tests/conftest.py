@@ -22,6 +22,10 @@ SHARED = ROOT.parent / "shared"
 CACHE_DIR = Path(os.environ.get("LLMJAX_TEST_JAX_CACHE", Path.home() / ".cache" / "llmjax" / "jax-test-cache"))
 
 jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
+# A size limit turns on JAX's file lock around cache reads and writes: without it an xdist worker can
+# read an entry another is still writing and crash deserialising it (seen once: a segfault in
+# compilation_cache.get_executable_and_time).
+jax.config.update("jax_compilation_cache_max_size", 16 << 30)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
