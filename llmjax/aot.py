@@ -420,7 +420,9 @@ def memory(compiled) -> dict:
             "peak_bytes": args + outs + temp - alias}
 
 
-def inspect(compiled, target: str, per: float = 1.0, top: int = 0) -> dict:
+def compiled_report(compiled, target: str, per: float = 1.0, top: int = 0) -> dict:
+    """Memory, kernels, GEMM types, bytes and roofline of a compiled program for `target` (each
+    divided by `per`), with its `top` costliest kernels when asked."""
     ks = kernels(compiled.as_text())
     row = {**memory(compiled), **summarize_kernels(ks, target, per)}
     if top:
@@ -457,7 +459,7 @@ def train_report(cfg, device, target: str, top: int = 0) -> dict:
         state = jax.eval_shape(s.init_state)
         tokens = jax.ShapeDtypeStruct((accum, B, T + 1), jnp.int32, sharding=s.tok_shard)
         compiled, seconds = _timed_compile(s.train_step.lower(state, tokens))
-    row = {"suite": "train", "batch_size": B, "seq_len": T, "compile_seconds": seconds, **inspect(compiled, target, top=top)}
+    row = {"suite": "train", "batch_size": B, "seq_len": T, "compile_seconds": seconds, **compiled_report(compiled, target, top=top)}
     row["model_flops"] = summarize(mcfg)["flops_per_token"] * accum * B * T
     return row
 
@@ -497,11 +499,11 @@ def decode_report(cfg, device, target: str, batch: int, prompt_len: int, new_tok
         state = place(lowered.out_info)
         steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=sh)
         dec, dec_s = _timed_compile(decode.lower(graphdef, params, state, steps, unroll=unroll, **kw))
-    prefill_row = inspect(pre, target)
+    prefill_row = compiled_report(pre, target)
     row = {"suite": f"decode_b{batch}", "batch_size": batch, "prompt_len": T0, "cache_len": cache_len, "unroll": unroll,
            "compile_seconds": pre_s + dec_s, "prefill_kernels": prefill_row["kernels"],
            "prefill_peak_bytes": prefill_row["peak_bytes"], "decode_rows": rows}
-    per_token = inspect(dec, target, per=unroll, top=top)  # the loop's body: `unroll` tokens
+    per_token = compiled_report(dec, target, per=unroll, top=top)  # the loop's body: `unroll` tokens
     row.update({k: v for k, v in per_token.items() if not k.endswith("_bytes") or k == "other_bytes"})
     row["decode_peak_bytes"] = per_token["peak_bytes"]
     row["kernels_per_layer"] = per_token["kernels"] / mcfg.n_layer

@@ -475,6 +475,32 @@ def test_chunked_loss_has_the_plain_loss_value_and_gradients(arch):
         loss(state, 3)
 
 
+BIG_VOCAB = {"model__vocab_size": 50257, "model__padded_vocab_size": 50304}
+
+
+def two_steps_and_eval(config):
+    """(per step (train loss, grad norm), then the eval step's (loss sum, token count) over a batch
+    with 5 masked positions per row; the compiled step's temporaries) of two steps at GPT-2's vocabulary."""
+    from llmjax.sharding import make_mesh
+    from llmjax.train import build_steps
+
+    batches = np.random.default_rng(0).integers(0, 50257, (2, 1, 8, 33)).astype(np.int32)
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    steps = build_steps(config, mesh)
+    with jax.set_mesh(mesh):
+        state, out = steps.init_state(), []
+        compiled = steps.train_step.lower(state, jax.device_put(batches[0], steps.tok_shard)).compile()
+        for b in batches:
+            state, m = compiled(state, jax.device_put(b, steps.tok_shard))
+            out.append((float(m["train_loss"]), float(m["grad_norm"])))
+        mask = np.ones((8, 32), np.float32)
+        mask[:, :5] = 0
+        total, count = steps.eval_step(state["params"], jax.device_put(batches[0, 0], steps.eval_shard),
+                                       jax.device_put(mask, steps.eval_shard))
+        out.append((float(total), float(count)))  # the validation loss's sums go through the same path
+    return out, compiled.memory_analysis().temp_size_in_bytes
+
+
 def test_loss_chunks_train_alike_and_hold_less_memory():
     """Two float32 training steps and an evaluation with train.loss_chunks=8 match the plain ones; at GPT-2's
     vocabulary the compiled step's temporaries shrink by more than the float32 logits; a count that
@@ -482,24 +508,8 @@ def test_loss_chunks_train_alike_and_hold_less_memory():
     from llmjax.sharding import make_mesh
     from llmjax.train import build_steps
 
-    big_vocab = {"model__vocab_size": 50257, "model__padded_vocab_size": 50304, "model__dtype": "float32"}
-    batches = np.random.default_rng(0).integers(0, 50257, (2, 1, 8, 33)).astype(np.int32)
-    mesh = make_mesh({"data": 1}, jax.devices()[:1])
-
     def run(chunks):
-        steps = build_steps(cfg("vanilla", train__loss_chunks=chunks, **big_vocab), mesh)
-        with jax.set_mesh(mesh):
-            state, out = steps.init_state(), []
-            compiled = steps.train_step.lower(state, jax.device_put(batches[0], steps.tok_shard)).compile()
-            for b in batches:
-                state, m = compiled(state, jax.device_put(b, steps.tok_shard))
-                out.append((float(m["train_loss"]), float(m["grad_norm"])))
-            mask = np.ones((8, 32), np.float32)
-            mask[:, :5] = 0
-            total, count = steps.eval_step(state["params"], jax.device_put(batches[0, 0], steps.eval_shard),
-                                           jax.device_put(mask, steps.eval_shard))
-            out.append((float(total), float(count)))  # the validation loss's sums go through the same path
-        return out, compiled.memory_analysis().temp_size_in_bytes
+        return two_steps_and_eval(cfg("vanilla", train__loss_chunks=chunks, model__dtype="float32", **BIG_VOCAB))
 
     # (parameters are not compared entry by entry: Adam's first steps move an entry whose gradient
     # is at rounding level by up to lr either way; the previous test compares the gradients)
@@ -508,7 +518,7 @@ def test_loss_chunks_train_alike_and_hold_less_memory():
     logits_bytes = 8 * 32 * 50304 * 4
     assert chunked[1] < plain[1] - logits_bytes, (chunked[1], plain[1])
     with pytest.raises(ConfigError, match="loss_chunks"):
-        build_steps(cfg("vanilla", train__loss_chunks=12), mesh)
+        build_steps(cfg("vanilla", train__loss_chunks=12), make_mesh({"data": 1}, jax.devices()[:1]))
 
 
 def test_bf16_logits_train_like_float32_logits_and_hold_less_memory():
@@ -522,22 +532,9 @@ def test_bf16_logits_train_like_float32_logits_and_hold_less_memory():
     assert loss_logits_dtype(llmjax.model_config(cfg()), cfg().train) == jnp.float32
     bf16 = cfg(model__dtype="bfloat16")
     assert loss_logits_dtype(llmjax.model_config(bf16), bf16.train) == jnp.bfloat16
-    big_vocab = {"model__vocab_size": 50257, "model__padded_vocab_size": 50304, "model__dtype": "bfloat16"}
-    batches = np.random.default_rng(0).integers(0, 50257, (2, 1, 8, 33)).astype(np.int32)
-    mesh = make_mesh({"data": 1}, jax.devices()[:1])
 
     def run(dtype):
-        steps = build_steps(cfg("vanilla", train__logits_dtype=dtype, **big_vocab), mesh)
-        with jax.set_mesh(mesh):
-            state, out = steps.init_state(), []
-            compiled = steps.train_step.lower(state, jax.device_put(batches[0], steps.tok_shard)).compile()
-            for b in batches:
-                state, m = compiled(state, jax.device_put(b, steps.tok_shard))
-                out.append(float(m["train_loss"]))
-            total, count = steps.eval_step(state["params"], jax.device_put(batches[0, 0], steps.eval_shard),
-                                           jax.device_put(np.ones((8, 32), np.float32), steps.eval_shard))
-            out.append(float(total) / float(count))
-        return out, compiled.memory_analysis().temp_size_in_bytes
+        return two_steps_and_eval(cfg("vanilla", train__logits_dtype=dtype, model__dtype="bfloat16", **BIG_VOCAB))
 
     wide, narrow = run("float32"), run("auto")
     np.testing.assert_allclose(narrow[0], wide[0], rtol=2**-8)
@@ -546,4 +543,4 @@ def test_bf16_logits_train_like_float32_logits_and_hold_less_memory():
     # batch 16 saves twice their size, 3.2 GB: llmjax.aot, docs/benchmarks.md)
     assert narrow[1] < wide[1] - 8 * 32 * 50304 * 2 // 2, (narrow[1], wide[1])
     with pytest.raises(ConfigError, match="logits_dtype"):
-        build_steps(cfg("vanilla", train__logits_dtype="float16"), mesh)
+        build_steps(cfg("vanilla", train__logits_dtype="float16"), make_mesh({"data": 1}, jax.devices()[:1]))
