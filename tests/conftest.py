@@ -19,12 +19,17 @@ tune_host_allocator()
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
-CACHE_DIR = Path(os.environ.get("LLMJAX_TEST_JAX_CACHE", Path.home() / ".cache" / "llmjax" / "jax-test-cache"))
+# One folder per xdist worker, so a worker only loads executables a worker of its name wrote: with
+# one shared folder (jax-test-cache), two of 2026-11-28's CI runs lost a worker to a segfault in
+# XLA's deserialisation of a cached executable (compilation_cache.get_executable_and_time; the cause
+# was not found: not a half-written entry, which the lock below rules out, and not reproduced alone).
+CACHE_DIR = Path(os.environ.get("LLMJAX_TEST_JAX_CACHE", Path.home() / ".cache" / "llmjax" / "jax-test-cache-2")) / os.environ.get(
+    "PYTEST_XDIST_WORKER", "main"
+)
 
 jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
-# A size limit turns on JAX's file lock around cache reads and writes: without it an xdist worker can
-# read an entry another is still writing and crash deserialising it (seen once: a segfault in
-# compilation_cache.get_executable_and_time).
+# A size limit turns on JAX's file lock around cache reads and writes (without it a process could
+# read an entry another is still writing).
 jax.config.update("jax_compilation_cache_max_size", 16 << 30)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
