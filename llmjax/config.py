@@ -15,7 +15,7 @@ import dataclasses
 import difflib
 import importlib.util
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import jax.numpy as jnp
 import ml_collections
@@ -23,6 +23,7 @@ import ml_collections
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 MATMUL_DTYPES = ("", "bfloat16")
 ATTENTION_IMPLS = ("auto", "cudnn", "xla")
+DECODE_ATTENTION_IMPLS = ("auto", "xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 VARIANTS = ("default", "small", "tiny")
 
@@ -61,6 +62,13 @@ class ModelConfig:
     # "bfloat16" with dtype float32 = bfloat16 operands, float32 accumulation and result, every
     # other operation in float32 (layers.narrow_matmul: ~1.7x the float32 dot rate on CPUs with AVX-512 BF16).
     matmul_dtype: str = ""
+    # One decoded token's attention over the cache (models/decode_attention.py): auto = the fused
+    # kernel on a GPU where the shapes fit, else xla (attention.cached_attention); pallas anywhere
+    # (on a CPU in Pallas' interpreter: slow, for checking). Decoding only: training is unchanged.
+    decode_attention_impl: str = "auto"
+    # False for the architectures whose decode state is not per-head keys and values (mla,
+    # linformer, ssm): they refuse decode_attention_impl='pallas' rather than ignore it
+    has_kv_cache: ClassVar[bool] = True
 
     def __post_init__(self):
         if self.padded_vocab_size < self.vocab_size:
@@ -87,6 +95,16 @@ class ModelConfig:
             raise ConfigError(
                 f"model.attention_impl='{self.attention_impl}' is not one of {', '.join(ATTENTION_IMPLS)}"
                 f"{closest(self.attention_impl, ATTENTION_IMPLS)}"
+            )
+        if self.decode_attention_impl not in DECODE_ATTENTION_IMPLS:
+            raise ConfigError(
+                f"model.decode_attention_impl='{self.decode_attention_impl}' is not one of {', '.join(DECODE_ATTENTION_IMPLS)}"
+                f"{closest(self.decode_attention_impl, DECODE_ATTENTION_IMPLS)}"
+            )
+        if self.decode_attention_impl == "pallas" and not self.has_kv_cache:
+            raise ConfigError(
+                f"model.decode_attention_impl='pallas' is for architectures that cache keys and values per head "
+                f"(vanilla, modern, gqa, moe); {self.arch} decodes with its own state: use 'auto' or 'xla'"
             )
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(

@@ -5,7 +5,9 @@
 - Compiled models are shared through session fixtures.
 """
 
+import gc
 import os
+import warnings
 from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -13,22 +15,13 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# No malloc tuning in the test processes (llmjax/runtime.py keeps every freed block in the heap and
-# serves none by mmap): long-lived xdist workers, hundreds of tests each, were lost late in the suite
-# to crashes inside XLA (compile and executable deserialisation) in three of 2026-11-28's CI runs,
-# never in a short run; the product's own processes (the CLI subprocesses) keep it unless this
-# variable is set, which the tests' subprocesses inherit too.
+# No malloc tuning in the test processes (llmjax/runtime.py keeps every freed block in the heap):
+# a long-lived xdist worker's heap would grow to several GB; the tests' CLI subprocesses inherit this.
 os.environ["LLMJAX_NO_MALLOC_TUNING"] = "1"
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
-# One folder per xdist worker, so a worker only loads executables a worker of its name wrote: with
-# one shared folder (jax-test-cache), two of 2026-11-28's CI runs lost a worker to a segfault in
-# XLA's deserialisation of a cached executable (compilation_cache.get_executable_and_time; the cause
-# was not found: not a half-written entry, which the lock below rules out, and not reproduced alone).
-CACHE_DIR = Path(os.environ.get("LLMJAX_TEST_JAX_CACHE", Path.home() / ".cache" / "llmjax" / "jax-test-cache-2")) / os.environ.get(
-    "PYTEST_XDIST_WORKER", "main"
-)
+CACHE_DIR = Path(os.environ.get("LLMJAX_TEST_JAX_CACHE", Path.home() / ".cache" / "llmjax" / "jax-test-cache"))
 
 jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
 # A size limit turns on JAX's file lock around cache reads and writes (without it a process could
@@ -37,6 +30,37 @@ jax.config.update("jax_compilation_cache_max_size", 16 << 30)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
+
+
+def _mapped_regions() -> int:
+    """How many memory mappings this process holds (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+try:
+    MAX_MAPPED_REGIONS = int(Path("/proc/sys/vm/max_map_count").read_text())
+except (OSError, ValueError):
+    MAX_MAPPED_REGIONS = 65530  # Linux's default
+
+
+@pytest.fixture(autouse=True)
+def _release_executables():
+    """Drop JAX's compiled executables once this worker holds a quarter of the kernel's limit on
+    memory mappings (vm.max_map_count, 65,530 by default). Every XLA:CPU executable maps about six
+    regions of JIT-ed code and data, and the jit caches keep them alive: a worker that runs ~300
+    tests reached that limit, and the next mmap inside XLA (compiling, or loading an executable from
+    the persistent cache) crashed the worker with a segfault. Dropped executables come back from
+    the persistent compilation cache when a later test needs them."""
+    yield
+    if _mapped_regions() > MAX_MAPPED_REGIONS // 4:
+        jax.clear_caches()
+        gc.collect()
+        if (n := _mapped_regions()) > MAX_MAPPED_REGIONS // 2:
+            warnings.warn(f"this test process still holds {n} memory mappings after jax.clear_caches() (limit {MAX_MAPPED_REGIONS})")
 
 def pytest_collection_modifyitems(config, items):
     on_gpu = jax.default_backend() == "gpu"

@@ -134,10 +134,12 @@ cfg = load_config("configs/vanilla.py:tiny", json.loads(sys.argv[1]))
 rows = [aot.train_report(cfg, device, "h100")]
 for n in ("1", "2"):
     os.environ["LLMJAX_DECODE_MIN_ROWS"] = n
-    rows.append(aot.decode_report(cfg, device, "h100", 1, 8, 24))
+    rows.append(aot.decode_report(cfg, device, "h100", 1, 8, 24, top=10000))
 for impl in ("auto", "xla"):  # the SSM: its fused kernel (Pallas -> Triton) on a GPU, and XLA's scan
     ssm = load_config("configs/ssm.py:tiny", {"model.dtype": "bfloat16", "model.scan_impl": impl})
     rows.append(aot.train_report(ssm, device, "h100", top=10000))
+xla = load_config("configs/vanilla.py:tiny", {**json.loads(sys.argv[1]), "model.decode_attention_impl": "xla"})
+rows.append(aot.decode_report(xla, device, "h100", 1, 8, 24, top=10000))  # decoding without the fused attention kernel
 print(json.dumps(rows))
 """
 
@@ -202,3 +204,18 @@ def test_the_ssm_compiles_its_fused_kernel_for_the_gpu(compiled_rows):
     assert launches(fused, "selective_scan/") == 2 * n_layer and launches(fused, "selective_scan_bwd/") == n_layer
     assert launches(xla, "selective_scan") == 0
     assert fused["other_bytes"] < xla["other_bytes"] / 2 and fused["kernels"] < xla["kernels"]
+
+
+@needs_plugin
+def test_gpu_decoding_attends_in_one_fused_kernel_per_layer(compiled_rows):
+    """On a GPU each decoded token's attention step (bias, cache writes, attention) is one Triton
+    kernel per layer, the caches are updated in place (no copy as large as a layer's cache in the
+    loop), and the token takes fewer kernels than XLA's own decode (compiled for an H100)."""
+    fused, xla = compiled_rows[2], compiled_rows[5]
+    mcfg = model_config(load_config("configs/vanilla.py:tiny"))
+    ops = lambda row, key: sum(k["launches"] for k in row["top_kernels"] if key in k["op"])  # noqa: E731
+    assert ops(fused, "decode_attention") == mcfg.n_layer and ops(xla, "decode_attention") == 0
+    assert ops(fused, "scatter") == ops(xla, "scatter") - 2 * mcfg.n_layer  # the cache writes are in the kernel
+    cache_mb = 2 * mcfg.n_head * mcfg.head_dim * fused["cache_len"] * 2 / 1e6  # one layer's keys, 2 rows, bf16
+    assert not [k for k in fused["top_kernels"] if "copy" in k["name"] and k["mb_per_launch"] >= cache_mb / 2]
+    assert fused["kernels"] <= xla["kernels"] - mcfg.n_layer, (fused["kernels"], xla["kernels"])  # at least one fewer per layer

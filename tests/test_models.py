@@ -5,6 +5,7 @@ until they do)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -43,7 +44,16 @@ OPTIONS = {
 CASES = [(arch, opts) for arch in ARCHS for opts in OPTIONS.get(arch, [{}])]
 # Cached decoding routes every token (no capacity drops), so it equals the full forward only where
 # the full forward drops nothing.
-CACHE_CASES = [(arch, opts) for arch, opts in CASES if opts.get("capacity_factor", 1.0) >= 1.0]
+# Options that change decoding only (the full forward is the same computation): cached-decoding cases.
+DECODE_OPTIONS = {
+    "vanilla": [{"decode_attention_impl": "pallas"}],  # the fused decode kernel (Pallas' interpreter here)
+    "gqa": [{"decode_attention_impl": "pallas"}, {"n_kv_head": 1, "decode_attention_impl": "pallas", "scan_layers": False}],
+    "modern": [{"n_kv_head": 2, "decode_attention_impl": "pallas"}],
+    "moe": [{"decode_attention_impl": "pallas", "scan_layers": False}],
+}
+CACHE_CASES = [(arch, opts) for arch, opts in CASES if opts.get("capacity_factor", 1.0) >= 1.0] + [
+    (arch, opts) for arch in ARCHS for opts in DECODE_OPTIONS.get(arch, [])
+]
 
 
 def case_id(case):
@@ -174,11 +184,37 @@ def test_causality(case):
         assert jnp.abs(out[:, t + 1 :] - ref[:, t + 1 :]).max() > 1e-4, f"later logits did not change (t={t})"
 
 
+def assert_logits_close(got, want, *, narrow: bool, err_msg: str = ""):
+    """Cached against full-forward logits: within 1e-4 in float32; with bfloat16 matmul operands
+    within bfloat16's rounding, 2^-7 of the logit scale (see test_cached_decoding_matches_full_forward)."""
+    if not narrow:
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4, err_msg=err_msg)
+    else:
+        err, scale = float(jnp.abs(got - want).max()), float(jnp.abs(want).max())
+        assert err < 2.0**-7 * scale, f"{err_msg}: {err} >= 2^-7 * {scale}"
+
+
+def assert_same_greedy_tokens(got, want, bound: float):
+    """Each position's argmax agrees, or the two tokens are a near-tie in `want` (within `bound`):
+    a rounding difference may flip such a choice, never a clear one."""
+    a, b = np.asarray(got.argmax(-1)), np.asarray(want.argmax(-1))
+    w = np.asarray(want)
+    gap = np.take_along_axis(w, b[..., None], -1) - np.take_along_axis(w, a[..., None], -1)
+    assert (gap[..., 0][a != b] <= bound).all(), (np.argwhere(a != b), gap[..., 0][a != b])
+    assert (a == b).mean() > 0.95
+
+
 @pytest.mark.parametrize("case", CACHE_CASES, ids=case_id)
 def test_cached_decoding_matches_full_forward(case):
     """Prefill in chunks, then one token at a time: every step's logits equal the full forward's at
-    that position (float32, 1e-4). Includes rows that sit at different positions in one batch."""
+    that position (float32, 1e-4). Includes rows that sit at different positions in one batch.
+    With bfloat16 matmul operands the two paths round at the same points but sum in float32 in a
+    different order (a 1-token query against a 20-token one), and a last-bit difference can move an
+    operand across a bfloat16 rounding boundary: there the bound is bfloat16's, 2^-7 of the logit
+    scale (which of the two happens depends on the CPU: AMX and AVX-512 machines order the sums
+    differently)."""
     arch, opts = case
+    close = functools.partial(assert_logits_close, narrow="matmul_dtype" in opts)
     m = scale_params(llmjax.build_model(config(arch, **opts), seed=2), 5.0)
     B, T = 2, 20
     toks = tokens(4, B, T)
@@ -190,7 +226,7 @@ def test_cached_decoding_matches_full_forward(case):
     for size in (7, 3, 1, 1, 1, 1, 4, 1, 1):
         pos = jnp.broadcast_to(jnp.arange(start, start + size), (B, size))
         logits, cache = step(m, toks[:, start : start + size], pos, cache)
-        np.testing.assert_allclose(logits, full[:, start : start + size], atol=1e-4, rtol=1e-4, err_msg=f"chunk at {start}")
+        close(logits, full[:, start : start + size], err_msg=f"chunk at {start}")
         start += size
     assert start == T
 
@@ -203,13 +239,13 @@ def test_cached_decoding_matches_full_forward(case):
     cache = m.init_cache(B, 32)
     logits, cache = step(m, prompt, jnp.where(pad, -1, jnp.arange(9)), cache)
     for b in range(B):
-        np.testing.assert_allclose(logits[b, : lengths[b]], full[b, : lengths[b]], atol=1e-4, rtol=1e-4)
+        close(logits[b, : lengths[b]], full[b, : lengths[b]])
     for i in range(6):
         pos = (lengths + i)[:, None]
         nxt = jnp.take_along_axis(toks, pos, axis=1)
         logits, cache = step(m, nxt, pos, cache)
         want = jnp.take_along_axis(full, pos[:, :, None], axis=1)
-        np.testing.assert_allclose(logits, want, atol=1e-4, rtol=1e-4, err_msg=f"ragged step {i}")
+        close(logits, want, err_msg=f"ragged step {i}")
 
 
 @pytest.mark.parametrize("variant", ["default", "modern"])
@@ -218,8 +254,9 @@ def test_cached_decoding_at_the_quickstart_shape(variant):
     forward within 1e-4 in float32. With bfloat16 matmul operands (as the quickstart trains) both
     paths round at the same points, but their float32 attention sums are ordered differently for a
     1-token query than for 64, and a last-bit difference can move a value across a bfloat16 rounding
-    boundary: there the bound is bfloat16's (2^-7 of the logit scale), and every greedy token agrees.
-    (The tiny models of test_cached_decoding_matches_full_forward happen to agree to 1e-4 either way.)"""
+    boundary: there the bound is bfloat16's (2^-7 of the logit scale), and every greedy token agrees
+    but where the full forward's two candidates are within twice that bound of each other (on an AMX
+    CPU one of 128 positions flipped so)."""
     from conftest import ROOT
 
     spec = f"{ROOT}/configs/shakespeare_char.py:{variant}"
@@ -241,9 +278,10 @@ def test_cached_decoding_at_the_quickstart_shape(variant):
         cached = jnp.concatenate(outs, axis=1)
         if bound is None:
             np.testing.assert_allclose(cached, full, atol=1e-4, rtol=1e-4)
+            np.testing.assert_array_equal(cached.argmax(-1), full.argmax(-1))
         else:
             assert float(jnp.abs(cached - full).max()) < bound * float(jnp.abs(full).max())
-        np.testing.assert_array_equal(cached.argmax(-1), full.argmax(-1))
+            assert_same_greedy_tokens(cached, full, 2 * bound * float(jnp.abs(full).max()))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

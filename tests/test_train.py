@@ -109,18 +109,32 @@ def test_resume_onto_another_device_count_and_layout(tmp_path):
     np.testing.assert_allclose([got[s] for s in range(1, 13)], [full[s] for s in range(1, 13)], rtol=2e-5)
 
 
+
+def split_run_without_key(tmp_path, arch: str, key: str, before, after) -> tuple[dict, dict]:
+    """(losses of an uninterrupted 12-step run with model.`key`=before, losses of one stopped at step
+    6 with it, its config.json then written as before `key` existed, resumed with `key`=after)."""
+    full = losses(train(cfg(arch, **{f"model__{key}": before}), tmp_path / "full", quiet=True))
+    train(cfg(arch, **{f"model__{key}": before}, train__stop_at_step=6), tmp_path / "split", quiet=True)
+    saved = tmp_path / "split" / "config.json"
+    old = json.loads(saved.read_text())
+    del old["model"][key]
+    saved.write_text(json.dumps(old))
+    assert train(cfg(arch, **{f"model__{key}": after}), tmp_path / "split", quiet=True).step == 12
+    return full, losses(tmp_path / "split")
+
+
+def test_a_run_from_before_decode_attention_impl_resumes(tmp_path):
+    """model.decode_attention_impl changes decoding only: a run whose config.json predates the key
+    resumes with it set, bit for bit as the uninterrupted run."""
+    full, got = split_run_without_key(tmp_path, "vanilla", "decode_attention_impl", "auto", "xla")
+    assert [got[s] for s in range(1, 13)] == [full[s] for s in range(1, 13)]
+
+
 def test_an_ssm_run_resumes_with_the_other_scan(tmp_path):
     """model.scan_impl changes how the SSM runs, not its parameters: a run stopped with XLA's scan
     (its config.json written before the key existed) resumes with the fused kernel, within float32
     rounding of the uninterrupted run."""
-    full = losses(train(cfg("ssm", model__scan_impl="xla"), tmp_path / "full", quiet=True))
-    train(cfg("ssm", model__scan_impl="xla", train__stop_at_step=6), tmp_path / "split", quiet=True)
-    saved = tmp_path / "split" / "config.json"
-    old = json.loads(saved.read_text())
-    del old["model"]["scan_impl"]
-    saved.write_text(json.dumps(old))
-    assert train(cfg("ssm", model__scan_impl="pallas"), tmp_path / "split", quiet=True).step == 12
-    got = losses(tmp_path / "split")
+    full, got = split_run_without_key(tmp_path, "ssm", "scan_impl", "xla", "pallas")
     np.testing.assert_allclose([got[s] for s in range(1, 13)], [full[s] for s in range(1, 13)], rtol=1e-4)
 
 

@@ -17,7 +17,8 @@ from flax import nnx
 
 from llmjax import runtime
 from llmjax.config import ConfigError, ModelConfig
-from llmjax.models.layers import apply_rope, dense, residual_std
+from llmjax.models import decode_attention
+from llmjax.models.layers import apply_rope, dense, linear_without_bias, residual_std
 
 
 def resolve_impl(impl: str, dtype) -> str:
@@ -100,12 +101,15 @@ class Attention(nnx.Module):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, n_kv_head, head_dim
         self.rope_base = rope_base
         self.impl = cfg.attention_impl
+        self.decode_impl = cfg.decode_attention_impl
         # One fused projection for queries, keys and values: (D, (H + 2K) * hd).
         self.qkv_proj = dense(cfg, cfg.d_model, (cfg.n_head + 2 * n_kv_head) * head_dim, bias=bias, rngs=rngs)
         self.o_proj = dense(cfg, cfg.n_head * head_dim, cfg.d_model, bias=bias, std=residual_std(cfg), rngs=rngs)
 
     def __call__(self, x_BTD, positions_BT, cache):
         B, T, _ = x_BTD.shape
+        if cache is not None and self._decode_kernel(T, cache["k"].shape[3]):
+            return self._fused_decode(x_BTD, positions_BT, cache)
         qkv = self.qkv_proj(x_BTD).reshape(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
         q, k, v = jnp.split(qkv, [self.n_head, self.n_head + self.n_kv_head], axis=2)  # (B, T, H|K|K, hd)
         if self.rope_base is not None:
@@ -120,6 +124,41 @@ class Attention(nnx.Module):
             cache = jax.lax.optimization_barrier(cache)
             out = cached_attention(q, cache["k"], cache["v"], positions_BT)
         return self.o_proj(out.reshape(B, T, self.n_head * self.head_dim)), cache
+
+    def _fused_decode(self, x_BTD, positions_BT, cache):
+        """One token per row through models/decode_attention: the kernel adds the projection's bias,
+        writes the cache and attends, reading the queries, keys and values where the projection
+        (or, with rotary embeddings, the rotation) wrote them."""
+        B, H, K, hd = x_BTD.shape[0], self.n_head, self.n_kv_head, self.head_dim
+        raw, bias = linear_without_bias(self.qkv_proj, x_BTD[:, 0])
+        raw = raw.reshape(B, H + 2 * K, hd)
+        bias = None if bias is None else bias.reshape(H + 2 * K, hd)
+        if self.rope_base is None:
+            srcs, offsets = (raw, raw, raw), (0, H, H + K)
+        else:  # rotated queries and keys: the bias (if any) is added before the rotation, by XLA
+            raw, bias = (raw, None) if bias is None else (raw + bias.reshape(H + 2 * K, hd).astype(raw.dtype), None)
+            q = apply_rope(raw[:, None, :H], positions_BT, self.rope_base)[:, 0]
+            k = apply_rope(raw[:, None, H : H + K], positions_BT, self.rope_base)[:, 0]
+            srcs, offsets = (q, k, raw), (0, 0, H + K)
+        out, k_cache, v_cache = decode_attention.decode_attention(
+            *srcs, bias, cache["k"], cache["v"], positions_BT[:, 0], offsets=offsets, n_head=H,
+            interpret=runtime.backend() != "gpu",
+        )
+        return self.o_proj(out.reshape(B, 1, H * hd)), {"k": k_cache, "v": v_cache}
+
+    def _decode_kernel(self, T: int, S: int) -> bool:
+        """Whether one decoded token's attention runs as the fused kernel (models/decode_attention):
+        'pallas' (an error where the shapes do not fit), or 'auto' on a GPU where they do."""
+        if T != 1 or self.decode_impl == "xla":
+            return False
+        fits = decode_attention.supported(self.head_dim, self.n_head // self.n_kv_head, S)
+        if self.decode_impl == "pallas" and not fits:
+            raise ConfigError(
+                f"model.decode_attention_impl='pallas' needs head_dim a power of two >= 16 (got {self.head_dim}), at most 16 "
+                f"query heads per key/value head (got {self.n_head // self.n_kv_head}) and a cache a multiple of 16 slots "
+                f"(got {S}); use 'auto' or 'xla'"
+            )
+        return fits and (self.decode_impl == "pallas" or runtime.backend() == "gpu")
 
     def init_cache(self, batch_size: int, max_len: int, dtype):
         shape = (batch_size, self.n_kv_head, self.head_dim, max_len)

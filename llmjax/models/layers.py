@@ -137,6 +137,18 @@ def dense(
     )
 
 
+
+def linear_without_bias(layer: nnx.Linear, x):
+    """(x @ kernel, bias) of a `dense` layer, the product computed as nnx.Linear computes it (its
+    dtype promotion and dot_general), the bias (or None) as stored, not yet added nor cast to the
+    layer's dtype: for a kernel that does both where it reads the product (models/decode_attention;
+    a cast outside it would be one more GPU kernel per layer and token)."""
+    kernel = layer.kernel[...]
+    x, kernel = layer.promote_dtype((x, kernel), dtype=layer.dtype)
+    kw = {} if layer.preferred_element_type is None else {"preferred_element_type": layer.preferred_element_type}
+    y = layer.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=layer.precision, **kw)
+    return y, (layer.bias[...] if layer.bias is not None else None)
+
 def layer_norm(cfg: ModelConfig, d: int, *, rngs: nnx.Rngs, bias: bool = True):
     return nnx.LayerNorm(d, epsilon=cfg.norm_eps, use_bias=bias, dtype=cfg.compute_dtype, param_dtype=jnp.float32, rngs=rngs)
 

@@ -1,0 +1,130 @@
+"""One decoded token's attention step as one fused GPU kernel (Pallas, Triton): add the projection's
+bias, write the token's key and value into the decode cache, attend over the row's visible slots.
+
+XLA runs this step (`attention.write_cache` twice, then `attention.cached_attention`) as several
+kernels per layer: the bias add of the fused query-key-value projection, one scatter per cache, the
+query-key product with the softmax, the probability-value product; and those read all S cache slots
+whatever the row's position. Compiled for an H200 (llmjax.aot), GPT-2 small decoding spends 14
+kernels per layer and token, 6 of them here; at batch 64 the attention products' roofline is half
+of the step's (session 11's profile measured 36% of the step there).
+
+This kernel is flash decoding without the split: one program per (row b, key/value head h). It
+reads the new key and value (plus bias) where the projection wrote them, stores them at the row's
+position in the caches (updated in place: the caches are aliased to the outputs), then walks the
+slots before that position `block` at a time with the online softmax in float32 registers (running
+max, running sum, unnormalised output), adds the new token from registers (it never reads back what
+it wrote), and writes the outputs of the head's G query heads. Each query is a vector, so its
+products with a block of keys (hd, block) or values are elementwise products and sums (a Triton
+matrix product needs 16 rows; XLA's own decode does the same). The caches stay (B, K, hd, S).
+
+Numerics as the XLA path: bias added in float32 and rounded to the projection's dtype, keys and
+values rounded to the cache dtype, logits and softmax in float32, probabilities rounded to the cache
+dtype for the value product (accumulated in float32); only the order of float32 additions differs.
+A padding token (position < 0) writes nothing and attends to slot 0 only, as `visible_mask` says.
+On a CPU (tests, `model.decode_attention_impl='pallas'`) it runs in Pallas' interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+MAX_GROUP = 16  # query heads per key/value head the kernel takes (each is unrolled in it)
+
+
+def block_slots(S: int) -> int | None:
+    """Slots per loop step for a cache of S slots: 64, 32 or 16 dividing S (None: unsupported)."""
+    return next((b for b in (64, 32, 16) if S % b == 0), None)
+
+
+def supported(head_dim: int, group: int, S: int) -> bool:
+    """Whether the kernel takes these shapes: head_dim a power of two >= 16, at most 16 query heads
+    per key/value head, S a multiple of 16."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and 1 <= group <= MAX_GROUP and block_slots(S) is not None
+
+
+def _kernel(pos_ref, q_ref, k_ref, v_ref, *rest, offsets, group: int, scale: float, block: int, has_bias: bool):
+    """Row b, key/value head h (see the module docstring)."""
+    bias_ref, (kc_ref, vc_ref, o_ref, kc_out, vc_out) = (rest[0], rest[1:]) if has_bias else (None, rest)
+    b, h = pl.program_id(0), pl.program_id(1)
+    pos = pos_ref[b]
+    q_off, k_off, v_off = offsets
+    S = kc_ref.shape[3]
+
+    def head(ref, i):
+        """Head i of the projection's output for this row, bias added, in float32 after rounding to
+        the projection's dtype (as the XLA path's add in that dtype)."""
+        x = ref[b, i, :]
+        if has_bias:  # the bias as stored, rounded to the projection's dtype first (as nnx.Linear)
+            x = (x.astype(jnp.float32) + bias_ref[i, :].astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
+        return x.astype(jnp.float32)
+
+    cache_dtype = kc_ref.dtype
+    new_k = head(k_ref, k_off + h).astype(cache_dtype)
+    new_v = head(v_ref, v_off + h).astype(cache_dtype)
+    live = (pos >= 0) & (pos < S)  # a padding token (or one past the cache) writes nothing
+    write = jnp.full(new_k.shape, live)
+    plgpu.store(kc_out.at[b, h, :, jnp.maximum(pos, 0)], new_k, mask=write)
+    plgpu.store(vc_out.at[b, h, :, jnp.maximum(pos, 0)], new_v, mask=write)
+    new_k, new_v = new_k.astype(jnp.float32), new_v.astype(jnp.float32)
+
+    qs = [head(q_ref, q_off + h * group + g) * scale for g in range(group)]  # (hd,) each
+    cached = jnp.where(pos >= 0, pos, 1)  # slots read from the cache: those before the token (padding: slot 0)
+    lanes = jnp.arange(block)
+
+    def step(i, carry):
+        visible = i * block + lanes < cached
+        keys = kc_ref[b, h, :, pl.ds(i * block, block)].astype(jnp.float32)  # (hd, block)
+        values = vc_ref[b, h, :, pl.ds(i * block, block)].astype(jnp.float32)
+        new = []
+        for q, (out, run_max, run_sum) in zip(qs, carry):
+            logits = jnp.where(visible, jnp.sum(q[:, None] * keys, axis=0), -jnp.inf)  # (block,)
+            new_max = jnp.maximum(run_max, jnp.max(logits))
+            probs = jnp.exp(logits - new_max)  # 0 where not visible
+            correction = jnp.exp(run_max - new_max)
+            pv = jnp.sum(probs.astype(cache_dtype).astype(jnp.float32)[None, :] * values, axis=1)
+            new.append((out * correction + pv, new_max, run_sum * correction + jnp.sum(probs)))
+        return tuple(new)
+
+    init = tuple((jnp.zeros(q.shape, jnp.float32), jnp.float32(-jnp.inf), jnp.float32(0.0)) for q in qs)
+    final = jax.lax.fori_loop(0, pl.cdiv(cached, block), step, init)
+    for g, (q, (out, run_max, run_sum)) in enumerate(zip(qs, final)):
+        logit = jnp.where(live, jnp.sum(q * new_k), -jnp.inf)  # the new token itself
+        new_max = jnp.maximum(run_max, logit)
+        p, correction = jnp.exp(logit - new_max), jnp.exp(run_max - new_max)
+        out = out * correction + p.astype(cache_dtype).astype(jnp.float32) * new_v
+        o_ref[b, h, g, :] = (out / (run_sum * correction + p)).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("offsets", "n_head", "scale", "interpret"))
+def decode_attention(q_src, k_src, v_src, bias, k_cache, v_cache, positions_B, *, offsets: tuple[int, int, int],
+                     n_head: int, scale: float | None = None, interpret: bool = False):
+    """One token per row: write its key and value into the caches (B, K, hd, S) at positions[b]
+    and attend over slots 0..positions[b]. The token's query heads are heads offsets[0] ..
+    offsets[0] + n_head - 1 of q_src (B, N, hd) (query head k * G + g belongs to key/value head k,
+    G = n_head / K), its key and value heads K heads from offsets[1] of k_src and offsets[2] of
+    v_src: the three may be one array, the fused projection's output, read where it lies. `bias`
+    (N, hd) or None, rounded to q_src's dtype, is added to every head read (the projection's bias,
+    not yet added). Returns
+    (out (B, K, G, hd) in q_src's dtype, k_cache, v_cache)."""
+    B, K, d, S = k_cache.shape
+    G = n_head // K
+    if n_head % K or not supported(d, G, S):
+        raise ValueError(f"decode_attention: head_dim {d}, {n_head} query heads for {K} key/value heads, {S} slots are not supported")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    args = [positions_B.astype(jnp.int32), q_src, k_src, v_src] + ([bias] if bias is not None else []) + [k_cache, v_cache]
+    out, k_cache, v_cache = pl.pallas_call(
+        functools.partial(_kernel, offsets=offsets, group=G, scale=scale, block=block_slots(S), has_bias=bias is not None),
+        out_shape=(jax.ShapeDtypeStruct((B, K, G, d), q_src.dtype), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                   jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
+        grid=(B, K),
+        input_output_aliases={len(args) - 2: 1, len(args) - 1: 2},
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+    )(*args)
+    return out, k_cache, v_cache

@@ -1,0 +1,153 @@
+"""The fused decode-attention kernel (llmjax/models/decode_attention.py, Pallas' interpreter here)
+against a float64 reference, what it writes and reads of the cache, and when the model uses it.
+(The contract suite's cached-decoding cases and the sampler's greedy cases run every attention
+architecture with model.decode_attention_impl='pallas'; tests/test_aot.py compiles it for a GPU.)"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import llmjax
+from helpers import config, scale_params, tokens
+from llmjax import runtime
+from llmjax.config import ConfigError
+from llmjax.models.decode_attention import decode_attention, supported
+
+
+def reference(src, bias, k_cache, v_cache, pos, H, K):
+    """float64: add the bias, write key and value at each row's position, attend over slots
+    0..position (a padding row, position < 0: slot 0 only, nothing written)."""
+    src = np.asarray(src, np.float64) + (0 if bias is None else np.asarray(bias, np.float64))
+    kc, vc = np.array(k_cache, np.float64), np.array(v_cache, np.float64)
+    B, _, d, S = kc.shape
+    G = H // K
+    out = np.zeros((B, K, G, d))
+    for b in range(B):
+        p = int(pos[b])
+        if p >= 0:
+            kc[b, :, :, p], vc[b, :, :, p] = src[b, H : H + K], src[b, H + K :]
+        n = p + 1 if p >= 0 else 1
+        for h in range(K):
+            for g in range(G):
+                logits = src[b, h * G + g] @ kc[b, h, :, :n] / np.sqrt(d)
+                w = np.exp(logits - logits.max())
+                out[b, h, g] = (vc[b, h, :, :n] * (w / w.sum())).sum(axis=1)
+    return out, kc, vc
+
+
+def inputs(seed, B, H, K, d, S, dtype=jnp.float32, with_bias=True):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    src = jax.random.normal(ks[0], (B, H + 2 * K, d), dtype)
+    bias = jax.random.normal(ks[1], (H + 2 * K, d), jnp.float32) if with_bias else None
+    return src, bias, jax.random.normal(ks[2], (B, K, d, S), dtype), jax.random.normal(ks[3], (B, K, d, S), dtype)
+
+
+# positions: the first slot, block edges (16-slot blocks at S=48), the last slot, and a padding row
+@pytest.mark.parametrize("H,K,S,with_bias", [(4, 4, 48, True), (6, 2, 48, False), (16, 1, 64, True), (3, 3, 32, True)])
+def test_the_kernel_equals_a_float64_reference(H, K, S, with_bias):
+    d = 16
+    pos = np.array([0, 15, 16, 17, S - 1, -1, 31])
+    src, bias, kc, vc = inputs(0, len(pos), H, K, d, S, with_bias=with_bias)
+    out, k2, v2 = decode_attention(src, src, src, bias, kc, vc, jnp.asarray(pos), offsets=(0, H, H + K), n_head=H, interpret=True)
+    want, kw, vw = reference(src, bias, kc, vc, pos, H, K)
+    np.testing.assert_allclose(out, want, atol=2e-6, rtol=1e-5)
+    # the caches: each row's slot at its position holds the new key / value, all else unchanged
+    np.testing.assert_allclose(k2, kw, atol=1e-6)
+    np.testing.assert_allclose(v2, vw, atol=1e-6)
+    changed = np.asarray((k2 != kc).any(axis=(1, 2)))
+    for b, p in enumerate(pos):
+        assert set(np.flatnonzero(changed[b])) <= ({int(p)} if p >= 0 else set()), (b, p)
+
+
+def test_separate_sources_and_offsets():
+    """Queries, keys and values from three arrays at their own offsets (the rotary models' case)
+    give the same as one fused array."""
+    H, K, d, S = 4, 2, 32, 32
+    pos = jnp.array([3, 20])
+    src, bias, kc, vc = inputs(1, 2, H, K, d, S, with_bias=False)
+    fused = decode_attention(src, src, src, None, kc, vc, pos, offsets=(0, H, H + K), n_head=H, interpret=True)
+    apart = decode_attention(src[:, :H], src[:, H : H + K] * 1.0, src, None, kc, vc, pos, offsets=(0, 0, H + K), n_head=H,
+                             interpret=True)
+    for a, b in zip(fused, apart):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_slots_after_the_position_are_never_used():
+    """Garbage in the slots after each row's position changes no output bit (they are neither read
+    into the softmax nor weighted)."""
+    H, K, d, S = 4, 4, 16, 64
+    pos = jnp.array([0, 5, 33, 62])
+    src, bias, kc, vc = inputs(2, 4, H, K, d, S)
+    later = jnp.arange(S)[None, None, None, :] > pos[:, None, None, None]
+    junk = lambda c: jnp.where(later, 1e4, c)  # noqa: E731
+    run = lambda kc, vc: decode_attention(src, src, src, bias, kc, vc, pos, offsets=(0, H, H + K), n_head=H, interpret=True)[0]  # noqa: E731
+    np.testing.assert_array_equal(run(kc, vc), run(junk(kc), junk(vc)))
+
+
+def test_bfloat16_within_its_rounding_of_float64():
+    H, K, d, S = 8, 2, 64, 128
+    pos = np.array([0, 70, 127])
+    src, bias, kc, vc = inputs(3, 3, H, K, d, S, dtype=jnp.bfloat16)
+    out, k2, _ = decode_attention(src, src, src, bias, kc, vc, jnp.asarray(pos), offsets=(0, H, H + K), n_head=H, interpret=True)
+    assert out.dtype == jnp.bfloat16 and k2.dtype == jnp.bfloat16
+    want, _, _ = reference(src, jnp.asarray(bias, jnp.bfloat16), kc, vc, pos, H, K)
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=2e-2, rtol=2e-2)
+
+
+def test_unsupported_shapes():
+    assert supported(64, 1, 320) and supported(16, 16, 16)
+    assert not supported(48, 1, 64) and not supported(8, 1, 64) and not supported(64, 17, 64) and not supported(64, 1, 40)
+    src, bias, kc, vc = inputs(0, 1, 2, 2, 16, 40)
+    with pytest.raises(ValueError, match="not supported"):
+        decode_attention(src, src, src, bias, kc, vc, jnp.array([1]), offsets=(0, 2, 4), n_head=2, interpret=True)
+
+
+def _uses_kernel(m, T: int, S: int = 32) -> bool:
+    cache = m.init_cache(2, S)
+    step = lambda t, p, c: m(t, positions=p, cache=c)[0]  # noqa: E731
+    text = str(jax.make_jaxpr(step)(tokens(0, 2, T), jnp.broadcast_to(jnp.arange(T), (2, T)), cache))
+    return "pallas_call" in text
+
+
+@pytest.mark.parametrize("arch", ["vanilla", "gqa", "modern", "moe"])
+def test_the_model_decodes_with_the_kernel_on_a_gpu_only(arch):
+    """'auto': the kernel for one token per row when tracing for a GPU, never for a prompt chunk,
+    never on a CPU; 'xla': never; 'pallas': on a CPU too."""
+    auto, xla = (llmjax.build_model(config(arch, decode_attention_impl=i), seed=0) for i in ("auto", "xla"))
+    pallas = llmjax.build_model(config(arch, decode_attention_impl="pallas"), seed=0)
+    assert not _uses_kernel(auto, 1) and not _uses_kernel(xla, 1) and _uses_kernel(pallas, 1)
+    assert not _uses_kernel(pallas, 3)
+    with runtime.compiling_for("gpu"):
+        assert _uses_kernel(auto, 1) and not _uses_kernel(auto, 3) and not _uses_kernel(xla, 1)
+        assert not _uses_kernel(auto, 1, S=40)  # a cache that is not a multiple of 16 slots: XLA's path
+
+
+def test_the_kernel_decodes_a_model_as_xla_does():
+    """A scaled-up random vanilla model, one token at a time: kernel and XLA path give the same
+    logits and the same caches (float32)."""
+    ms = {i: scale_params(llmjax.build_model(config("vanilla", decode_attention_impl=i, scan_layers=False), seed=4), 4.0)
+          for i in ("xla", "pallas")}
+    toks = tokens(5, 2, 12)
+    caches = {i: m.init_cache(2, 32) for i, m in ms.items()}
+    for t in range(12):
+        pos = jnp.full((2, 1), t)
+        outs = {i: m(toks[:, t : t + 1], positions=pos, cache=caches[i]) for i, m in ms.items()}
+        caches = {i: o[1] for i, o in outs.items()}
+        np.testing.assert_allclose(outs["pallas"][0], outs["xla"][0], atol=2e-5, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(caches["pallas"]), jax.tree.leaves(caches["xla"])):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_bad_decode_attention_settings_are_one_line_errors():
+    with pytest.raises(ConfigError, match="is not one of auto, xla, pallas"):
+        llmjax.model_config(config("vanilla", decode_attention_impl="triton"))
+    for arch in ("mla", "linformer", "ssm"):
+        with pytest.raises(ConfigError, match=f"{arch} decodes with its own state"):
+            llmjax.model_config(config(arch, decode_attention_impl="pallas"))
+    m = llmjax.build_model(config("vanilla", decode_attention_impl="pallas"), seed=0)
+    with pytest.raises(ConfigError, match=r"multiple of 16 slots \(got 40\)") as err:
+        _uses_kernel(m, 1, S=40)
+    assert "\n" not in str(err.value)
