@@ -14,7 +14,9 @@
 #      repeats with train.deterministic), over xdist workers;
 #   2. benchmarks (python -m llmjax.bench): vanilla and modern in full (training at batch 16 and 32
 #      with memory in one process, then decoding at batch 1 and 64, greedy and top-k, in another;
-#      vanilla's batch-1 decoding again without the padding row, LLMJAX_DECODE_MIN_ROWS=1),
+#      vanilla's decoding again with XLA's attention step instead of the fused kernel (for any
+#      architecture whose decode row failed, too), and its batch-1 decoding without the padding row,
+#      LLMJAX_DECODE_MIN_ROWS=1),
 #      vanilla's HellaSwag items/s (when LLMJAX_TASK_DIR holds hellaswag_val.jsonl: carry it, the
 #      machine is offline), then gqa, mla, moe, linformer, ssm short (training at batch 16, greedy
 #      decoding; the SSM's scan is a Pallas kernel, first run on a GPU here: if its row fails, a row
@@ -208,6 +210,12 @@ print("cuDNN attention ok on", jax.devices()[0].device_kind)'
     step "bench $arch training (full)" 150 bench.log "${bench[@]}" --config "$(cfg $arch)" --suite=train,memory --batch_size=16,32 \
       --steps=20 --repeats=3
     step "bench $arch decoding (full)" 120 bench.log "${bench[@]}" --config "$(cfg $arch)" --suite=decode --repeats=3
+    # decoding's attention step is a Pallas (Triton) kernel on a GPU (models/decode_attention.py), first
+    # run here: if the row failed, the same row with XLA's attention; for vanilla, that row anyway (the A/B)
+    if { [ "$last_rc" != 0 ] && [ "$last_rc" != skipped ]; } || [ "$arch" = vanilla ]; then
+      step "bench $arch decoding, XLA's attention step" 100 bench.log "${bench[@]}" --config "$(cfg $arch)" --suite=decode \
+        --repeats=3 --decode_modes=greedy --config.model.decode_attention_impl=xla
+    fi
     if [ "$arch" = vanilla ]; then
       # on a GPU the sampler decodes at least two rows (batch 1 gets a padding row, so that XLA's dot
       # strength reduction leaves its products GEMMs; llmjax/sample.py): the same rows without it
