@@ -4,6 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev,wandb,prepare,eval,hf
 bash scripts/setup_aot.sh --no-cudnn  # JAX's CUDA plugin, compile-only, for tests/test_aot.py (./.aot)
-# --max-worker-restart=0: a crashed worker fails the run at once (pytest-xdist 3.8 can hang replacing a
-# crashed worker under --dist loadgroup: pytest-dev/pytest-xdist#1323, #1327)
-exec .venv/bin/python -m pytest -n 2 --dist loadgroup --max-worker-restart=0 -q "$@"
+# --dist load: the tests go one by one to whichever worker is free. (--dist loadgroup, used before,
+# grouped nothing with pytest 9.2 and pytest-xdist 3.8: xdist_group marks were ignored; and a crashed
+# worker's replacement could hang the run under it: pytest-dev/pytest-xdist#1323, #1327.)
+# --max-worker-restart=0: a worker that crashes fails the run at once.
+exec .venv/bin/python -m pytest -n 2 --dist load --max-worker-restart=0 -q "$@"

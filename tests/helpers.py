@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from functools import lru_cache
 
 import jax
@@ -49,3 +51,22 @@ def scale_params(m, factor: float):
 
 def tokens(key: int, batch: int, length: int, vocab: int = 65):
     return jax.random.randint(jax.random.key(key), (batch, length), 0, vocab, dtype=jnp.int32)
+
+
+def built_once(tmp_path_factory, name: str, build):
+    """`build(folder)` -> a JSON-able result, run once per test run for whichever xdist worker asks
+    first; the other worker waits for it (a file lock) and gets the same result. For module or
+    session fixtures that take many seconds (a training run, a GPU compile) and are only read: with
+    `-n 2` each worker would otherwise build its own. `folder` is shared by the run's workers."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # (xdist: .../pytest-N/popen-gwK)
+    folder, done = root / f"built-once-{name}", root / f"built-once-{name}.json"
+    with FileLock(str(root / f"built-once-{name}.lock")):
+        if not done.is_file():
+            folder.mkdir(exist_ok=True)
+            tmp = done.with_suffix(".tmp")
+            tmp.write_text(json.dumps(build(folder)))
+            tmp.replace(done)
+    return json.loads(done.read_text())

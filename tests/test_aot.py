@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import built_once
 from llmjax import aot
 from llmjax.config import load_config, model_config
 from llmjax.registry import build_model
@@ -145,11 +146,14 @@ print(json.dumps(rows))
 
 
 @pytest.fixture(scope="module")
-def compiled_rows():
-    r = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(OVERRIDES)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+def compiled_rows(tmp_path_factory):
+    def build(_):
+        r = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(OVERRIDES)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    return built_once(tmp_path_factory, "aot-compiled-rows", build)
 
 
 @needs_plugin

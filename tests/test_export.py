@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ from flax import nnx
 
 import llmjax
 from conftest import ROOT
-from helpers import config, params
+from helpers import built_once, config, params
 from llmjax import export as X
 
 BPE = {"data.dataset": "tinyshakespeare", "model.vocab_size": 50257, "model.padded_vocab_size": 50304}
@@ -77,14 +78,15 @@ def runs(tmp_path_factory):
     """Two-step GPT-2-BPE runs of vanilla and modern (tiny shapes)."""
     from llmjax.train import train
 
-    base = tmp_path_factory.mktemp("export")
-    out = {}
-    for arch in ("vanilla", "modern"):
-        cfg = llmjax.load_config(f"{ROOT}/configs/{arch}.py:tiny", BPE | {"train.max_steps": 2, "train.batch_size": 8, "eval.num_batches": 1,
-                                                                         "eval.sample_tokens": 0, "logging.progress_bar": False})
-        train(cfg, base / arch, quiet=True)
-        out[arch] = base / arch
-    return out
+    def build(base):
+        for arch in ("vanilla", "modern"):
+            cfg = llmjax.load_config(f"{ROOT}/configs/{arch}.py:tiny", BPE | {"train.max_steps": 2, "train.batch_size": 8,
+                                                                             "eval.num_batches": 1, "eval.sample_tokens": 0,
+                                                                             "logging.progress_bar": False})
+            train(cfg, base / arch, quiet=True)
+        return {arch: str(base / arch) for arch in ("vanilla", "modern")}
+
+    return {arch: Path(path) for arch, path in built_once(tmp_path_factory, "export-runs", build).items()}
 
 
 def run_params(path):

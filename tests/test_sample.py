@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ import llmjax
 import llmjax.models  # noqa: F401
 from flax import nnx
 from conftest import ROOT
-from helpers import config, load_params, params, scale_params
+from helpers import built_once, config, load_params, params, scale_params
 from llmjax import sample as S
 from llmjax.models.layers import convert_layer_layout
 from llmjax.sample import Sampling, filter_logits, generate
@@ -394,9 +395,12 @@ def run_dir(tmp_path_factory):
         {"train.max_steps": 8, "train.batch_size": 8, "eval.every_steps": 4, "eval.num_batches": 2, "eval.sample_tokens": 0,
          "train.checkpoint_every_steps": 2, "train.keep_checkpoints": 1, "logging.progress_bar": False, "model.context_len": 32},
     )
-    path = tmp_path_factory.mktemp("sample") / "run"
-    train(cfg, path, quiet=True)
-    return path
+
+    def build(folder):
+        train(cfg, folder / "run", quiet=True)
+        return str(folder / "run")
+
+    return Path(built_once(tmp_path_factory, "sample-run", build))
 
 
 def test_load_restores_the_trained_weights(run_dir):
