@@ -66,6 +66,9 @@ class ModelConfig:
     # kernel on a GPU where the shapes fit, else xla (attention.cached_attention); pallas anywhere
     # (on a CPU in Pallas' interpreter: slow, for checking). Decoding only: training is unchanged.
     decode_attention_impl: str = "auto"
+    # A decoded token's two norms per layer (the second with the residual add before it) as one
+    # fused kernel each (models/decode_norm.py), every architecture: auto = on a GPU; xla; pallas.
+    decode_norm_impl: str = "auto"
     # False for the architectures whose decode state is not per-head keys and values (mla,
     # linformer, ssm): they refuse decode_attention_impl='pallas' rather than ignore it
     has_kv_cache: ClassVar[bool] = True
@@ -100,6 +103,11 @@ class ModelConfig:
             raise ConfigError(
                 f"model.decode_attention_impl='{self.decode_attention_impl}' is not one of {', '.join(DECODE_ATTENTION_IMPLS)}"
                 f"{closest(self.decode_attention_impl, DECODE_ATTENTION_IMPLS)}"
+            )
+        if self.decode_norm_impl not in DECODE_ATTENTION_IMPLS:
+            raise ConfigError(
+                f"model.decode_norm_impl='{self.decode_norm_impl}' is not one of {', '.join(DECODE_ATTENTION_IMPLS)}"
+                f"{closest(self.decode_norm_impl, DECODE_ATTENTION_IMPLS)}"
             )
         if self.decode_attention_impl == "pallas" and not self.has_kv_cache:
             raise ConfigError(

@@ -57,7 +57,7 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
 # Model keys that change how the computation runs, not what the parameters are: a run may resume
 # with them changed (e.g. unrolled layers on a GPU after scanned ones on a CPU).
-EXECUTION_KEYS = ("scan_layers", "remat", "attention_impl", "dtype", "matmul_dtype", "scan_impl", "decode_attention_impl")
+EXECUTION_KEYS = ("scan_layers", "remat", "attention_impl", "dtype", "matmul_dtype", "scan_impl", "decode_attention_impl", "decode_norm_impl")
 
 
 class TrainingError(RuntimeError):

@@ -213,12 +213,14 @@ def test_the_ssm_compiles_its_fused_kernel_for_the_gpu(compiled_rows):
 @needs_plugin
 def test_gpu_decoding_attends_in_one_fused_kernel_per_layer(compiled_rows):
     """On a GPU each decoded token's attention step (bias, cache writes, attention) is one Triton
-    kernel per layer, the caches are updated in place (no copy as large as a layer's cache in the
-    loop), and the token takes fewer kernels than XLA's own decode (compiled for an H100)."""
+    kernel per layer, and each of its two norms another, the caches are updated in place (no copy as
+    large as a layer's cache in the loop), and the token takes fewer kernels than with XLA's own
+    attention step (compiled for an H100)."""
     fused, xla = compiled_rows[2], compiled_rows[5]
     mcfg = model_config(load_config("configs/vanilla.py:tiny"))
     ops = lambda row, key: sum(k["launches"] for k in row["top_kernels"] if key in k["op"])  # noqa: E731
     assert ops(fused, "decode_attention") == mcfg.n_layer and ops(xla, "decode_attention") == 0
+    assert ops(fused, "decode_norm_rows") == ops(xla, "decode_norm_rows") == 2 * mcfg.n_layer  # the norms' kernels
     assert ops(fused, "scatter") == ops(xla, "scatter") - 2 * mcfg.n_layer  # the cache writes are in the kernel
     cache_mb = 2 * mcfg.n_head * mcfg.head_dim * fused["cache_len"] * 2 / 1e6  # one layer's keys, 2 rows, bf16
     assert not [k for k in fused["top_kernels"] if "copy" in k["name"] and k["mb_per_launch"] >= cache_mb / 2]

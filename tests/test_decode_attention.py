@@ -1,9 +1,12 @@
-"""The fused decode-attention kernel (llmjax/models/decode_attention.py, Pallas' interpreter here)
+"""The fused decode kernels, attention step (llmjax/models/decode_attention.py) and norms
+(llmjax/models/decode_norm.py), in Pallas' interpreter here,
 against a float64 reference, what it writes and reads of the cache, and when the model uses it.
-(The contract suite's cached-decoding cases and the sampler's greedy cases run every attention
-architecture with model.decode_attention_impl='pallas'; tests/test_aot.py compiles it for a GPU.)"""
+(The contract suite's cached-decoding cases and the sampler's greedy cases run every architecture
+with the kernels, model.decode_*_impl='pallas'; tests/test_aot.py compiles them for a GPU.)"""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -105,11 +108,12 @@ def test_unsupported_shapes():
         decode_attention(src, src, src, bias, kc, vc, jnp.array([1]), offsets=(0, 2, 4), n_head=2, interpret=True)
 
 
-def _uses_kernel(m, T: int, S: int = 32) -> bool:
+def _uses_kernel(m, T: int, S: int = 32, kernel: str = "decode_attention") -> bool:
+    """Whether a decode step of T tokens per row traces the fused kernel (its jitted wrapper's name)."""
     cache = m.init_cache(2, S)
     step = lambda t, p, c: m(t, positions=p, cache=c)[0]  # noqa: E731
     text = str(jax.make_jaxpr(step)(tokens(0, 2, T), jnp.broadcast_to(jnp.arange(T), (2, T)), cache))
-    return "pallas_call" in text
+    return f"name={kernel}\n" in text and "pallas_call" in text
 
 
 @pytest.mark.parametrize("arch", ["vanilla", "gqa", "modern", "moe"])
@@ -150,4 +154,78 @@ def test_bad_decode_attention_settings_are_one_line_errors():
     m = llmjax.build_model(config("vanilla", decode_attention_impl="pallas"), seed=0)
     with pytest.raises(ConfigError, match=r"multiple of 16 slots \(got 40\)") as err:
         _uses_kernel(m, 1, S=40)
+    assert "\n" not in str(err.value)
+
+
+# --- the fused norms (llmjax/models/decode_norm.py) ----------------------------------------------
+
+
+def norm_reference(x, scale, bias, eps, rms):
+    x = np.asarray(x, np.float64)
+    mean = 0.0 if rms else x.mean(-1, keepdims=True)
+    var = (x * x).mean(-1, keepdims=True) if rms else ((x - mean) ** 2).mean(-1, keepdims=True)
+    y = (x - mean) / np.sqrt(var + eps) * np.asarray(scale, np.float64)
+    return y + (0 if bias is None else np.asarray(bias, np.float64))
+
+
+@pytest.mark.parametrize("D", [16, 48, 768, 2048])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_the_norm_kernels_equal_a_float64_reference(D, kind):
+    """norm(x) and add_norm(x, h) against float64, for LayerNorm (with and without bias) and RMSNorm,
+    rows of 1 to 2 chunks of up to 1024 values (768 = 3 x 256); the residual sum exactly x + h."""
+    from flax import nnx
+
+    from llmjax.models import decode_norm
+
+    rngs = nnx.Rngs(0)
+    layer = (nnx.LayerNorm(D, epsilon=1e-5, param_dtype=jnp.float32, use_bias=D != 48, rngs=rngs) if kind == "layer"
+             else nnx.RMSNorm(D, epsilon=1e-6, param_dtype=jnp.float32, rngs=rngs))
+    layer.scale[...] = jax.random.normal(jax.random.key(1), (D,))
+    bias = None
+    if kind == "layer" and layer.bias is not None:
+        layer.bias[...] = bias = jax.random.normal(jax.random.key(2), (D,))
+    x = jax.random.normal(jax.random.key(3), (4, 1, D)) * 3 + 2
+    h = jax.random.normal(jax.random.key(4), (4, 1, D))
+    eps = layer.epsilon
+    np.testing.assert_allclose(decode_norm.norm(layer, x, interpret=True), norm_reference(x, layer.scale[...], bias, eps, kind == "rms"),
+                               atol=2e-5, rtol=1e-5)
+    s, y = decode_norm.add_norm(layer, x, h, interpret=True)
+    np.testing.assert_array_equal(s, x + h)
+    np.testing.assert_allclose(y, norm_reference(x + h, layer.scale[...], bias, eps, kind == "rms"), atol=2e-5, rtol=1e-5)
+
+
+def test_the_norm_kernels_keep_the_layers_dtypes():
+    """bfloat16 rows and a bfloat16 layer: outputs in bfloat16, within its rounding of flax's own."""
+    from flax import nnx
+
+    from llmjax.models import decode_norm
+
+    layer = nnx.LayerNorm(768, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(5), (2, 1, 768), jnp.bfloat16)
+    h = jax.random.normal(jax.random.key(6), (2, 1, 768), jnp.bfloat16)
+    s, y = decode_norm.add_norm(layer, x, h, interpret=True)
+    assert s.dtype == y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(s, x + h)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(layer(x + h), np.float32), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("arch", ["vanilla", "mla", "ssm"])
+def test_the_model_decodes_with_the_norm_kernels_on_a_gpu_only(arch):
+    """decode_norm_impl 'auto': two norm kernels per layer for one token per row when tracing for a
+    GPU, none for a prompt chunk or on a CPU; 'xla' none; 'pallas' on a CPU too."""
+    auto, xla, pallas = (llmjax.build_model(config(arch, decode_norm_impl=i, decode_attention_impl="xla"), seed=0)
+                         for i in ("auto", "xla", "pallas"))
+    uses = functools.partial(_uses_kernel, kernel="decode_norm_rows")
+    assert not uses(auto, 1) and not uses(xla, 1) and uses(pallas, 1) and not uses(pallas, 3)
+    with runtime.compiling_for("gpu"):
+        assert uses(auto, 1) and not uses(auto, 3) and not uses(xla, 1)
+        assert not _uses_kernel(auto, 1)  # (the attention step stays XLA's: decode_attention_impl='xla')
+
+
+def test_bad_decode_norm_settings_are_one_line_errors():
+    with pytest.raises(ConfigError, match="decode_norm_impl='fused' is not one of auto, xla, pallas"):
+        llmjax.model_config(config("vanilla", decode_norm_impl="fused"))
+    m = llmjax.build_model(config("vanilla", decode_norm_impl="pallas", d_model=40, head_dim=10), seed=0)
+    with pytest.raises(ConfigError, match="d_model a multiple of 16") as err:
+        _uses_kernel(m, 1, kernel="decode_norm_rows")
     assert "\n" not in str(err.value)

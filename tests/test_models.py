@@ -45,11 +45,15 @@ CASES = [(arch, opts) for arch in ARCHS for opts in OPTIONS.get(arch, [{}])]
 # Cached decoding routes every token (no capacity drops), so it equals the full forward only where
 # the full forward drops nothing.
 # Options that change decoding only (the full forward is the same computation): cached-decoding cases.
-DECODE_OPTIONS = {
-    "vanilla": [{"decode_attention_impl": "pallas"}],  # the fused decode kernel (Pallas' interpreter here)
-    "gqa": [{"decode_attention_impl": "pallas"}, {"n_kv_head": 1, "decode_attention_impl": "pallas", "scan_layers": False}],
-    "modern": [{"n_kv_head": 2, "decode_attention_impl": "pallas"}],
-    "moe": [{"decode_attention_impl": "pallas", "scan_layers": False}],
+DECODE_OPTIONS = {  # the fused decode kernels (Pallas' interpreter here): attention step, norms
+    "vanilla": [{"decode_attention_impl": "pallas"}, {"decode_attention_impl": "pallas", "decode_norm_impl": "pallas"}],
+    "gqa": [{"decode_attention_impl": "pallas"},
+            {"n_kv_head": 1, "decode_attention_impl": "pallas", "decode_norm_impl": "pallas", "scan_layers": False}],
+    "modern": [{"n_kv_head": 2, "decode_attention_impl": "pallas", "decode_norm_impl": "pallas"}],
+    "moe": [{"decode_attention_impl": "pallas", "decode_norm_impl": "pallas", "scan_layers": False}],
+    "mla": [{"decode_norm_impl": "pallas"}],
+    "linformer": [{"decode_norm_impl": "pallas", "scan_layers": False}],
+    "ssm": [{"decode_norm_impl": "pallas"}],
 }
 CACHE_CASES = [(arch, opts) for arch, opts in CASES if opts.get("capacity_factor", 1.0) >= 1.0] + [
     (arch, opts) for arch in ARCHS for opts in DECODE_OPTIONS.get(arch, [])

@@ -123,10 +123,11 @@ def split_run_without_key(tmp_path, arch: str, key: str, before, after) -> tuple
     return full, losses(tmp_path / "split")
 
 
-def test_a_run_from_before_decode_attention_impl_resumes(tmp_path):
-    """model.decode_attention_impl changes decoding only: a run whose config.json predates the key
-    resumes with it set, bit for bit as the uninterrupted run."""
-    full, got = split_run_without_key(tmp_path, "vanilla", "decode_attention_impl", "auto", "xla")
+@pytest.mark.parametrize("key", ["decode_attention_impl", "decode_norm_impl"])
+def test_a_run_from_before_a_decode_kernel_key_resumes(tmp_path, key):
+    """model.decode_attention_impl and decode_norm_impl change decoding only: a run whose config.json
+    predates the key resumes with it set, bit for bit as the uninterrupted run."""
+    full, got = split_run_without_key(tmp_path, "vanilla", key, "auto", "xla")
     assert [got[s] for s in range(1, 13)] == [full[s] for s in range(1, 13)]
 
 

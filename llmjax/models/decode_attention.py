@@ -48,7 +48,7 @@ def supported(head_dim: int, group: int, S: int) -> bool:
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and 1 <= group <= MAX_GROUP and block_slots(S) is not None
 
 
-def _kernel(pos_ref, q_ref, k_ref, v_ref, *rest, offsets, group: int, scale: float, block: int, has_bias: bool):
+def _decode_attention_kernel(pos_ref, q_ref, k_ref, v_ref, *rest, offsets, group: int, scale: float, block: int, has_bias: bool):
     """Row b, key/value head h (see the module docstring)."""
     bias_ref, (kc_ref, vc_ref, o_ref, kc_out, vc_out) = (rest[0], rest[1:]) if has_bias else (None, rest)
     b, h = pl.program_id(0), pl.program_id(1)
@@ -119,7 +119,7 @@ def decode_attention(q_src, k_src, v_src, bias, k_cache, v_cache, positions_B, *
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     args = [positions_B.astype(jnp.int32), q_src, k_src, v_src] + ([bias] if bias is not None else []) + [k_cache, v_cache]
     out, k_cache, v_cache = pl.pallas_call(
-        functools.partial(_kernel, offsets=offsets, group=G, scale=scale, block=block_slots(S), has_bias=bias is not None),
+        functools.partial(_decode_attention_kernel, offsets=offsets, group=G, scale=scale, block=block_slots(S), has_bias=bias is not None),
         out_shape=(jax.ShapeDtypeStruct((B, K, G, d), q_src.dtype), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                    jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
         grid=(B, K),

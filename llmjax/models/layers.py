@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llmjax import runtime
-from llmjax.config import ModelConfig
+from llmjax.config import ConfigError, ModelConfig
+from llmjax.models import decode_norm
 
 # Logit given to padded vocabulary rows: exp() of it underflows to exactly 0 in float32.
 PADDED_LOGIT = -1e9
@@ -319,15 +320,40 @@ class PreNormBlock(nnx.Module):
     mixer's whole contract, so a new token mixer drops in without touching the stack. `mlp(x)`
     returns y, or (y, aux) with a dict of auxiliary outputs (a router's losses and statistics).
     Returns (x, cache, aux).
+
+    `decode_norm_impl` (model.decode_norm_impl): for one decoded token per row, the two norms (the
+    second with the residual add before it) as one fused kernel each (models/decode_norm.py):
+    'auto' on a GPU, 'pallas' anywhere (Pallas' interpreter on a CPU), 'xla' never.
     """
 
-    def __init__(self, *, norm_1, attn, norm_2, mlp):
+    def __init__(self, *, norm_1, attn, norm_2, mlp, decode_norm_impl: str = "xla"):
         self.norm_1, self.attn, self.norm_2, self.mlp = norm_1, attn, norm_2, mlp
+        self.decode_norm_impl = decode_norm_impl
 
-    def __call__(self, x_BTD, positions_BT, cache):
+    def _fused_norms(self, x_BTD, cache) -> bool:
+        if cache is None or x_BTD.shape[1] != 1 or self.decode_norm_impl == "xla":
+            return False
+        D = x_BTD.shape[2]
+        fits = decode_norm.supports(self.norm_1, D) and decode_norm.supports(self.norm_2, D)
+        if self.decode_norm_impl == "pallas" and not fits:
+            raise ConfigError(f"model.decode_norm_impl='pallas' needs d_model a multiple of 16 (at most 16 x 1024), got {D}; "
+                              "use 'auto' or 'xla'")
+        return fits and (self.decode_norm_impl == "pallas" or runtime.backend() == "gpu")
+
+    def attend(self, x_BTD, positions_BT, cache):
+        """(x + attn(norm_1(x)), norm_2 of that, cache): the block up to its feed-forward input."""
+        if self._fused_norms(x_BTD, cache):
+            interpret = runtime.backend() != "gpu"
+            h_BTD, cache = self.attn(decode_norm.norm(self.norm_1, x_BTD, interpret=interpret), positions_BT, cache)
+            x_BTD, normed = decode_norm.add_norm(self.norm_2, x_BTD, h_BTD, interpret=interpret)
+            return x_BTD, normed, cache
         h_BTD, cache = self.attn(self.norm_1(x_BTD), positions_BT, cache)
         x_BTD = x_BTD + h_BTD
-        out = self.mlp(self.norm_2(x_BTD))
+        return x_BTD, self.norm_2(x_BTD), cache
+
+    def __call__(self, x_BTD, positions_BT, cache):
+        x_BTD, normed, cache = self.attend(x_BTD, positions_BT, cache)
+        out = self.mlp(normed)
         out, aux = out if isinstance(out, tuple) else (out, {})
         return x_BTD + out, cache, aux
 

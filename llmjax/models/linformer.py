@@ -170,6 +170,7 @@ def block(cfg: LinformerConfig, rngs: nnx.Rngs) -> PreNormBlock:
         attn=CausalLinformerAttention(cfg, rngs=rngs),
         norm_2=layer_norm(cfg, cfg.d_model, rngs=rngs),
         mlp=MLP(cfg, cfg.d_ff, rngs=rngs),
+        decode_norm_impl=cfg.decode_norm_impl,
     )
 
 

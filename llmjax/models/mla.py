@@ -132,6 +132,7 @@ def block(cfg: MLAConfig, rngs: nnx.Rngs) -> PreNormBlock:
         attn=MultiHeadLatentAttention(cfg, rngs=rngs),
         norm_2=rms_norm(cfg, cfg.d_model, rngs=rngs),
         mlp=SwiGLU(cfg, cfg.d_ff, rngs=rngs),
+        decode_norm_impl=cfg.decode_norm_impl,
     )
 
 

@@ -40,6 +40,7 @@ def block(cfg: ModernConfig, rngs: nnx.Rngs) -> PreNormBlock:
         attn=Attention(cfg, n_kv_head=cfg.n_kv_head, head_dim=cfg.head_dim, bias=False, rope_base=cfg.rope_base, rngs=rngs),
         norm_2=rms_norm(cfg, cfg.d_model, rngs=rngs),
         mlp=SwiGLU(cfg, cfg.d_ff, rngs=rngs),
+        decode_norm_impl=cfg.decode_norm_impl,
     )
 
 

@@ -339,9 +339,8 @@ class MoEBlock(PreNormBlock):
     """Pre-norm block whose MLP is the MoE layer; with a decode cache the experts run dropless."""
 
     def __call__(self, x_BTD, positions_BT, cache):
-        h_BTD, cache = self.attn(self.norm_1(x_BTD), positions_BT, cache)
-        x_BTD = x_BTD + h_BTD
-        out, aux = self.mlp(self.norm_2(x_BTD), dropless=True if cache is not None else None)
+        x_BTD, normed, cache = self.attend(x_BTD, positions_BT, cache)
+        out, aux = self.mlp(normed, dropless=True if cache is not None else None)
         return x_BTD + out, cache, aux
 
 
@@ -351,6 +350,7 @@ def block(cfg: MoEConfig, rngs: nnx.Rngs) -> MoEBlock:
         attn=Attention(cfg, n_kv_head=cfg.n_head, head_dim=cfg.head_dim, bias=True, rope_base=None, rngs=rngs),
         norm_2=layer_norm(cfg, cfg.d_model, rngs=rngs),
         mlp=MoEFeedForward(cfg, rngs=rngs),
+        decode_norm_impl=cfg.decode_norm_impl,
     )
 
 

@@ -186,6 +186,7 @@ def block(cfg: SSMConfig, rngs: nnx.Rngs) -> PreNormBlock:
         attn=SelectiveSSM(cfg, rngs=rngs),
         norm_2=layer_norm(cfg, cfg.d_model, rngs=rngs),
         mlp=MLP(cfg, cfg.d_ff, rngs=rngs),
+        decode_norm_impl=cfg.decode_norm_impl,
     )
 
 

@@ -33,6 +33,7 @@ def block(cfg: VanillaConfig, n_kv_head: int, rngs: nnx.Rngs) -> PreNormBlock:
         attn=Attention(cfg, n_kv_head=n_kv_head, head_dim=cfg.head_dim, bias=cfg.bias, rope_base=None, rngs=rngs),
         norm_2=layer_norm(cfg, cfg.d_model, bias=cfg.bias, rngs=rngs),
         mlp=MLP(cfg, cfg.d_ff, bias=cfg.bias, rngs=rngs),
+        decode_norm_impl=cfg.decode_norm_impl,
     )
 
 
