@@ -619,3 +619,15 @@ def test_a_growing_cache_changes_no_token(monkeypatch, arch):
         # 150 tokens; for 300, the context, 256, and a slide past it)
         assert grown == ([192] if n == 150 else [256]), grown
         assert slots == [arch in ("vanilla", "mla")]  # (the Linformer's and the SSM's states are bounded)
+
+
+@pytest.mark.parametrize("arch", ["vanilla", "gqa"])
+def test_a_bfloat16_model_decodes_a_batch_on_the_cpu(arch):
+    """A bf16 model (a run trained in bf16, sampled on a CPU) decodes a batch of prompts: the cached
+    attention's bf16 x bf16 -> float32 product has batch axes, which XLA's CPU runtime has no kernel
+    for (it failed with 'Unsupported element type for DotThunk'); each row gives the tokens it gives
+    alone."""
+    m = decoder(arch, seed=4, dtype="bfloat16")
+    prompts = [[1, 2, 3], [5], list(range(8, 20))]
+    both = generate(m, prompts, 10, sampling=GREEDY)
+    assert both == [generate(m, [p], 10, sampling=GREEDY)[0] for p in prompts]
