@@ -14,7 +14,7 @@
 #      repeats with train.deterministic), over xdist workers;
 #   2. benchmarks (python -m llmjax.bench): vanilla and modern in full (training at batch 16 and 32
 #      with memory in one process, then decoding at batch 1 and 64, greedy and top-k, in another;
-#      vanilla's decoding again with XLA's attention step instead of the fused kernel (for any
+#      vanilla's decoding again with XLA's decode instead of the fused decode kernels (for any
 #      architecture whose decode row failed, too), and its batch-1 decoding without the padding row,
 #      LLMJAX_DECODE_MIN_ROWS=1),
 #      vanilla's HellaSwag items/s (when LLMJAX_TASK_DIR holds hellaswag_val.jsonl: carry it, the
@@ -210,11 +210,12 @@ print("cuDNN attention ok on", jax.devices()[0].device_kind)'
     step "bench $arch training (full)" 150 bench.log "${bench[@]}" --config "$(cfg $arch)" --suite=train,memory --batch_size=16,32 \
       --steps=20 --repeats=3
     step "bench $arch decoding (full)" 120 bench.log "${bench[@]}" --config "$(cfg $arch)" --suite=decode --repeats=3
-    # decoding's attention step is a Pallas (Triton) kernel on a GPU (models/decode_attention.py), first
-    # run here: if the row failed, the same row with XLA's attention; for vanilla, that row anyway (the A/B)
+    # on a GPU decoding's attention step and norms are Pallas (Triton) kernels (models/decode_attention.py,
+    # decode_norm.py), first run here: if the row failed, the same row with XLA's decode; for vanilla,
+    # that row anyway (the A/B)
     if { [ "$last_rc" != 0 ] && [ "$last_rc" != skipped ]; } || [ "$arch" = vanilla ]; then
-      step "bench $arch decoding, XLA's attention step" 100 bench.log "${bench[@]}" --config "$(cfg $arch)" --suite=decode \
-        --repeats=3 --decode_modes=greedy --config.model.decode_attention_impl=xla
+      step "bench $arch decoding, XLA's (no fused decode kernels)" 100 bench.log "${bench[@]}" --config "$(cfg $arch)" \
+        --suite=decode --repeats=3 --decode_modes=greedy --config.model.decode_attention_impl=xla --config.model.decode_norm_impl=xla
     fi
     if [ "$arch" = vanilla ]; then
       # on a GPU the sampler decodes at least two rows (batch 1 gets a padding row, so that XLA's dot
