@@ -166,7 +166,7 @@ def test_bf16_training_gradient_widens_no_product(arch):
         x, _, _ = mm.features(toks[:, :-1])
         return token_losses(mm.embed, x, toks[:, 1:]).mean()
 
-    with runtime.compiling_for("gpu"):  # (layers._dot32 widens on the CPU only)
+    with runtime.compiling_for("gpu"):  # (layers.dot32 widens on the CPU only)
         found = _mixed_dots(jax.make_jaxpr(jax.grad(loss))(state).jaxpr, [])
     assert not [f for f in found if "BNTS" not in f[1]], found  # (jax.nn's XLA attention: 'BTNH,BSNH->BNTS')
 

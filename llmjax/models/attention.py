@@ -18,7 +18,7 @@ from flax import nnx
 from llmjax import runtime
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.models import decode_attention
-from llmjax.models.layers import _dot32, apply_rope, dense, linear_without_bias, residual_std
+from llmjax.models.layers import dot32, apply_rope, dense, linear_without_bias, residual_std
 
 
 def resolve_impl(impl: str, dtype) -> str:
@@ -65,8 +65,8 @@ def cached_attention(q_BTHd, k_BKdS, v_BKdS, positions_BT, *, scale: float | Non
     q = q_BTHd.reshape(B, T, K, H // K, d)
     k, v = k_BKdS.astype(q.dtype), v_BKdS.astype(q.dtype)
     logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
-    # (_dot32: XLA's CPU runtime has no bf16 x bf16 -> f32 product with batch axes; there it widens first)
-    logits = _dot32("btkgd,bkds->bkgts", q, k).astype(logits_dtype) * jnp.asarray(scale, logits_dtype)
+    # (dot32: XLA's CPU runtime has no bf16 x bf16 -> f32 product with batch axes; there it widens first)
+    logits = dot32("btkgd,bkds->bkgts", q, k).astype(logits_dtype) * jnp.asarray(scale, logits_dtype)
     mask = visible_mask(positions_BT, k.shape[3])[:, :, None]  # (B, 1, 1, T, S)
     logits = jnp.where(mask, logits, -0.7 * jnp.finfo(logits_dtype).max)  # as jax.nn.dot_product_attention
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
@@ -137,7 +137,7 @@ class Attention(nnx.Module):
         if self.rope_base is None:
             srcs, offsets = (raw, raw, raw), (0, H, H + K)
         else:  # rotated queries and keys: the bias (if any) is added before the rotation, by XLA
-            raw, bias = (raw, None) if bias is None else (raw + bias.reshape(H + 2 * K, hd).astype(raw.dtype), None)
+            raw, bias = (raw, None) if bias is None else (raw + bias.astype(raw.dtype), None)
             q = apply_rope(raw[:, None, :H], positions_BT, self.rope_base)[:, 0]
             k = apply_rope(raw[:, None, H : H + K], positions_BT, self.rope_base)[:, 0]
             srcs, offsets = (q, k, raw), (0, 0, H + K)

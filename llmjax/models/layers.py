@@ -39,7 +39,7 @@ def residual_std(cfg: ModelConfig) -> float:
 # Parameter matmuls with narrow operands (model.matmul_dtype)
 
 
-def _dot32(spec: str, a, b):
+def dot32(spec: str, a, b):
     """einsum of two narrow arrays, accumulated and returned in float32. XLA's CPU runtime has no
     narrow x narrow -> float32 kernel for dots with batch axes (an index in all three operands):
     there the rounded operands are widened first, which gives the same numbers (a product of two
@@ -53,14 +53,14 @@ def _dot32(spec: str, a, b):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
 def _narrow_einsum(spec: str, x, w, dtype):
-    return _dot32(spec, x.astype(dtype), w.astype(dtype))
+    return dot32(spec, x.astype(dtype), w.astype(dtype))
 
 
 def _narrow_einsum_fwd(spec, x, w, dtype):
     xn, wn = x.astype(dtype), w.astype(dtype)
     # (zero-size arrays carry the operands' own dtypes to the backward pass)
     residuals = (xn, wn, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
-    return _dot32(spec, xn, wn), residuals
+    return dot32(spec, xn, wn), residuals
 
 
 def _narrow_einsum_bwd(spec, dtype, residuals, g):
@@ -68,8 +68,8 @@ def _narrow_einsum_bwd(spec, dtype, residuals, g):
     inputs, out = spec.split("->")
     a, b = inputs.split(",")
     gn = g.astype(dtype)
-    dx = _dot32(f"{out},{b}->{a}", gn, wn)
-    dw = _dot32(f"{a},{out}->{b}", xn, gn)
+    dx = dot32(f"{out},{b}->{a}", gn, wn)
+    dw = dot32(f"{a},{out}->{b}", xn, gn)
     return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
 
 
@@ -138,7 +138,6 @@ def dense(
     )
 
 
-
 def linear_without_bias(layer: nnx.Linear, x):
     """(x @ kernel, bias) of a `dense` layer, the product computed as nnx.Linear computes it (its
     dtype promotion and dot_general), the bias (or None) as stored, not yet added nor cast to the
@@ -149,6 +148,7 @@ def linear_without_bias(layer: nnx.Linear, x):
     kw = {} if layer.preferred_element_type is None else {"preferred_element_type": layer.preferred_element_type}
     y = layer.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=layer.precision, **kw)
     return y, (layer.bias[...] if layer.bias is not None else None)
+
 
 def layer_norm(cfg: ModelConfig, d: int, *, rngs: nnx.Rngs, bias: bool = True):
     return nnx.LayerNorm(d, epsilon=cfg.norm_eps, use_bias=bias, dtype=cfg.compute_dtype, param_dtype=jnp.float32, rngs=rngs)
