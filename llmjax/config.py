@@ -23,7 +23,7 @@ import ml_collections
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 MATMUL_DTYPES = ("", "bfloat16")
 ATTENTION_IMPLS = ("auto", "cudnn", "xla")
-DECODE_ATTENTION_IMPLS = ("auto", "xla", "pallas")
+DECODE_KERNEL_IMPLS = ("auto", "xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 VARIANTS = ("default", "small", "tiny")
 
@@ -99,15 +99,15 @@ class ModelConfig:
                 f"model.attention_impl='{self.attention_impl}' is not one of {', '.join(ATTENTION_IMPLS)}"
                 f"{closest(self.attention_impl, ATTENTION_IMPLS)}"
             )
-        if self.decode_attention_impl not in DECODE_ATTENTION_IMPLS:
+        if self.decode_attention_impl not in DECODE_KERNEL_IMPLS:
             raise ConfigError(
-                f"model.decode_attention_impl='{self.decode_attention_impl}' is not one of {', '.join(DECODE_ATTENTION_IMPLS)}"
-                f"{closest(self.decode_attention_impl, DECODE_ATTENTION_IMPLS)}"
+                f"model.decode_attention_impl='{self.decode_attention_impl}' is not one of {', '.join(DECODE_KERNEL_IMPLS)}"
+                f"{closest(self.decode_attention_impl, DECODE_KERNEL_IMPLS)}"
             )
-        if self.decode_norm_impl not in DECODE_ATTENTION_IMPLS:
+        if self.decode_norm_impl not in DECODE_KERNEL_IMPLS:
             raise ConfigError(
-                f"model.decode_norm_impl='{self.decode_norm_impl}' is not one of {', '.join(DECODE_ATTENTION_IMPLS)}"
-                f"{closest(self.decode_norm_impl, DECODE_ATTENTION_IMPLS)}"
+                f"model.decode_norm_impl='{self.decode_norm_impl}' is not one of {', '.join(DECODE_KERNEL_IMPLS)}"
+                f"{closest(self.decode_norm_impl, DECODE_KERNEL_IMPLS)}"
             )
         if self.decode_attention_impl == "pallas" and not self.has_kv_cache:
             raise ConfigError(

@@ -31,7 +31,6 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-
 def _mapped_regions() -> int:
     """How many memory mappings this process holds (0 where /proc is not there)."""
     try:
