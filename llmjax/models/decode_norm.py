@@ -86,9 +86,10 @@ def decode_norm_rows(x, delta, scale, bias, *, rms: bool, eps: float, dtype, int
     )(*args)
 
 
-def _params(norm):
+def _params(norm, D: int):
+    """(is it an RMSNorm, its scale (ones where it has none), its bias or None)."""
     rms = isinstance(norm, nnx.RMSNorm)
-    scale = norm.scale[...] if norm.scale is not None else None
+    scale = norm.scale[...] if norm.scale is not None else jnp.ones((D,), jnp.float32)
     bias = None if rms or norm.bias is None else norm.bias[...]
     return rms, scale, bias
 
@@ -96,8 +97,7 @@ def _params(norm):
 def norm(norm_layer, x_BTD, *, interpret: bool):
     """norm_layer(x) (an nnx.LayerNorm or nnx.RMSNorm over the last axis) as one kernel."""
     B, T, D = x_BTD.shape
-    rms, scale, bias = _params(norm_layer)
-    scale = jnp.ones((D,), jnp.float32) if scale is None else scale
+    rms, scale, bias = _params(norm_layer, D)
     (y,) = decode_norm_rows(x_BTD.reshape(B * T, D), None, scale, bias, rms=rms, eps=float(norm_layer.epsilon),
                  dtype=jnp.dtype(norm_layer.dtype or x_BTD.dtype), interpret=interpret)
     return y.reshape(B, T, D)
@@ -106,8 +106,7 @@ def norm(norm_layer, x_BTD, *, interpret: bool):
 def add_norm(norm_layer, x_BTD, h_BTD, *, interpret: bool):
     """(x + h, norm_layer(x + h)) as one kernel."""
     B, T, D = x_BTD.shape
-    rms, scale, bias = _params(norm_layer)
-    scale = jnp.ones((D,), jnp.float32) if scale is None else scale
+    rms, scale, bias = _params(norm_layer, D)
     s, y = decode_norm_rows(x_BTD.reshape(B * T, D), h_BTD.reshape(B * T, D), scale, bias, rms=rms, eps=float(norm_layer.epsilon),
                  dtype=jnp.dtype(norm_layer.dtype or jnp.result_type(x_BTD, h_BTD)), interpret=interpret)
     return s.reshape(B, T, D), y.reshape(B, T, D)
