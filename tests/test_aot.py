@@ -157,7 +157,6 @@ def compiled_rows(tmp_path_factory):
 
 
 @needs_plugin
-
 def test_the_gpu_training_step_does_the_models_gemms_in_bf16(compiled_rows):
     """The training step compiled for an H100: its GEMM FLOPs are exactly the model's (forward and
     backward of every parameter product, the tied head once, and attention over the full square,
@@ -184,7 +183,6 @@ def test_the_gpu_training_step_does_the_models_gemms_in_bf16(compiled_rows):
 
 
 @needs_plugin
-
 def test_a_padding_row_keeps_batch_one_decoding_in_gemms(compiled_rows):
     """Decoding one row, XLA's GPU compiler strength-reduces every vector x matrix product into an
     elementwise multiply and a reduction (no GEMM left); with the sampler's padding row (the GPU

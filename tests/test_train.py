@@ -20,7 +20,7 @@ import pytest
 
 import llmjax
 import llmjax.models  # noqa: F401
-from conftest import ROOT
+from conftest import ROOT, TEST_XLA_FLAGS
 from jax.sharding import PartitionSpec as P
 from llmjax.config import ConfigError
 from llmjax.train import TrainingError, train
@@ -176,7 +176,7 @@ def _free_port() -> int:
 
 def _env(**extra):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=2"
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
