@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 import types
 from pathlib import Path
 
@@ -189,18 +188,25 @@ def test_encode_pair_is_lm_evals():
         assert encode_pair(tok, ctx, cont) == (list(want_ctx), list(want_cont)), (ctx, cont)
 
 
-def lm_eval_run(lm, tasks, limit=None):
+def lm_eval_run(lm, tasks, task_manager, limit=None):
     import lm_eval
+
+    return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager, limit=limit, log_samples=True)
+
+
+@pytest.fixture(scope="module")
+def fixture_task_manager(tmp_path_factory):
+    """lm-eval's TaskManager with hellaswag and arc_easy pointed at the fixture files (built once:
+    it indexes every task lm-eval ships, several seconds)."""
+    pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
-    with tempfile.TemporaryDirectory() as folder:
-        assert E._local_task_configs(tasks, FIXTURES, Path(folder)) == tasks
-        return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=folder), limit=limit,
-                                       log_samples=True)
+    folder = tmp_path_factory.mktemp("lm-eval-tasks")
+    assert E._local_task_configs(["hellaswag", "arc_easy"], FIXTURES, folder) == ["hellaswag", "arc_easy"]
+    return TaskManager(include_path=str(folder))
 
 
-def test_fast_scorer_equals_lm_evals_tasks_at_every_batch_size(bpe_model, monkeypatch):
-    pytest.importorskip("lm_eval")
+def test_fast_scorer_equals_lm_evals_tasks_at_every_batch_size(bpe_model, fixture_task_manager, monkeypatch):
     from llmjax.harness import LlmjaxLM
 
     for k, v in OFFLINE.items():
@@ -210,7 +216,7 @@ def test_fast_scorer_equals_lm_evals_tasks_at_every_batch_size(bpe_model, monkey
     fast = {t: downstream.score_task(Scorer.for_model(m, 5), tok, downstream.load_items(t, FIXTURES)) for t in tasks}
     assert fast["hellaswag"]["n"] == 40 and fast["arc_easy"]["n"] == 30
     for batch_size in (1, 3, 8):
-        out = lm_eval_run(LlmjaxLM(model=m, tokenizer=tok, batch_size=batch_size), tasks)
+        out = lm_eval_run(LlmjaxLM(model=m, tokenizer=tok, batch_size=batch_size), tasks, fixture_task_manager)
         for t in tasks:
             res = out["results"][t]
             assert res["acc,none"] == fast[t]["acc"] and res["acc_norm,none"] == fast[t]["acc_norm"], (t, batch_size)

@@ -112,14 +112,15 @@ def test_resume_onto_another_device_count_and_layout(tmp_path):
 
 def split_run_without_key(tmp_path, arch: str, key: str, before, after) -> tuple[dict, dict]:
     """(losses of an uninterrupted 12-step run with model.`key`=before, losses of one stopped at step
-    6 with it, its config.json then written as before `key` existed, resumed with `key`=after)."""
-    full = losses(train(cfg(arch, **{f"model__{key}": before}), tmp_path / "full", quiet=True))
-    train(cfg(arch, **{f"model__{key}": before}, train__stop_at_step=6), tmp_path / "split", quiet=True)
+    6 with it, its config.json then written as before `key` existed, resumed with `key`=after). On one device."""
+    one = jax.devices()[:1]
+    full = losses(train(cfg(arch, **{f"model__{key}": before}), tmp_path / "full", devices=one, quiet=True))
+    train(cfg(arch, **{f"model__{key}": before}, train__stop_at_step=6), tmp_path / "split", devices=one, quiet=True)
     saved = tmp_path / "split" / "config.json"
     old = json.loads(saved.read_text())
     del old["model"][key]
     saved.write_text(json.dumps(old))
-    assert train(cfg(arch, **{f"model__{key}": after}), tmp_path / "split", quiet=True).step == 12
+    assert train(cfg(arch, **{f"model__{key}": after}), tmp_path / "split", devices=one, quiet=True).step == 12
     return full, losses(tmp_path / "split")
 
 
