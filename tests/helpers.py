@@ -34,6 +34,18 @@ def params(m) -> dict:
     return nnx.to_pure_dict(nnx.state(m, nnx.Param))
 
 
+def perturb_vectors(m, seed: int = 0, std: float = 0.5):
+    """Add N(0, std) noise to every bias and norm scale (per layer where layers are stacked): they
+    start at zero and one, and a path that dropped or doubled a bias would still agree with another."""
+    keys = iter(jax.random.split(jax.random.key(seed), 10_000))
+
+    def noisy(path, a):
+        name = str(getattr(path[-1], "key", ""))
+        return a + std * jax.random.normal(next(keys), a.shape, a.dtype) if name in ("bias", "scale") else a
+
+    return load_params(m, jax.tree_util.tree_map_with_path(noisy, params(m)))
+
+
 def load_params(m, pure: dict):
     """Copy a pure-dict parameter tree into model m (layouts must match)."""
     state = nnx.state(m, nnx.Param)

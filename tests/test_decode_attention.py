@@ -192,6 +192,11 @@ def test_the_norm_kernels_equal_a_float64_reference(D, kind):
     s, y = decode_norm.add_norm(layer, x, h, interpret=True)
     np.testing.assert_array_equal(s, x + h)
     np.testing.assert_allclose(y, norm_reference(x + h, layer.scale[...], bias, eps, kind == "rms"), atol=2e-5, rtol=1e-5)
+    # h's own layer's bias, added by the kernel: exactly x + (h + b)
+    h_bias = jax.random.normal(jax.random.key(7), (D,))
+    s, y = decode_norm.add_norm(layer, x, h, h_bias=h_bias, interpret=True)
+    np.testing.assert_array_equal(s, x + (h + h_bias))
+    np.testing.assert_allclose(y, norm_reference(x + (h + h_bias), layer.scale[...], bias, eps, kind == "rms"), atol=2e-5, rtol=1e-5)
 
 
 def test_the_norm_kernels_keep_the_layers_dtypes():
@@ -207,6 +212,12 @@ def test_the_norm_kernels_keep_the_layers_dtypes():
     assert s.dtype == y.dtype == jnp.bfloat16
     np.testing.assert_array_equal(s, x + h)
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(layer(x + h), np.float32), atol=2e-2, rtol=2e-2)
+    # a float32 bias (as stored) is rounded to bfloat16 and added in bfloat16, as nnx.Linear adds it
+    h_bias = jax.random.normal(jax.random.key(7), (768,)) * 1.001
+    s, _ = decode_norm.add_norm(layer, x, h, h_bias=h_bias, interpret=True)
+    assert s.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(s, x + (h + h_bias.astype(jnp.bfloat16)))
+    assert not np.array_equal(np.asarray(s, np.float32), np.asarray((x + (h + h_bias)).astype(jnp.bfloat16), np.float32))
 
 
 @pytest.mark.parametrize("arch", ["vanilla", "mla", "ssm"])

@@ -18,7 +18,7 @@ from flax import nnx
 import llmjax
 import llmjax.models  # noqa: F401  (registers every architecture)
 from llmjax import runtime
-from helpers import config, load_params, model, params, scale_params, tokens
+from helpers import config, load_params, model, params, perturb_vectors, scale_params, tokens
 from llmjax.models.layers import PADDED_LOGIT, convert_layer_layout
 
 ARCHS = sorted(llmjax.ARCHS)
@@ -219,7 +219,7 @@ def test_cached_decoding_matches_full_forward(case):
     differently)."""
     arch, opts = case
     close = functools.partial(assert_logits_close, narrow="matmul_dtype" in opts)
-    m = scale_params(llmjax.build_model(config(arch, **opts), seed=2), 5.0)
+    m = perturb_vectors(scale_params(llmjax.build_model(config(arch, **opts), seed=2), 5.0))
     B, T = 2, 20
     toks = tokens(4, B, T)
     full = nnx.jit(lambda m, t: m(t)[0])(m, toks)

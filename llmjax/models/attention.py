@@ -108,6 +108,18 @@ class Attention(nnx.Module):
         self.o_proj = dense(cfg, cfg.n_head * head_dim, cfg.d_model, bias=bias, std=residual_std(cfg), rngs=rngs)
 
     def __call__(self, x_BTD, positions_BT, cache):
+        out, cache = self._heads(x_BTD, positions_BT, cache)
+        return self.o_proj(out), cache
+
+    def without_out_bias(self, x_BTD, positions_BT, cache):
+        """(y minus the output projection's bias, that bias or None, cache): for a caller that adds
+        the bias itself, in a kernel that reads y anyway (PreNormBlock's fused residual norm)."""
+        out, cache = self._heads(x_BTD, positions_BT, cache)
+        y, bias = linear_without_bias(self.o_proj, out)
+        return y, bias, cache
+
+    def _heads(self, x_BTD, positions_BT, cache):
+        """(the heads' outputs side by side (B, T, H * hd), the output projection's input; cache)."""
         B, T, _ = x_BTD.shape
         if cache is not None and self._decode_kernel(T, cache["k"].shape[3]):
             return self._fused_decode(x_BTD, positions_BT, cache)
@@ -124,7 +136,7 @@ class Attention(nnx.Module):
             # fusion otherwise writes the cache twice and copies it to keep both writes in place)
             cache = jax.lax.optimization_barrier(cache)
             out = cached_attention(q, cache["k"], cache["v"], positions_BT)
-        return self.o_proj(out.reshape(B, T, self.n_head * self.head_dim)), cache
+        return out.reshape(B, T, self.n_head * self.head_dim), cache
 
     def _fused_decode(self, x_BTD, positions_BT, cache):
         """One token per row through models/decode_attention: the kernel adds the projection's bias,
@@ -145,7 +157,7 @@ class Attention(nnx.Module):
             *srcs, bias, cache["k"], cache["v"], positions_BT[:, 0], offsets=offsets, n_head=H,
             interpret=runtime.backend() != "gpu",
         )
-        return self.o_proj(out.reshape(B, 1, H * hd)), {"k": k_cache, "v": v_cache}
+        return out.reshape(B, 1, H * hd), {"k": k_cache, "v": v_cache}
 
     def _decode_kernel(self, T: int, S: int) -> bool:
         """Whether one decoded token's attention runs as the fused kernel (models/decode_attention):

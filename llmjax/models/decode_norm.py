@@ -1,5 +1,6 @@
 """A decoded token's layer norms as one fused GPU kernel each (Pallas, Triton), the residual add
-before the second one included.
+before the second one included (and the bias of the layer whose output it adds: the attention's
+output projection, which XLA would otherwise add in a kernel of its own).
 
 XLA compiles each LayerNorm / RMSNorm of a decode step into two kernels: a reduction for the row's
 statistics (with the residual add before it fused in), then the normalisation, which reads the row
@@ -40,10 +41,11 @@ def supports(norm, D: int) -> bool:
     return isinstance(norm, (nnx.LayerNorm, nnx.RMSNorm)) and chunk_size(D) is not None and norm.feature_axes == -1
 
 
-def _decode_norm_kernel(*refs, rms: bool, eps: float, has_delta: bool, has_bias: bool, chunk: int, D: int):
+def _decode_norm_kernel(*refs, rms: bool, eps: float, has_delta: bool, has_delta_bias: bool, has_bias: bool, chunk: int, D: int):
     it = iter(refs)
     x_ref = next(it)
     delta_ref = next(it) if has_delta else None
+    delta_bias_ref = next(it) if has_delta_bias else None
     scale_ref = next(it)
     bias_ref = next(it) if has_bias else None
     sum_ref = next(it) if has_delta else None
@@ -54,7 +56,10 @@ def _decode_norm_kernel(*refs, rms: bool, eps: float, has_delta: bool, has_bias:
         part = pl.ds(c * chunk, chunk)
         v = x_ref[r, part]
         if has_delta:  # the residual sum, rounded to its dtype (as x + h), then normalised
-            v = (v.astype(jnp.float32) + delta_ref[r, part].astype(jnp.float32)).astype(sum_ref.dtype)
+            h = delta_ref[r, part]
+            if has_delta_bias:  # h's layer's bias, in h's dtype (as that layer adds it)
+                h = (h.astype(jnp.float32) + delta_bias_ref[part].astype(h.dtype).astype(jnp.float32)).astype(h.dtype)
+            v = (v.astype(jnp.float32) + h.astype(jnp.float32)).astype(sum_ref.dtype)
             sum_ref[r, part] = v
         rows.append(v.astype(jnp.float32))
     mean2 = sum(jnp.sum(v * v) for v in rows) / D
@@ -72,13 +77,14 @@ def _decode_norm_kernel(*refs, rms: bool, eps: float, has_delta: bool, has_bias:
 
 
 @functools.partial(jax.jit, static_argnames=("rms", "eps", "dtype", "interpret"))
-def decode_norm_rows(x, delta, scale, bias, *, rms: bool, eps: float, dtype, interpret: bool):
+def decode_norm_rows(x, delta, scale, bias, *, rms: bool, eps: float, dtype, interpret: bool, delta_bias=None):
     R, D = x.shape
-    args = [x] + ([delta] if delta is not None else []) + [scale] + ([bias] if bias is not None else [])
+    assert delta_bias is None or delta is not None
+    args = [x] + [a for a in (delta, delta_bias) if a is not None] + [scale] + ([bias] if bias is not None else [])
     outs = ([jax.ShapeDtypeStruct((R, D), jnp.result_type(x, delta))] if delta is not None else []) + [jax.ShapeDtypeStruct((R, D), dtype)]
     return pl.pallas_call(
-        functools.partial(_decode_norm_kernel, rms=rms, eps=eps, has_delta=delta is not None, has_bias=bias is not None,
-                          chunk=chunk_size(D), D=D),
+        functools.partial(_decode_norm_kernel, rms=rms, eps=eps, has_delta=delta is not None,
+                          has_delta_bias=delta_bias is not None, has_bias=bias is not None, chunk=chunk_size(D), D=D),
         out_shape=tuple(outs),
         grid=(R,),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
@@ -103,10 +109,11 @@ def norm(norm_layer, x_BTD, *, interpret: bool):
     return y.reshape(B, T, D)
 
 
-def add_norm(norm_layer, x_BTD, h_BTD, *, interpret: bool):
-    """(x + h, norm_layer(x + h)) as one kernel."""
+def add_norm(norm_layer, x_BTD, h_BTD, *, interpret: bool, h_bias=None):
+    """(x + h, norm_layer(x + h)) as one kernel; with `h_bias` (h's layer's bias, not yet added:
+    layers.linear_without_bias), h + h_bias in h's dtype takes h's place."""
     B, T, D = x_BTD.shape
     rms, scale, bias = _params(norm_layer, D)
     s, y = decode_norm_rows(x_BTD.reshape(B * T, D), h_BTD.reshape(B * T, D), scale, bias, rms=rms, eps=float(norm_layer.epsilon),
-                 dtype=jnp.dtype(norm_layer.dtype or jnp.result_type(x_BTD, h_BTD)), interpret=interpret)
+                 dtype=jnp.dtype(norm_layer.dtype or jnp.result_type(x_BTD, h_BTD)), interpret=interpret, delta_bias=h_bias)
     return s.reshape(B, T, D), y.reshape(B, T, D)

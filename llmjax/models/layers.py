@@ -322,7 +322,8 @@ class PreNormBlock(nnx.Module):
     Returns (x, cache, aux).
 
     `decode_norm_impl` (model.decode_norm_impl): for one decoded token per row, the two norms (the
-    second with the residual add before it) as one fused kernel each (models/decode_norm.py):
+    second with the residual add before it, and the bias of the mixer's output projection when the
+    mixer offers `without_out_bias`) as one fused kernel each (models/decode_norm.py):
     'auto' on a GPU, 'pallas' anywhere (Pallas' interpreter on a CPU), 'xla' never.
     """
 
@@ -344,8 +345,12 @@ class PreNormBlock(nnx.Module):
         """(x + attn(norm_1(x)), norm_2 of that, cache): the block up to its feed-forward input."""
         if self._fused_norms(x_BTD, cache):
             interpret = runtime.backend() != "gpu"
-            h_BTD, cache = self.attn(decode_norm.norm(self.norm_1, x_BTD, interpret=interpret), positions_BT, cache)
-            x_BTD, normed = decode_norm.add_norm(self.norm_2, x_BTD, h_BTD, interpret=interpret)
+            normed = decode_norm.norm(self.norm_1, x_BTD, interpret=interpret)
+            if hasattr(self.attn, "without_out_bias"):  # the residual norm's kernel adds that bias
+                h_BTD, h_bias, cache = self.attn.without_out_bias(normed, positions_BT, cache)
+            else:
+                (h_BTD, cache), h_bias = self.attn(normed, positions_BT, cache), None
+            x_BTD, normed = decode_norm.add_norm(self.norm_2, x_BTD, h_BTD, h_bias=h_bias, interpret=interpret)
             return x_BTD, normed, cache
         h_BTD, cache = self.attn(self.norm_1(x_BTD), positions_BT, cache)
         x_BTD = x_BTD + h_BTD

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llmjax.config import ConfigError, ModelConfig
-from llmjax.models.layers import MLP, DecoderLM, PreNormBlock, dense, layer_norm, param_einsum, residual_std
+from llmjax.models.layers import MLP, DecoderLM, PreNormBlock, dense, layer_norm, linear_without_bias, param_einsum, residual_std
 from llmjax.registry import register
 
 
@@ -79,13 +79,23 @@ class CausalLinformerAttention(nnx.Module):
         self.proj_v = nnx.Param(init(rngs.params(), (r, b), jnp.float32))
 
     def __call__(self, x_BTD, positions_BT, cache):
+        out, cache = self._heads(x_BTD, positions_BT, cache)
+        return self.o_proj(out), cache
+
+    def without_out_bias(self, x_BTD, positions_BT, cache):
+        """(y minus the output projection's bias, that bias, cache): see attention.Attention."""
+        out, cache = self._heads(x_BTD, positions_BT, cache)
+        y, bias = linear_without_bias(self.o_proj, out)
+        return y, bias, cache
+
+    def _heads(self, x_BTD, positions_BT, cache):
         B, T, _ = x_BTD.shape
         q, k, v = jnp.split(self.qkv_proj(x_BTD).reshape(B, T, 3 * self.H, self.hd), 3, axis=2)  # (B, T, H, hd)
         if cache is None:
             out = self._blocks(q, k, v)
         else:
             out, cache = self._decode(q, k, v, positions_BT, cache)
-        return self.o_proj(out.reshape(B, T, self.H * self.hd)), cache
+        return out.reshape(B, T, self.H * self.hd), cache
 
     def _blocks(self, q, k, v):
         """All blocks at once (training, and forward passes without a cache)."""

@@ -10,7 +10,7 @@ from flax import nnx
 
 import llmjax
 import llmjax.models  # noqa: F401  (registers every architecture)
-from helpers import config, load_params, params, scale_params, tokens
+from helpers import config, load_params, params, perturb_vectors, scale_params, tokens
 from llmjax.models.attention import causal_attention
 
 pytestmark = pytest.mark.gpu
@@ -166,7 +166,7 @@ def test_fused_decode_kernels_on_gpu(arch):
         over = {"decode_norm_impl": impl, "dtype": "bfloat16", "scan_layers": False}
         if arch not in ("mla", "ssm"):
             over["decode_attention_impl"] = impl
-        return scale_params(llmjax.build_model(config(arch, **over), seed=3), 4.0)
+        return perturb_vectors(scale_params(llmjax.build_model(config(arch, **over), seed=3), 4.0))  # (random biases too)
 
     fused, xla = model("auto"), model("xla")
     out = generate(fused, [[1, 2, 3, 4, 5], [7], list(range(10, 30))], 24, sampling=Sampling(greedy=True))
