@@ -26,6 +26,7 @@
 #   4. the contract, sampler and scoring suites on the GPU backend, the exports against transformers;
 #   5. a jax.profiler trace of vanilla (5 training steps at batch 16, decoding at batch 1 and 64),
 #      summarised in its row (device busy fraction, time per kind of operation, top operations);
+#      HellaSwag items/s of gqa, mla, moe, linformer and ssm on the first 2,000 items;
 #   6. with what time is left, a few sweep settings (vanilla: float32 loss logits, batch-64 decoding with
 #      the whole cache from the start, the loss over 16 vocabulary slices at
 #      batch 16, batch 64, scanned layers, remat; modern at batch 64; vanilla decoding with while loops
@@ -224,15 +225,17 @@ print("cuDNN attention ok on", jax.devices()[0].device_kind)'
         "${bench[@]}" --config "$(cfg vanilla)" --suite=decode --repeats=3 --decode_modes=greedy --decode_batches=1
     fi
   done
-  # HellaSwag items/s of the built-in scorer: vanilla here, modern after the other architectures
+  # HellaSwag items/s of the built-in scorer: vanilla here (all 10,042 items), modern after the other
+  # architectures, and the other five on their first 2,000 items after the profile
   hellaswag() {
-    [[ "bench $1 HellaSwag items/s" =~ $only ]] || return 0
+    local name="bench $1 HellaSwag items/s${2:+ ($2 items)}"
+    [[ "$name" =~ $only ]] || return 0
     if [ "$variant" != default ]; then
-      log "== SKIP $1 HellaSwag items/s (the tiny configs have a character vocabulary)"
+      log "== SKIP $name (the tiny configs have a character vocabulary)"
     elif [ -n "${LLMJAX_TASK_DIR:-}" ] && { [ -f "$LLMJAX_TASK_DIR/hellaswag_val.jsonl" ] || [ -f "$LLMJAX_TASK_DIR/hellaswag/hellaswag_val.jsonl" ]; }; then
-      step "bench $1 HellaSwag items/s" 100 bench.log "${bench[@]}" --config "$(cfg "$1")" --suite=hellaswag --task_batch_size=64
+      step "$name" "${3:-100}" bench.log "${bench[@]}" --config "$(cfg "$1")" --suite=hellaswag --task_batch_size=64 ${2:+--task_limit=$2}
     else
-      log "== SKIP $1 HellaSwag items/s (set LLMJAX_TASK_DIR to a folder holding hellaswag_val.jsonl: the machine is offline)"
+      log "== SKIP $name (set LLMJAX_TASK_DIR to a folder holding hellaswag_val.jsonl: the machine is offline)"
     fi
   }
   hellaswag vanilla
@@ -274,6 +277,7 @@ print(\"nanogpt train bs=32 peak_mem_GB %.2f\" % (torch.cuda.max_memory_allocate
   step "profile vanilla (training batch 16, decoding)" 120 bench.log "${bench[@]}" --config "$(cfg vanilla)" \
     --suite=train,decode --batch_size=16 --steps=5 --repeats=1 --decode_modes=greedy --profile="$traces"
   pack_traces
+  for arch in gqa mla moe linformer ssm; do hellaswag "$arch" 2000 60; done
   # what time is left goes to the settings that most likely beat the configs' defaults: the loss over
   # vocabulary slices (memory at batch 16), training at batch 64, decoding with the whole while loop
   # in CUDA graphs (and with no command buffers at all); and decoding that tests its stop condition
