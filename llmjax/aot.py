@@ -585,10 +585,17 @@ def main(argv):
             cfg.train.batch_size = F.batch_size
     arch = model_config(cfg).arch
     rows = []
-    if "train" in F.suite:
-        rows.append(train_report(cfg, device, F.target, F.top))
-    if "decode" in F.suite:
-        rows += [decode_report(cfg, device, F.target, b, F.prompt_len, F.new_tokens, top=F.top, quantize=F.quantize) for b in batches]
+    try:
+        if "train" in F.suite:
+            rows.append(train_report(cfg, device, F.target, F.top))
+        if "decode" in F.suite:
+            rows += [decode_report(cfg, device, F.target, b, F.prompt_len, F.new_tokens, top=F.top, quantize=F.quantize)
+                     for b in batches]
+    except RuntimeError as e:
+        if "cuDNN not found" not in str(e):
+            raise
+        cli.fail(f"cuDNN attention needs cuDNN beside the plugin (setup_aot.sh --no-cudnn leaves it out): run "
+                 f"`bash scripts/setup_aot.sh`, or compile with --config.model.attention_impl=xla")
     for r in rows:
         r.update(arch=arch, target=F.target)
         print(json.dumps(r) if F.json else format_rows([r]), flush=True)

@@ -124,6 +124,20 @@ def test_a_missing_plugin_is_a_one_line_error(tmp_path):
 needs_plugin = pytest.mark.skipif(not (aot.plugin_dir() / "jax_plugins").is_dir(),
                                   reason="JAX's CUDA plugin is not in ./.aot (bash scripts/setup_aot.sh)")
 
+@needs_plugin
+def test_cudnn_attention_without_cudnn_is_a_one_line_error(tmp_path):
+    plugin = tmp_path / "plugin"  # the plugin folder without cuDNN (as `setup_aot.sh --no-cudnn` leaves it)
+    plugin.mkdir()
+    for entry in aot.plugin_dir().iterdir():
+        if entry.name != "nvidia":
+            (plugin / entry.name).symlink_to(entry)
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "LLMJAX_AOT_DIR": str(plugin)}
+    r = subprocess.run([sys.executable, "-m", "llmjax.aot", "--config", "configs/vanilla.py:tiny", "--suite", "train",
+                        "--config.model.dtype=bfloat16"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "setup_aot.sh" in r.stderr and "attention_impl=xla" in r.stderr
+
+
 OVERRIDES = {"model.dtype": "bfloat16", "model.attention_impl": "xla"}  # (cuDNN attention needs cuDNN in ./.aot)
 
 SCRIPT = """

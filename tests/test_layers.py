@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 import llmjax
 import reference
-from helpers import config, load_params, params, scale_params, tokens
+from helpers import config, load_params, params, perturb_vectors, scale_params, tokens
 from llmjax.config import ConfigError
 from llmjax.models.attention import resolve_impl, write_cache
 from llmjax.models.layers import Embedding, apply_rope, convert_layer_layout, narrow_matmul
@@ -263,3 +267,41 @@ def test_plain_loss_reads_the_logits_fewer_times():
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2 * float(np.abs(b).max()))  # (x: bfloat16, a rounding apart)
+
+
+@pytest.mark.parametrize("arch", ["vanilla", "modern"])
+def test_feed_forward_keeps_only_its_products_for_the_backward_pass(arch):
+    """GPT-2's MLP and Llama's SwiGLU compute exactly the plain formula, forward and backward, and
+    their backward pass keeps only the up-projections' products and the activation's output (the
+    down-projection's input): no inner value of tanh-GELU or SiLU (layers.biased_gelu, layers.swiglu)."""
+    from llmjax.models.layers import MLP, SwiGLU
+
+    def plain(m, x):  # the textbook formula through the same nnx.Linear layers
+        if isinstance(m, MLP):
+            return m.proj(jax.nn.gelu(m.fc(x), approximate=True))
+        return m.down(jax.nn.silu(m.gate(x)) * m.up(x))
+
+    for dtype in ("float32", "bfloat16"):
+        cfg = llmjax.model_config(config(arch, dtype=dtype).model)
+        F = 4 * cfg.d_model
+        m = (MLP if arch == "vanilla" else SwiGLU)(cfg, F, rngs=nnx.Rngs(0))
+        perturb_vectors(m, seed=1)
+        graphdef, state = nnx.split(m)
+        x = jax.random.normal(jax.random.key(2), (2, 5, cfg.d_model), jnp.float32).astype(cfg.compute_dtype)
+
+        def loss(state, x, f):
+            y = f(nnx.merge(graphdef, state), x).astype(jnp.float32)
+            return jnp.sum(y * jnp.cos(y))
+
+        got = jax.value_and_grad(loss, argnums=(0, 1))(state, x, lambda m, x: m(x))
+        want = jax.value_and_grad(loss, argnums=(0, 1))(state, x, plain)
+        np.testing.assert_array_equal(got[0], want[0])
+        tol = 1e-6 if dtype == "float32" else 1e-2
+        for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=tol, atol=tol)
+        if dtype == "bfloat16":
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                print_saved_residuals(lambda state, x: loss(state, x, lambda m, x: m(x)), state, x)
+            kept = [line for line in printed.getvalue().splitlines() if line.startswith(f"bf16[2,5,{F}]")]
+            assert len(kept) == (2 if arch == "vanilla" else 3), kept

@@ -59,7 +59,7 @@ from jax.sharding import PartitionSpec as P
 
 from llmjax.config import ConfigError, ModelConfig, closest
 from llmjax.models.attention import Attention
-from llmjax.models.layers import DecoderLM, PreNormBlock, dense, layer_norm, normal, param_einsum, residual_std
+from llmjax.models.layers import DecoderLM, PreNormBlock, biased_gelu, dense, layer_norm, normal, param_einsum, residual_std
 from llmjax.registry import register
 
 MODES = ("dropless", "capacity")
@@ -235,7 +235,7 @@ class MoEFeedForward(nnx.Module):
     def _ffn(self, rows, w_in, b_in, w_out, b_out, spec_in, spec_out):
         """GELU FFN with float32 accumulation; biases already broadcast to the products' shapes."""
         dt, narrow = self.dtype, self.narrow
-        h = jax.nn.gelu(param_einsum(spec_in, rows, w_in, dt, narrow) + b_in, approximate=True).astype(dt)
+        h = biased_gelu(param_einsum(spec_in, rows, w_in, dt, narrow), b_in).astype(dt)
         return param_einsum(spec_out, h, w_out, dt, narrow) + b_out
 
     def _blocked(self, x_ND, experts_Nk):
@@ -280,7 +280,7 @@ class MoEFeedForward(nnx.Module):
         w_in, b_in, w_out, b_out = self._weights()
         # (autodiff's backward here: exact gradients of the rounded operands)
         h = jax.lax.ragged_dot(rows.astype(mm), w_in, sizes, preferred_element_type=jnp.float32)
-        h = jax.nn.gelu(h + b_in[sorted_e], approximate=True).astype(self.dtype)
+        h = biased_gelu(h, b_in, sorted_e).astype(self.dtype)
         out = jax.lax.ragged_dot(h.astype(mm), w_out, sizes, preferred_element_type=jnp.float32) + b_out[sorted_e]
         return jnp.zeros_like(out).at[order].set(out).reshape(N, k, D)
 
@@ -310,7 +310,7 @@ def expert_ffn(buffers_BECD, w_in, b_in, w_out, b_out, narrow=None):
     given: model.matmul_dtype)."""
     dt = buffers_BECD.dtype
     h = param_einsum("becd,edf->becf", buffers_BECD, w_in, dt, narrow)
-    h = jax.nn.gelu(h + b_in[None, :, None], approximate=True).astype(dt)
+    h = biased_gelu(h, b_in[None, :, None]).astype(dt)
     out = param_einsum("becf,efd->becd", h, w_out, dt, narrow)
     return (out + b_out[None, :, None]).astype(dt)
 
