@@ -143,6 +143,11 @@ def _find_cudnn() -> None:
             lib.cuda_versions = fused_attention_stablehlo.cuda_versions = importlib.import_module("jax_cuda13_plugin._versions")
         except ImportError:  # (cuDNN attention then says it finds no cuDNN)
             pass
+    # cuDNN attention asks the default backend (here the CPU) for the GPU's compute capability, to
+    # choose what it may use (e.g. values narrower than keys: models.attention.causal_attention);
+    # answer for the described target, compute capability 9.0 (TARGETS)
+    fused_attention_stablehlo.check_compute_capability = lambda c: tuple(int(x) for x in c.split(".")) <= (9, 0)
+    fused_attention_stablehlo.is_cuda_compute_capability_equal = lambda c: tuple(int(x) for x in c.split(".")) == (9, 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,8 +6,10 @@ the plugin must be found before JAX starts its backends, and is checked against 
 arithmetic: the GEMM FLOPs of a bf16 training step, the bytes of its arguments, no float32 GEMM
 outside XLA's attention, and the sampler's padding row at batch 1 keeping its products GEMMs."""
 
+import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -129,7 +131,9 @@ def test_cudnn_attention_without_cudnn_is_a_one_line_error(tmp_path):
     plugin = tmp_path / "plugin"  # the plugin folder without cuDNN (as `setup_aot.sh --no-cudnn` leaves it)
     plugin.mkdir()
     for entry in aot.plugin_dir().iterdir():
-        if entry.name != "nvidia":
+        if entry.name == "jax_cuda13_plugin":  # (copied: its libraries look for cuDNN beside their real path)
+            shutil.copytree(entry, plugin / entry.name)
+        elif not entry.name.startswith("nvidia"):
             (plugin / entry.name).symlink_to(entry)
     env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "LLMJAX_AOT_DIR": str(plugin)}
     r = subprocess.run([sys.executable, "-m", "llmjax.aot", "--config", "configs/vanilla.py:tiny", "--suite", "train",
@@ -237,3 +241,36 @@ def test_gpu_decoding_attends_in_one_fused_kernel_per_layer(compiled_rows):
     cache_mb = 2 * mcfg.n_head * mcfg.head_dim * fused["cache_len"] * 2 / 1e6  # one layer's keys, 2 rows, bf16
     assert not [k for k in fused["top_kernels"] if "copy" in k["name"] and k["mb_per_launch"] >= cache_mb / 2]
     assert fused["kernels"] <= xla["kernels"] - mcfg.n_layer, (fused["kernels"], xla["kernels"])  # at least one fewer per layer
+
+
+@needs_plugin
+@pytest.mark.skipif(not (aot.plugin_dir() / "nvidia" / "cudnn").is_dir(), reason="no cuDNN in ./.aot (bash scripts/setup_aot.sh without --no-cudnn)")
+def test_mla_attends_with_unpadded_values_in_cudnn():
+    """MLA's values (v_head_dim) are narrower than its queries and keys (qk_nope + qk_rope): compiled
+    for an H100, cuDNN's attention takes them unpadded, forward and backward (no zero columns moved)."""
+    script = r"""
+import re
+from llmjax import aot
+device = aot.gpu_device("h100")
+from llmjax.config import load_config
+texts = []
+report = aot.compiled_report
+aot.compiled_report = lambda compiled, *a, **k: texts.append(compiled.as_text()) or report(compiled, *a, **k)
+aot.train_report(load_config("configs/mla.py:tiny", {"model.dtype": "bfloat16"}), device, "h100")
+for line in texts[0].splitlines():
+    if "__cudnn$fmha" in line:
+        operands = line.split("operand_layout_constraints=")[1].split("api_version")[0]
+        print(re.search(r'custom_call_target="([^"]*)"', line).group(1), re.findall(r"bf16\[([\d,]+)\]", operands))
+"""
+    cfg = model_config(load_config("configs/mla.py:tiny"))
+    qk, vd = cfg.qk_nope_dim + cfg.qk_rope_dim, cfg.v_head_dim
+    assert qk != vd
+    for pad, want in (("0", [qk, qk, vd]), ("1", [qk, qk, qk])):  # (LLMJAX_CUDNN_PAD_VALUES=1: padded, as before)
+        env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "LLMJAX_CUDNN_PAD_VALUES": pad}
+        r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        calls = r.stdout.strip().splitlines()
+        assert {c.split()[0] for c in calls} == {"__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"}, calls
+        for call in calls:  # (q, k, v first, in that order)
+            widths = [int(shape.split(",")[-1]) for shape in ast.literal_eval(call.split(" ", 1)[1])]
+            assert widths[:3] == want, call

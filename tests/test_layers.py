@@ -17,7 +17,7 @@ import llmjax
 import reference
 from helpers import config, load_params, params, perturb_vectors, scale_params, tokens
 from llmjax.config import ConfigError
-from llmjax.models.attention import resolve_impl, write_cache
+from llmjax.models.attention import causal_attention, resolve_impl, write_cache
 from llmjax.models.layers import Embedding, apply_rope, convert_layer_layout, narrow_matmul
 
 
@@ -305,3 +305,22 @@ def test_feed_forward_keeps_only_its_products_for_the_backward_pass(arch):
                 print_saved_residuals(lambda state, x: loss(state, x, lambda m, x: m(x)), state, x)
             kept = [line for line in printed.getvalue().splitlines() if line.startswith(f"bf16[2,5,{F}]")]
             assert len(kept) == (2 if arch == "vanilla" else 3), kept
+
+
+@pytest.mark.parametrize("dv", [8, 12, 20])
+def test_causal_attention_takes_values_of_another_width(dv):
+    """Values narrower or wider than queries and keys (`mla`; padded where the kernel wants one
+    width): equal to a float64 causal softmax(q k^T * scale) v, with the given scale and the default."""
+    kq, kk, kv = jax.random.split(jax.random.key(4), 3)
+    q, k = jax.random.normal(kq, (2, 7, 4, 12)), jax.random.normal(kk, (2, 7, 2, 12))
+    v = jax.random.normal(kv, (2, 7, 2, dv))
+    for scale in (0.3, None):
+        got = causal_attention(q, k, v, impl="xla", scale=scale)
+        assert got.shape == (2, 7, 4, dv)
+        qq, kk64, vv = (np.asarray(a, np.float64) for a in (q, k, v))
+        kk64, vv = np.repeat(kk64, 2, axis=2), np.repeat(vv, 2, axis=2)  # (grouped: query head h reads key head h // 2)
+        s = np.einsum("bthd,bshd->bhts", qq, kk64) * (1 / np.sqrt(12) if scale is None else scale)
+        s = np.where(np.tril(np.ones((7, 7), bool)), s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        want = np.einsum("bhts,bshe->bthe", p / p.sum(-1, keepdims=True), vv)
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)

@@ -10,10 +10,12 @@ and the softmax in float32.
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention  # (see causal_attention)
 
 from llmjax import runtime
 from llmjax.config import ConfigError, ModelConfig
@@ -35,11 +37,25 @@ def resolve_impl(impl: str, dtype) -> str:
     return impl
 
 
-def causal_attention(q_BTHd, k_BSKd, v_BSKd, *, impl: str, scale: float | None = None):
-    """Causal self-attention over one sequence chunk (T == S). K may divide H (grouped queries)."""
-    return jax.nn.dot_product_attention(
-        q_BTHd, k_BSKd, v_BSKd, scale=scale, is_causal=True, implementation=resolve_impl(impl, q_BTHd.dtype)
-    )
+def causal_attention(q_BTHd, k_BSKd, v_BSKe, *, impl: str, scale: float | None = None):
+    """Causal self-attention over one sequence chunk (T == S). K may divide H (grouped queries).
+    The values may have another width than the queries and keys (e != d: `mla`). cuDNN takes them
+    as they are where JAX's cuDNN path allows it (a Hopper or later GPU and cuDNN 9.10 or later,
+    checked when traced; LLMJAX_CUDNN_PAD_VALUES=1 turns it off); elsewhere the narrower side is
+    zero-padded, since `jax.nn.dot_product_attention` wants one head width, and the output's padding
+    columns dropped."""
+    impl = resolve_impl(impl, q_BTHd.dtype)
+    d, e = q_BTHd.shape[-1], v_BSKe.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if e == d:
+        return jax.nn.dot_product_attention(q_BTHd, k_BSKd, v_BSKe, scale=scale, is_causal=True, implementation=impl)
+    if impl == "cudnn" and os.environ.get("LLMJAX_CUDNN_PAD_VALUES", "0") != "1":
+        try:  # (the function jax.nn.dot_product_attention calls for cuDNN, without its same-width check)
+            return cudnn_attention.dot_product_attention(q_BTHd, k_BSKd, v_BSKe, scale=scale, mask_type=cudnn_attention.MaskType.CAUSAL)
+        except NotImplementedError:  # (no such GPU or cuDNN: padded below)
+            pass
+    pad = lambda a: jnp.pad(a, ((0, 0),) * 3 + ((0, max(d, e) - a.shape[-1]),))  # noqa: E731  (zeros change no score)
+    return jax.nn.dot_product_attention(pad(q_BTHd), pad(k_BSKd), pad(v_BSKe), scale=scale, is_causal=True, implementation=impl)[..., :e]
 
 
 def visible_mask(positions_BT, max_len: int):

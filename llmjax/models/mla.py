@@ -92,10 +92,7 @@ class MultiHeadLatentAttention(nnx.Module):
             k_nope, v = jnp.split(kv, [self.nope], axis=-1)
             q = jnp.concatenate([q_nope, q_rope], axis=-1)  # (B, T, H, nope + p)
             k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None, :], (B, T, H, self.rope))], axis=-1)
-            # jax.nn.dot_product_attention wants one head width: zero-pad the narrower side.
-            width = max(self.nope + self.rope, self.vd)
-            pad = lambda a: jnp.pad(a, ((0, 0),) * 3 + ((0, width - a.shape[-1]),))  # noqa: E731
-            out = causal_attention(pad(q), pad(k), pad(v), impl=self.impl, scale=self.scale)[..., : self.vd]
+            out = causal_attention(q, k, v, impl=self.impl, scale=self.scale)  # (v narrower: see there)
         else:
             cache = {"latent": write_cache(cache["latent"], latent, positions_BT), "k_rope": write_cache(cache["k_rope"], k_rope, positions_BT)}
             out = self._absorbed_attention(q_nope, q_rope, cache, positions_BT)
