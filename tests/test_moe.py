@@ -315,3 +315,31 @@ def test_data_parallel_dropless_splits_the_expert_work(impl):
             toks = jax.ShapeDtypeStruct((1, 16, 65), jnp.int32, sharding=s.tok_shard)
             flops[n] = s.train_step.lower(jax.eval_shape(s.init_state), toks).compile().cost_analysis()["flops"]
     assert flops[4] < 0.3 * flops[1], flops
+
+
+@pytest.mark.parametrize("impl", ["blocked", "dense", "ragged_dot", "capacity"])
+def test_bfloat16_experts_keep_no_float32_hidden_activations(impl):
+    """In bfloat16 the experts round each product to bf16 before its bias and GELU, as the dense
+    MLP does, and their GELU runs under jax.checkpoint (layers.biased_gelu): every (rows, d_ff)
+    tensor the backward pass keeps is bf16. Float32 ones (the product, its GELU, their gradient)
+    moved 18 GB more per step of the default config, compiled for an H100 (docs/benchmarks.md)."""
+    import contextlib
+    import io
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    opts = {"moe_mode": "capacity"} if impl == "capacity" else {"moe_block_rows": 8}
+    layer = _layer(dtype="bfloat16", d_ff=96, **opts)
+    graphdef, state = nnx.split(layer)
+    x = jax.random.normal(jax.random.key(21), (2, 11, 64)).astype(jnp.bfloat16)
+
+    def loss(state, x):
+        m = nnx.merge(graphdef, state)
+        y = m(x)[0] if impl == "capacity" else m._dropless(x, *_routed(m, x, "router"), impl=impl)
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        print_saved_residuals(loss, state, x)
+    hidden = [line for line in printed.getvalue().splitlines() if ",96]" in line.split(" ")[0] and "from the argument" not in line]
+    assert hidden and all(line.startswith("bf16[") for line in hidden), hidden
