@@ -39,17 +39,17 @@ def resolve_impl(impl: str, dtype) -> str:
 
 def causal_attention(q_BTHd, k_BSKd, v_BSKe, *, impl: str, scale: float | None = None):
     """Causal self-attention over one sequence chunk (T == S). K may divide H (grouped queries).
-    The values may have another width than the queries and keys (e != d: `mla`). cuDNN takes them
-    as they are where JAX's cuDNN path allows it (a Hopper or later GPU and cuDNN 9.10 or later,
-    checked when traced; LLMJAX_CUDNN_PAD_VALUES=1 turns it off); elsewhere the narrower side is
-    zero-padded, since `jax.nn.dot_product_attention` wants one head width, and the output's padding
-    columns dropped."""
+    The values may have another width than the queries and keys (e != d). Narrower ones (`mla`, as
+    DeepSeek's) go to cuDNN as they are where JAX's cuDNN path allows it (a Hopper or later GPU and
+    cuDNN 9.10 or later, checked when traced; LLMJAX_CUDNN_PAD_VALUES=1 turns it off); otherwise
+    the narrower side is zero-padded, since `jax.nn.dot_product_attention` wants one head width, and
+    the output's padding columns dropped."""
     impl = resolve_impl(impl, q_BTHd.dtype)
     d, e = q_BTHd.shape[-1], v_BSKe.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if e == d:
         return jax.nn.dot_product_attention(q_BTHd, k_BSKd, v_BSKe, scale=scale, is_causal=True, implementation=impl)
-    if impl == "cudnn" and os.environ.get("LLMJAX_CUDNN_PAD_VALUES", "0") != "1":
+    if impl == "cudnn" and e < d and os.environ.get("LLMJAX_CUDNN_PAD_VALUES", "0") != "1":
         try:  # (the function jax.nn.dot_product_attention calls for cuDNN, without its same-width check)
             return cudnn_attention.dot_product_attention(q_BTHd, k_BSKd, v_BSKe, scale=scale, mask_type=cudnn_attention.MaskType.CAUSAL)
         except NotImplementedError:  # (no such GPU or cuDNN: padded below)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("n_kv_head,dv", [(12, 64), (4, 64), (1, 64), (12, 40), (12, 96)])
 def test_cudnn_and_xla_attention_agree(n_kv_head, dv):
     """cuDNN flash attention vs XLA, bf16, B4 T1024 H12 D64: forward and gradients; also values
-    narrower (`mla`: cuDNN takes them unpadded on a Hopper GPU) and wider than the keys."""
+    narrower (`mla`: cuDNN takes them unpadded on a Hopper GPU) and wider (padded) than the keys."""
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(k1, (4, 1024, 12, 64), jnp.bfloat16)
     k = jax.random.normal(k2, (4, 1024, n_kv_head, 64), jnp.bfloat16)
