@@ -235,9 +235,9 @@ class MoEFeedForward(nnx.Module):
 
     def _ffn(self, rows, w_in, b_in, w_out, b_out, spec_in, spec_out):
         """GELU FFN with float32 accumulation, each product rounded to the compute dtype before its bias
-        is added (as nnx.Linear does in the dense models' MLP; a float32 product, bias and GELU moved
-        15 GB more per step of the default config compiled for an H100); biases already broadcast to
-        the products' shapes."""
+        is added (as nnx.Linear does in the dense models' MLP; float32 products, bias adds and GELU
+        moved 18 GB more per step of the default config compiled for an H100); biases already
+        broadcast to the products' shapes."""
         dt, narrow = self.dtype, self.narrow
         h = biased_gelu(param_einsum(spec_in, rows, w_in, dt, narrow).astype(dt), b_in.astype(dt))
         return param_einsum(spec_out, h, w_out, dt, narrow).astype(dt) + b_out.astype(dt)
