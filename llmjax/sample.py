@@ -128,9 +128,9 @@ def choose(logits_BV, keys_B, vocab_size: int, s: Sampling):
 # The jitted parts: prefill (and the first token), then the decode loop
 
 
-def _record(state, nxt, max_new: int, eot: int, active=None):
+def _record(state, nxt, max_new: int, eot, active=None):
     """Append `nxt` to the rows that are still going (`active`, default: not done); mark rows done
-    at end-of-text or max tokens."""
+    at end-of-text (`eot`, a traced int32 scalar; -1: none) or max tokens."""
     B = nxt.shape[0]
     active = ~state["done"] if active is None else active
     slot = jnp.where(active, state["n_gen"], max_new)  # max_new is out of range: dropped
@@ -156,7 +156,7 @@ def _keys(state):
     return jax.vmap(jax.random.fold_in)(state["row_keys"], state["n_gen"])
 
 
-def _prefill_fn(graphdef, params, state, tokens_BT, lengths_B, *, cache_len: int, sampling: Sampling, eot: int):
+def _prefill_fn(graphdef, params, state, tokens_BT, lengths_B, *, cache_len: int, sampling: Sampling, eot):
     """Prefill each row's window (left-padded to T; row b's last lengths[b] tokens are real, at
     positions 0..lengths[b]-1) into a fresh cache of `cache_len` slots and draw each row's next token."""
     model = nnx.merge(graphdef, params)
@@ -176,7 +176,7 @@ def _halted(i, st, num_steps):
     return (i >= num_steps) | ~jnp.any(active) | jnp.any(active & (st["pos"] >= st["limit"]))
 
 
-def _decode_fn(graphdef, params, state, num_steps, *, sampling: Sampling, eot: int, unroll: int = 1):
+def _decode_fn(graphdef, params, state, num_steps, *, sampling: Sampling, eot, unroll: int = 1):
     """Up to `num_steps` decode steps; stops early when `_halted`. The loop tests its stop condition
     every `unroll` steps: an outer `lax.while_loop` around an inner loop of exactly `unroll` steps
     (a known trip count, so XLA's GPU runtime runs it without copying a predicate to the host and
@@ -255,9 +255,10 @@ def grow_cache(model, state, new_len: int) -> dict:
 def _jitted():
     """(prefill, decode) jitted: pure functions of the model's graph definition (static) and
     parameters, so a call flattens a plain pytree rather than the module graph (nnx.jit walks every
-    module on every call: milliseconds per call, twice per `generate`)."""
-    prefill = jax.jit(_prefill_fn, static_argnames=("graphdef", "cache_len", "sampling", "eot"))
-    decode = jax.jit(_decode_fn, static_argnames=("graphdef", "sampling", "eot", "unroll"), donate_argnames=("state",))
+    module on every call: milliseconds per call, twice per `generate`). The end-of-text id is an
+    argument, not part of the program: another id compiles nothing."""
+    prefill = jax.jit(_prefill_fn, static_argnames=("graphdef", "cache_len", "sampling"))
+    decode = jax.jit(_decode_fn, static_argnames=("graphdef", "sampling", "unroll"), donate_argnames=("state",))
     return prefill, decode
 
 
