@@ -35,6 +35,9 @@ os.environ["LLMJAX_COMPILATION_CACHE"] = str(CACHE_DIR)
 jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
 # A size limit turns on JAX's file lock around cache reads and writes (without it a process could
 # read an entry another is still writing).
+# The cost (jax 0.11.2's LRUCache): every write scans the whole folder for eviction, 0.9 s per write
+# at 4,531 entries on the 2-core VM, so caching every small program (threshold 0: a warm
+# tests/test_models.py 74 -> 49 s) would make an empty-cache run's writes quadratic; not done.
 jax.config.update("jax_compilation_cache_max_size", 16 << 30)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
