@@ -22,6 +22,8 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS} -
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from llmjax import compile_cache  # noqa: E402
+
 # No malloc tuning in the test processes (llmjax/runtime.py keeps every freed block in the heap):
 # a long-lived xdist worker's heap would grow to several GB; the tests' CLI subprocesses inherit this.
 os.environ["LLMJAX_NO_MALLOC_TUNING"] = "1"
@@ -32,14 +34,14 @@ CACHE_DIR = Path(os.environ.get("LLMJAX_TEST_JAX_CACHE", Path.home() / ".cache" 
 # the command-line tools the tests start compile into the same folder (not the user's cache)
 os.environ["LLMJAX_COMPILATION_CACHE"] = str(CACHE_DIR)
 
+# JAX's own cache (jax 0.11.2 LRUCache) scans the whole folder on every write once it has a size
+# limit (0.9 s per write at 4,531 entries on the 2-core VM), which made caching small programs cost
+# more than it saved; llmjax's FolderCache (llmjax/compile_cache.py) writes atomically and lists the
+# folder once per few hundred writes, so every program is kept: loading beats compiling.
+compile_cache.install()
 jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
-# A size limit turns on JAX's file lock around cache reads and writes (without it a process could
-# read an entry another is still writing).
-# The cost (jax 0.11.2's LRUCache): every write scans the whole folder for eviction, 0.9 s per write
-# at 4,531 entries on the 2-core VM, so caching every small program (threshold 0: a warm
-# tests/test_models.py 74 -> 49 s) would make an empty-cache run's writes quadratic; not done.
 jax.config.update("jax_compilation_cache_max_size", 16 << 30)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
