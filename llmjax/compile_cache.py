@@ -82,7 +82,8 @@ class FolderCache:
         if 0 < self.max_bytes < len(value):
             warnings.warn(f"a compiled program of {len(value)} bytes is larger than the compilation cache's limit ({self.max_bytes} bytes); not cached")
             return
-        tmp = self._path / f".{key}.{os.getpid()}.{next(_tmp_counter)}{TMP_SUFFIX}"
+        # (a short name: an entry's own name may already be near the filesystem's 255-byte limit)
+        tmp = self._path / f".{os.getpid()}.{next(_tmp_counter)}{TMP_SUFFIX}"
         try:
             with open(tmp, "wb") as f:
                 f.write(value)

@@ -24,9 +24,12 @@ def test_round_trip_first_write_wins_and_no_temporary_files_stay(tmp_path):
     cache.put("k1", b"abc")
     cache.put("k1", b"other")  # an entry is never rewritten (JAX's rule: same key, same program)
     assert cache.get("k1") == b"abc"
-    assert files(tmp_path) == [f"k1{CACHE_SUFFIX}"]
+    assert files(tmp_path) == [f"k1{CACHE_SUFFIX}"]  # (no temporary file left)
     with pytest.raises(ValueError, match="empty"):
         cache.put("", b"x")
+    longest = "jit_" + "f" * (249 - 4 - 65) + "-" + "0" * 64  # <key>-cache: the filesystem's 255-byte limit
+    cache.put(longest, b"long")
+    assert cache.get(longest) == b"long"
 
 
 def test_a_reader_never_sees_an_entry_being_written(tmp_path, monkeypatch):
