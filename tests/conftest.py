@@ -22,7 +22,7 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS} -
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from llmjax import compile_cache  # noqa: E402
+from llmjax.runtime import enable_compilation_cache  # noqa: E402
 
 # No malloc tuning in the test processes (llmjax/runtime.py keeps every freed block in the heap):
 # a long-lived xdist worker's heap would grow to several GB; the tests' CLI subprocesses inherit this.
@@ -34,15 +34,10 @@ CACHE_DIR = Path(os.environ.get("LLMJAX_TEST_JAX_CACHE", Path.home() / ".cache" 
 # the command-line tools the tests start compile into the same folder (not the user's cache)
 os.environ["LLMJAX_COMPILATION_CACHE"] = str(CACHE_DIR)
 
-# JAX's own cache (jax 0.11.2 LRUCache) scans the whole folder on every write once it has a size
-# limit (0.9 s per write at 4,531 entries on the 2-core VM), which made caching small programs cost
-# more than it saved; llmjax's FolderCache (llmjax/compile_cache.py) writes atomically and lists the
-# folder once per few hundred writes, so every program is kept: loading beats compiling.
-compile_cache.install()
-jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
-jax.config.update("jax_compilation_cache_max_size", 16 << 30)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# The command-line tools' cache settings (llmjax/runtime.py): llmjax's FolderCache (atomic writes,
+# the folder listed once per few hundred writes, not on every write as JAX 0.11.2's own cache does:
+# 0.9 s per write at 4,531 entries on the 2-core VM), every program kept (loading beats compiling).
+enable_compilation_cache()
 
 
 def _mapped_regions() -> int:
