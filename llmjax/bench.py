@@ -35,6 +35,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -141,7 +142,7 @@ def bench_train(cfg, *, steps: int, repeats: int, memory: bool, profile_dir: Pat
             _profile(row, "profile_train", lambda: block(min(steps, 5)), profile_dir and profile_dir / f"train_b{B}")
     if memory:
         row["memory_in_use_before_bytes"] = before.get("bytes_in_use")
-        row.update(compiled_flops(compiled, accum * B * T, summarize(mcfg)["flops_per_token"], dev.platform))
+        row.update(compiled_flops(compiled, accum * B * T, summarize(mcfg)["flops_per_token"], dev.platform, mesh.devices.size))
         m = compiled.memory_analysis()
         row["compiled_memory_bytes"] = (
             int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes) if m else None
@@ -149,22 +150,27 @@ def bench_train(cfg, *, steps: int, repeats: int, memory: bool, profile_dir: Pat
     return row
 
 
-def compiled_flops(compiled, tokens: int, model_flops_per_token: float, platform: str = "cpu") -> dict:
-    """XLA's count of the FLOPs the compiled step performs, per token, and its ratio to the model's
+def compiled_flops(compiled, tokens: int, model_flops_per_token: float, platform: str = "cpu", devices: int = 1) -> dict:
+    """XLA's count of the FLOPs the compiled step performs on its `devices` (XLA counts one device's
+    share of a partitioned program; work every device repeats, such as the optimizer's update of
+    replicated parameters, counts once per device), per token, and its ratio to the model's
     accounting (`flops_per_token`, which MFU uses): above 1 where the step computes more than the
     model needs (remat's recomputation, masked attention blocks, padding, a product expanded to
     dense); XLA counts no FLOPs inside library calls it does not see into (cuDNN attention on a GPU).
     Also XLA's estimate of the bytes the step's operations read and write, per token (FLOPs over
     bytes: the step's arithmetic intensity). None where the backend gives no cost analysis, and on
     a GPU, where XLA's count leaves out every library call (cuBLAS GEMMs as well as cuDNN attention:
-    an H200 gave 0.003 of `vanilla`'s FLOPs), so the figures would say nothing."""
-    if platform == "gpu":
+    an H200 gave 0.003 of `vanilla`'s FLOPs), so the figures would say nothing. None too where the
+    step has a loop (scanned layers, gradient accumulation, the SSM's chunked scan, the loss over
+    vocabulary chunks): XLA counts a loop's body once, whatever its trip count (`vanilla:tiny`'s
+    step with its two layers scanned: 0.56 of the model's FLOPs; unrolled: 1.04)."""
+    if platform == "gpu" or re.search(r"\bwhile\(", compiled.as_text() or ""):
         return {"compiled_flops_per_token": None, "compiled_flops_ratio": None, "compiled_bytes_per_token": None}
     try:
         cost = compiled.cost_analysis() or {}
     except Exception:  # (a backend without a cost model)
         cost = {}
-    flops, moved = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    flops, moved = devices * float(cost.get("flops", 0.0)), devices * float(cost.get("bytes accessed", 0.0))
     return {"compiled_flops_per_token": flops / tokens if flops > 0 else None,
             "compiled_flops_ratio": flops / tokens / model_flops_per_token if flops > 0 else None,
             "compiled_bytes_per_token": moved / tokens if moved > 0 else None}

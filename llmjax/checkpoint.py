@@ -5,20 +5,39 @@ last `keep` checkpoints plus the one with the best validation loss.
 Parameters are stored in the scanned (stacked) layer layout whatever `model.scan_layers` is (the
 trainer converts inside the jitted step), so a checkpoint restores with layers scanned or unrolled;
 restoring onto another mesh or device count reshards through the abstract target's shardings.
+
+Each checkpoint's metadata holds a fingerprint of every array it saved (`fingerprints`: two 32-bit
+sums of the array's bits, one weighted by position), checked when it is restored: Orbax's data
+files carry no checksum, so bytes damaged on disk would otherwise restore as silently wrong weights.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
 
 class CheckpointError(ValueError):
     """A checkpoint problem a user can fix (one line)."""
+
+
+class _Quiet(logging.Filter):
+    """Drops Orbax's warnings about what llmjax does on purpose: checkpoints saved without a
+    validation loss (only evaluation steps have one) and managers opened read-only."""
+
+    def filter(self, record):
+        return not record.getMessage().startswith(("Requested `tracked_metric`; did not provide metrics", "Given directory is read only"))
+
+
+logging.getLogger("absl").addFilter(_Quiet())
 
 
 class Checkpointer:
@@ -53,22 +72,25 @@ class Checkpointer:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iter),
-            meta=ocp.args.JsonSave(meta),
+            meta=ocp.args.JsonSave({**meta, "fingerprints": fingerprints(state)}),
         )
         metrics = {"val_loss": float(val_loss)} if val_loss is not None else None
         self.manager.save(step, args=args, metrics=metrics, force=True)
 
     def restore(self, step: int, abstract_state, data_iter=None):
-        """Restore the state onto `abstract_state`'s shardings (and the iterator in place)."""
+        """Restore the state onto `abstract_state`'s shardings (and the iterator in place), checked
+        against the fingerprints saved with it."""
         items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"checkpoint {self.directory}/{step} cannot be restored: {first}") from None
-        return out["state"], out["meta"]
+            with _quiet_asyncio():
+                out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # orbax and TensorStore raise many types for a damaged or foreign checkpoint
+            raise CheckpointError(unreadable(self.directory, step, e, RESUME_HINT)) from None
+        meta = dict(out["meta"] or {})
+        verify(out["state"], meta.pop("fingerprints", None), self.directory, step, RESUME_HINT)
+        return out["state"], meta
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -76,6 +98,105 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+# What a user can do about a damaged checkpoint, by caller: (with an earlier checkpoint, without one).
+RESUME_HINT = ("move it aside (`mv {dir}/{step} {dir}/{step}.damaged`) to resume from step {earlier}",
+               "move it aside to start afresh")
+SAMPLE_HINT = ("pass an earlier one, e.g. --checkpoint {dir}/{earlier}", "it is this run's only checkpoint")
+
+
+def _hint(hint: tuple[str, str], directory: Path, step: int) -> str:
+    earlier = sorted(int(c.name) for c in Path(directory).iterdir() if c.name.isdigit() and int(c.name) < step)
+    return hint[0].format(dir=directory, step=step, earlier=earlier[-1]) if earlier else hint[1]
+
+
+def unreadable(directory: Path, step: int, e: BaseException, hint: tuple[str, str]) -> str:
+    """One line for a checkpoint that Orbax could not read: the innermost error's first line (that
+    is TensorStore's, which names the file and the problem, where Orbax wraps it)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    first = first if len(first) <= 240 else first[:240] + "..."
+    return f"checkpoint {directory}/{step} cannot be restored ({type(e).__name__}: {first}); {_hint(hint, directory, step)}"
+
+
+@jax.jit
+def _fingerprint_arrays(leaves):
+    """(n, 2) uint32: per array, the wrapping sums of its bits as uint32 words, plain and weighted by
+    (2i + 1) for word i (odd weights: one changed word always changes the second sum)."""
+    out = []
+    for x in leaves:
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        if x.dtype == jnp.bool_:
+            x = x.astype(jnp.uint8)
+        if x.dtype.itemsize == 8:
+            words = jax.lax.bitcast_convert_type(x, jnp.uint32)  # (..., 2)
+        else:
+            words = jax.lax.bitcast_convert_type(x, {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[x.dtype.itemsize])
+        words = words.astype(jnp.uint32).reshape(-1)
+        weights = 2 * jnp.arange(words.size, dtype=jnp.uint32) + 1
+        out.append(jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weights, dtype=jnp.uint32)]))
+    return jnp.stack(out) if out else jnp.zeros((0, 2), jnp.uint32)
+
+
+def fingerprints(tree) -> dict[str, str]:
+    """{path: 16 hex digits} for every array in `tree` (exact: independent of sharding and device count)."""
+    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(tree)[0]) if jax.tree.leaves(tree) else ((), ())
+    sums = np.asarray(_fingerprint_arrays(list(leaves)))
+    return {jax.tree_util.keystr(p): f"{int(a):08x}{int(b):08x}" for p, (a, b) in zip(paths, sums)}
+
+
+def verify(tree, saved: dict | None, directory: Path, step: int, hint: tuple[str, str]) -> None:
+    """Raise CheckpointError if an array of `tree` differs from its fingerprint in `saved` (arrays
+    without one, as in checkpoints written before fingerprints, pass)."""
+    saved = saved or {}
+    bad = [k for k, v in fingerprints(tree).items() if k in saved and saved[k] != v]
+    if bad:
+        raise CheckpointError(f"checkpoint {directory}/{step} is damaged: {len(bad)} array(s) differ from what was saved "
+                              f"(first {bad[0]}); {_hint(hint, directory, step)}")
+
+
+@contextlib.contextmanager
+def _quiet_asyncio():
+    """A failed restore leaves Orbax's other reads to fail at asyncio's shutdown, and asyncio logs each
+    with its traceback: the error raised from the restore says it in one line."""
+    log = logging.getLogger("asyncio")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+@contextlib.contextmanager
+def read_only_manager(directory: Path, **options):
+    """An Orbax CheckpointManager that only reads `directory` (without Orbax's warnings about it)."""
+    opts = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False, **options)
+    with ocp.CheckpointManager(Path(directory).absolute(), options=opts, item_names=("state", "data", "meta")) as mgr:
+        yield mgr
+
+
+def restore_params(directory: Path, step: int, target: dict) -> dict:
+    """Only the parameters of checkpoint `step` (Orbax partial restore, no optimizer state), placed
+    as `target` ({'params': abstract arrays with shardings}) says, checked against their fingerprints."""
+    directory = Path(directory).absolute()
+    with read_only_manager(directory) as mgr:
+        if step not in mgr.all_steps():
+            raise CheckpointError(f"{directory} has no checkpoint {step} (it has {sorted(mgr.all_steps())})")
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
+        try:
+            with _quiet_asyncio():
+                out = mgr.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+                    meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax and TensorStore raise many types for a damaged or foreign checkpoint
+            raise CheckpointError(unreadable(directory, step, e, SAMPLE_HINT)) from None
+    params = {"params": out["state"]["params"]}
+    verify(params, (out["meta"] or {}).get("fingerprints"), directory, step, SAMPLE_HINT)
+    return params["params"]
 
 
 def abstract_with_shardings(tree, shardings):

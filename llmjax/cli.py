@@ -7,6 +7,7 @@ program with `error: <what to do>` on stderr and exit status 2, never a tracebac
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import Callable
@@ -79,6 +80,9 @@ def run(main: Callable[[list[str]], None]):
             main(argv)
         except ConfigError as e:
             fail(str(e))
+        except BrokenPipeError:  # the reader of stdout went away (`... | head`): stop quietly, as other tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's exit flush would fail again)
+            sys.exit(141)  # 128 + SIGPIPE, the shell's status for a tool killed by it
 
     app.run(guarded, flags_parser=_parse)
 

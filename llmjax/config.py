@@ -324,4 +324,22 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         for key in cfg[group].keys():
             if key not in keys:
                 raise ConfigError(f"unknown config key '{group}.{key}'{closest(f'{group}.{key}', [f'{group}.{k}' for k in keys])}")
+    for key, low, meaning in RANGES:
+        group, name = key.split(".")
+        value = cfg[group][name]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < low:
+            raise ConfigError(f"{key} must be at least {low}{meaning}, got {value}")
     model_config(cfg)
+
+
+# Lower bounds of the numeric train/eval keys (and what 0 means where 0 is allowed).
+RANGES = [
+    ("train.max_steps", 1, ""), ("train.batch_size", 1, ""), ("train.grad_accum_steps", 1, ""),
+    ("train.stop_at_step", 0, " (0: run to max_steps)"), ("train.warmup_steps", 0, ""), ("train.lr", 0, ""),
+    ("train.min_lr", 0, ""), ("train.grad_clip", 0, " (0: no clipping)"), ("train.weight_decay", 0, ""),
+    ("train.log_every_steps", 1, ""), ("train.checkpoint_every_steps", 0, " (0: only at evaluations and at the end)"),
+    ("train.keep_checkpoints", 1, ""), ("train.loss_chunks", 0, " (0: off)"), ("train.peak_flops_per_device", 0, ""),
+    ("eval.every_steps", 0, " (0: at the last step only)"), ("eval.num_batches", 0, " (0: no estimates, the whole split at the last step)"),
+    ("eval.sample_tokens", 0, " (0: no sample)"), ("eval.tasks_every_steps", 0, " (0: at the last step only)"),
+    ("eval.tasks_limit", 0, " (0: every item)"), ("eval.tasks_batch_size", 1, ""),
+]

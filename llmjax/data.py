@@ -18,6 +18,7 @@ threads; the iterator's state is small and checkpointable.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -198,6 +199,13 @@ def open_dataset(name: str, configured_dir: str) -> TokenDataset:
     if name in BUILTIN:
         return prepare_builtin(name, path)
     if not (path / MANIFEST).is_file():
+        from llmjax.prepare import DATASETS
+
+        if name not in DATASETS:
+            close = difflib.get_close_matches(name, DATASETS, n=1, cutoff=0.5)
+            raise DataError(f"unknown dataset '{name}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+                            + f": no prepared dataset of that name in {path.parent}, and llmjax.prepare knows {', '.join(DATASETS)}; "
+                            f"for your own text: {PREPARE_HINT.format(name=name, dir=path)} --source FILE")
         raise DataError(f"dataset '{name}' is not prepared in {path}; prepare it with: {PREPARE_HINT.format(name=name, dir=path)}")
     return TokenDataset.open(path)
 

@@ -167,9 +167,10 @@ def is_gpt2_source(path) -> bool:
         return True
     cfg = Path(path).expanduser() / "config.json"
     try:
-        return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "gpt2" and not (Path(path) / "checkpoints").is_dir()
+        hf = json.loads(cfg.read_text()) if cfg.is_file() else None
     except (OSError, ValueError):
         return False
+    return isinstance(hf, dict) and hf.get("model_type") == "gpt2" and not (Path(path) / "checkpoints").is_dir()
 
 
 def gpt2_model_config(hf: dict, dtype: str = "float32") -> dict:

@@ -30,6 +30,7 @@ import codecs
 import dataclasses
 import functools
 import json
+import math
 import os
 import sys
 import warnings
@@ -76,8 +77,8 @@ class Sampling:
     greedy: bool = False
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise SampleError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise SampleError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
             raise SampleError(f"top_k must be >= 0 (0: no top-k), got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -97,7 +98,9 @@ def filter_logits(logits_BV, vocab_size: int, s: Sampling):
     logits = jnp.where(jnp.arange(V) < vocab_size, logits_BV.astype(jnp.float32), -jnp.inf)
     if s.greedy:
         return logits
-    logits = logits / s.temperature
+    # Shifted so that the largest is 0 before the division: a tiny temperature then gives -inf (never
+    # NaN) to the others, and tied maxima stay exactly tied.
+    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / s.temperature
     k = min(s.top_k or V, vocab_size)
     if k < vocab_size:
         vals, idx = jax.lax.top_k(logits, k)
@@ -440,6 +443,10 @@ class Loaded:
 
         outs = generate(self.model, ids, max_new_tokens, sampling=sampling, seed=seed, eot_id=self.tokenizer.eot_id,
                         on_tokens=stream if on_text is not None else None)
+        if on_text is not None:  # a row that ended inside a character: its last bytes, as decode gives them
+            for row, d in enumerate(decoders):
+                if text := d.flush():
+                    on_text(row, text)
         return [self.tokenizer.decode(o) for o in outs]
 
 
@@ -454,11 +461,15 @@ class StreamDecoder:
     def add(self, ids: list[int]) -> str:
         return self.utf8.decode(self.tokenizer.decode_bytes(ids))
 
+    def flush(self) -> str:
+        """What is left at the end of the stream: an unfinished character as U+FFFD (as decode gives it)."""
+        return self.utf8.decode(b"", final=True)
+
 
 def resolve(path: str | Path, which: str = "latest") -> tuple[Path, int]:
     """(run directory, checkpoint step) for a run directory (its latest or best checkpoint), its
     checkpoints/ directory, or one checkpoints/<step> directory."""
-    import orbax.checkpoint as ocp
+    from llmjax.checkpoint import read_only_manager
 
     p = Path(path).expanduser()
     if not p.exists() and p.name.isdigit() and p.parent.name == "checkpoints" and p.parent.is_dir():
@@ -478,12 +489,11 @@ def resolve(path: str | Path, which: str = "latest") -> tuple[Path, int]:
     if which not in ("latest", "best"):
         raise SampleError(f"--which must be 'latest' or 'best', got {which!r}")
     if step is None:
-        options = ocp.CheckpointManagerOptions(read_only=True, best_fn=lambda m: m["val_loss"], best_mode="min")
-        with ocp.CheckpointManager((run / "checkpoints").absolute(), options=options) as mgr:
+        with read_only_manager(run / "checkpoints", best_fn=lambda m: m["val_loss"], best_mode="min") as mgr:
             step = mgr.latest_step() if which == "latest" else mgr.best_step()
         if step is None:
             what = "no checkpoint" if which == "latest" else "no checkpoint with a validation loss"
-            raise SampleError(f"{run / 'checkpoints'} holds {what}; train longer or pass --which=latest")
+            raise SampleError(f"{run / 'checkpoints'} holds {what}; " + ("train it first" if which == "latest" else "train longer or pass --which=latest"))
     return run, step
 
 
@@ -513,9 +523,8 @@ def load(
     with unrolled layers (decoding writes each layer's cache in place), on `device` (default: the
     first). `model_overrides` may change execution options of the model config (not its shapes);
     `quantize='int8'` gives llmjax.quant's int8 weight-only model (from the float32 weights)."""
-    import orbax.checkpoint as ocp
-
     from llmjax import export
+    from llmjax.checkpoint import CheckpointError, restore_params
 
     if export.is_gpt2_source(path):  # OpenAI GPT-2 from the hub, or an exported / HF GPT-2 folder
         try:
@@ -528,30 +537,22 @@ def load(
         overrides = {"scan_layers": scan_layers, **({"dtype": dtype} if dtype else {}), **(model_overrides or {})}
         mcfg = model_config({**config["model"], **overrides})
         tokenizer = from_description(json.loads((run / "tokenizer.json").read_text()))
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise SampleError(f"{run} is not a readable llmjax run ({type(e).__name__}: {e})") from None
     except (ConfigError, TokenizerError) as e:
         raise SampleError(f"{run}: {e}") from None
+    if tokenizer.vocab_size != mcfg.vocab_size:
+        raise SampleError(f"{run} is not a consistent llmjax run: its tokenizer.json has {tokenizer.vocab_size} tokens, "
+                          f"its model {mcfg.vocab_size}")
 
     canonical = mcfg.replace(scan_layers=True)  # the checkpoint's layout
     abstract = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(build_model(canonical, seed=0), nnx.Param)))
     device = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
     target = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)}
-    ckpt_dir = run / "checkpoints"
     try:
-        options = ocp.CheckpointManagerOptions(read_only=True)
-        with ocp.CheckpointManager(ckpt_dir.absolute(), options=options, item_names=("state", "data", "meta")) as mgr:
-            if step not in mgr.all_steps():
-                raise SampleError(f"{ckpt_dir} has no checkpoint {step} (it has {sorted(mgr.all_steps())})")
-            restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=device), target)
-            state = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)  # params only
-            restored = mgr.restore(step, args=ocp.args.Composite(state=state))
-    except SampleError:
-        raise
-    except Exception as e:  # orbax raises many types for a corrupt or foreign checkpoint
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise SampleError(f"checkpoint {ckpt_dir / str(step)} cannot be restored ({type(e).__name__}: {first})") from None
-    params = convert_layer_layout(restored["state"]["params"], mcfg.scan_layers)
+        params = convert_layer_layout(restore_params(run / "checkpoints", step, target), mcfg.scan_layers)
+    except CheckpointError as e:
+        raise SampleError(str(e)) from None
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(mcfg, seed=0)))
     if quantize not in (None, "", "none"):
         from llmjax import quant
@@ -592,7 +593,7 @@ def _prompts(FLAGS) -> list[str]:
     prompts = [] if FLAGS.prompt is None else [FLAGS.prompt]
     if FLAGS.prompt_file:
         try:
-            lines = Path(FLAGS.prompt_file).read_text().splitlines()
+            lines = Path(FLAGS.prompt_file).read_text().split("\n")  # (not splitlines: it also splits at \f, \x1c, \u2028, ...)
         except (OSError, UnicodeDecodeError) as e:
             raise SampleError(f"cannot read --prompt_file {FLAGS.prompt_file}: {e.strerror if isinstance(e, OSError) else e}") from None
         prompts += [line for line in lines if line.strip()]
@@ -608,6 +609,8 @@ def main(argv):
     try:
         if FLAGS.num_samples < 1 or FLAGS.max_new_tokens < 0:
             raise SampleError("--num_samples must be >= 1 and --max_new_tokens >= 0")
+        if not 0 <= FLAGS.seed < 2**32:
+            raise SampleError(f"--seed must be in [0, 2**32), got {FLAGS.seed}")  # (JAX's keys hold 32 bits: larger seeds wrap)
         sampling = Sampling(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, greedy=FLAGS.greedy)
         prompts = _prompts(FLAGS)
         loaded = load(FLAGS.checkpoint_path, FLAGS.which, dtype=FLAGS.dtype, quantize=FLAGS.quantize,
@@ -615,6 +618,7 @@ def main(argv):
         n = FLAGS.num_samples
         rows = [p for p in prompts for _ in range(n)]
         if len(rows) == 1:  # one sample: plain text, streamed
+            loaded.encode_prompts(rows)  # its errors and warnings before any text
             sys.stdout.write(rows[0])
             sys.stdout.flush()
 
@@ -622,7 +626,9 @@ def main(argv):
                 sys.stdout.write(text)
                 sys.stdout.flush()
 
-            loaded.generate_text(rows, FLAGS.max_new_tokens, sampling=sampling, seed=FLAGS.seed, on_text=stream)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (said above)
+                loaded.generate_text(rows, FLAGS.max_new_tokens, sampling=sampling, seed=FLAGS.seed, on_text=stream)
             sys.stdout.write("\n")
         else:
             texts = loaded.generate_text(prompts, FLAGS.max_new_tokens, num_samples=n, sampling=sampling, seed=FLAGS.seed)

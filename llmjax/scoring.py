@@ -200,6 +200,9 @@ class Scorer:
     def rolling(self, texts_tokens: Sequence[Sequence[int]], prefix_token: int, progress: bool = False) -> list[float]:
         """Log-likelihood of each whole token sequence (every token predicted once; the first from
         `prefix_token`), through lm-eval's rolling windows."""
+        if not isinstance(prefix_token, (int, np.integer)):
+            raise ScoreError(f"rolling log-likelihoods need a prefix token (the end-of-text id), got {prefix_token!r}: a character "
+                             "vocabulary has none; pass the id of a token that starts texts, e.g. tokenizer.encode('\\n')[0]")
         windows, owner = [], []
         for j, toks in enumerate(texts_tokens):
             for pair in rolling_windows(toks, prefix_token, self.context_len):

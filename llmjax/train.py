@@ -57,7 +57,8 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
 # Model keys that change how the computation runs, not what the parameters are: a run may resume
 # with them changed (e.g. unrolled layers on a GPU after scanned ones on a CPU).
-EXECUTION_KEYS = ("scan_layers", "remat", "attention_impl", "dtype", "matmul_dtype", "scan_impl", "decode_attention_impl", "decode_norm_impl")
+EXECUTION_KEYS = ("scan_layers", "remat", "attention_impl", "dtype", "matmul_dtype", "scan_impl", "scan_chunk", "moe_impl", "moe_block_rows",
+                  "decode_attention_impl", "decode_norm_impl")
 
 
 class TrainingError(RuntimeError):
@@ -92,6 +93,34 @@ def make_optimizer(tcfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
         optax.adamw(schedule, b1=tcfg.beta1, b2=tcfg.beta2, weight_decay=tcfg.weight_decay, mask=decay_mask),
     )
     return tx, schedule
+
+
+# Train keys the learning-rate schedule is made of (a resumed run follows their new values).
+SCHEDULE_KEYS = ("train.lr", "train.min_lr", "train.warmup_steps", "train.max_steps")
+
+# What a training run writes in its workdir (besides checkpoints/ and the wandb/ folder).
+RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl")
+
+
+def check_workdir(workdir: Path) -> dict | None:
+    """The config a workdir's earlier run saved (None for a new or empty workdir). Refuses a path
+    that is a file and a folder holding files a training run writes that are not an llmjax run's
+    (a Hugging Face model folder has a config.json and a tokenizer.json): nothing there is overwritten."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir} is a file; pass a folder (a new one, or an earlier run's)")
+    cfg_path = workdir / "config.json"
+    if cfg_path.is_file():
+        try:
+            old = json.loads(cfg_path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            old = None
+        if isinstance(old, dict) and isinstance(old.get("model"), dict) and "arch" in old["model"] and isinstance(old.get("train"), dict):
+            return old
+        raise ConfigError(f"{workdir} holds a config.json that is not an llmjax run's; use another --workdir (nothing was changed)")
+    theirs = [name for name in RUN_FILES[1:] if (workdir / name).exists()]
+    if theirs:
+        raise ConfigError(f"{workdir} holds {', '.join(theirs)} but no llmjax config.json; use another --workdir (nothing was changed)")
+    return None
 
 
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -308,10 +337,6 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
     workdir = Path(workdir).absolute()
     lead = jax.process_index() == 0
     say = (lambda *a: None) if quiet or not lead else (lambda *a: print(*a, flush=True))
-    if tcfg.max_steps <= 0:
-        raise ConfigError(f"train.max_steps must be positive, got {tcfg.max_steps}")
-    if tcfg.grad_accum_steps <= 0 or tcfg.batch_size <= 0:
-        raise ConfigError("train.batch_size and train.grad_accum_steps must be positive")
 
     # --- data ---------------------------------------------------------------------------
     try:
@@ -337,24 +362,29 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
             raise ConfigError(f"eval.tasks: {e}") from None
 
     # --- workdir: config.json (a resumed run must have the same model) ----------------------
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(workdir / "checkpoints", keep=tcfg.keep_checkpoints)
     resolved = json.loads(cfg.to_json())
     saved_cfg = workdir / "config.json"
+    old_cfg = check_workdir(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=tcfg.keep_checkpoints)
     start = ckpt.latest_step() or 0
-    if start and saved_cfg.is_file():
+    if start > tcfg.max_steps:
+        raise ConfigError(f"{workdir} holds a run at step {start}, past train.max_steps={tcfg.max_steps}; "
+                          f"set --config.train.max_steps={start} or more to continue it, or use another --workdir")
+    if start and old_cfg is not None:
         diffs = [
             d
-            for d in config_diff(json.loads(saved_cfg.read_text())["model"], resolved["model"], "model.")
+            for d in config_diff(old_cfg["model"], resolved["model"], "model.")
             if d.split(" ")[0].removeprefix("model.") not in EXECUTION_KEYS
         ]
         if diffs:
             raise ConfigError(
                 f"{workdir} holds a run with a different model config: {'; '.join(diffs)}; use another --workdir or the same config"
             )
-    if lead:
-        data_lib.atomic_write_json(saved_cfg, resolved)
-        data_lib.atomic_write_json(workdir / "tokenizer.json", tokenizer.description())
+        changed = config_diff(old_cfg.get("train", {}), resolved["train"], "train.")
+        if changed:
+            say(f"resuming with changed settings: {'; '.join(changed)} (the learning-rate schedule follows the new values from step {start + 1})"
+                if any(d.split(" ")[0] in SCHEDULE_KEYS for d in changed) else f"resuming with changed settings: {'; '.join(changed)}")
 
     # --- mesh, model, optimizer -----------------------------------------------------------
     mesh = make_mesh(tcfg.mesh, devices)
@@ -368,10 +398,14 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
 
     # --- data iterators ---------------------------------------------------------------------
     pi, pc = jax.process_index(), jax.process_count()
-    train_it = data_lib.train_batches(
-        dataset.split("train"), seq_len=T, global_batch=micro * accum, seed=tcfg.seed, process_index=pi, process_count=pc
-    )
-    val_shards = dataset.split("val")
+    try:
+        train_it = data_lib.train_batches(
+            dataset.split("train"), seq_len=T, global_batch=micro * accum, seed=tcfg.seed, process_index=pi, process_count=pc
+        )
+        val_shards = dataset.split("val")
+        data_lib.WindowSource(val_shards, T + 1)  # (a split too short for one window: said now, not at the first evaluation)
+    except data_lib.DataError as e:
+        raise ConfigError(f"dataset '{dataset.name}': {e}") from None
 
     def to_global(local: np.ndarray, sharding, global_shape):
         return jax.make_array_from_process_local_data(sharding, local, global_shape)
@@ -433,17 +467,23 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
     metrics_path = workdir / "metrics.jsonl"
     history = []
     if lead:
+        data_lib.atomic_write_json(saved_cfg, resolved)
+        data_lib.atomic_write_json(workdir / "tokenizer.json", tokenizer.description())
         if metrics_path.is_file():  # keep what the restored checkpoint covers; later steps are redone
             for line in metrics_path.read_text().splitlines():
-                if line.strip() and json.loads(line)["step"] <= start:
-                    history.append(json.loads(line))
+                try:
+                    m = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a crash or a full disk: its step is redone
+                    continue
+                if isinstance(m, dict) and m.get("step", start + 1) <= start:
+                    history.append(m)
         data_lib.atomic_write_bytes(metrics_path, "".join(json.dumps(m) + "\n" for m in history).encode())
 
     # --- loop --------------------------------------------------------------------------------------
     summary = summarize(mcfg)
     peak = peak_flops(mesh.devices.flat[0], tcfg.peak_flops_per_device)
     tokens_per_step = micro * accum * T
-    end = tcfg.max_steps if not tcfg.stop_at_step else min(tcfg.stop_at_step, tcfg.max_steps)
+    end = max(start, tcfg.max_steps if not tcfg.stop_at_step else min(tcfg.stop_at_step, tcfg.max_steps))
     wandb_run = _wandb_init(cfg, workdir) if (cfg.logging.wandb and lead) else None
     bar = _progress(start, tcfg.max_steps, enabled=cfg.logging.progress_bar and lead and not quiet)
     metrics_file = open(metrics_path, "a") if lead else None
@@ -507,8 +547,8 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
                 batch = to_global(local, tok_shard, (accum, micro, T + 1))
                 state, m = step_fn(state, batch)
                 is_last = step == tcfg.max_steps
-                do_eval = is_last or (ecfg.every_steps > 0 and step % ecfg.every_steps == 0)
-                do_ckpt = do_eval or step == end or stop.requested or (step % tcfg.checkpoint_every_steps == 0)
+                do_eval = is_last or (ecfg.every_steps > 0 and ecfg.num_batches > 0 and step % ecfg.every_steps == 0)
+                do_ckpt = do_eval or step == end or stop.requested or (tcfg.checkpoint_every_steps > 0 and step % tcfg.checkpoint_every_steps == 0)
                 do_tasks = bool(task_items) and (is_last or (ecfg.tasks_every_steps > 0 and step % ecfg.tasks_every_steps == 0))
                 if not (do_eval or do_ckpt or do_tasks):
                     # Read metrics in blocks, a block behind: the host never waits for the step it

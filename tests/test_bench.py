@@ -164,15 +164,33 @@ def test_steps_zero_compiles_without_running():
 def test_compiled_flops_expose_a_step_that_computes_more_than_the_model_needs():
     """`compiled_flops_ratio` (XLA's count of the compiled step's FLOPs over the model's accounting)
     rises when the step does work the model does not need: the MoE's experts through ragged_dot
-    (expanded to every row times every expert on the CPU) against the blocked layout."""
+    (expanded to every row times every expert on the CPU) against the blocked layout. Layers
+    unrolled: with scanned layers XLA counts the loop's body once, and no ratio is reported."""
     def ratio(**over):
-        cfg = llmjax.load_config(f"{ROOT}/configs/moe.py:tiny", {"train.batch_size": 8, **over})
+        cfg = llmjax.load_config(f"{ROOT}/configs/moe.py:tiny", {"train.batch_size": 8, "model.scan_layers": False, **over})
         row = bench.bench(cfg, "configs/moe.py:tiny", suites={"memory"}, steps=0, repeats=1, decode_batches=[1], prompt_len=4,
                           new_tokens=4)
         assert row["compiled_flops_per_token"] > 0 and row["compiled_bytes_per_token"] > 0 and row["moe_impl"] == over["model.moe_impl"]
         return row["compiled_flops_ratio"]
 
     assert ratio(**{"model.moe_impl": "ragged_dot"}) > 1.4 * ratio(**{"model.moe_impl": "blocked"})
+    assert ratio(**{"model.moe_impl": "blocked"}) > 0.9  # (the blocked layout's padding and routing: a little above 1)
+
+
+def test_compiled_flops_are_not_reported_for_a_step_with_loops():
+    """XLA's cost analysis counts a loop's body once: a scanned layer stack (or any loop) gets no
+    FLOP figures rather than a wrong ratio."""
+    import jax
+    import jax.numpy as jnp
+
+    from llmjax.bench import compiled_flops
+
+    def f(a):
+        return jax.lax.fori_loop(0, 4, lambda i, x: x @ a, a)
+
+    compiled = jax.jit(f).lower(jnp.ones((64, 64))).compile()
+    assert "while(" in compiled.as_text()
+    assert set(compiled_flops(compiled, 64, 4 * 2 * 64 * 64).values()) == {None}
 
 
 def test_compiled_flops_are_not_reported_on_a_gpu():

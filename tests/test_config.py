@@ -149,3 +149,11 @@ def test_cli_errors_are_one_line_without_traceback():
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: unknown config key 'model.n_layr' (did you mean 'model.n_layer'?)"
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_cli_output_cut_short_by_its_reader_ends_quietly():
+    """`python -m llmjax.summary ... | head -1`: the reader goes away; the tool stops with the shell's
+    status for SIGPIPE (141) and no traceback (here the reader, `true`, has gone before the first write)."""
+    script = f"{sys.executable} -m llmjax.summary --config configs/mla.py:tiny --json | true; echo status=${{PIPESTATUS[0]}}"
+    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.stderr == "" and proc.stdout.strip() == "status=141", (proc.stdout, proc.stderr)

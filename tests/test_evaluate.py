@@ -117,6 +117,8 @@ def test_length_buckets_and_bad_requests():
     with pytest.raises(ScoreError, match="context token"):
         s.score([([], [1, 2])])
     assert s.score([([1, 2], [])]) == [(0.0, True)]
+    with pytest.raises(ScoreError, match="need a prefix token .* got None: a character vocabulary has none"):
+        s.rolling([[1, 2, 3]], None)  # (a character tokenizer's eot_id)
 
 
 def test_rolling_windows_are_lm_evals():

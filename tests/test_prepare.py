@@ -18,6 +18,7 @@ import pytest
 from conftest import ROOT
 from llmjax import data as D
 from llmjax import prepare as P
+from llmjax.config import ConfigError
 from llmjax.tokenizer import GPT2Tokenizer
 
 EOT = "<|endoftext|>"
@@ -184,13 +185,18 @@ def test_trained_on_a_prepared_dataset(tmp_path, docs, monkeypatch):
 
     txt, _, _ = write_sources(tmp_path, docs)
     P.prepare("mystories", tmp_path / "data" / "mystories", [P.Source(txt, None)], workers=1, shard_tokens=5000, progress=False)
-    cfg = llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", {
-        "data.dataset": "mystories", "data.dir": str(tmp_path / "data"), "model.vocab_size": 50257, "model.padded_vocab_size": 50304,
-        "model.context_len": 32, "train.max_steps": 3, "train.batch_size": 8, "eval.num_batches": 1, "eval.sample_tokens": 0,
-        "logging.progress_bar": False})
+    over = {"data.dataset": "mystories", "data.dir": str(tmp_path / "data"), "model.vocab_size": 50257, "model.padded_vocab_size": 50304,
+            "model.context_len": 32, "train.max_steps": 3, "train.batch_size": 8, "eval.num_batches": 1, "eval.sample_tokens": 0,
+            "logging.progress_bar": False}
+    cfg = llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", over)
     monkeypatch.delenv("LLMJAX_DATA_DIR")
     run = train(cfg, tmp_path / "run", quiet=True)
     assert run.step == 3 and np.isfinite(run.last_val_loss)
+    # a validation split shorter than one window is said before the first step, not at the first evaluation
+    val = sum(len(s) for s in D.open_dataset("mystories", str(tmp_path / "data")).split("val"))
+    with pytest.raises(ConfigError, match=f"dataset 'mystories': the split is shorter than one window of {val + 9} tokens"):
+        train(llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", {**over, "model.context_len": val + 8}), tmp_path / "run2", quiet=True)
+    assert not (tmp_path / "run2" / "metrics.jsonl").exists()
 
 
 def _cli(*args):

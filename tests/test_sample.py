@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -383,6 +384,26 @@ def test_top_k_and_top_p_keep_exactly_the_right_tokens():
             np.testing.assert_allclose(p / p.sum(), probs, atol=1e-6)
 
 
+def test_extreme_temperatures_draw_only_real_tokens():
+    """A tiny temperature keeps the largest logits at 0 (exact ties still tied) and sends the rest
+    towards -inf, with no NaN; a huge finite one flattens the real vocabulary but never reaches the
+    padded rows; infinity is refused."""
+    x = jnp.asarray([[1.0, 3.0, 3.0, -2.0, 50.0]])  # last column: padded vocabulary
+    for t in (1e-30, 1e-6):
+        got = np.asarray(filter_logits(x, 4, Sampling(temperature=t, top_k=None)))[0]
+        assert not np.isnan(got).any() and got[1] == got[2] == 0 and (got[[0, 3]] < -1e5).all() and np.isneginf(got[4]), (t, got)
+    got = np.asarray(filter_logits(x, 4, Sampling(temperature=1e30, top_k=None)))[0]
+    assert np.isfinite(got[:4]).all() and np.isneginf(got[4])
+    keys = jax.random.split(jax.random.key(0), 400)
+    draws = np.asarray(jax.vmap(lambda k: S.choose(x, k[None], 4, Sampling(temperature=1e-30, top_k=None))[0])(keys))
+    assert set(draws.tolist()) == {1, 2} and 150 < (draws == 1).sum() < 250  # the tie split evenly
+    draws = np.asarray(jax.vmap(lambda k: S.choose(x, k[None], 4, Sampling(temperature=1e30, top_k=None))[0])(keys))
+    assert set(draws.tolist()) == {0, 1, 2, 3}
+    for t in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(S.SampleError, match="temperature must be a finite number >= 0"):
+            Sampling(temperature=t)
+
+
 def test_draws_follow_the_filtered_distribution():
     logits = jnp.log(jnp.asarray([[0.1, 0.4, 0.2, 0.25, 0.05, 0.5]]))
     s = Sampling(temperature=1.0, top_k=3)
@@ -463,10 +484,24 @@ def test_bad_checkpoints_are_one_line_errors(run_dir, tmp_path):
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
     with pytest.raises(S.SampleError) as e:
         S.load(broken)
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and ("pass an earlier one, e.g. --checkpoint" in str(e.value) or "only checkpoint" in str(e.value))
     (broken / "config.json").write_text("{not json")
     with pytest.raises(S.SampleError, match="not a readable llmjax run"):
         S.load(broken)
+    for text in ("[]", "null"):  # JSON, but not a run's
+        (broken / "config.json").write_text(text)
+        with pytest.raises(S.SampleError, match="not a readable llmjax run"):
+            S.load(broken)
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    (other / "tokenizer.json").write_text("[]")
+    with pytest.raises(S.SampleError, match="not a readable llmjax run"):
+        S.load(other)
+    desc = json.loads((run_dir / "tokenizer.json").read_text())
+    desc["chars"] = desc["chars"][:10]
+    (other / "tokenizer.json").write_text(json.dumps(desc))
+    with pytest.raises(S.SampleError, match="its tokenizer.json has 10 tokens, its model 65"):
+        S.load(other)
 
 
 def test_prompts_empty_and_too_long(run_dir):
@@ -480,6 +515,38 @@ def test_prompts_empty_and_too_long(run_dir):
     assert len(w) == 1 and "keeping its last" in str(w[0].message)
     with pytest.raises(S.SampleError, match="prompt 1"):
         loaded.encode_prompts(["ĳ"])
+
+
+def test_streamed_text_equals_the_returned_text_when_a_row_ends_inside_a_character(monkeypatch):
+    """A row that stops at max_new_tokens inside a UTF-8 character: its streamed pieces end with the
+    same U+FFFD the returned text ends with."""
+    from llmjax.tokenizer import GPT2Tokenizer
+
+    tok = GPT2Tokenizer()
+    ids = tok.encode(" naïve 東京")
+    cut = next(k for k in range(1, len(ids)) if tok.decode(ids[:k]).endswith("\ufffd"))
+    new = ids[:cut]
+
+    def fake_generate(model, prompts, max_new, *, on_tokens=None, **kw):  # the decode loop's stream, in two blocks
+        if on_tokens is not None:
+            on_tokens(0, new[:1])
+            on_tokens(0, new[1:])
+        return [new]
+
+    monkeypatch.setattr(S, "generate", fake_generate)
+    loaded = S.Loaded(model=types.SimpleNamespace(cfg=types.SimpleNamespace(context_len=64)), tokenizer=tok, config={}, step=0, path=None)
+    pieces = []
+    got = loaded.generate_text(["x"], cut, on_text=lambda row, text: pieces.append(text))
+    assert got == [tok.decode(new)] and got[0].endswith("\ufffd")
+    assert "".join(pieces) == got[0]
+
+
+def test_prompt_file_lines_are_split_at_newlines_only(tmp_path):
+    """str.splitlines would also split at form feeds, \\x1c-\\x1e, \\x85, \\u2028: a prompt is a line."""
+    f = tmp_path / "p.txt"
+    f.write_text("one\fline\n\ntwo\u2028still two\r\nthree\n")
+    flags_ = types.SimpleNamespace(prompt="zero", prompt_file=str(f))
+    assert S._prompts(flags_) == ["zero", "one\fline", "two\u2028still two", "three"]
 
 
 def test_stream_decoder_handles_characters_split_across_tokens():
@@ -525,10 +592,14 @@ def test_cli_errors_are_one_line(run_dir, tmp_path):
         ([], "--checkpoint_path is required"),
         ([f"--checkpoint_path={run_dir}", "--top_p=1.5"], "top_p"),
         ([f"--checkpoint_path={run_dir}", "--which=worst"], "which"),
+        ([f"--checkpoint_path={run_dir}", "--temperature=inf"], "temperature must be a finite number"),
+        ([f"--checkpoint_path={run_dir}", "--seed=4294967296"], "--seed must be in [0, 2**32)"),
+        ([f"--checkpoint_path={run_dir}", "--prompt=ROMEO\u20ac"], "prompt 1: character"),  # refused before the prompt is printed
     ]:
         r = _cli(*args)
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
+        assert r.stdout == "", (args, r.stdout)
 
 
 def test_quantized_load_and_cli(run_dir):

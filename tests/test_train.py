@@ -256,11 +256,96 @@ def test_resuming_with_a_different_model_is_refused(tmp_path):
     assert run.step == 3 and json.loads(saved.read_text())["model"]["matmul_dtype"] == "bfloat16"
 
 
+def test_a_damaged_latest_checkpoint_is_one_line_and_the_earlier_one_resumes(tmp_path):
+    """A run whose latest checkpoint has a truncated data file: resuming stops with one line that
+    names it and how to resume from the one before; the failed attempt changes nothing in the
+    workdir (config.json keeps the run's settings); with the damaged one moved aside as the line
+    says, the run resumes from the earlier checkpoint and ends with every step logged once."""
+    run_dir = tmp_path / "run"
+    train(cfg("vanilla", train__stop_at_step=10), run_dir, quiet=True)  # checkpoints 4, 5, 8 (evaluations, every 5) and 10
+    ckpts = run_dir / "checkpoints"
+    biggest = max((f for f in (ckpts / "10" / "state").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[:100])
+    saved = (run_dir / "config.json").read_text()
+    with pytest.raises(ConfigError) as e:
+        train(cfg("vanilla", model__remat="full"), run_dir, quiet=True)
+    msg = str(e.value)
+    assert "\n" not in msg and f"checkpoint {ckpts}/10 cannot be restored" in msg, msg
+    assert f"move it aside (`mv {ckpts}/10 {ckpts}/10.damaged`) to resume from step 8" in msg, msg
+    assert (run_dir / "config.json").read_text() == saved
+    (ckpts / "10").rename(ckpts / "10.damaged")
+    run = train(cfg("vanilla"), run_dir, quiet=True)
+    assert run.step == 12 and run.final
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+
+
+def test_a_workdir_that_is_not_a_run_is_left_alone(tmp_path):
+    """Nothing a user keeps in a folder is overwritten: a workdir holding a config.json that is not an
+    llmjax run's (a Hugging Face model folder), or other files a run writes, is refused in one line
+    and left as it was; a path that is a file is refused too."""
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ConfigError, match="is a file"):
+        train(cfg("vanilla"), tmp_path / "file", quiet=True)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "gpt2"}')
+    (hf / "tokenizer.json").write_text('{"version": "1.0"}')
+    with pytest.raises(ConfigError, match="holds a config.json that is not an llmjax run's"):
+        train(cfg("vanilla"), hf, quiet=True)
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "tokenizer.json"]
+    assert (hf / "config.json").read_text() == '{"model_type": "gpt2"}'
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text("my numbers\n")
+    with pytest.raises(ConfigError, match="holds metrics.jsonl but no llmjax config.json"):
+        train(cfg("vanilla"), other, quiet=True)
+    assert sorted(p.name for p in other.iterdir()) == ["metrics.jsonl"]
+
+
+@pytest.mark.parametrize("key,value", [
+    ("train.log_every_steps", 0), ("train.warmup_steps", -1), ("train.keep_checkpoints", 0), ("train.stop_at_step", -1),
+    ("train.checkpoint_every_steps", -5), ("eval.num_batches", -1), ("eval.every_steps", -1), ("train.max_steps", 0),
+])
+def test_out_of_range_settings_are_one_line_errors(key, value):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be at least -?\d.*, got {value}$"):
+        llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", {key: value})
+
+
+def test_zero_settings_resume_notices_and_a_cut_metrics_line(tmp_path, capsys):
+    """`train.checkpoint_every_steps=0`: checkpoints only at evaluations and at the end;
+    `eval.num_batches=0`: no estimates, only the whole-split loss at the last step. A metrics line
+    cut short (a crash mid-write) does not stop the resume; the resume says which settings changed
+    and that the schedule follows them; a run past the new max_steps is refused."""
+    run_dir = tmp_path / "run"
+    zero = {"train__checkpoint_every_steps": 0, "eval__num_batches": 0, "train__max_steps": 6, "eval__every_steps": 2}
+    first = train(cfg("vanilla", train__stop_at_step=3, **zero), run_dir, quiet=True)
+    assert first.step == 3 and not first.final
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["3"]
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "train_lo')
+    capsys.readouterr()
+    run = train(cfg("vanilla", **{**zero, "train__lr": 1e-3}), run_dir, quiet=False)
+    out = capsys.readouterr().out
+    assert "resuming with changed settings: train.lr (0.003 -> 0.001); train.stop_at_step (3 -> 0) (the learning-rate schedule follows " \
+           "the new values from step 4)" in out, out
+    assert run.step == 6 and run.final
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in rows] == list(range(1, 7))
+    assert [m["step"] for m in rows if "val_loss" in m] == [6] and "val_loss_estimate" not in rows[-1]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["3", "6"]
+    with pytest.raises(ConfigError, match=r"holds a run at step 6, past train.max_steps=4; set --config.train.max_steps=6 or more"):
+        train(cfg("vanilla", **{**zero, "train__max_steps": 4}), run_dir, quiet=True)
+
+
 def test_vocab_mismatch_and_missing_dataset_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="set --config.model.vocab_size=65"):
         train(cfg("vanilla", model__vocab_size=60), tmp_path / "a", quiet=True)
     with pytest.raises(ConfigError, match="python -m llmjax.prepare fineweb_edu"):
         train(cfg("vanilla", data__dataset="fineweb_edu"), tmp_path / "b", quiet=True)
+    with pytest.raises(ConfigError, match=r"unknown dataset 'tinyshakespeare_chr' \(did you mean 'tinyshakespeare_char'\?\).*"
+                                          r"llmjax.prepare knows tinyshakespeare, .*--source FILE$"):
+        train(cfg("vanilla", data__dataset="tinyshakespeare_chr"), tmp_path / "c", quiet=True)
 
 
 def test_cli_bad_input_is_one_line(tmp_path):

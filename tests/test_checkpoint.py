@@ -1,0 +1,135 @@
+"""Checkpoints' integrity (llmjax.checkpoint): the fingerprints saved with every checkpoint, a damaged
+checkpoint refused in one line (never restored as silently wrong weights), and what the line tells
+the user to do."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from llmjax.checkpoint import CheckpointError, Checkpointer, fingerprints, restore_params
+
+
+def test_fingerprints_see_every_change_and_no_sharding():
+    rng = np.random.default_rng(0)
+    tree = {
+        "w": rng.standard_normal((16, 24)).astype(np.float32),
+        "b": jnp.asarray(rng.standard_normal(24), jnp.bfloat16),
+        "i": rng.integers(0, 1000, (5,), dtype=np.int32),
+        "u": rng.integers(0, 255, (7,), dtype=np.uint8),
+        "m": np.array([True, False, True]),
+        "s": np.float32(3.5),
+    }
+    fp = fingerprints(tree)
+    assert set(fp) == {"['w']", "['b']", "['i']", "['u']", "['m']", "['s']"} and all(len(v) == 16 for v in fp.values())
+    # the same arrays sharded over 8 devices: the same fingerprints (exact integer sums)
+    mesh = jax.make_mesh((8,), ("x",), devices=jax.devices()[:8])
+    sharded = dict(tree, w=jax.device_put(tree["w"], NamedSharding(mesh, P("x", None))))
+    assert fingerprints(sharded) == fp
+    # one changed bit, and two swapped elements, change the fingerprint
+    flipped = tree["w"].copy()
+    flipped.view(np.uint32)[3, 5] ^= 1
+    assert fingerprints(dict(tree, w=flipped))["['w']"] != fp["['w']"]
+    swapped = tree["w"].copy()
+    swapped[0, 0], swapped[0, 1] = swapped[0, 1], swapped[0, 0]
+    assert fingerprints(dict(tree, w=swapped))["['w']"] != fp["['w']"]
+    m = tree["m"].copy()
+    m[1] = True
+    assert fingerprints(dict(tree, m=m))["['m']"] != fp["['m']"]
+
+
+def _save(directory, steps=(1, 2)):
+    """Two checkpoints of a small state of random float32 arrays (which zstd leaves nearly
+    uncompressed: a damaged byte there decompresses to a wrong value, not to an error)."""
+    rng = np.random.default_rng(1)
+    it = iter(grain.MapDataset.range(10).to_iter_dataset())
+    ckpt = Checkpointer(directory, keep=3)
+    state = None
+    for step in steps:
+        state = {"params": {"w": rng.standard_normal((64, 64)).astype(np.float32), "b": rng.standard_normal(64).astype(np.float32)},
+                 "opt": {"mu": rng.standard_normal((64, 64)).astype(np.float32)}}
+        ckpt.save(step, state, it, {"step": step})
+    ckpt.close()
+    return state
+
+
+def _abstract(state):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])), state)
+
+
+def _data_files(step_dir):
+    return sorted((f for f in (step_dir / "state").rglob("*") if f.is_file() and "/d/" in str(f)), key=lambda f: -f.stat().st_size)
+
+
+def test_damaged_bytes_never_restore_silently(tmp_path):
+    """A byte flipped anywhere in a checkpoint's array data: the restore refuses the checkpoint in one
+    line (TensorStore's own error where the damage breaks the file's structure; the fingerprints
+    where the bytes still decode, to wrong values) and says how to resume from the earlier one, or
+    (bytes no array is read from) restores exactly what was saved: never silently wrong arrays."""
+    state = _save(tmp_path / "ckpt")
+    target = _abstract(state)
+    restored, meta = Checkpointer(tmp_path / "ckpt").restore(2, target)
+    assert meta == {"step": 2}  # (the fingerprints are checked, not returned)
+    jax.tree.map(np.testing.assert_array_equal, restored, state)
+    seen = {"damaged": 0, "unreadable": 0}  # (flips that no read touches restore the saved arrays)
+    data = _data_files(tmp_path / "ckpt" / "2")
+    assert data
+    for k, frac in enumerate(np.linspace(0.02, 0.98, 12)):
+        copy = tmp_path / f"copy{k}"
+        shutil.copytree(tmp_path / "ckpt", copy)
+        f = _data_files(copy / "2")[0]
+        raw = bytearray(f.read_bytes())
+        pos = int(frac * (len(raw) - 1))
+        raw[pos] ^= 0x5A
+        f.write_bytes(bytes(raw))
+        try:
+            got, _ = Checkpointer(copy).restore(2, target)
+        except CheckpointError as e:
+            msg = str(e)
+            assert "\n" not in msg and f"{copy}/2" in msg and "to resume from step 1" in msg, msg
+            seen["damaged" if "is damaged" in msg else "unreadable"] += 1
+        else:
+            jax.tree.map(np.testing.assert_array_equal, got, state)
+    assert seen["damaged"] >= 3, seen  # most flips decode to wrong values: only the fingerprints see them
+
+
+def test_the_samplers_restore_checks_the_parameters(tmp_path):
+    """restore_params (the sampler's partial restore of the parameters) checks their fingerprints and
+    says which earlier checkpoint to pass; a checkpoint without fingerprints (written before they
+    existed) restores as before."""
+    state = _save(tmp_path / "ckpt")
+    target = {"params": _abstract(state["params"])}
+    got = restore_params(tmp_path / "ckpt", 2, target)
+    jax.tree.map(np.testing.assert_array_equal, got, state["params"])
+    # the parameters' recorded fingerprint no longer matches what is on disk
+    meta_file = tmp_path / "ckpt" / "2" / "meta" / "metadata"
+    text = meta_file.read_text()
+    fp = fingerprints({"params": state["params"]})["['params']['w']"]
+    meta_file.write_text(text.replace(fp, "0" * 16))
+    with pytest.raises(CheckpointError, match=r"checkpoint .*/2 is damaged: 1 array\(s\) differ .*\['params'\]\['w'\].*--checkpoint .*/1$"):
+        restore_params(tmp_path / "ckpt", 2, target)
+    import json
+
+    meta = json.loads(text)
+    del meta["fingerprints"]
+    meta_file.write_text(json.dumps(meta))
+    jax.tree.map(np.testing.assert_array_equal, restore_params(tmp_path / "ckpt", 2, target), state["params"])
+    with pytest.raises(CheckpointError, match="no checkpoint 7"):
+        restore_params(tmp_path / "ckpt", 7, target)
+
+
+def test_orbax_notices_about_intended_behaviour_are_not_logged(tmp_path, caplog):
+    """Checkpoints saved without a validation loss and read-only managers are what llmjax does on
+    purpose: Orbax's warnings about them do not reach the user."""
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        state = _save(tmp_path / "ckpt")
+        restore_params(tmp_path / "ckpt", 2, {"params": _abstract(state["params"])})
+    text = caplog.text
+    assert "tracked_metric" not in text and "read only" not in text, text
