@@ -98,8 +98,8 @@ def filter_logits(logits_BV, vocab_size: int, s: Sampling):
     logits = jnp.where(jnp.arange(V) < vocab_size, logits_BV.astype(jnp.float32), -jnp.inf)
     if s.greedy:
         return logits
-    # Shifted so that the largest is 0 before the division: a tiny temperature then gives -inf (never
-    # NaN) to the others, and tied maxima stay exactly tied.
+    # Shifted so that the largest is 0 before the division: a tiny temperature then sends the others
+    # towards -inf (never to NaN), and tied maxima stay exactly tied.
     logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / s.temperature
     k = min(s.top_k or V, vocab_size)
     if k < vocab_size:
