@@ -33,6 +33,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+
 from llmjax.scoring import Scorer, encode_pair
 
 TASK_NAMES = ("hellaswag", "arc_easy")
@@ -149,7 +151,10 @@ def parse_file(path: Path, spec: TaskSpec) -> list[Item]:
 def _download(spec: TaskSpec, target: Path, tries: int = 4) -> None:
     """Fetch the official file into `target` (HellaSwag as is; ARC's parquet converted to jsonl),
     checking its content before it is moved into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TaskError(f"cannot use {target.parent} as the task directory ({e.strerror}); pass a folder") from None
     print(f"downloading {spec.name} from {spec.url} to {target}", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
         raw = Path(tmp) / spec.url.rsplit("/", 1)[-1]
@@ -220,16 +225,18 @@ def metrics(items: Sequence[Item], lls: Sequence[float]) -> dict:
         scores = list(lls[k : k + len(item.choices)])
         k += len(item.choices)
         per_item.append(scores)
-        best = max(range(len(scores)), key=lambda i: (scores[i], -i))
-        norm = [s / len(c) for s, c in zip(scores, item.choices)]
-        best_norm = max(range(len(norm)), key=lambda i: (norm[i], -i))
+        # numpy's argmax and division, as lm-eval's: the first of equal scores wins, and an empty
+        # choice's score per character is -inf (its continuation, " ", still has a log-likelihood)
+        best = int(np.argmax(scores))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            best_norm = int(np.argmax(np.asarray(scores) / np.asarray([float(len(c)) for c in item.choices])))
         correct.append(float(best == item.gold))
         correct_norm.append(float(best_norm == item.gold))
     n = len(items)
 
     def stderr(xs):
         if n < 2:
-            return float("nan")
+            return "N/A"  # (as lm-eval writes it; NaN is not JSON)
         mean = sum(xs) / n
         return math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1) / n)
 

@@ -147,6 +147,10 @@ def run_harness(
     lm = LlmjaxLM(model=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, device=device)
     with tempfile.TemporaryDirectory(prefix="llmjax-tasks-") as folder:
         local = _local_task_configs(tasks, task_dir, Path(folder))
+        if num_fewshot and local:
+            raise EvalError(f"--num_fewshot={num_fewshot} with {', '.join(local)}: lm-eval takes few-shot examples from a task's "
+                            "training split, and the local files hold only the scored split (the examples would be other scored "
+                            "items); use --num_fewshot=0")
         manager = TaskManager(include_path=folder if local else None)
         unknown = [t for t in tasks if t not in manager.all_tasks]
         if unknown:
@@ -154,14 +158,19 @@ def run_harness(
 
             near = difflib.get_close_matches(unknown[0], manager.all_tasks, n=1)
             raise EvalError(f"unknown lm-eval task '{unknown[0]}'" + (f" (did you mean '{near[0]}'?)" if near else ""))
-        if set(tasks) <= set(local):  # nothing to fetch: keep the datasets library offline
-            os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        start = time.perf_counter()
-        out = lm_eval.simple_evaluate(
-            model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=False,
-        )
-        elapsed = time.perf_counter() - start
+        offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"} if set(tasks) <= set(local) else {}  # nothing to fetch
+        before = {k: os.environ.get(k) for k in offline}
+        os.environ.update({k: v for k, v in offline.items() if before[k] is None})
+        try:
+            start = time.perf_counter()
+            out = lm_eval.simple_evaluate(
+                model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=False,
+            )
+            elapsed = time.perf_counter() - start
+        finally:  # (the caller's environment as it was)
+            for k, v in before.items():
+                if v is None:
+                    os.environ.pop(k, None)
     n = {k: v["effective"] if isinstance(v, dict) else v for k, v in out.get("n-samples", {}).items()}
     return {
         "results": out["results"], "n-samples": n, "n-shot": out.get("n-shot"), "versions": out.get("versions"),
@@ -189,6 +198,20 @@ def define_flags():
     define_quantize_flags()
 
 
+def check_output_path(path: Path) -> None:
+    """Refuse, before any scoring, an --output_json that cannot be written (a folder; a parent that is
+    a file; a folder without write permission)."""
+    if path.is_dir():
+        raise EvalError(f"--output_json {path} is a folder; give a file name, e.g. {path / 'metrics.json'}")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise EvalError(f"--output_json {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise EvalError(f"--output_json {path}: {parent} is not writable")
+
+
 def evaluate(FLAGS) -> dict:
     tasks = [t.strip() for t in FLAGS.tasks.split(",") if t.strip()]
     if not tasks:
@@ -197,6 +220,8 @@ def evaluate(FLAGS) -> dict:
         raise EvalError("--batch_size and --limit must be >= 1")
     if FLAGS.scorer == "fast":
         downstream.check_names(tasks)
+    if FLAGS.output_json:
+        check_output_path(Path(FLAGS.output_json))
     device = pick_device(FLAGS.device)
     loaded = load_for_scoring(FLAGS.checkpoint_path, FLAGS.which, dtype=FLAGS.dtype, device=device,
                               quantize=getattr(FLAGS, "quantize", None), quantize_embeddings=getattr(FLAGS, "quantize_embeddings", False))
@@ -225,12 +250,15 @@ def main(argv):
     except (EvalError, SampleError, ScoreError, downstream.TaskError, ConfigError) as e:
         cli.fail(str(e))
     text = json.dumps(out, indent=2, default=str)
+    print(text)  # (first: the results are not lost if the file cannot be written)
+    sys.stdout.flush()
     if FLAGS.output_json:
         from llmjax.data import atomic_write_bytes
 
-        atomic_write_bytes(Path(FLAGS.output_json), (text + "\n").encode())
-    print(text)
-    sys.stdout.flush()
+        try:
+            atomic_write_bytes(Path(FLAGS.output_json), (text + "\n").encode())
+        except OSError as e:
+            cli.fail(f"cannot write --output_json {FLAGS.output_json}: {e.strerror or e} (the results are printed above)")
 
 
 if __name__ == "__main__":

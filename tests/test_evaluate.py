@@ -251,6 +251,20 @@ def test_preprocessing():
     assert downstream._parse_arc(original) == arc[0]
 
 
+def test_metrics_edge_cases_are_lm_evals():
+    """acc / acc_norm by numpy's argmax and division, as lm-eval's: the first of equal scores wins, a
+    choice empty after cleaning scores -inf per character (no ZeroDivisionError); with one item the
+    standard errors are "N/A", as lm-eval writes them (NaN is not JSON)."""
+    items = [downstream.Item("ctx", ("", "ab", "abcd"), 1), downstream.Item("ctx", ("x", "y"), 1)]
+    m = downstream.metrics(items, [-1.0, -2.0, -4.0, -3.0, -3.0])
+    # item 1: acc picks "" (-1.0); per character "" is -inf and "ab" ties "abcd" (-1.0): the first, the gold;
+    # item 2: a tie, the first (not the gold)
+    assert m["acc"] == 0.0 and m["acc_norm"] == 0.5
+    m = downstream.metrics(items[:1], [-9.0, -2.0, -8.0])
+    assert m["acc_norm"] == 1.0 and m["acc_stderr"] == "N/A" and m["acc_norm_stderr"] == "N/A"
+    json.dumps(m, allow_nan=False)
+
+
 # --- the harness model: rolling and generation -------------------------------------------------------
 
 
@@ -439,12 +453,17 @@ def test_registered_model_loads_a_checkpoint(bpe_run):
 
 def test_cli_errors_are_one_line(bpe_run, tmp_path):
     args = types.SimpleNamespace(tasks="hellaswag", batch_size=2, limit=None, scorer="fast", device="cuda:0", checkpoint_path=str(bpe_run),
-                                 which="latest", dtype=None, task_dir=str(FIXTURES), num_fewshot=None)
+                                 which="latest", dtype=None, task_dir=str(FIXTURES), num_fewshot=None, output_json=None)
     if jax.default_backend() == "cpu":
         with pytest.raises(E.EvalError, match="--device=cuda:0: JAX has no gpu backend"):
             E.evaluate(args)
+    (tmp_path / "afile").write_text("x")
     for change, needle in [({"tasks": "mmlu"}, "unknown task 'mmlu'"), ({"device": "tpux"}, "use cuda"), ({"tasks": " "}, "--tasks is empty"),
-                           ({"device": "cpu:99"}, "there are only")]:
+                           ({"device": "cpu:99"}, "there are only"),
+                           ({"output_json": str(tmp_path)}, "is a folder; give a file name"),
+                           ({"output_json": str(tmp_path / "afile" / "m.json")}, "is a file, not a folder"),
+                           ({"device": "cpu", "task_dir": str(tmp_path / "afile"), "tasks": "arc_easy"}, "cannot use .*afile as the task directory"),
+                           ({"device": "cpu", "scorer": "harness", "num_fewshot": 1, "limit": 2}, "--num_fewshot=1 with hellaswag: .*use --num_fewshot=0")]:
         with pytest.raises((E.EvalError, downstream.TaskError), match=needle):
             E.evaluate(types.SimpleNamespace(**(vars(args) | change)))
     r = _cli(f"--checkpoint={tmp_path / 'nope'}", "--scorer=fast")
