@@ -18,6 +18,7 @@ Needs the `eval` extra (lm-eval). `python -m llmjax.evaluate` is the command lin
 from __future__ import annotations
 
 import json
+import warnings
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -120,6 +121,9 @@ class LlmjaxLM(TemplateLM):
             sampling = Sampling(temperature=temperature, top_k=None, top_p=float(kwargs.get("top_p") or 1.0)) \
                 if kwargs.get("do_sample") and temperature > 0 else Sampling(greedy=True)
             keep = max(self.max_length - max_gen, 1)
+            if max_gen >= self.max_length:  # (lm-eval's HF model refuses this; here the prompts keep one token)
+                warnings.warn(f"max_gen_toks={max_gen} fills the model's whole context of {self.max_length}: each prompt keeps only "
+                              "its last token; lower the task's max_gen_toks", stacklevel=2)
             idx = sorted(idx, key=lambda i: -len(requests[i].args[0]))
             for s in range(0, len(idx), self.batch_size):
                 chunk = idx[s : s + self.batch_size]

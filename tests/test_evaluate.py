@@ -298,6 +298,12 @@ def test_harness_rolling_and_generate_until(bpe_model):
     assert out[0] == want_cut and stop not in out[0]
     assert out[1] == tok.decode(ids[:5]) and len(tok.encode(out[1])) <= 5
     assert out[2] == full[: min(full.index(stop), full.index(tok.decode(ids[2:3])))]
+    # max_gen_toks as long as the context: the prompt keeps its last token, and the user is told
+    last = tok.encode(prompt)[-1:]
+    with pytest.warns(UserWarning, match="max_gen_toks=256 fills the model's whole context of 256"):
+        whole = lm.generate_until([Instance("generate_until", {}, (prompt, {"until": ["never appears"], "max_gen_toks": 256}), 0)],
+                                  disable_tqdm=True)
+    assert whole[0] == tok.decode(generate(m, [last], 256, sampling=Sampling(greedy=True), eot_id=tok.eot_id)[0])
 
 
 # --- task files -----------------------------------------------------------------------------------
