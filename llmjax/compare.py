@@ -50,6 +50,10 @@ def plan(specs: list[str], *, max_steps: int, batch_size: int | None, eval_every
     """The override set of every config, after checking that they compare fairly."""
     if len(set(specs)) != len(specs):
         raise CompareError("a config is listed twice in --configs")
+    if "train.seed" in overrides:
+        raise CompareError("--set train.seed would give every run the same seed; --seeds N runs seeds 0..N-1")
+    if batch_size is not None and batch_size < 1:
+        raise CompareError(f"--batch_size must be at least 1, got {batch_size}")
     out = []
     for spec in specs:
         try:

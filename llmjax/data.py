@@ -51,14 +51,27 @@ class DataError(ValueError):
 # Atomic files
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status): setting
+    it to read it, even for a moment, is process-wide, and another thread's files made in that moment
+    would get the wrong permissions."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, chunks) -> None:
     """Write `chunks` (bytes or an iterable of bytes-like) to `path` via a temporary file + rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, 0o666 & ~umask())  # (mkstemp makes it 0600; a file written in place would get this)
     try:
         with os.fdopen(fd, "wb") as f:
             for chunk in [chunks] if isinstance(chunks, (bytes, bytearray, memoryview)) else chunks:
@@ -180,9 +193,13 @@ def prepare_builtin(name: str, out: Path) -> TokenDataset:
     with GPT-2 BPE (`tinyshakespeare`) or characters (`tinyshakespeare_char`). Idempotent."""
     out = Path(out)
     try:
-        return TokenDataset.open(out)
+        ds = TokenDataset.open(out)
     except DataError:
-        pass
+        ds = None
+    if ds is not None:
+        if ds.manifest.get("dataset") != name:
+            raise DataError(f"{out} holds the prepared dataset '{ds.manifest.get('dataset')}', not '{name}'; use another folder")
+        return ds
     text = (tok.ASSETS / "tinyshakespeare.txt").read_text(encoding="utf-8")
     tokenizer = tok.CharTokenizer.from_text(text) if name == "tinyshakespeare_char" else tok.GPT2Tokenizer()
     cut = int(len(text) * 0.9)

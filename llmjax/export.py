@@ -21,7 +21,10 @@ through huggingface_hub (its cache); needs the `hf` extra.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -280,8 +283,10 @@ GGUF_NAMES = {  # HF Llama name (per layer) -> llama.cpp name
 
 
 def gguf_tensors(params: dict, mcfg, dtype=np.float32) -> dict[str, np.ndarray]:
-    """llama.cpp tensor names and layouts (numpy shapes as torch's: (out, in))."""
-    hf = llama_tensors(params, mcfg, dtype)
+    """llama.cpp tensor names and layouts (numpy shapes as torch's: (out, in)); matrices in `dtype`,
+    1-D tensors (the norms) float32, as llama.cpp's converter keeps them (taken from the float32
+    weights: not rounded to `dtype` on the way)."""
+    hf = llama_tensors(params, mcfg, np.float32)
     out = {"token_embd.weight": hf.pop("model.embed_tokens.weight"), "output_norm.weight": hf.pop("model.norm.weight")}
     for name, w in hf.items():
         i, rest = name.removeprefix("model.layers.").split(".", 1)
@@ -290,8 +295,7 @@ def gguf_tensors(params: dict, mcfg, dtype=np.float32) -> dict[str, np.ndarray]:
         elif rest == "self_attn.k_proj.weight":
             w = rotate_half_to_interleaved(w, mcfg.n_kv_head)
         out[f"blk.{i}.{GGUF_NAMES[rest]}"] = np.ascontiguousarray(w)
-    # norms stay float32, as llama.cpp's converter keeps 1-D tensors
-    return {k: (v.astype(np.float32) if v.ndim == 1 else v) for k, v in out.items()}
+    return {k: (v if v.ndim == 1 else v.astype(dtype)) for k, v in out.items()}
 
 
 def write_gguf(params: dict, mcfg, tokenizer, path: Path, dtype=np.float32, name: str = "llmjax-modern") -> None:
@@ -302,10 +306,18 @@ def write_gguf(params: dict, mcfg, tokenizer, path: Path, dtype=np.float32, name
     check_llama(mcfg)
     if getattr(tokenizer, "eot_id", None) != 50256:
         raise ExportError("GGUF export embeds the GPT-2 BPE tokenizer; this model has another vocabulary")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        _write_gguf(gguf, params, mcfg, tokenizer, tmp, dtype, name)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # (a failed write leaves nothing behind)
+
+
+def _write_gguf(gguf, params: dict, mcfg, tokenizer, tmp: Path, dtype, name: str) -> None:
     encoder = json.loads((ASSETS / "gpt2" / "encoder.json").read_text(encoding="utf-8"))
     tokens = [t for t, _ in sorted(encoder.items(), key=lambda kv: kv[1])]
     merges = [line for line in (ASSETS / "gpt2" / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:] if line]
-    tmp = path.with_name(f".{path.name}.tmp")
     w = gguf.GGUFWriter(str(tmp), arch="llama")
     w.add_name(name)
     w.add_context_length(mcfg.context_len)
@@ -335,7 +347,6 @@ def write_gguf(params: dict, mcfg, tokenizer, path: Path, dtype=np.float32, name
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    tmp.replace(path)
 
 
 # --- writing ----------------------------------------------------------------------------------------
@@ -358,13 +369,16 @@ def export(checkpoint, fmt: str, out, *, which: str = "latest", dtype: str = "fl
     from flax import nnx
 
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param)))
-    mcfg, np_dtype, out = loaded.model.cfg, DTYPES[dtype], Path(out)
+    mcfg, np_dtype = loaded.model.cfg, DTYPES[dtype]
     if fmt == "gguf":
         check_llama(mcfg)
-        path = out if out.suffix == ".gguf" else out.with_suffix(".gguf")
+        if str(out).endswith(os.sep) or Path(out).is_dir():
+            raise ExportError(f"--out {out} is a folder; give the .gguf file's name, e.g. {Path(out) / (loaded.path.name + '.gguf')}")
+        path = Path(out) if str(out).endswith(".gguf") else Path(f"{out}.gguf")
         path.parent.mkdir(parents=True, exist_ok=True)
         write_gguf(params, mcfg, loaded.tokenizer, path, np_dtype, name=loaded.path.name)
         return path
+    out = Path(out)
     try:
         from safetensors.numpy import save_file
     except ImportError:
@@ -378,19 +392,55 @@ def export(checkpoint, fmt: str, out, *, which: str = "latest", dtype: str = "fl
     if loaded.tokenizer.eot_id != 50256:
         raise ExportError("Hugging Face export ships the GPT-2 BPE tokenizer; this model has another vocabulary")
     config["torch_dtype"] = dtype
-    from llmjax.data import atomic_write_bytes, atomic_write_json
+    from llmjax.data import umask
 
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / "model.safetensors")
-    atomic_write_json(out / "config.json", config)
-    atomic_write_bytes(out / "vocab.json", (ASSETS / "gpt2" / "encoder.json").read_bytes())
-    atomic_write_bytes(out / "merges.txt", (ASSETS / "gpt2" / "vocab.bpe").read_bytes())
-    atomic_write_json(out / "tokenizer_config.json", {"tokenizer_class": "GPT2Tokenizer", "model_max_length": mcfg.context_len,
-                                                      "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-                                                      "unk_token": "<|endoftext|>", "add_prefix_space": False})
+    check_export_folder(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export-"))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "vocab.json").write_bytes((ASSETS / "gpt2" / "encoder.json").read_bytes())
+        (tmp / "merges.txt").write_bytes((ASSETS / "gpt2" / "vocab.bpe").read_bytes())
+        (tmp / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "GPT2Tokenizer", "model_max_length": mcfg.context_len, "bos_token": "<|endoftext|>",
+            "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "add_prefix_space": False}, indent=2))
+        os.chmod(tmp, 0o777 & ~umask())  # (mkdtemp makes it 0700)
+        if out.exists():  # an earlier export (check_export_folder): swapped for the new one
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.replace(old)
+            tmp.replace(out)
+            shutil.rmtree(old)
+        else:
+            tmp.replace(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+EXPORT_FILES = {"model.safetensors", "config.json", "vocab.json", "merges.txt", "tokenizer_config.json"}
+
+
+def check_export_folder(out: Path) -> None:
+    """Refuse an --out that is a file, a training run, or a folder holding anything but an earlier
+    export's files (which a new export replaces): nothing else is overwritten."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; give a folder (a new one, or an earlier export's)")
+    if not out.is_dir():
+        return
+    if (out / "checkpoints").exists() or _is_llmjax_run(out / "config.json"):
+        raise ExportError(f"--out {out} is a training run; give another folder (an export there would replace its config.json)")
+    others = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
+    if others:
+        raise ExportError(f"--out {out} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
+                          "give a new folder or an earlier export's")
+
+
+def _is_llmjax_run(cfg: Path) -> bool:
+    try:
+        return isinstance(json.loads(cfg.read_text()).get("model"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def define_flags():

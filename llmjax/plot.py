@@ -13,13 +13,16 @@ compilation).
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from absl import flags
 
 from llmjax import cli
+from llmjax.data import umask
 
 
 class PlotError(ValueError):
@@ -105,9 +108,22 @@ def draw(curve_list: list[dict], out: str | Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     out = Path(out)
+    if out.is_dir() or str(out).endswith(os.sep):
+        raise PlotError(f"{out} is a folder; give the image's file name, e.g. {out / 'plot.png'}")
+    fmt = out.suffix.lower().lstrip(".")
+    if fmt not in fig.canvas.get_supported_filetypes():
+        raise PlotError(f"{out}: give a file name ending in an image type matplotlib writes "
+                        f"({', '.join('.' + t for t in ('png', 'pdf', 'svg', 'jpg'))}, ...)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, dpi=120, format=fmt)
+        os.chmod(tmp, 0o666 & ~umask())
+        os.replace(tmp, out)  # (a reader never sees half an image)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
     return out
 
 

@@ -86,12 +86,20 @@ class Source:
 
 
 def read_documents(src: Source) -> Iterator[tuple[str, int]]:
-    """(document, source bytes it took) for each document of a source, streamed. Blank documents of
-    txt and jsonl sources are skipped; a parquet source yields every row (its row count is then the
-    document count, from the file's metadata)."""
+    """(document, source bytes it took) for each document of a source, streamed. Blank documents
+    (and parquet's null rows) are skipped, in every format; a UTF-8 byte-order mark opening a txt
+    file is not text. Text that is not UTF-8 is a PrepareError naming the file."""
+    try:
+        yield from _read_documents(src)
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{src.path} is not UTF-8 text ({e.reason} at byte {e.start} of a block read from it); "
+                           "convert it, e.g. with iconv -f latin1 -t utf-8") from None
+
+
+def _read_documents(src: Source) -> Iterator[tuple[str, int]]:
     kind = src.kind
     if kind == "txt":
-        with open(src.path, "r", encoding="utf-8", newline="") as f:
+        with open(src.path, "r", encoding="utf-8-sig", newline="") as f:
             rest = ""
             while True:
                 block = f.read(1 << 22)
@@ -120,7 +128,8 @@ def read_documents(src: Source) -> Iterator[tuple[str, int]]:
         per_row = src.path.stat().st_size // max(pf.metadata.num_rows, 1)
         for batch in pf.iter_batches(columns=["text"], batch_size=2048):
             for text in batch.column(0).to_pylist():
-                yield text or "", per_row
+                if text and text.strip():
+                    yield text, per_row
 
 
 def _parquet(path: Path):
@@ -358,13 +367,20 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
         raise PrepareError(f"unknown dataset '{name}'; choose from {', '.join(DATASETS)} (or give --source files)")
     if shard_tokens <= 0:
         raise PrepareError("--shard_tokens must be positive")
+    if workers is not None and workers < 0:
+        raise PrepareError(f"--workers must be at least 1 (0: one per CPU), got {workers}")
     workers = workers or os.cpu_count() or 1
     sources = sources if sources else hub_sources(name)
-    args = {"dataset": name, "sources": [[str(s.path), s.split, s.path.stat().st_size] for s in sources], "shard_tokens": shard_tokens}
+    # a source is known by its path, size and modification time: an edited file is read again
+    args = {"dataset": name, "sources": [[str(s.path), s.split, s.path.stat().st_size, s.path.stat().st_mtime_ns] for s in sources],
+            "shard_tokens": shard_tokens}
 
     manifest = out / D.MANIFEST
     if manifest.is_file():
-        existing = json.loads(manifest.read_text())
+        try:
+            existing = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            raise PrepareError(f"{manifest} is damaged; delete {out} (or use another --out) to prepare it again") from None
         if existing.get("prepared_from") == args:
             return D.TokenDataset.open(out)
         raise PrepareError(f"{out} already holds a prepared dataset from other sources; use another --out or delete it")

@@ -74,6 +74,11 @@ def test_plans_refuse_unfair_comparisons():
                tasks="", tasks_limit=0, overrides={})
     with pytest.raises(C.CompareError, match="listed twice"):
         C.plan([SPECS[0], SPECS[0]], max_steps=2, batch_size=None, eval_every=None, eval_batches=None, tasks="", tasks_limit=0, overrides={})
+    with pytest.raises(C.CompareError, match="--set train.seed would give every run the same seed"):  # (it came after --seeds' flag)
+        C.plan([SPECS[0]], max_steps=2, batch_size=None, eval_every=None, eval_batches=None, tasks="", tasks_limit=0,
+               overrides={"train.seed": 7})
+    with pytest.raises(C.CompareError, match="--batch_size must be at least 1, got 0"):
+        C.plan([SPECS[0]], max_steps=2, batch_size=0, eval_every=None, eval_batches=None, tasks="", tasks_limit=0, overrides={})
     plans = C.plan([SPECS[0]], max_steps=50, batch_size=4, eval_every=None, eval_batches=None, tasks="hellaswag", tasks_limit=0,
                    overrides={"model.vocab_size": 50257, "model.padded_vocab_size": 50304, "data.dataset": "tinyshakespeare"})
     o = plans[0]["overrides"]
@@ -110,6 +115,13 @@ def test_plot_cli(result, tmp_path):
     assert [x["n_runs"] for x in c] == [2, 1] and list(c[0]["tokens"]) == [2 * 8 * 64, 4 * 8 * 64]
     r = _cli("llmjax.plot", str(tmp_path), "-o", str(tmp_path / "q.png"))
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "no metrics.jsonl" in r.stderr and r.stderr.count("\n") == 1
+    # the path printed is the file written; a name matplotlib cannot write, or a folder, is one line
+    assert P.draw(c, tmp_path / "fig.svg") == tmp_path / "fig.svg" and (tmp_path / "fig.svg").read_text().lstrip().startswith("<?xml")
+    for bad, needle in [(tmp_path / "noext", "give a file name ending in an image type"), (tmp_path / "x.foo", "image type"),
+                        (tmp_path, "is a folder")]:
+        with pytest.raises(P.PlotError, match=needle):
+            P.draw(c, bad)
+    assert not (tmp_path / "noext.png").exists() and not [f for f in tmp_path.iterdir() if f.name.startswith(".")]
 
 
 def test_compare_cli_errors_are_one_line(tmp_path):

@@ -143,6 +143,42 @@ def test_gguf_export_reads_back(runs, tmp_path):
     assert int(field("tokenizer.ggml.eos_token_id")) == 50256
 
 
+def test_exports_never_overwrite_what_is_not_theirs(runs, tmp_path):
+    """--out that is a training run (its config.json would be replaced), a folder of other files, or
+    a file is refused and left as it was; an earlier export is replaced whole; a float16 GGUF keeps
+    its norms exactly (float32, from the float32 weights); the .gguf name is appended, not swapped
+    for another suffix, and an existing folder is refused."""
+    run_cfg = (runs["vanilla"] / "config.json").read_text()
+    with pytest.raises(X.ExportError, match="is a training run"):
+        X.export(runs["vanilla"], "safetensors", runs["vanilla"])
+    assert (runs["vanilla"] / "config.json").read_text() == run_cfg and not (runs["vanilla"] / "model.safetensors").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(X.ExportError, match=r"holds other files \(notes.txt\)"):
+        X.export(runs["vanilla"], "safetensors", mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(X.ExportError, match="is a file"):
+        X.export(runs["vanilla"], "safetensors", tmp_path / "afile")
+    out = X.export(runs["vanilla"], "safetensors", tmp_path / "exp", dtype="float16")
+    again = X.export(runs["vanilla"], "safetensors", tmp_path / "exp")  # an earlier export: replaced
+    assert again == out and sorted(p.name for p in out.iterdir()) == sorted(X.EXPORT_FILES)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "exp", "mine"]  # no temporary folder left
+    gguf = pytest.importorskip("gguf")
+    path = X.export(runs["modern"], "gguf", tmp_path / "model.v1.5", dtype="float16")
+    assert path == tmp_path / "model.v1.5.gguf"
+    p, _ = run_params(runs["modern"])
+    got = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(path)).tensors}
+    assert got["output_norm.weight"].dtype == np.float32 and np.array_equal(got["output_norm.weight"], p["norm_f"]["scale"])
+    assert got["blk.0.attn_q.weight"].dtype == np.float16
+    (tmp_path / "d.gguf").mkdir()
+    with pytest.raises(X.ExportError, match="is a folder; give the .gguf file's name"):
+        X.export(runs["modern"], "gguf", tmp_path / "d.gguf")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_trainer_starts_from_imported_gpt2_weights(runs, tmp_path):
     from llmjax.config import ConfigError
     from llmjax.train import train

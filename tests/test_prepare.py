@@ -78,6 +78,49 @@ def test_txt_jsonl_parquet_decode_back_to_the_documents(tmp_path, docs):
     assert not (tmp_path / "out_txt" / P.STATE).exists()
 
 
+def test_sources_as_users_have_them(tmp_path, docs):
+    """A byte-order mark opening a txt file is not text; parquet's null and blank rows are skipped
+    like blank txt/jsonl documents (the three formats give the same tokens); text that is not UTF-8 is
+    one line naming the file; a source edited in place, even to the same size, is read again."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    txt, jsonl, _ = write_sources(tmp_path, docs[:40])
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbf" + txt.read_bytes())
+    blanks = tmp_path / "blanks.parquet"
+    rows = [d for i, d in enumerate(docs[:40]) for d in ([d, None, "", "  \n"] if i % 7 == 0 else [d])]
+    pq.write_table(pa.table({"text": rows}), blanks)
+    outs = {src.name: files(tmp_path / f"out_{src.name}") for src in (txt, jsonl, bom, blanks)
+            if P.prepare("mine", tmp_path / f"out_{src.name}", [P.Source(src, None)], workers=1, shard_tokens=5000, progress=False)}
+    assert outs["bom.txt"] == outs["docs.txt"] == outs["docs.jsonl"] == outs["blanks.parquet"]
+    for name, raw in [("latin.txt", "caf\xe9 au lait".encode("latin-1")), ("latin.jsonl", b'{"text": "caf\xe9"}\n')]:
+        (tmp_path / name).write_bytes(raw + raw)
+        with pytest.raises(P.PrepareError, match=rf"{name} is not UTF-8 text .*iconv"):
+            P.prepare("mine", tmp_path / ("o_" + name), [P.Source(tmp_path / name, None)], workers=1, progress=False)
+    edited = tmp_path / "edited.txt"
+    edited.write_text(EOT.join(docs[:40]).replace("cat", "dog") + EOT)
+    first = P.prepare("mine", tmp_path / "ed", [P.Source(edited, None)], workers=1, shard_tokens=5000, progress=False)
+    assert "dog" in decoded(first, "train")
+    time.sleep(0.01)
+    edited.write_text(edited.read_text().replace("dog", "cow"))  # same size, new content
+    with pytest.raises(P.PrepareError, match="already holds a prepared dataset from other sources"):
+        P.prepare("mine", tmp_path / "ed", [P.Source(edited, None)], workers=1, shard_tokens=5000, progress=False)
+
+
+def test_bad_output_folders_and_settings_are_one_line(tmp_path, docs):
+    txt, _, _ = write_sources(tmp_path, docs[:20])
+    with pytest.raises(P.PrepareError, match="--workers must be at least 1"):
+        P.prepare("mine", tmp_path / "w", [P.Source(txt, None)], workers=-1, progress=False)
+    (tmp_path / "dm").mkdir()
+    (tmp_path / "dm" / D.MANIFEST).write_text("{not json")
+    with pytest.raises(P.PrepareError, match="is damaged; delete"):
+        P.prepare("mine", tmp_path / "dm", [P.Source(txt, None)], workers=1, progress=False)
+    P.prepare("mine", tmp_path / "other", [P.Source(txt, None)], workers=1, progress=False)
+    with pytest.raises(D.DataError, match="holds the prepared dataset 'mine', not 'tinyshakespeare_char'"):
+        P.prepare("tinyshakespeare_char", tmp_path / "other")
+
+
 def test_held_out_tail_is_one_percent_of_the_text_and_at_least_one_document(tmp_path):
     docs = ["short"] * 50 + ["x" * 40_000]  # the last document alone is far more than 1%
     txt = tmp_path / "a.txt"
