@@ -342,10 +342,17 @@ def table(rows: list[dict], command: str) -> str:
 
 
 def rewrite_doc(text: str, block: str) -> str:
-    if BEGIN in text and END in text:
-        a, b = text.index(BEGIN), text.index(END) + len(END)
-        return text[:a] + block + text[b:]
-    return text.rstrip("\n") + "\n\n## Generated results table (`python -m llmjax.bench --all`)\n\n" + block + "\n"
+    """`text` with its generated table (between BEGIN and END) replaced by `block`, or `block`
+    appended where it has none. Refused (ConfigError) where the markers are not exactly one BEGIN
+    followed by one END: a lost marker would make the next rewrite cut hand-written text."""
+    begins, ends = text.count(BEGIN), text.count(END)
+    if begins == ends == 0:
+        return text.rstrip("\n") + "\n\n## Generated results table (`python -m llmjax.bench --all`)\n\n" + block + "\n"
+    if begins != 1 or ends != 1 or text.index(BEGIN) > text.index(END):
+        raise ConfigError(f"the generated table's markers are damaged ({begins} x {BEGIN}, {ends} x {END}); "
+                          "mend them (one of each, in that order) or pass another --doc")
+    a, b = text.index(BEGIN), text.index(END) + len(END)
+    return text[:a] + block + text[b:]
 
 
 # --- command line ------------------------------------------------------------------------------------
@@ -410,8 +417,12 @@ def main(argv):
         train_batches = sorted({int(b) for b in F.batch_size}) or [None]
     except ValueError:
         cli.fail(f"--batch_size and --decode_batches take integers, got {F.batch_size} and {F.decode_batches}")
-    if min(batches + [b for b in train_batches if b is not None]) < 1:
+    if min(batches + [b for b in train_batches if b is not None], default=1) < 1:
         cli.fail("batch sizes must be at least 1")
+    if "decode" in F.suite and not batches:
+        cli.fail("--decode_batches is empty; give the decode batch sizes (e.g. 1,64) or leave decode out of --suite")
+    if F.prompt_len < 1 or F.new_tokens < 1:
+        cli.fail(f"--prompt_len and --new_tokens must be at least 1, got {F.prompt_len} and {F.new_tokens}")
     if F.steps < 0 or F.repeats < 1 or F.decode_unroll < 1:
         cli.fail("--steps must be at least 0 (0: compile only), --repeats and --decode_unroll at least 1")
     if not F.decode_modes or not set(F.decode_modes) <= set(DECODE_MODES):
@@ -459,8 +470,14 @@ def main(argv):
                 if r.get("profile_error"):
                     print(f"\nprofile error ({r['arch']}): {r['profile_error']}")
     if F.all:
+        from llmjax.data import atomic_write_bytes
+
         path = Path(F.doc)
-        path.write_text(rewrite_doc(path.read_text() if path.exists() else "# Benchmarks\n", block))
+        try:
+            text = rewrite_doc(path.read_text() if path.exists() else "# Benchmarks\n", block)
+        except ConfigError as e:
+            cli.fail(str(e))
+        atomic_write_bytes(path, text.encode())  # (a failed write leaves the document as it was)
 
 
 if __name__ == "__main__":

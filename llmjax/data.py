@@ -156,8 +156,14 @@ class TokenDataset:
             manifest = json.loads(file.read_text())
         except json.JSONDecodeError as e:
             raise DataError(f"{file} is not valid JSON ({e.msg}); prepare the dataset again") from None
-        if manifest.get("format") != "llmjax-tokens" or manifest.get("version") != VERSION:
+        if not isinstance(manifest, dict) or manifest.get("format") != "llmjax-tokens" or manifest.get("version") != VERSION:
             raise DataError(f"{file} is not an llmjax token manifest of version {VERSION}")
+        splits = manifest.get("splits")
+        shards_ok = isinstance(splits, dict) and all(
+            isinstance(v, list) and all(isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("tokens"), int) for s in v)
+            for v in splits.values())
+        if not (isinstance(manifest.get("dataset"), str) and isinstance(manifest.get("tokenizer"), dict) and shards_ok):
+            raise DataError(f"{file} is damaged (its dataset, tokenizer or splits are missing or malformed); prepare the dataset again")
         return cls(path, manifest)
 
     @property

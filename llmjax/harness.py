@@ -86,7 +86,7 @@ class LlmjaxLM(TemplateLM):
         return self.batch_size_per_gpu
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.llmjax_tokenizer.encode(string)
+        return self.llmjax_tokenizer.encode_prompt(string)  # ("<|endoftext|>": the token, as HF's tokenizer gives it)
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
         return self.llmjax_tokenizer.decode(tokens)

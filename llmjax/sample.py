@@ -412,7 +412,7 @@ class Loaded:
         out = []
         for i, text in enumerate(prompts):
             try:
-                ids = tok.encode(text) if text else []
+                ids = tok.encode_prompt(text) if text else []  # ("<|endoftext|>": the token, as nanoGPT's sampler reads it)
             except TokenizerError as e:
                 raise SampleError(f"prompt {i + 1}: {e}") from None
             if not ids:

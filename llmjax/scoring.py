@@ -87,16 +87,17 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     trailing whitespace of the context moves to the continuation; the continuation's tokens are
     those of context + continuation after the context's own tokens (so a word split across the
     boundary is tokenised as one text)."""
+    encode = tokenizer.encode_prompt  # ("<|endoftext|>" in a request is the token, as HF's GPT-2 tokenizer reads it)
     if context.strip() == "":  # (lm-eval has no rule for a whitespace-only context: it becomes text to score)
-        cont = tokenizer.encode(context + continuation)
+        cont = encode(context + continuation)
         if cont and cont[0] == tokenizer.eot_id:
             return cont[:1], cont[1:]
         return [tokenizer.eot_id], cont
     stripped = context.rstrip()
     if len(stripped) < len(context):
         context, continuation = stripped, context[len(stripped) :] + continuation
-    whole = tokenizer.encode(context + continuation)
-    ctx = tokenizer.encode(context)
+    whole = encode(context + continuation)
+    ctx = encode(context)
     return ctx, whole[len(ctx) :]
 
 

@@ -8,6 +8,8 @@ manifests and run directories, and `from_description` rebuilds it: a run is self
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 from pathlib import Path
 
 import tiktoken
@@ -27,15 +29,29 @@ class TokenizerError(ValueError):
 
 @functools.lru_cache(maxsize=1)
 def gpt2_encoding() -> tiktoken.Encoding:
+    """tiktoken's GPT-2 encoding from the shipped files, checked against tiktoken's pinned sha256 here
+    (tiktoken's own check goes through its download cache, which copies the files into a cache
+    folder, fails where that folder cannot be written, and checks nothing when it is disabled)."""
+    folder = ASSETS / "gpt2"
+    for name, want in (("vocab.bpe", GPT2_VOCAB_BPE_SHA256), ("encoder.json", GPT2_ENCODER_JSON_SHA256)):
+        try:
+            ok = hashlib.sha256((folder / name).read_bytes()).hexdigest() == want
+        except OSError as e:
+            raise TokenizerError(f"cannot read the shipped GPT-2 BPE file {folder / name} ({e.strerror}); reinstall llmjax") from None
+        if not ok:
+            raise TokenizerError(f"the shipped GPT-2 BPE file {folder / name} is corrupt (its sha256 is not tiktoken's); reinstall llmjax")
+    saved = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # tiktoken reads local files directly with its cache off
     try:
-        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-            vocab_bpe_file=str(ASSETS / "gpt2" / "vocab.bpe"),
-            encoder_json_file=str(ASSETS / "gpt2" / "encoder.json"),
-            vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
-            encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
-        )
-    except ValueError as e:  # tiktoken's hash check
-        raise TokenizerError(f"the shipped GPT-2 BPE files in {ASSETS / 'gpt2'} are corrupt ({e}); reinstall llmjax") from None
+        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(folder / "vocab.bpe"),
+                                                               encoder_json_file=str(folder / "encoder.json"))
+    except (ValueError, AssertionError) as e:
+        raise TokenizerError(f"the shipped GPT-2 BPE files in {folder} are inconsistent ({type(e).__name__}); reinstall llmjax") from None
+    finally:
+        if saved is None:
+            os.environ.pop("TIKTOKEN_CACHE_DIR", None)
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = saved
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: 50256})
 
 
@@ -49,7 +65,14 @@ class GPT2Tokenizer:
         self.encoding = gpt2_encoding()
 
     def encode(self, text: str) -> list[int]:
+        """Training text: "<|endoftext|>" inside a document is text (7 tokens), as nanoGPT prepares
+        data; documents are separated by the token itself (llmjax.prepare)."""
         return self.encoding.encode_ordinary(text)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Text a user writes (sampler prompts, evaluation requests): "<|endoftext|>" is the
+        end-of-text token, as nanoGPT's sampler and Hugging Face's GPT-2 tokenizer (lm-eval's) read it."""
+        return self.encoding.encode(text, allowed_special={EOT}, disallowed_special=())
 
     def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
         return self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
@@ -88,6 +111,8 @@ class CharTokenizer:
         except KeyError as e:
             raise TokenizerError(f"character {e.args[0]!r} is not in this model's {self.vocab_size}-character vocabulary") from None
 
+    encode_prompt = encode  # (no end-of-text token to spell)
+
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
 
@@ -99,9 +124,12 @@ class CharTokenizer:
 
 
 def from_description(desc: dict):
-    kind = desc.get("kind")
+    kind = desc.get("kind") if isinstance(desc, dict) else None
     if kind == "gpt2":
         return GPT2Tokenizer()
     if kind == "char":
-        return CharTokenizer(desc["chars"])
+        tok = CharTokenizer(desc["chars"])
+        if desc.get("vocab_size", tok.vocab_size) != tok.vocab_size:
+            raise TokenizerError(f"character tokenizer: vocab_size {desc['vocab_size']} but {tok.vocab_size} characters")
+        return tok
     raise TokenizerError(f"unknown tokenizer kind {kind!r} (expected 'gpt2' or 'char')")

@@ -46,6 +46,10 @@ def test_table_and_doc_rewrite(row):
     twice = bench.rewrite_doc(once + "\nlater text\n", block.replace("modern", "mla"))
     assert "hand-written" in twice and "later text" in twice and "`mla`" in twice and "`modern`" not in twice
     assert twice.count(bench.BEGIN) == 1
+    # a lost end marker: refused (a rewrite would cut everything from the begin marker to a new end)
+    for damaged in (once.replace(bench.END, "") + "\nprecious\n", once + "\n" + bench.BEGIN + "\n", once.replace(bench.BEGIN, "")):
+        with pytest.raises(bench.ConfigError, match="markers are damaged"):
+            bench.rewrite_doc(damaged, block)
 
 
 def _cli(*args):
@@ -67,7 +71,10 @@ def test_cli_all_rewrites_the_doc_table(tmp_path):
 
 def test_cli_bad_input_is_one_line():
     for args, needle in [([], "--config"), (["--config=configs/vanilla.py:tiny", "--suite=speed"], "unknown suite"),
-                         (["--config=configs/vanilla.py:tiny", "--config.model.n_layr=2"], "n_layer")]:
+                         (["--config=configs/vanilla.py:tiny", "--config.model.n_layr=2"], "n_layer"),
+                         (["--config=configs/vanilla.py:tiny", "--decode_batches="], "--decode_batches is empty"),
+                         (["--config=configs/vanilla.py:tiny", "--prompt_len=0"], "--prompt_len and --new_tokens must be at least 1"),
+                         (["--config=configs/vanilla.py:tiny", "--new_tokens=-3"], "--prompt_len and --new_tokens must be at least 1")]:
         r = _cli(*args)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
 

@@ -46,6 +46,16 @@ def test_manifest_validation(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(D.DataError, match="not an llmjax token manifest"):
         D.TokenDataset.open(tmp_path)
+    (tmp_path / "manifest.json").write_text("[]")
+    with pytest.raises(D.DataError, match="not an llmjax token manifest"):
+        D.TokenDataset.open(tmp_path)
+    good = {"format": "llmjax-tokens", "version": D.VERSION, "dataset": "x", "tokenizer": {"kind": "gpt2"},
+            "splits": {"train": [{"file": "train_0000.bin", "tokens": 5}]}}
+    for broken in ({k: v for k, v in good.items() if k != "splits"}, {k: v for k, v in good.items() if k != "dataset"},
+                   {**good, "splits": {"train": [{"file": 3}]}}, {**good, "splits": ["train"]}):
+        (tmp_path / "manifest.json").write_text(json.dumps(broken))
+        with pytest.raises(D.DataError, match="is damaged"):
+            D.TokenDataset.open(tmp_path)
 
 
 def test_builtin_datasets_prepare_once_and_decode_back(data_dir):
@@ -80,6 +90,49 @@ def test_tokenizers():
     assert tok.from_description(char.description()).chars == "abc\n"
     with pytest.raises(tok.TokenizerError, match="'z' is not in this model's 4-character vocabulary"):
         char.encode("z")
+
+
+def test_end_of_text_in_what_users_write(monkeypatch, tmp_path):
+    """Training text keeps a literal "<|endoftext|>" as text, as nanoGPT prepares data; prompts and
+    evaluation requests read it as the token, as nanoGPT's sampler and Hugging Face's tokenizer do."""
+    from llmjax.scoring import encode_pair
+
+    gpt2 = tok.GPT2Tokenizer()
+    assert gpt2.encode_prompt("<|endoftext|>Once") == [50256, 7454]
+    assert gpt2.encode("<|endoftext|>Once")[-1] == 7454 and 50256 not in gpt2.encode("<|endoftext|>Once")
+    assert gpt2.encode_prompt("plain text") == gpt2.encode("plain text")
+    assert encode_pair(gpt2, "", "<|endoftext|>Hello") == ([50256], [15496])  # lm-eval's rule for an empty context
+    char = tok.CharTokenizer("<|>a")
+    assert char.encode_prompt("<|>") == char.encode("<|>")
+
+
+def test_the_shipped_bpe_files_are_checked_without_tiktokens_cache(monkeypatch, tmp_path):
+    """The GPT-2 BPE files are checked against tiktoken's sha256 by llmjax itself: a damaged copy is
+    one line whatever TIKTOKEN_CACHE_DIR says, and an unwritable cache folder does not matter."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "afile" / "cache"))  # cannot be created
+    (tmp_path / "afile").write_text("x")
+    tok.gpt2_encoding.cache_clear()
+    try:
+        assert tok.gpt2_encoding().encode_ordinary("Hello world") == [15496, 995]
+        assert os.environ["TIKTOKEN_CACHE_DIR"] == str(tmp_path / "afile" / "cache")  # (restored)
+        bad = tmp_path / "assets"
+        (bad / "gpt2").mkdir(parents=True)
+        lines = (tok.ASSETS / "gpt2" / "vocab.bpe").read_text(encoding="utf-8").splitlines(keepends=True)
+        lines[1], lines[2] = lines[2], lines[1]  # two merges swapped
+        (bad / "gpt2" / "vocab.bpe").write_text("".join(lines), encoding="utf-8")
+        (bad / "gpt2" / "encoder.json").write_bytes((tok.ASSETS / "gpt2" / "encoder.json").read_bytes())
+        monkeypatch.setattr(tok, "ASSETS", bad)
+        for cache in ("", str(tmp_path / "c")):
+            monkeypatch.setenv("TIKTOKEN_CACHE_DIR", cache)
+            tok.gpt2_encoding.cache_clear()
+            with pytest.raises(tok.TokenizerError, match="vocab.bpe is corrupt"):
+                tok.gpt2_encoding()
+    finally:
+        tok.gpt2_encoding.cache_clear()
+    with pytest.raises(tok.TokenizerError, match="vocab_size 5 but 3 characters"):
+        tok.from_description({"kind": "char", "vocab_size": 5, "chars": "abc"})
+    with pytest.raises(tok.TokenizerError, match="unknown tokenizer kind"):
+        tok.from_description([])
 
 
 def _shards():
