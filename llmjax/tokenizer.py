@@ -124,7 +124,9 @@ class CharTokenizer:
 
 
 def from_description(desc: dict):
-    kind = desc.get("kind") if isinstance(desc, dict) else None
+    if not isinstance(desc, dict):
+        raise TokenizerError(f"not a tokenizer description (a JSON object with a 'kind'): {type(desc).__name__}")
+    kind = desc.get("kind")
     if kind == "gpt2":
         return GPT2Tokenizer()
     if kind == "char":

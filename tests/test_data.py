@@ -131,8 +131,10 @@ def test_the_shipped_bpe_files_are_checked_without_tiktokens_cache(monkeypatch, 
         tok.gpt2_encoding.cache_clear()
     with pytest.raises(tok.TokenizerError, match="vocab_size 5 but 3 characters"):
         tok.from_description({"kind": "char", "vocab_size": 5, "chars": "abc"})
-    with pytest.raises(tok.TokenizerError, match="unknown tokenizer kind"):
+    with pytest.raises(tok.TokenizerError, match="not a tokenizer description"):
         tok.from_description([])
+    with pytest.raises(tok.TokenizerError, match="unknown tokenizer kind 'bpe'"):
+        tok.from_description({"kind": "bpe"})
 
 
 def _shards():

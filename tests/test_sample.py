@@ -495,11 +495,14 @@ def test_bad_checkpoints_are_one_line_errors(run_dir, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(run_dir, other)
     (other / "tokenizer.json").write_text("[]")
-    with pytest.raises(S.SampleError, match="not a readable llmjax run"):
+    with pytest.raises(S.SampleError, match="other: not a tokenizer description"):
         S.load(other)
     desc = json.loads((run_dir / "tokenizer.json").read_text())
     desc["chars"] = desc["chars"][:10]
     (other / "tokenizer.json").write_text(json.dumps(desc))
+    with pytest.raises(S.SampleError, match="character tokenizer: vocab_size 65 but 10 characters"):
+        S.load(other)
+    (other / "tokenizer.json").write_text(json.dumps({**desc, "vocab_size": 10}))
     with pytest.raises(S.SampleError, match="its tokenizer.json has 10 tokens, its model 65"):
         S.load(other)
 
