@@ -14,6 +14,7 @@ files carry no checksum, so bytes damaged on disk would otherwise restore as sil
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from pathlib import Path
 
@@ -81,13 +82,25 @@ class Checkpointer:
         """Restore the state onto `abstract_state`'s shardings (and the iterator in place), checked
         against the fingerprints saved with it."""
         items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        other_count = None  # the data iterator's state as saved by a run on another number of processes
         if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+            data_dir = self.directory / str(step) / "data"
+            if (data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json").is_file():
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+            else:
+                other_count = sorted(data_dir.glob("process_*-of-*.json"))
         try:
             with _quiet_asyncio():
                 out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax and TensorStore raise many types for a damaged or foreign checkpoint
             raise CheckpointError(unreadable(self.directory, step, e, RESUME_HINT)) from None
+        if other_count is not None:
+            # llmjax's training iterator counts global batches, so its position is the same in every
+            # process and for any process count (llmjax.data.train_batches): take any process's
+            if not other_count:
+                raise CheckpointError(f"checkpoint {self.directory}/{step} has no data iterator state; "
+                                      f"{_hint(RESUME_HINT, self.directory, step)}")
+            data_iter.set_state(json.loads(other_count[0].read_text()))
         meta = dict(out["meta"] or {})
         verify(out["state"], meta.pop("fingerprints", None), self.directory, step, RESUME_HINT)
         return out["state"], meta

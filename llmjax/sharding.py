@@ -66,6 +66,9 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     size may be -1: it takes what the others leave. A missing axis has size 1."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = [int(mesh_cfg[a]) if a in mesh_cfg else 1 for a in MESH_AXES]
+    bad = [f"{a}={s}" for a, s in zip(MESH_AXES, sizes) if s != -1 and s < 1]
+    if bad:
+        raise ConfigError(f"train.mesh: {', '.join(bad)}; each axis is -1 (the rest of the devices) or at least 1")
     if sizes.count(-1) > 1:
         raise ConfigError("train.mesh: at most one axis may be -1")
     if -1 in sizes:

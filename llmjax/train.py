@@ -218,6 +218,9 @@ def build_steps(cfg, mesh) -> Steps:
     mcfg, tcfg = model_config(cfg), cfg.train
     if tcfg.batch_size % mesh.devices.size:
         raise ConfigError(f"train.batch_size={tcfg.batch_size} must be divisible by the {mesh.devices.size} devices of the mesh")
+    n_experts, expert_axis = getattr(mcfg, "n_experts", None), mesh.shape.get("expert", 1)
+    if n_experts and expert_axis > 1 and n_experts % expert_axis:
+        raise ConfigError(f"train.mesh.expert={expert_axis} must divide model.n_experts={n_experts} (each device holds whole experts)")
     logits_dtype = loss_logits_dtype(mcfg, tcfg)
     if tcfg.loss_chunks < 0 or (tcfg.loss_chunks > 1 and mcfg.padded_vocab_size % tcfg.loss_chunks):
         raise ConfigError(

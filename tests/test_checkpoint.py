@@ -133,3 +133,29 @@ def test_orbax_notices_about_intended_behaviour_are_not_logged(tmp_path, caplog)
         restore_params(tmp_path / "ckpt", 2, {"params": _abstract(state["params"])})
     text = caplog.text
     assert "tracked_metric" not in text and "read only" not in text, text
+
+
+def test_a_run_resumes_on_another_number_of_processes(tmp_path):
+    """Grain saves the data iterator's position per process (`process_{i}-of-{n}.json`) and reads only
+    the current count's; llmjax's iterator counts global batches (the same position in every
+    process, for any count), so a checkpoint written by 2 processes resumes on 1 at the same place."""
+    from llmjax import data as D
+
+    shards = [np.arange(5000, dtype=np.uint16)]
+    it = D.train_batches(shards, seq_len=8, global_batch=4, seed=0)
+    for _ in range(7):
+        next(it)
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    state = {"w": np.ones(3, np.float32)}
+    ckpt.save(7, state, it, {"step": 7})
+    ckpt.close()
+    want = [next(it) for _ in range(3)]
+    data = tmp_path / "ckpt" / "7" / "data"
+    saved = (data / "process_0-of-1.json").read_text()
+    (data / "process_0-of-1.json").unlink()
+    for i in range(2):  # as two processes would have written it
+        (data / f"process_{i}-of-2.json").write_text(saved)
+    fresh = D.train_batches(shards, seq_len=8, global_batch=4, seed=0)
+    Checkpointer(tmp_path / "ckpt").restore(7, {"w": jax.ShapeDtypeStruct((3,), np.float32)}, fresh)
+    for a in want:
+        np.testing.assert_array_equal(next(fresh), a)

@@ -338,6 +338,25 @@ def test_zero_settings_resume_notices_and_a_cut_metrics_line(tmp_path, capsys):
         train(cfg("vanilla", **{**zero, "train__max_steps": 4}), run_dir, quiet=True)
 
 
+def test_bad_meshes_are_one_line_errors():
+    """Mesh sizes are -1 or at least 1 and multiply to the device count; a MoE's expert axis divides
+    its experts (otherwise capacity mode failed inside shard_map, and dropless silently kept every
+    expert on every device)."""
+    from llmjax.sharding import make_mesh
+    from llmjax.train import build_steps
+
+    eight = jax.devices()[:8]
+    for mesh, needle in [({"data": -1, "fsdp": 0}, "fsdp=0; each axis is -1"), ({"data": -2, "fsdp": -4}, "data=-2, fsdp=-4"),
+                         ({"data": -1, "fsdp": -1}, "at most one axis may be -1"), ({"data": 3}, "needs 3 devices, there are 8"),
+                         ({"data": -1, "fsdp": 3}, "does not divide 8 devices")]:
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            make_mesh(mesh, eight)
+    for mode in ("capacity", "dropless"):
+        moe = cfg("moe", model__moe_mode=mode, **{"train.mesh.data": 1, "train.mesh.expert": 8})
+        with pytest.raises(ConfigError, match=r"train.mesh.expert=8 must divide model.n_experts=4"):
+            build_steps(moe, make_mesh(moe.train.mesh, eight))
+
+
 def test_vocab_mismatch_and_missing_dataset_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="set --config.model.vocab_size=65"):
         train(cfg("vanilla", model__vocab_size=60), tmp_path / "a", quiet=True)
