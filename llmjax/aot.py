@@ -153,8 +153,11 @@ def _find_cudnn() -> None:
 # ---------------------------------------------------------------------------------------------
 # Reading XLA's optimised HLO
 
-DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4, "u32": 4, "s64": 8, "u64": 8,
-               "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16}
+DTYPE_BYTES = {"pred": 1, "s1": 0.125, "u1": 0.125, "s2": 0.25, "u2": 0.25, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2,
+               "u16": 2, "s32": 4, "u32": 4, "s64": 8, "u64": 8, "f4e2m1fn": 0.5, "f8e3m4": 1, "f8e4m3": 1, "f8e4m3fn": 1,
+               "f8e4m3fnuz": 1, "f8e4m3b11fnuz": 1, "f8e5m2": 1, "f8e5m2fnuz": 1, "f8e8m0fnu": 1, "bf16": 2, "f16": 2, "f32": 4,
+               "f64": 8, "c64": 8, "c128": 16}
+_WORKSPACE = re.compile(r"s8\[\d+\](\{[^}]*\})?")  # a library call's scratch buffer, in its result tuple
 _ARRAY = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
 _HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) \(.*\) -> .* \{$")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$")
@@ -265,6 +268,14 @@ SLICING = ("gather", "dynamic-slice")  # read part of their first operand
 IN_PLACE = {"dynamic-update-slice": 1, "scatter": 2}  # write part of their first operand: the update's index
 
 
+def _is_param(name: str, by_name: dict) -> bool:
+    """Whether `name` is a fusion parameter, through bitcasts only (an update in place of that buffer;
+    through a convert it is a new buffer, written whole)."""
+    while name in by_name and by_name[name].opcode == "bitcast" and by_name[name].operands:
+        name = by_name[name].operands[0]
+    return name in by_name and by_name[name].opcode == "parameter"
+
+
 def fusion_bytes(comp: list[Instr], operand_shapes: list[str], result_shape: str) -> float:
     """Bytes a fused kernel reads and writes: each operand whole, except one the kernel only
     slices (gather, dynamic-slice: the slices) or updates in place (dynamic-update-slice, scatter:
@@ -276,20 +287,21 @@ def fusion_bytes(comp: list[Instr], operand_shapes: list[str], result_shape: str
             users.setdefault(o, []).append((i, pos))
     by_name = {i.name: i for i in comp}
 
-    def uses_of(name: str) -> list[tuple[Instr, int]]:  # through bitcasts and converts (computed per element read)
+    def uses_of(name: str, through=("bitcast", "convert")) -> list[tuple[Instr, int]]:
         out = []
         for u, pos in users.get(name, []):
-            out += uses_of(u.name) if u.opcode in ("bitcast", "convert") else [(u, pos)]
+            out += uses_of(u.name, through) if u.opcode in through else [(u, pos)]
         return out
 
     total = 0.0
     for name, n in index.items():
         if n >= len(operand_shapes):
             continue
-        uses = uses_of(name)
+        uses = uses_of(name)  # (a slice reads per element, so through converts as well)
+        direct = uses_of(name, ("bitcast",))  # updated in place: the buffer itself, not a converted copy
         if uses and all(u.opcode in SLICING and pos == 0 for u, pos in uses):
             total += sum(shape_bytes(u.shape) for u, _ in uses)
-        elif uses and all(u.opcode in IN_PLACE and pos == 0 for u, pos in uses):
+        elif direct and all(u.opcode in IN_PLACE and pos == 0 for u, pos in direct):
             continue
         else:
             total += shape_bytes(operand_shapes[n])
@@ -298,7 +310,7 @@ def fusion_bytes(comp: list[Instr], operand_shapes: list[str], result_shape: str
     for r in roots:
         while r is not None and r.opcode == "bitcast" and r.operands and r.operands[0] in by_name:
             r = by_name[r.operands[0]]
-        if r is not None and r.opcode in IN_PLACE and len(r.operands) > IN_PLACE[r.opcode]:
+        if r is not None and r.opcode in IN_PLACE and len(r.operands) > IN_PLACE[r.opcode] and _is_param(r.operands[0], by_name):
             total += shape_bytes(by_name[r.operands[IN_PLACE[r.opcode]]].shape) if r.operands[IN_PLACE[r.opcode]] in by_name else 0
         elif r is not None:
             total += shape_bytes(r.shape)
@@ -340,17 +352,22 @@ def kernels(text: str) -> list[Kernel]:
             elif i.opcode == "call":
                 for c in _called(i.attrs, "to_apply"):
                     walk(c, times)
+            elif i.opcode == "async-start":  # (the wrapped operation runs as the computation it calls)
+                for c in _called(i.attrs, "calls"):
+                    walk(c, times)
             elif i.opcode not in NO_KERNEL and not i.opcode.endswith("-done"):
                 moved = shape_bytes(i.shape) + sum(shape_bytes(shapes.get(o, "")) for o in i.operands)
                 flops, types, op = 0.0, [], _op_name(i)
                 target = re.search(r'custom_call_target="([^"]*)"', i.attrs)
-                if i.opcode == "fusion":
+                if i.opcode in ("fusion", "fusion-start"):  # (an async fusion: its result tuple is not its output)
                     for c in _called(i.attrs, "calls"):
                         f, t, o = _dot_flops(comps.get(c, []))
                         flops, types, op = flops + f, types + t, o or op
                         moved = fusion_bytes(comps.get(c, []), [shapes.get(o, "") for o in i.operands], i.shape)
                 elif target and ("gemm" in target.group(1) or "matmul" in target.group(1)):
                     flops, types = _custom_gemm(i, shapes)
+                    # (its result tuple's last element is the library's scratch workspace, not data)
+                    moved = shape_bytes(_WORKSPACE.sub("", i.shape)) + sum(shape_bytes(shapes.get(o, "")) for o in i.operands)
                 kind = "attention" if target and "fmha" in target.group(1) else "gemm" if types else "other"
                 out.append(Kernel(i.name, kind, times, moved, flops, types, op))
 
@@ -578,7 +595,9 @@ def main(argv):
         batches = [int(b) for b in F.decode_batches]
     except ValueError:
         cli.fail(f"--decode_batches takes integers, got {','.join(F.decode_batches)}")
-    if min(batches + [F.batch_size or 1]) < 1 or F.prompt_len < 1 or F.new_tokens < 1:
+    if F.top < 0:
+        cli.fail(f"--top must be at least 0, got {F.top}")
+    if min(batches + [1 if F.batch_size is None else F.batch_size]) < 1 or F.prompt_len < 1 or F.new_tokens < 1:
         cli.fail("batch sizes, --prompt_len and --new_tokens must be at least 1")
     try:
         device = gpu_device(F.target)

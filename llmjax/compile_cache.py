@@ -32,6 +32,7 @@ import itertools
 import os
 import threading
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -42,6 +43,7 @@ RESCAN_EVERY = 256  # writes between two listings of the folder
 LOW_WATER = 0.8  # an eviction empties the folder down to this fraction of the limit
 STALE_TMP_SECONDS = 3600  # a temporary file this old belongs to a writer that died: removed
 
+_TMP_TAG = uuid.uuid4().hex[:8]
 _tmp_counter = itertools.count()
 
 
@@ -82,12 +84,18 @@ class FolderCache:
         if 0 < self.max_bytes < len(value):
             warnings.warn(f"a compiled program of {len(value)} bytes is larger than the compilation cache's limit ({self.max_bytes} bytes); not cached")
             return
-        # (a short name: an entry's own name may already be near the filesystem's 255-byte limit)
-        tmp = self._path / f".{os.getpid()}.{next(_tmp_counter)}{TMP_SUFFIX}"
+        # (a short name: an entry's own name may already be near the filesystem's 255-byte limit; a
+        # random part as well as the pid: processes of other machines or containers may share the folder)
+        tmp = self._path / f".{os.getpid()}.{_TMP_TAG}.{next(_tmp_counter)}{TMP_SUFFIX}"
         try:
             with open(tmp, "wb") as f:
                 f.write(value)
             os.replace(tmp, path)  # atomic: readers see all of it or nothing
+        except OSError as e:  # an unwritable folder or a full disk: said once, then nothing more is written
+            tmp.unlink(missing_ok=True)
+            self.max_bytes = 0
+            warnings.warn(f"cannot write to the compilation cache {self._path} ({e.strerror or e}); compiled programs are not cached")
+            return
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -68,7 +68,9 @@ def _events(profile) -> list[tuple[str, str, float, float, str]]:
                     # an event that holds the next one (a while loop, a call) is counted through its
                     # parts; one that merely overlaps the next (kernels of a CUDA graph, whose
                     # timestamps interleave by a few ns) is counted itself
-                    if i + 1 < len(evs) and evs[i + 1][0] < start + dur and evs[i + 1][0] + evs[i + 1][1] <= start + dur:
+                    # (host lines only: kernels on a device line never nest, and one running inside a
+                    # longer one is a concurrent branch of a CUDA graph, not its part)
+                    if where == "host" and i + 1 < len(evs) and evs[i + 1][0] < start + dur and evs[i + 1][0] + evs[i + 1][1] <= start + dur:
                         continue
                     out.append((name, op, start, dur, where))
     return out

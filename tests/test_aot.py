@@ -108,6 +108,54 @@ def test_the_hlo_reader_counts_launches_bytes_and_flops():
     assert s["roofline_ms"] == pytest.approx(1e3 * (max(g.flops / h100["peak_bf16"], g.bytes / h100["bandwidth"]) + other / h100["bandwidth"]))
 
 
+ASYNC_HLO = """
+HloModule m
+
+%fused_mul (p0: f32[64,64]) -> f32[64,64] {
+  %p0 = f32[64,64]{1,0} parameter(0)
+  ROOT %m = f32[64,64]{1,0} multiply(%p0, %p0)
+}
+
+%fused_dus_conv (q0: bf16[4096,256], q1: f32[1,256], q2: s32[]) -> f32[4096,256] {
+  %q0 = bf16[4096,256]{1,0} parameter(0)
+  %q1 = f32[1,256]{1,0} parameter(1)
+  %q2 = s32[] parameter(2)
+  %c = f32[4096,256]{1,0} convert(%q0)
+  %z = s32[] constant(0)
+  ROOT %d = f32[4096,256]{1,0} dynamic-update-slice(%c, %q1, %q2, %z)
+}
+
+ENTRY %main (x: f32[64,64], a: bf16[4,32,64], b: bf16[4,64,16], e: f8e4m3fnuz[1024], h: bf16[4096,256], u: f32[1,256], i: s32[]) -> f32[64,64] {
+  %x = f32[64,64]{1,0} parameter(0)
+  %a = bf16[4,32,64]{2,1,0} parameter(1)
+  %b = bf16[4,64,16]{2,1,0} parameter(2)
+  %e = f8e4m3fnuz[1024]{0} parameter(3)
+  %h = bf16[4096,256]{1,0} parameter(4)
+  %u = f32[1,256]{1,0} parameter(5)
+  %i = s32[] parameter(6)
+  %fs = ((f32[64,64]{1,0}), f32[64,64]{1,0}, u32[]) fusion-start(%x), kind=kLoop, calls=%fused_mul
+  %fd = f32[64,64]{1,0} fusion-done(%fs)
+  %g = (bf16[4,32,16]{2,1,0}, s8[4194304]{0}) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["2"],"rhs_contracting_dimensions":["1"],"lhs_batch_dimensions":["0"],"rhs_batch_dimensions":["0"]}}}
+  %cv = f32[1024]{0} convert(%e)
+  %dc = f32[4096,256]{1,0} fusion(%h, %u, %i), kind=kLoop, calls=%fused_dus_conv
+  ROOT %r = f32[64,64]{1,0} copy(%fd)
+}
+"""
+
+
+def test_async_fusions_library_workspaces_and_converted_updates():
+    """An async fusion (fusion-start / -done) is read as a fusion (its operand and output, not its
+    result tuple); a cuBLAS call's scratch workspace is not data; an update "in place" of a converted
+    copy writes the whole result; every float8 type has its size."""
+    ks = {k.name: k for k in aot.kernels(ASYNC_HLO)}
+    assert set(ks) == {"fs", "g", "cv", "dc", "r"}
+    assert ks["fs"].bytes == 2 * 64 * 64 * 4
+    g = ks["g"]
+    assert g.kind == "gemm" and g.flops == 2 * 4 * 32 * 16 * 64 and g.bytes == (4 * 32 * 64 + 4 * 64 * 16 + 4 * 32 * 16) * 2
+    assert ks["cv"].bytes == 1024 * 4 + 1024
+    assert ks["dc"].bytes == 4096 * 256 * 2 + 256 * 4 + 4 + 4096 * 256 * 4
+
+
 def test_target_configs_parse_as_xla_expects():
     for name, t in aot.TARGETS.items():
         text = aot.target_config(name)

@@ -97,6 +97,32 @@ def test_gpu_trace_of_a_cuda_graph():
         ("input_reduce_fusion_32", "fusion", 1)]
 
 
+CONCURRENT_TRACE = """
+planes {
+  id: 1
+  name: "/device:GPU:0"
+  lines {
+    id: 14
+    name: "Stream #14(Compute)"
+    timestamp_ns: 1000
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 100000000 stats { metadata_id: 10 str_value: "command_buffer_1" } }
+    events { metadata_id: 2 offset_ps: 10000000 duration_ps: 10000000 stats { metadata_id: 10 str_value: "command_buffer_1" } }
+  }
+  event_metadata { key: 1 value { id: 1 name: "nvjet_sm90_tst_128x128_64x6_2x1_v_bz_TNT" } }
+  event_metadata { key: 2 value { id: 2 name: "loop_multiply_fusion_12" } }
+  stat_metadata { key: 10 value { id: 10 name: "hlo_op" } }
+}
+"""
+
+
+def test_a_kernel_inside_another_on_a_device_line_is_counted():
+    """Kernels on a device line never nest: a short one running inside a long one (a concurrent
+    branch of a CUDA graph) is a kernel of its own, and the long one is not dropped as its parent."""
+    s = tracing.summarize(jax.profiler.ProfileData.from_text_proto(CONCURRENT_TRACE))
+    assert s["events"] == 2 and s["busy_ms"] == pytest.approx(0.1)
+    assert s["kinds_ms"] == pytest.approx({"matmul": 0.1, "fusion": 0.01})
+
+
 def test_cpu_trace_of_a_loop(tmp_path):
     """A real trace: the loop's body runs 7 times; the while loop's own event, which holds its body's,
     is not counted again; busy time is within the wall time."""
