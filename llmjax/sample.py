@@ -508,6 +508,8 @@ def inference_params(params: dict, dtype) -> dict:
 
     def cast(path, x):
         names = [getattr(k, "key", None) for k in path]
+        if "router" in names:  # (the MoE router computes in float32)
+            return x
         if names[-1] in ("kernel", "w_in", "w_out") or names[-2:] == ["embed", "embedding"]:
             return x.astype(dtype)
         return x

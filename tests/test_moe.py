@@ -229,6 +229,21 @@ def test_capacity_mode_without_drops_equals_dropless_and_drops_latest_first():
             assert hits == [True] * min(C, len(hits)) + [False] * max(0, len(hits) - C)
 
 
+def test_the_router_decides_from_float32_logits_in_a_bf16_model():
+    """With bf16 compute the router still takes float32 operands and returns float32 logits (a bf16
+    product flipped the top-2 set of 0.13% of tokens), also after the sampler casts a model's
+    kernels for inference."""
+    from llmjax.sample import inference_params
+
+    layer = _layer(dtype="bfloat16")
+    x = jax.random.normal(jax.random.key(3), (2, 64, 64))
+    logits = np.asarray(layer.route(x)[0], np.float64)
+    want = np.asarray(x, np.float64) @ np.asarray(layer.router.kernel[...], np.float64)
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)  # (bf16 rounding would be ~1e-2)
+    cast = inference_params({"router": {"kernel": layer.router.kernel[...]}, "w_in": layer.w_in[...]}, jnp.bfloat16)
+    assert cast["router"]["kernel"].dtype == jnp.float32 and cast["w_in"].dtype == jnp.bfloat16
+
+
 def test_balanced_router_gives_load_balance_one():
     layer = _layer()
     layer.router.kernel[...] = jnp.zeros_like(layer.router.kernel[...])  # uniform probabilities

@@ -120,16 +120,18 @@ def _narrow_dot_general(dtype, x, w, dimension_numbers, precision=None, preferre
 
 
 def dense(
-    cfg: ModelConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs, bias: bool = False, std: float | None = None, narrow: bool = True
+    cfg: ModelConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs, bias: bool = False, std: float | None = None, narrow: bool = True,
+    float32: bool = False,
 ):
     """A Linear layer in the compute dtype; its matmul takes `model.matmul_dtype` operands when set
-    (unless `narrow=False`: the MoE router keeps full precision)."""
-    narrow_dtype = cfg.narrow_matmuls if narrow else None
+    (unless `narrow=False`). `float32=True`: operands and product in float32 whatever the compute
+    dtype (the MoE router: its top-k choices are made from float32 logits)."""
+    narrow_dtype = cfg.narrow_matmuls if narrow and not float32 else None
     return nnx.Linear(
         d_in,
         d_out,
         use_bias=bias,
-        dtype=cfg.compute_dtype,
+        dtype=jnp.float32 if float32 else cfg.compute_dtype,
         param_dtype=jnp.float32,
         kernel_init=normal(cfg.init_std if std is None else std),
         bias_init=nnx.initializers.zeros_init(),

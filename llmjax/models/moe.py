@@ -2,7 +2,8 @@
 attention, biases) whose MLP is `n_experts` GELU experts behind a top-k router (Shazeer et al. 2017;
 Switch Transformer, Fedus et al. 2021; GShard).
 
-Router: logits = x W_r (float32); the top_k experts by softmax probability get the token, with
+Router: logits = x W_r in float32 (operands and product, whatever the compute dtype: a bf16 product
+flipped the top-2 set of 0.13% of tokens against float32 logits); the top_k experts by softmax probability get the token, with
 their probabilities renormalised to sum to 1. Auxiliary outputs (mean over layers):
   - `load_balance`: Switch's E * sum_e f_e P_e, where f_e is the fraction of routed assignments
     that went to expert e and P_e the mean router probability of e (1.0 when balanced);
@@ -181,7 +182,7 @@ class MoEFeedForward(nnx.Module):
         self.E, self.k, self.mode, self.cf, self.dtype = E, cfg.top_k, cfg.moe_mode, cfg.capacity_factor, cfg.compute_dtype
         self.impl, self.block = cfg.moe_impl, cfg.moe_block_rows
         self.narrow = cfg.narrow_matmuls  # (the experts' operand dtype under model.matmul_dtype)
-        self.router = dense(cfg, D, E, rngs=rngs, narrow=False)  # routing decisions in full precision
+        self.router = dense(cfg, D, E, rngs=rngs, float32=True)  # routing decisions from float32 logits
         self.w_in = nnx.Param(normal(cfg.init_std)(rngs.params(), (E, D, F), jnp.float32))
         self.b_in = nnx.Param(jnp.zeros((E, F), jnp.float32))
         self.w_out = nnx.Param(normal(residual_std(cfg))(rngs.params(), (E, F, D), jnp.float32))

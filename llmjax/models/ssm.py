@@ -19,6 +19,12 @@ carrying h from chunk to chunk with `lax.scan` and rematerialising each chunk in
 pass, so memory stays O(B * chunk * E * N) at any context. Decoding runs the same recurrence one
 token at a time: the decode state is h, (B, E, N) per layer, kept in float32, whatever the length.
 A padding token (position < 0) is the identity step (a = 1, b = 0), so it leaves h unchanged.
+
+This is the S6 layer alone, as the architecture's issue asked ("a diagonal state-space layer with
+input-dependent discretisation"), not Mamba's whole block: Mamba also runs u through a short causal
+depthwise convolution (width 4) and a SiLU before the scan, so that delta, B_t and C_t see the last
+few tokens rather than the current one only. Neither is here (the decode state would also hold the
+last 3 inputs per layer); compare `ssm` with that in mind.
 """
 
 from __future__ import annotations
