@@ -365,6 +365,10 @@ def export(checkpoint, fmt: str, out, *, which: str = "latest", dtype: str = "fl
         raise ExportError(f"unknown format '{fmt}'; supported: {SUPPORTED}")
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be float32 or float16 (bfloat16 has no NumPy type; export float32 and convert), got {dtype}")
+    if fmt == "gguf" and (str(out).endswith(os.sep) or Path(out).is_dir()):  # (said before the checkpoint is loaded)
+        raise ExportError(f"--out {out} is a folder; give the .gguf file's name, e.g. {Path(out) / 'model.gguf'}")
+    if fmt == "safetensors":
+        check_export_folder(Path(out))
     loaded = load(checkpoint, which, dtype="float32", scan_layers=True)
     from flax import nnx
 
@@ -372,8 +376,6 @@ def export(checkpoint, fmt: str, out, *, which: str = "latest", dtype: str = "fl
     mcfg, np_dtype = loaded.model.cfg, DTYPES[dtype]
     if fmt == "gguf":
         check_llama(mcfg)
-        if str(out).endswith(os.sep) or Path(out).is_dir():
-            raise ExportError(f"--out {out} is a folder; give the .gguf file's name, e.g. {Path(out) / (loaded.path.name + '.gguf')}")
         path = Path(out) if str(out).endswith(".gguf") else Path(f"{out}.gguf")
         path.parent.mkdir(parents=True, exist_ok=True)
         write_gguf(params, mcfg, loaded.tokenizer, path, np_dtype, name=loaded.path.name)
@@ -394,7 +396,6 @@ def export(checkpoint, fmt: str, out, *, which: str = "latest", dtype: str = "fl
     config["torch_dtype"] = dtype
     from llmjax.data import umask
 
-    check_export_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export-"))
     try:
