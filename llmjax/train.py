@@ -41,7 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llmjax import cli, data as data_lib, downstream
 from llmjax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
-from llmjax.config import ConfigError, model_config, validate
+from llmjax.config import ConfigError, model_config, model_defaults, validate
 from llmjax.loss import token_losses
 from llmjax.models.layers import convert_layer_layout
 from llmjax.registry import build_model
@@ -375,9 +375,11 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
         raise ConfigError(f"{workdir} holds a run at step {start}, past train.max_steps={tcfg.max_steps}; "
                           f"set --config.train.max_steps={start} or more to continue it, or use another --workdir")
     if start and old_cfg is not None:
+        # a key the run's config.json predates has its default there (as when the run is sampled)
+        old_model = {**model_defaults(old_cfg["model"].get("arch")), **old_cfg["model"]}
         diffs = [
             d
-            for d in config_diff(old_cfg["model"], resolved["model"], "model.")
+            for d in config_diff(old_model, resolved["model"], "model.")
             if d.split(" ")[0].removeprefix("model.") not in EXECUTION_KEYS
         ]
         if diffs:

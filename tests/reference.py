@@ -1,5 +1,5 @@
-"""Naive float64 NumPy references for the attention family, written from the papers' formulas
-(independently of llmjax's code) to check the models against."""
+"""Naive float64 NumPy references for the attention family and the selective state-space mixer,
+written from the papers' formulas (independently of llmjax's code) to check the models against."""
 
 from __future__ import annotations
 
@@ -90,3 +90,36 @@ def latent_attention(x, p, cfg):
     qf = np.concatenate([q_nope, q_rope], axis=-1)
     out = causal_softmax_attention(qf, k, kv[..., nope:], 1 / np.sqrt(nope + r_dim))
     return linear(out.reshape(T, H * vd), p["o_proj"])
+
+
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def selective_ssm(x, p, cfg):
+    """One sequence (T, D) through Mamba's mixer (Gu & Dao 2023: Algorithm 2, the S6 scan, preceded
+    with d_conv > 0 by the block's causal depthwise convolution and SiLU), one token at a time:
+
+        u, z = split(x W_in);  u_t = silu(sum_k w[k] u_{t-K+1+k} + b)  (zeros before the start)
+        delta = softplus(u W_x[:, :R] W_dt + b_dt);  B_t, C_t = u W_x[:, R:R+N], u W_x[:, R+N:]
+        h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t,  A = -exp(A_log);  y_t = h_t C_t + D u_t
+        out = (y * silu(z)) W_out
+    """
+    x = np.asarray(x, np.float64)
+    T, E, N, R, K = x.shape[0], cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv
+    xz = linear(x, p["in_proj"])
+    u, z = xz[:, :E], xz[:, E:]
+    if K:
+        w, b = np.asarray(p["conv_weight"], np.float64), np.asarray(p["conv_bias"], np.float64)
+        padded = np.concatenate([np.zeros((K - 1, E)), u])
+        u = silu(np.stack([(w * padded[t : t + K]).sum(0) + b for t in range(T)]))
+    dbc = linear(u, p["x_proj"])
+    dt_in, Bm, Cm = dbc[:, :R], dbc[:, R : R + N], dbc[:, R + N :]
+    delta = np.log1p(np.exp(linear(dt_in, p["dt_proj"])))
+    A = -np.exp(np.asarray(p["A_log"], np.float64))
+    D = np.asarray(p["D"], np.float64)
+    h, ys = np.zeros((E, N)), []
+    for t in range(T):
+        h = np.exp(delta[t][:, None] * A) * h + (delta[t] * u[t])[:, None] * Bm[t][None, :]
+        ys.append(h @ Cm[t] + D * u[t])
+    return linear(np.stack(ys) * silu(z), p["out_proj"])

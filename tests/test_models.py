@@ -39,7 +39,14 @@ OPTIONS = {
         {"moe_impl": "blocked", "moe_block_rows": 4},  # (the tiny shapes' `auto` is dense)
         {"moe_impl": "ragged_dot", "scan_layers": False},
     ],
-    "ssm": COMMON + [{"scan_chunk": 3}, {"scan_chunk": 64, "d_state": 4, "scan_layers": False}, {"scan_impl": "pallas"}],
+    "ssm": COMMON
+    + [
+        {"scan_chunk": 3},
+        {"scan_chunk": 64, "d_state": 4, "scan_layers": False},
+        {"scan_impl": "pallas"},
+        {"d_conv": 0},  # the S6 layer alone (the tiny variant has Mamba's width 4)
+        {"d_conv": 7, "scan_chunk": 3},  # a window longer than the 4-token and 1-token decode steps
+    ],
 }
 CASES = [(arch, opts) for arch in ARCHS for opts in OPTIONS.get(arch, [{}])]
 # Cached decoding routes every token (no capacity drops), so it equals the full forward only where
@@ -409,7 +416,7 @@ def _mla(c):
 
 def _ssm(c):
     D, E, N, R, F = c.d_model, c.d_inner, c.d_state, c.dt_rank, c.d_ff
-    mixer = D * 2 * E + E * (R + 2 * N) + R * E + E + E * N + E + E * D
+    mixer = D * 2 * E + E * (R + 2 * N) + R * E + E + E * N + E + E * D + (c.d_conv * E + E if c.d_conv else 0)
     mlp = D * F + F + F * D + D
     return c.padded_vocab_size * D + c.n_layer * (mixer + mlp + 4 * D) + 2 * D
 

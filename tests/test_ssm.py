@@ -10,9 +10,11 @@ import pytest
 from flax import nnx
 
 import llmjax
+import reference
 from helpers import config
+from llmjax.config import ConfigError
 from llmjax.models import selective_scan as fused
-from llmjax.models.ssm import SelectiveSSM, scan_chunked, scan_reference
+from llmjax.models.ssm import SelectiveSSM, causal_conv, scan_chunked, scan_reference
 
 
 def _inputs(key, B=2, T=37, E=6, N=4):
@@ -94,18 +96,93 @@ def test_the_layer_runs_the_fused_kernel_alike():
         np.testing.assert_allclose(a, b, atol=1e-4 * float(jnp.abs(b).max()) + 1e-7, rtol=1e-3, err_msg=str(path))
 
 
-def test_two_halves_with_the_state_carried_equal_one_pass():
-    ssm = SelectiveSSM(llmjax.model_config(config("ssm")), rngs=nnx.Rngs(3))
+@pytest.mark.parametrize("d_conv", [0, 2, 4])
+def test_two_halves_with_the_state_carried_equal_one_pass(d_conv):
+    ssm = SelectiveSSM(llmjax.model_config(config("ssm", d_conv=d_conv)), rngs=nnx.Rngs(3))
     x = jax.random.normal(jax.random.key(4), (2, 30, 64))
     pos = jnp.broadcast_to(jnp.arange(30), (2, 30))
     full, cache = ssm(x, pos, ssm.init_cache(2, 0, jnp.float32))
     first, mid = ssm(x[:, :13], pos[:, :13], ssm.init_cache(2, 0, jnp.float32))
     second, end = ssm(x[:, 13:], pos[:, 13:], mid)
     np.testing.assert_allclose(jnp.concatenate([first, second], 1), full, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(end["h"], cache["h"], atol=1e-5, rtol=1e-5)
+    assert set(end) == ({"h", "conv"} if d_conv else {"h"})
+    for key in end:
+        np.testing.assert_allclose(end[key], cache[key], atol=1e-5, rtol=1e-5)
     # Padding tokens (position -1) leave the state exactly as it was.
     _, same = ssm(x[:, :5], jnp.full((2, 5), -1), mid)
-    np.testing.assert_array_equal(same["h"], mid["h"])
+    for key in mid:
+        np.testing.assert_array_equal(same[key], mid[key])
+
+
+def conv_reference(u, valid, w, b, state):
+    """Each row's tokens that are not padding, one at a time, after the K-1 held inputs: float64."""
+    u, w, b = (np.asarray(a, np.float64) for a in (u, w, b))
+    K, (B, T, E) = w.shape[0], u.shape
+    y, new = np.zeros((B, T, E)), []
+    for r in range(B):
+        held = list(np.asarray(state[r], np.float64))
+        for t in np.flatnonzero(valid[r]):
+            held.append(u[r, t])
+            y[r, t] = (w * np.stack(held[-K:])).sum(0) + b
+        new.append(np.stack(held[-(K - 1) :]))
+    return y, np.stack(new)
+
+
+@pytest.mark.parametrize("K", [2, 4, 7])
+def test_the_causal_convolution_skips_padding_wherever_it_sits(K):
+    """With a held state (decoding): every token's window is its own row's last K tokens that are not
+    padding, padding anywhere in the row (a ragged prefill pads on the right, the sampler on the
+    left, a finished row's step is all padding); the new state is the row's last K-1 inputs.
+    Without one: zeros before the start, padding before or after the tokens as a zero input."""
+    rng = np.random.default_rng(K)
+    B, T, E = 4, 11, 6
+    u, st = rng.normal(size=(B, T, E)), rng.normal(size=(B, K - 1, E))
+    w, b = rng.normal(size=(K, E)), rng.normal(size=(E,))
+    valid = rng.random((B, T)) > 0.4
+    valid[2] = False  # a row that is all padding keeps its state
+    valid[3, :5], valid[3, 5:] = False, True  # left padding
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    y, new = jax.jit(causal_conv)(f32(u), jnp.asarray(valid), f32(w), f32(b), f32(st))
+    y_ref, new_ref = conv_reference(u, valid, w, b, st)
+    np.testing.assert_allclose(np.asarray(y)[valid], y_ref[valid], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(new, new_ref, atol=1e-6)
+    np.testing.assert_array_equal(new[2], f32(st[2]))
+    # no state: the start of each sequence, left or right padding as zeros
+    ends = np.arange(T)[None] < np.array([[T], [7], [T], [T]])  # row 1 right-padded
+    starts = np.arange(T)[None] >= np.array([[0], [0], [4], [0]])  # row 2 left-padded
+    valid = ends & starts
+    y, _ = jax.jit(causal_conv)(f32(u), jnp.asarray(valid), f32(w), f32(b))
+    y_ref, _ = conv_reference(u, valid, w, b, np.zeros((B, K - 1, E)))
+    np.testing.assert_allclose(np.asarray(y)[valid], y_ref[valid], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("d_conv", [0, 4])
+def test_the_layer_matches_a_float64_reference_of_mambas_mixer(d_conv):
+    """The whole mixer (projections, convolution and SiLU, step sizes, scan, D skip, gate) against
+    tests/reference.py's token-by-token float64 version, in one pass and decoded in pieces."""
+    cfg = llmjax.model_config(config("ssm", d_conv=d_conv))
+    m = SelectiveSSM(cfg, rngs=nnx.Rngs(5))
+    if d_conv:  # larger than at initialisation, so that a wrong tap or offset shows
+        m.conv_weight[...] = 3 * m.conv_weight[...]
+    p = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(m, nnx.Param)))
+    x = jax.random.normal(jax.random.key(7), (2, 19, cfg.d_model))
+    want = np.stack([reference.selective_ssm(x[r], p, cfg) for r in range(2)])
+    pos = jnp.broadcast_to(jnp.arange(19), (2, 19))
+    got, _ = m(x, pos, None)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+    cache, outs = m.init_cache(2, 0, jnp.float32), []
+    for a, b in ((0, 6), (6, 7), (7, 8), (8, 19)):
+        out, cache = m(x[:, a:b], pos[:, a:b], cache)
+        outs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), want, atol=1e-5, rtol=1e-4)
+    if d_conv:  # and the convolution matters
+        assert np.abs(want - reference.selective_ssm(x[0], {**p, "conv_weight": 0 * p["conv_weight"]}, cfg)[None]).max() > 1e-3
+
+
+def test_bad_convolution_widths_are_one_line_errors():
+    for bad in (-1, 1):
+        with pytest.raises(ConfigError, match=f"model.d_conv must be 0 \\(no convolution\\) or a width of at least 2 \\(Mamba: 4\\), got {bad}"):
+            llmjax.model_config(config("ssm", d_conv=bad))
 
 
 def test_state_stays_finite_and_bounded_over_16k_steps():
@@ -132,8 +209,9 @@ def test_state_stays_finite_and_bounded_over_16k_steps():
 def test_the_step_size_bias_is_added_in_float32_in_a_bf16_model():
     """delta = softplus(dt_in W_dt + b_dt): the bias (about -4.6 to -6.9 at initialisation) is added in
     float32, as Mamba adds its delta_bias; added in bf16 it put delta off by 0.7% (median) and 3%
-    (max) of its float64 value; now only the bf16 product's rounding remains."""
-    m = SelectiveSSM(llmjax.model_config(config("ssm", dtype="bfloat16")), rngs=nnx.Rngs(3))
+    (max) of its float64 value; now only the bf16 product's rounding remains. (Without the
+    convolution, so that u is in_proj's output here as in the model.)"""
+    m = SelectiveSSM(llmjax.model_config(config("ssm", dtype="bfloat16", d_conv=0)), rngs=nnx.Rngs(3))
     x = jax.random.normal(jax.random.key(4), (4, 64, 64)).astype(jnp.bfloat16)
     delta = np.asarray(m._inputs(x)[0], np.float64)
     u, _ = jnp.split(m.in_proj(x), 2, axis=-1)

@@ -140,6 +140,25 @@ def test_an_ssm_run_resumes_with_the_other_scan(tmp_path):
     np.testing.assert_allclose([got[s] for s in range(1, 13)], [full[s] for s in range(1, 13)], rtol=1e-4)
 
 
+def test_an_ssm_run_from_before_the_convolution_resumes_and_samples_as_it_was(tmp_path):
+    """A run saved before model.d_conv existed (its config.json without the key) is the S6 layer
+    alone: it resumes bit for bit with d_conv=0 and samples, and the new default (Mamba's width 4, a
+    different model) is refused in one line that names the key."""
+    full, got = split_run_without_key(tmp_path, "ssm", "d_conv", 0, 0)
+    assert [got[s] for s in range(1, 13)] == [full[s] for s in range(1, 13)]
+    saved = tmp_path / "split" / "config.json"
+    old = json.loads(saved.read_text())
+    del old["model"]["d_conv"]
+    saved.write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match=r"a different model config: model\.d_conv \(0 -> 4\); use another --workdir"):
+        train(cfg("ssm", train__max_steps=14), tmp_path / "split", devices=jax.devices()[:1], quiet=True)
+    from llmjax import sample
+
+    loaded = sample.load(tmp_path / "split")
+    assert loaded.model.cfg.d_conv == 0 and loaded.step == 12
+    assert len(loaded.generate_text(["ab"], 4, sampling=sample.Sampling(greedy=True))[0]) == 4
+
+
 @pytest.mark.parametrize("matmul_dtype", ["", "bfloat16"])
 def test_eight_fsdp_devices_match_one(tmp_path, matmul_dtype):
     """Same losses on 8 devices (data 2 x FSDP 4) as on one: within float32 rounding, or within

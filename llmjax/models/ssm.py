@@ -4,6 +4,7 @@ residual blocks with LayerNorm and a GELU MLP. No attention and no positional em
 The mixer, per channel e of the d_inner-wide stream u and per state dimension n:
 
     u, z       = split(x W_in)                            (B, T, E) each
+    u          = silu(causal_conv(u))                      (only with d_conv > 0; see below)
     delta      = softplus(u W_x[:, :R] W_dt + b_dt)        (B, T, E)   input-dependent step size
     B_t, C_t   = u W_x[:, R:R+N], u W_x[:, R+N:]           (B, T, N)   input-dependent in/out maps
     A          = -exp(A_log)                               (E, N)      diagonal, stable
@@ -20,11 +21,19 @@ pass, so memory stays O(B * chunk * E * N) at any context. Decoding runs the sam
 token at a time: the decode state is h, (B, E, N) per layer, kept in float32, whatever the length.
 A padding token (position < 0) is the identity step (a = 1, b = 0), so it leaves h unchanged.
 
-This is the S6 layer alone, as the architecture's issue asked ("a diagonal state-space layer with
-input-dependent discretisation"), not Mamba's whole block: Mamba also runs u through a short causal
-depthwise convolution (width 4) and a SiLU before the scan, so that delta, B_t and C_t see the last
-few tokens rather than the current one only. Neither is here (the decode state would also hold the
-last 3 inputs per layer); compare `ssm` with that in mind.
+With `d_conv = K > 0` (configs/ssm.py: 4, Mamba's mixer) u first goes through a causal depthwise
+convolution of width K and a SiLU, so that delta, B_t and C_t see the last K tokens rather than the
+current one only:
+
+    u_t        = silu(sum_k w[k] * u_{t-K+1+k} + b)        per channel; w[K-1] weighs the current token
+
+(PyTorch's Conv1d(E, E, K, groups=E, padding=K-1) truncated to T, as Mamba computes it). The decode
+state then also holds each row's last K-1 inputs (B, K-1, E) per layer. A padding token is skipped
+by the convolution as by the scan: each token's window is the last K tokens of its own row that are
+not padding (with a cache, in any order; without one, padding must come before or after a row's
+tokens, as every caller puts it). `d_conv = 0` is the S6 layer alone, as the architecture's issue
+asked ("a diagonal state-space layer with input-dependent discretisation"): runs saved before the
+option existed load as such.
 """
 
 from __future__ import annotations
@@ -54,6 +63,9 @@ class SSMConfig(ModelConfig):
     dt_rank: int  # R: rank of the step-size projection
     d_ff: int  # GELU MLP hidden width
     scan_chunk: int  # tokens per associative-scan chunk (bounds training memory)
+    # width of the causal depthwise convolution (and SiLU) before the scan, Mamba's d_conv (4); 0:
+    # none, the S6 layer alone (the default here, so that runs saved before the option load as they were)
+    d_conv: int = 0
     dt_min: float  # initial step sizes are log-uniform in [dt_min, dt_max]
     dt_max: float
     # auto: the fused kernel (llmjax/models/selective_scan.py) on a GPU where the widths fit, else
@@ -65,6 +77,8 @@ class SSMConfig(ModelConfig):
         for name in ("d_inner", "d_state", "dt_rank", "d_ff", "scan_chunk"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.d_conv < 0 or self.d_conv == 1:
+            raise ConfigError(f"model.d_conv must be 0 (no convolution) or a width of at least 2 (Mamba: 4), got {self.d_conv}")
         if not 0 < self.dt_min < self.dt_max:
             raise ConfigError(f"need 0 < model.dt_min < model.dt_max, got {self.dt_min}, {self.dt_max}")
         if self.scan_impl not in SCAN_IMPLS:
@@ -114,6 +128,33 @@ def scan_chunked(delta_BTE, u_BTE, B_BTN, C_BTN, A_EN, h0_BEN, valid_BT, chunk: 
     return ys.swapaxes(0, 1).reshape(B, n_chunks * chunk, E)[:, :T], h_last
 
 
+def causal_conv(u_BTE, valid_BT, w_KE, b_E, state_BSE=None):
+    """(y (B, T, E), new state (B, K-1, E)) of the causal depthwise convolution
+    y_t = sum_k w[k] * u_{t-K+1+k} + b over each row's tokens that are not padding (`valid_BT`),
+    `state` holding the K-1 inputs before the first (zeros: the start of a sequence). float32.
+
+    With a state (decoding), each row's padding tokens are moved before its state (a stable sort of
+    the row by validity, the identity where nothing is padding), so that every token's window is
+    its own row's previous K-1 tokens whichever order the padding sits in (a ragged prefill pads
+    on the right); the new state is then the row's last K-1 tokens. Without a state padding is a
+    zero input: the same where it comes before or after a row's tokens. Outputs at padding
+    positions are meaningless (the scan skips them)."""
+    B, T, E = u_BTE.shape
+    K = w_KE.shape[0]
+    u_BTE = jnp.where(valid_BT[..., None], u_BTE.astype(jnp.float32), 0.0)
+    held = jnp.zeros((B, K - 1, E), jnp.float32) if state_BSE is None else state_BSE.astype(jnp.float32)
+    ext = jnp.concatenate([held, u_BTE], axis=1)  # (B, K-1+T, E)
+    if state_BSE is not None:
+        order = jnp.argsort(jnp.concatenate([jnp.ones((B, K - 1), bool), valid_BT], axis=1), axis=1, stable=True)
+        ext = jnp.take_along_axis(ext, order[..., None], axis=1)
+    w = w_KE.astype(jnp.float32)
+    y = sum(w[k] * ext[:, k : k + T] for k in range(K)) + b_E.astype(jnp.float32)
+    if state_BSE is not None:  # back to each token's own place: token i sits at slot inv[K-1+i] - (K-1)
+        inv = jnp.argsort(order, axis=1)[:, K - 1 :] - (K - 1)
+        y = jnp.take_along_axis(y, jnp.clip(inv, 0, T - 1)[..., None], axis=1)
+    return y, ext[:, T:]
+
+
 def scan_reference(delta_BTE, u_BTE, B_BTN, C_BTN, A_EN, h0_BEN):
     """The same recurrence one step at a time (lax.scan): the reference the tests compare against."""
 
@@ -127,13 +168,18 @@ def scan_reference(delta_BTE, u_BTE, B_BTN, C_BTN, A_EN, h0_BEN):
 
 
 class SelectiveSSM(nnx.Module):
-    """The S6 mixer. Decode cache per layer: {'h': (B, E, N) float32}."""
+    """The S6 mixer (with d_conv > 0, Mamba's: convolution and SiLU first). Decode cache per layer:
+    {'h': (B, E, N) float32} and with d_conv = K > 0 {'conv': (B, K-1, E)}, the last K-1 inputs."""
 
     def __init__(self, cfg: SSMConfig, *, rngs: nnx.Rngs):
         E, N, R = cfg.d_inner, cfg.d_state, cfg.dt_rank
         self.E, self.N, self.R, self.chunk, self.dtype = E, N, R, cfg.scan_chunk, cfg.compute_dtype
-        self.scan_impl = cfg.scan_impl
+        self.scan_impl, self.K = cfg.scan_impl, cfg.d_conv
         self.in_proj = dense(cfg, cfg.d_model, 2 * E, rngs=rngs)
+        if self.K:  # PyTorch's Conv1d initialisation (Mamba keeps it): uniform within 1/sqrt(fan_in = K)
+            bound = self.K**-0.5
+            self.conv_weight = nnx.Param(jax.random.uniform(rngs.params(), (self.K, E), jnp.float32, -bound, bound))
+            self.conv_bias = nnx.Param(jax.random.uniform(rngs.params(), (E,), jnp.float32, -bound, bound))
         self.x_proj = dense(cfg, E, R + 2 * N, rngs=rngs)
         self.dt_proj = nnx.Linear(
             R,
@@ -152,19 +198,25 @@ class SelectiveSSM(nnx.Module):
         self.D = nnx.Param(jnp.ones((E,), jnp.float32))
         self.out_proj = dense(cfg, E, cfg.d_model, std=residual_std(cfg), rngs=rngs)
 
-    def _inputs(self, x_BTD):
+    def _inputs(self, x_BTD, valid_BT=None, conv_state=None):
+        """(delta, u, B, C, z, the convolution's new state or None) of a call's input."""
         u, z = jnp.split(self.in_proj(x_BTD), 2, axis=-1)  # (B, T, E) each
+        if self.K:
+            valid_BT = jnp.ones(u.shape[:2], bool) if valid_BT is None else valid_BT
+            u, conv_state = causal_conv(u, valid_BT, self.conv_weight[...], self.conv_bias[...], conv_state)
+            u = jax.nn.silu(u).astype(self.dtype)
         dt_in, B_BTN, C_BTN = jnp.split(self.x_proj(u), [self.R, self.R + self.N], axis=-1)
         # the step-size bias (about -4.6 to -6.9) added in float32, as Mamba adds its delta_bias: in
         # bf16 the sum was off by 0.7% (median) of delta
         dt, dt_bias = linear_without_bias(self.dt_proj, dt_in)
         delta = jax.nn.softplus(dt.astype(jnp.float32) + dt_bias.astype(jnp.float32))
         f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
-        return delta, f32(u), f32(B_BTN), f32(C_BTN), z
+        return delta, f32(u), f32(B_BTN), f32(C_BTN), z, conv_state
 
     def __call__(self, x_BTD, positions_BT, cache):
         B = x_BTD.shape[0]
-        delta, u, B_BTN, C_BTN, z = self._inputs(x_BTD)
+        conv_state = None if cache is None or not self.K else cache["conv"]
+        delta, u, B_BTN, C_BTN, z, conv_state = self._inputs(x_BTD, positions_BT >= 0, conv_state)
         A = -jnp.exp(self.A_log[...])
         h0 = jnp.zeros((B, self.E, self.N), jnp.float32) if cache is None else cache["h"]
         if self._fused(x_BTD.shape[1]):  # padding (position < 0): delta = 0, the identity step
@@ -175,7 +227,9 @@ class SelectiveSSM(nnx.Module):
             y, h = scan_chunked(delta, u, B_BTN, C_BTN, A, h0, positions_BT >= 0, self.chunk)
         y = y + u * self.D[...]
         out = self.out_proj((y * jax.nn.silu(z.astype(jnp.float32))).astype(self.dtype))
-        return out, (None if cache is None else {"h": h})
+        if cache is None:
+            return out, None
+        return out, {"h": h, **({"conv": conv_state.astype(cache["conv"].dtype)} if self.K else {})}
 
     def _fused(self, T: int) -> bool:
         """Whether this call runs the fused kernel: 'pallas', or 'auto' on a GPU for more than one
@@ -185,8 +239,9 @@ class SelectiveSSM(nnx.Module):
         return self.scan_impl == "auto" and T > 1 and runtime.backend() == "gpu" and selective_scan.supported(self.E, self.N)
 
     def init_cache(self, batch_size: int, max_len: int, dtype):
-        del max_len, dtype  # the state does not grow, and stays float32 for accuracy
-        return {"h": jnp.zeros((batch_size, self.E, self.N), jnp.float32)}
+        del max_len  # the state does not grow; h stays float32 for accuracy, the inputs are `dtype`
+        h = {"h": jnp.zeros((batch_size, self.E, self.N), jnp.float32)}
+        return {**h, "conv": jnp.zeros((batch_size, self.K - 1, self.E), dtype)} if self.K else h
 
 
 def block(cfg: SSMConfig, rngs: nnx.Rngs) -> PreNormBlock:
