@@ -147,6 +147,13 @@ def test_the_causal_convolution_skips_padding_wherever_it_sits(K):
     np.testing.assert_allclose(np.asarray(y)[valid], y_ref[valid], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(new, new_ref, atol=1e-6)
     np.testing.assert_array_equal(new[2], f32(st[2]))
+    # one decoded token per row (its own path): a padding row keeps its state exactly
+    held = f32(st)
+    for t in range(T):
+        y1, held = jax.jit(causal_conv)(f32(u[:, t : t + 1]), jnp.asarray(valid[:, t : t + 1]), f32(w), f32(b), held)
+        np.testing.assert_allclose(np.asarray(y1[:, 0])[valid[:, t]], y_ref[:, t][valid[:, t]], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(held, new_ref, atol=1e-6)
+    np.testing.assert_array_equal(held[2], f32(st[2]))
     # no state: the start of each sequence, left or right padding as zeros
     ends = np.arange(T)[None] < np.array([[T], [7], [T], [T]])  # row 1 right-padded
     starts = np.arange(T)[None] >= np.array([[0], [0], [4], [0]])  # row 2 left-padded
