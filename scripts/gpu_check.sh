@@ -36,7 +36,7 @@
 # --sweep: training tokens/s over batch x scanned/unrolled layers x remat x attention kernel x loss
 # chunks, most telling settings first, as far as the budget goes, for vanilla and modern (or the
 # architectures in GPU_CHECK_SWEEP_ARCHS; for moe: block sizes, capacity mode, dense experts; for
-# ssm: scan chunk lengths and remat).
+# ssm: scan chunk lengths, remat, and without the convolution).
 #
 # Missing Python packages are installed from ./.whl (or GPU_CHECK_WHEELS) when present: see
 # scripts/gpu_carry.sh. OUTDIR receives at most seven files, since a lent machine returns only eight:
@@ -179,7 +179,8 @@ if [ "$mode" = --sweep ]; then
         "--config.model.moe_impl=blocked --config.model.moe_block_rows=512" "--config.model.moe_impl=dense" \
         "--config.model.moe_mode=capacity --config.model.capacity_factor=1.0" ;;
       ssm) sweep_overrides ssm "--config.model.scan_chunk=128" "--config.model.scan_chunk=64" "--config.model.scan_chunk=256" \
-        "--config.model.scan_chunk=32" "--config.model.scan_chunk=128 --config.model.remat=dots" ;;
+        "--config.model.scan_chunk=32" "--config.model.scan_chunk=128 --config.model.remat=dots" \
+        "--config.model.d_conv=0" ;;  # (the last: the S6 layer without Mamba's convolution, its cost)
       *) sweep "$arch" "16 False none cudnn" "32 False none cudnn" "64 False none cudnn" "16 False none cudnn 16" \
         "32 True none cudnn" "64 False dots_no_batch cudnn" "32 False none cudnn 16" "32 False none xla" \
         "64 True dots_no_batch cudnn" "16 True none cudnn" "32 False dots_no_batch cudnn" "16 False none xla" ;;
