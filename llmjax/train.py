@@ -21,6 +21,7 @@ sampler and evaluator need.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -164,6 +165,35 @@ class _Stop:
     def __exit__(self, *exc):
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
+
+
+def in_thread(fn) -> concurrent.futures.Future:
+    """fn() in a daemon thread (a process that stops early does not wait for it)."""
+    import threading
+
+    future = concurrent.futures.Future()
+
+    def run():
+        try:
+            future.set_result(fn())
+        except BaseException as e:  # noqa: BLE001  (re-raised by result())
+            future.set_exception(e)
+
+    threading.Thread(target=run, name="llmjax-" + fn.__name__, daemon=True).start()
+    return future
+
+
+def check_shards(dataset, bad: list[str], step: int) -> None:
+    """Stop every process, in one line, where any process found a damaged shard."""
+    anywhere = len(bad)
+    if jax.process_count() > 1:  # (one process alone stopping would leave the others in a collective)
+        from jax.experimental import multihost_utils
+
+        anywhere = int(np.max(multihost_utils.process_allgather(np.int32(len(bad)))))
+    if anywhere:
+        where = f"{', '.join(bad)} in {dataset.path}" if bad else f"another process's copy of its shards in {dataset.path}"
+        raise ConfigError(f"dataset '{dataset.name}': {where} changed since it was prepared (its sha256 differs from the manifest's); "
+                          f"delete that folder and prepare it again. Stopped at step {step}, nothing saved")
 
 
 def threading_main() -> bool:
@@ -346,6 +376,9 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
         dataset = data_lib.open_dataset(cfg.data.dataset, cfg.data.dir)
     except data_lib.DataError as e:
         raise ConfigError(str(e)) from None
+    # every shard against its sha256, in a thread while the model is built and the first step
+    # compiles; its answer is awaited after that step, before anything is saved
+    damaged = in_thread(dataset.damaged_shards)
     tokenizer = dataset.tokenizer()
     if tokenizer.vocab_size != mcfg.vocab_size:
         raise ConfigError(
@@ -551,6 +584,9 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
                 local = next(train_it).reshape(accum, micro // pc, T + 1)
                 batch = to_global(local, tok_shard, (accum, micro, T + 1))
                 state, m = step_fn(state, batch)
+                if damaged is not None:
+                    check_shards(dataset, damaged.result(), step)
+                    damaged = None
                 is_last = step == tcfg.max_steps
                 do_eval = is_last or (ecfg.every_steps > 0 and ecfg.num_batches > 0 and step % ecfg.every_steps == 0)
                 do_ckpt = do_eval or step == end or stop.requested or (tcfg.checkpoint_every_steps > 0 and step % tcfg.checkpoint_every_steps == 0)

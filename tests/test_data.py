@@ -58,6 +58,18 @@ def test_manifest_validation(tmp_path):
             D.TokenDataset.open(tmp_path)
 
 
+def test_damaged_shards_are_found_by_their_sha256(tmp_path):
+    ds = D.prepare_builtin("tinyshakespeare_char", tmp_path / "ds")
+    assert ds.damaged_shards() == []
+    val = ds.path / ds.manifest["splits"]["val"][0]["file"]
+    raw = bytearray(val.read_bytes())
+    raw[-1] ^= 0x80
+    val.write_bytes(bytes(raw))
+    assert ds.damaged_shards() == ["val_0000.bin"]
+    (ds.path / "train_0000.bin").unlink()
+    assert ds.damaged_shards() == ["train_0000.bin (No such file or directory)", "val_0000.bin"]
+
+
 def test_builtin_datasets_prepare_once_and_decode_back(data_dir):
     text = (tok.ASSETS / "tinyshakespeare.txt").read_text()
     cut = int(len(text) * 0.9)

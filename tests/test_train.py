@@ -386,6 +386,28 @@ def test_vocab_mismatch_and_missing_dataset_are_one_line_errors(tmp_path):
         train(cfg("vanilla", data__dataset="tinyshakespeare_chr"), tmp_path / "c", quiet=True)
 
 
+def test_a_shard_changed_since_it_was_prepared_stops_the_run_before_anything_is_saved(tmp_path, monkeypatch):
+    """One flipped bit in a prepared shard (same size, so the header check passes): the sha256
+    check, run while the first step compiles, stops the run after that step in one line, with no
+    checkpoint written; the intact dataset trains."""
+    from llmjax import data as D
+
+    monkeypatch.setenv("LLMJAX_DATA_DIR", str(tmp_path / "data"))
+    ds = D.open_dataset("tinyshakespeare_char", "unused")
+    shard = ds.path / ds.manifest["splits"]["train"][0]["file"]
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    shard.write_bytes(bytes(raw))
+    c = cfg("vanilla", train__max_steps=3)
+    with pytest.raises(ConfigError, match=r"^dataset 'tinyshakespeare_char': train_0000\.bin in .*tinyshakespeare_char changed since it "
+                                          r"was prepared .*delete that folder and prepare it again\. Stopped at step 1, nothing saved$"):
+        train(c, tmp_path / "run", devices=jax.devices()[:1], quiet=True)
+    assert not [p for p in (tmp_path / "run" / "checkpoints").glob("*") if p.name.isdigit()]
+    raw[len(raw) // 2] ^= 1
+    shard.write_bytes(bytes(raw))
+    assert train(c, tmp_path / "run", devices=jax.devices()[:1], quiet=True).step == 3
+
+
 def test_cli_bad_input_is_one_line(tmp_path):
     proc = subprocess.run(
         _train_cmd(tmp_path / "run", "--config.data.dataset=tinystories"), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120
