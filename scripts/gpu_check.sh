@@ -82,7 +82,7 @@ log() { echo "$*" | tee -a "$out/steps.log"; }
 cat >"$work/table.py" <<'EOF'
 import json, os, sys
 rows = [json.loads(l) for l in open(sys.argv[1])] if os.path.exists(sys.argv[1]) else []
-cols = ["arch", "batch_size", "scan_layers", "remat", "attention_impl", "loss_chunks", "deterministic", "moe_mode", "moe_impl", "moe_block_rows", "capacity_factor", "scan_chunk", "quantize", "train_tokens_per_sec", "mfu", "peak_memory_bytes",
+cols = ["arch", "batch_size", "scan_layers", "remat", "attention_impl", "loss_chunks", "deterministic", "moe_mode", "moe_impl", "moe_block_rows", "capacity_factor", "scan_chunk", "d_conv", "quantize", "train_tokens_per_sec", "mfu", "peak_memory_bytes",
         "compiled_memory_bytes", "compiled_flops_ratio", "decode_tokens_per_sec_b1", "decode_tokens_per_sec_b64", "decode_sampled_tokens_per_sec_b1",
         "decode_sampled_tokens_per_sec_b64", "hellaswag_items_per_sec", "decode_min_rows", "config", "xla_flags"]
 print("| " + " | ".join(cols) + " |")
@@ -180,7 +180,7 @@ if [ "$mode" = --sweep ]; then
         "--config.model.moe_mode=capacity --config.model.capacity_factor=1.0" ;;
       ssm) sweep_overrides ssm "--config.model.scan_chunk=128" "--config.model.scan_chunk=64" "--config.model.scan_chunk=256" \
         "--config.model.scan_chunk=32" "--config.model.scan_chunk=128 --config.model.remat=dots" \
-        "--config.model.d_conv=0" ;;  # (the last: the S6 layer without Mamba's convolution, its cost)
+        "--config.model.scan_chunk=128 --config.model.d_conv=0" ;;  # (last: without Mamba's convolution, its cost)
       *) sweep "$arch" "16 False none cudnn" "32 False none cudnn" "64 False none cudnn" "16 False none cudnn 16" \
         "32 True none cudnn" "64 False dots_no_batch cudnn" "32 False none cudnn 16" "32 False none xla" \
         "64 True dots_no_batch cudnn" "16 True none cudnn" "32 False dots_no_batch cudnn" "16 False none xla" ;;

@@ -168,6 +168,18 @@ def test_steps_zero_compiles_without_running():
     assert ran["compiled_memory_bytes"] == row["compiled_memory_bytes"]
 
 
+def test_an_ssm_row_names_its_convolution_width():
+    """A sweep row without Mamba's convolution (gpu_check's last SSM row) is told apart from the
+    default's by its `d_conv` (and its parameter count)."""
+    rows = {}
+    for d_conv in (4, 0):
+        cfg = llmjax.load_config(f"{ROOT}/configs/ssm.py:tiny", {"train.batch_size": 8, "model.d_conv": d_conv})
+        rows[d_conv] = bench.bench(cfg, "configs/ssm.py:tiny", suites={"memory"}, steps=0, repeats=1, decode_batches=[1],
+                                   prompt_len=4, new_tokens=4)
+    assert rows[4]["d_conv"] == 4 and rows[0]["d_conv"] == 0
+    assert rows[4]["params_total"] - rows[0]["params_total"] == 2 * (4 + 1) * 128  # 2 layers of (K + 1) x d_inner
+
+
 def test_compiled_flops_expose_a_step_that_computes_more_than_the_model_needs():
     """`compiled_flops_ratio` (XLA's count of the compiled step's FLOPs over the model's accounting)
     rises when the step does work the model does not need: the MoE's experts through ragged_dot
