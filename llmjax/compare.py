@@ -108,6 +108,8 @@ def train_once(p: dict, seed: int, folder: Path, quiet: bool) -> dict:
         if stats.get("overrides") == p["overrides"] and stats.get("seed") == seed and stats.get("returncode") == 0:
             return stats
     folder.mkdir(parents=True, exist_ok=True)
+    # an interrupted run resumes from its latest checkpoint: this process then times only the rest
+    resumed = max((int(d.name) for d in (folder / "checkpoints").glob("*") if d.name.isdigit()), default=0)
     path, variant = split_spec(p["spec"])
     cmd = [sys.executable, "-m", "llmjax.train", f"--config={Path(path).absolute()}:{variant}", f"--workdir={folder}",
            f"--config.train.seed={seed}", "--config.logging.progress_bar=False"]
@@ -124,7 +126,7 @@ def train_once(p: dict, seed: int, folder: Path, quiet: bool) -> dict:
         tail = (folder / "train.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise CompareError(f"training {p['name']} seed {seed} failed (exit {proc.returncode}): {tail[0][:300]}; see {folder / 'train.log'}")
     stats = {"seed": seed, "overrides": p["overrides"], "returncode": 0, "wall_seconds": wall,
-             "max_rss_bytes": usage.ru_maxrss * 1024}  # Linux reports KiB
+             "max_rss_bytes": usage.ru_maxrss * 1024, "resumed_from_step": resumed}  # (Linux reports KiB)
     atomic_write_json(stats_file, stats)
     return stats
 
@@ -156,6 +158,7 @@ def summarize_runs(p: dict, runs: list[tuple[Path, dict]]) -> dict:
         "peak_memory_bytes": max(peaks), "peak_memory_kind": "device peak" if device == "gpu" else "process peak RSS",
         "wall_seconds_mean": statistics.fmean(walls),
         "hellaswag_acc_norm": statistics.fmean(hs) if hs else None,
+        "resumed": {stats["seed"]: stats["resumed_from_step"] for _, stats in runs if stats.get("resumed_from_step")},
     }
 
 
@@ -179,6 +182,10 @@ def markdown(rows: list[dict], command: str, meta: dict) -> str:
     note = (f"Same data ({meta['dataset']}), {rows[0]['tokens']:,} training tokens per run, context {meta['context_len']}, "
             f"seeds {meta['seeds']}; total parameters within {spread:.1%} of each other. Validation loss over the whole "
             f"validation split at the end. {meta['device']}, {meta['date']}. Command: `{command}`")
+    resumed = [f"`{r['arch']}` seed {seed} from step {step}" for r in rows for seed, step in sorted(r["resumed"].items())]
+    if resumed:  # (the losses and tokens/s are the whole run's, read from its metrics)
+        lines.append("\nResumed after an interruption, so their train wall and peak memory are the resumed part's only: "
+                     + ", ".join(resumed) + ".")
     return note + "\n\n" + "\n".join(lines) + "\n"
 
 

@@ -55,6 +55,7 @@ def test_table_holds_the_runs_figures(result):
         assert row["tokens"] == 4 * 8 * 64 and row["peak_memory_bytes"] > 0 and row["hellaswag_acc_norm"] is None
     md = (out / "results.md").read_text()
     assert md == r["markdown"] and "`vanilla`" in md and "± " in md and "HellaSwag" not in md and "within " in md
+    assert "Resumed" not in md and all(row["resumed"] == {} for row in rows.values())
     from PIL import Image
 
     with Image.open(out / "val_loss.png") as im:
@@ -66,6 +67,20 @@ def test_finished_runs_are_reused(result):
     before = (out / "vanilla_tiny" / "seed0" / "compare_run.json").read_text()
     C.compare(SPECS, out=out, seeds=2, max_steps=4, eval_every=2, eval_batches=1, command="test", quiet=True)
     assert (out / "vanilla_tiny" / "seed0" / "compare_run.json").read_text() == before
+
+
+def test_a_resumed_run_is_marked_in_the_table(tmp_path):
+    """A run interrupted and resumed by the next `compare` is timed by that process only: the
+    table says so, naming the run and the step it resumed from; an uninterrupted one is unmarked."""
+    kw = dict(out=tmp_path, seeds=1, max_steps=4, eval_every=2, eval_batches=1, command="test", quiet=True)
+    with pytest.raises(C.CompareError, match="did not finish"):  # stopped at step 2 (as by a kill after its checkpoint)
+        C.compare(SPECS[:1], overrides={"train.stop_at_step": 2, "train.checkpoint_every_steps": 2}, **kw)
+    r = C.compare(SPECS[:1], **kw)
+    assert r["rows"][0]["resumed"] == {0: 2}
+    assert r["markdown"].rstrip().endswith("train wall and peak memory are the resumed part's only: `vanilla` seed 0 from step 2.")
+    assert json.loads((tmp_path / "results.json").read_text())["rows"][0]["resumed"] == {"0": 2}
+    lines = [json.loads(x) for x in (tmp_path / "vanilla_tiny" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]  # the losses are the whole run's
 
 
 def test_plans_refuse_unfair_comparisons():
