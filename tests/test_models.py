@@ -41,11 +41,11 @@ OPTIONS = {
     ],
     "ssm": COMMON
     + [
-        {"scan_chunk": 3},
-        {"scan_chunk": 64, "d_state": 4, "scan_layers": False},
+        # a convolution window (7) longer than the 4-token and 1-token decode steps
+        {"scan_chunk": 3, "d_conv": 7},
+        # the S6 layer alone (the tiny variant has Mamba's width 4)
+        {"scan_chunk": 64, "d_state": 4, "scan_layers": False, "d_conv": 0},
         {"scan_impl": "pallas"},
-        {"d_conv": 0},  # the S6 layer alone (the tiny variant has Mamba's width 4)
-        {"d_conv": 7, "scan_chunk": 3},  # a window longer than the 4-token and 1-token decode steps
     ],
 }
 CASES = [(arch, opts) for arch in ARCHS for opts in OPTIONS.get(arch, [{}])]
