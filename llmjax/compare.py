@@ -5,13 +5,14 @@ Train several architectures on the same data, token budget and seeds, then write
 
 - every (config, seed) is one ordinary training run (`python -m llmjax.train` in a subprocess, so
   each has its own process: clean timings, its own peak memory) in `--out/<arch>_<variant>/seed<S>`;
-  a finished run is reused, so an interrupted comparison continues where it stopped;
+  a finished run is reused, so an interrupted comparison continues where it stopped (one of a
+  config edited since, refused);
 - the configs must share the dataset, context length and vocabulary; `--max_steps` and
   `--batch_size` apply to all, so every run sees the same number of tokens, in the same order for
   the same seed (the data order depends on the seed only);
 - the table: parameters (total and active), FLOPs per token, final validation loss over the whole
-  split (mean +- sample std over seeds), training tokens/s (the median step of each run, averaged over
-  seeds), peak memory (device peak on a GPU; the training process's peak resident memory on a CPU),
+  split (mean +- sample std over seeds), training tokens/s (the median step of each run, the steps
+  that compiled left out, averaged over seeds), peak memory (device peak on a GPU; the training process's peak resident memory on a CPU),
   training wall time, and, for GPT-2 BPE models, HellaSwag acc_norm from the in-loop scorer;
 - `val_loss.png`: validation loss against tokens and against training wall-clock time, one line per
   architecture (mean over seeds, band from the lowest to the highest), drawn by llmjax.plot.
@@ -31,7 +32,7 @@ from pathlib import Path
 from absl import flags
 
 from llmjax import cli
-from llmjax.config import ConfigError, load_config, model_config, set_key, split_spec
+from llmjax.config import ConfigError, load_config, model_config, model_defaults, set_key, split_spec
 from llmjax.data import atomic_write_bytes, atomic_write_json
 from llmjax.summary import summarize
 
@@ -100,12 +101,32 @@ def plan(specs: list[str], *, max_steps: int, batch_size: int | None, eval_every
     return out
 
 
+def config_changes(saved: Path, cfg) -> list[str]:
+    """How a finished run's config.json differs from `cfg` (the config with this comparison's
+    overrides) in its model, data and training settings, the seed aside: a config file edited
+    since the run (keys the run predates count as their defaults)."""
+    from llmjax.train import config_diff
+
+    old, new = json.loads(saved.read_text()), json.loads(cfg.to_json())
+    diffs = []
+    for group in ("model", "data", "train"):
+        a, b = old.get(group, {}), new.get(group, {})
+        if group == "model":
+            a, b = ({**model_defaults(c.get("arch")), **c} for c in (a, b))
+        diffs += [d for d in config_diff(a, b, f"{group}.") if not d.startswith("train.seed ")]
+    return diffs
+
+
 def train_once(p: dict, seed: int, folder: Path, quiet: bool) -> dict:
     """One training run in its own process (reused when already finished). Returns its stats."""
     stats_file = folder / "compare_run.json"
     if stats_file.is_file() and (folder / "metrics.jsonl").is_file():
         stats = json.loads(stats_file.read_text())
         if stats.get("overrides") == p["overrides"] and stats.get("seed") == seed and stats.get("returncode") == 0:
+            changes = config_changes(folder / "config.json", p["cfg"])
+            if changes:
+                raise CompareError(f"{folder} holds a finished run of another config ({'; '.join(changes)}): its figures are not "
+                                   "this config's; delete that folder or use another --out")
             return stats
     folder.mkdir(parents=True, exist_ok=True)
     # an interrupted run resumes from its latest checkpoint: this process then times only the rest
@@ -140,7 +161,10 @@ def summarize_runs(p: dict, runs: list[tuple[Path, dict]]) -> dict:
         if last["step"] != p["overrides"]["train.max_steps"] or "val_loss" not in last:
             raise CompareError(f"{folder} did not finish; delete it and run again")
         finals.append(last["val_loss"])
-        rates.append(statistics.median(m["tokens_per_sec"] for m in lines[1:] or lines))
+        # the median step, leaving out the steps that compiled: the first, and the first after a resume
+        first = {0} | {i for i, m in enumerate(lines) if m["step"] == stats.get("resumed_from_step", 0) + 1}
+        rates.append(statistics.median([m["tokens_per_sec"] for i, m in enumerate(lines) if i not in first] or
+                                       [m["tokens_per_sec"] for m in lines]))
         gpu_peak = max((m["peak_memory_bytes"] for m in lines if m.get("peak_memory_bytes")), default=None)
         peaks.append(gpu_peak if gpu_peak is not None else stats["max_rss_bytes"])
         if "hellaswag_acc_norm" in last:
@@ -183,9 +207,9 @@ def markdown(rows: list[dict], command: str, meta: dict) -> str:
             f"seeds {meta['seeds']}; total parameters within {spread:.1%} of each other. Validation loss over the whole "
             f"validation split at the end. {meta['device']}, {meta['date']}. Command: `{command}`")
     resumed = [f"`{r['arch']}` seed {seed} from step {step}" for r in rows for seed, step in sorted(r["resumed"].items())]
-    if resumed:  # (the losses and tokens/s are the whole run's, read from its metrics)
-        lines.append("\nResumed after an interruption, so their train wall and peak memory are the resumed part's only: "
-                     + ", ".join(resumed) + ".")
+    if resumed:  # (the losses, tokens/s and a device's peak are the whole run's, read from its metrics)
+        part = "train wall is" if rows[0]["peak_memory_kind"] == "device peak" else "train wall and peak memory are"
+        lines.append(f"\nResumed after an interruption, so their {part} the resumed part's only: " + ", ".join(resumed) + ".")
     return note + "\n\n" + "\n".join(lines) + "\n"
 
 

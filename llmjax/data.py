@@ -183,7 +183,8 @@ class TokenDataset:
 
     def damaged_shards(self) -> list[str]:
         """The shard files of every split that are missing, unreadable or no longer match the
-        sha256 their manifest records (changed since they were prepared): read whole, hashed at
+        sha256 their manifest records (changed since they were prepared), each as its file and what
+        is wrong with it: read whole, hashed at
         about 0.6 GB/s on one core of our CPU VM (hashlib releases the GIL: a thread runs beside
         compilation)."""
         bad = []
@@ -191,9 +192,9 @@ class TokenDataset:
             for s in shards:
                 try:
                     if "sha256" in s and not verify_shard(self.path / s["file"], s["sha256"]):
-                        bad.append(s["file"])
-                except OSError as e:
-                    bad.append(f"{s['file']} ({e.strerror or e})")
+                        bad.append(f"{s['file']} changed since it was prepared (its sha256 differs from the manifest's)")
+                except (OSError, ValueError) as e:  # (ValueError: a manifest file name no path can have)
+                    bad.append(f"{s['file']} cannot be read ({getattr(e, 'strerror', None) or e})")
         return bad
 
 

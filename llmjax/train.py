@@ -124,6 +124,16 @@ def check_workdir(workdir: Path) -> dict | None:
     return None
 
 
+def model_changes(old: dict, new: dict) -> list[str]:
+    """How two resolved configs' models differ ("model.KEY (old -> new)"), keys either side predates
+    filled with their defaults (a run saved before a key existed, or a hand-built ConfigDict
+    without an optional key) and the execution keys left out: what a resume must not change."""
+    def filled(c: dict) -> dict:
+        return {**model_defaults(c["model"].get("arch")), **c["model"]}
+
+    return [d for d in config_diff(filled(old), filled(new), "model.") if d.split(" ")[0].removeprefix("model.") not in EXECUTION_KEYS]
+
+
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     diffs = []
     for key in sorted(set(old) | set(new)):
@@ -183,16 +193,22 @@ def in_thread(fn) -> concurrent.futures.Future:
     return future
 
 
-def check_shards(dataset, bad: list[str], step: int) -> None:
-    """Stop every process, in one line, where any process found a damaged shard."""
+def check_shards(dataset, damaged: concurrent.futures.Future, step: int) -> None:
+    """Stop every process, in one line, where any process found a damaged shard (`damaged`: the
+    future of `dataset.damaged_shards()`; a check that failed counts as a damaged shard, and every
+    process still reaches the collective below)."""
+    try:
+        bad = damaged.result()
+    except Exception as e:  # noqa: BLE001  (one process alone leaving would hang the others)
+        bad = [f"(the check failed: {type(e).__name__}: {e})"]
     anywhere = len(bad)
     if jax.process_count() > 1:  # (one process alone stopping would leave the others in a collective)
         from jax.experimental import multihost_utils
 
         anywhere = int(np.max(multihost_utils.process_allgather(np.int32(len(bad)))))
     if anywhere:
-        where = f"{', '.join(bad)} in {dataset.path}" if bad else f"another process's copy of its shards in {dataset.path}"
-        raise ConfigError(f"dataset '{dataset.name}': {where} changed since it was prepared (its sha256 differs from the manifest's); "
+        what = "; ".join(bad) if bad else "another process found a damaged shard in its copy"
+        raise ConfigError(f"dataset '{dataset.name}' in {dataset.path}: {what}; "
                           f"delete that folder and prepare it again. Stopped at step {step}, nothing saved")
 
 
@@ -408,13 +424,7 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
         raise ConfigError(f"{workdir} holds a run at step {start}, past train.max_steps={tcfg.max_steps}; "
                           f"set --config.train.max_steps={start} or more to continue it, or use another --workdir")
     if start and old_cfg is not None:
-        # a key the run's config.json predates has its default there (as when the run is sampled)
-        old_model = {**model_defaults(old_cfg["model"].get("arch")), **old_cfg["model"]}
-        diffs = [
-            d
-            for d in config_diff(old_model, resolved["model"], "model.")
-            if d.split(" ")[0].removeprefix("model.") not in EXECUTION_KEYS
-        ]
+        diffs = model_changes(old_cfg, resolved)
         if diffs:
             raise ConfigError(
                 f"{workdir} holds a run with a different model config: {'; '.join(diffs)}; use another --workdir or the same config"
@@ -585,12 +595,16 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
                 batch = to_global(local, tok_shard, (accum, micro, T + 1))
                 state, m = step_fn(state, batch)
                 if damaged is not None:
-                    check_shards(dataset, damaged.result(), step)
+                    check_shards(dataset, damaged, step)
                     damaged = None
                 is_last = step == tcfg.max_steps
                 do_eval = is_last or (ecfg.every_steps > 0 and ecfg.num_batches > 0 and step % ecfg.every_steps == 0)
                 do_ckpt = do_eval or step == end or stop.requested or (tcfg.checkpoint_every_steps > 0 and step % tcfg.checkpoint_every_steps == 0)
                 do_tasks = bool(task_items) and (is_last or (ecfg.tasks_every_steps > 0 and step % ecfg.tasks_every_steps == 0))
+                if step == start + 1 and not (do_eval or do_ckpt or do_tasks):
+                    # the first step alone: its line carries the compilation, the lines after it none
+                    emit(fetch([(step, m)])[0])
+                    continue
                 if not (do_eval or do_ckpt or do_tasks):
                     # Read metrics in blocks, a block behind: the host never waits for the step it
                     # just dispatched, and syncs once per block rather than once per step.

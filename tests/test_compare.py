@@ -69,6 +69,33 @@ def test_finished_runs_are_reused(result):
     assert (out / "vanilla_tiny" / "seed0" / "compare_run.json").read_text() == before
 
 
+def test_a_finished_run_of_an_edited_config_is_refused(result, tmp_path):
+    """A finished run is reused only if its config is still the one asked for: after its config
+    file changed (here: its config.json, as the file edited since), compare refuses in one line
+    naming the change, rather than report the old run's figures beside the new config's size. A
+    key the run predates counts as its default."""
+    import shutil
+
+    out, _ = result
+    shutil.copytree(out / "vanilla_tiny", tmp_path / "vanilla_tiny")
+    saved = tmp_path / "vanilla_tiny" / "seed1" / "config.json"
+    orig = json.loads(saved.read_text())
+    kw = dict(out=tmp_path, seeds=2, max_steps=4, eval_every=2, eval_batches=1, command="test", quiet=True)
+    edited = json.loads(json.dumps(orig))
+    edited["model"]["n_layer"] += 1
+    edited["train"]["lr"] *= 2
+    saved.write_text(json.dumps(edited))
+    n = orig["model"]["n_layer"]
+    with pytest.raises(C.CompareError, match=rf"^\S+seed1 holds a finished run of another config \(model\.n_layer \({n + 1} -> {n}\); "
+                                             r"train\.lr \([^)]+\)\): its figures are not this config's; delete that folder or use another --out$"):
+        C.compare(SPECS[:1], **kw)
+    del orig["model"]["decode_attention_impl"]  # (a key with a default, "auto")
+    saved.write_text(json.dumps(orig))
+    r = C.compare(SPECS[:1], **kw)
+    assert r["rows"][0]["val_loss_per_seed"] == [json.loads(last)["val_loss"] for last in (
+        (tmp_path / "vanilla_tiny" / f"seed{s}" / "metrics.jsonl").read_text().splitlines()[-1] for s in (0, 1))]
+
+
 def test_a_resumed_run_is_marked_in_the_table(tmp_path):
     """A run interrupted and resumed by the next `compare` is timed by that process only: the
     table says so, naming the run and the step it resumed from; an uninterrupted one is unmarked."""
@@ -81,6 +108,8 @@ def test_a_resumed_run_is_marked_in_the_table(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["rows"][0]["resumed"] == {"0": 2}
     lines = [json.loads(x) for x in (tmp_path / "vanilla_tiny" / "seed0" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4]  # the losses are the whole run's
+    # tokens/s: the median of the steps that did not compile (not step 1, nor step 3 after the resume)
+    assert r["rows"][0]["train_tokens_per_sec"] == pytest.approx((lines[1]["tokens_per_sec"] + lines[3]["tokens_per_sec"]) / 2)
 
 
 def test_plans_refuse_unfair_comparisons():

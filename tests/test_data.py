@@ -65,9 +65,31 @@ def test_damaged_shards_are_found_by_their_sha256(tmp_path):
     raw = bytearray(val.read_bytes())
     raw[-1] ^= 0x80
     val.write_bytes(bytes(raw))
-    assert ds.damaged_shards() == ["val_0000.bin"]
+    changed = "val_0000.bin changed since it was prepared (its sha256 differs from the manifest's)"
+    assert ds.damaged_shards() == [changed]
     (ds.path / "train_0000.bin").unlink()
-    assert ds.damaged_shards() == ["train_0000.bin (No such file or directory)", "val_0000.bin"]
+    assert ds.damaged_shards() == ["train_0000.bin cannot be read (No such file or directory)", changed]
+    ds.manifest["splits"]["train"][0]["file"] = "bad\0name.bin"  # (open() raises ValueError, not OSError)
+    assert ds.damaged_shards()[0].startswith("bad\0name.bin cannot be read (")
+
+
+def test_a_failed_shard_check_stops_every_process_in_one_line(tmp_path):
+    """The trainer's answer to the shard check: damaged shards, or a check that raised (counted as
+    damaged, so that with several processes every one still reaches the all-gather), become one line."""
+    import concurrent.futures
+
+    from llmjax.config import ConfigError
+    from llmjax.train import check_shards
+
+    ds = D.prepare_builtin("tinyshakespeare_char", tmp_path / "ds")
+    done = concurrent.futures.Future()
+    done.set_result([])
+    check_shards(ds, done, 1)  # nothing damaged: nothing happens
+    failed = concurrent.futures.Future()
+    failed.set_exception(MemoryError("out of memory"))
+    with pytest.raises(ConfigError, match=r"^dataset 'tinyshakespeare_char' in .*: \(the check failed: MemoryError: out of memory\); "
+                                          r"delete that folder and prepare it again\. Stopped at step 7, nothing saved$"):
+        check_shards(ds, failed, 7)
 
 
 def test_builtin_datasets_prepare_once_and_decode_back(data_dir):

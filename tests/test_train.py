@@ -72,6 +72,10 @@ def test_the_end_of_run_sample(tmp_path):
     host, as the trainer has them) and returns the text."""
     run = train(cfg("vanilla", train__max_steps=4, eval__every_steps=0, eval__sample_tokens=12), tmp_path / "run", quiet=True)
     assert run.final and isinstance(run.sample, str) and 0 < len(run.sample) <= 12
+    # the first step's metrics are read alone (its time holds the compilation); the next steps'
+    # as one block (one time per step: the block's average)
+    times = [m["step_time"] for m in run.metrics]
+    assert len(times) == 4 and times[0] != times[1] and times[1] == times[2] == times[3]
 
 
 @pytest.mark.parametrize(
@@ -157,6 +161,15 @@ def test_an_ssm_run_from_before_the_convolution_resumes_and_samples_as_it_was(tm
     loaded = sample.load(tmp_path / "split")
     assert loaded.model.cfg.d_conv == 0 and loaded.step == 12
     assert len(loaded.generate_text(["ab"], 4, sampling=sample.Sampling(greedy=True))[0]) == 4
+    # a config without the optional key (a hand-built ConfigDict) is the same model: it resumes, and
+    # the config.json it writes (without the key) resumes with it again
+    handmade = cfg("ssm", train__max_steps=14)
+    with handmade.unlocked():
+        del handmade.model["d_conv"]
+    assert train(handmade, tmp_path / "split", devices=jax.devices()[:1], quiet=True).step == 14
+    assert "d_conv" not in json.loads(saved.read_text())["model"]
+    handmade.train.max_steps = 15
+    assert train(handmade, tmp_path / "split", devices=jax.devices()[:1], quiet=True).step == 15
 
 
 @pytest.mark.parametrize("matmul_dtype", ["", "bfloat16"])
@@ -399,8 +412,9 @@ def test_a_shard_changed_since_it_was_prepared_stops_the_run_before_anything_is_
     raw[len(raw) // 2] ^= 1
     shard.write_bytes(bytes(raw))
     c = cfg("vanilla", train__max_steps=3)
-    with pytest.raises(ConfigError, match=r"^dataset 'tinyshakespeare_char': train_0000\.bin in .*tinyshakespeare_char changed since it "
-                                          r"was prepared .*delete that folder and prepare it again\. Stopped at step 1, nothing saved$"):
+    with pytest.raises(ConfigError, match=r"^dataset 'tinyshakespeare_char' in .*tinyshakespeare_char: train_0000\.bin changed since it "
+                                          r"was prepared \(its sha256 differs from the manifest's\); delete that folder and prepare it again\. "
+                                          r"Stopped at step 1, nothing saved$"):
         train(c, tmp_path / "run", devices=jax.devices()[:1], quiet=True)
     assert not [p for p in (tmp_path / "run" / "checkpoints").glob("*") if p.name.isdigit()]
     raw[len(raw) // 2] ^= 1
