@@ -215,6 +215,15 @@ def bench_decode(cfg, *, batches: list[int], prompt_len: int, new_tokens: int, r
     return row
 
 
+def check_hellaswag(mcfg) -> None:
+    """The hellaswag suite scores text with GPT-2's BPE: refuse other vocabularies before anything runs."""
+    from llmjax.tokenizer import GPT2Tokenizer
+
+    if mcfg.vocab_size != GPT2Tokenizer.vocab_size:
+        raise ConfigError(f"the hellaswag suite needs a GPT-2 BPE config (vocab 50257), not vocab {mcfg.vocab_size}; "
+                          "e.g. --set model.vocab_size=50257 --set model.padded_vocab_size=50304")
+
+
 def bench_hellaswag(cfg, *, batch_size: int, limit: int | None, task_dir: str | None, quantize: str | None = None) -> dict:
     """HellaSwag items/s of the built-in scorer (llmjax.downstream, the trainer's in-loop one) with
     random weights cast for inference; every length bucket compiled before the timed pass."""
@@ -223,8 +232,7 @@ def bench_hellaswag(cfg, *, batch_size: int, limit: int | None, task_dir: str | 
     from llmjax.tokenizer import GPT2Tokenizer
 
     mcfg = scoring_config(model_config(cfg).replace(scan_layers=False))
-    if mcfg.vocab_size != GPT2Tokenizer.vocab_size:
-        raise ConfigError(f"the hellaswag suite needs a GPT-2 BPE config (vocab 50257), not vocab {mcfg.vocab_size}")
+    check_hellaswag(mcfg)
     model = inference_model(mcfg, quantize)
     tok = GPT2Tokenizer()
     try:
@@ -254,6 +262,8 @@ def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len,
     """One row for the run config `cfg` (named `spec` in the row); with `profile` (a directory), the
     training and decoding suites also trace one more run each into profile/<arch>/ and summarise it."""
     mcfg = model_config(cfg)
+    if "hellaswag" in suites:
+        check_hellaswag(mcfg)
     profile_dir = Path(profile) / mcfg.arch if profile else None
     summ = summarize(mcfg)
     row = {
@@ -444,6 +454,8 @@ def main(argv):
                 with cfg.unlocked():
                     for key, value in {**overrides, **({"train.batch_size": batch_size} if batch_size else {})}.items():
                         set_key(cfg, key, value)
+                if "hellaswag" in suites:  # (before a smaller batch's row is measured)
+                    check_hellaswag(model_config(cfg))
                 row = bench(cfg, spec, suites=suites if last else train_suites, steps=F.steps, repeats=F.repeats,
                             decode_batches=batches, prompt_len=F.prompt_len, new_tokens=F.new_tokens,
                             task_batch_size=F.task_batch_size, task_limit=F.task_limit, task_dir=F.task_dir,

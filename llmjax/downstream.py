@@ -150,11 +150,25 @@ def parse_file(path: Path, spec: TaskSpec) -> list[Item]:
 
 def _download(spec: TaskSpec, target: Path, tries: int = 4) -> None:
     """Fetch the official file into `target` (HellaSwag as is; ARC's parquet converted to jsonl),
-    checking its content before it is moved into place."""
+    checking its content before it is moved into place. Folders it creates for it are removed
+    again if the download fails."""
+    created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]  # (deepest first)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise TaskError(f"cannot use {target.parent} as the task directory ({e.strerror}); pass a folder") from None
+    try:
+        _fetch(spec, target, tries)
+    except BaseException:
+        for p in created:
+            try:
+                p.rmdir()
+            except OSError:  # (not empty: someone else's)
+                break
+        raise
+
+
+def _fetch(spec: TaskSpec, target: Path, tries: int) -> None:
     print(f"downloading {spec.name} from {spec.url} to {target}", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
         raw = Path(tmp) / spec.url.rsplit("/", 1)[-1]
@@ -176,7 +190,7 @@ def _download(spec: TaskSpec, target: Path, tries: int = 4) -> None:
             try:
                 import pyarrow.parquet as pq
             except ImportError:
-                raise TaskError(f"reading {spec.name}'s parquet needs pyarrow: pip install 'llmjax[prepare]'") from None
+                raise TaskError(f"reading {spec.name}'s parquet needs pyarrow: bash scripts/setup.sh prepare") from None
             rows = pq.read_table(raw).to_pylist()
             out.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
         else:

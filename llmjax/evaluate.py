@@ -51,7 +51,7 @@ def pick_device(spec: str | None):
     except RuntimeError:
         raise EvalError(
             f"--device={spec}: JAX has no {platform} backend here (it runs on {jax.default_backend()}); "
-            "install a CUDA build (pip install 'llmjax[cuda13]') or pass --device=cpu"
+            "install a CUDA build (bash scripts/setup.sh cuda13) or pass --device=cpu"
         ) from None
     i = int(index or 0)
     if i >= len(devices):
@@ -140,7 +140,7 @@ def run_harness(
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise EvalError("--scorer=harness needs lm-evaluation-harness: pip install 'llmjax[eval]' (or use --scorer=fast)") from None
+        raise EvalError("--scorer=harness needs lm-evaluation-harness: bash scripts/setup.sh eval (or use --scorer=fast)") from None
     from llmjax.harness import LlmjaxLM
 
     downstream.check_tokenizer(loaded.tokenizer)

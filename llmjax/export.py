@@ -142,13 +142,13 @@ def read_gpt2(source: str) -> dict[str, np.ndarray]:
     try:
         from safetensors.numpy import load_file
     except ImportError:
-        raise ExportError("importing GPT-2 weights needs safetensors and huggingface_hub: pip install 'llmjax[hf]'") from None
+        raise ExportError("importing GPT-2 weights needs safetensors and huggingface_hub: bash scripts/setup.sh hf") from None
     path = Path(source).expanduser()
     if source in HUB_MODELS:
         try:
             from huggingface_hub import hf_hub_download
         except ImportError:
-            raise ExportError("downloading GPT-2 weights needs huggingface_hub: pip install 'llmjax[hf]'") from None
+            raise ExportError("downloading GPT-2 weights needs huggingface_hub: bash scripts/setup.sh hf") from None
         try:
             path = Path(hf_hub_download(HUB_MODELS[source], "model.safetensors"))
         except Exception as e:  # network and hub errors come in many types
@@ -302,7 +302,7 @@ def write_gguf(params: dict, mcfg, tokenizer, path: Path, dtype=np.float32, name
     try:
         import gguf
     except ImportError:
-        raise ExportError("GGUF export needs the gguf package: pip install 'llmjax[hf]'") from None
+        raise ExportError("GGUF export needs the gguf package: bash scripts/setup.sh hf") from None
     check_llama(mcfg)
     if getattr(tokenizer, "eot_id", None) != 50256:
         raise ExportError("GGUF export embeds the GPT-2 BPE tokenizer; this model has another vocabulary")
@@ -384,7 +384,7 @@ def export(checkpoint, fmt: str, out, *, which: str = "latest", dtype: str = "fl
     try:
         from safetensors.numpy import save_file
     except ImportError:
-        raise ExportError("safetensors export needs the safetensors package: pip install 'llmjax[hf]'") from None
+        raise ExportError("safetensors export needs the safetensors package: bash scripts/setup.sh hf") from None
     if mcfg.arch == "vanilla":
         tensors, config = gpt2_tensors(params, mcfg, np_dtype), gpt2_config(mcfg)
     elif mcfg.arch == "modern":
@@ -400,6 +400,7 @@ def export(checkpoint, fmt: str, out, *, which: str = "latest", dtype: str = "fl
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export-"))
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(tmp / "model.safetensors", 0o666 & ~umask())  # (safetensors writes it 0600)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "vocab.json").write_bytes((ASSETS / "gpt2" / "encoder.json").read_bytes())
         (tmp / "merges.txt").write_bytes((ASSETS / "gpt2" / "vocab.bpe").read_bytes())

@@ -79,9 +79,8 @@ def curves(paths, labels=None) -> list[dict]:
             "seconds": np.mean([r["seconds"][:n] for r in runs], axis=0),
             "mean": losses.mean(0), "low": losses.min(0), "high": losses.max(0), "n_runs": len(runs),
         })
-    labels_seen = [c["label"] for c in out]
-    for c, p in zip(out, paths):  # two lines of the same architecture: name them by their folders
-        if labels_seen.count(c["label"]) > 1 and not labels:
+    if not labels and len({c["label"] for c in out}) < len(out):  # two lines of one architecture: every line by its folder
+        for c, p in zip(out, paths):
             c["label"] = Path(p).name
     return out
 

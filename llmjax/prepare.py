@@ -136,7 +136,7 @@ def _parquet(path: Path):
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise PrepareError("parquet sources need pyarrow: pip install 'llmjax[prepare]'") from None
+        raise PrepareError("parquet sources need pyarrow: bash scripts/setup.sh prepare") from None
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:
@@ -151,13 +151,17 @@ def _parquet(path: Path):
 
 
 def _retry(fn, what: str, tries: int = 5):
+    """fn() with `tries` attempts, each failure said on stderr (offline, the waits add up)."""
     for attempt in range(tries):
         try:
             return fn()
         except Exception as e:  # network errors come in many types
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             if attempt == tries - 1:
-                raise PrepareError(f"cannot download {what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-            time.sleep(min(2**attempt, 30))
+                raise PrepareError(f"cannot download {what}: {why}") from None
+            wait = min(2**attempt, 30)
+            print(f"prepare: downloading {what} failed ({why[:200]}); try {attempt + 2} of {tries} in {wait} s", file=sys.stderr, flush=True)
+            time.sleep(wait)
 
 
 def download_url(url: str, cache: Path) -> Path:
@@ -177,7 +181,7 @@ def hub_sources(name: str) -> list[Source]:
     try:
         from huggingface_hub import HfApi, hf_hub_download
     except ImportError:
-        raise PrepareError("downloading needs huggingface_hub: pip install 'llmjax[prepare]' (or give local files with --source)") from None
+        raise PrepareError("downloading needs huggingface_hub: bash scripts/setup.sh prepare (or give local files with --source)") from None
     spec = HUB[name]
     files = spec["files"]
     if files is None:

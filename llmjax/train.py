@@ -400,6 +400,7 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
         raise ConfigError(
             f"model.vocab_size={mcfg.vocab_size} does not match dataset '{dataset.name}' ({tokenizer.vocab_size} tokens); "
             f"set --config.model.vocab_size={tokenizer.vocab_size}"
+            + (f" --config.model.padded_vocab_size={-(-tokenizer.vocab_size // 64) * 64}" if tokenizer.vocab_size > mcfg.padded_vocab_size else "")
         )
 
     # --- downstream tasks scored in the loop (loaded now: a download problem stops nothing later) ---
@@ -673,7 +674,7 @@ def _wandb_init(cfg, workdir: Path):
         import wandb
         from dotenv import load_dotenv
     except ImportError:
-        raise ConfigError("logging.wandb=True needs the wandb extra: pip install 'llmjax[wandb]'") from None
+        raise ConfigError("logging.wandb=True needs the wandb extra: bash scripts/setup.sh wandb") from None
     load_dotenv(Path.cwd() / ".env")
     id_file = workdir / "wandb_id.txt"
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]

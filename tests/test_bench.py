@@ -88,9 +88,16 @@ def test_hellaswag_suite_scores_items():
                       new_tokens=4, task_batch_size=4, task_limit=6, task_dir=str(ROOT / "tests" / "fixtures"))
     assert row["hellaswag_items"] == 6 and row["hellaswag_items_per_sec"] > 0 and row["train_tokens_per_sec"] is None
     assert 0 <= row["hellaswag_acc_norm_random_init"] <= 1
-    with pytest.raises(ConfigError, match="GPT-2 BPE"):
-        bench.bench(llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny"), "x", suites={"hellaswag"}, steps=1, repeats=1,
+
+def test_hellaswag_suite_refuses_a_character_model_before_measuring(monkeypatch):
+    from llmjax.config import ConfigError
+
+    monkeypatch.setattr(bench, "bench_train", lambda *a, **k: pytest.fail("measured before the vocabulary was checked"))
+    with pytest.raises(ConfigError, match=r"GPT-2 BPE config \(vocab 50257\), not vocab 65; e\.g\. --set model\.vocab_size=50257"):
+        bench.bench(llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny"), "x", suites={"train", "hellaswag"}, steps=1, repeats=1,
                     decode_batches=[1], prompt_len=4, new_tokens=4)
+    r = _cli(f"--config={ROOT}/configs/vanilla.py:tiny", "--suite=train,hellaswag", "--batch_size=2,4", "--steps=1", "--repeats=1")
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1 and "GPT-2 BPE" in r.stderr, (r.stdout, r.stderr)
 
 
 def test_own_peak_is_reported_only_when_this_measurement_set_it():

@@ -157,6 +157,9 @@ def test_plot_cli(result, tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 10_000
     c = P.curves([out / "vanilla_tiny", out / "modern_tiny" / "seed1"])
     assert [x["n_runs"] for x in c] == [2, 1] and list(c[0]["tokens"]) == [2 * 8 * 64, 4 * 8 * 64]
+    assert [x["label"] for x in c] == ["vanilla", "modern"]  # one line per architecture: named by it
+    named = P.curves([out / "vanilla_tiny", out / "modern_tiny", out / "vanilla_tiny" / "seed0"])
+    assert [x["label"] for x in named] == ["vanilla_tiny", "modern_tiny", "seed0"]  # two of one: every line by its folder
     r = _cli("llmjax.plot", str(tmp_path), "-o", str(tmp_path / "q.png"))
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "no metrics.jsonl" in r.stderr and r.stderr.count("\n") == 1
     # the path printed is the file written; a name matplotlib cannot write, or a folder, is one line

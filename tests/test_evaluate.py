@@ -347,7 +347,7 @@ def test_downloads_are_checked_then_cached(tmp_path, monkeypatch):
     # the official split has 10,042 items: a 40-item download is refused and nothing is kept
     with pytest.raises(downstream.TaskError, match="holds 40 items, not 10042"):
         downstream.load_items("hellaswag", tmp_path / "a")
-    assert not list((tmp_path / "a").iterdir())
+    assert not (tmp_path / "a").exists()  # (nor the folder made for it)
     monkeypatch.setitem(downstream.TASKS, "hellaswag", dataclasses.replace(downstream.TASKS["hellaswag"], count=40))
     items = downstream.load_items("hellaswag", tmp_path / "a")
     assert items == downstream.load_items("hellaswag", FIXTURES) and fake.calls == 2
@@ -369,7 +369,8 @@ def test_downloads_are_checked_then_cached(tmp_path, monkeypatch):
 
     monkeypatch.setattr(downstream.urllib.request, "urlopen", offline)
     with pytest.raises(downstream.TaskError, match="cannot download hellaswag .* put hellaswag_val.jsonl in"):
-        downstream.load_items("hellaswag", tmp_path / "c")
+        downstream.load_items("hellaswag", tmp_path / "c" / "d")
+    assert not (tmp_path / "c").exists()  # the folders made for the download are gone again
 
 
 def test_character_models_are_refused():

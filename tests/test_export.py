@@ -108,6 +108,10 @@ def test_safetensors_exports_read_back(runs, tmp_path):
         cfg = json.loads((folder / "config.json").read_text())
         assert cfg["vocab_size"] == 50257 and cfg["tie_word_embeddings"] is True
         assert (folder / "vocab.json").stat().st_size > 1e6 and (folder / "merges.txt").is_file()
+        # every file readable as any file the user writes (the umask's permissions), the weights too
+        from llmjax.data import umask
+
+        assert {(f.name, f.stat().st_mode & 0o777) for f in folder.iterdir()} == {(f.name, 0o666 & ~umask()) for f in folder.iterdir()}
     # Llama's Linear weights are the transposed kernels, split into q/k/v
     p, loaded = run_params(runs["modern"])
     got = load_file(str(tmp_path / "modern" / "model.safetensors"))
@@ -124,6 +128,9 @@ def test_gguf_export_reads_back(runs, tmp_path):
     gguf = pytest.importorskip("gguf")
     p, loaded = run_params(runs["modern"])
     path = X.export(runs["modern"], "gguf", tmp_path / "model.gguf")
+    from llmjax.data import umask
+
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask()
     reader = gguf.GGUFReader(str(path))
     want = X.gguf_tensors(p, loaded.model.cfg)
     got = {t.name: np.asarray(t.data).reshape([int(d) for d in reversed(t.shape)]) for t in reader.tensors}

@@ -267,7 +267,7 @@ def test_cli_prepares_the_builtin_datasets(tmp_path):
     assert "301,966" in r.stdout and D.TokenDataset.open(tmp_path / "ts").num_tokens("val") == 36059
 
 
-def test_hub_sources_list_download_and_retry(monkeypatch, tmp_path):
+def test_hub_sources_list_download_and_retry(monkeypatch, tmp_path, capsys):
     """fineweb_edu: the sample-10BT parquet files are listed and downloaded through huggingface_hub,
     with retries; tinystories: its train and valid files, as the two splits (no network: mocked)."""
     import huggingface_hub
@@ -293,6 +293,9 @@ def test_hub_sources_list_download_and_retry(monkeypatch, tmp_path):
     monkeypatch.setattr(P.time, "sleep", lambda s: None)
     srcs = P.hub_sources("fineweb_edu")
     assert calls["download"] == [("HuggingFaceFW/fineweb-edu", "sample/10BT/000_00000.parquet"), ("HuggingFaceFW/fineweb-edu", "sample/10BT/001_00000.parquet")]
+    # each failed try is said (offline, the waits add up), one line each
+    assert capsys.readouterr().err == ("prepare: downloading HuggingFaceFW/fineweb-edu/sample/10BT/000_00000.parquet failed "
+                                       "(ConnectionError: flaky network); try 2 of 5 in 1 s\n")
     assert [s.split for s in srcs] == [None, None]  # no validation split: a held-out tail
     srcs = P.hub_sources("tinystories")
     assert [(s.path.name, s.split) for s in srcs] == [("TinyStoriesV2-GPT4-train.txt", "train"), ("TinyStoriesV2-GPT4-valid.txt", "val")]

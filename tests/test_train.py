@@ -390,8 +390,11 @@ def test_bad_meshes_are_one_line_errors():
 
 
 def test_vocab_mismatch_and_missing_dataset_are_one_line_errors(tmp_path):
-    with pytest.raises(ConfigError, match="set --config.model.vocab_size=65"):
+    with pytest.raises(ConfigError, match="set --config.model.vocab_size=65$"):
         train(cfg("vanilla", model__vocab_size=60), tmp_path / "a", quiet=True)
+    # a character config on GPT-2 BPE data: both sizes in the one line (the table too small for 50257)
+    with pytest.raises(ConfigError, match="set --config.model.vocab_size=50257 --config.model.padded_vocab_size=50304$"):
+        train(cfg("vanilla", data__dataset="tinyshakespeare"), tmp_path / "a", quiet=True)
     with pytest.raises(ConfigError, match="python -m llmjax.prepare fineweb_edu"):
         train(cfg("vanilla", data__dataset="fineweb_edu"), tmp_path / "b", quiet=True)
     with pytest.raises(ConfigError, match=r"unknown dataset 'tinyshakespeare_chr' \(did you mean 'tinyshakespeare_char'\?\).*"
