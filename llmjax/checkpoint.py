@@ -35,7 +35,10 @@ class _Quiet(logging.Filter):
     validation loss (only evaluation steps have one) and managers opened read-only."""
 
     def filter(self, record):
-        return not record.getMessage().startswith(("Requested `tracked_metric`; did not provide metrics", "Given directory is read only"))
+        message = record.getMessage()
+        if "orbax" in record.pathname and record.levelno >= logging.ERROR and (record.exc_info or "raised an exception" in message):
+            return False  # (a background write that failed, with its traceback: Checkpointer says it in one line)
+        return not message.startswith(("Requested `tracked_metric`; did not provide metrics", "Given directory is read only"))
 
 
 logging.getLogger("absl").addFilter(_Quiet())
@@ -76,7 +79,21 @@ class Checkpointer:
             meta=ocp.args.JsonSave({**meta, "fingerprints": fingerprints(state)}),
         )
         metrics = {"val_loss": float(val_loss)} if val_loss is not None else None
-        self.manager.save(step, args=args, metrics=metrics, force=True)
+        try:
+            self.manager.wait_until_finished()  # the previous save's background write
+        except Exception as e:  # noqa: BLE001  (a full or read-only disk)
+            raise CheckpointError(unwritable(self.directory, None, e)) from None
+        try:
+            self.manager.save(step, args=args, metrics=metrics, force=True)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(unwritable(self.directory, step, e)) from None
+
+    def check(self) -> None:
+        """Raise (one line) if a save still writing in the background has failed (a full disk)."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(unwritable(self.directory, None, e)) from None
 
     def restore(self, step: int, abstract_state, data_iter=None):
         """Restore the state onto `abstract_state`'s shardings (and the iterator in place), checked
@@ -109,8 +126,11 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+            self.manager.close()
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(unwritable(self.directory, None, e)) from None
 
 
 # What a user can do about a damaged checkpoint, by caller: (with an earlier checkpoint, without one).
@@ -127,11 +147,25 @@ def _hint(hint: tuple[str, str], directory: Path, step: int) -> str:
 def unreadable(directory: Path, step: int, e: BaseException, hint: tuple[str, str]) -> str:
     """One line for a checkpoint that Orbax could not read: the innermost error's first line (that
     is TensorStore's, which names the file and the problem, where Orbax wraps it)."""
+    return f"checkpoint {directory}/{step} cannot be restored ({_innermost(e)}); {_hint(hint, directory, step)}"
+
+
+def _innermost(e: BaseException) -> str:
+    """'Type: first line' of the innermost cause (TensorStore's, which names the file and the
+    problem, where Orbax wraps it), a long one cut in the middle: its start says what, its end why."""
     while e.__cause__ is not None:
         e = e.__cause__
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    first = first if len(first) <= 240 else first[:240] + "..."
-    return f"checkpoint {directory}/{step} cannot be restored ({type(e).__name__}: {first}); {_hint(hint, directory, step)}"
+    return f"{type(e).__name__}: {first if len(first) <= 240 else first[:150] + ' ... ' + first[-90:]}"
+
+
+def unwritable(directory: Path, step: int | None, e: BaseException) -> str:
+    """One line for a checkpoint that could not be written (`step` None: one written in the
+    background); the run can resume from the last checkpoint that was."""
+    written = sorted(int(c.name) for c in Path(directory).iterdir() if c.name.isdigit()) if Path(directory).is_dir() else []
+    what = f"checkpoint {directory}/{step}" if step is not None else f"a checkpoint in {directory}"
+    then = f"run the same command to resume from step {written[-1]}" if written else "run the same command to start again"
+    return f"{what} could not be written ({_innermost(e)}); make room or write access there, then {then}"
 
 
 @jax.jit

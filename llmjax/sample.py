@@ -77,15 +77,16 @@ class Sampling:
     greedy: bool = False
 
     def __post_init__(self):
-        if not 0 <= self.temperature < math.inf:
-            raise SampleError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf or not np.isfinite(np.float32(self.temperature)):
+            raise SampleError(f"temperature must be a finite number >= 0 (at most {np.finfo(np.float32).max:.3g}: logits are float32), "
+                              f"got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
             raise SampleError(f"top_k must be >= 0 (0: no top-k), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise SampleError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k == 0:
             object.__setattr__(self, "top_k", None)
-        if self.temperature == 0:
+        if self.temperature < np.finfo(np.float32).tiny:  # 0, or too small for float32 to divide by
             object.__setattr__(self, "greedy", True)
 
 
@@ -95,12 +96,14 @@ def filter_logits(logits_BV, vocab_size: int, s: Sampling):
     tokens whose probabilities, summed in decreasing order, first reach top_p)."""
     B, V = logits_BV.shape
     rows = jnp.arange(B)[:, None]
-    logits = jnp.where(jnp.arange(V) < vocab_size, logits_BV.astype(jnp.float32), -jnp.inf)
+    valid = jnp.arange(V) < vocab_size
+    logits = jnp.where(valid, logits_BV.astype(jnp.float32), -jnp.inf)
     if s.greedy:
         return logits
     # Shifted so that the largest is 0 before the division: a tiny temperature then sends the others
-    # towards -inf (never to NaN), and tied maxima stay exactly tied.
-    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / s.temperature
+    # towards -inf (never to NaN), and tied maxima stay exactly tied. Padded rows are -inf after it
+    # too, whatever the division gives.
+    logits = jnp.where(valid, (logits - jnp.max(logits, axis=-1, keepdims=True)) / s.temperature, -jnp.inf)
     k = min(s.top_k or V, vocab_size)
     if k < vocab_size:
         vals, idx = jax.lax.top_k(logits, k)
@@ -218,7 +221,11 @@ DECODE_MIN_ROWS = {"gpu": 2}
 def decode_min_rows(platform: str) -> int:
     """The fewest rows the sampler decodes on `platform` (a batch below it gets padding rows)."""
     env = os.environ.get("LLMJAX_DECODE_MIN_ROWS")
-    return max(1, int(env)) if env else DECODE_MIN_ROWS.get(platform, 1)
+    if not env:
+        return DECODE_MIN_ROWS.get(platform, 1)
+    if not env.strip().isdigit():
+        raise SampleError(f"LLMJAX_DECODE_MIN_ROWS must be a whole number of rows (1: no padding row), got {env!r}")
+    return max(1, int(env))
 
 
 # Whether the decode cache grows as the rows do, per platform. Each step's attention reads every
@@ -234,7 +241,11 @@ GROW_FIRST = 64  # room for this many new tokens in the first cache
 
 def decode_grows(platform: str) -> bool:
     env = os.environ.get("LLMJAX_DECODE_GROW")
-    return env not in ("", "0") if env is not None else DECODE_GROW.get(platform, False)
+    if env is None or env == "":
+        return DECODE_GROW.get(platform, False)
+    if env.strip().lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+        raise SampleError(f"LLMJAX_DECODE_GROW must be 1 or 0, got {env!r}")
+    return env.strip().lower() in ("1", "true", "yes", "on")
 
 
 @functools.partial(jax.jit, static_argnames=("pads",))
@@ -333,7 +344,7 @@ def generate(
     if any(not 0 <= t < cfg.vocab_size for p in prompts for t in p):
         raise SampleError(f"prompt token ids must be in [0, {cfg.vocab_size})")
     eot = -1 if eot_id is None else int(eot_id)
-    chunk = max(context // 2, 1)
+    chunk = context // 2  # (a slide keeps the last context - chunk >= 1 tokens)
     graphdef, params = split_for_jit(model)
     jit_prefill, jit_decode = _jitted()
     n_rows = max(B, decode_min_rows(platform_of(params)))  # padding rows (DECODE_MIN_ROWS) copy row 0

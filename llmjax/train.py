@@ -193,6 +193,16 @@ def in_thread(fn) -> concurrent.futures.Future:
     return future
 
 
+def most_of_all_processes(n: int) -> int:
+    """The largest of every process's `n` (a collective: every process must call it at the same
+    point); `n` itself with one process."""
+    if jax.process_count() == 1:
+        return n
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.int32(n))))
+
+
 def check_shards(dataset, damaged: concurrent.futures.Future, step: int) -> None:
     """Stop every process, in one line, where any process found a damaged shard (`damaged`: the
     future of `dataset.damaged_shards()`; a check that failed counts as a damaged shard, and every
@@ -201,15 +211,34 @@ def check_shards(dataset, damaged: concurrent.futures.Future, step: int) -> None
         bad = damaged.result()
     except Exception as e:  # noqa: BLE001  (one process alone leaving would hang the others)
         bad = [f"(the check failed: {type(e).__name__}: {e})"]
-    anywhere = len(bad)
-    if jax.process_count() > 1:  # (one process alone stopping would leave the others in a collective)
-        from jax.experimental import multihost_utils
-
-        anywhere = int(np.max(multihost_utils.process_allgather(np.int32(len(bad)))))
-    if anywhere:
+    if most_of_all_processes(len(bad)):  # (one process alone stopping would leave the others in a collective)
         what = "; ".join(bad) if bad else "another process found a damaged shard in its copy"
         raise ConfigError(f"dataset '{dataset.name}' in {dataset.path}: {what}; "
                           f"delete that folder and prepare it again. Stopped at step {step}, nothing saved")
+
+
+def resume_data_position(train_it, meta: dict, old_cfg: dict | None, global_batch: int, seed: int, workdir: Path, say) -> None:
+    """The restored training iterator's position (counted in global batches of the run that saved
+    it) in this run's global batches: the same windows come next whatever the batch. A checkpoint
+    older than the meta keys takes them from the run's config.json. A position that is no whole
+    number of new batches, or another seed (another order of the windows), is refused in one line:
+    the run would repeat and skip windows."""
+    saved = (old_cfg or {}).get("train", {})
+    old_batch = meta.get("data_global_batch") or saved.get("batch_size", 0) * saved.get("grad_accum_steps", 1) or global_batch
+    old_seed = meta.get("data_seed", saved.get("seed", seed))
+    if old_seed != seed:
+        raise ConfigError(f"{workdir} holds a run trained with train.seed={old_seed}, whose windows come in that seed's order; "
+                          f"resume with --config.train.seed={old_seed} (a new seed would repeat and skip windows) or use another --workdir")
+    if old_batch == global_batch:
+        return
+    position = dict(train_it.get_state())
+    used = position["next_index"] * old_batch  # windows consumed
+    if used % global_batch:
+        raise ConfigError(f"{workdir} holds a run that has used {used} training windows (batches of {old_batch}): not a whole number of "
+                          f"batches of {global_batch} (train.batch_size x grad_accum_steps); resume with a global batch that divides "
+                          f"{used}, or use another --workdir")
+    train_it.set_state({**position, "next_index": used // global_batch})
+    say(f"the data position: {used} windows used, batch {old_batch} -> {global_batch}; the next windows are the same")
 
 
 def threading_main() -> bool:
@@ -377,7 +406,20 @@ def build_steps(cfg, mesh) -> Steps:
 
 
 def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False) -> Run:
-    """Train (or resume) the run described by `cfg` in `workdir`. `devices` defaults to all."""
+    """Train (or resume) the run described by `cfg` in `workdir`. `devices` defaults to all. A
+    checkpoint or file that cannot be written (a full or read-only disk) stops it with a
+    TrainingError of one line."""
+    try:
+        return _train(cfg, workdir, devices=devices, quiet=quiet)
+    except CheckpointError as e:
+        raise TrainingError(f"{e}") from None
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise TrainingError(f"{e.strerror or e}{where}; stopped. Make room or write access in {Path(workdir).absolute()}, "
+                            f"then run the same command to resume from its last checkpoint") from None
+
+
+def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
     if jax.default_backend() == "cpu":
         tune_host_allocator()
     validate(cfg)
@@ -499,6 +541,7 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
                 state, meta = ckpt.restore(start, target, train_it)
         except CheckpointError as e:
             raise ConfigError(str(e)) from None
+        resume_data_position(train_it, meta, old_cfg, micro * accum, tcfg.seed, workdir, say)
         say(f"resumed from {workdir / 'checkpoints'} at step {start}")
     else:
         with jax.set_mesh(mesh):
@@ -540,12 +583,14 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
     last_val = None
     last_time = time.perf_counter()
     metrics_block = max(1, min(tcfg.log_every_steps, 50))
+    multi = jax.process_count() > 1
 
     def fetch(block: list[tuple[int, dict]]) -> list[dict]:
         """Host copies of some steps' metrics (one transfer; blocks until they are done), their
         average wall time per step, and the NaN guard."""
         nonlocal last_time
         hosts = jax.device_get([m for _, m in block])
+        ckpt.check()  # (a save writing in the background that failed: now, not at the next save)
         now = time.perf_counter()
         dt, last_time = (now - last_time) / len(block), now
         lines = []
@@ -600,8 +645,17 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
                     damaged = None
                 is_last = step == tcfg.max_steps
                 do_eval = is_last or (ecfg.every_steps > 0 and ecfg.num_batches > 0 and step % ecfg.every_steps == 0)
-                do_ckpt = do_eval or step == end or stop.requested or (tcfg.checkpoint_every_steps > 0 and step % tcfg.checkpoint_every_steps == 0)
+                do_ckpt = do_eval or step == end or (tcfg.checkpoint_every_steps > 0 and step % tcfg.checkpoint_every_steps == 0)
                 do_tasks = bool(task_items) and (is_last or (ecfg.tasks_every_steps > 0 and step % ecfg.tasks_every_steps == 0))
+                # SIGTERM: this process's flag; with several, any process's, agreed at the same steps
+                # in every process (each metrics block's end and each evaluation, checkpoint or
+                # scoring step), so that all save that step and stop together (a process stopping
+                # alone would leave the others waiting in the next step's collectives)
+                if multi:
+                    stopping = (do_eval or do_ckpt or do_tasks or step % metrics_block == 0) and bool(most_of_all_processes(stop.requested))
+                else:
+                    stopping = stop.requested
+                do_ckpt = do_ckpt or stopping
                 if step == start + 1 and not (do_eval or do_ckpt or do_tasks):
                     # the first step alone: its line carries the compilation, the lines after it none
                     emit(fetch([(step, m)])[0])
@@ -630,11 +684,17 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
                 emit(lines[-1], val)
                 if val is not None:
                     last_val = val
+                if not multi and stop.requested:  # (also a SIGTERM during this step's evaluation or scoring)
+                    stopping = do_ckpt = True
                 if do_ckpt:
-                    ckpt.save(step, state, train_it, {"step": step, "val_loss": val}, val_loss=val)
+                    # the checkpoint's metric for `best`: the periodic estimate at the last step too
+                    # (comparable with the earlier checkpoints'; the whole split's loss is in its meta)
+                    best_metric = lines[-1].get("val_loss_estimate", val)
+                    ckpt.save(step, state, train_it, {"step": step, "val_loss": val, "data_global_batch": micro * accum, "data_seed": tcfg.seed},
+                              val_loss=best_metric)
                     last_good = step
                 last_time = time.perf_counter()  # evaluation and checkpointing are not step time
-                if stop.requested and step < end:
+                if stopping and step < end:
                     say(f"stopped by SIGTERM after step {step}; checkpoint saved. Run the same command to resume.")
                     end = step
                     break

@@ -99,6 +99,16 @@ def test_sliding_past_the_context_equals_recomputation(arch):
         assert row == reference_greedy(m, prompt, n)
 
 
+@pytest.mark.parametrize("context", [1, 3])
+def test_sliding_in_the_shortest_contexts(context):
+    """A context of one token slides after every token (keeping that token: never an empty window),
+    one of three keeps two; both equal recomputation."""
+    m = decoder("vanilla", context_len=context, seed=3)  # (a seed whose rows do not all sit at one token)
+    prompts = [[1, 2], [3], [7]]
+    out = generate(m, prompts, 7, sampling=GREEDY)
+    assert out == [reference_greedy(m, p, 7) for p in prompts]
+
+
 def test_decode_loop_logits_equal_full_forward_at_every_step():
     """The logits the jitted loop computes (float32) are within 1e-4 of a full forward's at every
     step, for rows of different lengths; read back through a greedy run with the loop's own state."""
@@ -399,7 +409,16 @@ def test_extreme_temperatures_draw_only_real_tokens():
     assert set(draws.tolist()) == {1, 2} and 150 < (draws == 1).sum() < 250  # the tie split evenly
     draws = np.asarray(jax.vmap(lambda k: S.choose(x, k[None], 4, Sampling(temperature=1e30, top_k=None))[0])(keys))
     assert set(draws.tolist()) == {0, 1, 2, 3}
-    for t in (float("inf"), float("nan"), -1.0):
+    # at float32's edges: the largest finite temperature still never draws a padded row (the mask
+    # holds after the division); one that float32 makes infinite is refused; one too small to
+    # divide by in float32 (0 or subnormal, flushed to zero on some devices) is greedy
+    for top_k in (None, 2):
+        draws = np.asarray(jax.vmap(lambda k: S.choose(x, k[None], 4, Sampling(temperature=3e38, top_k=top_k))[0])(keys))
+        assert set(draws.tolist()) <= {0, 1, 2, 3} and len(set(draws.tolist())) > 1
+        for t in (1e-40, 1e-45):
+            tiny = Sampling(temperature=t, top_k=top_k)
+            assert tiny.greedy and np.asarray(S.choose(x, keys[:1], 4, tiny)).tolist() == [1]
+    for t in (float("inf"), float("nan"), -1.0, 1e39):
         with pytest.raises(S.SampleError, match="temperature must be a finite number >= 0"):
             Sampling(temperature=t)
 
@@ -626,6 +645,22 @@ def test_decode_min_rows(monkeypatch):
     assert (S.decode_min_rows("gpu"), S.decode_min_rows("cpu")) == (2, 1)
     monkeypatch.setenv("LLMJAX_DECODE_MIN_ROWS", "1")
     assert S.decode_min_rows("gpu") == 1
+    monkeypatch.setenv("LLMJAX_DECODE_MIN_ROWS", "abc")
+    with pytest.raises(S.SampleError, match="LLMJAX_DECODE_MIN_ROWS must be a whole number of rows"):
+        S.decode_min_rows("gpu")
+
+
+def test_decode_grow_switch(monkeypatch):
+    """The cache grows on a GPU, not on the CPU; LLMJAX_DECODE_GROW=1/0 (or true/false) overrides,
+    and anything else is an error, not 'on'."""
+    monkeypatch.delenv("LLMJAX_DECODE_GROW", raising=False)
+    assert (S.decode_grows("gpu"), S.decode_grows("cpu")) == (True, False)
+    for value, want in (("1", True), ("true", True), ("0", False), ("false", False), ("Off", False)):
+        monkeypatch.setenv("LLMJAX_DECODE_GROW", value)
+        assert S.decode_grows("cpu") is want and S.decode_grows("gpu") is want
+    monkeypatch.setenv("LLMJAX_DECODE_GROW", "maybe")
+    with pytest.raises(S.SampleError, match="LLMJAX_DECODE_GROW must be 1 or 0"):
+        S.decode_grows("gpu")
 
 
 @pytest.mark.parametrize("sampling,eot", [(GREEDY, None), (S.Sampling(temperature=1.0, top_k=20), 7)], ids=["greedy", "top_k_eot"])

@@ -95,6 +95,15 @@ def test_exact_resume_is_bit_identical(arch, opts, tmp_path):
     assert sorted(b) == list(range(1, 13))
     assert a == b  # bit-identical floats
     assert losses(tmp_path / "full", "val_loss") == losses(tmp_path / "split", "val_loss")
+    # the checkpoints' metric for `--which=best` is the periodic estimate at every step, the last
+    # too (not the whole split's loss there, which no earlier checkpoint has)
+    from llmjax.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(tmp_path / "full" / "checkpoints")
+    est = {**losses(tmp_path / "full", "val_loss"), **losses(tmp_path / "full", "val_loss_estimate")}
+    assert {s: ckpt.manager.metrics(s)["val_loss"] for s in (8, 12)} == {8: est[8], 12: est[12]}
+    assert ckpt.restore(12, None)[1]["val_loss"] == losses(tmp_path / "full", "val_loss")[12]  # (the whole split's)
+    ckpt.close()
     assert full.metrics[-1]["lr"] == second.metrics[-1]["lr"]
 
 
@@ -264,6 +273,124 @@ def test_sigterm_leaves_a_checkpoint_to_resume_from(tmp_path):
     assert (workdir / "checkpoints" / str(stopped)).is_dir()
     run = train(cfg("vanilla", train__max_steps=100000, train__stop_at_step=stopped + 3), workdir, quiet=True)
     assert run.step == stopped + 3 and sorted(losses(workdir)) == list(range(1, stopped + 4))
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
+    """Several processes stop together: a SIGTERM to one process (as a preemption that reaches the
+    hosts at different times) is agreed at the next metrics block, and both save that step and exit
+    (each alone would leave the other waiting in a collective, and neither would save)."""
+    port = _free_port()
+    workdir = tmp_path / "multi"
+    procs = [
+        subprocess.Popen(
+            _train_cmd(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+                       "--config.train.max_steps=100000", "--config.train.checkpoint_every_steps=100000", "--config.eval.every_steps=0",
+                       "--config.train.log_every_steps=5"),
+            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)  # (the lead, process 0, is the one that says it)
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    stopped = max(losses(workdir))
+    assert f"stopped by SIGTERM after step {stopped}; checkpoint saved" in outs[0] and stopped % 5 == 0, outs[0]
+    assert sorted(int(c.name) for c in (workdir / "checkpoints").iterdir() if c.name.isdigit()) == [stopped]
+
+
+def test_a_sigterm_while_scoring_tasks_saves_the_step(tmp_path, monkeypatch):
+    """A SIGTERM that arrives during a step's in-loop scoring (a step that is no checkpoint step)
+    still saves that step before the run stops."""
+    from llmjax import downstream
+
+    scored = downstream.score_task
+
+    def scored_then_terminated(*a, **k):
+        out = scored(*a, **k)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(downstream, "score_task", scored_then_terminated)
+    c = cfg("vanilla", data__dataset="tinyshakespeare", model__vocab_size=50257, model__padded_vocab_size=50304, train__max_steps=6,
+            eval__every_steps=0, train__checkpoint_every_steps=0, eval__tasks="hellaswag", eval__tasks_every_steps=2,
+            eval__tasks_limit=4, eval__tasks_batch_size=8, eval__tasks_dir=str(ROOT / "tests" / "fixtures"))
+    run = train(c, tmp_path / "run", quiet=True)
+    assert run.step == 2 and not run.final
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+
+
+def test_a_resume_with_another_global_batch_continues_with_the_next_windows(tmp_path):
+    """The data position is counted in windows: resumed with another batch size, a run takes the
+    windows an uninterrupted run would have taken next (bit for bit the same batches); a position
+    that is no whole number of the new batches, or another seed, is refused in one line."""
+    from llmjax import data as D
+    from llmjax.train import resume_data_position
+
+    shards = [np.arange(5000, dtype=np.uint16)]
+
+    def batches(b):
+        return D.train_batches(shards, seq_len=8, global_batch=b, seed=0, threads=0)
+
+    ref = batches(8)
+    whole = np.concatenate([next(ref) for _ in range(6)])  # 48 windows in the order of seed 0
+    it8 = batches(8)
+    for _ in range(3):
+        next(it8)
+    meta = {"data_global_batch": 8, "data_seed": 0}
+    it4 = batches(4)
+    it4.set_state(it8.get_state())  # (what the checkpoint restores)
+    resume_data_position(it4, meta, None, 4, 0, tmp_path, lambda *a: None)
+    np.testing.assert_array_equal(np.concatenate([next(it4) for _ in range(4)]), whole[24:40])
+    it12 = batches(12)
+    it12.set_state(it8.get_state())
+    resume_data_position(it12, meta, None, 12, 0, tmp_path, lambda *a: None)
+    np.testing.assert_array_equal(next(it12), whole[24:36])
+    it16 = batches(16)
+    it16.set_state(it8.get_state())
+    with pytest.raises(ConfigError, match=r"has used 24 training windows \(batches of 8\): not a whole number of batches of 16 .*another --workdir$"):
+        resume_data_position(it16, meta, None, 16, 0, tmp_path, lambda *a: None)
+    with pytest.raises(ConfigError, match=r"trained with train.seed=0, .*resume with --config.train.seed=0 .*another --workdir$"):
+        resume_data_position(batches(8), meta, None, 8, 1, tmp_path, lambda *a: None)
+    # an older checkpoint (no such meta keys): the run's config.json says
+    it4 = batches(4)
+    it4.set_state(it8.get_state())
+    resume_data_position(it4, {}, {"train": {"batch_size": 4, "grad_accum_steps": 2, "seed": 0}}, 4, 0, tmp_path, lambda *a: None)
+    np.testing.assert_array_equal(next(it4), whole[24:28])
+    # through the trainer: stopped at step 3 with batches of 8, resumed with 4 (and refused with 16)
+    train(cfg("vanilla", train__stop_at_step=3), tmp_path / "run", devices=jax.devices()[:1], quiet=True)
+    with pytest.raises(ConfigError, match="not a whole number of batches of 16"):
+        train(cfg("vanilla", train__batch_size=16), tmp_path / "run", devices=jax.devices()[:1], quiet=True)
+    assert train(cfg("vanilla", train__batch_size=4, train__stop_at_step=5), tmp_path / "run", devices=jax.devices()[:1], quiet=True).step == 5
+
+
+@pytest.mark.parametrize("limit,what", [(200_000, "checkpoint"), (1024, "config")])
+def test_a_disk_that_takes_no_more_stops_the_run_in_one_line(tmp_path, limit, what):
+    """A checkpoint whose background write fails (here: files over 200 kB cannot be written), or a
+    run file that cannot be written, stops the run with one line saying so (Orbax's tracebacks
+    from its writer threads left out), and nothing half-written is taken for a checkpoint."""
+    import shlex
+
+    from llmjax import data as D
+
+    D.open_dataset("tinyshakespeare_char", "unused")  # (prepared here, without the limit)
+    workdir = tmp_path / "run"
+    # bash's ulimit -f (1024-byte blocks) holds for root too, unlike a read-only folder; SIGXFSZ
+    # ignored, so that a write over it fails with EFBIG as on a full disk
+    limited = f"trap '' XFSZ; ulimit -f {limit // 1024 or 1}; exec {shlex.join(_train_cmd(workdir))}"
+    r = subprocess.run(["bash", "-c", limited], cwd=ROOT, env=_env(LLMJAX_COMPILATION_CACHE=""), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr[-3000:]
+    if what == "checkpoint":
+        assert re.match(rf"error: a checkpoint in {re.escape(str(workdir))}/checkpoints could not be written \(.*File too large.*\); "
+                        r"make room or write access there, then run the same command to start again$", r.stderr.strip()), r.stderr
+        assert not [c for c in (workdir / "checkpoints").iterdir() if c.name.isdigit()]
+    else:
+        assert re.match(r"error: File too large \(.*config\.json.*\); stopped\. Make room or write access in .*, then run the same command to resume "
+                        r"from its last checkpoint$", r.stderr.strip()), r.stderr
+    assert train(cfg("vanilla", train__stop_at_step=5), workdir, quiet=True).step == 5  # (room again)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
