@@ -30,7 +30,6 @@ import codecs
 import dataclasses
 import functools
 import json
-import math
 import os
 import sys
 import warnings
@@ -77,7 +76,7 @@ class Sampling:
     greedy: bool = False
 
     def __post_init__(self):
-        if not 0 <= self.temperature < math.inf or not np.isfinite(np.float32(self.temperature)):
+        if not 0 <= self.temperature <= float(np.finfo(np.float32).max):  # (NaN fails too)
             raise SampleError(f"temperature must be a finite number >= 0 (at most {np.finfo(np.float32).max:.3g}: logits are float32), "
                               f"got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
