@@ -79,10 +79,7 @@ class Checkpointer:
             meta=ocp.args.JsonSave({**meta, "fingerprints": fingerprints(state)}),
         )
         metrics = {"val_loss": float(val_loss)} if val_loss is not None else None
-        try:
-            self.manager.wait_until_finished()  # the previous save's background write
-        except Exception as e:  # noqa: BLE001  (a full or read-only disk)
-            raise CheckpointError(unwritable(self.directory, None, e)) from None
+        self.wait()  # the previous save's background write (a full or read-only disk: one line)
         try:
             self.manager.save(step, args=args, metrics=metrics, force=True)
         except Exception as e:  # noqa: BLE001
@@ -123,11 +120,14 @@ class Checkpointer:
         return out["state"], meta
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
-
-    def close(self) -> None:
         try:
             self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(unwritable(self.directory, None, e)) from None
+
+    def close(self) -> None:
+        self.wait()
+        try:
             self.manager.close()
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(unwritable(self.directory, None, e)) from None

@@ -119,6 +119,8 @@ def check_workdir(workdir: Path) -> dict | None:
             return old
         raise ConfigError(f"{workdir} holds a config.json that is not an llmjax run's; use another --workdir (nothing was changed)")
     theirs = [name for name in RUN_FILES[1:] if (workdir / name).exists()]
+    if (workdir / "checkpoints").is_dir() and any(c.name.isdigit() for c in (workdir / "checkpoints").iterdir()):
+        theirs.append("checkpoints (of a model its config.json would name)")
     if theirs:
         raise ConfigError(f"{workdir} holds {', '.join(theirs)} but no llmjax config.json; use another --workdir (nothing was changed)")
     return None
@@ -467,6 +469,10 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
         raise ConfigError(f"{workdir} holds a run at step {start}, past train.max_steps={tcfg.max_steps}; "
                           f"set --config.train.max_steps={start} or more to continue it, or use another --workdir")
     if start and old_cfg is not None:
+        old_data = old_cfg.get("data", {}).get("dataset")
+        if old_data is not None and old_data != resolved["data"]["dataset"]:
+            raise ConfigError(f"{workdir} holds a run trained on dataset '{old_data}' (its data position and tokenizer are that "
+                              f"dataset's); resume with --config.data.dataset={old_data} or use another --workdir")
         diffs = model_changes(old_cfg, resolved)
         if diffs:
             raise ConfigError(
@@ -701,6 +707,7 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
             if pending:
                 for line in fetch(pending):
                     emit(line)
+            ckpt.wait()  # the last save's background write, with SIGTERM still caught (not killing the process mid-write)
     finally:
         ckpt.close()
         if metrics_file:

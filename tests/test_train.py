@@ -413,6 +413,17 @@ def test_resuming_with_a_different_model_is_refused(tmp_path):
     saved.write_text(json.dumps(old))
     run = train(cfg("vanilla", train__stop_at_step=3, model__matmul_dtype="bfloat16"), tmp_path / "run", quiet=True)
     assert run.step == 3 and json.loads(saved.read_text())["model"]["matmul_dtype"] == "bfloat16"
+    # a run on another dataset (its data position and tokenizer are that dataset's) is refused
+    old = json.loads(saved.read_text())
+    old["data"]["dataset"] = "my_corpus"
+    saved.write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match=r"trained on dataset 'my_corpus' .*resume with --config.data.dataset=my_corpus or use another --workdir$"):
+        train(cfg("vanilla", train__stop_at_step=4), tmp_path / "run", quiet=True)
+    # checkpoints whose config.json is gone: their model is unknown, so nothing is resumed or overwritten
+    for name in ("config.json", "tokenizer.json", "metrics.jsonl"):
+        (tmp_path / "run" / name).unlink()
+    with pytest.raises(ConfigError, match=r"holds checkpoints \(of a model its config.json would name\) but no llmjax config.json"):
+        train(cfg("vanilla", train__stop_at_step=4), tmp_path / "run", quiet=True)
 
 
 def test_a_damaged_latest_checkpoint_is_one_line_and_the_earlier_one_resumes(tmp_path):
