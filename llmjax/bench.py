@@ -53,7 +53,7 @@ from flax import nnx  # noqa: E402
 from llmjax import cli  # noqa: E402
 from llmjax.config import ConfigError, load_config, model_config, set_key  # noqa: E402
 from llmjax.registry import ARCHS, build_model  # noqa: E402
-from llmjax.sample import DECODE_UNROLL, Sampling, decode_min_rows, generate, inference_params  # noqa: E402
+from llmjax.sample import DECODE_UNROLL, SampleError, Sampling, decode_min_rows, generate, inference_params  # noqa: E402
 from llmjax.sharding import make_mesh  # noqa: E402
 from llmjax.summary import ARCH_ORDER, CONFIG_DIR, summarize  # noqa: E402
 from llmjax.train import peak_flops  # noqa: E402
@@ -461,7 +461,7 @@ def main(argv):
                             task_batch_size=F.task_batch_size, task_limit=F.task_limit, task_dir=F.task_dir,
                             quantize=F.quantize, decode_modes=tuple(F.decode_modes), decode_unroll=F.decode_unroll,
                             profile=F.profile)
-            except ConfigError as e:
+            except (ConfigError, SampleError) as e:
                 cli.fail(str(e))
             rows.append(row)
             if F.json:
