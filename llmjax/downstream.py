@@ -95,6 +95,21 @@ def _parse_arc(doc: dict) -> Item:
     return Item(f"Question: {q}\nAnswer:", tuple(texts), labels.index(key))
 
 
+def write_hub_arc(path: Path, out: Path) -> Path:
+    """`path` itself when every row is in the Hugging Face `ai2_arc` layout (what lm-eval's arc_easy
+    reads); else a copy at `out` with every row in that layout (id, question, choices {text, label},
+    answerKey)."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not any(isinstance(r.get("question"), dict) for r in rows):
+        return Path(path)
+    hub = []
+    for r in rows:
+        q, texts, labels, key = _arc_doc(r)
+        hub.append({"id": r.get("id"), "question": q, "choices": {"text": texts, "label": labels}, "answerKey": key})
+    out.write_text("".join(json.dumps(r) + "\n" for r in hub), encoding="utf-8")
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
     name: str

@@ -116,6 +116,9 @@ def _local_task_configs(tasks: list[str], task_dir, folder: Path) -> list[str]:
             continue
         spec = downstream.TASKS[task]
         path = downstream.find_file(task, task_dir)
+        downstream.parse_file(path, spec)  # (a damaged file: the fast scorer's one line, not lm-eval's traceback)
+        if task == "arc_easy":  # AI2's original rows, which lm-eval's template cannot read: a copy in the hub's layout
+            path = downstream.write_hub_arc(path, folder / "ARC-Easy-test.jsonl")
         lines = [
             f"include: {json.dumps(str(base[task]))}",
             f"task: {task}",
@@ -129,6 +132,20 @@ def _local_task_configs(tasks: list[str], task_dir, folder: Path) -> list[str]:
         (folder / f"{task}.yaml").write_text("\n".join(lines) + "\n")
         done.append(task)
     return done
+
+
+def offline_flags() -> list[tuple[object, str]]:
+    """The module-level offline switches of `datasets` and `huggingface_hub` that exist here."""
+    import importlib
+
+    out = []
+    for module, names in (("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")), ("huggingface_hub.constants", ("HF_HUB_OFFLINE",))):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        out += [(mod, n) for n in names if isinstance(getattr(mod, n, None), bool)]
+    return out
 
 
 def run_harness(
@@ -161,6 +178,11 @@ def run_harness(
         offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"} if set(tasks) <= set(local) else {}  # nothing to fetch
         before = {k: os.environ.get(k) for k in offline}
         os.environ.update({k: v for k, v in offline.items() if before[k] is None})
+        # (`datasets` and `huggingface_hub` read those at import, which lm_eval has done: their flags too)
+        flags = offline_flags() if offline else []
+        saved = [(mod, name, getattr(mod, name)) for mod, name in flags]
+        for mod, name in flags:
+            setattr(mod, name, True)
         try:
             start = time.perf_counter()
             out = lm_eval.simple_evaluate(
@@ -171,6 +193,8 @@ def run_harness(
             for k, v in before.items():
                 if v is None:
                     os.environ.pop(k, None)
+            for mod, name, value in saved:
+                setattr(mod, name, value)
     n = {k: v["effective"] if isinstance(v, dict) else v for k, v in out.get("n-samples", {}).items()}
     return {
         "results": out["results"], "n-samples": n, "n-shot": out.get("n-shot"), "versions": out.get("versions"),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
@@ -118,7 +119,11 @@ class LlmjaxLM(TemplateLM):
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen = int(kwargs.pop("max_gen_toks"))
             temperature = float(kwargs.get("temperature") or 0.0)
-            sampling = Sampling(temperature=temperature, top_k=None, top_p=float(kwargs.get("top_p") or 1.0)) \
+            # (as lm-eval's HF model passes them to `generate`; top_k 0 or absent: all tokens; a top_p
+            # out of (0, 1] is refused by Sampling)
+            top_p = kwargs.get("top_p")
+            sampling = Sampling(temperature=temperature, top_k=int(kwargs.get("top_k") or 0) or None,
+                                top_p=1.0 if top_p is None else float(top_p)) \
                 if kwargs.get("do_sample") and temperature > 0 else Sampling(greedy=True)
             keep = max(self.max_length - max_gen, 1)
             if max_gen >= self.max_length:  # (lm-eval's HF model refuses this; here the prompts keep one token)
@@ -131,7 +136,8 @@ class LlmjaxLM(TemplateLM):
                 for i in chunk:
                     ids = self.tok_encode(requests[i].args[0]) or [self.eot_token_id]
                     prompts.append(ids[-keep:])
-                new = generate(self.model, prompts, max_gen, sampling=sampling, seed=self.seed + 1000 * g + s, eot_id=self.eot_token_id)
+                seed = int(np.random.SeedSequence([self.seed, g, s]).generate_state(1)[0])  # (one per group and batch, never shared)
+                new = generate(self.model, prompts, max_gen, sampling=sampling, seed=seed, eot_id=self.eot_token_id)
                 for i, ids in zip(chunk, new):
                     text = postprocess_generated_text(self.tok_decode(ids), until, None)
                     out[i] = text

@@ -298,6 +298,15 @@ def test_harness_rolling_and_generate_until(bpe_model):
     assert out[0] == want_cut and stop not in out[0]
     assert out[1] == tok.decode(ids[:5]) and len(tok.encode(out[1])) <= 5
     assert out[2] == full[: min(full.index(stop), full.index(tok.decode(ids[2:3])))]
+    # sampling arguments as lm-eval's HF model takes them: top_k=1 is greedy whatever the temperature
+    sampled = lm.generate_until([Instance("generate_until", {}, (prompt, {"until": ["never appears"], "max_gen_toks": 5, "do_sample": True,
+                                                                            "temperature": 1.0, "top_k": 1}), 0)], disable_tqdm=True)
+    assert sampled == [tok.decode(ids[:5])]
+    from llmjax.sample import SampleError
+
+    with pytest.raises(SampleError, match="top_p must be in"):
+        lm.generate_until([Instance("generate_until", {}, (prompt, {"until": ["x"], "max_gen_toks": 2, "do_sample": True, "temperature": 1.0,
+                                                                    "top_p": 0}), 0)], disable_tqdm=True)
     # max_gen_toks as long as the context: the prompt keeps its last token, and the user is told
     last = tok.encode(prompt)[-1:]
     with pytest.warns(UserWarning, match="max_gen_toks=256 fills the model's whole context of 256"):
@@ -430,8 +439,19 @@ def _cli(*args, script=None):
 
 
 def test_cli_harness_and_fast_scorer_agree(bpe_run, tmp_path):
+    """Both scorers, on HellaSwag and on ARC-Easy given in AI2's original layout (lm-eval's own task
+    reads the hub's: the harness gets a copy in that layout)."""
     pytest.importorskip("lm_eval")
-    common = ["--tasks=hellaswag,arc_easy", f"--task_dir={FIXTURES}", "--limit=10", "--batch_size=4"]
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "hellaswag_val.jsonl").write_text((FIXTURES / "hellaswag_val.jsonl").read_text())
+    ai2 = []
+    for line in (FIXTURES / "ARC-Easy-test.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        ai2.append({"id": row["id"], "answerKey": row["answerKey"], "question": {
+            "stem": row["question"], "choices": [{"text": t, "label": lab} for t, lab in zip(row["choices"]["text"], row["choices"]["label"])]}})
+    (tasks / "ARC-Easy-test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ai2))
+    common = ["--tasks=hellaswag,arc_easy", f"--task_dir={tasks}", "--limit=10", "--batch_size=4"]
     r = _cli(f"--checkpoint={bpe_run}", *common, f"--output_json={tmp_path / 'h.json'}", "--device=cpu")
     assert r.returncode == 0, r.stderr[-3000:]
     harness = json.loads(r.stdout)
@@ -444,6 +464,28 @@ def test_cli_harness_and_fast_scorer_agree(bpe_run, tmp_path):
             assert harness["results"][t][key] == fast["results"][t][key]
         assert harness["n-samples"][t] == fast["n-samples"][t] == 10
     assert harness["config"]["step"] == 4 and fast["config"]["scorer"] == "fast" and fast["items_per_sec"]["hellaswag"] > 0
+
+
+def test_local_tasks_run_the_harness_offline(bpe_model, monkeypatch):
+    """With local files for every task, lm-eval runs with `datasets` and `huggingface_hub` switched
+    offline (their module flags: they read the environment when imported), and both are as they
+    were afterwards."""
+    lm_eval = pytest.importorskip("lm_eval")
+    import datasets.config
+    import huggingface_hub.constants
+
+    m, tok = bpe_model
+    before = (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)
+    seen = {}
+
+    def fake(**kw):
+        seen["flags"] = (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)
+        return {"results": {}, "n-samples": {"hellaswag": 2}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake)
+    out = E.run_harness(types.SimpleNamespace(model=m, tokenizer=tok), ["hellaswag"], batch_size=2, limit=2, task_dir=FIXTURES)
+    assert seen["flags"] == (True, True) and out["n-samples"] == {"hellaswag": 2}
+    assert (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE) == before
 
 
 def test_registered_model_loads_a_checkpoint(bpe_run):
@@ -465,12 +507,16 @@ def test_cli_errors_are_one_line(bpe_run, tmp_path):
         with pytest.raises(E.EvalError, match="--device=cuda:0: JAX has no gpu backend"):
             E.evaluate(args)
     (tmp_path / "afile").write_text("x")
+    damaged = tmp_path / "damaged"  # (a file lm-eval would fail on with a traceback)
+    damaged.mkdir()
+    (damaged / "hellaswag_val.jsonl").write_text("\n".join((FIXTURES / "hellaswag_val.jsonl").read_text().splitlines()[:2] + ['{"ctx_a": "x"']))
     for change, needle in [({"tasks": "mmlu"}, "unknown task 'mmlu'"), ({"device": "tpux"}, "use cuda"), ({"tasks": " "}, "--tasks is empty"),
                            ({"device": "cpu:99"}, "there are only"),
                            ({"output_json": str(tmp_path)}, "is a folder; give a file name"),
                            ({"output_json": str(tmp_path / "afile" / "m.json")}, "is a file, not a folder"),
                            ({"device": "cpu", "task_dir": str(tmp_path / "afile"), "tasks": "arc_easy"}, "cannot use .*afile as the task directory"),
-                           ({"device": "cpu", "scorer": "harness", "num_fewshot": 1, "limit": 2}, "--num_fewshot=1 with hellaswag: .*use --num_fewshot=0")]:
+                           ({"device": "cpu", "scorer": "harness", "num_fewshot": 1, "limit": 2}, "--num_fewshot=1 with hellaswag: .*use --num_fewshot=0"),
+                           ({"device": "cpu", "scorer": "harness", "task_dir": str(damaged)}, r"hellaswag_val.jsonl:3 is not a hellaswag item")]:
         with pytest.raises((E.EvalError, downstream.TaskError), match=needle):
             E.evaluate(types.SimpleNamespace(**(vars(args) | change)))
     r = _cli(f"--checkpoint={tmp_path / 'nope'}", "--scorer=fast")
