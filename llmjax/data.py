@@ -155,9 +155,11 @@ class TokenDataset:
         if not file.is_file():
             raise DataError(f"no dataset at {path} (no {MANIFEST})")
         try:
-            manifest = json.loads(file.read_text())
+            manifest = json.loads(file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise DataError(f"{file} is not valid JSON ({e.msg}); prepare the dataset again") from None
+        except UnicodeDecodeError:
+            raise DataError(f"{file} is not UTF-8 text, so no manifest of a prepared dataset; prepare the dataset again") from None
         if not isinstance(manifest, dict) or manifest.get("format") != "llmjax-tokens" or manifest.get("version") != VERSION:
             raise DataError(f"{file} is not an llmjax token manifest of version {VERSION}")
         splits = manifest.get("splits")

@@ -90,13 +90,25 @@ def read_documents(src: Source) -> Iterator[tuple[str, int]]:
     (and parquet's null rows) are skipped, in every format; a UTF-8 byte-order mark opening a txt
     file is not text. Text that is not UTF-8 is a PrepareError naming the file."""
     try:
-        yield from _read_documents(src)
+        # the bytes of skipped records count with the next document (the last one: with it), so that
+        # the held-out tail is the last 1% of the source's bytes and the progress bar reaches the end
+        last, skipped = None, 0
+        for doc, nbytes in _read_documents(src):
+            if doc is None:
+                skipped += nbytes
+                continue
+            if last is not None:
+                yield last
+            last, skipped = (doc, nbytes + skipped), 0
+        if last is not None:
+            yield last[0], last[1] + skipped
     except UnicodeDecodeError as e:
         raise PrepareError(f"{src.path} is not UTF-8 text ({e.reason} at byte {e.start} of a block read from it); "
                            "convert it, e.g. with iconv -f latin1 -t utf-8") from None
 
 
-def _read_documents(src: Source) -> Iterator[tuple[str, int]]:
+def _read_documents(src: Source) -> Iterator[tuple[str | None, int]]:
+    """(document or None for a skipped record, the source bytes it took)."""
     kind = src.kind
     if kind == "txt":
         with open(src.path, "r", encoding="utf-8-sig", newline="") as f:
@@ -108,28 +120,35 @@ def _read_documents(src: Source) -> Iterator[tuple[str, int]]:
                 parts = (rest + block).split(EOT_TEXT)
                 rest = parts.pop()
                 for doc in parts:
-                    if doc.strip():
-                        yield doc, len(doc.encode()) + len(EOT_TEXT)
-            if rest.strip():
-                yield rest, len(rest.encode())
+                    yield doc if doc.strip() else None, len(doc.encode()) + len(EOT_TEXT)
+            yield rest if rest.strip() else None, len(rest.encode())
     elif kind == "jsonl":
         with open(src.path, "rb") as f:
             for i, line in enumerate(f):
                 if not line.strip():
+                    yield None, len(line)
                     continue
                 try:
                     text = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise PrepareError(f"{src.path}: line {i + 1} is not a JSON object with a 'text' field") from None
-                if isinstance(text, str) and text.strip():
-                    yield text, len(line)
+                if text is not None and not isinstance(text, str):
+                    raise PrepareError(f"{src.path}: line {i + 1} has a 'text' that is a {type(text).__name__}, not a string "
+                                       "(null is skipped); convert the file to one document per line as {\"text\": \"...\"}")
+                yield text if text and text.strip() else None, len(line)
     else:
         pf = _parquet(src.path)
-        per_row = src.path.stat().st_size // max(pf.metadata.num_rows, 1)
+        # each row's share of the file: its text's share of the column's text bytes (a first pass over
+        # the column in pyarrow; parquet compresses, so the file's bytes are spread by text bytes, a
+        # null row taking an offset's 4)
+        import pyarrow.compute as pc
+
+        text_bytes = sum(4 * b.num_rows + (pc.sum(pc.binary_length(b.column(0))).as_py() or 0)
+                         for b in pf.iter_batches(columns=["text"], batch_size=65536))
+        scale = src.path.stat().st_size / max(text_bytes, 1)
         for batch in pf.iter_batches(columns=["text"], batch_size=2048):
             for text in batch.column(0).to_pylist():
-                if text and text.strip():
-                    yield text, per_row
+                yield text if text and text.strip() else None, (4 + len(text.encode() if text else b"")) * scale
 
 
 def _parquet(path: Path):
@@ -143,6 +162,11 @@ def _parquet(path: Path):
         raise PrepareError(f"{path} is not a readable parquet file ({type(e).__name__})") from None
     if "text" not in pf.schema_arrow.names:
         raise PrepareError(f"{path}: no 'text' column (has {', '.join(pf.schema_arrow.names)})")
+    import pyarrow as pa
+
+    kind = pf.schema_arrow.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or getattr(pa.types, "is_string_view", lambda t: False)(kind)):
+        raise PrepareError(f"{path}: its 'text' column holds {kind}, not strings")
     return pf
 
 

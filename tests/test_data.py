@@ -58,6 +58,12 @@ def test_manifest_validation(tmp_path):
             D.TokenDataset.open(tmp_path)
 
 
+def test_a_manifest_that_is_not_text_is_refused(tmp_path):
+    (tmp_path / "manifest.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(D.DataError, match="manifest.json is not UTF-8 text, so no manifest of a prepared dataset; prepare the dataset again"):
+        D.TokenDataset.open(tmp_path)
+
+
 def test_damaged_shards_are_found_by_their_sha256(tmp_path):
     ds = D.prepare_builtin("tinyshakespeare_char", tmp_path / "ds")
     assert ds.damaged_shards() == []

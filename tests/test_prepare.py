@@ -131,6 +131,23 @@ def test_held_out_tail_is_one_percent_of_the_text_and_at_least_one_document(tmp_
     txt.write_text(EOT.join(docs))
     ds = P.prepare("mine", tmp_path / "o2", [P.Source(txt, None)], workers=1, shard_tokens=10**6, progress=False)
     assert 9 <= ds.manifest["validation"]["held_out_tail_documents"] <= 11
+    # skipped records (blank documents, null texts and rows) count as the bytes they take: the same
+    # tail (it fell to one document when they were left out of the count)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    gappy = {"b.txt": lambda p: p.write_text(EOT.join(d + EOT + "\n\n" for d in docs)),
+             "b.jsonl": lambda p: p.write_text("".join(json.dumps({"text": d}) + "\n" + '{"text": null}\n\n' for d in docs)),
+             "b.parquet": lambda p: pq.write_table(pa.table({"text": [x for d in docs for x in (d, None, " ")]}), p)}
+    for name, write in gappy.items():
+        write(tmp_path / name)
+        ds = P.prepare("mine", tmp_path / f"o_{name}", [P.Source(tmp_path / name, None)], workers=1, shard_tokens=10**6, progress=False)
+        assert 9 <= ds.manifest["validation"]["held_out_tail_documents"] <= 11, name
+    # a parquet row's share is its text's, not one row's: ten long rows at the end are the last 1%
+    rows = ["few words here " * 3] * 990 + ["many words " * 2500] * 10
+    pq.write_table(pa.table({"text": rows}), tmp_path / "skew.parquet")
+    ds = P.prepare("mine", tmp_path / "o_skew", [P.Source(tmp_path / "skew.parquet", None)], workers=1, shard_tokens=10**6, progress=False)
+    assert ds.manifest["validation"]["held_out_tail_documents"] == 1  # (by rows it was 10: 40% of the tokens)
 
 
 def test_given_validation_split_and_idempotence(tmp_path, docs):
@@ -244,6 +261,21 @@ def test_trained_on_a_prepared_dataset(tmp_path, docs, monkeypatch):
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "llmjax.prepare", *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_text_that_is_no_string_is_one_line(tmp_path):
+    """A parquet 'text' column of numbers (or lists), a jsonl 'text' that is a list (a chat format):
+    one line naming the file (null texts are skipped, not errors)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "int.parquet")
+    pq.write_table(pa.table({"text": [["a"], ["b"]]}), tmp_path / "list.parquet")
+    (tmp_path / "chat.jsonl").write_text('{"text": "fine"}\n{"text": null}\n{"text": [{"role": "user", "content": "hi"}]}\n')
+    for name, needle in [("int.parquet", "its 'text' column holds int64, not strings"), ("list.parquet", "its .text. column holds list<.*>, not strings"),
+                         ("chat.jsonl", "line 3 has a 'text' that is a list, not a string")]:
+        with pytest.raises(P.PrepareError, match=rf"{name}: {needle}"):
+            P.prepare("mine", tmp_path / f"o_{name}", [P.Source(tmp_path / name, None)], workers=1, progress=False)
 
 
 def test_cli_errors_are_one_line(tmp_path):
