@@ -16,6 +16,8 @@ header, and manifest.json), streaming and in parallel:
   otherwise a held-out tail of whole documents: those that start in the last 1% of the source
   bytes, and at least the last one; their count is recorded in the manifest. Everything is one
   pass over the sources.
+- a .txt document longer than PIECE_CHARS (a book, a file without separators) is read in pieces cut
+  where the tokens do not change (_txt_records), and also at the held-out tail's start.
 - tokenisation runs in `--workers` processes (tiktoken's batch encoding), on batches of about 4 MB
   of text, with a bounded number in flight: memory stays flat whatever the corpus size. The
   progress bar shows source bytes (with ETA), documents, tokens and tokens/s.
@@ -31,6 +33,7 @@ import collections
 import concurrent.futures as cf
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -52,6 +55,7 @@ from llmjax import tokenizer as tok
 EOT_TEXT = "<|endoftext|>"
 SHARD_TOKENS = 100_000_000
 BATCH_BYTES = 4 << 20
+PIECE_CHARS = 1 << 16  # a longer .txt document is read in pieces (_txt_records)
 STATE = ".prepare_state.json"
 HUB = {
     "tinystories": dict(
@@ -85,48 +89,108 @@ class Source:
         raise PrepareError(f"{self.path}: unknown source type; use .txt (documents separated by {EOT_TEXT}), .jsonl or .parquet")
 
 
-def read_documents(src: Source) -> Iterator[tuple[str, int]]:
-    """(document, source bytes it took) for each document of a source, streamed. Blank documents
-    (and parquet's null rows) are skipped, in every format; a UTF-8 byte-order mark opening a txt
-    file is not text. Text that is not UTF-8 is a PrepareError naming the file."""
+def read_documents(src: Source, mark: float | None = None) -> Iterator[tuple[str, int, bool]]:
+    """(text, source bytes it took, whether it starts a document) for each document of a source,
+    streamed. A .txt document longer than PIECE_CHARS comes in pieces, one of which starts at byte
+    `mark` if the document holds it (_txt_records). Blank documents (and parquet's null rows) are
+    skipped, in every format; a UTF-8 byte-order mark opening a txt file is not text. Text that is not
+    UTF-8 is a PrepareError naming the file."""
     try:
         # the bytes of skipped records count with the next document (the last one: with it), so that
         # the held-out tail is the last 1% of the source's bytes and the progress bar reaches the end
         last, skipped = None, 0
-        for doc, nbytes in _read_documents(src):
+        for doc, nbytes, starts in _read_documents(src, mark):
             if doc is None:
                 skipped += nbytes
                 continue
             if last is not None:
                 yield last
-            last, skipped = (doc, nbytes + skipped), 0
+            last, skipped = (doc, nbytes + skipped, starts), 0
         if last is not None:
-            yield last[0], last[1] + skipped
+            yield last[0], last[1] + skipped, last[2]
     except UnicodeDecodeError as e:
         raise PrepareError(f"{src.path} is not UTF-8 text ({e.reason} at byte {e.start} of a block read from it); "
                            "convert it, e.g. with iconv -f latin1 -t utf-8") from None
 
 
-def _read_documents(src: Source) -> Iterator[tuple[str | None, int]]:
-    """(document or None for a skipped record, the source bytes it took)."""
+# Where a text can be cut so that GPT-2's tokens of the two parts are those of the whole: before a
+# line break or a space that follows a character that is not whitespace. The tokeniser's regex
+# pre-tokeniser ends a token there in any case, and what it reads after the cut does not depend on
+# what came before. (Python's \S and str.isspace cover every character the regex's \s does.)
+_CUT = re.compile(r"(?<=\S)[\n ]")
+
+
+def _cut_before(text: str, limit: int) -> int:
+    """The last cut (_CUT) at or before `limit`, a line break in its second half if there is one;
+    `limit` itself where there is no cut at all (a stretch of PIECE_CHARS without a space or line
+    break: the tokens may differ at that one place)."""
+    for lo in (limit // 2, 1):
+        for sep in ("\n", " "):
+            i = text.rfind(sep, lo, limit + 1)
+            while i >= lo:
+                if not text[i - 1].isspace():
+                    return i
+                i = text.rfind(sep, lo, i)
+    return limit
+
+
+def _txt_records(f, mark: float | None) -> Iterator[tuple[str | None, int, bool]]:
+    """The records of a .txt source: documents separated by end-of-text, a longer one than
+    PIECE_CHARS cut into pieces of at most that (at _cut_before), so that a file without separators
+    (a book, a dump) streams in bounded memory and is tokenised in parallel; a long document is also
+    cut at byte `mark` (the held-out tail's start) or at the first cut after it."""
+    rest, starts, offset = "", True, 0  # offset: the source bytes before `rest`
+
+    def records(text: str, sep_bytes: int, starts: bool, long: bool):
+        nonlocal offset
+        raw = text.encode()
+        if long and mark is not None and offset < mark < offset + len(raw):
+            at = len(raw[: math.ceil(mark - offset)].decode(errors="ignore"))
+            m = _CUT.search(text, at)
+            if m is not None and m.start() > 0:
+                head, text = text[: m.start()], text[m.start() :]
+                yield head, len(head.encode()), starts
+                offset += len(head.encode())
+                starts, raw = False, text.encode()
+        # a piece of a long document is never skipped: its whitespace is text
+        yield None if not long and not text.strip() else text, len(raw) + sep_bytes, starts
+        offset += len(raw) + sep_bytes
+
+    def pieces(text: str, keep: int):
+        """The leading pieces of `text` while it is longer than PIECE_CHARS + `keep`; what is left."""
+        nonlocal starts
+        while len(text) > PIECE_CHARS + keep:
+            cut = _cut_before(text, PIECE_CHARS)
+            yield from records(text[:cut], 0, starts, long=True)
+            text, starts = text[cut:], False
+        return text
+
+    while True:
+        block = f.read(1 << 22)
+        if not block:
+            break
+        parts = (rest + block).split(EOT_TEXT)
+        rest = parts.pop()
+        for doc in parts:
+            doc = yield from pieces(doc, 0)
+            yield from records(doc, len(EOT_TEXT), starts, long=not starts)
+            starts = True
+        rest = yield from pieces(rest, len(EOT_TEXT))  # (a partial end-of-text at its end stays in `rest`)
+    rest = yield from pieces(rest, 0)
+    yield from records(rest, 0, starts, long=not starts)
+
+
+def _read_documents(src: Source, mark: float | None) -> Iterator[tuple[str | None, int, bool]]:
+    """(text or None for a skipped record, the source bytes it took, whether it starts a document)."""
     kind = src.kind
     if kind == "txt":
         with open(src.path, "r", encoding="utf-8-sig", newline="") as f:
-            rest = ""
-            while True:
-                block = f.read(1 << 22)
-                if not block:
-                    break
-                parts = (rest + block).split(EOT_TEXT)
-                rest = parts.pop()
-                for doc in parts:
-                    yield doc if doc.strip() else None, len(doc.encode()) + len(EOT_TEXT)
-            yield rest if rest.strip() else None, len(rest.encode())
+            yield from _txt_records(f, mark)
     elif kind == "jsonl":
         with open(src.path, "rb") as f:
             for i, line in enumerate(f):
                 if not line.strip():
-                    yield None, len(line)
+                    yield None, len(line), True
                     continue
                 try:
                     text = json.loads(line)["text"]
@@ -135,7 +199,7 @@ def _read_documents(src: Source) -> Iterator[tuple[str | None, int]]:
                 if text is not None and not isinstance(text, str):
                     raise PrepareError(f"{src.path}: line {i + 1} has a 'text' that is a {type(text).__name__}, not a string "
                                        "(null is skipped); convert the file to one document per line as {\"text\": \"...\"}")
-                yield text if text and text.strip() else None, len(line)
+                yield text if text and text.strip() else None, len(line), True
     else:
         pf = _parquet(src.path)
         # each row's share of the file: its text's share of the column's text bytes (a first pass over
@@ -148,7 +212,7 @@ def _read_documents(src: Source) -> Iterator[tuple[str | None, int]]:
         scale = src.path.stat().st_size / max(text_bytes, 1)
         for batch in pf.iter_batches(columns=["text"], batch_size=2048):
             for text in batch.column(0).to_pylist():
-                yield text if text and text.strip() else None, (4 + len(text.encode() if text else b"")) * scale
+                yield text if text and text.strip() else None, (4 + len(text.encode() if text else b"")) * scale, True
 
 
 def _parquet(path: Path):
@@ -287,33 +351,35 @@ class ShardWriter:
         self.on_shard(self.split, self.shards, resume)
 
 
-def stream_documents(sources: list[Source], held_out: bool) -> Iterator[tuple[int, str, int, str]]:
-    """(index, document, source bytes, split) for every document of the sources, in order, in one
-    pass. With `held_out`, the documents that start in the last 1% of the source bytes form the
-    validation split, and the last document always does (one document of lookahead)."""
+def stream_documents(sources: list[Source], held_out: bool) -> Iterator[tuple[int, str, int, str, bool]]:
+    """(index, text, source bytes, split, whether it starts a document) for every document (or piece
+    of a long .txt document) of the sources, in order, in one pass. With `held_out`, the records
+    that start in the last 1% of the source bytes form the validation split (a long .txt document is
+    cut there), and the last one always does (one record of lookahead)."""
     if not held_out:
         n = 0
         for src in sources:
-            for doc, nbytes in read_documents(src):
-                yield n, doc, nbytes, src.split or "train"
+            for doc, nbytes, starts in read_documents(src):
+                yield n, doc, nbytes, src.split or "train", starts
                 n += 1
         return
     threshold = 0.99 * sum(s.path.stat().st_size for s in sources)
     seen, prev, n = 0, None, 0
     for src in sources:
-        for doc, nbytes in read_documents(src):
+        for doc, nbytes, starts in read_documents(src, mark=threshold - seen):
             if prev is not None:
                 yield prev
-            prev = (n, doc, nbytes, "val" if seen >= threshold else "train")
+            prev = (n, doc, nbytes, "val" if seen >= threshold else "train", starts)
             seen += nbytes
             n += 1
     if prev is not None:
-        yield (*prev[:3], "val")
+        yield (*prev[:3], "val", prev[4])
 
 
 def tokenize(stream, *, out: Path, shard_tokens: int, workers: int, state: dict, save_state, bar=None) -> dict:
     """Tokenise a document stream into train and val shards in one pass, resuming from
-    state["resume"]. Returns per-split document counts."""
+    state["resume"]. Returns the document counts per split (a long document cut between them counts
+    in both) and in all ("documents")."""
     resume = state.get("resume", {"doc": 0, "skip_tokens": 0})
     closed = set(state.get("closed", []))
 
@@ -323,12 +389,15 @@ def tokenize(stream, *, out: Path, shard_tokens: int, workers: int, state: dict,
         save_state()
 
     writers = {sp: ShardWriter(out, sp, shard_tokens, state.get(sp, []), on_shard) for sp in ("train", "val")}
-    counts = {"train": 0, "val": 0}
+    counts = {"train": 0, "val": 0, "documents": 0, "records": 0}
 
     def batches():
-        batch, size, first, split = [], 0, None, None
-        for n, doc, nbytes, sp in stream:
-            counts[sp] += 1
+        batch, size, first, split, last_split = [], 0, None, None, None
+        for n, doc, nbytes, sp, starts in stream:
+            counts[sp] += starts or sp != last_split
+            counts["documents"] += starts
+            counts["records"] += 1
+            last_split = sp
             if n < resume["doc"]:  # done in an earlier run
                 if bar is not None:
                     bar.update(nbytes)
@@ -338,7 +407,7 @@ def tokenize(stream, *, out: Path, shard_tokens: int, workers: int, state: dict,
                 batch, size = [], 0
             if not batch:
                 first, split = n, sp
-            batch.append(doc)
+            batch.append((doc, starts))
             size += nbytes
         if batch:
             yield first, split, batch, size
@@ -358,7 +427,7 @@ def tokenize(stream, *, out: Path, shard_tokens: int, workers: int, state: dict,
         writers[split].add(toks, first, skip["tokens"])
         skip["tokens"] = 0
         if bar is not None:
-            bar.docs += n_docs
+            bar.docs += n_docs  # (documents that start in the batch)
             bar.tokens += len(toks)
             rate = bar.tokens / max(time.perf_counter() - bar.t0, 1e-9)
             bar.set_postfix(docs=f"{bar.docs:,}", tokens=f"{bar.tokens:,}", tok_s=f"{rate:,.0f}", refresh=False)
@@ -367,15 +436,15 @@ def tokenize(stream, *, out: Path, shard_tokens: int, workers: int, state: dict,
     ctx = multiprocessing.get_context("spawn")  # never fork a process that may run JAX threads
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=tokenize_worker.init) as pool:
         for first, split, batch, nbytes in batches():
-            pending.append((pool.submit(tokenize_worker.encode_documents, batch), first, split, len(batch), nbytes))
+            docs, starts = zip(*batch)
+            pending.append((pool.submit(tokenize_worker.encode_documents, list(docs), list(starts)), first, split, sum(starts), nbytes))
             while len(pending) > 2 * workers or (pending and pending[0][0].done()):
                 take()  # in order; at most 2 * workers batches of text in flight
         while pending:
             take()
-    end = sum(counts.values())
     for sp in ("train", "val"):
         if sp not in closed:
-            writers[sp].close(next_doc=end)
+            writers[sp].close(next_doc=counts["records"])
             closed.add(sp)
     return counts
 
@@ -457,7 +526,7 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
         raise PrepareError(f"the sources hold {counts['train']} training and {counts['val']} validation documents; both need at least one"
                            + (" (a held-out validation tail needs at least 2 documents)" if held_out else ""))
     splits = {sp: state[sp] for sp in ("train", "val")}
-    extra = {"validation": {"held_out_tail_documents": counts["val"], "documents": counts["train"] + counts["val"]}} if held_out else {}
+    extra = {"validation": {"held_out_tail_documents": counts["val"], "documents": counts["documents"]}} if held_out else {}
     D.write_manifest(out, name, tok.GPT2Tokenizer().description(), splits, prepared_from=args, **extra)
     state_path.unlink(missing_ok=True)
     return D.TokenDataset.open(out)

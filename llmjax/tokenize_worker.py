@@ -15,14 +15,18 @@ def init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
 
-def encode_documents(docs: list[str]) -> np.ndarray:
-    """End-of-text + the GPT-2 tokens of each document, concatenated (uint16)."""
+def encode_documents(docs: list[str], starts: list[bool] | None = None) -> np.ndarray:
+    """The GPT-2 tokens of each text, concatenated (uint16), each preceded by end-of-text where it
+    starts a document (`starts`, default all): a long document's later pieces continue it."""
     enc = gpt2_encoding()
     ids = enc.encode_ordinary_batch(docs, num_threads=1)
-    out = np.empty(sum(len(x) for x in ids) + len(ids), np.uint16)
+    starts = [True] * len(ids) if starts is None else starts
+    out = np.empty(sum(len(x) for x in ids) + sum(starts), np.uint16)
     i = 0
-    for x in ids:
-        out[i] = enc.eot_token
-        out[i + 1 : i + 1 + len(x)] = x
-        i += len(x) + 1
+    for x, start in zip(ids, starts):
+        if start:
+            out[i] = enc.eot_token
+            i += 1
+        out[i : i + len(x)] = x
+        i += len(x)
     return out

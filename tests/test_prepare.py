@@ -19,7 +19,7 @@ from conftest import ROOT
 from llmjax import data as D
 from llmjax import prepare as P
 from llmjax.config import ConfigError
-from llmjax.tokenizer import GPT2Tokenizer
+from llmjax.tokenizer import GPT2Tokenizer, gpt2_encoding
 
 EOT = "<|endoftext|>"
 WORDS = "the cat sat on a mat and ran to town with a big red hat, naïve café 東京 🙂 — \"quoted\" 123 over\tunder".split(" ")
@@ -150,6 +150,40 @@ def test_held_out_tail_is_one_percent_of_the_text_and_at_least_one_document(tmp_
     assert ds.manifest["validation"]["held_out_tail_documents"] == 1  # (by rows it was 10: 40% of the tokens)
 
 
+def _tokens(ds):
+    return np.concatenate([np.asarray(s) for sp in ("train", "val") for s in ds.split(sp)])
+
+
+def test_long_txt_documents_come_in_pieces_with_the_same_tokens(tmp_path, monkeypatch):
+    """A .txt document longer than PIECE_CHARS is read in pieces, cut where GPT-2's tokens do not
+    change: a file without end-of-text separators (a book) streams in bounded memory, gives exactly
+    the tokens of the whole text, and its held-out tail is its last 1% (it was the whole file)."""
+    enc = gpt2_encoding()
+    book = (ROOT / "llmjax" / "assets" / "tinyshakespeare.txt").read_text()
+    (tmp_path / "book.txt").write_text(book)
+    ds = P.prepare("mine", tmp_path / "o", [P.Source(tmp_path / "book.txt", None)], workers=2, shard_tokens=10**5, progress=False)
+    np.testing.assert_array_equal(_tokens(ds), [enc.eot_token] + enc.encode_ordinary(book))
+    assert ds.manifest["validation"] == {"held_out_tail_documents": 1, "documents": 1}
+    assert 0.009 < ds.num_tokens("val") / ds.num_tokens("train") < 0.012
+    # short pieces, and whitespace where a cut could change the tokens (runs of spaces, tabs, CRLF,
+    # leading and trailing blanks): the same tokens as the jsonl of the same documents, which is not cut
+    monkeypatch.setattr(P, "PIECE_CHARS", 300)
+    docs = make_docs(60, seed=2, long=300) + ["   lead" + " x  y\t\tz \r\nw" * 80 + "\n\n\n   "]
+    txt, jsonl, _ = write_sources(tmp_path, docs, "long")
+    txt_ds, jsonl_ds = (P.prepare("m", tmp_path / f"o_{src.suffix[1:]}", [P.Source(src, None)], workers=2, shard_tokens=997,
+                                  progress=False) for src in (txt, jsonl))
+    np.testing.assert_array_equal(_tokens(txt_ds), _tokens(jsonl_ds))
+    assert txt_ds.manifest["validation"]["documents"] == len(docs)
+    share = {k: len(decoded(d, "val").encode()) / txt.stat().st_size for k, d in (("txt", txt_ds), ("jsonl", jsonl_ds))}
+    assert 0.0095 < share["txt"] < 0.0102 and share["jsonl"] > 0.02  # the last 1% of the bytes (less the final separator), though the last document is 2%
+    # no space or line break after a character for longer than a piece (even a blank one): cut there,
+    # so the tokens may differ, the text not
+    dense = ["short", "東京🙂x" * 400, "\n" * 700 + "end"]
+    (tmp_path / "dense.txt").write_text(EOT.join(dense))
+    ds = P.prepare("m", tmp_path / "o_dense", [P.Source(tmp_path / "dense.txt", None)], workers=1, shard_tokens=10**5, progress=False)
+    assert decoded(ds, "train") + decoded(ds, "val") == "".join(EOT + d for d in dense)
+
+
 def test_given_validation_split_and_idempotence(tmp_path, docs):
     train, _, _ = write_sources(tmp_path, docs[:200], "train")
     val = tmp_path / "val.jsonl"
@@ -170,6 +204,7 @@ def test_interrupted_then_resumed_gives_the_same_bytes(tmp_path, monkeypatch):
     docs = make_docs(400, seed=1, long=400)
     txt, _, parquet = write_sources(tmp_path, docs)
     monkeypatch.setattr(P, "BATCH_BYTES", 20_000)  # many batches, so shards end inside batches
+    monkeypatch.setattr(P, "PIECE_CHARS", 700)  # and the longer .txt documents come in pieces
     for src in (txt, parquet):
         ref = tmp_path / f"ref_{src.suffix[1:]}"
         P.prepare("x", ref, [P.Source(src, None)], workers=2, shard_tokens=4000, progress=False)
