@@ -39,6 +39,7 @@ import os
 import re
 import sys
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,7 +254,9 @@ def _retry(fn, what: str, tries: int = 5):
 
 
 def download_url(url: str, cache: Path) -> Path:
-    target = cache / hashlib.sha256(url.encode()).hexdigest()[:16] / url.rstrip("/").rsplit("/", 1)[-1]
+    # named as the URL's path ends (without its query: ".../data.jsonl?download=true" is a .jsonl)
+    name = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]) or "download"
+    target = cache / hashlib.sha256(url.encode()).hexdigest()[:16] / name
     if target.is_file():
         return target
 
@@ -287,10 +290,11 @@ def parse_sources(items: list[str], cache: Path) -> list[Source]:
     out = []
     for item in items:
         split = None
-        if "=" in item.split("://")[0]:
-            split, item = item.split("=", 1)
-            if split not in ("train", "val"):
-                raise PrepareError(f"--source {split}=...: the split must be 'train' or 'val'")
+        prefix, eq, rest = item.partition("=")
+        if eq and "/" not in prefix and "." not in prefix and not Path(item).expanduser().is_file():  # (a file may have = in its name)
+            if prefix not in ("train", "val"):
+                raise PrepareError(f"--source {item}: no such file, and {prefix}= is no split (train= or val=)")
+            split, item = prefix, rest
         if item.startswith(("http://", "https://")):
             path = download_url(item, cache)
         else:
@@ -303,20 +307,6 @@ def parse_sources(items: list[str], cache: Path) -> list[Source]:
 
 # ---------------------------------------------------------------------------------------------
 # Tokenising
-
-
-def _batches(docs: Iterator[tuple[str, int]]) -> Iterator[tuple[list[str], int]]:
-    """Documents grouped into batches of about BATCH_BYTES of source. The cuts depend only on the
-    documents from where batching starts, so a resumed run cuts the same batches."""
-    batch, size = [], 0
-    for doc, nbytes in docs:
-        batch.append(doc)
-        size += nbytes
-        if size >= BATCH_BYTES:
-            yield batch, size
-            batch, size = [], 0
-    if batch:
-        yield batch, size
 
 
 class ShardWriter:
@@ -524,7 +514,8 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
             bar.close()
     if counts["train"] == 0 or counts["val"] == 0:
         raise PrepareError(f"the sources hold {counts['train']} training and {counts['val']} validation documents; both need at least one"
-                           + (" (a held-out validation tail needs at least 2 documents)" if held_out else ""))
+                           + (" (a held-out validation tail needs at least 2 documents: separate them with <|endoftext|> in a .txt, "
+                              "or give a val= file)" if held_out else ""))
     splits = {sp: state[sp] for sp in ("train", "val")}
     extra = {"validation": {"held_out_tail_documents": counts["val"], "documents": counts["documents"]}} if held_out else {}
     D.write_manifest(out, name, tok.GPT2Tokenizer().description(), splits, prepared_from=args, **extra)

@@ -130,6 +130,8 @@ def from_description(desc: dict):
     if kind == "gpt2":
         return GPT2Tokenizer()
     if kind == "char":
+        if not isinstance(desc.get("chars"), str):
+            raise TokenizerError("character tokenizer description without its 'chars' (a string of the vocabulary)")
         tok = CharTokenizer(desc["chars"])
         if desc.get("vocab_size", tok.vocab_size) != tok.vocab_size:
             raise TokenizerError(f"character tokenizer: vocab_size {desc['vocab_size']} but {tok.vocab_size} characters")

@@ -173,6 +173,9 @@ def test_the_shipped_bpe_files_are_checked_without_tiktokens_cache(monkeypatch, 
         tok.from_description({"kind": "char", "vocab_size": 5, "chars": "abc"})
     with pytest.raises(tok.TokenizerError, match="not a tokenizer description"):
         tok.from_description([])
+    for damaged in ({"kind": "char"}, {"kind": "char", "chars": ["a", "b"]}):  # (a KeyError, a TypeError)
+        with pytest.raises(tok.TokenizerError, match="without its 'chars'"):
+            tok.from_description(damaged)
     with pytest.raises(tok.TokenizerError, match="unknown tokenizer kind 'bpe'"):
         tok.from_description({"kind": "bpe"})
 

@@ -321,11 +321,30 @@ def test_cli_errors_are_one_line(tmp_path):
         ([], "give one dataset"),
         (["mine", f"--source={tmp_path / 'missing.txt'}"], "no such file"),
         (["mine", f"--source={one}", f"--out={tmp_path / 'o'}", "--noprogress"], "needs at least 2 documents"),  # found while reading
-        (["mine", f"--source=test={one}"], "must be 'train' or 'val'"),
+        (["mine", f"--source=test={one}"], "no such file, and test= is no split (train= or val=)"),
         (["mine", f"--source={tmp_path}/x.csv"], "no such file"),
     ]:
         r = _cli(*args)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
+
+
+def test_source_arguments(tmp_path, monkeypatch):
+    """`train=`/`val=` prefix a split, but a file with = in its name is that file; a URL's file is
+    named as its path ends, without the query (a .jsonl served as ...?download=true was refused)."""
+    import io
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "k=v.txt").write_text("x")
+    (tmp_path / "a.txt").write_text("x")
+    got = P.parse_sources(["k=v.txt", "val=a.txt", str(tmp_path / "k=v.txt")], tmp_path / "cache")
+    assert [(s.path.name, s.split) for s in got] == [("k=v.txt", None), ("a.txt", "val"), ("k=v.txt", None)]
+    with pytest.raises(P.PrepareError, match="test= is no split"):
+        P.parse_sources(["test=a.txt"], tmp_path / "cache")
+    urls = []
+    monkeypatch.setattr(P.urllib.request, "urlopen", lambda url, timeout=None: urls.append(url) or io.BytesIO(b'{"text": "hi"}\n'))
+    [src] = P.parse_sources(["train=https://example.org/d/my%20data.jsonl?download=true"], tmp_path / "cache")
+    assert src.split == "train" and src.path.name == "my data.jsonl" and src.kind == "jsonl" and src.path.read_text() == '{"text": "hi"}\n'
+    assert urls == ["https://example.org/d/my%20data.jsonl?download=true"]
 
 
 def test_cli_prepares_the_builtin_datasets(tmp_path):
