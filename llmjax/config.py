@@ -79,8 +79,10 @@ class ModelConfig:
                 f"model.padded_vocab_size={self.padded_vocab_size} is smaller than "
                 f"model.vocab_size={self.vocab_size}; set it to vocab_size rounded up to a multiple of 64"
             )
-        for name in ("vocab_size", "n_layer", "d_model", "context_len"):
-            if getattr(self, name) <= 0:
+        # (and the widths most architectures have: zero heads or a zero-width MLP would build a model
+        # without them; a zero or negative rope_base or norm_eps gives NaN logits)
+        for name in ("vocab_size", "n_layer", "d_model", "context_len", "norm_eps", "n_head", "head_dim", "d_ff", "rope_base"):
+            if getattr(self, name, 1) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype='{self.dtype}' is not one of {', '.join(DTYPES)}{closest(self.dtype, DTYPES)}")

@@ -373,9 +373,13 @@ def build_steps(cfg, mesh) -> Steps:
     )
 
     eval_shard = batch_sharding(mesh)
+    # the validation loss and task scores run the model as sampling and evaluation do: a capacity-mode
+    # MoE dropless (llmjax.scoring.scoring_config), so that the loss is the sampled model's and no
+    # token's loss depends on its batch-mates or the padding
+    score_graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(scoring_config(mcfg), seed=0)))
 
     def eval_step(params, tokens_BT1, mask_BT):
-        model = nnx.merge(graphdef, convert_layer_layout(params, mcfg.scan_layers))
+        model = nnx.merge(score_graphdef, convert_layer_layout(params, mcfg.scan_layers))
         x = model.features(tokens_BT1[:, :-1])[0]
         per_tok = token_losses(model.embed, x, tokens_BT1[:, 1:], tcfg.loss_chunks, logits_dtype)
         return jnp.sum(per_tok * mask_BT), jnp.sum(mask_BT)
@@ -383,8 +387,6 @@ def build_steps(cfg, mesh) -> Steps:
     eval_fn = jax.jit(
         eval_step, in_shardings=(p_shard, eval_shard, eval_shard), out_shardings=(replicated, replicated), compiler_options=options
     )
-
-    score_graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(scoring_config(mcfg), seed=0)))
 
     def score_step(params, tokens_BT, targets_BT, mask_BT):
         model = nnx.merge(score_graphdef, convert_layer_layout(params, mcfg.scan_layers))

@@ -116,6 +116,20 @@ def test_unknown_key_written_in_a_config_file(tmp_path):
         llmjax.load_config(f"{f}:tinny")
 
 
+@pytest.mark.parametrize("arch", sorted(llmjax.ARCHS))
+def test_widths_must_be_positive(arch):
+    """A zero or negative head count, head or MLP width, rope_base or norm_eps is one line, for every
+    architecture that has it (before: a traceback in the first forward, a model without heads or
+    MLP, or NaN logits)."""
+    values = config(arch).model.to_dict()
+    names = [n for n in ("n_head", "head_dim", "d_ff", "rope_base", "norm_eps", "d_model", "n_layer") if n in values]
+    assert {"d_ff", "norm_eps"} <= set(names)
+    for name in names:
+        for bad in (0, -2):
+            with pytest.raises(ConfigError, match=rf"^model\.{name} must be positive, got {bad}(\.0)?$"):
+                model_config({**values, name: bad})
+
+
 def test_missing_model_key_is_named():
     values = config("mla").model.to_dict()
     del values["kv_lora_rank"]

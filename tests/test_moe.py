@@ -254,15 +254,42 @@ def test_balanced_router_gives_load_balance_one():
 
 
 def test_trainer_logs_router_losses_and_expert_load(tmp_path):
+    """The router's losses and statistics are logged; the validation loss of a capacity-mode MoE is
+    the dropless model's, which sampling and evaluation run (it was measured with drops, and a
+    token's loss depended on its batch-mates): with the learning rate at 0, a capacity run and a
+    dropless run of the same weights give the same validation loss, and different training losses."""
     from llmjax.train import train
 
-    over = {"train.max_steps": 4, "train.batch_size": 4, "eval.sample_tokens": 0, "eval.num_batches": 1,
-            "logging.progress_bar": False, "model.context_len": 32, "model.moe_mode": "capacity", "model.capacity_factor": 1.0}
+    over = {"train.max_steps": 2, "train.batch_size": 4, "eval.sample_tokens": 0, "eval.num_batches": 1, "train.lr": 0.0,
+            "train.min_lr": 0.0, "logging.progress_bar": False, "model.context_len": 32, "model.moe_mode": "capacity",
+            "model.capacity_factor": 0.5}
     run = train(llmjax.load_config(f"{ROOT}/configs/moe.py:tiny", over), tmp_path / "run", devices=jax.devices()[:1], quiet=True)
     last = run.metrics[-1]
     assert {"aux_load_balance", "aux_router_z", "stat_dropped", "stat_expert_load"} <= set(last)
     assert len(last["stat_expert_load"]) == 4 and abs(sum(last["stat_expert_load"]) - 1) < 1e-5
-    assert 0.0 <= last["stat_dropped"] < 1.0
+    assert 0.0 < last["stat_dropped"] < 1.0
+    over.update({"model.moe_mode": "dropless", "train.max_steps": 1})
+    dropless = train(llmjax.load_config(f"{ROOT}/configs/moe.py:tiny", over), tmp_path / "dropless", devices=jax.devices()[:1], quiet=True)
+    assert dropless.metrics[-1]["stat_dropped"] == 0.0 and dropless.metrics[0]["train_loss"] != run.metrics[0]["train_loss"]
+    assert dropless.metrics[-1]["val_loss"] == pytest.approx(last["val_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_the_language_model_loss_trains_the_router(top_k):
+    """The output's gradient reaches the router for every top_k: the gates are the top-k
+    probabilities renormalised, and with top_k=1 the probability itself (Switch). Renormalised, a
+    single gate was 1 and the router's gradient from the output 0 (5e-10)."""
+    layer = _layer(top_k=top_k)
+    x = jax.random.normal(jax.random.key(4), (2, 16, 64))
+    _, probs, gates, _ = layer.route(x)
+    top = jnp.sort(probs, axis=-1)[..., ::-1][..., :top_k]
+    np.testing.assert_allclose(gates, top if top_k == 1 else top / top.sum(-1, keepdims=True), rtol=1e-6)
+    graphdef, state = nnx.split(layer)
+    cot = jax.random.normal(jax.random.key(5), x.shape)
+    grads = jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(x)[0] * cot))(state)
+    router = np.abs(np.asarray(grads["router"]["kernel"][...])).max()
+    expert = np.abs(np.asarray(grads["w_out"][...])).max()
+    assert router > 1e-3 * expert, (router, expert)
 
 
 @pytest.mark.parametrize("mode", ["dropless", "blocked", "capacity"])

@@ -47,6 +47,11 @@ def causal_attention(q_BTHd, k_BSKd, v_BSKe, *, impl: str, scale: float | None =
     impl = resolve_impl(impl, q_BTHd.dtype)
     d, e = q_BTHd.shape[-1], v_BSKe.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if impl == "xla" and q_BTHd.dtype == jnp.float16 and runtime.backend() == "cpu":
+        # XLA's CPU backend has no float16 x float16 -> float32 batched dot (the XLA path's logits):
+        # widened, as dot32 does (the products are exact in float32)
+        f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+        return causal_attention(f32(q_BTHd), f32(k_BSKd), f32(v_BSKe), impl=impl, scale=scale).astype(jnp.float16)
     if e == d:
         return jax.nn.dot_product_attention(q_BTHd, k_BSKd, v_BSKe, scale=scale, is_causal=True, implementation=impl)
     if impl == "cudnn" and e < d and os.environ.get("LLMJAX_CUDNN_PAD_VALUES", "0") != "1":

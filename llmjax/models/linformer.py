@@ -47,7 +47,7 @@ class LinformerConfig(ModelConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("n_head", "head_dim", "d_ff", "block_size", "rank"):
+        for name in ("block_size", "rank"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
 

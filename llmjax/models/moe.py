@@ -4,7 +4,8 @@ Switch Transformer, Fedus et al. 2021; GShard).
 
 Router: logits = x W_r in float32 (operands and product, whatever the compute dtype: a bf16 product
 flipped the top-2 set of 0.13% of tokens against float32 logits); the top_k experts by softmax probability get the token, with
-their probabilities renormalised to sum to 1. Auxiliary outputs (mean over layers):
+their probabilities renormalised to sum to 1 (with top_k=1, Switch's gate: the probability itself,
+so that the language-model loss reaches the router). Auxiliary outputs (mean over layers):
   - `load_balance`: Switch's E * sum_e f_e P_e, where f_e is the fraction of routed assignments
     that went to expert e and P_e the mean router probability of e (1.0 when balanced);
   - `router_z`: mean of logsumexp(logits)^2 (ST-MoE's z-loss), keeping the logits small;
@@ -189,10 +190,15 @@ class MoEFeedForward(nnx.Module):
         self.b_out = nnx.Param(jnp.zeros((E, D), jnp.float32))
 
     def route(self, x_BTD):
+        """(logits, probabilities, gates, experts): each token's top_k experts and their gates, the
+        probabilities renormalised over the top_k (Mixtral, GShard), or with top_k=1 the expert's
+        probability itself (Switch): renormalised, a single gate is 1 whatever the router says, and
+        the router would learn from the auxiliary losses alone."""
         logits = self.router(x_BTD).astype(jnp.float32)  # (B, T, E)
         probs = jax.nn.softmax(logits, axis=-1)
         top_p, top_e = jax.lax.top_k(probs, self.k)  # (B, T, k)
-        return logits, probs, top_p / jnp.sum(top_p, axis=-1, keepdims=True), top_e
+        gates = top_p if self.k == 1 else top_p / jnp.sum(top_p, axis=-1, keepdims=True)
+        return logits, probs, gates, top_e
 
     def __call__(self, x_BTD, dropless: bool | None = None):
         B, T, D = x_BTD.shape

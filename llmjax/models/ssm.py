@@ -74,7 +74,7 @@ class SSMConfig(ModelConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("d_inner", "d_state", "dt_rank", "d_ff", "scan_chunk"):
+        for name in ("d_inner", "d_state", "dt_rank", "scan_chunk"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.d_conv < 0 or self.d_conv == 1:
