@@ -26,11 +26,11 @@ ARCHS = sorted(llmjax.ARCHS)
 # Config options that change the computation, per architecture (on top of the tiny variant).
 COMMON = [{}, {"scan_layers": False}, {"remat": "full"}, {"remat": "dots", "scan_layers": False}, {"matmul_dtype": "bfloat16"}]
 OPTIONS = {
-    "vanilla": COMMON + [{"bias": False}],
+    "vanilla": COMMON + [{"bias": False, "head_dim": 8}],  # (attention narrower than d_model)
     "gqa": COMMON + [{"n_kv_head": 1}, {"n_kv_head": 4}],
-    "modern": COMMON + [{"n_kv_head": 2}, {"n_kv_head": 1, "scan_layers": False}],
-    "mla": COMMON + [{"q_lora_rank": 24}, {"v_head_dim": 32}, {"qk_rope_dim": 16, "scan_layers": False}],
-    "linformer": COMMON + [{"block_size": 4, "rank": 3}, {"block_size": 64, "rank": 2, "scan_layers": False}],
+    "modern": COMMON + [{"n_kv_head": 2, "head_dim": 12, "rope_base": 500.0}, {"n_kv_head": 1, "scan_layers": False}],
+    "mla": COMMON + [{"q_lora_rank": 24}, {"v_head_dim": 32, "kv_lora_rank": 8}, {"qk_rope_dim": 16, "scan_layers": False}],
+    "linformer": COMMON + [{"block_size": 3, "rank": 5}, {"block_size": 64, "rank": 2, "scan_layers": False}],
     "moe": COMMON
     + [
         {"moe_mode": "capacity", "capacity_factor": 8.0},
