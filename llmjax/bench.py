@@ -53,7 +53,8 @@ from flax import nnx  # noqa: E402
 from llmjax import cli  # noqa: E402
 from llmjax.config import ConfigError, load_config, model_config, set_key  # noqa: E402
 from llmjax.registry import ARCHS, build_model  # noqa: E402
-from llmjax.sample import DECODE_UNROLL, SampleError, Sampling, decode_min_rows, generate, inference_params  # noqa: E402
+from llmjax.sample import DECODE_UNROLL, SampleError, Sampling, decode_grows, decode_min_rows, generate, inference_params  # noqa: E402
+from llmjax.scoring import ScoreError  # noqa: E402
 from llmjax.sharding import make_mesh  # noqa: E402
 from llmjax.summary import ARCH_ORDER, CONFIG_DIR, summarize  # noqa: E402
 from llmjax.train import peak_flops  # noqa: E402
@@ -244,7 +245,8 @@ def bench_hellaswag(cfg, *, batch_size: int, limit: int | None, task_dir: str | 
     by_bucket = {}
     for ctx, cont in requests:
         by_bucket.setdefault(length_bucket(min(len(ctx) + len(cont), mcfg.context_len + 1) - 1, mcfg.context_len), (ctx, cont))
-    scorer.score(list(by_bucket.values()))  # compile every bucket
+    for request in by_bucket.values():  # compile every bucket (one call each: a batch pads to its longest request)
+        scorer.score([request])
     t0 = time.perf_counter()
     m = downstream.score_task(scorer, tok, items)
     dt = time.perf_counter() - t0
@@ -258,9 +260,12 @@ def device_name() -> str:
 
 
 def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len, new_tokens, task_batch_size=32, task_limit=None,
-          task_dir=None, quantize=None, decode_modes=tuple(DECODE_MODES), decode_unroll=DECODE_UNROLL, profile=None) -> dict:
-    """One row for the run config `cfg` (named `spec` in the row); with `profile` (a directory), the
-    training and decoding suites also trace one more run each into profile/<arch>/ and summarise it."""
+          task_dir=None, quantize=None, decode_modes=tuple(DECODE_MODES), decode_unroll=DECODE_UNROLL, profile=None,
+          overrides=()) -> dict:
+    """One row for the run config `cfg` (named `spec` in the row, with the `overrides` given on the
+    command line, as key=value); with `profile` (a directory), the training and decoding suites
+    also trace one more run each into profile/<arch>/ and summarise it. `batch_size` is the
+    training batch, null in a row without the train and memory suites."""
     mcfg = model_config(cfg)
     if "hellaswag" in suites:
         check_hellaswag(mcfg)
@@ -269,6 +274,7 @@ def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len,
     row = {
         "arch": mcfg.arch,
         "config": spec,
+        "overrides": list(overrides),
         "device": device_name(),
         "n_devices": jax.device_count(),
         "dtype": mcfg.dtype,
@@ -279,7 +285,7 @@ def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len,
         "deterministic": bool(cfg.train.get("deterministic", False)),
         "attention_impl": mcfg.attention_impl,
         **{k: getattr(mcfg, k) for k in ("moe_mode", "moe_impl", "moe_block_rows", "capacity_factor", "scan_chunk", "scan_impl", "d_conv", "decode_attention_impl", "decode_norm_impl") if hasattr(mcfg, k)},
-        "batch_size": cfg.train.batch_size,
+        "batch_size": cfg.train.batch_size if suites & {"train", "memory"} else None,
         "seq_len": mcfg.context_len,
         "params_total": summ["params_total"],
         "params_active": summ["params_active"],
@@ -300,6 +306,7 @@ def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len,
         "decode_prompt_len": prompt_len,
         "decode_new_tokens": new_tokens,
         "decode_unroll": decode_unroll,
+        "decode_grow": decode_grows(jax.default_backend()),
         "jax": jax.__version__,
         "flax": flax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -340,14 +347,19 @@ def table(rows: list[dict], command: str) -> str:
     head += [f"decode tok/s b{x} (greedy / top-k)" for x in b] + ["decode state (bf16, full context)"]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |"]
     for r in rows:
-        cells = [f"`{r['arch']}`", _fmt(r["params_active"], "m"), str(r["batch_size"]), _fmt(r["train_tokens_per_sec"]),
+        if "error" in r:  # (a row that failed: its message, the rest empty)
+            cells = [f"`{r['arch']}`", "failed: " + r["error"][:160].replace("|", "/")] + ["-"] * (len(head) - 2)
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
+        cells = [f"`{r['arch']}`", _fmt(r["params_active"], "m"), _fmt(r["batch_size"]), _fmt(r["train_tokens_per_sec"]),
                  _fmt(r["mfu"], "pct"), _fmt(r["peak_memory_bytes"], "gb"), _fmt(r["compiled_memory_bytes"], "gb")]
         cells += [f"{_fmt(r.get(f'decode_tokens_per_sec_b{x}'))} / {_fmt(r.get(f'decode_sampled_tokens_per_sec_b{x}'))}" for x in b]
         cells.append(f"{r['decode_state_bytes'] / 2**20:.2f} MiB")
         lines.append("| " + " | ".join(cells) + " |")
-    r0 = rows[0]
+    r0 = next((r for r in rows if "error" not in r), None)
     meta = (f"Measured {r0['date']} on {r0['device']} x{r0['n_devices']}, jax {r0['jax']}, flax {r0['flax']}, "
-            f"context {r0['seq_len']}, decode prompt {r0['decode_prompt_len']} + {r0['decode_new_tokens']} new tokens. Command: `{command}`")
+            f"context {r0['seq_len']}, decode prompt {r0['decode_prompt_len']} + {r0['decode_new_tokens']} new tokens. Command: `{command}`"
+            if r0 else f"Every row failed. Command: `{command}`")
     return "\n".join([BEGIN, meta, "", *lines, END])
 
 
@@ -382,7 +394,8 @@ def define_flags():
     flags.DEFINE_integer("prompt_len", 16, "decode prompt tokens")
     flags.DEFINE_integer("new_tokens", 256, "decode new tokens")
     flags.DEFINE_integer("decode_unroll", DECODE_UNROLL, "decode steps per test of the decode loop's stop condition (1: every step)")
-    flags.DEFINE_multi_string("set", [], "with --all: config overrides key=value, e.g. --set model.remat=dots")
+    flags.DEFINE_multi_string("set", [], "config overrides key=value, e.g. --set model.remat=dots (with --all, or with --config "
+                              "after its --config.* overrides, wherever given)")
     flags.DEFINE_integer("task_batch_size", 32, "hellaswag suite: sequences per forward pass")
     flags.DEFINE_integer("task_limit", None, "hellaswag suite: the first N items (default: all 10,042)")
     flags.DEFINE_string("task_dir", None, "hellaswag suite: where hellaswag_val.jsonl is or is downloaded to")
@@ -438,37 +451,76 @@ def main(argv):
     if not F.decode_modes or not set(F.decode_modes) <= set(DECODE_MODES):
         cli.fail(f"--decode_modes takes {', '.join(DECODE_MODES)}, got {','.join(F.decode_modes)}")
     suites = set(F.suite)
+    if not suites:
+        cli.fail(f"--suite is empty; choose from {', '.join(SUITES)}")
+    if F.task_batch_size < 1 or (F.task_limit is not None and F.task_limit < 1):
+        cli.fail(f"--task_batch_size and --task_limit must be at least 1 (no --task_limit: every item), got {F.task_batch_size} "
+                 f"and {F.task_limit}")
+    try:
+        decode_grows(jax.default_backend())
+    except SampleError as e:
+        cli.fail(str(e))
     train_suites = suites & {"train", "memory"}
     if F.config is not None:
         runs = [(cli.config_spec(sys.argv), F.config)]
     else:
         runs = [(f"configs/{a}.py:{F.variant}", f"{CONFIG_DIR / a}.py:{F.variant}") for a in ARCH_ORDER if a in ARCHS]
-    rows = []
-    for spec, source in runs:
-        sizes = train_batches if train_suites else train_batches[-1:]
-        for i, batch_size in enumerate(sizes):
-            last = i == len(sizes) - 1
-            try:
+    # the row's overrides as given: --config.KEY=VALUE (with --config) and --set KEY=VALUE
+    given = [a[len("--config.") :] for a in sys.argv[1:] if a.startswith("--config.")] + list(F.set)
+    # everything a user can get wrong is checked before anything is measured: every row's config and
+    # overrides, the hellaswag suite's vocabulary, the --out file and the --doc's markers
+    planned = []
+    try:
+        for spec, source in runs:
+            sizes = train_batches if train_suites else train_batches[-1:]
+            for i, batch_size in enumerate(sizes):
                 cfg = load_config(source) if isinstance(source, str) else source
                 cfg = cfg.copy_and_resolve_references() if hasattr(cfg, "copy_and_resolve_references") else cfg
                 with cfg.unlocked():
                     for key, value in {**overrides, **({"train.batch_size": batch_size} if batch_size else {})}.items():
                         set_key(cfg, key, value)
-                if "hellaswag" in suites:  # (before a smaller batch's row is measured)
-                    check_hellaswag(model_config(cfg))
-                row = bench(cfg, spec, suites=suites if last else train_suites, steps=F.steps, repeats=F.repeats,
-                            decode_batches=batches, prompt_len=F.prompt_len, new_tokens=F.new_tokens,
-                            task_batch_size=F.task_batch_size, task_limit=F.task_limit, task_dir=F.task_dir,
-                            quantize=F.quantize, decode_modes=tuple(F.decode_modes), decode_unroll=F.decode_unroll,
-                            profile=F.profile)
-            except (ConfigError, SampleError) as e:
+                mcfg = model_config(cfg)
+                if "hellaswag" in suites:
+                    check_hellaswag(mcfg)
+                planned.append((spec, cfg, mcfg.arch, i == len(sizes) - 1))
+        if F.all:
+            doc = Path(F.doc)
+            if not doc.parent.is_dir() or doc.is_dir():
+                raise OSError(f"--doc={F.doc} is not a file in an existing folder")
+            rewrite_doc(doc.read_text() if doc.exists() else "", table([], ""))  # (damaged markers: refused now)
+        if F.out:
+            with open(F.out, "a"):
+                pass
+    except ConfigError as e:
+        cli.fail(str(e))
+    except OSError as e:
+        cli.fail(f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e))
+    rows, failed = [], 0
+    for spec, cfg, arch, last in planned:
+        try:
+            row = bench(cfg, spec, suites=suites if last else train_suites, steps=F.steps, repeats=F.repeats,
+                        decode_batches=batches, prompt_len=F.prompt_len, new_tokens=F.new_tokens,
+                        task_batch_size=F.task_batch_size, task_limit=F.task_limit, task_dir=F.task_dir,
+                        quantize=F.quantize, decode_modes=tuple(F.decode_modes), decode_unroll=F.decode_unroll,
+                        profile=F.profile, overrides=given)
+        except (ConfigError, SampleError, ScoreError) as e:
+            if not F.all:
                 cli.fail(str(e))
-            rows.append(row)
-            if F.json:
-                print(json.dumps(row), flush=True)
-            if F.out:
-                with open(F.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            row, message = None, str(e)
+        except Exception as e:  # noqa: BLE001  (--all: one architecture's failure must not lose the others' rows)
+            if not F.all:
+                raise
+            row, message = None, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        if row is None:
+            failed += 1
+            print(f"error: {spec}: {message}", file=sys.stderr, flush=True)
+            row = {"arch": arch, "config": spec, "overrides": given, "error": message}
+        rows.append(row)
+        if F.json:
+            print(json.dumps(row), flush=True)
+        if F.out:
+            with open(F.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
     command = "python -m llmjax.bench " + " ".join(a for a in sys.argv[1:] if not a.startswith("--doc"))
     block = table(rows, command)
     if not F.json:
@@ -487,9 +539,11 @@ def main(argv):
         path = Path(F.doc)
         try:
             text = rewrite_doc(path.read_text() if path.exists() else "# Benchmarks\n", block)
-        except ConfigError as e:
+            atomic_write_bytes(path, text.encode())  # (a failed write leaves the document as it was)
+        except (ConfigError, OSError) as e:
             cli.fail(str(e))
-        atomic_write_bytes(path, text.encode())  # (a failed write leaves the document as it was)
+    if failed:
+        cli.fail(f"{failed} of {len(rows)} rows failed (marked in the table)", code=1)
 
 
 if __name__ == "__main__":

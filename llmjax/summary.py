@@ -51,7 +51,7 @@ def summarize(cfg) -> dict:
     position_table = _size(params.get("pos_embed", {}))
     active = cls.params_active(mcfg, params) if hasattr(cls, "params_active") else total
     T = mcfg.context_len
-    flops = 6 * (active - position_table) + 3 * cls.mixer_flops_per_token(mcfg, T)
+    flops = 6 * (active - position_table - cls.mixer_params(mcfg, params)) + 3 * cls.mixer_flops_per_token(mcfg, T)
     full = _nbytes(jax.eval_shape(lambda: model.init_cache(1, T, jnp.bfloat16)))
     half = _nbytes(jax.eval_shape(lambda: model.init_cache(1, T // 2, jnp.bfloat16)))
     grows = full != half

@@ -4,7 +4,7 @@
 #   scripts/gpu_check.sh OUTDIR            # tests, then benchmarks (default mode)
 #   scripts/gpu_check.sh OUTDIR --sweep    # the settings sweep for vanilla and modern (no tests)
 #
-# It keeps to a time budget (GPU_CHECK_BUDGET seconds, default 540: a 10-minute slot less margin).
+# It keeps to a time budget (GPU_CHECK_BUDGET seconds, default 480: 8 minutes; a 10-minute slot can give it 565).
 # Steps run in order of importance, each under `timeout` with what is left of the budget (and its own
 # cap, so that a slow step cannot starve the ones after it); a step that no longer fits is skipped and
 # logged. Default mode:
@@ -46,16 +46,16 @@
 # GPU_CHECK_ONLY=REGEX runs only the steps whose names match (e.g. 'bench (vanilla|modern) decoding' on a
 # second slot). GPU_CHECK_VARIANT=tiny runs the same steps on tiny configs (to check this script on a CPU).
 set -uo pipefail
-cd "$(dirname "$0")/.."
 out="${1:?usage: scripts/gpu_check.sh OUTDIR [--sweep]}"
 mode="${2:-default}"
 mkdir -p "$out"
-out="$(cd "$out" && pwd)"
+out="$(cd "$out" && pwd)"  # (before the cd below: a relative OUTDIR is where the command was run)
+cd "$(dirname "$0")/.."
 work="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"
 traces="$work.traces"
 py="${PYTHON:-python3}"
 variant="${GPU_CHECK_VARIANT:-default}"
-budget="${GPU_CHECK_BUDGET:-540}"
+budget="${GPU_CHECK_BUDGET:-480}"
 only="${GPU_CHECK_ONLY:-.}"  # an extended regular expression: run only the steps whose names match
 start=$SECONDS
 status=0
@@ -84,14 +84,15 @@ import json, os, sys
 rows = [json.loads(l) for l in open(sys.argv[1])] if os.path.exists(sys.argv[1]) else []
 cols = ["arch", "batch_size", "scan_layers", "remat", "attention_impl", "loss_chunks", "deterministic", "moe_mode", "moe_impl", "moe_block_rows", "capacity_factor", "scan_chunk", "d_conv", "quantize", "train_tokens_per_sec", "mfu", "peak_memory_bytes",
         "compiled_memory_bytes", "compiled_flops_ratio", "decode_tokens_per_sec_b1", "decode_tokens_per_sec_b64", "decode_sampled_tokens_per_sec_b1",
-        "decode_sampled_tokens_per_sec_b64", "hellaswag_items_per_sec", "decode_min_rows", "config", "xla_flags"]
+        "decode_sampled_tokens_per_sec_b64", "hellaswag_items_per_sec", "decode_attention_impl", "decode_norm_impl", "decode_min_rows",
+        "decode_grow", "decode_unroll", "config", "overrides", "error", "xla_flags"]
 print("| " + " | ".join(cols) + " |")
 print("|" + "---|" * len(cols))
 for r in rows:
     cells = []
     for c in cols:
         v = r.get(c)
-        cells.append("-" if v is None else str(v) if isinstance(v, bool) else f"{v:.3f}" if isinstance(v, float) and (v < 1 or c.endswith(("ratio", "factor")))
+        cells.append("-" if v is None or v == [] else " ".join(v) if isinstance(v, list) else str(v) if isinstance(v, bool) else f"{v:.3f}" if isinstance(v, float) and (v < 1 or c.endswith(("ratio", "factor")))
                      else f"{v:,.0f}" if isinstance(v, (int, float)) else str(v))
     print("| " + " | ".join(cells) + " |")
 EOF
@@ -187,9 +188,10 @@ if [ "$mode" = --sweep ]; then
     esac
   done
 else
-  if [ "$variant" = default ]; then
+  if [ "$variant" = default ] || [ -n "${GPU_CHECK_PREFLIGHT:-}" ]; then
     # cuDNN's fused attention (the default kernel on a GPU) in 20 s: if it cannot run here, every
     # benchmark below falls back to XLA's attention (said in steps.log) rather than failing
+    # (GPU_CHECK_PREFLIGHT=1 runs it with the tiny configs too: on a CPU it fails, so the fallback is tested)
     step "preflight: cuDNN attention forward and backward" 60 preflight.log "$py" -c '
 import jax, jax.numpy as jnp
 from llmjax.models.attention import causal_attention
@@ -201,7 +203,7 @@ for K in (12, 4):
     assert bool(jnp.isfinite(v)), v
 print("cuDNN attention ok on", jax.devices()[0].device_kind)'
     if [ "$last_rc" != 0 ] && [ "$last_rc" != skipped ]; then
-      bench+=(--config.model.attention_impl=xla)
+      bench+=(--set model.attention_impl=xla)  # (--set: --config.* flags before --config are refused)
       log "== cuDNN attention failed its preflight: the benchmarks below use attention_impl=xla"
     else
       # mla's values are narrower than its keys (64 against 96): cuDNN takes them unpadded on a Hopper

@@ -57,16 +57,30 @@ def _cli(*args):
 
 
 def test_cli_all_rewrites_the_doc_table(tmp_path):
+    """--all measures every architecture and rewrites the doc's table; an architecture that fails
+    while measured (here ssm, made to raise) is a marked row and an error line, the others' rows are
+    kept and the table written, and the exit status is 1 (it was a traceback and nothing written).
+    Each row records the overrides given and its decode settings; a decode-only row has no batch."""
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\nkept\n")
-    r = _cli("--all", "--variant=tiny", "--suite=decode", "--decode_batches=1", "--new_tokens=3", "--prompt_len=4", "--repeats=1",
-             f"--doc={doc}", f"--out={tmp_path / 'rows.jsonl'}")
-    assert r.returncode == 0, r.stderr[-2000:]
+    boom = ("import sys, llmjax.bench as b; real = b.bench\n"
+            "def bench(cfg, spec, **kw):\n"
+            "    if 'ssm' in spec: raise RuntimeError('boom')\n"
+            "    return real(cfg, spec, **kw)\n"
+            "b.bench = bench; b.define_flags(); b.cli.run(b.main)")
+    r = subprocess.run([sys.executable, "-c", boom, "--all", "--variant=tiny", "--suite=decode", "--decode_batches=1", "--new_tokens=3",
+                        "--prompt_len=4", "--repeats=1", "--set", "model.decode_norm_impl=xla", f"--doc={doc}",
+                        f"--out={tmp_path / 'rows.jsonl'}"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.stderr.splitlines()[-2:] == ["error: configs/ssm.py:tiny: RuntimeError: boom", f"error: 1 of {len(llmjax.ARCHS)} rows failed (marked in the table)"]
     text = doc.read_text()
-    assert "kept" in text and text.count("| `") == len(llmjax.ARCHS)
+    assert "kept" in text and text.count("| `") == len(llmjax.ARCHS) and "| `ssm` | failed: RuntimeError: boom |" in text
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert sorted(r["arch"] for r in rows) == sorted(llmjax.ARCHS)
-    assert all(r["decode_tokens_per_sec_b1"] > 0 and r["train_tokens_per_sec"] is None for r in rows)
+    good = [r for r in rows if r["arch"] != "ssm"]
+    assert all(r["decode_tokens_per_sec_b1"] > 0 and r["train_tokens_per_sec"] is None and r["batch_size"] is None for r in good)
+    assert all(r["overrides"] == ["model.decode_norm_impl=xla"] and r["decode_norm_impl"] == "xla" and r["decode_grow"] is False
+               for r in good)
 
 
 def test_cli_bad_input_is_one_line():
@@ -74,20 +88,38 @@ def test_cli_bad_input_is_one_line():
                          (["--config=configs/vanilla.py:tiny", "--config.model.n_layr=2"], "n_layer"),
                          (["--config=configs/vanilla.py:tiny", "--decode_batches="], "--decode_batches is empty"),
                          (["--config=configs/vanilla.py:tiny", "--prompt_len=0"], "--prompt_len and --new_tokens must be at least 1"),
-                         (["--config=configs/vanilla.py:tiny", "--new_tokens=-3"], "--prompt_len and --new_tokens must be at least 1")]:
+                         (["--config=configs/vanilla.py:tiny", "--new_tokens=-3"], "--prompt_len and --new_tokens must be at least 1"),
+                         (["--config=configs/vanilla.py:tiny", "--suite="], "--suite is empty"),
+                         (["--config=configs/vanilla.py:tiny", "--suite=hellaswag", "--task_limit=-1"], "--task_limit must be at least 1"),
+                         (["--config=configs/vanilla.py:tiny", "--out=/nonexistent/rows.jsonl"], "No such file or directory: /nonexistent"),
+                         (["--all", "--variant=tiny", f"--doc={ROOT / 'tests' / 'fixtures'}"], "is not a file in an existing folder")]:
         r = _cli(*args)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
 
 
-def test_hellaswag_suite_scores_items():
-    from llmjax.config import ConfigError
+def test_hellaswag_suite_scores_items(monkeypatch):
+    """Items/s of the built-in scorer, every length bucket compiled before the timed pass (the
+    warm-up put one request per bucket into one batch, which pads to the longest: the smaller
+    buckets compiled while timed)."""
+    from llmjax import downstream, scoring
 
+    timed = downstream.score_task
+    compiles = []
+
+    def counted(*args, **kwargs):
+        before = scoring._score_model._cache_size()
+        out = timed(*args, **kwargs)
+        compiles.append(scoring._score_model._cache_size() - before)
+        return out
+
+    monkeypatch.setattr(downstream, "score_task", counted)
     cfg = llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny",
-                             {"model.vocab_size": 50257, "model.padded_vocab_size": 50304, "model.context_len": 128})
+                             {"model.vocab_size": 50257, "model.padded_vocab_size": 50304, "model.context_len": 128, "model.n_layer": 1})
     row = bench.bench(cfg, "configs/vanilla.py:tiny", suites={"hellaswag"}, steps=1, repeats=1, decode_batches=[1], prompt_len=4,
-                      new_tokens=4, task_batch_size=4, task_limit=6, task_dir=str(ROOT / "tests" / "fixtures"))
-    assert row["hellaswag_items"] == 6 and row["hellaswag_items_per_sec"] > 0 and row["train_tokens_per_sec"] is None
+                      new_tokens=4, task_batch_size=4, task_limit=12, task_dir=str(ROOT / "tests" / "fixtures"))
+    assert row["hellaswag_items"] == 12 and row["hellaswag_items_per_sec"] > 0 and row["train_tokens_per_sec"] is None
     assert 0 <= row["hellaswag_acc_norm_random_init"] <= 1
+    assert compiles == [0]
 
 def test_hellaswag_suite_refuses_a_character_model_before_measuring(monkeypatch):
     from llmjax.config import ConfigError
@@ -131,24 +163,29 @@ def _gpu_check(out, **env):
     import os
 
     env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_VARIANT": "tiny", "GPU_CHECK_WHEELS": str(out / "no-wheels"), **env}
-    return subprocess.run(["bash", "scripts/gpu_check.sh", str(out / "out")], capture_output=True, text=True, cwd=ROOT, env=env,
+    # (OUTDIR relative to where the command runs, not to the repository)
+    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "out"], capture_output=True, text=True, cwd=out, env=env,
                           timeout=600)
 
 
 def test_gpu_check_script_on_cpu(tmp_path):
     """scripts/gpu_check.sh (tiny configs): chosen steps run and write their rows (the profile step
     its traces too); a lent machine returns at most 8 files, so OUTDIR holds at most seven; steps
-    that no longer fit the budget are skipped, logged, and make the exit status 1."""
+    that no longer fit the budget are skipped, logged, and make the exit status 1. The cuDNN
+    preflight, run here where it must fail, switches the benchmarks to XLA's attention (its
+    override, placed before --config, failed every benchmark after it)."""
     import tarfile
 
-    r = _gpu_check(tmp_path, GPU_CHECK_ONLY="bench gqa|profile")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    r = _gpu_check(tmp_path, GPU_CHECK_ONLY="preflight: cuDNN attention forward|bench gqa|profile", GPU_CHECK_PREFLIGHT="1")
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-2000:]  # (the failed preflight)
     out = tmp_path / "out"
+    assert "cuDNN attention failed its preflight: the benchmarks below use attention_impl=xla" in (out / "steps.log").read_text()
     names = {p.name for p in out.iterdir()}
     assert {"env.txt", "steps.log", "bench.jsonl", "bench_table.md", "logs.tgz", "traces.tgz"} <= names <= {
         "env.txt", "steps.log", "bench.jsonl", "bench_table.md", "bench.err", "logs.tgz", "traces.tgz"}
     rows = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
     assert [(row["arch"], row["batch_size"]) for row in rows] == [("gqa", 16), ("vanilla", 16)]
+    assert all(row["attention_impl"] == "xla" and row["overrides"] == ["model.attention_impl=xla"] for row in rows)
     assert rows[0]["train_tokens_per_sec"] > 0 and rows[0]["decode_tokens_per_sec_b1"] > 0
     assert rows[0]["decode_sampled_tokens_per_sec_b1"] is None  # the short rows decode greedily
     assert "profile_train" not in rows[0]
@@ -157,8 +194,8 @@ def test_gpu_check_script_on_cpu(tmp_path):
         members = t.getnames()
     assert any(n.endswith("vanilla/summary.md") for n in members) and any(n.endswith(".xplane.pb") for n in members)
     steps = (out / "steps.log").read_text()
-    assert "bench gqa (short)" in steps and "ok in" in steps and "modern" not in steps
-    assert "| gqa | 16 |" in (out / "bench_table.md").read_text()
+    assert "bench gqa (short)" in steps and "bench gqa (short) (limit 100s)\n   ok in" in steps and "modern" not in steps
+    assert "| gqa | 16 |" in (out / "bench_table.md").read_text() and "model.attention_impl=xla" in (out / "bench_table.md").read_text()
 
     r = _gpu_check(tmp_path, GPU_CHECK_BUDGET="25")
     assert r.returncode == 1

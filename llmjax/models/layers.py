@@ -452,11 +452,23 @@ class DecoderLM(nnx.Module):
         return self.blocks.init_cache(batch_size, max_len, dtype or self.cfg.compute_dtype)
 
     @classmethod
+    def mixer_params(cls, cfg: ModelConfig, params: dict) -> int:
+        """Parameters whose FLOPs `mixer_flops_per_token` counts (so not 6 per parameter and token as
+        well, in llmjax.summary's flops_per_token): none here."""
+        return 0
+
+    @classmethod
     def mixer_flops_per_token(cls, cfg: ModelConfig, seq_len: int) -> int:
         """Forward FLOPs per token that no parameter accounts for: attention scores Q.K^T and the
         weighted sum of V, 2 * seq_len * n_head * head_dim each per layer, counted over the full
         `seq_len` keys as nanoGPT and PaLM do. Architectures with another mixer override this."""
         return cfg.n_layer * 2 * seq_len * cfg.n_head * 2 * cfg.head_dim
+
+
+def count_params(params: dict, *names: str) -> int:
+    """How many numbers the parameters called one of `names` hold, in every layer."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return sum(math.prod(x.shape) for path, x in leaves if getattr(path[-1], "key", None) in names)
 
 
 def convert_layer_layout(params: dict, scan_layers: bool) -> dict:

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llmjax.config import ConfigError, ModelConfig
-from llmjax.models.layers import MLP, DecoderLM, PreNormBlock, dense, layer_norm, linear_without_bias, param_einsum, residual_std
+from llmjax.models.layers import (MLP, DecoderLM, PreNormBlock, count_params, dense, layer_norm, linear_without_bias, param_einsum,
+                                  residual_std)
 from llmjax.registry import register
 
 
@@ -190,6 +191,10 @@ class Linformer(DecoderLM):
 
     def __init__(self, cfg: LinformerConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, make_block=lambda r: block(cfg, r), final_norm=layer_norm, learned_positions=True, rngs=rngs)
+
+    @classmethod
+    def mixer_params(cls, cfg, params):
+        return count_params(params, "proj_k", "proj_v")  # (their products are the summaries below)
 
     @classmethod
     def mixer_flops_per_token(cls, cfg, seq_len):

@@ -48,7 +48,7 @@ from flax import nnx
 from llmjax import runtime
 from llmjax.config import ConfigError, ModelConfig
 from llmjax.models import selective_scan
-from llmjax.models.layers import MLP, DecoderLM, PreNormBlock, dense, layer_norm, linear_without_bias, residual_std
+from llmjax.models.layers import MLP, DecoderLM, PreNormBlock, count_params, dense, layer_norm, linear_without_bias, residual_std
 from llmjax.registry import register
 
 
@@ -263,6 +263,10 @@ class SSM(DecoderLM):
 
     def __init__(self, cfg: SSMConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, make_block=lambda r: block(cfg, r), final_norm=layer_norm, learned_positions=False, rngs=rngs)
+
+    @classmethod
+    def mixer_params(cls, cfg, params):
+        return count_params(params, "A_log")  # (its products, delta * A, are the mixer's below)
 
     @classmethod
     def mixer_flops_per_token(cls, cfg, seq_len):
