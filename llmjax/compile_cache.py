@@ -78,9 +78,17 @@ class FolderCache:
         return value
 
     def put(self, key: str, value: bytes) -> None:
+        """Write the entry, replacing one already there: JAX puts a program only after a miss or a
+        failed read, so an entry there is damaged (truncated, or written by another cache) or the
+        same program another process just wrote. (Kept, a damaged entry was recompiled by every
+        process, with a warning, and never evicted: each read refreshed it.)"""
         path = self._entry(key)
-        if self.max_bytes == 0 or path.exists():
+        if self.max_bytes == 0:
             return
+        try:
+            replaced = path.stat().st_size
+        except OSError:
+            replaced = 0
         if 0 < self.max_bytes < len(value):
             warnings.warn(f"a compiled program of {len(value)} bytes is larger than the compilation cache's limit ({self.max_bytes} bytes); not cached")
             return
@@ -100,7 +108,7 @@ class FolderCache:
             tmp.unlink(missing_ok=True)
             raise
         if self.max_bytes > 0:
-            self._count(len(value))
+            self._count(len(value) - replaced)
 
     def _count(self, nbytes: int) -> None:
         with self._lock:

@@ -18,12 +18,13 @@ def files(path):
     return sorted(p.name for p in path.iterdir())
 
 
-def test_round_trip_first_write_wins_and_no_temporary_files_stay(tmp_path):
+def test_round_trip_replacing_and_no_temporary_files_stay(tmp_path):
     cache = FolderCache(tmp_path, max_bytes=1 << 20)
     assert cache.get("k1") is None
     cache.put("k1", b"abc")
-    cache.put("k1", b"other")  # an entry is never rewritten (JAX's rule: same key, same program)
     assert cache.get("k1") == b"abc"
+    cache.put("k1", b"abcdef")  # JAX puts only after a miss or a failed read: the entry there is damaged
+    assert cache.get("k1") == b"abcdef"
     assert files(tmp_path) == [f"k1{CACHE_SUFFIX}"]  # (no temporary file left)
     with pytest.raises(ValueError, match="empty"):
         cache.put("", b"x")
@@ -144,6 +145,16 @@ def test_jax_keeps_its_programs_in_a_folder_cache_across_processes(tmp_path):
     assert runs[1]["hits"] == runs[0]["misses"] and runs[1]["misses"] == 0
     assert runs[1]["y"] == runs[0]["y"]
     assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(CACHE_SUFFIX)]
+    # a damaged entry (cut in half: a crash in JAX's own cache, which writes in place) is read,
+    # fails, is compiled again and replaced: the next process loads it (it was kept, and every
+    # process recompiled it)
+    entries = sorted((tmp_path / "cache").glob(f"*{CACHE_SUFFIX}"))
+    sizes = [p.stat().st_size for p in entries]
+    for p in entries:
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    again = [json.loads(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout.splitlines()[-1]) for _ in range(2)]
+    assert again[0]["y"] == runs[0]["y"] and again[1]["hits"] == runs[0]["misses"] and again[1]["misses"] == 0
+    assert [p.stat().st_size for p in entries] == sizes
 
 
 def test_an_unwritable_folder_warns_once_and_stops_writing(tmp_path, monkeypatch):
