@@ -144,7 +144,7 @@ def read_gpt2(source: str) -> dict[str, np.ndarray]:
     except ImportError:
         raise ExportError("importing GPT-2 weights needs safetensors and huggingface_hub: bash scripts/setup.sh hf") from None
     path = Path(source).expanduser()
-    if source in HUB_MODELS:
+    if source in HUB_MODELS and not path.exists():  # (a local run or folder of that name is the user's)
         try:
             from huggingface_hub import hf_hub_download
         except ImportError:
@@ -157,7 +157,8 @@ def read_gpt2(source: str) -> dict[str, np.ndarray]:
     elif path.is_dir():
         path = path / "model.safetensors"
     if not path.is_file():
-        raise ExportError(f"train.init_from='{source}' is neither {', '.join(HUB_MODELS)} nor a .safetensors file or HF model folder")
+        raise ExportError(f"'{source}' is neither {', '.join(HUB_MODELS)} nor a .safetensors file or a Hugging Face GPT-2 folder "
+                          "(holding model.safetensors)")
     try:
         return load_file(str(path))
     except Exception as e:
@@ -165,8 +166,9 @@ def read_gpt2(source: str) -> dict[str, np.ndarray]:
 
 
 def is_gpt2_source(path) -> bool:
-    """A hub name (gpt2, gpt2-medium, ...) or a Hugging Face GPT-2 folder (config.json model_type gpt2)."""
-    if str(path) in HUB_MODELS:
+    """A hub name (gpt2, gpt2-medium, ...) with no local path of that name, or a Hugging Face GPT-2
+    folder (config.json model_type gpt2)."""
+    if str(path) in HUB_MODELS and not Path(path).expanduser().exists():
         return True
     cfg = Path(path).expanduser() / "config.json"
     try:
@@ -177,17 +179,19 @@ def is_gpt2_source(path) -> bool:
 
 
 def gpt2_model_config(hf: dict, dtype: str = "float32") -> dict:
-    """The `vanilla` model keys of a Hugging Face GPT2Config."""
-    D, H = hf["n_embd"], hf["n_head"]
-    return dict(arch="vanilla", vocab_size=hf["vocab_size"], padded_vocab_size=-(-hf["vocab_size"] // 64) * 64,
-                context_len=hf.get("n_positions", hf.get("n_ctx", 1024)), n_layer=hf["n_layer"], n_head=H, head_dim=D // H,
+    """The `vanilla` model keys of a Hugging Face GPT2Config (its defaults where a key is left out,
+    as transformers reads it: GPT-2 small)."""
+    D, H, V = hf.get("n_embd", 768), hf.get("n_head", 12), hf.get("vocab_size", 50257)
+    return dict(arch="vanilla", vocab_size=V, padded_vocab_size=-(-V // 64) * 64,
+                context_len=hf.get("n_positions", hf.get("n_ctx", 1024)), n_layer=hf.get("n_layer", 12), n_head=H, head_dim=D // H,
                 d_model=D, d_ff=hf.get("n_inner") or 4 * D, bias=True, dtype=dtype, attention_impl="auto", scan_layers=True,
                 remat="none", init_std=hf.get("initializer_range", 0.02), norm_eps=hf.get("layer_norm_epsilon", 1e-5))
 
 
-def load_gpt2(source, *, dtype: str | None = None, device=None, quantize: str | None = None, quantize_embeddings: bool = False):
+def load_gpt2(source, *, dtype: str | None = None, device=None, quantize: str | None = None, quantize_embeddings: bool = False,
+              scan_layers: bool = False):
     """OpenAI GPT-2 (hub name or HF folder) as a `sample.Loaded`, for sampling and evaluation without
-    a training run."""
+    a training run (and exporting again), with unrolled or scanned layers as `sample.load`."""
     import jax
     from flax import nnx
 
@@ -198,15 +202,15 @@ def load_gpt2(source, *, dtype: str | None = None, device=None, quantize: str | 
     from llmjax.tokenizer import GPT2Tokenizer
 
     tensors = read_gpt2(str(source))
-    if str(source) in HUB_MODELS:
+    if str(source) in HUB_MODELS and not Path(source).expanduser().exists():
         from huggingface_hub import hf_hub_download
 
         hf = json.loads(Path(hf_hub_download(HUB_MODELS[str(source)], "config.json")).read_text())
     else:
         hf = json.loads((Path(source).expanduser() / "config.json").read_text())
     mcfg = model_config(gpt2_model_config(hf, dtype or "float32"))
-    params = convert_layer_layout(params_from_gpt2(tensors, mcfg), False)
-    mcfg = mcfg.replace(scan_layers=False)
+    params = convert_layer_layout(params_from_gpt2(tensors, mcfg), scan_layers)
+    mcfg = mcfg.replace(scan_layers=scan_layers)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(mcfg, seed=0)))
     params = jax.device_put(params, device or jax.devices()[0])
     if quantize not in (None, "", "none"):
@@ -357,30 +361,38 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 
 def export(checkpoint, fmt: str, out, *, which: str = "latest", dtype: str = "float32") -> Path:
     """Write a run's checkpoint as `fmt` (safetensors | gguf) at `out`; returns the path written."""
-    import jax
-
     from llmjax.sample import load
 
     if fmt not in ("safetensors", "gguf"):
         raise ExportError(f"unknown format '{fmt}'; supported: {SUPPORTED}")
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be float32 or float16 (bfloat16 has no NumPy type; export float32 and convert), got {dtype}")
-    if fmt == "gguf" and (str(out).endswith(os.sep) or Path(out).is_dir()):  # (said before the checkpoint is loaded)
+    gguf_path = Path(out) if str(out).endswith(".gguf") else Path(f"{out}.gguf")
+    if fmt == "gguf" and (str(out).endswith(os.sep) or Path(out).is_dir() or gguf_path.is_dir()):  # (said before loading)
         raise ExportError(f"--out {out} is a folder; give the .gguf file's name, e.g. {Path(out) / 'model.gguf'}")
     if fmt == "safetensors":
+        if Path(out).is_symlink():  # (an earlier export reached by a link: replaced where it lies, the link kept)
+            out = Path(out).resolve()
         check_export_folder(Path(out))
     loaded = load(checkpoint, which, dtype="float32", scan_layers=True)
+    try:
+        return _write(loaded, fmt, Path(out), gguf_path, DTYPES[dtype], dtype)
+    except OSError as e:  # (also safetensors' own error, below): a full disk, an unwritable place, a file in the way
+        raise ExportError(f"cannot write {gguf_path if fmt == 'gguf' else out}: {e.strerror or e}"
+                          f"{f' ({e.filename})' if getattr(e, 'filename', None) else ''}; nothing was replaced") from None
+
+
+def _write(loaded, fmt: str, out: Path, gguf_path: Path, np_dtype, dtype: str) -> Path:
+    import jax
     from flax import nnx
 
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param)))
-    mcfg, np_dtype = loaded.model.cfg, DTYPES[dtype]
+    mcfg = loaded.model.cfg
     if fmt == "gguf":
         check_llama(mcfg)
-        path = Path(out) if str(out).endswith(".gguf") else Path(f"{out}.gguf")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_gguf(params, mcfg, loaded.tokenizer, path, np_dtype, name=loaded.path.name)
-        return path
-    out = Path(out)
+        gguf_path.parent.mkdir(parents=True, exist_ok=True)
+        write_gguf(params, mcfg, loaded.tokenizer, gguf_path, np_dtype, name=loaded.path.name)
+        return gguf_path
     try:
         from safetensors.numpy import save_file
     except ImportError:
@@ -399,7 +411,12 @@ def export(checkpoint, fmt: str, out, *, which: str = "latest", dtype: str = "fl
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export-"))
     try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        try:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        except Exception as e:  # safetensors' SafetensorError (a full disk: "File too large (os error 27)")
+            if type(e).__name__ != "SafetensorError":
+                raise
+            raise OSError(str(e)) from None
         os.chmod(tmp / "model.safetensors", 0o666 & ~umask())  # (safetensors writes it 0600)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "vocab.json").write_bytes((ASSETS / "gpt2" / "encoder.json").read_bytes())
@@ -411,7 +428,11 @@ def export(checkpoint, fmt: str, out, *, which: str = "latest", dtype: str = "fl
         if out.exists():  # an earlier export (check_export_folder): swapped for the new one
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.replace(old)
-            tmp.replace(out)
+            try:
+                tmp.replace(out)
+            except OSError:
+                old.replace(out)  # (the earlier export back in its place)
+                raise
             shutil.rmtree(old)
         else:
             tmp.replace(out)

@@ -538,9 +538,12 @@ def load(
     from llmjax import export
     from llmjax.checkpoint import CheckpointError, restore_params
 
+    if quantize_embeddings and quantize in (None, "", "none"):
+        raise SampleError("quantize_embeddings (--quantize_embeddings) needs quantize='int8' (--quantize int8)")
     if export.is_gpt2_source(path):  # OpenAI GPT-2 from the hub, or an exported / HF GPT-2 folder
         try:
-            return export.load_gpt2(path, dtype=dtype, device=device, quantize=quantize, quantize_embeddings=quantize_embeddings)
+            return export.load_gpt2(path, dtype=dtype, device=device, quantize=quantize, quantize_embeddings=quantize_embeddings,
+                                    scan_layers=scan_layers)
         except (export.ExportError, ValueError) as e:
             raise SampleError(str(e)) from None
     run, step = resolve(path, which)

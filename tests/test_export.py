@@ -19,6 +19,7 @@ import llmjax
 from conftest import ROOT
 from helpers import built_once, config, params
 from llmjax import export as X
+from llmjax.sample import SampleError
 
 BPE = {"data.dataset": "tinyshakespeare", "model.vocab_size": 50257, "model.padded_vocab_size": 50304}
 
@@ -274,3 +275,42 @@ def test_sample_and_evaluate_gpt2_weights_without_a_run(runs, tmp_path, monkeypa
     assert ("openai-community/gpt2", "model.safetensors") in calls
     np.testing.assert_allclose(np.asarray(hub.model(toks)[0])[..., :50257], want, atol=1e-5)
     assert load("gpt2", dtype="float32", quantize="int8").model.__class__.__name__ == "Int8LM"
+    # a local run or folder called gpt2 is the user's, not the hub's (it went to the hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gpt2").symlink_to(runs["vanilla"])
+    calls.clear()
+    assert not X.is_gpt2_source("gpt2") and load("gpt2").step == 2 and not calls
+    # a GPT-2 folder exported before is exported again (its layers came unrolled: a KeyError)
+    again = X.export(folder, "safetensors", tmp_path / "again", dtype="float16")
+    np.testing.assert_allclose(np.asarray(load(again, dtype="float32").model(toks)[0])[..., :50257], want, atol=0.05)
+    with pytest.raises(SampleError, match="needs quantize='int8'"):  # (it was ignored)
+        load(folder, quantize_embeddings=True)
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(SampleError, match=r"^'.*noweights' is neither gpt2, .* \(holding model.safetensors\)$"):
+        load(tmp_path / "noweights")
+    assert X.gpt2_model_config({"model_type": "gpt2"})["d_model"] == 768  # transformers' defaults for keys left out
+
+
+def test_export_write_failures_are_one_line(runs, tmp_path):
+    """A place that cannot be written (a file in the way, a full disk) is an ExportError naming it,
+    with nothing replaced (tracebacks before); an --out that is a link to an earlier export is
+    replaced where it lies, the link kept (a traceback, and junk left)."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(X.ExportError, match=r"cannot write .*afile/exp: .*; nothing was replaced"):
+        X.export(runs["vanilla"], "safetensors", tmp_path / "afile" / "exp")
+    (tmp_path / "d.gguf").mkdir()
+    with pytest.raises(X.ExportError, match="is a folder; give the .gguf file's name"):
+        X.export(runs["modern"], "gguf", tmp_path / "d")  # (d.gguf, once the suffix is added)
+    v1 = X.export(runs["vanilla"], "safetensors", tmp_path / "v1")
+    (tmp_path / "latest").symlink_to(v1)
+    assert X.export(runs["vanilla"], "safetensors", tmp_path / "latest", dtype="float16") == v1
+    assert (tmp_path / "latest").is_symlink() and json.loads((v1 / "config.json").read_text())["torch_dtype"] == "float16"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "d.gguf", "latest", "v1"]
+    # a full disk: the shell's file-size limit (EFBIG, as ENOSPC; it holds for root too)
+    script = (f"from llmjax import export as X\ntry:\n    X.export({str(runs['vanilla'])!r}, 'safetensors', {str(tmp_path / 'big')!r})\n"
+              "except X.ExportError as e:\n    print(e)")
+    r = subprocess.run(["bash", "-c", f"ulimit -f 200; exec {sys.executable} -c \"$0\"", script], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    assert r.stdout.startswith(f"cannot write {tmp_path / 'big'}: ") and "nothing was replaced" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert not (tmp_path / "big").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
