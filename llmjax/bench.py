@@ -52,11 +52,11 @@ from flax import nnx  # noqa: E402
 
 from llmjax import cli  # noqa: E402
 from llmjax.config import ConfigError, load_config, model_config, set_key  # noqa: E402
-from llmjax.registry import ARCHS, build_model  # noqa: E402
+from llmjax.registry import build_model  # noqa: E402
 from llmjax.sample import DECODE_UNROLL, SampleError, Sampling, decode_grows, decode_min_rows, generate, inference_params  # noqa: E402
 from llmjax.scoring import ScoreError  # noqa: E402
 from llmjax.sharding import make_mesh  # noqa: E402
-from llmjax.summary import ARCH_ORDER, CONFIG_DIR, summarize  # noqa: E402
+from llmjax.summary import config_files, summarize  # noqa: E402
 from llmjax.train import peak_flops  # noqa: E402
 
 SUITES = ("train", "decode", "memory", "hellaswag")
@@ -464,7 +464,7 @@ def main(argv):
     if F.config is not None:
         runs = [(cli.config_spec(sys.argv), F.config)]
     else:
-        runs = [(f"configs/{a}.py:{F.variant}", f"{CONFIG_DIR / a}.py:{F.variant}") for a in ARCH_ORDER if a in ARCHS]
+        runs = [(f"configs/{p.stem}.py:{F.variant}", f"{p}:{F.variant}") for p in config_files()]  # (a new architecture too)
     # the row's overrides as given: --config.KEY=VALUE (with --config) and --set KEY=VALUE
     given = [a[len("--config.") :] for a in sys.argv[1:] if a.startswith("--config.")] + list(F.set)
     # everything a user can get wrong is checked before anything is measured: every row's config and

@@ -189,7 +189,7 @@ def summarize_runs(p: dict, runs: list[tuple[Path, dict]]) -> dict:
 def markdown(rows: list[dict], command: str, meta: dict) -> str:
     totals = [r["params_total"] for r in rows]
     spread = max(totals) / min(totals) - 1
-    head = ["arch", "config", "params (total / active)", "GFLOPs/token", f"val loss (mean ± std, {rows[0]['seeds']} seeds)",
+    head = ["arch", "config", "params (total / active)", "GFLOPs/token", f"val loss (mean ± std, {rows[0]['seeds']} seed{'s' if rows[0]['seeds'] != 1 else ''})",
             "tokens/s", f"peak memory ({rows[0]['peak_memory_kind']})", "train wall (s)"]
     hs = any(r["hellaswag_acc_norm"] is not None for r in rows)
     if hs:

@@ -69,9 +69,11 @@ class ModelConfig:
     # A decoded token's two norms per layer (the second with the residual add before it) as one
     # fused kernel each (models/decode_norm.py), every architecture: auto = on a GPU; xla; pallas.
     decode_norm_impl: str = "auto"
-    # False for the architectures whose decode state is not per-head keys and values (mla,
-    # linformer, ssm): they refuse decode_attention_impl='pallas' rather than ignore it
-    has_kv_cache: ClassVar[bool] = True
+    # True where one decoded token's attention is attention.Attention's plain softmax(q.k) v over a
+    # per-head key/value cache, which the fused decode kernel (decode_attention_impl) computes; False
+    # for a decode state of another kind (mla, linformer, ssm) or attention with other scores (a bias,
+    # a window): those refuse decode_attention_impl='pallas' rather than ignore it
+    fused_decode_attention: ClassVar[bool] = True
 
     def __post_init__(self):
         if self.padded_vocab_size < self.vocab_size:
@@ -111,10 +113,13 @@ class ModelConfig:
                 f"model.decode_norm_impl='{self.decode_norm_impl}' is not one of {', '.join(DECODE_KERNEL_IMPLS)}"
                 f"{closest(self.decode_norm_impl, DECODE_KERNEL_IMPLS)}"
             )
-        if self.decode_attention_impl == "pallas" and not self.has_kv_cache:
+        if self.decode_attention_impl == "pallas" and not self.fused_decode_attention:
+            from llmjax.registry import ARCHS  # (registered by now: this config's class is)
+
+            fused = ", ".join(sorted(a for a, cls in ARCHS.items() if cls.config_class.fused_decode_attention))
             raise ConfigError(
-                f"model.decode_attention_impl='pallas' is for architectures that cache keys and values per head "
-                f"(vanilla, modern, gqa, moe); {self.arch} decodes with its own state: use 'auto' or 'xla'"
+                f"model.decode_attention_impl='pallas' is for architectures that decode plain attention over keys and values "
+                f"cached per head ({fused}); {self.arch} decodes its own way: use 'auto' or 'xla'"
             )
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(

@@ -72,7 +72,8 @@ def summarize(cfg) -> dict:
 
 
 def config_files() -> list[Path]:
-    """The architecture configs in configs/ (configs/<arch>.py for each registered arch)."""
+    """The architecture configs in configs/ (configs/<arch>.py for each registered arch): ARCH_ORDER's
+    first, then any other registered architecture's (a new one), by name."""
     from llmjax.registry import ARCHS, get_arch
 
     get_arch("vanilla")  # imports llmjax.models, registering every architecture

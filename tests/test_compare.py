@@ -12,15 +12,18 @@ import pytest
 import llmjax
 from conftest import ROOT
 from llmjax import compare as C, plot as P
-from llmjax.summary import ARCH_ORDER, summarize
+from llmjax.summary import config_files, summarize
 
 SPECS = [f"{ROOT}/configs/vanilla.py:tiny", f"{ROOT}/configs/modern.py:tiny"]
 
 
 def test_small_variants_are_matched_for_a_fair_fight():
-    cfgs = [llmjax.load_config(f"{ROOT}/configs/{a}.py:small") for a in ARCH_ORDER]
+    """Every registered architecture's `small` (a new one too) within the README's 1.2%."""
+    files = config_files()
+    assert {p.stem for p in files} == set(llmjax.ARCHS)
+    cfgs = [llmjax.load_config(f"{p}:small") for p in files]
     totals = [summarize(c)["params_total"] for c in cfgs]
-    assert max(totals) / min(totals) < 1.05, dict(zip(ARCH_ORDER, totals))
+    assert max(totals) / min(totals) < 1.012, {p.stem: t for p, t in zip(files, totals)}
     assert len({(c.model.context_len, c.model.vocab_size, c.data.dataset) for c in cfgs}) == 1
 
 

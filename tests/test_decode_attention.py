@@ -148,8 +148,10 @@ def test_the_kernel_decodes_a_model_as_xla_does():
 def test_bad_decode_attention_settings_are_one_line_errors():
     with pytest.raises(ConfigError, match="is not one of auto, xla, pallas"):
         llmjax.model_config(config("vanilla", decode_attention_impl="triton"))
-    for arch in ("mla", "linformer", "ssm"):
-        with pytest.raises(ConfigError, match=f"{arch} decodes with its own state"):
+    own = sorted(a for a, cls in llmjax.ARCHS.items() if not cls.config_class.fused_decode_attention)
+    assert {"mla", "linformer", "ssm"} <= set(own)
+    for arch in own:
+        with pytest.raises(ConfigError, match=rf"cached per head \(gqa, modern, moe, vanilla.*\); {arch} decodes its own way"):
             llmjax.model_config(config(arch, decode_attention_impl="pallas"))
     m = llmjax.build_model(config("vanilla", decode_attention_impl="pallas"), seed=0)
     with pytest.raises(ConfigError, match=r"multiple of 16 slots \(got 40\)") as err:

@@ -72,10 +72,13 @@ def case_id(case):
     return arch + ("" if not opts else "-" + "-".join(f"{k}={v}" for k, v in opts.items()))
 
 
-def test_every_arch_has_options_and_counts():
-    for arch in ARCHS:
-        assert arch in OPTIONS, f"add {arch}'s computation-changing options to OPTIONS"
-        assert arch in EXACT_PARAMS, f"add {arch}'s parameter-count formula to EXACT_PARAMS"
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_arch_has_options_and_counts(arch):
+    """A new architecture is asked for its entries here (selectable with -k ARCH)."""
+    assert arch in OPTIONS, f"add {arch}'s computation-changing config options to OPTIONS in tests/test_models.py"
+    assert arch in DECODE_OPTIONS, (f"add {arch}'s decode-only options (decode_norm_impl='pallas', and decode_attention_impl='pallas' "
+                                    "where its config has fused_decode_attention) to DECODE_OPTIONS in tests/test_models.py")
+    assert arch in EXACT_PARAMS, f"add {arch}'s parameter-count formula, f(ModelConfig) -> int, to EXACT_PARAMS in tests/test_models.py"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -456,6 +459,7 @@ def test_parameter_count_is_exact(arch, variant, opts):
     cfg = llmjax.model_config(config(arch, variant, **opts))
     abstract = nnx.eval_shape(lambda: llmjax.build_model(cfg))
     count = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    assert arch in EXACT_PARAMS, f"add {arch}'s parameter-count formula, f(ModelConfig) -> int, to EXACT_PARAMS in tests/test_models.py"
     assert count == EXACT_PARAMS[arch](cfg)
 
 
@@ -466,9 +470,10 @@ def test_gpt2_small_is_exactly_124_439_808_parameters():
     assert 123.5e6 < EXACT_PARAMS["modern"](llmjax.model_config(config("modern", "default"))) < 123.7e6
 
 
-def test_default_variants_are_gpt2_small_shaped():
-    for arch in ARCHS:
-        c = llmjax.model_config(config(arch, "default"))
-        assert (c.n_layer, c.d_model, c.context_len) == (12, 768, 1024), arch
-        assert getattr(c, "n_head", 12) == 12, arch
-        assert (c.vocab_size, c.padded_vocab_size, c.dtype) == (50257, 50304, "bfloat16"), arch
+@pytest.mark.parametrize("arch", ARCHS)
+def test_default_variants_are_gpt2_small_shaped(arch):
+    """Each architecture's `default`: the shape every row of the results table shares."""
+    c = llmjax.model_config(config(arch, "default"))
+    assert (c.n_layer, c.d_model, c.context_len) == (12, 768, 1024), arch
+    assert getattr(c, "n_head", 12) == 12, arch
+    assert (c.vocab_size, c.padded_vocab_size, c.dtype) == (50257, 50304, "bfloat16"), arch

@@ -39,7 +39,7 @@ from llmjax.registry import register
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LinformerConfig(ModelConfig):
-    has_kv_cache = False  # decode_attention_impl='pallas' refused (config.ModelConfig)
+    fused_decode_attention = False  # its own decode state: decode_attention_impl='pallas' refused (config.ModelConfig)
     n_head: int
     head_dim: int
     d_ff: int

@@ -57,7 +57,7 @@ SCAN_IMPLS = ("auto", "xla", "pallas")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SSMConfig(ModelConfig):
-    has_kv_cache = False  # decode_attention_impl='pallas' refused (config.ModelConfig)
+    fused_decode_attention = False  # its own decode state: decode_attention_impl='pallas' refused (config.ModelConfig)
     d_inner: int  # E: width of the state-space stream (2 * d_model in Mamba)
     d_state: int  # N: state size per channel
     dt_rank: int  # R: rank of the step-size projection

@@ -38,9 +38,10 @@ def test_cudnn_and_xla_attention_agree(n_kv_head, dv):
         assert np.abs(a - b).max() < 0.05 * np.abs(b).max() + 1e-2
 
 
-@pytest.mark.parametrize("arch", ["vanilla", "gqa", "modern", "mla"])
+@pytest.mark.parametrize("arch", sorted(llmjax.ARCHS))
 def test_model_logits_cudnn_vs_xla(arch):
-    """Whole tiny models in bf16: auto (cuDNN on GPU) and XLA attention give the same logits."""
+    """Whole tiny models in bf16: auto (cuDNN on GPU) and XLA attention give the same logits (every
+    architecture, a new one too; those without attention through the kernel switch trivially)."""
     m_xla = llmjax.build_model(config(arch, dtype="bfloat16", attention_impl="xla"), seed=0)
     m_cud = load_params(llmjax.build_model(config(arch, dtype="bfloat16", attention_impl="cudnn"), seed=1), params(m_xla))
     toks = tokens(0, 4, 64)
@@ -155,7 +156,7 @@ def test_ssm_fused_kernel_on_gpu(B, T, E, N):
         np.testing.assert_allclose(a, b, atol=1e-4 * float(jnp.abs(b).max()), rtol=1e-3, err_msg=name)
 
 
-@pytest.mark.parametrize("arch", ["vanilla", "gqa", "modern", "moe", "mla", "ssm"])
+@pytest.mark.parametrize("arch", sorted(llmjax.ARCHS))
 def test_fused_decode_kernels_on_gpu(arch):
     """The fused decode kernels (attention step and norms, Triton on the GPU) against XLA's decode on
     the same GPU, bf16 at the tiny variants' shapes: the sampler's loop runs with them (caches
@@ -165,7 +166,7 @@ def test_fused_decode_kernels_on_gpu(arch):
 
     def model(impl):
         over = {"decode_norm_impl": impl, "dtype": "bfloat16", "scan_layers": False}
-        if arch not in ("mla", "ssm"):
+        if llmjax.get_arch(arch).config_class.fused_decode_attention:
             over["decode_attention_impl"] = impl
         return perturb_vectors(scale_params(llmjax.build_model(config(arch, **over), seed=3), 4.0))  # (random biases too)
 
