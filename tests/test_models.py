@@ -26,7 +26,8 @@ ARCHS = sorted(llmjax.ARCHS)
 # Config options that change the computation, per architecture (on top of the tiny variant).
 COMMON = [{}, {"scan_layers": False}, {"remat": "full"}, {"remat": "dots", "scan_layers": False}, {"matmul_dtype": "bfloat16"}]
 OPTIONS = {
-    "vanilla": COMMON + [{"bias": False, "head_dim": 8}],  # (attention narrower than d_model)
+    # (attention narrower than d_model, no padded vocabulary rows, the remat policy COMMON lacks)
+    "vanilla": COMMON + [{"bias": False, "head_dim": 8, "padded_vocab_size": 65, "remat": "dots_no_batch"}],
     "gqa": COMMON + [{"n_kv_head": 1}, {"n_kv_head": 4}],
     "modern": COMMON + [{"n_kv_head": 2, "head_dim": 12, "rope_base": 500.0}, {"n_kv_head": 1, "scan_layers": False}],
     "mla": COMMON + [{"q_lora_rank": 24}, {"v_head_dim": 32, "kv_lora_rank": 8}, {"qk_rope_dim": 16, "scan_layers": False}],
@@ -37,15 +38,15 @@ OPTIONS = {
         {"moe_mode": "capacity", "capacity_factor": 0.5},  # drops: still causal
         {"top_k": 1, "scan_layers": False},
         {"moe_impl": "blocked", "moe_block_rows": 4},  # (the tiny shapes' `auto` is dense)
-        {"moe_impl": "ragged_dot", "scan_layers": False},
+        {"moe_impl": "ragged_dot", "scan_layers": False, "top_k": 4},  # (every expert)
     ],
     "ssm": COMMON
     + [
         # a convolution window (7) longer than the 4-token and 1-token decode steps
-        {"scan_chunk": 3, "d_conv": 7},
+        {"scan_chunk": 3, "d_conv": 7, "dt_rank": 1},
         # the S6 layer alone (the tiny variant has Mamba's width 4)
         {"scan_chunk": 64, "d_state": 4, "scan_layers": False, "d_conv": 0},
-        {"scan_impl": "pallas"},
+        {"scan_impl": "pallas", "d_conv": 2},
     ],
 }
 CASES = [(arch, opts) for arch in ARCHS for opts in OPTIONS.get(arch, [{}])]
