@@ -331,7 +331,7 @@ class Kernel:
 def kernels(text: str) -> list[Kernel]:
     """Every kernel the program launches, with its launch count: the entry computation's, and those
     of the computations its loops, conditionals and command buffers run (a loop's body times its
-    trip count when XLA knows it, else once)."""
+    trip count when XLA knows it, and then no condition; else the body once and the condition twice)."""
     comps, entry = parse_hlo(text)
     out: list[Kernel] = []
 
@@ -340,11 +340,13 @@ def kernels(text: str) -> list[Kernel]:
         shapes = {i.name: i.shape for i in comp}
         for i in comp:
             if i.opcode == "while":
-                n = _trip_count(i.attrs) or 1
-                for c in _called(i.attrs, "condition"):
-                    walk(c, times * (n + 1))
+                # with a known trip count XLA's GPU runtime runs the body that many times and never
+                # the condition (WhileThunk); otherwise the condition once more than the body (once here)
+                known = _trip_count(i.attrs)
+                for c in _called(i.attrs, "condition") if known is None else ():
+                    walk(c, times * 2)
                 for c in _called(i.attrs, "body"):
-                    walk(c, times * n)
+                    walk(c, times * (known or 1))
             elif i.opcode == "conditional":
                 for key in ("branch_computations", "true_computation", "false_computation"):
                     for c in _called(i.attrs, key):

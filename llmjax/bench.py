@@ -83,7 +83,7 @@ def own_peak(before: dict, after: dict) -> int | None:
     return peak_after if peak_after is not None and peak_after > peak_before else None
 
 
-def _profile(row: dict, key: str, fn, directory: Path | None) -> None:
+def _profile(row: dict, key: str, fn, directory: Path | None, hlo: str | None = None) -> None:
     """With a `directory`: run `fn` once more under the profiler and put the trace's summary into
     `row[key]` (llmjax.tracing), and its markdown into directory/../summary.md. A profiler that
     cannot start (no CUPTI, say) leaves a one-line `profile_error`, not a failed row."""
@@ -92,7 +92,7 @@ def _profile(row: dict, key: str, fn, directory: Path | None) -> None:
     from llmjax import tracing
 
     try:
-        _, summary = tracing.traced(fn, directory)
+        _, summary = tracing.traced(fn, directory, hlo=hlo)
     except Exception as e:  # the profiler's failures must not cost the measured figures
         row["profile_error"] = f"{key}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         return
@@ -140,7 +140,8 @@ def bench_train(cfg, *, steps: int, repeats: int, memory: bool, profile_dir: Pat
                        mfu=summarize(mcfg)["flops_per_token"] * tps / (peak * mesh.devices.size) if peak else None)
             if memory:
                 row["peak_memory_bytes"] = own_peak(before, dev.memory_stats() or {})
-            _profile(row, "profile_train", lambda: block(min(steps, 5)), profile_dir and profile_dir / f"train_b{B}")
+            _profile(row, "profile_train", lambda: block(min(steps, 5)), profile_dir and profile_dir / f"train_b{B}",
+                     hlo=compiled.as_text() if profile_dir else None)
     if memory:
         row["memory_in_use_before_bytes"] = before.get("bytes_in_use")
         row.update(compiled_flops(compiled, accum * B * T, summarize(mcfg)["flops_per_token"], dev.platform, mesh.devices.size))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -102,19 +103,24 @@ def plan(specs: list[str], *, max_steps: int, batch_size: int | None, eval_every
 
 
 def config_changes(saved: Path, cfg) -> list[str]:
-    """How a finished run's config.json differs from `cfg` (the config with this comparison's
-    overrides) in its model, data and training settings, the seed aside: a config file edited
-    since the run (keys the run predates count as their defaults)."""
+    """How a run's config.json differs from `cfg` (the config with this comparison's overrides) in
+    its model, data, training and evaluation settings, RUN_CONTROL's aside: a config file edited
+    since the run, or other comparison flags (keys the run predates count as their defaults)."""
     from llmjax.train import config_diff
 
     old, new = json.loads(saved.read_text()), json.loads(cfg.to_json())
     diffs = []
-    for group in ("model", "data", "train"):
+    for group in ("model", "data", "train", "eval"):
         a, b = old.get(group, {}), new.get(group, {})
         if group == "model":
             a, b = ({**model_defaults(c.get("arch")), **c} for c in (a, b))
-        diffs += [d for d in config_diff(a, b, f"{group}.") if not d.startswith("train.seed ")]
+        diffs += [d for d in config_diff(a, b, f"{group}.") if d.split(" ", 1)[0] not in RUN_CONTROL]
     return diffs
+
+
+# settings that change no figure of a run (and the seed, which names its folder)
+RUN_CONTROL = {"train.seed", "train.stop_at_step", "train.log_every_steps", "train.checkpoint_every_steps", "train.keep_checkpoints",
+               "train.peak_flops_per_device", "eval.sample_tokens", "eval.tasks_batch_size", "eval.tasks_dir"}
 
 
 def train_once(p: dict, seed: int, folder: Path, quiet: bool) -> dict:
@@ -128,6 +134,11 @@ def train_once(p: dict, seed: int, folder: Path, quiet: bool) -> dict:
                 raise CompareError(f"{folder} holds a finished run of another config ({'; '.join(changes)}): its figures are not "
                                    "this config's; delete that folder or use another --out")
             return stats
+    if (folder / "config.json").is_file():  # an earlier run there: resumed only if it is this config's
+        changes = config_changes(folder / "config.json", p["cfg"])
+        if changes:
+            raise CompareError(f"{folder} holds a run of another config ({'; '.join(changes)}): resuming it would splice the two; "
+                               "delete that folder or use another --out")
     folder.mkdir(parents=True, exist_ok=True)
     # an interrupted run resumes from its latest checkpoint: this process then times only the rest
     resumed = max((int(d.name) for d in (folder / "checkpoints").glob("*") if d.name.isdigit()), default=0)
@@ -140,7 +151,16 @@ def train_once(p: dict, seed: int, folder: Path, quiet: bool) -> dict:
     t0 = time.perf_counter()
     with open(folder / "train.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # Ctrl-C or SIGTERM here: the trainer saves a checkpoint and stops too (it outlived us)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -176,7 +196,7 @@ def summarize_runs(p: dict, runs: list[tuple[Path, dict]]) -> dict:
         "arch": p["mcfg"].arch, "config": p["spec"], "seeds": len(runs),
         "params_total": s["params_total"], "params_active": s["params_active"], "flops_per_token": s["flops_per_token"],
         "tokens": p["overrides"]["train.max_steps"] * p["tokens_per_step"],
-        "val_loss_mean": statistics.fmean(finals), "val_loss_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+        "val_loss_mean": statistics.fmean(finals), "val_loss_std": statistics.stdev(finals) if len(finals) > 1 else None,  # (no spread from one seed)
         "val_loss_per_seed": finals,
         "train_tokens_per_sec": statistics.fmean(rates),
         "peak_memory_bytes": max(peaks), "peak_memory_kind": "device peak" if device == "gpu" else "process peak RSS",
@@ -189,7 +209,7 @@ def summarize_runs(p: dict, runs: list[tuple[Path, dict]]) -> dict:
 def markdown(rows: list[dict], command: str, meta: dict) -> str:
     totals = [r["params_total"] for r in rows]
     spread = max(totals) / min(totals) - 1
-    head = ["arch", "config", "params (total / active)", "GFLOPs/token", f"val loss (mean ± std, {rows[0]['seeds']} seed{'s' if rows[0]['seeds'] != 1 else ''})",
+    head = ["arch", "config", "params (total / active)", "GFLOPs/token", f"val loss (mean ± std, {rows[0]['seeds']} seeds)" if rows[0]["seeds"] > 1 else "val loss (1 seed)",
             "tokens/s", f"peak memory ({rows[0]['peak_memory_kind']})", "train wall (s)"]
     hs = any(r["hellaswag_acc_norm"] is not None for r in rows)
     if hs:
@@ -198,7 +218,8 @@ def markdown(rows: list[dict], command: str, meta: dict) -> str:
     for r in sorted(rows, key=lambda r: r["val_loss_mean"]):
         active = f"{r['params_total'] / 1e6:.2f}M" + (f" / {r['params_active'] / 1e6:.2f}M" if r["params_active"] != r["params_total"] else "")
         cells = [f"`{r['arch']}`", f"`{r['config']}`", active, f"{r['flops_per_token'] / 1e9:.3f}",
-                 f"{r['val_loss_mean']:.4f} ± {r['val_loss_std']:.4f}", f"{r['train_tokens_per_sec']:,.0f}",
+                 f"{r['val_loss_mean']:.4f}" + (f" ± {r['val_loss_std']:.4f}" if r["val_loss_std"] is not None else ""),
+                 f"{r['train_tokens_per_sec']:,.0f}",
                  f"{r['peak_memory_bytes'] / 2**30:.2f} GiB", f"{r['wall_seconds_mean']:.0f}"]
         if hs:
             cells.append("-" if r["hellaswag_acc_norm"] is None else f"{r['hellaswag_acc_norm']:.4f}")
@@ -238,7 +259,8 @@ def compare(specs, *, out: Path, seeds: int, max_steps: int, batch_size=None, ev
     atomic_write_json(out / "results.json", {"rows": rows, "meta": meta, "command": command})
     from llmjax.plot import curves, draw
 
-    draw(curves([out / p["name"] for p in plans]), out / "val_loss.png",
+    # (exactly this comparison's runs: other seed folders under --out are older runs')
+    draw(curves([[out / p["name"] / f"seed{seed}" for seed in range(seeds)] for p in plans]), out / "val_loss.png",
          title=f"{meta['dataset']}, {rows[0]['tokens']:,} tokens, {seeds} seed(s)")
     return {"rows": rows, "markdown": text, "figure": out / "val_loss.png"}
 
@@ -272,12 +294,20 @@ def main(argv):
         except json.JSONDecodeError:
             overrides[k] = v
     command = "python -m llmjax.compare " + " ".join(sys.argv[1:])
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # (as Ctrl-C: the running trainer is stopped and saves, see train_once)
     try:
         result = compare(F.configs, out=Path(F.out), seeds=F.seeds, max_steps=F.max_steps, batch_size=F.batch_size,
                          eval_every=F.eval_every, eval_batches=F.eval_batches, tasks=F.tasks, tasks_limit=F.tasks_limit,
                          overrides=overrides, command=command)
     except CompareError as e:
         cli.fail(str(e))
+    except KeyboardInterrupt:
+        cli.fail(f"interrupted; finished runs and the interrupted run's checkpoint are kept in {F.out}: the same command resumes",
+                 code=130)
     print(result["markdown"])
     print(f"figure: {result['figure']}")
 

@@ -66,22 +66,25 @@ def find_runs(path: Path) -> list[Path]:
 
 
 def curves(paths, labels=None) -> list[dict]:
-    """One curve per path: a run, or the mean (and min/max) of the runs in a folder over the points
-    they share."""
+    """One curve per element of `paths`: a run, a folder of runs, or a list of run folders; several
+    runs give their mean (and min/max) at the evaluation steps they all have."""
     out = []
     for i, p in enumerate(paths):
-        runs = [read_run(r) for r in find_runs(Path(p))]
-        n = min(len(r["val_loss"]) for r in runs)
-        losses = np.stack([r["val_loss"][:n] for r in runs])
+        runs = [read_run(r) for r in ([Path(x) for x in p] if isinstance(p, (list, tuple)) else find_runs(Path(p)))]
+        shared = sorted(set.intersection(*(set(r["tokens"].tolist()) for r in runs)))
+        if not shared:
+            raise PlotError(f"the runs of {p} share no evaluation step")
+        at = [np.searchsorted(r["tokens"], shared) for r in runs]  # (tokens ascend: steps do)
+        losses = np.stack([r["val_loss"][j] for r, j in zip(runs, at)])
         out.append({
             "label": labels[i] if labels else runs[0]["label"],
-            "tokens": runs[0]["tokens"][:n],
-            "seconds": np.mean([r["seconds"][:n] for r in runs], axis=0),
+            "tokens": np.asarray(shared, float),
+            "seconds": np.mean([r["seconds"][j] for r, j in zip(runs, at)], axis=0),
             "mean": losses.mean(0), "low": losses.min(0), "high": losses.max(0), "n_runs": len(runs),
         })
     if not labels and len({c["label"] for c in out}) < len(out):  # two lines of one architecture: every line by its folder
         for c, p in zip(out, paths):
-            c["label"] = Path(p).name
+            c["label"] = Path(p[0]).parent.name if isinstance(p, (list, tuple)) else Path(p).name
     return out
 
 

@@ -41,6 +41,23 @@ def kind_of(*names: str) -> str:
     return "other"
 
 
+def fusion_kinds(hlo_text: str) -> dict[str, str]:
+    """{fusion name: kind} for the fusions of a compiled HLO module that compute a product: on the
+    CPU, XLA runs most dots inside YNNPACK fusions (`ynn_fusion.N`, the trace's only name for them),
+    which by name alone would count as fusions; 'matmul' where the fused computation holds a dot
+    or a convolution."""
+    from llmjax.aot import _called, parse_hlo
+
+    comps, _ = parse_hlo(hlo_text)
+
+    def has_product(name: str, depth: int = 0) -> bool:
+        return depth < 4 and any(i.opcode in ("dot", "convolution") or (i.opcode == "fusion" and any(
+            has_product(c, depth + 1) for c in _called(i.attrs, "calls"))) for i in comps.get(name, []))
+
+    return {i.name: "matmul" for comp in comps.values() for i in comp
+            if i.opcode == "fusion" and any(has_product(c) for c in _called(i.attrs, "calls"))}
+
+
 def _events(profile) -> list[tuple[str, str, float, float, str]]:
     """(name, hlo_op, start_ns, duration_ns, where) of the device's work in a ProfileData: the
     events on GPU device planes' stream lines when the trace has device planes, otherwise the host
@@ -85,13 +102,18 @@ def _union_ns(intervals) -> float:
     return total
 
 
-def summarize(profile, *, wall_s: float | None = None, top: int = 12) -> dict:
+def summarize(profile, *, wall_s: float | None = None, top: int = 12, hlo: str | None = None) -> dict:
     """A summary of a ProfileData (or the path of an `.xplane.pb`): events, busy and span times,
     busy fraction (of `wall_s` when given, else of the span), time per kind and the `top` operations
     by time (name without its `.N` suffix, so all `dot.*` make one row; kind, count, ms, share of
-    the summed time)."""
+    the summed time). `hlo`: the traced program's compiled HLO text, whose fusions that hold a
+    product then count as matmuls (fusion_kinds). A trace that cannot be read is a ValueError."""
     if isinstance(profile, (str, Path)):
-        profile = jax.profiler.ProfileData.from_file(str(profile))
+        try:
+            profile = jax.profiler.ProfileData.from_file(str(profile))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{profile} is not a readable trace ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    known = fusion_kinds(hlo) if hlo else {}
     intervals, by_op, by_kind, count = [], defaultdict(float), defaultdict(float), defaultdict(int)
     where = None
     for name, op, start, dur, where in _events(profile):
@@ -99,7 +121,7 @@ def summarize(profile, *, wall_s: float | None = None, top: int = 12) -> dict:
         # one row per kind of operation (dot.12, dot.40 -> dot); kernels that XLA runs inside a CUDA
         # graph all carry the graph's op (command_buffer_N): those rows go by kernel name instead
         key = re.sub(r"\.\d+$", "", name if not op or op.startswith("command_buffer") else op)
-        k = kind_of(name, op)
+        k = known.get(op) or known.get(name) or kind_of(name, op)
         by_op[(key, k)] += dur
         count[(key, k)] += 1
         by_kind[k] += dur
@@ -121,22 +143,26 @@ def summarize(profile, *, wall_s: float | None = None, top: int = 12) -> dict:
 
 
 def latest_trace(directory: str | Path) -> Path:
+    """`directory` itself when it is a trace file, else the latest *.xplane.pb under it."""
+    if Path(directory).is_file():
+        return Path(directory)
     paths = sorted(Path(directory).glob("**/*.xplane.pb"), key=lambda p: p.stat().st_mtime)
     if not paths:
         raise FileNotFoundError(f"no *.xplane.pb under {directory}; pass a directory written by jax.profiler.trace")
     return paths[-1]
 
 
-def traced(fn, directory: str | Path, *, top: int = 12):
-    """(fn()'s result, summary of its trace). `fn` must wait for its own results (block_until_ready
-    or device_get), so the trace holds all of its device work and the wall time is the work's."""
+def traced(fn, directory: str | Path, *, top: int = 12, hlo: str | None = None):
+    """(fn()'s result, summary of its trace; `hlo` as `summarize`). `fn` must wait for its own results
+    (block_until_ready or device_get), so the trace holds all of its device work and the wall time
+    is the work's."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with jax.profiler.trace(str(directory)):
         t0 = time.perf_counter()
         out = fn()
         wall = time.perf_counter() - t0
-    return out, summarize(latest_trace(directory), wall_s=wall, top=top)
+    return out, summarize(latest_trace(directory), wall_s=wall, top=top, hlo=hlo)
 
 
 def format_summary(title: str, s: dict) -> str:
@@ -156,15 +182,16 @@ def format_summary(title: str, s: dict) -> str:
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m llmjax.tracing DIR [DIR ...]   (summaries of the latest *.xplane.pb under each DIR)")
+        print("usage: python -m llmjax.tracing DIR|FILE [...]   (summaries of the latest *.xplane.pb under each DIR, or of FILE)")
         return 0 if argv else 2
     for d in argv:
         try:
             path = latest_trace(d)
-        except FileNotFoundError as e:
+            summary = summarize(path, top=20)
+        except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(format_summary(str(path), summarize(path, top=20)) + "\n")
+        print(format_summary(str(path), summary) + "\n")
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -97,6 +98,56 @@ def test_a_finished_run_of_an_edited_config_is_refused(result, tmp_path):
     r = C.compare(SPECS[:1], **kw)
     assert r["rows"][0]["val_loss_per_seed"] == [json.loads(last)["val_loss"] for last in (
         (tmp_path / "vanilla_tiny" / f"seed{s}" / "metrics.jsonl").read_text().splitlines()[-1] for s in (0, 1))]
+
+
+def test_a_rerun_with_other_settings_is_refused_and_draws_only_its_runs(result, tmp_path, monkeypatch):
+    """Another --max_steps (or --set, or an edited config) into an --out holding runs of the old
+    settings is refused in one line: resuming them spliced the two (a 20-step run went on to 40 under
+    a new schedule and was reported as a 40-step run). A rerun with fewer seeds reports and draws
+    exactly its runs (the figure averaged every seed folder on disk), and one seed has no spread."""
+    import shutil
+
+    from llmjax import plot
+
+    out, _ = result
+    shutil.copytree(out / "vanilla_tiny", tmp_path / "vanilla_tiny")
+    kw = dict(out=tmp_path, eval_every=2, eval_batches=1, command="test", quiet=True)
+    with pytest.raises(C.CompareError, match=r"seed0 holds a run of another config \(train\.max_steps \(4 -> 6\)\): resuming it would "
+                                             r"splice the two; delete that folder or use another --out$"):
+        C.compare(SPECS[:1], seeds=2, max_steps=6, **kw)
+    drawn = []
+    monkeypatch.setattr(plot, "draw", lambda curves, path, title="": drawn.append(curves))
+    r = C.compare(SPECS[:1], seeds=1, max_steps=4, **kw)
+    assert r["rows"][0]["seeds"] == 1 and r["rows"][0]["val_loss_std"] is None and "± " not in r["markdown"]
+    assert [c["n_runs"] for c in drawn[0]] == [1]
+
+
+def test_sigterm_stops_the_running_trainer_too(tmp_path):
+    """SIGTERM to compare stops the trainer it started (which saves a checkpoint) and exits in one
+    line; the trainer outlived it before, and a rerun started a second one on the same folder."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "llmjax.compare", f"--configs={SPECS[0]}", "--max_steps=100000", "--seeds=1",
+                             "--eval_every=50000", "--tasks=", f"--out={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "vanilla_tiny" / "seed0" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("error: interrupted; finished runs"), err[-2000:]
+    left = [p for p in Path("/proc").glob("[0-9]*") if str(tmp_path) in _cmdline(p)]
+    assert not left and any(d.name.isdigit() for d in (tmp_path / "vanilla_tiny" / "seed0" / "checkpoints").iterdir())
+
+
+def _cmdline(p: Path) -> str:
+    try:
+        return (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def test_a_resumed_run_is_marked_in_the_table(tmp_path):

@@ -129,7 +129,12 @@ def test_cpu_trace_of_a_loop(tmp_path):
     f = jax.jit(lambda x: jax.lax.fori_loop(0, 7, lambda i, x: jnp.tanh(x @ x) * 0.5, x).sum())
     x = jnp.ones((128, 128))
     f(x).block_until_ready()
-    out, s = tracing.traced(lambda: f(x).block_until_ready(), tmp_path / "trace")
+    hlo = f.lower(x).compile().as_text()
+    out, s = tracing.traced(lambda: f(x).block_until_ready(), tmp_path / "trace", hlo=hlo)
+    # the product runs in a YNNPACK fusion (`ynn_fusion`, its only name in the trace): with the
+    # program's HLO it counts as a matmul (by name alone it was a fusion)
+    assert "ynn_fusion" not in hlo or tracing.fusion_kinds(hlo)
+    assert max(s["kinds_ms"], key=s["kinds_ms"].get) == "matmul", s["kinds_ms"]
     assert float(out) == pytest.approx(float(f(x)))
     assert s["where"] == "host" and s["events"] >= 7
     assert 0 < s["busy_ms"] <= s["wall_ms"] and 0 < s["busy_fraction"] <= 1
@@ -144,6 +149,14 @@ def test_cpu_trace_of_a_loop(tmp_path):
     r = subprocess.run([sys.executable, "-m", "llmjax.tracing", str(tmp_path / "none")], capture_output=True, text=True, cwd=ROOT,
                        timeout=300)
     assert r.returncode == 2 and r.stderr.startswith("error: no *.xplane.pb") and r.stderr.count("\n") == 1
+    # a trace file itself; a damaged one (cut short, as by a killed job) is one line naming it
+    trace = next(tmp_path.glob("trace/**/*.xplane.pb"))
+    r = subprocess.run([sys.executable, "-m", "llmjax.tracing", str(trace)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and "host events" in r.stdout, r.stderr
+    (tmp_path / "cut.xplane.pb").write_bytes(trace.read_bytes()[:2000])
+    r = subprocess.run([sys.executable, "-m", "llmjax.tracing", str(tmp_path / "cut.xplane.pb")], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith(f"error: {tmp_path / 'cut.xplane.pb'} is not a readable trace") and r.stderr.count("\n") == 1, r.stderr
 
 
 @pytest.mark.parametrize("names, kind", [
