@@ -639,7 +639,10 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
                         post[name[:4]] = f"{line[f'{name}_acc_norm']:.3f}"
                 bar.set_postfix(post, refresh=False)
         if wandb_run is not None and (step % tcfg.log_every_steps == 0 or val_loss is not None or scored):
-            wandb_run.log({k: v for k, v in line.items() if v is not None and k != "step" and not isinstance(v, list)}, step=step)
+            # (commit: W&B holds a row logged with a step until the next one; a crash then lost it for good,
+            # since the resumed run logs from the checkpoint on, often that checkpoint's evaluation row)
+            wandb_run.log({k: v for k, v in line.items() if v is not None and k != "step" and not isinstance(v, list)}, step=step,
+                          commit=True)
 
     pending: list[tuple[int, dict]] = []  # dispatched steps whose metrics are not read yet
     try:

@@ -78,14 +78,37 @@ def test_the_end_of_run_sample(tmp_path):
     assert len(times) == 4 and times[0] != times[1] and times[1] == times[2] == times[3]
 
 
+TIMING = ("step_time", "tokens_per_sec", "mfu", "peak_memory_bytes")
+
+
+def figures(path) -> list[dict]:
+    """Every metrics line of a run but its timing."""
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in rows]
+
+
+def saved_state(path, step):
+    """The whole training state of checkpoint `step` (parameters, optimizer moments, step, key)."""
+    from llmjax.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(path / "checkpoints")
+    state = ckpt.restore(step, None)[0]
+    ckpt.close()
+    return [np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x) for x in jax.tree.leaves(state)]
+
+
 @pytest.mark.parametrize(
     "arch,opts",
-    [("vanilla", {"train__grad_accum_steps": 2}), ("mla", {"model__scan_layers": False})],
-    ids=["vanilla-accum2", "mla-unrolled"],
+    [("vanilla", {"train__grad_accum_steps": 2}), ("mla", {"model__scan_layers": False}),
+     ("moe", {"model__moe_mode": "capacity", "model__capacity_factor": 0.5, "train__loss_chunks": 2}),
+     ("ssm", {"train__grad_accum_steps": 2, "model__scan_layers": False})],
+    ids=["vanilla-accum2", "mla-unrolled", "moe-capacity-loss_chunks", "ssm-accum2-unrolled"],
 )
 def test_exact_resume_is_bit_identical(arch, opts, tmp_path):
     """A 12-step run, and the same command stopped at step 6 then run again on the same workdir,
-    give bit-identical losses for every step (and identical validation losses)."""
+    give bit-identical metrics for every step (losses, validation losses, gradient norms, learning
+    rates, a MoE's router losses and statistics: everything but timing) and a bit-identical final
+    state (parameters, optimizer moments)."""
     full = train(cfg(arch, **opts), tmp_path / "full", quiet=True)
     first = train(cfg(arch, train__stop_at_step=6, **opts), tmp_path / "split", quiet=True)
     assert first.step == 6 and not first.final
@@ -95,6 +118,11 @@ def test_exact_resume_is_bit_identical(arch, opts, tmp_path):
     assert sorted(b) == list(range(1, 13))
     assert a == b  # bit-identical floats
     assert losses(tmp_path / "full", "val_loss") == losses(tmp_path / "split", "val_loss")
+    assert figures(tmp_path / "full") == figures(tmp_path / "split")
+    if arch == "moe":
+        assert all("aux_load_balance" in m and m["stat_dropped"] > 0 for m in figures(tmp_path / "full"))
+    full_state, split_state = saved_state(tmp_path / "full", 12), saved_state(tmp_path / "split", 12)
+    assert len(full_state) == len(split_state) and all(np.array_equal(x, y) for x, y in zip(full_state, split_state))
     # the checkpoints' metric for `--which=best` is the periodic estimate at every step, the last
     # too (not the whole split's loss there, which no earlier checkpoint has)
     from llmjax.checkpoint import Checkpointer
@@ -582,6 +610,26 @@ def test_wandb_offline(tmp_path, monkeypatch):
     assert run.final
     offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert offline, list((tmp_path / "run").rglob("*"))[:20]
+
+
+def test_wandb_rows_are_committed_at_once(tmp_path, monkeypatch):
+    """Every row is committed as it is logged: W&B holds a row logged with a step until the next
+    step's, so a crash (a kill, out of memory) lost the last row before it for good, often an
+    evaluation row (the resumed run logs from the checkpoint on)."""
+    import llmjax.train as T
+
+    calls = []
+
+    class FakeRun:
+        def log(self, row, **kw):
+            calls.append(kw)
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(T, "_wandb_init", lambda cfg, workdir: FakeRun())
+    train(cfg("vanilla", logging__wandb=True, train__max_steps=4, train__log_every_steps=1), tmp_path / "run", quiet=True)
+    assert [c["step"] for c in calls] == [1, 2, 3, 4] and all(c.get("commit") is True for c in calls)
 
 
 def test_checkpoints_keep_the_last_k_plus_the_best(tmp_path):
