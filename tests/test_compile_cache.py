@@ -154,7 +154,8 @@ def test_jax_keeps_its_programs_in_a_folder_cache_across_processes(tmp_path):
         p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
     again = [json.loads(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout.splitlines()[-1]) for _ in range(2)]
     assert again[0]["y"] == runs[0]["y"] and again[1]["hits"] == runs[0]["misses"] and again[1]["misses"] == 0
-    assert [p.stat().st_size for p in entries] == sizes
+    # (replaced whole: a recompiled program's serialised size may differ by a few bytes)
+    assert all(p.stat().st_size > 0.9 * size for p, size in zip(entries, sizes))
 
 
 def test_an_unwritable_folder_warns_once_and_stops_writing(tmp_path, monkeypatch):
