@@ -141,10 +141,25 @@ def _txt_records(f, mark: float | None) -> Iterator[tuple[str | None, int, bool]
     (a book, a dump) streams in bounded memory and is tokenised in parallel; a long document is also
     cut at byte `mark` (the held-out tail's start) or at the first cut after it."""
     rest, starts, offset = "", True, 0  # offset: the source bytes before `rest`
+    held: list[tuple[str, int, bool]] = []  # a long document's leading blank pieces, until it shows text
 
-    def records(text: str, sep_bytes: int, starts: bool, long: bool):
+    def records(text: str, sep_bytes: int, starts: bool, long: bool, ends: bool):
         nonlocal offset
         raw = text.encode()
+        if long and not text.strip() and (held or starts):  # blank so far: skipped if the document stays blank
+            if not ends:
+                held.append((text, len(raw), starts))
+                offset += len(raw)
+                return
+            for _, nbytes, first in held:
+                yield None, nbytes, first
+            held.clear()
+            yield None, len(raw) + sep_bytes, starts
+            offset += len(raw) + sep_bytes
+            return
+        for piece in held:  # (the document has text: its blank start is text too)
+            yield piece
+        held.clear()
         if long and mark is not None and offset < mark < offset + len(raw):
             at = len(raw[: math.ceil(mark - offset)].decode(errors="ignore"))
             m = _CUT.search(text, at)
@@ -153,7 +168,7 @@ def _txt_records(f, mark: float | None) -> Iterator[tuple[str | None, int, bool]
                 yield head, len(head.encode()), starts
                 offset += len(head.encode())
                 starts, raw = False, text.encode()
-        # a piece of a long document is never skipped: its whitespace is text
+        # a piece of a long document that has text is never skipped: its whitespace is text too
         yield None if not long and not text.strip() else text, len(raw) + sep_bytes, starts
         offset += len(raw) + sep_bytes
 
@@ -162,7 +177,7 @@ def _txt_records(f, mark: float | None) -> Iterator[tuple[str | None, int, bool]
         nonlocal starts
         while len(text) > PIECE_CHARS + keep:
             cut = _cut_before(text, PIECE_CHARS)
-            yield from records(text[:cut], 0, starts, long=True)
+            yield from records(text[:cut], 0, starts, long=True, ends=False)
             text, starts = text[cut:], False
         return text
 
@@ -174,11 +189,11 @@ def _txt_records(f, mark: float | None) -> Iterator[tuple[str | None, int, bool]
         rest = parts.pop()
         for doc in parts:
             doc = yield from pieces(doc, 0)
-            yield from records(doc, len(EOT_TEXT), starts, long=not starts)
+            yield from records(doc, len(EOT_TEXT), starts, long=not starts, ends=True)
             starts = True
         rest = yield from pieces(rest, len(EOT_TEXT))  # (a partial end-of-text at its end stays in `rest`)
     rest = yield from pieces(rest, 0)
-    yield from records(rest, 0, starts, long=not starts)
+    yield from records(rest, 0, starts, long=not starts, ends=True)
 
 
 def _read_documents(src: Source, mark: float | None) -> Iterator[tuple[str | None, int, bool]]:
@@ -476,12 +491,15 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
         stale.unlink()
     state_path = out / STATE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    if state.get("args") != args:
-        state = {"args": args}
+    # (the state counts records, which depend on how .txt documents are cut: a state written by
+    # another cut, or by a version that counted whole documents, is started afresh)
+    state_args = {**args, "txt_piece_chars": PIECE_CHARS}
+    if state.get("args") != state_args:
+        state = {"args": state_args}
     for split in ("train", "val"):  # finished shards must still be intact
         for s in state.get(split, []):
             if not (out / s["file"]).is_file() or not D.verify_shard(out / s["file"], s["sha256"]):
-                state = {"args": args}
+                state = {"args": state_args}
                 break
     recorded = {s["file"] for split in ("train", "val") for s in state.get(split, [])}
     for f in out.iterdir():  # shards of an unfinished or other run that the state does not vouch for

@@ -168,12 +168,14 @@ def test_long_txt_documents_come_in_pieces_with_the_same_tokens(tmp_path, monkey
     # short pieces, and whitespace where a cut could change the tokens (runs of spaces, tabs, CRLF,
     # leading and trailing blanks): the same tokens as the jsonl of the same documents, which is not cut
     monkeypatch.setattr(P, "PIECE_CHARS", 300)
-    docs = make_docs(60, seed=2, long=300) + ["   lead" + " x  y\t\tz \r\nw" * 80 + "\n\n\n   "]
+    # (and a blank document longer than a piece: skipped, as in every format; its pieces were kept)
+    docs = make_docs(60, seed=2, long=300)
+    docs = docs[:30] + [" \n\t" * 250] + docs[30:] + ["   lead" + " x  y\t\tz \r\nw" * 80 + "\n\n\n   "]
     txt, jsonl, _ = write_sources(tmp_path, docs, "long")
     txt_ds, jsonl_ds = (P.prepare("m", tmp_path / f"o_{src.suffix[1:]}", [P.Source(src, None)], workers=2, shard_tokens=997,
                                   progress=False) for src in (txt, jsonl))
     np.testing.assert_array_equal(_tokens(txt_ds), _tokens(jsonl_ds))
-    assert txt_ds.manifest["validation"]["documents"] == len(docs)
+    assert txt_ds.manifest["validation"]["documents"] == jsonl_ds.manifest["validation"]["documents"] == len(docs) - 1
     share = {k: len(decoded(d, "val").encode()) / txt.stat().st_size for k, d in (("txt", txt_ds), ("jsonl", jsonl_ds))}
     assert 0.0095 < share["txt"] < 0.0102 and share["jsonl"] > 0.02  # the last 1% of the bytes (less the final separator), though the last document is 2%
     # no space or line break after a character for longer than a piece (even a blank one): cut there,
@@ -220,6 +222,19 @@ def test_interrupted_then_resumed_gives_the_same_bytes(tmp_path, monkeypatch):
         P.prepare("x", out, [P.Source(src, None)], workers=2, shard_tokens=4000, progress=False)
         assert files(out) == files(ref) and len(files(ref)) > 12
         assert json.loads((out / "manifest.json").read_text())["splits"] == json.loads((ref / "manifest.json").read_text())["splits"]
+    # a state written by a version that counted whole .txt documents (no piece size in its args) is
+    # started afresh: its document index would point elsewhere among today's records
+    with pytest.raises(KeyboardInterrupt):
+        P.prepare("x", tmp_path / "old", [P.Source(txt, None)], workers=2, shard_tokens=4000, progress=False, stop_after_shards=5)
+    state = json.loads((tmp_path / "old" / P.STATE).read_text())
+    del state["args"]["txt_piece_chars"]
+    (tmp_path / "old" / P.STATE).write_text(json.dumps(state))
+    seen = []
+    real = P.tokenize
+    monkeypatch.setattr(P, "tokenize", lambda stream, **kw: seen.append(dict(kw["state"])) or real(stream, **kw))
+    P.prepare("x", tmp_path / "old", [P.Source(txt, None)], workers=2, shard_tokens=4000, progress=False)
+    assert "resume" not in seen[0] and "train" not in seen[0]
+    assert files(tmp_path / "old") == files(tmp_path / "ref_txt")
 
 
 def test_killed_process_resumes_to_the_same_bytes(tmp_path):
