@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sys
 from pathlib import Path
 
 import grain
@@ -42,6 +43,26 @@ class _Quiet(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_Quiet())
+
+
+def _late_completion_hook(previous):
+    """sys.excepthook that leaves out TensorStore's report of a write completing after Orbax's event
+    loop closed (after a failed save: "Event loop is closed", raised in asyncio's
+    call_soon_threadsafe from a TensorStore thread, which prints it through sys.excepthook): the
+    failed save is said in one line by Checkpointer. Everything else goes to `previous`."""
+
+    def hook(kind, value, tb):
+        if kind is RuntimeError and str(value) == "Event loop is closed" and tb is not None \
+                and tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+            return
+        previous(kind, value, tb)
+
+    hook.llmjax = True
+    return hook
+
+
+if not getattr(sys.excepthook, "llmjax", False):
+    sys.excepthook = _late_completion_hook(sys.excepthook)
 
 
 class Checkpointer:
