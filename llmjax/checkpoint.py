@@ -82,6 +82,7 @@ class Checkpointer:
             create=True,
             cleanup_tmp_directories=True,
         )
+        check_metrics(self.directory)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
 
     def latest_step(self) -> int | None:
@@ -128,7 +129,7 @@ class Checkpointer:
             with _quiet_asyncio():
                 out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax and TensorStore raise many types for a damaged or foreign checkpoint
-            raise CheckpointError(unreadable(self.directory, step, e, RESUME_HINT)) from None
+            raise CheckpointError(unreadable(self.directory, step, e, RESUME_HINT, abstract_state)) from None
         if other_count is not None:
             # llmjax's training iterator counts global batches, so its position is the same in every
             # process and for any process count (llmjax.data.train_batches): take any process's
@@ -154,21 +155,68 @@ class Checkpointer:
             raise CheckpointError(unwritable(self.directory, None, e)) from None
 
 
-# What a user can do about a damaged checkpoint, by caller: (with an earlier checkpoint, without one).
-RESUME_HINT = ("move it aside (`mv {dir}/{step} {dir}/{step}.damaged`) to resume from step {earlier}",
+# What a user can do about a damaged checkpoint, by caller: (with another checkpoint, the latest
+# earlier one or else the first later one; without one). (Resuming restores the latest: no later one.)
+RESUME_HINT = ("move it aside (`mv {dir}/{step} {dir}/{step}.damaged`) to resume from step {other}",
                "move it aside to start afresh")
-SAMPLE_HINT = ("pass an earlier one, e.g. --checkpoint {dir}/{earlier}", "it is this run's only checkpoint")
+SAMPLE_HINT = ("pass another one, e.g. --checkpoint {dir}/{other}", "it is this run's only checkpoint")
 
 
 def _hint(hint: tuple[str, str], directory: Path, step: int) -> str:
-    earlier = sorted(int(c.name) for c in Path(directory).iterdir() if c.name.isdigit() and int(c.name) < step)
-    return hint[0].format(dir=directory, step=step, earlier=earlier[-1]) if earlier else hint[1]
+    others = sorted(int(c.name) for c in Path(directory).iterdir() if c.name.isdigit() and int(c.name) != step)
+    earlier = [s for s in others if s < step]
+    other = earlier[-1] if earlier else (others[0] if others else None)
+    return hint[0].format(dir=directory, step=step, other=other) if other is not None else hint[1]
 
 
-def unreadable(directory: Path, step: int, e: BaseException, hint: tuple[str, str]) -> str:
+def unreadable(directory: Path, step: int, e: BaseException, hint: tuple[str, str], target=None) -> str:
     """One line for a checkpoint that Orbax could not read: the innermost error's first line (that
-    is TensorStore's, which names the file and the problem, where Orbax wraps it)."""
+    is TensorStore's, which names the file and the problem, where Orbax wraps it). With `target`
+    (the abstract tree restored), a checkpoint of another model says so instead (its arrays'
+    shapes against the target's, from the checkpoint's metadata): an earlier step would not help."""
+    if target is not None and (other := _other_model(Path(directory) / str(step), target)):
+        return (f"checkpoint {directory}/{step} holds another model than its run's config.json describes ({other}); "
+                f"use it with the run folder it was trained in")
     return f"checkpoint {directory}/{step} cannot be restored ({_innermost(e)}); {_hint(hint, directory, step)}"
+
+
+def _other_model(step_dir: Path, target) -> str | None:
+    """Where the arrays saved in `step_dir` differ in shape from `target`'s (a path missing from the
+    checkpoint counts), or None: the same shapes, or metadata that cannot be read (a damaged checkpoint)."""
+    try:
+        saved = ocp.PyTreeCheckpointHandler().metadata(step_dir / "state")
+        saved = getattr(saved, "item_metadata", saved) or {}
+    except Exception:  # noqa: BLE001 (damaged: said by the caller's own message)
+        return None
+    shapes = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(saved)[0] if hasattr(v, "shape")}
+    for path, want in jax.tree_util.tree_flatten_with_path(target)[0]:
+        key = jax.tree_util.keystr(path)
+        if key not in shapes:
+            return f"{key} is not in the checkpoint"
+        if shapes[key] != tuple(want.shape):
+            return f"{key} has shape {shapes[key]} there, {tuple(want.shape)} in the model"
+    return None
+
+
+def check_metrics(directory: Path) -> None:
+    """Raise CheckpointError for a checkpoint whose metrics file is damaged or not llmjax's (a JSON
+    object with a numeric `val_loss`). Orbax reads every step's metrics file when a manager opens
+    the folder, and a bad one raised a traceback for every checkpoint of the run."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for step_dir in directory.iterdir():
+        f = step_dir / "metrics" / "metrics"
+        if not step_dir.name.isdigit() or not f.is_file():
+            continue
+        try:
+            metrics = json.loads(f.read_text())
+            problem = None if isinstance(metrics, dict) and type(metrics.get("val_loss")) in (int, float) else "no numeric val_loss"
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            problem = f"{type(e).__name__}: {e}"
+        if problem:
+            raise CheckpointError(f"{f} is damaged or not llmjax's ({problem}); it only records checkpoint {step_dir.name}'s "
+                                  f"validation loss: move it aside (`mv {f} {f}.damaged`) and run again")
 
 
 def _innermost(e: BaseException) -> str:
@@ -243,6 +291,7 @@ def _quiet_asyncio():
 def read_only_manager(directory: Path, **options):
     """An Orbax CheckpointManager that only reads `directory` (without Orbax's warnings about it)."""
     opts = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False, **options)
+    check_metrics(directory)
     with ocp.CheckpointManager(Path(directory).absolute(), options=opts, item_names=("state", "data", "meta")) as mgr:
         yield mgr
 
@@ -261,7 +310,7 @@ def restore_params(directory: Path, step: int, target: dict) -> dict:
                     state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
                     meta=ocp.args.JsonRestore()))
         except Exception as e:  # orbax and TensorStore raise many types for a damaged or foreign checkpoint
-            raise CheckpointError(unreadable(directory, step, e, SAMPLE_HINT)) from None
+            raise CheckpointError(unreadable(directory, step, e, SAMPLE_HINT, target)) from None
     params = {"params": out["state"]["params"]}
     verify(params, (out["meta"] or {}).get("fingerprints"), directory, step, SAMPLE_HINT)
     return params["params"]

@@ -210,7 +210,7 @@ def define_flags():
     cli.define_checkpoint_flags()
     flags.DEFINE_string("tasks", "hellaswag", "comma-separated tasks (lm-eval names; --scorer=fast: hellaswag, arc_easy)")
     flags.DEFINE_integer("batch_size", 8, "sequences per forward pass")
-    flags.DEFINE_string("dtype", None, "compute dtype (default: the run's model.dtype)")
+    flags.DEFINE_string("dtype", None, "compute dtype, matmuls included (default: the run's model.dtype and matmul_dtype)")
     flags.DEFINE_string("device", None, "cuda, cuda:N, cpu (default: JAX's first device)")
     flags.DEFINE_integer("limit", None, "score only the first N items of each task")
     flags.DEFINE_string("output_json", None, "also write the results to this JSON file")

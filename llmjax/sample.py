@@ -338,6 +338,8 @@ def generate(
         return [[] for _ in prompts]
     if unroll < 1 or stream_every < 1:
         raise SampleError(f"unroll and stream_every must be >= 1, got {unroll} and {stream_every}")
+    if max_new_tokens >= 2**31:
+        raise SampleError(f"max_new_tokens must be below 2**31 (the decode loop counts in int32), got {max_new_tokens}")
     if any(len(p) == 0 for p in prompts):
         raise SampleError("every prompt needs at least one token (start an empty one from end-of-text)")
     if any(not 0 <= t < cfg.vocab_size for p in prompts for t in p):
@@ -479,7 +481,7 @@ class StreamDecoder:
 def resolve(path: str | Path, which: str = "latest") -> tuple[Path, int]:
     """(run directory, checkpoint step) for a run directory (its latest or best checkpoint), its
     checkpoints/ directory, or one checkpoints/<step> directory."""
-    from llmjax.checkpoint import read_only_manager
+    from llmjax.checkpoint import CheckpointError, read_only_manager
 
     p = Path(path).expanduser()
     if not p.exists() and p.name.isdigit() and p.parent.name == "checkpoints" and p.parent.is_dir():
@@ -499,8 +501,11 @@ def resolve(path: str | Path, which: str = "latest") -> tuple[Path, int]:
     if which not in ("latest", "best"):
         raise SampleError(f"--which must be 'latest' or 'best', got {which!r}")
     if step is None:
-        with read_only_manager(run / "checkpoints", best_fn=lambda m: m["val_loss"], best_mode="min") as mgr:
-            step = mgr.latest_step() if which == "latest" else mgr.best_step()
+        try:
+            with read_only_manager(run / "checkpoints", best_fn=lambda m: m["val_loss"], best_mode="min") as mgr:
+                step = mgr.latest_step() if which == "latest" else mgr.best_step()
+        except CheckpointError as e:
+            raise SampleError(str(e)) from None
         if step is None:
             what = "no checkpoint" if which == "latest" else "no checkpoint with a validation loss"
             raise SampleError(f"{run / 'checkpoints'} holds {what}; " + ("train it first" if which == "latest" else "train longer or pass --which=latest"))
@@ -531,7 +536,8 @@ def load(
     path: str | Path, which: str = "latest", *, dtype: str | None = None, scan_layers: bool = False, device=None,
     model_overrides: dict | None = None, quantize: str | None = None, quantize_embeddings: bool = False,
 ) -> Loaded:
-    """The model of a training run's checkpoint (see `resolve`), in `dtype` (default: the run's),
+    """The model of a training run's checkpoint (see `resolve`), in `dtype` (default: the run's
+    dtype and matmul_dtype; given, every matmul computes in it too),
     with unrolled layers (decoding writes each layer's cache in place), on `device` (default: the
     first). `model_overrides` may change execution options of the model config (not its shapes);
     `quantize='int8'` gives llmjax.quant's int8 weight-only model (from the float32 weights)."""
@@ -549,7 +555,8 @@ def load(
     run, step = resolve(path, which)
     try:
         config = json.loads((run / "config.json").read_text())
-        overrides = {"scan_layers": scan_layers, **({"dtype": dtype} if dtype else {}), **(model_overrides or {})}
+        # a dtype given computes everything, matmuls included (the run's matmul_dtype set aside)
+        overrides = {"scan_layers": scan_layers, **({"dtype": dtype, "matmul_dtype": ""} if dtype else {}), **(model_overrides or {})}
         mcfg = model_config({**config["model"], **overrides})
         tokenizer = from_description(json.loads((run / "tokenizer.json").read_text()))
     except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
@@ -595,7 +602,7 @@ def define_flags():
     flags.DEFINE_bool("greedy", False, "always take the most likely token")
     flags.DEFINE_integer("num_samples", 1, "samples per prompt")
     flags.DEFINE_integer("seed", 0, "random seed")
-    flags.DEFINE_string("dtype", None, "compute dtype (default: the run's model.dtype)")
+    flags.DEFINE_string("dtype", None, "compute dtype, matmuls included (default: the run's model.dtype and matmul_dtype)")
     define_quantize_flags()
 
 
@@ -608,7 +615,8 @@ def _prompts(FLAGS) -> list[str]:
     prompts = [] if FLAGS.prompt is None else [FLAGS.prompt]
     if FLAGS.prompt_file:
         try:
-            lines = Path(FLAGS.prompt_file).read_text().split("\n")  # (not splitlines: it also splits at \f, \x1c, \u2028, ...)
+            # utf-8-sig: a byte-order mark is not text; not splitlines: it also splits at \f, \x1c, \u2028, ...
+            lines = Path(FLAGS.prompt_file).read_text(encoding="utf-8-sig").split("\n")
         except (OSError, UnicodeDecodeError) as e:
             raise SampleError(f"cannot read --prompt_file {FLAGS.prompt_file}: {e.strerror if isinstance(e, OSError) else e}") from None
         prompts += [line for line in lines if line.strip()]
@@ -622,8 +630,8 @@ def main(argv):
     cli.start_run_reader(argv, "runs/shakespeare_char")
     warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
     try:
-        if FLAGS.num_samples < 1 or FLAGS.max_new_tokens < 0:
-            raise SampleError("--num_samples must be >= 1 and --max_new_tokens >= 0")
+        if FLAGS.num_samples < 1 or not 0 <= FLAGS.max_new_tokens < 2**31:
+            raise SampleError("--num_samples must be >= 1 and --max_new_tokens in [0, 2**31)")
         if not 0 <= FLAGS.seed < 2**32:
             raise SampleError(f"--seed must be in [0, 2**32), got {FLAGS.seed}")  # (JAX's keys hold 32 bits: larger seeds wrap)
         sampling = Sampling(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, greedy=FLAGS.greedy)
@@ -652,6 +660,11 @@ def main(argv):
                 print(prompt + text)
     except (SampleError, ConfigError) as e:
         cli.fail(str(e))
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        cli.fail(f"out of device memory decoding {FLAGS.max_new_tokens} new tokens for {FLAGS.num_samples} sample(s) per prompt "
+                 f"(the new tokens are kept on the device); lower --max_new_tokens or --num_samples")
 
 
 if __name__ == "__main__":

@@ -125,6 +125,28 @@ def test_the_samplers_restore_checks_the_parameters(tmp_path):
         restore_params(tmp_path / "ckpt", 7, target)
 
 
+def test_resuming_past_a_damaged_metrics_file_or_onto_another_model_is_one_line(tmp_path):
+    """A checkpoint's metrics file (its validation loss) is read for every step when the trainer's
+    manager opens the folder: a damaged one was a JSON traceback. A checkpoint whose arrays have other
+    shapes than the model says so (it was 'cannot be restored; move it aside')."""
+    it = iter(grain.MapDataset.range(10).to_iter_dataset())
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    state = {"params": {"w": np.ones((4, 8), np.float32)}}
+    ckpt.save(1, state, it, {"step": 1}, val_loss=2.5)
+    ckpt.close()
+    assert Checkpointer(tmp_path / "ckpt").best_step() == 1
+    wrong = {"params": {"w": jax.ShapeDtypeStruct((8, 8), np.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}}
+    with pytest.raises(CheckpointError, match=r"ckpt/1 holds another model .*\['params'\]\['w'\] has shape \(4, 8\) there, \(8, 8\) in the model"):
+        Checkpointer(tmp_path / "ckpt").restore(1, wrong)
+    metrics = tmp_path / "ckpt" / "1" / "metrics" / "metrics"
+    metrics.write_text('{"val_loss": 2.')
+    with pytest.raises(CheckpointError, match=f"^{metrics} is damaged or not llmjax's \\(JSONDecodeError: .*move it aside"):
+        Checkpointer(tmp_path / "ckpt")
+    metrics.rename(metrics.with_suffix(".damaged"))  # as the message says: the checkpoint restores, no longer "best"
+    restored, _ = Checkpointer(tmp_path / "ckpt").restore(1, _abstract(state))
+    np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+
+
 def test_orbax_notices_about_intended_behaviour_are_not_logged(tmp_path, caplog):
     """Checkpoints saved without a validation loss and read-only managers are what llmjax does on
     purpose: Orbax's warnings about them do not reach the user."""

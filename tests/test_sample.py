@@ -503,7 +503,7 @@ def test_bad_checkpoints_are_one_line_errors(run_dir, tmp_path):
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
     with pytest.raises(S.SampleError) as e:
         S.load(broken)
-    assert "\n" not in str(e.value) and ("pass an earlier one, e.g. --checkpoint" in str(e.value) or "only checkpoint" in str(e.value))
+    assert "\n" not in str(e.value) and ("pass another one, e.g. --checkpoint" in str(e.value) or "only checkpoint" in str(e.value))
     (broken / "config.json").write_text("{not json")
     with pytest.raises(S.SampleError, match="not a readable llmjax run"):
         S.load(broken)
@@ -524,6 +524,68 @@ def test_bad_checkpoints_are_one_line_errors(run_dir, tmp_path):
     (other / "tokenizer.json").write_text(json.dumps({**desc, "vocab_size": 10}))
     with pytest.raises(S.SampleError, match="its tokenizer.json has 10 tokens, its model 65"):
         S.load(other)
+
+
+def test_a_damaged_or_foreign_metrics_file_is_one_line(run_dir, tmp_path):
+    """Orbax reads every checkpoint's metrics file (its validation loss) when it opens the folder:
+    a damaged one was a JSON traceback for every checkpoint of the run, a foreign one (no val_loss)
+    a KeyError with --which=best."""
+    for text, which in (('{"val_lo', "latest"), ('{"loss": 2.5}', "best"), ('{"val_loss": "low"}', "best")):
+        run = tmp_path / f"run{len(text)}"
+        shutil.copytree(run_dir, run)
+        metrics = sorted((run / "checkpoints").glob("*/metrics/metrics"))
+        assert metrics  # (the evaluation steps' checkpoints have one)
+        metrics[0].write_text(text)
+        for path in (run, run / "checkpoints" / "8"):  # the run, and one checkpoint given by its step
+            with pytest.raises(S.SampleError, match=f"{metrics[0]} is damaged or not llmjax's .*move it aside") as e:
+                S.load(path, which)
+            assert "\n" not in str(e.value)
+    r = _cli(f"--checkpoint_path={run}", "--prompt=ROMEO:", "--max_new_tokens=3")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and r.stdout == "", r.stderr
+
+
+def test_a_checkpoint_of_another_model_says_so(run_dir, tmp_path):
+    """Checkpoints under another run's config.json: not 'damaged, pass an earlier one' (which fails
+    alike) but which array differs."""
+    mixed = tmp_path / "mixed"
+    shutil.copytree(run_dir, mixed)
+    cfg = json.loads((mixed / "config.json").read_text())
+    cfg["model"]["d_model"] *= 2
+    (mixed / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(S.SampleError, match=r"holds another model than its run's config.json describes \(\['params'\].* has shape "
+                                            r".* there, .* in the model\); use it with the run folder it was trained in"):
+        S.load(mixed)
+
+
+def test_the_hint_for_a_damaged_checkpoint_names_another_that_exists(tmp_path):
+    from llmjax.checkpoint import RESUME_HINT, SAMPLE_HINT, _hint
+
+    for step in (100, 200, 300):
+        (tmp_path / str(step)).mkdir()
+    assert _hint(SAMPLE_HINT, tmp_path, 200).endswith(f"{tmp_path}/100")  # the latest earlier one
+    assert _hint(SAMPLE_HINT, tmp_path, 100).endswith(f"{tmp_path}/200")  # else the first later one (was: "only checkpoint")
+    assert _hint(RESUME_HINT, tmp_path, 300).endswith("to resume from step 200")
+    for step in (200, 300):
+        (tmp_path / str(step)).rmdir()
+    assert _hint(SAMPLE_HINT, tmp_path, 100) == "it is this run's only checkpoint"
+
+
+def test_a_dtype_given_computes_the_matmuls_too(run_dir, tmp_path):
+    """--dtype float16 on a run with matmul_dtype='bfloat16' was refused with advice the sampler has no
+    flag for; --dtype float32 kept bfloat16 matmuls."""
+    narrow = tmp_path / "narrow"
+    shutil.copytree(run_dir, narrow)
+    cfg = json.loads((narrow / "config.json").read_text())
+    cfg["model"]["matmul_dtype"] = "bfloat16"
+    (narrow / "config.json").write_text(json.dumps(cfg))
+    toks = jnp.asarray([[5, 9, 13, 20, 1]])
+    assert S.load(narrow).model.cfg.matmul_dtype == "bfloat16"
+    half = S.load(narrow, dtype="float16").model
+    assert (half.cfg.dtype, half.cfg.matmul_dtype) == ("float16", "")
+    full = S.load(narrow, dtype="float32").model
+    assert full.cfg.matmul_dtype == ""
+    np.testing.assert_array_equal(np.asarray(full(toks)[0]), np.asarray(S.load(run_dir).model(toks)[0]))
+    np.testing.assert_allclose(np.asarray(half(toks)[0], np.float32), np.asarray(full(toks)[0]), atol=0.05)
 
 
 def test_prompts_empty_and_too_long(run_dir):
@@ -569,6 +631,8 @@ def test_prompt_file_lines_are_split_at_newlines_only(tmp_path):
     f.write_text("one\fline\n\ntwo\u2028still two\r\nthree\n")
     flags_ = types.SimpleNamespace(prompt="zero", prompt_file=str(f))
     assert S._prompts(flags_) == ["zero", "one\fline", "two\u2028still two", "three"]
+    f.write_bytes(b"\xef\xbb\xbfROMEO:\nJULIET:\n")  # a byte-order mark (Windows editors) is not part of prompt 1
+    assert S._prompts(types.SimpleNamespace(prompt=None, prompt_file=str(f))) == ["ROMEO:", "JULIET:"]
 
 
 def test_stream_decoder_handles_characters_split_across_tokens():
@@ -616,6 +680,7 @@ def test_cli_errors_are_one_line(run_dir, tmp_path):
         ([f"--checkpoint_path={run_dir}", "--which=worst"], "which"),
         ([f"--checkpoint_path={run_dir}", "--temperature=inf"], "temperature must be a finite number"),
         ([f"--checkpoint_path={run_dir}", "--seed=4294967296"], "--seed must be in [0, 2**32)"),
+        ([f"--checkpoint_path={run_dir}", "--max_new_tokens=2147483648"], "--max_new_tokens in [0, 2**31)"),  # (int32 counters)
         ([f"--checkpoint_path={run_dir}", "--prompt=ROMEO\u20ac"], "prompt 1: character"),  # refused before the prompt is printed
     ]:
         r = _cli(*args)
