@@ -80,6 +80,8 @@ def run(main: Callable[[list[str]], None]):
             main(argv)
         except ConfigError as e:
             fail(str(e))
+        except KeyboardInterrupt:  # (a tool that keeps something says what in its own handler)
+            fail("interrupted", code=130)
         except BrokenPipeError:  # the reader of stdout went away (`... | head`): stop quietly, as other tools do
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's exit flush would fail again)
             sys.exit(141)  # 128 + SIGPIPE, the shell's status for a tool killed by it

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
@@ -334,8 +335,16 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for key, low, meaning in RANGES:
         group, name = key.split(".")
         value = cfg[group][name]
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < low:
-            raise ConfigError(f"{key} must be at least {low}{meaning}, got {value}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not (math.isfinite(value) and value >= low):
+            raise ConfigError(f"{key} must be a finite number of at least {low}{meaning}, got {value}")
+    t = cfg.train
+    if not 0 <= t.seed < 2**32:
+        raise ConfigError(f"train.seed must be in [0, 2**32), got {t.seed}")  # (grain's and JAX's seeds hold 32 bits)
+    for key in ("beta1", "beta2"):
+        if not 0 <= t[key] < 1:  # (math.isfinite not needed: NaN fails the comparison)
+            raise ConfigError(f"train.{key} must be in [0, 1) (Adam's moment decay), got {t[key]}")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}: the schedule decays from lr to min_lr; lower min_lr")
     model_config(cfg)
 
 

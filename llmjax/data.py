@@ -240,7 +240,11 @@ def open_dataset(name: str, configured_dir: str) -> TokenDataset:
     """Open a prepared dataset; the built-in ones are prepared on first use."""
     path = data_dir(configured_dir) / name
     if name in BUILTIN:
-        return prepare_builtin(name, path)
+        try:
+            return prepare_builtin(name, path)
+        except OSError as e:  # (a data.dir that cannot be written: not the workdir's problem)
+            raise DataError(f"cannot prepare dataset '{name}' in {path} ({e.strerror or e}); set --config.data.dir to a folder "
+                            f"you can write") from None
     if not (path / MANIFEST).is_file():
         from llmjax.prepare import DATASETS
 

@@ -406,6 +406,14 @@ def generate(
 # Loading a run's checkpoint
 
 
+def start_ids(tokenizer) -> list[int]:
+    """What an empty prompt starts from: end-of-text; for a character vocabulary (no end-of-text)
+    a newline, or its first character where it has no newline."""
+    if tokenizer.eot_id is not None:
+        return [tokenizer.eot_id]
+    return tokenizer.encode("\n") if "\n" in getattr(tokenizer, "chars", "\n") else [0]
+
+
 @dataclasses.dataclass
 class Loaded:
     """A model restored from a training run, ready to sample."""
@@ -428,7 +436,7 @@ class Loaded:
             except TokenizerError as e:
                 raise SampleError(f"prompt {i + 1}: {e}") from None
             if not ids:
-                ids = [tok.eot_id] if tok.eot_id is not None else tok.encode("\n") if "\n" in getattr(tok, "chars", "\n") else [0]
+                ids = start_ids(tok)
             if len(ids) > context:
                 warnings.warn(
                     f"prompt {i + 1} has {len(ids)} tokens, more than the model's context of {context}; keeping its last {context}",

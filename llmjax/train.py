@@ -40,14 +40,14 @@ from absl import flags
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llmjax import cli, data as data_lib, downstream
+from llmjax import cli, data as data_lib, downstream, tokenizer as tok_lib
 from llmjax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
 from llmjax.config import ConfigError, model_config, model_defaults, validate
 from llmjax.loss import token_losses
 from llmjax.models.layers import convert_layer_layout
 from llmjax.registry import build_model
 from llmjax.runtime import cpu_compiler_options, enable_compilation_cache, tune_host_allocator
-from llmjax.sample import generate
+from llmjax.sample import generate, start_ids
 from llmjax.scoring import Scorer, continuation_scores, scoring_config
 from llmjax.sharding import batch_sharding, make_mesh, param_shardings, state_shardings
 from llmjax.summary import summarize
@@ -75,6 +75,14 @@ def peak_flops(device, override: float) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
 
 
+# AdamW's weight decay: the parameters of these names (matrices of linear maps, the MoE's expert
+# matrices, Linformer's sequence projections, the SSM's convolution, embeddings); not biases, norm
+# scales, nor the SSM's A_log and D (Mamba's _no_weight_decay). A new architecture's matrix of
+# another name is caught by tests/test_train.py's contract test, which asks for a decision.
+DECAYED = ("kernel", "embedding", "w_in", "w_out", "proj_k", "proj_v", "conv_weight")
+NOT_DECAYED = ("bias", "scale", "b_in", "b_out", "conv_bias", "A_log", "D")
+
+
 def make_optimizer(tcfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     # nanoGPT's warm-up: step s (from 1) of the first `warmup_steps` runs at lr * s / (warmup_steps + 1),
     # so no step is wasted at lr 0; then cosine decay to `min_lr` at `max_steps`.
@@ -86,8 +94,8 @@ def make_optimizer(tcfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
         end_value=tcfg.min_lr,
     )
 
-    def decay_mask(params):  # matrices and embeddings decay; biases and norm scales do not
-        return jax.tree_util.tree_map_with_path(lambda p, _: getattr(p[-1], "key", None) in ("kernel", "embedding"), params)
+    def decay_mask(params):
+        return jax.tree_util.tree_map_with_path(lambda p, _: getattr(p[-1], "key", None) in DECAYED, params)
 
     tx = optax.chain(
         optax.clip_by_global_norm(tcfg.grad_clip) if tcfg.grad_clip > 0 else optax.identity(),
@@ -160,23 +168,27 @@ class Run:
 
 
 class _Stop:
-    """SIGTERM (preemption) sets a flag; the loop checkpoints and exits at the next step."""
+    """SIGTERM (preemption) or a first Ctrl-C (SIGINT) sets a flag; the loop checkpoints and exits
+    after the step. A second Ctrl-C interrupts at once (KeyboardInterrupt: the last checkpoint stays)."""
 
     def __init__(self):
-        self.requested = False
-        self.previous = None
+        self.requested = None  # the name of the signal that asked to stop
+        self.previous = {}
 
     def __enter__(self):
         if threading_main():
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.requested = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, self.previous[signal.SIGINT])  # the second one interrupts
+            print("Ctrl-C: stopping after this step with a checkpoint (press it again to stop at once)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def in_thread(fn) -> concurrent.futures.Future:
@@ -441,7 +453,10 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
     # every shard against its sha256, in a thread while the model is built and the first step
     # compiles; its answer is awaited after that step, before anything is saved
     damaged = in_thread(dataset.damaged_shards)
-    tokenizer = dataset.tokenizer()
+    try:
+        tokenizer = dataset.tokenizer()
+    except tok_lib.TokenizerError as e:
+        raise ConfigError(f"dataset '{dataset.name}' in {dataset.path}: {e}; prepare it again with llmjax.prepare") from None
     if tokenizer.vocab_size != mcfg.vocab_size:
         raise ConfigError(
             f"model.vocab_size={mcfg.vocab_size} does not match dataset '{dataset.name}' ({tokenizer.vocab_size} tokens); "
@@ -460,6 +475,16 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
         except downstream.TaskError as e:
             raise ConfigError(f"eval.tasks: {e}") from None
 
+    # --- mesh, model, optimizer (before the workdir: a mesh or batch refused leaves no folder) ---
+    mesh = make_mesh(tcfg.mesh, devices)
+    n_dev = mesh.devices.size
+    if task_items and (ecfg.tasks_batch_size <= 0 or ecfg.tasks_batch_size % n_dev):
+        raise ConfigError(f"eval.tasks_batch_size={ecfg.tasks_batch_size} must be a positive multiple of the {n_dev} devices of the mesh")
+    steps = build_steps(cfg, mesh)
+    graphdef, state_shard, abstract_state = steps.graphdef, steps.state_shard, steps.abstract_state
+    step_fn, eval_fn, eval_shard, tok_shard = steps.train_step, steps.eval_step, steps.eval_shard, steps.tok_shard
+    accum, micro, T = tcfg.grad_accum_steps, tcfg.batch_size, mcfg.context_len
+
     # --- workdir: config.json (a resumed run must have the same model) ----------------------
     resolved = json.loads(cfg.to_json())
     saved_cfg = workdir / "config.json"
@@ -475,6 +500,16 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
         if old_data is not None and old_data != resolved["data"]["dataset"]:
             raise ConfigError(f"{workdir} holds a run trained on dataset '{old_data}' (its data position and tokenizer are that "
                               f"dataset's); resume with --config.data.dataset={old_data} or use another --workdir")
+        try:
+            old_tok = json.loads((workdir / "tokenizer.json").read_text())
+        except (OSError, ValueError):
+            old_tok = None  # (missing or cut short: written again below)
+        if old_tok is not None and old_tok != tokenizer.description():
+            def said(d):
+                return f"{d.get('kind')}, {d.get('vocab_size')} tokens" if isinstance(d, dict) else "not a tokenizer"
+            raise ConfigError(f"{workdir} holds a run whose tokenizer ({said(old_tok)}: its tokenizer.json) is not the one dataset "
+                              f"'{dataset.name}' is now prepared with ({said(tokenizer.description())}): the dataset was prepared "
+                              f"again since; prepare it as before to resume, or use another --workdir")
         diffs = model_changes(old_cfg, resolved)
         if diffs:
             raise ConfigError(
@@ -484,16 +519,6 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
         if changed:
             say(f"resuming with changed settings: {'; '.join(changed)} (the learning-rate schedule follows the new values from step {start + 1})"
                 if any(d.split(" ")[0] in SCHEDULE_KEYS for d in changed) else f"resuming with changed settings: {'; '.join(changed)}")
-
-    # --- mesh, model, optimizer -----------------------------------------------------------
-    mesh = make_mesh(tcfg.mesh, devices)
-    n_dev = mesh.devices.size
-    if task_items and (ecfg.tasks_batch_size <= 0 or ecfg.tasks_batch_size % n_dev):
-        raise ConfigError(f"eval.tasks_batch_size={ecfg.tasks_batch_size} must be a positive multiple of the {n_dev} devices of the mesh")
-    steps = build_steps(cfg, mesh)
-    graphdef, state_shard, abstract_state = steps.graphdef, steps.state_shard, steps.abstract_state
-    step_fn, eval_fn, eval_shard, tok_shard = steps.train_step, steps.eval_step, steps.eval_shard, steps.tok_shard
-    accum, micro, T = tcfg.grad_accum_steps, tcfg.batch_size, mcfg.context_len
 
     # --- data iterators ---------------------------------------------------------------------
     pi, pc = jax.process_index(), jax.process_count()
@@ -543,6 +568,7 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
 
     # --- initialise or restore -------------------------------------------------------------------
     target = abstract_with_shardings(abstract_state, state_shard)
+    meta = {}
     if start:
         try:
             with jax.set_mesh(mesh):
@@ -606,7 +632,8 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
             host = {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in host.items()}
             if not all(math.isfinite(host[k]) for k in ("train_loss", "grad_norm", "update_norm")):
                 raise TrainingError(
-                    f"loss became non-finite at step {step} (train_loss={host['train_loss']}, grad_norm={host['grad_norm']}); stopped. "
+                    f"loss became non-finite at step {step} (train_loss={host['train_loss']}, grad_norm={host['grad_norm']}, "
+                    f"update_norm={host['update_norm']}); stopped. "
                     + (f"The last good checkpoint is step {last_good} in {workdir / 'checkpoints'}" if last_good else "No checkpoint was written")
                 )
             line = {"step": step, "train_loss": host["train_loss"], "lr": host["lr"], "grad_norm": host["grad_norm"],
@@ -663,9 +690,9 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
                 # scoring step), so that all save that step and stop together (a process stopping
                 # alone would leave the others waiting in the next step's collectives)
                 if multi:
-                    stopping = (do_eval or do_ckpt or do_tasks or step % metrics_block == 0) and bool(most_of_all_processes(stop.requested))
+                    stopping = (do_eval or do_ckpt or do_tasks or step % metrics_block == 0) and bool(most_of_all_processes(int(stop.requested is not None)))
                 else:
-                    stopping = stop.requested
+                    stopping = stop.requested is not None
                 do_ckpt = do_ckpt or stopping
                 if step == start + 1 and not (do_eval or do_ckpt or do_tasks):
                     # the first step alone: its line carries the compilation, the lines after it none
@@ -695,18 +722,19 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
                 emit(lines[-1], val)
                 if val is not None:
                     last_val = val
-                if not multi and stop.requested:  # (also a SIGTERM during this step's evaluation or scoring)
+                if not multi and stop.requested is not None:  # (also a SIGTERM during this step's evaluation or scoring)
                     stopping = do_ckpt = True
                 if do_ckpt:
                     # the checkpoint's metric for `best`: the periodic estimate at the last step too
                     # (comparable with the earlier checkpoints'; the whole split's loss is in its meta)
                     best_metric = lines[-1].get("val_loss_estimate", val)
-                    ckpt.save(step, state, train_it, {"step": step, "val_loss": val, "data_global_batch": micro * accum, "data_seed": tcfg.seed},
+                    ckpt.save(step, state, train_it, {"step": step, "val_loss": val, "val_whole_split": bool(is_last and val is not None),
+                                                      "data_global_batch": micro * accum, "data_seed": tcfg.seed},
                               val_loss=best_metric)
                     last_good = step
                 last_time = time.perf_counter()  # evaluation and checkpointing are not step time
                 if stopping and step < end:
-                    say(f"stopped by SIGTERM after step {step}; checkpoint saved. Run the same command to resume.")
+                    say(f"stopped by {stop.requested or 'another process (a signal)'} after step {step}; checkpoint saved. Run the same command to resume.")
                     end = step
                     break
             if pending:
@@ -723,13 +751,20 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
             wandb_run.finish()
 
     final = end == tcfg.max_steps
-    if last_val is None:
+    if final and start == end:  # nothing to run: a finished run again, or one stopped early finished by a lower max_steps
+        # the whole validation split's loss: saved with the checkpoint when it was a run's last step
+        # (else its val_loss is the periodic estimate, or none): else measured now
+        if meta.get("val_whole_split"):
+            last_val = meta.get("val_loss")
+        else:
+            with jax.set_mesh(mesh):
+                last_val = evaluate(state["params"], whole_split=True)
+    elif last_val is None:
         last_val = next((m["val_loss"] for m in reversed(history) if "val_loss" in m), None)
     sample = None
     if final and ecfg.sample_tokens > 0 and jax.process_count() == 1:
         model = nnx.merge(graphdef, convert_layer_layout(jax.device_get(state["params"]), mcfg.scan_layers))
-        prompt = [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode("\n")
-        sample = tokenizer.decode(generate(model, [prompt], ecfg.sample_tokens, seed=tcfg.seed, eot_id=tokenizer.eot_id)[0])
+        sample = tokenizer.decode(generate(model, [start_ids(tokenizer)], ecfg.sample_tokens, seed=tcfg.seed, eot_id=tokenizer.eot_id)[0])
     return Run(workdir=workdir, step=end, final=final, last_val_loss=last_val, metrics=history, sample=sample)
 
 
@@ -802,6 +837,9 @@ def main(argv):
         run = train(FLAGS.config, workdir)
     except TrainingError as e:
         cli.fail(str(e), code=1)
+    except KeyboardInterrupt:
+        cli.fail(f"interrupted; the checkpoints written are kept in {Path(workdir) / 'checkpoints'}: the same command resumes "
+                 f"from the last", code=130)
     if jax.process_index() == 0:
         if run.final:
             print(f"done: {run.step} steps, final val_loss {run.last_val_loss:.4f} (whole validation split); run in {run.workdir}")

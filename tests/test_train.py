@@ -67,6 +67,32 @@ def test_loss_falls_for_every_architecture(arch, tmp_path):
     assert json.loads((tmp_path / "run" / "tokenizer.json").read_text())["kind"] == "char"
 
 
+@pytest.mark.parametrize("arch", sorted(llmjax.ARCHS))
+def test_weight_decay_reaches_every_matrix(arch):
+    """AdamW's decay, by the parameter's name: every parameter's name is in train.DECAYED or
+    train.NOT_DECAYED (a new name fails here until decided), the only matrices left undecayed are
+    biases and the SSM's A_log, and one update with zero gradients moves exactly the decayed ones.
+    (The MoE's expert matrices and Linformer's projections went undecayed: only `kernel` and
+    `embedding` were.)"""
+    from flax import nnx
+
+    from llmjax.train import DECAYED, NOT_DECAYED, make_optimizer
+
+    c = cfg(arch, model__scan_layers=False, train__weight_decay=0.5, train__lr=0.1, train__warmup_steps=0, train__grad_clip=0.0)
+    if arch == "ssm":
+        c.model.d_conv = 4
+    params = nnx.to_pure_dict(nnx.state(llmjax.build_model(llmjax.model_config(c), seed=0), nnx.Param))
+    leaves = [(jax.tree_util.keystr(p), p[-1].key, a) for p, a in jax.tree_util.tree_flatten_with_path(params)[0]]
+    assert {name for _, name, _ in leaves} <= set(DECAYED) | set(NOT_DECAYED), {name for _, name, _ in leaves} - set(DECAYED) - set(NOT_DECAYED)
+    assert {name for _, name, a in leaves if a.ndim >= 2 and name not in DECAYED} <= {"b_in", "b_out", "A_log"}
+    tx, _ = make_optimizer(c.train)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    for (path, name, a), u in zip(leaves, jax.tree.leaves(updates)):
+        moved = bool(jnp.any(u != 0)) if jnp.any(a != 0) else name in DECAYED  # (a zero array stays zero)
+        assert moved == (name in DECAYED), (path, name)
+    assert arch != "moe" or any(name == "w_in" for _, name, _ in leaves)
+
+
 def test_the_end_of_run_sample(tmp_path):
     """A finished run samples `eval.sample_tokens` tokens from its final parameters (fetched to the
     host, as the trainer has them) and returns the text."""
@@ -279,7 +305,10 @@ def test_two_processes_train_together(tmp_path):
     np.testing.assert_allclose([multi[s] for s in range(1, 13)], [single[s] for s in range(1, 13)], rtol=2e-5)
 
 
-def test_sigterm_leaves_a_checkpoint_to_resume_from(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_leaves_a_checkpoint_to_resume_from(tmp_path, sig):
+    """SIGTERM (a preemption) or a first Ctrl-C (SIGINT: was a KeyboardInterrupt traceback, and an
+    Orbax clean-up cut short) finishes the step, saves it and exits."""
     workdir = tmp_path / "run"
     proc = subprocess.Popen(
         _train_cmd(workdir, "--config.train.max_steps=100000", "--config.train.checkpoint_every_steps=100000"),
@@ -293,10 +322,12 @@ def test_sigterm_leaves_a_checkpoint_to_resume_from(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 5):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, out
-    assert "stopped by SIGTERM after step" in out
+    said = "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C"
+    assert f"stopped by {said} after step" in out and "Traceback" not in out, out
+    assert ("Ctrl-C: stopping after this step with a checkpoint (press it again to stop at once)" in out) == (sig == signal.SIGINT)
     stopped = max(losses(workdir))
     assert (workdir / "checkpoints" / str(stopped)).is_dir()
     run = train(cfg("vanilla", train__max_steps=100000, train__stop_at_step=stopped + 3), workdir, quiet=True)
@@ -328,6 +359,82 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
     stopped = max(losses(workdir))
     assert f"stopped by SIGTERM after step {stopped}; checkpoint saved" in outs[0] and stopped % 5 == 0, outs[0]
     assert sorted(int(c.name) for c in (workdir / "checkpoints").iterdir() if c.name.isdigit()) == [stopped]
+
+
+def _whole_split_loss(workdir, step):
+    """The loss of checkpoint `step` of a tinyshakespeare_char run on the whole validation split,
+    recomputed from the loaded model (context 32, as TINY)."""
+    from llmjax import data as data_lib, sample
+
+    model = sample.load(workdir / "checkpoints" / str(step)).model
+    total = count = 0.0
+    for toks, mask in data_lib.sequential_windows(data_lib.open_dataset("tinyshakespeare_char", None).split("val"), seq_len=32, batch=8):
+        logits = model(jnp.asarray(toks[:, :-1]))[0]
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), jnp.asarray(toks[:, 1:])[..., None], -1)[..., 0]
+        total, count = total + float((ce * mask).sum()), count + float(mask.sum())
+    return total / count
+
+
+@pytest.mark.parametrize("every", [3, 0])
+def test_finishing_a_stopped_run_at_its_checkpoint_reports_the_whole_split(tmp_path, every):
+    """A run stopped at step 6 of 20, then run with max_steps=6: nothing to run, and the final
+    val_loss is the whole validation split's (it was step 6's periodic estimate, or None: a
+    traceback in the CLI). Run once more, the checkpoint's saved whole-split loss is reported."""
+    workdir = tmp_path / "run"
+    train(cfg("vanilla", train__max_steps=20, train__stop_at_step=6, eval__every_steps=every), workdir, quiet=True)
+    run = train(cfg("vanilla", train__max_steps=6, eval__every_steps=every), workdir, quiet=True)
+    assert run.final and run.step == 6
+    assert run.last_val_loss == pytest.approx(_whole_split_loss(workdir, 6), abs=1e-5)
+    if every:
+        estimate = [v for step, v in losses(workdir, "val_loss").items() if step == 6]
+        assert estimate and abs(estimate[0] - run.last_val_loss) > 1e-4  # (the estimate it reported before)
+    done = train(cfg("vanilla", train__max_steps=8, eval__every_steps=every), workdir, quiet=True)  # a run that ends as it should
+    again = train(cfg("vanilla", train__max_steps=8, eval__every_steps=every), workdir, quiet=True)
+    assert again.final and again.last_val_loss == done.last_val_loss  # (from the checkpoint's meta, not measured again)
+
+
+def test_a_run_refuses_a_dataset_prepared_again_with_another_tokenizer(tmp_path):
+    """The dataset was prepared again with another vocabulary since the run began: resumed, it trained
+    on and overwrote tokenizer.json, and the checkpoints decoded as garbage."""
+    workdir = tmp_path / "run"
+    train(cfg("vanilla", train__stop_at_step=3), workdir, quiet=True)
+    desc = json.loads((workdir / "tokenizer.json").read_text())
+    other = {**desc, "chars": desc["chars"][::-1]}  # (as a dataset prepared again from other text would have it)
+    (workdir / "tokenizer.json").write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match=r"holds a run whose tokenizer \(char, 65 tokens: its tokenizer.json\) is not the one dataset "
+                                          r"'tinyshakespeare_char' is now prepared with \(char, 65 tokens\).*prepare it as before"):
+        train(cfg("vanilla"), workdir, quiet=True)
+    assert json.loads((workdir / "tokenizer.json").read_text()) == other  # (nothing overwritten)
+
+
+def test_a_dataset_whose_tokenizer_cannot_be_built_and_an_unwritable_data_dir_are_one_line(tmp_path, monkeypatch):
+    from llmjax import data as data_lib
+
+    monkeypatch.delenv("LLMJAX_DATA_DIR", raising=False)  # (data.dir as configured)
+    data_lib.open_dataset("tinyshakespeare_char", str(tmp_path / "data"))
+    manifest = tmp_path / "data" / "tinyshakespeare_char" / data_lib.MANIFEST
+    m = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**m, "tokenizer": {"kind": "sentencepiece"}}))
+    with pytest.raises(ConfigError, match=r"^dataset 'tinyshakespeare_char' in .*: unknown tokenizer kind 'sentencepiece' .*prepare it again"):
+        train(cfg("vanilla", data__dir=str(tmp_path / "data")), tmp_path / "run", quiet=True)
+    # a data.dir that cannot be written: its own line (it blamed the workdir and spoke of resuming)
+    with pytest.raises(ConfigError, match=r"^cannot prepare dataset 'tinyshakespeare_char' in /proc/llmjax-none/tinyshakespeare_char "
+                                          r"\(.*\); set --config.data.dir to a folder you can write$"):
+        train(cfg("vanilla", data__dir="/proc/llmjax-none"), tmp_path / "run", quiet=True)
+    # a batch the mesh refuses leaves no workdir behind
+    with pytest.raises(ConfigError, match="must be divisible by the 3 devices"):
+        train(cfg("vanilla"), tmp_path / "run", devices=jax.devices()[:3], quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_what_an_empty_prompt_starts_from():
+    """The end-of-run sample with a character vocabulary without a newline crashed a finished run."""
+    from llmjax.sample import start_ids
+    from llmjax.tokenizer import CharTokenizer, GPT2Tokenizer
+
+    assert start_ids(GPT2Tokenizer()) == [50256]
+    assert start_ids(CharTokenizer("\n ab")) == [0] and start_ids(CharTokenizer("ab\n")) == [2]
+    assert start_ids(CharTokenizer("abc")) == [0]
 
 
 def test_a_sigterm_while_scoring_tasks_saves_the_step(tmp_path, monkeypatch):
@@ -506,8 +613,23 @@ def test_a_workdir_that_is_not_a_run_is_left_alone(tmp_path):
     ("train.checkpoint_every_steps", -5), ("eval.num_batches", -1), ("eval.every_steps", -1), ("train.max_steps", 0),
 ])
 def test_out_of_range_settings_are_one_line_errors(key, value):
-    with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be at least -?\d.*, got {value}$"):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be a finite number of at least -?\d.*, got {value}$"):
         llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", {key: value})
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"train.seed": -1}, r"train.seed must be in \[0, 2\*\*32\), got -1"),  # (was grain's traceback, after the workdir was made)
+    ({"train.seed": 2**32}, r"train.seed must be in \[0, 2\*\*32\), got 4294967296"),
+    ({"train.beta1": 1.0}, r"train.beta1 must be in \[0, 1\) \(Adam's moment decay\), got 1.0"),  # (was "loss became non-finite")
+    ({"train.beta2": 1.5}, r"train.beta2 must be in \[0, 1\)"),  # (trained without complaint)
+    ({"train.beta1": -0.5}, r"train.beta1 must be in \[0, 1\)"),
+    ({"train.min_lr": 0.5, "train.lr": 1e-3}, r"train.min_lr=0.5 is above train.lr=0.001: .* lower min_lr"),  # (the decay raised the lr)
+    ({"train.lr": float("nan")}, r"train.lr must be a finite number of at least 0, got nan"),
+    ({"train.weight_decay": float("inf")}, r"train.weight_decay must be a finite number of at least 0, got inf"),
+])
+def test_optimizer_settings_out_of_range_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", overrides)
 
 
 def test_zero_settings_resume_notices_and_a_cut_metrics_line(tmp_path, capsys):
