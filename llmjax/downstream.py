@@ -174,12 +174,15 @@ def _download(spec: TaskSpec, target: Path, tries: int = 4) -> None:
         raise TaskError(f"cannot use {target.parent} as the task directory ({e.strerror}); pass a folder") from None
     try:
         _fetch(spec, target, tries)
-    except BaseException:
+    except BaseException as e:
         for p in created:
             try:
                 p.rmdir()
             except OSError:  # (not empty: someone else's)
                 break
+        if isinstance(e, OSError):  # (the folder cannot be written: network errors are TaskErrors already)
+            raise TaskError(f"cannot write {spec.name}'s download into {target.parent} ({e.strerror or e}); "
+                            f"put {spec.file} there or pass another task directory") from None
         raise
 
 
@@ -276,10 +279,23 @@ def metrics(items: Sequence[Item], lls: Sequence[float]) -> dict:
     }
 
 
-def score_task(scorer: Scorer, tokenizer, items: Sequence[Item], *, progress: bool = False) -> dict:
-    """lm-eval's metrics for `items`, scored with `scorer` (see `metrics`)."""
+def check_fit(name: str, items: Sequence[Item], requests: Sequence[tuple[list[int], list[int]]], context_len: int) -> None:
+    """Raise TaskError, naming the first item, where a choice's tokens do not fit `context_len`
+    (lm-eval's harness refuses such a request too: a score would need more than the context)."""
+    k = 0
+    for i, item in enumerate(items):
+        longest = max(len(cont) for _, cont in requests[k : k + len(item.choices)])
+        k += len(item.choices)
+        if longest > context_len:
+            raise TaskError(f"{name} item {i + 1} has a choice of {longest} tokens, more than the model's context of {context_len}; "
+                            f"score fewer items (eval.tasks_limit, --limit) or use a model with a longer context")
+
+
+def score_task(scorer: Scorer, tokenizer, items: Sequence[Item], *, progress: bool = False, requests=None) -> dict:
+    """lm-eval's metrics for `items`, scored with `scorer` (see `metrics`); `requests`: theirs
+    from `requests_for`, when already made."""
     check_tokenizer(tokenizer)
-    results = scorer.score(requests_for(items, tokenizer), progress=progress)
+    results = scorer.score(requests if requests is not None else requests_for(items, tokenizer), progress=progress)
     return metrics(items, [ll for ll, _ in results])
 
 

@@ -94,7 +94,9 @@ def run_fast(loaded, tasks: list[str], *, batch_size: int, limit: int | None, ta
     for task in tasks:
         items = downstream.load_items(task, task_dir, limit=limit)
         start = time.perf_counter()
-        m = downstream.score_task(scorer, loaded.tokenizer, items, progress=progress)
+        requests = downstream.requests_for(items, loaded.tokenizer)
+        downstream.check_fit(task, items, requests, loaded.model.cfg.context_len)  # (names the item that does not fit)
+        m = downstream.score_task(scorer, loaded.tokenizer, items, progress=progress, requests=requests)
         elapsed = time.perf_counter() - start
         results[task] = _result_entry(task, m)
         samples[task] = len(items)
@@ -185,9 +187,16 @@ def run_harness(
             setattr(mod, name, True)
         try:
             start = time.perf_counter()
-            out = lm_eval.simple_evaluate(
-                model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=False,
-            )
+            try:
+                out = lm_eval.simple_evaluate(
+                    model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=False,
+                )
+            except ConnectionError as e:  # (`datasets`: a task's data is on the hub, which cannot be reached)
+                hub = [t for t in tasks if t not in local]
+                whose = "that task's" if len(hub) == 1 else "those tasks'"
+                raise EvalError(f"{', '.join(hub)}: {str(e).splitlines()[0]}; lm-eval loads {whose} "
+                                f"data from the Hugging Face hub: run with network once (it is cached), or score "
+                                f"{' and '.join(downstream.TASK_NAMES)} (local files)") from None
             elapsed = time.perf_counter() - start
         finally:  # (the caller's environment as it was)
             for k, v in before.items():

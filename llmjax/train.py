@@ -466,12 +466,16 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
 
     # --- downstream tasks scored in the loop (loaded now: a download problem stops nothing later) ---
     task_names = [t.strip() for t in ecfg.tasks.split(",") if t.strip()]
-    task_items = {}
+    task_items, task_requests = {}, {}
     if task_names:
         try:
             downstream.check_names(task_names)
             downstream.check_tokenizer(tokenizer)
             task_items = {t: downstream.load_items(t, ecfg.tasks_dir or None, limit=ecfg.tasks_limit or None) for t in task_names}
+            # tokenised once (not at every scoring), and every choice checked against the context now, not at the first scoring
+            task_requests = {t: downstream.requests_for(items, tokenizer) for t, items in task_items.items()}
+            for t, items in task_items.items():
+                downstream.check_fit(t, items, task_requests[t], mcfg.context_len)
         except downstream.TaskError as e:
             raise ConfigError(f"eval.tasks: {e}") from None
 
@@ -562,7 +566,7 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
         scorer = Scorer(batch_fn, context_len=T, batch_size=ecfg.tasks_batch_size)
         out = {}
         for name, items in task_items.items():
-            m = downstream.score_task(scorer, tokenizer, items)
+            m = downstream.score_task(scorer, tokenizer, items, requests=task_requests[name])
             out[f"{name}_acc"], out[f"{name}_acc_norm"] = m["acc"], m["acc_norm"]
         return out
 

@@ -382,6 +382,44 @@ def test_downloads_are_checked_then_cached(tmp_path, monkeypatch):
     assert not (tmp_path / "c").exists()  # the folders made for the download are gone again
 
 
+def test_a_folder_that_cannot_take_the_download_is_one_line(monkeypatch):
+    """An existing task directory that cannot be written (here /proc/self): an OSError traceback."""
+    def no_network(url, timeout=None):
+        raise AssertionError("nothing is fetched")
+
+    monkeypatch.setattr(downstream.urllib.request, "urlopen", no_network)
+    with pytest.raises(downstream.TaskError, match=r"^cannot write hellaswag's download into /proc/self \(.*\); put hellaswag_val.jsonl "
+                                                   r"there or pass another task directory$"):
+        downstream.find_file("hellaswag", "/proc/self")
+
+
+def test_a_choice_longer_than_the_context_is_said_before_scoring(tmp_path):
+    """The trainer refuses, before its first step, a task with a choice longer than the model's
+    context (it trained to the first scoring step and died there with a traceback, unsaved); the
+    standalone scorer names the item."""
+    from llmjax.config import ConfigError
+    from llmjax.tokenizer import GPT2Tokenizer
+    from llmjax.train import train
+
+    items = downstream.load_items("hellaswag", FIXTURES, limit=12)
+    requests = downstream.requests_for(items, GPT2Tokenizer())
+    longest = [max(len(c) for _, c in requests[4 * i : 4 * i + 4]) for i in range(len(items))]
+    first = int(np.argmax(longest))  # (the first item with the longest choice)
+    downstream.check_fit("hellaswag", items, requests, max(longest))
+    with pytest.raises(downstream.TaskError, match=f"^hellaswag item {first + 1} has a choice of {max(longest)} tokens, more than the "
+                                                   f"model's context of {max(longest) - 1}; score fewer items"):
+        downstream.check_fit("hellaswag", items, requests, max(longest) - 1)
+    cfg = llmjax.load_config(
+        f"{ROOT}/configs/vanilla.py:tiny",
+        {"data.dataset": "tinyshakespeare", "model.vocab_size": 50257, "model.padded_vocab_size": 50304, "model.context_len": max(longest) - 1,
+         "train.max_steps": 4, "train.batch_size": 8, "eval.sample_tokens": 0, "eval.tasks": "hellaswag", "eval.tasks_limit": 12,
+         "eval.tasks_batch_size": 8, "eval.tasks_dir": str(FIXTURES), "logging.progress_bar": False},
+    )
+    with pytest.raises(ConfigError, match=f"^eval.tasks: hellaswag item {first + 1} has a choice of {max(longest)} tokens"):
+        train(cfg, tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()  # (refused before anything was written)
+
+
 def test_character_models_are_refused():
     from llmjax.tokenizer import CharTokenizer
 
@@ -516,8 +554,14 @@ def test_cli_errors_are_one_line(bpe_run, tmp_path):
                            ({"output_json": str(tmp_path / "afile" / "m.json")}, "is a file, not a folder"),
                            ({"device": "cpu", "task_dir": str(tmp_path / "afile"), "tasks": "arc_easy"}, "cannot use .*afile as the task directory"),
                            ({"device": "cpu", "scorer": "harness", "num_fewshot": 1, "limit": 2}, "--num_fewshot=1 with hellaswag: .*use --num_fewshot=0"),
-                           ({"device": "cpu", "scorer": "harness", "task_dir": str(damaged)}, r"hellaswag_val.jsonl:3 is not a hellaswag item")]:
-        with pytest.raises((E.EvalError, downstream.TaskError), match=needle):
-            E.evaluate(types.SimpleNamespace(**(vars(args) | change)))
+                           ({"device": "cpu", "scorer": "harness", "task_dir": str(damaged)}, r"hellaswag_val.jsonl:3 is not a hellaswag item"),
+                           # a task whose data is on the hub, offline: was datasets' ConnectionError traceback
+                           ({"device": "cpu", "scorer": "harness", "tasks": "arc_challenge", "limit": 2},
+                            r"^arc_challenge: Couldn't reach .*from the Hugging Face hub: .* or score hellaswag and arc_easy \(local files\)$")]:
+        with pytest.MonkeyPatch.context() as mp:
+            for mod, name in E.offline_flags():  # (no network, whatever this machine has)
+                mp.setattr(mod, name, True)
+            with pytest.raises((E.EvalError, downstream.TaskError), match=needle):
+                E.evaluate(types.SimpleNamespace(**(vars(args) | change)))
     r = _cli(f"--checkpoint={tmp_path / 'nope'}", "--scorer=fast")
     assert r.returncode == 2 and r.stderr.startswith("error: no such run") and r.stderr.count("\n") == 1, r.stderr
