@@ -181,20 +181,25 @@ def unreadable(directory: Path, step: int, e: BaseException, hint: tuple[str, st
 
 
 def _other_model(step_dir: Path, target) -> str | None:
-    """Where the arrays saved in `step_dir` differ in shape from `target`'s (a path missing from the
-    checkpoint counts), or None: the same shapes, or metadata that cannot be read (a damaged checkpoint)."""
+    """Where the parameters saved in `step_dir` differ in shape from `target["params"]` (a path
+    missing from the checkpoint counts), or None: the same shapes, or metadata that cannot be read
+    (a damaged checkpoint). Paths are compared as 'params/blocks/...' (Orbax's metadata has dicts
+    where the optimizer state has named tuples)."""
     try:
         saved = ocp.PyTreeCheckpointHandler().metadata(step_dir / "state")
-        saved = getattr(saved, "item_metadata", saved) or {}
+        saved = (getattr(saved, "item_metadata", saved) or {})["params"]
     except Exception:  # noqa: BLE001 (damaged: said by the caller's own message)
         return None
-    shapes = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(saved)[0] if hasattr(v, "shape")}
-    for path, want in jax.tree_util.tree_flatten_with_path(target)[0]:
-        key = jax.tree_util.keystr(path)
-        if key not in shapes:
-            return f"{key} is not in the checkpoint"
-        if shapes[key] != tuple(want.shape):
-            return f"{key} has shape {shapes[key]} there, {tuple(want.shape)} in the model"
+
+    def key(path):
+        return "params/" + jax.tree_util.keystr(path, simple=True, separator="/")
+
+    shapes = {key(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(saved)[0] if hasattr(v, "shape")}
+    for path, want in jax.tree_util.tree_flatten_with_path(target["params"])[0]:
+        if key(path) not in shapes:
+            return f"{key(path)} is not in the checkpoint"
+        if shapes[key(path)] != tuple(want.shape):
+            return f"{key(path)} has shape {shapes[key(path)]} there, {tuple(want.shape)} in the model"
     return None
 
 
@@ -215,8 +220,38 @@ def check_metrics(directory: Path) -> None:
         except (OSError, UnicodeDecodeError, ValueError) as e:
             problem = f"{type(e).__name__}: {e}"
         if problem:
-            raise CheckpointError(f"{f} is damaged or not llmjax's ({problem}); it only records checkpoint {step_dir.name}'s "
-                                  f"validation loss: move it aside (`mv {f} {f}.damaged`) and run again")
+            raise CheckpointError(f"{f} is damaged or not llmjax's ({problem}); it records checkpoint {step_dir.name}'s validation "
+                                  f"loss (for --which=best and for keeping the best checkpoint): {_metrics_fix(f, int(step_dir.name))}")
+
+
+def _metrics_fix(f: Path, step: int) -> str:
+    """What to do about a damaged metrics file: write it again from the run's metrics.jsonl where
+    that has the step's figure (the checkpoint's metric: the periodic estimate, as saved); else
+    moving it aside, with what that costs."""
+    rows = _metrics_rows(f.parents[2].parent / "metrics.jsonl")
+    row = next((r for r in reversed(rows) if r.get("step") == step), {})
+    value = row.get("val_loss_estimate", row.get("val_loss"))
+    if isinstance(value, (int, float)):
+        return f"write it again with `echo '{{\"val_loss\": {value!r}}}' > {f}` (from metrics.jsonl), then run again"
+    return (f"move it aside (`mv {f} {f}.damaged`) and run again: the checkpoint then has no validation loss, and training "
+            f"deletes it once it is not among the last train.keep_checkpoints")
+
+
+def _metrics_rows(path: Path) -> list[dict]:
+    """The JSON rows of a metrics.jsonl that can be read (none where the file cannot)."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def _innermost(e: BaseException) -> str:

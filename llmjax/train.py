@@ -75,14 +75,6 @@ def peak_flops(device, override: float) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
 
 
-# AdamW's weight decay: the parameters of these names (matrices of linear maps, the MoE's expert
-# matrices, Linformer's sequence projections, the SSM's convolution, embeddings); not biases, norm
-# scales, nor the SSM's A_log and D (Mamba's _no_weight_decay). A new architecture's matrix of
-# another name is caught by tests/test_train.py's contract test, which asks for a decision.
-DECAYED = ("kernel", "embedding", "w_in", "w_out", "proj_k", "proj_v", "conv_weight")
-NOT_DECAYED = ("bias", "scale", "b_in", "b_out", "conv_bias", "A_log", "D")
-
-
 def make_optimizer(tcfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     # nanoGPT's warm-up: step s (from 1) of the first `warmup_steps` runs at lr * s / (warmup_steps + 1),
     # so no step is wasted at lr 0; then cosine decay to `min_lr` at `max_steps`.
@@ -94,8 +86,10 @@ def make_optimizer(tcfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
         end_value=tcfg.min_lr,
     )
 
-    def decay_mask(params):
-        return jax.tree_util.tree_map_with_path(lambda p, _: getattr(p[-1], "key", None) in DECAYED, params)
+    decayed = {n.strip() for n in tcfg.decay_params.split(",") if n.strip()}
+
+    def decay_mask(params):  # (train.decay_params: llmjax.config.DECAYED by default)
+        return jax.tree_util.tree_map_with_path(lambda p, _: getattr(p[-1], "key", None) in decayed, params)
 
     tx = optax.chain(
         optax.clip_by_global_norm(tcfg.grad_clip) if tcfg.grad_clip > 0 else optax.identity(),
@@ -169,26 +163,42 @@ class Run:
 
 class _Stop:
     """SIGTERM (preemption) or a first Ctrl-C (SIGINT) sets a flag; the loop checkpoints and exits
-    after the step. A second Ctrl-C interrupts at once (KeyboardInterrupt: the last checkpoint stays)."""
+    after the step. A second Ctrl-C stops the process at once, in one line (the checkpoints written
+    are complete: Orbax writes each in a temporary folder, renamed when done). A SIGINT that the
+    process ignores (a background job of a shell script) stays ignored."""
 
-    def __init__(self):
+    def __init__(self, checkpoints: Path):
         self.requested = None  # the name of the signal that asked to stop
         self.previous = {}
+        self.checkpoints = checkpoints
 
     def __enter__(self):
         if threading_main():
-            self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+            self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.requested == "Ctrl-C":
+            # (not KeyboardInterrupt: raised in whatever Python code runs, JAX's callbacks swallow it)
+            print(f"error: {interrupted(self.checkpoints)}", file=sys.stderr, flush=True)
+            os._exit(130)
         self.requested = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
         if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, self.previous[signal.SIGINT])  # the second one interrupts
             print("Ctrl-C: stopping after this step with a checkpoint (press it again to stop at once)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def interrupted(checkpoints: Path) -> str:
+    """The line for a run interrupted at once: where it resumes from."""
+    steps = sorted(int(c.name) for c in checkpoints.iterdir() if c.name.isdigit()) if checkpoints.is_dir() else []
+    if not steps:
+        return "interrupted; no checkpoint was written: the same command starts the run afresh"
+    return f"interrupted; the same command resumes from the last checkpoint written, step {steps[-1]} in {checkpoints}"
 
 
 def in_thread(fn) -> concurrent.futures.Future:
@@ -677,7 +687,7 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
 
     pending: list[tuple[int, dict]] = []  # dispatched steps whose metrics are not read yet
     try:
-        with _Stop() as stop, jax.set_mesh(mesh):  # the mesh in context: MoE's expert parallelism uses it
+        with _Stop(workdir / "checkpoints") as stop, jax.set_mesh(mesh):  # the mesh in context: MoE's expert parallelism uses it
             for step in range(start + 1, end + 1):
                 local = next(train_it).reshape(accum, micro // pc, T + 1)
                 batch = to_global(local, tok_shard, (accum, micro, T + 1))
@@ -841,9 +851,8 @@ def main(argv):
         run = train(FLAGS.config, workdir)
     except TrainingError as e:
         cli.fail(str(e), code=1)
-    except KeyboardInterrupt:
-        cli.fail(f"interrupted; the checkpoints written are kept in {Path(workdir) / 'checkpoints'}: the same command resumes "
-                 f"from the last", code=130)
+    except KeyboardInterrupt:  # (before the loop, or after it)
+        cli.fail(interrupted(Path(workdir).absolute() / "checkpoints"), code=130)
     if jax.process_index() == 0:
         if run.final:
             print(f"done: {run.step} steps, final val_loss {run.last_val_loss:.4f} (whole validation split); run in {run.workdir}")

@@ -127,24 +127,44 @@ def test_the_samplers_restore_checks_the_parameters(tmp_path):
 
 def test_resuming_past_a_damaged_metrics_file_or_onto_another_model_is_one_line(tmp_path):
     """A checkpoint's metrics file (its validation loss) is read for every step when the trainer's
-    manager opens the folder: a damaged one was a JSON traceback. A checkpoint whose arrays have other
-    shapes than the model says so (it was 'cannot be restored; move it aside')."""
+    manager opens the folder: a damaged one was a JSON traceback; the line says how to write it again
+    (from metrics.jsonl) or what moving it aside costs. A checkpoint whose parameters have other
+    shapes than the model says so; a damaged one of the same model (its optimizer state holds named
+    tuples, which Orbax's metadata lists as dicts) is not called another model."""
+    import json
+
+    import optax
+
     it = iter(grain.MapDataset.range(10).to_iter_dataset())
-    ckpt = Checkpointer(tmp_path / "ckpt")
-    state = {"params": {"w": np.ones((4, 8), np.float32)}}
+    run = tmp_path / "run"
+    ckpt = Checkpointer(run / "checkpoints")
+    params = {"w": np.ones((4, 8), np.float32)}
+    state = {"params": params, "opt": optax.adamw(1e-3).init(params)}
     ckpt.save(1, state, it, {"step": 1}, val_loss=2.5)
+    ckpt.save(2, state, it, {"step": 2})
     ckpt.close()
-    assert Checkpointer(tmp_path / "ckpt").best_step() == 1
-    wrong = {"params": {"w": jax.ShapeDtypeStruct((8, 8), np.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}}
-    with pytest.raises(CheckpointError, match=r"ckpt/1 holds another model .*\['params'\]\['w'\] has shape \(4, 8\) there, \(8, 8\) in the model"):
-        Checkpointer(tmp_path / "ckpt").restore(1, wrong)
-    metrics = tmp_path / "ckpt" / "1" / "metrics" / "metrics"
+    assert Checkpointer(run / "checkpoints").best_step() == 1
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    wrong = jax.tree.map(lambda a: jax.ShapeDtypeStruct((8, 8) if a.shape == (4, 8) else a.shape, a.dtype, sharding=sharding), state)
+    with pytest.raises(CheckpointError, match=r"checkpoints/1 holds another model .*\(params/w has shape \(4, 8\) there, \(8, 8\) in the model\)"):
+        Checkpointer(run / "checkpoints").restore(1, wrong)
+    meta = run / "checkpoints" / "2" / "meta" / "metadata"
+    meta.write_text(meta.read_text()[:5])  # damaged, the same model
+    with pytest.raises(CheckpointError, match=r"checkpoints/2 cannot be restored \(.*\); move it aside .* to resume from step 1$"):
+        Checkpointer(run / "checkpoints").restore(2, _abstract(state))
+    metrics = run / "checkpoints" / "1" / "metrics" / "metrics"
     metrics.write_text('{"val_loss": 2.')
-    with pytest.raises(CheckpointError, match=f"^{metrics} is damaged or not llmjax's \\(JSONDecodeError: .*move it aside"):
-        Checkpointer(tmp_path / "ckpt")
-    metrics.rename(metrics.with_suffix(".damaged"))  # as the message says: the checkpoint restores, no longer "best"
-    restored, _ = Checkpointer(tmp_path / "ckpt").restore(1, _abstract(state))
-    np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+    with pytest.raises(CheckpointError, match=f"^{metrics} is damaged or not llmjax's \\(JSONDecodeError: .*move it aside .*and training "
+                                              "deletes it once it is not among the last train.keep_checkpoints$"):
+        Checkpointer(run / "checkpoints")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "train_loss": 3.0, "val_loss": 2.5}) + "\n{cut")
+    with pytest.raises(CheckpointError) as e:
+        Checkpointer(run / "checkpoints")
+    assert str(e.value).endswith(f"""write it again with `echo '{{"val_loss": 2.5}}' > {metrics}` (from metrics.jsonl), then run again""")
+    metrics.write_text(json.dumps({"val_loss": 2.5}))  # as the line says
+    assert Checkpointer(run / "checkpoints").best_step() == 1
+    restored, _ = Checkpointer(run / "checkpoints").restore(1, _abstract(state))
+    np.testing.assert_array_equal(restored["params"]["w"], params["w"])
 
 
 def test_orbax_notices_about_intended_behaviour_are_not_logged(tmp_path, caplog):

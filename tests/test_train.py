@@ -69,14 +69,15 @@ def test_loss_falls_for_every_architecture(arch, tmp_path):
 
 @pytest.mark.parametrize("arch", sorted(llmjax.ARCHS))
 def test_weight_decay_reaches_every_matrix(arch):
-    """AdamW's decay, by the parameter's name: every parameter's name is in train.DECAYED or
-    train.NOT_DECAYED (a new name fails here until decided), the only matrices left undecayed are
+    """AdamW's decay, by the parameter's name: every parameter's name is in config.DECAYED (the
+    default train.decay_params) or config.NOT_DECAYED (a new name fails here until decided), the only matrices left undecayed are
     biases and the SSM's A_log, and one update with zero gradients moves exactly the decayed ones.
     (The MoE's expert matrices and Linformer's projections went undecayed: only `kernel` and
     `embedding` were.)"""
     from flax import nnx
 
-    from llmjax.train import DECAYED, NOT_DECAYED, make_optimizer
+    from llmjax.config import DECAYED, NOT_DECAYED
+    from llmjax.train import make_optimizer
 
     c = cfg(arch, model__scan_layers=False, train__weight_decay=0.5, train__lr=0.1, train__warmup_steps=0, train__grad_clip=0.0)
     if arch == "ssm":
@@ -91,6 +92,14 @@ def test_weight_decay_reaches_every_matrix(arch):
         moved = bool(jnp.any(u != 0)) if jnp.any(a != 0) else name in DECAYED  # (a zero array stays zero)
         assert moved == (name in DECAYED), (path, name)
     assert arch != "moe" or any(name == "w_in" for _, name, _ in leaves)
+    # train.decay_params chooses (the rule before 2026-12-06: kernel and embedding only)
+    c.train.decay_params = "kernel,embedding"
+    tx, _ = make_optimizer(c.train)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    for (path, name, a), u in zip(leaves, jax.tree.leaves(updates)):
+        assert bool(jnp.any(u != 0)) == (name in ("kernel", "embedding")), (path, name)
+    with pytest.raises(ConfigError, match=r"^train.decay_params: unknown parameter name 'kernal' \(did you mean 'kernel'\?\)"):
+        llmjax.load_config(f"{ROOT}/configs/{arch}.py:tiny", {"train.decay_params": "kernal,embedding"})
 
 
 def test_the_end_of_run_sample(tmp_path):
@@ -359,6 +368,39 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
     stopped = max(losses(workdir))
     assert f"stopped by SIGTERM after step {stopped}; checkpoint saved" in outs[0] and stopped % 5 == 0, outs[0]
     assert sorted(int(c.name) for c in (workdir / "checkpoints").iterdir() if c.name.isdigit()) == [stopped]
+
+
+def test_a_second_ctrl_c_stops_at_once_and_an_ignored_one_stays_ignored(tmp_path, monkeypatch, capsys):
+    """The second Ctrl-C exits the process itself, in one line (a KeyboardInterrupt raised in JAX's
+    callbacks was swallowed, with a traceback, and the run went on); a SIGINT the process ignores (a
+    shell script's background job) does not stop the run."""
+    from llmjax import train as T
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(T.os, "_exit", fake_exit)
+    with T._Stop(tmp_path / "checkpoints") as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested == "Ctrl-C"
+        with pytest.raises(Exited, match="130"):
+            stop._handle(signal.SIGINT, None)
+    assert capsys.readouterr().err.splitlines()[-1] == "error: interrupted; no checkpoint was written: the same command starts the run afresh"
+    for step in (3, 7):
+        (tmp_path / "checkpoints" / str(step)).mkdir(parents=True)
+    (tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1").mkdir()  # (a save cut short: not a checkpoint)
+    assert T.interrupted(tmp_path / "checkpoints").endswith(f"resumes from the last checkpoint written, step 7 in {tmp_path / 'checkpoints'}")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with T._Stop(tmp_path / "checkpoints") as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.requested is None
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _whole_split_loss(workdir, step):
