@@ -193,6 +193,10 @@ class _Stop:
             signal.signal(sig, handler)
 
 
+# What asked a run to stop, by rank: processes agree on the highest any of them got.
+STOP_SIGNALS = (None, "SIGTERM", "Ctrl-C")
+
+
 def interrupted(checkpoints: Path) -> str:
     """The line for a run interrupted at once: where it resumes from."""
     steps = sorted(int(c.name) for c in checkpoints.iterdir() if c.name.isdigit()) if checkpoints.is_dir() else []
@@ -703,10 +707,12 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
                 # in every process (each metrics block's end and each evaluation, checkpoint or
                 # scoring step), so that all save that step and stop together (a process stopping
                 # alone would leave the others waiting in the next step's collectives)
-                if multi:
-                    stopping = (do_eval or do_ckpt or do_tasks or step % metrics_block == 0) and bool(most_of_all_processes(int(stop.requested is not None)))
+                if multi:  # (the highest of every process's STOP_SIGNALS)
+                    agree = do_eval or do_ckpt or do_tasks or step % metrics_block == 0
+                    signalled = STOP_SIGNALS[most_of_all_processes(STOP_SIGNALS.index(stop.requested))] if agree else None
                 else:
-                    stopping = stop.requested is not None
+                    signalled = stop.requested
+                stopping = signalled is not None
                 do_ckpt = do_ckpt or stopping
                 if step == start + 1 and not (do_eval or do_ckpt or do_tasks):
                     # the first step alone: its line carries the compilation, the lines after it none
@@ -738,6 +744,7 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
                     last_val = val
                 if not multi and stop.requested is not None:  # (also a SIGTERM during this step's evaluation or scoring)
                     stopping = do_ckpt = True
+                    signalled = stop.requested
                 if do_ckpt:
                     # the checkpoint's metric for `best`: the periodic estimate at the last step too
                     # (comparable with the earlier checkpoints'; the whole split's loss is in its meta)
@@ -748,7 +755,7 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
                     last_good = step
                 last_time = time.perf_counter()  # evaluation and checkpointing are not step time
                 if stopping and step < end:
-                    say(f"stopped by {stop.requested or 'another process (a signal)'} after step {step}; checkpoint saved. Run the same command to resume.")
+                    say(f"stopped by {signalled} after step {step}; checkpoint saved. Run the same command to resume.")
                     end = step
                     break
             if pending:
