@@ -570,6 +570,7 @@ def define_flags():
     from llmjax import cli
 
     cli.define_config_flag()
+    flags.adopt_module_key_flags(cli)  # (--help lists them with the tool's own flags)
     flags.DEFINE_enum("target", "h100", list(TARGETS), "the GPU to compile for")
     flags.DEFINE_list("suite", ["train", "decode"], "what to compile: train (the trainer's step), decode (the sampler)")
     flags.DEFINE_integer("batch_size", None, "training batch size (default: the config's train.batch_size)")

@@ -240,6 +240,15 @@ def compare(specs, *, out: Path, seeds: int, max_steps: int, batch_size=None, ev
         raise CompareError("--seeds and --max_steps must be >= 1")
     plans = plan(specs, max_steps=max_steps, batch_size=batch_size, eval_every=eval_every, eval_batches=eval_batches, tasks=tasks,
                  tasks_limit=tasks_limit, overrides=overrides or {})
+    scored = [p for p in plans if p["cfg"].eval.tasks]
+    if scored:  # the task files now, not after the runs before the first that scores them
+        from llmjax import downstream
+
+        try:
+            for name in downstream.check_names(scored[0]["cfg"].eval.tasks.split(",")):
+                downstream.find_file(name, scored[0]["cfg"].eval.tasks_dir or None)
+        except downstream.TaskError as e:
+            raise CompareError(f"--tasks: {e} (--task_dir DIR: where the task files are; --tasks '': score none)") from None
     out = Path(out)
     rows = []
     for p in plans:
@@ -274,6 +283,7 @@ def define_flags():
     flags.DEFINE_integer("eval_batches", None, "batches per validation estimate (default: the configs')")
     flags.DEFINE_string("tasks", "hellaswag", "in-loop tasks for GPT-2 BPE models ('' for none)")
     flags.DEFINE_integer("tasks_limit", 0, "items per task (0: all)")
+    flags.DEFINE_string("task_dir", None, "where the task files are or are downloaded to (default: $LLMJAX_TASK_DIR or ~/.cache/llmjax/tasks)")
     flags.DEFINE_multi_string("set", [], "config overrides for every run, key=value (e.g. --set train.lr=1e-3)")
     flags.DEFINE_string("out", "runs/compare", "output folder: one folder per config, results.md/.json, val_loss.png")
 
@@ -293,6 +303,8 @@ def main(argv):
             overrides[k] = json.loads(v)
         except json.JSONDecodeError:
             overrides[k] = v
+    if F.task_dir:
+        overrides["eval.tasks_dir"] = F.task_dir
     command = "python -m llmjax.compare " + " ".join(sys.argv[1:])
 
     def stop(signum, frame):

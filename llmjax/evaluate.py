@@ -217,6 +217,7 @@ def run_harness(
 
 def define_flags():
     cli.define_checkpoint_flags()
+    flags.adopt_module_key_flags(cli)  # (--help lists them with the tool's own flags)
     flags.DEFINE_string("tasks", "hellaswag", "comma-separated tasks (lm-eval names; --scorer=fast: hellaswag, arc_easy)")
     flags.DEFINE_integer("batch_size", 8, "sequences per forward pass")
     flags.DEFINE_string("dtype", None, "compute dtype, matmuls included (default: the run's model.dtype and matmul_dtype)")
@@ -226,9 +227,11 @@ def define_flags():
     flags.DEFINE_enum("scorer", "harness", ["harness", "fast"], "lm-evaluation-harness, or llmjax's built-in HellaSwag/ARC scorer")
     flags.DEFINE_string("task_dir", None, "where hellaswag/arc_easy files are found or downloaded (default: $LLMJAX_TASK_DIR or ~/.cache/llmjax/tasks)")
     flags.DEFINE_integer("num_fewshot", None, "harness: few-shot examples (default: each task's own)")
+    from llmjax import sample
     from llmjax.sample import define_quantize_flags
 
     define_quantize_flags()
+    flags.adopt_module_key_flags(sample)  # (--quantize in --help)
 
 
 def check_output_path(path: Path) -> None:

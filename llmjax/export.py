@@ -307,9 +307,10 @@ def write_gguf(params: dict, mcfg, tokenizer, path: Path, dtype=np.float32, name
         import gguf
     except ImportError:
         raise ExportError("GGUF export needs the gguf package: bash scripts/setup.sh hf") from None
-    check_llama(mcfg)
     if getattr(tokenizer, "eot_id", None) != 50256:
-        raise ExportError("GGUF export embeds the GPT-2 BPE tokenizer; this model has another vocabulary")
+        raise ExportError("GGUF export embeds the GPT-2 BPE tokenizer; this model has another vocabulary"
+                          " (a character-level run cannot be exported: train a GPT-2 BPE one, e.g. --config.data.dataset=tinyshakespeare --config.model.vocab_size=50257 --config.model.padded_vocab_size=50304)")
+    check_llama(mcfg)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         _write_gguf(gguf, params, mcfg, tokenizer, tmp, dtype, name)
@@ -397,14 +398,15 @@ def _write(loaded, fmt: str, out: Path, gguf_path: Path, np_dtype, dtype: str) -
         from safetensors.numpy import save_file
     except ImportError:
         raise ExportError("safetensors export needs the safetensors package: bash scripts/setup.sh hf") from None
+    if loaded.tokenizer.eot_id != 50256:  # (first: no other setting can make such a model exportable)
+        raise ExportError("Hugging Face export ships the GPT-2 BPE tokenizer; this model has another vocabulary"
+                          " (a character-level run cannot be exported: train a GPT-2 BPE one, e.g. --config.data.dataset=tinyshakespeare --config.model.vocab_size=50257 --config.model.padded_vocab_size=50304)")
     if mcfg.arch == "vanilla":
         tensors, config = gpt2_tensors(params, mcfg, np_dtype), gpt2_config(mcfg)
     elif mcfg.arch == "modern":
         tensors, config = llama_tensors(params, mcfg, np_dtype), llama_config(mcfg)
     else:
         raise ExportError(f"no Hugging Face layout for `{mcfg.arch}`; supported: {SUPPORTED}")
-    if loaded.tokenizer.eot_id != 50256:
-        raise ExportError("Hugging Face export ships the GPT-2 BPE tokenizer; this model has another vocabulary")
     config["torch_dtype"] = dtype
     from llmjax.data import umask
 
@@ -468,6 +470,7 @@ def _is_llmjax_run(cfg: Path) -> bool:
 
 def define_flags():
     cli.define_checkpoint_flags()
+    flags.adopt_module_key_flags(cli)  # (--help lists them with the tool's own flags)
     flags.DEFINE_string("format", None, "safetensors (HF GPT-2 for vanilla, HF Llama for modern) or gguf (llama.cpp, modern)")
     flags.DEFINE_string("out", None, "output folder (safetensors) or .gguf file")
     flags.DEFINE_string("dtype", "float32", "float32 or float16")

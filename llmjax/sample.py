@@ -601,6 +601,7 @@ def load(
 
 def define_flags():
     cli.define_checkpoint_flags()
+    flags.adopt_module_key_flags(cli)  # (--help lists them with the tool's own flags)
     flags.DEFINE_string("prompt", None, "the prompt (empty: start from end-of-text)")
     flags.DEFINE_string("prompt_file", None, "a file with one prompt per line (after --prompt, if given)")
     flags.DEFINE_integer("max_new_tokens", 100, "new tokens per sample")

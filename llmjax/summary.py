@@ -125,6 +125,7 @@ def main(argv):
 
 if __name__ == "__main__":
     cli.define_config_flag()
+    flags.adopt_module_key_flags(cli)  # (--help lists them with the tool's own flags)
     flags.DEFINE_bool("json", False, "print JSON (an object for --config, a list otherwise)")
     flags.DEFINE_string("variant", "default", "variant of every config, when --config is not given")
     cli.run(main)

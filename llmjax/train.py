@@ -822,6 +822,7 @@ def _wandb_init(cfg, workdir: Path):
 
 def define_flags():
     cli.define_config_flag()
+    flags.adopt_module_key_flags(cli)  # (--help lists them with the tool's own flags)
     flags.DEFINE_string("workdir", None, "run directory (default: runs/<config name>[_<variant>])")
     flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0 (else auto-detected, e.g. SLURM)")
     flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")

@@ -230,3 +230,11 @@ def test_compare_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "context_len" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     r = _cli("llmjax.compare", f"--out={tmp_path}")
     assert r.returncode == 2 and "--configs is required" in r.stderr
+    # task files that cannot be had: said before any run (it was the first BPE run's failure, its line cut at 300
+    # characters, with no word of --task_dir, which compare did not have)
+    r = _cli("llmjax.compare", f"--configs={ROOT}/configs/vanilla.py:tiny", "--set=model.vocab_size=50257", "--set=model.padded_vocab_size=50304",
+             "--set=data.dataset=tinyshakespeare", "--task_dir=/proc/self", f"--out={tmp_path / 'bpe'}", "--max_steps=2")
+    lines = r.stderr.splitlines()  # ("downloading hellaswag from ... to ...", then the error)
+    assert r.returncode == 2 and len(lines) == 2 and lines[0].startswith("downloading hellaswag"), r.stderr
+    assert lines[1].startswith("error: --tasks: cannot write hellaswag's download into /proc/self") and "--task_dir DIR" in lines[1], r.stderr
+    assert not (tmp_path / "bpe").exists()

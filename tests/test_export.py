@@ -5,6 +5,7 @@ one-line errors; logit parity with transformers where it is installed (the GPU m
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -224,6 +225,18 @@ def test_unsupported_exports_are_one_line_errors(runs, tmp_path):
         X.check_gpt2(llmjax.model_config(config("modern")))
     with pytest.raises(X.ExportError, match="bias=True"):
         X.check_gpt2(llmjax.model_config(config("vanilla", bias=False)))
+    # a character-level run: the vocabulary is said first (the bias=True hint came first, and a run
+    # retrained with it was refused for its vocabulary)
+    char = tmp_path / "char"
+    shutil.copytree(runs["vanilla"], char)
+    chars = "".join(chr(i) for i in range(0x100, 0x100 + 50257))
+    (char / "tokenizer.json").write_text(json.dumps({"kind": "char", "vocab_size": 50257, "chars": chars}))
+    cfg = json.loads((char / "config.json").read_text())
+    cfg["model"]["bias"] = False
+    (char / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(X.ExportError, match="ships the GPT-2 BPE tokenizer; this model has another vocabulary .a character-level run cannot "
+                                            "be exported: train a GPT-2 BPE one"):
+        X.export(char, "safetensors", tmp_path / "c")
     r = subprocess.run([sys.executable, "-m", "llmjax.export", f"--checkpoint={runs['vanilla']}", "--format=gguf", f"--out={tmp_path / 'y'}"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "supported" in r.stderr and r.stderr.count("\n") == 1, r.stderr

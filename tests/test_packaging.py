@@ -52,3 +52,17 @@ def test_installed_versions_match_the_pins():
             name, version = line.split("==")
             if name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tiktoken", "grain", "ml_collections"):
                 assert metadata.version(name) == version, name
+
+
+def test_every_tools_help_lists_its_main_flags():
+    """`--help` lists the flags a tool takes from llmjax.cli (--config, --checkpoint_path, --which) and
+    llmjax.sample (--quantize) with its own: they were under --helpfull only."""
+    import subprocess
+    import sys
+
+    for module, names in [("llmjax.train", ["--config", "--workdir"]), ("llmjax.sample", ["--checkpoint_path", "--which", "--prompt"]),
+                          ("llmjax.evaluate", ["--checkpoint_path", "--which", "--quantize", "--tasks"]),
+                          ("llmjax.export", ["--checkpoint_path", "--which"]), ("llmjax.summary", ["--config"])]:
+        r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        listed = set(re.findall(r"^\s+(--\w+):", r.stdout + r.stderr, re.M))
+        assert set(names) <= listed, (module, set(names) - listed)
