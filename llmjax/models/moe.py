@@ -291,9 +291,11 @@ class MoEFeedForward(nnx.Module):
         w_in, b_in, w_out, b_out = self._weights()
         # (autodiff's backward here: exact gradients of the rounded operands)
         h = jax.lax.ragged_dot(rows.astype(mm), w_in, sizes, preferred_element_type=jnp.float32)
-        h = biased_gelu(h.astype(self.dtype), b_in.astype(self.dtype), sorted_e)
+        # (the biases gathered in float32, then rounded: the same values as rounded then gathered, but
+        # their gradient, a scatter-add over every row of an expert, sums in float32, not bf16)
+        h = biased_gelu(h.astype(self.dtype), b_in[sorted_e].astype(self.dtype))
         out = jax.lax.ragged_dot(h.astype(mm), w_out, sizes, preferred_element_type=jnp.float32).astype(self.dtype)
-        out = out + b_out.astype(self.dtype)[sorted_e]
+        out = out + b_out[sorted_e].astype(self.dtype)
         return jnp.zeros_like(out).at[order].set(out).reshape(N, k, D)
 
     def _capacity(self, x_BTD, gates, experts):
