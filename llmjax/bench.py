@@ -83,6 +83,27 @@ def own_peak(before: dict, after: dict) -> int | None:
     return peak_after if peak_after is not None and peak_after > peak_before else None
 
 
+SUITE_ERRORS = ("hellaswag_error", "decode_error")  # a later suite's failure in a row that kept the earlier figures
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _later_suite(row: dict, suite: str, kept: bool, fn) -> None:
+    """`row.update(fn())` for a suite that runs after others: where the earlier ones measured
+    something (`kept`), a failure here is recorded as `<suite>_error` (the CLI reports it and exits
+    1) instead of losing their figures with the row; with nothing measured yet it is raised."""
+    if not kept:
+        row.update(fn())
+        return
+    try:
+        row.update(fn())
+    except Exception as e:  # noqa: BLE001  (e.g. a decode kernel that fails on this GPU: the training row stays)
+        row[f"{suite}_error"] = _one_line(e)
+
+
 def _profile(row: dict, key: str, fn, directory: Path | None, hlo: str | None = None) -> None:
     """With a `directory`: run `fn` once more under the profiler and put the trace's summary into
     `row[key]` (llmjax.tracing), and its markdown into directory/../summary.md. A profiler that
@@ -319,11 +340,15 @@ def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len,
         if "train" not in suites:
             for k in ("train_tokens_per_sec", "step_time_ms", "mfu"):
                 row[k] = None
+    kept = bool(suites & {"train", "memory"})
     if "hellaswag" in suites:
-        row.update(bench_hellaswag(cfg, batch_size=task_batch_size, limit=task_limit, task_dir=task_dir, quantize=quantize))
+        _later_suite(row, "hellaswag", kept, lambda: bench_hellaswag(cfg, batch_size=task_batch_size, limit=task_limit,
+                                                                     task_dir=task_dir, quantize=quantize))
+        kept = kept or "hellaswag_error" not in row
     if "decode" in suites:
-        row.update(bench_decode(cfg, batches=decode_batches, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
-                                quantize=quantize, modes=decode_modes, unroll=decode_unroll, profile_dir=profile_dir))
+        _later_suite(row, "decode", kept, lambda: bench_decode(cfg, batches=decode_batches, prompt_len=prompt_len, new_tokens=new_tokens,
+                                                               repeats=repeats, quantize=quantize, modes=decode_modes,
+                                                               unroll=decode_unroll, profile_dir=profile_dir))
     return row
 
 
@@ -354,7 +379,8 @@ def table(rows: list[dict], command: str) -> str:
             continue
         cells = [f"`{r['arch']}`", _fmt(r["params_active"], "m"), _fmt(r["batch_size"]), _fmt(r["train_tokens_per_sec"]),
                  _fmt(r["mfu"], "pct"), _fmt(r["peak_memory_bytes"], "gb"), _fmt(r["compiled_memory_bytes"], "gb")]
-        cells += [f"{_fmt(r.get(f'decode_tokens_per_sec_b{x}'))} / {_fmt(r.get(f'decode_sampled_tokens_per_sec_b{x}'))}" for x in b]
+        cells += ["decode failed" if "decode_error" in r else
+                  f"{_fmt(r.get(f'decode_tokens_per_sec_b{x}'))} / {_fmt(r.get(f'decode_sampled_tokens_per_sec_b{x}'))}" for x in b]
         cells.append(f"{r['decode_state_bytes'] / 2**20:.2f} MiB")
         lines.append("| " + " | ".join(cells) + " |")
     r0 = next((r for r in rows if "error" not in r), None)
@@ -511,7 +537,11 @@ def main(argv):
         except Exception as e:  # noqa: BLE001  (--all: one architecture's failure must not lose the others' rows)
             if not F.all:
                 raise
-            row, message = None, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            row, message = None, _one_line(e)
+        if row is not None and any(k in row for k in SUITE_ERRORS):  # (its earlier suites' figures kept)
+            failed += 1
+            print(f"error: {spec}: " + "; ".join(f"{k[: -len('_error')]}: {row[k]}" for k in SUITE_ERRORS if k in row),
+                  file=sys.stderr, flush=True)
         if row is None:
             failed += 1
             print(f"error: {spec}: {message}", file=sys.stderr, flush=True)

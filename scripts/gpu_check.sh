@@ -85,7 +85,7 @@ rows = [json.loads(l) for l in open(sys.argv[1])] if os.path.exists(sys.argv[1])
 cols = ["arch", "batch_size", "scan_layers", "remat", "attention_impl", "loss_chunks", "deterministic", "moe_mode", "moe_impl", "moe_block_rows", "capacity_factor", "scan_chunk", "d_conv", "quantize", "train_tokens_per_sec", "mfu", "peak_memory_bytes",
         "compiled_memory_bytes", "compiled_flops_ratio", "decode_tokens_per_sec_b1", "decode_tokens_per_sec_b64", "decode_sampled_tokens_per_sec_b1",
         "decode_sampled_tokens_per_sec_b64", "hellaswag_items_per_sec", "decode_attention_impl", "decode_norm_impl", "decode_min_rows",
-        "decode_grow", "decode_unroll", "config", "overrides", "error", "xla_flags"]
+        "decode_grow", "decode_unroll", "config", "overrides", "error", "decode_error", "hellaswag_error", "xla_flags"]
 print("| " + " | ".join(cols) + " |")
 print("|" + "---|" * len(cols))
 for r in rows:
@@ -132,7 +132,7 @@ step() {
     124 | 137) log "   TIMEOUT after $((SECONDS - t0)) s (rows written so far are kept)"; status=1 ;;
     *) log "   FAILED (exit $rc) in $((SECONDS - t0)) s"; status=1 ;;
   esac
-  tail -n +$((n0 + 1)) "$logf" | grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped|error)|Error:|^error:" | tail -8 | sed 's/^/   | /' | tee -a "$out/steps.log"
+  tail -n +$((n0 + 1)) "$logf" | grep -v '^{' | grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped|error)|Error:|^error:" | tail -8 | sed 's/^/   | /' | tee -a "$out/steps.log"
   pack
 }
 
@@ -264,8 +264,9 @@ print("cuDNN attention with narrower values ok")'
       --repeats=2 --decode_modes=greedy
   done
   # the SSM's scan runs as a Pallas (Triton) kernel on a GPU, first run here: if its row failed, the
-  # XLA scan's training row instead (slow, but a figure)
-  if [ "$last_rc" != 0 ] && [ "$last_rc" != skipped ]; then
+  # XLA scan's training row instead (slow, but a figure); not where only its decoding failed (the row
+  # is written, with its training figures and decode_error)
+  if [ "$last_rc" != 0 ] && [ "$last_rc" != skipped ] && ! grep -qs '^{"arch": "ssm"' "$out/bench.jsonl"; then
     step "bench ssm (short), XLA's scan" 100 bench.log "${bench[@]}" --config "$(cfg ssm)" --suite=train,memory --batch_size=16 \
       --steps=5 --repeats=2 --config.model.scan_impl=xla
   fi

@@ -83,6 +83,27 @@ def test_cli_all_rewrites_the_doc_table(tmp_path):
                for r in good)
 
 
+def test_a_failed_decode_keeps_the_rows_training_figures(tmp_path):
+    """A row measures training, then decoding, in one process (gpu_check's short rows): a decode
+    that fails (a kernel that does not compile on that GPU, say) is the row's `decode_error`, an
+    error line and exit 1; the row with its training figures is still written (it was a traceback
+    and no row)."""
+    boom = ("import llmjax.bench as b\n"
+            "def bench_decode(*a, **k): raise RuntimeError('decode kernel failed\\nmore')\n"
+            "b.bench_decode = bench_decode; b.define_flags(); b.cli.run(b.main)")
+    out = tmp_path / "rows.jsonl"
+    r = subprocess.run([sys.executable, "-c", boom, "--config=configs/gqa.py:tiny", "--suite=train,decode", "--batch_size=8",
+                        "--steps=1", "--repeats=1", "--decode_modes=greedy", f"--out={out}"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=600)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.stderr.splitlines()[-2:] == ["error: configs/gqa.py:tiny: decode: RuntimeError: decode kernel failed",
+                                          "error: 1 of 1 rows failed (marked in the table)"]
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["train_tokens_per_sec"] > 0 and row["decode_tokens_per_sec_b1"] is None
+    assert row["decode_error"] == "RuntimeError: decode kernel failed" and "error" not in row
+    assert "decode failed" in bench.table([row], "")
+
+
 def test_cli_bad_input_is_one_line():
     for args, needle in [([], "--config"), (["--config=configs/vanilla.py:tiny", "--suite=speed"], "unknown suite"),
                          (["--config=configs/vanilla.py:tiny", "--config.model.n_layr=2"], "n_layer"),
