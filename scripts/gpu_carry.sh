@@ -2,7 +2,9 @@
 # Prepare what a lent, offline GPU machine needs beside the repo, in two git-ignored folders to carry:
 # - .whl: the wheels that scripts/gpu_check.sh installs there. The machine's image has JAX, Flax,
 #   Optax, Orbax, tiktoken, NumPy, safetensors, PyTorch and transformers but not the rest of llmjax's
-#   needs: grain (and its array_record and portpicker), ml_collections, and gguf for the export tests.
+#   needs: grain (and its array_record and portpicker), ml_collections, and gguf for the export tests;
+#   and cloudpickle, which grain imports (so every llmjax command does): the H200's image had it; a
+#   small pure-Python wheel, carried in case another image lacks it.
 #   Versions are constraints.txt's pins; CPython 3.12, manylinux x86-64. lm-eval is not fetched:
 #   gpu_check.sh uses the built-in scorer, and lm-eval's own needs (datasets, ...) are missing there too.
 # - .task: HellaSwag's validation file (from ../shared/data, or LLMJAX_TASK_DIR), for the items/s figure.
@@ -27,7 +29,7 @@ for p in manylinux_2_39_x86_64 manylinux_2_35_x86_64 manylinux_2_34_x86_64 manyl
 done
 if ! "$py" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp "${platforms[@]}" -d .whl \
-  "$(pin grain)" "$(pin array_record)" "$(pin portpicker)" "$(pin ml_collections)" "$(pin gguf)" 2>.whl/.pip.log; then
+  "$(pin grain)" "$(pin array_record)" "$(pin portpicker)" "$(pin ml_collections)" "$(pin gguf)" "$(pin cloudpickle)" 2>.whl/.pip.log; then
   grep -v "is ignored" .whl/.pip.log >&2
   echo "gpu_carry: pip download failed (above)" >&2
   exit 1
