@@ -72,8 +72,8 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 export LLMJAX_COMPILATION_CACHE="${LLMJAX_COMPILATION_CACHE:-/tmp/llmjax-jax-cache}"
 {
   date -u
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-  "$py" -c 'import jax, flax, optax, orbax.checkpoint as o, grain, ml_collections; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, "orbax", o.__version__, "grain", grain.__version__, jax.devices())'
+  timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  timeout 60 "$py" -c 'import jax, flax, optax, orbax.checkpoint as o, grain, ml_collections; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, "orbax", o.__version__, "grain", grain.__version__, jax.devices())'
   echo "mode $mode, variant $variant, budget ${budget}s"
 } 2>&1 | tee "$out/env.txt"
 
@@ -232,29 +232,23 @@ print("cuDNN attention with narrower values ok")'
       --steps=20 --repeats=3
     step "bench $arch decoding (full)" 120 bench.log "${bench[@]}" --config "$(cfg $arch)" --suite=decode --repeats=3
     # on a GPU decoding's attention step and norms are Pallas (Triton) kernels (models/decode_attention.py,
-    # decode_norm.py), first run here: if the row failed, the same row with XLA's decode; for vanilla,
-    # that row anyway (the A/B)
-    fused_rc=$last_rc
-    if { [ "$last_rc" != 0 ] && [ "$last_rc" != skipped ]; } || [ "$arch" = vanilla ]; then
+    # decode_norm.py), first run here: if the row failed, the same row with XLA's decode (vanilla's
+    # A/B with XLA's decode where its fused row ran comes after the other architectures' rows)
+    [ "$arch" = vanilla ] && vanilla_fused_rc=$last_rc
+    if [ "$last_rc" != 0 ] && [ "$last_rc" != skipped ]; then
       step "bench $arch decoding, XLA's (no fused decode kernels)" 100 bench.log "${bench[@]}" --config "$(cfg $arch)" \
         --suite=decode --repeats=3 --decode_modes=greedy --config.model.decode_attention_impl=xla --config.model.decode_norm_impl=xla
       # the fused kernels failed where XLA's decode ran (the norm kernel is every architecture's): every
       # later row decodes with XLA's, rather than losing each architecture's decode figures (and a step
       # each for modern)
-      if [ "$arch" = vanilla ] && [ "$fused_rc" != 0 ] && [ "$fused_rc" != skipped ] && [ "$last_rc" = 0 ]; then
+      if [ "$arch" = vanilla ] && [ "$last_rc" = 0 ]; then
         bench+=(--set model.decode_attention_impl=xla --set model.decode_norm_impl=xla)
         log "== vanilla's fused decode kernels failed, XLA's decode did not: the benchmarks below decode with XLA's"
       fi
     fi
-    if [ "$arch" = vanilla ]; then
-      # on a GPU the sampler decodes at least two rows (batch 1 gets a padding row, so that XLA's dot
-      # strength reduction leaves its products GEMMs; llmjax/sample.py): the same rows without it
-      step "bench vanilla decoding, no padding row at batch 1" 90 bench.log env LLMJAX_DECODE_MIN_ROWS=1 \
-        "${bench[@]}" --config "$(cfg vanilla)" --suite=decode --repeats=3 --decode_modes=greedy --decode_batches=1
-    fi
   done
-  # HellaSwag items/s of the built-in scorer: vanilla here (all 10,042 items), modern after the other
-  # architectures, and the other five on their first 2,000 items after the profile
+  # HellaSwag items/s of the built-in scorer: vanilla (all 10,042 items) after the other architectures'
+  # rows, then modern, and the other five on their first 2,000 items after the profile
   hellaswag() {
     local name="bench $1 HellaSwag items/s${2:+ ($2 items)}"
     [[ "$name" =~ $only ]] || return 0
@@ -266,7 +260,6 @@ print("cuDNN attention with narrower values ok")'
       log "== SKIP $name (set LLMJAX_TASK_DIR to a folder holding hellaswag_val.jsonl: the machine is offline)"
     fi
   }
-  hellaswag vanilla
   for arch in gqa mla moe linformer ssm; do
     step "bench $arch (short)" 100 bench.log "${bench[@]}" --config "$(cfg $arch)" --suite=train,memory,decode --batch_size=16 --steps=10 \
       --repeats=2 --decode_modes=greedy
@@ -278,6 +271,16 @@ print("cuDNN attention with narrower values ok")'
     step "bench ssm (short), XLA's scan" 100 bench.log "${bench[@]}" --config "$(cfg ssm)" --suite=train,memory --batch_size=16 \
       --steps=5 --repeats=2 --config.model.scan_impl=xla
   fi
+  hellaswag vanilla
+  # vanilla's decoding A/Bs, after every architecture's row (the budget may end before the last ones)
+  if [ "${vanilla_fused_rc:-}" = 0 ]; then
+    step "bench vanilla decoding, XLA's (no fused decode kernels)" 100 bench.log "${bench[@]}" --config "$(cfg vanilla)" \
+      --suite=decode --repeats=3 --decode_modes=greedy --config.model.decode_attention_impl=xla --config.model.decode_norm_impl=xla
+  fi
+  # on a GPU the sampler decodes at least two rows (batch 1 gets a padding row, so that XLA's dot
+  # strength reduction leaves its products GEMMs; llmjax/sample.py): the same rows without it
+  step "bench vanilla decoding, no padding row at batch 1" 90 bench.log env LLMJAX_DECODE_MIN_ROWS=1 \
+    "${bench[@]}" --config "$(cfg vanilla)" --suite=decode --repeats=3 --decode_modes=greedy --decode_batches=1
   hellaswag modern
   # PyTorch nanoGPT (torch.compile, bf16, 124M, T=1024, random tokens) at batch 32, its fastest, on
   # this card: the figure issue 8's training target is a ratio to (the full anchors run last)
