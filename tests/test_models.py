@@ -267,6 +267,51 @@ def test_cached_decoding_matches_full_forward(case):
         close(logits, want, err_msg=f"ragged step {i}")
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decoding_fills_the_cache_through_padding_and_pauses(arch):
+    """The decode contract's edge shapes, each step against the full forward (float32, 1e-4):
+    a cache of exactly context_len slots (48, init_cache's default) filled one token at a time to
+    its last slot, which the attention architectures decode with decode_attention_impl='pallas'
+    (there three of the kernel's 16-slot blocks); padding (position -1) inside a prefill chunk; a
+    row that sits out the prefill, starts from a 1-token prompt, is fed -1 for three steps before
+    position 16 (a linformer block boundary, the kernel's second block) while its batch-mate
+    decodes on, then resumes; the batch-mate fed -1 from its last slot until the row catches up.
+    A row fed only padding keeps its decode state bit for bit."""
+    fused = {"decode_attention_impl": "pallas"} if llmjax.ARCHS[arch].config_class.fused_decode_attention else {}
+    m = perturb_vectors(scale_params(llmjax.build_model(config(arch, context_len=48, **fused), seed=2), 5.0))
+    B, S = 2, m.cfg.context_len
+    toks = tokens(11, B, S)
+    full = nnx.jit(lambda m, t: m(t)[0])(m, toks)
+    step = nnx.jit(lambda m, t, p, c: m(t, positions=p, cache=c)[:2])
+    close = functools.partial(assert_logits_close, narrow=False)
+    row = lambda c, b: [np.asarray(a).take(b, int(m.cfg.scan_layers)) for a in jax.tree.leaves(c)]  # noqa: E731  (b's state)
+
+    def run(pos, cache, paused):
+        """One call (token 63 at padding): each live position's logits against the full forward's,
+        and the `paused` rows' state as it was."""
+        pos = np.asarray(pos, np.int32)
+        before = {b: row(cache, b) for b in paused}
+        logits, cache = step(m, jnp.asarray(np.where(pos >= 0, np.take_along_axis(np.asarray(toks), np.maximum(pos, 0), 1), 63)),
+                             jnp.asarray(pos), cache)
+        for b in range(B):
+            live = pos[b] >= 0
+            close(logits[b, live], full[b, pos[b, live]], err_msg=f"row {b} at {pos[b].tolist()}")
+        for b in paused:
+            for x, y in zip(before[b], row(cache, b)):
+                np.testing.assert_array_equal(y, x, err_msg=f"paused row {b} (row {1 - b} at {pos[1 - b].tolist()})")
+        return cache
+
+    # prefill: row 0 padding only, row 1 a 4-token prompt with padding inside it
+    cache = run([[-1] * 6, [0, 1, -1, 2, 3, -1]], m.init_cache(B), paused=[0])
+    nxt, wait = [0, 4], 3  # row 0: a 1-token prompt at position 0; paused 3 steps before position 16
+    while min(nxt) < S:
+        hold = nxt[0] == 16 and wait > 0
+        wait -= hold
+        pause = [b for b in range(B) if nxt[b] == S or (b == 0 and hold)]
+        cache = run([[-1 if b in pause else nxt[b]] for b in range(B)], cache, paused=pause)
+        nxt = [n + (b not in pause) for b, n in enumerate(nxt)]
+
+
 @pytest.mark.parametrize("variant", ["default", "modern"])
 def test_cached_decoding_at_the_quickstart_shape(variant):
     """The quickstart's own shapes (context 64, head_dim 32, 4 layers): cached decoding equals the full
