@@ -371,6 +371,10 @@ def export(checkpoint, fmt: str, out, *, which: str = "latest", dtype: str = "fl
     gguf_path = Path(out) if str(out).endswith(".gguf") else Path(f"{out}.gguf")
     if fmt == "gguf" and (str(out).endswith(os.sep) or Path(out).is_dir() or gguf_path.is_dir()):  # (said before loading)
         raise ExportError(f"--out {out} is a folder; give the .gguf file's name, e.g. {Path(out) / 'model.gguf'}")
+    if fmt == "gguf":
+        if gguf_path.is_symlink():  # (an earlier export reached by a link: replaced where it lies, the link kept)
+            gguf_path = gguf_path.resolve()
+        check_export_gguf(gguf_path)
     if fmt == "safetensors":
         if Path(out).is_symlink():  # (an earlier export reached by a link: replaced where it lies, the link kept)
             out = Path(out).resolve()
@@ -446,9 +450,45 @@ def _write(loaded, fmt: str, out: Path, gguf_path: Path, np_dtype, dtype: str) -
 EXPORT_FILES = {"model.safetensors", "config.json", "vocab.json", "merges.txt", "tokenizer_config.json"}
 
 
+def check_export_gguf(path: Path) -> None:
+    """Refuse a .gguf --out that exists and is not an earlier llmjax export (a GGUF of architecture
+    `llama` with the GPT-2 BPE tokenizer embedded, as `_write_gguf` writes): nothing else is overwritten."""
+    if not path.exists():
+        return
+    try:
+        import gguf
+
+        fields = gguf.GGUFReader(str(path)).fields
+
+        def value(key):
+            field = fields[key]
+            return bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
+
+        ours = (value("general.architecture"), value("tokenizer.ggml.model"), value("tokenizer.ggml.pre")) == ("llama", "gpt2", "gpt-2")
+    except Exception:  # noqa: BLE001 (not GGUF, cut short, or no gguf package: not provably an export)
+        ours = False
+    if not ours:
+        raise ExportError(f"--out {path} is not an earlier llmjax export; give a new name (or move that file aside)")
+
+
+def _is_earlier_export(out: Path) -> bool:
+    """A folder that `_write` wrote: every file of EXPORT_FILES, a config.json of a model class it
+    writes and its own tokenizer_config.json (a Hugging Face model folder has other tokenizer settings)."""
+    try:
+        cfg = json.loads((out / "config.json").read_text())
+        tok = json.loads((out / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return ({p.name for p in out.iterdir()} == EXPORT_FILES and isinstance(cfg, dict) and isinstance(tok, dict)
+            and cfg.get("architectures") in (["GPT2LMHeadModel"], ["LlamaForCausalLM"])
+            and {k: v for k, v in tok.items() if k != "model_max_length"} == {
+                "tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>", "add_prefix_space": False})
+
+
 def check_export_folder(out: Path) -> None:
     """Refuse an --out that is a file, a training run, or a folder holding anything but an earlier
-    export's files (which a new export replaces): nothing else is overwritten."""
+    export (which a new export replaces): nothing else is overwritten."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; give a folder (a new one, or an earlier export's)")
     if not out.is_dir():
@@ -459,6 +499,8 @@ def check_export_folder(out: Path) -> None:
     if others:
         raise ExportError(f"--out {out} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
                           "give a new folder or an earlier export's")
+    if any(out.iterdir()) and not _is_earlier_export(out):
+        raise ExportError(f"--out {out} holds a model that is not an earlier llmjax export; give a new folder or an earlier export's")
 
 
 def _is_llmjax_run(cfg: Path) -> bool:

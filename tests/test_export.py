@@ -5,6 +5,7 @@ one-line errors; logit parity with transformers where it is installed (the GPU m
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -327,3 +328,30 @@ def test_export_write_failures_are_one_line(runs, tmp_path):
                        cwd=ROOT, timeout=300)
     assert r.stdout.startswith(f"cannot write {tmp_path / 'big'}: ") and "nothing was replaced" in r.stdout, r.stdout + r.stderr[-2000:]
     assert not (tmp_path / "big").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_exports_never_overwrite_files_or_folders_that_are_not_exports(runs, tmp_path):
+    """A .gguf --out that is a user's file (not GGUF, or a GGUF that is not an llmjax export) and a
+    folder holding a Hugging Face model that is not an llmjax export (only names an export also
+    writes: config.json, model.safetensors) are refused and left as they were; a .gguf --out that is
+    a link to an earlier export is replaced where it lies, the link kept."""
+    notes = tmp_path / "notes.gguf"
+    notes.write_text("my notes")
+    with pytest.raises(X.ExportError, match=r"notes.gguf is not an earlier llmjax export"):
+        X.export(runs["modern"], "gguf", notes)
+    assert notes.read_text() == "my notes"
+    user = tmp_path / "user_hf"
+    user.mkdir()
+    (user / "config.json").write_text('{"model_type": "llama", "hidden_size": 4096}')
+    (user / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(X.ExportError, match=r"user_hf holds a model that is not an earlier llmjax export"):
+        X.export(runs["modern"], "safetensors", user)
+    assert (user / "model.safetensors").read_bytes() == b"weights" and sorted(p.name for p in user.iterdir()) == ["config.json", "model.safetensors"]
+    pytest.importorskip("gguf")
+    first = X.export(runs["modern"], "gguf", tmp_path / "v1.gguf")
+    (tmp_path / "latest.gguf").symlink_to(first)
+    assert X.export(runs["modern"], "gguf", tmp_path / "latest.gguf", dtype="float16") == first
+    assert (tmp_path / "latest.gguf").is_symlink() and first.stat().st_size < 10_000_000
+    again = X.export(runs["modern"], "gguf", first)  # an earlier export: replaced
+    assert again == first and first.stat().st_size > 10_000_000
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
