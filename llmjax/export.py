@@ -155,6 +155,12 @@ def read_gpt2(source: str) -> dict[str, np.ndarray]:
             raise ExportError(f"cannot download {HUB_MODELS[source]} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
                               "pass a local folder or .safetensors file instead") from None
     elif path.is_dir():
+        try:  # (a folder's config, where it has one: train.init_from reads only the tensors)
+            hf = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            hf = None
+        if isinstance(hf, dict):
+            check_hf_gpt2(hf, f"{source}/config.json")
         path = path / "model.safetensors"
     if not path.is_file():
         raise ExportError(f"'{source}' is neither {', '.join(HUB_MODELS)} nor a .safetensors file or a Hugging Face GPT-2 folder "
@@ -176,6 +182,25 @@ def is_gpt2_source(path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(hf, dict) and hf.get("model_type") == "gpt2" and not (Path(path) / "checkpoints").is_dir()
+
+
+# transformers' GPT-2 options whose values other than GPT-2's change what the model computes (llmjax's
+# `vanilla` is GPT-2's math only); the tanh-GELU has three names there
+GPT2_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+def check_hf_gpt2(hf: dict, where) -> None:
+    """Refuse (one line) a Hugging Face GPT-2 config that llmjax would read as another model: another
+    vocabulary than GPT-2's BPE (its tokenizer is the one llmjax uses), another activation, or
+    attention scaled otherwise."""
+    V = hf.get("vocab_size", 50257)
+    if V != 50257:
+        raise ExportError(f"{where} has vocab_size={V}; llmjax reads Hugging Face GPT-2 models with GPT-2's BPE vocabulary (50257 tokens)")
+    bad = [f"{k}={hf[k]!r}" for k, ok in (("activation_function", lambda v: v in GPT2_TANH_GELUS), ("scale_attn_weights", lambda v: v is True),
+                                          ("scale_attn_by_inverse_layer_idx", lambda v: v is False)) if k in hf and not ok(hf[k])]
+    if bad:
+        raise ExportError(f"{where} is a GPT-2 variant llmjax's `vanilla` does not compute ({', '.join(bad)}); it reads GPT-2's own "
+                          f"(tanh-GELU {'/'.join(GPT2_TANH_GELUS)}, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False)")
 
 
 def gpt2_model_config(hf: dict, dtype: str = "float32") -> dict:
@@ -208,6 +233,7 @@ def load_gpt2(source, *, dtype: str | None = None, device=None, quantize: str | 
         hf = json.loads(Path(hf_hub_download(HUB_MODELS[str(source)], "config.json")).read_text())
     else:
         hf = json.loads((Path(source).expanduser() / "config.json").read_text())
+    check_hf_gpt2(hf, f"{source}/config.json")
     mcfg = model_config(gpt2_model_config(hf, dtype or "float32"))
     params = convert_layer_layout(params_from_gpt2(tensors, mcfg), scan_layers)
     mcfg = mcfg.replace(scan_layers=scan_layers)

@@ -355,3 +355,33 @@ def test_exports_never_overwrite_files_or_folders_that_are_not_exports(runs, tmp
     again = X.export(runs["modern"], "gguf", first)  # an earlier export: replaced
     assert again == first and first.stat().st_size > 10_000_000
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_gpt2_folders_that_are_not_gpt2s_math_are_refused(tmp_path):
+    """A Hugging Face GPT-2 folder with another vocabulary (nanoGPT's padded 50304: sampling then
+    stopped with a KeyError from the tokenizer) or options that change GPT-2's computation is one
+    line, not a silently different model."""
+    from llmjax.sample import load
+    from safetensors.numpy import save_file
+
+    mcfg = llmjax.model_config(config("vanilla", vocab_size=50257, padded_vocab_size=50304))
+    p = jax.tree.map(np.asarray, params(llmjax.build_model(mcfg, seed=0)))
+    good = X.gpt2_config(mcfg)
+    for name, change, needle in [("v50304", {"vocab_size": 50304}, "vocab_size=50304"),
+                                 ("relu", {"activation_function": "relu"}, "activation_function='relu'"),
+                                 ("unscaled", {"scale_attn_weights": False}, "scale_attn_weights=False"),
+                                 ("bylayer", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True")]:
+        folder = tmp_path / name
+        folder.mkdir()
+        t = X.gpt2_tensors(p, mcfg)
+        if "vocab_size" in change:
+            t["transformer.wte.weight"] = np.concatenate([t["transformer.wte.weight"], np.ones((47, 64), np.float32)])
+        save_file(t, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps({**good, **change}))
+        with pytest.raises(SampleError, match=re.escape(needle)):
+            load(folder)
+    folder = tmp_path / "ok"
+    folder.mkdir()
+    save_file(X.gpt2_tensors(p, mcfg), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({**good, "activation_function": "gelu_pytorch_tanh"}))
+    assert load(folder).model.cfg.vocab_size == 50257
