@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -837,13 +838,23 @@ def default_workdir(spec: str) -> str:
 def init_distributed():
     """jax.distributed for multi-process runs: explicit flags, or what a cluster (SLURM, ...) sets."""
     FLAGS = flags.FLAGS
+    hint = "give --coordinator_address=HOST:PORT (process 0's), --num_processes=N and --process_id=0..N-1 to every process"
     if FLAGS.coordinator_address or FLAGS.num_processes:
+        address, n, i = FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+        if address and not re.fullmatch(r".+:\d+", address):  # (jax.distributed: an IndexError traceback)
+            cli.fail(f"--coordinator_address={address} must be host:port (process 0's), e.g. 10.0.0.1:12345")
+        if n is not None and i is not None and not 0 <= i < n:
+            cli.fail(f"--process_id={i} must be in 0..{n - 1} (--num_processes={n})")
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU-only runs; GPUs use NCCL
-        jax.distributed.initialize(
-            coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes, process_id=FLAGS.process_id
-        )
+        try:
+            jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=i)
+        except (ValueError, RuntimeError) as e:  # (jax's own checks, a coordinator that cannot be reached)
+            cli.fail(f"jax.distributed could not start ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}); {hint}")
     elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize()
+        try:
+            jax.distributed.initialize()
+        except (ValueError, RuntimeError) as e:
+            cli.fail(f"jax.distributed could not start under SLURM ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}); {hint}")
 
 
 def main(argv):

@@ -765,6 +765,20 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert "python -m llmjax.prepare tinystories" in lines[0]
 
 
+@pytest.mark.parametrize("flags,needle", [
+    (["--num_processes=2", "--process_id=0"], "--coordinator_address"),
+    (["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"], "--process_id=2"),
+    (["--coordinator_address=localhost", "--num_processes=1", "--process_id=0"], "--coordinator_address=localhost must be host:port"),
+], ids=["no-coordinator", "process-id-out-of-range", "no-port"])
+def test_bad_multi_process_flags_are_one_line(tmp_path, flags, needle):
+    """jax.distributed's flags that cannot start a run: one line, no traceback (a ValueError or an
+    IndexError from jax.distributed's address parsing, with its traceback, before)."""
+    proc = subprocess.run(_train_cmd(tmp_path / "run", *flags), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
 def test_wandb_offline(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
