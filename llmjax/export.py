@@ -337,6 +337,7 @@ def write_gguf(params: dict, mcfg, tokenizer, path: Path, dtype=np.float32, name
         raise ExportError("GGUF export embeds the GPT-2 BPE tokenizer; this model has another vocabulary"
                           " (a character-level run cannot be exported: train a GPT-2 BPE one, e.g. --config.data.dataset=tinyshakespeare --config.model.vocab_size=50257 --config.model.padded_vocab_size=50304)")
     check_llama(mcfg)
+    path.parent.mkdir(parents=True, exist_ok=True)  # (after the checks: a refused export leaves no folder)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         _write_gguf(gguf, params, mcfg, tokenizer, tmp, dtype, name)
@@ -421,7 +422,6 @@ def _write(loaded, fmt: str, out: Path, gguf_path: Path, np_dtype, dtype: str) -
     mcfg = loaded.model.cfg
     if fmt == "gguf":
         check_llama(mcfg)
-        gguf_path.parent.mkdir(parents=True, exist_ok=True)
         write_gguf(params, mcfg, loaded.tokenizer, gguf_path, np_dtype, name=loaded.path.name)
         return gguf_path
     try:

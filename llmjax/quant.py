@@ -10,8 +10,8 @@ recurrence parameters.
 
 `Int8LM(model)` wraps any llmjax model and follows its calling convention: each call dequantizes the
 weights to the compute dtype inside the caller's jitted computation (int8 is what sits in memory
-and what a decode step reads), then runs the original model. `quantization_error` bounds the
-rounding: |w - dequant(q)| <= scale / 2 per element.
+and what a decode step reads), then runs the original model. The rounding is bounded:
+|w - dequant(q)| <= scale / 2 per element (tests/test_quant.py).
 """
 
 from __future__ import annotations

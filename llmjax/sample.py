@@ -505,7 +505,8 @@ def resolve(path: str | Path, which: str = "latest") -> tuple[Path, int]:
     else:
         run = p
     if not (run / "config.json").is_file() or not (run / "checkpoints").is_dir():
-        raise SampleError(f"{path} is not an llmjax training run (no config.json and checkpoints/); pass the --workdir of a training run")
+        missing = " and ".join(n for n, ok in (("config.json", (run / "config.json").is_file()), ("checkpoints/", (run / "checkpoints").is_dir())) if not ok)
+        raise SampleError(f"{path} is not an llmjax training run (it has no {missing}); pass the --workdir of a training run")
     if which not in ("latest", "best"):
         raise SampleError(f"--which must be 'latest' or 'best', got {which!r}")
     if step is None:

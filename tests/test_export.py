@@ -238,6 +238,12 @@ def test_unsupported_exports_are_one_line_errors(runs, tmp_path):
     with pytest.raises(X.ExportError, match="ships the GPT-2 BPE tokenizer; this model has another vocabulary .a character-level run cannot "
                                             "be exported: train a GPT-2 BPE one"):
         X.export(char, "safetensors", tmp_path / "c")
+    char_llama = tmp_path / "char_llama"  # (GGUF: refused before its folder is made)
+    shutil.copytree(runs["modern"], char_llama)
+    (char_llama / "tokenizer.json").write_text(json.dumps({"kind": "char", "vocab_size": 50257, "chars": chars}))
+    with pytest.raises(X.ExportError, match="embeds the GPT-2 BPE tokenizer; this model has another vocabulary"):
+        X.export(char_llama, "gguf", tmp_path / "new" / "m.gguf")
+    assert not (tmp_path / "new").exists()
     r = subprocess.run([sys.executable, "-m", "llmjax.export", f"--checkpoint={runs['vanilla']}", "--format=gguf", f"--out={tmp_path / 'y'}"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "supported" in r.stderr and r.stderr.count("\n") == 1, r.stderr

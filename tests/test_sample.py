@@ -492,7 +492,10 @@ def test_bad_checkpoints_are_one_line_errors(run_dir, tmp_path):
     with pytest.raises(S.SampleError, match="no such run"):
         S.load(tmp_path / "nope")
     (tmp_path / "foreign").mkdir()
-    with pytest.raises(S.SampleError, match="not an llmjax training run"):
+    with pytest.raises(S.SampleError, match=r"not an llmjax training run \(it has no config.json and checkpoints/\)"):
+        S.load(tmp_path / "foreign")
+    (tmp_path / "foreign" / "config.json").write_text('{"model_type": "llama"}')  # (an exported folder, say)
+    with pytest.raises(S.SampleError, match=r"not an llmjax training run \(it has no checkpoints/\)"):
         S.load(tmp_path / "foreign")
     with pytest.raises(S.SampleError, match="no checkpoint 99"):
         S.load(run_dir / "checkpoints" / "99")
