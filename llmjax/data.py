@@ -225,7 +225,8 @@ def prepare_builtin(name: str, out: Path) -> TokenDataset:
     if ds is not None:
         if ds.manifest.get("dataset") != name:
             raise DataError(f"{out} holds the prepared dataset '{ds.manifest.get('dataset')}', not '{name}'; use another folder")
-        return ds
+        if not ds.damaged_shards():  # (a few MB: a missing, cut or changed shard is written again)
+            return ds
     text = (tok.ASSETS / "tinyshakespeare.txt").read_text(encoding="utf-8")
     tokenizer = tok.CharTokenizer.from_text(text) if name == "tinyshakespeare_char" else tok.GPT2Tokenizer()
     cut = int(len(text) * 0.9)

@@ -483,9 +483,14 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
             existing = json.loads(manifest.read_text())
         except (OSError, ValueError):
             raise PrepareError(f"{manifest} is damaged; delete {out} (or use another --out) to prepare it again") from None
-        if existing.get("prepared_from") == args:
-            return D.TokenDataset.open(out)
-        raise PrepareError(f"{out} already holds a prepared dataset from other sources; use another --out or delete it")
+        if existing.get("prepared_from") != args:
+            raise PrepareError(f"{out} already holds a prepared dataset from other sources; use another --out or delete it")
+        ds = D.TokenDataset.open(out)
+        damaged = ds.damaged_shards()  # (a missing, cut or changed shard: the trainer says "prepare the dataset again")
+        if not damaged:
+            return ds
+        print(f"prepare: {out}: {'; '.join(damaged)}; preparing it again", file=sys.stderr, flush=True)
+        manifest.unlink()  # (the shards that are intact are read again below and, being the same bytes, rewritten)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp"):  # temporaries of an interrupted write
         stale.unlink()

@@ -403,3 +403,26 @@ def test_hub_sources_list_download_and_retry(monkeypatch, tmp_path, capsys):
     calls["failures"] = 10
     with pytest.raises(P.PrepareError, match="cannot download .*flaky network"):
         P.hub_sources("tinystories")
+
+
+def test_prepare_again_repairs_a_dataset_whose_shards_are_missing_or_changed(tmp_path, docs):
+    """The trainer says "prepare the dataset again" for a missing, truncated or changed shard: the
+    same prepare command then writes it again (it used to answer "prepared" and change nothing)."""
+    txt, _, _ = write_sources(tmp_path, docs)
+    out = tmp_path / "out"
+    P.prepare("mine", out, [P.Source(txt, None)], workers=1, shard_tokens=3000, progress=False)
+    good = files(out)
+    (out / "train_0001.bin").unlink()
+    shard = out / "train_0002.bin"
+    shard.write_bytes(shard.read_bytes()[:-2] + b"\0\0")  # same size, changed
+    ds = P.prepare("mine", out, [P.Source(txt, None)], workers=1, shard_tokens=3000, progress=False)
+    assert files(out) == good and not ds.damaged_shards()
+    ds.split("train")
+    # the built-in datasets too (the trainer prepares them on first use, and then again)
+    ts = tmp_path / "ts"
+    D.prepare_builtin("tinyshakespeare_char", ts)
+    shards = files(ts)
+    (ts / "train_0000.bin").unlink()
+    (ts / "val_0000.bin").write_bytes(b"junk")
+    assert not D.prepare_builtin("tinyshakespeare_char", ts).damaged_shards()
+    assert files(ts) == shards
