@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+from concurrent.futures.process import BrokenProcessPool
 import hashlib
 import json
 import math
@@ -463,6 +464,8 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
     """Prepare dataset `name` into `out` from `sources` (default: its Hugging Face files). Returns
     the opened dataset. Idempotent; resumes an interrupted run with the same arguments."""
     out = Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"{out} is a file, not a folder; give --out a folder (new or one this command wrote)")
     if name in D.BUILTIN and not sources:
         return D.prepare_builtin(name, out)
     if name not in DATASETS and not sources:
@@ -571,6 +574,12 @@ def main(argv):
         cli.fail(str(e))
     except KeyboardInterrupt:
         cli.fail(f"interrupted; finished shards are kept in {out}: run the same command to resume", code=130)
+    except BrokenProcessPool:
+        cli.fail(f"a tokeniser process died (killed, or out of memory: try fewer --workers); finished shards are kept in {out}: "
+                 "run the same command to resume")
+    except OSError as e:  # a full or read-only disk, an --out that is a file, a source that cannot be read
+        where = f" {e.filename}" if e.filename else ""
+        cli.fail(f"cannot write or read{where} ({e.strerror or type(e).__name__}); fix that and run the same command to resume")
     counts = ", ".join(f"{s}: {ds.num_tokens(s):,} tokens" for s in ds.manifest["splits"])
     print(f"prepared {name} in {out} ({counts})")
 

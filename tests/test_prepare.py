@@ -426,3 +426,40 @@ def test_prepare_again_repairs_a_dataset_whose_shards_are_missing_or_changed(tmp
     (ts / "val_0000.bin").write_bytes(b"junk")
     assert not D.prepare_builtin("tinyshakespeare_char", ts).damaged_shards()
     assert files(ts) == shards
+
+
+def test_write_errors_and_a_dead_worker_are_one_line(tmp_path):
+    """An --out that is a file or cannot be written (a full disk is the same OSError), and a
+    tokeniser worker killed (the kernel's OOM killer): one line, no traceback."""
+    two = tmp_path / "two.txt"
+    two.write_text(f"one document{EOT}another")
+    (tmp_path / "afile").write_text("")
+    for args in (["mine", f"--source={two}", f"--out={tmp_path / 'afile'}", "--noprogress"],
+                 ["tinyshakespeare", f"--out={tmp_path / 'afile' / 'ts'}"]):
+        r = _cli(*args)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "afile" in r.stderr, (args, r.stderr)
+    docs = make_docs(3000, seed=3, long=300)
+    txt, _, _ = write_sources(tmp_path, docs)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "llmjax.prepare", "mine", f"--source={txt}", "--shard_tokens=2000", "--workers=1",
+                             "--noprogress", f"--out={out}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    worker = _wait_for_worker(proc)
+    os.kill(worker, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode != 0:  # (the worker may have had nothing left to do)
+        assert proc.returncode == 2 and err.startswith("error: ") and err.count("\n") == 1 and "resume" in err, err
+
+
+def _children(pid: int) -> list[int]:
+    r = subprocess.run(["pgrep", "-P", str(pid), "-f", "spawn_main"], capture_output=True, text=True)
+    return [int(p) for p in r.stdout.split()]
+
+
+def _wait_for_worker(proc) -> int:
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        kids = _children(proc.pid)
+        if kids:
+            return kids[0]
+        time.sleep(0.05)
+    raise AssertionError("no tokeniser worker started")
