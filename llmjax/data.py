@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import grain
 import numpy as np
 
 from llmjax import tokenizer as tok
@@ -299,6 +298,8 @@ def train_batches(
     the union over processes of step s's rows is the same set for any process count."""
     if global_batch % process_count:
         raise DataError(f"train.batch_size={global_batch} must be divisible by the {process_count} processes")
+    import grain  # (here: grain imports JAX, and the preparation's workers import this module)
+
     source = WindowSource(shards, seq_len + 1)
     ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
     ds = ds[process_index::process_count].map(source.__getitem__)

@@ -49,7 +49,6 @@ from typing import Iterator
 import numpy as np
 from absl import flags
 
-from llmjax import cli
 from llmjax import data as D
 from llmjax import tokenize_worker
 from llmjax import tokenizer as tok
@@ -440,7 +439,8 @@ def tokenize(stream, *, out: Path, shard_tokens: int, workers: int, state: dict,
             bar.update(nbytes)
 
     ctx = multiprocessing.get_context("spawn")  # never fork a process that may run JAX threads
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=tokenize_worker.init) as pool:
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=tokenize_worker.init,
+                                initargs=(os.getpid(),)) as pool:
         for first, split, batch, nbytes in batches():
             docs, starts = zip(*batch)
             pending.append((pool.submit(tokenize_worker.encode_documents, list(docs), list(starts)), first, split, sum(starts), nbytes))
@@ -562,6 +562,14 @@ def define_flags():
 
 
 def main(argv):
+    import signal
+
+    from llmjax import cli  # (here, not at the top: spawn imports this module in every worker, and cli imports JAX)
+
+    def terminated(*_):  # a plain `kill` (`timeout`, a scheduler) stops as Ctrl-C does: the workers are shut down, not left behind
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
     F = flags.FLAGS
     if len(argv) != 2:
         cli.fail(f"give one dataset: python -m llmjax.prepare <{'|'.join(DATASETS)}> [--out DIR] [--source FILE ...]")
@@ -585,5 +593,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from llmjax import cli
+
     define_flags()
     cli.run(main)

@@ -4,15 +4,29 @@ that already runs JAX threads is never forked."""
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
+import time
 
 import numpy as np
 
 from llmjax.tokenizer import gpt2_encoding
 
 
-def init() -> None:
+def init(parent: int | None = None) -> None:
+    """`parent`: the preparing process's pid (given, not read here: it may be gone already)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # a parent killed outright (SIGKILL, the OOM killer) cannot shut its pool down, and a worker
+    # waits on its task queue for ever: leave once the parent is gone
+    parent = os.getppid() if parent is None else parent
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def encode_documents(docs: list[str], starts: list[bool] | None = None) -> np.ndarray:

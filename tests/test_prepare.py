@@ -463,3 +463,45 @@ def _wait_for_worker(proc) -> int:
             return kids[0]
         time.sleep(0.05)
     raise AssertionError("no tokeniser worker started")
+
+
+def _gone(pids: list[int], seconds: float) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if not [p for p in pids if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split(")")[-1][:3]]:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_workers_are_light_and_do_not_outlive_a_killed_preparation(tmp_path, sig):
+    """The spawned workers import tiktoken and NumPy, not JAX (spawn imports the main module,
+    llmjax.prepare, in each); a plain `kill` of the command (SIGTERM: `timeout`, a scheduler) stops
+    it in one line and its workers with it, and a SIGKILL's workers exit on their own (they were
+    left behind for good, holding their memory)."""
+    r = subprocess.run([sys.executable, "-c", "import sys, llmjax.prepare; print('jax' in sys.modules, 'grain' in sys.modules)"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.stdout.split() == ["False", "False"], r.stderr
+    docs = make_docs(3000, seed=4, long=300)
+    txt, _, _ = write_sources(tmp_path, docs)
+    log = tmp_path / "stderr"
+    with open(log, "w") as stderr:  # (a file, not a pipe: workers left behind would hold a pipe open)
+        proc = subprocess.Popen([sys.executable, "-m", "llmjax.prepare", "mine", f"--source={txt}", "--shard_tokens=2000", "--workers=2",
+                                 "--noprogress", f"--out={tmp_path / 'out'}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+    _wait_for_worker(proc)
+    kids = _children(proc.pid)
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    err = log.read_text()
+    try:
+        assert _gone(kids, 15), "tokeniser workers outlived the preparation"
+    finally:
+        for p in kids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    if sig == signal.SIGTERM and proc.returncode != 0:
+        assert err.startswith("error: ") and err.count("\n") == 1 and "resume" in err, err
