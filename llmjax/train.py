@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -246,12 +247,24 @@ def check_shards(dataset, damaged: concurrent.futures.Future, step: int) -> None
                           f"delete that folder and prepare it again. Stopped at step {step}, nothing saved")
 
 
-def resume_data_position(train_it, meta: dict, old_cfg: dict | None, global_batch: int, seed: int, workdir: Path, say) -> None:
+def data_fingerprint(dataset) -> str:
+    """What a data position indexes: the training split's shards (names, token counts, sha256).
+    The same text prepared again gives the same; other text, or other shard sizes, another."""
+    shards = [[s["file"], s["tokens"], s.get("sha256")] for s in dataset.manifest["splits"].get("train", [])]
+    return hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
+
+
+def resume_data_position(train_it, meta: dict, old_cfg: dict | None, global_batch: int, seed: int, workdir: Path, say,
+                         dataset=None) -> None:
     """The restored training iterator's position (counted in global batches of the run that saved
     it) in this run's global batches: the same windows come next whatever the batch. A checkpoint
     older than the meta keys takes them from the run's config.json. A position that is no whole
     number of new batches, or another seed (another order of the windows), is refused in one line:
     the run would repeat and skip windows."""
+    if dataset is not None and meta.get("data_train") not in (None, data_fingerprint(dataset)):
+        raise ConfigError(f"{workdir} holds a run trained on dataset '{dataset.name}' as it was prepared then, and {dataset.path} "
+                          f"was prepared again since from other text or with other shards (its training shards differ): the "
+                          f"run's data position would index other windows; prepare it as before to resume, or use another --workdir")
     saved = (old_cfg or {}).get("train", {})
     old_batch = meta.get("data_global_batch") or saved.get("batch_size", 0) * saved.get("grad_accum_steps", 1) or global_batch
     old_seed = meta.get("data_seed", saved.get("seed", seed))
@@ -594,7 +607,7 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
                 state, meta = ckpt.restore(start, target, train_it)
         except CheckpointError as e:
             raise ConfigError(str(e)) from None
-        resume_data_position(train_it, meta, old_cfg, micro * accum, tcfg.seed, workdir, say)
+        resume_data_position(train_it, meta, old_cfg, micro * accum, tcfg.seed, workdir, say, dataset)
         say(f"resumed from {workdir / 'checkpoints'} at step {start}")
     else:
         with jax.set_mesh(mesh):
@@ -751,7 +764,8 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
                     # (comparable with the earlier checkpoints'; the whole split's loss is in its meta)
                     best_metric = lines[-1].get("val_loss_estimate", val)
                     ckpt.save(step, state, train_it, {"step": step, "val_loss": val, "val_whole_split": bool(is_last and val is not None),
-                                                      "data_global_batch": micro * accum, "data_seed": tcfg.seed},
+                                                      "data_global_batch": micro * accum, "data_seed": tcfg.seed,
+                                                      "data_train": data_fingerprint(dataset)},
                               val_loss=best_metric)
                     last_good = step
                 last_time = time.perf_counter()  # evaluation and checkpointing are not step time

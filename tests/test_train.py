@@ -449,6 +449,28 @@ def test_a_run_refuses_a_dataset_prepared_again_with_another_tokenizer(tmp_path)
     assert json.loads((workdir / "tokenizer.json").read_text()) == other  # (nothing overwritten)
 
 
+def test_a_run_refuses_a_dataset_prepared_again_from_other_text(tmp_path, monkeypatch):
+    """Same name, same tokenizer, other tokens (prepared again from other sources or with another
+    --shard_tokens): the saved data position would index another order of other windows. It resumed
+    silently; it is refused in one line, and the same text prepared again (the same shards) resumes."""
+    from llmjax import data as D
+
+    monkeypatch.setenv("LLMJAX_DATA_DIR", str(tmp_path / "data"))
+    workdir = tmp_path / "run"
+    train(cfg("vanilla", train__stop_at_step=2), workdir, quiet=True)
+    ds = D.open_dataset("tinyshakespeare_char", "unused")
+    manifest = dict(ds.manifest)
+    good = (ds.path / "train_0000.bin").read_bytes()
+    tokens = np.asarray(ds.split("train")[0])
+    manifest["splits"] = {**manifest["splits"], "train": [D.write_shard(ds.path / "train_0000.bin", tokens[: len(tokens) // 2])]}
+    D.write_manifest(ds.path, manifest["dataset"], manifest["tokenizer"], manifest["splits"])
+    with pytest.raises(ConfigError, match=r"holds a run trained on dataset 'tinyshakespeare_char' as it was prepared then, .*prepared again"):
+        train(cfg("vanilla", train__stop_at_step=3), workdir, quiet=True)
+    (ds.path / "train_0000.bin").write_bytes(good)
+    D.write_manifest(ds.path, ds.manifest["dataset"], ds.manifest["tokenizer"], ds.manifest["splits"])
+    assert train(cfg("vanilla", train__stop_at_step=3), workdir, quiet=True).step == 3
+
+
 def test_a_dataset_whose_tokenizer_cannot_be_built_and_an_unwritable_data_dir_are_one_line(tmp_path, monkeypatch):
     from llmjax import data as data_lib
 
