@@ -455,6 +455,14 @@ def tokenize(stream, *, out: Path, shard_tokens: int, workers: int, state: dict,
     return counts
 
 
+def default_workers() -> int:
+    """The CPUs this process may run on (taskset, Slurm's --cpus-per-task, a cgroup cpuset), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # (macOS has no sched_getaffinity)
+        return os.cpu_count() or 1
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole preparation
 
@@ -474,7 +482,7 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
         raise PrepareError("--shard_tokens must be positive")
     if workers is not None and workers < 0:
         raise PrepareError(f"--workers must be at least 1 (0: one per CPU), got {workers}")
-    workers = workers or os.cpu_count() or 1
+    workers = workers or default_workers()
     sources = sources if sources else hub_sources(name)
     # a source is known by its path, size and modification time: an edited file is read again
     args = {"dataset": name, "sources": [[str(s.path), s.split, s.path.stat().st_size, s.path.stat().st_mtime_ns] for s in sources],
@@ -556,7 +564,7 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
 def define_flags():
     flags.DEFINE_string("out", None, "output folder (default: <data dir>/<dataset>; LLMJAX_DATA_DIR or data/)")
     flags.DEFINE_multi_string("source", [], "local file or URL (.txt, .jsonl, .parquet), optionally train=... or val=...")
-    flags.DEFINE_integer("workers", None, "tokeniser processes (default: all cores)")
+    flags.DEFINE_integer("workers", None, "tokeniser processes (default: every core this process may use)")
     flags.DEFINE_integer("shard_tokens", SHARD_TOKENS, "tokens per shard")
     flags.DEFINE_bool("progress", True, "show a progress bar")
 

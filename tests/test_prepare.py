@@ -505,3 +505,11 @@ def test_workers_are_light_and_do_not_outlive_a_killed_preparation(tmp_path, sig
                 pass
     if sig == signal.SIGTERM and proc.returncode != 0:
         assert err.startswith("error: ") and err.count("\n") == 1 and "resume" in err, err
+
+
+def test_default_workers_are_the_cpus_this_process_may_use(monkeypatch):
+    """`taskset`, Slurm's --cpus-per-task and cgroup cpusets limit the CPUs a process may run on;
+    os.cpu_count() counts the machine's (128 workers on a node where the job has 8 cores)."""
+    monkeypatch.setattr(P.os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+    monkeypatch.setattr(P.os, "cpu_count", lambda: 128)
+    assert P.default_workers() == 3
