@@ -38,7 +38,9 @@ import math
 import multiprocessing
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -381,6 +383,21 @@ def stream_documents(sources: list[Source], held_out: bool) -> Iterator[tuple[in
         yield (*prev[:3], "val", prev[4])
 
 
+def _stop(pool: cf.ProcessPoolExecutor) -> None:
+    """Shut a pool down after an interruption or a failure: the batches not started are dropped
+    (the next run redoes them), the ones running finish (a worker killed while it sends its tokens
+    back leaves the result pipe cut mid-message, and the pool's reader waits on it for ever). A
+    second Ctrl-C or SIGTERM waits the second or so this takes: it used to cut the shutdown short,
+    and the command then hung at exit, joining workers that never got their stop."""
+    main = threading.current_thread() is threading.main_thread()
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def tokenize(stream, *, out: Path, shard_tokens: int, workers: int, state: dict, save_state, bar=None) -> dict:
     """Tokenise a document stream into train and val shards in one pass, resuming from
     state["resume"]. Returns the document counts per split (a long document cut between them counts
@@ -439,8 +456,8 @@ def tokenize(stream, *, out: Path, shard_tokens: int, workers: int, state: dict,
             bar.update(nbytes)
 
     ctx = multiprocessing.get_context("spawn")  # never fork a process that may run JAX threads
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=tokenize_worker.init,
-                                initargs=(os.getpid(),)) as pool:
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=tokenize_worker.init, initargs=(os.getpid(),))
+    try:
         for first, split, batch, nbytes in batches():
             docs, starts = zip(*batch)
             pending.append((pool.submit(tokenize_worker.encode_documents, list(docs), list(starts)), first, split, sum(starts), nbytes))
@@ -448,6 +465,10 @@ def tokenize(stream, *, out: Path, shard_tokens: int, workers: int, state: dict,
                 take()  # in order; at most 2 * workers batches of text in flight
         while pending:
             take()
+    except BaseException:
+        _stop(pool)
+        raise
+    pool.shutdown()
     for sp in ("train", "val"):
         if sp not in closed:
             writers[sp].close(next_doc=counts["records"])
@@ -570,8 +591,6 @@ def define_flags():
 
 
 def main(argv):
-    import signal
-
     from llmjax import cli  # (here, not at the top: spawn imports this module in every worker, and cli imports JAX)
 
     def terminated(*_):  # a plain `kill` (`timeout`, a scheduler) stops as Ctrl-C does: the workers are shut down, not left behind

@@ -513,3 +513,53 @@ def test_default_workers_are_the_cpus_this_process_may_use(monkeypatch):
     monkeypatch.setattr(P.os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
     monkeypatch.setattr(P.os, "cpu_count", lambda: 128)
     assert P.default_workers() == 3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_second_ctrl_c_does_not_hang_the_command(tmp_path):
+    """Ctrl-C twice (a terminal sends it to the whole group): the first one's wait for the work in
+    flight was cut by the second, the workers never got their shutdown, and the command hung at
+    exit for good. The batches not started are dropped (the next run redoes them): it stops in a
+    second or so, in one line."""
+    txt = tmp_path / "docs.txt"  # (several 4 MB batches in flight when it comes)
+    txt.write_text(EOT.join(make_docs(12000, seed=5, long=500)), encoding="utf-8")
+    out = tmp_path / "out"
+    log = tmp_path / "stderr"
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # (an ignored SIGINT is inherited: a background job's)
+    with open(log, "w") as stderr:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "llmjax.prepare", "mine", f"--source={txt}", "--shard_tokens=2000", "--workers=2",
+                                     "--noprogress", f"--out={out}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        finally:
+            if ignored:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads((out / P.STATE).read_text()).get("train", [])) >= 2:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    kids = _children(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.05)
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        for p in kids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        raise AssertionError("a second Ctrl-C left the command hanging")
+    assert _gone(kids, 15)
+    err = log.read_text()
+    assert proc.returncode in (130, -signal.SIGINT) and err.startswith("error: interrupted") and err.count("\n") == 1, err
