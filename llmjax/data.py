@@ -22,6 +22,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -44,6 +45,25 @@ PREPARE_HINT = "python -m llmjax.prepare {name} --out {dir}"
 
 class DataError(ValueError):
     """A data problem a user can fix; the message is one line that says how."""
+
+
+# what a preparation writes in its folder: shards, the manifest, the resumable state, and their
+# temporaries (atomic_write_bytes: .NAME.RANDOM.tmp)
+OWN_FILES = r"(train|val)_\d{4}\.bin|manifest\.json|\.prepare_state\.json"
+OWN_TEMPORARY = re.compile(rf"\.({OWN_FILES})\.[^/]+\.tmp")
+
+
+def foreign_files(folder: Path, *, shards: bool) -> list[str]:
+    """The names in `folder` that no preparation wrote (`shards`: shard and manifest names count as
+    ours, else only temporaries do): a folder holding any is a user's, and nothing in it is touched."""
+    own = re.compile(rf"{OWN_TEMPORARY.pattern}|{OWN_FILES}" if shards else OWN_TEMPORARY.pattern)
+    return sorted(f.name for f in Path(folder).iterdir() if not own.fullmatch(f.name)) if Path(folder).is_dir() else []
+
+
+def refuse_foreign(folder: Path, *, shards: bool) -> None:
+    if others := foreign_files(folder, shards=shards):
+        raise DataError(f"{folder} holds files that no preparation wrote ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
+                        "give a new folder, or one a preparation wrote (nothing in it is changed)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +246,7 @@ def prepare_builtin(name: str, out: Path) -> TokenDataset:
             raise DataError(f"{out} holds the prepared dataset '{ds.manifest.get('dataset')}', not '{name}'; use another folder")
         if not ds.damaged_shards():  # (a few MB: a missing, cut or changed shard is written again)
             return ds
+    refuse_foreign(out, shards=True)  # (its shards are written over: not in a user's folder)
     text = (tok.ASSETS / "tinyshakespeare.txt").read_text(encoding="utf-8")
     tokenizer = tok.CharTokenizer.from_text(text) if name == "tinyshakespeare_char" else tok.GPT2Tokenizer()
     cut = int(len(text) * 0.9)

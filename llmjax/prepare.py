@@ -510,6 +510,11 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
             "shard_tokens": shard_tokens}
 
     manifest = out / D.MANIFEST
+    if not manifest.is_file() and not (out / STATE).is_file():  # (a folder this command did not write: untouched)
+        try:
+            D.refuse_foreign(out, shards=False)
+        except D.DataError as e:
+            raise PrepareError(f"--out {e}") from None
     if manifest.is_file():
         try:
             existing = json.loads(manifest.read_text())
@@ -524,8 +529,9 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
         print(f"prepare: {out}: {'; '.join(damaged)}; preparing it again", file=sys.stderr, flush=True)
         manifest.unlink()  # (the shards that are intact are read again below and, being the same bytes, rewritten)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):  # temporaries of an interrupted write
-        stale.unlink()
+    for stale in out.iterdir():  # temporaries of an interrupted write
+        if D.OWN_TEMPORARY.fullmatch(stale.name):
+            stale.unlink()
     state_path = out / STATE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     # (the state counts records, which depend on how .txt documents are cut: a state written by

@@ -563,3 +563,29 @@ def test_a_second_ctrl_c_does_not_hang_the_command(tmp_path):
     assert _gone(kids, 15)
     err = log.read_text()
     assert proc.returncode in (130, -signal.SIGINT) and err.startswith("error: interrupted") and err.count("\n") == 1, err
+
+
+def test_a_users_folder_is_never_written_into(tmp_path, docs):
+    """--out on a folder no preparation wrote (no manifest, no state) is refused and left as it was:
+    an interrupted run's clean-up used to delete every `.*.tmp` and every unrecorded shard name in it."""
+    txt, _, _ = write_sources(tmp_path, docs[:20])
+    mine = tmp_path / "myfolder"
+    mine.mkdir()
+    user = {".draft.tmp": b"notes", "train_0007.bin": b"mine", "input.txt": b"text"}
+    for name, data in user.items():
+        (mine / name).write_bytes(data)
+    for dataset, sources in (("mine", [P.Source(txt, None)]), ("tinyshakespeare_char", None)):
+        with pytest.raises((P.PrepareError, D.DataError), match="holds files that no preparation wrote"):
+            P.prepare(dataset, mine, sources, workers=1, progress=False)
+        assert {f.name: f.read_bytes() for f in mine.iterdir()} == user
+    # a folder this command wrote keeps working: an interrupted run's own temporaries are cleared, a
+    # user's file of another name beside them is kept
+    out = tmp_path / "out"
+    ds = P.prepare("mine", out, [P.Source(txt, None)], workers=1, progress=False)
+    (out / D.MANIFEST).unlink()
+    (out / P.STATE).write_text("{}")
+    (out / ".train_0000.bin.abc123.tmp").write_bytes(b"half")
+    (out / ".notes.tmp").write_bytes(b"kept")
+    again = P.prepare("mine", out, [P.Source(txt, None)], workers=1, progress=False)
+    assert files(again.path) == files(ds.path)
+    assert not (out / ".train_0000.bin.abc123.tmp").exists() and (out / ".notes.tmp").read_bytes() == b"kept"
