@@ -39,6 +39,7 @@ import multiprocessing
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -256,13 +257,29 @@ def _parquet(path: Path):
 # Downloads
 
 
-def _retry(fn, what: str, tries: int = 5):
-    """fn() with `tries` attempts, each failure said on stderr (offline, the waits add up)."""
+def _unresolved(e: BaseException) -> bool:
+    """Whether a host name could not be resolved somewhere in the error's chain (offline)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, socket.gaierror):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _retry(fn, what: str, tries: int = 5, *, retries_itself: bool = False):
+    """fn() with `tries` attempts, each failure said on stderr (offline, the waits add up).
+    `retries_itself`: fn retries a connection itself (huggingface_hub: five times in about 23 s), so
+    a host name it could not resolve ends the download at once."""
     for attempt in range(tries):
         try:
             return fn()
         except Exception as e:  # network errors come in many types
             why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if retries_itself and _unresolved(e):
+                raise PrepareError(f"cannot download {what}: no network (its host name does not resolve); connect, or give local "
+                                   "files with --source") from None
             if attempt == tries - 1:
                 raise PrepareError(f"cannot download {what}: {why}") from None
             wait = min(2**attempt, 30)
@@ -293,12 +310,13 @@ def hub_sources(name: str) -> list[Source]:
     spec = HUB[name]
     files = spec["files"]
     if files is None:
-        listing = _retry(lambda: HfApi().list_repo_files(spec["repo_id"], repo_type="dataset"), spec["repo_id"])
+        listing = _retry(lambda: HfApi().list_repo_files(spec["repo_id"], repo_type="dataset"), spec["repo_id"], retries_itself=True)
         files = {None: sorted(f for f in listing if f.startswith(spec["prefix"]) and f.endswith(".parquet"))}
     out = []
     for split, names in files.items():
         for fname in names:
-            path = _retry(lambda f=fname: hf_hub_download(spec["repo_id"], f, repo_type="dataset"), f"{spec['repo_id']}/{fname}")
+            path = _retry(lambda f=fname: hf_hub_download(spec["repo_id"], f, repo_type="dataset"), f"{spec['repo_id']}/{fname}",
+                          retries_itself=True)
             out.append(Source(Path(path), split))
     return out
 

@@ -403,6 +403,21 @@ def test_hub_sources_list_download_and_retry(monkeypatch, tmp_path, capsys):
     calls["failures"] = 10
     with pytest.raises(P.PrepareError, match="cannot download .*flaky network"):
         P.hub_sources("tinystories")
+    # offline (a host name that does not resolve, after huggingface_hub's own five tries): at once
+    import socket
+
+    def offline(repo_id, filename, repo_type):
+        calls["offline"] = calls.get("offline", 0) + 1
+        try:
+            raise socket.gaierror(-2, "Name or service not known")
+        except socket.gaierror as e:
+            raise OSError("An error happened while trying to locate the file on the Hub") from e
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    capsys.readouterr()
+    with pytest.raises(P.PrepareError, match=r"cannot download roneneldan/TinyStories/.*: no network .*give local files with --source"):
+        P.hub_sources("tinystories")
+    assert calls["offline"] == 1 and capsys.readouterr().err == ""
 
 
 def test_prepare_again_repairs_a_dataset_whose_shards_are_missing_or_changed(tmp_path, docs):
