@@ -128,7 +128,11 @@ def train_once(p: dict, seed: int, folder: Path, quiet: bool) -> dict:
     stats_file = folder / "compare_run.json"
     if stats_file.is_file() and (folder / "metrics.jsonl").is_file():
         stats = json.loads(stats_file.read_text())
-        if stats.get("overrides") == p["overrides"] and stats.get("seed") == seed and stats.get("returncode") == 0:
+        # (finished and of this config, whatever the flags that change no figure: a rerun with another
+        # --task_dir or --set train.log_every_steps, or --batch_size given as the configs' own, started
+        # the trainer again on the finished run, which overwrote its wall time and peak memory with
+        # those of a process that trained nothing and marked it as resumed at its last step)
+        if stats.get("seed") == seed and stats.get("returncode") == 0 and _finished(folder, p["cfg"].train.max_steps):
             changes = config_changes(folder / "config.json", p["cfg"])
             if changes:
                 raise CompareError(f"{folder} holds a finished run of another config ({'; '.join(changes)}): its figures are not "
@@ -170,6 +174,15 @@ def train_once(p: dict, seed: int, folder: Path, quiet: bool) -> dict:
              "max_rss_bytes": usage.ru_maxrss * 1024, "resumed_from_step": resumed}  # (Linux reports KiB)
     atomic_write_json(stats_file, stats)
     return stats
+
+
+def _finished(folder: Path, max_steps: int) -> bool:
+    """Whether the run in `folder` reached `max_steps` with its final validation loss."""
+    try:
+        last = json.loads((folder / "metrics.jsonl").read_text().strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        return False
+    return isinstance(last, dict) and last.get("step") == max_steps and "val_loss" in last
 
 
 def summarize_runs(p: dict, runs: list[tuple[Path, dict]]) -> dict:

@@ -73,6 +73,22 @@ def test_finished_runs_are_reused(result):
     assert (out / "vanilla_tiny" / "seed0" / "compare_run.json").read_text() == before
 
 
+def test_a_finished_run_is_reused_under_flags_that_change_no_figure(result, tmp_path):
+    """A rerun that differs only in settings that change no figure (here train.log_every_steps, as
+    --task_dir or --batch_size given as the configs' own would) reuses the finished runs: it started
+    the trainer again on each, which trained nothing, overwrote the run's wall time and peak memory
+    with its own and had the table call the run resumed at its last step."""
+    import shutil
+
+    out, _ = result
+    shutil.copytree(out / "vanilla_tiny", tmp_path / "vanilla_tiny")
+    before = {s: (tmp_path / "vanilla_tiny" / f"seed{s}" / name).read_text() for s in (0, 1) for name in ("compare_run.json", "train.log")}
+    r = C.compare(SPECS[:1], out=tmp_path, seeds=2, max_steps=4, eval_every=2, eval_batches=1, command="test", quiet=True,
+                  overrides={"train.log_every_steps": 3})
+    assert r["rows"][0]["resumed"] == {} and "Resumed" not in r["markdown"]
+    assert {s: (tmp_path / "vanilla_tiny" / f"seed{s}" / name).read_text() for s in (0, 1) for name in ("compare_run.json", "train.log")} == before
+
+
 def test_a_finished_run_of_an_edited_config_is_refused(result, tmp_path):
     """A finished run is reused only if its config is still the one asked for: after its config
     file changed (here: its config.json, as the file edited since), compare refuses in one line
