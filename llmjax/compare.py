@@ -47,6 +47,11 @@ def run_name(spec: str) -> str:
     return Path(path).stem + ("" if variant == "default" else f"_{variant}")
 
 
+# the settings compare derives from its flags
+OWN_FLAGS = {"train.max_steps": "--max_steps", "train.batch_size": "--batch_size", "eval.every_steps": "--eval_every",
+             "eval.num_batches": "--eval_batches", "eval.tasks": "--tasks", "eval.tasks_limit": "--tasks_limit"}
+
+
 def plan(specs: list[str], *, max_steps: int, batch_size: int | None, eval_every: int | None, eval_batches: int | None,
          tasks: str, tasks_limit: int, overrides: dict) -> list[dict]:
     """The override set of every config, after checking that they compare fairly."""
@@ -54,6 +59,9 @@ def plan(specs: list[str], *, max_steps: int, batch_size: int | None, eval_every
         raise CompareError("a config is listed twice in --configs")
     if "train.seed" in overrides:
         raise CompareError("--set train.seed would give every run the same seed; --seeds N runs seeds 0..N-1")
+    for key, flag in OWN_FLAGS.items():  # (compare sets these itself: a --set of one was overwritten, or half applied)
+        if key in overrides:
+            raise CompareError(f"--set {key} is compare's own setting; use {flag}")
     if batch_size is not None and batch_size < 1:
         raise CompareError(f"--batch_size must be at least 1, got {batch_size}")
     out = []

@@ -191,6 +191,12 @@ def test_plans_refuse_unfair_comparisons():
     with pytest.raises(C.CompareError, match="--set train.seed would give every run the same seed"):  # (it came after --seeds' flag)
         C.plan([SPECS[0]], max_steps=2, batch_size=None, eval_every=None, eval_batches=None, tasks="", tasks_limit=0,
                overrides={"train.seed": 7})
+    # a --set of a setting compare derives from its own flags was silently overwritten (eval.every_steps by
+    # --eval_every's default) or half applied (train.max_steps: checkpoint and evaluation steps from --max_steps)
+    for key, flag in (("eval.every_steps", "--eval_every"), ("train.max_steps", "--max_steps"), ("train.batch_size", "--batch_size")):
+        with pytest.raises(C.CompareError, match=f"^--set {key} is compare's own setting; use {flag}$"):
+            C.plan([SPECS[0]], max_steps=20, batch_size=None, eval_every=None, eval_batches=None, tasks="", tasks_limit=0,
+                   overrides={key: 3})
     with pytest.raises(C.CompareError, match="--batch_size must be at least 1, got 0"):
         C.plan([SPECS[0]], max_steps=2, batch_size=0, eval_every=None, eval_batches=None, tasks="", tasks_limit=0, overrides={})
     plans = C.plan([SPECS[0]], max_steps=50, batch_size=4, eval_every=None, eval_batches=None, tasks="hellaswag", tasks_limit=0,
