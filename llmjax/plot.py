@@ -71,6 +71,12 @@ def curves(paths, labels=None) -> list[dict]:
     out = []
     for i, p in enumerate(paths):
         runs = [read_run(r) for r in ([Path(x) for x in p] if isinstance(p, (list, tuple)) else find_runs(Path(p)))]
+        shared_keys = set.intersection(*(set(r["config"]["model"]) for r in runs))  # (keys a run predates aside)
+        models = {json.dumps({k: r["config"]["model"][k] for k in shared_keys}, sort_keys=True) for r in runs}
+        if len(models) > 1:  # (averaged into one line named after the first run's architecture, before)
+            archs = sorted({r["config"]["model"].get("arch", "?") for r in runs})
+            raise PlotError(f"the runs of {p} are of {len(models)} different models ({', '.join(archs)}); a folder's runs are drawn "
+                            "as one line, their mean: pass each run, or a folder of one model's runs (its seeds)")
         shared = sorted(set.intersection(*(set(r["tokens"].tolist()) for r in runs)))
         if not shared:
             raise PlotError(f"the runs of {p} share no evaluation step")
@@ -85,6 +91,9 @@ def curves(paths, labels=None) -> list[dict]:
     if not labels and len({c["label"] for c in out}) < len(out):  # two lines of one architecture: every line by its folder
         for c, p in zip(out, paths):
             c["label"] = Path(p[0]).parent.name if isinstance(p, (list, tuple)) else Path(p).name
+        if len({c["label"] for c in out}) < len(out):  # two folders of one name (runs/a/seed0, runs/b/seed0): the paths given
+            for c, p in zip(out, paths):
+                c["label"] = str(Path(p[0]).parent if isinstance(p, (list, tuple)) else Path(p))
     return out
 
 

@@ -236,6 +236,17 @@ def test_plot_cli(result, tmp_path):
     assert [x["label"] for x in c] == ["vanilla", "modern"]  # one line per architecture: named by it
     named = P.curves([out / "vanilla_tiny", out / "modern_tiny", out / "vanilla_tiny" / "seed0"])
     assert [x["label"] for x in named] == ["vanilla_tiny", "modern_tiny", "seed0"]  # two of one: every line by its folder
+    # two runs of one folder name: labelled by the paths given (both were "seed0")
+    import shutil
+
+    shutil.copytree(out / "vanilla_tiny" / "seed0", tmp_path / "other" / "seed0")
+    twins = P.curves([out / "vanilla_tiny" / "seed0", tmp_path / "other" / "seed0"])
+    assert [x["label"] for x in twins] == [str(out / "vanilla_tiny" / "seed0"), str(tmp_path / "other" / "seed0")]
+    # a folder whose runs are of different models is refused (it was one line, their mean, named after the first)
+    shutil.copytree(out / "modern_tiny" / "seed0", tmp_path / "other" / "seed1")
+    r = _cli("llmjax.plot", str(tmp_path / "other"), "-o", str(tmp_path / "m.png"))
+    assert r.returncode == 2 and "2 different models (modern, vanilla)" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    shutil.rmtree(tmp_path / "other")
     r = _cli("llmjax.plot", str(tmp_path), "-o", str(tmp_path / "q.png"))
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "no metrics.jsonl" in r.stderr and r.stderr.count("\n") == 1
     # the path printed is the file written; a name matplotlib cannot write, or a folder, is one line
