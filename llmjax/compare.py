@@ -161,7 +161,7 @@ def train_once(p: dict, seed: int, folder: Path, quiet: bool) -> dict:
     if not quiet:
         print(f"compare: training {p['name']} seed {seed} -> {folder}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    with open(folder / "train.log", "w") as log:
+    with open(folder / "train.log", "a" if resumed else "w") as log:  # (a resumed run's log goes on after its first part's)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
             _, status, usage = os.wait4(proc.pid, 0)

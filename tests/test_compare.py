@@ -172,8 +172,11 @@ def test_a_resumed_run_is_marked_in_the_table(tmp_path):
     kw = dict(out=tmp_path, seeds=1, max_steps=4, eval_every=2, eval_batches=1, command="test", quiet=True)
     with pytest.raises(C.CompareError, match="did not finish"):  # stopped at step 2 (as by a kill after its checkpoint)
         C.compare(SPECS[:1], overrides={"train.stop_at_step": 2, "train.checkpoint_every_steps": 2}, **kw)
+    (tmp_path / "vanilla_tiny" / "seed0" / "train.log").write_text("FIRST PART\n")  # (what the first part said)
     r = C.compare(SPECS[:1], **kw)
     assert r["rows"][0]["resumed"] == {0: 2}
+    log = (tmp_path / "vanilla_tiny" / "seed0" / "train.log").read_text()  # both parts' (the resumed one's overwrote the first's)
+    assert log.startswith("FIRST PART\n") and "resumed from" in log, log
     assert r["markdown"].rstrip().endswith("train wall and peak memory are the resumed part's only: `vanilla` seed 0 from step 2.")
     assert json.loads((tmp_path / "results.json").read_text())["rows"][0]["resumed"] == {"0": 2}
     lines = [json.loads(x) for x in (tmp_path / "vanilla_tiny" / "seed0" / "metrics.jsonl").read_text().splitlines()]
