@@ -109,10 +109,13 @@ def summarize(profile, *, wall_s: float | None = None, top: int = 12, hlo: str |
     the summed time). `hlo`: the traced program's compiled HLO text, whose fusions that hold a
     product then count as matmuls (fusion_kinds). A trace that cannot be read is a ValueError."""
     if isinstance(profile, (str, Path)):
+        path = profile
         try:
             profile = jax.profiler.ProfileData.from_file(str(profile))
         except (RuntimeError, OSError) as e:
             raise ValueError(f"{profile} is not a readable trace ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        if not list(profile.planes):  # (an empty file parses as an empty trace: a job killed before it wrote)
+            raise ValueError(f"{path} is not a readable trace (it holds nothing)")
     known = fusion_kinds(hlo) if hlo else {}
     intervals, by_op, by_kind, count = [], defaultdict(float), defaultdict(float), defaultdict(int)
     where = None

@@ -166,3 +166,12 @@ def test_cpu_trace_of_a_loop(tmp_path):
     (("wrapped_reduce", "wrapped_reduce.1"), "other")])
 def test_kinds(names, kind):
     assert tracing.kind_of(*names) == kind
+
+
+def test_an_empty_trace_file_is_one_line(tmp_path):
+    """A trace file of no bytes (a job killed before it wrote) is a damaged trace: one line, exit 2
+    (it parsed as an empty trace and printed a summary of 0 events, exit 0)."""
+    (tmp_path / "empty.xplane.pb").write_bytes(b"")
+    with pytest.raises(ValueError, match="is not a readable trace"):
+        tracing.summarize(tmp_path / "empty.xplane.pb")
+    assert tracing.main([str(tmp_path)]) == 2
