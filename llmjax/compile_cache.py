@@ -108,9 +108,9 @@ class FolderCache:
             tmp.unlink(missing_ok=True)
             raise
         if self.max_bytes > 0:
-            self._count(len(value) - replaced)
+            self._count(len(value) - replaced, key)
 
-    def _count(self, nbytes: int) -> None:
+    def _count(self, nbytes: int, key: str) -> None:
         with self._lock:
             self._writes_since_scan += 1
             if self._size is None or self._writes_since_scan >= RESCAN_EVERY:
@@ -118,7 +118,7 @@ class FolderCache:
             else:
                 self._size += nbytes
             if self._size > self.max_bytes:
-                self._size = self._evict(int(self.max_bytes * LOW_WATER))
+                self._size = self._evict(int(self.max_bytes * LOW_WATER), keep=key)
 
     def _scan(self) -> tuple[list[tuple[float, int, str]], int]:
         """The folder's entries as (last use, bytes, key), and their total size. Removes
@@ -139,14 +139,17 @@ class FolderCache:
                     Path(e.path).unlink(missing_ok=True)
         return entries, total
 
-    def _evict(self, target: int) -> int:
-        """Remove the least recently used entries until the folder holds at most `target` bytes;
-        returns what it holds then."""
+    def _evict(self, target: int, keep: str | None = None) -> int:
+        """Remove the least recently used entries until the folder holds at most `target` bytes,
+        never `keep` (the entry just written: one larger than `target` went as soon as it was
+        written, with every other entry); returns what it holds then."""
         entries, total = self._scan()
         entries.sort()
         for _, size, key in entries:
             if total <= target:
                 break
+            if key == keep:
+                continue
             (self._path / f"{key}{CACHE_SUFFIX}").unlink(missing_ok=True)
             (self._path / f"{key}{ATIME_SUFFIX}").unlink(missing_ok=True)
             total -= size

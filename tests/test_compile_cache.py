@@ -177,3 +177,15 @@ def test_an_unwritable_folder_warns_once_and_stops_writing(tmp_path, monkeypatch
         warnings.simplefilter("error")
         cache.put("b" * 8, b"y" * 10)
     assert len(calls) == 1 and files(tmp_path) == []
+
+
+def test_an_entry_above_the_low_water_mark_is_not_evicted_as_it_is_written(tmp_path):
+    """An entry larger than the eviction's target (LOW_WATER of the limit) but within the limit stays:
+    the eviction it set off removed it too, with every other entry, right after writing it."""
+    import time
+
+    cache = FolderCache(tmp_path, max_bytes=100)
+    cache.put("old", b"a" * 20)
+    time.sleep(0.01)
+    cache.put("new", b"b" * 90)
+    assert cache.get("new") == b"b" * 90 and cache.get("old") is None
