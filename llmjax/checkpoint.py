@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -260,7 +262,12 @@ def _innermost(e: BaseException) -> str:
     while e.__cause__ is not None:
         e = e.__cause__
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return f"{type(e).__name__}: {first if len(first) <= 240 else first[:150] + ' ... ' + first[-90:]}"
+    out = f"{type(e).__name__}: {first if len(first) <= 240 else first[:150] + ' ... ' + first[-90:]}"
+    # (TensorStore gives the system's error as a number, os_error_code='27', and not always its words)
+    code = re.search(r"os_error_code='?(\d+)", str(e))
+    if code and os.strerror(int(code.group(1))) not in out:
+        out += f" [{os.strerror(int(code.group(1)))}]"
+    return out
 
 
 def unwritable(directory: Path, step: int | None, e: BaseException) -> str:

@@ -233,9 +233,12 @@ def data_dir(configured: str) -> Path:
     return Path(os.environ.get("LLMJAX_DATA_DIR") or configured)
 
 
-def prepare_builtin(name: str, out: Path) -> TokenDataset:
+def prepare_builtin(name: str, out: Path, *, repair: bool = False) -> TokenDataset:
     """Tokenise the shipped tinyshakespeare.txt (90/10 train/val split by characters, as nanoGPT)
-    with GPT-2 BPE (`tinyshakespeare`) or characters (`tinyshakespeare_char`). Idempotent."""
+    with GPT-2 BPE (`tinyshakespeare`) or characters (`tinyshakespeare_char`). Idempotent.
+    `repair` (python -m llmjax.prepare): a prepared dataset with a missing, cut or changed shard is
+    written again (the trainer opens it as it is: its own check of the shards names the damage and
+    says to prepare it again)."""
     out = Path(out)
     try:
         ds = TokenDataset.open(out)
@@ -244,7 +247,7 @@ def prepare_builtin(name: str, out: Path) -> TokenDataset:
     if ds is not None:
         if ds.manifest.get("dataset") != name:
             raise DataError(f"{out} holds the prepared dataset '{ds.manifest.get('dataset')}', not '{name}'; use another folder")
-        if not ds.damaged_shards():  # (a few MB: a missing, cut or changed shard is written again)
+        if not repair or not ds.damaged_shards():  # (a few MB: a missing, cut or changed shard is written again)
             return ds
     refuse_foreign(out, shards=True)  # (its shards are written over: not in a user's folder)
     text = (tok.ASSETS / "tinyshakespeare.txt").read_text(encoding="utf-8")

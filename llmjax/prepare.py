@@ -514,7 +514,7 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
     if out.exists() and not out.is_dir():
         raise PrepareError(f"{out} is a file, not a folder; give --out a folder (new or one this command wrote)")
     if name in D.BUILTIN and not sources:
-        return D.prepare_builtin(name, out)
+        return D.prepare_builtin(name, out, repair=True)
     if name not in DATASETS and not sources:
         raise PrepareError(f"unknown dataset '{name}'; choose from {', '.join(DATASETS)} (or give --source files)")
     if shard_tokens <= 0:
