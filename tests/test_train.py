@@ -170,6 +170,51 @@ def test_exact_resume_is_bit_identical(arch, opts, tmp_path):
     assert full.metrics[-1]["lr"] == second.metrics[-1]["lr"]
 
 
+
+def tiny_sharded_dataset(data_dir, name="tiny_shards"):
+    """A character dataset of three training shards holding 10, 12 and 10 windows of TINY's context
+    (32 windows: an epoch is 4 steps of 8, and 2.67 steps of 12) and one validation shard."""
+    from llmjax import data as D
+
+    chars = D.open_dataset("tinyshakespeare_char", "unused")
+    text = np.asarray(chars.split("train")[0][:1000])
+    out = data_dir / name
+    out.mkdir(parents=True)
+    train_shards = [D.write_shard(out / f"train_{i:04d}.bin", text[a:b]) for i, (a, b) in enumerate([(0, 42), (42, 86), (86, 128)])]
+    D.write_manifest(out, name, chars.manifest["tokenizer"], {"train": train_shards, "val": [D.write_shard(out / "val_0000.bin", text[600:1000])]})
+
+
+@pytest.mark.parametrize("arch,crash_after,opts", [
+    ("modern", 4, {"model__dtype": "bfloat16", "model__remat": "full", "model__scan_layers": False}),
+    ("moe", 5, {"model__moe_mode": "dropless", "train__batch_size": 6, "train__grad_accum_steps": 2, "train.mesh.expert": 2}),
+], ids=["modern-bf16-remat-unrolled-at-epoch-end", "moe-dropless-accum2-expert2-mid-epoch"])
+def test_a_crash_resumes_bit_identical_from_an_earlier_checkpoint(arch, crash_after, opts, tmp_path, monkeypatch):
+    """A run that died after step 12 with only its checkpoints up to `crash_after` on disk (the later
+    ones' writes lost, metrics.jsonl holding rows past it): run again, it restores a mid-run
+    checkpoint (saved asynchronously while later steps ran and read the data) and gives the same
+    metrics rows, once each, the same final state and the same checkpoints kept as the run that never
+    stopped. On a dataset of several shards whose epochs end every few steps: at a checkpoint, or
+    inside a batch."""
+    import shutil
+
+    data = tmp_path / "data"
+    tiny_sharded_dataset(data)
+    monkeypatch.setenv("LLMJAX_DATA_DIR", str(data))
+    c = cfg(arch, data__dataset="tiny_shards", train__keep_checkpoints=10, **opts)
+    two = jax.devices()[:2]
+    full = train(c, tmp_path / "full", devices=two, quiet=True)
+    shutil.copytree(tmp_path / "full", tmp_path / "crashed", ignore=shutil.ignore_patterns(*(str(s) for s in range(crash_after + 1, 13))))
+    ckpts = [sorted(int(p.name) for p in (tmp_path / d / "checkpoints").iterdir() if p.name.isdigit()) for d in ("full", "crashed")]
+    assert ckpts == [[4, 5, 8, 10, 12], [s for s in (4, 5) if s <= crash_after]]
+    resumed = train(c, tmp_path / "crashed", devices=two, quiet=True)
+    assert resumed.step == 12
+    assert [m["step"] for m in figures(tmp_path / "crashed")] == list(range(1, 13))
+    assert figures(tmp_path / "full") == figures(tmp_path / "crashed")  # bit-identical floats
+    assert resumed.last_val_loss == full.last_val_loss
+    full_state, resumed_state = saved_state(tmp_path / "full", 12), saved_state(tmp_path / "crashed", 12)
+    assert len(full_state) == len(resumed_state) and all(np.array_equal(x, y) for x, y in zip(full_state, resumed_state))
+    assert sorted(int(p.name) for p in (tmp_path / "crashed" / "checkpoints").iterdir() if p.name.isdigit()) == ckpts[0]
+
 def test_resume_onto_another_device_count_and_layout(tmp_path):
     """Stop on one device; resume on 8 fake devices with FSDP and the other layer layout."""
     full = losses(train(cfg("modern"), tmp_path / "full", devices=jax.devices()[:1], quiet=True))
