@@ -71,7 +71,9 @@ def curves(paths, labels=None) -> list[dict]:
     out = []
     for i, p in enumerate(paths):
         runs = [read_run(r) for r in ([Path(x) for x in p] if isinstance(p, (list, tuple)) else find_runs(Path(p)))]
-        shared_keys = set.intersection(*(set(r["config"]["model"]) for r in runs))  # (keys a run predates aside)
+        from llmjax.train import EXECUTION_KEYS  # (how a model is run, not which: a seed rerun with remat or XLA's decode is that model)
+
+        shared_keys = set.intersection(*(set(r["config"]["model"]) for r in runs)) - set(EXECUTION_KEYS)  # (keys a run predates aside)
         models = {json.dumps({k: r["config"]["model"][k] for k in shared_keys}, sort_keys=True) for r in runs}
         if len(models) > 1:  # (averaged into one line named after the first run's architecture, before)
             archs = sorted({r["config"]["model"].get("arch", "?") for r in runs})

@@ -274,3 +274,24 @@ def test_compare_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and len(lines) == 2 and lines[0].startswith("downloading hellaswag"), r.stderr
     assert lines[1].startswith("error: --tasks: cannot write hellaswag's download into /proc/self") and "--task_dir DIR" in lines[1], r.stderr
     assert not (tmp_path / "bpe").exists()
+
+
+def test_plot_averages_the_seeds_of_one_model_run_differently(tmp_path):
+    """Seeds of one model whose configs differ only in how it is run (remat, XLA's decode, scanned
+    layers: train.EXECUTION_KEYS) are one model's runs, drawn as one line; a model key still refuses."""
+    from llmjax import plot
+
+    def run(name, **model):
+        p = tmp_path / "runs" / name
+        p.mkdir(parents=True)
+        m = {"arch": "vanilla", "n_layer": 2, "d_model": 64, "context_len": 64, "remat": "none", "scan_layers": True,
+             "decode_attention_impl": "auto", "decode_norm_impl": "auto", **model}
+        (p / "config.json").write_text(json.dumps({"model": m, "train": {"batch_size": 4, "grad_accum_steps": 1}}))
+        (p / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "step_time": 0.1, "val_loss": 3 - s / 100}) + "\n" for s in (2, 4)))
+
+    run("seed0")
+    run("seed1", remat="full", scan_layers=False, decode_attention_impl="xla", decode_norm_impl="xla")
+    assert [c["n_runs"] for c in plot.curves([tmp_path / "runs"])] == [2]
+    run("seed2", n_layer=3)
+    with pytest.raises(plot.PlotError, match="2 different models"):
+        plot.curves([tmp_path / "runs"])
