@@ -167,10 +167,13 @@ def rms_norm(cfg: ModelConfig, d: int, *, rngs: nnx.Rngs):
 # the plain one: for GPT-2 small at batch 16 x 1024, compiled for an H100, 200 MB more written and
 # read per layer and step, and 1.2 GB more memory (docs/benchmarks.md). Values are unchanged.
 @jax.checkpoint
-def biased_gelu(y, bias=None):
-    """tanh-GELU of y + bias."""
+def biased_gelu(y, bias=None, rows=None):
+    """tanh-GELU of y + bias (bias[rows] in y's dtype when `rows` is given: a per-row gather of a
+    small table, done inside so that the backward pass keeps the table, not the gathered rows; the
+    table gathered, then rounded, so that its gradient, a scatter-add over the rows, sums in the
+    table's dtype)."""
     if bias is not None:
-        y = y + bias
+        y = y + (bias if rows is None else bias[rows].astype(y.dtype))
     return jax.nn.gelu(y, approximate=True)
 
 

@@ -293,7 +293,7 @@ class MoEFeedForward(nnx.Module):
         h = jax.lax.ragged_dot(rows.astype(mm), w_in, sizes, preferred_element_type=jnp.float32)
         # (the biases gathered in float32, then rounded: the same values as rounded then gathered, but
         # their gradient, a scatter-add over every row of an expert, sums in float32, not bf16)
-        h = biased_gelu(h.astype(self.dtype), b_in[sorted_e].astype(self.dtype))
+        h = biased_gelu(h.astype(self.dtype), b_in, sorted_e)
         out = jax.lax.ragged_dot(h.astype(mm), w_out, sizes, preferred_element_type=jnp.float32).astype(self.dtype)
         out = out + b_out[sorted_e].astype(self.dtype)
         return jnp.zeros_like(out).at[order].set(out).reshape(N, k, D)
