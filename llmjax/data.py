@@ -273,7 +273,11 @@ def open_dataset(name: str, configured_dir: str) -> TokenDataset:
         from llmjax.prepare import DATASETS
 
         if name not in DATASETS:
-            close = difflib.get_close_matches(name, DATASETS, n=1, cutoff=0.5)
+            try:  # the user's own prepared datasets too, not only the built-in names
+                prepared = sorted(d.name for d in path.parent.iterdir() if (d / MANIFEST).is_file())
+            except OSError:
+                prepared = []
+            close = difflib.get_close_matches(name, prepared + [d for d in DATASETS if d not in prepared], n=1, cutoff=0.5)
             raise DataError(f"unknown dataset '{name}'" + (f" (did you mean '{close[0]}'?)" if close else "")
                             + f": no prepared dataset of that name in {path.parent}, and llmjax.prepare knows {', '.join(DATASETS)}; "
                             f"for your own text: {PREPARE_HINT.format(name=name, dir=path)} --source FILE")

@@ -237,3 +237,13 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         D.atomic_write_bytes(target, broken())
     assert json.loads(target.read_text()) == {"a": 1}
     assert os.listdir(tmp_path) == ["f.json"]
+
+
+def test_a_misspelt_name_of_a_prepared_dataset_is_suggested(tmp_path, monkeypatch):
+    """A typo of the user's own prepared dataset names it, as a typo of a built-in one does."""
+    monkeypatch.setenv("LLMJAX_DATA_DIR", str(tmp_path))
+    (tmp_path / "mytexts").mkdir()
+    (tmp_path / "mytexts" / D.MANIFEST).write_text("{}")
+    (tmp_path / "mytext_unfinished").mkdir()  # no manifest: not a prepared dataset, never suggested
+    with pytest.raises(D.DataError, match=r"^unknown dataset 'mytext' \(did you mean 'mytexts'\?\)"):
+        D.open_dataset("mytext", "data")
