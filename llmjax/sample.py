@@ -659,10 +659,13 @@ def main(argv):
                 sys.stdout.write(text)
                 sys.stdout.flush()
 
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # (said above)
-                loaded.generate_text(rows, FLAGS.max_new_tokens, sampling=sampling, seed=FLAGS.seed, on_text=stream)
-            sys.stdout.write("\n")
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # (said above)
+                    loaded.generate_text(rows, FLAGS.max_new_tokens, sampling=sampling, seed=FLAGS.seed, on_text=stream)
+            finally:  # (also on Ctrl-C: the text's line ends before the one-line error)
+                sys.stdout.write("\n")
+                sys.stdout.flush()
         else:
             texts = loaded.generate_text(prompts, FLAGS.max_new_tokens, num_samples=n, sampling=sampling, seed=FLAGS.seed)
             for k, (prompt, text) in enumerate(zip(rows, texts), start=1):

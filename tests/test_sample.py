@@ -661,6 +661,23 @@ def test_cli_single_sample_streams_plain_text(run_dir):
     assert r.stdout == "ROMEO:" + want + "\n"
 
 
+def test_cli_ctrl_c_while_streaming_ends_the_text_line_first(run_dir):
+    """Ctrl-C during a streamed sample: the text's line is ended, so that the one-line error starts
+    a line of its own (it followed the text on the same line)."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "llmjax.sample", f"--checkpoint_path={run_dir}", "--prompt=ROMEO:",
+                             "--max_new_tokens=1000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        head = proc.stdout.read(len("ROMEO:") + 8)  # (the prompt, then streamed text: decoding is under way)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert head.startswith(b"ROMEO:") and proc.returncode == 130, err
+    assert (head + out).endswith(b"\n") and err.decode() == "error: interrupted\n"
+
+
 def test_cli_several_samples_and_prompt_file(run_dir, tmp_path):
     (tmp_path / "prompts.txt").write_text("First\n\nSecond line\n")
     r = _cli(f"--checkpoint={run_dir}", "--prompt=Zero", f"--prompt_file={tmp_path / 'prompts.txt'}", "--num_samples=2",
