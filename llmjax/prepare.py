@@ -30,6 +30,7 @@ header, and manifest.json), streaming and in parallel:
 from __future__ import annotations
 
 import collections
+import contextlib
 import concurrent.futures as cf
 from concurrent.futures.process import BrokenProcessPool
 import hashlib
@@ -546,6 +547,9 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
             return ds
         print(f"prepare: {out}: {'; '.join(damaged)}; preparing it again", file=sys.stderr, flush=True)
         manifest.unlink()  # (the shards that are intact are read again below and, being the same bytes, rewritten)
+    if not any(s.split in (None, "train") for s in sources):
+        raise PrepareError("no training source (give a file without 'val=')")
+    created = not out.exists()  # (a folder made here and holding no finished shard is removed if this run fails)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.iterdir():  # temporaries of an interrupted write
         if D.OWN_TEMPORARY.fullmatch(stale.name):
@@ -567,8 +571,6 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
         if re.fullmatch(r"(train|val)_\d{4}\.bin", f.name) and f.name not in recorded:
             f.unlink()
 
-    if not any(s.split in (None, "train") for s in sources):
-        raise PrepareError("no training source (give a file without 'val=')")
     held_out = not any(s.split == "val" for s in sources)
     order = [s for s in sources if s.split != "val"] + [s for s in sources if s.split == "val"]
     bar = None
@@ -588,6 +590,15 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
         D.atomic_write_json(state_path, state)
         counts = tokenize(stream_documents(order, held_out), out=out, shard_tokens=shard_tokens, workers=workers, state=state,
                           save_state=save, bar=bar)
+    except BaseException:
+        if created and not any(state.get(k) for k in ("train", "val")):  # (a bad source: no folder of nothing left behind)
+            state_path.unlink(missing_ok=True)
+            for f in out.iterdir():
+                if D.OWN_TEMPORARY.fullmatch(f.name):
+                    f.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -326,6 +326,12 @@ def test_text_that_is_no_string_is_one_line(tmp_path):
                          ("chat.jsonl", "line 3 has a 'text' that is a list, not a string")]:
         with pytest.raises(P.PrepareError, match=rf"{name}: {needle}"):
             P.prepare("mine", tmp_path / f"o_{name}", [P.Source(tmp_path / name, None)], workers=1, progress=False)
+        assert not (tmp_path / f"o_{name}").exists()  # (a folder of nothing but a state is not left behind)
+    # a folder that was there before is kept (empty, as it was)
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(P.PrepareError, match="chat.jsonl: line 3"):
+        P.prepare("mine", tmp_path / "mine", [P.Source(tmp_path / "chat.jsonl", None)], workers=1, progress=False)
+    assert (tmp_path / "mine").is_dir()
 
 
 def test_cli_errors_are_one_line(tmp_path):
