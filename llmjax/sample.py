@@ -505,6 +505,13 @@ def resolve(path: str | Path, which: str = "latest") -> tuple[Path, int]:
     else:
         run = p
     if not (run / "config.json").is_file() or not (run / "checkpoints").is_dir():
+        try:  # (a Hugging Face folder of another model, an export of `modern` say: GPT-2's are read, not through here)
+            hf_type = json.loads((run / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            hf_type = None
+        if isinstance(hf_type, str):
+            raise SampleError(f"{path} is a Hugging Face '{hf_type}' model folder; llmjax reads its own training runs and "
+                              "Hugging Face GPT-2 folders only")
         missing = " and ".join(n for n, ok in (("config.json", (run / "config.json").is_file()), ("checkpoints/", (run / "checkpoints").is_dir())) if not ok)
         raise SampleError(f"{path} is not an llmjax training run (it has no {missing}); pass the --workdir of a training run")
     if which not in ("latest", "best"):

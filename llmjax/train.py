@@ -188,7 +188,8 @@ class _Stop:
             os._exit(130)
         self.requested = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
         if signum == signal.SIGINT:
-            print("Ctrl-C: stopping after this step with a checkpoint (press it again to stop at once)", file=sys.stderr, flush=True)
+            print("Ctrl-C: stopping after the step queued now (the progress bar can be some steps behind it), with a checkpoint "
+                  "(press it again to stop at once)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():

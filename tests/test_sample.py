@@ -494,7 +494,10 @@ def test_bad_checkpoints_are_one_line_errors(run_dir, tmp_path):
     (tmp_path / "foreign").mkdir()
     with pytest.raises(S.SampleError, match=r"not an llmjax training run \(it has no config.json and checkpoints/\)"):
         S.load(tmp_path / "foreign")
-    (tmp_path / "foreign" / "config.json").write_text('{"model_type": "llama"}')  # (an exported folder, say)
+    (tmp_path / "foreign" / "config.json").write_text('{"model_type": "llama"}')  # (an exported `modern`, say)
+    with pytest.raises(S.SampleError, match=r"is a Hugging Face 'llama' model folder; llmjax reads its own training runs and Hugging Face GPT-2 folders only"):
+        S.load(tmp_path / "foreign")
+    (tmp_path / "foreign" / "config.json").write_text('{"model": {}}')  # (a run's, without checkpoints)
     with pytest.raises(S.SampleError, match=r"not an llmjax training run \(it has no checkpoints/\)"):
         S.load(tmp_path / "foreign")
     with pytest.raises(S.SampleError, match="no checkpoint 99"):
