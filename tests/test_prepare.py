@@ -237,6 +237,18 @@ def test_interrupted_then_resumed_gives_the_same_bytes(tmp_path, monkeypatch):
     assert files(tmp_path / "old") == files(tmp_path / "ref_txt")
 
 
+def _wait_for_shards(proc, out, n: int) -> None:
+    """Until the preparation writing `out` has recorded `n` finished training shards (or ended)."""
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads((out / P.STATE).read_text()).get("train", [])) >= n:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+
+
 def test_killed_process_resumes_to_the_same_bytes(tmp_path):
     """SIGKILL at an arbitrary moment (after some shards), then the same command again."""
     docs = make_docs(3000, seed=2, long=300)
@@ -246,14 +258,7 @@ def test_killed_process_resumes_to_the_same_bytes(tmp_path):
     assert subprocess.run(args + [f"--out={ref}"], capture_output=True, cwd=ROOT, timeout=300).returncode == 0
     out = tmp_path / "out"
     proc = subprocess.Popen(args + [f"--out={out}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if len(json.loads((out / P.STATE).read_text()).get("train", [])) >= 3:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.01)
+    _wait_for_shards(proc, out, 3)
     killed = proc.poll() is None
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -558,14 +563,7 @@ def test_a_second_ctrl_c_does_not_hang_the_command(tmp_path):
         finally:
             if ignored:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if len(json.loads((out / P.STATE).read_text()).get("train", [])) >= 2:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.01)
+    _wait_for_shards(proc, out, 2)
     kids = _children(proc.pid)
     os.killpg(proc.pid, signal.SIGINT)
     time.sleep(0.05)
