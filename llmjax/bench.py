@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import re
+import signal
 import statistics
 import sys
 import time
@@ -91,10 +92,29 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+class Stopped(Exception):
+    """SIGTERM or Ctrl-C while a row measures (gpu_check runs each step under `timeout`): the suite
+    it stops is the row's error like any other failure, so a row keeps the figures its earlier
+    suites measured; the row is written and the command ends."""
+
+
+_signal = {"armed": False, "got": None}  # what `_on_signal` saw; it raises Stopped only while armed
+
+
+def _on_signal(signum, frame):
+    _signal["got"] = signum
+    if _signal["armed"]:  # (unarmed, while a finished row is written: the loop stops after writing it)
+        _signal["armed"] = False
+        raise Stopped(f"stopped by {signal.Signals(signum).name}")
+
+
 def _later_suite(row: dict, suite: str, kept: bool, fn) -> None:
     """`row.update(fn())` for a suite that runs after others: where the earlier ones measured
     something (`kept`), a failure here is recorded as `<suite>_error` (the CLI reports it and exits
     1) instead of losing their figures with the row; with nothing measured yet it is raised."""
+    if _signal["got"] is not None:  # (stopped in an earlier suite of the row)
+        row[f"{suite}_error"] = f"not run: stopped by {signal.Signals(_signal['got']).name}"
+        return
     if not kept:
         row.update(fn())
         return
@@ -523,13 +543,20 @@ def main(argv):
     except OSError as e:
         cli.fail(f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e))
     rows, failed = [], 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_signal)
     for spec, cfg, arch, last in planned:
         try:
+            _signal["armed"] = _signal["got"] is None
+            if not _signal["armed"]:
+                break
             row = bench(cfg, spec, suites=suites if last else train_suites, steps=F.steps, repeats=F.repeats,
                         decode_batches=batches, prompt_len=F.prompt_len, new_tokens=F.new_tokens,
                         task_batch_size=F.task_batch_size, task_limit=F.task_limit, task_dir=F.task_dir,
                         quantize=F.quantize, decode_modes=tuple(F.decode_modes), decode_unroll=F.decode_unroll,
                         profile=F.profile, overrides=given)
+        except Stopped as e:  # (during the row's first suite: nothing measured)
+            row, message = None, str(e)
         except (ConfigError, SampleError, ScoreError) as e:
             if not F.all:
                 cli.fail(str(e))
@@ -538,6 +565,8 @@ def main(argv):
             if not F.all:
                 raise
             row, message = None, _one_line(e)
+        finally:
+            _signal["armed"] = False
         if row is not None and any(k in row for k in SUITE_ERRORS):  # (its earlier suites' figures kept)
             failed += 1
             print(f"error: {spec}: " + "; ".join(f"{k[: -len('_error')]}: {row[k]}" for k in SUITE_ERRORS if k in row),
@@ -552,6 +581,11 @@ def main(argv):
         if F.out:
             with open(F.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
+    if _signal["got"] is not None:  # (the rows measured are written; the table and --doc are left as they were)
+        name = signal.Signals(_signal["got"]).name
+        cli.fail(f"stopped by {name}: {len(rows)} of {len(planned)} rows written" + (f" to {F.out}" if F.out else "")
+                 + ", the last one up to where it stopped",
+                 code=128 + _signal["got"])
     command = "python -m llmjax.bench " + " ".join(a for a in sys.argv[1:] if not a.startswith("--doc"))
     block = table(rows, command)
     if not F.json:

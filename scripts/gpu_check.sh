@@ -266,8 +266,8 @@ print("cuDNN attention with narrower values ok")'
   done
   # the SSM's scan runs as a Pallas (Triton) kernel on a GPU, first run here: if its row failed, the
   # XLA scan's training row instead (slow, but a figure); not where only its decoding failed (the row
-  # is written, with its training figures and decode_error)
-  if [ "$last_rc" != 0 ] && [ "$last_rc" != skipped ] && ! grep -qs '^{"arch": "ssm"' "$out/bench.jsonl"; then
+  # is written, with its training figures and decode_error; a row stopped in training is an error row)
+  if [ "$last_rc" != 0 ] && [ "$last_rc" != skipped ] && ! grep -s '^{"arch": "ssm"' "$out/bench.jsonl" | grep -qv '"error":'; then
     step "bench ssm (short), XLA's scan" 100 bench.log "${bench[@]}" --config "$(cfg ssm)" --suite=train,memory --batch_size=16 \
       --steps=5 --repeats=2 --config.model.scan_impl=xla
   fi

@@ -4,6 +4,7 @@ generated section of docs/benchmarks.md are written, bad flags are one line."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -102,6 +103,33 @@ def test_a_failed_decode_keeps_the_rows_training_figures(tmp_path):
     assert row["train_tokens_per_sec"] > 0 and row["decode_tokens_per_sec_b1"] is None
     assert row["decode_error"] == "RuntimeError: decode kernel failed" and "error" not in row
     assert "decode failed" in bench.table([row], "")
+
+
+def test_a_stopped_row_is_written_with_what_it_measured(tmp_path):
+    """gpu_check runs each step under `timeout`, whose SIGTERM came while short rows decoded: the
+    row's training figures were lost with it. Now the suite it stops is the row's error, the row is
+    written, no later row starts, and the command ends in one line with 128 + the signal's number."""
+    stop = ("import os, signal, time, llmjax.bench as b\n"
+            "def {fn}(*a, **k): os.kill(os.getpid(), signal.SIGTERM); time.sleep(120)\n"
+            "b.{fn} = {fn}; b.define_flags(); b.cli.run(b.main)")
+    out = tmp_path / "rows.jsonl"
+    common = ["--config=configs/gqa.py:tiny", "--steps=1", "--repeats=1", "--decode_modes=greedy", f"--out={out}"]
+    r = subprocess.run([sys.executable, "-c", stop.format(fn="bench_decode"), *common, "--suite=train,decode", "--batch_size=8"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr[-2000:]
+    assert r.stderr.splitlines()[-1] == f"error: stopped by SIGTERM: 1 of 1 rows written to {out}, the last one up to where it stopped"
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["train_tokens_per_sec"] > 0 and row["decode_tokens_per_sec_b1"] is None
+    assert row["decode_error"] == "Stopped: stopped by SIGTERM"
+    out.unlink()
+    # stopped in a row's first suite: an error row, and the next batch size is not measured
+    r = subprocess.run([sys.executable, "-c", stop.format(fn="bench_train"), *common, "--suite=train", "--batch_size=4,8"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr[-2000:]
+    assert r.stderr.splitlines()[-2:] == ["error: configs/gqa.py:tiny: stopped by SIGTERM",
+                                          f"error: stopped by SIGTERM: 1 of 2 rows written to {out}, the last one up to where it stopped"]
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["error"] == "stopped by SIGTERM" and "train_tokens_per_sec" not in row
 
 
 def test_cli_bad_input_is_one_line():
