@@ -95,6 +95,33 @@ def test_latent_attention_matches_float64_reference(opts):
     np.testing.assert_allclose(cached[0], want, atol=1e-4, rtol=1e-4)
 
 
+def test_latent_attention_absorbed_decode_in_bfloat16_is_within_its_rounding():
+    """bfloat16 MLA over 256 cached positions: the absorbed decode path is as close to the float64
+    reference as the expanded (training) path, within bfloat16's rounding (2^-7 of the output scale)
+    at every position. Its weighted sum of latents once accumulated in bfloat16 on the CPU (batch > 1):
+    3.5% of the scale by the last positions, growing with their number. The inputs share a component,
+    as a trained model's do, so that the latents' channels do not average out."""
+    T = 256
+    m32 = scale_params(llmjax.build_model(config("mla", context_len=T), seed=4), 5.0)
+    m = load_params(llmjax.build_model(config("mla", context_len=T, dtype="bfloat16"), seed=0), params(m32))
+    layer0 = jax.tree.map(lambda a: np.asarray(a[0]), params(m32)["blocks"]["layers"]["attn"])
+    k1, k2 = jax.random.split(jax.random.key(6))
+    x = (jax.random.normal(k1, (2, 1, m.cfg.d_model)) + 0.5 * jax.random.normal(k2, (2, T, m.cfg.d_model))).astype(jnp.bfloat16)
+    pos = jnp.broadcast_to(jnp.arange(T), (2, T))
+
+    def run(cached):
+        def one(b):
+            return b.attn(x, pos, b.attn.init_cache(2, T, jnp.bfloat16) if cached else None)[0]
+
+        return np.asarray(nnx.jit(lambda blk: nnx.vmap(one)(blk))(m.blocks.layers)[0], np.float64)
+
+    for row in range(2):
+        want = reference.latent_attention(np.asarray(x[row], np.float64), layer0, m32.cfg)
+        for path, got in (("expanded", run(False)[row]), ("absorbed", run(True)[row])):
+            err = np.abs(got - want).max()
+            assert err < 2**-7 * np.abs(want).max(), (path, row, err / np.abs(want).max())
+
+
 def test_gqa_with_all_heads_is_multi_head_attention():
     """gqa with n_kv_head == n_head computes exactly vanilla's multi-head attention on the same weights."""
     vanilla = scale_params(llmjax.build_model(config("vanilla"), seed=7), 5.0)
