@@ -70,7 +70,10 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     if bad:
         raise ConfigError(f"train.mesh: {', '.join(bad)}; each axis is -1 (the rest of the devices) or at least 1")
     if sizes.count(-1) > 1:
-        raise ConfigError("train.mesh: at most one axis may be -1")
+        both = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
+        raise ConfigError(f"train.mesh: {', '.join(f'{a}=-1' for a in both)}: at most one axis may be -1 (the rest of the devices)"
+                          + (" and data is -1 by default" if "data" in both else "")
+                          + f"; give {'the other' if len(both) == 2 else 'all but one'} a size, e.g. --config.train.mesh.{both[0]}=1")
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
         if len(devices) % known:

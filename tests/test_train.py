@@ -786,6 +786,20 @@ def test_bad_meshes_are_one_line_errors():
             build_steps(moe, make_mesh(moe.train.mesh, eight))
 
 
+def test_two_axes_of_minus_one_name_both_and_the_fix():
+    """`--config.train.mesh.fsdp=-1` alone meets the default data=-1: the line names both axes, the
+    default and the flag that fixes it (it said only "at most one axis may be -1")."""
+    from llmjax.sharding import make_mesh
+
+    with pytest.raises(ConfigError) as e:
+        make_mesh({"data": -1, "fsdp": -1, "expert": 1}, jax.devices()[:8])
+    assert str(e.value) == ("train.mesh: data=-1, fsdp=-1: at most one axis may be -1 (the rest of the devices) and data is -1 by "
+                            "default; give the other a size, e.g. --config.train.mesh.data=1")
+    with pytest.raises(ConfigError, match=r"fsdp=-1, expert=-1: .*; give the other a size, e.g. --config.train.mesh.fsdp=1$"):
+        make_mesh({"data": 2, "fsdp": -1, "expert": -1}, jax.devices()[:8])
+    assert make_mesh({"data": 1, "fsdp": -1}, jax.devices()[:8]).shape["fsdp"] == 8
+
+
 def test_vocab_mismatch_and_missing_dataset_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="set --config.model.vocab_size=65$"):
         train(cfg("vanilla", model__vocab_size=60), tmp_path / "a", quiet=True)
