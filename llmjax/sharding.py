@@ -117,6 +117,33 @@ def spec_for(path, shape, mesh: Mesh, rules=RULES) -> P:
     return P(*out)
 
 
+def replicated_by_size(params, mesh: Mesh, rules=RULES) -> str | None:
+    """One line naming the parameters that a mesh axis of more than one device should split but
+    cannot (the axis does not divide that dimension: `spec_for` replicates it), with their share of
+    the parameters, which every device of that axis then holds whole; None where there are none."""
+    missed, total, count = [], 0, 0
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        keys = _path_keys(path)
+        n = math.prod(x.shape)
+        total += n
+        spec = tuple(spec_for(keys, x.shape, mesh, rules))
+        for name, dim, got in zip(logical_axes(keys, len(x.shape)), x.shape, spec):
+            axis = rules.get(name) if name else None
+            axes = axis if isinstance(axis, tuple) else (axis,) if axis else ()
+            size = math.prod(mesh.shape[a] for a in axes)
+            if size > 1 and got is None:
+                missed.append((n, f"{'/'.join(map(str, keys))} {tuple(x.shape)} ({'x'.join(f'{a}={mesh.shape[a]}' for a in axes)} "
+                                  f"does not divide {dim})"))
+                count += n
+                break
+    if not missed:
+        return None
+    missed.sort(key=lambda m: -m[0])
+    names = "; ".join(m[1] for m in missed[:3]) + (f"; and {len(missed) - 3} more" if len(missed) > 3 else "")
+    return (f"train.mesh: {count / max(total, 1):.1%} of the parameters ({len(missed)} array(s)) are replicated, not split, over "
+            f"a mesh axis that does not divide their dimension: {names}")
+
+
 def _path_keys(path) -> tuple:
     return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
 

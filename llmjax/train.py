@@ -51,7 +51,7 @@ from llmjax.registry import build_model
 from llmjax.runtime import cpu_compiler_options, enable_compilation_cache, tune_host_allocator
 from llmjax.sample import generate, start_ids
 from llmjax.scoring import Scorer, continuation_scores, scoring_config
-from llmjax.sharding import batch_sharding, make_mesh, param_shardings, state_shardings
+from llmjax.sharding import batch_sharding, make_mesh, param_shardings, replicated_by_size, state_shardings
 from llmjax.summary import summarize
 
 # Dense bf16 datasheet peaks (FLOP/s) used for MFU; `train.peak_flops_per_device` overrides.
@@ -515,6 +515,8 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
         raise ConfigError(f"eval.tasks_batch_size={ecfg.tasks_batch_size} must be a positive multiple of the {n_dev} devices of the mesh")
     steps = build_steps(cfg, mesh)
     graphdef, state_shard, abstract_state = steps.graphdef, steps.state_shard, steps.abstract_state
+    if (replicated := replicated_by_size(abstract_state["params"], mesh)) is not None:
+        say(replicated)  # (silent, a mesh that splits no parameter would use as much memory per device as one device)
     step_fn, eval_fn, eval_shard, tok_shard = steps.train_step, steps.eval_step, steps.eval_shard, steps.tok_shard
     accum, micro, T = tcfg.grad_accum_steps, tcfg.batch_size, mcfg.context_len
 

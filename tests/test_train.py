@@ -800,6 +800,27 @@ def test_two_axes_of_minus_one_name_both_and_the_fix():
     assert make_mesh({"data": 1, "fsdp": -1}, jax.devices()[:8]).shape["fsdp"] == 8
 
 
+def test_parameters_a_mesh_axis_does_not_divide_are_named_once_and_train_alike(tmp_path, capsys):
+    """d_model=60 on fsdp=8: the parameters split along the model dimension cannot be split, so
+    they are replicated (as much memory per device as one device) and the run says so in one line
+    at the start, naming the largest; the losses are one device's. A mesh that divides every
+    parameter says nothing."""
+    small = dict(model__d_model=60, model__head_dim=15, train__max_steps=4, eval__every_steps=0)
+    one = losses(train(cfg("vanilla", **small), tmp_path / "one", devices=jax.devices()[:1], quiet=True))
+    capsys.readouterr()
+    eight = losses(train(cfg("vanilla", **small, **{"train.mesh.data": 1, "train.mesh.fsdp": 8}), tmp_path / "eight",
+                         devices=jax.devices()[:8]))
+    np.testing.assert_allclose([eight[s] for s in range(1, 5)], [one[s] for s in range(1, 5)], rtol=2e-5)
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train.mesh")]
+    assert said == ["train.mesh: 98.3% of the parameters (6 array(s)) are replicated, not split, over a mesh axis that does not divide "
+                    "their dimension: blocks/layers/mlp/fc/kernel (2, 60, 256) (fsdp=8 does not divide 60); "
+                    "blocks/layers/mlp/proj/kernel (2, 256, 60) (fsdp=8 does not divide 60); "
+                    "blocks/layers/attn/qkv_proj/kernel (2, 60, 180) (fsdp=8 does not divide 60); and 3 more"], said
+    train(cfg("vanilla", train__max_steps=1, eval__every_steps=0, **{"train.mesh.data": 1, "train.mesh.fsdp": 8}), tmp_path / "fits",
+          devices=jax.devices()[:8])
+    assert "train.mesh" not in capsys.readouterr().out
+
+
 def test_vocab_mismatch_and_missing_dataset_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="set --config.model.vocab_size=65$"):
         train(cfg("vanilla", model__vocab_size=60), tmp_path / "a", quiet=True)
