@@ -856,7 +856,7 @@ def init_distributed():
     """jax.distributed for multi-process runs: explicit flags, or what a cluster (SLURM, ...) sets."""
     FLAGS = flags.FLAGS
     hint = "give --coordinator_address=HOST:PORT (process 0's), --num_processes=N and --process_id=0..N-1 to every process"
-    if FLAGS.coordinator_address or FLAGS.num_processes:
+    if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:  # (any one: a multi-process run meant)
         address, n, i = FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
         if address and not re.fullmatch(r".+:\d+", address):  # (jax.distributed: an IndexError traceback)
             cli.fail(f"--coordinator_address={address} must be host:port (process 0's), e.g. 10.0.0.1:12345")

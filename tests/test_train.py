@@ -871,7 +871,8 @@ def test_cli_bad_input_is_one_line(tmp_path):
     (["--num_processes=2", "--process_id=0"], "--coordinator_address"),
     (["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"], "--process_id=2"),
     (["--coordinator_address=localhost", "--num_processes=1", "--process_id=0"], "--coordinator_address=localhost must be host:port"),
-], ids=["no-coordinator", "process-id-out-of-range", "no-port"])
+    (["--process_id=1"], "--coordinator_address=HOST:PORT"),  # (was ignored: a whole run in one process, in the shared workdir)
+], ids=["no-coordinator", "process-id-out-of-range", "no-port", "process-id-alone"])
 def test_bad_multi_process_flags_are_one_line(tmp_path, flags, needle):
     """jax.distributed's flags that cannot start a run: one line, no traceback (a ValueError or an
     IndexError from jax.distributed's address parsing, with its traceback, before)."""
