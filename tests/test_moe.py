@@ -4,6 +4,7 @@ auxiliary losses and statistics in the trainer."""
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -271,6 +272,36 @@ def test_the_router_decides_from_float32_logits_in_a_bf16_model():
     np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)  # (bf16 rounding would be ~1e-2)
     cast = inference_params({"router": {"kernel": layer.router.kernel[...]}, "w_in": layer.w_in[...]}, jnp.bfloat16)
     assert cast["router"]["kernel"].dtype == jnp.float32 and cast["w_in"].dtype == jnp.bfloat16
+
+
+def test_the_routers_products_ask_for_float32_precision_forward_and_backward():
+    """A float32 product at the default precision runs on a GPU as a tf32 GEMM (operands rounded to
+    10-bit mantissas; jax.lax.Precision), which the CPU computes exactly: so the router's float32
+    logits hold on a GPU only if its products, and the two of its backward pass, ask for HIGHEST."""
+    layer = _layer(dtype="bfloat16")
+    graphdef, params = nnx.split(layer)
+    x = jax.random.normal(jax.random.key(3), (2, 16, 64), jnp.bfloat16)
+
+    def loss(params, x):
+        return jnp.sum(nnx.merge(graphdef, params).route(x)[0] ** 2)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params, x)
+    E = layer.router.kernel.shape[1]
+    dots = []
+
+    def walk(j):
+        for eqn in j.eqns:
+            if eqn.primitive.name == "dot_general":
+                dots.append(eqn)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jaxpr.jaxpr)
+    routing = [e for e in dots if E in e.outvars[0].aval.shape or any(E in v.aval.shape for v in e.invars)]
+    assert len(routing) == 3, routing  # the logits, their gradient to the input and to the kernel
+    for e in routing:
+        assert all(v.aval.dtype == jnp.float32 for v in e.invars), e
+        assert e.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2, e
 
 
 def test_balanced_router_gives_load_balance_one():

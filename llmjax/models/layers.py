@@ -125,7 +125,9 @@ def dense(
 ):
     """A Linear layer in the compute dtype; its matmul takes `model.matmul_dtype` operands when set
     (unless `narrow=False`). `float32=True`: operands and product in float32 whatever the compute
-    dtype (the MoE router: its top-k choices are made from float32 logits)."""
+    dtype (the MoE router: its top-k choices are made from float32 logits), at HIGHEST precision,
+    forward and backward: on a GPU the default precision runs a float32 product as a tf32 GEMM,
+    rounding its operands to 10-bit mantissas."""
     narrow_dtype = cfg.narrow_matmuls if narrow and not float32 else None
     return nnx.Linear(
         d_in,
@@ -136,6 +138,7 @@ def dense(
         kernel_init=normal(cfg.init_std if std is None else std),
         bias_init=nnx.initializers.zeros_init(),
         dot_general=jax.lax.dot_general if narrow_dtype is None else functools.partial(_narrow_dot_general, narrow_dtype),
+        precision=jax.lax.Precision.HIGHEST if float32 else None,
         rngs=rngs,
     )
 
