@@ -40,6 +40,30 @@ def _int(value, name: str) -> int:
     return out
 
 
+MODEL_ARGS = ("checkpoint", "checkpoint_path", "which", "dtype", "quantize", "batch_size", "device", "max_gen_toks", "seed")
+
+
+def check_model_args(unknown: dict, *, model, checkpoint, checkpoint_path, which, dtype, quantize) -> None:
+    """Refuse, in one line, a model argument that would be ignored: a name the model does not take
+    (a typo such as `whcih=best` scored the latest checkpoint, `dtpye=bfloat16` float32), checkpoint
+    options beside an in-memory `model`, or two different checkpoints."""
+    if unknown:
+        import difflib
+
+        name = sorted(unknown)[0]
+        near = difflib.get_close_matches(name, MODEL_ARGS, n=1)
+        raise ValueError(f"unknown llmjax model argument '{name}'" + (f" (did you mean '{near[0]}'?)" if near else "")
+                         + f"; it takes {', '.join(MODEL_ARGS)}")
+    if model is not None:
+        given = [k for k, v in (("checkpoint", checkpoint), ("checkpoint_path", checkpoint_path), ("dtype", dtype), ("quantize", quantize))
+                 if v not in (None, "")] + (["which"] if which != "latest" else [])
+        if given:
+            raise ValueError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to a checkpoint; an in-memory model is scored as it is "
+                             "(build or load it in the dtype you want, or pass checkpoint= instead of model=)")
+    elif checkpoint and checkpoint_path and str(checkpoint) != str(checkpoint_path):
+        raise ValueError(f"checkpoint={checkpoint} and checkpoint_path={checkpoint_path} name two runs; give one")
+
+
 @register_model("llmjax")
 class LlmjaxLM(TemplateLM):
     """An llmjax model for lm-eval: a checkpoint (`checkpoint`/`checkpoint_path`: a training run
@@ -50,10 +74,15 @@ class LlmjaxLM(TemplateLM):
         self, checkpoint: str | None = None, checkpoint_path: str | None = None, which: str = "latest", dtype: str | None = None,
         batch_size: int | str = 8, device: str | None = None, max_gen_toks: int | str = 256, seed: int | str = 1234,
         quantize: str | None = None,
-        model=None, tokenizer=None, **unused,
+        model=None, tokenizer=None, max_batch_size=None, trust_remote_code=None, **unknown,
     ):
+        # (max_batch_size: lm-eval's simple_evaluate passes it, for its "auto" batch size; trust_remote_code:
+        # its --trust_remote_code adds it to model_args. Both mean nothing here.)
         super().__init__()
         from llmjax.evaluate import load_for_scoring, pick_device  # (evaluate imports this module lazily)
+
+        check_model_args(unknown, model=model, checkpoint=checkpoint, checkpoint_path=checkpoint_path, which=which, dtype=dtype,
+                         quantize=quantize)
 
         if str(batch_size).startswith("auto"):  # lm-eval's "auto" probes memory with torch; a fixed size here
             batch_size = 8

@@ -538,6 +538,29 @@ def test_registered_model_loads_a_checkpoint(bpe_run):
         cls.create_from_arg_string(f"checkpoint={bpe_run},batch_size=many")
 
 
+def test_model_arguments_that_would_be_ignored_are_refused(tmp_path):
+    """A misspelt model argument was accepted and ignored (`whcih=best` scored the latest checkpoint,
+    `dtpye=bfloat16` float32), as were checkpoint options beside an in-memory model: one line each,
+    before anything loads. What lm-eval itself adds (max_batch_size, trust_remote_code) is taken."""
+    pytest.importorskip("lm_eval")
+    import llmjax.harness  # noqa: F401  (registers the model)
+    from lm_eval.api.registry import get_model
+
+    cls = get_model("llmjax")
+    nowhere = tmp_path / "no-run"
+    for args, needle in [("whcih=best", r"unknown llmjax model argument 'whcih' \(did you mean 'which'\?\); it takes checkpoint, "),
+                         ("dtpye=bfloat16", r"'dtpye' \(did you mean 'dtype'\?\)"),
+                         (f"checkpoint_path={tmp_path / 'other'}", "name two runs; give one")]:
+        with pytest.raises(ValueError, match=needle):
+            cls.create_from_arg_string(f"checkpoint={nowhere},{args}", {"batch_size": 4, "max_batch_size": 64, "device": "cpu"})
+    m, tok = model("vanilla", vocab_size=50257, padded_vocab_size=50304), GPT2Tokenizer()
+    for kw in ({"dtype": "bfloat16"}, {"which": "best"}, {"checkpoint": str(nowhere)}, {"quantize": "int8"}):
+        with pytest.raises(ValueError, match=f"^{next(iter(kw))} applies to a checkpoint; an in-memory model is scored as it is"):
+            cls(model=m, tokenizer=tok, **kw)
+    lm = cls(model=m, tokenizer=tok, batch_size="4", max_batch_size=64, trust_remote_code=True, device="cpu", seed=3, max_gen_toks=8)
+    assert lm.batch_size == 4 and lm.max_gen_toks == 8
+
+
 def test_cli_errors_are_one_line(bpe_run, tmp_path):
     args = types.SimpleNamespace(tasks="hellaswag", batch_size=2, limit=None, scorer="fast", device="cuda:0", checkpoint_path=str(bpe_run),
                                  which="latest", dtype=None, task_dir=str(FIXTURES), num_fewshot=None, output_json=None)
