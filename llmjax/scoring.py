@@ -12,6 +12,8 @@ model's argmax ("greedy"). The rules are lm-evaluation-harness's (HFLM):
 - log-probabilities are normalised over the model's whole (padded) vocabulary, as the training loss
   is, so `-score / n_tokens` of a text is exactly the trainer's loss on it; the greedy check only
   considers real tokens (the sampler never draws padded rows).
+- a log-likelihood that is not finite (a float16 forward that overflowed) is an error, never a
+  score: lm-eval's metrics (numpy's argmax) would count the first NaN choice as the answer.
 
 Requests are sorted by length and scored in batches of a fixed number of rows, right-padded to a
 length bucket (powers of two up to 128, then multiples of 128, capped at the context). Padding never
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -187,6 +190,12 @@ class Scorer:
             self._collect(item, results, bar)
         if bar is not None:
             bar.close()
+        bad = [i for i, (ll, _) in enumerate(results) if not math.isfinite(ll)]  # type: ignore[misc]
+        if bad:  # (numpy's argmax over NaNs picks the first NaN: a metric would count them as answers)
+            raise ScoreError(
+                f"{len(bad)} of {len(results)} requests scored a log-likelihood of {results[bad[0]][0]} (the first: request "
+                f"{bad[0] + 1}); the model's forward overflowed (float16 holds at most 65504: score with --dtype bfloat16 or "
+                "float32) or its parameters are not finite")
         return results  # type: ignore[return-value]
 
     @staticmethod

@@ -50,7 +50,7 @@ from llmjax.models.layers import convert_layer_layout
 from llmjax.registry import build_model
 from llmjax.runtime import cpu_compiler_options, enable_compilation_cache, tune_host_allocator
 from llmjax.sample import generate, start_ids
-from llmjax.scoring import Scorer, continuation_scores, scoring_config
+from llmjax.scoring import Scorer, ScoreError, continuation_scores, scoring_config
 from llmjax.sharding import batch_sharding, make_mesh, param_shardings, replicated_by_size, state_shardings
 from llmjax.summary import summarize
 
@@ -597,7 +597,10 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
         scorer = Scorer(batch_fn, context_len=T, batch_size=ecfg.tasks_batch_size)
         out = {}
         for name, items in task_items.items():
-            m = downstream.score_task(scorer, tokenizer, items, requests=task_requests[name])
+            try:
+                m = downstream.score_task(scorer, tokenizer, items, requests=task_requests[name])
+            except ScoreError:  # non-finite log-likelihoods: not a number, as the validation loss then (no made-up accuracy)
+                m = {"acc": float("nan"), "acc_norm": float("nan")}
             out[f"{name}_acc"], out[f"{name}_acc_norm"] = m["acc"], m["acc_norm"]
         return out
 

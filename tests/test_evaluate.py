@@ -121,6 +121,38 @@ def test_length_buckets_and_bad_requests():
         s.rolling([[1, 2, 3]], None)  # (a character tokenizer's eot_id)
 
 
+def test_non_finite_log_likelihoods_are_an_error_not_a_score():
+    """A float16 forward that overflows gave NaN log-likelihoods, and the metrics (numpy's argmax, as
+    lm-eval's) counted the first NaN choice as the answer: acc 0.15 on 20 HellaSwag items, a number
+    like any other. Now one line, from the scorer, the fast scorer and the harness alike."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from llmjax.harness import LlmjaxLM
+
+    m = scale_params(llmjax.build_model(config("vanilla", dtype="float16", vocab_size=50257, padded_vocab_size=50304), seed=1), 100.0)
+    pairs = random_pairs(3, 4, m.cfg.context_len)
+    needle = r"^4 of 4 requests scored a log-likelihood of nan \(the first: request 1\); the model's forward overflowed \(float16 holds"
+    with pytest.raises(ScoreError, match=needle):
+        Scorer.for_model(m, 3).score(pairs)
+    with pytest.raises(ScoreError, match="scored a log-likelihood of nan"):
+        Scorer.for_model(m, 3).rolling([list(range(100))], 0)
+    tok = GPT2Tokenizer()
+    items = [downstream.Item("A man is", ("walking.", "running away."), 1)]
+    with pytest.raises(ScoreError, match="2 of 2 requests scored a log-likelihood of nan"):
+        downstream.score_task(Scorer.for_model(m, 2), tok, items)
+    lm = LlmjaxLM(model=m, tokenizer=tok, batch_size=2)
+    with pytest.raises(ScoreError, match="scored a log-likelihood of nan"):
+        lm.loglikelihood([Instance("loglikelihood", {}, ("A man is", " walking."), 0)], disable_tqdm=True)
+    # one bad row among finite ones is named
+    def one_nan(toks, tgts, mask):
+        ll = np.where(np.arange(len(toks)) == 1, np.nan, -1.0)
+        return ll, np.zeros(len(toks), bool)
+
+    with pytest.raises(ScoreError, match=r"^1 of 3 requests scored a log-likelihood of nan \(the first: request 2\)"):
+        Scorer(one_nan, context_len=64, batch_size=4).score([([1], [2]), ([1, 2], [3]), ([1, 2, 3], [4])])
+
+
 def test_rolling_windows_are_lm_evals():
     lm_utils = pytest.importorskip("lm_eval.utils")
     for n in (1, 5, 16, 17, 40, 100):
@@ -457,6 +489,30 @@ def test_trainer_scores_tasks_in_the_loop(bpe_run):
     for t in ("hellaswag", "arc_easy"):
         assert out["results"][t]["acc,none"] == scored[4][f"{t}_acc"]
         assert out["results"][t]["acc_norm,none"] == scored[4][f"{t}_acc_norm"]
+
+
+def test_trainer_writes_nan_for_tasks_scored_non_finite(tmp_path, monkeypatch):
+    """Non-finite log-likelihoods in the loop (a forward that overflowed) give NaN acc and acc_norm,
+    as the validation loss would be, not an accuracy counted from NaN choices, and the run goes on."""
+    from llmjax.train import train
+
+    real = Scorer.score
+
+    def nan_scores(self, requests, progress=False):  # (the engine's own batches, then NaN log-likelihoods)
+        self.batch_fn = (lambda fn: lambda *a: (np.full(self.batch_size, np.nan), np.asarray(fn(*a)[1])))(self.batch_fn)
+        return real(self, requests, progress)
+
+    monkeypatch.setattr(Scorer, "score", nan_scores)
+    cfg = llmjax.load_config(
+        f"{ROOT}/configs/vanilla.py:tiny",
+        {"data.dataset": "tinyshakespeare", "model.vocab_size": 50257, "model.padded_vocab_size": 50304, "model.context_len": 128,
+         "train.max_steps": 2, "train.batch_size": 8, "eval.every_steps": 0, "eval.num_batches": 1, "eval.sample_tokens": 0,
+         "eval.tasks": "arc_easy", "eval.tasks_limit": 4, "eval.tasks_batch_size": 8, "eval.tasks_dir": str(FIXTURES),
+         "logging.progress_bar": False},
+    )
+    train(cfg, tmp_path / "run", quiet=True)
+    last = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["step"] == 2 and np.isnan(last["arc_easy_acc"]) and np.isnan(last["arc_easy_acc_norm"])
 
 
 def test_trainer_refuses_tasks_it_cannot_score(tmp_path):
