@@ -143,6 +143,16 @@ class Checkpointer:
         verify(out["state"], meta.pop("fingerprints", None), self.directory, step, RESUME_HINT)
         return out["state"], meta
 
+    def state_keys(self, step: int) -> set[str] | None:
+        """The names of the train state's parts that checkpoint `step` holds ('params', 'opt', ...,
+        'loss_scale' for a run with dynamic loss scaling), from its metadata; None where that cannot
+        be read (restoring it then says what is wrong)."""
+        try:
+            saved = ocp.PyTreeCheckpointHandler().metadata(self.directory / str(step) / "state")
+            return set(getattr(saved, "item_metadata", saved) or {})
+        except Exception:  # noqa: BLE001
+            return None
+
     def wait(self) -> None:
         try:
             self.manager.wait_until_finished()

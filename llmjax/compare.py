@@ -114,12 +114,14 @@ def config_changes(saved: Path, cfg) -> list[str]:
     """How a run's config.json differs from `cfg` (the config with this comparison's overrides) in
     its model, data, training and evaluation settings, RUN_CONTROL's aside: a config file edited
     since the run, or other comparison flags (keys the run predates count as their defaults)."""
-    from llmjax.train import config_diff
+    from llmjax.train import config_diff, train_settings
 
     old, new = json.loads(saved.read_text()), json.loads(cfg.to_json())
     diffs = []
     for group in ("model", "data", "train", "eval"):
         a, b = old.get(group, {}), new.get(group, {})
+        if group == "train":  # (train.loss_scale, which a run may predate)
+            a = train_settings(old)
         if group == "model":
             a, b = ({**model_defaults(c.get("arch")), **c} for c in (a, b))
         diffs += [d for d in config_diff(a, b, f"{group}.") if d.split(" ", 1)[0] not in RUN_CONTROL]

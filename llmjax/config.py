@@ -208,6 +208,10 @@ def _shared_groups(variant: str) -> dict[str, dict[str, Any]]:
             # the training loss's logits: auto = model.dtype (bf16 with bf16 compute, as PyTorch's autocast
             # gives nanoGPT: half the logits' memory and traffic), float32, or bfloat16; the loss itself is float32
             logits_dtype="auto",
+            # float16 training's loss scaling: auto = dynamic with model.dtype=float16, else none; dynamic
+            # (PyTorch's GradScaler: 2**15, halved on an overflow, whose update is skipped, doubled after
+            # 2000 finite steps); none; or a positive number, a static scale (an overflow stops the run)
+            loss_scale="auto",
             log_every_steps=10,
             checkpoint_every_steps=1000 if gpu else 250,
             keep_checkpoints=3,
@@ -313,6 +317,8 @@ def check_key(cfg: ml_collections.ConfigDict, dotted: str) -> None:
 def set_key(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
     """cfg['a.b'] = value, with a one-line error naming the closest key when 'a.b' does not exist."""
     node, leaf = _locate(cfg, dotted)
+    if dotted == "train.loss_scale" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # (a static scale given as a number: the key is a string, as the command line gives it)
     try:
         node[leaf] = value
     except TypeError as e:
@@ -348,9 +354,29 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if unknown:
         raise ConfigError(f"train.decay_params: unknown parameter name '{unknown[0]}'{closest(unknown[0], DECAYED + NOT_DECAYED)} "
                           f"(the names: {', '.join(DECAYED + NOT_DECAYED)})")
+    loss_scale_setting(t.get("loss_scale", "auto"))  # (a run saved before the key: none there)
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}: the schedule decays from lr to min_lr; lower min_lr")
     model_config(cfg)
+
+
+LOSS_SCALES = ("auto", "dynamic", "none")
+
+
+def loss_scale_setting(value: Any) -> str | float:
+    """train.loss_scale as 'auto', 'dynamic', 'none' or a static scale (a positive float, also
+    written as a string: the command line gives '1024'); a one-line ConfigError for anything else."""
+    if isinstance(value, str) and value.strip().lower() in LOSS_SCALES:
+        return value.strip().lower()
+    try:
+        scale = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        scale = math.nan
+    if not (math.isfinite(scale) and scale > 0):
+        hint = closest(value.strip().lower(), LOSS_SCALES) if isinstance(value, str) else ""
+        raise ConfigError(f"train.loss_scale={value!r} is not one of {', '.join(LOSS_SCALES)} or a positive number "
+                          f"(a static scale, e.g. 1024){hint}")
+    return scale
 
 
 # AdamW's weight decay (train.decay_params, by the parameter's name): by default the matrices of

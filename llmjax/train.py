@@ -44,7 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llmjax import cli, data as data_lib, downstream, tokenizer as tok_lib
 from llmjax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
-from llmjax.config import ConfigError, model_config, model_defaults, validate
+from llmjax.config import ConfigError, loss_scale_setting, model_config, model_defaults, validate
 from llmjax.loss import token_losses
 from llmjax.models.layers import convert_layer_layout
 from llmjax.registry import build_model
@@ -138,6 +138,14 @@ def model_changes(old: dict, new: dict) -> list[str]:
         return {**model_defaults(c["model"].get("arch")), **c["model"]}
 
     return [d for d in config_diff(filled(old), filled(new), "model.") if d.split(" ")[0].removeprefix("model.") not in EXECUTION_KEYS]
+
+
+def train_settings(c: dict) -> dict:
+    """A resolved config's train group, with train.loss_scale, where the run predates the key, as
+    what the run did: none (no scaling) in float16, else auto (none too)."""
+    t = dict(c.get("train", {}))
+    t.setdefault("loss_scale", "none" if c.get("model", {}).get("dtype") == "float16" else "auto")
+    return t
 
 
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -303,6 +311,7 @@ class Steps:
     tok_shard: NamedSharding
     eval_shard: NamedSharding
     score_step: object  # (params, tokens, targets, mask (batch, T)) -> (log-likelihood, greedy) per row (llmjax.scoring)
+    gradients: object  # (params, tokens (accum, batch, T+1), loss scale or None) -> (the optimizer's float32 gradients, loss, aux, stats)
 
 
 # train.deterministic on a GPU: XLA's deterministic mode (scatter-adds such as the embedding table's
@@ -329,6 +338,39 @@ def loss_logits_dtype(mcfg, tcfg):
     if name not in LOGITS_DTYPES:
         raise ConfigError(f"train.logits_dtype='{name}' is not one of {', '.join(LOGITS_DTYPES)}")
     return mcfg.compute_dtype if name == "auto" else jnp.dtype(name)
+
+
+# Dynamic loss scaling (train.loss_scale; PyTorch's torch.amp.GradScaler, jmp.DynamicLossScale): the
+# loss is multiplied by the scale before the backward pass, so that float16's small gradients do not
+# flush to zero, and the float32 gradients divided by it before clipping and weight decay. A step
+# whose gradients hold an inf or NaN (the scaled backward overflowed float16) changes no parameter
+# and no optimizer state (its batch is used up) and halves the scale; GROWTH_INTERVAL finite steps
+# in a row double it.
+LOSS_SCALE_INIT = 2.0**15
+LOSS_SCALE_MIN = 1.0
+LOSS_SCALE_GROWTH_INTERVAL = 2000
+
+
+def loss_scaling(mcfg, tcfg) -> str | float | None:
+    """How a run scales its loss: 'dynamic', a static scale (float) or None (train.loss_scale; auto:
+    dynamic with float16 compute). A run saved before the key existed had none."""
+    setting = loss_scale_setting(tcfg.get("loss_scale", "auto"))
+    if setting == "auto":
+        return "dynamic" if mcfg.dtype == "float16" else None
+    return None if setting == "none" else setting
+
+
+def initial_loss_scale() -> dict:
+    """The dynamic loss scale's state at a run's start (part of the train state, checkpointed)."""
+    return {"scale": jnp.float32(LOSS_SCALE_INIT), "good_steps": jnp.int32(0), "skipped_steps": jnp.int32(0)}
+
+
+def next_loss_scale(ls: dict, finite) -> dict:
+    """The dynamic loss scale after a step whose gradients were all finite (`finite`) or not."""
+    grow = finite & (ls["good_steps"] + 1 >= LOSS_SCALE_GROWTH_INTERVAL)
+    scale = jnp.where(finite, jnp.where(grow, ls["scale"] * 2, ls["scale"]), jnp.maximum(ls["scale"] / 2, LOSS_SCALE_MIN))
+    return {"scale": scale, "good_steps": jnp.where(finite & ~grow, ls["good_steps"] + 1, 0),
+            "skipped_steps": ls["skipped_steps"] + jnp.where(finite, 0, 1)}
 
 
 def build_steps(cfg, mesh) -> Steps:
@@ -362,6 +404,10 @@ def build_steps(cfg, mesh) -> Steps:
         "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),  # for stochastic layers; none of the current ones is
         "step": jax.ShapeDtypeStruct((), jnp.int32),
     }
+    scaling = loss_scaling(mcfg, tcfg)
+    if scaling == "dynamic":  # (only then: the state of a run without it is as it was, its checkpoints too)
+        abstract_state["loss_scale"] = jax.eval_shape(initial_loss_scale)
+        state_shard["loss_scale"] = jax.tree.map(lambda _: replicated, abstract_state["loss_scale"])
 
     weights = dict(tcfg.aux_loss_weights)
     accum = tcfg.grad_accum_steps
@@ -379,10 +425,20 @@ def build_steps(cfg, mesh) -> Steps:
         total = ce + sum((weights[k] * v for k, v in aux.items()), jnp.float32(0))
         return total, (ce, aux, stats)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    def scaled_loss_fn(params, tokens_BT1, scale):  # (the aux values unscaled)
+        total, aux = loss_fn(params, tokens_BT1)
+        return total * scale, aux
 
-    def train_step(state, tokens):
-        params = state["params"]
+    plain_grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    scaled_grad_fn = jax.value_and_grad(scaled_loss_fn, has_aux=True)
+
+    def gradients(params, tokens, scale):
+        """(float32 gradients, mean loss, aux losses, stats) over the micro-batches `tokens` (accum,
+        B, T+1); with a loss `scale` (None: none), each micro-batch's loss is scaled and the
+        gradients' sum unscaled once."""
+        def grad_fn(params, tokens_BT1):
+            return plain_grad_fn(params, tokens_BT1) if scale is None else scaled_grad_fn(params, tokens_BT1, scale)
+
         if accum == 1:
             (_, (ce, aux, stats)), grads = grad_fn(params, tokens[0])
         else:  # accumulate over micro-batches
@@ -395,7 +451,17 @@ def build_steps(cfg, mesh) -> Steps:
 
             (grads, ce, aux, stats), _ = jax.lax.scan(micro_step, zeros, tokens)
             grads, ce, aux, stats = jax.tree.map(lambda x: x / accum, (grads, ce, aux, stats))
+        if scale is not None:  # unscaled (float32) before clipping and weight decay
+            grads = jax.tree.map(lambda g: g / scale, grads)
+        return grads, ce, aux, stats
+
+    def train_step(state, tokens):
+        params = state["params"]
+        ls = state.get("loss_scale")  # dynamic scaling's state
+        scale = ls["scale"] if ls is not None else (jnp.float32(scaling) if scaling is not None else None)
+        grads, ce, aux, stats = gradients(params, tokens, scale)
         updates, opt = tx.update(grads, state["opt"], params)
+        new_params = optax.apply_updates(params, updates)
         metrics = {
             "train_loss": ce,
             "grad_norm": optax.tree.norm(grads),
@@ -404,7 +470,19 @@ def build_steps(cfg, mesh) -> Steps:
             **{f"aux_{k}": v for k, v in aux.items()},
             **{f"stat_{k}": v for k, v in stats.items()},
         }
-        new_state = {"params": optax.apply_updates(params, updates), "opt": opt, "rng": state["rng"], "step": state["step"] + 1}
+        new_state = {"params": new_params, "opt": opt, "rng": state["rng"], "step": state["step"] + 1}
+        if scale is not None:
+            metrics["loss_scale"] = scale
+        if ls is not None:
+            # an overflow (any device's: under jit the reduction over the sharded gradients is global)
+            # skips the update: parameters and optimizer state (its step count, which the learning
+            # rate follows, included) stay as they were
+            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+            new_state["params"], new_state["opt"] = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old), (new_params, opt), (params, state["opt"]))
+            new_state["loss_scale"] = next_loss_scale(ls, finite)
+            metrics.update(update_norm=jnp.where(finite, metrics["update_norm"], 0.0), step_skipped=~finite,
+                           skipped_steps=new_state["loss_scale"]["skipped_steps"], lr=schedule(state["step"] - ls["skipped_steps"]))
         return new_state, metrics
 
     options = step_compiler_options(mcfg, tcfg, mesh.devices.flat[0].platform)
@@ -441,12 +519,14 @@ def build_steps(cfg, mesh) -> Steps:
     def init():
         params = init_params()
         rng = jax.random.key_data(jax.random.key(tcfg.seed))
-        return {"params": params, "opt": tx.init(params), "rng": rng, "step": jnp.int32(0)}
+        state = {"params": params, "opt": tx.init(params), "rng": rng, "step": jnp.int32(0)}
+        return {**state, "loss_scale": initial_loss_scale()} if scaling == "dynamic" else state
 
     return Steps(
         graphdef=graphdef, abstract_state=abstract_state, state_shard=state_shard,
         init_state=jax.jit(init, out_shardings=state_shard), train_step=step_fn, eval_step=eval_fn,
         tok_shard=tok_shard, eval_shard=eval_shard, score_step=score_fn,
+        gradients=jax.jit(gradients, in_shardings=(p_shard, tok_shard, replicated), compiler_options=options),
     )
 
 
@@ -518,6 +598,7 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
     if (replicated := replicated_by_size(abstract_state["params"], mesh)) is not None:
         say(replicated)  # (silent, a mesh that splits no parameter would use as much memory per device as one device)
     step_fn, eval_fn, eval_shard, tok_shard = steps.train_step, steps.eval_step, steps.eval_shard, steps.tok_shard
+    scaling = loss_scaling(mcfg, tcfg)
     accum, micro, T = tcfg.grad_accum_steps, tcfg.batch_size, mcfg.context_len
 
     # --- workdir: config.json (a resumed run must have the same model) ----------------------
@@ -550,7 +631,7 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
             raise ConfigError(
                 f"{workdir} holds a run with a different model config: {'; '.join(diffs)}; use another --workdir or the same config"
             )
-        changed = config_diff(old_cfg.get("train", {}), resolved["train"], "train.")
+        changed = config_diff(train_settings(old_cfg), resolved["train"], "train.")
         if changed:
             say(f"resuming with changed settings: {'; '.join(changed)} (the learning-rate schedule follows the new values from step {start + 1})"
                 if any(d.split(" ")[0] in SCHEDULE_KEYS for d in changed) else f"resuming with changed settings: {'; '.join(changed)}")
@@ -608,11 +689,26 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
     target = abstract_with_shardings(abstract_state, state_shard)
     meta = {}
     if start:
+        # a run that had dynamic loss scaling and now has none, or the reverse (model.dtype or
+        # train.loss_scale changed): its checkpoint's state restored as it is, the scale dropped or started
+        saved_scale = ckpt.state_keys(start)
+        saved_scale = "loss_scale" in saved_scale if saved_scale is not None else "loss_scale" in target
+        target = {k: v for k, v in target.items() if k != "loss_scale"}
+        if saved_scale:
+            abstract_scale = jax.eval_shape(initial_loss_scale)
+            target["loss_scale"] = abstract_with_shardings(abstract_scale, jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract_scale))
         try:
             with jax.set_mesh(mesh):
                 state, meta = ckpt.restore(start, target, train_it)
         except CheckpointError as e:
             raise ConfigError(str(e)) from None
+        if saved_scale and "loss_scale" not in abstract_state:
+            ls = jax.device_get(state.pop("loss_scale"))
+            say(f"dynamic loss scaling is off from step {start + 1} (train.loss_scale={tcfg.get('loss_scale', 'auto')}, "
+                f"model.dtype={mcfg.dtype}); the run had it, at scale {float(ls['scale']):g} after {int(ls['skipped_steps'])} skipped step(s)")
+        elif not saved_scale and "loss_scale" in abstract_state:
+            state["loss_scale"] = jax.device_put(initial_loss_scale(), state_shard["loss_scale"])
+            say(f"dynamic loss scaling starts at step {start + 1}, at scale {LOSS_SCALE_INIT:g}: the run trained without it until then")
         resume_data_position(train_it, meta, old_cfg, micro * accum, tcfg.seed, workdir, say, dataset)
         say(f"resumed from {workdir / 'checkpoints'} at step {start}")
     else:
@@ -668,15 +764,30 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
         lines = []
         for (step, _), host in zip(block, hosts):
             host = {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in host.items()}
-            if not all(math.isfinite(host[k]) for k in ("train_loss", "grad_norm", "update_norm")):
+            # (a step that dynamic loss scaling skipped has non-finite gradients, and no update)
+            skipped = bool(host.get("step_skipped", False))
+            last = (f"The last good checkpoint is step {last_good} in {workdir / 'checkpoints'}" if last_good
+                    else "No checkpoint was written")
+            if not math.isfinite(host["train_loss"]) or not (skipped or all(math.isfinite(host[k]) for k in ("grad_norm", "update_norm"))):
+                hint = (f" (float16 gradients overflowed the static train.loss_scale={scaling:g}: a smaller one, or "
+                        f"train.loss_scale=dynamic, keeps them finite)" if isinstance(scaling, float) and math.isfinite(host["train_loss"]) else "")
                 raise TrainingError(
                     f"loss became non-finite at step {step} (train_loss={host['train_loss']}, grad_norm={host['grad_norm']}, "
-                    f"update_norm={host['update_norm']}); stopped. "
-                    + (f"The last good checkpoint is step {last_good} in {workdir / 'checkpoints'}" if last_good else "No checkpoint was written")
+                    f"update_norm={host['update_norm']}){hint}; stopped. " + last
                 )
-            line = {"step": step, "train_loss": host["train_loss"], "lr": host["lr"], "grad_norm": host["grad_norm"],
+            if skipped and host["loss_scale"] <= LOSS_SCALE_MIN:  # (halving it no further, every step would be skipped)
+                raise TrainingError(
+                    f"the gradients of step {step} overflowed float16 at loss scale {host['loss_scale']:g}, dynamic scaling's "
+                    f"least (no scaling at all): the model's float16 backward pass overflows; stopped. Train it with "
+                    f"model.dtype=bfloat16 or float32. " + last
+                )
+            line = {"step": step, "train_loss": host["train_loss"], "lr": host["lr"], "grad_norm": None if skipped else host["grad_norm"],
                     "tokens_per_sec": tokens_per_step / dt, "step_time": dt,
                     "mfu": summary["flops_per_token"] * tokens_per_step / dt / (peak * n_dev) if peak else None}
+            if "loss_scale" in host:
+                line["loss_scale"] = host["loss_scale"]
+            if "skipped_steps" in host:
+                line["skipped_steps"] = int(host["skipped_steps"])
             line.update({k: v for k, v in host.items() if k.startswith(("aux_", "stat_"))})
             lines.append(line)
         return lines
@@ -697,6 +808,10 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
                         "ms": f"{line['step_time'] * 1e3:.1f}"}
                 if line["mfu"] is not None:
                     post["mfu"] = f"{line['mfu']:.1%}"
+                if "loss_scale" in line:
+                    post["scale"] = f"{line['loss_scale']:g}"
+                if "skipped_steps" in line:
+                    post["skipped"] = str(int(line["skipped_steps"]))
                 if val_loss is not None:
                     post["val"] = f"{val_loss:.4f}"
                 for name in task_items:
