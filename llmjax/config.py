@@ -180,9 +180,20 @@ def model_config(cfg: ml_collections.ConfigDict | Mapping[str, Any] | ModelConfi
 # The run config: shared groups, filled per variant, then overridden by the arch's config file.
 
 
+def recipe_of(variant: str) -> str:
+    """The variant whose shared defaults `variant` gets: `small` and `tiny` (and a variant of one's
+    own named after one of them, `small_qknorm` or `tiny-wide`: an idea tried on that shape trains
+    on its recipe), else `default` (the GPU recipe; also vanilla's medium, large and xl)."""
+    for base in ("small", "tiny"):
+        if variant == base or (variant.startswith(base) and variant[len(base)] in "_-"):
+            return base
+    return "default"
+
+
 def _shared_groups(variant: str) -> dict[str, dict[str, Any]]:
     """data/train/eval/logging defaults. `default` is the GPU (GPT-2-small scale) recipe; `small` and
-    `tiny` train on CPU, on the character-level Shakespeare that ships with the repo."""
+    `tiny` train on CPU, on the character-level Shakespeare that ships with the repo (see recipe_of)."""
+    variant = recipe_of(variant)
     gpu = variant not in ("small", "tiny")  # default and the larger shapes: the GPU recipe
     return dict(
         data=dict(

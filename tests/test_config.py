@@ -116,6 +116,32 @@ def test_unknown_key_written_in_a_config_file(tmp_path):
         llmjax.load_config(f"{f}:tinny")
 
 
+def test_a_variant_of_ones_own_trains_on_the_recipe_it_is_named_after(tmp_path):
+    """An idea tried as a new variant (`small_nobias`, the README's way) trains on small's data and
+    recipe, not the GPU recipe of `default`: it did, so its run asked for fineweb_edu, and a
+    comparison with `--set data.dataset=...` silently set lr 6e-4 / warmup 700 / beta2 0.95 against
+    small's 1e-3 / 100 / 0.99."""
+    f = tmp_path / "mine.py"
+    f.write_text(
+        "from llmjax.config import make_config\n"
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('v', '{ROOT}/configs/vanilla.py')\n"
+        "v = importlib.util.module_from_spec(spec); spec.loader.exec_module(v)\n"
+        "MODELS = dict(v.MODELS)\n"
+        "for base in ('small', 'tiny', 'default'):\n"
+        "    MODELS[base + '_nobias'] = {**MODELS[base], 'bias': False}\n"
+        "MODELS['tiny-wide'] = {**MODELS['tiny'], 'd_ff': 512}\n"
+        "MODELS['smallish'] = dict(MODELS['small'])\n"
+        "def get_config(variant='default'):\n    return make_config(variant, MODELS)\n"
+    )
+    for variant, base in [("small_nobias", "small"), ("tiny_nobias", "tiny"), ("tiny-wide", "tiny"),
+                          ("default_nobias", "default"), ("smallish", "default"), ("medium", "default")]:
+        mine, theirs = llmjax.load_config(f"{f}:{variant}"), llmjax.load_config(f"{ROOT}/configs/vanilla.py:{base}")
+        for group in ("data", "train", "eval", "logging"):
+            assert mine[group].to_dict() == theirs[group].to_dict(), (variant, group)
+    assert llmjax.load_config(f"{f}:small_nobias").train.lr != llmjax.load_config(f"{f}:default").train.lr  # (the test can fail)
+
+
 @pytest.mark.parametrize("arch", sorted(llmjax.ARCHS))
 def test_widths_must_be_positive(arch):
     """A zero or negative head count, head or MLP width, rope_base or norm_eps is one line, for every
