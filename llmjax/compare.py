@@ -133,6 +133,24 @@ RUN_CONTROL = {"train.seed", "train.stop_at_step", "train.log_every_steps", "tra
                "train.peak_flops_per_device", "eval.sample_tokens", "eval.tasks_batch_size", "eval.tasks_dir"}
 
 
+def differing_settings(plans: list[dict]) -> list[str]:
+    """The data, training and evaluation settings (RUN_CONTROL's aside) that are not the same for
+    every config: "train.beta2: 0.99 (`configs/a.py`), 0.95 (`configs/a.py:b`)". A comparison of
+    two optimizer settings is one of these by design; any other is a difference in recipe that the
+    table's losses carry along with the models'."""
+    def flat(d: dict, prefix: str) -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    settings = [{k: v for g in ("data", "train", "eval") for k, v in flat(p["cfg"][g].to_dict(), f"{g}.").items()
+                 if k not in RUN_CONTROL} for p in plans]
+    keys = sorted(set().union(*settings))
+    return [f"{k}: " + ", ".join(f"{s.get(k, '<absent>')} (`{p['spec']}`)" for p, s in zip(plans, settings))
+            for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1]
+
+
 def train_once(p: dict, seed: int, folder: Path, quiet: bool) -> dict:
     """One training run in its own process (reused when already finished). Returns its stats."""
     stats_file = folder / "compare_run.json"
@@ -250,6 +268,8 @@ def markdown(rows: list[dict], command: str, meta: dict) -> str:
     note = (f"Same data ({meta['dataset']}), {rows[0]['tokens']:,} training tokens per run, context {meta['context_len']}, "
             f"seeds {meta['seeds']}; total parameters within {spread:.1%} of each other. Validation loss over the whole "
             f"validation split at the end. {meta['device']}, {meta['date']}. Command: `{command}`")
+    if meta.get("differing_settings"):  # (the configs' own recipes: the comparison is of these too, not of the models alone)
+        lines.append("\nSettings that differ between the configs (besides the model): " + "; ".join(meta["differing_settings"]) + ".")
     resumed = [f"`{r['arch']}` seed {seed} from step {step}" for r in rows for seed, step in sorted(r["resumed"].items())]
     if resumed:  # (the losses, tokens/s and a device's peak are the whole run's, read from its metrics)
         part = "train wall is" if rows[0]["peak_memory_kind"] == "device peak" else "train wall and peak memory are"
@@ -285,7 +305,7 @@ def compare(specs, *, out: Path, seeds: int, max_steps: int, batch_size=None, ev
     d = jax.devices()[0]
     meta = {"dataset": plans[0]["cfg"].data.dataset, "context_len": plans[0]["mcfg"].context_len, "seeds": ", ".join(map(str, range(seeds))),
             "device": d.device_kind if d.platform == "gpu" else f"CPU ({os.cpu_count()} cores)",
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "differing_settings": differing_settings(plans)}
     text = markdown(rows, command, meta)
     atomic_write_bytes(out / "results.md", text.encode())
     atomic_write_json(out / "results.json", {"rows": rows, "meta": meta, "command": command})

@@ -60,6 +60,7 @@ def test_table_holds_the_runs_figures(result):
     md = (out / "results.md").read_text()
     assert md == r["markdown"] and "`vanilla`" in md and "± " in md and "HellaSwag" not in md and "within " in md
     assert "Resumed" not in md and all(row["resumed"] == {} for row in rows.values())
+    assert "Settings that differ" not in md and json.loads((out / "results.json").read_text())["meta"]["differing_settings"] == []
     from PIL import Image
 
     with Image.open(out / "val_loss.png") as im:
@@ -184,6 +185,34 @@ def test_a_resumed_run_is_marked_in_the_table(tmp_path):
     assert [m["step"] for m in lines] == [1, 2, 3, 4]  # the losses are the whole run's
     # tokens/s: the median of the steps that did not compile (not step 1, nor step 3 after the resume)
     assert r["rows"][0]["train_tokens_per_sec"] == pytest.approx((lines[1]["tokens_per_sec"] + lines[3]["tokens_per_sec"]) / 2)
+
+
+def test_the_table_names_the_settings_that_differ_between_configs(result, tmp_path):
+    """Two configs whose recipes differ (an optimizer setting compared on purpose, or a variant that
+    got another recipe by mistake) compare, and the table says how: the note under it named the
+    same data and tokens only, so lr 6e-4 against 1e-3 passed as a comparison of models."""
+    f = tmp_path / "mine.py"
+    f.write_text(
+        "from llmjax.config import make_config\n"
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('v', '{ROOT}/configs/vanilla.py')\n"
+        "v = importlib.util.module_from_spec(spec); spec.loader.exec_module(v)\n"
+        "MODELS = {'tiny': v.MODELS['tiny'], 'tiny_b2': v.MODELS['tiny']}\n"
+        "def get_config(variant='default'):\n"
+        "    return make_config(variant, MODELS, train={'tiny_b2': {'beta2': 0.95, 'warmup_steps': 2}})\n"
+    )
+    specs = [f"{f}:tiny", f"{f}:tiny_b2"]
+    plans = C.plan(specs, max_steps=4, batch_size=None, eval_every=None, eval_batches=None, tasks="", tasks_limit=0,
+                   overrides={"train.log_every_steps": 3})
+    assert C.differing_settings(plans) == [f"train.beta2: 0.99 (`{specs[0]}`), 0.95 (`{specs[1]}`)",
+                                           f"train.warmup_steps: 5 (`{specs[0]}`), 2 (`{specs[1]}`)"]
+    assert C.differing_settings(C.plan(SPECS, max_steps=4, batch_size=None, eval_every=None, eval_batches=None, tasks="",
+                                       tasks_limit=0, overrides={})) == []  # (the model alone differs)
+    out, _ = result
+    saved = json.loads((out / "results.json").read_text())
+    md = C.markdown(saved["rows"], "test", {**saved["meta"], "differing_settings": C.differing_settings(plans)})
+    assert md.rstrip().endswith(f"Settings that differ between the configs (besides the model): train.beta2: 0.99 (`{specs[0]}`), "
+                                f"0.95 (`{specs[1]}`); train.warmup_steps: 5 (`{specs[0]}`), 2 (`{specs[1]}`).")
 
 
 def test_plans_refuse_unfair_comparisons():
