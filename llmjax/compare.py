@@ -6,7 +6,7 @@ Train several architectures on the same data, token budget and seeds, then write
 - every (config, seed) is one ordinary training run (`python -m llmjax.train` in a subprocess, so
   each has its own process: clean timings, its own peak memory) in `--out/<arch>_<variant>/seed<S>`;
   a finished run is reused, so an interrupted comparison continues where it stopped (one of a
-  config edited since, refused);
+  config edited since, or trained by other llmjax code, refused);
 - the configs must share the dataset, context length and vocabulary; `--max_steps` and
   `--batch_size` apply to all, so every run sees the same number of tokens, in the same order for
   the same seed (the data order depends on the seed only);
@@ -21,6 +21,7 @@ Train several architectures on the same data, token budget and seeds, then write
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import signal
@@ -151,6 +152,31 @@ def differing_settings(plans: list[dict]) -> list[str]:
             for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1]
 
 
+# llmjax's modules the trainer never runs (an edit of one changes no run's figures)
+NOT_TRAINING = {"compare.py", "plot.py", "bench.py", "aot.py"}
+
+
+def code_fingerprint() -> dict[str, str]:
+    """A hash of every llmjax source file the trainer may run, by its path in the package: what
+    makes a run's figures besides its config (a model file edited to try an idea, or to fix it,
+    changes them)."""
+    root = Path(__file__).parent
+    files = [f for f in sorted(root.rglob("*.py")) if str(f.relative_to(root)) not in NOT_TRAINING]
+    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in files}
+
+
+def code_changes(folder: Path) -> str:
+    """'' when the run in `folder` was trained by the llmjax code running now (or by a compare from
+    before runs recorded their code: unknown), else the changed files, for a one-line refusal."""
+    try:
+        old = json.loads((folder / "compare_code.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    new = code_fingerprint()
+    changed = [f"llmjax/{f}" for f in sorted(set(old) | set(new)) if old.get(f) != new.get(f)]
+    return ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+
+
 def train_once(p: dict, seed: int, folder: Path, quiet: bool) -> dict:
     """One training run in its own process (reused when already finished). Returns its stats."""
     stats_file = folder / "compare_run.json"
@@ -165,15 +191,25 @@ def train_once(p: dict, seed: int, folder: Path, quiet: bool) -> dict:
             if changes:
                 raise CompareError(f"{folder} holds a finished run of another config ({'; '.join(changes)}): its figures are not "
                                    "this config's; delete that folder or use another --out")
+            changed = code_changes(folder)
+            if changed:
+                raise CompareError(f"{folder} holds a finished run trained by other llmjax code ({changed} changed since): its figures "
+                                   "are not this code's; delete that folder or use another --out")
             return stats
     if (folder / "config.json").is_file():  # an earlier run there: resumed only if it is this config's
         changes = config_changes(folder / "config.json", p["cfg"])
         if changes:
             raise CompareError(f"{folder} holds a run of another config ({'; '.join(changes)}): resuming it would splice the two; "
                                "delete that folder or use another --out")
+        changed = code_changes(folder)
+        if changed:
+            raise CompareError(f"{folder} holds a run trained by other llmjax code ({changed} changed since): resuming it would "
+                               "splice the two; delete that folder or use another --out")
     folder.mkdir(parents=True, exist_ok=True)
     # an interrupted run resumes from its latest checkpoint: this process then times only the rest
     resumed = max((int(d.name) for d in (folder / "checkpoints").glob("*") if d.name.isdigit()), default=0)
+    if not resumed:  # the code that trains the run, checked when it is reused or resumed
+        atomic_write_json(folder / "compare_code.json", code_fingerprint())
     path, variant = split_spec(p["spec"])
     cmd = [sys.executable, "-m", "llmjax.train", f"--config={Path(path).absolute()}:{variant}", f"--workdir={folder}",
            f"--config.train.seed={seed}", "--config.logging.progress_bar=False"]

@@ -118,6 +118,34 @@ def test_a_finished_run_of_an_edited_config_is_refused(result, tmp_path):
         (tmp_path / "vanilla_tiny" / f"seed{s}" / "metrics.jsonl").read_text().splitlines()[-1] for s in (0, 1))]
 
 
+def test_a_run_of_other_code_is_refused(result, tmp_path):
+    """A run is reused (or resumed) only by the llmjax code that trained it: after a model file was
+    edited (to try an idea, or to fix one), the same command reported the old runs' figures as the
+    new code's. A run from before runs recorded their code is reused as it was."""
+    import shutil
+
+    out, _ = result
+    shutil.copytree(out / "vanilla_tiny", tmp_path / "vanilla_tiny")
+    kw = dict(out=tmp_path, seeds=2, max_steps=4, eval_every=2, eval_batches=1, command="test", quiet=True)
+    saved = tmp_path / "vanilla_tiny" / "seed1" / "compare_code.json"
+    code = json.loads(saved.read_text())
+    assert code == C.code_fingerprint() and "models/attention.py" in code and "compare.py" not in code
+    saved.write_text(json.dumps({**code, "models/attention.py": "0" * 16}))  # (as if attention.py was edited since)
+    with pytest.raises(C.CompareError, match=r"^\S+seed1 holds a finished run trained by other llmjax code \(llmjax/models/attention\.py "
+                                             r"changed since\): its figures are not this code's; delete that folder or use another --out$"):
+        C.compare(SPECS[:1], **kw)
+    (tmp_path / "vanilla_tiny" / "seed1" / "compare_run.json").unlink()  # (unfinished: it would be resumed)
+    with pytest.raises(C.CompareError, match=r"seed1 holds a run trained by other llmjax code \(llmjax/models/attention\.py changed "
+                                             r"since\): resuming it would splice the two"):
+        C.compare(SPECS[:1], **kw)
+    shutil.rmtree(tmp_path / "vanilla_tiny")
+    shutil.copytree(out / "vanilla_tiny", tmp_path / "vanilla_tiny")
+    saved.unlink()
+    before = (tmp_path / "vanilla_tiny" / "seed1" / "compare_run.json").read_text()
+    C.compare(SPECS[:1], **kw)
+    assert (tmp_path / "vanilla_tiny" / "seed1" / "compare_run.json").read_text() == before
+
+
 def test_a_rerun_with_other_settings_is_refused_and_draws_only_its_runs(result, tmp_path, monkeypatch):
     """Another --max_steps (or --set, or an edited config) into an --out holding runs of the old
     settings is refused in one line: resuming them spliced the two (a 20-step run went on to 40 under
