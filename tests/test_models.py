@@ -5,6 +5,7 @@ until they do)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -54,11 +55,15 @@ CASES = [(arch, opts) for arch in ARCHS for opts in OPTIONS.get(arch, [{}])]
 # the full forward drops nothing.
 # Options that change decoding only (the full forward is the same computation): cached-decoding cases.
 DECODE_OPTIONS = {  # the fused decode kernels (Pallas' interpreter here): attention step, norms
-    "vanilla": [{"decode_attention_impl": "pallas"}, {"decode_attention_impl": "pallas", "decode_norm_impl": "pallas"}],
+    "vanilla": [{"decode_attention_impl": "pallas"}, {"decode_attention_impl": "pallas", "decode_norm_impl": "pallas"},
+                {"decode_attention_impl": "pallas", "matmul_dtype": "bfloat16"}],
     "gqa": [{"decode_attention_impl": "pallas"},
-            {"n_kv_head": 1, "decode_attention_impl": "pallas", "decode_norm_impl": "pallas", "scan_layers": False}],
-    "modern": [{"n_kv_head": 2, "decode_attention_impl": "pallas", "decode_norm_impl": "pallas"}],
-    "moe": [{"decode_attention_impl": "pallas", "decode_norm_impl": "pallas", "scan_layers": False}],
+            {"n_kv_head": 1, "decode_attention_impl": "pallas", "decode_norm_impl": "pallas", "scan_layers": False},
+            {"decode_attention_impl": "pallas", "matmul_dtype": "bfloat16"}],
+    "modern": [{"n_kv_head": 2, "decode_attention_impl": "pallas", "decode_norm_impl": "pallas"},
+               {"decode_attention_impl": "pallas", "matmul_dtype": "bfloat16"}],
+    "moe": [{"decode_attention_impl": "pallas", "decode_norm_impl": "pallas", "scan_layers": False},
+            {"decode_attention_impl": "pallas", "matmul_dtype": "bfloat16"}],
     "mla": [{"decode_norm_impl": "pallas"}],
     "linformer": [{"decode_norm_impl": "pallas", "scan_layers": False}],
     "ssm": [{"decode_norm_impl": "pallas"}],
@@ -80,6 +85,36 @@ def test_every_arch_has_options_and_counts(arch):
     assert arch in DECODE_OPTIONS, (f"add {arch}'s decode-only options (decode_norm_impl='pallas', and decode_attention_impl='pallas' "
                                     "where its config has fused_decode_attention) to DECODE_OPTIONS in tests/test_models.py")
     assert arch in EXACT_PARAMS, f"add {arch}'s parameter-count formula, f(ModelConfig) -> int, to EXACT_PARAMS in tests/test_models.py"
+
+
+# Optional model keys that need no decode case of their own with the fused decode-attention kernel:
+# the kernels' own switches, and the MoE's expert products (after the attention).
+DECODE_KERNEL_AGNOSTIC = {"decode_attention_impl", "decode_norm_impl", "moe_impl", "moe_block_rows"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_optional_model_key_runs_through_the_contract_suite(arch):
+    """A config option added to an architecture (a field with a default, as the README asks, e.g.
+    `qk_norm: bool = False`) is never run by the contract suite at its default: the tiny variant
+    keeps it off. So every such key must be set to another value in OPTIONS (causality, cached
+    decoding, ...) or DECODE_OPTIONS, and, where the architecture decodes through the fused
+    attention kernel (on a GPU by default), in a DECODE_OPTIONS case with
+    decode_attention_impl='pallas' too: a change made in the full forward but not in
+    Attention._fused_decode passes every CPU test otherwise and is silently dropped when a GPU decodes."""
+    cls = llmjax.ARCHS[arch].config_class
+    optional = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    if not cls.fused_decode_attention:
+        optional.pop("decode_attention_impl")  # (refused for it)
+    cases = OPTIONS.get(arch, []) + DECODE_OPTIONS.get(arch, [])
+    untested = [k for k, d in optional.items() if not any(k in c and c[k] != d for c in cases)]
+    assert not untested, (f"add a case with model.{untested[0]} set to another value than its default {optional[untested[0]]!r} to "
+                          f"OPTIONS['{arch}'] in tests/test_models.py (DECODE_OPTIONS where it changes decoding only)")
+    if cls.fused_decode_attention:
+        fused = [c for c in DECODE_OPTIONS.get(arch, []) if c.get("decode_attention_impl") == "pallas"]
+        untested = [k for k, d in optional.items() if k not in DECODE_KERNEL_AGNOSTIC and not any(k in c and c[k] != d for c in fused)]
+        assert not untested, (f"add a case with model.{untested[0]} set to another value than its default and "
+                              f"decode_attention_impl='pallas' to DECODE_OPTIONS['{arch}'] in tests/test_models.py: a GPU decodes "
+                              "through that kernel (Attention._fused_decode), which the other cases never run")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
