@@ -20,6 +20,7 @@ through huggingface_hub (its cache); needs the `hf` extra.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -31,7 +32,7 @@ import numpy as np
 from absl import flags
 
 from llmjax import cli
-from llmjax.config import ConfigError
+from llmjax.config import ConfigError, ModelConfig
 from llmjax.tokenizer import ASSETS
 
 HUB_MODELS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
@@ -59,9 +60,27 @@ def _layers(params: dict) -> list[dict]:
 # --- GPT-2 (vanilla) <-> Hugging Face GPT2LMHeadModel ------------------------------------------------
 
 
+# The model keys each layout was written for (besides ModelConfig's own: sizes, dtypes, execution).
+LAYOUT_KEYS = {"vanilla": {"n_head", "head_dim", "d_ff", "bias"}, "modern": {"n_head", "head_dim", "n_kv_head", "d_ff", "rope_base"}}
+
+
+def check_known_options(mcfg, layout: str) -> None:
+    """Refuse a model key the layout was not written for, set to other than its default: an option
+    added to the architecture since (to try an idea: `qk_norm=True`, another activation) would be
+    exported as the model without it, which computes something else, with no word said."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)} | LAYOUT_KEYS[mcfg.arch]
+    for f in dataclasses.fields(mcfg):
+        value = getattr(mcfg, f.name)
+        if f.name not in known and (f.default is dataclasses.MISSING or value != f.default):
+            keep = "" if f.default is dataclasses.MISSING else f" (a model with model.{f.name}={f.default!r} exports)"
+            raise ExportError(f"model.{f.name}={value!r} is an option the {layout} layout does not hold: its tensors there are a "
+                              f"model without it, which computes something else; teach llmjax/export.py the option first{keep}")
+
+
 def check_gpt2(mcfg) -> None:
     if mcfg.arch != "vanilla":
         raise ExportError(f"the Hugging Face GPT-2 layout holds `vanilla` models, not `{mcfg.arch}`; supported: {SUPPORTED}")
+    check_known_options(mcfg, "Hugging Face GPT-2")
     if not mcfg.bias or mcfg.n_head * mcfg.head_dim != mcfg.d_model:
         raise ExportError("Hugging Face GPT-2 needs model.bias=True and n_head * head_dim == d_model")
 
@@ -255,6 +274,7 @@ def load_gpt2(source, *, dtype: str | None = None, device=None, quantize: str | 
 def check_llama(mcfg) -> None:
     if mcfg.arch != "modern":
         raise ExportError(f"the Llama layouts (Hugging Face, GGUF) hold `modern` models, not `{mcfg.arch}`; supported: {SUPPORTED}")
+    check_known_options(mcfg, "Llama")
 
 
 def llama_config(mcfg) -> dict:

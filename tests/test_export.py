@@ -56,6 +56,33 @@ def rope_interleaved(x, positions, base):
     return out
 
 
+@pytest.mark.parametrize("arch", ["vanilla", "modern"])
+def test_an_option_the_layout_does_not_hold_is_refused(arch):
+    """An option added to the architecture to try an idea (`qk_norm: bool = False`, as the README
+    shows) and turned on: the exporters wrote the tensors they know and left the option out, a
+    Hugging Face / GGUF model that computes without it, with no word. Turned off, or one of the
+    layout's own keys, it exports."""
+    import dataclasses
+
+    from llmjax.config import model_config
+
+    base = type(model_config(config(arch)))
+    mine = dataclasses.make_dataclass("MineConfig", [("qk_norm", bool, dataclasses.field(default=False))], bases=(base,),
+                                      frozen=True, kw_only=True)
+    values = config(arch).model.to_dict()
+    check = X.check_gpt2 if arch == "vanilla" else X.check_llama
+    mk = lambda **o: mine(**{**values, **o})  # noqa: E731
+    check(mk())
+    check(mk(qk_norm=False, decode_norm_impl="xla", matmul_dtype="bfloat16"))
+    layout = "Hugging Face GPT-2" if arch == "vanilla" else "Llama"
+    with pytest.raises(X.ExportError, match=rf"^model\.qk_norm=True is an option the {layout} layout does not hold: .* teach "
+                                            r"llmjax/export\.py the option first \(a model with model\.qk_norm=False exports\)$"):
+        check(mk(qk_norm=True))
+    p = params(llmjax.build_model(config(arch), seed=0))
+    with pytest.raises(X.ExportError, match="qk_norm=True"):
+        (X.gpt2_tensors if arch == "vanilla" else X.llama_tensors)(p, mk(qk_norm=True))
+
+
 def test_rotary_permutation_is_llama_cpps():
     """Permuted q/k rows under interleaved RoPE give the same attention scores as the original rows
     under our rotate-half RoPE."""
