@@ -100,6 +100,15 @@ def make_optimizer(tcfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     return tx, schedule
 
 
+def schedule_count(opt_state):
+    """The step count the optimizer's learning-rate schedule reads next (optax's
+    ScaleByScheduleState): the updates applied so far, which is not the run's step where dynamic
+    loss scaling skipped steps, in this run or in the part of it that had scaling."""
+    (count,) = [s.count for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+                if isinstance(s, optax.ScaleByScheduleState)]
+    return count
+
+
 # Train keys the learning-rate schedule is made of (a resumed run follows their new values).
 SCHEDULE_KEYS = ("train.lr", "train.min_lr", "train.warmup_steps", "train.max_steps")
 
@@ -466,7 +475,7 @@ def build_steps(cfg, mesh) -> Steps:
             "train_loss": ce,
             "grad_norm": optax.tree.norm(grads),
             "update_norm": optax.tree.norm(updates),
-            "lr": schedule(state["step"]),
+            "lr": schedule(schedule_count(state["opt"])),  # (the step's own: skipped steps, if any, left the count behind)
             **{f"aux_{k}": v for k, v in aux.items()},
             **{f"stat_{k}": v for k, v in stats.items()},
         }
@@ -482,7 +491,7 @@ def build_steps(cfg, mesh) -> Steps:
                 lambda new, old: jnp.where(finite, new, old), (new_params, opt), (params, state["opt"]))
             new_state["loss_scale"] = next_loss_scale(ls, finite)
             metrics.update(update_norm=jnp.where(finite, metrics["update_norm"], 0.0), step_skipped=~finite,
-                           skipped_steps=new_state["loss_scale"]["skipped_steps"], lr=schedule(state["step"] - ls["skipped_steps"]))
+                           skipped_steps=new_state["loss_scale"]["skipped_steps"])
         return new_state, metrics
 
     options = step_compiler_options(mcfg, tcfg, mesh.devices.flat[0].platform)

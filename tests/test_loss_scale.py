@@ -4,6 +4,7 @@ skipped step, a run without scaling keeps its state as it was, and bad values ar
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 
@@ -230,3 +231,29 @@ def test_bad_loss_scale_on_the_command_line_is_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: train.loss_scale='-1' is not one of auto, dynamic, none or a positive number (a static scale, e.g. 1024)"], r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_the_logged_learning_rate_is_the_optimizers_after_scaling_is_turned_off(tmp_path, monkeypatch):
+    """A float16 run whose first steps overflow (2**21: steps 1-4 skipped, so its optimizer has taken
+    2 steps by step 6), resumed in float32 (scaling off): each step's logged `lr` is the one the
+    optimizer applies, schedule(updates applied before it), against that count read from the
+    checkpoint and recomputed from the rows. It was schedule(step - 1) after the resume: 2.07e-3 at
+    step 7 where the optimizer applied 3e-3."""
+    from llmjax.checkpoint import Checkpointer
+
+    monkeypatch.setattr(T, "LOSS_SCALE_INIT", 2.0**21)
+    train(cfg("vanilla", model__dtype="float16", train__stop_at_step=6), tmp_path / "r", quiet=True)
+    ckpt = Checkpointer(tmp_path / "r" / "checkpoints")
+    opt = ckpt.restore(6, None)[0]["opt"]
+    ckpt.close()
+    counts = [int(np.asarray(x)) for x in jax.tree.leaves(opt) if np.ndim(x) == 0]  # (adam's and the schedule's counts)
+    train(cfg("vanilla"), tmp_path / "r", quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    skipped = rows[5]["skipped_steps"]
+    assert skipped >= 1 and counts == [6 - skipped] * 2
+    schedule = T.make_optimizer(cfg("vanilla").train)[1]
+    applied = 0  # (updates before each step: a skipped step applies none)
+    for m in rows:
+        assert m["lr"] == pytest.approx(float(schedule(applied)), rel=1e-6), m["step"]
+        applied += m["grad_norm"] is not None
+    assert applied == 12 - skipped
