@@ -152,16 +152,25 @@ def differing_settings(plans: list[dict]) -> list[str]:
             for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1]
 
 
-# llmjax's modules the trainer never runs (an edit of one changes no run's figures)
-NOT_TRAINING = {"compare.py", "plot.py", "bench.py", "aot.py"}
+# llmjax's modules the trainer never runs (an edit of one changes no run's figures): the tools
+# beside it, and lm-eval's model with the standalone evaluator (the trainer scores with
+# llmjax.downstream); tests/test_compare.py checks that the trainer imports none of them
+NOT_TRAINING = {"compare.py", "plot.py", "bench.py", "aot.py", "tracing.py", "evaluate.py", "harness.py"}
 
 
-def code_fingerprint() -> dict[str, str]:
+def _trains(rel: str) -> bool:
+    """Whether the file at `rel` (a path in the package) is a module the trainer may run."""
+    path = Path(rel)
+    return all(part.isidentifier() for part in (*path.parent.parts, path.stem)) and rel not in NOT_TRAINING
+
+
+def code_fingerprint(root: Path | None = None) -> dict[str, str]:
     """A hash of every llmjax source file the trainer may run, by its path in the package: what
     makes a run's figures besides its config (a model file edited to try an idea, or to fix it,
-    changes them)."""
-    root = Path(__file__).parent
-    files = [f for f in sorted(root.rglob("*.py")) if str(f.relative_to(root)) not in NOT_TRAINING]
+    changes them). Modules only: a file Python would not import as one (an editor's lock or backup,
+    `.#modern.py`, `modern copy.py`, a notebook's `.ipynb_checkpoints/`) runs in no training."""
+    root = Path(__file__).parent if root is None else root
+    files = [f for f in sorted(root.rglob("*.py")) if _trains(str(f.relative_to(root)))]
     return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in files}
 
 
@@ -172,8 +181,11 @@ def code_changes(folder: Path) -> str:
         old = json.loads((folder / "compare_code.json").read_text())
     except (OSError, ValueError):
         return ""
+    if not isinstance(old, dict):
+        return ""
     new = code_fingerprint()
-    changed = [f"llmjax/{f}" for f in sorted(set(old) | set(new)) if old.get(f) != new.get(f)]
+    # (a file the trainer does not run is no change: one a run of earlier code recorded, too)
+    changed = [f"llmjax/{f}" for f in sorted(set(old) | set(new)) if _trains(f) and old.get(f) != new.get(f)]
     return ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
 
 

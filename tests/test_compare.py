@@ -4,6 +4,7 @@ runs, figures, matched small variants, one-line errors."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -353,3 +354,39 @@ def test_plot_averages_the_seeds_of_one_model_run_differently(tmp_path):
     run("seed2", n_layer=3)
     with pytest.raises(plot.PlotError, match="2 different models"):
         plot.curves([tmp_path / "runs"])
+
+
+def test_the_code_fingerprint_holds_the_trainers_modules_only(result, tmp_path):
+    """The fingerprint is of the modules the trainer may run: an editor's lock file beside a model
+    file (Emacs' `.#modern.py`, a link to nowhere: compare stopped with a FileNotFoundError
+    traceback), a copy (`modern copy.py`) or a notebook's checkpoint change nothing, and nor does an
+    edit of lm-eval's model or the standalone evaluator (a finished run was refused as 'trained by
+    other llmjax code' after harness.py was edited), whichever code recorded the run. The trainer
+    imports none of the modules left out (checked in a fresh process)."""
+    import shutil
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(Path(C.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__", "assets"))
+    want = C.code_fingerprint(pkg)
+    assert want == C.code_fingerprint() and "models/modern.py" in want and "harness.py" not in want
+    (pkg / "models" / ".#modern.py").symlink_to("user@host.1234:1700000000")
+    shutil.copy(pkg / "models" / "modern.py", pkg / "models" / "modern copy.py")
+    (pkg / ".ipynb_checkpoints").mkdir()
+    (pkg / ".ipynb_checkpoints" / "train-checkpoint.py").write_text("x = 1\n")
+    (pkg / "harness.py").write_text("# edited\n")
+    assert C.code_fingerprint(pkg) == want
+
+    out, _ = result
+    shutil.copytree(out / "vanilla_tiny", tmp_path / "vanilla_tiny")
+    saved = tmp_path / "vanilla_tiny" / "seed1" / "compare_code.json"
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "harness.py": "0" * 16, "evaluate.py": "0" * 16}))
+    before = (tmp_path / "vanilla_tiny" / "seed1" / "compare_run.json").read_text()
+    C.compare(SPECS[:1], out=tmp_path, seeds=2, max_steps=4, eval_every=2, eval_batches=1, command="test", quiet=True)
+    assert (tmp_path / "vanilla_tiny" / "seed1" / "compare_run.json").read_text() == before  # (reused)
+
+    code = ("import sys, llmjax.train, llmjax.export, llmjax.prepare, llmjax.quant, llmjax.compile_cache, llmjax.sample, "
+            "llmjax.downstream\nprint(' '.join(m for m in sys.modules if m.startswith('llmjax.')))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    loaded = {m.split(".", 1)[1].replace(".", "/") + ".py" for m in r.stdout.split()}
+    assert r.returncode == 0 and "train.py" in loaded and not loaded & C.NOT_TRAINING, (r.stderr, loaded & C.NOT_TRAINING)
