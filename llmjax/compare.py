@@ -213,13 +213,15 @@ def train_once(p: dict, seed: int, folder: Path, quiet: bool) -> dict:
         if changes:
             raise CompareError(f"{folder} holds a run of another config ({'; '.join(changes)}): resuming it would splice the two; "
                                "delete that folder or use another --out")
-        changed = code_changes(folder)
-        if changed:
-            raise CompareError(f"{folder} holds a run trained by other llmjax code ({changed} changed since): resuming it would "
-                               "splice the two; delete that folder or use another --out")
     folder.mkdir(parents=True, exist_ok=True)
     # an interrupted run resumes from its latest checkpoint: this process then times only the rest
     resumed = max((int(d.name) for d in (folder / "checkpoints").glob("*") if d.name.isdigit()), default=0)
+    # (one stopped before its first checkpoint, a crash in a model file being tried, say, starts
+    # again from step 0 and keeps nothing of its first try: the code that crashed, fixed since, is no other run's)
+    changed = code_changes(folder) if resumed else ""
+    if changed:
+        raise CompareError(f"{folder} holds a run trained by other llmjax code ({changed} changed since): resuming it would "
+                           "splice the two; delete that folder or use another --out")
     if not resumed:  # the code that trains the run, checked when it is reused or resumed
         atomic_write_json(folder / "compare_code.json", code_fingerprint())
     path, variant = split_spec(p["spec"])

@@ -390,3 +390,25 @@ def test_the_code_fingerprint_holds_the_trainers_modules_only(result, tmp_path):
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     loaded = {m.split(".", 1)[1].replace(".", "/") + ".py" for m in r.stdout.split()}
     assert r.returncode == 0 and "train.py" in loaded and not loaded & C.NOT_TRAINING, (r.stderr, loaded & C.NOT_TRAINING)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again_with_the_code_fixed(result, tmp_path):
+    """A run that stopped before any checkpoint (a crash in a model file being tried) is started
+    again from step 0 by the same command once the file is fixed: nothing of the first try is
+    kept, so it is no run of other code (it was refused: 'resuming it would splice the two'). The
+    run then records the code that trained it."""
+    import shutil
+
+    out, _ = result
+    shutil.copytree(out / "vanilla_tiny", tmp_path / "vanilla_tiny")
+    seed1 = tmp_path / "vanilla_tiny" / "seed1"
+    for name in ("compare_run.json", "metrics.jsonl"):
+        (seed1 / name).unlink()
+    shutil.rmtree(seed1 / "checkpoints")
+    code = json.loads((seed1 / "compare_code.json").read_text())
+    (seed1 / "compare_code.json").write_text(json.dumps({**code, "models/vanilla.py": "0" * 16}))  # (edited since the crash)
+    r = C.compare(SPECS[:1], out=tmp_path, seeds=2, max_steps=4, eval_every=2, eval_batches=1, command="test", quiet=True)
+    want = [json.loads(x) for x in (out / "vanilla_tiny" / "seed1" / "metrics.jsonl").read_text().splitlines()]
+    got = [json.loads(x) for x in (seed1 / "metrics.jsonl").read_text().splitlines()]
+    assert [m["train_loss"] for m in got] == [m["train_loss"] for m in want] and got[-1]["val_loss"] == want[-1]["val_loss"]
+    assert r["rows"][0]["resumed"] == {} and json.loads((seed1 / "compare_code.json").read_text()) == C.code_fingerprint()
