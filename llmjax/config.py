@@ -387,6 +387,10 @@ def loss_scale_setting(value: Any) -> str | float:
         hint = closest(value.strip().lower(), LOSS_SCALES) if isinstance(value, str) else ""
         raise ConfigError(f"train.loss_scale={value!r} is not one of {', '.join(LOSS_SCALES)} or a positive number "
                           f"(a static scale, e.g. 1024){hint}")
+    tiny = float(jnp.finfo(jnp.float32).tiny)
+    if not tiny <= scale <= float(jnp.finfo(jnp.float32).max) / 2:  # (the step multiplies in float32: inf or 0 there)
+        raise ConfigError(f"train.loss_scale={value!r} is outside what float32 holds ({tiny:g} to {float(jnp.finfo(jnp.float32).max) / 2:g}); "
+                          "a static scale is typically a power of two such as 1024, or use dynamic")
     return scale
 
 

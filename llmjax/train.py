@@ -789,6 +789,11 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
                     f"the gradients of step {step} overflowed float16 at loss scale {host['loss_scale']:g}, dynamic scaling's "
                     f"least (no scaling at all): the model's float16 backward pass overflows; stopped. Train it with "
                     f"model.dtype=bfloat16 or float32. " + last
+                    if mcfg.dtype == "float16" else
+                    f"the gradients of step {step} were non-finite at loss scale {host['loss_scale']:g}, dynamic scaling's least "
+                    f"(no scaling at all), with model.dtype={mcfg.dtype}: not an overflow of float16 that scaling could avoid, the "
+                    f"gradients themselves are inf or NaN (a lower train.lr, or train.loss_scale=none to stop at the first one); "
+                    f"stopped. " + last
                 )
             line = {"step": step, "train_loss": host["train_loss"], "lr": host["lr"], "grad_norm": None if skipped else host["grad_norm"],
                     "tokens_per_sec": tokens_per_step / dt, "step_time": dt,

@@ -216,6 +216,8 @@ def test_a_static_scale_that_overflows_and_an_overflow_at_the_least_scale_stop_i
     ("inf", r"train.loss_scale='inf' is not one of"),
     ("nan", r"train.loss_scale='nan' is not one of"),
     (-2.0, r"train.loss_scale='-2.0' is not one of"),  # (a number, from Python)
+    ("1e39", r"train.loss_scale='1e39' is outside what float32 holds"),  # (inf in the float32 step)
+    ("1e-50", r"train.loss_scale='1e-50' is outside what float32 holds"),  # (0 there)
 ])
 def test_bad_loss_scales_are_one_line(value, message):
     with pytest.raises(ConfigError, match=f"^{message}"):
