@@ -148,8 +148,13 @@ def differing_settings(plans: list[dict]) -> list[str]:
     settings = [{k: v for g in ("data", "train", "eval") for k, v in flat(p["cfg"][g].to_dict(), f"{g}.").items()
                  if k not in RUN_CONTROL} for p in plans]
     keys = sorted(set().union(*settings))
+
+    def differs(k):  # (the weight of an auxiliary loss only the MoE has is no difference where absent)
+        held = [s for s in settings if k in s] if k.startswith("train.aux_loss_weights.") else settings
+        return len({json.dumps(s.get(k), sort_keys=True) for s in held}) > 1
+
     return [f"{k}: " + ", ".join(f"{s.get(k, '<absent>')} (`{p['spec']}`)" for p, s in zip(plans, settings))
-            for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1]
+            for k in keys if differs(k)]
 
 
 # llmjax's modules the trainer never runs (an edit of one changes no run's figures): the tools

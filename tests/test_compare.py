@@ -237,6 +237,13 @@ def test_the_table_names_the_settings_that_differ_between_configs(result, tmp_pa
                                            f"train.warmup_steps: 5 (`{specs[0]}`), 2 (`{specs[1]}`)"]
     assert C.differing_settings(C.plan(SPECS, max_steps=4, batch_size=None, eval_every=None, eval_batches=None, tasks="",
                                        tasks_limit=0, overrides={})) == []  # (the model alone differs)
+    # the weights of the MoE's own auxiliary losses are not a difference of recipe; their values are
+    moe = [f"{ROOT}/configs/moe.py:tiny", f"{ROOT}/configs/vanilla.py:tiny"]
+    assert C.differing_settings(C.plan(moe, max_steps=4, batch_size=None, eval_every=None, eval_batches=None, tasks="",
+                                       tasks_limit=0, overrides={})) == []
+    aux_plans = [{"spec": s, "cfg": llmjax.load_config(path, over)}
+             for s, path, over in [("a", moe[0], {}), ("b", moe[0], {"train.aux_loss_weights.router_z": 0.01}), ("c", moe[1], {})]]
+    assert C.differing_settings(aux_plans) == ["train.aux_loss_weights.router_z: 0.001 (`a`), 0.01 (`b`), <absent> (`c`)"]
     out, _ = result
     saved = json.loads((out / "results.json").read_text())
     md = C.markdown(saved["rows"], "test", {**saved["meta"], "differing_settings": C.differing_settings(plans)})
