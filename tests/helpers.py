@@ -25,6 +25,18 @@ def _model(arch: str, seed: int, frozen: tuple):
     return llmjax.build_model(config(arch, **dict(frozen)), seed=seed)
 
 
+def users_config(path, body: str):
+    """Write a user's config file at `path` that starts from vanilla's `MODELS` (as `v.MODELS`),
+    its own lines (`body`: MODELS and get_config) after; returns the path."""
+    path.write_text(
+        "from llmjax.config import make_config\n"
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('v', '{ROOT}/configs/vanilla.py')\n"
+        "v = importlib.util.module_from_spec(spec); spec.loader.exec_module(v)\n" + body
+    )
+    return path
+
+
 def model(arch: str, seed: int = 0, **overrides):
     """A shared (cached) model instance; treat it as read-only."""
     return _model(arch, seed, tuple(sorted(overrides.items())))

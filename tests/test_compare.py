@@ -13,6 +13,7 @@ import pytest
 
 import llmjax
 from conftest import ROOT
+from helpers import users_config
 from llmjax import compare as C, plot as P
 from llmjax.summary import config_files, summarize
 
@@ -220,16 +221,10 @@ def test_the_table_names_the_settings_that_differ_between_configs(result, tmp_pa
     """Two configs whose recipes differ (an optimizer setting compared on purpose, or a variant that
     got another recipe by mistake) compare, and the table says how: the note under it named the
     same data and tokens only, so lr 6e-4 against 1e-3 passed as a comparison of models."""
-    f = tmp_path / "mine.py"
-    f.write_text(
-        "from llmjax.config import make_config\n"
-        "import importlib.util\n"
-        f"spec = importlib.util.spec_from_file_location('v', '{ROOT}/configs/vanilla.py')\n"
-        "v = importlib.util.module_from_spec(spec); spec.loader.exec_module(v)\n"
-        "MODELS = {'tiny': v.MODELS['tiny'], 'tiny_b2': v.MODELS['tiny']}\n"
-        "def get_config(variant='default'):\n"
-        "    return make_config(variant, MODELS, train={'tiny_b2': {'beta2': 0.95, 'warmup_steps': 2}})\n"
-    )
+    f = users_config(tmp_path / "mine.py",
+                     "MODELS = {'tiny': v.MODELS['tiny'], 'tiny_b2': v.MODELS['tiny']}\n"
+                     "def get_config(variant='default'):\n"
+                     "    return make_config(variant, MODELS, train={'tiny_b2': {'beta2': 0.95, 'warmup_steps': 2}})\n")
     specs = [f"{f}:tiny", f"{f}:tiny_b2"]
     plans = C.plan(specs, max_steps=4, batch_size=None, eval_every=None, eval_batches=None, tasks="", tasks_limit=0,
                    overrides={"train.log_every_steps": 3})

@@ -11,7 +11,7 @@ import pytest
 import llmjax
 import llmjax.models  # noqa: F401  (registers every architecture)
 from conftest import ROOT
-from helpers import config
+from helpers import config, users_config
 from llmjax.config import ConfigError, model_config
 
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py"))
@@ -121,12 +121,8 @@ def test_a_variant_of_ones_own_trains_on_the_recipe_it_is_named_after(tmp_path):
     recipe, not the GPU recipe of `default`: it did, so its run asked for fineweb_edu, and a
     comparison with `--set data.dataset=...` silently set lr 6e-4 / warmup 700 / beta2 0.95 against
     small's 1e-3 / 100 / 0.99."""
-    f = tmp_path / "mine.py"
-    f.write_text(
-        "from llmjax.config import make_config\n"
-        "import importlib.util\n"
-        f"spec = importlib.util.spec_from_file_location('v', '{ROOT}/configs/vanilla.py')\n"
-        "v = importlib.util.module_from_spec(spec); spec.loader.exec_module(v)\n"
+    f = users_config(
+        tmp_path / "mine.py",
         "MODELS = dict(v.MODELS)\n"
         "for base in ('small', 'tiny', 'default'):\n"
         "    MODELS[base + '_nobias'] = {**MODELS[base], 'bias': False}\n"
