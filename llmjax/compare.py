@@ -11,7 +11,7 @@ Train several architectures on the same data, token budget and seeds, then write
   `--batch_size` apply to all, so every run sees the same number of tokens, in the same order for
   the same seed (the data order depends on the seed only);
 - the table: parameters (total and active), FLOPs per token, final validation loss over the whole
-  split (mean +- sample std over seeds), training tokens/s (the median step of each run, the steps
+  split (or its first eval.final_num_batches batches; mean +- sample std over seeds), training tokens/s (the median step of each run, the steps
   that compiled left out, averaged over seeds), peak memory (device peak on a GPU; the training process's peak resident memory on a CPU),
   training wall time, and, for GPT-2 BPE models, HellaSwag acc_norm from the in-loop scorer;
 - `val_loss.png`: validation loss against tokens and against training wall-clock time, one line per
@@ -302,6 +302,15 @@ def summarize_runs(p: dict, runs: list[tuple[Path, dict]]) -> dict:
     }
 
 
+def _final_eval(batches: list[int]) -> str:
+    """What the final validation loss covers (eval.final_num_batches of the runs)."""
+    if batches == [0]:
+        return "the whole validation split"
+    if len(batches) == 1:
+        return f"the validation split's first {batches[0]} batches"
+    return "the validation split as each config's eval.final_num_batches sets (below)"
+
+
 def markdown(rows: list[dict], command: str, meta: dict) -> str:
     totals = [r["params_total"] for r in rows]
     spread = max(totals) / min(totals) - 1
@@ -321,8 +330,8 @@ def markdown(rows: list[dict], command: str, meta: dict) -> str:
             cells.append("-" if r["hellaswag_acc_norm"] is None else f"{r['hellaswag_acc_norm']:.4f}")
         lines.append("| " + " | ".join(cells) + " |")
     note = (f"Same data ({meta['dataset']}), {rows[0]['tokens']:,} training tokens per run, context {meta['context_len']}, "
-            f"seeds {meta['seeds']}; total parameters within {spread:.1%} of each other. Validation loss over the whole "
-            f"validation split at the end. {meta['device']}, {meta['date']}. Command: `{command}`")
+            f"seeds {meta['seeds']}; total parameters within {spread:.1%} of each other. Validation loss over "
+            f"{_final_eval(meta.get('final_eval_batches', [0]))} at the end. {meta['device']}, {meta['date']}. Command: `{command}`")
     if meta.get("differing_settings"):  # (the configs' own recipes: the comparison is of these too, not of the models alone)
         lines.append("\nSettings that differ between the configs (besides the model): " + "; ".join(meta["differing_settings"]) + ".")
     resumed = [f"`{r['arch']}` seed {seed} from step {step}" for r in rows for seed, step in sorted(r["resumed"].items())]
@@ -360,7 +369,8 @@ def compare(specs, *, out: Path, seeds: int, max_steps: int, batch_size=None, ev
     d = jax.devices()[0]
     meta = {"dataset": plans[0]["cfg"].data.dataset, "context_len": plans[0]["mcfg"].context_len, "seeds": ", ".join(map(str, range(seeds))),
             "device": d.device_kind if d.platform == "gpu" else f"CPU ({os.cpu_count()} cores)",
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "differing_settings": differing_settings(plans)}
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "differing_settings": differing_settings(plans),
+            "final_eval_batches": sorted({int(p["cfg"].eval.final_num_batches) for p in plans})}
     text = markdown(rows, command, meta)
     atomic_write_bytes(out / "results.md", text.encode())
     atomic_write_json(out / "results.json", {"rows": rows, "meta": meta, "command": command})

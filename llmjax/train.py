@@ -24,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -664,8 +665,10 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
         return batch[pi * n : (pi + 1) * n]
 
     def evaluate(params, whole_split: bool) -> float:
-        if whole_split:
+        if whole_split:  # (or its first eval.final_num_batches batches)
             batches = data_lib.sequential_windows(val_shards, seq_len=T, batch=micro)
+            if ecfg.final_num_batches > 0:
+                batches = itertools.islice(batches, ecfg.final_num_batches)
         else:
             windows = data_lib.sample_windows(val_shards, seq_len=T, batch=micro, num_batches=ecfg.num_batches, seed=tcfg.seed + 1)
             batches = ((w, np.ones((micro, T), np.float32)) for w in windows)
@@ -899,6 +902,7 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
                     # (comparable with the earlier checkpoints'; the whole split's loss is in its meta)
                     best_metric = lines[-1].get("val_loss_estimate", val)
                     ckpt.save(step, state, train_it, {"step": step, "val_loss": val, "val_whole_split": bool(is_last and val is not None),
+                                                      "val_final_batches": ecfg.final_num_batches,
                                                       "data_global_batch": micro * accum, "data_seed": tcfg.seed,
                                                       "data_train": data_fingerprint(dataset)},
                               val_loss=best_metric)
@@ -925,7 +929,7 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
     if final and start == end:  # nothing to run: a finished run again, or one stopped early finished by a lower max_steps
         # the whole validation split's loss: saved with the checkpoint when it was a run's last step
         # (else its val_loss is the periodic estimate, or none): else measured now
-        if meta.get("val_whole_split"):
+        if meta.get("val_whole_split") and meta.get("val_final_batches", 0) == ecfg.final_num_batches:
             last_val = meta.get("val_loss")
         else:
             with jax.set_mesh(mesh):

@@ -61,6 +61,7 @@ def test_table_holds_the_runs_figures(result):
         assert row["tokens"] == 4 * 8 * 64 and row["peak_memory_bytes"] > 0 and row["hellaswag_acc_norm"] is None
     md = (out / "results.md").read_text()
     assert md == r["markdown"] and "`vanilla`" in md and "± " in md and "HellaSwag" not in md and "within " in md
+    assert "Validation loss over the validation split's first 20 batches at the end" in md  # (the tiny recipe's final evaluation)
     assert "Resumed" not in md and all(row["resumed"] == {} for row in rows.values())
     assert "Settings that differ" not in md and json.loads((out / "results.json").read_text())["meta"]["differing_settings"] == []
     from PIL import Image
@@ -414,3 +415,18 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again_with_the_code_fi
     got = [json.loads(x) for x in (seed1 / "metrics.jsonl").read_text().splitlines()]
     assert [m["train_loss"] for m in got] == [m["train_loss"] for m in want] and got[-1]["val_loss"] == want[-1]["val_loss"]
     assert r["rows"][0]["resumed"] == {} and json.loads((seed1 / "compare_code.json").read_text()) == C.code_fingerprint()
+
+
+def test_the_table_says_what_the_final_validation_loss_covers(result):
+    """The whole split (eval.final_num_batches=0, the GPU and small recipes'), its first N batches,
+    or each config's own (named among the settings that differ)."""
+    out, _ = result
+    saved = json.loads((out / "results.json").read_text())
+    rows, meta = saved["rows"], saved["meta"]
+    assert meta["final_eval_batches"] == [20]
+    for batches, words in (([0], "over the whole validation split at the end"), ([5], "over the validation split's first 5 batches"),
+                           ([0, 5], "as each config's eval.final_num_batches sets")):
+        assert words in C.markdown(rows, "test", {**meta, "final_eval_batches": batches})
+    plans = C.plan(SPECS, max_steps=2, batch_size=None, eval_every=None, eval_batches=None, tasks="", tasks_limit=0,
+                   overrides={"eval.final_num_batches": 0})
+    assert {p["cfg"].eval.final_num_batches for p in plans} == {0} and C.differing_settings(plans) == []

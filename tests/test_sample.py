@@ -456,7 +456,10 @@ def run_dir(tmp_path_factory):
 
 
 def test_load_restores_the_trained_weights(run_dir):
-    """The loaded model's loss on the whole validation split equals the trainer's last val_loss."""
+    """The loaded model's loss on the validation split (the tiny recipe's final evaluation: its first
+    eval.final_num_batches batches) equals the trainer's last val_loss."""
+    import itertools
+
     from llmjax import data as data_lib
 
     loaded = S.load(run_dir)
@@ -464,10 +467,17 @@ def test_load_restores_the_trained_weights(run_dir):
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     want = [m["val_loss"] for m in metrics if m["step"] == 8][0]
     ds = data_lib.open_dataset("tinyshakespeare_char", None)
+    n = json.loads((run_dir / "config.json").read_text())["eval"]["final_num_batches"]
+    assert n > 0
+
+    @jax.jit
+    def token_losses(toks):
+        logits = loaded.model(toks[:, :-1])[0]
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), toks[:, 1:, None], -1)[..., 0]
+
     total = count = 0.0
-    for toks, mask in data_lib.sequential_windows(ds.split("val"), seq_len=32, batch=8):
-        logits = loaded.model(jnp.asarray(toks[:, :-1]))[0]
-        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), jnp.asarray(toks[:, 1:])[..., None], -1)[..., 0]
+    for toks, mask in itertools.islice(data_lib.sequential_windows(ds.split("val"), seq_len=32, batch=8), n):
+        ce = token_losses(jnp.asarray(toks))
         total += float((ce * mask).sum())
         count += float(mask.sum())
     assert abs(total / count - want) < 1e-5, (total / count, want)

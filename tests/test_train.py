@@ -3,6 +3,7 @@ one-line errors for bad input."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -448,36 +449,48 @@ def test_a_second_ctrl_c_stops_at_once_and_an_ignored_one_stays_ignored(tmp_path
         signal.signal(signal.SIGINT, previous)
 
 
-def _whole_split_loss(workdir, step):
-    """The loss of checkpoint `step` of a tinyshakespeare_char run on the whole validation split,
-    recomputed from the loaded model (context 32, as TINY)."""
+def _whole_split_loss(workdir, step, batches=None):
+    """The loss of checkpoint `step` of a tinyshakespeare_char run on the whole validation split (or
+    its first `batches` batches of 8), recomputed from the loaded model (context 32, as TINY)."""
     from llmjax import data as data_lib, sample
 
     model = sample.load(workdir / "checkpoints" / str(step)).model
     total = count = 0.0
-    for toks, mask in data_lib.sequential_windows(data_lib.open_dataset("tinyshakespeare_char", None).split("val"), seq_len=32, batch=8):
-        logits = model(jnp.asarray(toks[:, :-1]))[0]
-        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), jnp.asarray(toks[:, 1:])[..., None], -1)[..., 0]
+    windows = data_lib.sequential_windows(data_lib.open_dataset("tinyshakespeare_char", None).split("val"), seq_len=32, batch=8)
+
+    @jax.jit  # (the model's parameters as constants: 435 batches eagerly took ~10 s)
+    def token_losses(toks):
+        logits = model(toks[:, :-1])[0]
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), toks[:, 1:, None], -1)[..., 0]
+
+    for toks, mask in itertools.islice(windows, batches):
+        ce = token_losses(jnp.asarray(toks))
         total, count = total + float((ce * mask).sum()), count + float(mask.sum())
     return total / count
 
 
-@pytest.mark.parametrize("every", [3, 0])
-def test_finishing_a_stopped_run_at_its_checkpoint_reports_the_whole_split(tmp_path, every):
+@pytest.mark.parametrize("every,final_batches", [(3, 0), (0, 0), (3, 5)])
+def test_finishing_a_stopped_run_at_its_checkpoint_reports_the_whole_split(tmp_path, every, final_batches):
     """A run stopped at step 6 of 20, then run with max_steps=6: nothing to run, and the final
     val_loss is the whole validation split's (it was step 6's periodic estimate, or None: a
-    traceback in the CLI). Run once more, the checkpoint's saved whole-split loss is reported."""
+    traceback in the CLI), or its first eval.final_num_batches batches'. Run once more, the
+    checkpoint's saved loss is reported; run with another eval.final_num_batches, measured again."""
     workdir = tmp_path / "run"
-    train(cfg("vanilla", train__max_steps=20, train__stop_at_step=6, eval__every_steps=every), workdir, quiet=True)
-    run = train(cfg("vanilla", train__max_steps=6, eval__every_steps=every), workdir, quiet=True)
+    over = dict(eval__every_steps=every, eval__final_num_batches=final_batches)
+    train(cfg("vanilla", train__max_steps=20, train__stop_at_step=6, **over), workdir, quiet=True)
+    run = train(cfg("vanilla", train__max_steps=6, **over), workdir, quiet=True)
     assert run.final and run.step == 6
-    assert run.last_val_loss == pytest.approx(_whole_split_loss(workdir, 6), abs=1e-5)
+    assert run.last_val_loss == pytest.approx(_whole_split_loss(workdir, 6, final_batches or None), abs=1e-5)
     if every:
         estimate = [v for step, v in losses(workdir, "val_loss").items() if step == 6]
         assert estimate and abs(estimate[0] - run.last_val_loss) > 1e-4  # (the estimate it reported before)
-    done = train(cfg("vanilla", train__max_steps=8, eval__every_steps=every), workdir, quiet=True)  # a run that ends as it should
-    again = train(cfg("vanilla", train__max_steps=8, eval__every_steps=every), workdir, quiet=True)
+    done = train(cfg("vanilla", train__max_steps=8, **over), workdir, quiet=True)  # a run that ends as it should
+    assert losses(workdir, "val_loss")[8] == done.last_val_loss
+    again = train(cfg("vanilla", train__max_steps=8, **over), workdir, quiet=True)
     assert again.final and again.last_val_loss == done.last_val_loss  # (from the checkpoint's meta, not measured again)
+    if final_batches:
+        other = train(cfg("vanilla", train__max_steps=8, eval__every_steps=every, eval__final_num_batches=2), workdir, quiet=True)
+        assert other.last_val_loss == pytest.approx(_whole_split_loss(workdir, 8, 2), abs=1e-5) != done.last_val_loss
 
 
 def test_a_run_refuses_a_dataset_prepared_again_with_another_tokenizer(tmp_path):
@@ -720,6 +733,7 @@ def test_a_workdir_that_is_not_a_run_is_left_alone(tmp_path):
 @pytest.mark.parametrize("key,value", [
     ("train.log_every_steps", 0), ("train.warmup_steps", -1), ("train.keep_checkpoints", 0), ("train.stop_at_step", -1),
     ("train.checkpoint_every_steps", -5), ("eval.num_batches", -1), ("eval.every_steps", -1), ("train.max_steps", 0),
+    ("eval.final_num_batches", -1),
 ])
 def test_out_of_range_settings_are_one_line_errors(key, value):
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be a finite number of at least -?\d.*, got {value}$"):
