@@ -271,7 +271,7 @@ def bench_hellaswag(cfg, *, batch_size: int, limit: int | None, task_dir: str | 
     """HellaSwag items/s of the built-in scorer (llmjax.downstream, the trainer's in-loop one) with
     random weights cast for inference; every length bucket compiled before the timed pass."""
     from llmjax import downstream
-    from llmjax.scoring import Scorer, length_bucket, scoring_config
+    from llmjax.scoring import Scorer, scoring_config
     from llmjax.tokenizer import GPT2Tokenizer
 
     mcfg = scoring_config(model_config(cfg).replace(scan_layers=False))
@@ -283,12 +283,7 @@ def bench_hellaswag(cfg, *, batch_size: int, limit: int | None, task_dir: str | 
     except downstream.TaskError as e:
         raise ConfigError(str(e)) from None
     scorer = Scorer.for_model(model, batch_size)
-    requests = downstream.requests_for(items, tok)
-    by_bucket = {}
-    for ctx, cont in requests:
-        by_bucket.setdefault(length_bucket(min(len(ctx) + len(cont), mcfg.context_len + 1) - 1, mcfg.context_len), (ctx, cont))
-    for request in by_bucket.values():  # compile every bucket (one call each: a batch pads to its longest request)
-        scorer.score([request])
+    scorer.warm_up(downstream.requests_for(items, tok))  # (every batch shape compiled before the timed pass)
     t0 = time.perf_counter()
     m = downstream.score_task(scorer, tok, items)
     dt = time.perf_counter() - t0

@@ -92,6 +92,12 @@ class Int8LM(nnx.Module):
     def __call__(self, tokens_BT, *, positions=None, cache=None):
         return self._float_model()(tokens_BT, positions=positions, cache=cache)
 
+    def features(self, tokens_BT, *, positions=None, cache=None):
+        return self._float_model().features(tokens_BT, positions=positions, cache=cache)
+
+    def head(self, x_BTD):
+        return self._float_model().head(x_BTD)
+
     def init_cache(self, batch_size: int, max_len: int | None = None, dtype=None):
         return self._float_model().init_cache(batch_size, max_len, dtype)
 

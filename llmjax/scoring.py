@@ -19,6 +19,8 @@ Requests are sorted by length and scored in batches of a fixed number of rows, r
 length bucket (powers of two up to 128, then multiples of 128, capped at the context). Padding never
 changes a score: it sits after the scored tokens of a causal model, and a padded row is masked out.
 So a request's score does not depend on the batch size or its batch-mates beyond float rounding.
+The output head and its log-softmax over the vocabulary run only where a batch scores: on K
+positions per row (K the bucket of the batch's longest continuation), not on all T (`model_scores`).
 (A mixture-of-experts model in `capacity` mode would let padding compete for expert slots; it is
 scored dropless, as decoding does — see `scoring_config`.)
 """
@@ -64,14 +66,23 @@ def continuation_scores(logits_BTV, targets_BT, mask_BT, vocab_size: int):
     return ll_B, greedy_B
 
 
+def model_scores(model, tokens_BT, starts_B, targets_BK, mask_BK):
+    """continuation_scores of the model's predictions at positions starts_B[b] + k (k < K) only:
+    the output head, and the log-softmax over the vocabulary, run on those K positions of each row
+    rather than on all T (a HellaSwag ending is ~20 tokens of a ~90-token request)."""
+    K = targets_BK.shape[1]
+    x_BTD = model.features(tokens_BT)[0]
+    idx_BK = starts_B[:, None] + jnp.arange(K, dtype=starts_B.dtype)
+    x_BKD = jnp.take_along_axis(x_BTD, idx_BK[..., None], axis=1)
+    return continuation_scores(model.head(x_BKD), targets_BK, mask_BK, model.cfg.vocab_size)
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def _score_model(graphdef, params, tokens_BT, targets_BT, mask_BT):
+def _score_model(graphdef, params, tokens_BT, starts_B, targets_BK, mask_BK):
     """A pure function of the model's graph definition (static) and parameters: a call flattens a
     plain pytree. (Through `nnx.jit` every call walked the module graph: tens of ms of host time per
     batch, which bounded HellaSwag on an H200 at 405 items/s.)"""
-    model = nnx.merge(graphdef, params)
-    logits = model(tokens_BT)[0]
-    return continuation_scores(logits, targets_BT, mask_BT, model.cfg.vocab_size)
+    return model_scores(nnx.merge(graphdef, params), tokens_BT, starts_B, targets_BK, mask_BK)
 
 
 def length_bucket(n: int, context: int) -> int:
@@ -124,9 +135,12 @@ def rolling_windows(tokens: Sequence[int], prefix_token: int, context_len: int) 
 
 @dataclasses.dataclass
 class Scorer:
-    """Scores requests in batches of `batch_size` rows with `batch_fn(tokens, targets, mask) ->
-    (ll, greedy)` (NumPy int32/float32 arrays of shape (batch_size, T) in; arrays of shape
-    (batch_size,) out, possibly still on the device)."""
+    """Scores requests in batches of `batch_size` rows with `batch_fn(tokens, starts, targets, mask)
+    -> (ll, greedy)`, which is `model_scores` of a model: NumPy arrays in, the tokens (batch_size, T)
+    int32, each row's first scored position (batch_size,) int32, the targets (batch_size, K) int32
+    and mask (batch_size, K) float32 of positions starts .. starts + K - 1, with T and K length
+    buckets of the batch's longest request and longest continuation; arrays of shape (batch_size,)
+    out, possibly still on the device."""
 
     batch_fn: Callable
     context_len: int
@@ -140,8 +154,8 @@ class Scorer:
             raise ScoreError("score a capacity-mode MoE through scoring_config(cfg) (dropless); capacity depends on padding")
         graphdef, params = split_for_jit(model)
 
-        def fn(tokens, targets, mask):
-            return _score_model(graphdef, params, jnp.asarray(tokens), jnp.asarray(targets), jnp.asarray(mask))
+        def fn(*arrays):
+            return _score_model(graphdef, params, *(jnp.asarray(a) for a in arrays))
 
         return cls(batch_fn=fn, context_len=model.cfg.context_len, batch_size=batch_size)
 
@@ -160,30 +174,50 @@ class Scorer:
         whole = list(context) + list(continuation)
         return whole[-(L + 1) :], len(continuation)
 
+    def _chunks(self, rows) -> list[tuple[list[int], int, int]]:
+        """The batches score() runs: (the indices of its rows, T, K), longest requests first."""
+        order = sorted((i for i, (_, n) in enumerate(rows) if n), key=lambda i: -len(rows[i][0]))
+        B, L = self.batch_size, self.context_len
+        out = []
+        for chunk in (order[s : s + B] for s in range(0, len(order), B)):
+            T = length_bucket(max(len(rows[i][0]) for i in chunk) - 1, L)
+            out.append((chunk, T, length_bucket(max(rows[i][1] for i in chunk), T)))
+        return out
+
+    def warm_up(self, requests: Sequence[Pair]) -> None:
+        """Compile every batch shape that score(requests) runs (one batch each), so that timing
+        score() measures no compilation."""
+        rows = [self._row(c, k) for c, k in requests]
+        shapes = {(T, K): (max(len(rows[i][0]) for i in chunk), max(rows[i][1] for i in chunk)) for chunk, T, K in self._chunks(rows)}
+        for length, n in shapes.values():  # (a request as long as the batch's longest, with its longest continuation)
+            self.score([([0] * (length - n), [0] * n)])
+
     def score(self, requests: Sequence[Pair], progress: bool = False) -> list[tuple[float, bool]]:
         """(log-likelihood, greedy) of each (context, continuation) request, in order."""
         rows = [self._row(c, k) for c, k in requests]
         results: list[tuple[float, bool] | None] = [(0.0, True) if n == 0 else None for _, n in rows]
-        order = sorted((i for i, (_, n) in enumerate(rows) if n), key=lambda i: -len(rows[i][0]))  # longest first
+        chunks = self._chunks(rows)
         B = self.batch_size
-        chunks = [order[s : s + B] for s in range(0, len(order), B)]
         bar = None
         if progress and chunks:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(order), unit="req", dynamic_ncols=True)
+            bar = tqdm(total=sum(len(chunk) for chunk, _, _ in chunks), unit="req", dynamic_ncols=True)
         pending = []  # dispatched batches: the host builds the next while the device runs this one
-        for chunk in chunks:
-            T = length_bucket(max(len(rows[i][0]) for i in chunk) - 1, self.context_len)
+        for chunk, T, K in chunks:
             toks = np.zeros((B, T), np.int32)
-            tgts = np.zeros((B, T), np.int32)
-            mask = np.zeros((B, T), np.float32)
+            starts = np.zeros(B, np.int32)
+            tgts = np.zeros((B, K), np.int32)
+            mask = np.zeros((B, K), np.float32)
             for r, i in enumerate(chunk):
                 whole, n = rows[i]
-                m = len(whole) - 1
-                toks[r, :m], tgts[r, :m] = whole[:-1], whole[1:]
-                mask[r, m - n : m] = 1.0
-            pending.append((chunk, self.batch_fn(toks, tgts, mask)))
+                m = len(whole) - 1  # the row's inputs; its last n predictions (positions m - n .. m - 1) are scored
+                toks[r, :m] = whole[:-1]
+                starts[r] = s = max(m - K, 0)  # (the K positions from s hold them: n <= K <= T)
+                w = min(K, m - s)
+                tgts[r, :w] = whole[s + 1 : s + 1 + w]
+                mask[r, m - n - s : m - s] = 1.0
+            pending.append((chunk, self.batch_fn(toks, starts, tgts, mask)))
             if len(pending) > 2:
                 self._collect(pending.pop(0), results, bar)
         for item in pending:

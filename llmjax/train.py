@@ -51,7 +51,7 @@ from llmjax.models.layers import convert_layer_layout
 from llmjax.registry import build_model
 from llmjax.runtime import cpu_compiler_options, enable_compilation_cache, tune_host_allocator
 from llmjax.sample import generate, start_ids
-from llmjax.scoring import Scorer, ScoreError, continuation_scores, scoring_config
+from llmjax.scoring import Scorer, ScoreError, model_scores, scoring_config
 from llmjax.sharding import batch_sharding, make_mesh, param_shardings, replicated_by_size, state_shardings
 from llmjax.summary import summarize
 
@@ -517,12 +517,12 @@ def build_steps(cfg, mesh) -> Steps:
         eval_step, in_shardings=(p_shard, eval_shard, eval_shard), out_shardings=(replicated, replicated), compiler_options=options
     )
 
-    def score_step(params, tokens_BT, targets_BT, mask_BT):
+    def score_step(params, tokens_BT, starts_B, targets_BK, mask_BK):
         model = nnx.merge(score_graphdef, convert_layer_layout(params, mcfg.scan_layers))
-        return continuation_scores(model(tokens_BT)[0], targets_BT, mask_BT, mcfg.vocab_size)
+        return model_scores(model, tokens_BT, starts_B, targets_BK, mask_BK)
 
     score_fn = jax.jit(
-        score_step, in_shardings=(p_shard, eval_shard, eval_shard, eval_shard), out_shardings=(replicated, replicated),
+        score_step, in_shardings=(p_shard, eval_shard, eval_shard, eval_shard, eval_shard), out_shardings=(replicated, replicated),
         compiler_options=options,
     )
 
@@ -684,8 +684,8 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
 
     def score_tasks(params) -> dict:
         """acc and acc_norm of every in-loop task (llmjax.downstream), as metrics."""
-        def batch_fn(toks, tgts, mask):
-            return steps.score_step(params, *(to_global(local_rows(a), eval_shard, a.shape) for a in (toks, tgts, mask)))
+        def batch_fn(*arrays):  # (tokens, starts, targets, mask: llmjax.scoring.Scorer)
+            return steps.score_step(params, *(to_global(local_rows(a), eval_shard, a.shape) for a in arrays))
 
         scorer = Scorer(batch_fn, context_len=T, batch_size=ecfg.tasks_batch_size)
         out = {}

@@ -67,8 +67,14 @@ def scoring_model(arch, **opts):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_scores_equal_the_float64_reference_for_every_arch(arch):
+    """Each request's log-likelihood and greedy flag as the model computes them alone in float64. The
+    head runs only on the K predictions a batch scores (K a length bucket of its longest
+    continuation): among the requests, ones shorter than K (the K positions from the row's start),
+    a continuation of the whole context, one of exactly K tokens, and ones cut on the left."""
     m = scale_params(llmjax.build_model(config(arch), seed=3), 4.0)  # sharper than at init: argmax ties would be luck
-    pairs = random_pairs(0, 9, m.cfg.context_len)
+    L = m.cfg.context_len
+    edges = [([5], list(range(L))), ([1, 2], list(range(17))), ([3] * 5, list(range(16))), (list(range(L + 9)), [7] * 24), ([9] * 40, [1])]
+    pairs = random_pairs(0, 9, L) + [(c, [t % 65 for t in k]) for c, k in edges]
     got = Scorer.for_model(m, batch_size=4).score(pairs)
     want = reference_scores(m, pairs, m.cfg.context_len)
     np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=0, atol=2e-4)
@@ -145,7 +151,7 @@ def test_non_finite_log_likelihoods_are_an_error_not_a_score():
     with pytest.raises(ScoreError, match="scored a log-likelihood of nan"):
         lm.loglikelihood([Instance("loglikelihood", {}, ("A man is", " walking."), 0)], disable_tqdm=True)
     # one bad row among finite ones is named
-    def one_nan(toks, tgts, mask):
+    def one_nan(toks, starts, tgts, mask):
         ll = np.where(np.arange(len(toks)) == 1, np.nan, -1.0)
         return ll, np.zeros(len(toks), bool)
 
