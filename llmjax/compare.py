@@ -121,8 +121,10 @@ def config_changes(saved: Path, cfg) -> list[str]:
     diffs = []
     for group in ("model", "data", "train", "eval"):
         a, b = old.get(group, {}), new.get(group, {})
-        if group == "train":  # (train.loss_scale, which a run may predate)
+        if group == "train":  # (train.loss_scale and train.schedule, which a run may predate)
             a = train_settings(old)
+        if group == "eval":  # (a run from before eval.final_num_batches evaluated the whole split)
+            a = {"final_num_batches": 0, **a}
         if group == "model":
             a, b = ({**model_defaults(c.get("arch")), **c} for c in (a, b))
         diffs += [d for d in config_diff(a, b, f"{group}.") if d.split(" ", 1)[0] not in RUN_CONTROL]

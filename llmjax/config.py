@@ -209,6 +209,10 @@ def _shared_groups(variant: str) -> dict[str, dict[str, Any]]:
             lr=6e-4 if gpu else 1e-3,
             min_lr=6e-5 if gpu else 1e-4,
             warmup_steps=700 if gpu else (100 if variant == "small" else 5),
+            # the learning rate after warm-up: cosine (decay to min_lr at max_steps), wsd (warmup-stable-
+            # decay: lr until the last decay_fraction of max_steps, then linear to min_lr) or constant (lr)
+            schedule="cosine",
+            decay_fraction=0.2,  # wsd: the share of max_steps its decay takes
             weight_decay=0.1,
             decay_params=",".join(DECAYED),  # the parameters (by name) AdamW's weight decay applies to
             beta1=0.9,
@@ -369,12 +373,27 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"train.decay_params: unknown parameter name '{unknown[0]}'{closest(unknown[0], DECAYED + NOT_DECAYED)} "
                           f"(the names: {', '.join(DECAYED + NOT_DECAYED)})")
     loss_scale_setting(t.get("loss_scale", "auto"))  # (a run saved before the key: none there)
+    schedule = t.get("schedule", "cosine")  # (a run saved before the key: cosine)
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"train.schedule={schedule!r} is not one of {', '.join(SCHEDULES)}{closest(str(schedule), SCHEDULES)}")
+    fraction = t.get("decay_fraction", 0.2)
+    if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+        raise ConfigError(f"train.decay_fraction must be in (0, 1] (the share of max_steps wsd's decay takes), got {fraction}")
+    if schedule == "wsd" and t.max_steps - decay_steps(t) < t.warmup_steps:
+        raise ConfigError(f"train.schedule=wsd: the decay ({decay_steps(t)} of {t.max_steps} steps, decay_fraction={fraction}) would "
+                          f"start inside the {t.warmup_steps} warm-up steps; lower train.decay_fraction or train.warmup_steps")
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}: the schedule decays from lr to min_lr; lower min_lr")
     model_config(cfg)
 
 
 LOSS_SCALES = ("auto", "dynamic", "none")
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+def decay_steps(tcfg) -> int:
+    """The steps of a wsd schedule's decay: decay_fraction of max_steps, at least one."""
+    return max(1, round(tcfg.get("decay_fraction", 0.2) * tcfg.max_steps))
 
 
 def loss_scale_setting(value: Any) -> str | float:

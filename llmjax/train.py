@@ -45,7 +45,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llmjax import cli, data as data_lib, downstream, tokenizer as tok_lib
 from llmjax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
-from llmjax.config import ConfigError, loss_scale_setting, model_config, model_defaults, validate
+from llmjax.config import ConfigError, decay_steps, loss_scale_setting, model_config, model_defaults, validate
 from llmjax.loss import token_losses
 from llmjax.models.layers import convert_layer_layout
 from llmjax.registry import build_model
@@ -78,16 +78,27 @@ def peak_flops(device, override: float) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
 
 
+def lr_schedule(tcfg) -> optax.Schedule:
+    """train.schedule as an optax schedule of the updates applied so far (step s runs at its value
+    for s - 1). nanoGPT's warm-up: step s (from 1) of the first `warmup_steps` runs at
+    lr * s / (warmup_steps + 1), so no step is wasted at lr 0; then cosine decay to `min_lr` at
+    `max_steps`, or (wsd) `lr` until the last `decay_steps` steps and a linear decay to `min_lr` at
+    `max_steps`, or (constant) `lr`."""
+    W, lr = tcfg.warmup_steps, tcfg.lr
+    kind = tcfg.get("schedule", "cosine")
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(init_value=lr / (W + 1), peak_value=lr, warmup_steps=W,
+                                                  decay_steps=max(tcfg.max_steps, W + 1), end_value=tcfg.min_lr)
+    warmup = optax.linear_schedule(lr / (W + 1), lr, W)
+    if kind == "constant":
+        return optax.join_schedules([warmup, optax.constant_schedule(lr)], [W])
+    start = tcfg.max_steps - decay_steps(tcfg)  # (>= W: llmjax.config.validate)
+    return optax.join_schedules([warmup, optax.constant_schedule(lr), optax.linear_schedule(lr, tcfg.min_lr, tcfg.max_steps - start)],
+                                [W, start])
+
+
 def make_optimizer(tcfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    # nanoGPT's warm-up: step s (from 1) of the first `warmup_steps` runs at lr * s / (warmup_steps + 1),
-    # so no step is wasted at lr 0; then cosine decay to `min_lr` at `max_steps`.
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=tcfg.lr / (tcfg.warmup_steps + 1),
-        peak_value=tcfg.lr,
-        warmup_steps=tcfg.warmup_steps,
-        decay_steps=max(tcfg.max_steps, tcfg.warmup_steps + 1),
-        end_value=tcfg.min_lr,
-    )
+    schedule = lr_schedule(tcfg)
 
     decayed = {n.strip() for n in tcfg.decay_params.split(",") if n.strip()}
 
@@ -111,7 +122,7 @@ def schedule_count(opt_state):
 
 
 # Train keys the learning-rate schedule is made of (a resumed run follows their new values).
-SCHEDULE_KEYS = ("train.lr", "train.min_lr", "train.warmup_steps", "train.max_steps")
+SCHEDULE_KEYS = ("train.lr", "train.min_lr", "train.warmup_steps", "train.max_steps", "train.schedule", "train.decay_fraction")
 
 # What a training run writes in its workdir (besides checkpoints/ and the wandb/ folder).
 RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl")
@@ -151,10 +162,13 @@ def model_changes(old: dict, new: dict) -> list[str]:
 
 
 def train_settings(c: dict) -> dict:
-    """A resolved config's train group, with train.loss_scale, where the run predates the key, as
-    what the run did: none (no scaling) in float16, else auto (none too)."""
+    """A resolved config's train group, with the keys the run predates as what the run did:
+    train.loss_scale none (no scaling) in float16, else auto (none too); train.schedule cosine
+    (with decay_fraction's default, which cosine does not read)."""
     t = dict(c.get("train", {}))
     t.setdefault("loss_scale", "none" if c.get("model", {}).get("dtype") == "float16" else "auto")
+    t.setdefault("schedule", "cosine")
+    t.setdefault("decay_fraction", 0.2)
     return t
 
 

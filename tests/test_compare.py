@@ -115,6 +115,12 @@ def test_a_finished_run_of_an_edited_config_is_refused(result, tmp_path):
         C.compare(SPECS[:1], **kw)
     del orig["model"]["decode_attention_impl"]  # (a key with a default, "auto")
     del orig["train"]["loss_scale"]  # (a float32 run from before the key: auto, as it trained)
+    del orig["train"]["schedule"], orig["train"]["decay_fraction"]  # (from before the keys: cosine)
+    final = orig["eval"].pop("final_num_batches")  # (from before the key: the whole split, not tiny's 20 batches)
+    saved.write_text(json.dumps(orig))
+    with pytest.raises(C.CompareError, match=r"another config \(eval\.final_num_batches \(0 -> 20\)\)"):
+        C.compare(SPECS[:1], **kw)
+    orig["eval"]["final_num_batches"] = final
     saved.write_text(json.dumps(orig))
     r = C.compare(SPECS[:1], **kw)
     assert r["rows"][0]["val_loss_per_seed"] == [json.loads(last)["val_loss"] for last in (

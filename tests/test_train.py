@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -1203,3 +1204,66 @@ def test_bf16_logits_train_like_float32_logits_and_hold_less_memory():
     assert narrow[1] < wide[1] - 8 * 32 * 50304 * 2 // 2, (narrow[1], wide[1])
     with pytest.raises(ConfigError, match="logits_dtype"):
         build_steps(cfg("vanilla", train__logits_dtype="float16"), make_mesh({"data": 1}, jax.devices()[:1]))
+
+
+def _reference_lr(schedule: str, step: int, *, lr, min_lr, warmup, max_steps, fraction=0.2) -> float:
+    """The learning rate step `step` (from 1) runs at, in plain Python: nanoGPT's warm-up (lr * s /
+    (W + 1)), then cosine from lr to min_lr over steps W+1 .. max_steps+1 (nanoGPT's get_lr(s - 1)),
+    wsd (lr, then the last round(fraction * max_steps) steps linear to min_lr at max_steps + 1) or lr."""
+    c = step - 1  # (the updates applied before it)
+    if c < warmup:
+        return lr / (warmup + 1) + (lr - lr / (warmup + 1)) * c / warmup
+    if schedule == "cosine":
+        return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (c - warmup) / (max_steps - warmup)))
+    if schedule == "constant":
+        return lr
+    start = max_steps - max(1, round(fraction * max_steps))
+    return lr if c < start else lr + (min_lr - lr) * (c - start) / (max_steps - start)
+
+
+@pytest.mark.parametrize("schedule,fraction", [("cosine", 0.2), ("wsd", 0.2), ("wsd", 0.5), ("wsd", 1.0), ("constant", 0.2)])
+def test_learning_rate_schedules_match_a_plain_reference(schedule, fraction):
+    from llmjax.train import lr_schedule
+
+    for warmup, max_steps in ((5, 50), (0, 20), (3, 7)):
+        if schedule == "wsd" and max_steps - max(1, round(fraction * max_steps)) < warmup:
+            continue  # (refused: test_bad_schedules_are_one_line_errors)
+        t = cfg(train__schedule=schedule, train__decay_fraction=fraction, train__lr=1e-3, train__min_lr=1e-4,
+                train__warmup_steps=warmup, train__max_steps=max_steps).train
+        f = lr_schedule(t)
+        got = [float(f(s - 1)) for s in range(1, max_steps + 1)]
+        want = [_reference_lr(schedule, s, lr=1e-3, min_lr=1e-4, warmup=warmup, max_steps=max_steps, fraction=fraction)
+                for s in range(1, max_steps + 1)]
+        np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=f"{schedule} W={warmup} steps={max_steps}")
+        if schedule == "wsd":  # the decay's first step runs at lr, its last one step above min_lr (as cosine's)
+            start = max_steps - max(1, round(fraction * max_steps))
+            assert got[start] == pytest.approx(1e-3) and got[-1] > 1e-4 and (start == 0 or got[start - 1] == pytest.approx(1e-3) or start <= warmup)
+
+
+def test_a_wsd_run_logs_its_schedule_and_resumes_into_another(tmp_path, capsys):
+    """train.schedule=wsd trains with it (the logged lr is its value, stable then decaying); a run
+    stopped in its stable phase and resumed as cosine says so and follows cosine from there."""
+    run = train(cfg(train__schedule="wsd", train__decay_fraction=0.25, train__max_steps=12), tmp_path / "wsd", quiet=True)
+    want = [_reference_lr("wsd", s, lr=3e-3, min_lr=3e-4, warmup=2, max_steps=12, fraction=0.25) for s in range(1, 13)]
+    np.testing.assert_allclose(list(losses(run, "lr").values()), want, rtol=1e-6)
+    assert [round(x, 9) for x in want[2:10]] == [3e-3] * 8 and want[11] < want[10] < want[9]  # (the decay: steps 10-12)
+    train(cfg(train__schedule="wsd", train__stop_at_step=5), tmp_path / "split", quiet=True)
+    capsys.readouterr()
+    resumed = train(cfg(train__schedule="cosine"), tmp_path / "split", quiet=False)
+    assert "train.schedule (wsd -> cosine)" in capsys.readouterr().out
+    lrs = losses(resumed, "lr")
+    np.testing.assert_allclose([lrs[s] for s in range(6, 13)],
+                               [_reference_lr("cosine", s, lr=3e-3, min_lr=3e-4, warmup=2, max_steps=12) for s in range(6, 13)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"train.schedule": "linear"}, r"train.schedule='linear' is not one of cosine, wsd, constant"),
+    ({"train.schedule": "wds"}, r"is not one of cosine, wsd, constant \(did you mean 'wsd'\?\)"),
+    ({"train.decay_fraction": 0}, r"train.decay_fraction must be in \(0, 1\]"),
+    ({"train.decay_fraction": 1.5}, r"train.decay_fraction must be in \(0, 1\]"),
+    ({"train.schedule": "wsd", "train.decay_fraction": 0.95, "train.warmup_steps": 5, "train.max_steps": 50},
+     r"train.schedule=wsd: the decay \(48 of 50 steps, decay_fraction=0.95\) would start inside the 5 warm-up steps"),
+])
+def test_bad_schedules_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", overrides)
