@@ -19,8 +19,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llmjax.config import ConfigError
 
-MESH_AXES = ("data", "fsdp", "expert")
-BATCH_AXES = ("data", "fsdp", "expert")  # the expert axis also splits the batch outside the experts
+MESH_AXES = ("data", "fsdp", "expert")  # (train.mesh's keys, in messages)
+# The mesh's axes in device order, and the batch's split over them (the expert axis also splits the
+# batch outside the experts). fsdp is the minor one: with it before expert, the embedding lookup's
+# output (split along embed over fsdp, as the table) could not be moved to the batch's split over
+# (fsdp, expert) but by gathering it whole on every device (XLA's "Involuntary full
+# rematerialization" warning, twice per step with train.mesh fsdp and expert both above 1).
+BATCH_AXES = ("data", "expert", "fsdp")
 
 # logical axis -> mesh axis (or None: replicated)
 RULES = {
@@ -62,8 +67,9 @@ LEAF_AXES = {
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-    """A (data, fsdp, expert) mesh over `devices` (default: every device of every process). One
-    size may be -1: it takes what the others leave. A missing axis has size 1."""
+    """A mesh of train.mesh's data, fsdp and expert sizes over `devices` (default: every device of
+    every process), its axes in BATCH_AXES order. One size may be -1: it takes what the others
+    leave. A missing axis has size 1."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = [int(mesh_cfg[a]) if a in mesh_cfg else 1 for a in MESH_AXES]
     bad = [f"{a}={s}" for a, s in zip(MESH_AXES, sizes) if s != -1 and s < 1]
@@ -81,7 +87,8 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
         raise ConfigError(f"train.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, there are {len(devices)}")
-    return Mesh(np.array(devices).reshape(sizes), MESH_AXES)
+    size = dict(zip(MESH_AXES, sizes))
+    return Mesh(np.array(devices).reshape([size[a] for a in BATCH_AXES]), BATCH_AXES)
 
 
 def logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:

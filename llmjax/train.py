@@ -3,7 +3,7 @@
 One trainer for every architecture, on one CPU, one GPU, many GPUs or many hosts:
 
 - data: grain batches of random windows (llmjax.data), each process reading its rows of the
-  global batch; the global batch is sharded over the mesh's (data, fsdp) axes;
+  global batch; the global batch is sharded over the mesh's (data, expert, fsdp) axes;
 - model: float32 master parameters (in the scanned layer layout; converted inside the step when
   `model.scan_layers` is False), compute in `model.dtype`, sharded by logical-axis rules
   (llmjax.sharding);

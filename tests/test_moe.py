@@ -377,6 +377,28 @@ def test_expert_parallel_training_matches_one_device(mode, tmp_path):
     assert shardings["blocks"]["layers"]["mlp"]["w_in"].spec[1] == "expert"
 
 
+def test_an_fsdp_and_expert_mesh_never_gathers_activations_whole(tmp_path, capfd):
+    """With train.mesh fsdp and expert both above 1, XLA's partitioner warned of an "Involuntary
+    full rematerialization" (an activation gathered whole on every device) twice per step: the
+    embedding lookup's output, split along embed over fsdp, could not reach the batch's split over
+    (fsdp, expert); in capacity mode its all-to-alls' shard_map named the batch axes in the old
+    order too. With fsdp the mesh's minor axis it compiles without (compiled here, not loaded from
+    the persistent cache, which would skip the partitioner)."""
+    from llmjax.train import train
+
+    over = {"train.max_steps": 1, "train.batch_size": 8, "eval.sample_tokens": 0, "eval.num_batches": 1, "eval.every_steps": 0,
+            "logging.progress_bar": False, "model.context_len": 32, "model.moe_mode": "capacity",
+            "train.mesh.data": 1, "train.mesh.fsdp": 2, "train.mesh.expert": 4}
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        capfd.readouterr()
+        train(llmjax.load_config(f"{ROOT}/configs/moe.py:tiny", over), tmp_path / "run", devices=jax.devices()[:8], quiet=True)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", True)
+    err = capfd.readouterr().err
+    assert "Involuntary full rematerialization" not in err, err[-2000:]
+
+
 def test_capacity_mode_exchanges_tokens_with_all_to_all():
     """Under a mesh with an expert axis the capacity-mode layer sends buffers to the experts' devices
     (two all-to-alls), and computes what one device computes."""

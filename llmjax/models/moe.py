@@ -63,6 +63,7 @@ from llmjax.config import ConfigError, ModelConfig, closest
 from llmjax.models.attention import Attention
 from llmjax.models.layers import DecoderLM, PreNormBlock, biased_gelu, dense, layer_norm, normal, param_einsum, residual_std
 from llmjax.registry import register
+from llmjax.sharding import BATCH_AXES
 
 MODES = ("dropless", "capacity")
 IMPLS = ("auto", "blocked", "dense", "ragged_dot")
@@ -152,7 +153,7 @@ def batch_groups(batch: int) -> tuple[int, tuple[str, ...]]:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return 1, ()
-    axes = tuple(a for a in ("data", "fsdp", "expert") if a in mesh.axis_names and mesh.shape[a] > 1)
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
     G = math.prod(mesh.shape[a] for a in axes)
     return (G, axes) if G > 1 and batch % G == 0 else (1, ())
 
@@ -337,7 +338,7 @@ def expert_parallel(ffn, buffers_BECD, *weights):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or "expert" not in mesh.axis_names or mesh.shape["expert"] == 1:
         return ffn(buffers_BECD, *weights)
-    batch = tuple(a for a in ("data", "fsdp", "expert") if a in mesh.axis_names)
+    batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
 
     def local(buffers, *local_weights):  # buffers: (B / n_batch_shards, E, C, D); weights: E / n_expert
         buffers = jax.lax.all_to_all(buffers, "expert", split_axis=1, concat_axis=0, tiled=True)
