@@ -196,39 +196,63 @@ def code_changes(folder: Path) -> str:
     return ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
 
 
-def train_once(p: dict, seed: int, folder: Path, quiet: bool) -> dict:
-    """One training run in its own process (reused when already finished). Returns its stats."""
+def _reusable(p: dict, seed: int, folder: Path) -> dict | None:
+    """The stats of the finished run of this config and seed in `folder`, else None."""
     stats_file = folder / "compare_run.json"
     if stats_file.is_file() and (folder / "metrics.jsonl").is_file():
         stats = json.loads(stats_file.read_text())
+        if stats.get("seed") == seed and stats.get("returncode") == 0 and _finished(folder, p["cfg"].train.max_steps):
+            return stats
+    return None
+
+
+def _resumed_step(folder: Path) -> int:
+    """The latest checkpoint of an interrupted run in `folder` (0: none)."""
+    return max((int(d.name) for d in (folder / "checkpoints").glob("*") if d.name.isdigit()), default=0)
+
+
+def refusal(p: dict, seed: int, folder: Path) -> str | None:
+    """Why the run in `folder` can be neither reused nor resumed for this config and code (one line),
+    or None. compare checks every folder before it trains anything."""
+    if _reusable(p, seed, folder) is not None:
         # (finished and of this config, whatever the flags that change no figure: a rerun with another
         # --task_dir or --set train.log_every_steps, or --batch_size given as the configs' own, started
         # the trainer again on the finished run, which overwrote its wall time and peak memory with
         # those of a process that trained nothing and marked it as resumed at its last step)
-        if stats.get("seed") == seed and stats.get("returncode") == 0 and _finished(folder, p["cfg"].train.max_steps):
-            changes = config_changes(folder / "config.json", p["cfg"])
-            if changes:
-                raise CompareError(f"{folder} holds a finished run of another config ({'; '.join(changes)}): its figures are not "
-                                   "this config's; delete that folder or use another --out")
-            changed = code_changes(folder)
-            if changed:
-                raise CompareError(f"{folder} holds a finished run trained by other llmjax code ({changed} changed since): its figures "
-                                   "are not this code's; delete that folder or use another --out")
-            return stats
+        changes = config_changes(folder / "config.json", p["cfg"])
+        if changes:
+            return (f"{folder} holds a finished run of another config ({'; '.join(changes)}): its figures are not this config's; "
+                    "delete that folder or use another --out")
+        changed = code_changes(folder)
+        if changed:
+            return (f"{folder} holds a finished run trained by other llmjax code ({changed} changed since): its figures are not "
+                    "this code's; delete that folder or use another --out")
+        return None
     if (folder / "config.json").is_file():  # an earlier run there: resumed only if it is this config's
         changes = config_changes(folder / "config.json", p["cfg"])
         if changes:
-            raise CompareError(f"{folder} holds a run of another config ({'; '.join(changes)}): resuming it would splice the two; "
-                               "delete that folder or use another --out")
-    folder.mkdir(parents=True, exist_ok=True)
-    # an interrupted run resumes from its latest checkpoint: this process then times only the rest
-    resumed = max((int(d.name) for d in (folder / "checkpoints").glob("*") if d.name.isdigit()), default=0)
+            return (f"{folder} holds a run of another config ({'; '.join(changes)}): resuming it would splice the two; "
+                    "delete that folder or use another --out")
     # (one stopped before its first checkpoint, a crash in a model file being tried, say, starts
     # again from step 0 and keeps nothing of its first try: the code that crashed, fixed since, is no other run's)
-    changed = code_changes(folder) if resumed else ""
+    changed = code_changes(folder) if _resumed_step(folder) else ""
     if changed:
-        raise CompareError(f"{folder} holds a run trained by other llmjax code ({changed} changed since): resuming it would "
-                           "splice the two; delete that folder or use another --out")
+        return (f"{folder} holds a run trained by other llmjax code ({changed} changed since): resuming it would splice the two; "
+                "delete that folder or use another --out")
+    return None
+
+
+def train_once(p: dict, seed: int, folder: Path, quiet: bool) -> dict:
+    """One training run in its own process (reused when already finished). Returns its stats."""
+    why = refusal(p, seed, folder)
+    if why:
+        raise CompareError(why)
+    stats = _reusable(p, seed, folder)
+    if stats is not None:
+        return stats
+    folder.mkdir(parents=True, exist_ok=True)
+    # an interrupted run resumes from its latest checkpoint: this process then times only the rest
+    resumed = _resumed_step(folder)
     if not resumed:  # the code that trains the run, checked when it is reused or resumed
         atomic_write_json(folder / "compare_code.json", code_fingerprint())
     path, variant = split_spec(p["spec"])
@@ -257,7 +281,7 @@ def train_once(p: dict, seed: int, folder: Path, quiet: bool) -> dict:
         raise CompareError(f"training {p['name']} seed {seed} failed (exit {proc.returncode}): {tail[0][:300]}; see {folder / 'train.log'}")
     stats = {"seed": seed, "overrides": p["overrides"], "returncode": 0, "wall_seconds": wall,
              "max_rss_bytes": usage.ru_maxrss * 1024, "resumed_from_step": resumed}  # (Linux reports KiB)
-    atomic_write_json(stats_file, stats)
+    atomic_write_json(folder / "compare_run.json", stats)
     return stats
 
 
@@ -359,6 +383,11 @@ def compare(specs, *, out: Path, seeds: int, max_steps: int, batch_size=None, ev
         except downstream.TaskError as e:
             raise CompareError(f"--tasks: {e} (--task_dir DIR: where the task files are; --tasks '': score none)") from None
     out = Path(out)
+    refused = [why for p in plans for seed in range(seeds) if (why := refusal(p, seed, out / p["name"] / f"seed{seed}"))]
+    if refused:  # (every folder checked before any training: a refusal after hours of the other runs, one at a time, before)
+        more = f" (and {len(refused) - 1} more folder{'s' if len(refused) > 2 else ''} like it: " + ", ".join(
+            w.split(" holds ")[0] for w in refused[1:]) + ")" if len(refused) > 1 else ""
+        raise CompareError(refused[0] + more)
     rows = []
     for p in plans:
         runs = []

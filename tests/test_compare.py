@@ -168,7 +168,7 @@ def test_a_rerun_with_other_settings_is_refused_and_draws_only_its_runs(result, 
     shutil.copytree(out / "vanilla_tiny", tmp_path / "vanilla_tiny")
     kw = dict(out=tmp_path, eval_every=2, eval_batches=1, command="test", quiet=True)
     with pytest.raises(C.CompareError, match=r"seed0 holds a run of another config \(train\.max_steps \(4 -> 6\)\): resuming it would "
-                                             r"splice the two; delete that folder or use another --out$"):
+                                             r"splice the two; delete that folder or use another --out \(and 1 more folder like it: \S+seed1\)$"):
         C.compare(SPECS[:1], seeds=2, max_steps=6, **kw)
     drawn = []
     monkeypatch.setattr(plot, "draw", lambda curves, path, title="": drawn.append(curves))
@@ -436,3 +436,16 @@ def test_the_table_says_what_the_final_validation_loss_covers(result):
     plans = C.plan(SPECS, max_steps=2, batch_size=None, eval_every=None, eval_batches=None, tasks="", tasks_limit=0,
                    overrides={"eval.final_num_batches": 0})
     assert {p["cfg"].eval.final_num_batches for p in plans} == {0} and C.differing_settings(plans) == []
+
+
+def test_every_folder_is_checked_before_anything_trains(result, tmp_path):
+    """A folder that cannot be reused or resumed is refused before any run trains (it was refused
+    when its config's turn came: after the configs before it had trained, and one folder at a time)."""
+    import shutil
+
+    out, _ = result
+    shutil.copytree(out / "modern_tiny", tmp_path / "modern_tiny")
+    with pytest.raises(C.CompareError, match=r"^\S+modern_tiny/seed0 holds a run of another config \(train\.max_steps \(4 -> 6\)\).*"
+                                             r"\(and 1 more folder like it: \S+modern_tiny/seed1\)$"):
+        C.compare(SPECS, out=tmp_path, seeds=2, max_steps=6, eval_every=2, eval_batches=1, command="test", quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["modern_tiny"]  # (vanilla's runs never started)
