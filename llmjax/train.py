@@ -1024,6 +1024,12 @@ def init_distributed():
             cli.fail(f"jax.distributed could not start under SLURM ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}); {hint}")
 
 
+def final_loss_covers(cfg) -> str:
+    """What a finished run's final val_loss covers: eval.final_num_batches (0: the whole split)."""
+    n = cfg.eval.get("final_num_batches", 0)
+    return f"the validation split's first {n} batches" if n else "the whole validation split"
+
+
 def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected argument '{argv[1]}'; see --help")
@@ -1041,7 +1047,7 @@ def main(argv):
         cli.fail(interrupted(Path(workdir).absolute() / "checkpoints"), code=130)
     if jax.process_index() == 0:
         if run.final:
-            print(f"done: {run.step} steps, final val_loss {run.last_val_loss:.4f} (whole validation split); run in {run.workdir}")
+            print(f"done: {run.step} steps, final val_loss {run.last_val_loss:.4f} ({final_loss_covers(FLAGS.config)}); run in {run.workdir}")
         if run.sample:
             print("--- sample ---")
             print(run.sample)
