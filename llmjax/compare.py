@@ -34,7 +34,7 @@ from pathlib import Path
 from absl import flags
 
 from llmjax import cli
-from llmjax.config import ConfigError, load_config, model_config, model_defaults, set_key, split_spec
+from llmjax.config import ConfigError, load_config, model_config, model_defaults, set_key, split_spec, validate
 from llmjax.data import atomic_write_bytes, atomic_write_json
 from llmjax.summary import summarize
 
@@ -89,6 +89,7 @@ def plan(specs: list[str], *, max_steps: int, batch_size: int | None, eval_every
                     o.update({"eval.tasks": tasks, "eval.tasks_limit": tasks_limit})
                     set_key(cfg, "eval.tasks", tasks)
                     set_key(cfg, "eval.tasks_limit", tasks_limit)
+            validate(cfg)  # (with compare's settings: a wsd decay that --max_steps puts inside a config's warm-up, say)
             mcfg = model_config(cfg)
         except ConfigError as e:
             raise CompareError(f"{spec}: {e}") from None

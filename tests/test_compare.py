@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -276,6 +277,22 @@ def test_plans_refuse_unfair_comparisons():
     assert o["eval.tasks"] == "hellaswag" and o["eval.every_steps"] == 5 and o["train.batch_size"] == 4  # BPE: HellaSwag in the loop
     assert "eval.tasks" not in C.plan([SPECS[0]], max_steps=5, batch_size=None, eval_every=None, eval_batches=None, tasks="hellaswag",
                                       tasks_limit=0, overrides={})[0]["overrides"]  # characters: none
+
+
+def test_plans_check_each_config_with_compares_settings(tmp_path):
+    """A config that compare's own settings make invalid is refused before any run: a wsd decay that
+    --max_steps 9 puts inside one config's 8 warm-up steps was found by that config's first run,
+    after the other config's runs had trained."""
+    f = users_config(tmp_path / "mine.py",
+                     "MODELS = {'tiny': v.MODELS['tiny'], 'tiny_w8': v.MODELS['tiny']}\n"
+                     "def get_config(variant='default'):\n"
+                     "    return make_config(variant, MODELS, train={'tiny_w8': {'warmup_steps': 8}})\n")
+    specs = [f"{f}:tiny", f"{f}:tiny_w8"]
+    kw = dict(batch_size=None, eval_every=None, eval_batches=None, tasks="", tasks_limit=0, overrides={"train.schedule": "wsd"})
+    with pytest.raises(C.CompareError, match=rf"^{re.escape(specs[1])}: train.schedule=wsd: the decay \(2 of 9 steps, decay_fraction=0.2\) "
+                                             r"would start inside the 8 warm-up steps"):
+        C.plan(specs, max_steps=9, **kw)
+    assert [p["cfg"].train.warmup_steps for p in C.plan(specs, max_steps=10, **kw)] == [5, 8]  # (decay from step 8: fine)
 
 
 def test_hellaswag_column(tmp_path):
