@@ -237,7 +237,7 @@ def _shared_groups(variant: str) -> dict[str, dict[str, Any]]:
         ),
         eval=dict(
             every_steps=250,
-            num_batches=20,  # batches of random windows per periodic estimate (the last step: whole split)
+            num_batches=20,  # batches of random windows per periodic estimate (the last step: see final_num_batches)
             # the last step's validation loss over the split's first N batches (0: the whole split; tiny: 20,
             # since its whole split, ~220 batches, took longer than its 50 training steps)
             final_num_batches=20 if variant == "tiny" else 0,
@@ -433,7 +433,7 @@ RANGES = [
     ("train.min_lr", 0, ""), ("train.grad_clip", 0, " (0: no clipping)"), ("train.weight_decay", 0, ""),
     ("train.log_every_steps", 1, ""), ("train.checkpoint_every_steps", 0, " (0: only at evaluations and at the end)"),
     ("train.keep_checkpoints", 1, ""), ("train.loss_chunks", 0, " (0: off)"), ("train.peak_flops_per_device", 0, ""),
-    ("eval.every_steps", 0, " (0: at the last step only)"), ("eval.num_batches", 0, " (0: no estimates, the whole split at the last step)"),
+    ("eval.every_steps", 0, " (0: at the last step only)"), ("eval.num_batches", 0, " (0: no estimates, only the last step's loss)"),
     ("eval.final_num_batches", 0, " (0: the whole split)"),
     ("eval.sample_tokens", 0, " (0: no sample)"), ("eval.tasks_every_steps", 0, " (0: at the last step only)"),
     ("eval.tasks_limit", 0, " (0: every item)"), ("eval.tasks_batch_size", 1, ""),

@@ -334,7 +334,7 @@ class Steps:
     eval_step: object  # (params, tokens (batch, T+1), mask (batch, T)) -> (loss sum, token count)
     tok_shard: NamedSharding
     eval_shard: NamedSharding
-    score_step: object  # (params, tokens, targets, mask (batch, T)) -> (log-likelihood, greedy) per row (llmjax.scoring)
+    score_step: object  # (params, tokens (batch, T), starts (batch,), targets, mask (batch, K)) -> (log-likelihood, greedy) per row (llmjax.scoring.model_scores)
     gradients: object  # (params, tokens (accum, batch, T+1), loss scale or None) -> (the optimizer's float32 gradients, loss, aux, stats)
 
 
