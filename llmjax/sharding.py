@@ -114,20 +114,36 @@ def logical_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
     return lead + tuple(axes)
 
 
+def _size(mesh: Mesh, axis) -> int:
+    return math.prod(mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,))) if axis else 1
+
+
 def spec_for(path, shape, mesh: Mesh, rules=RULES) -> P:
-    """PartitionSpec of a parameter; a dimension that the mesh axis does not divide is replicated."""
-    out = []
-    for name, dim in zip(logical_axes(path, len(shape)), shape):
+    """PartitionSpec of a parameter. A mesh axis that does not divide the dimension the rules give
+    it moves to the largest other dimension it divides that no axis splits (not a scanned stack's
+    layer dimension): fsdp=8 splits d_model=60's MLP kernels along their hidden dimension. With no
+    such dimension the parameter is replicated over that axis (`replicated_by_size` names it)."""
+    names = logical_axes(path, len(shape))
+    out, moved = [], []
+    for name, dim in zip(names, shape):
         axis = rules.get(name) if name else None
-        size = math.prod(mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,))) if axis else 1
-        out.append(axis if axis and dim % size == 0 else None)
+        fits = axis and dim % _size(mesh, axis) == 0
+        out.append(axis if fits else None)
+        if axis and not fits and _size(mesh, axis) > 1:
+            moved.append(axis)
+    for axis in moved:
+        free = [i for i, (name, dim) in enumerate(zip(names, shape))
+                if out[i] is None and name != "layers" and not (name and rules.get(name)) and dim % _size(mesh, axis) == 0]
+        if free:
+            out[max(free, key=lambda i: shape[i])] = axis
     return P(*out)
 
 
 def replicated_by_size(params, mesh: Mesh, rules=RULES) -> str | None:
     """One line naming the parameters that a mesh axis of more than one device should split but
-    cannot (the axis does not divide that dimension: `spec_for` replicates it), with their share of
-    the parameters, which every device of that axis then holds whole; None where there are none."""
+    cannot (the axis divides neither the dimension the rules give it nor another: `spec_for`
+    replicates them), with their share of the parameters, which every device of that axis then
+    holds whole; None where there are none."""
     missed, total, count = [], 0, 0
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         keys = _path_keys(path)
@@ -137,10 +153,9 @@ def replicated_by_size(params, mesh: Mesh, rules=RULES) -> str | None:
         for name, dim, got in zip(logical_axes(keys, len(x.shape)), x.shape, spec):
             axis = rules.get(name) if name else None
             axes = axis if isinstance(axis, tuple) else (axis,) if axis else ()
-            size = math.prod(mesh.shape[a] for a in axes)
-            if size > 1 and got is None:
+            if _size(mesh, axis) > 1 and got is None and axis not in spec:
                 missed.append((n, f"{'/'.join(map(str, keys))} {tuple(x.shape)} ({'x'.join(f'{a}={mesh.shape[a]}' for a in axes)} "
-                                  f"does not divide {dim})"))
+                                  f"does not divide {dim} or its other dimensions)"))
                 count += n
                 break
     if not missed:

@@ -816,10 +816,15 @@ def test_two_axes_of_minus_one_name_both_and_the_fix():
 
 
 def test_parameters_a_mesh_axis_does_not_divide_are_named_once_and_train_alike(tmp_path, capsys):
-    """d_model=60 on fsdp=8: the parameters split along the model dimension cannot be split, so
-    they are replicated (as much memory per device as one device) and the run says so in one line
-    at the start, naming the largest; the losses are one device's. A mesh that divides every
-    parameter says nothing."""
+    """d_model=60 on fsdp=8: the parameters split along the model dimension cannot be split there.
+    fsdp moves to another dimension it divides (the MLP kernels' hidden 256, the embeddings' rows);
+    those with none (the attention kernels, 60 x 180 and 60 x 60) are replicated (as much memory
+    per device as one device) and the run says so in one line at the start, naming the largest;
+    the losses are one device's. A mesh that divides every parameter says nothing."""
+    from flax import nnx
+
+    from llmjax.sharding import make_mesh, param_shardings
+
     small = dict(model__d_model=60, model__head_dim=15, train__max_steps=4, eval__every_steps=0)
     one = losses(train(cfg("vanilla", **small), tmp_path / "one", devices=jax.devices()[:1], quiet=True))
     capsys.readouterr()
@@ -827,10 +832,16 @@ def test_parameters_a_mesh_axis_does_not_divide_are_named_once_and_train_alike(t
                          devices=jax.devices()[:8]))
     np.testing.assert_allclose([eight[s] for s in range(1, 5)], [one[s] for s in range(1, 5)], rtol=2e-5)
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train.mesh")]
-    assert said == ["train.mesh: 98.3% of the parameters (6 array(s)) are replicated, not split, over a mesh axis that does not divide "
-                    "their dimension: blocks/layers/mlp/fc/kernel (2, 60, 256) (fsdp=8 does not divide 60); "
-                    "blocks/layers/mlp/proj/kernel (2, 256, 60) (fsdp=8 does not divide 60); "
-                    "blocks/layers/attn/qkv_proj/kernel (2, 60, 180) (fsdp=8 does not divide 60); and 3 more"], said
+    assert said == ["train.mesh: 28.4% of the parameters (2 array(s)) are replicated, not split, over a mesh axis that does not divide "
+                    "their dimension: blocks/layers/attn/qkv_proj/kernel (2, 60, 180) (fsdp=8 does not divide 60 or its other dimensions); "
+                    "blocks/layers/attn/o_proj/kernel (2, 60, 60) (fsdp=8 does not divide 60 or its other dimensions)"], said
+    c = cfg("vanilla", **small)
+    specs = jax.tree.map(lambda s: tuple(s.spec), param_shardings(nnx.to_pure_dict(nnx.state(
+        nnx.eval_shape(lambda: llmjax.build_model(c)), nnx.Param)), make_mesh({"data": 1, "fsdp": 8}, jax.devices()[:8])))
+    assert specs["blocks"]["layers"]["mlp"]["fc"]["kernel"] == (None, None, "fsdp")  # (layers, embed 60, hidden 256)
+    assert specs["blocks"]["layers"]["mlp"]["proj"]["kernel"] == (None, "fsdp", None)
+    assert specs["embed"]["embedding"] == ("fsdp", None) and specs["pos_embed"]["embedding"] == ("fsdp", None)  # (128 and 32 rows)
+    assert specs["blocks"]["layers"]["attn"]["qkv_proj"]["kernel"] == (None, None, None)  # (2 layers: a scanned stack is never split)
     train(cfg("vanilla", train__max_steps=1, eval__every_steps=0, **{"train.mesh.data": 1, "train.mesh.fsdp": 8}), tmp_path / "fits",
           devices=jax.devices()[:8])
     assert "train.mesh" not in capsys.readouterr().out
