@@ -94,3 +94,52 @@ def built_once(tmp_path_factory, name: str, build):
             tmp.write_text(json.dumps(build(folder)))
             tmp.replace(done)
     return json.loads(done.read_text())
+
+
+_FORKED_CLI = r"""
+import importlib, json, os, runpy, sys, tempfile, traceback
+module, cases = sys.argv[1], json.loads(sys.argv[2])
+importlib.import_module(module)  # (its imports, JAX's among them, once for every case)
+del sys.modules[module]  # (each case runs it as __main__, as `python -m` does, not the copy imported here)
+out = []
+for args in cases:
+    with tempfile.TemporaryFile() as o, tempfile.TemporaryFile() as e:
+        pid = os.fork()
+        if pid == 0:  # the case: `python -m module *args`, in a process of its own
+            os.dup2(o.fileno(), 1)
+            os.dup2(e.fileno(), 2)
+            sys.argv = [module, *args]
+            try:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+                code = 0
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else (print(stop.code, file=sys.stderr) or 1))
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        status = os.waitpid(pid, 0)[1]
+        o.seek(0)
+        e.seek(0)
+        out.append({"args": args, "returncode": os.waitstatus_to_exitcode(status), "stdout": o.read().decode(), "stderr": e.read().decode()})
+print(json.dumps(out))
+"""
+
+
+def cli_cases(module: str, cases: list[list[str]], env: dict | None = None, timeout: int = 600) -> list:
+    """`python -m module *args` for each args in `cases`, as subprocess.run(..., capture_output=True,
+    text=True) gives them (returncode, stdout, stderr), each run in a process forked from one that
+    imported `module` once: its imports (JAX's, ~2 s of CPU) once, not per case. The forking process
+    starts no JAX backend, so each case starts its own as a process of its own would. For
+    command-line checks of many arguments (bad input refused in one line); a test about processes,
+    signals or the interpreter's exit runs its own subprocess."""
+    import subprocess
+    import sys
+    import types
+
+    r = subprocess.run([sys.executable, "-c", _FORKED_CLI, module, json.dumps(cases)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [types.SimpleNamespace(**c) for c in json.loads(r.stdout.strip().splitlines()[-1])]

@@ -12,6 +12,7 @@ import pytest
 
 import llmjax
 from conftest import ROOT
+from helpers import cli_cases
 from llmjax import bench
 from llmjax.summary import summarize
 
@@ -133,6 +134,7 @@ def test_a_stopped_row_is_written_with_what_it_measured(tmp_path):
 
 
 def test_cli_bad_input_is_one_line():
+    cases = []
     for args, needle in [([], "--config"), (["--config=configs/vanilla.py:tiny", "--suite=speed"], "unknown suite"),
                          (["--config=configs/vanilla.py:tiny", "--config.model.n_layr=2"], "n_layer"),
                          (["--config=configs/vanilla.py:tiny", "--decode_batches="], "--decode_batches is empty"),
@@ -142,7 +144,8 @@ def test_cli_bad_input_is_one_line():
                          (["--config=configs/vanilla.py:tiny", "--suite=hellaswag", "--task_limit=-1"], "--task_limit must be at least 1"),
                          (["--config=configs/vanilla.py:tiny", "--out=/nonexistent/rows.jsonl"], "No such file or directory: /nonexistent"),
                          (["--all", "--variant=tiny", f"--doc={ROOT / 'tests' / 'fixtures'}"], "is not a file in an existing folder")]:
-        r = _cli(*args)
+        cases.append((args, needle))
+    for (args, needle), r in zip(cases, cli_cases("llmjax.bench", [args for args, _ in cases])):
         assert r.returncode == 2 and r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
 
 

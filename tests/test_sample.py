@@ -23,7 +23,7 @@ import llmjax
 import llmjax.models  # noqa: F401
 from flax import nnx
 from conftest import ROOT
-from helpers import built_once, config, load_params, params, perturb_vectors, scale_params
+from helpers import built_once, cli_cases, config, load_params, params, perturb_vectors, scale_params
 from llmjax import sample as S
 from llmjax.models.layers import convert_layer_layout
 from llmjax.sample import Sampling, filter_logits, generate
@@ -706,6 +706,7 @@ def test_cli_several_samples_and_prompt_file(run_dir, tmp_path):
 
 
 def test_cli_errors_are_one_line(run_dir, tmp_path):
+    cases = []
     for args, needle in [
         ([f"--checkpoint_path={tmp_path / 'missing'}"], "no such run"),
         ([], "--checkpoint_path is required"),
@@ -716,7 +717,8 @@ def test_cli_errors_are_one_line(run_dir, tmp_path):
         ([f"--checkpoint_path={run_dir}", "--max_new_tokens=2147483648"], "--max_new_tokens in [0, 2**31)"),  # (int32 counters)
         ([f"--checkpoint_path={run_dir}", "--prompt=ROMEO\u20ac"], "prompt 1: character"),  # refused before the prompt is printed
     ]:
-        r = _cli(*args)
+        cases.append((args, needle))
+    for (args, needle), r in zip(cases, cli_cases("llmjax.sample", [args for args, _ in cases])):
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
         assert r.stdout == "", (args, r.stdout)
