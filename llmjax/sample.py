@@ -133,11 +133,16 @@ def choose(logits_BV, keys_B, vocab_size: int, s: Sampling):
 # The jitted parts: prefill (and the first token), then the decode loop
 
 
-def _record(state, nxt, max_new: int, eot, active=None):
+def _record(state, nxt, max_new: int, eot, active=None, finite=None):
     """Append `nxt` to the rows that are still going (`active`, default: not done); mark rows done
-    at end-of-text (`eot`, a traced int32 scalar; -1: none) or max tokens."""
+    at end-of-text (`eot`, a traced int32 scalar; -1: none) or max tokens. `finite` (B,): whether
+    the logits `nxt` was drawn from were all finite; a row going whose were not notes the index of
+    that new token in "nonfinite" (the first only; -1: none), which `generate` turns into an error."""
     B = nxt.shape[0]
     active = ~state["done"] if active is None else active
+    if finite is not None:
+        bad = active & ~finite & (state["nonfinite"] < 0)
+        state = {**state, "nonfinite": jnp.where(bad, state["n_gen"], state["nonfinite"])}
     slot = jnp.where(active, state["n_gen"], max_new)  # max_new is out of range: dropped
     out = state["out"].at[jnp.arange(B), slot].set(nxt, mode="drop")
     n_gen = state["n_gen"] + active
@@ -153,12 +158,20 @@ def start_state(B: int, max_new: int, seed: int) -> dict:
         "n_gen": jnp.zeros((B,), jnp.int32),
         "done": jnp.zeros((B,), bool),
         "last": jnp.zeros((B,), jnp.int32),
+        "nonfinite": jnp.full((B,), -1, jnp.int32),  # a row's first new token drawn from non-finite logits (-1: none)
         "row_keys": jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), jnp.arange(B)),
     }
 
 
 def _keys(state):
     return jax.vmap(jax.random.fold_in)(state["row_keys"], state["n_gen"])
+
+
+def _finite(logits_BV):
+    """Per row: are all its logits finite (padded vocabulary rows hold PADDED_LOGIT, finite)? A
+    float16 forward that overflowed gives NaN logits, from which argmax draws token 0 and a random
+    draw any token: text with nothing wrong to see."""
+    return jnp.all(jnp.isfinite(logits_BV), axis=-1)
 
 
 def _prefill_fn(graphdef, params, state, tokens_BT, lengths_B, *, cache_len: int, sampling: Sampling, eot):
@@ -170,7 +183,7 @@ def _prefill_fn(graphdef, params, state, tokens_BT, lengths_B, *, cache_len: int
     cache = model.init_cache(B, cache_len)
     logits, cache, _ = model(tokens_BT, positions=positions, cache=cache)
     nxt = choose(logits[:, -1], _keys(state), model.cfg.vocab_size, sampling)
-    state = _record(state, nxt, state["out"].shape[1], eot)
+    state = _record(state, nxt, state["out"].shape[1], eot, finite=_finite(logits[:, -1]))
     return {**state, "cache": cache, "pos": lengths_B, "limit": jnp.int32(cache_len)}
 
 
@@ -196,7 +209,7 @@ def _decode_fn(graphdef, params, state, num_steps, *, sampling: Sampling, eot, u
         pos = jnp.where(go, st["pos"], -1)  # finished (or halted) rows are padding: nothing changes
         logits, cache, _ = nnx.merge(graphdef, params)(st["last"][:, None], positions=pos[:, None], cache=st["cache"])
         nxt = choose(logits[:, -1], _keys(st), vocab_size, sampling)
-        st = _record({**st, "cache": cache}, nxt, max_new, eot, active=go)
+        st = _record({**st, "cache": cache}, nxt, max_new, eot, active=go, finite=_finite(logits[:, -1]))
         return i + jnp.any(go), {**st, "pos": st["pos"] + go}
 
     def body(carry):
@@ -372,6 +385,14 @@ def generate(
     state = prefill(state, min(full_len, _round_up(T0 + GROW_FIRST, 64)) if grows else full_len)
     emitted = [0] * B
     while True:
+        nonfinite, done, pos, limit = jax.device_get((state["nonfinite"], state["done"], state["pos"], state["limit"]))
+        nonfinite = nonfinite[:B]
+        if (nonfinite >= 0).any():  # (before any of those tokens is streamed)
+            r = int(np.argmax(nonfinite >= 0))
+            raise SampleError(
+                f"the model's logits were not finite (NaN or inf) for {int((nonfinite >= 0).sum())} of {B} rows (the first: row {r + 1}, "
+                f"at its new token {int(nonfinite[r]) + 1}); its forward overflowed (float16 holds at most 65504: sample with "
+                f"--dtype bfloat16 or float32) or its parameters are not finite")
         if on_tokens is not None:
             out, n_gen = jax.device_get((state["out"], state["n_gen"]))
             for r in range(B):
@@ -379,7 +400,6 @@ def generate(
                 if new:
                     on_tokens(r, new)
                 emitted[r] = int(n_gen[r])
-        done, pos, limit = jax.device_get((state["done"], state["pos"], state["limit"]))
         if done.all():
             break
         if (pos[~done] >= limit).any() and limit < full_len:  # some row is at the end of a growing cache

@@ -50,7 +50,7 @@ from llmjax.loss import token_losses
 from llmjax.models.layers import convert_layer_layout
 from llmjax.registry import build_model
 from llmjax.runtime import cpu_compiler_options, enable_compilation_cache, tune_host_allocator
-from llmjax.sample import generate, start_ids
+from llmjax.sample import SampleError, generate, start_ids
 from llmjax.scoring import Scorer, ScoreError, model_scores, scoring_config
 from llmjax.sharding import batch_sharding, make_mesh, param_shardings, replicated_by_size, state_shardings
 from llmjax.summary import summarize
@@ -953,7 +953,10 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
     sample = None
     if final and ecfg.sample_tokens > 0 and jax.process_count() == 1:
         model = nnx.merge(graphdef, convert_layer_layout(jax.device_get(state["params"]), mcfg.scan_layers))
-        sample = tokenizer.decode(generate(model, [start_ids(tokenizer)], ecfg.sample_tokens, seed=tcfg.seed, eot_id=tokenizer.eot_id)[0])
+        try:
+            sample = tokenizer.decode(generate(model, [start_ids(tokenizer)], ecfg.sample_tokens, seed=tcfg.seed, eot_id=tokenizer.eot_id)[0])
+        except SampleError as e:  # (non-finite logits: a float16 forward that overflowed; the run itself is saved)
+            print(f"warning: no end-of-run sample: {e}", file=sys.stderr, flush=True)
     return Run(workdir=workdir, step=end, final=final, last_val_loss=last_val, metrics=history, sample=sample)
 
 

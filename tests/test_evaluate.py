@@ -135,6 +135,7 @@ def test_non_finite_log_likelihoods_are_an_error_not_a_score():
     from lm_eval.api.instance import Instance
 
     from llmjax.harness import LlmjaxLM
+    from llmjax.sample import SampleError
 
     m = scale_params(llmjax.build_model(config("vanilla", dtype="float16", vocab_size=50257, padded_vocab_size=50304), seed=1), 100.0)
     pairs = random_pairs(3, 4, m.cfg.context_len)
@@ -150,6 +151,9 @@ def test_non_finite_log_likelihoods_are_an_error_not_a_score():
     lm = LlmjaxLM(model=m, tokenizer=tok, batch_size=2)
     with pytest.raises(ScoreError, match="scored a log-likelihood of nan"):
         lm.loglikelihood([Instance("loglikelihood", {}, ("A man is", " walking."), 0)], disable_tqdm=True)
+    # text generated from NaN logits is an error too (the sampler's, before any text is returned)
+    with pytest.raises(SampleError, match=r"^the model's logits were not finite \(NaN or inf\) for 1 of 1 rows"):
+        lm.generate_until([Instance("generate_until", {}, ("A man is", {"until": ["\n"], "max_gen_toks": 4}), 0)], disable_tqdm=True)
     # one bad row among finite ones is named
     def one_nan(toks, starts, tgts, mask):
         ll = np.where(np.arange(len(toks)) == 1, np.nan, -1.0)

@@ -852,3 +852,41 @@ def test_a_bfloat16_model_decodes_a_batch_on_the_cpu(arch):
     prompts = [[1, 2, 3], [5], list(range(8, 20))]
     both = generate(m, prompts, 10, sampling=GREEDY)
     assert both == [generate(m, [p], 10, sampling=GREEDY)[0] for p in prompts]
+
+
+# --- logits that are not finite ------------------------------------------------------------------
+
+
+def test_logits_that_are_not_finite_are_an_error_not_tokens():
+    """A float16 forward that overflows gives NaN logits, and the sampler drew from them: argmax
+    takes the first NaN, token 0 (greedy gave [0, 38, 0, 0, ...]), a random draw any token: text
+    with nothing to show that it is wrong. Now one line. This SSM's float32 logits stay below 4,
+    but its residual stream reaches 1e6 (a float16 overflow); the float32 model samples."""
+    m32 = scale_params(perturb_vectors(llmjax.build_model(config("ssm"), seed=0)), 5.0)
+    m16 = load_params(llmjax.build_model(config("ssm", dtype="float16"), seed=0), params(m32))
+    toks = jnp.asarray([[1, 2, 3], [3, 2, 1]])
+    assert np.abs(np.asarray(m32(toks)[0][..., :65])).max() < 4 and not np.isfinite(np.asarray(m16(toks)[0][:, -1, :65])).any()
+    assert len(generate(m32, [[1, 2, 3]], 5, sampling=GREEDY)[0]) == 5
+    needle = (r"^the model's logits were not finite \(NaN or inf\) for 2 of 2 rows \(the first: row 1, at its new token 1\); its "
+              r"forward overflowed \(float16 holds at most 65504: sample with --dtype bfloat16 or float32\)")
+    for sampling in (GREEDY, Sampling(temperature=1.0)):
+        streamed = []
+        with pytest.raises(S.SampleError, match=needle):
+            generate(m16, [[1, 2, 3], [3, 2, 1]], 5, sampling=sampling, on_tokens=lambda r, t: streamed.append(t))
+        assert streamed == []
+
+
+def test_logits_that_turn_non_finite_while_decoding_stop_the_sample_there():
+    """One row's logits become NaN at position 8 (its learned position embedding from there on):
+    the error names that row and its new token; the tokens streamed before are those of the
+    model without NaN, and none drawn from NaN logits is streamed."""
+    good = decoder("vanilla")
+    bad = decoder("vanilla")
+    bad.pos_embed.embedding[...] = bad.pos_embed.embedding[...].at[8:].set(jnp.nan)
+    prompts = [[1], [1, 2, 3, 4, 5, 6]]  # row 1 reaches position 5, row 2 position 10: its new token 8 - 6 + 2 = 4
+    want = generate(good, prompts, 5, sampling=GREEDY)
+    got = {0: [], 1: []}
+    with pytest.raises(S.SampleError, match=r"^the model's logits were not finite \(NaN or inf\) for 1 of 2 rows \(the first: row 2, "
+                                            r"at its new token 4\)"):
+        generate(bad, prompts, 5, sampling=GREEDY, on_tokens=lambda r, t: got[r].extend(t), stream_every=2, unroll=1)
+    assert got[1] == want[1][: len(got[1])] and len(got[1]) < 4 and got[0] == want[0][: len(got[0])]

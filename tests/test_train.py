@@ -115,6 +115,25 @@ def test_the_end_of_run_sample(tmp_path):
     assert len(times) == 4 and times[0] != times[1] and times[1] == times[2] == times[3]
 
 
+def test_an_end_of_run_sample_from_non_finite_logits_is_a_warning_not_text(tmp_path, monkeypatch, capsys):
+    """A finished run whose model gives non-finite logits (a float16 forward that overflowed; here
+    NaN position embeddings from position 2 on, put in by the sampler's caller) printed text drawn
+    from NaN logits; the sampler's one-line error would now end a run whose work is saved: a
+    warning, and no sample."""
+    from llmjax import train as T
+
+    def nan_positions(model, *args, **kw):
+        model.pos_embed.embedding.set_value(jnp.asarray(model.pos_embed.embedding[...]).at[2:].set(jnp.nan))
+        return generate(model, *args, **kw)
+
+    generate = T.generate
+    monkeypatch.setattr(T, "generate", nan_positions)
+    run = train(cfg("vanilla", train__max_steps=2, eval__every_steps=0, eval__sample_tokens=12), tmp_path / "run", quiet=True)
+    assert run.final and run.sample is None and (tmp_path / "run" / "checkpoints" / "2").is_dir()
+    err = capsys.readouterr().err
+    assert "warning: no end-of-run sample: the model's logits were not finite (NaN or inf) for 1 of 1 rows" in err, err
+
+
 TIMING = ("step_time", "tokens_per_sec", "mfu", "peak_memory_bytes")
 
 
