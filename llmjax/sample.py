@@ -167,11 +167,13 @@ def _keys(state):
     return jax.vmap(jax.random.fold_in)(state["row_keys"], state["n_gen"])
 
 
-def _finite(logits_BV):
-    """Per row: are all its logits finite (padded vocabulary rows hold PADDED_LOGIT, finite)? A
-    float16 forward that overflowed gives NaN logits, from which argmax draws token 0 and a random
-    draw any token: text with nothing wrong to see."""
-    return jnp.all(jnp.isfinite(logits_BV), axis=-1)
+def _finite(logits_BV, nxt_B):
+    """Per row: is the logit of the token drawn finite? A float16 forward that overflowed gives NaN
+    logits, from which a draw picks some token: text with nothing wrong to see. argmax, and so a
+    greedy pick or a draw (the argmax of logits plus Gumbel noise), picks a NaN or +inf where there
+    is one, so this notes them without another pass over the vocabulary (an all(isfinite) reduction
+    was 2 more kernels per decoded token on an H100, compiled: 120.4 -> 122.4 at batch 1)."""
+    return jnp.isfinite(jnp.take_along_axis(logits_BV, nxt_B[:, None], axis=-1)[:, 0])
 
 
 def _prefill_fn(graphdef, params, state, tokens_BT, lengths_B, *, cache_len: int, sampling: Sampling, eot):
@@ -183,7 +185,7 @@ def _prefill_fn(graphdef, params, state, tokens_BT, lengths_B, *, cache_len: int
     cache = model.init_cache(B, cache_len)
     logits, cache, _ = model(tokens_BT, positions=positions, cache=cache)
     nxt = choose(logits[:, -1], _keys(state), model.cfg.vocab_size, sampling)
-    state = _record(state, nxt, state["out"].shape[1], eot, finite=_finite(logits[:, -1]))
+    state = _record(state, nxt, state["out"].shape[1], eot, finite=_finite(logits[:, -1], nxt))
     return {**state, "cache": cache, "pos": lengths_B, "limit": jnp.int32(cache_len)}
 
 
@@ -209,7 +211,7 @@ def _decode_fn(graphdef, params, state, num_steps, *, sampling: Sampling, eot, u
         pos = jnp.where(go, st["pos"], -1)  # finished (or halted) rows are padding: nothing changes
         logits, cache, _ = nnx.merge(graphdef, params)(st["last"][:, None], positions=pos[:, None], cache=st["cache"])
         nxt = choose(logits[:, -1], _keys(st), vocab_size, sampling)
-        st = _record({**st, "cache": cache}, nxt, max_new, eot, active=go, finite=_finite(logits[:, -1]))
+        st = _record({**st, "cache": cache}, nxt, max_new, eot, active=go, finite=_finite(logits[:, -1], nxt))
         return i + jnp.any(go), {**st, "pos": st["pos"] + go}
 
     def body(carry):

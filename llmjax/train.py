@@ -7,8 +7,9 @@ One trainer for every architecture, on one CPU, one GPU, many GPUs or many hosts
 - model: float32 master parameters (in the scanned layer layout; converted inside the step when
   `model.scan_layers` is False), compute in `model.dtype`, sharded by logical-axis rules
   (llmjax.sharding);
-- optimizer: AdamW (weight decay on matrices and embeddings only), linear warm-up then cosine
-  decay, global-norm clipping, gradient accumulation over `train.grad_accum_steps` micro-batches,
+- optimizer: AdamW (weight decay on the parameters `train.decay_params` names: matrices,
+  embeddings, experts, Linformer's projections, the SSM's convolution), linear warm-up then
+  `train.schedule` (cosine, wsd or constant), global-norm clipping, gradient accumulation over `train.grad_accum_steps` micro-batches,
   auxiliary losses added with `train.aux_loss_weights`;
 - the step is jitted with explicit in/out shardings and donated buffers; metrics are read one
   step late so dispatch stays ahead of the device;

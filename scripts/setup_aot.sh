@@ -2,7 +2,7 @@
 # Install JAX's CUDA plugin for compile-only use (llmjax.aot: compile for a GPU on a machine with
 # none) into ./.aot, outside .venv: installed there, it would make every JAX process look for a GPU
 # and print an error where there is none. The plugin's version is the installed jaxlib's.
-# Usage: bash scripts/setup_aot.sh [--no-cudnn]   (cuDNN, ~0.5 GB, is needed for cuDNN attention)
+# Usage: bash scripts/setup_aot.sh [--no-cudnn]   (cuDNN, ~0.9 GB on disk, is needed for cuDNN attention)
 # Idempotent: a second run installs nothing unless jaxlib's version or the choice changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
