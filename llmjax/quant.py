@@ -69,9 +69,11 @@ def _is_quantized(x) -> bool:
 
 
 def dequantize_params(qparams: dict, dtype) -> dict:
-    """The float tree back: q * scale in `dtype` for the quantized leaves."""
-    return jax.tree.map(lambda x: (x["q"].astype(dtype) * x["scale"].astype(dtype)) if _is_quantized(x) else x, qparams,
-                        is_leaf=_is_quantized)
+    """The float tree back: q * scale, computed in float32 and rounded once to `dtype`, for the
+    quantized leaves. (Rounding the scale to float16 first lost up to 7e-3 of a channel whose
+    largest weight is below ~7.7e-3: float16's subnormals; bfloat16 rounded twice.)"""
+    return jax.tree.map(lambda x: (x["q"].astype(jnp.float32) * x["scale"].astype(jnp.float32)).astype(dtype) if _is_quantized(x) else x,
+                        qparams, is_leaf=_is_quantized)
 
 
 class Int8LM(nnx.Module):
