@@ -57,11 +57,13 @@ KERNEL_AXES = {
     "router": ("embed", None),
 }
 
-# projections whose output the model slices inside each head (MLA: a query head's nope | rope parts,
-# kv_down's latent | rope, kv_up's k_nope | v): a mesh axis moved onto that output (spec_for) would split
-# the activations across those slices, and XLA gathered them whole on every device to cut them
-# ("Involuntary full rematerialization"; d_model=60 MLA on fsdp=8: 2.5x the step time on CPU)
-SLICED_PER_HEAD = {"q_proj", "q_up", "kv_down", "kv_up"}
+# The logical axes a mesh axis that does not divide its own dimension may move to (spec_for): an
+# MLP's hidden dimension, the vocabulary, unnamed ones (the position table's rows). Not "heads" or
+# "latent": the models reshape those per head and slice them (MLA: a query head's nope | rope parts,
+# kv_down's latent | rope), and an axis moved there split the activations across those slices, which
+# XLA then gathered whole on every device to cut ("Involuntary full rematerialization"; d_model=60 MLA
+# on fsdp=8: 2.5x the step time on CPU). Nor a scanned stack's "layers".
+FALLBACK_AXES = ("mlp", "vocab", None)
 
 # other parameters by leaf name (MoE experts: stacked over the expert axis)
 LEAF_AXES = {
@@ -126,13 +128,10 @@ def _size(mesh: Mesh, axis) -> int:
 
 def spec_for(path, shape, mesh: Mesh, rules=RULES) -> P:
     """PartitionSpec of a parameter. A mesh axis that does not divide the dimension the rules give
-    it moves to the largest other dimension it divides that no axis splits (not a scanned stack's
-    layer dimension, nor the output of a projection in SLICED_PER_HEAD): fsdp=8 splits d_model=60's
-    MLP kernels along their hidden dimension. With no such dimension the parameter is replicated
-    over that axis (`replicated_by_size` names it)."""
+    it moves to the largest other dimension it divides that no axis splits, of a logical axis in
+    FALLBACK_AXES: fsdp=8 splits d_model=60's MLP kernels along their hidden dimension. With no such
+    dimension the parameter is replicated over that axis (`replicated_by_size` names it)."""
     names = logical_axes(path, len(shape))
-    keys = [str(k) for k in path]
-    sliced = len(shape) - 1 if keys[-1] == "kernel" and len(keys) >= 2 and keys[-2] in SLICED_PER_HEAD else None
     out, moved = [], []
     for name, dim in zip(names, shape):
         axis = rules.get(name) if name else None
@@ -142,7 +141,7 @@ def spec_for(path, shape, mesh: Mesh, rules=RULES) -> P:
             moved.append(axis)
     for axis in moved:
         free = [i for i, (name, dim) in enumerate(zip(names, shape))
-                if out[i] is None and name != "layers" and i != sliced and not (name and rules.get(name)) and dim % _size(mesh, axis) == 0]
+                if out[i] is None and name in FALLBACK_AXES and not (name and rules.get(name)) and dim % _size(mesh, axis) == 0]
         if free:
             out[max(free, key=lambda i: shape[i])] = axis
     return P(*out)
@@ -163,10 +162,8 @@ def replicated_by_size(params, mesh: Mesh, rules=RULES) -> str | None:
             axis = rules.get(name) if name else None
             axes = axis if isinstance(axis, tuple) else (axis,) if axis else ()
             if _size(mesh, axis) > 1 and got is None and axis not in spec:
-                per_head = (str(keys[-1]) == "kernel" and len(keys) >= 2 and str(keys[-2]) in SLICED_PER_HEAD
-                            and x.shape[-1] % _size(mesh, axis) == 0)
-                why = f"does not divide {dim}, and the model slices the output per head" if per_head else f"does not divide {dim} or its other dimensions"
-                missed.append((n, f"{'/'.join(map(str, keys))} {tuple(x.shape)} ({'x'.join(f'{a}={mesh.shape[a]}' for a in axes)} {why})"))
+                missed.append((n, f"{'/'.join(map(str, keys))} {tuple(x.shape)} ({'x'.join(f'{a}={mesh.shape[a]}' for a in axes)} "
+                                  f"does not divide {dim} or a dimension it may move to)"))
                 count += n
                 break
     if not missed:

@@ -404,7 +404,7 @@ def test_capacity_mode_exchanges_tokens_with_all_to_all():
     (two all-to-alls), and computes what one device computes."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from llmjax.sharding import make_mesh, param_shardings
+    from llmjax.sharding import BATCH_AXES, make_mesh, param_shardings
 
     layer = _layer(moe_mode="capacity", capacity_factor=1.0)
     graphdef, state = nnx.split(layer)
@@ -414,7 +414,7 @@ def test_capacity_mode_exchanges_tokens_with_all_to_all():
     mesh = make_mesh({"data": 1, "fsdp": 1, "expert": 4}, jax.devices()[:4])
     shardings = param_shardings({"blocks": {"layers": {0: {"mlp": pure}}}}, mesh)["blocks"]["layers"][0]["mlp"]
     with jax.set_mesh(mesh):
-        f = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x)[0], in_shardings=(shardings, NamedSharding(mesh, P(("data", "fsdp", "expert")))))
+        f = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x)[0], in_shardings=(shardings, NamedSharding(mesh, P(BATCH_AXES))))
         hlo = f.lower(pure, x).compile().as_text()
         got = f(pure, x)
     assert hlo.count("all-to-all") >= 2

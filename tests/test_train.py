@@ -852,8 +852,8 @@ def test_parameters_a_mesh_axis_does_not_divide_are_named_once_and_train_alike(t
     np.testing.assert_allclose([eight[s] for s in range(1, 5)], [one[s] for s in range(1, 5)], rtol=2e-5)
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train.mesh")]
     assert said == ["train.mesh: 28.4% of the parameters (2 array(s)) are replicated, not split, over a mesh axis that does not divide "
-                    "their dimension: blocks/layers/attn/qkv_proj/kernel (2, 60, 180) (fsdp=8 does not divide 60 or its other dimensions); "
-                    "blocks/layers/attn/o_proj/kernel (2, 60, 60) (fsdp=8 does not divide 60 or its other dimensions)"], said
+                    "their dimension: blocks/layers/attn/qkv_proj/kernel (2, 60, 180) (fsdp=8 does not divide 60 or a dimension it may move to); "
+                    "blocks/layers/attn/o_proj/kernel (2, 60, 60) (fsdp=8 does not divide 60 or a dimension it may move to)"], said
     c = cfg("vanilla", **small)
     specs = jax.tree.map(lambda s: tuple(s.spec), param_shardings(nnx.to_pure_dict(nnx.state(
         nnx.eval_shape(lambda: llmjax.build_model(c)), nnx.Param)), make_mesh({"data": 1, "fsdp": 8}, jax.devices()[:8])))
@@ -872,8 +872,9 @@ def test_a_mesh_axis_never_moves_onto_an_output_sliced_per_head(capfd):
     output split those slices across devices, and XLA gathered the attention's activations whole on
     every device to cut them ("Involuntary full rematerialization", 15 all-to-alls and 20
     collective-permutes in the step; 2.5x its time on CPU). Those two stay whole and are named; the
-    MLP kernels and the embedding still move (compiled here, not loaded from the persistent cache,
-    which would skip the partitioner)."""
+    MLP kernels and the embedding still move, never onto a dimension of heads or latents
+    (llmjax.sharding.FALLBACK_AXES; compiled here, not loaded from the persistent cache, which would
+    skip the partitioner)."""
     from flax import nnx
 
     from llmjax.sharding import make_mesh, param_shardings
