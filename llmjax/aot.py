@@ -19,7 +19,8 @@ What it cannot know: with no GPU to time candidates on, XLA skips autotuning, so
 default Triton configuration instead of the one (or the cuBLAS call) a real compile would pick: the
 kernel count and memory are those of a real compile, GEMM speed is not measured. The roofline time
 assumes every kernel at the card's datasheet rate (bf16 tensor cores for 16-bit GEMMs, tf32 for
-float32 ones, memory bandwidth for the rest) and leaves out library attention (cuDNN), launch
+float32 ones at the default precision, the CUDA cores' float32 rate for those at
+`Precision.HIGHEST`, memory bandwidth for the rest) and leaves out library attention (cuDNN), launch
 gaps and overlap: a lower bound to compare two versions of a step by, not a prediction.
 """
 
@@ -39,12 +40,13 @@ from pathlib import Path
 # A GPU is described by the facts XLA's GPU compiler plans with (stream_executor.GpuTargetConfigProto,
 # text format): the compute capability, SM count, memory size and bandwidth, cache, clock and
 # per-block limits (NVIDIA's datasheets and CUDA's device properties for these cards), plus the
-# bf16 dense peak MFU uses and the tf32 one for float32 GEMMs.
+# bf16 dense peak MFU uses, the tf32 one for float32 GEMMs at the default precision and the CUDA
+# cores' float32 one for those asked for at Precision.HIGHEST (which no tensor core runs).
 TARGETS = {
     "h100": dict(name="NVIDIA H100 80GB HBM3", sms=132, memory=85_520_809_984, bandwidth=3.35e12, l2=52_428_800,
-                 clock_ghz=1.98, peak_bf16=989e12, peak_tf32=494e12),
+                 clock_ghz=1.98, peak_bf16=989e12, peak_tf32=494e12, peak_fp32=67e12),
     "h200": dict(name="NVIDIA H200", sms=132, memory=150_754_820_096, bandwidth=4.8e12, l2=52_428_800,
-                 clock_ghz=1.98, peak_bf16=989e12, peak_tf32=494e12),
+                 clock_ghz=1.98, peak_bf16=989e12, peak_tf32=494e12, peak_fp32=67e12),
 }
 
 PLUGIN_DIR_ENV = "LLMJAX_AOT_DIR"
@@ -243,8 +245,15 @@ def _op_name(ins: Instr) -> str:
     return m.group(1) if m else ""
 
 
+def _highest(attrs: str) -> bool:
+    """Whether a dot (its HLO attributes) or a cuBLAS call (its backend config) asks for float32's
+    full precision, which a GPU runs on its CUDA cores instead of as a tf32 tensor-core GEMM."""
+    return bool(re.search(r'operand_precision=\{highest|"operand_precision":\["HIGHEST"', attrs))
+
+
 def _dot_flops(comp: list[Instr]) -> tuple[float, list[str], str]:
-    """FLOPs of the dots in a fused computation, their operand types and the first one's JAX op name."""
+    """FLOPs of the dots in a fused computation, their operand types (a float32 product at
+    Precision.HIGHEST marked "(highest)") and the first one's JAX op name."""
     shapes = {i.name: i.shape for i in comp}
     flops, types, op = 0.0, [], ""
     for i in comp:
@@ -258,12 +267,13 @@ def _dot_flops(comp: list[Instr]) -> tuple[float, list[str], str]:
         lhs_dims = [int(d) for d in lhs.group(2).split(",") if d]
         contracting = [int(d) for d in re.search(r"lhs_contracting_dims=\{([\d,]*)\}", i.attrs).group(1).split(",") if d]
         flops += 2.0 * math.prod(int(d) for d in out.group(2).split(",") if d) * math.prod(lhs_dims[d] for d in contracting)
-        types.append(f"{lhs.group(1)}x{rhs.group(1)}->{out.group(1)}")
+        types.append(f"{lhs.group(1)}x{rhs.group(1)}->{out.group(1)}" + (HIGHEST if _highest(i.attrs) else ""))
         op = op or _op_name(i)
     return flops, types, op
 
 
 NARROW = ("bf16xbf16", "f16xf16", "f8")  # GEMM operand types at the tensor cores' full rate
+HIGHEST = " (highest)"  # marks a GEMM type computed at Precision.HIGHEST
 SLICING = ("gather", "dynamic-slice")  # read part of their first operand
 IN_PLACE = {"dynamic-update-slice": 1, "scatter": 2}  # write part of their first operand: the update's index
 
@@ -386,8 +396,17 @@ def _custom_gemm(i: Instr, shapes: dict[str, str]) -> tuple[float, list[str]]:
         return 0.0, []
     a_dims = [int(d) for d in a.group(2).split(",") if d]
     return 2.0 * math.prod(int(d) for d in out.group(2).split(",") if d) * a_dims[int(m.group(1))], [
-        f"{a.group(1)}x{b.group(1)}->{out.group(1)}"
+        f"{a.group(1)}x{b.group(1)}->{out.group(1)}" + (HIGHEST if _highest(i.attrs) else "")
     ]
+
+
+def gemm_rate(k: Kernel, t: dict) -> float:
+    """The datasheet FLOP/s a GEMM kernel runs at on target `t`: the bf16 tensor-core peak when
+    every product is 16-bit or narrower, the CUDA cores' float32 rate when any asks for
+    Precision.HIGHEST, else tf32's."""
+    if all(ty.startswith(NARROW) for ty in k.types):
+        return t["peak_bf16"]
+    return t["peak_fp32"] if any(ty.endswith(HIGHEST) for ty in k.types) else t["peak_tf32"]
 
 
 def summarize_kernels(ks: list[Kernel], target: str, per: float = 1.0) -> dict:
@@ -403,9 +422,7 @@ def summarize_kernels(ks: list[Kernel], target: str, per: float = 1.0) -> dict:
     wide = sorted({f"{ty} ({k.op})" for k in gemm for ty in k.types if not ty.startswith(NARROW)})
 
     def seconds(k: Kernel) -> float:
-        narrow = all(ty.startswith(NARROW) for ty in k.types)
-        rate = t["peak_bf16"] if narrow else t["peak_tf32"]
-        return k.count * max(k.flops / rate, k.bytes / t["bandwidth"])
+        return k.count * max(k.flops / gemm_rate(k, t), k.bytes / t["bandwidth"])
 
     return {
         "kernels": sum(k.count for k in ks) / per,
@@ -427,8 +444,7 @@ def top_kernels(ks: list[Kernel], target: str, n: int = 10, per: float = 1.0) ->
     t = TARGETS[target]
 
     def ms(k: Kernel) -> float:
-        rate = t["peak_bf16"] if all(ty.startswith(NARROW) for ty in k.types) else t["peak_tf32"]
-        return 1e3 * k.count * max(k.flops / rate, k.bytes / t["bandwidth"]) / per
+        return 1e3 * k.count * max(k.flops / gemm_rate(k, t), k.bytes / t["bandwidth"]) / per
 
     ranked = sorted((k for k in ks if k.kind != "attention"), key=ms, reverse=True)[:n]
     return [{"name": k.name, "kind": k.kind, "op": k.op, "launches": k.count / per, "mb_per_launch": k.bytes / 1e6, "ms": ms(k)}

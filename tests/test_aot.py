@@ -159,6 +159,48 @@ def test_async_fusions_library_workspaces_and_converted_updates():
     assert ks["dc"].bytes == 4096 * 256 * 2 + 256 * 4 + 4 + 4096 * 256 * 4
 
 
+PRECISION_HLO = """
+HloModule m
+
+%fused_dot.d (a: f32[64,256], b: f32[256,128]) -> f32[64,128] {
+  %a = f32[64,256]{1,0} parameter(0)
+  %b = f32[256,128]{1,0} parameter(1)
+  ROOT %d = f32[64,128]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_dot.h (a.1: f32[64,256], b.1: f32[256,128]) -> f32[64,128] {
+  %a.1 = f32[64,256]{1,0} parameter(0)
+  %b.1 = f32[256,128]{1,0} parameter(1)
+  ROOT %d.1 = f32[64,128]{1,0} dot(%a.1, %b.1), lhs_contracting_dims={1}, rhs_contracting_dims={0}, operand_precision={highest,highest}
+}
+
+ENTRY %main (x: f32[64,256], w: f32[256,128]) -> f32[64,128] {
+  %x = f32[64,256]{1,0} parameter(0)
+  %w = f32[256,128]{1,0} parameter(1)
+  %tf32 = f32[64,128]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_dot.d
+  %full = f32[64,128]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_dot.h
+  %lib = (f32[64,128]{1,0}, s8[1024]{0}) custom-call(%x, %w), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]},"precision_config":{"operand_precision":["HIGHEST","HIGHEST"],"algorithm":"ALG_UNSET"}}}
+  ROOT %r = f32[64,128]{1,0} add(%tf32, %full)
+}
+"""
+
+
+def test_float32_gemms_at_highest_precision_are_rated_at_the_cuda_cores_rate():
+    """A float32 GEMM at the default precision runs as tf32 on a GPU's tensor cores; one asked for
+    at Precision.HIGHEST (in a fusion's dot, or a cuBLAS call's backend config) runs on the CUDA
+    cores, 7x slower on an H100: the roofline rates each at its own peak (it rated both at tf32's)."""
+    ks = {k.name: k for k in aot.kernels(PRECISION_HLO)}
+    assert ks["tf32"].types == ["f32xf32->f32"]
+    assert ks["full"].types == ks["lib"].types == ["f32xf32->f32 (highest)"]
+    t = aot.TARGETS["h100"]
+    assert aot.gemm_rate(ks["tf32"], t) == t["peak_tf32"]
+    assert aot.gemm_rate(ks["full"], t) == aot.gemm_rate(ks["lib"], t) == t["peak_fp32"] < t["peak_tf32"] / 7
+    flops = 2 * 64 * 128 * 256
+    s = aot.summarize_kernels([ks["tf32"], ks["full"]], "h100")
+    assert s["gemm_flops_by_type"] == {"f32xf32->f32": flops, "f32xf32->f32 (highest)": flops}
+    assert s["roofline_gemm_ms"] == pytest.approx(1e3 * sum(max(flops / r, ks["tf32"].bytes / t["bandwidth"]) for r in (t["peak_tf32"], t["peak_fp32"])))
+
+
 def test_target_configs_parse_as_xla_expects():
     for name, t in aot.TARGETS.items():
         text = aot.target_config(name)
