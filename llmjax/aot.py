@@ -338,6 +338,17 @@ class Kernel:
     op: str = ""  # the JAX op it computes (metadata op_name: the jitted function's path to it)
 
 
+def _written_bytes(i: Instr) -> float:
+    """The bytes a kernel writes: its result, less any result an output-to-operand aliasing updates
+    in place (a Pallas kernel's caches: it writes the slots it stores, unknown here, not the buffer)."""
+    m = re.search(r"output_to_operand_aliasing=(\{.*?\})(?:, [a-z_]+=|$)", i.attrs)
+    aliased = {int(k) for k in re.findall(r"\{(\d+)\}: \(", m.group(1))} if m else set()
+    if not aliased or not i.shape.startswith("("):
+        return shape_bytes(i.shape)
+    return sum(DTYPE_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d)
+               for n, (t, dims) in enumerate(_ARRAY.findall(i.shape)) if n not in aliased)
+
+
 def kernels(text: str) -> list[Kernel]:
     """Every kernel the program launches, with its launch count: the entry computation's, and those
     of the computations its loops, conditionals and command buffers run (a loop's body times its
@@ -368,7 +379,7 @@ def kernels(text: str) -> list[Kernel]:
                 for c in _called(i.attrs, "calls"):
                     walk(c, times)
             elif i.opcode not in NO_KERNEL and not i.opcode.endswith("-done"):
-                moved = shape_bytes(i.shape) + sum(shape_bytes(shapes.get(o, "")) for o in i.operands)
+                moved = _written_bytes(i) + sum(shape_bytes(shapes.get(o, "")) for o in dict.fromkeys(i.operands))
                 flops, types, op = 0.0, [], _op_name(i)
                 target = re.search(r'custom_call_target="([^"]*)"', i.attrs)
                 if i.opcode in ("fusion", "fusion-start"):  # (an async fusion: its result tuple is not its output)

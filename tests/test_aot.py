@@ -201,6 +201,33 @@ def test_float32_gemms_at_highest_precision_are_rated_at_the_cuda_cores_rate():
     assert s["roofline_gemm_ms"] == pytest.approx(1e3 * sum(max(flops / r, ks["tf32"].bytes / t["bandwidth"]) for r in (t["peak_tf32"], t["peak_fp32"])))
 
 
+ALIAS_HLO = """
+HloModule m
+
+ENTRY %main (pos: s32[2], qkv: bf16[2,36,64], kc: bf16[2,12,64,320], vc: bf16[2,12,64,320]) -> bf16[2,12,1,64] {
+  %pos = s32[2]{0} parameter(0)
+  %qkv = bf16[2,36,64]{2,1,0} parameter(1)
+  %kc = bf16[2,12,64,320]{3,2,1,0} parameter(2)
+  %vc = bf16[2,12,64,320]{3,2,1,0} parameter(3)
+  %step = (bf16[2,12,1,64]{3,2,1,0}, bf16[2,12,64,320]{3,2,1,0}, bf16[2,12,64,320]{3,2,1,0}) custom-call(%pos, %qkv, %qkv, %qkv, %kc, %vc), custom_call_target="__gpu$xla.gpu.triton", output_to_operand_aliasing={{1}: (4, {}), {2}: (5, {})}, api_version=API_VERSION_TYPED_FFI
+  %plain = (bf16[2,12,1,64]{3,2,1,0}, bf16[2,12,64,320]{3,2,1,0}) custom-call(%qkv, %kc), custom_call_target="__gpu$xla.gpu.triton", api_version=API_VERSION_TYPED_FFI
+  ROOT %o = bf16[2,12,1,64]{3,2,1,0} get-tuple-element(%step), index=0
+}
+"""
+
+
+def test_a_kernel_updating_buffers_in_place_writes_its_other_outputs_only():
+    """A Pallas kernel whose outputs alias its operands (the decode attention's caches) updates them
+    in place: its written bytes are its other outputs, not the caches again; an operand passed
+    several times (the fused projection's output, read for queries, keys and values) is read once.
+    (It counted each cache twice and the projection three times: vanilla's batch-64 decoding had
+    1.69 GB outside GEMMs per token, 0.93 GB with this.)"""
+    ks = {k.name: k for k in aot.kernels(ALIAS_HLO)}
+    cache, out, qkv = 2 * 12 * 64 * 320 * 2, 2 * 12 * 64 * 2, 2 * 36 * 64 * 2
+    assert ks["step"].bytes == out + 2 * 4 + qkv + 2 * cache
+    assert ks["plain"].bytes == out + cache + qkv + cache  # no aliasing: every output is written
+
+
 def test_target_configs_parse_as_xla_expects():
     for name, t in aot.TARGETS.items():
         text = aot.target_config(name)
