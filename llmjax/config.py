@@ -382,8 +382,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if schedule == "wsd" and t.max_steps - decay_steps(t) < t.warmup_steps:
         raise ConfigError(f"train.schedule=wsd: the decay ({decay_steps(t)} of {t.max_steps} steps, decay_fraction={fraction}) would "
                           f"start inside the {t.warmup_steps} warm-up steps; lower train.decay_fraction or train.warmup_steps")
-    if t.min_lr > t.lr:
-        raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}: the schedule decays from lr to min_lr; lower min_lr")
+    if schedule != "constant" and t.min_lr > t.lr:  # (constant reads no min_lr)
+        raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}: the {schedule} schedule decays from lr to min_lr; "
+                          f"lower min_lr")
     model_config(cfg)
 
 

@@ -1346,3 +1346,16 @@ def test_a_wsd_run_logs_its_schedule_and_resumes_into_another(tmp_path, capsys):
 def test_bad_schedules_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", overrides)
+
+
+def test_min_lr_above_lr_is_refused_only_by_the_schedules_that_decay_to_it(tmp_path):
+    """cosine and wsd decay from lr to min_lr, so a min_lr above lr is refused; constant reads no
+    min_lr, so it is accepted (it was refused too) and the run trains at lr after its warm-up."""
+    for schedule in ("cosine", "wsd"):
+        with pytest.raises(ConfigError, match=rf"^train.min_lr=0.01 is above train.lr=0.003: the {schedule} schedule decays from lr "
+                                              r"to min_lr; lower min_lr$"):
+            cfg(train__schedule=schedule, train__min_lr=1e-2)
+    run = train(cfg(train__schedule="constant", train__min_lr=1e-2, train__max_steps=4, eval__every_steps=0), tmp_path / "run", quiet=True)
+    want = [_reference_lr("constant", s, lr=3e-3, min_lr=1e-2, warmup=2, max_steps=4) for s in range(1, 5)]
+    assert want == pytest.approx([1e-3, 2e-3, 3e-3, 3e-3])
+    np.testing.assert_allclose(list(losses(run, "lr").values()), want, rtol=1e-6)
