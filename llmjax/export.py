@@ -44,8 +44,20 @@ class ExportError(ValueError):
     """An export/import problem a user can fix (one line)."""
 
 
-def _np(x, dtype=np.float32) -> np.ndarray:
-    return np.asarray(x, dtype=np.float32).astype(dtype)
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
+def _cast(name: str, x, dtype) -> np.ndarray:
+    """Tensor `name` (float32 weights) as `dtype`; a finite weight that float16 cannot hold (it
+    would be written as inf) is refused, naming the tensor and its largest magnitude."""
+    x = np.asarray(x, dtype=np.float32)
+    with np.errstate(over="ignore"):  # (said below)
+        y = x.astype(dtype)
+    if dtype == np.float16 and (over := np.isinf(y) & np.isfinite(x)).any():
+        raise ExportError(f"{name} holds a weight of magnitude {float(np.abs(x[over]).max()):.6g}, beyond float16's largest "
+                          f"{FLOAT16_MAX:g} (it would be written as inf); export with --dtype float32 (bfloat16 holds it too: "
+                          f"convert that export)")
+    return y
 
 
 def _layers(params: dict) -> list[dict]:
@@ -98,9 +110,8 @@ def gpt2_config(mcfg) -> dict:
 def gpt2_tensors(params: dict, mcfg, dtype=np.float32) -> dict[str, np.ndarray]:
     """HF GPT2LMHeadModel tensors (prefix `transformer.`) of a scanned-layout parameter tree."""
     check_gpt2(mcfg)
-    t = {"transformer.wte.weight": _np(params["embed"]["embedding"][: mcfg.vocab_size], dtype),
-         "transformer.wpe.weight": _np(params["pos_embed"]["embedding"], dtype),
-         "transformer.ln_f.weight": _np(params["norm_f"]["scale"], dtype), "transformer.ln_f.bias": _np(params["norm_f"]["bias"], dtype)}
+    t = {"transformer.wte.weight": params["embed"]["embedding"][: mcfg.vocab_size], "transformer.wpe.weight": params["pos_embed"]["embedding"],
+         "transformer.ln_f.weight": params["norm_f"]["scale"], "transformer.ln_f.bias": params["norm_f"]["bias"]}
     for i, L in enumerate(_layers(params)):
         p = f"transformer.h.{i}."
         t.update({
@@ -111,7 +122,7 @@ def gpt2_tensors(params: dict, mcfg, dtype=np.float32) -> dict[str, np.ndarray]:
             p + "mlp.c_fc.weight": L["mlp"]["fc"]["kernel"], p + "mlp.c_fc.bias": L["mlp"]["fc"]["bias"],
             p + "mlp.c_proj.weight": L["mlp"]["proj"]["kernel"], p + "mlp.c_proj.bias": L["mlp"]["proj"]["bias"],
         })
-    return {k: _np(v, dtype) for k, v in t.items()}
+    return {k: _cast(k, v, dtype) for k, v in t.items()}
 
 
 def params_from_gpt2(tensors: dict[str, np.ndarray], mcfg) -> dict:
@@ -307,7 +318,7 @@ def llama_tensors(params: dict, mcfg, dtype=np.float32) -> dict[str, np.ndarray]
             p + "mlp.gate_proj.weight": L["mlp"]["gate"]["kernel"].T, p + "mlp.up_proj.weight": L["mlp"]["up"]["kernel"].T,
             p + "mlp.down_proj.weight": L["mlp"]["down"]["kernel"].T,
         })
-    return {k: np.ascontiguousarray(_np(v, dtype)) for k, v in t.items()}
+    return {k: np.ascontiguousarray(_cast(k, v, dtype)) for k, v in t.items()}
 
 
 def rotate_half_to_interleaved(w_out_in: np.ndarray, n_heads: int) -> np.ndarray:
@@ -345,7 +356,7 @@ def gguf_tensors(params: dict, mcfg, dtype=np.float32) -> dict[str, np.ndarray]:
         elif rest == "self_attn.k_proj.weight":
             w = rotate_half_to_interleaved(w, mcfg.n_kv_head)
         out[f"blk.{i}.{GGUF_NAMES[rest]}"] = np.ascontiguousarray(w)
-    return {k: (v if v.ndim == 1 else v.astype(dtype)) for k, v in out.items()}
+    return {k: (v if v.ndim == 1 else _cast(k, v, dtype)) for k, v in out.items()}
 
 
 def write_gguf(params: dict, mcfg, tokenizer, path: Path, dtype=np.float32, name: str = "llmjax-modern") -> None:
@@ -357,16 +368,17 @@ def write_gguf(params: dict, mcfg, tokenizer, path: Path, dtype=np.float32, name
         raise ExportError("GGUF export embeds the GPT-2 BPE tokenizer; this model has another vocabulary"
                           " (a character-level run cannot be exported: train a GPT-2 BPE one, e.g. --config.data.dataset=tinyshakespeare --config.model.vocab_size=50257 --config.model.padded_vocab_size=50304)")
     check_llama(mcfg)
+    tensors = gguf_tensors(params, mcfg, dtype)  # (a weight float16 cannot hold is refused here)
     path.parent.mkdir(parents=True, exist_ok=True)  # (after the checks: a refused export leaves no folder)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        _write_gguf(gguf, params, mcfg, tokenizer, tmp, dtype, name)
+        _write_gguf(gguf, tensors, mcfg, tokenizer, tmp, dtype, name)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)  # (a failed write leaves nothing behind)
 
 
-def _write_gguf(gguf, params: dict, mcfg, tokenizer, tmp: Path, dtype, name: str) -> None:
+def _write_gguf(gguf, tensors: dict, mcfg, tokenizer, tmp: Path, dtype, name: str) -> None:
     encoder = json.loads((ASSETS / "gpt2" / "encoder.json").read_text(encoding="utf-8"))
     tokens = [t for t, _ in sorted(encoder.items(), key=lambda kv: kv[1])]
     merges = [line for line in (ASSETS / "gpt2" / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:] if line]
@@ -393,7 +405,7 @@ def _write_gguf(gguf, params: dict, mcfg, tokenizer, tmp: Path, dtype, name: str
     w.add_bos_token_id(50256)
     w.add_eos_token_id(50256)
     w.add_add_bos_token(False)
-    for tname, arr in gguf_tensors(params, mcfg, dtype).items():
+    for tname, arr in tensors.items():
         w.add_tensor(tname, arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()

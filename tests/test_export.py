@@ -363,6 +363,56 @@ def test_export_write_failures_are_one_line(runs, tmp_path):
     assert not (tmp_path / "big").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_a_weight_float16_cannot_hold_is_refused_not_written_as_inf(runs, tmp_path, monkeypatch):
+    """--dtype float16 wrote a weight beyond float16's 65504 as inf without a word (a model whose
+    every forward through that layer is NaN). Now one line naming the tensor and the magnitude, and
+    nothing written: an earlier export untouched, no new folder, nothing left behind. 65519 (which
+    float16 rounds to 65504, not to inf) is exported; float32 exports keep the weight exactly."""
+    import llmjax.sample as S
+
+    real_load = S.load
+
+    def with_weight(value, layer="fc"):
+        def load(*a, **kw):
+            loaded = real_load(*a, **kw)
+            kernel = getattr(loaded.model.blocks.layers.mlp, layer).kernel
+            kernel[...] = kernel[...].at[1, 2, 3].set(value)
+            return loaded
+        monkeypatch.setattr(S, "load", load)
+
+    from safetensors.numpy import load_file
+
+    earlier = X.export(runs["vanilla"], "safetensors", tmp_path / "exp", dtype="float16")
+    before = {f.name: f.read_bytes() for f in earlier.iterdir()}
+    with_weight(-7e4)
+    needle = (r"^transformer.h.1.mlp.c_fc.weight holds a weight of magnitude 70000, beyond float16's largest 65504 \(it would be "
+              r"written as inf\); export with --dtype float32 \(bfloat16 holds it too: convert that export\)$")
+    for out in (earlier, tmp_path / "new" / "exp"):
+        with pytest.raises(X.ExportError, match=needle):
+            X.export(runs["vanilla"], "safetensors", out, dtype="float16")
+    assert {f.name: f.read_bytes() for f in earlier.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+    got = load_file(str(X.export(runs["vanilla"], "safetensors", tmp_path / "f32") / "model.safetensors"))
+    assert got["transformer.h.1.mlp.c_fc.weight"][2, 3] == -7e4 and np.isfinite(got["transformer.h.1.mlp.c_fc.weight"]).all()
+    with_weight(65519.0)  # (rounds to float16's largest)
+    got = load_file(str(X.export(runs["vanilla"], "safetensors", tmp_path / "edge", dtype="float16") / "model.safetensors"))
+    assert got["transformer.h.1.mlp.c_fc.weight"][2, 3] == 65504 and np.isfinite(got["transformer.h.1.mlp.c_fc.weight"]).all()
+    # modern: its Hugging Face tensors (transposed) and its GGUF
+    with_weight(float(np.float32(1e5)), layer="up")
+    with pytest.raises(X.ExportError, match=r"^model.layers.1.mlp.up_proj.weight holds a weight of magnitude 100000, beyond float16's"):
+        X.export(runs["modern"], "safetensors", tmp_path / "llama", dtype="float16")
+    pytest.importorskip("gguf")
+    monkeypatch.setattr(S, "load", real_load)
+    gguf_path = X.export(runs["modern"], "gguf", tmp_path / "m.gguf", dtype="float16")
+    gguf_bytes = gguf_path.read_bytes()
+    with_weight(1e5, layer="up")
+    for out in (gguf_path, tmp_path / "newdir" / "m.gguf"):
+        with pytest.raises(X.ExportError, match=r"^blk.1.ffn_up.weight holds a weight of magnitude 100000, beyond float16's largest 65504"):
+            X.export(runs["modern"], "gguf", out, dtype="float16")
+    assert gguf_path.read_bytes() == gguf_bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edge", "exp", "f32", "m.gguf"]
+
+
 def test_exports_never_overwrite_files_or_folders_that_are_not_exports(runs, tmp_path):
     """A .gguf --out that is a user's file (not GGUF, or a GGUF that is not an llmjax export) and a
     folder holding a Hugging Face model that is not an llmjax export (only names an export also
