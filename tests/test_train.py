@@ -3,6 +3,7 @@ one-line errors for bad input."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -1333,6 +1334,35 @@ def test_a_wsd_run_logs_its_schedule_and_resumes_into_another(tmp_path, capsys):
     lrs = losses(resumed, "lr")
     np.testing.assert_allclose([lrs[s] for s in range(6, 13)],
                                [_reference_lr("cosine", s, lr=3e-3, min_lr=3e-4, warmup=2, max_steps=12) for s in range(6, 13)], rtol=1e-6)
+
+
+def test_a_resume_that_moves_the_wsd_decay_before_it_says_how_the_rate_jumps(tmp_path, capsys):
+    """A wsd run resumed with settings whose decay began before the resumed step drops the rate at
+    once: the notice says where the decay now begins and the rate the old settings gave the next step
+    and the one it gets (the generic changed-settings notice before); the schedule is unchanged (the
+    logged rates are the new settings' reference). A decay that still lies ahead keeps the generic
+    notice."""
+    ref = functools.partial(_reference_lr, lr=3e-3, min_lr=3e-4, warmup=2)
+    train(cfg(train__schedule="wsd", train__decay_fraction=0.25, train__stop_at_step=6), tmp_path / "frac", quiet=True)
+    capsys.readouterr()
+    run = train(cfg(train__schedule="wsd", train__decay_fraction=0.75), tmp_path / "frac", quiet=False)  # decay: steps 4-12
+    new = ref("wsd", 7, max_steps=12, fraction=0.75)
+    assert ref("wsd", 7, max_steps=12, fraction=0.25) == 3e-3 and new == pytest.approx(2.1e-3)
+    assert ("resuming with changed settings: train.decay_fraction (0.25 -> 0.75); train.stop_at_step (6 -> 0); the wsd decay now began "
+            "at step 4, before the resumed step 6, so the learning rate jumps from 0.003 to 0.0021 at step 7\n") in capsys.readouterr().out
+    lrs = losses(run, "lr")
+    np.testing.assert_allclose([lrs[s] for s in range(7, 13)], [ref("wsd", s, max_steps=12, fraction=0.75) for s in range(7, 13)], rtol=1e-6)
+    # a constant run extended as wsd to 16 steps, half of them decay: steps 9-16, begun before step 10
+    train(cfg(train__schedule="constant", train__stop_at_step=10), tmp_path / "const", quiet=True)
+    capsys.readouterr()
+    train(cfg(train__schedule="wsd", train__decay_fraction=0.5, train__max_steps=16, train__stop_at_step=11), tmp_path / "const", quiet=False)
+    assert (f"resuming with changed settings: train.decay_fraction (0.2 -> 0.5); train.max_steps (12 -> 16); train.schedule (constant -> "
+            f"wsd); train.stop_at_step (10 -> 11); the wsd decay now began at step 9, before the resumed step 10, so the learning rate jumps "
+            f"from 0.003 to {ref('wsd', 11, max_steps=16, fraction=0.5):.4g} at step 11\n") in capsys.readouterr().out
+    # the decay still ahead (steps 15-16 of 16): the generic notice
+    train(cfg(train__schedule="wsd", train__decay_fraction=0.125, train__max_steps=16), tmp_path / "const", quiet=False)
+    out = capsys.readouterr().out
+    assert "the learning-rate schedule follows the new values from step 12" in out and "decay now began" not in out
 
 
 @pytest.mark.parametrize("overrides,message", [
