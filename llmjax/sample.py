@@ -92,17 +92,30 @@ class Sampling:
 def filter_logits(logits_BV, vocab_size: int, s: Sampling):
     """float32 logits / temperature with every token that may not be drawn set to -inf: padded
     vocabulary rows, those outside the top-k, and those outside the top-p nucleus (the most likely
-    tokens whose probabilities, summed in decreasing order, first reach top_p)."""
+    tokens whose probabilities, summed in decreasing order, first reach top_p). A row with a logit
+    that is not finite (NaN or +-inf) in the real vocabulary is NaN (greedy: that logit is)."""
+    return _filter(logits_BV, vocab_size, s)[0]
+
+
+def _filter(logits_BV, vocab_size: int, s: Sampling):
+    """`filter_logits`, and per row (B,) whether every real logit is finite (None when greedy: the
+    argmax picks a non-finite one where there is one, see `_finite`). The check adds no pass over
+    the vocabulary: a logit that is not finite enters as NaN, which the row's max (the shift below,
+    made anyway) propagates, so the max is NaN exactly when the row holds one, whatever the top-k or
+    the nucleus then drops (a NaN they dropped was missed when only the drawn token's logit was
+    read). The greedy path's select fuses into its argmax."""
     B, V = logits_BV.shape
     rows = jnp.arange(B)[:, None]
     valid = jnp.arange(V) < vocab_size
-    logits = jnp.where(valid, logits_BV.astype(jnp.float32), -jnp.inf)
+    logits = logits_BV.astype(jnp.float32)
+    logits = jnp.where(valid, jnp.where(jnp.isfinite(logits), logits, jnp.nan), -jnp.inf)
     if s.greedy:
-        return logits
+        return logits, None
     # Shifted so that the largest is 0 before the division: a tiny temperature then sends the others
     # towards -inf (never to NaN), and tied maxima stay exactly tied. Padded rows are -inf after it
     # too, whatever the division gives.
-    logits = jnp.where(valid, (logits - jnp.max(logits, axis=-1, keepdims=True)) / s.temperature, -jnp.inf)
+    top = jnp.max(logits, axis=-1, keepdims=True)  # (NaN: the row holds a logit that is not finite)
+    logits = jnp.where(valid, (logits - top) / s.temperature, -jnp.inf)
     k = min(s.top_k or V, vocab_size)
     if k < vocab_size:
         vals, idx = jax.lax.top_k(logits, k)
@@ -117,16 +130,22 @@ def filter_logits(logits_BV, vocab_size: int, s: Sampling):
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
         keep = before < s.top_p
         logits = jnp.full_like(logits, -jnp.inf).at[rows, idx].set(jnp.where(keep, vals, -jnp.inf))
-    return logits
+    return logits, ~jnp.isnan(top[:, 0])
 
 
 def choose(logits_BV, keys_B, vocab_size: int, s: Sampling):
     """One token per row: argmax when greedy, else a draw from the filtered distribution with that
     row's key."""
-    logits = filter_logits(logits_BV, vocab_size, s)
+    return _choose(logits_BV, keys_B, vocab_size, s)[0]
+
+
+def _choose(logits_BV, keys_B, vocab_size: int, s: Sampling):
+    """`choose`'s tokens (B,), and per row whether all its real logits were finite (B,)."""
+    logits, finite = _filter(logits_BV, vocab_size, s)
     if s.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.vmap(jax.random.categorical)(keys_B, logits).astype(jnp.int32)
+        nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return nxt, _finite(logits_BV, nxt)
+    return jax.vmap(jax.random.categorical)(keys_B, logits).astype(jnp.int32), finite
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,11 +187,12 @@ def _keys(state):
 
 
 def _finite(logits_BV, nxt_B):
-    """Per row: is the logit of the token drawn finite? A float16 forward that overflowed gives NaN
-    logits, from which a draw picks some token: text with nothing wrong to see. argmax, and so a
-    greedy pick or a draw (the argmax of logits plus Gumbel noise), picks a NaN or +inf where there
-    is one, so this notes them without another pass over the vocabulary (an all(isfinite) reduction
-    was 2 more kernels per decoded token on an H100, compiled: 120.4 -> 122.4 at batch 1)."""
+    """Per row: is the logit of the greedy pick finite? A float16 forward that overflowed gives NaN
+    logits, from which a draw picks some token: text with nothing wrong to see. The greedy argmax
+    runs over the logits with every non-finite one made NaN (`_filter`), and argmax picks a NaN
+    where there is one, so this notes any without another pass over the vocabulary (an
+    all(isfinite) reduction was 2 more kernels per decoded token on an H100, compiled: 120.4 ->
+    122.4 at batch 1). A draw's check is its filter's max (`_filter`)."""
     return jnp.isfinite(jnp.take_along_axis(logits_BV, nxt_B[:, None], axis=-1)[:, 0])
 
 
@@ -184,8 +204,8 @@ def _prefill_fn(graphdef, params, state, tokens_BT, lengths_B, *, cache_len: int
     positions = jnp.arange(T, dtype=jnp.int32)[None, :] - (T - lengths_B[:, None])
     cache = model.init_cache(B, cache_len)
     logits, cache, _ = model(tokens_BT, positions=positions, cache=cache)
-    nxt = choose(logits[:, -1], _keys(state), model.cfg.vocab_size, sampling)
-    state = _record(state, nxt, state["out"].shape[1], eot, finite=_finite(logits[:, -1], nxt))
+    nxt, finite = _choose(logits[:, -1], _keys(state), model.cfg.vocab_size, sampling)
+    state = _record(state, nxt, state["out"].shape[1], eot, finite=finite)
     return {**state, "cache": cache, "pos": lengths_B, "limit": jnp.int32(cache_len)}
 
 
@@ -210,8 +230,8 @@ def _decode_fn(graphdef, params, state, num_steps, *, sampling: Sampling, eot, u
         go = ~st["done"] & ~_halted(i, st, num_steps)
         pos = jnp.where(go, st["pos"], -1)  # finished (or halted) rows are padding: nothing changes
         logits, cache, _ = nnx.merge(graphdef, params)(st["last"][:, None], positions=pos[:, None], cache=st["cache"])
-        nxt = choose(logits[:, -1], _keys(st), vocab_size, sampling)
-        st = _record({**st, "cache": cache}, nxt, max_new, eot, active=go, finite=_finite(logits[:, -1], nxt))
+        nxt, finite = _choose(logits[:, -1], _keys(st), vocab_size, sampling)
+        st = _record({**st, "cache": cache}, nxt, max_new, eot, active=go, finite=finite)
         return i + jnp.any(go), {**st, "pos": st["pos"] + go}
 
     def body(carry):

@@ -876,6 +876,46 @@ def test_logits_that_are_not_finite_are_an_error_not_tokens():
         assert streamed == []
 
 
+MODES = [GREEDY, Sampling(temperature=1.0, top_k=None), Sampling(temperature=0.8, top_k=3), Sampling(temperature=1.0, top_k=None, top_p=0.5),
+         Sampling(temperature=0.7, top_k=4, top_p=0.3)]
+
+
+@pytest.mark.parametrize("sampling", MODES, ids=["greedy", "sample", "top_k", "top_p", "top_k_p"])
+def test_every_sampling_mode_notes_any_non_finite_logit_of_a_row(sampling):
+    """Whether each row's real logits are all finite, against numpy's isfinite, in every mode: a NaN,
+    +inf or -inf anywhere in the real vocabulary, including where top-k or the nucleus drops it
+    (only the drawn token's logit was read: a draw with top-k, top-p, or from a row holding one NaN
+    among finite logits, sampled on without a word), and none in the padded vocabulary counted."""
+    rng = np.random.default_rng(0)
+    V, vocab = 40, 37
+    x = (rng.normal(size=(24, V)) * 3).astype(np.float32)
+    for row, bad in zip(range(18), [np.nan, np.inf, -np.inf] * 6):
+        x[row, rng.integers(vocab, size=1 + row % 3)] = bad  # (1-3 of them, anywhere, most below the top-k)
+    x[18, 37:] = np.nan  # padded vocabulary only: fine
+    x[19, [2, 38]] = [np.nan, np.inf]
+    keys = jax.random.split(jax.random.key(1), 24)
+    nxt, finite = jax.jit(S._choose, static_argnums=(2, 3))(jnp.asarray(x), keys, vocab, sampling)
+    np.testing.assert_array_equal(np.asarray(finite), np.isfinite(x[:, :vocab]).all(axis=1))
+    nxt = np.asarray(nxt)
+    good = np.isfinite(x[:, :vocab]).all(axis=1)
+    assert (nxt[good] < vocab).all() and (not sampling.greedy or (nxt[good] == x[good, :vocab].argmax(axis=1)).all())
+    # the same tokens as choose (its filter unchanged for rows without a non-finite logit)
+    np.testing.assert_array_equal(np.asarray(S.choose(jnp.asarray(x[good]), keys[good], vocab, sampling)), nxt[good])
+
+
+@pytest.mark.parametrize("sampling", MODES[1:], ids=["sample", "top_k", "top_p", "top_k_p"])
+def test_a_nan_logit_that_the_filter_drops_is_an_error(sampling):
+    """One NaN logit (a NaN row of the tied embedding: token 60's logit, no prompt feeds it) among
+    finite ones: each draw is an error at the row's first new token, not a sample."""
+    m = decoder("vanilla")
+    m.embed.embedding[...] = m.embed.embedding[...].at[60].set(jnp.nan)
+    last = np.asarray(m(jnp.asarray([[1, 2, 3]]))[0][0, -1, :65])
+    assert np.isnan(last[60]) and np.isfinite(np.delete(last, 60)).all()
+    with pytest.raises(S.SampleError, match=r"^the model's logits were not finite \(NaN or inf\) for 2 of 2 rows \(the first: row 1, "
+                                            r"at its new token 1\)"):
+        generate(m, [[1, 2, 3], [4, 5]], 4, sampling=sampling)
+
+
 def test_logits_that_turn_non_finite_while_decoding_stop_the_sample_there():
     """One row's logits become NaN at position 8 (its learned position embedding from there on):
     the error names that row and its new token; the tokens streamed before are those of the
