@@ -127,21 +127,19 @@ def schedule_count(opt_state):
 SCHEDULE_KEYS = ("train.lr", "train.min_lr", "train.warmup_steps", "train.max_steps", "train.schedule", "train.decay_fraction")
 
 
-def wsd_decay_jump(old_train: dict, tcfg, step: int) -> str | None:
-    """For a run resumed after `step` with train.schedule=wsd whose decay now begins at or before
-    `step` (a changed max_steps, decay_fraction or schedule): what that does to the learning rate
-    of step + 1, the old settings' and the new (the schedule read at `step` updates applied, as
-    when no step was skipped); None where the decay has not begun or the rate is the old one."""
-    if tcfg.get("schedule", "cosine") != "wsd":
-        return None
-    begin = tcfg.max_steps - decay_steps(tcfg) + 1  # the decay's first step (it runs at lr)
-    if begin > step:
-        return None
+def schedule_jump(old_train: dict, tcfg, step: int) -> str | None:
+    """For a run resumed after `step` with changed schedule settings: what that does to the
+    learning rate of step + 1, the old settings' and the new (the schedule read at `step` updates
+    applied, as when no step was skipped), or None where the rate is the old one. Where a wsd decay
+    now begins at or before `step` (a changed max_steps, decay_fraction or schedule), it says so."""
     old, new = (float(lr_schedule(t)(step)) for t in (ml_collections.ConfigDict(old_train), tcfg))
     if math.isclose(old, new, rel_tol=1e-6):
         return None
-    return (f"the wsd decay now began at step {begin}, before the resumed step {step}, so the learning rate jumps from {old:.4g} to "
-            f"{new:.4g} at step {step + 1}")
+    rate = f"the learning rate jumps from {old:.4g} to {new:.4g} at step {step + 1}"
+    begin = tcfg.max_steps - decay_steps(tcfg) + 1  # a wsd decay's first step (it runs at lr)
+    if tcfg.get("schedule", "cosine") == "wsd" and begin <= step:
+        return f"the wsd decay now began at step {begin}, before the resumed step {step}, so {rate}"
+    return f"the learning-rate schedule follows the new values from step {step + 1}: {rate}"
 
 # What a training run writes in its workdir (besides checkpoints/ and the wandb/ folder).
 RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl")
@@ -675,7 +673,7 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
                 f"{workdir} holds a run with a different model config: {'; '.join(diffs)}; use another --workdir or the same config"
             )
         changed = config_diff(train_settings(old_cfg), resolved["train"], "train.")
-        if changed and (jump := wsd_decay_jump(train_settings(old_cfg), tcfg, start)):
+        if changed and (jump := schedule_jump(train_settings(old_cfg), tcfg, start)):
             say(f"resuming with changed settings: {'; '.join(changed)}; {jump}")
         elif changed:
             say(f"resuming with changed settings: {'; '.join(changed)} (the learning-rate schedule follows the new values from step {start + 1})"

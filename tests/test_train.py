@@ -791,8 +791,9 @@ def test_zero_settings_resume_notices_and_a_cut_metrics_line(tmp_path, capsys):
     capsys.readouterr()
     run = train(cfg("vanilla", **{**zero, "train__lr": 1e-3}), run_dir, quiet=False)
     out = capsys.readouterr().out
-    assert "resuming with changed settings: train.lr (0.003 -> 0.001); train.stop_at_step (3 -> 0) (the learning-rate schedule follows " \
-           "the new values from step 4)" in out, out
+    rates = [_reference_lr("cosine", 4, lr=lr, min_lr=3e-4, warmup=2, max_steps=6) for lr in (3e-3, 1e-3)]
+    assert ("resuming with changed settings: train.lr (0.003 -> 0.001); train.stop_at_step (3 -> 0); the learning-rate schedule follows "
+            f"the new values from step 4: the learning rate jumps from {rates[0]:.4g} to {rates[1]:.4g} at step 4") in out, out
     assert run.step == 6 and run.final
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in rows] == list(range(1, 7))
@@ -1340,8 +1341,8 @@ def test_a_resume_that_moves_the_wsd_decay_before_it_says_how_the_rate_jumps(tmp
     """A wsd run resumed with settings whose decay began before the resumed step drops the rate at
     once: the notice says where the decay now begins and the rate the old settings gave the next step
     and the one it gets (the generic changed-settings notice before); the schedule is unchanged (the
-    logged rates are the new settings' reference). A decay that still lies ahead keeps the generic
-    notice."""
+    logged rates are the new settings' reference). A decay that now lies ahead again says how the
+    rate jumps back up."""
     ref = functools.partial(_reference_lr, lr=3e-3, min_lr=3e-4, warmup=2)
     train(cfg(train__schedule="wsd", train__decay_fraction=0.25, train__stop_at_step=6), tmp_path / "frac", quiet=True)
     capsys.readouterr()
@@ -1362,7 +1363,10 @@ def test_a_resume_that_moves_the_wsd_decay_before_it_says_how_the_rate_jumps(tmp
     # the decay still ahead (steps 15-16 of 16): the generic notice
     train(cfg(train__schedule="wsd", train__decay_fraction=0.125, train__max_steps=16), tmp_path / "const", quiet=False)
     out = capsys.readouterr().out
-    assert "the learning-rate schedule follows the new values from step 12" in out and "decay now began" not in out
+    # (it jumps back up: the old settings' decay had begun at step 9)
+    jump = f"from {ref('wsd', 12, max_steps=16, fraction=0.5):.4g} to 0.003 at step 12"
+    assert f"the learning-rate schedule follows the new values from step 12: the learning rate jumps {jump}" in out, out
+    assert "decay now began" not in out
 
 
 @pytest.mark.parametrize("overrides,message", [
