@@ -516,15 +516,16 @@ def train_report(cfg, device, target: str, top: int = 0) -> dict:
 
 
 def decode_report(cfg, device, target: str, batch: int, prompt_len: int, new_tokens: int, unroll: int | None = None,
-                  top: int = 0, quantize: str | None = None) -> dict:
+                  top: int = 0, quantize: str | None = None, mode: str = "greedy") -> dict:
     """The sampler's prefill and decode loop (llmjax.sample) for `batch` prompts of `prompt_len`
-    tokens and `new_tokens` new ones, compiled for `device`; the loop's figures per token."""
+    tokens and `new_tokens` new ones, compiled for `device`; the loop's figures per token. `mode`
+    is one of bench's DECODE_MODES: greedy, or topk (temperature 1, top-k 200)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from llmjax import runtime, sample
-    from llmjax.bench import inference_model
+    from llmjax.bench import DECODE_MODES, inference_model
     from llmjax.config import model_config
 
     unroll = unroll or sample.DECODE_UNROLL
@@ -544,14 +545,15 @@ def decode_report(cfg, device, target: str, batch: int, prompt_len: int, new_tok
         state = place(jax.eval_shape(lambda: sample.start_state(rows, new_tokens, 0)))
         toks = jax.ShapeDtypeStruct((rows, T0), jnp.int32, sharding=sh)
         lengths = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=sh)
-        kw = dict(sampling=sample.Sampling(greedy=True), eot=-1)
+        prefix, sampling = DECODE_MODES[mode]
+        kw = dict(sampling=sampling, eot=-1)
         lowered = prefill.lower(graphdef, params, state, toks, lengths, cache_len=cache_len, **kw)
         pre, pre_s = _timed_compile(lowered)
         state = place(lowered.out_info)
         steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=sh)
         dec, dec_s = _timed_compile(decode.lower(graphdef, params, state, steps, unroll=unroll, **kw))
     prefill_row = compiled_report(pre, target)
-    row = {"suite": f"decode_b{batch}", "batch_size": batch, "prompt_len": T0, "cache_len": cache_len, "unroll": unroll,
+    row = {"suite": f"decode_{prefix}b{batch}", "decode_mode": mode, "batch_size": batch, "prompt_len": T0, "cache_len": cache_len, "unroll": unroll,
            "compile_seconds": pre_s + dec_s, "prefill_kernels": prefill_row["kernels"],
            "prefill_peak_bytes": prefill_row["peak_bytes"], "decode_rows": rows}
     per_token = compiled_report(dec, target, per=unroll, top=top)  # the loop's body: `unroll` tokens
@@ -605,6 +607,7 @@ def define_flags():
     flags.DEFINE_integer("prompt_len", 16, "decode prompt tokens")
     flags.DEFINE_integer("new_tokens", 256, "decode new tokens")
     flags.DEFINE_enum("quantize", None, ["int8"], "decode with int8 weight-only quantization (llmjax.quant)")
+    flags.DEFINE_list("decode_modes", ["greedy"], "decode: greedy and/or topk (temperature 1, top-k 200 sampling), as bench's")
     flags.DEFINE_integer("top", 0, "also list the N kernels with the longest roofline time")
     flags.DEFINE_bool("json", False, "print one JSON object per row instead of the text report")
 
@@ -633,6 +636,10 @@ def main(argv):
         device = gpu_device(F.target)
     except AotError as e:
         cli.fail(str(e))
+    from llmjax.bench import DECODE_MODES  # (after gpu_device: it imports JAX)
+
+    if not F.decode_modes or any(m not in DECODE_MODES for m in F.decode_modes):
+        cli.fail(f"--decode_modes takes {' and/or '.join(DECODE_MODES)}, got {','.join(F.decode_modes) or 'none'}")
     cfg = F.config.copy_and_resolve_references()
     if F.batch_size:
         with cfg.unlocked():
@@ -643,8 +650,8 @@ def main(argv):
         if "train" in F.suite:
             rows.append(train_report(cfg, device, F.target, F.top))
         if "decode" in F.suite:
-            rows += [decode_report(cfg, device, F.target, b, F.prompt_len, F.new_tokens, top=F.top, quantize=F.quantize)
-                     for b in batches]
+            rows += [decode_report(cfg, device, F.target, b, F.prompt_len, F.new_tokens, top=F.top, quantize=F.quantize, mode=m)
+                     for m in F.decode_modes for b in batches]
     except RuntimeError as e:
         if "cuDNN not found" not in str(e):
             raise

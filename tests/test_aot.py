@@ -280,6 +280,7 @@ for impl in ("auto", "xla"):  # the SSM's scan: its fused kernel (Pallas -> Trit
     rows.append(aot.train_report(ssm, device, "h100", top=10000))
 xla = load_config("configs/vanilla.py:tiny", {**json.loads(sys.argv[1]), "model.decode_attention_impl": "xla"})
 rows.append(aot.decode_report(xla, device, "h100", 1, 8, 24, top=10000))  # decoding without the fused attention kernel
+rows.append(aot.decode_report(cfg, device, "h100", 1, 8, 24, top=10000, mode="topk"))  # top-k sampling's loop
 print(json.dumps(rows))
 """
 
@@ -397,3 +398,27 @@ for line in texts[0].splitlines():
         for call in calls:  # (q, k, v first, in that order)
             widths = [int(shape.split(",")[-1]) for shape in ast.literal_eval(call.split(" ", 1)[1])]
             assert widths[:3] == want, call
+
+
+@needs_plugin
+def test_decoding_compiles_in_the_sampling_mode_asked_for(compiled_rows):
+    """`decode_report(mode="topk")` (the CLI's --decode_modes=topk, as bench's) compiles the loop that
+    draws from the top 200 tokens: its kernels include the top-k and the random draw, which greedy's
+    loop has none of, and it is named apart."""
+    greedy, topk = compiled_rows[2], compiled_rows[-1]
+    assert (greedy["suite"], greedy["decode_mode"], topk["suite"], topk["decode_mode"]) == ("decode_b1", "greedy", "decode_sampled_b1", "topk")
+
+    def ops(row, word):
+        return [k["op"] for k in row["top_kernels"] if word in k["op"]]
+
+    assert ops(topk, "top_k") and ops(topk, "random") and not ops(greedy, "top_k") and not ops(greedy, "random")
+    assert topk["kernels"] > greedy["kernels"]
+
+
+@needs_plugin
+def test_an_unknown_decode_mode_is_a_one_line_error():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    r = subprocess.run([sys.executable, "-m", "llmjax.aot", "--config", "configs/vanilla.py:tiny", "--suite", "decode",
+                        "--decode_modes", "greedy,beam"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "--decode_modes takes greedy and/or topk, got greedy,beam" in r.stderr
