@@ -247,8 +247,13 @@ def _op_name(ins: Instr) -> str:
 
 def _highest(attrs: str) -> bool:
     """Whether a dot (its HLO attributes) or a cuBLAS call (its backend config) asks for float32's
-    full precision, which a GPU runs on its CUDA cores instead of as a tf32 tensor-core GEMM."""
-    return bool(re.search(r'operand_precision=\{highest|"operand_precision":\["HIGHEST"', attrs))
+    full precision, which a GPU runs on its CUDA cores instead of as a tf32 tensor-core GEMM: either
+    operand at Precision.HIGHEST (XLA reads the higher of the two: `{default,highest}` too), or the
+    float32 dot algorithm (jax.lax.DotAlgorithmPreset.F32_F32_F32)."""
+    precisions = re.findall(r'operand_precision=\{([^}]*)\}|"operand_precision":\[([^\]]*)\]', attrs)
+    if any("highest" in (a + b).lower() for a, b in precisions):
+        return True
+    return bool(re.search(r'algorithm=dot_f32_f32_f32\b|"algorithm":"ALG_DOT_F32_F32_F32"', attrs))
 
 
 def _dot_flops(comp: list[Instr]) -> tuple[float, list[str], str]:

@@ -201,6 +201,56 @@ def test_float32_gemms_at_highest_precision_are_rated_at_the_cuda_cores_rate():
     assert s["roofline_gemm_ms"] == pytest.approx(1e3 * sum(max(flops / r, ks["tf32"].bytes / t["bandwidth"]) for r in (t["peak_tf32"], t["peak_fp32"])))
 
 
+MIXED_PRECISION_HLO = """
+HloModule m
+
+%fused_dot.dh (a: f32[64,256], b: f32[256,128]) -> f32[64,128] {
+  %a = f32[64,256]{1,0} parameter(0)
+  %b = f32[256,128]{1,0} parameter(1)
+  ROOT %d = f32[64,128]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}, operand_precision={default,highest}, metadata={op_name="jit(f)/dot_general"}
+}
+
+%fused_dot.alg (a.1: f32[64,256], b.1: f32[256,128]) -> f32[64,128] {
+  %a.1 = f32[64,256]{1,0} parameter(0)
+  %b.1 = f32[256,128]{1,0} parameter(1)
+  ROOT %d.1 = f32[64,128]{1,0} dot(%a.1, %b.1), lhs_contracting_dims={1}, rhs_contracting_dims={0}, algorithm=dot_f32_f32_f32, metadata={op_name="jit(f)/dot_general"}
+}
+
+%fused_dot.tf (a.2: f32[64,256], b.2: f32[256,128]) -> f32[64,128] {
+  %a.2 = f32[64,256]{1,0} parameter(0)
+  %b.2 = f32[256,128]{1,0} parameter(1)
+  ROOT %d.2 = f32[64,128]{1,0} dot(%a.2, %b.2), lhs_contracting_dims={1}, rhs_contracting_dims={0}, algorithm=dot_tf32_tf32_f32, metadata={op_name="jit(f)/dot_general"}
+}
+
+ENTRY %main (x: f32[64,256], w: f32[256,128]) -> f32[64,128] {
+  %x = f32[64,256]{1,0} parameter(0)
+  %w = f32[256,128]{1,0} parameter(1)
+  %dh = f32[64,128]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_dot.dh
+  %alg = f32[64,128]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_dot.alg
+  %tf = f32[64,128]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_dot.tf
+  %lib_dh = (f32[64,128]{1,0}, s8[1024]{0}) custom-call(%x, %w), custom_call_target="__cublas$lt$matmul", backend_config={"operation_queue_id":"0","gemm_backend_config":{"selected_algorithm":"0","alpha_real":1,"beta":0,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]},"alpha_imag":0,"precision_config":{"operand_precision":["DEFAULT","HIGHEST"],"algorithm":"ALG_UNSET"},"epilogue":"DEFAULT"}}
+  %lib_alg = (f32[64,128]{1,0}, s8[1024]{0}) custom-call(%x, %w), custom_call_target="__cublas$lt$matmul", backend_config={"operation_queue_id":"0","gemm_backend_config":{"selected_algorithm":"0","alpha_real":1,"beta":0,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]},"alpha_imag":0,"precision_config":{"operand_precision":["DEFAULT","DEFAULT"],"algorithm":"ALG_DOT_F32_F32_F32"},"epilogue":"DEFAULT"}}
+  %lib_tf = (f32[64,128]{1,0}, s8[1024]{0}) custom-call(%x, %w), custom_call_target="__cublas$lt$matmul", backend_config={"operation_queue_id":"0","gemm_backend_config":{"selected_algorithm":"0","alpha_real":1,"beta":0,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]},"alpha_imag":0,"precision_config":{"operand_precision":["DEFAULT","DEFAULT"],"algorithm":"ALG_DOT_TF32_TF32_F32"},"epilogue":"DEFAULT"}}
+  ROOT %r = f32[64,128]{1,0} add(%dh, %alg)
+}
+"""
+
+
+def test_float32_gemms_at_full_precision_however_asked_for_are_rated_at_the_cuda_cores_rate():
+    """XLA runs a float32 product on the CUDA cores when the higher of its two operand precisions is
+    HIGHEST (`precision=(DEFAULT, HIGHEST)` prints `{default,highest}`) or when its algorithm is
+    float32's (DotAlgorithmPreset.F32_F32_F32: `algorithm=dot_f32_f32_f32`, ALG_DOT_F32_F32_F32 in
+    a cuBLAS call); these lines are XLA's own for an H100 (jaxlib 0.11). They were rated at tf32's
+    rate, 7x too fast. The tf32 algorithm stays at tf32's."""
+    ks = {k.name: k for k in aot.kernels(MIXED_PRECISION_HLO)}
+    t = aot.TARGETS["h100"]
+    for name in ("dh", "alg", "lib_dh", "lib_alg"):
+        assert ks[name].types == ["f32xf32->f32 (highest)"], name
+        assert aot.gemm_rate(ks[name], t) == t["peak_fp32"], name
+    for name in ("tf", "lib_tf"):
+        assert ks[name].types == ["f32xf32->f32"] and aot.gemm_rate(ks[name], t) == t["peak_tf32"], name
+
+
 ALIAS_HLO = """
 HloModule m
 
