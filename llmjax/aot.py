@@ -345,13 +345,25 @@ class Kernel:
 
 def _written_bytes(i: Instr) -> float:
     """The bytes a kernel writes: its result, less any result an output-to-operand aliasing updates
-    in place (a Pallas kernel's caches: it writes the slots it stores, unknown here, not the buffer)."""
+    in place (a Pallas kernel's caches: it writes the slots it stores, unknown here, not the buffer).
+    An alias names a result by its shape index: `{1}` the tuple's second element, `{1,0}` an element
+    of a nested tuple, `{}` the whole result (a kernel with one output, updated in place)."""
     m = re.search(r"output_to_operand_aliasing=(\{.*?\})(?:, [a-z_]+=|$)", i.attrs)
-    aliased = {int(k) for k in re.findall(r"\{(\d+)\}: \(", m.group(1))} if m else set()
-    if not aliased or not i.shape.startswith("("):
+    if not m:
         return shape_bytes(i.shape)
-    return sum(DTYPE_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d)
-               for n, (t, dims) in enumerate(_ARRAY.findall(i.shape)) if n not in aliased)
+    aliased = [tuple(int(d) for d in k.split(",") if d.strip()) for k in re.findall(r"\{([\d,\s]*)\}: \(", m.group(1))]
+    written, index = 0.0, []  # (index: the shape index of the element the walk is at)
+    for tok in re.finditer(r"\(|\)|,|" + _ARRAY.pattern + r"(?:\{[^}]*\})?", i.shape):
+        if tok.group(0) == "(":
+            index.append(0)
+        elif tok.group(0) == ")":
+            index.pop()
+        elif tok.group(0) == ",":
+            if index:
+                index[-1] += 1
+        elif not any(tuple(index[: len(a)]) == a for a in aliased):
+            written += DTYPE_BYTES[tok.group(1)] * math.prod(int(d) for d in tok.group(2).split(",") if d)
+    return written
 
 
 def kernels(text: str) -> list[Kernel]:

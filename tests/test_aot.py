@@ -278,6 +278,30 @@ def test_a_kernel_updating_buffers_in_place_writes_its_other_outputs_only():
     assert ks["plain"].bytes == out + cache + qkv + cache  # no aliasing: every output is written
 
 
+ALIAS_INDEX_HLO = """
+HloModule m
+
+ENTRY %main (x: f32[64,64], y: f32[64,64], t: (f32[8], bf16[16,2])) -> f32[64,64] {
+  %x = f32[64,64]{1,0} parameter(0)
+  %y = f32[64,64]{1,0} parameter(1)
+  %t = (f32[8]{0}, bf16[16,2]{1,0}) parameter(2)
+  %one = f32[64,64]{1,0} custom-call(%x, %y), custom_call_target="__gpu$xla.gpu.triton", operand_layout_constraints={f32[64,64]{1,0}, f32[64,64]{1,0}}, output_to_operand_aliasing={{}: (0, {})}, api_version=API_VERSION_TYPED_FFI, metadata={op_name="jit(f)/pallas_call"}
+  %nested = (f32[4]{0}, (f32[8]{0}, bf16[16,2]{1,0}), s32[]) custom-call(%t, %x), custom_call_target="kernel", output_to_operand_aliasing={{1, 0}: (0, {0}), {1, 1}: (0, {1})}
+  ROOT %r = f32[64,64]{1,0} add(%one, %y)
+}
+"""
+
+
+def test_a_kernel_updating_its_only_output_or_a_nested_one_in_place_does_not_count_it_written():
+    """An alias names the output it updates in place by its shape index: `{}` for a kernel with one
+    output (the line is XLA's own, for a Pallas call with input_output_aliases={0: 0} compiled for
+    an H100), `{1, 0}` inside a nested tuple. Neither is written again (the first counted its whole
+    output and the second every element: only `{1}`-style indices were read)."""
+    ks = {k.name: k for k in aot.kernels(ALIAS_INDEX_HLO)}
+    assert ks["one"].bytes == 2 * 64 * 64 * 4  # x and y read, nothing but x's slots written
+    assert ks["nested"].bytes == (4 * 4 + 4) + (8 * 4 + 16 * 2 * 2) + 64 * 64 * 4  # f32[4] and s32[] written; t and x read
+
+
 def test_target_configs_parse_as_xla_expects():
     for name, t in aot.TARGETS.items():
         text = aot.target_config(name)
