@@ -127,17 +127,19 @@ def schedule_count(opt_state):
 SCHEDULE_KEYS = ("train.lr", "train.min_lr", "train.warmup_steps", "train.max_steps", "train.schedule", "train.decay_fraction")
 
 
-def schedule_jump(old_train: dict, tcfg, step: int) -> str | None:
+def schedule_jump(old_train: dict, tcfg, step: int, count: int | None = None) -> str | None:
     """For a run resumed after `step` with changed schedule settings: what that does to the
-    learning rate of step + 1, the old settings' and the new (the schedule read at `step` updates
-    applied, as when no step was skipped), or None where the rate is the old one. Where a wsd decay
-    now begins at or before `step` (a changed max_steps, decay_fraction or schedule), it says so."""
-    old, new = (float(lr_schedule(t)(step)) for t in (ml_collections.ConfigDict(old_train), tcfg))
+    learning rate of step + 1, the old settings' and the new (the schedules read at `count`, the
+    updates the optimizer has applied: `step` unless dynamic loss scaling skipped steps), or None
+    where the rate is the old one. Where a wsd decay now begins at or before the schedule's
+    position (a changed max_steps, decay_fraction or schedule), it says so."""
+    count = step if count is None else count
+    old, new = (float(lr_schedule(t)(count)) for t in (ml_collections.ConfigDict(old_train), tcfg))
     if math.isclose(old, new, rel_tol=1e-6):
         return None
     rate = f"the learning rate jumps from {old:.4g} to {new:.4g} at step {step + 1}"
     begin = tcfg.max_steps - decay_steps(tcfg) + 1  # a wsd decay's first step (it runs at lr)
-    if tcfg.get("schedule", "cosine") == "wsd" and begin <= step:
+    if tcfg.get("schedule", "cosine") == "wsd" and begin <= count:
         return f"the wsd decay now began at step {begin}, before the resumed step {step}, so {rate}"
     return f"the learning-rate schedule follows the new values from step {step + 1}: {rate}"
 
@@ -649,6 +651,7 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(workdir / "checkpoints", keep=tcfg.keep_checkpoints)
     start = ckpt.latest_step() or 0
+    changed: list[str] = []  # (the train settings a resume changes)
     if start > tcfg.max_steps:
         raise ConfigError(f"{workdir} holds a run at step {start}, past train.max_steps={tcfg.max_steps}; "
                           f"set --config.train.max_steps={start} or more to continue it, or use another --workdir")
@@ -672,10 +675,17 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
             raise ConfigError(
                 f"{workdir} holds a run with a different model config: {'; '.join(diffs)}; use another --workdir or the same config"
             )
-        changed = config_diff(train_settings(old_cfg), resolved["train"], "train.")
-        if changed and (jump := schedule_jump(train_settings(old_cfg), tcfg, start)):
+        changed = config_diff(train_settings(old_cfg), resolved["train"], "train.")  # (said once restored: `resuming`)
+
+    def resuming(count: int) -> None:
+        """Say which settings the resume changed and, where they move the learning rate of step
+        start + 1, from what to what: the schedules read at `count`, the updates the restored
+        optimizer has applied (fewer than `start` where dynamic loss scaling skipped steps)."""
+        if not changed:
+            return
+        if jump := schedule_jump(train_settings(old_cfg), tcfg, start, count):
             say(f"resuming with changed settings: {'; '.join(changed)}; {jump}")
-        elif changed:
+        else:
             say(f"resuming with changed settings: {'; '.join(changed)} (the learning-rate schedule follows the new values from step {start + 1})"
                 if any(d.split(" ")[0] in SCHEDULE_KEYS for d in changed) else f"resuming with changed settings: {'; '.join(changed)}")
 
@@ -747,6 +757,8 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
                 state, meta = ckpt.restore(start, target, train_it)
         except CheckpointError as e:
             raise ConfigError(str(e)) from None
+        if old_cfg is not None:
+            resuming(int(jax.device_get(schedule_count(state["opt"]))))
         if saved_scale and "loss_scale" not in abstract_state:
             ls = jax.device_get(state.pop("loss_scale"))
             say(f"dynamic loss scaling is off from step {start + 1} (train.loss_scale={tcfg.get('loss_scale', 'auto')}, "

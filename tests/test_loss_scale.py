@@ -5,6 +5,7 @@ skipped step, a run without scaling keeps its state as it was, and bad values ar
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 
@@ -259,3 +260,22 @@ def test_the_logged_learning_rate_is_the_optimizers_after_scaling_is_turned_off(
         assert m["lr"] == pytest.approx(float(schedule(applied)), rel=1e-6), m["step"]
         applied += m["grad_norm"] is not None
     assert applied == 12 - skipped
+
+
+def test_a_resume_whose_steps_were_skipped_says_the_jump_the_optimizer_takes(tmp_path, monkeypatch, capsys):
+    """A float16 run whose first steps overflow (2**21: steps 1-4 skipped, so its optimizer has taken
+    2 updates by step 6), resumed with a longer warm-up: the notice's rates are the schedules' at the
+    updates applied, the old settings' and the one the optimizer applies at step 7 (its logged `lr`).
+    They were read at step 6, as if no step had been skipped: 'jumps from 0.002067 to 0.003', a rise,
+    where the optimizer went from 0.003 to 0.001286."""
+    monkeypatch.setattr(T, "LOSS_SCALE_INIT", 2.0**21)
+    train(cfg("vanilla", model__dtype="float16", train__stop_at_step=6), tmp_path / "r", quiet=True)
+    capsys.readouterr()
+    train(cfg("vanilla", model__dtype="float16", train__warmup_steps=6), tmp_path / "r", quiet=False)
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    applied = sum(m["grad_norm"] is not None for m in rows[:6])
+    assert rows[5]["skipped_steps"] == 6 - applied >= 1
+    old, new = (float(T.lr_schedule(cfg("vanilla", train__warmup_steps=w).train)(applied)) for w in (2, 6))
+    assert rows[6]["lr"] == pytest.approx(new, rel=1e-6) and not math.isclose(old, new)
+    assert f"the learning rate jumps from {old:.4g} to {new:.4g} at step 7\n" in out, out
