@@ -48,12 +48,16 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 
 
 def _cast(name: str, x, dtype) -> np.ndarray:
-    """Tensor `name` (float32 weights) as `dtype`; a finite weight that float16 cannot hold (it
-    would be written as inf) is refused, naming the tensor and its largest magnitude."""
+    """Tensor `name` (float32 weights) as `dtype`; a weight that is NaN or inf (a run that diverged
+    before this checkpoint), or finite but beyond what float16 can hold (it would be written as
+    inf), is refused, naming the tensor."""
     x = np.asarray(x, dtype=np.float32)
+    if not (finite := np.isfinite(x)).all():
+        raise ExportError(f"{name} holds {int((~finite).sum())} weight(s) that are NaN or inf (the run diverged before this "
+                          f"checkpoint); export an earlier checkpoint (--checkpoint_path=RUN/checkpoints/STEP, or --which=best)")
     with np.errstate(over="ignore"):  # (said below)
         y = x.astype(dtype)
-    if dtype == np.float16 and (over := np.isinf(y) & np.isfinite(x)).any():
+    if dtype == np.float16 and (over := np.isinf(y)).any():
         raise ExportError(f"{name} holds a weight of magnitude {float(np.abs(x[over]).max()):.6g}, beyond float16's largest "
                           f"{FLOAT16_MAX:g} (it would be written as inf); export with --dtype float32 (bfloat16 holds it too: "
                           f"convert that export)")
@@ -356,7 +360,7 @@ def gguf_tensors(params: dict, mcfg, dtype=np.float32) -> dict[str, np.ndarray]:
         elif rest == "self_attn.k_proj.weight":
             w = rotate_half_to_interleaved(w, mcfg.n_kv_head)
         out[f"blk.{i}.{GGUF_NAMES[rest]}"] = np.ascontiguousarray(w)
-    return {k: (v if v.ndim == 1 else _cast(k, v, dtype)) for k, v in out.items()}
+    return {k: _cast(k, v, np.float32 if v.ndim == 1 else dtype) for k, v in out.items()}
 
 
 def write_gguf(params: dict, mcfg, tokenizer, path: Path, dtype=np.float32, name: str = "llmjax-modern") -> None:

@@ -367,7 +367,8 @@ def test_a_weight_float16_cannot_hold_is_refused_not_written_as_inf(runs, tmp_pa
     """--dtype float16 wrote a weight beyond float16's 65504 as inf without a word (a model whose
     every forward through that layer is NaN). Now one line naming the tensor and the magnitude, and
     nothing written: an earlier export untouched, no new folder, nothing left behind. 65519 (which
-    float16 rounds to 65504, not to inf) is exported; float32 exports keep the weight exactly."""
+    float16 rounds to 65504, not to inf) is exported; float32 exports keep the weight exactly. A
+    weight already NaN or inf (a run that diverged) is refused too, in float32 as well."""
     import llmjax.sample as S
 
     real_load = S.load
@@ -410,6 +411,20 @@ def test_a_weight_float16_cannot_hold_is_refused_not_written_as_inf(runs, tmp_pa
         with pytest.raises(X.ExportError, match=r"^blk.1.ffn_up.weight holds a weight of magnitude 100000, beyond float16's largest 65504"):
             X.export(runs["modern"], "gguf", out, dtype="float16")
     assert gguf_path.read_bytes() == gguf_bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edge", "exp", "f32", "m.gguf"]
+    # a weight that is NaN or inf already (a diverged run) is refused in every dtype and format (it was exported)
+    diverged = r"holds 1 weight\(s\) that are NaN or inf \(the run diverged before this checkpoint\); export an earlier checkpoint"
+    for value in (np.nan, -np.inf):
+        with_weight(value)
+        for dtype in ("float32", "float16"):
+            with pytest.raises(X.ExportError, match=r"^transformer.h.1.mlp.c_fc.weight " + diverged):
+                X.export(runs["vanilla"], "safetensors", earlier, dtype=dtype)
+        with_weight(value, layer="up")
+        with pytest.raises(X.ExportError, match=r"^model.layers.1.mlp.up_proj.weight " + diverged):
+            X.export(runs["modern"], "safetensors", tmp_path / "llama", dtype="float32")
+        with pytest.raises(X.ExportError, match=r"^model.layers.1.mlp.up_proj.weight " + diverged):  # (the GGUF's source tensor)
+            X.export(runs["modern"], "gguf", gguf_path, dtype="float32")
+    assert {f.name: f.read_bytes() for f in earlier.iterdir()} == before and gguf_path.read_bytes() == gguf_bytes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["edge", "exp", "f32", "m.gguf"]
 
 
