@@ -360,7 +360,7 @@ def gguf_tensors(params: dict, mcfg, dtype=np.float32) -> dict[str, np.ndarray]:
         elif rest == "self_attn.k_proj.weight":
             w = rotate_half_to_interleaved(w, mcfg.n_kv_head)
         out[f"blk.{i}.{GGUF_NAMES[rest]}"] = np.ascontiguousarray(w)
-    return {k: _cast(k, v, np.float32 if v.ndim == 1 else dtype) for k, v in out.items()}
+    return {k: (v if v.ndim == 1 else _cast(k, v, dtype)) for k, v in out.items()}  # (llama_tensors checked them all)
 
 
 def write_gguf(params: dict, mcfg, tokenizer, path: Path, dtype=np.float32, name: str = "llmjax-modern") -> None:

@@ -127,13 +127,12 @@ def schedule_count(opt_state):
 SCHEDULE_KEYS = ("train.lr", "train.min_lr", "train.warmup_steps", "train.max_steps", "train.schedule", "train.decay_fraction")
 
 
-def schedule_jump(old_train: dict, tcfg, step: int, count: int | None = None) -> str | None:
+def schedule_jump(old_train: dict, tcfg, step: int, count: int) -> str | None:
     """For a run resumed after `step` with changed schedule settings: what that does to the
     learning rate of step + 1, the old settings' and the new (the schedules read at `count`, the
     updates the optimizer has applied: `step` unless dynamic loss scaling skipped steps), or None
     where the rate is the old one. Where a wsd decay now begins at or before the schedule's
     position (a changed max_steps, decay_fraction or schedule), it says so."""
-    count = step if count is None else count
     old, new = (float(lr_schedule(t)(count)) for t in (ml_collections.ConfigDict(old_train), tcfg))
     if math.isclose(old, new, rel_tol=1e-6):
         return None
