@@ -235,6 +235,16 @@ def _read_documents(src: Source, mark: float | None) -> Iterator[tuple[str | Non
                 yield text if text and text.strip() else None, (4 + len(text.encode() if text else b"")) * scale, True
 
 
+def check_source(src: Source) -> None:
+    """What can be known of a source without reading it through: its type, that it can be read, and
+    a parquet file's 'text' column (a PrepareError or OSError naming the file)."""
+    if src.kind == "parquet":
+        _parquet(src.path)
+    else:
+        with open(src.path, "rb"):
+            pass
+
+
 def _parquet(path: Path):
     try:
         import pyarrow.parquet as pq
@@ -524,6 +534,8 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
         raise PrepareError(f"--workers must be at least 1 (0: one per CPU), got {workers}")
     workers = workers or default_workers()
     sources = sources if sources else hub_sources(name)
+    for src in sources:  # each source's type now, not once the ones before it are tokenised (hours, for a corpus)
+        check_source(src)
     # a source is known by its path, size and modification time: an edited file is read again
     args = {"dataset": name, "sources": [[str(s.path), s.split, s.path.stat().st_size, s.path.stat().st_mtime_ns] for s in sources],
             "shard_tokens": shard_tokens}

@@ -339,6 +339,26 @@ def test_text_that_is_no_string_is_one_line(tmp_path):
     assert (tmp_path / "mine").is_dir()
 
 
+def test_a_bad_later_source_is_refused_before_anything_is_tokenised(tmp_path, docs, monkeypatch):
+    """A source of an unknown type, or a parquet file without a 'text' column, after a good one: refused
+    at once, not once the sources before it are tokenised (hours, for a corpus), and nothing is written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    txt, _, _ = write_sources(tmp_path, docs)
+    (tmp_path / "notes.md").write_text("# notes\n")
+    pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "nocol.parquet")
+    monkeypatch.setattr(P, "BATCH_BYTES", 1000)  # (many batches: shards of the first source are written before it ends)
+    read = []
+    real = P._read_documents
+    monkeypatch.setattr(P, "_read_documents", lambda src, mark: read.append(src.path.name) or real(src, mark))
+    for bad, needle in [("notes.md", "unknown source type"), ("nocol.parquet", "no 'text' column")]:
+        out = tmp_path / f"o_{bad}"
+        with pytest.raises(P.PrepareError, match=needle):
+            P.prepare("mine", out, [P.Source(txt, None), P.Source(tmp_path / bad, "val")], workers=1, shard_tokens=2000, progress=False)
+        assert not out.exists() and read == []
+
+
 def test_cli_errors_are_one_line(tmp_path):
     one = tmp_path / "one.txt"
     one.write_text("a single document, no separator")
