@@ -615,6 +615,13 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
         if bar is not None:
             bar.close()
     if counts["train"] == 0 or counts["val"] == 0:
+        # nothing to resume (the same sources give the same answer): what was written for them goes,
+        # and a folder made here with it
+        for f in [s["file"] for sp in ("train", "val") for s in state.get(sp, [])] + [STATE]:
+            (out / f).unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
         raise PrepareError(f"the sources hold {counts['train']} training and {counts['val']} validation documents; both need at least one"
                            + (" (a held-out validation tail needs at least 2 documents: separate them with <|endoftext|> in a .txt, "
                               "or give a val= file)" if held_out else ""))

@@ -359,6 +359,23 @@ def test_a_bad_later_source_is_refused_before_anything_is_tokenised(tmp_path, do
         assert not out.exists() and read == []
 
 
+def test_sources_without_two_documents_leave_no_folder(tmp_path):
+    """Empty, blank or one-document sources are refused after reading them; the folder made for them
+    (its state, a validation shard) is removed, and one that was there before is left empty."""
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.jsonl").write_text('{"text": "  \\n"}\n\n')
+    (tmp_path / "one.txt").write_text("a single document, no separator")
+    for name in ("empty.txt", "blank.jsonl", "one.txt"):
+        out = tmp_path / f"o_{name}"
+        with pytest.raises(P.PrepareError, match="both need at least one"):
+            P.prepare("mine", out, [P.Source(tmp_path / name, None)], workers=1, progress=False)
+        assert not out.exists(), sorted(f.name for f in out.iterdir())
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(P.PrepareError, match="1 validation documents"):
+        P.prepare("mine", tmp_path / "mine", [P.Source(tmp_path / "one.txt", None)], workers=1, progress=False)
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+
+
 def test_cli_errors_are_one_line(tmp_path):
     one = tmp_path / "one.txt"
     one.write_text("a single document, no separator")
