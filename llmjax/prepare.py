@@ -345,6 +345,10 @@ def parse_sources(items: list[str], cache: Path) -> list[Source]:
             path = download_url(item, cache)
         else:
             path = Path(item).expanduser()
+            if path.is_dir():
+                d = item.rstrip("/") or "/"
+                raise PrepareError(f"--source {item} is a folder; give its files, one --source each (--source {d}/a.txt "
+                                   f"--source {d}/b.txt ...)")
             if not path.is_file():
                 raise PrepareError(f"--source {item}: no such file")
         out.append(Source(path.absolute(), split))

@@ -386,6 +386,7 @@ def test_cli_errors_are_one_line(tmp_path):
         (["mine", f"--source={one}", f"--out={tmp_path / 'o'}", "--noprogress"], "needs at least 2 documents"),  # found while reading
         (["mine", f"--source=test={one}"], "no such file, and test= is no split (train= or val=)"),
         (["mine", f"--source={tmp_path}/x.csv"], "no such file"),
+        (["mine", f"--source={tmp_path}"], f"--source {tmp_path} is a folder; give its files, one --source each"),
     ]:
         r = _cli(*args)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
