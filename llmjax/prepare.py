@@ -544,6 +544,42 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
     args = {"dataset": name, "sources": [[str(s.path), s.split, s.path.stat().st_size, s.path.stat().st_mtime_ns] for s in sources],
             "shard_tokens": shard_tokens}
 
+    if not any(s.split in (None, "train") for s in sources):
+        raise PrepareError("no training source (give a file without 'val=')")
+    created = not out.exists()  # (a folder made here and holding no finished shard is removed if this run fails)
+    out.mkdir(parents=True, exist_ok=True)
+    with _only_preparation(out):  # (from here, what is in `out` is this run's to read and change)
+        return _prepare_locked(name, out, sources, args, created, workers=workers, shard_tokens=shard_tokens, progress=progress,
+                               stop_after_shards=stop_after_shards)
+
+
+@contextlib.contextmanager
+def _only_preparation(out: Path):
+    """An exclusive lock on the folder `out` (flock on the folder itself, so no file of its own) while
+    a preparation reads and writes it: a second one at once would remove the first's temporaries and
+    the shards its state does not record yet, and the first would fail or list a shard that is gone.
+    Where the file system has no such locks (some network ones), it goes on without."""
+    try:
+        import fcntl
+    except ImportError:  # (Windows)
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PrepareError(f"another preparation is writing {out} now; wait for it to end (a finished dataset is then kept, "
+                               "an unfinished one resumed by the same command), or use another --out") from None
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
+def _prepare_locked(name: str, out: Path, sources: list[Source], args: dict, created: bool, *, workers: int, shard_tokens: int,
+                    progress: bool, stop_after_shards: int | None) -> D.TokenDataset:
     manifest = out / D.MANIFEST
     if not manifest.is_file() and not (out / STATE).is_file():  # (a folder this command did not write: untouched)
         try:
@@ -563,10 +599,6 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
             return ds
         print(f"prepare: {out}: {'; '.join(damaged)}; preparing it again", file=sys.stderr, flush=True)
         manifest.unlink()  # (the shards that are intact are read again below and, being the same bytes, rewritten)
-    if not any(s.split in (None, "train") for s in sources):
-        raise PrepareError("no training source (give a file without 'val=')")
-    created = not out.exists()  # (a folder made here and holding no finished shard is removed if this run fails)
-    out.mkdir(parents=True, exist_ok=True)
     for stale in out.iterdir():  # temporaries of an interrupted write
         if D.OWN_TEMPORARY.fullmatch(stale.name):
             stale.unlink()

@@ -376,6 +376,31 @@ def test_sources_without_two_documents_leave_no_folder(tmp_path):
     assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
 
 
+def test_a_second_preparation_into_the_same_folder_at_once_is_refused(tmp_path, docs):
+    """Two preparations into one folder at once: the second removed the first's temporaries and
+    unrecorded shards (the first then failed, or listed a shard that was gone). The second is refused
+    in one line while the first holds the folder, and touches nothing; after it, the same command works."""
+    import fcntl
+
+    txt, _, _ = write_sources(tmp_path, docs[:40])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / P.STATE).write_text("{}")
+    (out / "train_0000.bin").write_bytes(b"being recorded")
+    (out / ".train_0001.bin.x1y2.tmp").write_bytes(b"being written")
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    fd = os.open(out, os.O_RDONLY)  # the first preparation's hold on the folder
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(P.PrepareError, match=f"another preparation is writing {out} now; wait for it to end"):
+            P.prepare("mine", out, [P.Source(txt, None)], workers=1, progress=False)
+        assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    finally:
+        os.close(fd)
+    ds = P.prepare("mine", out, [P.Source(txt, None)], workers=1, progress=False)
+    assert decoded(ds, "train").startswith(EOT + docs[0])
+
+
 def test_cli_errors_are_one_line(tmp_path):
     one = tmp_path / "one.txt"
     one.write_text("a single document, no separator")
