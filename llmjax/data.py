@@ -293,11 +293,17 @@ class WindowSource:
     """Index i -> the i-th window of `length` tokens, over every start position of every shard
     (a window never crosses a shard boundary)."""
 
-    def __init__(self, shards: list[np.ndarray], length: int):
+    def __init__(self, shards: list[np.ndarray], length: int, split: str | None = None):
         self.shards, self.length = shards, length
         counts = np.array([max(len(s) - length + 1, 0) for s in shards], np.int64)
         if counts.sum() == 0:
-            raise DataError(f"the split is shorter than one window of {length} tokens; lower model.context_len")
+            total = sum(len(s) for s in shards)
+            which = f"{split}: " if split else ""
+            if total >= length:  # (long enough, but in shards that are not)
+                raise DataError(f"the split's shards are shorter than one window of {length} tokens ({which}{total} tokens in shards of at "
+                                f"most {max(len(s) for s in shards)}; a window never crosses shards); prepare the dataset again with a "
+                                "larger --shard_tokens, or lower model.context_len")
+            raise DataError(f"the split is shorter than one window of {length} tokens ({which}{total} tokens); lower model.context_len")
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
 
     def __len__(self) -> int:
@@ -328,7 +334,7 @@ def train_batches(
         raise DataError(f"train.batch_size={global_batch} must be divisible by the {process_count} processes")
     import grain  # (here: grain imports JAX, and the preparation's workers import this module)
 
-    source = WindowSource(shards, seq_len + 1)
+    source = WindowSource(shards, seq_len + 1, "train")
     ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
     ds = ds[process_index::process_count].map(source.__getitem__)
     ds = ds.batch(global_batch // process_count, drop_remainder=True, batch_fn=np.stack)

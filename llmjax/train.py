@@ -695,7 +695,7 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
             dataset.split("train"), seq_len=T, global_batch=micro * accum, seed=tcfg.seed, process_index=pi, process_count=pc
         )
         val_shards = dataset.split("val")
-        data_lib.WindowSource(val_shards, T + 1)  # (a split too short for one window: said now, not at the first evaluation)
+        data_lib.WindowSource(val_shards, T + 1, "val")  # (a split too short for one window: said now, not at the first evaluation)
     except data_lib.DataError as e:
         raise ConfigError(f"dataset '{dataset.name}': {e}") from None
 

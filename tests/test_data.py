@@ -192,6 +192,18 @@ def test_windows_never_cross_shards_and_cover_every_start():
     assert {int(w[0]) for w in windows} == set(range(0, 492)) | set(range(1000, 1292))
 
 
+def test_a_split_too_short_for_a_window_says_whether_its_shards_or_its_tokens_are():
+    """Shards shorter than a window, in a split that holds many windows of tokens: said as such
+    (prepare with larger shards), not as a split shorter than one window (lower the context)."""
+    short = [np.arange(i * 500, (i + 1) * 500, dtype=np.uint16) for i in range(4)]
+    with pytest.raises(D.DataError, match=r"shards are shorter than one window of 1025 tokens \(train: 2000 tokens in shards of at "
+                                          r"most 500; a window never crosses shards\); prepare the dataset again with a larger --shard_tokens"):
+        D.train_batches(short, seq_len=1024, global_batch=2, seed=0)
+    with pytest.raises(D.DataError, match=r"the split is shorter than one window of 2001 tokens \(val: 2000 tokens\); lower model.context_len"):
+        D.WindowSource(short, 2001, "val")
+    assert len(D.WindowSource(short, 500)) == 4
+
+
 def test_train_batches_deterministic_resumable_and_process_sharded():
     it = D.train_batches(_shards(), seq_len=8, global_batch=6, seed=3)
     first = [next(it) for _ in range(5)]
