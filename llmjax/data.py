@@ -113,16 +113,25 @@ def atomic_write_json(path: Path, obj) -> None:
 # Shards
 
 
-def write_shard(path: Path, tokens: np.ndarray) -> dict:
-    """Write one shard atomically; returns its manifest entry (file, tokens, sha256)."""
-    tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(np.uint16).max):
+def write_shard(path: Path, tokens: np.ndarray | list[np.ndarray]) -> dict:
+    """Write one shard atomically from its tokens (an array, or a list of arrays written one after
+    another, never joined in memory); returns its manifest entry (file, tokens, sha256)."""
+    parts = [np.asarray(p) for p in tokens] if isinstance(tokens, list) else [np.asarray(tokens)]
+    if any(p.size and (p.min() < 0 or p.max() > np.iinfo(np.uint16).max) for p in parts):
         raise DataError(f"tokens for {path} do not fit in uint16")
-    header = HEADER.pack(MAGIC, VERSION, 1, tokens.size).ljust(HEADER_BYTES, b"\0")
-    body = tokens.astype("<u2").tobytes()
-    atomic_write_bytes(path, [header, body])
-    digest = hashlib.sha256(header + body).hexdigest()
-    return {"file": Path(path).name, "tokens": int(tokens.size), "sha256": digest}
+    count = sum(p.size for p in parts)
+    header = HEADER.pack(MAGIC, VERSION, 1, count).ljust(HEADER_BYTES, b"\0")
+    digest = hashlib.sha256(header)
+
+    def chunks():
+        yield header
+        for p in parts:
+            body = p.astype("<u2").tobytes()
+            digest.update(body)
+            yield body
+
+    atomic_write_bytes(path, chunks())
+    return {"file": Path(path).name, "tokens": int(count), "sha256": digest.hexdigest()}
 
 
 def open_shard(path: Path, expected_tokens: int | None = None) -> np.memmap:

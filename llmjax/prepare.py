@@ -366,7 +366,7 @@ class ShardWriter:
     def __init__(self, out: Path, split: str, shard_tokens: int, done: list[dict], on_shard):
         self.out, self.split, self.size = out, split, shard_tokens
         self.shards = list(done)
-        self.buf = np.empty(shard_tokens, np.uint16)
+        self.parts: list[np.ndarray] = []  # the next shard's tokens so far (views of the batches': held, not copied)
         self.fill = 0
         self.on_shard = on_shard
 
@@ -374,7 +374,7 @@ class ShardWriter:
         pos = skip
         while pos < len(tokens):
             n = min(self.size - self.fill, len(tokens) - pos)
-            self.buf[self.fill : self.fill + n] = tokens[pos : pos + n]
+            self.parts.append(tokens[pos : pos + n])
             self.fill += n
             pos += n
             if self.fill == self.size:  # restart: re-tokenise this batch, keep what follows `pos`
@@ -385,9 +385,9 @@ class ShardWriter:
             self._flush({"doc": next_doc, "skip_tokens": 0})
 
     def _flush(self, resume: dict) -> None:
-        entry = D.write_shard(self.out / f"{self.split}_{len(self.shards):04d}.bin", self.buf[: self.fill])
+        entry = D.write_shard(self.out / f"{self.split}_{len(self.shards):04d}.bin", self.parts)
         self.shards.append(entry)
-        self.fill = 0
+        self.parts, self.fill = [], 0
         self.on_shard(self.split, self.shards, resume)
 
 

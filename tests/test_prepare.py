@@ -401,6 +401,25 @@ def test_a_second_preparation_into_the_same_folder_at_once_is_refused(tmp_path, 
     assert decoded(ds, "train").startswith(EOT + docs[0])
 
 
+def test_a_shard_size_larger_than_the_data_takes_only_what_the_data_needs(tmp_path, docs):
+    """A --shard_tokens far above the corpus (one shard, whatever its size) held that many tokens in
+    memory from the start: 2**40 failed to allocate 2 TiB. A shard is now written from the batches'
+    tokens as they came, to the same bytes."""
+    txt, _, _ = write_sources(tmp_path, docs[:60])
+    want = P.prepare("mine", tmp_path / "small", [P.Source(txt, None)], workers=1, shard_tokens=1000, progress=False)
+    ds = P.prepare("mine", tmp_path / "one", [P.Source(txt, None)], workers=1, shard_tokens=1 << 40, progress=False)
+    assert [len(ds.split(sp)) for sp in ("train", "val")] == [1, 1]
+    for sp in ("train", "val"):
+        np.testing.assert_array_equal(np.concatenate(ds.split(sp)), np.concatenate(want.split(sp)))
+    # a shard written from its pieces is the one written from their concatenation
+    pieces = [np.arange(i, 3 * i, dtype=np.uint16) for i in range(0, 300, 7)]
+    entry = D.write_shard(tmp_path / "pieces.bin", pieces)
+    assert entry == {**D.write_shard(tmp_path / "joined.bin", np.concatenate(pieces)), "file": "pieces.bin"}
+    assert (tmp_path / "pieces.bin").read_bytes() == (tmp_path / "joined.bin").read_bytes()
+    with pytest.raises(D.DataError, match="do not fit in uint16"):
+        D.write_shard(tmp_path / "big.bin", [np.arange(3), np.array([70000])])
+
+
 def test_cli_errors_are_one_line(tmp_path):
     one = tmp_path / "one.txt"
     one.write_text("a single document, no separator")
