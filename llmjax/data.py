@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -269,6 +270,18 @@ def prepare_builtin(name: str, out: Path, *, repair: bool = False) -> TokenDatas
     return TokenDataset.open(out)
 
 
+def _resume_command(name: str, path: Path, state: Path, hub: tuple) -> str:
+    """The `llmjax.prepare` command an unfinished preparation's state records (its sources)."""
+    command = PREPARE_HINT.format(name=name, dir=path)
+    if name in hub:  # (the hub's files: the command names none)
+        return command
+    try:
+        sources = json.loads(state.read_text())["args"]["sources"]
+        return command + "".join(f" --source {'val=' if split == 'val' else ''}{shlex.quote(src)}" for src, split, *_ in sources)
+    except (OSError, ValueError, KeyError, TypeError):
+        return command + " --source FILE ..."
+
+
 def open_dataset(name: str, configured_dir: str) -> TokenDataset:
     """Open a prepared dataset; the built-in ones are prepared on first use."""
     path = data_dir(configured_dir) / name
@@ -279,8 +292,11 @@ def open_dataset(name: str, configured_dir: str) -> TokenDataset:
             raise DataError(f"cannot prepare dataset '{name}' in {path} ({e.strerror or e}); set --config.data.dir to a folder "
                             f"you can write") from None
     if not (path / MANIFEST).is_file():
-        from llmjax.prepare import DATASETS
+        from llmjax.prepare import DATASETS, STATE
 
+        if (path / STATE).is_file():  # (a preparation that stopped before its end: the same command resumes it)
+            raise DataError(f"dataset '{name}' in {path} is unfinished (its preparation stopped before the end); run the command "
+                            f"that prepared it again to resume it: {_resume_command(name, path, path / STATE, DATASETS)}")
         if name not in DATASETS:
             try:  # the user's own prepared datasets too, not only the built-in names
                 prepared = sorted(d.name for d in path.parent.iterdir() if (d / MANIFEST).is_file())

@@ -692,3 +692,28 @@ def test_a_users_folder_is_never_written_into(tmp_path, docs):
     again = P.prepare("mine", out, [P.Source(txt, None)], workers=1, progress=False)
     assert files(again.path) == files(ds.path)
     assert not (out / ".train_0000.bin.abc123.tmp").exists() and (out / ".notes.tmp").read_bytes() == b"kept"
+
+
+def test_training_on_an_unfinished_preparation_says_how_to_resume_it(tmp_path, docs, monkeypatch):
+    """A dataset whose preparation was interrupted is named as unfinished, with the command (its
+    sources) that resumes it; that command then finishes it. (It was 'unknown dataset'.)"""
+    import shlex
+
+    monkeypatch.setenv("LLMJAX_DATA_DIR", str(tmp_path))
+    txt = write_sources(tmp_path, docs)[0]
+    extra = tmp_path / "held out.txt"
+    extra.write_text("a held-out document of its own.\n")
+    out = tmp_path / "mine"
+    with pytest.raises(KeyboardInterrupt):
+        P.prepare("mine", out, [P.Source(txt, None), P.Source(extra, "val")], workers=1, shard_tokens=3000, progress=False,
+                  stop_after_shards=1)
+    with pytest.raises(D.DataError, match=r"^dataset 'mine' in .* is unfinished") as e:
+        D.open_dataset("mine", "data")
+    message = str(e.value)
+    assert "\n" not in message
+    command = shlex.split(message.split("to resume it: ", 1)[1])
+    assert command[:5] == ["python", "-m", "llmjax.prepare", "mine", "--out"] and command[5] == str(out)
+    assert command[6:] == ["--source", str(txt), "--source", f"val={extra}"]
+    sources = P.parse_sources(command[7::2], tmp_path / "cache")
+    P.prepare("mine", out, sources, workers=1, shard_tokens=3000, progress=False)
+    assert D.open_dataset("mine", "data").split("val")
