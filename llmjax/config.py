@@ -231,7 +231,7 @@ def _shared_groups(variant: str) -> dict[str, dict[str, Any]]:
             checkpoint_every_steps=1000 if gpu else 250,
             keep_checkpoints=3,
             mesh=dict(data=-1, fsdp=1, expert=1),  # device mesh; one axis may be -1 (all remaining devices)
-            peak_flops_per_device=0.0,  # for MFU; 0: look the device up (H100/H200 989e12, A100 312e12)
+            peak_flops_per_device=0.0,  # for MFU; 0: look the device up (H100/H200 989e12, their PCIe/NVL forms 756e12/835e12, A100 312e12)
             aux_loss_weights={},  # weight of each auxiliary loss the model returns (MoE router, ...)
             init_from="",  # start a fresh run from OpenAI GPT-2 weights: gpt2 | gpt2-medium | gpt2-large | gpt2-xl | a local HF folder or .safetensors (vanilla)
         ),

@@ -57,8 +57,10 @@ from llmjax.scoring import Scorer, ScoreError, model_scores, scoring_config
 from llmjax.sharding import batch_sharding, make_mesh, param_shardings, replicated_by_size, state_shardings
 from llmjax.summary import summarize
 
-# Dense bf16 datasheet peaks (FLOP/s) used for MFU; `train.peak_flops_per_device` overrides.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+# Dense bf16 datasheet peaks (FLOP/s) used for MFU; `train.peak_flops_per_device` overrides. Looked
+# up by the first key the device's kind contains, so each card's lower-clocked PCIe and NVL
+# forms come before its SXM one ("NVIDIA H100 PCIe" is 756 TFLOP/s, not the SXM card's 989).
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H200": 989e12, "H100": 989e12, "A100": 312e12}
 
 
 # Model keys that change how the computation runs, not what the parameters are: a run may resume

@@ -191,6 +191,26 @@ def test_own_peak_is_reported_only_when_this_measurement_set_it():
     assert bench.own_peak({"peak_bytes_in_use": 9}, {"peak_bytes_in_use": 9}) is None  # an earlier one was higher
 
 
+def test_mfu_peak_is_the_cards_own_datasheet_figure():
+    """MFU's denominator, by the device kind CUDA reports: the PCIe and NVL forms of a card are
+    lower-clocked than its SXM one (NVIDIA's datasheets, dense bf16: H100 SXM 989.4 TFLOP/s, H100
+    PCIe 756, H100 NVL 835, H200 NVL 835); matched as plain 'H100'/'H200', their MFU was 1.31x and
+    1.18x too low. An unknown card or a CPU: None (MFU null), unless train.peak_flops_per_device."""
+    from types import SimpleNamespace
+
+    from llmjax.train import peak_flops
+
+    def peak(kind, platform="gpu", override=0.0):
+        return peak_flops(SimpleNamespace(platform=platform, device_kind=kind), override)
+
+    assert peak("NVIDIA H100 80GB HBM3") == peak("NVIDIA H200") == peak("NVIDIA GH200 480GB") == 989e12
+    assert peak("NVIDIA H100 PCIe") == 756e12
+    assert peak("NVIDIA H100 NVL") == peak("NVIDIA H200 NVL") == 835e12
+    assert peak("NVIDIA A100-SXM4-80GB") == peak("NVIDIA A100-PCIE-40GB") == 312e12
+    assert peak("NVIDIA L4") is None and peak("cpu", platform="cpu") is None
+    assert peak("NVIDIA H100 PCIe", override=1e15) == 1e15
+
+
 def test_cli_several_batch_sizes_in_one_process(tmp_path):
     out = tmp_path / "rows.jsonl"
     r = _cli("--config=configs/vanilla.py:tiny", "--suite=train,memory,decode", "--batch_size=16,8", "--steps=1", "--repeats=1",
