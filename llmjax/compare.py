@@ -212,6 +212,17 @@ def _resumed_step(folder: Path) -> int:
     return max((int(d.name) for d in (folder / "checkpoints").glob("*") if d.name.isdigit()), default=0)
 
 
+RESUMES = "compare_resumes.json"  # the steps the run in a folder was resumed from, so far
+
+
+def _resumes(folder: Path) -> list[int]:
+    try:
+        steps = json.loads((folder / RESUMES).read_text())
+    except (OSError, ValueError):
+        return []
+    return [s for s in steps if isinstance(s, int)] if isinstance(steps, list) else []
+
+
 def refusal(p: dict, seed: int, folder: Path) -> str | None:
     """Why the run in `folder` can be neither reused nor resumed for this config and code (one line),
     or None. compare checks every folder before it trains anything."""
@@ -254,6 +265,10 @@ def train_once(p: dict, seed: int, folder: Path, quiet: bool) -> dict:
     resumed = _resumed_step(folder)
     if not resumed:  # the code that trains the run, checked when it is reused or resumed
         atomic_write_json(folder / "compare_code.json", code_fingerprint())
+    # every step it resumed from, this one's too (the first step after each compiled: left out of its
+    # tokens/s); a restart from step 0 forgets the earlier ones
+    resumes = sorted({s for s in _resumes(folder) if s < resumed} | {resumed}) if resumed else []
+    atomic_write_json(folder / RESUMES, resumes)
     path, variant = split_spec(p["spec"])
     cmd = [sys.executable, "-m", "llmjax.train", f"--config={Path(path).absolute()}:{variant}", f"--workdir={folder}",
            f"--config.train.seed={seed}", "--config.logging.progress_bar=False"]
@@ -279,7 +294,7 @@ def train_once(p: dict, seed: int, folder: Path, quiet: bool) -> dict:
         tail = (folder / "train.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise CompareError(f"training {p['name']} seed {seed} failed (exit {proc.returncode}): {tail[0][:300]}; see {folder / 'train.log'}")
     stats = {"seed": seed, "overrides": p["overrides"], "returncode": 0, "wall_seconds": wall,
-             "max_rss_bytes": usage.ru_maxrss * 1024, "resumed_from_step": resumed}  # (Linux reports KiB)
+             "max_rss_bytes": usage.ru_maxrss * 1024, "resumed_from_step": resumed, "resumed_from_steps": resumes}  # (Linux reports KiB)
     atomic_write_json(folder / "compare_run.json", stats)
     return stats
 
@@ -302,8 +317,10 @@ def summarize_runs(p: dict, runs: list[tuple[Path, dict]]) -> dict:
         if last["step"] != p["overrides"]["train.max_steps"] or "val_loss" not in last:
             raise CompareError(f"{folder} did not finish; delete it and run again")
         finals.append(last["val_loss"])
-        # the median step, leaving out the steps that compiled: the first, and the first after a resume
-        first = {0} | {i for i, m in enumerate(lines) if m["step"] == stats.get("resumed_from_step", 0) + 1}
+        # the median step, leaving out the steps that compiled: the first, and the first after each
+        # resume (a run from before the list of them: its last resume's)
+        resumes = set(stats.get("resumed_from_steps", [stats.get("resumed_from_step", 0)]))
+        first = {0} | {i for i, m in enumerate(lines) if m["step"] - 1 in resumes}
         rates.append(statistics.median([m["tokens_per_sec"] for i, m in enumerate(lines) if i not in first] or
                                        [m["tokens_per_sec"] for m in lines]))
         gpu_peak = max((m["peak_memory_bytes"] for m in lines if m.get("peak_memory_bytes")), default=None)

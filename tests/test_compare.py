@@ -225,6 +225,25 @@ def test_a_resumed_run_is_marked_in_the_table(tmp_path):
     assert r["rows"][0]["train_tokens_per_sec"] == pytest.approx((lines[1]["tokens_per_sec"] + lines[3]["tokens_per_sec"]) / 2)
 
 
+def test_a_run_resumed_twice_leaves_out_the_compiling_step_after_each_resume(tmp_path):
+    """Interrupted after step 2 and again after step 4, then finished: steps 1, 3 and 5 compiled
+    (each the first of its process), so tokens/s is the median of steps 2, 4 and 6. Only the last
+    resume was known before: step 3, a compile (~0.5 s against ~15 ms a step), was in the median."""
+    import statistics
+
+    kw = dict(out=tmp_path, seeds=1, max_steps=6, eval_every=2, eval_batches=1, command="test", quiet=True)
+    for stop in (2, 4):
+        with pytest.raises(C.CompareError, match="did not finish"):
+            C.compare(SPECS[:1], overrides={"train.stop_at_step": stop, "train.checkpoint_every_steps": 2}, **kw)
+    r = C.compare(SPECS[:1], **kw)
+    lines = [json.loads(x) for x in (tmp_path / "vanilla_tiny" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
+    assert r["rows"][0]["train_tokens_per_sec"] == pytest.approx(statistics.median(lines[i]["tokens_per_sec"] for i in (1, 3, 5)))
+    assert r["rows"][0]["resumed"] == {0: 4}  # (the part whose wall time and peak memory the table has)
+    stats = json.loads((tmp_path / "vanilla_tiny" / "seed0" / "compare_run.json").read_text())
+    assert stats["resumed_from_steps"] == [2, 4] and stats["resumed_from_step"] == 4
+
+
 def test_the_table_names_the_settings_that_differ_between_configs(result, tmp_path):
     """Two configs whose recipes differ (an optimizer setting compared on purpose, or a variant that
     got another recipe by mistake) compare, and the table says how: the note under it named the
