@@ -535,8 +535,10 @@ def train_report(cfg, device, target: str, top: int = 0) -> dict:
 def decode_report(cfg, device, target: str, batch: int, prompt_len: int, new_tokens: int, unroll: int | None = None,
                   top: int = 0, quantize: str | None = None, mode: str = "greedy") -> dict:
     """The sampler's prefill and decode loop (llmjax.sample) for `batch` prompts of `prompt_len`
-    tokens and `new_tokens` new ones, compiled for `device`; the loop's figures per token. `mode`
-    is one of bench's DECODE_MODES: greedy, or topk (temperature 1, top-k 200)."""
+    tokens and `new_tokens` new ones, compiled for `device`; the loop's figures per decode step,
+    which makes one new token for each of the `batch` rows (`tokens_per_step`: divide the FLOPs,
+    bytes and roofline time by it for one token's share). `mode` is one of bench's DECODE_MODES:
+    greedy, or topk (temperature 1, top-k 200)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -572,11 +574,11 @@ def decode_report(cfg, device, target: str, batch: int, prompt_len: int, new_tok
     prefill_row = compiled_report(pre, target)
     row = {"suite": f"decode_{prefix}b{batch}", "decode_mode": mode, "batch_size": batch, "prompt_len": T0, "cache_len": cache_len, "unroll": unroll,
            "compile_seconds": pre_s + dec_s, "prefill_kernels": prefill_row["kernels"],
-           "prefill_peak_bytes": prefill_row["peak_bytes"], "decode_rows": rows}
-    per_token = compiled_report(dec, target, per=unroll, top=top)  # the loop's body: `unroll` tokens
-    row.update({k: v for k, v in per_token.items() if not k.endswith("_bytes") or k == "other_bytes"})
-    row["decode_peak_bytes"] = per_token["peak_bytes"]
-    row["kernels_per_layer"] = per_token["kernels"] / mcfg.n_layer
+           "prefill_peak_bytes": prefill_row["peak_bytes"], "decode_rows": rows, "tokens_per_step": batch}
+    per_step = compiled_report(dec, target, per=unroll, top=top)  # the loop's body: `unroll` steps
+    row.update({k: v for k, v in per_step.items() if not k.endswith("_bytes") or k == "other_bytes"})
+    row["decode_peak_bytes"] = per_step["peak_bytes"]
+    row["kernels_per_layer"] = per_step["kernels"] / mcfg.n_layer
     return row
 
 

@@ -354,6 +354,7 @@ for impl in ("auto", "xla"):  # the SSM's scan: its fused kernel (Pallas -> Trit
     rows.append(aot.train_report(ssm, device, "h100", top=10000))
 xla = load_config("configs/vanilla.py:tiny", {**json.loads(sys.argv[1]), "model.decode_attention_impl": "xla"})
 rows.append(aot.decode_report(xla, device, "h100", 1, 8, 24, top=10000))  # decoding without the fused attention kernel
+rows.append(aot.decode_report(cfg, device, "h100", 4, 8, 24))  # four rows: four new tokens per decode step
 rows.append(aot.decode_report(cfg, device, "h100", 1, 8, 24, top=10000, mode="topk"))  # top-k sampling's loop
 print(json.dumps(rows))
 """
@@ -472,6 +473,23 @@ for line in texts[0].splitlines():
         for call in calls:  # (q, k, v first, in that order)
             widths = [int(shape.split(",")[-1]) for shape in ast.literal_eval(call.split(" ", 1)[1])]
             assert widths[:3] == want, call
+
+
+@needs_plugin
+def test_decode_figures_are_per_step_of_one_token_for_each_row(compiled_rows):
+    """A decode row's figures are per decode step, which makes one new token for each of the batch's
+    rows (`tokens_per_step`): at batch 4, its GEMM FLOPs are four tokens' forward products (every
+    parameter product and the tied head, 2 FLOPs per weight; the attention over the cache is no
+    GEMM), not one token's as "per token" said, and so are its bytes and roofline time."""
+    four = compiled_rows[6]
+    mcfg = model_config(load_config("configs/vanilla.py:tiny", OVERRIDES))
+    params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: build_model(mcfg.replace(scan_layers=True), seed=0)), nnx.Param))
+    matmul = sum(
+        leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+        if str(path[-1].key) == "kernel" or (str(path[-1].key) == "embedding" and str(path[0].key) == "embed")
+    )
+    assert (four["suite"], four["decode_rows"], four["tokens_per_step"]) == ("decode_b4", 4, 4)
+    assert four["gemm_flops"] == four["tokens_per_step"] * 2 * matmul
 
 
 @needs_plugin
