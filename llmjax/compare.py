@@ -263,6 +263,14 @@ def train_once(p: dict, seed: int, folder: Path, quiet: bool) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     # an interrupted run resumes from its latest checkpoint: this process then times only the rest
     resumed = _resumed_step(folder)
+    if resumed and _finished(folder, p["cfg"].train.max_steps):
+        # finished, but the compare that ran it stopped before recording it (Ctrl-C during the last
+        # step's evaluation or scoring, which the trainer completes and saves): a trainer started now
+        # trains nothing, and its wall time and peak memory would stand for the run's. Unknown instead.
+        stats = {"seed": seed, "overrides": p["overrides"], "returncode": 0, "wall_seconds": None, "max_rss_bytes": None,
+                 "resumed_from_step": resumed, "resumed_from_steps": _resumes(folder), "unrecorded": True}
+        atomic_write_json(folder / "compare_run.json", stats)
+        return stats
     if not resumed:  # the code that trains the run, checked when it is reused or resumed
         atomic_write_json(folder / "compare_code.json", code_fingerprint())
     # every step it resumed from, this one's too (the first step after each compiled: left out of its
@@ -329,6 +337,8 @@ def summarize_runs(p: dict, runs: list[tuple[Path, dict]]) -> dict:
             hs.append(last["hellaswag_acc_norm"])
         walls.append(stats["wall_seconds"])
         device = "gpu" if gpu_peak is not None else "cpu"
+    # (None: a run that finished before its compare recorded these; the others' figures, or unknown)
+    walls, peaks = [w for w in walls if w is not None], [m for m in peaks if m is not None]
     s = summarize(p["mcfg"])
     return {
         "arch": p["mcfg"].arch, "config": p["spec"], "seeds": len(runs),
@@ -337,10 +347,12 @@ def summarize_runs(p: dict, runs: list[tuple[Path, dict]]) -> dict:
         "val_loss_mean": statistics.fmean(finals), "val_loss_std": statistics.stdev(finals) if len(finals) > 1 else None,  # (no spread from one seed)
         "val_loss_per_seed": finals,
         "train_tokens_per_sec": statistics.fmean(rates),
-        "peak_memory_bytes": max(peaks), "peak_memory_kind": "device peak" if device == "gpu" else "process peak RSS",
-        "wall_seconds_mean": statistics.fmean(walls),
+        "peak_memory_bytes": max(peaks, default=None), "peak_memory_kind": "device peak" if device == "gpu" else "process peak RSS",
+        "wall_seconds_mean": statistics.fmean(walls) if walls else None,
         "hellaswag_acc_norm": statistics.fmean(hs) if hs else None,
-        "resumed": {stats["seed"]: stats["resumed_from_step"] for _, stats in runs if stats.get("resumed_from_step")},
+        "resumed": {stats["seed"]: stats["resumed_from_step"] for _, stats in runs
+                    if stats.get("resumed_from_step") and not stats.get("unrecorded")},
+        "unrecorded": [stats["seed"] for _, stats in runs if stats.get("unrecorded")],
     }
 
 
@@ -367,7 +379,8 @@ def markdown(rows: list[dict], command: str, meta: dict) -> str:
         cells = [f"`{r['arch']}`", f"`{r['config']}`", active, f"{r['flops_per_token'] / 1e9:.3f}",
                  f"{r['val_loss_mean']:.4f}" + (f" ± {r['val_loss_std']:.4f}" if r["val_loss_std"] is not None else ""),
                  f"{r['train_tokens_per_sec']:,.0f}",
-                 f"{r['peak_memory_bytes'] / 2**30:.2f} GiB", f"{r['wall_seconds_mean']:.0f}"]
+                 "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f} GiB",
+                 "-" if r["wall_seconds_mean"] is None else f"{r['wall_seconds_mean']:.0f}"]
         if hs:
             cells.append("-" if r["hellaswag_acc_norm"] is None else f"{r['hellaswag_acc_norm']:.4f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -380,6 +393,11 @@ def markdown(rows: list[dict], command: str, meta: dict) -> str:
     if resumed:  # (the losses, tokens/s and a device's peak are the whole run's, read from its metrics)
         part = "train wall is" if rows[0]["peak_memory_kind"] == "device peak" else "train wall and peak memory are"
         lines.append(f"\nResumed after an interruption, so their {part} the resumed part's only: " + ", ".join(resumed) + ".")
+    unrecorded = [f"`{r['arch']}` seed {seed}" for r in rows for seed in r.get("unrecorded", [])]
+    if unrecorded:  # (finished while its compare was being stopped: nothing left to time)
+        what = "train wall was" if rows[0]["peak_memory_kind"] == "device peak" else "train wall and peak memory were"
+        lines.append(f"\nFinished in a comparison stopped before it recorded them, so their {what} not measured (left out of "
+                     "the means): " + ", ".join(unrecorded) + ".")
     return note + "\n\n" + "\n".join(lines) + "\n"
 
 

@@ -244,6 +244,32 @@ def test_a_run_resumed_twice_leaves_out_the_compiling_step_after_each_resume(tmp
     assert stats["resumed_from_steps"] == [2, 4] and stats["resumed_from_step"] == 4
 
 
+def test_a_run_finished_but_not_recorded_is_not_timed_by_a_trainer_that_trains_nothing(result, tmp_path):
+    """A run that finished while its compare was being stopped (Ctrl-C during the last step's
+    evaluation or scoring: the trainer completes them and saves) has no compare_run.json. The next
+    compare started the trainer on it, which trained nothing, and reported that process's wall
+    time (about 2 s) and peak memory as the run's ("resumed from step 4"). Now the trainer is not
+    started, the run's wall time and CPU peak are unknown, left out of the means, and the table says so."""
+    import shutil
+
+    out, _ = result
+    shutil.copytree(out / "vanilla_tiny", tmp_path / "vanilla_tiny")
+    seed0 = json.loads((tmp_path / "vanilla_tiny" / "seed0" / "compare_run.json").read_text())
+    (tmp_path / "vanilla_tiny" / "seed1" / "compare_run.json").unlink()
+    log = (tmp_path / "vanilla_tiny" / "seed1" / "train.log").read_text()
+    r = C.compare(SPECS[:1], out=tmp_path, seeds=2, max_steps=4, eval_every=2, eval_batches=1, command="test", quiet=True)
+    assert (tmp_path / "vanilla_tiny" / "seed1" / "train.log").read_text() == log  # (no trainer started)
+    row = r["rows"][0]
+    assert row["wall_seconds_mean"] == seed0["wall_seconds"] and row["peak_memory_bytes"] == seed0["max_rss_bytes"]
+    assert row["resumed"] == {} and row["unrecorded"] == [1]
+    assert r["markdown"].rstrip().endswith("so their train wall and peak memory were not measured (left out of the means): "
+                                           "`vanilla` seed 1.")
+    stats = json.loads((tmp_path / "vanilla_tiny" / "seed1" / "compare_run.json").read_text())
+    assert stats["wall_seconds"] is None and stats["max_rss_bytes"] is None
+    r = C.compare(SPECS[:1], out=tmp_path, seeds=2, max_steps=4, eval_every=2, eval_batches=1, command="test", quiet=True)
+    assert r["rows"][0] == row  # (reused as recorded)
+
+
 def test_the_table_names_the_settings_that_differ_between_configs(result, tmp_path):
     """Two configs whose recipes differ (an optimizer setting compared on purpose, or a variant that
     got another recipe by mistake) compare, and the table says how: the note under it named the
