@@ -329,8 +329,8 @@ def summarize_runs(p: dict, runs: list[tuple[Path, dict]]) -> dict:
         # resume (a run from before the list of them: its last resume's)
         resumes = set(stats.get("resumed_from_steps", [stats.get("resumed_from_step", 0)]))
         first = {0} | {i for i, m in enumerate(lines) if m["step"] - 1 in resumes}
-        rates.append(statistics.median([m["tokens_per_sec"] for i, m in enumerate(lines) if i not in first] or
-                                       [m["tokens_per_sec"] for m in lines]))
+        timed = [m["tokens_per_sec"] for i, m in enumerate(lines) if i not in first]
+        rates.append(statistics.median(timed) if timed else None)  # (None: every step compiled, --max_steps 1 say)
         gpu_peak = max((m["peak_memory_bytes"] for m in lines if m.get("peak_memory_bytes")), default=None)
         peaks.append(gpu_peak if gpu_peak is not None else stats["max_rss_bytes"])
         if "hellaswag_acc_norm" in last:
@@ -338,7 +338,7 @@ def summarize_runs(p: dict, runs: list[tuple[Path, dict]]) -> dict:
         walls.append(stats["wall_seconds"])
         device = "gpu" if gpu_peak is not None else "cpu"
     # (None: a run that finished before its compare recorded these; the others' figures, or unknown)
-    walls, peaks = [w for w in walls if w is not None], [m for m in peaks if m is not None]
+    walls, peaks, rates = ([x for x in xs if x is not None] for xs in (walls, peaks, rates))
     s = summarize(p["mcfg"])
     return {
         "arch": p["mcfg"].arch, "config": p["spec"], "seeds": len(runs),
@@ -346,7 +346,7 @@ def summarize_runs(p: dict, runs: list[tuple[Path, dict]]) -> dict:
         "tokens": p["overrides"]["train.max_steps"] * p["tokens_per_step"],
         "val_loss_mean": statistics.fmean(finals), "val_loss_std": statistics.stdev(finals) if len(finals) > 1 else None,  # (no spread from one seed)
         "val_loss_per_seed": finals,
-        "train_tokens_per_sec": statistics.fmean(rates),
+        "train_tokens_per_sec": statistics.fmean(rates) if rates else None,
         "peak_memory_bytes": max(peaks, default=None), "peak_memory_kind": "device peak" if device == "gpu" else "process peak RSS",
         "wall_seconds_mean": statistics.fmean(walls) if walls else None,
         "hellaswag_acc_norm": statistics.fmean(hs) if hs else None,
@@ -378,7 +378,7 @@ def markdown(rows: list[dict], command: str, meta: dict) -> str:
         active = f"{r['params_total'] / 1e6:.2f}M" + (f" / {r['params_active'] / 1e6:.2f}M" if r["params_active"] != r["params_total"] else "")
         cells = [f"`{r['arch']}`", f"`{r['config']}`", active, f"{r['flops_per_token'] / 1e9:.3f}",
                  f"{r['val_loss_mean']:.4f}" + (f" ± {r['val_loss_std']:.4f}" if r["val_loss_std"] is not None else ""),
-                 f"{r['train_tokens_per_sec']:,.0f}",
+                 "-" if r["train_tokens_per_sec"] is None else f"{r['train_tokens_per_sec']:,.0f}",
                  "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f} GiB",
                  "-" if r["wall_seconds_mean"] is None else f"{r['wall_seconds_mean']:.0f}"]
         if hs:

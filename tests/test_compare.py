@@ -511,3 +511,13 @@ def test_every_folder_is_checked_before_anything_trains(result, tmp_path):
                                              r"\(and 1 more folder like it: \S+modern_tiny/seed1\)$"):
         C.compare(SPECS, out=tmp_path, seeds=2, max_steps=6, eval_every=2, eval_batches=1, command="test", quiet=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["modern_tiny"]  # (vanilla's runs never started)
+
+
+def test_a_run_whose_every_step_compiled_has_no_tokens_per_sec(tmp_path):
+    """With one step, its only step compiled: there is no step to time. Its tokens/s was that
+    compiling step's (about 1,000 against ~30,000 for vanilla:tiny's later steps on the 2-core VM),
+    shown as the run's speed; now it is unknown (null, '-' in the table)."""
+    r = C.compare(SPECS[:1], out=tmp_path, seeds=1, max_steps=1, eval_every=1, eval_batches=1, command="test", quiet=True)
+    assert r["rows"][0]["train_tokens_per_sec"] is None
+    row = next(x for x in r["markdown"].splitlines() if x.startswith("| `vanilla`"))
+    assert row.split(" | ")[5] == "-", row
