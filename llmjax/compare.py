@@ -10,7 +10,7 @@ Train several architectures on the same data, token budget and seeds, then write
 - the configs must share the dataset, context length and vocabulary; `--max_steps` and
   `--batch_size` apply to all, so every run sees the same number of tokens, in the same order for
   the same seed (the data order depends on the seed only);
-- the table: parameters (total and active), FLOPs per token, final validation loss over the whole
+- the table (rows by validation loss, lowest first; results.json keeps the order of --configs): parameters (total and active), FLOPs per token, final validation loss over the whole
   split (or its first eval.final_num_batches batches; mean +- sample std over seeds), training tokens/s (the median step of each run, the steps
   that compiled left out, averaged over seeds), peak memory (device peak on a GPU; the training process's peak resident memory on a CPU),
   training wall time, and, for GPT-2 BPE models, HellaSwag acc_norm from the in-loop scorer;
