@@ -577,15 +577,26 @@ def build_steps(cfg, mesh) -> Steps:
 def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False) -> Run:
     """Train (or resume) the run described by `cfg` in `workdir`. `devices` defaults to all. A
     checkpoint or file that cannot be written (a full or read-only disk) stops it with a
-    TrainingError of one line."""
+    TrainingError of one line. A fresh run refused before it wrote anything leaves no folder behind."""
+    made = [d for d in (Path(workdir).absolute(), *Path(workdir).absolute().parents) if not d.exists()]  # (the workdir first)
     try:
-        return _train(cfg, workdir, devices=devices, quiet=quiet)
-    except CheckpointError as e:
-        raise TrainingError(f"{e}") from None
-    except OSError as e:
-        where = f" ({e.filename})" if e.filename else ""
-        raise TrainingError(f"{e.strerror or e}{where}; stopped. Make room or write access in {Path(workdir).absolute()}, "
-                            f"then run the same command to resume from its last checkpoint") from None
+        try:
+            return _train(cfg, workdir, devices=devices, quiet=quiet)
+        except CheckpointError as e:
+            raise TrainingError(f"{e}") from None
+        except OSError as e:
+            where = f" ({e.filename})" if e.filename else ""
+            raise TrainingError(f"{e.strerror or e}{where}; stopped. Make room or write access in {Path(workdir).absolute()}, "
+                                f"then run the same command to resume from its last checkpoint") from None
+    except BaseException:
+        # (refused after the workdir was made: a missing extra, a validation split too short, init_from
+        # weights that cannot be read) the folders this call made, where still empty; rmdir removes nothing else
+        for d in [made[0] / "checkpoints", *made] if made else []:
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise
 
 
 def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
@@ -596,6 +607,8 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
     tcfg, ecfg = cfg.train, cfg.eval
     workdir = Path(workdir).absolute()
     lead = jax.process_index() == 0
+    if cfg.logging.wandb and lead:
+        _wandb_modules()  # (a missing extra: said now, before the run's files are written)
     say = (lambda *a: None) if quiet or not lead else (lambda *a: print(*a, flush=True))
 
     # --- data ---------------------------------------------------------------------------
@@ -1000,12 +1013,18 @@ def _progress(start, total, enabled):
     return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
-def _wandb_init(cfg, workdir: Path):
+def _wandb_modules():
+    """wandb and python-dotenv's load_dotenv (the `wandb` extra), or a one-line ConfigError."""
     try:
         import wandb
         from dotenv import load_dotenv
     except ImportError:
         raise ConfigError("logging.wandb=True needs the wandb extra: bash scripts/setup.sh wandb") from None
+    return wandb, load_dotenv
+
+
+def _wandb_init(cfg, workdir: Path):
+    wandb, load_dotenv = _wandb_modules()
     load_dotenv(Path.cwd() / ".env")
     id_file = workdir / "wandb_id.txt"
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]

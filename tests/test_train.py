@@ -989,6 +989,24 @@ def test_wandb_offline(tmp_path, monkeypatch):
     assert offline, list((tmp_path / "run").rglob("*"))[:20]
 
 
+def test_a_fresh_run_refused_after_its_workdir_was_made_leaves_no_folder(tmp_path, monkeypatch):
+    """Refusals found after the workdir was made left it behind: an empty checkpoints/ folder
+    (train.init_from weights that cannot be read), or config.json, tokenizer.json and an empty
+    metrics.jsonl (logging.wandb=True without the extra). A folder that was there is kept."""
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(ConfigError, match=r"^train\.init_from: '.*missing\.safetensors' is neither"):
+        train(cfg("vanilla", train__init_from=str(missing)), tmp_path / "runs" / "a", quiet=True)
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ConfigError, match=r"^train\.init_from: "):
+        train(cfg("vanilla", train__init_from=str(missing)), tmp_path / "mine", quiet=True)
+    assert (tmp_path / "mine").is_dir()
+    monkeypatch.setitem(sys.modules, "wandb", None)  # (the extra not installed: `import wandb` raises ImportError)
+    with pytest.raises(ConfigError, match=r"^logging\.wandb=True needs the wandb extra: bash scripts/setup\.sh wandb$"):
+        train(cfg("vanilla", logging__wandb=True), tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
 def test_wandb_rows_are_committed_at_once(tmp_path, monkeypatch):
     """Every row is committed as it is logged: W&B holds a row logged with a step until the next
     step's, so a crash (a kill, out of memory) lost the last row before it for good, often an
