@@ -141,7 +141,7 @@ def draw(curve_list: list[dict], out: str | Path, title: str = "") -> Path:
 
 
 def define_flags():
-    flags.DEFINE_string("o", "plot.png", "output PNG")
+    flags.DEFINE_string("o", "plot.png", "output image: a name matplotlib writes (.png, .svg, .pdf, ...)")
     flags.DEFINE_alias("out", "o")
     flags.DEFINE_string("title", "", "figure title")
 
