@@ -12,12 +12,15 @@ from llmjax.models.layers import mask_padded_vocab
 
 
 def cross_entropy(logits_BTV, targets_BT, mask_BT=None):
-    """Mean next-token cross-entropy (nats). `mask_BT` (0/1) selects the positions that count."""
+    """Mean next-token cross-entropy (nats). `mask_BT` (0/1) selects the positions that count; a
+    masked-out position's target may be anything (an ignore index such as -100, a padding id): its
+    loss is left out, not multiplied by 0 (an id outside the vocabulary gives a NaN loss there, and
+    NaN * 0 is NaN)."""
     losses = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
     if mask_BT is None:
         return losses.mean()
     mask_BT = mask_BT.astype(jnp.float32)
-    return (losses * mask_BT).sum() / jnp.maximum(mask_BT.sum(), 1.0)
+    return jnp.where(mask_BT > 0, losses * mask_BT, 0.0).sum() / jnp.maximum(mask_BT.sum(), 1.0)
 
 
 def token_losses(embed, x_BTD, targets_BT, chunks: int = 0, logits_dtype=jnp.float32):

@@ -264,6 +264,28 @@ def test_masked_cross_entropy_matches_float64_reference(vocab_size, dtype):
     assert not np.asarray(dz[..., vocab_size:]).any()
 
 
+@pytest.mark.parametrize("ignored", [-100, -1, 96, 50_000])
+def test_cross_entropy_leaves_masked_positions_out_whatever_their_target(ignored):
+    """`llmjax.cross_entropy(logits, targets, mask)`: the mean over the positions the mask keeps, as
+    float64 computes it, whatever a masked-out position's target holds (PyTorch's ignore index -100,
+    an id past the vocabulary): such a target used to make the whole loss NaN (its own loss NaN,
+    times 0). The gradient is finite, zero at the masked-out positions."""
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.standard_normal((2, 6, 96)) * 3, jnp.float32)
+    targets = rng.integers(0, 96, (2, 6))
+    mask = rng.random((2, 6)) < 0.6
+    mask[0, 0] = True
+    targets[~mask] = ignored
+    targets = jnp.asarray(targets, jnp.int32)
+    z = np.asarray(logits, np.float64)
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    kept = np.take_along_axis(z, np.where(mask, np.asarray(targets), 0)[..., None], -1)[..., 0]
+    want = (lse - kept)[mask].mean()
+    loss, dz = jax.value_and_grad(lambda l: llmjax.cross_entropy(l, targets, jnp.asarray(mask, jnp.float32)))(logits)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-6)
+    assert np.isfinite(np.asarray(dz)).all() and not np.asarray(dz)[~mask].any()
+
+
 def test_plain_loss_reads_the_logits_fewer_times():
     """The head + loss gradient over a padded vocabulary moves about a third fewer bytes (XLA's
     count) through `loss.token_losses` than through optax's loss of the masked logits, which
