@@ -407,6 +407,26 @@ def test_greedy_decoding_equals_argmax_of_full_forward(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_a_sequence_longer_than_the_learned_positions_is_refused(arch):
+    """`model(tokens)` with more tokens than model.context_len: the learned-position models
+    (vanilla, gqa, moe, linformer) used to return NaN logits past the table (jnp.take's fill); now a
+    one-line error. The others (rotary positions, none) run past it, finite, their first
+    context_len positions' logits those of the first context_len tokens alone."""
+    m = model(arch)
+    C = m.cfg.context_len
+    toks = tokens(0, 1, C + 8)
+    if m.pos_embed is not None:
+        with pytest.raises(ValueError, match=rf"^{C + 8} tokens per row, but this model's learned positions stop at "
+                                             rf"model.context_len={C}: feed at most {C} tokens"):
+            m(toks)
+        assert np.isfinite(np.asarray(m(toks[:, :C])[0])).all()
+    else:
+        long = np.asarray(m(toks)[0])
+        assert np.isfinite(long).all()
+        np.testing.assert_allclose(long[:, :C], np.asarray(m(toks[:, :C])[0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_padded_vocab_rows_never_win(arch):
     m = scale_params(llmjax.build_model(config(arch), seed=6), 10.0)
     # Make the padded rows look attractive: a large embedding row would win without the mask.

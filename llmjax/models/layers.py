@@ -439,6 +439,9 @@ class DecoderLM(nnx.Module):
         """Everything but the output head: the final-normed features (B, T, d_model), cache, aux."""
         B, T = tokens_BT.shape
         if positions is None:
+            if self.pos_embed is not None and T > self.cfg.context_len:  # (positions past the table: NaN logits)
+                raise ValueError(f"{T} tokens per row, but this model's learned positions stop at model.context_len="
+                                 f"{self.cfg.context_len}: feed at most {self.cfg.context_len} tokens (keep the last ones)")
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         x_BTD = self.embed(tokens_BT)
         if self.pos_embed is not None:
