@@ -278,7 +278,8 @@ def train_once(p: dict, seed: int, folder: Path, quiet: bool) -> dict:
     resumes = sorted({s for s in _resumes(folder) if s < resumed} | {resumed}) if resumed else []
     atomic_write_json(folder / RESUMES, resumes)
     path, variant = split_spec(p["spec"])
-    cmd = [sys.executable, "-m", "llmjax.train", f"--config={Path(path).absolute()}:{variant}", f"--workdir={folder}",
+    suffix = f":{variant}" if ":" in p["spec"] else ""  # (none: get_config() as config_flags calls it, a no-argument one too)
+    cmd = [sys.executable, "-m", "llmjax.train", f"--config={Path(path).absolute()}{suffix}", f"--workdir={folder}",
            f"--config.train.seed={seed}", "--config.logging.progress_bar=False"]
     cmd += [f"--config.{k}={v}" for k, v in p["overrides"].items()]
     if not quiet:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import inspect
 import math
+import traceback
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
@@ -262,6 +264,7 @@ def make_config(variant: str, models: Mapping[str, Mapping[str, Any]], **group_o
     `models` maps each variant name to its complete `model` group; `group_overrides` maps a group name
     (train, data, eval, logging) to {variant: {key: value}} changes of the shared defaults.
     """
+    variant = variant or "default"  # (`configs/modern.py:`, an empty suffix: none means default)
     if variant not in models:
         raise ConfigError(f"unknown variant '{variant}'; choose one of {', '.join(models)}{closest(variant, models)}")
     groups = _shared_groups(variant)
@@ -302,14 +305,63 @@ def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_col
         raise ConfigError(f"config file '{path}' not found; pass e.g. configs/modern.py or configs/modern.py:tiny")
     module_spec = importlib.util.spec_from_file_location(f"llmjax_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
+    try:
+        module_spec.loader.exec_module(module)
+    except ConfigError:
+        raise
+    except Exception as e:  # (a syntax error, a failed import: the user's file, so where in it and what)
+        raise ConfigError(f"config file '{path}' does not load: {_where(e, file)}") from None
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
         raise ConfigError(f"config file '{path}' has no get_config(variant) function")
-    cfg = module.get_config(variant)
+    # config_flags calls get_config() without an argument when the spec has no ':variant' (and with
+    # '' after a bare ':'); a file whose get_config takes none, nanodo's, works without a variant
+    takes_variant = _accepts_one_argument(get_config)
+    if takes_variant is None:
+        raise ConfigError(f"config file '{path}': get_config must take at most one argument, the variant name")
+    if ":" in str(spec) and not takes_variant:
+        raise ConfigError(f"config file '{path}': its get_config() takes no variant; drop ':{variant}' or give get_config a variant argument")
+    args = (variant,) if ":" in str(spec) else ()
+    try:
+        cfg = get_config(*args)
+    except ConfigError:
+        raise
+    except Exception as e:  # (the file's own code failed)
+        raise ConfigError(f"config file '{path}': get_config({', '.join(map(repr, args))}) failed: {_where(e, file)}") from None
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ConfigError(f"config file '{path}': get_config() returned {type(cfg).__name__}, not an ml_collections.ConfigDict; "
+                          "build it with llmjax.config.make_config(variant, MODELS)")
     for key, value in (overrides or {}).items():
         set_key(cfg, key, value)
     validate(cfg)
     return cfg
+
+
+def _accepts_one_argument(fn) -> bool | None:
+    """True when fn can be called with one positional argument, False when only with none, None
+    when with neither."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return True
+    for args in ((None,), ()):
+        try:
+            sig.bind(*args)
+        except TypeError:
+            continue
+        return bool(args)
+    return None
+
+
+def _where(error: BaseException, file: Path) -> str:
+    """'SyntaxError: invalid syntax (line 3)': an exception raised by a config file's code, one line."""
+    line = getattr(error, "lineno", None) if isinstance(error, SyntaxError) else None
+    for frame in traceback.extract_tb(error.__traceback__):
+        if Path(frame.filename).resolve() == file.resolve():
+            line = frame.lineno
+    text = (getattr(error, "msg", None) if isinstance(error, SyntaxError) else None) or str(error)
+    text = " ".join(text.split())
+    return f"{type(error).__name__}: {text}" + (f" (line {line})" if line else "")
 
 
 def _locate(cfg: ml_collections.ConfigDict, dotted: str):

@@ -116,6 +116,52 @@ def test_unknown_key_written_in_a_config_file(tmp_path):
         llmjax.load_config(f"{f}:tinny")
 
 
+def test_a_config_file_that_fails_is_one_line_naming_it(tmp_path):
+    """A config file of one's own with a syntax error, a failed import, code that raises, a
+    get_config() without the variant argument or one that returns nothing: one line that names the
+    file and what to do (before: a traceback, or 'get_config() takes 0 positional arguments but 1
+    was given', or "'NoneType' object has no attribute 'keys'")."""
+    def load(name, text, spec_suffix=""):
+        f = tmp_path / name
+        f.write_text(text)
+        with pytest.raises(ConfigError) as err:
+            llmjax.load_config(f"{f}{spec_suffix}")
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    assert load("syn.py", "x = 1\ndef get_config(:\n") == f"config file '{tmp_path}/syn.py' does not load: SyntaxError: invalid syntax (line 2)"
+    assert load("imp.py", "import no_such_module_here\n") == (
+        f"config file '{tmp_path}/imp.py' does not load: ModuleNotFoundError: No module named 'no_such_module_here' (line 1)")
+    assert load("raises.py", "def get_config(variant):\n    return {}[variant]\n", ":tiny") == (
+        f"config file '{tmp_path}/raises.py': get_config('tiny') failed: KeyError: 'tiny' (line 2)")
+    assert load("none.py", "def get_config(variant='default'):\n    pass\n").startswith(
+        f"config file '{tmp_path}/none.py': get_config() returned NoneType, not an ml_collections.ConfigDict")
+    assert load("two.py", "def get_config(a, b):\n    pass\n") == (
+        f"config file '{tmp_path}/two.py': get_config must take at most one argument, the variant name")
+    # nanodo's form, get_config() without an argument, is what config_flags calls without a variant
+    noarg = users_config(tmp_path / "noarg.py", "def get_config():\n    return make_config('tiny', v.MODELS)\n")
+    assert llmjax.load_config(str(noarg)).to_dict() == llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny").to_dict()
+    with pytest.raises(ConfigError, match=r"its get_config\(\) takes no variant; drop ':small' or give get_config a variant argument$"):
+        llmjax.load_config(f"{noarg}:small")
+
+
+def test_an_empty_variant_suffix_means_default():
+    """`configs/modern.py:` (an empty suffix): the default variant, as no suffix; before, the command
+    line printed config_flags' traceback of "unknown variant ''" on one line."""
+    assert llmjax.load_config(f"{ROOT}/configs/modern.py:").to_dict() == llmjax.load_config(f"{ROOT}/configs/modern.py").to_dict()
+    cmd = [sys.executable, "-m", "llmjax.summary", "--config", "configs/modern.py:", "--json"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_cli_config_file_with_a_syntax_error_is_one_line(tmp_path):
+    f = tmp_path / "mine.py"
+    f.write_text("def get_config(variant='default')\n    pass\n")
+    cmd = [sys.executable, "-m", "llmjax.summary", "--config", f"{f}:tiny"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr) == (2, f"error: config file '{f}' does not load: SyntaxError: expected ':' (line 1)\n"), proc.stderr
+
+
 def test_a_variant_of_ones_own_trains_on_the_recipe_it_is_named_after(tmp_path):
     """An idea tried as a new variant (`small_nobias`, the README's way) trains on small's data and
     recipe, not the GPU recipe of `default`: it did, so its run asked for fineweb_edu, and a
