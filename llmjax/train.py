@@ -252,12 +252,22 @@ class _Stop:
 STOP_SIGNALS = (None, "SIGTERM", "Ctrl-C")
 
 
+def _saved_steps(checkpoints: Path) -> list[int]:
+    return sorted(int(c.name) for c in checkpoints.iterdir() if c.name.isdigit()) if checkpoints.is_dir() else []
+
+
 def interrupted(checkpoints: Path) -> str:
     """The line for a run interrupted at once: where it resumes from."""
-    steps = sorted(int(c.name) for c in checkpoints.iterdir() if c.name.isdigit()) if checkpoints.is_dir() else []
+    steps = _saved_steps(checkpoints)
     if not steps:
         return "interrupted; no checkpoint was written: the same command starts the run afresh"
     return f"interrupted; the same command resumes from the last checkpoint written, step {steps[-1]} in {checkpoints}"
+
+
+def resume_point(checkpoints: Path) -> str:
+    """Where a run stopped by an error goes on from: its last checkpoint, or none was written."""
+    steps = _saved_steps(checkpoints)
+    return f"a run resumes from its last checkpoint, step {steps[-1]} in {checkpoints}" if steps else "no checkpoint was written"
 
 
 def in_thread(fn) -> concurrent.futures.Future:
@@ -588,6 +598,13 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
             where = f" ({e.filename})" if e.filename else ""
             raise TrainingError(f"{e.strerror or e}{where}; stopped. Make room or write access in {Path(workdir).absolute()}, "
                                 f"then run the same command to resume from its last checkpoint") from None
+        except jax.errors.JaxRuntimeError as e:  # (a batch or context too large for the device: one line, not XLA's traceback)
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            what = " ".join(str(e).split("RESOURCE_EXHAUSTED:", 1)[1].split())[:200]
+            raise TrainingError(f"out of device memory ({what}); lower train.batch_size (raise train.grad_accum_steps to keep the "
+                                f"global batch), or set model.remat=full or train.loss_chunks=8, or a shorter model.context_len; "
+                                f"{resume_point(Path(workdir).absolute() / 'checkpoints')}") from None
     except BaseException:
         # (refused after the workdir was made: a missing extra, a validation split too short, init_from
         # weights that cannot be read) the folders this call made, where still empty; rmdir removes nothing else

@@ -679,6 +679,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
 
 
+def test_out_of_device_memory_is_one_line_saying_what_to_lower(tmp_path):
+    """A batch or context too large for the device stops the run with one line that says what to
+    lower (before: XLA's RESOURCE_EXHAUSTED traceback from the step's first result). Here a context
+    of 100,000 tokens, whose attention scores alone are terabytes, on the CPU."""
+    big = cfg("vanilla", model__context_len=100_000, eval__final_num_batches=1)
+    with pytest.raises(TrainingError) as err:
+        train(big, tmp_path / "run", quiet=True)
+    message = str(err.value)
+    assert "\n" not in message
+    assert re.fullmatch(r"out of device memory \(Out of memory allocating \d+ bytes\.\); lower train\.batch_size \(raise "
+                        r"train\.grad_accum_steps to keep the global batch\), or set model\.remat=full or train\.loss_chunks=8, "
+                        r"or a shorter model\.context_len; no checkpoint was written", message), message
+
+
 def test_resuming_with_a_different_model_is_refused(tmp_path):
     train(cfg("vanilla", train__stop_at_step=2), tmp_path / "run", quiet=True)
     with pytest.raises(ConfigError, match=r"different model config: model.d_ff \(256 -> 128\); model.n_layer \(2 -> 3\)"):
