@@ -254,8 +254,13 @@ def evaluate(FLAGS) -> dict:
         raise EvalError("--tasks is empty; e.g. --tasks=hellaswag,arc_easy")
     if FLAGS.batch_size < 1 or (FLAGS.limit is not None and FLAGS.limit < 1):
         raise EvalError("--batch_size and --limit must be >= 1")
+    shots = getattr(FLAGS, "num_fewshot", None)
+    if shots is not None and shots < 0:
+        raise EvalError(f"--num_fewshot must be >= 0, got {shots}")
     if FLAGS.scorer == "fast":
         downstream.check_names(tasks)
+        if shots:  # (the built-in scorer is 0-shot: a few-shot request would be answered 0-shot, unsaid)
+            raise EvalError(f"--num_fewshot={shots}: the fast scorer scores 0-shot only; drop --num_fewshot or use --scorer=harness")
     if FLAGS.output_json:
         check_output_path(Path(FLAGS.output_json))
     device = pick_device(FLAGS.device)

@@ -643,6 +643,9 @@ def test_cli_errors_are_one_line(bpe_run, tmp_path):
                            ({"output_json": str(tmp_path / "afile" / "m.json")}, "is a file, not a folder"),
                            ({"device": "cpu", "task_dir": str(tmp_path / "afile"), "tasks": "arc_easy"}, "cannot use .*afile as the task directory"),
                            ({"device": "cpu", "scorer": "harness", "num_fewshot": 1, "limit": 2}, "--num_fewshot=1 with hellaswag: .*use --num_fewshot=0"),
+                           # the fast scorer is 0-shot: a few-shot request was scored 0-shot, with nothing said
+                           ({"device": "cpu", "num_fewshot": 5}, r"^--num_fewshot=5: the fast scorer scores 0-shot only; drop --num_fewshot or use --scorer=harness$"),
+                           ({"device": "cpu", "scorer": "harness", "num_fewshot": -1}, r"^--num_fewshot must be >= 0, got -1$"),
                            ({"device": "cpu", "scorer": "harness", "task_dir": str(damaged)}, r"hellaswag_val.jsonl:3 is not a hellaswag item"),
                            # a task whose data is on the hub, offline: was datasets' ConnectionError traceback
                            ({"device": "cpu", "scorer": "harness", "tasks": "arc_challenge", "limit": 2},
