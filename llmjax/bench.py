@@ -52,7 +52,7 @@ from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from llmjax import cli  # noqa: E402
-from llmjax.config import ConfigError, load_config, model_config, set_key  # noqa: E402
+from llmjax.config import ConfigError, load_config, model_config, parse_value, set_key  # noqa: E402
 from llmjax.registry import build_model  # noqa: E402
 from llmjax.sample import DECODE_UNROLL, SampleError, Sampling, decode_grows, decode_min_rows, generate, inference_params  # noqa: E402
 from llmjax.scoring import ScoreError  # noqa: E402
@@ -450,11 +450,6 @@ def define_flags():
     flags.DEFINE_string("doc", str(DOC), "with --all: the markdown file whose generated table is rewritten")
 
 
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def main(argv):
@@ -476,7 +471,7 @@ def main(argv):
         if "=" not in item:
             cli.fail(f"--set takes key=value, got {item!r}")
         k, v = item.split("=", 1)
-        overrides[k] = _parse_value(v)
+        overrides[k] = v  # (parsed by each row's config: as --config.KEY=VALUE, by the key's type)
     try:
         batches = [int(b) for b in F.decode_batches]
         train_batches = sorted({int(b) for b in F.batch_size}) or [None]
@@ -519,8 +514,10 @@ def main(argv):
                 cfg = load_config(source) if isinstance(source, str) else source
                 cfg = cfg.copy_and_resolve_references() if hasattr(cfg, "copy_and_resolve_references") else cfg
                 with cfg.unlocked():
-                    for key, value in {**overrides, **({"train.batch_size": batch_size} if batch_size else {})}.items():
-                        set_key(cfg, key, value)
+                    for key, text in overrides.items():
+                        set_key(cfg, key, parse_value(cfg, key, text))
+                    if batch_size:
+                        set_key(cfg, "train.batch_size", batch_size)
                 mcfg = model_config(cfg)
                 if "hellaswag" in suites:
                     check_hellaswag(mcfg)

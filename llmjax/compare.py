@@ -34,7 +34,7 @@ from pathlib import Path
 from absl import flags
 
 from llmjax import cli
-from llmjax.config import ConfigError, load_config, model_config, model_defaults, set_key, split_spec, validate
+from llmjax.config import ConfigError, load_config, model_config, model_defaults, parse_value, set_key, split_spec, validate
 from llmjax.data import atomic_write_bytes, atomic_write_json
 from llmjax.summary import summarize
 
@@ -71,7 +71,11 @@ def plan(specs: list[str], *, max_steps: int, batch_size: int | None, eval_every
             cfg = load_config(spec)
         except ConfigError as e:
             raise CompareError(f"{spec}: {e}") from None
-        o = {"train.max_steps": max_steps, **overrides}
+        try:  # (a --set value as its text: parsed by the key's type, as --config.KEY=VALUE is)
+            given = {k: parse_value(cfg, k, v) if isinstance(v, str) else v for k, v in overrides.items()}
+        except ConfigError as e:
+            raise CompareError(f"{spec}: --set {e}") from None
+        o = {"train.max_steps": max_steps, **given}
         if batch_size:
             o["train.batch_size"] = batch_size
         o["eval.every_steps"] = eval_every if eval_every else max(1, max_steps // 10)
@@ -473,10 +477,7 @@ def main(argv):
         if "=" not in item:
             cli.fail(f"--set takes key=value, got {item!r}")
         k, v = item.split("=", 1)
-        try:
-            overrides[k] = json.loads(v)
-        except json.JSONDecodeError:
-            overrides[k] = v
+        overrides[k] = v  # (parsed by each config: by the key's type, as --config.KEY=VALUE is)
     if F.task_dir:
         overrides["eval.tasks_dir"] = F.task_dir
     command = "python -m llmjax.compare " + " ".join(sys.argv[1:])

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import importlib.util
 import inspect
+import json
 import math
 import traceback
 from pathlib import Path
@@ -393,6 +394,30 @@ def set_key(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
         node[leaf] = value
     except TypeError as e:
         raise ConfigError(f"config key '{dotted}': {str(e).splitlines()[0]}") from None
+
+
+def parse_value(cfg: ml_collections.ConfigDict, dotted: str, text: str) -> Any:
+    """A `key=value` override's text (`--set` of llmjax.bench and llmjax.compare) as the key's value,
+    parsed as `--config.key=value` parses it, by the type the key holds: a bool from true/false/1/0
+    (any case), an int, a float, a string as written; anything else (a group, None) as JSON, else
+    the text. A one-line ConfigError for text that is not of the key's type."""
+    from absl import flags
+
+    node, leaf = _locate(cfg, dotted)
+    current = node[leaf]
+    parser = {bool: flags.BooleanParser(), int: flags.IntegerParser(), float: flags.FloatParser()}.get(type(current))
+    if isinstance(current, str):
+        return text
+    if parser is None:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    try:
+        return parser.parse(text)
+    except ValueError:
+        want = {bool: "true or false", int: "an integer", float: "a number"}[type(current)]
+        raise ConfigError(f"{dotted}={text}: {dotted} takes {want}") from None
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:

@@ -143,6 +143,11 @@ def test_cli_bad_input_is_one_line():
                          (["--config=configs/vanilla.py:tiny", "--suite="], "--suite is empty"),
                          (["--config=configs/vanilla.py:tiny", "--suite=hellaswag", "--task_limit=-1"], "--task_limit must be at least 1"),
                          (["--config=configs/vanilla.py:tiny", "--out=/nonexistent/rows.jsonl"], "No such file or directory: /nonexistent"),
+                         # --set reads a value as --config.* does: True is a bool (it was refused: "True is of original type <class 'str'>"),
+                         # so this row is planned and only the --out after it is refused
+                         (["--config=configs/vanilla.py:tiny", "--set", "model.scan_layers=True", "--out=/nonexistent/rows.jsonl"],
+                          "No such file or directory: /nonexistent"),
+                         (["--config=configs/vanilla.py:tiny", "--set", "model.scan_layers=yes"], "error: model.scan_layers=yes: model.scan_layers takes true or false"),
                          (["--all", "--variant=tiny", f"--doc={ROOT / 'tests' / 'fixtures'}"], "is not a file in an existing folder")]:
         cases.append((args, needle))
     for (args, needle), r in zip(cases, cli_cases("llmjax.bench", [args for args, _ in cases])):

@@ -324,6 +324,18 @@ def test_plans_refuse_unfair_comparisons():
                                       tasks_limit=0, overrides={})[0]["overrides"]  # characters: none
 
 
+
+def test_set_values_are_parsed_by_the_keys_type():
+    """`--set model.scan_layers=True` (as --config.model.scan_layers=True takes it) sets the bool; it
+    was refused ("True is of original type <class 'str'>"), as JSON does not read True."""
+    kw = dict(max_steps=2, batch_size=None, eval_every=None, eval_batches=None, tasks="", tasks_limit=0)
+    (p,) = C.plan([SPECS[0]], **kw, overrides={"model.scan_layers": "True", "train.lr": "2e-3", "data.dir": "2026"})
+    assert (p["cfg"].model.scan_layers, p["cfg"].train.lr, p["cfg"].data.dir) == (True, 2e-3, "2026")
+    assert p["overrides"]["model.scan_layers"] is True
+    with pytest.raises(C.CompareError, match=r": --set model\.scan_layers=yes: model\.scan_layers takes true or false$"):
+        C.plan([SPECS[0]], **kw, overrides={"model.scan_layers": "yes"})
+
+
 def test_plans_check_each_config_with_compares_settings(tmp_path):
     """A config that compare's own settings make invalid is refused before any run: a wsd decay that
     --max_steps 9 puts inside one config's 8 warm-up steps was found by that config's first run,

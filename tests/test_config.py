@@ -162,6 +162,35 @@ def test_cli_config_file_with_a_syntax_error_is_one_line(tmp_path):
     assert (proc.returncode, proc.stderr) == (2, f"error: config file '{f}' does not load: SyntaxError: expected ':' (line 1)\n"), proc.stderr
 
 
+def test_set_values_parse_as_config_overrides_do():
+    """`--set KEY=VALUE` (llmjax.bench, llmjax.compare) gives the value `--config.KEY=VALUE` gives,
+    the reference being config_flags' own parse: before, --set read JSON, so `model.scan_layers=True`
+    and `=1` (both accepted by --config.*) were refused, as was a string key given digits."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from llmjax.config import parse_value
+
+    spec = f"{ROOT}/configs/vanilla.py:tiny"
+    cases = [("model.scan_layers", "True"), ("model.scan_layers", "1"), ("model.scan_layers", "false"), ("model.scan_layers", "FALSE"),
+             ("train.lr", "1"), ("train.lr", "3e-4"), ("train.max_steps", "7"), ("model.init_std", "0.5"),
+             ("data.dir", "2026"), ("eval.tasks", "hellaswag,arc_easy"), ("train.loss_scale", "1024"), ("model.matmul_dtype", "")]
+    for key, text in cases:
+        fv, argv = flags.FlagValues(), ["prog", f"--config={spec}", f"--config.{key}={text}"]
+        config_flags.DEFINE_config_file("config", flag_values=fv, lock_config=True, sys_argv=argv)
+        fv(argv)
+        want = fv.config
+        for part in key.split("."):
+            want = want[part]
+        got = parse_value(llmjax.load_config(spec), key, text)
+        assert (got, type(got)) == (want, type(want)), (key, text, got, want)
+    for key, text, message in [("model.scan_layers", "yes", r"^model\.scan_layers=yes: model\.scan_layers takes true or false$"),
+                               ("train.max_steps", "1e3", r"^train\.max_steps=1e3: train\.max_steps takes an integer$"),
+                               ("model.n_layr", "3", r"^unknown config key 'model\.n_layr' \(did you mean 'model\.n_layer'\?\)$")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_value(llmjax.load_config(spec), key, text)
+
+
 def test_a_variant_of_ones_own_trains_on_the_recipe_it_is_named_after(tmp_path):
     """An idea tried as a new variant (`small_nobias`, the README's way) trains on small's data and
     recipe, not the GPU recipe of `default`: it did, so its run asked for fineweb_edu, and a
