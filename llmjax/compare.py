@@ -78,8 +78,9 @@ def plan(specs: list[str], *, max_steps: int, batch_size: int | None, eval_every
         o = {"train.max_steps": max_steps, **given}
         if batch_size:
             o["train.batch_size"] = batch_size
-        o["eval.every_steps"] = eval_every if eval_every else max(1, max_steps // 10)
-        if eval_batches:
+        # (0 given is 0, the config key's meaning: at the last step only / no estimates; not the default)
+        o["eval.every_steps"] = eval_every if eval_every is not None else max(1, max_steps // 10)
+        if eval_batches is not None:
             o["eval.num_batches"] = eval_batches
         o["eval.sample_tokens"] = 0
         o["train.checkpoint_every_steps"] = max_steps

@@ -325,6 +325,16 @@ def test_plans_refuse_unfair_comparisons():
 
 
 
+def test_eval_flags_given_as_zero_are_zero():
+    """--eval_every=0 and --eval_batches=0 mean what the config keys' 0 means (at the last step only;
+    no estimates); they were taken as not given: every max_steps // 10 steps over the configs' 20 batches."""
+    kw = dict(max_steps=20, batch_size=None, tasks="", tasks_limit=0, overrides={})
+    (p,) = C.plan([SPECS[0]], eval_every=0, eval_batches=0, **kw)
+    assert (p["cfg"].eval.every_steps, p["cfg"].eval.num_batches) == (0, 0)
+    (p,) = C.plan([SPECS[0]], eval_every=None, eval_batches=None, **kw)  # (not given: a tenth of the run, the config's)
+    assert (p["cfg"].eval.every_steps, p["cfg"].eval.num_batches) == (2, llmjax.load_config(SPECS[0]).eval.num_batches)
+
+
 def test_set_values_are_parsed_by_the_keys_type():
     """`--set model.scan_layers=True` (as --config.model.scan_layers=True takes it) sets the bool; it
     was refused ("True is of original type <class 'str'>"), as JSON does not read True."""
