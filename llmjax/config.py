@@ -80,6 +80,10 @@ class ModelConfig:
     fused_decode_attention: ClassVar[bool] = True
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):  # (NaN passes every comparison below; NaN or inf logits, or a crash, follow)
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"model.{field.name} must be a finite number, got {value}")
         if self.padded_vocab_size < self.vocab_size:
             raise ConfigError(
                 f"model.padded_vocab_size={self.padded_vocab_size} is smaller than "

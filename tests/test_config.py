@@ -227,6 +227,21 @@ def test_widths_must_be_positive(arch):
                 model_config({**values, name: bad})
 
 
+@pytest.mark.parametrize("arch", sorted(llmjax.ARCHS))
+def test_model_numbers_must_be_finite(arch):
+    """A NaN or infinite float in the model group (norm_eps, init_std, rope_base, the SSM's dt_min /
+    dt_max, the MoE's capacity_factor) is one line: NaN passed the positivity checks and gave NaN
+    logits (norm_eps, init_std, rope_base), and capacity_factor=inf crashed in the capacity mode's
+    ceil ('cannot convert float infinity to integer')."""
+    values = config(arch).model.to_dict()
+    names = [k for k, v in values.items() if isinstance(v, float)]
+    assert {"init_std", "norm_eps"} <= set(names)
+    for name in names:
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            with pytest.raises(ConfigError, match=rf"^model\.{name} must be a finite number, got {bad}$"):
+                model_config({**values, name: bad})
+
+
 def test_missing_model_key_is_named():
     values = config("mla").model.to_dict()
     del values["kv_lora_rank"]
