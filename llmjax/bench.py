@@ -424,6 +424,7 @@ def rewrite_doc(text: str, block: str) -> str:
 
 def define_flags():
     cli.define_config_flag(required=False)
+    flags.adopt_module_key_flags(cli)  # (--help lists --config with the tool's own flags)
     flags.DEFINE_bool("all", False, "every registered architecture's --variant; rewrites the table in docs/benchmarks.md")
     flags.DEFINE_string("variant", "default", "with --all: the variant of each config")
     flags.DEFINE_list("suite", list(DEFAULT_SUITES), "suites to run: train, decode, memory, hellaswag")

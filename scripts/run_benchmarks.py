@@ -3,9 +3,12 @@
 the same flags (`--checkpoint_path runs/NAME --tasks hellaswag,arc_easy --batch_size 4 --dtype
 bfloat16 --device cuda:0 [--limit N] [--output_json metrics.json]`)."""
 
-from llmjax import cli
+from absl import flags
+
+from llmjax import cli, evaluate
 from llmjax.evaluate import define_flags, main
 
 if __name__ == "__main__":
     define_flags()
+    flags.adopt_module_key_flags(evaluate)  # (--help lists llmjax.evaluate's flags: they are this script's)
     cli.run(main)

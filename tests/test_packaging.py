@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from importlib import metadata
@@ -62,7 +63,13 @@ def test_every_tools_help_lists_its_main_flags():
 
     for module, names in [("llmjax.train", ["--config", "--workdir"]), ("llmjax.sample", ["--checkpoint_path", "--which", "--prompt"]),
                           ("llmjax.evaluate", ["--checkpoint_path", "--which", "--quantize", "--tasks"]),
-                          ("llmjax.export", ["--checkpoint_path", "--which"]), ("llmjax.summary", ["--config"])]:
-        r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+                          ("llmjax.export", ["--checkpoint_path", "--which"]), ("llmjax.summary", ["--config"]),
+                          # (bench's --config and the evaluate alias's every flag were under --helpfull only)
+                          ("llmjax.bench", ["--config", "--variant", "--set"]), ("llmjax.aot", ["--config", "--target"]),
+                          ("llmjax.compare", ["--configs", "--set"]), ("llmjax.prepare", ["--source", "--out"]),
+                          ("scripts/run_benchmarks.py", ["--checkpoint_path", "--which", "--quantize", "--tasks", "--scorer"])]:
+        how = [module] if module.endswith(".py") else ["-m", module]
+        r = subprocess.run([sys.executable, *how, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
         listed = set(re.findall(r"^\s+(--\w+):", r.stdout + r.stderr, re.M))
         assert set(names) <= listed, (module, set(names) - listed)
