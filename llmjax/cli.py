@@ -53,8 +53,26 @@ def config_spec(argv: list[str]) -> str | None:
     return _config_args(argv)[0]
 
 
+def _misplaced_override(argv: list[str]) -> str | None:
+    """The first --config.KEY=VALUE override with no --config before it (config_flags: 'Unknown
+    command line flag' without one, 'Found ... before a value for --config' before it), else None."""
+    seen_config = False
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        if arg == "--config" or arg.startswith("--config="):
+            seen_config = True
+        elif re.match(r"--(no)?config\.", arg) and not seen_config:
+            return arg
+    return None
+
+
 def _parse(argv: list[str]):
     spec, keys = _config_args(argv)
+    early = _misplaced_override(argv)
+    if early is not None and "config" in FLAGS:
+        fail(f"{early} comes before --config; give --config {spec} first, then its overrides" if spec is not None else
+             f"{early} overrides a key of the --config file; give --config configs/FILE.py[:variant] before it")
     try:
         if spec is not None:  # our own checks first: clearer messages than config_flags'
             cfg = load_config(spec)

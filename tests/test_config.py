@@ -277,6 +277,21 @@ def test_cli_errors_are_one_line_without_traceback():
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
+def test_cli_override_without_a_config_before_it_says_so():
+    """--config.KEY=VALUE before --config, or with none: one line saying to give --config first
+    (config_flags said 'Unknown command line flag' and 'Found ... before a value for --config was
+    specified')."""
+    from helpers import cli_cases
+
+    cases = [["--config.model.n_layer=3"], ["--config.model.n_layer=3", "--config", "configs/vanilla.py:tiny"],
+             ["--noconfig.model.scan_layers", "--config=configs/vanilla.py:tiny"]]
+    want = ["error: --config.model.n_layer=3 overrides a key of the --config file; give --config configs/FILE.py[:variant] before it",
+            "error: --config.model.n_layer=3 comes before --config; give --config configs/vanilla.py:tiny first, then its overrides",
+            "error: --noconfig.model.scan_layers comes before --config; give --config configs/vanilla.py:tiny first, then its overrides"]
+    for r, line in zip(cli_cases("llmjax.summary", cases), want):
+        assert (r.returncode, r.stderr) == (2, line + "\n"), r.stderr
+
+
 def test_cli_output_cut_short_by_its_reader_ends_quietly():
     """`python -m llmjax.summary ... | head -1`: the reader goes away; the tool stops with the shell's
     status for SIGPIPE (141) and no traceback (here the reader, `true`, has gone before the first write)."""
