@@ -424,6 +424,24 @@ def parse_value(cfg: ml_collections.ConfigDict, dotted: str, text: str) -> Any:
         raise ConfigError(f"{dotted}={text}: {dotted} takes {want}") from None
 
 
+def _check_shared_type(key: str, default: Any, value: Any) -> None:
+    """A train/data/eval/logging value of its default's type (an int where a float goes; a number for
+    train.loss_scale, whose static scale the command line gives as text)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(value, bool) == isinstance(default, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float))
+    elif isinstance(default, Mapping):
+        ok = isinstance(value, (Mapping, ml_collections.ConfigDict))
+    elif key == "train.loss_scale":
+        ok = isinstance(value, (str, int, float))
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        shown = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+        raise ConfigError(f"config key '{key}' must be {type(default).__name__}, got {type(value).__name__} {shown!r}")
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Check every group and key against the schema; raise ConfigError (one line) on the first problem."""
     schema = _shared_groups("default")
@@ -438,6 +456,18 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         for key in cfg[group].keys():
             if key not in keys:
                 raise ConfigError(f"unknown config key '{group}.{key}'{closest(f'{group}.{key}', [f'{group}.{k}' for k in keys])}")
+        # (a group given whole, --config.train={...} or a config file's own dict, replaces every key of it)
+        whole = f"; a group given whole (--config.{group}={{...}}) replaces all its keys: set them one by one, --config.{group}.KEY=VALUE"
+        for key, default in keys.items():
+            if key not in cfg[group]:
+                raise ConfigError(f"config key '{group}.{key}' is missing{whole}")
+            _check_shared_type(f"{group}.{key}", default, cfg[group][key])
+    mesh = cfg.train.mesh
+    for axis in mesh.keys():
+        if axis not in schema["train"]["mesh"]:
+            raise ConfigError(f"unknown config key 'train.mesh.{axis}'{closest(axis, schema['train']['mesh'])} (the mesh's axes: "
+                              f"{', '.join(schema['train']['mesh'])})")
+        _check_shared_type(f"train.mesh.{axis}", 1, mesh[axis])
     for key, low, meaning in RANGES:
         group, name = key.split(".")
         value = cfg[group][name]

@@ -277,6 +277,44 @@ def test_cli_errors_are_one_line_without_traceback():
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
+def test_a_group_given_whole_is_checked_key_by_key():
+    """`--config.train.mesh={...}` or `--config.eval={...}` (config_flags takes a dict for a group)
+    replaces the whole group, past the per-key checks: a mesh axis misspelled or unknown was ignored
+    ({'data': -1, 'fdsp': 4} trained pure data parallelism on every device), a group missing keys
+    was a bare KeyError ('every_steps'), a value of another type got through."""
+    spec = f"{ROOT}/configs/vanilla.py:tiny"
+    for override, message in [
+        ({"train.mesh": {"data": -1, "fdsp": 4}}, "unknown config key 'train.mesh.fdsp' (did you mean 'fsdp'?) (the mesh's axes: data, fsdp, expert)"),
+        ({"train.mesh": {"data": 1, "tensor": 2}}, "unknown config key 'train.mesh.tensor' (the mesh's axes: data, fsdp, expert)"),
+        ({"train.mesh": {"data": "x"}}, "config key 'train.mesh.data' must be int, got str 'x'"),
+        ({"eval": {}}, "config key 'eval.every_steps' is missing; a group given whole (--config.eval={...}) replaces all its keys: set them "
+                       "one by one, --config.eval.KEY=VALUE"),
+        ({"train": {"lr": 1e-3}}, "config key 'train.seed' is missing; a group given whole (--config.train={...})"),
+        ({"data": {"dataset": "tinyshakespeare_char", "dir": 3}}, "config key 'data.dir' must be str, got int 3"),
+        ({"logging": {"wandb": "no", "wandb_project": "x", "progress_bar": True}}, "config key 'logging.wandb' must be bool, got str 'no'"),
+    ]:
+        cfg = llmjax.load_config(spec)
+        with cfg.unlocked():
+            for key, value in override.items():
+                group, _, name = key.partition(".")
+                if name:
+                    cfg[group][name] = value
+                else:
+                    cfg[group] = value
+        with pytest.raises(ConfigError) as err:
+            llmjax.config.validate(cfg)
+        assert str(err.value).startswith(message), str(err.value)
+    cfg = llmjax.load_config(spec)  # (a mesh of fewer axes, an int for a float, a static loss scale as a number: fine)
+    with cfg.unlocked():
+        cfg.train.mesh = {"data": 1}
+        cfg.train.lr = 1
+    llmjax.config.validate(cfg)
+    cmd = [sys.executable, "-m", "llmjax.summary", "--config", "configs/vanilla.py:tiny", "--config.train.mesh={'data': -1, 'fdsp': 4}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr) == (2, "error: unknown config key 'train.mesh.fdsp' (did you mean 'fsdp'?) (the mesh's axes: "
+                                                 "data, fsdp, expert)\n"), proc.stderr
+
+
 def test_cli_override_without_a_config_before_it_says_so():
     """--config.KEY=VALUE before --config, or with none: one line saying to give --config first
     (config_flags said 'Unknown command line flag' and 'Found ... before a value for --config was
