@@ -643,10 +643,14 @@ def main(argv):
     unknown = [s for s in F.suite if s not in ("train", "decode")]
     if unknown:
         cli.fail(f"unknown suite(s) {', '.join(unknown)}; choose from train, decode")
+    if not F.suite:  # (it compiled nothing and printed nothing, exit status 0)
+        cli.fail("--suite is empty; choose from train, decode")
     try:
         batches = [int(b) for b in F.decode_batches]
     except ValueError:
         cli.fail(f"--decode_batches takes integers, got {','.join(F.decode_batches)}")
+    if "decode" in F.suite and not batches:
+        cli.fail("--decode_batches is empty; give the decode batch sizes (e.g. 1,64) or leave decode out of --suite")
     if F.top < 0:
         cli.fail(f"--top must be at least 0, got {F.top}")
     if min(batches + [1 if F.batch_size is None else F.batch_size]) < 1 or F.prompt_len < 1 or F.new_tokens < 1:

@@ -514,3 +514,18 @@ def test_an_unknown_decode_mode_is_a_one_line_error():
                         "--decode_modes", "greedy,beam"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
     assert "--decode_modes takes greedy and/or topk, got greedy,beam" in r.stderr
+
+
+@needs_plugin
+def test_an_empty_suite_or_decode_batches_is_a_one_line_error():
+    """`--suite=` or `--decode_batches=` with the decode suite compiled nothing and printed nothing,
+    exit status 0; bench refuses both, and so does aot now."""
+    from helpers import cli_cases
+
+    base = ["--config", "configs/vanilla.py:tiny"]
+    cases = [base + ["--suite="], base + ["--suite=decode", "--decode_batches="]]
+    want = ["error: --suite is empty; choose from train, decode",
+            "error: --decode_batches is empty; give the decode batch sizes (e.g. 1,64) or leave decode out of --suite"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    for r, line in zip(cli_cases("llmjax.aot", cases, env=env), want):
+        assert (r.returncode, r.stderr, r.stdout) == (2, line + "\n", ""), r.stderr
