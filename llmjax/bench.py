@@ -459,6 +459,9 @@ def main(argv):
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if (F.config is not None) == F.all:
         cli.fail("give --config configs/<arch>.py[:variant] or --all")
+    if F.config is not None and F["variant"].present:  # (it was ignored: the spec's variant was measured)
+        path, _ = cli.split_spec(cli.config_spec(sys.argv) or "")
+        cli.fail(f"--variant is for --all; with --config put the variant in it: --config {path}:{F.variant}")
     unknown = [s for s in F.suite if s not in SUITES]
     if unknown:
         cli.fail(f"unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}")

@@ -110,6 +110,9 @@ def main(argv):
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         cli.fail(f"unexpected argument '{argv[1]}'; flags are --config, --json, --variant")
+    if FLAGS.config is not None and FLAGS["variant"].present:  # (it was ignored: the spec's variant was summarised)
+        path, _ = cli.split_spec(FLAGS["config"].config_filename)
+        cli.fail(f"--variant is for every config, without --config; with --config put the variant in it: --config {path}:{FLAGS.variant}")
     if FLAGS.config is not None:
         rows = [dict(config=FLAGS["config"].config_filename, **summarize(FLAGS.config))]
     else:

@@ -83,3 +83,16 @@ def test_cli_json(tmp_path):
                 "decode_state_bytes_per_token", "decode_state_bytes"):
         assert key in data
     assert data["arch"] == "gqa" and data["params_total"] == DEFAULTS["gqa"][0]
+
+
+def test_variant_with_a_config_is_refused_not_ignored():
+    """`--config configs/vanilla.py:tiny --variant=small` summarised tiny, ignoring --variant (it picks
+    every config's variant when --config is not given); bench's --variant (for --all) likewise."""
+    from helpers import cli_cases
+
+    (r,) = cli_cases("llmjax.summary", [["--config", "configs/vanilla.py:tiny", "--variant=small"]])
+    assert (r.returncode, r.stderr, r.stdout) == (2, "error: --variant is for every config, without --config; with --config put the "
+                                                     "variant in it: --config configs/vanilla.py:small\n", ""), r.stderr
+    (r,) = cli_cases("llmjax.bench", [["--config", "configs/vanilla.py", "--variant", "tiny", "--suite=memory", "--steps=0"]])
+    assert (r.returncode, r.stderr, r.stdout) == (2, "error: --variant is for --all; with --config put the variant in it: "
+                                                     "--config configs/vanilla.py:tiny\n", ""), r.stderr
