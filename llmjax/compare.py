@@ -471,7 +471,8 @@ def main(argv):
     F = flags.FLAGS
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not F.configs:
+    specs = [s for s in F.configs or [] if s]  # (a trailing or doubled comma: no config, not a file named '')
+    if not specs:
         cli.fail("--configs is required, e.g. --configs configs/vanilla.py:small,configs/modern.py:small")
     overrides = {}
     for item in F.set:
@@ -488,7 +489,7 @@ def main(argv):
 
     signal.signal(signal.SIGTERM, stop)  # (as Ctrl-C: the running trainer is stopped and saves, see train_once)
     try:
-        result = compare(F.configs, out=Path(F.out), seeds=F.seeds, max_steps=F.max_steps, batch_size=F.batch_size,
+        result = compare(specs, out=Path(F.out), seeds=F.seeds, max_steps=F.max_steps, batch_size=F.batch_size,
                          eval_every=F.eval_every, eval_batches=F.eval_batches, tasks=F.tasks, tasks_limit=F.tasks_limit,
                          overrides=overrides, command=command)
     except CompareError as e:

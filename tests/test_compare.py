@@ -335,6 +335,18 @@ def test_eval_flags_given_as_zero_are_zero():
     assert (p["cfg"].eval.every_steps, p["cfg"].eval.num_batches) == (2, llmjax.load_config(SPECS[0]).eval.num_batches)
 
 
+def test_an_empty_entry_in_configs_is_no_config():
+    """`--configs a,,b` or a trailing comma: the empty entry is skipped (it was "error: : config file ''
+    not found"); here the --set after it is what is refused, naming the config."""
+    from helpers import cli_cases
+
+    (r,) = cli_cases("llmjax.compare", [["--configs", ",configs/vanilla.py:tiny,", "--set", "model.n_layr=2", "--tasks="]])
+    assert (r.returncode, r.stderr) == (2, "error: configs/vanilla.py:tiny: --set unknown config key 'model.n_layr' "
+                                           "(did you mean 'model.n_layer'?)\n"), r.stderr
+    (r,) = cli_cases("llmjax.compare", [["--configs", ","]])
+    assert r.returncode == 2 and r.stderr.startswith("error: --configs is required"), r.stderr
+
+
 def test_set_values_are_parsed_by_the_keys_type():
     """`--set model.scan_layers=True` (as --config.model.scan_layers=True takes it) sets the bool; it
     was refused ("True is of original type <class 'str'>"), as JSON does not read True."""
