@@ -75,16 +75,15 @@ def plan(specs: list[str], *, max_steps: int, batch_size: int | None, eval_every
             given = {k: parse_value(cfg, k, v) if isinstance(v, str) else v for k, v in overrides.items()}
         except ConfigError as e:
             raise CompareError(f"{spec}: --set {e}") from None
-        o = {"train.max_steps": max_steps, **given}
+        # compare's run defaults (no sample; one checkpoint, at the end) yield to a --set of them (it was overwritten, unsaid)
+        o = {"train.max_steps": max_steps, "eval.sample_tokens": 0, "train.checkpoint_every_steps": max_steps,
+             "train.keep_checkpoints": 1, **given}
         if batch_size:
             o["train.batch_size"] = batch_size
         # (0 given is 0, the config key's meaning: at the last step only / no estimates; not the default)
         o["eval.every_steps"] = eval_every if eval_every is not None else max(1, max_steps // 10)
         if eval_batches is not None:
             o["eval.num_batches"] = eval_batches
-        o["eval.sample_tokens"] = 0
-        o["train.checkpoint_every_steps"] = max_steps
-        o["train.keep_checkpoints"] = 1
         try:
             with cfg.unlocked():
                 for k, v in o.items():

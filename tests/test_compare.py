@@ -335,6 +335,21 @@ def test_eval_flags_given_as_zero_are_zero():
     assert (p["cfg"].eval.every_steps, p["cfg"].eval.num_batches) == (2, llmjax.load_config(SPECS[0]).eval.num_batches)
 
 
+def test_set_of_a_run_default_of_compares_is_applied():
+    """compare's runs print no sample and keep one checkpoint, saved at the end; a --set of those keys
+    (train.checkpoint_every_steps=5 on a long comparison, so that a crash loses less) was overwritten
+    with nothing said. Now it applies; not given, compare's defaults do."""
+    kw = dict(max_steps=20, batch_size=None, eval_every=None, eval_batches=None, tasks="", tasks_limit=0)
+    (p,) = C.plan([SPECS[0]], **kw, overrides={"train.keep_checkpoints": "3", "eval.sample_tokens": "50", "train.checkpoint_every_steps": "5"})
+    c = p["cfg"]
+    assert (c.train.keep_checkpoints, c.eval.sample_tokens, c.train.checkpoint_every_steps) == (3, 50, 5)
+    assert {k: p["overrides"][k] for k in ("train.keep_checkpoints", "eval.sample_tokens", "train.checkpoint_every_steps")} == {
+        "train.keep_checkpoints": 3, "eval.sample_tokens": 50, "train.checkpoint_every_steps": 5}
+    (p,) = C.plan([SPECS[0]], **kw, overrides={})
+    c = p["cfg"]
+    assert (c.train.keep_checkpoints, c.eval.sample_tokens, c.train.checkpoint_every_steps) == (1, 0, 20)
+
+
 def test_an_empty_entry_in_configs_is_no_config():
     """`--configs a,,b` or a trailing comma: the empty entry is skipped (it was "error: : config file ''
     not found"); here the --set after it is what is refused, naming the config."""
