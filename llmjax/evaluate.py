@@ -290,6 +290,11 @@ def main(argv):
         out = evaluate(FLAGS)
     except (EvalError, SampleError, ScoreError, downstream.TaskError, ConfigError) as e:
         cli.fail(str(e))
+    except jax.errors.JaxRuntimeError as e:  # (XLA's traceback before)
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        what = " ".join(str(e).split("RESOURCE_EXHAUSTED:", 1)[1].split())[:200]
+        cli.fail(f"out of device memory scoring batches of {FLAGS.batch_size} sequences ({what}); lower --batch_size")
     text = json.dumps(out, indent=2, default=str)
     print(text)  # (first: the results are not lost if the file cannot be written)
     sys.stdout.flush()

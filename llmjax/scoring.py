@@ -203,27 +203,29 @@ class Scorer:
             from tqdm import tqdm
 
             bar = tqdm(total=sum(len(chunk) for chunk, _, _ in chunks), unit="req", dynamic_ncols=True)
-        pending = []  # dispatched batches: the host builds the next while the device runs this one
-        for chunk, T, K in chunks:
-            toks = np.zeros((B, T), np.int32)
-            starts = np.zeros(B, np.int32)
-            tgts = np.zeros((B, K), np.int32)
-            mask = np.zeros((B, K), np.float32)
-            for r, i in enumerate(chunk):
-                whole, n = rows[i]
-                m = len(whole) - 1  # the row's inputs; its last n predictions (positions m - n .. m - 1) are scored
-                toks[r, :m] = whole[:-1]
-                starts[r] = s = max(m - K, 0)  # (the K positions from s hold them: n <= K <= T)
-                w = min(K, m - s)
-                tgts[r, :w] = whole[s + 1 : s + 1 + w]
-                mask[r, m - n - s : m - s] = 1.0
-            pending.append((chunk, self.batch_fn(toks, starts, tgts, mask)))
-            if len(pending) > 2:
-                self._collect(pending.pop(0), results, bar)
-        for item in pending:
-            self._collect(item, results, bar)
-        if bar is not None:
-            bar.close()
+        try:  # (the bar ends its line also when a batch fails: an error after it starts a line of its own)
+            pending = []  # dispatched batches: the host builds the next while the device runs this one
+            for chunk, T, K in chunks:
+                toks = np.zeros((B, T), np.int32)
+                starts = np.zeros(B, np.int32)
+                tgts = np.zeros((B, K), np.int32)
+                mask = np.zeros((B, K), np.float32)
+                for r, i in enumerate(chunk):
+                    whole, n = rows[i]
+                    m = len(whole) - 1  # the row's inputs; its last n predictions (positions m - n .. m - 1) are scored
+                    toks[r, :m] = whole[:-1]
+                    starts[r] = s = max(m - K, 0)  # (the K positions from s hold them: n <= K <= T)
+                    w = min(K, m - s)
+                    tgts[r, :w] = whole[s + 1 : s + 1 + w]
+                    mask[r, m - n - s : m - s] = 1.0
+                pending.append((chunk, self.batch_fn(toks, starts, tgts, mask)))
+                if len(pending) > 2:
+                    self._collect(pending.pop(0), results, bar)
+            for item in pending:
+                self._collect(item, results, bar)
+        finally:
+            if bar is not None:
+                bar.close()
         bad = [i for i, (ll, _) in enumerate(results) if not math.isfinite(ll)]  # type: ignore[misc]
         if bad:  # (numpy's argmax over NaNs picks the first NaN: a metric would count them as answers)
             raise ScoreError(

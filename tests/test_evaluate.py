@@ -6,6 +6,7 @@ trainer's in-loop scoring; the command line."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import types
@@ -540,6 +541,26 @@ def _cli(*args, script=None):
     cmd = [sys.executable, str(script)] if script else [sys.executable, "-m", "llmjax.evaluate"]
     env = {**__import__("os").environ, **OFFLINE}
     return subprocess.run(cmd + list(args), capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+
+
+def test_cli_out_of_device_memory_is_one_line(bpe_run):
+    """A --batch_size the device cannot hold (here 10,000 rows of logits over 50,304 tokens: 129 GB,
+    which XLA's CPU allocator refuses) says to lower it, in one line; it was XLA's RESOURCE_EXHAUSTED
+    traceback. (The process's address space is capped: the refusal must not rest on this machine's
+    memory.)"""
+    import resource
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (24 * 2**30, 24 * 2**30))
+
+    cmd = [sys.executable, "-m", "llmjax.evaluate", f"--checkpoint={bpe_run}", f"--task_dir={FIXTURES}", "--limit=4",
+           "--batch_size=10000", "--tasks=hellaswag", "--scorer=fast"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env={**__import__("os").environ, **OFFLINE},
+                       preexec_fn=cap)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == "", r.stderr[-2000:]
+    assert re.fullmatch(r"error: out of device memory scoring batches of 10000 sequences \(Out of memory allocating \d+ bytes\.\); "
+                        r"lower --batch_size", last), last
 
 
 def test_cli_harness_and_fast_scorer_agree(bpe_run, tmp_path):
