@@ -559,7 +559,11 @@ def main(argv):
             row, message = None, str(e)
         except Exception as e:  # noqa: BLE001  (--all: one architecture's failure must not lose the others' rows)
             if not F.all:
-                raise
+                what = cli.out_of_memory(e) if isinstance(e, jax.errors.JaxRuntimeError) else None
+                if what is None:
+                    raise
+                cli.fail(f"{spec}: out of device memory ({what}); lower --batch_size (or the config's train.batch_size), or set "
+                         "--config.model.remat=full", code=1)
             row, message = None, _one_line(e)
         finally:
             _signal["armed"] = False

@@ -107,6 +107,17 @@ def run(main: Callable[[list[str]], None]):
     app.run(guarded, flags_parser=_parse)
 
 
+def out_of_memory(error: BaseException) -> str | None:
+    """XLA's own words for a device allocation that failed ('Out of memory allocating N bytes.'),
+    whether raised as RESOURCE_EXHAUSTED (at a result) or INTERNAL (at a dispatch); None for any
+    other error."""
+    text = str(error)
+    found = re.search(r"(?i)out of memory[^\n]*", text)
+    if found is None and "RESOURCE_EXHAUSTED" not in text:
+        return None
+    return " ".join((found.group(0) if found else text.split("RESOURCE_EXHAUSTED:", 1)[-1]).split())[:200]
+
+
 def define_checkpoint_flags():
     """--checkpoint_path (alias --checkpoint) and --which: the flags of every tool that reads a run."""
     flags.DEFINE_string("checkpoint_path", None, "a training run directory (runs/NAME), one of its checkpoints/<step>, "

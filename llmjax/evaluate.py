@@ -291,9 +291,9 @@ def main(argv):
     except (EvalError, SampleError, ScoreError, downstream.TaskError, ConfigError) as e:
         cli.fail(str(e))
     except jax.errors.JaxRuntimeError as e:  # (XLA's traceback before)
-        if "RESOURCE_EXHAUSTED" not in str(e):
+        what = cli.out_of_memory(e)
+        if what is None:
             raise
-        what = " ".join(str(e).split("RESOURCE_EXHAUSTED:", 1)[1].split())[:200]
         cli.fail(f"out of device memory scoring batches of {FLAGS.batch_size} sequences ({what}); lower --batch_size")
     text = json.dumps(out, indent=2, default=str)
     print(text)  # (first: the results are not lost if the file cannot be written)

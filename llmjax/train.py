@@ -599,9 +599,9 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
             raise TrainingError(f"{e.strerror or e}{where}; stopped. Make room or write access in {Path(workdir).absolute()}, "
                                 f"then run the same command to resume from its last checkpoint") from None
         except jax.errors.JaxRuntimeError as e:  # (a batch or context too large for the device: one line, not XLA's traceback)
-            if "RESOURCE_EXHAUSTED" not in str(e):
+            what = cli.out_of_memory(e)
+            if what is None:
                 raise
-            what = " ".join(str(e).split("RESOURCE_EXHAUSTED:", 1)[1].split())[:200]
             raise TrainingError(f"out of device memory ({what}); lower train.batch_size (raise train.grad_accum_steps to keep the "
                                 f"global batch), or set model.remat=full or train.loss_chunks=8, or a shorter model.context_len; "
                                 f"{resume_point(Path(workdir).absolute() / 'checkpoints')}") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import re
 import subprocess
 import sys
 
@@ -152,6 +153,32 @@ def test_cli_bad_input_is_one_line():
         cases.append((args, needle))
     for (args, needle), r in zip(cases, cli_cases("llmjax.bench", [args for args, _ in cases])):
         assert r.returncode == 2 and r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
+
+
+def test_out_of_device_memory_is_one_line():
+    """XLA reports a failed device allocation as RESOURCE_EXHAUSTED at a result, or as INTERNAL at a
+    dispatch (bench's timed step, here): both are recognised (cli.out_of_memory), and bench with
+    --config says what to lower in one line, exit status 1, where it raised XLA's traceback. A context
+    of 100,000 tokens needs terabytes; the address space is capped all the same."""
+    import resource
+
+    from llmjax.cli import out_of_memory
+
+    assert out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 42 bytes.")) == "Out of memory allocating 42 bytes."
+    assert out_of_memory(RuntimeError("INTERNAL: Error dispatching computation: Out of memory allocating 7 bytes.\nmore")) == (
+        "Out of memory allocating 7 bytes.")
+    assert out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: too many handles")) == "too many handles"
+    assert out_of_memory(RuntimeError("INTERNAL: a kernel failed")) is None
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (24 * 2**30, 24 * 2**30))
+
+    r = subprocess.run([sys.executable, "-m", "llmjax.bench", "--config", "configs/vanilla.py:tiny", "--config.model.context_len=100000",
+                        "--suite=train", "--steps=1", "--repeats=1", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       preexec_fn=cap)
+    assert (r.returncode, r.stdout) == (1, ""), r.stderr[-2000:]
+    assert re.fullmatch(r"error: configs/vanilla\.py:tiny: out of device memory \(Out of memory allocating \d+ bytes\.\); lower "
+                        r"--batch_size \(or the config's train\.batch_size\), or set --config\.model\.remat=full\n", r.stderr), r.stderr[-2000:]
 
 
 def test_hellaswag_suite_scores_items(monkeypatch):
