@@ -723,7 +723,7 @@ def main(argv):
     except (SampleError, ConfigError) as e:
         cli.fail(str(e))
     except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
+        if cli.out_of_memory(e) is None:  # (XLA's RESOURCE_EXHAUSTED at a result, or INTERNAL at a dispatch)
             raise
         cli.fail(f"out of device memory decoding {FLAGS.max_new_tokens} new tokens for {FLAGS.num_samples} sample(s) per prompt "
                  f"(the new tokens are kept on the device); lower --max_new_tokens or --num_samples")

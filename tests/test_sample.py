@@ -724,6 +724,21 @@ def test_cli_errors_are_one_line(run_dir, tmp_path):
         assert r.stdout == "", (args, r.stdout)
 
 
+def test_cli_out_of_device_memory_is_one_line(run_dir):
+    """More samples than the device holds (a million rows' caches and tokens under an 8 GiB address
+    space): one line saying what to lower, exit status 2, not XLA's traceback."""
+    import resource
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
+
+    r = subprocess.run([sys.executable, "-m", "llmjax.sample", f"--checkpoint_path={run_dir}", "--prompt=ROMEO:", "--max_new_tokens=20",
+                        "--num_samples=1000000"], capture_output=True, text=True, cwd=ROOT, timeout=300, preexec_fn=cap)
+    assert (r.returncode, r.stdout) == (2, ""), r.stderr[-2000:]
+    assert r.stderr == ("error: out of device memory decoding 20 new tokens for 1000000 sample(s) per prompt (the new tokens are kept "
+                        "on the device); lower --max_new_tokens or --num_samples\n"), r.stderr[-2000:]
+
+
 def test_quantized_load_and_cli(run_dir):
     """--quantize int8: the int8 model (llmjax.quant) from the checkpoint's float32 weights."""
     from llmjax.quant import Int8LM, weight_bytes
