@@ -15,7 +15,7 @@ from typing import Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llmjax.config import ConfigError, check_key, load_config, split_spec, validate
+from llmjax.config import ConfigError, check_key, flags_spec, load_config, split_spec, validate
 
 FLAGS = flags.FLAGS
 
@@ -48,6 +48,19 @@ def _config_args(argv: list[str]) -> tuple[str | None, list[str]]:
     return spec, keys
 
 
+def _with_spec(argv: list[str], spec: str) -> list[str]:
+    """argv with its (last) --config value replaced by `spec`."""
+    out = list(argv)
+    for i in range(len(out) - 1, 0, -1):
+        if out[i].startswith("--config="):
+            out[i] = f"--config={spec}"
+            break
+        if out[i] == "--config" and i + 1 < len(out):
+            out[i + 1] = spec
+            break
+    return out
+
+
 def config_spec(argv: list[str]) -> str | None:
     """The `--config` spec as given on the command line (e.g. configs/modern.py:tiny)."""
     return _config_args(argv)[0]
@@ -78,6 +91,7 @@ def _parse(argv: list[str]):
             cfg = load_config(spec)
             for key in keys:
                 check_key(cfg, key)
+            argv = _with_spec(argv, flags_spec(spec))  # (config_flags calls get_config as load_config did)
         rest = FLAGS(argv)
         if spec is not None:
             validate(FLAGS["config"].value)

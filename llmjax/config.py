@@ -302,8 +302,9 @@ def split_spec(spec: str) -> tuple[str, str]:
     return path, variant or "default"
 
 
-def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
-    """Load `path[:variant]`, apply {'train.lr': 3e-4, ...} overrides, and validate every key."""
+def _config_call(spec: str):
+    """(get_config, the arguments to call it with, path, file) of a spec `path[:variant]`: a
+    one-line ConfigError for a file that does not load or whose get_config cannot be called so."""
     path, variant = split_spec(spec)
     file = Path(path)
     if not file.is_file():
@@ -320,13 +321,29 @@ def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_col
     if not callable(get_config):
         raise ConfigError(f"config file '{path}' has no get_config(variant) function")
     # config_flags calls get_config() without an argument when the spec has no ':variant' (and with
-    # '' after a bare ':'); a file whose get_config takes none, nanodo's, works without a variant
-    takes_variant = _accepts_one_argument(get_config)
-    if takes_variant is None:
+    # '' after a bare ':'); a file whose get_config takes none, nanodo's, works without a variant,
+    # and one whose get_config(variant) needs one gets 'default' there, as the README's own form
+    takes_none, takes_one = (_accepts(get_config, args) for args in ((), (variant,)))
+    if not (takes_none or takes_one):
         raise ConfigError(f"config file '{path}': get_config must take at most one argument, the variant name")
-    if ":" in str(spec) and not takes_variant:
+    if ":" in str(spec) and not takes_one:
         raise ConfigError(f"config file '{path}': its get_config() takes no variant; drop ':{variant}' or give get_config a variant argument")
-    args = (variant,) if ":" in str(spec) else ()
+    args = () if ":" not in str(spec) and takes_none else (variant,)
+    return get_config, args, path, file
+
+
+def flags_spec(spec: str) -> str:
+    """`spec` as config_flags (`--config`) must be given it to call get_config as load_config does:
+    with ':default' added where the file's get_config(variant) has no default variant."""
+    if ":" in str(spec):
+        return str(spec)
+    _, args, _, _ = _config_call(spec)
+    return f"{spec}:{args[0]}" if args else str(spec)
+
+
+def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """Load `path[:variant]`, apply {'train.lr': 3e-4, ...} overrides, and validate every key."""
+    get_config, args, path, file = _config_call(spec)
     try:
         cfg = get_config(*args)
     except ConfigError:
@@ -342,20 +359,18 @@ def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_col
     return cfg
 
 
-def _accepts_one_argument(fn) -> bool | None:
-    """True when fn can be called with one positional argument, False when only with none, None
-    when with neither."""
+def _accepts(fn, args: tuple) -> bool:
+    """Whether fn can be called with these positional arguments (by its signature; True where it
+    has none that inspect can read)."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return True
-    for args in ((None,), ()):
-        try:
-            sig.bind(*args)
-        except TypeError:
-            continue
-        return bool(args)
-    return None
+    try:
+        sig.bind(*args)
+    except TypeError:
+        return False
+    return True
 
 
 def _where(error: BaseException, file: Path) -> str:

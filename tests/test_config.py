@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -143,6 +144,22 @@ def test_a_config_file_that_fails_is_one_line_naming_it(tmp_path):
     assert llmjax.load_config(str(noarg)).to_dict() == llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny").to_dict()
     with pytest.raises(ConfigError, match=r"its get_config\(\) takes no variant; drop ':small' or give get_config a variant argument$"):
         llmjax.load_config(f"{noarg}:small")
+
+
+def test_a_get_config_that_needs_its_variant_gets_default_without_a_suffix(tmp_path):
+    """The README's own form, `get_config(variant)` with no default: a spec without a suffix calls
+    it with 'default', as before config_flags' no-argument call was copied (a regression:
+    'get_config() failed: TypeError: ... missing 1 required positional argument'), from Python
+    (llmjax.compare loads its configs so) and from the command line, where config_flags is given
+    the ':default' it needs."""
+    f = users_config(tmp_path / "needs.py", "def get_config(variant):\n    return make_config(variant, v.MODELS)\n")
+    want = llmjax.load_config(f"{ROOT}/configs/vanilla.py").to_dict()
+    assert llmjax.load_config(str(f)).to_dict() == want
+    assert llmjax.load_config(f"{f}:tiny").to_dict() == llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny").to_dict()
+    cmd = [sys.executable, "-m", "llmjax.summary", "--config", str(f), "--config.model.n_layer=3", "--json"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
+    assert json.loads(proc.stdout)["n_layer"] == 3
 
 
 def test_an_empty_variant_suffix_means_default():
