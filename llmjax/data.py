@@ -272,13 +272,22 @@ def prepare_builtin(name: str, out: Path, *, repair: bool = False) -> TokenDatas
 
 def _resume_command(name: str, path: Path, state: Path, hub: tuple) -> str:
     """The `llmjax.prepare` command an unfinished preparation's state records (its sources)."""
+    from llmjax.prepare import SHARD_TOKENS
+
     command = PREPARE_HINT.format(name=name, dir=path)
+    try:
+        args = json.loads(state.read_text())["args"]
+    except (OSError, ValueError, KeyError, TypeError):
+        args = {}
+    # (another --shard_tokens than the state's starts the preparation afresh: the command gives the state's)
+    size = args.get("shard_tokens") if isinstance(args, dict) else None
+    if isinstance(size, int) and size != SHARD_TOKENS:
+        command += f" --shard_tokens {size}"
     if name in hub:  # (the hub's files: the command names none)
         return command
     try:
-        sources = json.loads(state.read_text())["args"]["sources"]
-        return command + "".join(f" --source {'val=' if split == 'val' else ''}{shlex.quote(src)}" for src, split, *_ in sources)
-    except (OSError, ValueError, KeyError, TypeError):
+        return command + "".join(f" --source {'val=' if split == 'val' else ''}{shlex.quote(src)}" for src, split, *_ in args["sources"])
+    except (KeyError, TypeError, ValueError):
         return command + " --source FILE ..."
 
 

@@ -713,7 +713,21 @@ def test_training_on_an_unfinished_preparation_says_how_to_resume_it(tmp_path, d
     assert "\n" not in message
     command = shlex.split(message.split("to resume it: ", 1)[1])
     assert command[:5] == ["python", "-m", "llmjax.prepare", "mine", "--out"] and command[5] == str(out)
-    assert command[6:] == ["--source", str(txt), "--source", f"val={extra}"]
-    sources = P.parse_sources(command[7::2], tmp_path / "cache")
-    P.prepare("mine", out, sources, workers=1, shard_tokens=3000, progress=False)
+    # the state's --shard_tokens too (another size starts afresh, rewriting what was written)
+    assert command[6:] == ["--shard_tokens", "3000", "--source", str(txt), "--source", f"val={extra}"]
+    first = (out / "train_0000.bin").stat()
+    sources = P.parse_sources(command[9::2], tmp_path / "cache")
+    P.prepare("mine", out, sources, workers=1, shard_tokens=int(command[7]), progress=False)
     assert D.open_dataset("mine", "data").split("val")
+    assert (out / "train_0000.bin").stat().st_ino == first.st_ino  # (resumed: the finished shard kept, not written again)
+
+
+def test_an_unfinished_preparations_command_names_shard_tokens_only_when_not_the_default(tmp_path, docs, monkeypatch):
+    """The resume command of a preparation at the default --shard_tokens names none."""
+    monkeypatch.setenv("LLMJAX_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(P, "SHARD_TOKENS", 3000)
+    txt = write_sources(tmp_path, docs)[0]
+    with pytest.raises(KeyboardInterrupt):
+        P.prepare("mine", tmp_path / "mine", [P.Source(txt, None)], workers=1, shard_tokens=3000, progress=False, stop_after_shards=1)
+    with pytest.raises(D.DataError, match=rf"to resume it: python -m llmjax.prepare mine --out {tmp_path}/mine --source {txt}$"):
+        D.open_dataset("mine", "data")
