@@ -68,14 +68,15 @@ def config_spec(argv: list[str]) -> str | None:
 
 def _misplaced_override(argv: list[str]) -> str | None:
     """The first --config.KEY=VALUE override with no --config before it (config_flags: 'Unknown
-    command line flag' without one, 'Found ... before a value for --config' before it), else None."""
+    command line flag' without one, 'Found ... before a value for --config' before it), else None.
+    absl's forms count: -config (one dash), and a --flagfile, which may give --config (config_flags judges)."""
     seen_config = False
     for arg in argv[1:]:
         if arg == "--":
             break
-        if arg == "--config" or arg.startswith("--config="):
+        if re.fullmatch(r"--?(config|flagfile)(=.*)?", arg, re.DOTALL):
             seen_config = True
-        elif re.match(r"--(no)?config\.", arg) and not seen_config:
+        elif re.match(r"--?(no)?config\.", arg) and not seen_config:
             return arg
     return None
 

@@ -347,6 +347,19 @@ def test_cli_override_without_a_config_before_it_says_so():
         assert (r.returncode, r.stderr) == (2, line + "\n"), r.stderr
 
 
+@pytest.mark.parametrize("given", ["--flagfile={flagfile}", "-config=configs/vanilla.py:tiny"])
+def test_cli_override_after_a_config_given_in_absls_other_forms_applies(tmp_path, given):
+    """An override after a --flagfile that holds --config, or after absl's one-dash -config: it
+    applies, as it did before the check for a misplaced override (which refused it: 'give
+    --config ... before it')."""
+    flagfile = tmp_path / "flags.txt"
+    flagfile.write_text("--config=configs/vanilla.py:tiny\n")
+    cmd = [sys.executable, "-m", "llmjax.summary", given.format(flagfile=flagfile), "--config.model.n_layer=3", "--json"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
+    assert json.loads(proc.stdout)["n_layer"] == 3
+
+
 def test_cli_output_cut_short_by_its_reader_ends_quietly():
     """`python -m llmjax.summary ... | head -1`: the reader goes away; the tool stops with the shell's
     status for SIGPIPE (141) and no traceback (here the reader, `true`, has gone before the first write)."""
