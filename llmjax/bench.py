@@ -451,8 +451,6 @@ def define_flags():
     flags.DEFINE_string("doc", str(DOC), "with --all: the markdown file whose generated table is rewritten")
 
 
-
-
 def main(argv):
     F = flags.FLAGS
     if len(argv) > 1:

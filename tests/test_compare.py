@@ -324,7 +324,6 @@ def test_plans_refuse_unfair_comparisons():
                                       tasks_limit=0, overrides={})[0]["overrides"]  # characters: none
 
 
-
 def test_eval_flags_given_as_zero_are_zero():
     """--eval_every=0 and --eval_batches=0 mean what the config keys' 0 means (at the last step only;
     no estimates); they were taken as not given: every max_steps // 10 steps over the configs' 20 batches."""
