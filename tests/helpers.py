@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from functools import lru_cache
 
 import jax
@@ -143,3 +144,12 @@ def cli_cases(module: str, cases: list[list[str]], env: dict | None = None, time
                        timeout=timeout, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return [types.SimpleNamespace(**c) for c in json.loads(r.stdout.strip().splitlines()[-1])]
+
+
+def capped_python(gib: int, *args: str) -> list[str]:
+    """The command `python ARGS` under an address-space cap of `gib` GiB, set by a small launcher
+    that then execs Python (subprocess's preexec_fn would run Python in a fork of this multithreaded
+    JAX process, between fork and exec: a deadlock risk, and a RuntimeWarning)."""
+    code = ("import os, resource, sys; n = int(sys.argv[1]) * 2**30; resource.setrlimit(resource.RLIMIT_AS, (n, n)); "
+            "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
+    return [sys.executable, "-c", code, str(gib), *args]

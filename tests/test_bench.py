@@ -13,7 +13,7 @@ import pytest
 
 import llmjax
 from conftest import ROOT
-from helpers import cli_cases
+from helpers import capped_python, cli_cases
 from llmjax import bench
 from llmjax.summary import summarize
 
@@ -160,8 +160,6 @@ def test_out_of_device_memory_is_one_line():
     dispatch (bench's timed step, here): both are recognised (cli.out_of_memory), and bench with
     --config says what to lower in one line, exit status 1, where it raised XLA's traceback. A context
     of 100,000 tokens needs terabytes; the address space is capped all the same."""
-    import resource
-
     from llmjax.cli import out_of_memory
 
     assert out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 42 bytes.")) == "Out of memory allocating 42 bytes."
@@ -170,12 +168,9 @@ def test_out_of_device_memory_is_one_line():
     assert out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: too many handles")) == "too many handles"
     assert out_of_memory(RuntimeError("INTERNAL: a kernel failed")) is None
 
-    def cap():
-        resource.setrlimit(resource.RLIMIT_AS, (24 * 2**30, 24 * 2**30))
-
-    r = subprocess.run([sys.executable, "-m", "llmjax.bench", "--config", "configs/vanilla.py:tiny", "--config.model.context_len=100000",
-                        "--suite=train", "--steps=1", "--repeats=1", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       preexec_fn=cap)
+    r = subprocess.run(capped_python(24, "-m", "llmjax.bench", "--config", "configs/vanilla.py:tiny", "--config.model.context_len=100000",
+                                     "--suite=train", "--steps=1", "--repeats=1", "--json"), cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
     assert (r.returncode, r.stdout) == (1, ""), r.stderr[-2000:]
     assert re.fullmatch(r"error: configs/vanilla\.py:tiny: out of device memory \(Out of memory allocating \d+ bytes\.\); lower "
                         r"--batch_size \(or the config's train\.batch_size\), or set --config\.model\.remat=full\n", r.stderr), r.stderr[-2000:]

@@ -19,7 +19,7 @@ import pytest
 
 import llmjax
 from conftest import ROOT
-from helpers import config, model, scale_params
+from helpers import capped_python, config, model, scale_params
 from llmjax import downstream, evaluate as E
 from llmjax.scoring import Scorer, ScoreError, encode_pair, length_bucket, rolling_windows, scoring_config
 from llmjax.tokenizer import GPT2Tokenizer
@@ -548,15 +548,9 @@ def test_cli_out_of_device_memory_is_one_line(bpe_run):
     which XLA's CPU allocator refuses) says to lower it, in one line; it was XLA's RESOURCE_EXHAUSTED
     traceback. (The process's address space is capped: the refusal must not rest on this machine's
     memory.)"""
-    import resource
-
-    def cap():
-        resource.setrlimit(resource.RLIMIT_AS, (24 * 2**30, 24 * 2**30))
-
-    cmd = [sys.executable, "-m", "llmjax.evaluate", f"--checkpoint={bpe_run}", f"--task_dir={FIXTURES}", "--limit=4",
-           "--batch_size=10000", "--tasks=hellaswag", "--scorer=fast"]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env={**__import__("os").environ, **OFFLINE},
-                       preexec_fn=cap)
+    cmd = capped_python(24, "-m", "llmjax.evaluate", f"--checkpoint={bpe_run}", f"--task_dir={FIXTURES}", "--limit=4",
+                        "--batch_size=10000", "--tasks=hellaswag", "--scorer=fast")
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env={**__import__("os").environ, **OFFLINE})
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == "", r.stderr[-2000:]
     assert re.fullmatch(r"error: out of device memory scoring batches of 10000 sequences \(Out of memory allocating \d+ bytes\.\); "

@@ -23,7 +23,7 @@ import llmjax
 import llmjax.models  # noqa: F401
 from flax import nnx
 from conftest import ROOT
-from helpers import built_once, cli_cases, config, load_params, params, perturb_vectors, scale_params
+from helpers import built_once, capped_python, cli_cases, config, load_params, params, perturb_vectors, scale_params
 from llmjax import sample as S
 from llmjax.models.layers import convert_layer_layout
 from llmjax.sample import Sampling, filter_logits, generate
@@ -727,13 +727,8 @@ def test_cli_errors_are_one_line(run_dir, tmp_path):
 def test_cli_out_of_device_memory_is_one_line(run_dir):
     """More samples than the device holds (a million rows' caches and tokens under an 8 GiB address
     space): one line saying what to lower, exit status 2, not XLA's traceback."""
-    import resource
-
-    def cap():
-        resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
-
-    r = subprocess.run([sys.executable, "-m", "llmjax.sample", f"--checkpoint_path={run_dir}", "--prompt=ROMEO:", "--max_new_tokens=20",
-                        "--num_samples=1000000"], capture_output=True, text=True, cwd=ROOT, timeout=300, preexec_fn=cap)
+    r = subprocess.run(capped_python(8, "-m", "llmjax.sample", f"--checkpoint_path={run_dir}", "--prompt=ROMEO:", "--max_new_tokens=20",
+                                     "--num_samples=1000000"), capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert (r.returncode, r.stdout) == (2, ""), r.stderr[-2000:]
     assert r.stderr == ("error: out of device memory decoding 20 new tokens for 1000000 sample(s) per prompt (the new tokens are kept "
                         "on the device); lower --max_new_tokens or --num_samples\n"), r.stderr[-2000:]
