@@ -894,8 +894,7 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
             metrics_file.write(json.dumps(line) + "\n")
             metrics_file.flush()
         scored = any(f"{name}_acc" in line for name in task_items)
-        if bar is not None:
-            bar.update(1)
+        if bar is not None:  # (the figures set before the count moves: drawn with it, the step's own)
             if step % tcfg.log_every_steps == 0 or val_loss is not None or scored:
                 post = {"loss": f"{line['train_loss']:.4f}", "lr": f"{line['lr']:.2e}", "tok/s": f"{line['tokens_per_sec']:,.0f}",
                         "ms": f"{line['step_time'] * 1e3:.1f}"}
@@ -911,6 +910,7 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
                     if f"{name}_acc_norm" in line:
                         post[name[:4]] = f"{line[f'{name}_acc_norm']:.3f}"
                 bar.set_postfix(post, refresh=False)
+            bar.update(1)
         if wandb_run is not None and (step % tcfg.log_every_steps == 0 or val_loss is not None or scored):
             # (commit: W&B holds a row logged with a step until the next one; a crash then lost it for good,
             # since the resumed run logs from the checkpoint on, often that checkpoint's evaluation row)

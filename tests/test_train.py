@@ -1425,3 +1425,29 @@ def test_min_lr_above_lr_is_refused_only_by_the_schedules_that_decay_to_it(tmp_p
     want = [_reference_lr("constant", s, lr=3e-3, min_lr=1e-2, warmup=2, max_steps=4) for s in range(1, 5)]
     assert want == pytest.approx([1e-3, 2e-3, 3e-3, 3e-3])
     np.testing.assert_allclose(list(losses(run, "lr").values()), want, rtol=1e-6)
+
+
+def test_the_progress_bar_shows_each_steps_own_figures(tmp_path, monkeypatch):
+    """Every time the bar is drawn at step N, the loss, learning rate and validation loss beside it
+    are those of the last logged step up to N (step N's where N is logged); they were set after the
+    count moved, so the bar showed step N with step N - 1's figures (an evaluation's val only at the
+    next step, a metrics block later)."""
+    import io
+
+    from tqdm import tqdm
+
+    import llmjax.train as T
+
+    out = io.StringIO()
+    monkeypatch.setattr(T, "_progress", lambda start, total, enabled: tqdm(total=total, initial=start, unit="step", file=out,
+                                                                            mininterval=0, miniters=1, ncols=300))
+    run = train(cfg("vanilla", train__max_steps=8, train__log_every_steps=2, eval__every_steps=3), tmp_path / "run", quiet=True)
+    rows = {m["step"]: m for m in run.metrics}
+    drawn = [(int(m[1]), dict(kv.split("=", 1) for kv in m[2].split(", ")))
+             for m in re.finditer(r"(\d+)/8 \[[^,\]]*<[^,\]]*, [^,\]]*, ([^\]]*)\]", out.getvalue().replace("\r", "\n"))]
+    assert {n for n, _ in drawn} >= {2, 3, 4, 6, 8}, out.getvalue()  # (step 2 was drawn before its figures)
+    for n, post in drawn:
+        shown = max(s for s in rows if s <= n and (s % 2 == 0 or "val_loss" in rows[s]))
+        assert post["loss"] == f"{rows[shown]['train_loss']:.4f}" and post["lr"] == f"{rows[shown]['lr']:.2e}", (n, post, shown)
+        if "val_loss" in rows[shown]:
+            assert post["val"] == f"{rows[shown]['val_loss']:.4f}", (n, post)
