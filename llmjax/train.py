@@ -918,6 +918,7 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
                           commit=True)
 
     pending: list[tuple[int, dict]] = []  # dispatched steps whose metrics are not read yet
+    by_signal = False  # (stopped early by SIGTERM or Ctrl-C, said when it happens)
     try:
         with _Stop(workdir / "checkpoints") as stop, jax.set_mesh(mesh):  # the mesh in context: MoE's expert parallelism uses it
             for step in range(start + 1, end + 1):
@@ -987,6 +988,7 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
                 if stopping and step < end:
                     say(f"stopped by {signalled} after step {step}; checkpoint saved. Run the same command to resume.")
                     end = step
+                    by_signal = True
                     break
             if pending:
                 for line in fetch(pending):
@@ -1002,6 +1004,10 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
             wandb_run.finish()
 
     final = end == tcfg.max_steps
+    if not final and not by_signal:  # train.stop_at_step: where the run stands and how it goes on (else a silent exit)
+        said = (f"nothing to run: the run is at step {end}" if start == end else f"stopped after step {end}; checkpoint saved")
+        say(f"{said} (train.stop_at_step={tcfg.stop_at_step} of train.max_steps={tcfg.max_steps}) in {workdir}; to go on, run "
+            f"the same command with a later --config.train.stop_at_step, or 0 to run to train.max_steps")
     if final and start == end:  # nothing to run: a finished run again, or one stopped early finished by a lower max_steps
         # the whole validation split's loss: saved with the checkpoint when it was a run's last step
         # (else its val_loss is the periodic estimate, or none): else measured now

@@ -1451,3 +1451,19 @@ def test_the_progress_bar_shows_each_steps_own_figures(tmp_path, monkeypatch):
         assert post["loss"] == f"{rows[shown]['train_loss']:.4f}" and post["lr"] == f"{rows[shown]['lr']:.2e}", (n, post, shown)
         if "val_loss" in rows[shown]:
             assert post["val"] == f"{rows[shown]['val_loss']:.4f}", (n, post)
+
+
+def test_a_run_stopped_at_stop_at_step_says_where_it_stands(tmp_path, capsys):
+    """A run that ends at train.stop_at_step before max_steps said nothing (no `done:` line, no
+    stop line: a silent exit), nor did the same command run again (nothing to run); each now says
+    the step, the setting and how to go on."""
+    workdir = tmp_path / "run"
+    assert train(cfg("vanilla", train__stop_at_step=3, train__max_steps=6), workdir, quiet=False).step == 3
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == (f"stopped after step 3; checkpoint saved (train.stop_at_step=3 of train.max_steps=6) in {workdir}; to go on, "
+                       "run the same command with a later --config.train.stop_at_step, or 0 to run to train.max_steps"), out
+    assert train(cfg("vanilla", train__stop_at_step=3, train__max_steps=6), workdir, quiet=False).step == 3
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("nothing to run: the run is at step 3 (train.stop_at_step=3 of train.max_steps=6)"), out
+    run = train(cfg("vanilla", train__max_steps=6), workdir, quiet=False)
+    assert run.final and "stop_at_step" not in capsys.readouterr().out.split("resumed from")[-1]
