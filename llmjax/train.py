@@ -1123,11 +1123,11 @@ def main(argv):
     except KeyboardInterrupt:  # (before the loop, or after it)
         cli.fail(interrupted(Path(workdir).absolute() / "checkpoints"), code=130)
     if jax.process_index() == 0:
-        if run.final:
-            print(f"done: {run.step} steps, final val_loss {run.last_val_loss:.4f} ({final_loss_covers(FLAGS.config)}); run in {run.workdir}")
         if run.sample:
             print("--- sample ---")
             print(run.sample)
+        if run.final:  # (the last line, after the sample: the run's summary)
+            print(f"done: {run.step} steps, final val_loss {run.last_val_loss:.4f} ({final_loss_covers(FLAGS.config)}); run in {run.workdir}")
 
 
 if __name__ == "__main__":

@@ -977,6 +977,16 @@ def test_cli_says_what_the_final_val_loss_covers(tmp_path):
         assert float(done[0][1]) == pytest.approx(_whole_split_loss(workdir, 2, n or None), abs=1e-4)
 
 
+def test_the_done_line_is_the_commands_last_after_the_sample(tmp_path):
+    """`done: ...` is the command's last line (the README's word): it came before the end-of-run
+    sample (eval.sample_tokens, 200 by default), so the summary was lost above the sample's text."""
+    proc = subprocess.run(_train_cmd(tmp_path / "run", "--config.train.max_steps=2", "--config.eval.sample_tokens=8"), cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.rstrip("\n").splitlines()
+    assert lines[-1].startswith("done: 2 steps, final val_loss ") and "--- sample ---" in lines[:-1], proc.stdout[-2000:]
+
+
 @pytest.mark.parametrize("flags,needle", [
     (["--num_processes=2", "--process_id=0"], "--coordinator_address"),
     (["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"], "--process_id=2"),
