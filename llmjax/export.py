@@ -144,6 +144,9 @@ def params_from_gpt2(tensors: dict[str, np.ndarray], mcfg) -> dict:
         return t[name]
 
     D, F, V, L = mcfg.d_model, mcfg.d_ff, mcfg.vocab_size, mcfg.n_layer
+    if "lm_head.weight" in t and "wte.weight" in t and not np.array_equal(t["lm_head.weight"], t["wte.weight"]):
+        raise ExportError("the GPT-2 weights have an output head (lm_head.weight) of their own, not tied to the token table "
+                          "(wte.weight); llmjax's `vanilla` ties them, as GPT-2 does, and would compute another model")
     if f"h.{L}.ln_1.weight" in t:
         raise ExportError(f"the GPT-2 weights have more than model.n_layer={L} layers; pick the matching config")
     wte = np.zeros((mcfg.padded_vocab_size, D), np.float32)
@@ -225,16 +228,19 @@ GPT2_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 def check_hf_gpt2(hf: dict, where) -> None:
     """Refuse (one line) a Hugging Face GPT-2 config that llmjax would read as another model: another
-    vocabulary than GPT-2's BPE (its tokenizer is the one llmjax uses), another activation, or
-    attention scaled otherwise."""
+    vocabulary than GPT-2's BPE (its tokenizer is the one llmjax uses), another activation,
+    attention scaled otherwise, or an output head not tied to the token table (transformers then
+    reads `lm_head.weight`, which llmjax's tied head would ignore)."""
     V = hf.get("vocab_size", 50257)
     if V != 50257:
         raise ExportError(f"{where} has vocab_size={V}; llmjax reads Hugging Face GPT-2 models with GPT-2's BPE vocabulary (50257 tokens)")
     bad = [f"{k}={hf[k]!r}" for k, ok in (("activation_function", lambda v: v in GPT2_TANH_GELUS), ("scale_attn_weights", lambda v: v is True),
-                                          ("scale_attn_by_inverse_layer_idx", lambda v: v is False)) if k in hf and not ok(hf[k])]
+                                          ("scale_attn_by_inverse_layer_idx", lambda v: v is False),
+                                          ("tie_word_embeddings", lambda v: v is True)) if k in hf and not ok(hf[k])]
     if bad:
         raise ExportError(f"{where} is a GPT-2 variant llmjax's `vanilla` does not compute ({', '.join(bad)}); it reads GPT-2's own "
-                          f"(tanh-GELU {'/'.join(GPT2_TANH_GELUS)}, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False)")
+                          f"(tanh-GELU {'/'.join(GPT2_TANH_GELUS)}, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, "
+                          f"tie_word_embeddings=True)")
 
 
 def gpt2_model_config(hf: dict, dtype: str = "float32") -> dict:

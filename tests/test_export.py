@@ -468,18 +468,26 @@ def test_gpt2_folders_that_are_not_gpt2s_math_are_refused(tmp_path):
     for name, change, needle in [("v50304", {"vocab_size": 50304}, "vocab_size=50304"),
                                  ("relu", {"activation_function": "relu"}, "activation_function='relu'"),
                                  ("unscaled", {"scale_attn_weights": False}, "scale_attn_weights=False"),
-                                 ("bylayer", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True")]:
+                                 ("bylayer", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True"),
+                                 # an output head of its own, which transformers reads and a tied head would ignore
+                                 ("untied", {"tie_word_embeddings": False}, "tie_word_embeddings=False"),
+                                 ("lm_head", {}, "output head (lm_head.weight) of their own")]:
         folder = tmp_path / name
         folder.mkdir()
         t = X.gpt2_tensors(p, mcfg)
         if "vocab_size" in change:
             t["transformer.wte.weight"] = np.concatenate([t["transformer.wte.weight"], np.ones((47, 64), np.float32)])
+        if name in ("untied", "lm_head"):
+            t["lm_head.weight"] = np.random.default_rng(0).standard_normal(t["transformer.wte.weight"].shape).astype(np.float32)
         save_file(t, str(folder / "model.safetensors"))
         (folder / "config.json").write_text(json.dumps({**good, **change}))
         with pytest.raises(SampleError, match=re.escape(needle)):
             load(folder)
+    with pytest.raises(X.ExportError, match="output head .* of their own"):  # (train.init_from of the bare file)
+        X.params_from_gpt2(X.read_gpt2(str(tmp_path / "lm_head" / "model.safetensors")), mcfg)
     folder = tmp_path / "ok"
     folder.mkdir()
-    save_file(X.gpt2_tensors(p, mcfg), str(folder / "model.safetensors"))
+    t = X.gpt2_tensors(p, mcfg)
+    save_file({**t, "lm_head.weight": t["transformer.wte.weight"]}, str(folder / "model.safetensors"))  # (a tied head saved too)
     (folder / "config.json").write_text(json.dumps({**good, "activation_function": "gelu_pytorch_tanh"}))
     assert load(folder).model.cfg.vocab_size == 50257
