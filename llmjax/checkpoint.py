@@ -9,6 +9,8 @@ restoring onto another mesh or device count reshards through the abstract target
 Each checkpoint's metadata holds a fingerprint of every array it saved (`fingerprints`: two 32-bit
 sums of the array's bits, one weighted by position), checked when it is restored: Orbax's data
 files carry no checksum, so bytes damaged on disk would otherwise restore as silently wrong weights.
+The trainer's metadata also records the model config that saved the checkpoint (`model`), checked
+against the run's config.json where the caller passes it (`check_model`).
 """
 
 from __future__ import annotations
@@ -116,9 +118,10 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(unwritable(self.directory, None, e)) from None
 
-    def restore(self, step: int, abstract_state, data_iter=None):
+    def restore(self, step: int, abstract_state, data_iter=None, model: dict | None = None):
         """Restore the state onto `abstract_state`'s shardings (and the iterator in place), checked
-        against the fingerprints saved with it."""
+        against the fingerprints saved with it and, with `model` (the run's resolved model config),
+        against the model that saved it."""
         items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
         other_count = None  # the data iterator's state as saved by a run on another number of processes
         if data_iter is not None:
@@ -140,6 +143,7 @@ class Checkpointer:
                                       f"{_hint(RESUME_HINT, self.directory, step)}")
             data_iter.set_state(json.loads(other_count[0].read_text()))
         meta = dict(out["meta"] or {})
+        check_model(meta.get("model"), model, self.directory, step)
         verify(out["state"], meta.pop("fingerprints", None), self.directory, step, RESUME_HINT)
         return out["state"], meta
 
@@ -213,6 +217,23 @@ def _other_model(step_dir: Path, target) -> str | None:
         if shapes[key(path)] != tuple(want.shape):
             return f"{key(path)} has shape {shapes[key(path)]} there, {tuple(want.shape)} in the model"
     return None
+
+
+def check_model(saved: dict | None, model: dict | None, directory: Path, step: int) -> None:
+    """Raise CheckpointError where the model that saved checkpoint `step` (its metadata's `model`)
+    differs from `model` (the run's config.json) in more than how it runs (config.EXECUTION_KEYS):
+    parameters of the same shapes (n_head 4 x head_dim 16 or 2 x 32, another norm_eps, gqa with
+    n_kv_head = n_head for vanilla) would otherwise restore into a model that computes something
+    else. Checkpoints written before they recorded their model pass."""
+    from llmjax.config import model_changes
+
+    if not isinstance(saved, dict) or not isinstance(model, dict):
+        return
+    diffs = model_changes({"model": saved}, {"model": model})
+    if diffs:
+        raise CheckpointError(f"checkpoint {directory}/{step} holds another model than its run's config.json describes "
+                              f"({', '.join(diffs[:3])}{', ...' if len(diffs) > 3 else ''}: the checkpoint's -> config.json's); "
+                              f"use it with the run folder it was trained in")
 
 
 def check_metrics(directory: Path) -> None:
@@ -348,9 +369,10 @@ def read_only_manager(directory: Path, **options):
         yield mgr
 
 
-def restore_params(directory: Path, step: int, target: dict) -> dict:
+def restore_params(directory: Path, step: int, target: dict, model: dict | None = None) -> dict:
     """Only the parameters of checkpoint `step` (Orbax partial restore, no optimizer state), placed
-    as `target` ({'params': abstract arrays with shardings}) says, checked against their fingerprints."""
+    as `target` ({'params': abstract arrays with shardings}) says, checked against their fingerprints
+    and, with `model` (the run's config.json model), against the model that saved them."""
     directory = Path(directory).absolute()
     with read_only_manager(directory) as mgr:
         if step not in mgr.all_steps():
@@ -364,6 +386,7 @@ def restore_params(directory: Path, step: int, target: dict) -> dict:
         except Exception as e:  # orbax and TensorStore raise many types for a damaged or foreign checkpoint
             raise CheckpointError(unreadable(directory, step, e, SAMPLE_HINT, target)) from None
     params = {"params": out["state"]["params"]}
+    check_model((out["meta"] or {}).get("model"), model, directory, step)
     verify(params, (out["meta"] or {}).get("fingerprints"), directory, step, SAMPLE_HINT)
     return params["params"]
 

@@ -296,6 +296,33 @@ def model_defaults(arch: str | None) -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
+# Model keys that change how the computation runs, not what the parameters are: a run may resume
+# with them changed (e.g. unrolled layers on a GPU after scanned ones on a CPU).
+EXECUTION_KEYS = ("scan_layers", "remat", "attention_impl", "dtype", "matmul_dtype", "scan_impl", "scan_chunk", "moe_impl", "moe_block_rows",
+                  "decode_attention_impl", "decode_norm_impl")
+
+
+def model_changes(old: dict, new: dict) -> list[str]:
+    """How two resolved configs' models differ ("model.KEY (old -> new)"), keys either side predates
+    filled with their defaults (a run saved before a key existed, or a hand-built ConfigDict
+    without an optional key) and the execution keys left out: what a resume must not change."""
+    def filled(c: dict) -> dict:
+        return {**model_defaults(c["model"].get("arch")), **c["model"]}
+
+    return [d for d in config_diff(filled(old), filled(new), "model.") if d.split(" ")[0].removeprefix("model.") not in EXECUTION_KEYS]
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key} ({a} -> {b})")
+    return diffs
+
+
 def split_spec(spec: str) -> tuple[str, str]:
     """'configs/modern.py:tiny' -> ('configs/modern.py', 'tiny'); no suffix means 'default'."""
     path, _, variant = str(spec).partition(":")

@@ -630,7 +630,7 @@ def load(
     device = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
     target = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)}
     try:
-        params = convert_layer_layout(restore_params(run / "checkpoints", step, target), mcfg.scan_layers)
+        params = convert_layer_layout(restore_params(run / "checkpoints", step, target, config["model"]), mcfg.scan_layers)
     except CheckpointError as e:
         raise SampleError(str(e)) from None
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(mcfg, seed=0)))

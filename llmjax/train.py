@@ -47,7 +47,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llmjax import cli, data as data_lib, downstream, tokenizer as tok_lib
 from llmjax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
-from llmjax.config import ConfigError, decay_steps, loss_scale_setting, model_config, model_defaults, validate
+from llmjax.config import (EXECUTION_KEYS, ConfigError, config_diff, decay_steps, loss_scale_setting, model_changes,  # noqa: F401
+                           model_config, model_defaults, validate)
 from llmjax.loss import token_losses
 from llmjax.models.layers import convert_layer_layout
 from llmjax.registry import build_model
@@ -61,12 +62,6 @@ from llmjax.summary import summarize
 # up by the first key the device's kind contains, so each card's lower-clocked PCIe and NVL
 # forms come before its SXM one ("NVIDIA H100 PCIe" is 756 TFLOP/s, not the SXM card's 989).
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H200": 989e12, "H100": 989e12, "A100": 312e12}
-
-
-# Model keys that change how the computation runs, not what the parameters are: a run may resume
-# with them changed (e.g. unrolled layers on a GPU after scanned ones on a CPU).
-EXECUTION_KEYS = ("scan_layers", "remat", "attention_impl", "dtype", "matmul_dtype", "scan_impl", "scan_chunk", "moe_impl", "moe_block_rows",
-                  "decode_attention_impl", "decode_norm_impl")
 
 
 class TrainingError(RuntimeError):
@@ -171,16 +166,6 @@ def check_workdir(workdir: Path) -> dict | None:
     return None
 
 
-def model_changes(old: dict, new: dict) -> list[str]:
-    """How two resolved configs' models differ ("model.KEY (old -> new)"), keys either side predates
-    filled with their defaults (a run saved before a key existed, or a hand-built ConfigDict
-    without an optional key) and the execution keys left out: what a resume must not change."""
-    def filled(c: dict) -> dict:
-        return {**model_defaults(c["model"].get("arch")), **c["model"]}
-
-    return [d for d in config_diff(filled(old), filled(new), "model.") if d.split(" ")[0].removeprefix("model.") not in EXECUTION_KEYS]
-
-
 def train_settings(c: dict) -> dict:
     """A resolved config's train group, with the keys the run predates as what the run did:
     train.loss_scale none (no scaling) in float16, else auto (none too); train.schedule cosine
@@ -190,17 +175,6 @@ def train_settings(c: dict) -> dict:
     t.setdefault("schedule", "cosine")
     t.setdefault("decay_fraction", 0.2)
     return t
-
-
-def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += config_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key} ({a} -> {b})")
-    return diffs
 
 
 @dataclasses.dataclass
@@ -785,7 +759,7 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
             target["loss_scale"] = abstract_with_shardings(abstract_scale, jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract_scale))
         try:
             with jax.set_mesh(mesh):
-                state, meta = ckpt.restore(start, target, train_it)
+                state, meta = ckpt.restore(start, target, train_it, model=resolved["model"])
         except CheckpointError as e:
             raise ConfigError(str(e)) from None
         if old_cfg is not None:
@@ -978,7 +952,8 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
                     # the checkpoint's metric for `best`: the periodic estimate at the last step too
                     # (comparable with the earlier checkpoints'; the whole split's loss is in its meta)
                     best_metric = lines[-1].get("val_loss_estimate", val)
-                    ckpt.save(step, state, train_it, {"step": step, "val_loss": val, "val_whole_split": bool(is_last and val is not None),
+                    ckpt.save(step, state, train_it, {"step": step, "model": resolved["model"],
+                                                      "val_loss": val, "val_whole_split": bool(is_last and val is not None),
                                                       "val_final_batches": ecfg.final_num_batches,
                                                       "data_global_batch": micro * accum, "data_seed": tcfg.seed,
                                                       "data_train": data_fingerprint(dataset)},

@@ -5,6 +5,7 @@ the user to do."""
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 
 import grain
@@ -224,3 +225,48 @@ def test_a_late_write_completion_is_not_printed(capsys):
     sys.excepthook(ValueError, ValueError("other"), None)
     err = capsys.readouterr().err
     assert "Event loop is closed" in err and "ValueError: other" in err
+
+
+def test_a_checkpoint_of_another_model_with_the_same_shapes_is_refused(tmp_path):
+    """Each checkpoint records the model that saved it: a run folder whose config.json describes
+    another model with parameters of the same shapes (4 heads of 16 or 2 of 32, another norm_eps,
+    `gqa` with as many kv heads as heads for `vanilla`; a config.json edited, or checkpoints copied
+    from another run) restored into that model silently, which computes other logits. Sampling and
+    resuming now refuse it in one line; a change of how the model runs (dtype) still loads."""
+    import json
+
+    import llmjax
+    from conftest import ROOT
+    from llmjax.config import ConfigError
+    from llmjax.sample import SampleError, load
+    from llmjax.train import train
+
+    cfg = llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", {
+        "data.dataset": "tinyshakespeare_char", "model.vocab_size": 65, "model.padded_vocab_size": 128, "train.max_steps": 2,
+        "train.batch_size": 8, "eval.num_batches": 1, "eval.final_num_batches": 1, "eval.sample_tokens": 0, "logging.progress_bar": False})
+    train(cfg, tmp_path / "run", quiet=True)
+    tokens = jnp.asarray([[1, 2, 3, 4]], jnp.int32)
+    want = np.asarray(load(tmp_path / "run").model(tokens)[0])
+
+    def edited(name, **change):
+        run = tmp_path / name
+        shutil.copytree(tmp_path / "run", run)
+        c = json.loads((run / "config.json").read_text())
+        c["model"].update(change)
+        (run / "config.json").write_text(json.dumps(c))
+        return run
+
+    for name, change, needle in [("heads", dict(n_head=2, head_dim=32), "model.head_dim (16 -> 32), model.n_head (4 -> 2)"),
+                                 ("eps", dict(norm_eps=0.1), "model.norm_eps (1e-05 -> 0.1)"),
+                                 ("gqa", dict(arch="gqa", n_kv_head=4), "model.arch (vanilla -> gqa)")]:
+        run = edited(name, **change)
+        with pytest.raises(SampleError, match=rf"^checkpoint {run}/checkpoints/2 holds another model than its run's config.json "
+                                              rf"describes \(.*{re.escape(needle)}.*\); use it with the run folder it was trained in$"):
+            load(run)
+    resumed = cfg.copy_and_resolve_references()
+    with resumed.unlocked():
+        resumed.model.n_head, resumed.model.head_dim, resumed.train.max_steps = 2, 32, 3
+    with pytest.raises(ConfigError, match=r"checkpoints/2 holds another model .*model.n_head \(4 -> 2\)"):
+        train(resumed, tmp_path / "heads", quiet=True)
+    # how the model runs is not which model it is
+    np.testing.assert_allclose(np.asarray(load(edited("bf16", dtype="bfloat16", scan_layers=False)).model(tokens)[0]), want, atol=0.1)

@@ -262,6 +262,8 @@ def test_unsupported_exports_are_one_line_errors(runs, tmp_path):
     cfg = json.loads((char / "config.json").read_text())
     cfg["model"]["bias"] = False
     (char / "config.json").write_text(json.dumps(cfg))
+    meta = char / "checkpoints" / "2" / "meta" / "metadata"  # (the model its checkpoint records, as a bias=False run's)
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "model": cfg["model"]}))
     with pytest.raises(X.ExportError, match="ships the GPT-2 BPE tokenizer; this model has another vocabulary .a character-level run cannot "
                                             "be exported: train a GPT-2 BPE one"):
         X.export(char, "safetensors", tmp_path / "c")
