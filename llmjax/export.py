@@ -174,8 +174,10 @@ def params_from_gpt2(tensors: dict[str, np.ndarray], mcfg) -> dict:
     }
 
 
-def read_gpt2(source: str) -> dict[str, np.ndarray]:
-    """GPT-2 tensors from a hub name (gpt2, gpt2-medium, ...), a local HF folder or a .safetensors file."""
+def read_gpt2(source: str, mcfg=None) -> dict[str, np.ndarray]:
+    """GPT-2 tensors from a hub name (gpt2, gpt2-medium, ...), a local HF folder or a .safetensors file;
+    with `mcfg` (train.init_from's model), the source's config.json, where it has one, must describe
+    the same heads and norm epsilon (`check_hf_matches`: the tensors' shapes do not show them)."""
     try:
         from safetensors.numpy import load_file
     except ImportError:
@@ -188,9 +190,12 @@ def read_gpt2(source: str) -> dict[str, np.ndarray]:
             raise ExportError("downloading GPT-2 weights needs huggingface_hub: bash scripts/setup.sh hf") from None
         try:
             path = Path(hf_hub_download(HUB_MODELS[source], "model.safetensors"))
+            hf = json.loads(Path(hf_hub_download(HUB_MODELS[source], "config.json")).read_text()) if mcfg is not None else None
         except Exception as e:  # network and hub errors come in many types
             raise ExportError(f"cannot download {HUB_MODELS[source]} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
                               "pass a local folder or .safetensors file instead") from None
+        if isinstance(hf, dict):
+            check_hf_matches(hf, mcfg, f"{HUB_MODELS[source]}'s config.json")
     elif path.is_dir():
         try:  # (a folder's config, where it has one: train.init_from reads only the tensors)
             hf = json.loads((path / "config.json").read_text())
@@ -198,6 +203,8 @@ def read_gpt2(source: str) -> dict[str, np.ndarray]:
             hf = None
         if isinstance(hf, dict):
             check_hf_gpt2(hf, f"{source}/config.json")
+            if mcfg is not None:
+                check_hf_matches(hf, mcfg, f"{source}/config.json")
         path = path / "model.safetensors"
     if not path.is_file():
         raise ExportError(f"'{source}' is neither {', '.join(HUB_MODELS)} nor a .safetensors file or a Hugging Face GPT-2 folder "
@@ -241,6 +248,17 @@ def check_hf_gpt2(hf: dict, where) -> None:
         raise ExportError(f"{where} is a GPT-2 variant llmjax's `vanilla` does not compute ({', '.join(bad)}); it reads GPT-2's own "
                           f"(tanh-GELU {'/'.join(GPT2_TANH_GELUS)}, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, "
                           f"tie_word_embeddings=True)")
+
+
+def check_hf_matches(hf: dict, mcfg, where) -> None:
+    """Refuse (one line) a Hugging Face GPT-2 config whose heads or norm epsilon differ from `mcfg`'s
+    (train.init_from's model): the tensors have the same shapes for 12 heads of 64 or 16 of 48, and
+    another split, or epsilon, is another model."""
+    theirs = gpt2_model_config(hf)
+    bad = [(k, theirs[k], getattr(mcfg, k)) for k in ("n_head", "head_dim", "norm_eps") if theirs[k] != getattr(mcfg, k)]
+    if bad:
+        raise ExportError(f"{where} describes another model than the config ({', '.join(f'{k}={a!r}, the config {b!r}' for k, a, b in bad)}); "
+                          f"set {' '.join(f'--config.model.{k}={a!r}' for k, a, _ in bad)} (or pick the matching config)")
 
 
 def gpt2_model_config(hf: dict, dtype: str = "float32") -> dict:

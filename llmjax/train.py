@@ -780,7 +780,7 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
             from llmjax.export import ExportError, params_from_gpt2, read_gpt2
 
             try:
-                pretrained = params_from_gpt2(read_gpt2(tcfg.init_from), mcfg)
+                pretrained = params_from_gpt2(read_gpt2(tcfg.init_from, mcfg), mcfg)
             except ExportError as e:
                 raise ConfigError(f"train.init_from: {e}") from None
             state["params"] = jax.device_put(pretrained, state_shard["params"])

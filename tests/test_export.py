@@ -236,7 +236,16 @@ def test_trainer_starts_from_imported_gpt2_weights(runs, tmp_path):
         bad.model.d_ff = 128
     with pytest.raises(ConfigError, match="train.init_from: GPT-2 tensor .* has shape"):
         train(bad, tmp_path / "bad", quiet=True)
+    # the same shapes, another model: 2 heads of 32 (the folder's config.json: 4 of 16), another epsilon
     with bad.unlocked():
+        bad.model.d_ff, bad.model.n_head, bad.model.head_dim, bad.model.norm_eps = 256, 2, 32, 1e-6
+    with pytest.raises(ConfigError, match=r"^train.init_from: .*hf/config.json describes another model than the config \(n_head=4, the "
+                                          r"config 2, head_dim=16, the config 32, norm_eps=1e-05, the config 1e-06\); set "
+                                          r"--config.model.n_head=4 --config.model.head_dim=16 --config.model.norm_eps=1e-05 "):
+        train(bad, tmp_path / "heads", quiet=True)
+    assert not (tmp_path / "heads").exists()
+    with bad.unlocked():
+        bad.model.n_head, bad.model.head_dim, bad.model.norm_eps = 4, 16, 1e-5
         bad.model.d_ff, bad.train.init_from = 256, str(tmp_path / "nothing")
     with pytest.raises(ConfigError, match="neither gpt2"):
         train(bad, tmp_path / "bad2", quiet=True)
