@@ -350,6 +350,30 @@ def test_sample_and_evaluate_gpt2_weights_without_a_run(runs, tmp_path, monkeypa
     assert X.gpt2_model_config({"model_type": "gpt2"})["d_model"] == 768  # transformers' defaults for keys left out
 
 
+def test_hub_init_from_reads_cached_weights_without_their_config(runs, tmp_path, monkeypatch):
+    """train.init_from=gpt2 with only the hub weights at hand (offline, cached by a version that did
+    not fetch config.json): the heads and epsilon check that reads the hub's config.json is skipped,
+    not the import refused; with the config at hand, one of other heads is refused."""
+    import huggingface_hub
+
+    from llmjax.sample import load
+
+    folder = X.export(runs["vanilla"], "safetensors", tmp_path / "hf")
+    mcfg = load(folder, dtype="float32").model.cfg
+
+    def weights_only(repo, filename, **kw):
+        if filename != "model.safetensors":
+            raise OSError("offline, and not in the cache")
+        return str(folder / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", weights_only)
+    assert any(k.endswith("wte.weight") for k in X.read_gpt2("gpt2", mcfg))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, filename, **kw: str(folder / filename))
+    assert any(k.endswith("wte.weight") for k in X.read_gpt2("gpt2", mcfg))
+    with pytest.raises(X.ExportError, match=r"config\.json describes another model than the config \(n_head="):
+        X.read_gpt2("gpt2", mcfg.replace(n_head=mcfg.n_head * 2, head_dim=mcfg.head_dim // 2))
+
+
 def test_export_write_failures_are_one_line(runs, tmp_path):
     """A place that cannot be written (a file in the way, a full disk) is an ExportError naming it,
     with nothing replaced (tracebacks before); an --out that is a link to an earlier export is
