@@ -270,11 +270,16 @@ def prepare_builtin(name: str, out: Path, *, repair: bool = False) -> TokenDatas
     return TokenDataset.open(out)
 
 
-def _resume_command(name: str, path: Path, state: Path, hub: tuple) -> str:
-    """The `llmjax.prepare` command an unfinished preparation's state records (its sources)."""
-    from llmjax.prepare import SHARD_TOKENS
+def _prepare_hint(name: str, path: Path) -> str:
+    """PREPARE_HINT for `name` and `path`, quoted for a shell (a folder with a space in its name)."""
+    return PREPARE_HINT.format(name=shlex.quote(name), dir=shlex.quote(str(path)))
 
-    command = PREPARE_HINT.format(name=name, dir=path)
+
+def _resume_command(name: str, path: Path, state: Path) -> str:
+    """The `llmjax.prepare` command an unfinished preparation's state records (its sources)."""
+    from llmjax.prepare import HUB, SHARD_TOKENS
+
+    command = _prepare_hint(name, path)
     try:
         args = json.loads(state.read_text())["args"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -283,12 +288,19 @@ def _resume_command(name: str, path: Path, state: Path, hub: tuple) -> str:
     size = args.get("shard_tokens") if isinstance(args, dict) else None
     if isinstance(size, int) and size != SHARD_TOKENS:
         command += f" --shard_tokens {size}"
-    if name in hub:  # (the hub's files: the command names none)
-        return command
     try:
-        return command + "".join(f" --source {'val=' if split == 'val' else ''}{shlex.quote(src)}" for src, split, *_ in args["sources"])
+        sources = [(str(src), split) for src, split, *_ in args["sources"]]
     except (KeyError, TypeError, ValueError):
         return command + " --source FILE ..."
+    # the hub's own files (in its cache, under datasets--OWNER--NAME): the command names none, and
+    # downloads them again; a hub dataset's name prepared from --source files names those
+    if name in HUB and sources and all(f"datasets--{HUB[name]['repo_id'].replace('/', '--')}" in Path(src).parts
+                                       for src, _ in sources):
+        return command
+    # each with its split as given: train= too (a source's split is part of the state's arguments:
+    # the same file without train= is another preparation, started afresh)
+    return command + "".join(f" --source {split + '=' if split in ('train', 'val') else ''}{shlex.quote(src)}"
+                             for src, split in sources)
 
 
 def open_dataset(name: str, configured_dir: str) -> TokenDataset:
@@ -305,7 +317,7 @@ def open_dataset(name: str, configured_dir: str) -> TokenDataset:
 
         if (path / STATE).is_file():  # (a preparation that stopped before its end: the same command resumes it)
             raise DataError(f"dataset '{name}' in {path} is unfinished (its preparation stopped before the end); run the command "
-                            f"that prepared it again to resume it: {_resume_command(name, path, path / STATE, DATASETS)}")
+                            f"that prepared it again to resume it: {_resume_command(name, path, path / STATE)}")
         if name not in DATASETS:
             try:  # the user's own prepared datasets too, not only the built-in names
                 prepared = sorted(d.name for d in path.parent.iterdir() if (d / MANIFEST).is_file())
@@ -314,8 +326,8 @@ def open_dataset(name: str, configured_dir: str) -> TokenDataset:
             close = difflib.get_close_matches(name, prepared + [d for d in DATASETS if d not in prepared], n=1, cutoff=0.5)
             raise DataError(f"unknown dataset '{name}'" + (f" (did you mean '{close[0]}'?)" if close else "")
                             + f": no prepared dataset of that name in {path.parent}, and llmjax.prepare knows {', '.join(DATASETS)}; "
-                            f"for your own text: {PREPARE_HINT.format(name=name, dir=path)} --source FILE")
-        raise DataError(f"dataset '{name}' is not prepared in {path}; prepare it with: {PREPARE_HINT.format(name=name, dir=path)}")
+                            f"for your own text: {_prepare_hint(name, path)} --source FILE")
+        raise DataError(f"dataset '{name}' is not prepared in {path}; prepare it with: {_prepare_hint(name, path)}")
     return TokenDataset.open(path)
 
 

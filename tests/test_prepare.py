@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -731,3 +732,45 @@ def test_an_unfinished_preparations_command_names_shard_tokens_only_when_not_the
         P.prepare("mine", tmp_path / "mine", [P.Source(txt, None)], workers=1, shard_tokens=3000, progress=False, stop_after_shards=1)
     with pytest.raises(D.DataError, match=rf"to resume it: python -m llmjax.prepare mine --out {tmp_path}/mine --source {txt}$"):
         D.open_dataset("mine", "data")
+
+
+def test_an_unfinished_preparations_command_keeps_train_and_quotes_its_folder(tmp_path, docs, monkeypatch):
+    """The resume command gives a train= source as train= (without it the same file is another
+    split, another preparation: the command started afresh, rewriting the finished shards), and
+    quotes --out for a shell (a data folder with a space in its name: --out was cut at the space)."""
+    import shlex
+
+    data = tmp_path / "my data"
+    monkeypatch.setenv("LLMJAX_DATA_DIR", str(data))
+    txt = write_sources(tmp_path, docs)[0]
+    held = tmp_path / "held.txt"
+    held.write_text("a held-out document of its own.\n")
+    out = data / "mine"
+    with pytest.raises(KeyboardInterrupt):
+        P.prepare("mine", out, [P.Source(txt, "train"), P.Source(held, "val")], workers=1, shard_tokens=3000, progress=False,
+                  stop_after_shards=1)
+    with pytest.raises(D.DataError, match="to resume it: ") as e:
+        D.open_dataset("mine", "data")
+    command = shlex.split(str(e.value).split("to resume it: ", 1)[1])
+    assert command == ["python", "-m", "llmjax.prepare", "mine", "--out", str(out), "--shard_tokens", "3000",
+                       "--source", f"train={txt}", "--source", f"val={held}"]
+    first = (out / "train_0000.bin").stat()
+    P.prepare("mine", out, P.parse_sources(command[9::2], tmp_path / "cache"), workers=1, shard_tokens=3000, progress=False)
+    assert (out / "train_0000.bin").stat().st_ino == first.st_ino  # (resumed: the finished shard kept, not written again)
+
+
+def test_an_unfinished_hub_datasets_command_names_sources_unless_the_hubs(tmp_path, monkeypatch):
+    """A hub dataset's name prepared from one's own files: the command names them (it named none, and
+    run as printed it downloaded the hub's files and started afresh, deleting the finished shards);
+    prepared from the hub's own files (its cache): none, as before."""
+    monkeypatch.setenv("LLMJAX_DATA_DIR", str(tmp_path))
+    out = tmp_path / "tinystories"
+    out.mkdir()
+    hub = tmp_path / "hf" / "datasets--roneneldan--TinyStories" / "snapshots" / "abc"
+    own = tmp_path / "stories.txt"
+    for sources, tail in (([[str(hub / "TinyStoriesV2-GPT4-train.txt"), "train", 1, 1], [str(hub / "TinyStoriesV2-GPT4-valid.txt"), "val", 1, 1]],
+                           f"--out {out}"),
+                          ([[str(own), None, 1, 1]], f"--out {out} --source {own}")):
+        (out / P.STATE).write_text(json.dumps({"args": {"dataset": "tinystories", "sources": sources, "shard_tokens": P.SHARD_TOKENS}}))
+        with pytest.raises(D.DataError, match=rf"to resume it: python -m llmjax.prepare tinystories {re.escape(tail)}$"):
+            D.open_dataset("tinystories", "data")
