@@ -279,11 +279,15 @@ def _resume_command(name: str, path: Path, state: Path) -> str:
     """The `llmjax.prepare` command an unfinished preparation's state records (its sources)."""
     from llmjax.prepare import HUB, SHARD_TOKENS
 
-    command = _prepare_hint(name, path)
     try:
         args = json.loads(state.read_text())["args"]
     except (OSError, ValueError, KeyError, TypeError):
         args = {}
+    # the name it was prepared under, which the state records (another starts afresh): a folder
+    # prepared with --out under another name than its own is trained on by the folder's name
+    if isinstance(args, dict) and isinstance(args.get("dataset"), str) and args["dataset"]:
+        name = args["dataset"]
+    command = _prepare_hint(name, path)
     # (another --shard_tokens than the state's starts the preparation afresh: the command gives the state's)
     size = args.get("shard_tokens") if isinstance(args, dict) else None
     if isinstance(size, int) and size != SHARD_TOKENS:

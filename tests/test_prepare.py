@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -737,7 +738,9 @@ def test_an_unfinished_preparations_command_names_shard_tokens_only_when_not_the
 def test_an_unfinished_preparations_command_keeps_train_and_quotes_its_folder(tmp_path, docs, monkeypatch):
     """The resume command gives a train= source as train= (without it the same file is another
     split, another preparation: the command started afresh, rewriting the finished shards), and
-    quotes --out for a shell (a data folder with a space in its name: --out was cut at the space)."""
+    quotes --out for a shell (a data folder with a space in its name: --out was cut at the space). It
+    names the dataset the state records, not the folder's name (prepared as 'mine' with --out into
+    the folder 'stories' that training names: 'stories' is another preparation, started afresh)."""
     import shlex
 
     data = tmp_path / "my data"
@@ -745,17 +748,18 @@ def test_an_unfinished_preparations_command_keeps_train_and_quotes_its_folder(tm
     txt = write_sources(tmp_path, docs)[0]
     held = tmp_path / "held.txt"
     held.write_text("a held-out document of its own.\n")
-    out = data / "mine"
+    out = data / "stories"
     with pytest.raises(KeyboardInterrupt):
         P.prepare("mine", out, [P.Source(txt, "train"), P.Source(held, "val")], workers=1, shard_tokens=3000, progress=False,
                   stop_after_shards=1)
     with pytest.raises(D.DataError, match="to resume it: ") as e:
-        D.open_dataset("mine", "data")
+        D.open_dataset("stories", "data")
     command = shlex.split(str(e.value).split("to resume it: ", 1)[1])
     assert command == ["python", "-m", "llmjax.prepare", "mine", "--out", str(out), "--shard_tokens", "3000",
                        "--source", f"train={txt}", "--source", f"val={held}"]
     first = (out / "train_0000.bin").stat()
-    P.prepare("mine", out, P.parse_sources(command[9::2], tmp_path / "cache"), workers=1, shard_tokens=3000, progress=False)
+    P.prepare(command[3], Path(command[5]), P.parse_sources(command[9::2], tmp_path / "cache"), workers=1, shard_tokens=int(command[7]),
+              progress=False)
     assert (out / "train_0000.bin").stat().st_ino == first.st_ino  # (resumed: the finished shard kept, not written again)
 
 
