@@ -310,6 +310,17 @@ def _resume_command(name: str, path: Path, state: Path) -> str:
 def open_dataset(name: str, configured_dir: str) -> TokenDataset:
     """Open a prepared dataset; the built-in ones are prepared on first use."""
     path = data_dir(configured_dir) / name
+    from llmjax.prepare import STATE
+
+    try:  # (a folder that cannot be read: said below, as before)
+        unfinished = not (path / MANIFEST).is_file() and (path / STATE).is_file()
+    except OSError:
+        unfinished = False
+    # a preparation that stopped before its end: the same command resumes it (a built-in name's too,
+    # prepared from --source files: prepare_builtin wrote the shipped text over its shards)
+    if unfinished:
+        raise DataError(f"dataset '{name}' in {path} is unfinished (its preparation stopped before the end); run the command "
+                        f"that prepared it again to resume it: {_resume_command(name, path, path / STATE)}")
     if name in BUILTIN:
         try:
             return prepare_builtin(name, path)
@@ -317,11 +328,8 @@ def open_dataset(name: str, configured_dir: str) -> TokenDataset:
             raise DataError(f"cannot prepare dataset '{name}' in {path} ({e.strerror or e}); set --config.data.dir to a folder "
                             f"you can write") from None
     if not (path / MANIFEST).is_file():
-        from llmjax.prepare import DATASETS, STATE
+        from llmjax.prepare import DATASETS
 
-        if (path / STATE).is_file():  # (a preparation that stopped before its end: the same command resumes it)
-            raise DataError(f"dataset '{name}' in {path} is unfinished (its preparation stopped before the end); run the command "
-                            f"that prepared it again to resume it: {_resume_command(name, path, path / STATE)}")
         if name not in DATASETS:
             try:  # the user's own prepared datasets too, not only the built-in names
                 prepared = sorted(d.name for d in path.parent.iterdir() if (d / MANIFEST).is_file())

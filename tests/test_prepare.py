@@ -778,3 +778,21 @@ def test_an_unfinished_hub_datasets_command_names_sources_unless_the_hubs(tmp_pa
         (out / P.STATE).write_text(json.dumps({"args": {"dataset": "tinystories", "sources": sources, "shard_tokens": P.SHARD_TOKENS}}))
         with pytest.raises(D.DataError, match=rf"to resume it: python -m llmjax.prepare tinystories {re.escape(tail)}$"):
             D.open_dataset("tinystories", "data")
+
+
+def test_an_unfinished_preparation_under_a_built_in_name_is_not_written_over(tmp_path, monkeypatch):
+    """A built-in name prepared from one's own --source files and interrupted is said to be
+    unfinished, with its command, as any other: training on it wrote the shipped Shakespeare over its
+    shards, and trained on that, the user's state beside a manifest of another text."""
+    monkeypatch.setenv("LLMJAX_DATA_DIR", str(tmp_path))
+    out = tmp_path / "tinyshakespeare"
+    out.mkdir()
+    own = tmp_path / "mine.txt"
+    (out / P.STATE).write_text(json.dumps({"args": {"dataset": "tinyshakespeare", "sources": [[str(own), None, 1, 1]],
+                                                    "shard_tokens": P.SHARD_TOKENS}}))
+    (out / "train_0000.bin").write_bytes(b"the user's shard")
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    with pytest.raises(D.DataError, match=rf"is unfinished .* python -m llmjax.prepare tinyshakespeare --out {re.escape(str(out))} "
+                                          rf"--source {re.escape(str(own))}$"):
+        D.open_dataset("tinyshakespeare", "data")
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
