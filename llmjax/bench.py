@@ -458,7 +458,7 @@ def main(argv):
     if (F.config is not None) == F.all:
         cli.fail("give --config configs/<arch>.py[:variant] or --all")
     if F.config is not None and F["variant"].present:  # (it was ignored: the spec's variant was measured)
-        path, _ = cli.split_spec(cli.config_spec(sys.argv) or "")
+        path, _ = cli.split_spec(F["config"].config_filename)  # (as given: --config, -config or a --flagfile's)
         cli.fail(f"--variant is for --all; with --config put the variant in it: --config {path}:{F.variant}")
     unknown = [s for s in F.suite if s not in SUITES]
     if unknown:
@@ -501,7 +501,7 @@ def main(argv):
         cli.fail(str(e))
     train_suites = suites & {"train", "memory"}
     if F.config is not None:
-        runs = [(cli.config_spec(sys.argv), F.config)]
+        runs = [(F["config"].config_filename, F.config)]  # (the spec as given, in any of absl's forms: -config, a --flagfile)
     else:
         runs = [(f"configs/{p.stem}.py:{F.variant}", f"{p}:{F.variant}") for p in config_files()]  # (a new architecture too)
     # the row's overrides as given: --config.KEY=VALUE (with --config) and --set KEY=VALUE

@@ -366,3 +366,13 @@ def test_compiled_flops_are_not_reported_on_a_gpu():
     compiled = jax.jit(lambda a: a @ a).lower(jnp.ones((64, 64))).compile()
     assert compiled_flops(compiled, 64, 2 * 64 * 64)["compiled_flops_ratio"] == pytest.approx(1.0)  # 64 rows of a 64 x 64 product
     assert set(compiled_flops(compiled, 64, 2 * 64 * 64, "gpu").values()) == {None}
+
+
+def test_a_row_records_its_config_given_in_absls_one_dash_form(tmp_path):
+    """-config=... (absl's one-dash form, which applies as --config does) is the row's config too: the
+    row said "config": null (its spec was read from argv's --config forms only)."""
+    out = tmp_path / "rows.jsonl"
+    (r,) = cli_cases("llmjax.bench", [["-config=configs/vanilla.py:tiny", "--suite=memory", "--steps=0", f"--out={out}"]])
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["config"] == "configs/vanilla.py:tiny" and row["arch"] == "vanilla"

@@ -93,6 +93,8 @@ def test_variant_with_a_config_is_refused_not_ignored():
     (r,) = cli_cases("llmjax.summary", [["--config", "configs/vanilla.py:tiny", "--variant=small"]])
     assert (r.returncode, r.stderr, r.stdout) == (2, "error: --variant is for every config, without --config; with --config put the "
                                                      "variant in it: --config configs/vanilla.py:small\n", ""), r.stderr
-    (r,) = cli_cases("llmjax.bench", [["--config", "configs/vanilla.py", "--variant", "tiny", "--suite=memory", "--steps=0"]])
-    assert (r.returncode, r.stderr, r.stdout) == (2, "error: --variant is for --all; with --config put the variant in it: "
-                                                     "--config configs/vanilla.py:tiny\n", ""), r.stderr
+    # (-config, absl's one-dash form, too: the advice lost the path, '--config :tiny')
+    for r in cli_cases("llmjax.bench", [[form, "configs/vanilla.py", "--variant", "tiny", "--suite=memory", "--steps=0"]
+                                        for form in ("--config", "-config")]):
+        assert (r.returncode, r.stderr, r.stdout) == (2, "error: --variant is for --all; with --config put the variant in it: "
+                                                         "--config configs/vanilla.py:tiny\n", ""), r.stderr
