@@ -505,7 +505,7 @@ def main(argv):
     else:
         runs = [(f"configs/{p.stem}.py:{F.variant}", f"{p}:{F.variant}") for p in config_files()]  # (a new architecture too)
     # the row's overrides as given: --config.KEY=VALUE (with --config) and --set KEY=VALUE
-    given = [a[len("--config.") :] for a in sys.argv[1:] if a.startswith("--config.")] + list(F.set)
+    given = [a[len("--config.") :] for a in cli.command_line()[1:] if a.startswith("--config.")] + list(F.set)
     # everything a user can get wrong is checked before anything is measured: every row's config and
     # overrides, the hellaswag suite's vocabulary, the --out file and the --doc's markers
     planned = []

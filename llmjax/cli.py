@@ -21,13 +21,16 @@ FLAGS = flags.FLAGS
 
 
 def define_config_flag(required: bool = True):
-    return config_flags.DEFINE_config_file(
-        "config",
-        default=None,
-        help_string="config file and variant, e.g. configs/modern.py or configs/modern.py:tiny; "
-        "override keys with --config.train.lr=3e-4",
-        lock_config=True,
-    )
+    try:  # (config_flags reads sys.argv's --flagfiles here already: one that cannot be read was its traceback)
+        return config_flags.DEFINE_config_file(
+            "config",
+            default=None,
+            help_string="config file and variant, e.g. configs/modern.py or configs/modern.py:tiny; "
+            "override keys with --config.train.lr=3e-4",
+            lock_config=True,
+        )
+    except flags.Error as e:
+        fail(_flagfile_error(e))
 
 
 def fail(message: str, code: int = 2):
@@ -81,7 +84,40 @@ def _misplaced_override(argv: list[str]) -> str | None:
     return None
 
 
+_COMMAND_LINE: list[str] | None = None  # (argv as _parse read it)
+
+
+def command_line() -> list[str]:
+    """The command line as parsed (sys.argv before that): each --flagfile's arguments in its place,
+    absl's one-dash -config forms written with two dashes."""
+    return list(_COMMAND_LINE if _COMMAND_LINE is not None else sys.argv)
+
+
+def _expand(argv: list[str]) -> list[str]:
+    """argv with every --flagfile replaced by its arguments (absl's own reading, as FLAGS(argv) does
+    it) and -config, -config=... and -config.KEY=... written --config...: our checks of the spec
+    and its overrides, and config_flags' ':default' (flags_spec), then see every form of them."""
+    out = [*argv[:1], *FLAGS.read_flags_from_files(argv[1:], force_gnu=False)]
+    for i, arg in enumerate(out[1:], start=1):
+        if arg == "--":
+            break
+        if re.match(r"-(no)?config(\.|=|$)", arg):
+            out[i] = "-" + arg
+    return out
+
+
+def _flagfile_error(e: Exception) -> str:
+    """absl's 'ERROR:: Unable to open flagfile: ...' as one line, without its prefix."""
+    return re.sub(r"^ERROR::\s*", "", " ".join(str(e).split()))
+
+
 def _parse(argv: list[str]):
+    global _COMMAND_LINE
+    try:
+        argv = _expand(argv)
+    except flags.Error as e:  # (a --flagfile that cannot be read)
+        fail(_flagfile_error(e))
+    _COMMAND_LINE = argv
     spec, keys = _config_args(argv)
     early = _misplaced_override(argv)
     if early is not None and "config" in FLAGS:

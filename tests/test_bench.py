@@ -59,6 +59,20 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "llmjax.bench", *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
+def test_cli_row_names_the_config_and_overrides_a_flagfile_gives(tmp_path):
+    """A row measured from a --flagfile's --config and --config.KEY=VALUE records them, as the same
+    arguments on the command line do (it recorded config null and no overrides, while measuring
+    the config with them)."""
+    flagfile = tmp_path / "bench.flags"
+    flagfile.write_text("--config=configs/vanilla.py:tiny\n--config.model.n_layer=1\n")
+    [r] = cli_cases("llmjax.bench", [[f"--flagfile={flagfile}", "--suite=decode", "--decode_batches=1", "--new_tokens=1",
+                                      "--prompt_len=2", "--repeats=1", "--json"]])
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (row["config"], row["overrides"]) == ("configs/vanilla.py:tiny", ["model.n_layer=1"])
+    assert row["params_total"] == summarize(llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", {"model.n_layer": 1}))["params_total"]
+
+
 def test_cli_all_rewrites_the_doc_table(tmp_path):
     """--all measures every architecture and rewrites the doc's table; an architecture that fails
     while measured (here ssm, made to raise) is a marked row and an error line, the others' rows are

@@ -360,6 +360,35 @@ def test_cli_override_after_a_config_given_in_absls_other_forms_applies(tmp_path
     assert json.loads(proc.stdout)["n_layer"] == 3
 
 
+def test_cli_a_flagfile_or_one_dash_config_is_the_command_line(tmp_path):
+    """Arguments read from a --flagfile, and absl's one-dash -config, are taken as the same arguments
+    written on the command line: a get_config(variant) without a default gets 'default' (before:
+    config_flags' 'get_config() missing 1 required positional argument' traceback on one line), an
+    override is checked and the config validated at once, in the same one line ("'lrr' Did you mean
+    "lr"..." before, and an unknown mesh axis was not refused), and a flagfile that cannot be read is
+    one line."""
+    from helpers import cli_cases
+
+    needs = users_config(tmp_path / "needs.py", "def get_config(variant):\n    return make_config(variant, v.MODELS)\n")
+    given = {"needs": [f"--config={needs}", "--json"],
+             "lrr": ["--config=configs/vanilla.py:tiny", "--config.train.lrr=1"],
+             "mesh": ["--config=configs/vanilla.py:tiny", "--config.train.mesh={'data': -1, 'fdsp': 4}"]}
+    cases = []
+    for name, args in given.items():
+        (tmp_path / f"{name}.flags").write_text("".join(f"{a}\n" for a in args))
+        cases += [args, [f"--flagfile={tmp_path / f'{name}.flags'}"]]
+    cases += [[a[1:] if a.startswith("--config") else a for a in given["needs"]], [f"--flagfile={tmp_path / 'absent.flags'}"]]
+    runs = cli_cases("llmjax.summary", cases)
+    for i in range(len(given)):
+        direct, from_file = runs[2 * i], runs[2 * i + 1]
+        assert (from_file.returncode, from_file.stdout, from_file.stderr) == (direct.returncode, direct.stdout, direct.stderr), cases[2 * i]
+    assert runs[0].returncode == 0 and json.loads(runs[0].stdout)["n_layer"] == 12, runs[0].stderr
+    assert (runs[2].returncode, runs[2].stderr) == (2, "error: unknown config key 'train.lrr' (did you mean 'train.lr'?)\n")
+    assert runs[4].returncode == 2 and runs[4].stderr.startswith("error: unknown config key 'train.mesh.fdsp'")
+    assert (runs[6].returncode, runs[6].stdout, runs[6].stderr) == (0, runs[0].stdout, "")  # -config=needs.py
+    assert runs[7].returncode == 2 and len(runs[7].stderr.splitlines()) == 1 and "absent.flags" in runs[7].stderr, runs[7].stderr
+
+
 def test_cli_output_cut_short_by_its_reader_ends_quietly():
     """`python -m llmjax.summary ... | head -1`: the reader goes away; the tool stops with the shell's
     status for SIGPIPE (141) and no traceback (here the reader, `true`, has gone before the first write)."""
