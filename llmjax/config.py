@@ -11,6 +11,7 @@ line that names the closest valid key.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import importlib.util
@@ -445,8 +446,9 @@ def set_key(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
 def parse_value(cfg: ml_collections.ConfigDict, dotted: str, text: str) -> Any:
     """A `key=value` override's text (`--set` of llmjax.bench and llmjax.compare) as the key's value,
     parsed as `--config.key=value` parses it, by the type the key holds: a bool from true/false/1/0
-    (any case), an int, a float, a string as written; anything else (a group, None) as JSON, else
-    the text. A one-line ConfigError for text that is not of the key's type."""
+    (any case), an int, a float, a string as written; anything else (a group, None) as a Python
+    literal, as config_flags reads it (`{'data': 1, 'fsdp': 8}`), or JSON, else the text. A
+    one-line ConfigError for text that is not of the key's type."""
     from absl import flags
 
     node, leaf = _locate(cfg, dotted)
@@ -455,7 +457,11 @@ def parse_value(cfg: ml_collections.ConfigDict, dotted: str, text: str) -> Any:
     if isinstance(current, str):
         return text
     if parser is None:
-        try:
+        try:  # (config_flags' literal parse: true and false as Python's)
+            return ast.literal_eval(text.capitalize() if text in ("true", "false") else text)
+        except (SyntaxError, ValueError):
+            pass
+        try:  # (JSON's own forms too, {"wandb": true}: what --set read before)
             return json.loads(text)
         except json.JSONDecodeError:
             return text

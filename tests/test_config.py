@@ -208,6 +208,35 @@ def test_set_values_parse_as_config_overrides_do():
             parse_value(llmjax.load_config(spec), key, text)
 
 
+def test_set_group_values_parse_as_config_overrides_do():
+    """A group given whole by `--set` (train.mesh, train.aux_loss_weights) reads the Python dict that
+    `--config.KEY={...}` reads (config_flags' own parse the reference): it was read as JSON only, so
+    `--set train.mesh={'data': 1, ...}`, the README's form, was refused ('... is of original type
+    <class 'str'> and cannot be casted'); JSON's form still reads."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from llmjax.config import parse_value, set_key, validate
+
+    cases = [("vanilla", "train.mesh", "{'data': 1, 'fsdp': 1, 'expert': 1}"), ("moe", "train.aux_loss_weights", "{'load_balance': 0.02}"),
+             ("moe", "train.aux_loss_weights", "{}")]
+    for arch, key, text in cases:
+        spec = f"{ROOT}/configs/{arch}.py:tiny"
+        fv, argv = flags.FlagValues(), ["prog", f"--config={spec}", f"--config.{key}={text}"]
+        config_flags.DEFINE_config_file("config", flag_values=fv, lock_config=True, sys_argv=argv)
+        fv(argv)
+        want = fv.config
+        for part in key.split("."):
+            want = want[part]
+        cfg = llmjax.load_config(spec)
+        got = parse_value(cfg, key, text)
+        assert got == want.to_dict(), (key, text, got, want)
+        set_key(cfg, key, got)
+        validate(cfg)
+    cfg = llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny")
+    assert parse_value(cfg, "train.mesh", '{"data": 1, "fsdp": 1, "expert": 1}') == {"data": 1, "fsdp": 1, "expert": 1}
+
+
 def test_a_variant_of_ones_own_trains_on_the_recipe_it_is_named_after(tmp_path):
     """An idea tried as a new variant (`small_nobias`, the README's way) trains on small's data and
     recipe, not the GPU recipe of `default`: it did, so its run asked for fineweb_edu, and a
