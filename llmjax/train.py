@@ -740,6 +740,11 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
         for name, items in task_items.items():
             try:
                 m = downstream.score_task(scorer, tokenizer, items, requests=task_requests[name])
+            except jax.errors.JaxRuntimeError as e:  # (the scorer's batch, not the training step's: train()'s line named train.batch_size)
+                if (what := cli.out_of_memory(e)) is None:
+                    raise
+                raise TrainingError(f"out of device memory scoring eval.tasks ({what}); lower eval.tasks_batch_size "
+                                    f"({ecfg.tasks_batch_size} sequences a batch); {resume_point(workdir / 'checkpoints')}") from None
             except ScoreError:  # non-finite log-likelihoods: not a number, as the validation loss then (no made-up accuracy)
                 m = {"acc": float("nan"), "acc_norm": float("nan")}
             out[f"{name}_acc"], out[f"{name}_acc_norm"] = m["acc"], m["acc_norm"]

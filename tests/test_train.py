@@ -693,6 +693,19 @@ def test_out_of_device_memory_is_one_line_saying_what_to_lower(tmp_path):
                         r"or a shorter model\.context_len; no checkpoint was written", message), message
 
 
+def test_out_of_device_memory_while_scoring_tasks_names_their_batch_size(tmp_path):
+    """Out of device memory in the in-loop task scoring says to lower eval.tasks_batch_size, the
+    scorer's batch: the training step's line said to lower train.batch_size, which the scoring does
+    not use (here 4,000,000 sequences a batch, terabytes of logits, with train.batch_size 8)."""
+    c = cfg("vanilla", data__dataset="tinyshakespeare", model__vocab_size=50257, model__padded_vocab_size=50304, train__max_steps=1,
+            eval__every_steps=0, train__checkpoint_every_steps=0, eval__tasks="hellaswag", eval__tasks_limit=1,
+            eval__tasks_batch_size=4_000_000, eval__tasks_dir=str(ROOT / "tests" / "fixtures"), eval__sample_tokens=0)
+    with pytest.raises(TrainingError) as err:
+        train(c, tmp_path / "run", quiet=True)
+    assert re.fullmatch(r"out of device memory scoring eval\.tasks \(Out of memory allocating \d+ bytes\.\); lower "
+                        r"eval\.tasks_batch_size \(4000000 sequences a batch\); no checkpoint was written", str(err.value)), str(err.value)
+
+
 def test_resuming_with_a_different_model_is_refused(tmp_path):
     train(cfg("vanilla", train__stop_at_step=2), tmp_path / "run", quiet=True)
     with pytest.raises(ConfigError, match=r"different model config: model.d_ff \(256 -> 128\); model.n_layer \(2 -> 3\)"):
