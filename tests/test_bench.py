@@ -65,12 +65,18 @@ def test_cli_row_names_the_config_and_overrides_a_flagfile_gives(tmp_path):
     the config with them)."""
     flagfile = tmp_path / "bench.flags"
     flagfile.write_text("--config=configs/vanilla.py:tiny\n--config.model.n_layer=1\n")
-    [r] = cli_cases("llmjax.bench", [[f"--flagfile={flagfile}", "--suite=decode", "--decode_batches=1", "--new_tokens=1",
-                                      "--prompt_len=2", "--repeats=1", "--json"]])
+    out = tmp_path / "rows.jsonl"
+    r, r1 = cli_cases("llmjax.bench", [[f"--flagfile={flagfile}", "--suite=decode", "--decode_batches=1", "--new_tokens=1",
+                                        "--prompt_len=2", "--repeats=1", "--json"],
+                                       # absl's one-dash form, which applies as --config does: its row said "config": null
+                                       ["-config=configs/vanilla.py:tiny", "--suite=memory", "--steps=0", f"--out={out}"]])
     assert r.returncode == 0, r.stderr[-2000:]
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert (row["config"], row["overrides"]) == ("configs/vanilla.py:tiny", ["model.n_layer=1"])
     assert row["params_total"] == summarize(llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", {"model.n_layer": 1}))["params_total"]
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["config"] == "configs/vanilla.py:tiny" and row["arch"] == "vanilla"
 
 
 def test_cli_all_rewrites_the_doc_table(tmp_path):
@@ -381,12 +387,3 @@ def test_compiled_flops_are_not_reported_on_a_gpu():
     assert compiled_flops(compiled, 64, 2 * 64 * 64)["compiled_flops_ratio"] == pytest.approx(1.0)  # 64 rows of a 64 x 64 product
     assert set(compiled_flops(compiled, 64, 2 * 64 * 64, "gpu").values()) == {None}
 
-
-def test_a_row_records_its_config_given_in_absls_one_dash_form(tmp_path):
-    """-config=... (absl's one-dash form, which applies as --config does) is the row's config too: the
-    row said "config": null (its spec was read from argv's --config forms only)."""
-    out = tmp_path / "rows.jsonl"
-    (r,) = cli_cases("llmjax.bench", [["-config=configs/vanilla.py:tiny", "--suite=memory", "--steps=0", f"--out={out}"]])
-    assert r.returncode == 0, r.stderr[-2000:]
-    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
-    assert row["config"] == "configs/vanilla.py:tiny" and row["arch"] == "vanilla"
