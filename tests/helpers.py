@@ -99,11 +99,15 @@ def built_once(tmp_path_factory, name: str, build):
 
 _FORKED_CLI = r"""
 import importlib, json, os, runpy, sys, tempfile, traceback
-module, cases = sys.argv[1], json.loads(sys.argv[2])
-importlib.import_module(module)  # (its imports, JAX's among them, once for every case)
-del sys.modules[module]  # (each case runs it as __main__, as `python -m` does, not the copy imported here)
+runs = json.loads(sys.argv[1])  # [[module or script.py, args], ...]
+for module in dict.fromkeys(m for m, _ in runs):
+    if module.endswith(".py"):  # a script: what it imports, llmjax's tools, imported once
+        importlib.import_module("llmjax.cli")
+    else:
+        importlib.import_module(module)  # (its imports, JAX's among them, once for every case)
+        del sys.modules[module]  # (each case runs it as __main__, as `python -m` does, not the copy imported here)
 out = []
-for args in cases:
+for module, args in runs:
     with tempfile.TemporaryFile() as o, tempfile.TemporaryFile() as e:
         pid = os.fork()
         if pid == 0:  # the case: `python -m module *args`, in a process of its own
@@ -111,7 +115,10 @@ for args in cases:
             os.dup2(e.fileno(), 2)
             sys.argv = [module, *args]
             try:
-                runpy.run_module(module, run_name="__main__", alter_sys=True)
+                if module.endswith(".py"):
+                    runpy.run_path(module, run_name="__main__")
+                else:
+                    runpy.run_module(module, run_name="__main__", alter_sys=True)
                 code = 0
             except SystemExit as stop:
                 code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else (print(stop.code, file=sys.stderr) or 1))
@@ -136,11 +143,18 @@ def cli_cases(module: str, cases: list[list[str]], env: dict | None = None, time
     starts no JAX backend, so each case starts its own as a process of its own would. For
     command-line checks of many arguments (bad input refused in one line); a test about processes,
     signals or the interpreter's exit runs its own subprocess."""
+    return cli_runs([(module, args) for args in cases], env, timeout)
+
+
+def cli_runs(runs: list[tuple[str, list[str]]], env: dict | None = None, timeout: int = 600) -> list:
+    """cli_cases for several tools: `python -m module *args` (or `python script.py *args`, a module
+    named by its path ending in .py) for each (module, args) in `runs`, each forked from one process
+    that imported every module once."""
     import subprocess
     import sys
     import types
 
-    r = subprocess.run([sys.executable, "-c", _FORKED_CLI, module, json.dumps(cases)], cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", _FORKED_CLI, json.dumps(runs)], cwd=ROOT, capture_output=True, text=True,
                        timeout=timeout, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return [types.SimpleNamespace(**c) for c in json.loads(r.stdout.strip().splitlines()[-1])]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
 import tomllib
 from importlib import metadata
 
 from conftest import ROOT
+from helpers import cli_runs
 from packaging.requirements import Requirement
 
 
@@ -58,9 +58,7 @@ def test_installed_versions_match_the_pins():
 def test_every_tools_help_lists_its_main_flags():
     """`--help` lists the flags a tool takes from llmjax.cli (--config, --checkpoint_path, --which) and
     llmjax.sample (--quantize) with its own: they were under --helpfull only."""
-    import subprocess
-    import sys
-
+    tools = []
     for module, names in [("llmjax.train", ["--config", "--workdir"]), ("llmjax.sample", ["--checkpoint_path", "--which", "--prompt"]),
                           ("llmjax.evaluate", ["--checkpoint_path", "--which", "--quantize", "--tasks"]),
                           ("llmjax.export", ["--checkpoint_path", "--which"]), ("llmjax.summary", ["--config"]),
@@ -68,8 +66,8 @@ def test_every_tools_help_lists_its_main_flags():
                           ("llmjax.bench", ["--config", "--variant", "--set"]), ("llmjax.aot", ["--config", "--target"]),
                           ("llmjax.compare", ["--configs", "--set"]), ("llmjax.prepare", ["--source", "--out"]),
                           ("scripts/run_benchmarks.py", ["--checkpoint_path", "--which", "--quantize", "--tasks", "--scorer"])]:
-        how = [module] if module.endswith(".py") else ["-m", module]
-        r = subprocess.run([sys.executable, *how, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        tools.append((module, names))
+    # each tool forked from one process that imported them all (JAX's imports once, not per tool)
+    for (module, names), r in zip(tools, cli_runs([(module, ["--help"]) for module, _ in tools])):
         listed = set(re.findall(r"^\s+(--\w+):", r.stdout + r.stderr, re.M))
         assert set(names) <= listed, (module, set(names) - listed)
