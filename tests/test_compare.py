@@ -206,38 +206,28 @@ def _cmdline(p: Path) -> str:
         return ""
 
 
-def test_a_resumed_run_is_marked_in_the_table(tmp_path):
-    """A run interrupted and resumed by the next `compare` is timed by that process only: the
-    table says so, naming the run and the step it resumed from; an uninterrupted one is unmarked."""
-    kw = dict(out=tmp_path, seeds=1, max_steps=4, eval_every=2, eval_batches=1, command="test", quiet=True)
-    with pytest.raises(C.CompareError, match="did not finish"):  # stopped at step 2 (as by a kill after its checkpoint)
-        C.compare(SPECS[:1], overrides={"train.stop_at_step": 2, "train.checkpoint_every_steps": 2}, **kw)
-    (tmp_path / "vanilla_tiny" / "seed0" / "train.log").write_text("FIRST PART\n")  # (what the first part said)
-    r = C.compare(SPECS[:1], **kw)
-    assert r["rows"][0]["resumed"] == {0: 2}
-    log = (tmp_path / "vanilla_tiny" / "seed0" / "train.log").read_text()  # both parts' (the resumed one's overwrote the first's)
-    assert log.startswith("FIRST PART\n") and "resumed from" in log, log
-    assert r["markdown"].rstrip().endswith("train wall and peak memory are the resumed part's only: `vanilla` seed 0 from step 2.")
-    assert json.loads((tmp_path / "results.json").read_text())["rows"][0]["resumed"] == {"0": 2}
-    lines = [json.loads(x) for x in (tmp_path / "vanilla_tiny" / "seed0" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [1, 2, 3, 4]  # the losses are the whole run's
-    # tokens/s: the median of the steps that did not compile (not step 1, nor step 3 after the resume)
-    assert r["rows"][0]["train_tokens_per_sec"] == pytest.approx((lines[1]["tokens_per_sec"] + lines[3]["tokens_per_sec"]) / 2)
-
-
-def test_a_run_resumed_twice_leaves_out_the_compiling_step_after_each_resume(tmp_path):
-    """Interrupted after step 2 and again after step 4, then finished: steps 1, 3 and 5 compiled
-    (each the first of its process), so tokens/s is the median of steps 2, 4 and 6. Only the last
-    resume was known before: step 3, a compile (~0.5 s against ~15 ms a step), was in the median."""
+def test_a_run_resumed_twice_is_marked_and_leaves_out_the_compiling_step_after_each_resume(tmp_path):
+    """A run interrupted and resumed by the next `compare` is timed by that process only: the table
+    says so, naming the run and the step it resumed from (an uninterrupted one is unmarked: the
+    `result` tests). Interrupted after step 2 and again after step 4, then finished: steps 1, 3 and
+    5 compiled (each the first of its process), so tokens/s is the median of steps 2, 4 and 6. Only
+    the last resume was known before: step 3, a compile (~0.5 s against ~15 ms a step), was in the
+    median."""
     import statistics
 
     kw = dict(out=tmp_path, seeds=1, max_steps=6, eval_every=2, eval_batches=1, command="test", quiet=True)
-    for stop in (2, 4):
+    for stop in (2, 4):  # (as by a kill after its checkpoint)
         with pytest.raises(C.CompareError, match="did not finish"):
             C.compare(SPECS[:1], overrides={"train.stop_at_step": stop, "train.checkpoint_every_steps": 2}, **kw)
+        if stop == 2:
+            (tmp_path / "vanilla_tiny" / "seed0" / "train.log").write_text("FIRST PART\n")  # (what the first part said)
     r = C.compare(SPECS[:1], **kw)
+    log = (tmp_path / "vanilla_tiny" / "seed0" / "train.log").read_text()  # every part's (each resumed one's appended)
+    assert log.startswith("FIRST PART\n") and "resumed from" in log, log
+    assert r["markdown"].rstrip().endswith("train wall and peak memory are the resumed part's only: `vanilla` seed 0 from step 4.")
+    assert json.loads((tmp_path / "results.json").read_text())["rows"][0]["resumed"] == {"0": 4}
     lines = [json.loads(x) for x in (tmp_path / "vanilla_tiny" / "seed0" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]  # the losses are the whole run's
     assert r["rows"][0]["train_tokens_per_sec"] == pytest.approx(statistics.median(lines[i]["tokens_per_sec"] for i in (1, 3, 5)))
     assert r["rows"][0]["resumed"] == {0: 4}  # (the part whose wall time and peak memory the table has)
     stats = json.loads((tmp_path / "vanilla_tiny" / "seed0" / "compare_run.json").read_text())
