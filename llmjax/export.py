@@ -14,7 +14,8 @@ Any other architecture or format is a one-line error naming what is supported.
 
 Import: `--config.train.init_from=gpt2` (or gpt2-medium / gpt2-large / gpt2-xl, with the matching
 `configs/vanilla.py:<default|medium|large|xl>`; or a local HF GPT-2 folder or .safetensors file)
-starts a fresh run from those weights: nanoGPT's `from_pretrained`, in JAX. The hub files come
+starts a fresh run from those weights: nanoGPT's `from_pretrained`, in JAX (a shorter
+model.context_len keeps the position table's first rows: its `crop_block_size`). The hub files come
 through huggingface_hub (its cache); needs the `hf` extra.
 """
 
@@ -129,9 +130,11 @@ def gpt2_tensors(params: dict, mcfg, dtype=np.float32) -> dict[str, np.ndarray]:
     return {k: _cast(k, v, dtype) for k, v in t.items()}
 
 
-def params_from_gpt2(tensors: dict[str, np.ndarray], mcfg) -> dict:
+def params_from_gpt2(tensors: dict[str, np.ndarray], mcfg, *, crop: bool = False) -> dict:
     """A scanned-layout float32 parameter tree for `mcfg` (vanilla) from HF GPT-2 tensors (with or
-    without the `transformer.` prefix; OpenAI's files have none). Padded vocabulary rows are zero."""
+    without the `transformer.` prefix; OpenAI's files have none). Padded vocabulary rows are zero.
+    `crop` (train.init_from): a model.context_len below the weights' positions keeps the position
+    table's first context_len rows (nanoGPT's `crop_block_size`); a longer one is refused."""
     check_gpt2(mcfg)
     t = {k.removeprefix("transformer."): np.asarray(v, np.float32) for k, v in tensors.items()}
 
@@ -163,12 +166,20 @@ def params_from_gpt2(tensors: dict[str, np.ndarray], mcfg) -> dict:
                     "proj": {"kernel": get(p + "mlp.c_proj.weight", (F, D)), "bias": get(p + "mlp.c_proj.bias", (D,))}},
         }
 
+    def positions():  # train.init_from (crop): a shorter context keeps the first rows, as nanoGPT's crop_block_size
+        T, w = mcfg.context_len, t.get("wpe.weight")
+        if crop and w is not None and w.ndim == 2 and w.shape[0] < T:
+            raise ExportError(f"the GPT-2 weights hold {w.shape[0]} positions (wpe.weight), fewer than model.context_len={T}; "
+                              f"set --config.model.context_len={w.shape[0]} or lower")
+        rows = w.shape[0] if crop and w is not None and w.ndim == 2 else T
+        return get("wpe.weight", (rows, D))[:T]
+
     import jax
 
     layers = jax.tree.map(lambda *a: np.stack(a), *[layer(i) for i in range(L)])  # the scanned layout: a leading L axis
     return {
         "embed": {"embedding": wte},
-        "pos_embed": {"embedding": get("wpe.weight", (mcfg.context_len, D))},
+        "pos_embed": {"embedding": positions()},
         "blocks": {"layers": layers},
         "norm_f": {"scale": get("ln_f.weight", (D,)), "bias": get("ln_f.bias", (D,))},
     }

@@ -779,15 +779,16 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
         resume_data_position(train_it, meta, old_cfg, micro * accum, tcfg.seed, workdir, say, dataset)
         say(f"resumed from {workdir / 'checkpoints'} at step {start}")
     else:
-        with jax.set_mesh(mesh):
-            state = steps.init_state()
-        if tcfg.init_from:  # pretrained weights (the optimizer's moments start at zero either way)
+        if tcfg.init_from:  # pretrained weights (read first: weights refused compile nothing), model.context_len rows of their positions
             from llmjax.export import ExportError, params_from_gpt2, read_gpt2
 
             try:
-                pretrained = params_from_gpt2(read_gpt2(tcfg.init_from, mcfg), mcfg)
+                pretrained = params_from_gpt2(read_gpt2(tcfg.init_from, mcfg), mcfg, crop=True)
             except ExportError as e:
                 raise ConfigError(f"train.init_from: {e}") from None
+        with jax.set_mesh(mesh):
+            state = steps.init_state()
+        if tcfg.init_from:  # (the optimizer's moments start at zero either way)
             state["params"] = jax.device_put(pretrained, state_shard["params"])
             say(f"initialised from {tcfg.init_from}")
 

@@ -19,7 +19,7 @@ from flax import nnx
 
 import llmjax
 from conftest import ROOT
-from helpers import built_once, config, params
+from helpers import built_once, config, load_params, params, perturb_vectors, tokens
 from llmjax import export as X
 from llmjax.sample import SampleError
 
@@ -42,6 +42,26 @@ def test_gpt2_tensors_round_trip():
     assert jax.tree.all(jax.tree.map(np.array_equal, X.params_from_gpt2({k.removeprefix("transformer."): v for k, v in t.items()}, mcfg), back))
     with pytest.raises(X.ExportError, match="has shape .* pick the matching config"):
         X.params_from_gpt2(t, llmjax.model_config(config("vanilla", d_ff=128)))
+
+
+def test_gpt2_import_crops_the_position_table_to_a_shorter_context():
+    """train.init_from with a model.context_len below the weights' (GPT-2's 1024 into a 256 context;
+    here 64 into 32) keeps the position table's first rows, as nanoGPT's `crop_block_size`: the
+    cropped model's logits on a sequence shorter than its context are the full model's (it was
+    refused: 'has shape (64, 64), the config wants (32, 64)'). A longer context is refused naming
+    the weights' length; without crop (sample/evaluate of a GPT-2 folder) the shape must match."""
+    full = perturb_vectors(llmjax.build_model(config("vanilla"), seed=3))
+    t = X.gpt2_tensors(jax.tree.map(np.asarray, params(full)), full.cfg)
+    short = llmjax.build_model(config("vanilla", context_len=32), seed=0)
+    load_params(short, X.params_from_gpt2(t, short.cfg, crop=True))
+    toks = tokens(1, 2, 20)
+    np.testing.assert_allclose(np.asarray(short(toks)[0]), np.asarray(full(toks)[0]), rtol=1e-5, atol=1e-5)
+    assert np.array_equal(np.asarray(params(short)["pos_embed"]["embedding"]), t["transformer.wpe.weight"][:32])
+    with pytest.raises(X.ExportError, match=r"^the GPT-2 weights hold 64 positions \(wpe.weight\), fewer than model.context_len=128; "
+                                            r"set --config.model.context_len=64 or lower$"):
+        X.params_from_gpt2(t, full.cfg.replace(context_len=128), crop=True)
+    with pytest.raises(X.ExportError, match=r"'wpe.weight' has shape \(64, 64\), the config wants \(32, 64\)"):
+        X.params_from_gpt2(t, short.cfg)
 
 
 def rope_interleaved(x, positions, base):
@@ -236,6 +256,12 @@ def test_trainer_starts_from_imported_gpt2_weights(runs, tmp_path):
         bad.model.d_ff = 128
     with pytest.raises(ConfigError, match="train.init_from: GPT-2 tensor .* has shape"):
         train(bad, tmp_path / "bad", quiet=True)
+    with bad.unlocked():  # a longer context than the weights' (a shorter one keeps their first rows: the test above)
+        bad.model.d_ff, bad.model.context_len = 256, 128
+    with pytest.raises(ConfigError, match=r"^train.init_from: the GPT-2 weights hold 64 positions .* set --config.model.context_len=64 or lower$"):
+        train(bad, tmp_path / "long", quiet=True)
+    with bad.unlocked():
+        bad.model.context_len = 64
     # the same shapes, another model: 2 heads of 32 (the folder's config.json: 4 of 16), another epsilon
     with bad.unlocked():
         bad.model.d_ff, bad.model.n_head, bad.model.head_dim, bad.model.norm_eps = 256, 2, 32, 1e-6
