@@ -96,6 +96,17 @@ def lr_schedule(tcfg) -> optax.Schedule:
                                 [W, start])
 
 
+def all_warmup(tcfg) -> str | None:
+    """A line saying the run never leaves its warm-up (cosine or constant with warmup_steps >=
+    max_steps: its last step runs below train.lr), or None. Said, not refused: 1- to 20-step smoke
+    runs of a config with the default warm-up are common; wsd's analogue is refused (validate)."""
+    W, M = tcfg.warmup_steps, tcfg.max_steps
+    if tcfg.get("schedule", "cosine") == "wsd" or W < M:
+        return None
+    return (f"note: train.warmup_steps={W} is not below train.max_steps={M}: the whole run is warm-up, its last step at learning "
+            f"rate {float(lr_schedule(tcfg)(M - 1)):.3g}, never train.lr={tcfg.lr:g}; set --config.train.warmup_steps below {M} to reach it")
+
+
 def make_optimizer(tcfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = lr_schedule(tcfg)
 
@@ -643,6 +654,8 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
         raise ConfigError(f"eval.tasks_batch_size={ecfg.tasks_batch_size} must be a positive multiple of the {n_dev} devices of the mesh")
     steps = build_steps(cfg, mesh)
     graphdef, state_shard, abstract_state = steps.graphdef, steps.state_shard, steps.abstract_state
+    if (warmup_only := all_warmup(tcfg)) is not None:
+        say(warmup_only)
     if (replicated := replicated_by_size(abstract_state["params"], mesh)) is not None:
         say(replicated)  # (silent, a mesh that splits no parameter would use as much memory per device as one device)
     step_fn, eval_fn, eval_shard, tok_shard = steps.train_step, steps.eval_step, steps.eval_shard, steps.tok_shard

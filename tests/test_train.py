@@ -129,9 +129,11 @@ def test_an_end_of_run_sample_from_non_finite_logits_is_a_warning_not_text(tmp_p
 
     generate = T.generate
     monkeypatch.setattr(T, "generate", nan_positions)
-    run = train(cfg("vanilla", train__max_steps=2, eval__every_steps=0, eval__sample_tokens=12), tmp_path / "run", quiet=True)
+    run = train(cfg("vanilla", train__max_steps=2, eval__every_steps=0, eval__sample_tokens=12), tmp_path / "run", quiet=False)
     assert run.final and run.sample is None and (tmp_path / "run" / "checkpoints" / "2").is_dir()
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    # (its 2 steps are its 2 warm-up steps: said, test_a_run_that_is_all_warm_up_says_so)
+    assert "note: train.warmup_steps=2 is not below train.max_steps=2: the whole run is warm-up, its last step at learning rate 0.002, " in out
     assert "warning: no end-of-run sample: the model's logits were not finite (NaN or inf) for 1 of 1 rows" in err, err
 
 
@@ -1374,6 +1376,24 @@ def test_learning_rate_schedules_match_a_plain_reference(schedule, fraction):
         if schedule == "wsd":  # the decay's first step runs at lr, its last one step above min_lr (as cosine's)
             start = max_steps - max(1, round(fraction * max_steps))
             assert got[start] == pytest.approx(1e-3) and got[-1] > 1e-4 and (start == 0 or got[start - 1] == pytest.approx(1e-3) or start <= warmup)
+
+
+def test_a_run_that_is_all_warm_up_says_so():
+    """cosine (or constant) with train.warmup_steps >= train.max_steps never leaves its warm-up: its
+    last step runs below train.lr (the plain reference), and the trainer says so in one line, naming
+    the rate reached and what to lower (it was silent). One warm-up step fewer reaches lr: no line."""
+    from llmjax.train import all_warmup
+
+    for schedule in ("cosine", "constant"):
+        for warmup, max_steps in ((5, 2), (4, 4), (9, 1)):
+            t = cfg(train__schedule=schedule, train__lr=1e-3, train__min_lr=1e-4, train__warmup_steps=warmup, train__max_steps=max_steps).train
+            last = _reference_lr(schedule, max_steps, lr=1e-3, min_lr=1e-4, warmup=warmup, max_steps=max_steps)
+            assert last < 1e-3 and all_warmup(t) == (
+                f"note: train.warmup_steps={warmup} is not below train.max_steps={max_steps}: the whole run is warm-up, its last step at "
+                f"learning rate {last:.3g}, never train.lr=0.001; set --config.train.warmup_steps below {max_steps} to reach it")
+        t = cfg(train__schedule=schedule, train__lr=1e-3, train__min_lr=1e-4, train__warmup_steps=3, train__max_steps=4).train
+        assert all_warmup(t) is None and _reference_lr(schedule, 4, lr=1e-3, min_lr=1e-4, warmup=3, max_steps=4) == pytest.approx(1e-3)
+    assert all_warmup(cfg(train__schedule="wsd", train__warmup_steps=2, train__max_steps=12).train) is None
 
 
 def test_a_wsd_run_logs_its_schedule_and_resumes_into_another(tmp_path, capsys):
