@@ -558,6 +558,9 @@ def resolve(path: str | Path, which: str = "latest") -> tuple[Path, int]:
         raise SampleError(f"{path} is not an llmjax training run (it has no {missing}); pass the --workdir of a training run")
     if which not in ("latest", "best"):
         raise SampleError(f"--which must be 'latest' or 'best', got {which!r}")
+    if step is not None and which == "best":  # (it was ignored: step N read, whatever the run's best)
+        raise SampleError(f"--which=best picks among a run's checkpoints, and {path} names one (step {step}); pass the run "
+                          f"directory {run} with --which=best, or drop --which to read step {step}")
     if step is None:
         try:
             with read_only_manager(run / "checkpoints", best_fn=lambda m: m["val_loss"], best_mode="min") as mgr:
@@ -605,6 +608,8 @@ def load(
     if quantize_embeddings and quantize in (None, "", "none"):
         raise SampleError("quantize_embeddings (--quantize_embeddings) needs quantize='int8' (--quantize int8)")
     if export.is_gpt2_source(path):  # OpenAI GPT-2 from the hub, or an exported / HF GPT-2 folder
+        if which == "best":  # (it was ignored)
+            raise SampleError(f"--which=best picks among a training run's checkpoints; {path} is GPT-2 weights (one set): drop --which")
         try:
             return export.load_gpt2(path, dtype=dtype, device=device, quantize=quantize, quantize_embeddings=quantize_embeddings,
                                     scan_layers=scan_layers)

@@ -542,6 +542,22 @@ def test_bad_checkpoints_are_one_line_errors(run_dir, tmp_path):
         S.load(other)
 
 
+def test_which_best_with_one_checkpoint_or_gpt2_weights_is_refused(run_dir, tmp_path):
+    """--which=best with a path naming one checkpoint (RUN/checkpoints/<step>), or GPT-2 weights, was
+    ignored: that step (those weights) read, whatever the run's best. Refused in one line saying what
+    to pass; the run with best, and the step with latest, read as before."""
+    other = max(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert S.resolve(run_dir, "best") == (run_dir, other)
+    assert S.resolve(run_dir / "checkpoints" / str(other), "latest") == (run_dir, other)
+    with pytest.raises(S.SampleError, match=rf"^--which=best picks among a run's checkpoints, and .*/checkpoints/{other} names one \(step "
+                                            rf"{other}\); pass the run directory {run_dir} with --which=best, or drop --which to read step {other}$"):
+        S.load(run_dir / "checkpoints" / str(other), "best")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(S.SampleError, match=r"^--which=best picks among a training run's checkpoints; .*hf is GPT-2 weights \(one set\): drop --which$"):
+        S.load(tmp_path / "hf", "best")
+
+
 def test_a_damaged_or_foreign_metrics_file_is_one_line(run_dir, tmp_path):
     """Orbax reads every checkpoint's metrics file (its validation loss) when it opens the folder:
     a damaged one was a JSON traceback for every checkpoint of the run, a foreign one (no val_loss)
@@ -552,9 +568,10 @@ def test_a_damaged_or_foreign_metrics_file_is_one_line(run_dir, tmp_path):
         metrics = sorted((run / "checkpoints").glob("*/metrics/metrics"))
         assert metrics  # (the evaluation steps' checkpoints have one)
         metrics[0].write_text(text)
-        for path in (run, run / "checkpoints" / "8"):  # the run, and one checkpoint given by its step
+        # the run, and one checkpoint given by its step (read whatever --which: a step's path takes only latest, the default)
+        for path, how in ((run, which), (run / "checkpoints" / "8", "latest")):
             with pytest.raises(S.SampleError, match=f"{metrics[0]} is damaged or not llmjax's .*: (write it again with|move it aside)") as e:
-                S.load(path, which)
+                S.load(path, how)
             assert "\n" not in str(e.value)
     r = _cli(f"--checkpoint_path={run}", "--prompt=ROMEO:", "--max_new_tokens=3")
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and r.stdout == "", r.stderr
