@@ -135,6 +135,10 @@ class ModelConfig:
                 f"model.remat='{self.remat}' is not one of {', '.join(REMAT_POLICIES)}{closest(self.remat, REMAT_POLICIES)}"
             )
 
+    def check_run(self) -> None:
+        """Refusals for a config to train or measure (validate: train, compare, bench) that a saved
+        run's model is still read with (sample, evaluate, export): none here; architectures add theirs."""
+
     @property
     def compute_dtype(self):
         return DTYPES[self.dtype]
@@ -544,7 +548,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if schedule != "constant" and t.min_lr > t.lr:  # (constant reads no min_lr)
         raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}: the {schedule} schedule decays from lr to min_lr; "
                           f"lower min_lr")
-    model_config(cfg)
+    model_config(cfg).check_run()
 
 
 LOSS_SCALES = ("auto", "dynamic", "none")

@@ -29,10 +29,27 @@ def test_one_block_is_exactly_gpt2_attention():
             p["blocks"]["layers"]["attn"][key] = shared["blocks"]["layers"]["attn"][key]
         return load_params(lin, p)
 
-    toks = tokens(1, 2, 40)
-    np.testing.assert_allclose(with_gpt2_weights(64)(toks)[0], vanilla(toks)[0], atol=2e-5, rtol=1e-5)
+    toks = tokens(1, 2, 40)  # (in one block of 48: a block of the whole context, 64, is refused: the test below)
+    np.testing.assert_allclose(with_gpt2_weights(48)(toks)[0], vanilla(toks)[0], atol=2e-5, rtol=1e-5)
     # With smaller blocks the summaries take part and the output differs.
     assert jnp.abs(with_gpt2_weights(8)(toks)[0] - vanilla(toks)[0]).max() > 1e-3
+
+
+def test_a_block_of_the_whole_context_is_refused_for_a_run():
+    """model.block_size >= model.context_len makes the whole context one block: plain causal
+    attention (the test above), trained and benchmarked as `linformer` with no word. Refused in one
+    line by validate (train, compare, bench); a saved run's model is still read (sample, evaluate)."""
+    import pytest
+
+    from llmjax.config import ConfigError, model_config
+
+    for block in (64, 100):
+        with pytest.raises(ConfigError, match=rf"^model.block_size={block} is not below model.context_len=64: the whole context is one "
+                                              r"block, .* plain causal attention; set model.block_size below 64 "):
+            config("linformer", block_size=block)
+    assert config("linformer", block_size=63).model.block_size == 63
+    c = config("linformer").model.to_dict()
+    assert model_config({**c, "block_size": 64}).block_size == 64  # (reading a saved run's model)
 
 
 def test_cost_and_decode_state_do_not_grow_with_context():

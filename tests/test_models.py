@@ -32,7 +32,7 @@ OPTIONS = {
     "gqa": COMMON + [{"n_kv_head": 1}, {"n_kv_head": 4}],
     "modern": COMMON + [{"n_kv_head": 2, "head_dim": 12, "rope_base": 500.0}, {"n_kv_head": 1, "scan_layers": False}],
     "mla": COMMON + [{"q_lora_rank": 24}, {"v_head_dim": 32, "kv_lora_rank": 8}, {"qk_rope_dim": 16, "scan_layers": False}],
-    "linformer": COMMON + [{"block_size": 3, "rank": 5}, {"block_size": 64, "rank": 2, "scan_layers": False}],
+    "linformer": COMMON + [{"block_size": 3, "rank": 5}, {"block_size": 48, "rank": 2, "scan_layers": False}],
     "moe": COMMON
     + [
         {"moe_mode": "capacity", "capacity_factor": 8.0},

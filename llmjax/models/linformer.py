@@ -52,6 +52,13 @@ class LinformerConfig(ModelConfig):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
 
+    def check_run(self) -> None:
+        # (a saved run of such a model is still read: it is plain attention, and says what it is)
+        if self.block_size >= self.context_len:
+            raise ConfigError(f"model.block_size={self.block_size} is not below model.context_len={self.context_len}: the whole context is "
+                              f"one block, attended exactly, so the Linformer's summaries never take part and it trains as plain "
+                              f"causal attention; set model.block_size below {self.context_len} (the shipped configs: context_len / 4 or / 8)")
+
 
 def _attend(q, keys, values, mask, scale, dtype):
     """softmax(q k^T) v over the last key axis with a boolean mask; float32 logits and softmax. Both
