@@ -79,6 +79,8 @@ class ModelConfig:
     # for a decode state of another kind (mla, linformer, ssm) or attention with other scores (a bias,
     # a window): those refuse decode_attention_impl='pallas' rather than ignore it
     fused_decode_attention: ClassVar[bool] = True
+    # the auxiliary losses the model returns (in `aux`, beside "stats"), which train.aux_loss_weights weighs
+    aux_losses: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self):
         for field in dataclasses.fields(self):  # (NaN passes every comparison below; NaN or inf logits, or a crash, follow)
@@ -548,7 +550,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if schedule != "constant" and t.min_lr > t.lr:  # (constant reads no min_lr)
         raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}: the {schedule} schedule decays from lr to min_lr; "
                           f"lower min_lr")
-    model_config(cfg).check_run()
+    mcfg = model_config(cfg)
+    mcfg.check_run()
+    weights = t.get("aux_loss_weights", {})
+    if unknown := sorted(set(weights.keys()) - set(mcfg.aux_losses)):  # (they were ignored: a typo, or MoE weights on a dense model)
+        returned = f"it returns {', '.join(mcfg.aux_losses)}" if mcfg.aux_losses else "it returns none"
+        raise ConfigError(f"train.aux_loss_weights has {', '.join(repr(k) for k in unknown)}, which the {mcfg.arch} model does not return "
+                          f"({returned}){closest(unknown[0], mcfg.aux_losses)}; remove it")
 
 
 LOSS_SCALES = ("auto", "dynamic", "none")

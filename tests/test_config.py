@@ -100,6 +100,23 @@ def test_bad_overrides_are_one_line_errors(overrides, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_aux_loss_weights_the_model_does_not_return_are_refused():
+    """train.aux_loss_weights keys the model never returns (a typo, or the MoE's weights on a dense
+    model: a config file's, or the group given whole) were ignored, the run training without them:
+    one line naming them and the losses the model returns. The MoE's own names still load."""
+    cases = [("moe", {"load_balance": 0.01, "router_z": 0.001, "load_balanse": 1.0},
+              "train.aux_loss_weights has 'load_balanse', which the moe model does not return (it returns load_balance, router_z) "
+              "(did you mean 'load_balance'?); remove it"),
+             ("vanilla", {"load_balance": 0.01}, "train.aux_loss_weights has 'load_balance', which the vanilla model does not return "
+                                                 "(it returns none); remove it")]
+    for arch, weights, message in cases:
+        with pytest.raises(ConfigError) as err:
+            llmjax.load_config(f"{ROOT}/configs/{arch}.py:tiny", {"train.aux_loss_weights": weights})
+        assert str(err.value) == message
+    assert dict(llmjax.load_config(f"{ROOT}/configs/moe.py:tiny", {"train.aux_loss_weights.router_z": 0.01}).train.aux_loss_weights) == {
+        "load_balance": 0.01, "router_z": 0.01}
+
+
 def test_unknown_key_written_in_a_config_file(tmp_path):
     f = tmp_path / "bad.py"
     f.write_text(

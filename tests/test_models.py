@@ -118,6 +118,15 @@ def test_every_optional_model_key_runs_through_the_contract_suite(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_the_aux_losses_a_config_declares_are_those_its_model_returns(arch):
+    """config_class.aux_losses (what validate lets train.aux_loss_weights name) against the model's
+    own `aux` (the trainer refuses a returned loss without a weight)."""
+    m = model(arch)
+    aux = jax.eval_shape(lambda t: m(t)[2], jax.ShapeDtypeStruct((1, 8), jnp.int32))
+    assert sorted(k for k in aux if k != "stats") == sorted(type(m.cfg).aux_losses)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_shapes_and_dtypes(arch):
     m = model(arch)
     cfg = m.cfg

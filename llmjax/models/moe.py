@@ -76,6 +76,7 @@ COPY_ROWS = 512
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MoEConfig(ModelConfig):
+    aux_losses = ("load_balance", "router_z")  # (MoEMLP's aux; tests/test_models.py checks the names against it)
     n_head: int
     head_dim: int
     d_ff: int  # hidden width of each expert
