@@ -340,8 +340,8 @@ def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len,
         "decode_state_bytes": summ["decode_state_bytes"],
         "quantize": quantize or "none",
         "decode_weight_bytes": None,
-        "decode_prompt_len": prompt_len,
-        "decode_new_tokens": new_tokens,
+        "decode_prompt_len": prompt_len if "decode" in suites else None,  # (null in a row without the decode suite)
+        "decode_new_tokens": new_tokens if "decode" in suites else None,
         "decode_unroll": decode_unroll,
         "decode_grow": decode_grows(jax.default_backend()),
         "jax": jax.__version__,
@@ -383,7 +383,8 @@ def _fmt(v, kind=""):
 
 
 def table(rows: list[dict], command: str) -> str:
-    b = sorted({int(k.rsplit("_b", 1)[1]) for r in rows for k in r if k.startswith("decode_tokens_per_sec_b")})
+    decoded = [r for r in rows if "error" not in r and r.get("decode_prompt_len") is not None]  # (rows the decode suite ran in)
+    b = sorted({int(k.rsplit("_b", 1)[1]) for r in decoded for k in r if k.startswith("decode_tokens_per_sec_b")})
     head = ["arch", "params (active)", "batch", "train tok/s", "MFU", "peak GB", "compiled GB"]
     head += [f"decode tok/s b{x} (greedy / top-k)" for x in b] + ["decode state (bf16, full context)"]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |"]
@@ -399,9 +400,9 @@ def table(rows: list[dict], command: str) -> str:
         cells.append(f"{r['decode_state_bytes'] / 2**20:.2f} MiB")
         lines.append("| " + " | ".join(cells) + " |")
     r0 = next((r for r in rows if "error" not in r), None)
+    decode = f", decode prompt {decoded[0]['decode_prompt_len']} + {decoded[0]['decode_new_tokens']} new tokens" if decoded else ""
     meta = (f"Measured {r0['date']} on {r0['device']} x{r0['n_devices']}, jax {r0['jax']}, flax {r0['flax']}, "
-            f"context {r0['seq_len']}, decode prompt {r0['decode_prompt_len']} + {r0['decode_new_tokens']} new tokens. Command: `{command}`"
-            if r0 else f"Every row failed. Command: `{command}`")
+            f"context {r0['seq_len']}{decode}. Command: `{command}`" if r0 else f"Every row failed. Command: `{command}`")
     return "\n".join([BEGIN, meta, "", *lines, END])
 
 

@@ -55,6 +55,19 @@ def test_table_and_doc_rewrite(row):
             bench.rewrite_doc(damaged, block)
 
 
+def test_the_table_names_only_what_was_measured(row):
+    """Without the decode suite the header named a decode prompt ('decode prompt 16 + 256 new
+    tokens', the flags' defaults) and the table had decode columns of dashes; a row of the decode
+    suite beside one without (--batch_size 8,16: decoded into the last row) names its prompt."""
+    none = {k: None for k in row if k.startswith("decode_") and k.endswith(("_b1", "_b3", "_len", "_tokens"))}
+    alone = bench.table([{**row, **none}], "cmd")
+    assert "context 64. Command: `cmd`" in alone and "decode prompt" not in alone and "decode tok/s" not in alone
+    assert "decode state (bf16, full context)" in alone  # (the state's size: computed, not measured)
+    both = bench.table([{**row, **none, "batch_size": 4}, row], "cmd")
+    assert "context 64, decode prompt 5 + 6 new tokens. Command" in both and "decode tok/s b3 (greedy / top-k)" in both
+    assert "| `modern` | " in both and "| 4 | " in both and " - / - |" in both
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "llmjax.bench", *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
 
@@ -77,6 +90,9 @@ def test_cli_row_names_the_config_and_overrides_a_flagfile_gives(tmp_path):
     assert r1.returncode == 0, r1.stderr[-2000:]
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["config"] == "configs/vanilla.py:tiny" and row["arch"] == "vanilla"
+    # no decode suite: no decode prompt (the table's header named --prompt_len's default: test_the_table_names_only_what_was_measured)
+    assert (row["decode_prompt_len"], row["decode_new_tokens"]) == (None, None)
+    assert "decode prompt" not in r1.stdout and "| `vanilla` |" in r1.stdout, r1.stdout
 
 
 def test_cli_all_rewrites_the_doc_table(tmp_path):
