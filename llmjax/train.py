@@ -572,8 +572,11 @@ def build_steps(cfg, mesh) -> Steps:
 def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False) -> Run:
     """Train (or resume) the run described by `cfg` in `workdir`. `devices` defaults to all. A
     checkpoint or file that cannot be written (a full or read-only disk) stops it with a
-    TrainingError of one line. A fresh run refused before it wrote anything leaves no folder behind."""
+    TrainingError of one line. A fresh run refused before it wrote anything leaves no folder behind
+    (in a workdir that was there, no checkpoints/ folder)."""
     made = [d for d in (Path(workdir).absolute(), *Path(workdir).absolute().parents) if not d.exists()]  # (the workdir first)
+    # (its checkpoints/, where this call makes it: in a workdir the user made beforehand too)
+    made_ckpt = [] if (Path(workdir).absolute() / "checkpoints").exists() else [Path(workdir).absolute() / "checkpoints"]
     try:
         try:
             return _train(cfg, workdir, devices=devices, quiet=quiet)
@@ -593,7 +596,7 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
     except BaseException:
         # (refused after the workdir was made: a missing extra, a validation split too short, init_from
         # weights that cannot be read) the folders this call made, where still empty; rmdir removes nothing else
-        for d in [made[0] / "checkpoints", *made] if made else []:
+        for d in [*made_ckpt, *made]:
             try:
                 d.rmdir()
             except OSError:

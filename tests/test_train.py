@@ -1031,15 +1031,22 @@ def test_wandb_offline(tmp_path, monkeypatch):
 def test_a_fresh_run_refused_after_its_workdir_was_made_leaves_no_folder(tmp_path, monkeypatch):
     """Refusals found after the workdir was made left it behind: an empty checkpoints/ folder
     (train.init_from weights that cannot be read), or config.json, tokenizer.json and an empty
-    metrics.jsonl (logging.wandb=True without the extra). A folder that was there is kept."""
+    metrics.jsonl (logging.wandb=True without the extra). A folder that was there is kept, with
+    nothing the run made in it (an empty checkpoints/ was left)."""
     missing = tmp_path / "missing.safetensors"
     with pytest.raises(ConfigError, match=r"^train\.init_from: '.*missing\.safetensors' is neither"):
         train(cfg("vanilla", train__init_from=str(missing)), tmp_path / "runs" / "a", quiet=True)
     assert not (tmp_path / "runs").exists()
     (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match=r"^train\.init_from: "):
         train(cfg("vanilla", train__init_from=str(missing)), tmp_path / "mine", quiet=True)
-    assert (tmp_path / "mine").is_dir()
+    # kept with what was in it, and nothing the run made (an empty checkpoints/ was left)
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    (tmp_path / "mine" / "checkpoints").mkdir()  # a checkpoints/ folder that was there (empty) is the user's: kept
+    with pytest.raises(ConfigError, match=r"^train\.init_from: "):
+        train(cfg("vanilla", train__init_from=str(missing)), tmp_path / "mine", quiet=True)
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["checkpoints", "notes.txt"]
     monkeypatch.setitem(sys.modules, "wandb", None)  # (the extra not installed: `import wandb` raises ImportError)
     with pytest.raises(ConfigError, match=r"^logging\.wandb=True needs the wandb extra: bash scripts/setup\.sh wandb$"):
         train(cfg("vanilla", logging__wandb=True), tmp_path / "run", quiet=True)
