@@ -200,9 +200,6 @@ def test_set_values_parse_as_config_overrides_do():
     """`--set KEY=VALUE` (llmjax.bench, llmjax.compare) gives the value `--config.KEY=VALUE` gives,
     the reference being config_flags' own parse: before, --set read JSON, so `model.scan_layers=True`
     and `=1` (both accepted by --config.*) were refused, as was a string key given digits."""
-    from absl import flags
-    from ml_collections import config_flags
-
     from llmjax.config import parse_value
 
     spec = f"{ROOT}/configs/vanilla.py:tiny"
@@ -210,12 +207,7 @@ def test_set_values_parse_as_config_overrides_do():
              ("train.lr", "1"), ("train.lr", "3e-4"), ("train.max_steps", "7"), ("model.init_std", "0.5"),
              ("data.dir", "2026"), ("eval.tasks", "hellaswag,arc_easy"), ("train.loss_scale", "1024"), ("model.matmul_dtype", "")]
     for key, text in cases:
-        fv, argv = flags.FlagValues(), ["prog", f"--config={spec}", f"--config.{key}={text}"]
-        config_flags.DEFINE_config_file("config", flag_values=fv, lock_config=True, sys_argv=argv)
-        fv(argv)
-        want = fv.config
-        for part in key.split("."):
-            want = want[part]
+        want = config_flags_value(spec, key, text)
         got = parse_value(llmjax.load_config(spec), key, text)
         assert (got, type(got)) == (want, type(want)), (key, text, got, want)
     for key, text, message in [("model.scan_layers", "yes", r"^model\.scan_layers=yes: model\.scan_layers takes true or false$"),
@@ -225,26 +217,32 @@ def test_set_values_parse_as_config_overrides_do():
             parse_value(llmjax.load_config(spec), key, text)
 
 
+def config_flags_value(spec: str, key: str, text: str):
+    """The value `--config.KEY=TEXT` gives KEY with `--config=SPEC` (config_flags' own parse)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv, argv = flags.FlagValues(), ["prog", f"--config={spec}", f"--config.{key}={text}"]
+    config_flags.DEFINE_config_file("config", flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
+    want = fv.config
+    for part in key.split("."):
+        want = want[part]
+    return want
+
+
 def test_set_group_values_parse_as_config_overrides_do():
     """A group given whole by `--set` (train.mesh, train.aux_loss_weights) reads the Python dict that
     `--config.KEY={...}` reads (config_flags' own parse the reference): it was read as JSON only, so
     `--set train.mesh={'data': 1, ...}`, the README's form, was refused ('... is of original type
     <class 'str'> and cannot be casted'); JSON's form still reads."""
-    from absl import flags
-    from ml_collections import config_flags
-
     from llmjax.config import parse_value, set_key, validate
 
     cases = [("vanilla", "train.mesh", "{'data': 1, 'fsdp': 1, 'expert': 1}"), ("moe", "train.aux_loss_weights", "{'load_balance': 0.02}"),
              ("moe", "train.aux_loss_weights", "{}")]
     for arch, key, text in cases:
         spec = f"{ROOT}/configs/{arch}.py:tiny"
-        fv, argv = flags.FlagValues(), ["prog", f"--config={spec}", f"--config.{key}={text}"]
-        config_flags.DEFINE_config_file("config", flag_values=fv, lock_config=True, sys_argv=argv)
-        fv(argv)
-        want = fv.config
-        for part in key.split("."):
-            want = want[part]
+        want = config_flags_value(spec, key, text)
         cfg = llmjax.load_config(spec)
         got = parse_value(cfg, key, text)
         assert got == want.to_dict(), (key, text, got, want)
