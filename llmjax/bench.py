@@ -452,6 +452,32 @@ def define_flags():
     flags.DEFINE_string("doc", str(DOC), "with --all: the markdown file whose generated table is rewritten")
 
 
+def config_overrides(argv: list[str], boolean) -> list[str]:
+    """The --config.KEY overrides in `argv` (the command line as parsed), each as KEY=VALUE, in the
+    order given: absl's forms --config.KEY=VALUE, --config.KEY VALUE, and for a boolean key (`boolean(KEY)`)
+    --config.KEY and --noconfig.KEY. (The two-argument form was recorded as KEY alone, without its
+    value, and --noconfig.KEY not at all.)"""
+    out, i = [], 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            break
+        m = re.fullmatch(r"--(no)?config\.([^=]+)(?:=(.*))?", arg, re.DOTALL)
+        if m:
+            no, key, value = m.groups()
+            if no:
+                out.append(f"{key}=False")
+            elif value is not None:
+                out.append(f"{key}={value}")
+            elif boolean(key):
+                out.append(f"{key}=True")
+            elif i + 1 < len(argv):
+                out.append(f"{key}={argv[i + 1]}")
+                i += 1
+        i += 1
+    return out
+
+
 def main(argv):
     F = flags.FLAGS
     if len(argv) > 1:
@@ -505,8 +531,8 @@ def main(argv):
         runs = [(F["config"].config_filename, F.config)]  # (the spec as given, in any of absl's forms: -config, a --flagfile)
     else:
         runs = [(f"configs/{p.stem}.py:{F.variant}", f"{p}:{F.variant}") for p in config_files()]  # (a new architecture too)
-    # the row's overrides as given: --config.KEY=VALUE (with --config) and --set KEY=VALUE
-    given = [a[len("--config.") :] for a in cli.command_line()[1:] if a.startswith("--config.")] + list(F.set)
+    # the row's overrides as given: --config.KEY=VALUE (with --config, in any of absl's forms) and --set KEY=VALUE
+    given = config_overrides(cli.command_line(), lambda key: F[f"config.{key}"].boolean) + list(F.set)
     # everything a user can get wrong is checked before anything is measured: every row's config and
     # overrides, the hellaswag suite's vocabulary, the --out file and the --doc's markers
     planned = []

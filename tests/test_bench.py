@@ -81,8 +81,11 @@ def test_cli_row_names_the_config_and_overrides_a_flagfile_gives(tmp_path):
     out = tmp_path / "rows.jsonl"
     r, r1 = cli_cases("llmjax.bench", [[f"--flagfile={flagfile}", "--suite=decode", "--decode_batches=1", "--new_tokens=1",
                                         "--prompt_len=2", "--repeats=1", "--json"],
-                                       # absl's one-dash form, which applies as --config does: its row said "config": null
-                                       ["-config=configs/vanilla.py:tiny", "--suite=memory", "--steps=0", f"--out={out}"]])
+                                       # absl's one-dash form, which applies as --config does: its row said "config": null;
+                                       # an override's value as the next argument, and a boolean's --noconfig form: they were
+                                       # recorded as "model.d_ff" (no value) and not at all
+                                       ["-config=configs/vanilla.py:tiny", "--config.model.d_ff", "128", "-noconfig.model.bias",
+                                        "--suite=memory", "--steps=0", f"--out={out}"]])
     assert r.returncode == 0, r.stderr[-2000:]
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert (row["config"], row["overrides"]) == ("configs/vanilla.py:tiny", ["model.n_layer=1"])
@@ -90,6 +93,8 @@ def test_cli_row_names_the_config_and_overrides_a_flagfile_gives(tmp_path):
     assert r1.returncode == 0, r1.stderr[-2000:]
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["config"] == "configs/vanilla.py:tiny" and row["arch"] == "vanilla"
+    assert row["overrides"] == ["model.d_ff=128", "model.bias=False"]
+    assert row["params_total"] == summarize(llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", {"model.d_ff": 128, "model.bias": False}))["params_total"]
     # no decode suite: no decode prompt (the table's header named --prompt_len's default: test_the_table_names_only_what_was_measured)
     assert (row["decode_prompt_len"], row["decode_new_tokens"]) == (None, None)
     assert "decode prompt" not in r1.stdout and "| `vanilla` |" in r1.stdout, r1.stdout
