@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import signal
 import statistics
 import sys
@@ -452,6 +453,21 @@ def define_flags():
     flags.DEFINE_string("doc", str(DOC), "with --all: the markdown file whose generated table is rewritten")
 
 
+def recorded_command(argv: list[str]) -> str:
+    """The command the table records: `argv` without its --doc (where the table was written, in any of
+    absl's forms: --doc=FILE, --doc FILE, one dash), shell-quoted. (`--doc FILE` left FILE in it, a
+    command that fails with 'unexpected arguments'.)"""
+    kept, skip = [], False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+        elif re.fullmatch(r"--?doc", arg):
+            skip = True
+        elif not re.match(r"--?doc=", arg):
+            kept.append(arg)
+    return shlex.join(["python", "-m", "llmjax.bench", *kept])
+
+
 def config_overrides(argv: list[str], boolean) -> list[str]:
     """The --config.KEY overrides in `argv` (the command line as parsed), each as KEY=VALUE, in the
     order given: absl's forms --config.KEY=VALUE, --config.KEY VALUE, and for a boolean key (`boolean(KEY)`)
@@ -611,7 +627,7 @@ def main(argv):
         cli.fail(f"stopped by {name}: {len(rows)} of {len(planned)} rows written" + (f" to {F.out}" if F.out else "")
                  + ", the last one up to where it stopped",
                  code=128 + _signal["got"])
-    command = "python -m llmjax.bench " + " ".join(a for a in sys.argv[1:] if not a.startswith("--doc"))
+    command = recorded_command(sys.argv)
     block = table(rows, command)
     if not F.json:
         print(block.replace(BEGIN + "\n", "").replace("\n" + END, ""))

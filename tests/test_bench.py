@@ -55,6 +55,18 @@ def test_table_and_doc_rewrite(row):
             bench.rewrite_doc(damaged, block)
 
 
+def test_the_table_records_the_command_without_its_doc():
+    """The table's command is the one that measured its rows, without --doc (where it was written):
+    `--doc FILE` (absl's two-argument form) left FILE in it, a command that fails with 'unexpected
+    arguments'; an argument with a space is quoted, so that the command can be pasted back."""
+    import shlex
+
+    argv = ["/x/llmjax/bench.py", "--all", "--variant=tiny", "--doc", "/tmp/b.md", "--set", "train.mesh={'data': 1}", "-doc=c.md",
+            "-doc", "d.md", "--repeats=1"]
+    command = bench.recorded_command(argv)
+    assert shlex.split(command) == ["python", "-m", "llmjax.bench", "--all", "--variant=tiny", "--set", "train.mesh={'data': 1}", "--repeats=1"]
+
+
 def test_the_table_names_only_what_was_measured(row):
     """Without the decode suite the header named a decode prompt ('decode prompt 16 + 256 new
     tokens', the flags' defaults) and the table had decode columns of dashes; a row of the decode
@@ -113,12 +125,14 @@ def test_cli_all_rewrites_the_doc_table(tmp_path):
             "    return real(cfg, spec, **kw)\n"
             "b.bench = bench; b.define_flags(); b.cli.run(b.main)")
     r = subprocess.run([sys.executable, "-c", boom, "--all", "--variant=tiny", "--suite=decode", "--decode_batches=1", "--new_tokens=3",
-                        "--prompt_len=4", "--repeats=1", "--set", "model.decode_norm_impl=xla", f"--doc={doc}",
+                        "--prompt_len=4", "--repeats=1", "--set", "model.decode_norm_impl=xla", "--doc", str(doc),
                         f"--out={tmp_path / 'rows.jsonl'}"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 1, r.stderr[-2000:]
     assert r.stderr.splitlines()[-2:] == ["error: configs/ssm.py:tiny: RuntimeError: boom", f"error: 1 of {len(llmjax.ARCHS)} rows failed (marked in the table)"]
     text = doc.read_text()
     assert "kept" in text and text.count("| `") == len(llmjax.ARCHS) and "| `ssm` | failed: RuntimeError: boom |" in text
+    # the command without --doc FILE (test_the_table_records_the_command_without_its_doc)
+    assert str(doc) not in text and "--set model.decode_norm_impl=xla --out=" in text
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert sorted(r["arch"] for r in rows) == sorted(llmjax.ARCHS)
     good = [r for r in rows if r["arch"] != "ssm"]
