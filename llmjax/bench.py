@@ -6,7 +6,8 @@ One row of the results table, measured on this machine's default JAX backend:
   optimizer, shardings, donation) on device-resident random tokens, so the input pipeline is not
   timed; warm-up and compilation excluded; median over `--repeats` timed blocks of `--steps` steps,
   each block synchronised at its end. `--steps 0` compiles the step without running it (the memory
-  suite's compiled analysis, at any size on any machine; no tokens/s, no device peak).
+  suite's compiled analysis, at any size on any machine; no tokens/s, no device peak: refused with the
+  train suite).
 - memory: the device's peak bytes in use (`memory_stats`, with XLA preallocation off; null where the
   device reports none, as the CPU does, or where an earlier row of the same process peaked higher:
   measure such a row alone) and XLA's compiled memory analysis of the step (arguments, outputs and
@@ -535,6 +536,9 @@ def main(argv):
     suites = set(F.suite)
     if not suites:
         cli.fail(f"--suite is empty; choose from {', '.join(SUITES)}")
+    if F.steps == 0 and "train" in suites:  # (its row had no tokens/s and no MFU, and said nothing)
+        cli.fail(f"--steps 0 compiles the training step without running it: the train suite has nothing to time; give --steps 1 or "
+                 f"more, or leave train out (--suite {','.join(sorted(suites - {'train'})) or 'memory'}) for the compiled analysis alone")
     if F.task_batch_size < 1 or (F.task_limit is not None and F.task_limit < 1):
         cli.fail(f"--task_batch_size and --task_limit must be at least 1 (no --task_limit: every item), got {F.task_batch_size} "
                  f"and {F.task_limit}")

@@ -197,6 +197,9 @@ def test_cli_bad_input_is_one_line():
                          (["--config=configs/vanilla.py:tiny", "--prompt_len=0"], "--prompt_len and --new_tokens must be at least 1"),
                          (["--config=configs/vanilla.py:tiny", "--new_tokens=-3"], "--prompt_len and --new_tokens must be at least 1"),
                          (["--config=configs/vanilla.py:tiny", "--suite="], "--suite is empty"),
+                         # --steps 0 compiles only: with the train suite (the default set has it) its row measured nothing, silently
+                         (["--config=configs/vanilla.py:tiny", "--steps=0"], "--suite decode,memory"),
+                         (["--config=configs/vanilla.py:tiny", "--steps=0", "--suite=train"], "--suite memory"),
                          (["--config=configs/vanilla.py:tiny", "--suite=hellaswag", "--task_limit=-1"], "--task_limit must be at least 1"),
                          (["--config=configs/vanilla.py:tiny", "--out=/nonexistent/rows.jsonl"], "No such file or directory: /nonexistent"),
                          # --set reads a value as --config.* does: True is a bool (it was refused: "True is of original type <class 'str'>"),
