@@ -555,9 +555,10 @@ def main(argv):
     given = config_overrides(cli.command_line(), lambda key: F[f"config.{key}"].boolean) + list(F.set)
     # everything a user can get wrong is checked before anything is measured: every row's config and
     # overrides, the hellaswag suite's vocabulary, the --out file and the --doc's markers
-    planned = []
+    planned, current = [], None
     try:
         for spec, source in runs:
+            current = spec  # (with --all, an error names the config it is about: --set applies to each)
             sizes = train_batches if train_suites else train_batches[-1:]
             for i, batch_size in enumerate(sizes):
                 cfg = load_config(source) if isinstance(source, str) else source
@@ -571,6 +572,7 @@ def main(argv):
                 if "hellaswag" in suites:
                     check_hellaswag(mcfg)
                 planned.append((spec, cfg, mcfg.arch, i == len(sizes) - 1))
+        current = None
         if F.all:
             doc = Path(F.doc)
             if not doc.parent.is_dir() or doc.is_dir():
@@ -580,7 +582,7 @@ def main(argv):
             with open(F.out, "a"):
                 pass
     except ConfigError as e:
-        cli.fail(str(e))
+        cli.fail(f"{current}: {e}" if F.all and current else str(e))
     except OSError as e:
         cli.fail(f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e))
     rows, failed = [], 0

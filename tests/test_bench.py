@@ -207,7 +207,10 @@ def test_cli_bad_input_is_one_line():
                          (["--config=configs/vanilla.py:tiny", "--set", "model.scan_layers=True", "--out=/nonexistent/rows.jsonl"],
                           "No such file or directory: /nonexistent"),
                          (["--config=configs/vanilla.py:tiny", "--set", "model.scan_layers=yes"], "error: model.scan_layers=yes: model.scan_layers takes true or false"),
-                         (["--all", "--variant=tiny", f"--doc={ROOT / 'tests' / 'fixtures'}"], "is not a file in an existing folder")]:
+                         (["--all", "--variant=tiny", f"--doc={ROOT / 'tests' / 'fixtures'}"], "is not a file in an existing folder"),
+                         # --all: --set applies to every architecture's config; the error names the one without the key
+                         # (it said only "unknown config key 'model.n_kv_head'", a key gqa and modern have)
+                         (["--all", "--variant=tiny", "--set", "model.n_kv_head=2"], "error: configs/vanilla.py:tiny: unknown config key 'model.n_kv_head'")]:
         cases.append((args, needle))
     for (args, needle), r in zip(cases, cli_cases("llmjax.bench", [args for args, _ in cases])):
         assert r.returncode == 2 and r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
