@@ -20,7 +20,8 @@ pin() { # NAME -> NAME==VERSION from constraints.txt
   line=$(grep -i -E "^$1==" constraints.txt) || { echo "gpu_carry: $1 is not pinned in constraints.txt" >&2; exit 1; }
   echo "$line"
 }
-for d in /.whl/ /.task/; do grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >>.git/info/exclude; done
+# (both are git-ignored by .gitignore: writing .git/info/exclude here failed where .git is a file, in a
+# `git worktree`, or absent, in a copy of the files, and set -e ended the script there)
 mkdir -p .whl .task
 platforms=()
 for p in manylinux_2_39_x86_64 manylinux_2_35_x86_64 manylinux_2_34_x86_64 manylinux_2_31_x86_64 manylinux_2_28_x86_64 \

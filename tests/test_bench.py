@@ -319,6 +319,34 @@ def test_cli_several_batch_sizes_in_one_process(tmp_path):
         assert r.returncode == 2 and r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
+def test_gpu_carry_script_asks_pip_for_the_pinned_wheels(tmp_path):
+    """scripts/gpu_carry.sh asks pip for constraints.txt's pins of the packages the GPU machine's image
+    lacks, as wheels for CPython 3.12, into .whl (pip stubbed here: no network), in a checkout whose
+    .git is a file (a `git worktree`'s): there it failed, writing .git/info/exclude (set -e), before
+    fetching anything; .whl and .task are git-ignored by .gitignore instead."""
+    import os
+    import shutil
+
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "gpu_carry.sh", repo / "scripts")
+    shutil.copy(ROOT / "constraints.txt", repo)
+    (repo / ".git").write_text("gitdir: /elsewhere/.git/worktrees/repo\n")
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/sh\necho "$@" >"$STUB_ARGS"\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "STUB_ARGS": str(tmp_path / "args"), "LLMJAX_TASK_DIR": str(tmp_path / "none")}
+    r = subprocess.run(["bash", str(repo / "scripts" / "gpu_carry.sh")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    args = (tmp_path / "args").read_text().split()
+    assert args[:3] == ["-m", "pip", "download"] and {"--no-deps", "--only-binary=:all:"} <= set(args)
+    assert args[args.index("--python-version") + 1] == "3.12" and args[args.index("-d") + 1] == ".whl"
+    pins = {line.split("==")[0].lower(): line for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line}
+    assert [a for a in args if "==" in a] == [pins[n] for n in ("grain", "array_record", "portpicker", "ml_collections", "gguf", "cloudpickle")]
+    assert (repo / ".whl").is_dir() and (repo / ".task").is_dir()
+    assert {"/.whl/", "/.task/"} <= set((ROOT / ".gitignore").read_text().splitlines())
+
+
 def _gpu_check(out, **env):
     import os
 
