@@ -142,8 +142,16 @@ def check_names(names: Sequence[str]) -> list[str]:
     return names
 
 
-def parse_file(path: Path, spec: TaskSpec) -> list[Item]:
-    """Every item of a task jsonl, or a one-line TaskError naming the first bad line."""
+def parse_file(path: Path, spec: TaskSpec, *, downloaded_to: Path | None = None) -> list[Item]:
+    """Every item of a task jsonl, or a one-line TaskError naming the first bad line.
+    `downloaded_to`: `path` is a fresh download (a temporary file) for that folder; a damaged
+    one is then said to be the download's (there is no file to delete)."""
+
+    def bad(lineno: int | None, what: str) -> TaskError:
+        if downloaded_to is not None:
+            return damaged_download(spec, downloaded_to, f"its line {lineno} {what}" if lineno else f"it {what}")
+        return TaskError(f"{path}{f':{lineno}' if lineno else ''} {what}; delete the file to download it again")
+
     items = []
     try:
         with open(path, encoding="utf-8") as f:
@@ -153,14 +161,22 @@ def parse_file(path: Path, spec: TaskSpec) -> list[Item]:
                 try:
                     items.append(spec.parse(json.loads(line)))
                 except (ValueError, TypeError, AttributeError) as e:
-                    raise TaskError(f"{path}:{lineno} is not a {spec.name} item ({e}); delete the file to download it again") from None
+                    raise bad(lineno, f"is not a {spec.name} item ({e})") from None
     except OSError as e:
         raise TaskError(f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError:
-        raise TaskError(f"{path} is not UTF-8 text; delete it to download it again") from None
+        raise bad(None, "is not UTF-8 text") from None
     if not items:
+        if downloaded_to is not None:
+            raise damaged_download(spec, downloaded_to, f"it holds no {spec.name} items")
         raise TaskError(f"{path} holds no {spec.name} items")
     return items
+
+
+def damaged_download(spec: TaskSpec, folder: Path, what: str) -> TaskError:
+    """A download that is not the task's data (an error page, a cut connection): nothing was kept."""
+    return TaskError(f"the download of {spec.name} from {spec.url} is damaged ({what}); nothing was kept: "
+                     f"try again later, or put {spec.file} in {folder}")
 
 
 def _download(spec: TaskSpec, target: Path, tries: int = 4) -> None:
@@ -209,11 +225,16 @@ def _fetch(spec: TaskSpec, target: Path, tries: int) -> None:
                 import pyarrow.parquet as pq
             except ImportError:
                 raise TaskError(f"reading {spec.name}'s parquet needs pyarrow: bash scripts/setup.sh prepare") from None
-            rows = pq.read_table(raw).to_pylist()
+            import pyarrow as pa
+
+            try:
+                rows = pq.read_table(raw).to_pylist()
+            except (pa.ArrowException, ValueError) as e:  # (an error page or a cut download: pyarrow's traceback before)
+                raise damaged_download(spec, target.parent, f"not a parquet file: pyarrow's {type(e).__name__}") from None
             out.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
         else:
             raw.replace(out)
-        items = parse_file(out, spec)
+        items = parse_file(out, spec, downloaded_to=target.parent)
         if len(items) != spec.count:
             raise TaskError(f"the download of {spec.name} holds {len(items)} items, not {spec.count}; try again later")
         out.replace(target)

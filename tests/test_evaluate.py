@@ -425,6 +425,28 @@ def test_downloads_are_checked_then_cached(tmp_path, monkeypatch):
     assert not (tmp_path / "c").exists()  # the folders made for the download are gone again
 
 
+def test_a_damaged_download_is_one_line_that_says_to_try_again(tmp_path, monkeypatch):
+    """A download that is not the task's data (an HTML error page served with status 200, a cut
+    connection): ARC's parquet was pyarrow's ArrowInvalid traceback, and HellaSwag's line told the
+    user to delete a temporary file that was already gone. Nothing is kept either way."""
+    monkeypatch.setattr(downstream.time, "sleep", lambda s: None)
+    page = FakeURL(b"<!DOCTYPE html><html>429 Too Many Requests</html>\n")
+    monkeypatch.setattr(downstream.urllib.request, "urlopen", page)
+    cut = (FIXTURES / "hellaswag_val.jsonl").read_text().splitlines()
+    for task, body, why in [("hellaswag", None, r"its line 1 is not a hellaswag item \(Expecting value"),
+                            ("hellaswag", "\n".join(cut[:3] + [cut[3][:50]]), r"its line 4 is not a hellaswag item"),
+                            ("arc_easy", None, r"not a parquet file: pyarrow's ArrowInvalid")]:
+        if task == "arc_easy":
+            pytest.importorskip("pyarrow")
+        if body is not None:
+            page.data = body.encode()
+        spec = downstream.TASKS[task]
+        with pytest.raises(downstream.TaskError, match=rf"^the download of {task} from {re.escape(spec.url)} is damaged \({why}.*\); "
+                                                       rf"nothing was kept: try again later, or put {spec.file} in {tmp_path / 'x'}$"):
+            downstream.load_items(task, tmp_path / "x")
+        assert not (tmp_path / "x").exists()
+
+
 def test_a_folder_that_cannot_take_the_download_is_one_line(monkeypatch):
     """An existing task directory that cannot be written (here /proc/self): an OSError traceback."""
     def no_network(url, timeout=None):
