@@ -30,13 +30,13 @@ from llmjax.sample import Sampling, generate
 from llmjax.scoring import Scorer
 
 
-def _int(value, name: str) -> int:
+def _int(value, name: str, minimum: int = 1) -> int:
     try:
         out = int(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a whole number, got {value!r}") from None
-    if out < 1:
-        raise ValueError(f"{name} must be >= 1, got {out}")
+    if out < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {out}")
     return out
 
 
@@ -88,7 +88,7 @@ class LlmjaxLM(TemplateLM):
             batch_size = 8
         self.batch_size_per_gpu = _int(batch_size, "batch_size")
         self.max_gen_toks = _int(max_gen_toks, "max_gen_toks")
-        self.seed = int(seed)
+        self.seed = _int(seed, "seed", minimum=0)  # (numpy's SeedSequence, which generate_until seeds from, takes no negative seed)
         self.jax_device = pick_device(device)
         self.step = None
         if model is None:

@@ -662,6 +662,12 @@ def test_model_arguments_that_would_be_ignored_are_refused(tmp_path):
             cls(model=m, tokenizer=tok, **kw)
     lm = cls(model=m, tokenizer=tok, batch_size="4", max_batch_size=64, trust_remote_code=True, device="cpu", seed=3, max_gen_toks=8)
     assert lm.batch_size == 4 and lm.max_gen_toks == 8
+    # a seed generate_until cannot use is refused when the model is made: a negative one was taken, then
+    # failed at the first generate_until (numpy's "expected non-negative integer", after every task before it)
+    for seed, needle in [(-1, r"^seed must be >= 0, got -1$"), ("abc", r"^seed must be a whole number, got 'abc'$")]:
+        with pytest.raises(ValueError, match=needle):
+            cls(model=m, tokenizer=tok, seed=seed)
+    assert cls(model=m, tokenizer=tok, seed=0).seed == 0
 
 
 def test_cli_errors_are_one_line(bpe_run, tmp_path):
