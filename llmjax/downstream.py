@@ -135,7 +135,8 @@ def task_dir(configured: str | os.PathLike | None = None) -> Path:
 
 
 def check_names(names: Sequence[str]) -> list[str]:
-    names = [n.strip() for n in names if n.strip()]
+    """The task names, stripped, each once (in their first order), or a TaskError naming an unknown one."""
+    names = list(dict.fromkeys(n.strip() for n in names if n.strip()))  # (hellaswag,hellaswag was scored twice)
     for n in names:
         if n not in TASKS:
             raise TaskError(f"unknown task '{n}' for the built-in scorer; it scores {', '.join(TASK_NAMES)}")

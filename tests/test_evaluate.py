@@ -700,3 +700,16 @@ def test_cli_errors_are_one_line(bpe_run, tmp_path):
                 E.evaluate(types.SimpleNamespace(**(vars(args) | change)))
     r = _cli(f"--checkpoint={tmp_path / 'nope'}", "--scorer=fast")
     assert r.returncode == 2 and r.stderr.startswith("error: no such run") and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_a_task_named_twice_is_scored_once(bpe_model, monkeypatch):
+    """`--scorer=fast --tasks hellaswag,hellaswag` scored HellaSwag twice (twice the time; the JSON held
+    it once), where the harness scores it once."""
+    m, tok = bpe_model
+    calls = []
+    real = Scorer.score
+    monkeypatch.setattr(Scorer, "score", lambda self, reqs, progress=False: calls.append(len(reqs)) or real(self, reqs, progress))
+    out = E.run_fast(types.SimpleNamespace(model=m, tokenizer=tok), ["hellaswag", " hellaswag", "arc_easy", "hellaswag"], batch_size=8, limit=2,
+                     task_dir=FIXTURES, progress=False)
+    assert calls == [4 * 2, sum(len(it.choices) for it in downstream.load_items("arc_easy", FIXTURES, limit=2))]  # (one call a task)
+    assert list(out["results"]) == ["hellaswag", "arc_easy"] and out["n-samples"] == {"hellaswag": 2, "arc_easy": 2}
