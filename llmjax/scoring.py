@@ -163,12 +163,23 @@ class Scorer:
         if self.batch_size < 1:
             raise ScoreError(f"batch size must be >= 1, got {self.batch_size}")
 
+    def _rows(self, requests: Sequence[Pair]) -> list[tuple[list[int], int]]:
+        """Each request's row (_row); a request that cannot be scored is named by its index."""
+        rows = []
+        for i, (context, continuation) in enumerate(requests):
+            try:
+                rows.append(self._row(context, continuation))
+            except ScoreError as e:
+                raise ScoreError(f"request {i + 1} of {len(requests)}: {e}") from None
+        return rows
+
     def _row(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[list[int], int]:
         """The tokens a request feeds (the model's input is all but the last) and how many of its
         last predictions count."""
         L = self.context_len
         if len(continuation) > L:
-            raise ScoreError(f"a continuation of {len(continuation)} tokens does not fit the model's context of {L}")
+            raise ScoreError(f"a continuation of {len(continuation)} tokens does not fit the model's context of {L}: score "
+                             "fewer items (--limit) or a model with a longer context")
         if not context and continuation:
             raise ScoreError("a request needs at least one context token (lm-eval gives end-of-text to empty contexts)")
         whole = list(context) + list(continuation)
@@ -187,14 +198,14 @@ class Scorer:
     def warm_up(self, requests: Sequence[Pair]) -> None:
         """Compile every batch shape that score(requests) runs (one batch each), so that timing
         score() measures no compilation."""
-        rows = [self._row(c, k) for c, k in requests]
+        rows = self._rows(requests)
         shapes = {(T, K): (max(len(rows[i][0]) for i in chunk), max(rows[i][1] for i in chunk)) for chunk, T, K in self._chunks(rows)}
         for length, n in shapes.values():  # (a request as long as the batch's longest, with its longest continuation)
             self.score([([0] * (length - n), [0] * n)])
 
     def score(self, requests: Sequence[Pair], progress: bool = False) -> list[tuple[float, bool]]:
         """(log-likelihood, greedy) of each (context, continuation) request, in order."""
-        rows = [self._row(c, k) for c, k in requests]
+        rows = self._rows(requests)
         results: list[tuple[float, bool] | None] = [(0.0, True) if n == 0 else None for _, n in rows]
         chunks = self._chunks(rows)
         B = self.batch_size

@@ -119,9 +119,10 @@ def test_length_buckets_and_bad_requests():
     assert [length_bucket(n, 1024) for n in (1, 16, 17, 100, 128, 129, 300, 1000, 1024)] == [16, 16, 32, 128, 128, 256, 384, 1024, 1024]
     assert length_bucket(300, 256) == 256
     s = Scorer.for_model(model("vanilla"))
-    with pytest.raises(ScoreError, match="does not fit"):
-        s.score([([1], list(range(65)))])
-    with pytest.raises(ScoreError, match="context token"):
+    with pytest.raises(ScoreError, match=r"^request 2 of 2: a continuation of 65 tokens does not fit the model's context of 64: "
+                                         r"score fewer items \(--limit\) or a model with a longer context$"):
+        s.score([([1], [2]), ([1], list(range(65)))])  # (the harness's requests: which one, and what to do, was not said)
+    with pytest.raises(ScoreError, match="^request 1 of 1: a request needs at least one context token"):
         s.score([([], [1, 2])])
     assert s.score([([1, 2], [])]) == [(0.0, True)]
     with pytest.raises(ScoreError, match="need a prefix token .* got None: a character vocabulary has none"):
