@@ -369,12 +369,14 @@ def generate(
     sampling = sampling or Sampling()
     cfg = model.cfg
     context, B = cfg.context_len, len(prompts)
-    if B == 0 or max_new_tokens <= 0:
+    if not 0 <= max_new_tokens < 2**31:  # (a negative count gave no tokens, as 0 does)
+        raise SampleError(f"max_new_tokens must be in [0, 2**31) (the decode loop counts in int32), got {max_new_tokens}")
+    if not 0 <= seed < 2**32:  # (JAX's keys hold 32 bits: 2**32 gave seed 0's text, -1 seed 2**32 - 1's)
+        raise SampleError(f"seed must be in [0, 2**32) (JAX's random keys hold 32 bits), got {seed}")
+    if B == 0 or max_new_tokens == 0:
         return [[] for _ in prompts]
     if unroll < 1 or stream_every < 1:
         raise SampleError(f"unroll and stream_every must be >= 1, got {unroll} and {stream_every}")
-    if max_new_tokens >= 2**31:
-        raise SampleError(f"max_new_tokens must be below 2**31 (the decode loop counts in int32), got {max_new_tokens}")
     if any(len(p) == 0 for p in prompts):
         raise SampleError("every prompt needs at least one token (start an empty one from end-of-text)")
     if any(not 0 <= t < cfg.vocab_size for p in prompts for t in p):

@@ -349,6 +349,11 @@ def test_bad_generate_input():
     with pytest.raises(S.SampleError, match="top_p"):
         Sampling(top_p=0)
     assert generate(m, [[1]], 0) == [[]]
+    with pytest.raises(S.SampleError, match=r"max_new_tokens must be in \[0, 2\*\*31\)"):
+        generate(m, [[1]], -1)  # (it gave no tokens, as 0)
+    for seed in (2**32, -1):  # (JAX's keys hold 32 bits: 2**32 drew seed 0's tokens, -1 seed 2**32 - 1's)
+        with pytest.raises(S.SampleError, match=r"seed must be in \[0, 2\*\*32\)"):
+            generate(m, [[1]], 3, seed=seed)
 
 
 # --- top-k, top-p, padded vocabulary ---------------------------------------------------------------
