@@ -679,15 +679,18 @@ def define_quantize_flags():
 
 def _prompts(FLAGS) -> list[str]:
     prompts = [] if FLAGS.prompt is None else [FLAGS.prompt]
-    if FLAGS.prompt_file:
+    if FLAGS.prompt_file is not None:
+        if not FLAGS.prompt_file:  # (`--prompt_file=`, a shell variable that was empty, say: it was ignored)
+            raise SampleError("--prompt_file is empty; name a file with one prompt per line")
         try:
             # utf-8-sig: a byte-order mark is not text; not splitlines: it also splits at \f, \x1c, \u2028, ...
             lines = Path(FLAGS.prompt_file).read_text(encoding="utf-8-sig").split("\n")
         except (OSError, UnicodeDecodeError) as e:
             raise SampleError(f"cannot read --prompt_file {FLAGS.prompt_file}: {e.strerror if isinstance(e, OSError) else e}") from None
-        prompts += [line for line in lines if line.strip()]
-        if not prompts:
-            raise SampleError(f"--prompt_file {FLAGS.prompt_file} holds no prompt")
+        lines = [line for line in lines if line.strip()]
+        if not lines:  # (with --prompt too: the file's prompts were silently none)
+            raise SampleError(f"--prompt_file {FLAGS.prompt_file} holds no prompt (every line is blank)")
+        prompts += lines
     return prompts or [""]
 
 

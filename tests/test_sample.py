@@ -673,6 +673,19 @@ def test_prompt_file_lines_are_split_at_newlines_only(tmp_path):
     assert S._prompts(types.SimpleNamespace(prompt=None, prompt_file=str(f))) == ["ROMEO:", "JULIET:"]
 
 
+def test_a_prompt_file_with_no_prompt_is_refused_with_or_without_prompt(tmp_path):
+    """A --prompt_file of blank lines is an error also beside --prompt (its prompts were silently
+    none), and so is an empty --prompt_file= (it was ignored)."""
+    f = tmp_path / "blank.txt"
+    f.write_text("\n  \r\n\t\n")
+    for prompt in (None, "ROMEO:", ""):
+        with pytest.raises(S.SampleError, match="holds no prompt"):
+            S._prompts(types.SimpleNamespace(prompt=prompt, prompt_file=str(f)))
+        with pytest.raises(S.SampleError, match="--prompt_file is empty"):
+            S._prompts(types.SimpleNamespace(prompt=prompt, prompt_file=""))
+    assert S._prompts(types.SimpleNamespace(prompt="", prompt_file=None)) == [""]  # (an empty --prompt alone: end-of-text)
+
+
 def test_stream_decoder_handles_characters_split_across_tokens():
     from llmjax.tokenizer import GPT2Tokenizer
 
