@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -259,6 +260,33 @@ def test_the_linformer_updates_its_state_in_place():
     big = _loop_body_buffers(hlo, min(x.nbytes for x in jax.tree.leaves(state["cache"]) if x.ndim == 4))
     assert sum("scatter" in name for name, _ in big) == 4 * m.cfg.n_layer, big
     assert not [(n, sh) for n, sh in big if any(w in n for w in ("copy", "select", "concatenate"))], big
+
+
+def _slot_values_larger_than(jaxpr, slots: int, size: int) -> list[tuple[str, tuple]]:
+    """(primitive, shape) of every value in `jaxpr` (and the jaxprs inside it) that has an axis of
+    `slots` and more than `size` elements."""
+    out = []
+    for e in jaxpr.eqns:
+        out += [(e.primitive.name, v.aval.shape) for v in e.outvars
+                if slots in getattr(v.aval, "shape", ()) and np.prod(v.aval.shape) > size]
+    for sub in jax.extend.core.subjaxprs(jaxpr):
+        out += _slot_values_larger_than(sub, slots, size)
+    return out
+
+
+def test_mla_decodes_against_the_latent_and_never_expands_keys_or_values():
+    """A decode step of MLA computes nothing over the cached positions larger than the cached latent
+    itself: W_uk is absorbed into the query and W_uv applied after the weighted sum, so no (B, S, H,
+    qk_nope_dim) keys or (B, S, H, v_head_dim) values are rebuilt from the latent (a decode path that
+    expanded them, as training does, gives the same logits and tokens)."""
+    m = decoder("mla", seed=10)
+    B, S = 3, 40  # (40 slots: no other axis of the tiny model has that size)
+    graphdef, state = nnx.split(m)
+    cache = m.init_cache(B, S)
+    step = jax.make_jaxpr(lambda st, c: nnx.merge(graphdef, st)(jnp.ones((B, 1), jnp.int32), positions=jnp.full((B, 1), 5), cache=c)[:2])
+    latent = max(x.size for x in jax.tree.leaves(cache))  # (B, S, kv_lora_rank)
+    assert m.cfg.n_head * min(m.cfg.qk_nope_dim, m.cfg.v_head_dim) > m.cfg.kv_lora_rank  # (expanded keys would be larger)
+    assert _slot_values_larger_than(step(state, cache).jaxpr, S, latent) == []
 
 
 def test_the_ssm_decodes_one_step_per_token_not_a_chunk():
