@@ -259,6 +259,25 @@ def test_capacity_mode_without_drops_equals_dropless_and_drops_latest_first():
             assert hits == [True] * min(C, len(hits)) + [False] * max(0, len(hits) - C)
 
 
+def test_a_capacity_model_decodes_dropless():
+    """With a decode cache (the sampler's prefill and steps) every token reaches its experts, whatever
+    the capacity factor: a capacity-mode model that drops (factor 0.25) decodes the logits of its
+    dropless twin's full forward (float32, 1e-4) at the prefill and every step."""
+    from helpers import load_params, params, perturb_vectors, scale_params
+
+    tight = perturb_vectors(scale_params(llmjax.build_model(config("moe", moe_mode="capacity", capacity_factor=0.25), seed=3), 4.0))
+    twin = load_params(llmjax.build_model(config("moe", moe_mode="dropless"), seed=0), params(tight))
+    toks = jax.random.randint(jax.random.key(5), (2, 20), 0, 65)
+    full = np.asarray(twin(toks)[0])
+    assert np.abs(np.asarray(tight(toks)[0]) - full).max() > 0.1  # (the full forward drops: the check can fail)
+    pos = jnp.broadcast_to(jnp.arange(20), (2, 20))
+    logits, cache, _ = tight(toks[:, :16], positions=pos[:, :16], cache=tight.init_cache(2, 32))
+    np.testing.assert_allclose(logits, full[:, :16], atol=1e-4, rtol=1e-4)
+    for t in range(16, 20):
+        logits, cache, _ = tight(toks[:, t : t + 1], positions=pos[:, t : t + 1], cache=cache)
+        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-4, rtol=1e-4, err_msg=f"step {t}")
+
+
 def test_the_router_decides_from_float32_logits_in_a_bf16_model():
     """With bf16 compute the router still takes float32 operands and returns float32 logits (a bf16
     product flipped the top-2 set of 0.13% of tokens), also after the sampler casts a model's
