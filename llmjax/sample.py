@@ -349,6 +349,20 @@ def _round_up(n: int, m: int) -> int:
 # The host loop
 
 
+def _token_ids(prompt, i: int) -> list[int]:
+    """Prompt `i`'s token ids as Python ints; anything but a sequence of integers (a flat list of ids
+    given as the prompts, whose rows were ints; a string; float ids, which were cut to integers) is
+    refused."""
+    try:
+        a = None if isinstance(prompt, (str, bytes)) else np.asarray(prompt)
+    except ValueError:  # (ragged nesting)
+        a = None
+    if a is None or a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        raise SampleError(f"prompt {i + 1} is not a sequence of token ids (got {type(prompt).__name__} {str(prompt)[:40]}); "
+                          "the prompts are one list of int ids per row, e.g. [[1, 2, 3], [4]]")
+    return a.tolist()
+
+
 def generate(
     model,
     prompts: Sequence[Sequence[int]],
@@ -373,6 +387,7 @@ def generate(
         raise SampleError(f"max_new_tokens must be in [0, 2**31) (the decode loop counts in int32), got {max_new_tokens}")
     if not 0 <= seed < 2**32:  # (JAX's keys hold 32 bits: 2**32 gave seed 0's text, -1 seed 2**32 - 1's)
         raise SampleError(f"seed must be in [0, 2**32) (JAX's random keys hold 32 bits), got {seed}")
+    prompts = [_token_ids(p, i) for i, p in enumerate(prompts)]
     if B == 0 or max_new_tokens == 0:
         return [[] for _ in prompts]
     if unroll < 1 or stream_every < 1:
@@ -497,6 +512,10 @@ class Loaded:
     ) -> list[str]:
         """`num_samples` continuations of each prompt (without the prompt), prompt-major: row
         r = i * num_samples + j is prompt i's j-th sample. `on_text(row, text)` streams."""
+        if isinstance(prompts, (str, bytes)):  # (each character was a prompt)
+            raise SampleError(f"prompts is a list of strings; got one string: pass [{str(prompts)[:40]!r}]")
+        if num_samples < 1:  # (0 gave no text, silently)
+            raise SampleError(f"num_samples must be >= 1, got {num_samples}")
         ids = [p for p in self.encode_prompts(prompts) for _ in range(num_samples)]
         decoders = [StreamDecoder(self.tokenizer) for _ in ids]
 

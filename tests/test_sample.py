@@ -382,6 +382,16 @@ def test_bad_generate_input():
     for seed in (2**32, -1):  # (JAX's keys hold 32 bits: 2**32 drew seed 0's tokens, -1 seed 2**32 - 1's)
         with pytest.raises(S.SampleError, match=r"seed must be in \[0, 2\*\*32\)"):
             generate(m, [[1]], 3, seed=seed)
+    # a flat list of ids (its rows were ints), float ids (cut to integers: [[1.5, 2]] decoded [[1, 2]]), a string
+    for prompts in ([1, 2, 3], [[1.5, 2]], "abc", [[1, [2, 3]]]):
+        with pytest.raises(S.SampleError, match="prompt 1 is not a sequence of token ids"):
+            generate(m, prompts, 3)
+    assert generate(m, [np.array([1, 2]), (3,)], 2, sampling=GREEDY) == generate(m, [[1, 2], [3]], 2, sampling=GREEDY)
+    loaded = S.Loaded(model=m, tokenizer=None, config={}, step=0, path=None)
+    with pytest.raises(S.SampleError, match=r"got one string: pass \['ROMEO:'\]"):
+        loaded.generate_text("ROMEO:", 3)  # (each character was a prompt: six continuations)
+    with pytest.raises(S.SampleError, match="num_samples must be >= 1"):
+        loaded.generate_text(["ROMEO:"], 3, num_samples=0)  # (no text, silently)
 
 
 # --- top-k, top-p, padded vocabulary ---------------------------------------------------------------
