@@ -79,6 +79,8 @@ class Sampling:
         if not 0 <= self.temperature <= float(np.finfo(np.float32).max):  # (NaN fails too)
             raise SampleError(f"temperature must be a finite number >= 0 (at most {np.finfo(np.float32).max:.3g}: logits are float32), "
                               f"got {self.temperature}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer))):
+            raise SampleError(f"top_k must be a whole number of tokens (0 or None: no top-k), got {self.top_k!r}")  # (2.5: JAX's shape error)
         if self.top_k is not None and self.top_k < 0:
             raise SampleError(f"top_k must be >= 0 (0: no top-k), got {self.top_k}")
         if not 0 < self.top_p <= 1:

@@ -376,6 +376,10 @@ def test_bad_generate_input():
         generate(m, [[1, 999]], 3)
     with pytest.raises(S.SampleError, match="top_p"):
         Sampling(top_p=0)
+    for top_k in (2.5, 64.0, True):  # (a float was JAX's "Shapes must be 1D sequences of concrete values" when decoding)
+        with pytest.raises(S.SampleError, match="top_k must be a whole number"):
+            Sampling(top_k=top_k)
+    assert Sampling(top_k=np.int64(5)).top_k == 5 and Sampling(top_k=0).top_k is None
     assert generate(m, [[1]], 0) == [[]]
     with pytest.raises(S.SampleError, match=r"max_new_tokens must be in \[0, 2\*\*31\)"):
         generate(m, [[1]], -1)  # (it gave no tokens, as 0)
