@@ -111,8 +111,10 @@ def test_sliding_in_the_shortest_contexts(context):
 
 
 def test_decode_loop_logits_equal_full_forward_at_every_step():
-    """The logits the jitted loop computes (float32) are within 1e-4 of a full forward's at every
-    step, for rows of different lengths; read back through a greedy run with the loop's own state."""
+    """The jitted loop's greedy tokens (float32) are the full forward's argmax at every step, for
+    rows of different lengths, each by a margin above 1e-4 (no tie decided by rounding). The logits
+    themselves are compared, within 1e-4, through the sampler's own prefill and decode steps (the
+    next test) and the contract suite: argmax agreement alone does not bound them."""
     for arch in ARCHS:
         m = decoder(arch, seed=2)
         prompts = [[1, 2, 3, 4, 5], [6, 7]]
@@ -123,8 +125,7 @@ def test_decode_loop_logits_equal_full_forward_at_every_step():
         for r, (prompt, row) in enumerate(zip(prompts, out)):
             seq = prompt + row
             ref = full(state, jnp.asarray([seq]))[0]
-            # Each step's token was the argmax of these logits; its margin over the runner-up is
-            # far above 1e-4, so argmax equality pins the logits to that tolerance at every step.
+            # each step's token is the argmax of these logits, ahead of the runner-up by more than 1e-4
             for t in range(len(prompt) - 1, len(seq) - 1):
                 top2 = jnp.sort(ref[t, : m.cfg.vocab_size])[-2:]
                 assert int(jnp.argmax(ref[t])) == seq[t + 1], (arch, r, t)
