@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Callable
 
 from absl import app, flags, logging
@@ -177,11 +178,39 @@ def define_checkpoint_flags():
     flags.DEFINE_enum("which", "latest", ["latest", "best"], "with a run directory: its latest checkpoint or the best by val loss")
 
 
+def given(argv: list[str], names: tuple[str, ...]) -> list[tuple[str, str]]:
+    """('--name', value) for each time a flag of `names` (a flag and its aliases) is given in argv,
+    read as absl reads it: `--name=value` or `--name value`, one dash or two; a non-boolean flag's
+    separate value is not itself a flag; nothing after `--`."""
+    out, args = [], iter(argv[1:])
+    for arg in args:
+        if arg == "--":
+            break
+        if not arg.startswith("-"):
+            continue
+        name, eq, value = arg[2 if arg.startswith("--") else 1 :].partition("=")
+        flag = FLAGS[name] if name in FLAGS else None
+        if flag is None or (flag.boolean and not eq):
+            continue
+        if not eq:
+            value = next(args, None)
+            if value is None:
+                break
+        if name in names:
+            out.append((f"--{name}", value))
+    return out
+
+
 def start_run_reader(argv: list[str], example: str) -> None:
-    """The common start of a tool that reads a training run (sample, evaluate): no stray
-    arguments, --checkpoint_path given, JAX's compilation cache on, Orbax's read-only notice off."""
+    """The common start of a tool that reads a training run (sample, evaluate, export): no stray
+    arguments, --checkpoint_path given once (absl keeps the last of several values, its alias
+    --checkpoint's among them), JAX's compilation cache on, Orbax's read-only notice off."""
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    paths = given(command_line(), ("checkpoint", "checkpoint_path"))
+    for name, value in paths[1:]:
+        if Path(value) != Path(paths[0][1]):  # (the same run written twice, runs/x and runs/x/, is one)
+            fail(f"{paths[0][0]}={paths[0][1]} and {name}={value} name two runs; give one")
     if not FLAGS.checkpoint_path:
         fail(f"--checkpoint_path is required: a training run directory such as {example}")
     from llmjax.runtime import enable_compilation_cache

@@ -24,7 +24,7 @@ import llmjax
 import llmjax.models  # noqa: F401
 from flax import nnx
 from conftest import ROOT
-from helpers import built_once, capped_python, cli_cases, config, load_params, params, perturb_vectors, scale_params
+from helpers import built_once, capped_python, cli_cases, cli_runs, config, load_params, params, perturb_vectors, scale_params
 from llmjax import sample as S
 from llmjax.models.layers import convert_layer_layout
 from llmjax.sample import Sampling, filter_logits, generate
@@ -800,6 +800,32 @@ def test_cli_errors_are_one_line(run_dir, tmp_path):
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
         assert r.stdout == "", (args, r.stdout)
+
+
+def test_cli_run_readers_take_one_run(run_dir, tmp_path):
+    """`--checkpoint A --checkpoint_path B` (an alias and its flag, or one flag twice, a --flagfile's
+    among them) read B, silently (absl keeps the last value): refused in one line by every tool that
+    reads a run, before anything loads; the same run written twice is one run, and a flag's value
+    that looks like a flag (`--prompt --checkpoint=x`) is a value."""
+    nowhere = str(tmp_path / "nowhere")
+    (tmp_path / "flags").write_text(f"--checkpoint_path={nowhere}\n")
+    two = f"--checkpoint_path={nowhere} and --checkpoint={run_dir} name two runs; give one"
+    cases = [
+        ("llmjax.sample", ["--checkpoint", nowhere, f"--checkpoint_path={run_dir}"],
+         f"--checkpoint={nowhere} and --checkpoint_path={run_dir} name two runs; give one"),
+        ("llmjax.evaluate", [f"--checkpoint_path={nowhere}", f"--checkpoint={run_dir}", "--scorer=fast"], two),
+        ("llmjax.export", [f"--checkpoint_path={run_dir}", f"--checkpoint_path={nowhere}", "--format=safetensors", f"--out={tmp_path / 'x'}"],
+         f"--checkpoint_path={run_dir} and --checkpoint_path={nowhere} name two runs; give one"),
+        ("scripts/run_benchmarks.py", [f"--flagfile={tmp_path / 'flags'}", f"-checkpoint={run_dir}"], two),
+        ("llmjax.export", ["--checkpoint", f"{run_dir}/", f"--checkpoint_path={run_dir}"], "--format (safetensors or gguf) and --out are required"),
+        ("llmjax.sample", ["--prompt", f"--checkpoint={nowhere}", f"--checkpoint_path={run_dir}", "--num_samples=0"],
+         "--num_samples must be >= 1 and --max_new_tokens in [0, 2**31)"),
+    ]
+    sampler = [c for c in cases if c[0] == "llmjax.sample"]  # (a process that imported llmjax.evaluate has llmjax.sample)
+    others = [c for c in cases if c[0] != "llmjax.sample"]
+    runs = cli_cases("llmjax.sample", [args for _, args, _ in sampler]) + cli_runs([(module, args) for module, args, _ in others])
+    for (module, args, line), r in zip(sampler + others, runs):
+        assert (r.returncode, r.stdout, r.stderr) == (2, "", f"error: {line}\n"), (module, args, r.stderr[-2000:])
 
 
 def test_cli_out_of_device_memory_is_one_line(run_dir):
