@@ -220,7 +220,6 @@ def define_flags():
     flags.adopt_module_key_flags(cli)  # (--help lists them with the tool's own flags)
     flags.DEFINE_string("tasks", "hellaswag", "comma-separated tasks (lm-eval names; --scorer=fast: hellaswag, arc_easy)")
     flags.DEFINE_integer("batch_size", 8, "sequences per forward pass")
-    flags.DEFINE_string("dtype", None, "compute dtype, matmuls included (default: the run's model.dtype and matmul_dtype)")
     flags.DEFINE_string("device", None, "cuda, cuda:N, cpu (default: JAX's first device)")
     flags.DEFINE_integer("limit", None, "score only the first N items of each task")
     flags.DEFINE_string("output_json", None, "also write the results to this JSON file")
@@ -228,8 +227,9 @@ def define_flags():
     flags.DEFINE_string("task_dir", None, "where hellaswag/arc_easy files are found or downloaded (default: $LLMJAX_TASK_DIR or ~/.cache/llmjax/tasks)")
     flags.DEFINE_integer("num_fewshot", None, "harness: few-shot examples (default: each task's own)")
     from llmjax import sample
-    from llmjax.sample import define_quantize_flags
+    from llmjax.sample import define_dtype_flag, define_quantize_flags
 
+    define_dtype_flag()
     define_quantize_flags()
     flags.adopt_module_key_flags(sample)  # (--quantize in --help)
 

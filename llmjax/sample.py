@@ -43,7 +43,7 @@ from absl import flags
 from flax import nnx
 
 from llmjax import cli
-from llmjax.config import ConfigError, model_config
+from llmjax.config import DTYPES, ConfigError, closest, model_config
 from llmjax.models.layers import convert_layer_layout
 from llmjax.registry import build_model
 from llmjax.tokenizer import TokenizerError, from_description
@@ -628,6 +628,8 @@ def load(
     from llmjax import export
     from llmjax.checkpoint import CheckpointError, restore_params
 
+    if dtype not in (None, "") and dtype not in DTYPES:  # (it was "RUN: model.dtype='foo' is not one of ...", as if the run's own)
+        raise SampleError(f"dtype (--dtype) must be one of {', '.join(DTYPES)}, got {dtype!r}{closest(str(dtype), DTYPES)}")
     if quantize_embeddings and quantize in (None, "", "none"):
         raise SampleError("quantize_embeddings (--quantize_embeddings) needs quantize='int8' (--quantize int8)")
     if export.is_gpt2_source(path):  # OpenAI GPT-2 from the hub, or an exported / HF GPT-2 folder
@@ -689,8 +691,12 @@ def define_flags():
     flags.DEFINE_bool("greedy", False, "always take the most likely token")
     flags.DEFINE_integer("num_samples", 1, "samples per prompt")
     flags.DEFINE_integer("seed", 0, "random seed")
-    flags.DEFINE_string("dtype", None, "compute dtype, matmuls included (default: the run's model.dtype and matmul_dtype)")
+    define_dtype_flag()
     define_quantize_flags()
+
+
+def define_dtype_flag():
+    flags.DEFINE_enum("dtype", None, list(DTYPES), "compute dtype, matmuls included (default: the run's model.dtype and matmul_dtype)")
 
 
 def define_quantize_flags():

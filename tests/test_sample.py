@@ -802,14 +802,17 @@ def test_cli_errors_are_one_line(run_dir, tmp_path):
         assert r.stdout == "", (args, r.stdout)
 
 
-def test_cli_run_readers_take_one_run(run_dir, tmp_path):
+def test_cli_run_readers_take_one_run_and_name_a_bad_dtype(run_dir, tmp_path):
     """`--checkpoint A --checkpoint_path B` (an alias and its flag, or one flag twice, a --flagfile's
     among them) read B, silently (absl keeps the last value): refused in one line by every tool that
     reads a run, before anything loads; the same run written twice is one run, and a flag's value
-    that looks like a flag (`--prompt --checkpoint=x`) is a value."""
+    that looks like a flag (`--prompt --checkpoint=x`) is a value. A --dtype that is no dtype was
+    refused as `RUN: model.dtype='foo'`, as if the run's config held it: it names --dtype and its
+    choices (and, from Python, `dtype`)."""
     nowhere = str(tmp_path / "nowhere")
     (tmp_path / "flags").write_text(f"--checkpoint_path={nowhere}\n")
     two = f"--checkpoint_path={nowhere} and --checkpoint={run_dir} name two runs; give one"
+    enum = "value should be one of <float32|bfloat16|float16>"
     cases = [
         ("llmjax.sample", ["--checkpoint", nowhere, f"--checkpoint_path={run_dir}"],
          f"--checkpoint={nowhere} and --checkpoint_path={run_dir} name two runs; give one"),
@@ -820,12 +823,18 @@ def test_cli_run_readers_take_one_run(run_dir, tmp_path):
         ("llmjax.export", ["--checkpoint", f"{run_dir}/", f"--checkpoint_path={run_dir}"], "--format (safetensors or gguf) and --out are required"),
         ("llmjax.sample", ["--prompt", f"--checkpoint={nowhere}", f"--checkpoint_path={run_dir}", "--num_samples=0"],
          "--num_samples must be >= 1 and --max_new_tokens in [0, 2**31)"),
+        ("llmjax.sample", [f"--checkpoint_path={run_dir}", "--dtype=bf16"], f"--dtype=bf16: {enum}"),
+        ("llmjax.evaluate", [f"--checkpoint_path={run_dir}", "--dtype=foo"], f"--dtype=foo: {enum}"),
+        ("scripts/run_benchmarks.py", [f"--checkpoint_path={run_dir}", "--dtype="], f"--dtype=: {enum}"),
     ]
     sampler = [c for c in cases if c[0] == "llmjax.sample"]  # (a process that imported llmjax.evaluate has llmjax.sample)
     others = [c for c in cases if c[0] != "llmjax.sample"]
     runs = cli_cases("llmjax.sample", [args for _, args, _ in sampler]) + cli_runs([(module, args) for module, args, _ in others])
     for (module, args, line), r in zip(sampler + others, runs):
         assert (r.returncode, r.stdout, r.stderr) == (2, "", f"error: {line}\n"), (module, args, r.stderr[-2000:])
+    with pytest.raises(S.SampleError, match=r"^dtype \(--dtype\) must be one of float32, bfloat16, float16, got 'bfloat61' "
+                                            r"\(did you mean 'bfloat16'\?\)$"):
+        S.load(run_dir, dtype="bfloat61")
 
 
 def test_cli_out_of_device_memory_is_one_line(run_dir):
