@@ -21,8 +21,10 @@ through huggingface_hub (its cache); needs the `hf` extra.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import sys
@@ -43,6 +45,26 @@ SUPPORTED = "safetensors for vanilla (Hugging Face GPT-2) and modern (Hugging Fa
 
 class ExportError(ValueError):
     """An export/import problem a user can fix (one line)."""
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """huggingface_hub's logger held to errors for one of our lookups: offline, each try of a download
+    was a warning line on stderr (and again through absl's handler), before our one-line error."""
+    log = logging.getLogger("huggingface_hub")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _hub_file(source: str, filename: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    with _quiet_hub():
+        return Path(hf_hub_download(HUB_MODELS[source], filename))
 
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
@@ -196,16 +218,19 @@ def read_gpt2(source: str, mcfg=None) -> dict[str, np.ndarray]:
     path = Path(source).expanduser()
     if source in HUB_MODELS and not path.exists():  # (a local run or folder of that name is the user's)
         try:
-            from huggingface_hub import hf_hub_download
+            import huggingface_hub  # noqa: F401
         except ImportError:
             raise ExportError("downloading GPT-2 weights needs huggingface_hub: bash scripts/setup.sh hf") from None
         try:
-            path = Path(hf_hub_download(HUB_MODELS[source], "model.safetensors"))
+            path = _hub_file(source, "model.safetensors")
         except Exception as e:  # network and hub errors come in many types
+            if type(e).__name__ == "LocalEntryNotFoundError":  # (offline, nothing cached: the hub's words were cut at 200 characters)
+                raise ExportError(f"cannot download {HUB_MODELS[source]}: the Hugging Face hub cannot be reached (offline?) and its cache "
+                                  "holds no copy; connect, or pass a local folder or .safetensors file instead") from None
             raise ExportError(f"cannot download {HUB_MODELS[source]} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
                               "pass a local folder or .safetensors file instead") from None
         try:  # (its config.json, for the check below; the weights cached by an earlier version alone still read offline)
-            hf = json.loads(Path(hf_hub_download(HUB_MODELS[source], "config.json")).read_text()) if mcfg is not None else None
+            hf = json.loads(_hub_file(source, "config.json").read_text()) if mcfg is not None else None
         except Exception:  # noqa: BLE001 (OpenAI's GPT-2 configs: 64-wide heads, epsilon 1e-5, as the vanilla configs)
             hf = None
         if isinstance(hf, dict):
@@ -300,9 +325,7 @@ def load_gpt2(source, *, dtype: str | None = None, device=None, quantize: str | 
 
     tensors = read_gpt2(str(source))
     if str(source) in HUB_MODELS and not Path(source).expanduser().exists():
-        from huggingface_hub import hf_hub_download
-
-        hf = json.loads(Path(hf_hub_download(HUB_MODELS[str(source)], "config.json")).read_text())
+        hf = json.loads(_hub_file(str(source), "config.json").read_text())
     else:
         hf = json.loads((Path(source).expanduser() / "config.json").read_text())
     check_hf_gpt2(hf, f"{source}/config.json")

@@ -552,3 +552,31 @@ def test_gpt2_folders_that_are_not_gpt2s_math_are_refused(tmp_path):
     save_file({**t, "lm_head.weight": t["transformer.wte.weight"]}, str(folder / "model.safetensors"))  # (a tied head saved too)
     (folder / "config.json").write_text(json.dumps({**good, "activation_function": "gelu_pytorch_tanh"}))
     assert load(folder).model.cfg.vocab_size == 50257
+
+
+def test_an_offline_hub_lookup_is_one_line(monkeypatch, capfd, caplog):
+    """`--checkpoint=gpt2` offline with nothing cached: huggingface_hub logs a warning for each try of
+    the download (six in about 23 s, each twice: its own handler's line and absl's), all before our
+    one-line error. The lookup holds the hub's logger to errors, and leaves it as it was; the line says
+    what happened in full (the hub's words were cut at 200 characters, mid-sentence)."""
+    import logging
+
+    import huggingface_hub
+    import huggingface_hub.utils._http as hub_http  # (its import gives the hub's logger its level and stderr handler)
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+
+    def offline(repo, filename, **kw):  # (as the hub does: its _http module's warning, then the error)
+        hub_http.logger.warning(f"'[Errno -2] Name or service not known' thrown while requesting HEAD {repo}")
+        raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub and we cannot find the requested files "
+                                      "in the local cache. Please check your connection and try again or make sure your Internet connection is on.")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with caplog.at_level(logging.WARNING), pytest.raises(X.ExportError, match=(
+            r"^cannot download openai-community/gpt2: the Hugging Face hub cannot be reached \(offline\?\) and its cache holds no copy; "
+            r"connect, or pass a local folder or \.safetensors file instead$")):
+        X.read_gpt2("gpt2")
+    assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")], caplog.text
+    assert capfd.readouterr().err == "" and hub_log.level == level
