@@ -37,9 +37,22 @@ class CheckpointError(ValueError):
 
 class _Quiet(logging.Filter):
     """Drops Orbax's warnings about what llmjax does on purpose: checkpoints saved without a
-    validation loss (only evaluation steps have one) and managers opened read-only."""
+    validation loss (only evaluation steps have one) and managers opened read-only. A step's
+    `_CHECKPOINT_METADATA` that Orbax cannot read (its record of the save: times, item names,
+    which restoring does without) was an error line each time Orbax read it, holding the whole
+    file: one warning line instead, once for each file."""
+
+    damaged: set[str] = set()
 
     def filter(self, record):
+        if record.msg in ("Failed to json parse Metadata file: %s, file content: %s, error: %s",
+                          "Failed to read Metadata file: %s, error: %s") and "orbax" in record.pathname:
+            path = str(record.args[0])
+            if path not in self.damaged:
+                self.damaged.add(path)
+                print(f"warning: {path} is damaged: Orbax's record of the save (its times), which reading the checkpoint does without",
+                      file=sys.stderr, flush=True)
+            return False
         message = record.getMessage()
         if "orbax" in record.pathname and record.levelno >= logging.ERROR and (record.exc_info or "raised an exception" in message):
             return False  # (a background write that failed, with its traceback: Checkpointer says it in one line)

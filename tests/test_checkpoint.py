@@ -270,3 +270,23 @@ def test_a_checkpoint_of_another_model_with_the_same_shapes_is_refused(tmp_path)
         train(resumed, tmp_path / "heads", quiet=True)
     # how the model runs is not which model it is
     np.testing.assert_allclose(np.asarray(load(edited("bf16", dtype="bfloat16", scan_layers=False)).model(tokens)[0]), want, atol=0.1)
+
+
+def test_a_damaged_step_record_is_one_warning_line(tmp_path, capfd, caplog):
+    """A step's `_CHECKPOINT_METADATA` (Orbax's record of the save: times, item names) that is not
+    JSON: the checkpoint restores without it (its arrays checked against their fingerprints), but
+    Orbax logged an error line, holding the whole file, each time it read it (twice for one sample).
+    One warning line naming the file, once; Orbax's other errors are untouched."""
+    state = _save(tmp_path / "ckpt")
+    record = tmp_path / "ckpt" / "2" / "_CHECKPOINT_METADATA"
+    record.write_text("garbage{" + "x" * 5000)
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        for _ in range(2):
+            out = restore_params(tmp_path / "ckpt", 2, {"params": _abstract(state["params"])})
+        from absl import logging as absl_logging
+
+        absl_logging.error("Failed to read something else: %s", "x")  # (another error of the same kind: still logged)
+    np.testing.assert_array_equal(out["w"], state["params"]["w"])
+    assert "Metadata file" not in caplog.text and "Failed to read something else: x" in caplog.text, caplog.text
+    assert capfd.readouterr().err == (f"warning: {record} is damaged: Orbax's record of the save (its times), which reading the checkpoint "
+                                      "does without\n")
