@@ -475,6 +475,21 @@ def start_ids(tokenizer) -> list[int]:
     return tokenizer.encode("\n") if "\n" in getattr(tokenizer, "chars", "\n") else [0]
 
 
+def _check_utf8(text: str, i: int) -> None:
+    """Refuse a prompt holding a lone surrogate: a byte of argv that is not UTF-8 (Python keeps it as
+    U+DC80 + byte), as a terminal not set to UTF-8 gives (latin-1's é, 0xE9). GPT-2's BPE replaced it
+    with U+FFFD, silently (a character vocabulary named '\\udce9'); its raw byte would not be the
+    character the user typed either (é is 0xC3 0xA9 in the UTF-8 text the model learnt)."""
+    bad = next((k for k, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+    if bad is None:
+        return
+    code = ord(text[bad])
+    if 0xDC80 <= code <= 0xDCFF:
+        raise SampleError(f"prompt {i + 1} holds the byte 0x{code - 0xDC00:02x}, which is not UTF-8, at character {bad + 1}: is the "
+                          "terminal's encoding UTF-8? give the prompt as UTF-8 text (e.g. in a UTF-8 --prompt_file)")
+    raise SampleError(f"prompt {i + 1} holds a lone surrogate U+{code:04X} at character {bad + 1}, which is no character; remove it")
+
+
 @dataclasses.dataclass
 class Loaded:
     """A model restored from a training run, ready to sample."""
@@ -492,6 +507,7 @@ class Loaded:
         tok = self.tokenizer
         out = []
         for i, text in enumerate(prompts):
+            _check_utf8(text, i)
             try:
                 ids = tok.encode_prompt(text) if text else []  # ("<|endoftext|>": the token, as nanoGPT's sampler reads it)
             except TokenizerError as e:

@@ -837,6 +837,23 @@ def test_cli_run_readers_take_one_run_and_name_a_bad_dtype(run_dir, tmp_path):
         S.load(run_dir, dtype="bfloat61")
 
 
+def test_a_prompt_with_bytes_that_are_not_utf8_is_refused():
+    """A byte of --prompt that is not UTF-8 (a terminal in latin-1: é is 0xE9; Python keeps it in
+    sys.argv as the lone surrogate U+DCE9) was silently replaced by GPT-2's BPE with U+FFFD (the
+    model saw 'caf\ufffd'). Its raw byte would not be what the user typed either (é is 0xC3 0xA9 in
+    the UTF-8 text GPT-2 learnt), so it is refused, in one line that says where and what to do."""
+    from llmjax.tokenizer import GPT2Tokenizer
+
+    tok = GPT2Tokenizer()
+    loaded = S.Loaded(model=types.SimpleNamespace(cfg=types.SimpleNamespace(context_len=64)), tokenizer=tok, config={}, step=0, path=Path("."))
+    assert loaded.encode_prompts(["café"]) == [tok.encode("café")] and tok.decode(tok.encode("café")) == "café"
+    with pytest.raises(S.SampleError, match=r"^prompt 2 holds the byte 0xe9, which is not UTF-8, at character 4: is the terminal's "
+                                            r"encoding UTF-8\? give the prompt as UTF-8 text \(e\.g\. in a UTF-8 --prompt_file\)$"):
+        loaded.encode_prompts(["café", b"caf\xe9".decode("utf-8", "surrogateescape")])
+    with pytest.raises(S.SampleError, match=r"^prompt 1 holds a lone surrogate U\+D800 at character 2, which is no character; remove it$"):
+        loaded.encode_prompts(["a\ud800"])
+
+
 def test_cli_out_of_device_memory_is_one_line(run_dir):
     """More samples than the device holds (a million rows' caches and tokens under an 8 GiB address
     space): one line saying what to lower, exit status 2, not XLA's traceback."""
