@@ -492,6 +492,7 @@ def export(checkpoint, fmt: str, out, *, which: str = "latest", dtype: str = "fl
         raise ExportError(f"unknown format '{fmt}'; supported: {SUPPORTED}")
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be float32 or float16 (bfloat16 has no NumPy type; export float32 and convert), got {dtype}")
+    out = os.path.expanduser(str(out))  # (`--out=~/x` reaches us unexpanded, as --checkpoint=~/... does, which load expands)
     gguf_path = Path(out) if str(out).endswith(".gguf") else Path(f"{out}.gguf")
     if fmt == "gguf" and (str(out).endswith(os.sep) or Path(out).is_dir() or gguf_path.is_dir()):  # (said before loading)
         raise ExportError(f"--out {out} is a folder; give the .gguf file's name, e.g. {Path(out) / 'model.gguf'}")

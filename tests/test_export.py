@@ -580,3 +580,15 @@ def test_an_offline_hub_lookup_is_one_line(monkeypatch, capfd, caplog):
         X.read_gpt2("gpt2")
     assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")], caplog.text
     assert capfd.readouterr().err == "" and hub_log.level == level
+
+
+def test_out_under_the_home_folder_is_written_there(runs, tmp_path, monkeypatch):
+    """`--out=~/exported/NAME` (the shell leaves a `~` after `=` as it is): the export went to a
+    folder literally named `~` under the working directory, while --checkpoint=~/... was expanded."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert X.export(runs["vanilla"], "safetensors", "~/exported/v") == tmp_path / "home" / "exported" / "v"
+    assert (tmp_path / "home" / "exported" / "v" / "model.safetensors").is_file()
+    pytest.importorskip("gguf")
+    assert X.export(runs["modern"], "gguf", "~/exported/m") == tmp_path / "home" / "exported" / "m.gguf"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"] and (tmp_path / "home" / "exported" / "m.gguf").is_file()
