@@ -123,6 +123,88 @@ def test_rotary_permutation_is_llama_cpps():
     assert np.array_equal(X.interleaved_to_rotate_half(X.rotate_half_to_interleaved(wq, H), H), wq)
 
 
+def _ref_attention(q_THd, k_TKd, v_TKd):
+    """Causal softmax attention in float64, key/value head h // (H/K) for query head h (HF's repeat_kv)."""
+    T, H, d = q_THd.shape
+    k, v = (np.repeat(a, H // a.shape[1], axis=1) for a in (k_TKd, v_TKd))
+    s = np.einsum("thd,shd->hts", q_THd, k) / np.sqrt(d) + np.triu(np.full((T, T), -np.inf), 1)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("hts,shd->thd", p / p.sum(-1, keepdims=True), v).reshape(T, H * d)
+
+
+def _ref_rope(x_THd, base, interleaved):
+    """Rotary embedding in float64: pairs (i, i + d/2) (Hugging Face) or (2i, 2i + 1) (llama.cpp)."""
+    d = x_THd.shape[-1]
+    ang = np.arange(len(x_THd))[:, None, None] * base ** (-np.arange(d // 2) * 2 / d)
+    a, b = (x_THd[..., 0::2], x_THd[..., 1::2]) if interleaved else (x_THd[..., : d // 2], x_THd[..., d // 2 :])
+    ra, rb = a * np.cos(ang) - b * np.sin(ang), b * np.cos(ang) + a * np.sin(ang)
+    return np.stack([ra, rb], -1).reshape(x_THd.shape) if interleaved else np.concatenate([ra, rb], -1)
+
+
+def _ref_llama(t, c, toks, gguf=False):
+    """Logits of LlamaForCausalLM (or llama.cpp's `llama`, gguf=True) from its tensors and config, float64."""
+    t = {k: np.asarray(v, np.float64) for k, v in t.items()}
+    H, K, hd, eps, T = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], c["rms_norm_eps"], len(toks)
+    names = ({"in": "attn_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "post": "ffn_norm", "g": "ffn_gate",
+              "u": "ffn_up", "d": "ffn_down"} if gguf else
+             {"in": "input_layernorm", "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+              "post": "post_attention_layernorm", "g": "mlp.gate_proj", "u": "mlp.up_proj", "d": "mlp.down_proj"})
+    rms = lambda x, w: x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w  # noqa: E731
+    E = t["token_embd.weight" if gguf else "model.embed_tokens.weight"]
+    x = E[toks]
+    for i in range(c["num_hidden_layers"]):
+        W = lambda n: t[f"blk.{i}.{names[n]}.weight" if gguf else f"model.layers.{i}.{names[n]}.weight"]  # noqa: E731
+        h = rms(x, W("in"))
+        q, k = (_ref_rope((h @ W(n).T).reshape(T, -1, hd), c["rope_theta"], gguf) for n in ("q", "k"))
+        x = x + _ref_attention(q, k, (h @ W("v").T).reshape(T, K, hd)) @ W("o").T
+        h = rms(x, W("post"))
+        g = h @ W("g").T
+        x = x + (g / (1 + np.exp(-g)) * (h @ W("u").T)) @ W("d").T
+    return rms(x, t["output_norm.weight" if gguf else "model.norm.weight"]) @ E.T
+
+
+def _ref_gpt2(t, c, toks):
+    """Logits of GPT2LMHeadModel from its tensors (Conv1D: (in, out)) and config, float64."""
+    t = {k.removeprefix("transformer."): np.asarray(v, np.float64) for k, v in t.items()}
+    H, eps, T = c["n_head"], c["layer_norm_epsilon"], len(toks)
+
+    def ln(x, n):
+        m = x.mean(-1, keepdims=True)
+        return (x - m) / np.sqrt(((x - m) ** 2).mean(-1, keepdims=True) + eps) * t[n + ".weight"] + t[n + ".bias"]
+
+    lin = lambda x, n: x @ t[n + ".weight"] + t[n + ".bias"]  # noqa: E731
+    x = t["wte.weight"][toks] + t["wpe.weight"][:T]
+    for i in range(c["n_layer"]):
+        q, k, v = np.split(lin(ln(x, f"h.{i}.ln_1"), f"h.{i}.attn.c_attn").reshape(T, 3 * H, -1), 3, axis=1)
+        x = x + lin(_ref_attention(q, k, v), f"h.{i}.attn.c_proj")
+        y = lin(ln(x, f"h.{i}.ln_2"), f"h.{i}.mlp.c_fc")
+        x = x + lin(0.5 * y * (1 + np.tanh(np.sqrt(2 / np.pi) * (y + 0.044715 * y**3))), f"h.{i}.mlp.c_proj")
+    return ln(x, "ln_f") @ t["wte.weight"].T
+
+
+def test_exported_tensors_compute_the_model_in_a_float64_reference():
+    """What a Hugging Face / llama.cpp reader computes from the exported tensors and config, written
+    out in float64 from their definitions (GPT-2: Conv1D, tanh-GELU; Llama: (out, in) Linears,
+    rotate-half RoPE, SwiGLU, repeat_kv; GGUF: interleaved RoPE), gives our logits. The read-back
+    tests compare with the exporters' own tensors, and the transformers parity test needs torch:
+    Llama's two norms swapped, or GGUF k rows permuted with n_head (not n_kv_head) under grouped
+    keys, passed every other test on a machine without torch."""
+    toks = np.random.default_rng(0).integers(0, 65, 24)
+    for arch, overrides in (("vanilla", {}), ("modern", {"n_kv_head": 2, "rope_base": 500.0})):
+        m = perturb_vectors(llmjax.build_model(config(arch, scan_layers=True, **overrides), seed=5))
+        p, mcfg = jax.tree.map(np.asarray, params(m)), m.cfg
+        ours = np.asarray(m(jnp.asarray(toks[None], jnp.int32))[0], np.float64)[0, :, :65]
+        if arch == "vanilla":
+            got = {"Hugging Face GPT-2": _ref_gpt2(X.gpt2_tensors(p, mcfg), X.gpt2_config(mcfg), toks)}
+        else:
+            c = X.llama_config(mcfg)
+            got = {"Hugging Face Llama": _ref_llama(X.llama_tensors(p, mcfg), c, toks),
+                   "GGUF": _ref_llama(X.gguf_tensors(p, mcfg), c, toks, gguf=True)}
+        for layout, logits in got.items():
+            np.testing.assert_allclose(logits, ours, rtol=0, atol=2e-5, err_msg=layout)
+        assert np.abs(ours).max() > 0.1  # (logits that are not all near zero)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two-step GPT-2-BPE runs of vanilla and modern (tiny shapes)."""
