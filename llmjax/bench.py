@@ -539,6 +539,9 @@ def main(argv):
     if F.steps == 0 and "train" in suites:  # (its row had no tokens/s and no MFU, and said nothing)
         cli.fail(f"--steps 0 compiles the training step without running it: the train suite has nothing to time; give --steps 1 or "
                  f"more, or leave train out (--suite {','.join(sorted(suites - {'train'})) or 'memory'}) for the compiled analysis alone")
+    if F.quantize != "none" and not suites & {"decode", "hellaswag"}:  # (ignored: a row saying quantize=int8 of a float model)
+        cli.fail(f"--quantize {F.quantize} applies to the decode and hellaswag suites; --suite {','.join(sorted(suites))} measures the float "
+                 f"model: add decode or hellaswag to --suite, or drop --quantize")
     if F.task_batch_size < 1 or (F.task_limit is not None and F.task_limit < 1):
         cli.fail(f"--task_batch_size and --task_limit must be at least 1 (no --task_limit: every item), got {F.task_batch_size} "
                  f"and {F.task_limit}")

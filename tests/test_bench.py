@@ -201,6 +201,10 @@ def test_cli_bad_input_is_one_line():
                          (["--config=configs/vanilla.py:tiny", "--steps=0"], "--suite decode,memory"),
                          (["--config=configs/vanilla.py:tiny", "--steps=0", "--suite=train"], "--suite memory"),
                          (["--config=configs/vanilla.py:tiny", "--suite=hellaswag", "--task_limit=-1"], "--task_limit must be at least 1"),
+                         # --quantize int8 quantizes the decode and hellaswag suites' model: without them it was ignored, the row
+                         # saying quantize=int8 of float figures
+                         (["--config=configs/vanilla.py:tiny", "--suite=train,memory", "--quantize=int8"],
+                          "--quantize int8 applies to the decode and hellaswag suites; --suite memory,train measures the float model"),
                          (["--config=configs/vanilla.py:tiny", "--out=/nonexistent/rows.jsonl"], "No such file or directory: /nonexistent"),
                          # --set reads a value as --config.* does: True is a bool (it was refused: "True is of original type <class 'str'>"),
                          # so this row is planned and only the --out after it is refused
