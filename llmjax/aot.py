@@ -645,6 +645,9 @@ def main(argv):
         cli.fail(f"unknown suite(s) {', '.join(unknown)}; choose from train, decode")
     if not F.suite:  # (it compiled nothing and printed nothing, exit status 0)
         cli.fail("--suite is empty; choose from train, decode")
+    if F.quantize and "decode" not in F.suite:  # (it was ignored: the float training step compiled)
+        cli.fail(f"--quantize {F.quantize} applies to the decode suite; --suite train compiles the float training step: add decode "
+                 "(--suite train,decode) or drop --quantize")
     try:
         batches = [int(b) for b in F.decode_batches]
     except ValueError:

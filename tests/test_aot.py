@@ -526,9 +526,12 @@ def test_an_empty_suite_or_decode_batches_is_a_one_line_error():
     from helpers import cli_cases
 
     base = ["--config", "configs/vanilla.py:tiny"]
-    cases = [base + ["--suite="], base + ["--suite=decode", "--decode_batches="]]
+    cases = [base + ["--suite="], base + ["--suite=decode", "--decode_batches="], base + ["--suite=train", "--quantize=int8"]]
     want = ["error: --suite is empty; choose from train, decode",
-            "error: --decode_batches is empty; give the decode batch sizes (e.g. 1,64) or leave decode out of --suite"]
+            "error: --decode_batches is empty; give the decode batch sizes (e.g. 1,64) or leave decode out of --suite",
+            # (--quantize int8 without the decode suite was ignored: the float training step compiled, exit status 0)
+            "error: --quantize int8 applies to the decode suite; --suite train compiles the float training step: add decode "
+            "(--suite train,decode) or drop --quantize"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     for r, line in zip(cli_cases("llmjax.aot", cases, env=env), want):
         assert (r.returncode, r.stderr, r.stdout) == (2, line + "\n", ""), r.stderr
