@@ -98,13 +98,30 @@ def _expand(argv: list[str]) -> list[str]:
     """argv with every --flagfile replaced by its arguments (absl's own reading, as FLAGS(argv) does
     it) and -config, -config=... and -config.KEY=... written --config...: our checks of the spec
     and its overrides, and config_flags' ':default' (flags_spec), then see every form of them."""
-    out = [*argv[:1], *FLAGS.read_flags_from_files(argv[1:], force_gnu=False)]
+    out = _home([*argv[:1], *FLAGS.read_flags_from_files(_home(argv)[1:], force_gnu=False)])
     for i, arg in enumerate(out[1:], start=1):
         if arg == "--":
             break
         if re.match(r"-(no)?config(\.|=|$)", arg):
             out[i] = "-" + arg
     return out
+
+
+def _home(argv: list[str]) -> list[str]:
+    """argv with `--PATH_FLAG=~...` expanded: the shell expands `--out ~/x`, not `--out=~/x`."""
+    out = list(argv)
+    for i, arg in enumerate(out[1:], start=1):
+        if arg == "--":
+            break
+        if (m := re.match(rf"(--?)({'|'.join(PATH_FLAGS)})=(~.*)$", arg)) is not None:
+            out[i] = f"{m[1]}{m[2]}={os.path.expanduser(m[3])}"
+    return out
+
+
+# flags that name a file or folder: `--out=~/x` reaches us unexpanded (the shell expands `--out ~/x`
+# only); _expand expands it, as the shell would have (a flagfile's lines too)
+PATH_FLAGS = ("workdir", "out", "o", "doc", "output_json", "checkpoint", "checkpoint_path", "prompt_file", "config", "task_dir",
+              "profile", "flagfile")
 
 
 def _flagfile_error(e: Exception) -> str:

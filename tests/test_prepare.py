@@ -796,3 +796,20 @@ def test_an_unfinished_preparation_under_a_built_in_name_is_not_written_over(tmp
                                           rf"--source {re.escape(str(own))}$"):
         D.open_dataset("tinyshakespeare", "data")
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
+def test_a_path_flag_given_as_flag_equals_tilde_is_under_the_home_folder(tmp_path):
+    """`--out=~/x` (and `~` in a --flagfile's name and in its lines) reaches the tools unexpanded: the
+    shell expands `--out ~/x` only. It went to a folder literally named `~` in the working directory;
+    every tool's path flags (llmjax.cli.PATH_FLAGS) are now expanded as the shell would have."""
+    from helpers import cli_cases
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "p.flags").write_text("--out=~/data/b\n")
+    a, b = cli_cases("llmjax.prepare", [["tinyshakespeare_char", "--out=~/data/a"], ["tinyshakespeare_char", "--flagfile=~/p.flags"]],
+                     env={**os.environ, "HOME": str(home)})
+    assert a.returncode == b.returncode == 0, a.stderr + b.stderr
+    assert f"in {home / 'data' / 'a'} " in a.stdout and f"in {home / 'data' / 'b'} " in b.stdout
+    assert (home / "data" / "a" / "manifest.json").is_file() and (home / "data" / "b" / "manifest.json").is_file()
+    assert not (ROOT / "~").exists()
