@@ -203,10 +203,26 @@ def unreadable(directory: Path, step: int, e: BaseException, hint: tuple[str, st
     is TensorStore's, which names the file and the problem, where Orbax wraps it). With `target`
     (the abstract tree restored), a checkpoint of another model says so instead (its arrays'
     shapes against the target's, from the checkpoint's metadata): an earlier step would not help."""
+    if (memory := _device_memory(e)) is not None:  # (not damaged: moving it aside would lose a good checkpoint)
+        return (f"checkpoint {directory}/{step} is not damaged, but restoring it ran out of device memory ({memory}); free the "
+                f"device's memory (another process may hold it) or use one with more, or shard the state over more devices (train.mesh)")
     if target is not None and (other := _other_model(Path(directory) / str(step), target)):
         return (f"checkpoint {directory}/{step} holds another model than its run's config.json describes ({other}); "
                 f"use it with the run folder it was trained in")
     return f"checkpoint {directory}/{step} cannot be restored ({_innermost(e)}); {_hint(hint, directory, step)}"
+
+
+def _device_memory(e: BaseException | None) -> str | None:
+    """XLA's words where `e` or an error it was raised from or during is a failed device allocation
+    ('Out of memory while trying to allocate N bytes.'), else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        found = re.search(r"(?i)out of memory[^\n]*", str(e))
+        if found is not None:
+            return " ".join(found.group(0).split())[:200]
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _other_model(step_dir: Path, target) -> str | None:

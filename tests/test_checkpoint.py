@@ -290,3 +290,27 @@ def test_a_damaged_step_record_is_one_warning_line(tmp_path, capfd, caplog):
     assert "Metadata file" not in caplog.text and "Failed to read something else: x" in caplog.text, caplog.text
     assert capfd.readouterr().err == (f"warning: {record} is damaged: Orbax's record of the save (its times), which reading the checkpoint "
                                       "does without\n")
+
+
+def test_a_restore_out_of_device_memory_is_not_called_damaged(tmp_path, monkeypatch):
+    """A restore that runs out of device memory (a smaller GPU, another process holding memory) is
+    said to be that, with what to do: it said the checkpoint 'cannot be restored' and to move it aside,
+    losing a good checkpoint. Orbax raises XLA's error from within its own (here, as it does, chained)."""
+    import orbax.checkpoint as ocp
+
+    state = _save(tmp_path / "ckpt")
+    target = _abstract(state)
+
+    def restore(self, step, args=None):
+        try:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1610612736 bytes.")
+        except jax.errors.JaxRuntimeError as e:
+            raise ValueError("Failed to restore item 'state'") from e
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", restore)
+    with pytest.raises(CheckpointError) as e:
+        Checkpointer(tmp_path / "ckpt").restore(2, target)
+    assert str(e.value) == (f"checkpoint {tmp_path / 'ckpt'}/2 is not damaged, but restoring it ran out of device memory (Out of memory "
+                            "while trying to allocate 1610612736 bytes.); free the device's memory (another process may hold it) or use "
+                            "one with more, or shard the state over more devices (train.mesh)")
+    assert (tmp_path / "ckpt" / "2").is_dir()
