@@ -30,6 +30,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
+from llmjax.runtime import logger_level
+
 
 class CheckpointError(ValueError):
     """A checkpoint problem a user can fix (one line)."""
@@ -376,17 +378,10 @@ def verify(tree, saved: dict | None, directory: Path, step: int, hint: tuple[str
                               f"(first {bad[0]}); {_hint(hint, directory, step)}")
 
 
-@contextlib.contextmanager
 def _quiet_asyncio():
     """A failed restore leaves Orbax's other reads to fail at asyncio's shutdown, and asyncio logs each
     with its traceback: the error raised from the restore says it in one line."""
-    log = logging.getLogger("asyncio")
-    level = log.level
-    log.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
+    return logger_level("asyncio", logging.CRITICAL)
 
 
 @contextlib.contextmanager

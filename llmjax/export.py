@@ -21,7 +21,6 @@ through huggingface_hub (its cache); needs the `hf` extra.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -47,17 +46,12 @@ class ExportError(ValueError):
     """An export/import problem a user can fix (one line)."""
 
 
-@contextlib.contextmanager
 def _quiet_hub():
     """huggingface_hub's logger held to errors for one of our lookups: offline, each try of a download
     was a warning line on stderr (and again through absl's handler), before our one-line error."""
-    log = logging.getLogger("huggingface_hub")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
+    from llmjax.runtime import logger_level
+
+    return logger_level("huggingface_hub", logging.ERROR)
 
 
 def _hub_file(source: str, filename: str) -> Path:

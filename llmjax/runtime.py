@@ -119,3 +119,19 @@ def compiling_for(platform: str):
         yield
     finally:
         _target.pop()
+
+
+@contextlib.contextmanager
+def logger_level(name: str, level: int):
+    """The standard-library logger `name` held at `level` within the block, then as it was: for a
+    library's own lines that our one-line message says better (Orbax's reads failing at asyncio's
+    shutdown, huggingface_hub's retries offline)."""
+    import logging
+
+    log = logging.getLogger(name)
+    before = log.level
+    log.setLevel(level)
+    try:
+        yield
+    finally:
+        log.setLevel(before)
