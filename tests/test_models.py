@@ -436,6 +436,41 @@ def test_a_sequence_longer_than_the_learned_positions_is_refused(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_explicit_positions_past_the_table_or_the_cache_are_refused(arch):
+    """Given `positions` at or past model.context_len, the learned-position models returned NaN
+    logits for the whole row (jnp.take's fill, then through attention), and a cached call at or
+    past the cache's max_len wrote nothing and attended to every slot (finite, wrong): an eager call
+    is now a one-line ValueError naming the end. Rotary and recurrent models without a cache have
+    no end: shifted positions give the logits of the default ones (rotary attention depends on
+    differences only). Under jit nothing is checked (no device sync): NaN, as documented."""
+    m = model(arch)
+    C = m.cfg.context_len
+    toks = tokens(1, 2, 4)
+    late = jnp.broadcast_to(jnp.arange(C - 2, C + 2, dtype=jnp.int32), (2, 4))
+    if m.pos_embed is not None:
+        with pytest.raises(ValueError, match=rf"^positions reach {C + 1}, but this model's learned positions stop at model.context_len={C}: "
+                                             rf"keep every position below {C}"):
+            m(toks, positions=late)
+    else:
+        np.testing.assert_allclose(np.asarray(m(toks, positions=late)[0]), np.asarray(m(toks)[0]), atol=2e-5)
+    cases = [m] + ([model(arch, scan_layers=False)] if arch == "modern" else [])  # (cache leaves stacked, and a tuple per layer)
+    for mm in cases:
+        cache = mm.init_cache(2, 8)
+        pos = jnp.broadcast_to(jnp.arange(6, 10, dtype=jnp.int32), (2, 4))
+        if arch in ("linformer", "ssm"):  # (bounded summaries, a recurrent state: no slots to run past)
+            assert np.isfinite(np.asarray(mm(toks, positions=pos, cache=cache)[0])).all()
+            continue
+        with pytest.raises(ValueError, match=r"^positions reach 9, but the cache holds 8 positions \(init_cache\(batch_size, max_len=8\)\): "
+                                             r"keep every position below 8, or make the cache with a larger max_len"):
+            mm(toks, positions=pos, cache=cache)
+        mm(toks, positions=pos - 2, cache=cache)  # (within it: no error)
+    if arch == "vanilla":  # traced positions: unchecked, the row's logits NaN (which the sampler's non-finite check stops)
+        graphdef, state = nnx.split(m)
+        out = jax.jit(lambda st, t, p: nnx.merge(graphdef, st)(t, positions=p)[0])(state, toks, late)
+        assert np.isnan(np.asarray(out)[..., : m.cfg.vocab_size]).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_padded_vocab_rows_never_win(arch):
     m = scale_params(llmjax.build_model(config(arch), seed=6), 10.0)
     # Make the padded rows look attractive: a large embedding row would win without the mask.

@@ -194,6 +194,10 @@ class Attention(nnx.Module):
             )
         return fits and (self.decode_impl == "pallas" or runtime.backend() == "gpu")
 
+    @staticmethod
+    def cache_slots(cache) -> int:
+        return cache["k"].shape[-1]  # (B, K, hd, S), with a leading layer axis when stacked
+
     def init_cache(self, batch_size: int, max_len: int, dtype):
         shape = (batch_size, self.n_kv_head, self.head_dim, max_len)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

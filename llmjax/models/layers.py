@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from llmjax import runtime
@@ -333,6 +334,13 @@ class LayerStack(nnx.Module):
         aux = jax.tree.map(lambda *a: sum(a) / len(a), *auxes)
         return x, None if cache is None else tuple(new_cache), aux
 
+    def cache_slots(self, cache: Cache) -> int | None:
+        """The positions a decode cache holds (its `max_len`), or None where the mixer's state has
+        no slots (a recurrent state; Linformer's bounded summaries)."""
+        block = self.layers if self.scan else self.layers[0]
+        slots = getattr(block.attn, "cache_slots", None)
+        return None if slots is None else slots(cache if self.scan else cache[0])
+
     def init_cache(self, batch_size: int, max_len: int, dtype) -> Cache:
         block = self.layers if self.scan else self.layers[0]
         one = block.init_cache(batch_size, max_len, dtype)
@@ -407,7 +415,12 @@ class DecoderLM(nnx.Module):
     - Without a cache the call is a causal forward over the T tokens. With a cache (from
       `init_cache`), the tokens' decode state is written at their positions, and each token attends
       to every cached position <= its own: prefill with the prompt, then feed one token per step.
-      Positions must be below `max_len`. A token at a negative position is padding: it leaves the
+      Positions must be below `max_len`, and below context_len where positions are learned
+      (vanilla, gqa, moe, linformer). An eager call with positions past either end is a
+      ValueError (`check_positions`); under jit the positions are traced and nothing is checked
+      (no device sync in a step): a position past the learned table gives NaN logits for its
+      whole row (so the sampler's non-finite check stops), one past the cache writes nothing and
+      attends to every slot, which is a wrong result that stays finite. A token at a negative position is padding: it leaves the
       decode state unchanged (its logits are meaningless), so prompts of different lengths are
       prefilled together right-padded with position -1 (recurrent states cannot be rewound, so
       padding must be marked rather than overwritten later).
@@ -443,11 +456,31 @@ class DecoderLM(nnx.Module):
                 raise ValueError(f"{T} tokens per row, but this model's learned positions stop at model.context_len="
                                  f"{self.cfg.context_len}: feed at most {self.cfg.context_len} tokens (keep the last ones)")
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        elif not isinstance(positions, jax.core.Tracer):  # (an eager call; under jit nothing is checked: see the class doc)
+            self.check_positions(positions, cache)
         x_BTD = self.embed(tokens_BT)
         if self.pos_embed is not None:
             x_BTD = x_BTD + self.pos_embed(positions)
         x_BTD, cache, aux = self.blocks(x_BTD, positions, cache)
         return self.norm_f(x_BTD), cache, aux
+
+    def check_positions(self, positions_BT, cache: Cache = None) -> None:
+        """Refuse, with a ValueError, positions that no result is defined for: at or past
+        model.context_len where positions are learned (the table's end), at or past the cache's
+        `max_len` in a call with a cache (the slots' end). Rotary and recurrent models have no
+        such end without a cache. Reads the positions' values (a device sync for a device array):
+        `features` calls it in eager calls only."""
+        L = self.cfg.context_len
+        slots = None if cache is None else self.blocks.cache_slots(cache)
+        if self.pos_embed is None and slots is None:
+            return  # (nothing to read)
+        hi = int(np.max(np.asarray(positions_BT), initial=-1))
+        if self.pos_embed is not None and hi >= L:
+            raise ValueError(f"positions reach {hi}, but this model's learned positions stop at model.context_len={L}: keep every "
+                             f"position below {L} (feed at most {L} tokens of a sequence, the last ones)")
+        if slots is not None and hi >= slots:
+            raise ValueError(f"positions reach {hi}, but the cache holds {slots} positions (init_cache(batch_size, max_len={slots})): "
+                             f"keep every position below {slots}, or make the cache with a larger max_len (at most context_len={L})")
 
     def head(self, x_BTD):
         """Logits (float32, padded rows masked) of final-normed features: the tied output head."""

@@ -119,6 +119,10 @@ class MultiHeadLatentAttention(nnx.Module):
         o_lat_BTHr = dot32("bhts,bsr->bthr", probs_BHTS, c_BSr).astype(self.dtype)
         return jnp.einsum("bthr,rhv->bthv", o_lat_BTHr, w_uv_rHv)
 
+    @staticmethod
+    def cache_slots(cache) -> int:
+        return cache["latent"].shape[-2]  # (B, S, r), with a leading layer axis when stacked
+
     def init_cache(self, batch_size: int, max_len: int, dtype):
         return {
             "latent": jnp.zeros((batch_size, max_len, self.r), dtype),
