@@ -546,7 +546,9 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
 
     if not any(s.split in (None, "train") for s in sources):
         raise PrepareError("no training source (give a file without 'val=')")
-    created = not out.exists()  # (a folder made here and holding no finished shard is removed if this run fails)
+    # the folders made here, `out` first, then the parents it needed (a/b for a/b/c): a run that fails
+    # before its first finished shard removes these (where still empty), never a folder that was there
+    created = [p for p in (out, *out.parents) if not p.exists()]
     out.mkdir(parents=True, exist_ok=True)
     with _only_preparation(out):  # (from here, what is in `out` is this run's to read and change)
         return _prepare_locked(name, out, sources, args, created, workers=workers, shard_tokens=shard_tokens, progress=progress,
@@ -578,7 +580,17 @@ def _only_preparation(out: Path):
         os.close(fd)
 
 
-def _prepare_locked(name: str, out: Path, sources: list[Source], args: dict, created: bool, *, workers: int, shard_tokens: int,
+def _remove_created(created: list[Path]) -> None:
+    """rmdir each folder of `created` (the leaf first) while it is empty; stop at the first that is
+    not (something else wrote into it meanwhile: it and its parents stay)."""
+    for d in created:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
+def _prepare_locked(name: str, out: Path, sources: list[Source], args: dict, created: list[Path], *, workers: int, shard_tokens: int,
                     progress: bool, stop_after_shards: int | None) -> D.TokenDataset:
     manifest = out / D.MANIFEST
     if not manifest.is_file() and not (out / STATE).is_file():  # (a folder this command did not write: untouched)
@@ -644,8 +656,7 @@ def _prepare_locked(name: str, out: Path, sources: list[Source], args: dict, cre
             for f in out.iterdir():
                 if D.OWN_TEMPORARY.fullmatch(f.name):
                     f.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                out.rmdir()
+            _remove_created(created)
         raise
     finally:
         if bar is not None:
@@ -655,9 +666,7 @@ def _prepare_locked(name: str, out: Path, sources: list[Source], args: dict, cre
         # and a folder made here with it
         for f in [s["file"] for sp in ("train", "val") for s in state.get(sp, [])] + [STATE]:
             (out / f).unlink(missing_ok=True)
-        if created:
-            with contextlib.suppress(OSError):
-                out.rmdir()
+        _remove_created(created)
         raise PrepareError(f"the sources hold {counts['train']} training and {counts['val']} validation documents; both need at least one"
                            + (" (a held-out validation tail needs at least 2 documents: separate them with <|endoftext|> in a .txt, "
                               "or give a val= file)" if held_out else ""))

@@ -334,6 +334,14 @@ def test_text_that_is_no_string_is_one_line(tmp_path):
         with pytest.raises(P.PrepareError, match=rf"{name}: {needle}"):
             P.prepare("mine", tmp_path / f"o_{name}", [P.Source(tmp_path / name, None)], workers=1, progress=False)
         assert not (tmp_path / f"o_{name}").exists()  # (a folder of nothing but a state is not left behind)
+    # --out a/b/c made a and b too: all three go, and of kept/x/y only x and y (kept was there before)
+    (tmp_path / "kept").mkdir()
+    for out, gone, stays in [(tmp_path / "a" / "b" / "c", tmp_path / "a", tmp_path), (tmp_path / "kept" / "x" / "y", tmp_path / "kept" / "x",
+                                                                                       tmp_path / "kept")]:
+        with pytest.raises(P.PrepareError, match="chat.jsonl: line 3"):
+            P.prepare("mine", out, [P.Source(tmp_path / "chat.jsonl", None)], workers=1, progress=False)
+        assert not gone.exists() and stays.is_dir()
+    assert not any((tmp_path / "kept").iterdir())
     # a folder that was there before is kept (empty, as it was)
     (tmp_path / "mine").mkdir()
     with pytest.raises(P.PrepareError, match="chat.jsonl: line 3"):
@@ -372,6 +380,9 @@ def test_sources_without_two_documents_leave_no_folder(tmp_path):
         with pytest.raises(P.PrepareError, match="both need at least one"):
             P.prepare("mine", out, [P.Source(tmp_path / name, None)], workers=1, progress=False)
         assert not out.exists(), sorted(f.name for f in out.iterdir())
+    with pytest.raises(P.PrepareError, match="both need at least one"):  # (the parents made for it go too)
+        P.prepare("mine", tmp_path / "p" / "q" / "r", [P.Source(tmp_path / "one.txt", None)], workers=1, progress=False)
+    assert not (tmp_path / "p").exists()
     (tmp_path / "mine").mkdir()
     with pytest.raises(P.PrepareError, match="1 validation documents"):
         P.prepare("mine", tmp_path / "mine", [P.Source(tmp_path / "one.txt", None)], workers=1, progress=False)
