@@ -167,6 +167,11 @@ def run(main: Callable[[list[str]], None]):
             main(argv)
         except ConfigError as e:
             fail(str(e))
+        except RuntimeError as e:  # (XLA's JaxRuntimeError: a tool words device memory itself, cli.out_of_memory)
+            line = exhausted(e) if type(e).__name__ == "JaxRuntimeError" else None
+            if line is None:
+                raise
+            fail(line, code=1)
         except KeyboardInterrupt:  # (a tool that keeps something says what in its own handler)
             fail("interrupted", code=130)
         except BrokenPipeError:  # the reader of stdout went away (`... | head`): stop quietly, as other tools do
@@ -176,15 +181,46 @@ def run(main: Callable[[list[str]], None]):
     app.run(guarded, flags_parser=_parse)
 
 
+# XLA's words for a device allocation that failed: 'Out of memory while trying to allocate N bytes.'
+# (the GPU's allocator), 'Out of memory allocating N bytes.' (the CPU's), 'CUDA_ERROR_OUT_OF_MEMORY: out of
+# memory', 'Ran out of memory in memory space hbm' (TPU), 'Failed to allocate request for 32.00MiB
+# (33554432B) on device ordinal 0' (stream executor), 'Error allocating device buffer: ...' (TPU)
+_DEVICE_MEMORY = re.compile(r"(?i)(out of memory|failed to allocate request for|error allocating device buffer)[^\n]*")
+
+# what to do for XLA's RESOURCE_EXHAUSTED of something other than device memory, by its words
+# (absl gives ENOSPC, EDQUOT, EMFILE and ENFILE that code too; XLA:GPU its host memory pool's limit
+# (backends/gpu/runtime/host_memory_pool.cc) and its kernels' register and shared-memory limits
+# (stream_executor/cuda/cuda_executor.cc, the Triton emitter))
+_EXHAUSTED_ADVICE = [
+    (r"host memory pool", "more calls of one compiled program were in flight at once than XLA:GPU keeps room for; this is not "
+                          "memory running short: report it with the command that gave it"),
+    (r"too many open files|file descriptor|\bE[MN]FILE\b", "the process may open no more files: raise its limit (ulimit -n) and run again"),
+    (r"no space left|disk quota|\bENOSPC\b|\bEDQUOT\b", "a disk is full: make room and run again"),
+    (r"shared memory|register allocation|registers", "a GPU kernel XLA built needs more of the GPU's registers or shared memory than it has, which a smaller "
+                                "batch may not change: try another kernel (e.g. --config.model.attention_impl=xla), or report it with XLA's words"),
+]
+
+
 def out_of_memory(error: BaseException) -> str | None:
     """XLA's own words for a device allocation that failed ('Out of memory allocating N bytes.'),
     whether raised as RESOURCE_EXHAUSTED (at a result) or INTERNAL (at a dispatch); None for any
-    other error."""
+    other error, a RESOURCE_EXHAUSTED of another resource too (`exhausted` words that one)."""
+    found = _DEVICE_MEMORY.search(str(error))
+    return None if found is None else " ".join(found.group(0).split())[:200]
+
+
+def exhausted(error: BaseException) -> str | None:
+    """One line for XLA's RESOURCE_EXHAUSTED of something other than device memory (a file limit, a
+    full disk, a GPU kernel's registers or shared memory, XLA:GPU's host memory pool): the first line of XLA's
+    message and the advice that applies; None for device memory (`out_of_memory`) and other errors."""
     text = str(error)
-    found = re.search(r"(?i)out of memory[^\n]*", text)
-    if found is None and "RESOURCE_EXHAUSTED" not in text:
+    if "RESOURCE_EXHAUSTED" not in text or out_of_memory(error) is not None:
         return None
-    return " ".join((found.group(0) if found else text.split("RESOURCE_EXHAUSTED:", 1)[-1]).split())[:200]
+    lines = [line.strip() for line in text.split("RESOURCE_EXHAUSTED", 1)[1].lstrip(":").splitlines()]
+    first = next((line for line in lines if line), "(no message)")[:300].rstrip(".")
+    advice = next((a for pattern, a in _EXHAUSTED_ADVICE if re.search(pattern, first, re.IGNORECASE)),
+                  "it is not device memory, so a smaller batch may not help; XLA's words name what ran out")
+    return f"XLA ran out of a resource (RESOURCE_EXHAUSTED): {first}; {advice}"
 
 
 def define_checkpoint_flags():

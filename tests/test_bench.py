@@ -230,7 +230,7 @@ def test_out_of_device_memory_is_one_line():
     assert out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 42 bytes.")) == "Out of memory allocating 42 bytes."
     assert out_of_memory(RuntimeError("INTERNAL: Error dispatching computation: Out of memory allocating 7 bytes.\nmore")) == (
         "Out of memory allocating 7 bytes.")
-    assert out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: too many handles")) == "too many handles"
+    assert out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: too many handles")) is None  # (not device memory: cli.exhausted words it)
     assert out_of_memory(RuntimeError("INTERNAL: a kernel failed")) is None
 
     r = subprocess.run(capped_python(24, "-m", "llmjax.bench", "--config", "configs/vanilla.py:tiny", "--config.model.context_len=100000",
@@ -239,6 +239,54 @@ def test_out_of_device_memory_is_one_line():
     assert (r.returncode, r.stdout) == (1, ""), r.stderr[-2000:]
     assert re.fullmatch(r"error: configs/vanilla\.py:tiny: out of device memory \(Out of memory allocating \d+ bytes\.\); lower "
                         r"--batch_size \(or the config's train\.batch_size\), or set --config\.model\.remat=full\n", r.stderr), r.stderr[-2000:]
+
+
+# RESOURCE_EXHAUSTED errors of XLA's that are not device memory, in XLA's words
+# (xla/backends/gpu/runtime/host_memory_pool.cc, xla/stream_executor/cuda/cuda_executor.cc; absl's errno codes)
+POOL = ("RESOURCE_EXHAUSTED: All 1024 elements in the host memory pool are in use. This is likely because there are more than 1024 "
+        "concurrent calls to an XLA executable.")
+PTX = "RESOURCE_EXHAUSTED: [0] Failed to load PTX text as a module (register allocation failed): INTERNAL: CUDA_ERROR_INVALID_PTX"
+FILES = "RESOURCE_EXHAUSTED: could not open /tmp/jax-cache/x: Too many open files\nmore detail"
+
+
+def test_an_exhausted_resource_that_is_not_device_memory_is_not_called_so(tmp_path):
+    """cli.out_of_memory took every RESOURCE_EXHAUSTED for device memory, so a tool said 'out of
+    device memory ...; lower --batch_size' for a full host memory pool, a GPU kernel's registers or
+    a file limit. Device memory is now named only where XLA's words say so (its allocators' words
+    on CPU, GPU and TPU); any other RESOURCE_EXHAUSTED reaching a tool is one line with XLA's first
+    line and the advice that applies (cli.exhausted, in cli.run), exit status 1."""
+    from llmjax.cli import exhausted, out_of_memory
+
+    for words in ["RESOURCE_EXHAUSTED: Out of memory while trying to allocate 285212672 bytes.",
+                  "RESOURCE_EXHAUSTED: Failed to allocate request for 32.00MiB (33554432B) on device ordinal 0",
+                  "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 49.34G of 32.00G hbm.",
+                  "RESOURCE_EXHAUSTED: cuMemAllocAsync failed: CUDA_ERROR_OUT_OF_MEMORY: out of memory"]:
+        assert out_of_memory(RuntimeError(words)) is not None and exhausted(RuntimeError(words)) is None, words
+    assert exhausted(RuntimeError(POOL)) == ("XLA ran out of a resource (RESOURCE_EXHAUSTED): " + POOL.split(": ", 1)[1][:-1] + "; more calls "
+                                             "of one compiled program were in flight at once than XLA:GPU keeps room for; this is not memory "
+                                             "running short: report it with the command that gave it")
+    assert exhausted(RuntimeError(PTX)).endswith("needs more of the GPU's registers or shared memory than it has, which a smaller batch "
+                                                 "may not change: try another kernel (e.g. --config.model.attention_impl=xla), or report it "
+                                                 "with XLA's words")
+    assert exhausted(RuntimeError(FILES)) == ("XLA ran out of a resource (RESOURCE_EXHAUSTED): could not open /tmp/jax-cache/x: Too many "
+                                              "open files; the process may open no more files: raise its limit (ulimit -n) and run again")
+    assert exhausted(RuntimeError("RESOURCE_EXHAUSTED: something else")).endswith(
+        "something else; it is not device memory, so a smaller batch may not help; XLA's words name what ran out")
+    assert exhausted(RuntimeError("INTERNAL: a kernel failed")) is None
+    # a tool: llmjax.sample, whose checkpoint load raises each (it said 'out of device memory decoding ...' for all)
+    script = tmp_path / "sample_raises.py"
+    script.write_text("import json, os, jax, llmjax.sample as S\nfrom absl import flags\nfrom llmjax import cli\n"
+                      "def load(*a, **k):\n    raise jax.errors.JaxRuntimeError(json.loads(os.environ['WORDS'])[flags.FLAGS.prompt])\n"
+                      "S.load = load\nS.define_flags()\ncli.run(S.main)\n")
+    import os
+
+    words = {"pool": POOL, "oom": "RESOURCE_EXHAUSTED: Out of memory allocating 42 bytes."}
+    runs = cli_cases(str(script), [["--checkpoint=runs/x", f"--prompt={k}"] for k in words], env={**os.environ, "WORDS": json.dumps(words)})
+    got = dict(zip(words, runs))
+    r = got["pool"]
+    assert (r.returncode, r.stderr) == (1, "error: " + exhausted(RuntimeError(POOL)) + "\n"), r.stderr[-2000:]
+    r = got["oom"]
+    assert r.returncode == 2 and r.stderr.startswith("error: out of device memory decoding") and r.stderr.count("\n") == 1, r.stderr[-2000:]
 
 
 def test_hellaswag_suite_scores_items(monkeypatch):
