@@ -38,7 +38,9 @@
 # architectures in GPU_CHECK_SWEEP_ARCHS; for moe: block sizes, capacity mode, dense experts; for
 # ssm: scan chunk lengths, remat, and without the convolution).
 #
-# Missing Python packages are installed from ./.whl (or GPU_CHECK_WHEELS) when present: see
+# Relative paths in OUTDIR, GPU_CHECK_WHEELS, GPU_CHECK_ANCHORS, LLMJAX_TASK_DIR, NANOGPT_SRC,
+# LLMJAX_COMPILATION_CACHE and PYTHON are from the folder the script is run in (env.txt names them resolved).
+# Missing Python packages are installed from the repository's .whl (or GPU_CHECK_WHEELS) when present: see
 # scripts/gpu_carry.sh. OUTDIR receives at most seven files, since a lent machine returns only eight:
 # env.txt, steps.log (each step's status, time and summary), bench.jsonl, bench_table.md, bench.err,
 # logs.tgz (every log and JUnit XML, refreshed after each step) and traces.tgz (the profiler's
@@ -50,6 +52,12 @@ out="${1:?usage: scripts/gpu_check.sh OUTDIR [--sweep]}"
 mode="${2:-default}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"  # (before the cd below: a relative OUTDIR is where the command was run)
+# so are relative paths in these variables (their defaults, .whl and ../shared/anchors, are the repository's)
+for v in GPU_CHECK_WHEELS GPU_CHECK_ANCHORS LLMJAX_TASK_DIR NANOGPT_SRC LLMJAX_COMPILATION_CACHE PYTHON; do
+  value="${!v:-}"
+  [ "$v" = PYTHON ] && [[ "$value" != */* ]] && continue  # (a command name, looked up in PATH)
+  [ -n "$value" ] && [[ "$value" != /* ]] && export "$v=$PWD/$value"
+done
 cd "$(dirname "$0")/.."
 work="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"
 traces="$work.traces"
@@ -75,6 +83,7 @@ export LLMJAX_COMPILATION_CACHE="${LLMJAX_COMPILATION_CACHE:-/tmp/llmjax-jax-cac
   timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
   timeout 60 "$py" -c 'import jax, flax, optax, orbax.checkpoint as o, grain, ml_collections; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, "orbax", o.__version__, "grain", grain.__version__, jax.devices())'
   echo "mode $mode, variant $variant, budget ${budget}s"
+  echo "wheels $(realpath -m "$wheels"), task dir ${LLMJAX_TASK_DIR:-(unset)}, nanoGPT ${NANOGPT_SRC:-(unset)}, anchors $(realpath -m "${GPU_CHECK_ANCHORS:-../shared/anchors}")"
 } 2>&1 | tee "$out/env.txt"
 
 left() { echo $((budget - (SECONDS - start))); }

@@ -437,10 +437,15 @@ def test_gpu_check_script_on_cpu(tmp_path):
     assert "bench gqa (short)" in steps and "bench gqa (short) (limit 100s)\n   ok in" in steps and "modern" not in steps
     assert "| gqa | 16 |" in (out / "bench_table.md").read_text() and "model.attention_impl=xla" in (out / "bench_table.md").read_text()
 
-    r = _gpu_check(tmp_path, GPU_CHECK_BUDGET="25")
+    # relative paths in its variables are from the folder it runs in, as OUTDIR's (they were from the repository's)
+    for d in ("wheels", "tasks", "nano"):
+        (tmp_path / d).mkdir()
+    r = _gpu_check(tmp_path, GPU_CHECK_BUDGET="25", GPU_CHECK_WHEELS="wheels", LLMJAX_TASK_DIR="tasks", NANOGPT_SRC="nano")
     assert r.returncode == 1
     steps = (out / "steps.log").read_text()
     assert "SKIP bench vanilla training (full) (out of time" in steps and "ok in" not in steps
+    assert f"wheels {tmp_path}/wheels, task dir {tmp_path}/tasks, nanoGPT {tmp_path}/nano, anchors {(ROOT.parent / 'shared' / 'anchors').resolve()}\n" in (
+        out / "env.txt").read_text()
 
 
 def test_steps_zero_compiles_without_running():
