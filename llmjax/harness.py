@@ -9,7 +9,8 @@
   batches padded to length buckets, one jitted forward per bucket; a score never depends on the
   batch size beyond float rounding);
 - `generate_until`: the jitted KV-cache sampler (llmjax.sample), greedy unless the request asks to
-  sample; the text is cut at the first stop string, and at most `max_gen_toks` tokens are drawn.
+  sample, then with its temperature, top_p and top_k, top_k 50 where it gives none (as lm-eval's HF
+  model samples: Hugging Face's default; 0 is every token); the text is cut at the first stop string, and at most `max_gen_toks` tokens are drawn.
   As lm-eval's HF model does, a prompt keeps its last `context_len - max_gen_toks` tokens.
 
 Needs the `eval` extra (lm-eval). `python -m llmjax.evaluate` is the command line.
@@ -62,6 +63,24 @@ def check_model_args(unknown: dict, *, model, checkpoint, checkpoint_path, which
                              "(build or load it in the dtype you want, or pass checkpoint= instead of model=)")
     elif checkpoint and checkpoint_path and str(checkpoint) != str(checkpoint_path):
         raise ValueError(f"checkpoint={checkpoint} and checkpoint_path={checkpoint_path} name two runs; give one")
+
+
+# Hugging Face `generate`'s top_k where neither the call nor the model's generation_config.json sets
+# one (transformers' GenerationConfig default), which lm-eval's HF model samples with
+HF_DEFAULT_TOP_K = 50
+
+
+def task_sampling(gen_kwargs: dict) -> Sampling:
+    """The sampler's settings for a generate_until request's (normalised) arguments, as lm-eval's HF
+    model's `generate` call reads them: greedy unless do_sample and a temperature > 0; then that
+    temperature, top_p (default 1), and top_k, default 50 where the task gives none (Hugging Face's
+    default; 0: every token). A top_p out of (0, 1] or a negative top_k is refused by Sampling."""
+    temperature = float(gen_kwargs.get("temperature") or 0.0)
+    if not (gen_kwargs.get("do_sample") and temperature > 0):
+        return Sampling(greedy=True)
+    top_k, top_p = gen_kwargs.get("top_k"), gen_kwargs.get("top_p")
+    return Sampling(temperature=temperature, top_k=HF_DEFAULT_TOP_K if top_k is None else int(top_k) or None,
+                    top_p=1.0 if top_p is None else float(top_p))
 
 
 @register_model("llmjax")
@@ -147,13 +166,7 @@ class LlmjaxLM(TemplateLM):
             kwargs = normalize_gen_kwargs(dict(requests[idx[0]].args[1]), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen = int(kwargs.pop("max_gen_toks"))
-            temperature = float(kwargs.get("temperature") or 0.0)
-            # (as lm-eval's HF model passes them to `generate`; top_k 0 or absent: all tokens; a top_p
-            # out of (0, 1] is refused by Sampling)
-            top_p = kwargs.get("top_p")
-            sampling = Sampling(temperature=temperature, top_k=int(kwargs.get("top_k") or 0) or None,
-                                top_p=1.0 if top_p is None else float(top_p)) \
-                if kwargs.get("do_sample") and temperature > 0 else Sampling(greedy=True)
+            sampling = task_sampling(kwargs)
             keep = max(self.max_length - max_gen, 1)
             if max_gen >= self.max_length:  # (lm-eval's HF model refuses this; here the prompts keep one token)
                 warnings.warn(f"max_gen_toks={max_gen} fills the model's whole context of {self.max_length}: each prompt keeps only "

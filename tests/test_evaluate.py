@@ -312,6 +312,32 @@ def test_metrics_edge_cases_are_lm_evals():
 # --- the harness model: rolling and generation -------------------------------------------------------
 
 
+def test_harness_samples_as_lm_evals_hf_model(bpe_model, monkeypatch):
+    """A generate_until request that samples without a top_k drew from the whole vocabulary; lm-eval's
+    HF model passes its arguments to Hugging Face's `generate`, whose top_k is then 50 (transformers'
+    GenerationConfig default, where the model's generation_config.json sets none, as GPT-2's): so it
+    is 50 here, 0 every token, and greedy unless the request samples at a temperature > 0."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    import llmjax.harness as H
+    from llmjax.sample import Sampling
+
+    m, tok = bpe_model
+    lm = H.LlmjaxLM(model=m, tokenizer=tok, batch_size=3)
+    seen = []
+    monkeypatch.setattr(H, "generate", lambda model, prompts, n, *, sampling, **kw: seen.append(sampling) or [[] for _ in prompts])
+    cases = [({"do_sample": True, "temperature": 0.7}, Sampling(temperature=0.7, top_k=50)),
+             ({"do_sample": True, "temperature": 1.0, "top_k": 0}, Sampling(temperature=1.0, top_k=None)),
+             ({"do_sample": True, "temperature": 1.0, "top_k": 5, "top_p": 0.9}, Sampling(temperature=1.0, top_k=5, top_p=0.9)),
+             ({"do_sample": True}, Sampling(greedy=True)), ({"temperature": 0.0}, Sampling(greedy=True)),
+             ({"do_sample": False, "temperature": 1.0}, Sampling(greedy=True))]
+    for args, want in cases:
+        seen.clear()
+        lm.generate_until([Instance("generate_until", {}, ("A prompt", {"until": ["x"], "max_gen_toks": 3, **args}), 0)], disable_tqdm=True)
+        assert seen == [want], (args, seen)
+
+
 def test_harness_rolling_and_generate_until(bpe_model):
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
