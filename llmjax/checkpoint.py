@@ -216,13 +216,14 @@ def unreadable(directory: Path, step: int, e: BaseException, hint: tuple[str, st
 
 def _device_memory(e: BaseException | None) -> str | None:
     """XLA's words where `e` or an error it was raised from or during is a failed device allocation
-    ('Out of memory while trying to allocate N bytes.'), else None."""
+    ('Out of memory while trying to allocate N bytes.', `cli.out_of_memory`), else None."""
+    from llmjax.cli import out_of_memory  # (XLA's words, as every tool reads them)
+
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        found = re.search(r"(?i)out of memory[^\n]*", str(e))
-        if found is not None:
-            return " ".join(found.group(0).split())[:200]
+        if (found := out_of_memory(e)) is not None:
+            return found
         e = e.__cause__ or e.__context__
     return None
 

@@ -292,7 +292,9 @@ def test_a_damaged_step_record_is_one_warning_line(tmp_path, capfd, caplog):
                                       "does without\n")
 
 
-def test_a_restore_out_of_device_memory_is_not_called_damaged(tmp_path, monkeypatch):
+@pytest.mark.parametrize("words", ["Out of memory while trying to allocate 1610612736 bytes.",
+                                   "Failed to allocate request for 1.50GiB (1610612736B) on device ordinal 0"])
+def test_a_restore_out_of_device_memory_is_not_called_damaged(tmp_path, monkeypatch, words):
     """A restore that runs out of device memory (a smaller GPU, another process holding memory) is
     said to be that, with what to do: it said the checkpoint 'cannot be restored' and to move it aside,
     losing a good checkpoint. Orbax raises XLA's error from within its own (here, as it does, chained)."""
@@ -303,14 +305,13 @@ def test_a_restore_out_of_device_memory_is_not_called_damaged(tmp_path, monkeypa
 
     def restore(self, step, args=None):
         try:
-            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1610612736 bytes.")
+            raise jax.errors.JaxRuntimeError(f"RESOURCE_EXHAUSTED: {words}")
         except jax.errors.JaxRuntimeError as e:
             raise ValueError("Failed to restore item 'state'") from e
 
     monkeypatch.setattr(ocp.CheckpointManager, "restore", restore)
     with pytest.raises(CheckpointError) as e:
         Checkpointer(tmp_path / "ckpt").restore(2, target)
-    assert str(e.value) == (f"checkpoint {tmp_path / 'ckpt'}/2 is not damaged, but restoring it ran out of device memory (Out of memory "
-                            "while trying to allocate 1610612736 bytes.); free the device's memory (another process may hold it) or use "
-                            "one with more, or shard the state over more devices (train.mesh)")
+    assert str(e.value) == (f"checkpoint {tmp_path / 'ckpt'}/2 is not damaged, but restoring it ran out of device memory ({words}); free "
+                            "the device's memory (another process may hold it) or use one with more, or shard the state over more devices (train.mesh)")
     assert (tmp_path / "ckpt" / "2").is_dir()
