@@ -13,6 +13,8 @@
 #   then, on the machine, with .whl and .task carried:
 #   LLMJAX_TASK_DIR=.task bash scripts/gpu_check.sh "$OUT"
 set -euo pipefail
+# (a relative LLMJAX_TASK_DIR is from the folder the script is run in, as in gpu_check.sh)
+[ -n "${LLMJAX_TASK_DIR:-}" ] && [[ "$LLMJAX_TASK_DIR" != /* ]] && LLMJAX_TASK_DIR="$PWD/$LLMJAX_TASK_DIR"
 cd "$(dirname "$0")/.."
 py="${PYTHON:-python3}"
 pin() { # NAME -> NAME==VERSION from constraints.txt

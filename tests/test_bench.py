@@ -375,7 +375,8 @@ def test_gpu_carry_script_asks_pip_for_the_pinned_wheels(tmp_path):
     """scripts/gpu_carry.sh asks pip for constraints.txt's pins of the packages the GPU machine's image
     lacks, as wheels for CPython 3.12, into .whl (pip stubbed here: no network), in a checkout whose
     .git is a file (a `git worktree`'s): there it failed, writing .git/info/exclude (set -e), before
-    fetching anything; .whl and .task are git-ignored by .gitignore instead."""
+    fetching anything; .whl and .task are git-ignored by .gitignore instead. A relative LLMJAX_TASK_DIR
+    is from the folder it runs in (it was from the repository's)."""
     import os
     import shutil
 
@@ -387,7 +388,10 @@ def test_gpu_carry_script_asks_pip_for_the_pinned_wheels(tmp_path):
     stub = tmp_path / "python"
     stub.write_text('#!/bin/sh\necho "$@" >"$STUB_ARGS"\n')
     stub.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(stub), "STUB_ARGS": str(tmp_path / "args"), "LLMJAX_TASK_DIR": str(tmp_path / "none")}
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "hellaswag_val.jsonl").write_text("items\n")
+    # (LLMJAX_TASK_DIR relative to where the command runs, not to the repository)
+    env = {**os.environ, "PYTHON": str(stub), "STUB_ARGS": str(tmp_path / "args"), "LLMJAX_TASK_DIR": "tasks"}
     r = subprocess.run(["bash", str(repo / "scripts" / "gpu_carry.sh")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     args = (tmp_path / "args").read_text().split()
@@ -395,7 +399,7 @@ def test_gpu_carry_script_asks_pip_for_the_pinned_wheels(tmp_path):
     assert args[args.index("--python-version") + 1] == "3.12" and args[args.index("-d") + 1] == ".whl"
     pins = {line.split("==")[0].lower(): line for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line}
     assert [a for a in args if "==" in a] == [pins[n] for n in ("grain", "array_record", "portpicker", "ml_collections", "gguf", "cloudpickle")]
-    assert (repo / ".whl").is_dir() and (repo / ".task").is_dir()
+    assert (repo / ".whl").is_dir() and (repo / ".task" / "hellaswag_val.jsonl").read_text() == "items\n"
     assert {"/.whl/", "/.task/"} <= set((ROOT / ".gitignore").read_text().splitlines())
 
 
