@@ -676,6 +676,10 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
     if start > tcfg.max_steps:
         raise ConfigError(f"{workdir} holds a run at step {start}, past train.max_steps={tcfg.max_steps}; "
                           f"set --config.train.max_steps={start} or more to continue it, or use another --workdir")
+    end = max(start, tcfg.max_steps if not tcfg.stop_at_step else min(tcfg.stop_at_step, tcfg.max_steps))
+    # nothing to run (a finished run again, or one at its stop_at_step): its config.json keeps the
+    # settings its steps trained with, and no W&B run is resumed with settings that trained nothing
+    idle = start == end
     if start and old_cfg is not None:
         old_data = old_cfg.get("data", {}).get("dataset")
         if old_data is not None and old_data != resolved["data"]["dataset"]:
@@ -702,7 +706,7 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
         """Say which settings the resume changed and, where they move the learning rate of step
         start + 1, from what to what: the schedules read at `count`, the updates the restored
         optimizer has applied (fewer than `start` where dynamic loss scaling skipped steps)."""
-        if not changed:
+        if not changed or idle:  # (nothing follows them: no step runs)
             return
         if jump := schedule_jump(train_settings(old_cfg), tcfg, start, count):
             say(f"resuming with changed settings: {'; '.join(changed)}; {jump}")
@@ -811,7 +815,8 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
     metrics_path = workdir / "metrics.jsonl"
     history = []
     if lead:
-        data_lib.atomic_write_json(saved_cfg, resolved)
+        if not (idle and saved_cfg.is_file()):
+            data_lib.atomic_write_json(saved_cfg, resolved)
         data_lib.atomic_write_json(workdir / "tokenizer.json", tokenizer.description())
         if metrics_path.is_file():  # keep what the restored checkpoint covers; later steps are redone
             for line in metrics_path.read_text().splitlines():
@@ -827,8 +832,7 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
     summary = summarize(mcfg)
     peak = peak_flops(mesh.devices.flat[0], tcfg.peak_flops_per_device)
     tokens_per_step = micro * accum * T
-    end = max(start, tcfg.max_steps if not tcfg.stop_at_step else min(tcfg.stop_at_step, tcfg.max_steps))
-    wandb_run = _wandb_init(cfg, workdir) if (cfg.logging.wandb and lead) else None
+    wandb_run = _wandb_init(cfg, workdir) if (cfg.logging.wandb and lead and not idle) else None
     bar = _progress(start, tcfg.max_steps, enabled=cfg.logging.progress_bar and lead and not quiet)
     metrics_file = open(metrics_path, "a") if lead else None
     last_good = start

@@ -1517,3 +1517,27 @@ def test_a_run_stopped_at_stop_at_step_says_where_it_stands(tmp_path, capsys):
     assert out[-1].startswith("nothing to run: the run is at step 3 (train.stop_at_step=3 of train.max_steps=6)"), out
     run = train(cfg("vanilla", train__max_steps=6), workdir, quiet=False)
     assert run.final and "stop_at_step" not in capsys.readouterr().out.split("resumed from")[-1]
+
+
+def test_a_rerun_with_nothing_to_run_keeps_the_runs_config_and_starts_no_wandb_run(tmp_path, monkeypatch, capsys):
+    """A finished run (or one at its stop_at_step) run again with other settings trains nothing; it
+    rewrote config.json with them (a record of settings no step trained with: the next resume's
+    learning-rate jump was then said from the wrong rate, and llmjax.compare or plot read them as the
+    run's), said they applied from the next step, and resumed the W&B run with them."""
+    import llmjax.train as T
+
+    started = []
+    monkeypatch.setattr(T, "_wandb_init", lambda cfg, workdir: started.append(workdir))
+    workdir = tmp_path / "run"
+    train(cfg("vanilla", train__max_steps=6, train__stop_at_step=3), workdir, quiet=True)
+    before = {n: (workdir / n).read_bytes() for n in ("config.json", "metrics.jsonl")}
+    for over in (dict(train__max_steps=6, train__stop_at_step=3, train__lr=0.5), dict(train__max_steps=3, train__beta2=0.9)):
+        run = train(cfg("vanilla", logging__wandb=True, **over), workdir, quiet=False)
+        assert run.step == 3 and not started
+        assert {n: (workdir / n).read_bytes() for n in before} == before
+        assert "resuming with changed settings" not in capsys.readouterr().out
+    # resumed for real: the jump is from the rate the schedule it trained with (max_steps 6) gives
+    train(cfg("vanilla", train__max_steps=7, train__stop_at_step=4), workdir, quiet=False)
+    out = capsys.readouterr().out
+    old = float(T.lr_schedule(cfg("vanilla", train__max_steps=6).train)(3))
+    assert "train.max_steps (6 -> 7); train.stop_at_step (3 -> 4);" in out and f"jumps from {old:.4g} to" in out, out
