@@ -5,7 +5,8 @@ An argument is a training run directory (its `metrics.jsonl`) or a folder of run
 architecture's seeds under `python -m llmjax.compare`'s output): a folder's runs are drawn as their
 mean, with a band from the lowest to the highest. Points are the periodic validation estimates
 (`val_loss`, and `val_loss_estimate` at the last step, so every point is the same kind of
-estimate); tokens = step x tokens per step (from the run's config.json); time = the sum of the
+estimate); tokens = the training tokens seen (metrics.jsonl's `tokens`; in rows written before it,
+step x tokens per step from the run's config.json); time = the sum of the
 training steps' wall time (evaluation and checkpointing excluded; the first steps include
 compilation).
 """
@@ -39,18 +40,19 @@ def read_run(path: Path) -> dict:
         raise PlotError(f"{path} is not a readable training run ({type(e).__name__}: {e}); pass run directories") from None
     t = config["train"]
     tokens_per_step = t["batch_size"] * t["grad_accum_steps"] * config["model"]["context_len"]
-    steps, seconds, losses, elapsed = [], [], [], 0.0
+    tokens, seconds, losses, elapsed = [], [], [], 0.0
     for m in lines:
         elapsed += m.get("step_time") or 0.0
         loss = m.get("val_loss_estimate", m.get("val_loss"))
         if loss is not None:
-            steps.append(m["step"])
+            # (the row's own count: a run resumed with another batch; rows written before it: step x tokens per step)
+            tokens.append(m.get("tokens", m["step"] * tokens_per_step))
             seconds.append(elapsed)
             losses.append(loss)
-    if not steps:
+    if not tokens:
         raise PlotError(f"{path} has no validation loss yet (eval.every_steps)")
     label = f"{config['model']['arch']}"
-    return {"tokens": np.asarray(steps, float) * tokens_per_step, "seconds": np.asarray(seconds), "val_loss": np.asarray(losses),
+    return {"tokens": np.asarray(tokens, float), "seconds": np.asarray(seconds), "val_loss": np.asarray(losses),
             "label": label, "config": config, "path": path}
 
 

@@ -812,6 +812,11 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
             state["params"] = jax.device_put(pretrained, state_shard["params"])
             say(f"initialised from {tcfg.init_from}")
 
+    # the training tokens seen before this process's first step: the data position (in global
+    # batches of this run's size, llmjax.data.train_batches) in windows, each T targets; right across
+    # a resume with another train.batch_size or grad_accum_steps, where step x tokens per step is not
+    tokens_before = int(dict(train_it.get_state())["next_index"]) * micro * accum * T
+
     metrics_path = workdir / "metrics.jsonl"
     history = []
     if lead:
@@ -874,8 +879,8 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
                     f"gradients themselves are inf or NaN (a lower train.lr, or train.loss_scale=none to stop at the first one); "
                     f"stopped. " + last
                 )
-            line = {"step": step, "train_loss": host["train_loss"], "lr": host["lr"], "grad_norm": None if skipped else host["grad_norm"],
-                    "tokens_per_sec": tokens_per_step / dt, "step_time": dt,
+            line = {"step": step, "tokens": tokens_before + (step - start) * tokens_per_step, "train_loss": host["train_loss"],
+                    "lr": host["lr"], "grad_norm": None if skipped else host["grad_norm"], "tokens_per_sec": tokens_per_step / dt, "step_time": dt,
                     "mfu": summary["flops_per_token"] * tokens_per_step / dt / (peak * n_dev) if peak else None}
             if "loss_scale" in host:
                 line["loss_scale"] = host["loss_scale"]

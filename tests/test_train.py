@@ -645,6 +645,12 @@ def test_a_resume_with_another_global_batch_continues_with_the_next_windows(tmp_
     with pytest.raises(ConfigError, match="not a whole number of batches of 16"):
         train(cfg("vanilla", train__batch_size=16), tmp_path / "run", devices=jax.devices()[:1], quiet=True)
     assert train(cfg("vanilla", train__batch_size=4, train__stop_at_step=5), tmp_path / "run", devices=jax.devices()[:1], quiet=True).step == 5
+    # every row counts the training tokens seen so far (3 steps of 8 windows, then of 4; 32 targets a
+    # window), and llmjax.plot draws step 4's estimate there: it took step x the new batch's tokens (512)
+    from llmjax.plot import read_run
+
+    assert losses(tmp_path / "run", "tokens") == {1: 256, 2: 512, 3: 768, 4: 896, 5: 1024}
+    assert read_run(tmp_path / "run")["tokens"].tolist() == [896.0]
 
 
 @pytest.mark.parametrize("limit,what", [(200_000, "checkpoint"), (1024, "config")])
