@@ -817,6 +817,8 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
     # a resume with another train.batch_size or grad_accum_steps, where step x tokens per step is not
     tokens_before = int(dict(train_it.get_state())["next_index"]) * micro * accum * T
 
+    # (before the run's files: W&B that cannot start, no API key say, is refused with nothing written)
+    wandb_run = _wandb_init(cfg, workdir) if (cfg.logging.wandb and lead and not idle) else None
     metrics_path = workdir / "metrics.jsonl"
     history = []
     if lead:
@@ -837,7 +839,6 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
     summary = summarize(mcfg)
     peak = peak_flops(mesh.devices.flat[0], tcfg.peak_flops_per_device)
     tokens_per_step = micro * accum * T
-    wandb_run = _wandb_init(cfg, workdir) if (cfg.logging.wandb and lead and not idle) else None
     bar = _progress(start, tcfg.max_steps, enabled=cfg.logging.progress_bar and lead and not quiet)
     metrics_file = open(metrics_path, "a") if lead else None
     last_good = start
@@ -1057,16 +1058,23 @@ def _wandb_init(cfg, workdir: Path):
     load_dotenv(Path.cwd() / ".env")
     id_file = workdir / "wandb_id.txt"
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
-    id_file.write_text(run_id)
-    return wandb.init(
-        project=os.environ.get("WANDB_PROJECT_NAME") or cfg.logging.wandb_project,
-        entity=os.environ.get("WANDB_ENTITY") or None,
-        name=workdir.name,
-        id=run_id,
-        resume="allow",
-        dir=str(workdir),
-        config=json.loads(cfg.to_json()),
-    )
+    try:
+        run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT_NAME") or cfg.logging.wandb_project,
+            entity=os.environ.get("WANDB_ENTITY") or None,
+            name=workdir.name,
+            id=run_id,
+            resume="allow",
+            dir=str(workdir),
+            config=json.loads(cfg.to_json()),
+        )
+    except wandb.errors.Error as e:  # (no API key, a refused one, W&B unreachable: its traceback, and the run's files left behind)
+        said = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(f"logging.wandb=True: Weights & Biases could not start ({type(e).__name__}: {said}); put WANDB_API_KEY in a "
+                          f".env file in the folder you run from (or run `wandb login`), or set WANDB_MODE=offline to log without "
+                          f"an account, or drop logging.wandb") from None
+    id_file.write_text(run_id)  # (once started: the next run continues this W&B run)
+    return run
 
 
 # --- command line ------------------------------------------------------------------------------

@@ -1034,6 +1034,23 @@ def test_wandb_offline(tmp_path, monkeypatch):
     assert offline, list((tmp_path / "run").rglob("*"))[:20]
 
 
+def test_wandb_that_cannot_start_is_one_line_and_leaves_no_workdir(tmp_path, monkeypatch):
+    """logging.wandb=True without an API key (not offline) was wandb's UsageError traceback, after the
+    run's config.json, tokenizer.json, metrics.jsonl and wandb_id.txt were written."""
+    wandb = pytest.importorskip("wandb")
+    wandb.teardown()  # (an offline run earlier in this process left W&B's settings offline)
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_CONFIG_DIR", "WANDB_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # (no ~/.netrc, no wandb settings)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)  # (no .env)
+    with pytest.raises(ConfigError, match=r"^logging\.wandb=True: Weights & Biases could not start \(UsageError: No API key configured\..*\); "
+                                          r"put WANDB_API_KEY in a \.env file .*WANDB_MODE=offline"):
+        train(cfg("vanilla", logging__wandb=True, train__max_steps=2), tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+    wandb.teardown()  # (nor this test's settings for a later one)
+
+
 def test_a_fresh_run_refused_after_its_workdir_was_made_leaves_no_folder(tmp_path, monkeypatch):
     """Refusals found after the workdir was made left it behind: an empty checkpoints/ folder
     (train.init_from weights that cannot be read), or config.json, tokenizer.json and an empty
