@@ -1002,13 +1002,17 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
                     emit(line)
             ckpt.wait()  # the last save's background write, with SIGTERM still caught (not killing the process mid-write)
     finally:
-        ckpt.close()
-        if metrics_file:
-            metrics_file.close()
-        if bar is not None:
-            bar.close()
-        if wandb_run is not None:
-            wandb_run.finish()
+        try:
+            ckpt.close()
+        finally:
+            if metrics_file:
+                metrics_file.close()
+            if bar is not None:
+                bar.close()
+            if wandb_run is not None:
+                # a run stopped by an error (a non-finite loss, a checkpoint that could not be written) is
+                # failed in W&B, not finished (exit code 0 as a run that ran to its end); a signal's stop is 0
+                wandb_run.finish(exit_code=1 if sys.exc_info()[0] is not None else 0)
 
     final = end == tcfg.max_steps
     if not final and not by_signal:  # train.stop_at_step: where the run stands and how it goes on (else a silent exit)

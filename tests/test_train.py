@@ -1082,18 +1082,24 @@ def test_wandb_rows_are_committed_at_once(tmp_path, monkeypatch):
     evaluation row (the resumed run logs from the checkpoint on)."""
     import llmjax.train as T
 
-    calls = []
+    calls, finished = [], []
 
     class FakeRun:
         def log(self, row, **kw):
             calls.append(kw)
 
-        def finish(self):
-            pass
+        def finish(self, exit_code=None):
+            finished.append(exit_code)
 
     monkeypatch.setattr(T, "_wandb_init", lambda cfg, workdir: FakeRun())
     train(cfg("vanilla", logging__wandb=True, train__max_steps=4, train__log_every_steps=1), tmp_path / "run", quiet=True)
     assert [c["step"] for c in calls] == [1, 2, 3, 4] and all(c.get("commit") is True for c in calls)
+    # a run stopped by an error is failed in W&B (it was finished, as one that ran to its end)
+    assert finished == [0]
+    with pytest.raises(TrainingError, match=r"non-finite at step 2 "):
+        train(cfg("vanilla", logging__wandb=True, train__lr=1e10, train__warmup_steps=5, train__checkpoint_every_steps=1, eval__every_steps=0),
+              tmp_path / "bad", quiet=True)  # (test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint's run)
+    assert finished == [0, 1]
 
 
 def test_checkpoints_keep_the_last_k_plus_the_best(tmp_path):
