@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -119,7 +120,8 @@ class Checkpointer:
             data=grain.checkpoint.CheckpointSave(data_iter),
             meta=ocp.args.JsonSave({**meta, "fingerprints": fingerprints(state)}),
         )
-        metrics = {"val_loss": float(val_loss)} if val_loss is not None else None
+        # (a NaN or inf loss is saved as no metric: Orbax would rank a NaN among the numbers, deleting the best step)
+        metrics = {"val_loss": float(val_loss)} if val_loss is not None and math.isfinite(val_loss) else None
         self.wait()  # the previous save's background write (a full or read-only disk: one line)
         try:
             self.manager.save(step, args=args, metrics=metrics, force=True)

@@ -292,6 +292,20 @@ def test_a_damaged_step_record_is_one_warning_line(tmp_path, capfd, caplog):
                                       "does without\n")
 
 
+def test_a_non_finite_validation_loss_never_displaces_the_best_checkpoint(tmp_path):
+    """A step whose validation loss is NaN (or inf) is saved as one without a metric: Orbax ranked the
+    NaN among the numbers (it compares as neither better nor worse), so with keep=1 the best step (2,
+    loss 1.0) was deleted and best_step() named a worse one."""
+    it = iter(grain.MapDataset.range(10).to_iter_dataset())
+    ckpt = Checkpointer(tmp_path / "ckpt", keep=1)
+    state = {"params": {"w": np.ones((4, 8), np.float32)}}
+    for step, loss in enumerate([3.0, 1.0, float("nan"), 4.0, float("inf"), 5.0], start=1):
+        ckpt.save(step, state, it, {"step": step}, val_loss=loss)
+    ckpt.close()
+    again = Checkpointer(tmp_path / "ckpt")
+    assert (again.best_step(), again.all_steps()) == (2, [2, 6])
+
+
 @pytest.mark.parametrize("words", ["Out of memory while trying to allocate 1610612736 bytes.",
                                    "Failed to allocate request for 1.50GiB (1610612736B) on device ordinal 0"])
 def test_a_restore_out_of_device_memory_is_not_called_damaged(tmp_path, monkeypatch, words):
