@@ -35,6 +35,7 @@ import concurrent.futures as cf
 from concurrent.futures.process import BrokenProcessPool
 import hashlib
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -56,6 +57,7 @@ from absl import flags
 from llmjax import data as D
 from llmjax import tokenize_worker
 from llmjax import tokenizer as tok
+from llmjax.runtime import logger_level
 
 EOT_TEXT = "<|endoftext|>"
 SHARD_TOKENS = 100_000_000
@@ -320,15 +322,18 @@ def hub_sources(name: str) -> list[Source]:
         raise PrepareError("downloading needs huggingface_hub: bash scripts/setup.sh prepare (or give local files with --source)") from None
     spec = HUB[name]
     files = spec["files"]
-    if files is None:
-        listing = _retry(lambda: HfApi().list_repo_files(spec["repo_id"], repo_type="dataset"), spec["repo_id"], retries_itself=True)
-        files = {None: sorted(f for f in listing if f.startswith(spec["prefix"]) and f.endswith(".parquet"))}
-    out = []
-    for split, names in files.items():
-        for fname in names:
-            path = _retry(lambda f=fname: hf_hub_download(spec["repo_id"], f, repo_type="dataset"), f"{spec['repo_id']}/{fname}",
-                          retries_itself=True)
-            out.append(Source(Path(path), split))
+    # huggingface_hub's logger held to errors: offline, each of its own tries was a warning line on
+    # stderr, twice (its handler's and absl's), a dozen lines before our one-line error
+    with logger_level("huggingface_hub", logging.ERROR):
+        if files is None:
+            listing = _retry(lambda: HfApi().list_repo_files(spec["repo_id"], repo_type="dataset"), spec["repo_id"], retries_itself=True)
+            files = {None: sorted(f for f in listing if f.startswith(spec["prefix"]) and f.endswith(".parquet"))}
+        out = []
+        for split, names in files.items():
+            for fname in names:
+                path = _retry(lambda f=fname: hf_hub_download(spec["repo_id"], f, repo_type="dataset"), f"{spec['repo_id']}/{fname}",
+                              retries_itself=True)
+                out.append(Source(Path(path), split))
     return out
 
 

@@ -526,6 +526,40 @@ def test_hub_sources_list_download_and_retry(monkeypatch, tmp_path, capsys):
     assert calls["offline"] == 1 and capsys.readouterr().err == ""
 
 
+def test_an_offline_hub_download_is_one_line(monkeypatch, capfd, caplog):
+    """`python -m llmjax.prepare tinystories` offline: huggingface_hub logs a warning for each of its
+    own tries (six in about 23 s, each twice: its handler's line and absl's), a dozen lines on the
+    terminal before our one-line error. The download holds the hub's logger to errors, and leaves
+    it as it was."""
+    import logging
+    import socket
+
+    import huggingface_hub
+    import huggingface_hub.utils._http as hub_http  # (its import gives the hub's logger its level and stderr handler)
+
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+
+    def offline(repo_id, filename, repo_type):  # (as the hub does: its _http module's warning, then the error)
+        hub_http.logger.warning(f"'[Errno -2] Name or service not known' thrown while requesting HEAD {repo_id}/{filename}")
+        try:
+            raise socket.gaierror(-2, "Name or service not known")
+        except socket.gaierror as e:
+            raise OSError("An error happened while trying to locate the file on the Hub") from e
+
+    class OfflineApi:
+        def list_repo_files(self, repo_id, repo_type):
+            offline(repo_id, "", repo_type)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
+    for name in ("tinystories", "fineweb_edu"):  # (a download; a listing)
+        with caplog.at_level(logging.WARNING), pytest.raises(P.PrepareError, match=r"^cannot download .*: no network .*--source$"):
+            P.hub_sources(name)
+        assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")], caplog.text
+        assert capfd.readouterr().err == "" and hub_log.level == level
+
+
 def test_prepare_again_repairs_a_dataset_whose_shards_are_missing_or_changed(tmp_path, docs):
     """The trainer says "prepare the dataset again" for a missing, truncated or changed shard: the
     same prepare command then writes it again (it used to answer "prepared" and change nothing)."""
