@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from absl import flags
 
 from llmjax import cli, downstream
 from llmjax.config import ConfigError
+from llmjax.runtime import logger_level
 from llmjax.sample import SampleError, load, resolve
 from llmjax.scoring import Scorer, ScoreError
 
@@ -188,9 +190,12 @@ def run_harness(
         try:
             start = time.perf_counter()
             try:
-                out = lm_eval.simple_evaluate(
-                    model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=False,
-                )
+                # huggingface_hub's logger held to errors: offline, each of its tries for a task's data
+                # was a warning line on stderr, twice (its handler's and absl's), before our one line
+                with logger_level("huggingface_hub", logging.ERROR):
+                    out = lm_eval.simple_evaluate(
+                        model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=False,
+                    )
             except ConnectionError as e:  # (`datasets`: a task's data is on the hub, which cannot be reached)
                 hub = [t for t in tasks if t not in local]
                 whose = "that task's" if len(hub) == 1 else "those tasks'"

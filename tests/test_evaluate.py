@@ -729,6 +729,38 @@ def test_cli_errors_are_one_line(bpe_run, tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: no such run") and r.stderr.count("\n") == 1, r.stderr
 
 
+def test_an_offline_hub_task_is_one_line(bpe_model, monkeypatch, capfd, caplog):
+    """The harness on a task whose data is on the hub, offline: huggingface_hub logged a warning for
+    each of its tries (six in about 23 s, each twice: its handler's line and absl's), 22 lines on the
+    terminal before our one-line error. Scoring holds the hub's logger to errors, and leaves it as it was."""
+    pytest.importorskip("lm_eval")
+    import logging
+
+    import huggingface_hub.utils._http as hub_http  # (its import gives the hub's logger its level and stderr handler)
+    import lm_eval
+    import lm_eval.tasks
+
+    class Tasks:  # (lm-eval's own index of every task takes seconds to build)
+        all_tasks = ["arc_challenge"]
+
+        def __init__(self, include_path=None):
+            pass
+
+    def offline(**kw):  # (as `datasets` does through the hub: its _http module's warning, then the error)
+        hub_http.logger.warning("'[Errno -2] Name or service not known' thrown while requesting HEAD .../ai2_arc/resolve/main/README.md")
+        raise ConnectionError("Couldn't reach 'allenai/ai2_arc' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Tasks)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    m, tok = bpe_model
+    with caplog.at_level(logging.WARNING), pytest.raises(E.EvalError, match=r"^arc_challenge: Couldn't reach .* \(local files\)$"):
+        E.run_harness(types.SimpleNamespace(model=m, tokenizer=tok), ["arc_challenge"], batch_size=2, limit=2, task_dir=FIXTURES)
+    assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")], caplog.text
+    assert capfd.readouterr().err == "" and hub_log.level == level
+
+
 def test_a_task_named_twice_is_scored_once(bpe_model, monkeypatch):
     """`--scorer=fast --tasks hellaswag,hellaswag` scored HellaSwag twice (twice the time; the JSON held
     it once), where the harness scores it once."""
