@@ -384,21 +384,36 @@ def _fmt(v, kind=""):
     return f"{v:,.0f}"
 
 
-def table(rows: list[dict], command: str) -> str:
-    decoded = [r for r in rows if "error" not in r and r.get("decode_prompt_len") is not None]  # (rows the decode suite ran in)
+def table(rows: list[dict], command: str, suites=None) -> str:
+    """The markdown table of `rows`, with the columns of the `suites` measured (default: those the
+    rows hold figures of): no training columns of dashes after `--suite decode`, and the hellaswag
+    suite's items/s where it ran."""
+    ok = [r for r in rows if "error" not in r]
+    if suites is None:
+        suites = {s for s, key in (("train", "train_tokens_per_sec"), ("memory", "compiled_memory_bytes"), ("decode", "decode_prompt_len"))
+                  if any(r.get(key) is not None for r in ok)}
+        suites |= {"hellaswag"} if any("hellaswag_items_per_sec" in r or "hellaswag_error" in r for r in ok) else set()
+    decoded = [r for r in ok if r.get("decode_prompt_len") is not None]  # (rows the decode suite ran in)
     b = sorted({int(k.rsplit("_b", 1)[1]) for r in decoded for k in r if k.startswith("decode_tokens_per_sec_b")})
-    head = ["arch", "params (active)", "batch", "train tok/s", "MFU", "peak GB", "compiled GB"]
-    head += [f"decode tok/s b{x} (greedy / top-k)" for x in b] + ["decode state (bf16, full context)"]
+    # (column, its cell in a row); the training batch with the train or memory suite, as a row's batch_size
+    cols = [("batch", lambda r: _fmt(r["batch_size"]))] if {"train", "memory"} & set(suites) else []
+    if "train" in suites:
+        cols += [("train tok/s", lambda r: _fmt(r["train_tokens_per_sec"])), ("MFU", lambda r: _fmt(r["mfu"], "pct"))]
+    if "memory" in suites:
+        cols += [("peak GB", lambda r: _fmt(r["peak_memory_bytes"], "gb")), ("compiled GB", lambda r: _fmt(r["compiled_memory_bytes"], "gb"))]
+    cols += [(f"decode tok/s b{x} (greedy / top-k)",
+              lambda r, x=x: "decode failed" if "decode_error" in r else
+              f"{_fmt(r.get(f'decode_tokens_per_sec_b{x}'))} / {_fmt(r.get(f'decode_sampled_tokens_per_sec_b{x}'))}") for x in b]
+    if "hellaswag" in suites:
+        cols += [("HellaSwag items/s", lambda r: "hellaswag failed" if "hellaswag_error" in r else _fmt(r.get("hellaswag_items_per_sec")))]
+    head = ["arch", "params (active)"] + [c for c, _ in cols] + ["decode state (bf16, full context)"]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |"]
     for r in rows:
         if "error" in r:  # (a row that failed: its message, the rest empty)
             cells = [f"`{r['arch']}`", "failed: " + r["error"][:160].replace("|", "/")] + ["-"] * (len(head) - 2)
             lines.append("| " + " | ".join(cells) + " |")
             continue
-        cells = [f"`{r['arch']}`", _fmt(r["params_active"], "m"), _fmt(r["batch_size"]), _fmt(r["train_tokens_per_sec"]),
-                 _fmt(r["mfu"], "pct"), _fmt(r["peak_memory_bytes"], "gb"), _fmt(r["compiled_memory_bytes"], "gb")]
-        cells += ["decode failed" if "decode_error" in r else
-                  f"{_fmt(r.get(f'decode_tokens_per_sec_b{x}'))} / {_fmt(r.get(f'decode_sampled_tokens_per_sec_b{x}'))}" for x in b]
+        cells = [f"`{r['arch']}`", _fmt(r["params_active"], "m")] + [cell(r) for _, cell in cols]
         cells.append(f"{r['decode_state_bytes'] / 2**20:.2f} MiB")
         lines.append("| " + " | ".join(cells) + " |")
     r0 = next((r for r in rows if "error" not in r), None)
@@ -637,7 +652,7 @@ def main(argv):
                  + ", the last one up to where it stopped",
                  code=128 + _signal["got"])
     command = recorded_command(sys.argv)
-    block = table(rows, command)
+    block = table(rows, command, suites)
     if not F.json:
         print(block.replace(BEGIN + "\n", "").replace("\n" + END, ""))
         if F.profile:

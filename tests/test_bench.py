@@ -80,6 +80,32 @@ def test_the_table_names_only_what_was_measured(row):
     assert "| `modern` | " in both and "| 4 | " in both and " - / - |" in both
 
 
+def test_the_table_has_the_columns_of_the_suites_measured(row):
+    """`--suite hellaswag` printed a table of training, memory and decode columns, all dashes, and
+    no column for the items/s it measured (only `--json` had them); `--suite decode` had training
+    and memory columns of dashes. Each suite's columns now appear where it ran, and only there."""
+    nulls = {k: None for k in ("batch_size", "train_tokens_per_sec", "step_time_ms", "mfu", "peak_memory_bytes", "compiled_memory_bytes")}
+    no_decode = {k: None for k in row if k.startswith("decode_") and k.endswith(("_b1", "_b3", "_len", "_tokens"))}
+    train_cols = ("| batch |", "train tok/s", "MFU", "peak GB", "compiled GB")
+    decode = bench.table([{**row, **nulls}], "cmd")
+    assert "decode tok/s b1 (greedy / top-k)" in decode and not any(c in decode for c in train_cols), decode
+    hella = {**row, **nulls, **no_decode, "hellaswag_items_per_sec": 123.4, "hellaswag_items": 16}
+    for block in (bench.table([hella], "cmd"), bench.table([hella], "cmd", {"hellaswag"})):
+        head, _, cells = block.splitlines()[3:6]
+        assert head == "| arch | params (active) | HellaSwag items/s | decode state (bf16, full context) |", block
+        assert cells.split(" | ")[2] == "123", block
+    failed = bench.table([{**hella, "hellaswag_error": "boom"}], "cmd")
+    assert "| hellaswag failed |" in failed
+    # every suite: every column (the hellaswag and decode suites run into the last row)
+    full = bench.table([{**row, "batch_size": 4}, {**row, "hellaswag_items_per_sec": 9.0}], "cmd", {"train", "memory", "decode", "hellaswag"})
+    head = full.splitlines()[3]
+    assert head == ("| arch | params (active) | batch | train tok/s | MFU | peak GB | compiled GB | decode tok/s b1 (greedy / top-k) | "
+                    "decode tok/s b3 (greedy / top-k) | HellaSwag items/s | decode state (bf16, full context) |"), head
+    assert [len(line.split(" | ")) for line in full.splitlines()[3:7]] == [11] * 4
+    mem = bench.table([{**row, **no_decode, "train_tokens_per_sec": None, "mfu": None}], "cmd")  # (--suite memory --steps 0)
+    assert "| batch | peak GB | compiled GB |" in mem and "train tok/s" not in mem
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "llmjax.bench", *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
 
