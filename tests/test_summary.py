@@ -98,3 +98,27 @@ def test_variant_with_a_config_is_refused_not_ignored():
                                         for form in ("--config", "-config")]):
         assert (r.returncode, r.stderr, r.stdout) == (2, "error: --variant is for --all; with --config put the variant in it: "
                                                          "--config configs/vanilla.py:tiny\n", ""), r.stderr
+
+
+def test_the_readmes_architecture_table_is_summarys():
+    """Every row of README.md's architecture table (all seven `default` configs, not only the four
+    DEFAULTS pins) says what `summarize` computes: total and non-embedding parameters, training
+    GFLOPs per token (active ones for the MoE) and the decode state (per token, or constant)."""
+    import re
+
+    section = (ROOT / "README.md").read_text().split("\n## Architectures\n", 1)[1].split("\n## ", 1)[0]
+    rows = {m.group(1): [c.strip() for c in m.group(0).strip("|").split("|")]
+            for m in re.finditer(r"^\| `(\w+)` \|.*\|$", section, re.MULTILINE)}
+    assert sorted(rows) == ["gqa", "linformer", "mla", "modern", "moe", "ssm", "vanilla"]
+    for arch, cells in rows.items():
+        s = summarize(config(arch, "default"))
+        assert cells[1] == f"`configs/{arch}.py`"
+        assert cells[3] == f"{s['params_total']:,}", arch
+        assert cells[4] == f"{s['params_non_embedding'] / 1e6:.2f}M", arch
+        flops = f"{s['flops_per_token'] / 1e9:.3f}"
+        assert cells[5] == (f"{flops} (active)" if s["params_active"] != s["params_total"] else flops), arch
+        per_token = s["decode_state_bytes_per_token"]
+        state = f"{per_token:,} B" if per_token else f"constant: {s['decode_state_bytes'] / 2**20:.2f} MiB"
+        assert cells[6].split(" (")[0] == state, arch
+        if s["params_active"] != s["params_total"]:
+            assert f"{s['params_active'] / 1e6:.2f}M active per token" in cells[2], arch
