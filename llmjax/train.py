@@ -31,6 +31,7 @@ import math
 import os
 import re
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -1097,6 +1098,54 @@ def default_workdir(spec: str) -> str:
     return str(Path("runs") / (Path(path).stem + ("" if variant == "default" else f"_{variant}")))
 
 
+COORDINATOR_WAIT_S = 300  # how long a process waits for the coordinator to listen (jax.distributed's own initialization_timeout)
+
+
+def coordinator_problem(address: str, process_id: int | None, wait_s: float = COORDINATOR_WAIT_S) -> str | None:
+    """What stops jax.distributed from starting with `--coordinator_address=address` in process
+    `process_id` (None: not known yet, as under SLURM), in one line; None where nothing does.
+    jax.distributed itself ends the process with a C++ abort and its stack (or a segfault) on each
+    of these, several minutes later for the first and the last: a host name that does not resolve, a
+    port out of range, process 0's port held by another program, and (for the other processes) no
+    coordinator listening at the address within `wait_s` seconds (processes may start at different
+    times: each waits for process 0's coordinator as long as jax.distributed would)."""
+    host, port = address.rsplit(":", 1)
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # ([::1]:1234)
+    if not 1 <= int(port) <= 65535:
+        return f"--coordinator_address={address}: port {int(port)} is not a TCP port (1..65535)"
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        return (f"--coordinator_address={address}: host '{host}' cannot be resolved ({getattr(e, 'strerror', None) or e}); "
+                f"give process 0's host name or IP address")
+    if process_id == 0 and not os.environ.get("JAX_COORDINATOR_BIND_ADDRESS"):
+        # the coordinator listens on every address at that port ([::]:port, jax.distributed's default)
+        try:
+            dual = socket.has_dualstack_ipv6()
+            with socket.create_server(("", int(port)), family=socket.AF_INET6 if dual else socket.AF_INET, dualstack_ipv6=dual):
+                pass
+        except OSError as e:
+            why = os.strerror(e.errno) if e.errno else e
+            return (f"--coordinator_address={address}: process 0 cannot listen on port {port} ({why}: another program, or an "
+                    f"earlier run, holds it); give every process another port")
+    elif process_id is not None:
+        deadline = time.monotonic() + wait_s
+        while True:
+            for family, kind, proto, _, sockaddr in infos:
+                try:
+                    with socket.socket(family, kind, proto) as s:
+                        s.settimeout(max(0.1, min(5.0, deadline - time.monotonic())))
+                        s.connect(sockaddr)
+                    return None
+                except OSError:
+                    continue
+            if time.monotonic() >= deadline:
+                return (f"no coordinator listens at --coordinator_address={address} after {wait_s:g} s; start process 0 "
+                        f"(--process_id=0) on that host with the same --coordinator_address, or give its address")
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    return None
+
+
 def init_distributed():
     """jax.distributed for multi-process runs: explicit flags, or what a cluster (SLURM, ...) sets."""
     FLAGS = flags.FLAGS
@@ -1107,6 +1156,8 @@ def init_distributed():
             cli.fail(f"--coordinator_address={address} must be host:port (process 0's), e.g. 10.0.0.1:12345")
         if n is not None and i is not None and not 0 <= i < n:
             cli.fail(f"--process_id={i} must be in 0..{n - 1} (--num_processes={n})")
+        if address and (problem := coordinator_problem(address, i)) is not None:  # (jax.distributed: a C++ abort, minutes later)
+            cli.fail(problem)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU-only runs; GPUs use NCCL
         try:
             jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=i)

@@ -1023,6 +1023,36 @@ def test_bad_multi_process_flags_are_one_line(tmp_path, flags, needle):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_coordinator_jax_distributed_cannot_reach_is_one_line(tmp_path):
+    """A --coordinator_address that jax.distributed cannot start with is one line, at once: it ended
+    the process with a C++ abort and its stack after 5 minutes (a host that does not resolve; no
+    coordinator listening, to the other processes), or with gRPC's log line above ours (process 0's
+    port held by another program), or trained alone (a port out of range, in a one-process run)."""
+    from helpers import cli_cases
+    from llmjax.train import coordinator_problem
+
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        got = cli_cases("llmjax.train", [_train_cmd(tmp_path / f"run{k}", *flags)[3:] for k, flags in enumerate([
+            [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=1", "--process_id=0"],
+            ["--coordinator_address=nosuchhost.invalid:1234", "--num_processes=2", "--process_id=1"],
+            ["--coordinator_address=127.0.0.1:99999", "--num_processes=1", "--process_id=0"],
+        ])], env=_env(), timeout=120)
+        needles = [f"process 0 cannot listen on port {port} (Address already in use", "host 'nosuchhost.invalid' cannot be resolved",
+                   "port 99999 is not a TCP port (1..65535)"]
+        for k, (r, needle) in enumerate(zip(got, needles)):
+            lines = r.stderr.strip().splitlines()
+            assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+            assert lines[0].startswith("error: --coordinator_address=") and needle in lines[0], lines[0]
+            assert not (tmp_path / f"run{k}").exists()
+        # the other processes wait for process 0's coordinator to listen (for as long as jax.distributed would), then say so
+        assert coordinator_problem(f"127.0.0.1:{port}", 1, wait_s=0.5) is None
+    t = time.monotonic()
+    said = coordinator_problem(f"127.0.0.1:{port}", 1, wait_s=0.5)
+    assert said.startswith(f"no coordinator listens at --coordinator_address=127.0.0.1:{port} after 0.5 s"), said
+    assert time.monotonic() - t < 5
+    assert coordinator_problem(f"[::1]:{port}", 0) is None  # (the port free again; an IPv6 address in brackets)
+
 def test_wandb_offline(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
