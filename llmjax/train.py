@@ -1150,10 +1150,12 @@ def init_distributed():
     """jax.distributed for multi-process runs: explicit flags, or what a cluster (SLURM, ...) sets."""
     FLAGS = flags.FLAGS
     hint = "give --coordinator_address=HOST:PORT (process 0's), --num_processes=N and --process_id=0..N-1 to every process"
-    if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:  # (any one: a multi-process run meant)
-        address, n, i = FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
-        if address and not re.fullmatch(r".+:\d+", address):  # (jax.distributed: an IndexError traceback)
+    address, n, i = FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    if (address, n, i) != (None, None, None):  # (any one, also 0 or empty: a multi-process run meant, not one process alone)
+        if address is not None and not re.fullmatch(r".+:\d+", address):  # (jax.distributed: an IndexError traceback)
             cli.fail(f"--coordinator_address={address} must be host:port (process 0's), e.g. 10.0.0.1:12345")
+        if n is not None and n < 1:
+            cli.fail(f"--num_processes={n} must be at least 1 (the number of processes, one per host)")
         if n is not None and i is not None and not 0 <= i < n:
             cli.fail(f"--process_id={i} must be in 0..{n - 1} (--num_processes={n})")
         if address and (problem := coordinator_problem(address, i)) is not None:  # (jax.distributed: a C++ abort, minutes later)

@@ -1023,6 +1023,23 @@ def test_bad_multi_process_flags_are_one_line(tmp_path, flags, needle):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_zero_or_negative_process_count_or_an_empty_coordinator_is_one_line(tmp_path):
+    """--num_processes=0 or --coordinator_address= alone (falsy values) were ignored: the run
+    trained as one process alone, in what is meant to be a shared workdir; --num_processes=-2 said
+    '--process_id=0 must be in 0..-3'."""
+    from helpers import cli_cases
+
+    got = cli_cases("llmjax.train", [_train_cmd(tmp_path / f"run{k}", *flags)[3:] for k, flags in enumerate([
+        ["--num_processes=0"],
+        ["--coordinator_address="],
+        ["--coordinator_address=127.0.0.1:1", "--num_processes=-2", "--process_id=0"],
+    ])], env=_env(), timeout=120)
+    needles = ["--num_processes=0 must be at least 1", "--coordinator_address= must be host:port", "--num_processes=-2 must be at least 1"]
+    for k, (r, needle) in enumerate(zip(got, needles)):
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (k, r.stderr[-3000:])
+        assert not (tmp_path / f"run{k}").exists()
+
 def test_a_coordinator_jax_distributed_cannot_reach_is_one_line(tmp_path):
     """A --coordinator_address that jax.distributed cannot start with is one line, at once: it ended
     the process with a C++ abort and its stack after 5 minutes (a host that does not resolve; no
