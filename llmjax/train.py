@@ -282,6 +282,28 @@ def most_of_all_processes(n: int) -> int:
     return int(np.max(multihost_utils.process_allgather(np.int32(n))))
 
 
+def check_same_config(resolved: dict) -> None:
+    """Refuse, in one line in every process, a run whose processes were given different configs (a
+    flag missing from one host's command): each trained with its own, silently (another train.lr in
+    one process: replicas that XLA takes to be equal drift apart, and the checkpoint mixes them), or
+    waited in a collective whose shapes differ. A collective: every process calls it at the same point."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    blob = json.dumps(resolved, sort_keys=True).encode()
+    digests = np.asarray(multihost_utils.process_allgather(np.frombuffer(hashlib.sha256(blob).digest(), np.uint8)))
+    others = [p for p in range(len(digests)) if (digests[p] != digests[0]).any()]
+    if not others:
+        return
+    n = int(multihost_utils.broadcast_one_to_all(np.int32(len(blob))))  # process 0's config, for the keys that differ
+    lead = bytes(np.asarray(multihost_utils.broadcast_one_to_all(np.frombuffer(blob[:n].ljust(n, b" "), np.uint8))))
+    diffs = config_diff(json.loads(lead), resolved) if jax.process_index() in others else []
+    raise ConfigError(f"the processes were given different configs: process(es) {', '.join(map(str, others))} differ from process 0"
+                      + (f" ({'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''}: process 0's -> this process's)" if diffs else "")
+                      + "; give every process the same --config and --config.* flags")
+
+
 def check_shards(dataset, damaged: concurrent.futures.Future, step: int) -> None:
     """Stop every process, in one line, where any process found a damaged shard (`damaged`: the
     future of `dataset.damaged_shards()`; a check that failed counts as a damaged shard, and every
@@ -608,6 +630,8 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
 def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
     if jax.default_backend() == "cpu":
         tune_host_allocator()
+    if jax.process_count() > 1:  # (before anything that one process alone may refuse)
+        check_same_config(json.loads(cfg.to_json()))
     validate(cfg)
     mcfg = model_config(cfg)
     tcfg, ecfg = cfg.train, cfg.eval

@@ -383,6 +383,27 @@ def test_two_processes_train_together(tmp_path):
     np.testing.assert_allclose([multi[s] for s in range(1, 13)], [single[s] for s in range(1, 13)], rtol=2e-5)
 
 
+def test_processes_given_different_configs_are_refused_in_one_line(tmp_path):
+    """Processes given different configs (a flag missing from one host's command) are refused in
+    one line in each: both trained to the end, each with its own train.lr, on replicas XLA takes to
+    be equal (the replicas drifted apart, silently, and the checkpoint mixed them)."""
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            _train_cmd(tmp_path / "multi", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+                       *(["--config.train.lr=0.03"] if i else [])),
+            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], errs
+    lines = [[line for line in e.splitlines() if "Gloo" not in line] for e in errs]
+    assert lines[0] == ["error: the processes were given different configs: process(es) 1 differ from process 0; give every process "
+                        "the same --config and --config.* flags"], errs[0]
+    assert len(lines[1]) == 1 and "(train.lr (0.003 -> 0.03): process 0's -> this process's)" in lines[1][0], errs[1]
+    assert not (tmp_path / "multi").exists()
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_leaves_a_checkpoint_to_resume_from(tmp_path, sig):
     """SIGTERM (a preemption) or a first Ctrl-C (SIGINT: was a KeyboardInterrupt traceback, and an
