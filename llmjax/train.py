@@ -304,6 +304,29 @@ def check_same_config(resolved: dict) -> None:
                       + "; give every process the same --config and --config.* flags")
 
 
+def check_same_data(dataset) -> None:
+    """Refuse, in one line in every process, a run whose processes read different prepared data
+    under the dataset's name (each host's own data.dir, prepared from other text or with other
+    shards): each process indexed its own windows, silently, so that a global batch mixed two
+    datasets' rows and the checkpoint's data position fit neither. A collective, as check_same_config."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    parts = {"training shards": dataset.manifest["splits"].get("train"), "validation shards": dataset.manifest["splits"].get("val"),
+             "tokenizer": dataset.manifest.get("tokenizer")}
+    digest = np.concatenate([np.frombuffer(hashlib.sha256(json.dumps(v, sort_keys=True).encode()).digest(), np.uint8)
+                             for v in parts.values()])
+    digests = np.asarray(multihost_utils.process_allgather(digest)).reshape(jax.process_count(), len(parts), 32)
+    differ = (digests != digests[0]).any(axis=2)  # (processes, parts)
+    if differ.any():
+        others = [p for p in range(len(differ)) if differ[p].any()]
+        what = [k for k, d in zip(parts, differ.any(axis=0)) if d]
+        raise ConfigError(f"the processes read different prepared data as dataset '{dataset.name}': process(es) "
+                          f"{', '.join(map(str, others))} differ from process 0 in its {', '.join(what)} (this process's: "
+                          f"{dataset.path}); give every process the same prepared dataset (process 0's data.dir, shared or copied)")
+
+
 def check_shards(dataset, damaged: concurrent.futures.Future, step: int) -> None:
     """Stop every process, in one line, where any process found a damaged shard (`damaged`: the
     future of `dataset.damaged_shards()`; a check that failed counts as a damaged shard, and every
@@ -646,6 +669,7 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
         dataset = data_lib.open_dataset(cfg.data.dataset, cfg.data.dir)
     except data_lib.DataError as e:
         raise ConfigError(str(e)) from None
+    check_same_data(dataset)
     # every shard against its sha256, in a thread while the model is built and the first step
     # compiles; its answer is awaited after that step, before anything is saved
     damaged = in_thread(dataset.damaged_shards)

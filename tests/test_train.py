@@ -404,6 +404,35 @@ def test_processes_given_different_configs_are_refused_in_one_line(tmp_path):
     assert len(lines[1]) == 1 and "(train.lr (0.003 -> 0.03): process 0's -> this process's)" in lines[1][0], errs[1]
     assert not (tmp_path / "multi").exists()
 
+def test_processes_reading_different_prepared_data_are_refused_in_one_line(tmp_path):
+    """Processes whose data.dir (each host's own) holds the dataset prepared from other text are
+    refused in one line in each: both trained to the end, each process's rows of a global batch
+    taken from its own windows (the batch mixed two datasets, silently)."""
+    import llmjax.data as D
+
+    for k in range(2):  # the same dataset in each process's data.dir; the second's training text another
+        ds = D.prepare_builtin("tinyshakespeare_char", tmp_path / f"data{k}" / "tinyshakespeare_char")
+        if k:
+            train = np.asarray(ds.split("train")[0])
+            splits = dict(ds.manifest["splits"], train=[D.write_shard(ds.path / "train_0000.bin", train[::-1].copy())])
+            D.write_manifest(ds.path, ds.name, ds.manifest["tokenizer"], splits)
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            _train_cmd(tmp_path / "multi", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
+            cwd=ROOT, env=_env(LLMJAX_DATA_DIR=str(tmp_path / f"data{i}")), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], errs
+    for i, e in enumerate(errs):
+        lines = [line for line in e.splitlines() if "Gloo" not in line]
+        assert lines == [f"error: the processes read different prepared data as dataset 'tinyshakespeare_char': process(es) 1 differ "
+                         f"from process 0 in its training shards (this process's: {tmp_path / f'data{i}' / 'tinyshakespeare_char'}); give "
+                         f"every process the same prepared dataset (process 0's data.dir, shared or copied)"], e
+    assert not (tmp_path / "multi").exists()
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_leaves_a_checkpoint_to_resume_from(tmp_path, sig):
     """SIGTERM (a preemption) or a first Ctrl-C (SIGINT: was a KeyboardInterrupt traceback, and an
