@@ -327,6 +327,40 @@ def check_same_data(dataset) -> None:
                           f"{dataset.path}); give every process the same prepared dataset (process 0's data.dir, shared or copied)")
 
 
+SHARED_WAIT_S = 5  # how long a process looks for process 0's marker file (a network file system's caches)
+
+
+def check_shared_workdir(workdir: Path) -> None:
+    """Refuse, in one line in every process, a workdir that is not one folder shared by every
+    process (each host's own local folder, or different paths): process 0 writes a marker file
+    there, and every process must see it. Else process 1's first checkpoint failed on a folder
+    that its own process had made ('make room or write access there') while process 0 waited in
+    the save, forever. A collective, as check_same_config; the marker is removed."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    token = uuid.uuid4().bytes
+    marker = workdir / f".llmjax-shared-{token.hex()}"
+    if jax.process_index() == 0:
+        marker.write_bytes(b"")
+    try:  # (process 0 wrote it before the broadcast, which the others wait for)
+        token = bytes(np.asarray(multihost_utils.broadcast_one_to_all(np.frombuffer(token, np.uint8))))
+        marker = workdir / f".llmjax-shared-{token.hex()}"
+        deadline = time.monotonic() + SHARED_WAIT_S
+        while not (seen := marker.is_file()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        seen_by = np.asarray(multihost_utils.process_allgather(np.int32(seen)))
+    finally:
+        if jax.process_index() == 0:
+            marker.unlink(missing_ok=True)
+    if not seen_by.all():
+        blind = [str(p) for p in range(len(seen_by)) if not seen_by[p]]
+        raise ConfigError(f"--workdir {workdir} is not one folder that every process shares: process(es) {', '.join(blind)} do not "
+                          f"see the file process 0 wrote there; give every process the same folder, on a file system every host "
+                          f"mounts (the checkpoints are written by every process into one folder)")
+
+
 def check_shards(dataset, damaged: concurrent.futures.Future, step: int) -> None:
     """Stop every process, in one line, where any process found a damaged shard (`damaged`: the
     future of `dataset.damaged_shards()`; a check that failed counts as a damaged shard, and every
@@ -719,6 +753,7 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
     saved_cfg = workdir / "config.json"
     old_cfg = check_workdir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    check_shared_workdir(workdir)
     ckpt = Checkpointer(workdir / "checkpoints", keep=tcfg.keep_checkpoints)
     start = ckpt.latest_step() or 0
     changed: list[str] = []  # (the train settings a resume changes)

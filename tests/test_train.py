@@ -433,6 +433,31 @@ def test_processes_reading_different_prepared_data_are_refused_in_one_line(tmp_p
                          f"every process the same prepared dataset (process 0's data.dir, shared or copied)"], e
     assert not (tmp_path / "multi").exists()
 
+def test_a_workdir_the_processes_do_not_share_is_refused_in_one_line(tmp_path):
+    """Processes given different workdirs (each host's own local folder) are refused in one line in
+    each, with nothing left there: process 1's first checkpoint failed ('make room or write access
+    there') and process 0 waited in that save, forever."""
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            _train_cmd(tmp_path / f"run{i}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
+            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [2, 2], errs
+    for i, e in enumerate(errs):
+        lines = [line for line in e.splitlines() if "Gloo" not in line]
+        assert lines == [f"error: --workdir {tmp_path / f'run{i}'} is not one folder that every process shares: process(es) 1 do not see "
+                         f"the file process 0 wrote there; give every process the same folder, on a file system every host mounts (the "
+                         f"checkpoints are written by every process into one folder)"], e
+    assert not (tmp_path / "run0").exists() and not (tmp_path / "run1").exists()
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_leaves_a_checkpoint_to_resume_from(tmp_path, sig):
     """SIGTERM (a preemption) or a first Ctrl-C (SIGINT: was a KeyboardInterrupt traceback, and an
