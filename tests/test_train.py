@@ -194,7 +194,6 @@ def test_exact_resume_is_bit_identical(arch, opts, tmp_path):
     assert full.metrics[-1]["lr"] == second.metrics[-1]["lr"]
 
 
-
 def tiny_sharded_dataset(data_dir, name="tiny_shards"):
     """A character dataset of three training shards holding 10, 12 and 10 windows of TINY's context
     (32 windows: an epoch is 4 steps of 8, and 2.67 steps of 12) and one validation shard."""
@@ -239,6 +238,7 @@ def test_a_crash_resumes_bit_identical_from_an_earlier_checkpoint(arch, crash_af
     assert len(full_state) == len(resumed_state) and all(np.array_equal(x, y) for x, y in zip(full_state, resumed_state))
     assert sorted(int(p.name) for p in (tmp_path / "crashed" / "checkpoints").iterdir() if p.name.isdigit()) == ckpts[0]
 
+
 def test_resume_onto_another_device_count_and_layout(tmp_path):
     """Stop on one device; resume on 8 fake devices with FSDP and the other layer layout."""
     full = losses(train(cfg("modern"), tmp_path / "full", devices=jax.devices()[:1], quiet=True))
@@ -252,7 +252,6 @@ def test_resume_onto_another_device_count_and_layout(tmp_path):
     assert resumed.step == 12
     got = losses(tmp_path / "split")
     np.testing.assert_allclose([got[s] for s in range(1, 13)], [full[s] for s in range(1, 13)], rtol=2e-5)
-
 
 
 def split_run_without_key(tmp_path, arch: str, key: str, before, after) -> tuple[dict, dict]:
@@ -362,6 +361,26 @@ def _train_cmd(workdir, *extra):
     return args + list(extra)
 
 
+def _two_processes(workdir, extra=lambda i: [], env=lambda i: {}, timeout=300):
+    """Start the tiny run as processes 0 and 1 of a jax.distributed run on localhost (`workdir`,
+    `extra` flags and `env` variables per process) and wait: their exit codes and stderr lines
+    (Gloo's own lines left out)."""
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            _train_cmd(workdir(i), f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}", *extra(i)),
+            cwd=ROOT, env=_env(**env(i)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        errs = [p.communicate(timeout=timeout)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [p.returncode for p in procs], [[line for line in e.splitlines() if "Gloo" not in line] for e in errs]
+
+
 def test_two_processes_train_together(tmp_path):
     """jax.distributed on localhost: 2 processes x 2 CPU devices match one process on 4 devices."""
     port = _free_port()
@@ -387,22 +406,13 @@ def test_processes_given_different_configs_are_refused_in_one_line(tmp_path):
     """Processes given different configs (a flag missing from one host's command) are refused in
     one line in each: both trained to the end, each with its own train.lr, on replicas XLA takes to
     be equal (the replicas drifted apart, silently, and the checkpoint mixed them)."""
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            _train_cmd(tmp_path / "multi", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
-                       *(["--config.train.lr=0.03"] if i else [])),
-            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for i in range(2)
-    ]
-    errs = [p.communicate(timeout=300)[1] for p in procs]
-    assert [p.returncode for p in procs] == [2, 2], errs
-    lines = [[line for line in e.splitlines() if "Gloo" not in line] for e in errs]
+    codes, lines = _two_processes(lambda i: tmp_path / "multi", extra=lambda i: ["--config.train.lr=0.03"] if i else [])
+    assert codes == [2, 2], lines
     assert lines[0] == ["error: the processes were given different configs: process(es) 1 differ from process 0; give every process "
-                        "the same --config and --config.* flags"], errs[0]
-    assert len(lines[1]) == 1 and "(train.lr (0.003 -> 0.03): process 0's -> this process's)" in lines[1][0], errs[1]
+                        "the same --config and --config.* flags"], lines[0]
+    assert len(lines[1]) == 1 and "(train.lr (0.003 -> 0.03): process 0's -> this process's)" in lines[1][0], lines[1]
     assert not (tmp_path / "multi").exists()
+
 
 def test_processes_reading_different_prepared_data_are_refused_in_one_line(tmp_path):
     """Processes whose data.dir (each host's own) holds the dataset prepared from other text are
@@ -416,47 +426,27 @@ def test_processes_reading_different_prepared_data_are_refused_in_one_line(tmp_p
             train = np.asarray(ds.split("train")[0])
             splits = dict(ds.manifest["splits"], train=[D.write_shard(ds.path / "train_0000.bin", train[::-1].copy())])
             D.write_manifest(ds.path, ds.name, ds.manifest["tokenizer"], splits)
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            _train_cmd(tmp_path / "multi", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
-            cwd=ROOT, env=_env(LLMJAX_DATA_DIR=str(tmp_path / f"data{i}")), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for i in range(2)
-    ]
-    errs = [p.communicate(timeout=300)[1] for p in procs]
-    assert [p.returncode for p in procs] == [2, 2], errs
-    for i, e in enumerate(errs):
-        lines = [line for line in e.splitlines() if "Gloo" not in line]
+    codes, errs = _two_processes(lambda i: tmp_path / "multi", env=lambda i: {"LLMJAX_DATA_DIR": str(tmp_path / f"data{i}")})
+    assert codes == [2, 2], errs
+    for i, lines in enumerate(errs):
         assert lines == [f"error: the processes read different prepared data as dataset 'tinyshakespeare_char': process(es) 1 differ "
                          f"from process 0 in its training shards (this process's: {tmp_path / f'data{i}' / 'tinyshakespeare_char'}); give "
-                         f"every process the same prepared dataset (process 0's data.dir, shared or copied)"], e
+                         f"every process the same prepared dataset (process 0's data.dir, shared or copied)"], lines
     assert not (tmp_path / "multi").exists()
+
 
 def test_a_workdir_the_processes_do_not_share_is_refused_in_one_line(tmp_path):
     """Processes given different workdirs (each host's own local folder) are refused in one line in
     each, with nothing left there: process 1's first checkpoint failed ('make room or write access
     there') and process 0 waited in that save, forever."""
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            _train_cmd(tmp_path / f"run{i}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
-            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        errs = [p.communicate(timeout=120)[1] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [2, 2], errs
-    for i, e in enumerate(errs):
-        lines = [line for line in e.splitlines() if "Gloo" not in line]
+    codes, errs = _two_processes(lambda i: tmp_path / f"run{i}", timeout=120)
+    assert codes == [2, 2], errs
+    for i, lines in enumerate(errs):
         assert lines == [f"error: --workdir {tmp_path / f'run{i}'} is not one folder that every process shares: process(es) 1 do not see "
                          f"the file process 0 wrote there; give every process the same folder, on a file system every host mounts (the "
-                         f"checkpoints are written by every process into one folder)"], e
+                         f"checkpoints are written by every process into one folder)"], lines
     assert not (tmp_path / "run0").exists() and not (tmp_path / "run1").exists()
+
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_leaves_a_checkpoint_to_resume_from(tmp_path, sig):
@@ -1115,6 +1105,7 @@ def test_a_zero_or_negative_process_count_or_an_empty_coordinator_is_one_line(tm
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (k, r.stderr[-3000:])
         assert not (tmp_path / f"run{k}").exists()
 
+
 def test_a_coordinator_jax_distributed_cannot_reach_is_one_line(tmp_path):
     """A --coordinator_address that jax.distributed cannot start with is one line, at once: it ended
     the process with a C++ abort and its stack after 5 minutes (a host that does not resolve; no
@@ -1144,6 +1135,7 @@ def test_a_coordinator_jax_distributed_cannot_reach_is_one_line(tmp_path):
     assert said.startswith(f"no coordinator listens at --coordinator_address=127.0.0.1:{port} after 0.5 s"), said
     assert time.monotonic() - t < 5
     assert coordinator_problem(f"[::1]:{port}", 0) is None  # (the port free again; an IPv6 address in brackets)
+
 
 def test_wandb_offline(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
