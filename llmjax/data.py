@@ -407,6 +407,12 @@ def sample_windows(shards: list[np.ndarray], *, seq_len: int, batch: int, num_ba
         yield np.stack([source[int(i)] for i in rng.integers(0, len(source), batch)])
 
 
+def sequential_batch_count(shards: list[np.ndarray], *, seq_len: int, batch: int) -> int:
+    """How many batches `sequential_windows` yields for these shards."""
+    windows = sum(-(-max(len(shard) - 1, 0) // seq_len) for shard in shards)
+    return -(-windows // batch)
+
+
 def sequential_windows(shards: list[np.ndarray], *, seq_len: int, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The whole split as windows of seq_len + 1 tokens overlapping by one, so every token after a
     shard's first is a target exactly once. Yields (tokens, mask) batches; the mask (over targets)

@@ -199,6 +199,7 @@ class Run:
     last_val_loss: float | None
     metrics: list[dict]
     sample: str | None
+    val_batches: int | None = None  # the whole validation split's batches (of the run's micro batch)
 
 
 class _Stop:
@@ -1120,7 +1121,8 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
             sample = tokenizer.decode(generate(model, [start_ids(tokenizer)], ecfg.sample_tokens, seed=tcfg.seed, eot_id=tokenizer.eot_id)[0])
         except SampleError as e:  # (non-finite logits: a float16 forward that overflowed; the run itself is saved)
             print(f"warning: no end-of-run sample: {e}", file=sys.stderr, flush=True)
-    return Run(workdir=workdir, step=end, final=final, last_val_loss=last_val, metrics=history, sample=sample)
+    return Run(workdir=workdir, step=end, final=final, last_val_loss=last_val, metrics=history, sample=sample,
+               val_batches=data_lib.sequential_batch_count(val_shards, seq_len=T, batch=micro))
 
 
 def _progress(start, total, enabled):
@@ -1255,10 +1257,11 @@ def init_distributed():
             cli.fail(f"jax.distributed could not start under SLURM ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}); {hint}")
 
 
-def final_loss_covers(cfg) -> str:
-    """What a finished run's final val_loss covers: eval.final_num_batches (0: the whole split)."""
+def final_loss_covers(cfg, val_batches: int | None = None) -> str:
+    """What a finished run's final val_loss covers: eval.final_num_batches (0, or at least the
+    split's `val_batches`: the whole split)."""
     n = cfg.eval.get("final_num_batches", 0)
-    return f"the validation split's first {n} batches" if n else "the whole validation split"
+    return f"the validation split's first {n} batches" if n and (val_batches is None or n < val_batches) else "the whole validation split"
 
 
 def main(argv):
@@ -1281,7 +1284,7 @@ def main(argv):
             print("--- sample ---")
             print(run.sample)
         if run.final:  # (the last line, after the sample: the run's summary)
-            print(f"done: {run.step} steps, final val_loss {run.last_val_loss:.4f} ({final_loss_covers(FLAGS.config)}); run in {run.workdir}")
+            print(f"done: {run.step} steps, final val_loss {run.last_val_loss:.4f} ({final_loss_covers(FLAGS.config, run.val_batches)}); run in {run.workdir}")
 
 
 if __name__ == "__main__":

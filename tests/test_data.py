@@ -235,6 +235,8 @@ def test_sequential_windows_score_every_token_once():
             seen += [int(t) for t, keep in zip(row[1:], m) if keep]
     want = [int(t) for s in shards for t in s[1:]]
     assert seen == want
+    for seq_len, batch in ((7, 4), (1, 1), (50, 3), (1000, 2)):
+        assert D.sequential_batch_count(shards, seq_len=seq_len, batch=batch) == len(list(D.sequential_windows(shards, seq_len=seq_len, batch=batch)))
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):

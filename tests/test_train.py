@@ -1051,16 +1051,21 @@ def test_cli_bad_input_is_one_line(tmp_path):
 
 def test_cli_says_what_the_final_val_loss_covers(tmp_path):
     """The CLI's last line said '(whole validation split)' of a loss over the split's first
-    eval.final_num_batches batches (the tiny recipe's 20: 4.1003 against the whole split's 4.0988)."""
+    eval.final_num_batches batches (the tiny recipe's 20: 4.1003 against the whole split's 4.0988),
+    and 'first N batches' of a split with fewer than N (the whole split, as 0 gives)."""
+    from llmjax.train import final_loss_covers
+
     workdir = tmp_path / "run"
-    for n, words in ((3, "the validation split's first 3 batches"), (0, "the whole validation split")):  # (then a finished run again)
+    assert [final_loss_covers(cfg("vanilla", **{"eval.final_num_batches": n}), 4) for n in (0, 3, 4)] == [
+        "the whole validation split", "the validation split's first 3 batches", "the whole validation split"]
+    for n, words in ((3, "the validation split's first 3 batches"), (10**6, "the whole validation split")):  # (then a finished run again)
         proc = subprocess.run(_train_cmd(workdir, "--config.train.max_steps=2", f"--config.eval.final_num_batches={n}"), cwd=ROOT,
                               env=_env(), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         done = [re.fullmatch(rf"done: 2 steps, final val_loss (\S+) \({words}\); run in {re.escape(str(workdir))}", line)
                 for line in proc.stdout.splitlines() if line.startswith("done: ")]
         assert len(done) == 1 and done[0], proc.stdout[-2000:]
-        assert float(done[0][1]) == pytest.approx(_whole_split_loss(workdir, 2, n or None), abs=1e-4)
+        assert float(done[0][1]) == pytest.approx(_whole_split_loss(workdir, 2, n if n < 10**6 else None), abs=1e-4)
 
 
 def test_the_done_line_is_the_commands_last_after_the_sample(tmp_path):
