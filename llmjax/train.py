@@ -497,7 +497,10 @@ def build_steps(cfg, mesh) -> Steps:
     """Model, optimizer, shardings and the jitted train and eval steps for `cfg` on `mesh`."""
     mcfg, tcfg = model_config(cfg), cfg.train
     if tcfg.batch_size % mesh.devices.size:
-        raise ConfigError(f"train.batch_size={tcfg.batch_size} must be divisible by the {mesh.devices.size} devices of the mesh")
+        n, b = mesh.devices.size, tcfg.batch_size
+        near = " or ".join(str(m) for m in sorted({max(b // n, 1) * n, (b // n + 1) * n}))
+        raise ConfigError(f"train.batch_size={b} must be divisible by the {n} devices of the mesh: set "
+                          f"--config.train.batch_size={near} (a multiple of {n})")
     n_experts, expert_axis = getattr(mcfg, "n_experts", None), mesh.shape.get("expert", 1)
     if n_experts and expert_axis > 1 and n_experts % expert_axis:
         raise ConfigError(f"train.mesh.expert={expert_axis} must divide model.n_experts={n_experts} (each device holds whole experts)")

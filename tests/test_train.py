@@ -632,7 +632,8 @@ def test_a_dataset_whose_tokenizer_cannot_be_built_and_an_unwritable_data_dir_ar
                                           r"\(.*\); set --config.data.dir to a folder you can write$"):
         train(cfg("vanilla", data__dir="/proc/llmjax-none"), tmp_path / "run", quiet=True)
     # a batch the mesh refuses leaves no workdir behind
-    with pytest.raises(ConfigError, match="must be divisible by the 3 devices"):
+    with pytest.raises(ConfigError, match=r"^train.batch_size=8 must be divisible by the 3 devices of the mesh: set "
+                                          r"--config.train.batch_size=6 or 9 \(a multiple of 3\)$"):
         train(cfg("vanilla"), tmp_path / "run", devices=jax.devices()[:3], quiet=True)
     assert not (tmp_path / "run").exists()
 
