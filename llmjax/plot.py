@@ -129,16 +129,23 @@ def draw(curve_list: list[dict], out: str | Path, title: str = "") -> Path:
     if fmt not in fig.canvas.get_supported_filetypes():
         raise PlotError(f"{out}: give a file name ending in an image type matplotlib writes "
                         f"({', '.join('.' + t for t in ('png', 'pdf', 'svg', 'jpg'))}, ...)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    blocking = next((d for d in out.parents if d.exists() and not d.is_dir()), None)
+    if blocking is not None:
+        raise PlotError(f"cannot write {out}: {blocking} is a file, not a folder; give an image name in a folder")
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, dpi=120, format=fmt)
         os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, out)  # (a reader never sees half an image)
+    except OSError as e:  # (a folder that cannot be made or written, a file where a folder should be, a full disk: was a traceback)
+        raise PlotError(f"cannot write {out} ({e.strerror or e}); give an image name in a folder you can write") from None
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return out
 
 

@@ -429,6 +429,22 @@ def test_plot_cli(result, tmp_path):
     assert not (tmp_path / "noext.png").exists() and not [f for f in tmp_path.iterdir() if f.name.startswith(".")]
 
 
+def test_plot_to_a_place_it_cannot_write_is_one_line(tmp_path):
+    """-o in a folder that cannot be made or written (a file where a folder should be, /proc) was an
+    OSError's traceback; now one line naming the image, and nothing left behind."""
+    import numpy as np
+
+    c = [{"label": "vanilla", "tokens": np.array([1.0, 2.0]), "seconds": np.array([0.1, 0.2]), "mean": np.array([3.0, 2.5]),
+          "low": np.array([3.0, 2.5]), "high": np.array([3.0, 2.5]), "n_runs": 1}]
+    (tmp_path / "afile").write_text("mine\n")
+    for bad, needle in [(tmp_path / "afile" / "x.png", f"cannot write {tmp_path / 'afile' / 'x.png'}: {tmp_path / 'afile'} is a file, not a folder"),
+                        (tmp_path / "afile" / "sub" / "x.png", f"{tmp_path / 'afile'} is a file, not a folder"),
+                        (Path("/proc/llmjax_plot.png"), r"cannot write /proc/llmjax_plot.png \(")]:
+        with pytest.raises(P.PlotError, match=needle):
+            P.draw(c, bad)
+    assert (tmp_path / "afile").read_text() == "mine\n" and sorted(f.name for f in tmp_path.iterdir()) == ["afile"]
+
+
 def test_compare_cli_errors_are_one_line(tmp_path):
     r = _cli("llmjax.compare", f"--configs={SPECS[0]},{ROOT}/configs/modern.py:small", f"--out={tmp_path}", "--max_steps=2")
     assert r.returncode == 2 and "context_len" in r.stderr and r.stderr.count("\n") == 1, r.stderr
