@@ -406,6 +406,32 @@ def markdown(rows: list[dict], command: str, meta: dict) -> str:
     return note + "\n\n" + "\n".join(lines) + "\n"
 
 
+RESULT_FILES = ("results.json", "results.md", "val_loss.png")  # what compare writes in --out itself
+
+
+def _compares_results(out: Path) -> bool:
+    """Whether `out`'s results.json is one a compare wrote (its rows, meta and command)."""
+    try:
+        saved = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"rows", "meta", "command"} <= set(saved)
+
+
+def check_out(out: Path) -> None:
+    """--out is a folder (or none yet) whose results files, if any, an earlier compare wrote: compare
+    replaces them, and a user's own results.md there (notes in a folder given as --out) was
+    overwritten, unsaid. One line otherwise, before any run."""
+    blocking = next((d for d in (out, *out.parents) if d.exists() and not d.is_dir()), None)
+    if blocking is not None:
+        raise CompareError(f"--out {out}: {blocking} is a file, not a folder; give --out a folder (compare writes one folder per config "
+                           "and its results there)")
+    theirs = [n for n in RESULT_FILES if (out / n).exists()]
+    if theirs and not _compares_results(out):
+        raise CompareError(f"--out {out} holds {', '.join(theirs)} that no compare wrote (compare writes its results there and would "
+                           "replace them); move them or give another --out")
+
+
 def compare(specs, *, out: Path, seeds: int, max_steps: int, batch_size=None, eval_every=None, eval_batches=None, tasks="hellaswag",
             tasks_limit=0, overrides=None, command="", quiet=False) -> dict:
     if seeds < 1 or max_steps < 1:
@@ -422,11 +448,17 @@ def compare(specs, *, out: Path, seeds: int, max_steps: int, batch_size=None, ev
         except downstream.TaskError as e:
             raise CompareError(f"--tasks: {e} (--task_dir DIR: where the task files are; --tasks '': score none)") from None
     out = Path(out)
+    check_out(out)
     refused = [why for p in plans for seed in range(seeds) if (why := refusal(p, seed, out / p["name"] / f"seed{seed}"))]
     if refused:  # (every folder checked before any training: a refusal after hours of the other runs, one at a time, before)
         more = f" (and {len(refused) - 1} more folder{'s' if len(refused) > 2 else ''} like it: " + ", ".join(
             w.split(" holds ")[0] for w in refused[1:]) + ")" if len(refused) > 1 else ""
         raise CompareError(refused[0] + more)
+    for folder in (out / p["name"] / f"seed{seed}" for p in plans for seed in range(seeds)):
+        try:  # (here, not at that run's turn: after hours of the runs before it)
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CompareError(f"--out {out}: cannot make {folder} ({e.strerror or e}); give an --out where folders can be made") from None
     rows = []
     for p in plans:
         runs = []
@@ -442,8 +474,9 @@ def compare(specs, *, out: Path, seeds: int, max_steps: int, batch_size=None, ev
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "differing_settings": differing_settings(plans),
             "final_eval_batches": sorted({int(p["cfg"].eval.final_num_batches) for p in plans})}
     text = markdown(rows, command, meta)
-    atomic_write_bytes(out / "results.md", text.encode())
+    # (results.json first: it marks the folder's results as compare's, see check_out)
     atomic_write_json(out / "results.json", {"rows": rows, "meta": meta, "command": command})
+    atomic_write_bytes(out / "results.md", text.encode())
     from llmjax.plot import curves, draw
 
     # (exactly this comparison's runs: other seed folders under --out are older runs')

@@ -445,6 +445,30 @@ def test_plot_to_a_place_it_cannot_write_is_one_line(tmp_path):
     assert (tmp_path / "afile").read_text() == "mine\n" and sorted(f.name for f in tmp_path.iterdir()) == ["afile"]
 
 
+def test_an_out_compare_cannot_use_is_refused_before_any_run(tmp_path):
+    """--out holding a user's own results.md (notes in the folder given) had it replaced by the table,
+    unsaid; a file as --out, or one where --out cannot be made, was an OSError's traceback (at the
+    first run's turn). Now each is one line before any run, and nothing of the user's is changed."""
+    kw = dict(seeds=1, max_steps=2, eval_every=2, eval_batches=1, tasks="", command="test", quiet=True)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.md").write_text("my notes\n")
+    (mine / "val_loss.png").write_bytes(b"my figure")
+    with pytest.raises(C.CompareError, match=rf"^--out {re.escape(str(mine))} holds results.md, val_loss.png that no compare wrote"):
+        C.compare(SPECS[:1], out=mine, **kw)
+    assert (mine / "results.md").read_text() == "my notes\n" and sorted(f.name for f in mine.iterdir()) == ["results.md", "val_loss.png"]
+    (mine / "results.json").write_text(json.dumps({"mine": 1}))  # (a results.json of the user's own is no compare's)
+    with pytest.raises(C.CompareError, match="holds results.json, results.md, val_loss.png that no compare wrote"):
+        C.compare(SPECS[:1], out=mine, **kw)
+    (tmp_path / "afile").write_text("mine\n")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(C.CompareError, match=rf"^--out {re.escape(str(out))}: {re.escape(str(tmp_path / 'afile'))} is a file, not a folder"):
+            C.compare(SPECS[:1], out=out, **kw)
+    with pytest.raises(C.CompareError, match=r"^--out /proc/llmjax_compare: cannot make /proc/llmjax_compare/vanilla_tiny/seed0 \("):
+        C.compare(SPECS[:1], out=Path("/proc/llmjax_compare"), **kw)
+    assert (tmp_path / "afile").read_text() == "mine\n" and sorted(f.name for f in tmp_path.iterdir()) == ["afile", "mine"]
+
+
 def test_compare_cli_errors_are_one_line(tmp_path):
     r = _cli("llmjax.compare", f"--configs={SPECS[0]},{ROOT}/configs/modern.py:small", f"--out={tmp_path}", "--max_steps=2")
     assert r.returncode == 2 and "context_len" in r.stderr and r.stderr.count("\n") == 1, r.stderr
