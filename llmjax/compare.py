@@ -306,6 +306,13 @@ def train_once(p: dict, seed: int, folder: Path, quiet: bool) -> dict:
     if proc.returncode != 0:
         tail = (folder / "train.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise CompareError(f"training {p['name']} seed {seed} failed (exit {proc.returncode}): {tail[0][:300]}; see {folder / 'train.log'}")
+    max_steps = p["cfg"].train.max_steps
+    if not _finished(folder, max_steps):  # (exit 0 short of the end: the table said "did not finish; delete it and run again")
+        at = _resumed_step(folder)
+        why = (f"at its --set train.stop_at_step={p['cfg'].train.stop_at_step}: run the command without that --set, or with a later step, "
+               "to go on from its checkpoint" if p["cfg"].train.stop_at_step else
+               "(a SIGTERM sent to the trainer alone, say); its checkpoint is kept: the same command resumes it")
+        raise CompareError(f"training {p['name']} seed {seed} stopped at step {at} of {max_steps} {why}; see {folder / 'train.log'}")
     stats = {"seed": seed, "overrides": p["overrides"], "returncode": 0, "wall_seconds": wall,
              "max_rss_bytes": usage.ru_maxrss * 1024, "resumed_from_step": resumed, "resumed_from_steps": resumes}  # (Linux reports KiB)
     atomic_write_json(folder / "compare_run.json", stats)

@@ -217,7 +217,7 @@ def test_a_run_resumed_twice_is_marked_and_leaves_out_the_compiling_step_after_e
 
     kw = dict(out=tmp_path, seeds=1, max_steps=6, eval_every=2, eval_batches=1, command="test", quiet=True)
     for stop in (2, 4):  # (as by a kill after its checkpoint)
-        with pytest.raises(C.CompareError, match="did not finish"):
+        with pytest.raises(C.CompareError, match=f"stopped at step {stop} of 6 at its --set train.stop_at_step={stop}"):
             C.compare(SPECS[:1], overrides={"train.stop_at_step": stop, "train.checkpoint_every_steps": 2}, **kw)
         if stop == 2:
             (tmp_path / "vanilla_tiny" / "seed0" / "train.log").write_text("FIRST PART\n")  # (what the first part said)
@@ -467,6 +467,18 @@ def test_an_out_compare_cannot_use_is_refused_before_any_run(tmp_path):
     with pytest.raises(C.CompareError, match=r"^--out /proc/llmjax_compare: cannot make /proc/llmjax_compare/vanilla_tiny/seed0 \("):
         C.compare(SPECS[:1], out=Path("/proc/llmjax_compare"), **kw)
     assert (tmp_path / "afile").read_text() == "mine\n" and sorted(f.name for f in tmp_path.iterdir()) == ["afile", "mine"]
+
+
+def test_a_run_the_trainer_ends_short_of_max_steps_is_said_to_resume(tmp_path):
+    """A trainer that exits 0 before --max_steps (--set train.stop_at_step, or a SIGTERM sent to it
+    alone: both save a checkpoint) was reported as "did not finish; delete it and run again", which
+    threw the resumable run away. Now the line says where it stopped and how to go on; its checkpoint is kept."""
+    kw = dict(seeds=1, max_steps=2, eval_every=2, eval_batches=1, tasks="", command="test", quiet=True)
+    with pytest.raises(C.CompareError, match=r"^training vanilla_tiny seed 0 stopped at step 1 of 2 at its --set train.stop_at_step=1: "
+                                             r"run the command without that --set, or with a later step, to go on"):
+        C.compare(SPECS[:1], out=tmp_path, overrides={"train.stop_at_step": "1"}, **kw)
+    run = tmp_path / "vanilla_tiny" / "seed0"
+    assert C._resumed_step(run) == 1 and not (run / "compare_run.json").exists()
 
 
 def test_compare_cli_errors_are_one_line(tmp_path):
