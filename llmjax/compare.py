@@ -20,6 +20,7 @@ Train several architectures on the same data, token budget and seeds, then write
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -439,6 +440,32 @@ def check_out(out: Path) -> None:
                            "replace them); move them or give another --out")
 
 
+@contextlib.contextmanager
+def _only_compare(out: Path):
+    """An exclusive lock on the folder `out` (flock on the folder itself, so no file of its own) while
+    a comparison checks and trains its runs: the same command started again while the first still ran
+    (in another terminal, say) started a second trainer in the run folder the first was training,
+    resumed from its latest checkpoint, and its table called that run resumed after an interruption,
+    with the second process's wall time. Where the file system has no such locks, it goes on without."""
+    try:
+        import fcntl
+    except ImportError:  # (Windows)
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CompareError(f"another compare is running in {out} now; wait for it to end (its finished runs are then reused), "
+                               "or use another --out") from None
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
 def compare(specs, *, out: Path, seeds: int, max_steps: int, batch_size=None, eval_every=None, eval_batches=None, tasks="hellaswag",
             tasks_limit=0, overrides=None, command="", quiet=False) -> dict:
     if seeds < 1 or max_steps < 1:
@@ -456,40 +483,45 @@ def compare(specs, *, out: Path, seeds: int, max_steps: int, batch_size=None, ev
             raise CompareError(f"--tasks: {e} (--task_dir DIR: where the task files are; --tasks '': score none)") from None
     out = Path(out)
     check_out(out)
-    refused = [why for p in plans for seed in range(seeds) if (why := refusal(p, seed, out / p["name"] / f"seed{seed}"))]
-    if refused:  # (every folder checked before any training: a refusal after hours of the other runs, one at a time, before)
-        more = f" (and {len(refused) - 1} more folder{'s' if len(refused) > 2 else ''} like it: " + ", ".join(
-            w.split(" holds ")[0] for w in refused[1:]) + ")" if len(refused) > 1 else ""
-        raise CompareError(refused[0] + more)
-    for folder in (out / p["name"] / f"seed{seed}" for p in plans for seed in range(seeds)):
-        try:  # (here, not at that run's turn: after hours of the runs before it)
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise CompareError(f"--out {out}: cannot make {folder} ({e.strerror or e}); give an --out where folders can be made") from None
-    rows = []
-    for p in plans:
-        runs = []
-        for seed in range(seeds):
-            folder = out / p["name"] / f"seed{seed}"
-            runs.append((folder, train_once(p, seed, folder, quiet)))
-        rows.append(summarize_runs(p, runs))
-    import jax
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CompareError(f"--out {out}: cannot make it ({e.strerror or e}); give an --out where folders can be made") from None
+    with _only_compare(out):  # (from here, the runs in `out` are this comparison's to train)
+        refused = [why for p in plans for seed in range(seeds) if (why := refusal(p, seed, out / p["name"] / f"seed{seed}"))]
+        if refused:  # (every folder checked before any training: a refusal after hours of the other runs, one at a time, before)
+            more = f" (and {len(refused) - 1} more folder{'s' if len(refused) > 2 else ''} like it: " + ", ".join(
+                w.split(" holds ")[0] for w in refused[1:]) + ")" if len(refused) > 1 else ""
+            raise CompareError(refused[0] + more)
+        for folder in (out / p["name"] / f"seed{seed}" for p in plans for seed in range(seeds)):
+            try:  # (here, not at that run's turn: after hours of the runs before it)
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CompareError(f"--out {out}: cannot make {folder} ({e.strerror or e}); give an --out where folders can be made") from None
+        rows = []
+        for p in plans:
+            runs = []
+            for seed in range(seeds):
+                folder = out / p["name"] / f"seed{seed}"
+                runs.append((folder, train_once(p, seed, folder, quiet)))
+            rows.append(summarize_runs(p, runs))
+        import jax
 
-    d = jax.devices()[0]
-    meta = {"dataset": plans[0]["cfg"].data.dataset, "context_len": plans[0]["mcfg"].context_len, "seeds": ", ".join(map(str, range(seeds))),
-            "device": d.device_kind if d.platform == "gpu" else f"CPU ({os.cpu_count()} cores)",
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "differing_settings": differing_settings(plans),
-            "final_eval_batches": sorted({int(p["cfg"].eval.final_num_batches) for p in plans})}
-    text = markdown(rows, command, meta)
-    # (results.json first: it marks the folder's results as compare's, see check_out)
-    atomic_write_json(out / "results.json", {"rows": rows, "meta": meta, "command": command})
-    atomic_write_bytes(out / "results.md", text.encode())
-    from llmjax.plot import curves, draw
+        d = jax.devices()[0]
+        meta = {"dataset": plans[0]["cfg"].data.dataset, "context_len": plans[0]["mcfg"].context_len, "seeds": ", ".join(map(str, range(seeds))),
+                "device": d.device_kind if d.platform == "gpu" else f"CPU ({os.cpu_count()} cores)",
+                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "differing_settings": differing_settings(plans),
+                "final_eval_batches": sorted({int(p["cfg"].eval.final_num_batches) for p in plans})}
+        text = markdown(rows, command, meta)
+        # (results.json first: it marks the folder's results as compare's, see check_out)
+        atomic_write_json(out / "results.json", {"rows": rows, "meta": meta, "command": command})
+        atomic_write_bytes(out / "results.md", text.encode())
+        from llmjax.plot import curves, draw
 
-    # (exactly this comparison's runs: other seed folders under --out are older runs')
-    draw(curves([[out / p["name"] / f"seed{seed}" for seed in range(seeds)] for p in plans]), out / "val_loss.png",
-         title=f"{meta['dataset']}, {rows[0]['tokens']:,} tokens, {seeds} seed(s)")
-    return {"rows": rows, "markdown": text, "figure": out / "val_loss.png"}
+        # (exactly this comparison's runs: other seed folders under --out are older runs')
+        draw(curves([[out / p["name"] / f"seed{seed}" for seed in range(seeds)] for p in plans]), out / "val_loss.png",
+             title=f"{meta['dataset']}, {rows[0]['tokens']:,} tokens, {seeds} seed(s)")
+        return {"rows": rows, "markdown": text, "figure": out / "val_loss.png"}
 
 
 def define_flags():
