@@ -20,7 +20,6 @@ Train several architectures on the same data, token budget and seeds, then write
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import json
@@ -37,6 +36,7 @@ from absl import flags
 from llmjax import cli
 from llmjax.config import ConfigError, load_config, model_config, model_defaults, parse_value, set_key, split_spec, validate
 from llmjax.data import atomic_write_bytes, atomic_write_json
+from llmjax.runtime import exclusive_folder
 from llmjax.summary import summarize
 
 
@@ -440,30 +440,14 @@ def check_out(out: Path) -> None:
                            "replace them); move them or give another --out")
 
 
-@contextlib.contextmanager
 def _only_compare(out: Path):
-    """An exclusive lock on the folder `out` (flock on the folder itself, so no file of its own) while
-    a comparison checks and trains its runs: the same command started again while the first still ran
-    (in another terminal, say) started a second trainer in the run folder the first was training,
-    resumed from its latest checkpoint, and its table called that run resumed after an interruption,
-    with the second process's wall time. Where the file system has no such locks, it goes on without."""
-    try:
-        import fcntl
-    except ImportError:  # (Windows)
-        yield
-        return
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CompareError(f"another compare is running in {out} now; wait for it to end (its finished runs are then reused), "
-                               "or use another --out") from None
-        except OSError:
-            pass
-        yield
-    finally:
-        os.close(fd)
+    """An exclusive lock on the folder `out` while a comparison checks and trains its runs
+    (`runtime.exclusive_folder`): the same command started again while the first still ran (in
+    another terminal, say) started a second trainer in the run folder the first was training,
+    resumed from its latest checkpoint, and its table called that run resumed after an
+    interruption, with the second process's wall time."""
+    return exclusive_folder(out, lambda: CompareError(
+        f"another compare is running in {out} now; wait for it to end (its finished runs are then reused), or use another --out"))
 
 
 def compare(specs, *, out: Path, seeds: int, max_steps: int, batch_size=None, eval_every=None, eval_batches=None, tasks="hellaswag",

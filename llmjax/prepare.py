@@ -30,7 +30,6 @@ header, and manifest.json), streaming and in parallel:
 from __future__ import annotations
 
 import collections
-import contextlib
 import concurrent.futures as cf
 from concurrent.futures.process import BrokenProcessPool
 import hashlib
@@ -57,7 +56,7 @@ from absl import flags
 from llmjax import data as D
 from llmjax import tokenize_worker
 from llmjax import tokenizer as tok
-from llmjax.runtime import logger_level
+from llmjax.runtime import exclusive_folder, logger_level
 
 EOT_TEXT = "<|endoftext|>"
 SHARD_TOKENS = 100_000_000
@@ -560,29 +559,13 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
                                stop_after_shards=stop_after_shards)
 
 
-@contextlib.contextmanager
 def _only_preparation(out: Path):
-    """An exclusive lock on the folder `out` (flock on the folder itself, so no file of its own) while
-    a preparation reads and writes it: a second one at once would remove the first's temporaries and
-    the shards its state does not record yet, and the first would fail or list a shard that is gone.
-    Where the file system has no such locks (some network ones), it goes on without."""
-    try:
-        import fcntl
-    except ImportError:  # (Windows)
-        yield
-        return
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PrepareError(f"another preparation is writing {out} now; wait for it to end (a finished dataset is then kept, "
-                               "an unfinished one resumed by the same command), or use another --out") from None
-        except OSError:
-            pass
-        yield
-    finally:
-        os.close(fd)
+    """An exclusive lock on the folder `out` while a preparation reads and writes it
+    (`runtime.exclusive_folder`): a second one at once would remove the first's temporaries and
+    the shards its state does not record yet, and the first would fail or list a shard that is gone."""
+    return exclusive_folder(out, lambda: PrepareError(
+        f"another preparation is writing {out} now; wait for it to end (a finished dataset is then kept, an unfinished one "
+        f"resumed by the same command), or use another --out"))
 
 
 def _remove_created(created: list[Path]) -> None:

@@ -135,3 +135,28 @@ def logger_level(name: str, level: int):
         yield
     finally:
         log.setLevel(before)
+
+
+@contextlib.contextmanager
+def exclusive_folder(path, busy):
+    """An exclusive lock on the folder `path` (flock on the folder itself, so no file of its own)
+    within the block, for a tool whose second copy at once in that folder would break the first's
+    work (a preparation, a comparison, a training run): `busy()`, an exception, is raised at once
+    where another process holds it. Where the file system has no such locks (some network ones)
+    or the platform none (Windows), the block runs without."""
+    try:
+        import fcntl
+    except ImportError:  # (Windows)
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise busy() from None
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)

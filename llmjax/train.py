@@ -23,6 +23,7 @@ sampler and evaluator need.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -53,7 +54,7 @@ from llmjax.config import (EXECUTION_KEYS, ConfigError, config_diff, decay_steps
 from llmjax.loss import token_losses
 from llmjax.models.layers import convert_layer_layout
 from llmjax.registry import build_model
-from llmjax.runtime import cpu_compiler_options, enable_compilation_cache, tune_host_allocator
+from llmjax.runtime import cpu_compiler_options, enable_compilation_cache, exclusive_folder, tune_host_allocator
 from llmjax.sample import SampleError, generate, start_ids
 from llmjax.scoring import Scorer, ScoreError, model_scores, scoring_config
 from llmjax.sharding import batch_sharding, make_mesh, param_shardings, replicated_by_size, state_shardings
@@ -187,6 +188,10 @@ def train_settings(c: dict) -> dict:
     t.setdefault("schedule", "cosine")
     t.setdefault("decay_fraction", 0.2)
     return t
+
+
+class WorkdirBusy(ConfigError):
+    """Another training process holds the workdir (its lock: `runtime.exclusive_folder`)."""
 
 
 @dataclasses.dataclass
@@ -663,7 +668,8 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
     made_ckpt = [] if (Path(workdir).absolute() / "checkpoints").exists() else [Path(workdir).absolute() / "checkpoints"]
     try:
         try:
-            return _train(cfg, workdir, devices=devices, quiet=quiet)
+            with contextlib.ExitStack() as hold:  # (the workdir's lock, _train's to take: released as this returns)
+                return _train(cfg, workdir, devices=devices, quiet=quiet, hold=hold)
         except CheckpointError as e:
             raise TrainingError(f"{e}") from None
         except OSError as e:
@@ -677,6 +683,8 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
             raise TrainingError(f"out of device memory ({what}); lower train.batch_size (raise train.grad_accum_steps to keep the "
                                 f"global batch), or set model.remat=full or train.loss_chunks=8, or a shorter model.context_len; "
                                 f"{resume_point(Path(workdir).absolute() / 'checkpoints')}") from None
+    except WorkdirBusy:
+        raise  # (the folders are the other run's: nothing is removed)
     except BaseException:
         # (refused after the workdir was made: a missing extra, a validation split too short, init_from
         # weights that cannot be read) the folders this call made, where still empty; rmdir removes nothing else
@@ -688,7 +696,7 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
         raise
 
 
-def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
+def _train(cfg, workdir, *, hold: contextlib.ExitStack, devices=None, quiet: bool = False) -> Run:
     if jax.default_backend() == "cpu":
         tune_host_allocator()
     if jax.process_count() > 1:  # (before anything that one process alone may refuse)
@@ -757,6 +765,10 @@ def _train(cfg, workdir, *, devices=None, quiet: bool = False) -> Run:
     saved_cfg = workdir / "config.json"
     old_cfg = check_workdir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if lead:  # (process 0's: the others share its folder)
+        hold.enter_context(exclusive_folder(workdir, lambda: WorkdirBusy(
+            f"another training process is running in {workdir} now (the same command in another terminal?); wait for it to "
+            f"end (then the same command resumes its run), or use another --workdir")))
     check_shared_workdir(workdir)
     ckpt = Checkpointer(workdir / "checkpoints", keep=tcfg.keep_checkpoints)
     start = ckpt.latest_step() or 0

@@ -638,6 +638,28 @@ def test_a_dataset_whose_tokenizer_cannot_be_built_and_an_unwritable_data_dir_ar
     assert not (tmp_path / "run").exists()
 
 
+def test_a_second_training_process_in_the_same_workdir_is_refused(tmp_path):
+    """The same command started again while the first still trains (in another terminal, say) is one
+    line, and nothing of the first's is touched: both trained in one folder, each saving its own
+    checkpoints and metrics over the other's. Nothing is removed either where the folder is new (the
+    first made it), while a fresh run refused for another reason removes what it made."""
+    from llmjax.runtime import exclusive_folder
+
+    workdir = tmp_path / "run"
+    train(cfg("vanilla", train__max_steps=2), workdir, devices=jax.devices()[:1], quiet=True)
+    before = {f: f.read_bytes() for f in workdir.rglob("*") if f.is_file()}
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    for folder in (workdir, fresh):
+        with exclusive_folder(folder, lambda: AssertionError("held")):  # (as a run training there holds it)
+            with pytest.raises(ConfigError, match=rf"^another training process is running in {re.escape(str(folder))} now \(the same "
+                                                  rf"command in another terminal\?\); wait for it to end \(then the same command resumes "
+                                                  rf"its run\), or use another --workdir$"):
+                train(cfg("vanilla", train__max_steps=4), folder, devices=jax.devices()[:1], quiet=True)
+    assert {f: f.read_bytes() for f in workdir.rglob("*") if f.is_file()} == before
+    assert fresh.is_dir() and not any(fresh.iterdir())
+
+
 def test_what_an_empty_prompt_starts_from():
     """The end-of-run sample with a character vocabulary without a newline crashed a finished run."""
     from llmjax.sample import start_ids
