@@ -102,16 +102,22 @@ def plan(specs: list[str], *, max_steps: int, batch_size: int | None, eval_every
         out.append({"spec": spec, "name": run_name(spec), "overrides": o, "cfg": cfg, "mcfg": mcfg,
                     "tokens_per_step": t.batch_size * t.grad_accum_steps * mcfg.context_len, "bpe": bpe})
     first = out[0]
+    f_train = first["cfg"].train
     for p in out[1:]:
-        for what, a, b in (
-            ("data.dataset", first["cfg"].data.dataset, p["cfg"].data.dataset),
-            ("model.context_len", first["mcfg"].context_len, p["mcfg"].context_len),
-            ("model.vocab_size", first["mcfg"].vocab_size, p["mcfg"].vocab_size),
-            ("tokens per step (train.batch_size x grad_accum_steps x context)", first["tokens_per_step"], p["tokens_per_step"]),
+        t = p["cfg"].train
+        # what makes them share it: the setting that differs, given once for every run
+        per_step = (f"--batch_size {f_train.batch_size} sets every run's batch" if t.batch_size != f_train.batch_size else
+                    f"--set train.grad_accum_steps={f_train.grad_accum_steps} sets every run's" if t.grad_accum_steps != f_train.grad_accum_steps
+                    else "")
+        for what, a, b, hint in (
+            ("data.dataset", first["cfg"].data.dataset, p["cfg"].data.dataset, f"--set data.dataset={first['cfg'].data.dataset} sets every run's"),
+            ("model.context_len", first["mcfg"].context_len, p["mcfg"].context_len, f"--set model.context_len={first['mcfg'].context_len} sets every run's"),
+            ("model.vocab_size", first["mcfg"].vocab_size, p["mcfg"].vocab_size, "their tokenizers differ: compare configs of one dataset's tokens"),
+            ("tokens per step (train.batch_size x grad_accum_steps x context)", first["tokens_per_step"], p["tokens_per_step"], per_step),
         ):
             if a != b:
-                raise CompareError(f"{p['spec']} differs from {first['spec']} in {what} ({b} vs {a}); compare configs that share it "
-                                   "(--batch_size sets every run's batch)")
+                raise CompareError(f"{p['spec']} differs from {first['spec']} in {what} ({b} vs {a}); compare configs that share it"
+                                   + (f" ({hint})" if hint else ""))
     if len({p["name"] for p in out}) != len(out):
         raise CompareError("two configs have the same file name and variant; their runs would share a folder")
     return out

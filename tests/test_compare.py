@@ -314,6 +314,22 @@ def test_plans_refuse_unfair_comparisons():
                                       tasks_limit=0, overrides={})[0]["overrides"]  # characters: none
 
 
+def test_an_unfair_pair_is_refused_with_the_setting_that_would_share_it(tmp_path):
+    """The refusal's advice names what differs: it said '--batch_size sets every run's batch' for
+    every difference, also for a grad_accum_steps or a dataset that --batch_size cannot change."""
+    kw = dict(max_steps=2, batch_size=None, eval_every=None, eval_batches=None, tasks="", tasks_limit=0, overrides={})
+    for change, advice in (("cfg.train.grad_accum_steps = 2", "--set train.grad_accum_steps=1 sets every run's"),
+                           ("cfg.train.batch_size = 4", "--batch_size 8 sets every run's batch"),
+                           ("cfg.data.dataset = 'other'", "--set data.dataset=tinyshakespeare_char sets every run's"),
+                           ("cfg.model.context_len = 32", "--set model.context_len=64 sets every run's")):
+        other = tmp_path / f"other{len(change)}.py"
+        other.write_text(f"import importlib.util\nspec = importlib.util.spec_from_file_location('base', {str(ROOT / 'configs' / 'vanilla.py')!r})\n"
+                         f"base = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(base)\n\n\n"
+                         f"def get_config(variant='default'):\n    cfg = base.get_config(variant)\n    {change}\n    return cfg\n")
+        with pytest.raises(C.CompareError, match=rf"; compare configs that share it \({re.escape(advice)}\)$"):
+            C.plan([SPECS[0], f"{other}:tiny"], **kw)
+
+
 def test_eval_flags_given_as_zero_are_zero():
     """--eval_every=0 and --eval_batches=0 mean what the config keys' 0 means (at the last step only;
     no estimates); they were taken as not given: every max_steps // 10 steps over the configs' 20 batches."""
