@@ -167,3 +167,13 @@ def capped_python(gib: int, *args: str) -> list[str]:
     code = ("import os, resource, sys; n = int(sys.argv[1]) * 2**30; resource.setrlimit(resource.RLIMIT_AS, (n, n)); "
             "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
     return [sys.executable, "-c", code, str(gib), *args]
+
+
+def readme_py_block(opening: str) -> str:
+    """The README's ```py block (an example that needs a trained run, so test_readme does not run it)
+    whose first line starts with `opening`."""
+    import re
+
+    blocks = [b for b in re.findall(r"```py\n(.*?)```", (ROOT / "README.md").read_text(), re.S) if b.startswith(opening)]
+    assert len(blocks) == 1, f"README has {len(blocks)} ```py blocks opening with {opening!r}"
+    return blocks[0]

@@ -19,7 +19,7 @@ import pytest
 
 import llmjax
 from conftest import ROOT
-from helpers import capped_python, config, model, scale_params
+from helpers import capped_python, config, model, readme_py_block, scale_params
 from llmjax import downstream, evaluate as E
 from llmjax.scoring import Scorer, ScoreError, encode_pair, length_bucket, rolling_windows, scoring_config
 from llmjax.tokenizer import GPT2Tokenizer
@@ -537,6 +537,17 @@ def bpe_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("evaluate") / "run"
     train(cfg, path, quiet=True)
     return path
+
+
+def test_the_readmes_scoring_example_runs(bpe_run, monkeypatch, capsys):
+    """README's downstream-scoring example (a ```py block: it needs a trained run) runs as written, on
+    a GPT-2 BPE run, with the fixture items as the task files."""
+    code = readme_py_block("from llmjax.downstream import")
+    assert '"runs/NAME"' in code
+    monkeypatch.setenv("LLMJAX_TASK_DIR", str(FIXTURES))
+    exec(compile(code.replace('"runs/NAME"', repr(str(bpe_run))), "README.md", "exec"), {})
+    acc_norm, rolling = capsys.readouterr().out.splitlines()
+    assert 0 <= float(acc_norm) <= 1 and "-" in rolling, (acc_norm, rolling)
 
 
 def test_trainer_scores_tasks_in_the_loop(bpe_run):

@@ -24,7 +24,8 @@ import llmjax
 import llmjax.models  # noqa: F401
 from flax import nnx
 from conftest import ROOT
-from helpers import built_once, capped_python, cli_cases, cli_runs, config, load_params, params, perturb_vectors, scale_params
+from helpers import (built_once, capped_python, cli_cases, cli_runs, config, load_params, params, perturb_vectors, readme_py_block,
+                     scale_params)
 from llmjax import sample as S
 from llmjax.models.layers import convert_layer_layout
 from llmjax.sample import Sampling, filter_logits, generate
@@ -501,6 +502,16 @@ def run_dir(tmp_path_factory):
         return str(folder / "run")
 
     return Path(built_once(tmp_path_factory, "sample-run", build))
+
+
+def test_the_readmes_sampling_example_runs(run_dir):
+    """README's sampling example (a ```py block: it needs a trained run) runs as written, on a run."""
+    code = readme_py_block("from llmjax.sample import")
+    assert '"runs/shakespeare_char"' in code
+    scope = {}
+    exec(compile(code.replace('"runs/shakespeare_char"', repr(str(run_dir))), "README.md", "exec"), scope)
+    assert len(scope["texts"]) == 4 and all(isinstance(t, str) and t for t in scope["texts"]), scope["texts"]
+    assert len(scope["ids"]) == 2 and all(0 < len(row) <= 50 for row in scope["ids"]), scope["ids"]
 
 
 def test_load_restores_the_trained_weights(run_dir):
