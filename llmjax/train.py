@@ -765,10 +765,16 @@ def _train(cfg, workdir, *, hold: contextlib.ExitStack, devices=None, quiet: boo
     saved_cfg = workdir / "config.json"
     old_cfg = check_workdir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if lead:  # (process 0's: the others share its folder)
-        hold.enter_context(exclusive_folder(workdir, lambda: WorkdirBusy(
-            f"another training process is running in {workdir} now (the same command in another terminal?); wait for it to "
-            f"end (then the same command resumes its run), or use another --workdir")))
+    busy = WorkdirBusy(f"another training process is running in {workdir} now (the same command in another terminal?); wait for "
+                       f"it to end (then the same command resumes its run), or use another --workdir")
+    try:
+        if lead:  # (process 0's: the others share its folder)
+            hold.enter_context(exclusive_folder(workdir, lambda: busy))
+        refused = False
+    except WorkdirBusy:
+        refused = True
+    if most_of_all_processes(int(refused)):  # (every process stops, not process 0 alone)
+        raise busy
     check_shared_workdir(workdir)
     ckpt = Checkpointer(workdir / "checkpoints", keep=tcfg.keep_checkpoints)
     start = ckpt.latest_step() or 0

@@ -448,6 +448,20 @@ def test_a_workdir_the_processes_do_not_share_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "run0").exists() and not (tmp_path / "run1").exists()
 
 
+def test_a_workdir_another_run_trains_in_stops_every_process(tmp_path):
+    """Process 0 finds the workdir's lock held (another run training there): every process stops in
+    one line, not process 0 alone (process 1 waited in the next collective)."""
+    from llmjax.runtime import exclusive_folder
+
+    workdir = tmp_path / "multi"
+    workdir.mkdir()
+    with exclusive_folder(workdir, lambda: AssertionError("held")):
+        codes, errs = _two_processes(lambda i: workdir, timeout=120)
+    assert codes == [2, 2], errs
+    assert all(len(lines) == 1 and lines[0].startswith(f"error: another training process is running in {workdir} now") for lines in errs), errs
+    assert not any(workdir.iterdir())
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_leaves_a_checkpoint_to_resume_from(tmp_path, sig):
     """SIGTERM (a preemption) or a first Ctrl-C (SIGINT: was a KeyboardInterrupt traceback, and an
