@@ -222,6 +222,44 @@ def test_the_norm_kernels_keep_the_layers_dtypes():
     assert not np.array_equal(np.asarray(s, np.float32), np.asarray((x + (h + h_bias)).astype(jnp.bfloat16), np.float32))
 
 
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_bfloat16_norm_kernels_equal_flaxs_layer_up_to_the_order_of_sums(kind):
+    """A bfloat16 layer with a scale and bias that bfloat16 does not hold exactly (any trained one):
+    the kernels give flax's own outputs, but for a last-bit difference in a few values (float32 sums
+    ordered otherwise). flax rounds the scale and bias to the layer's dtype before using them; the
+    kernels used them in float32, so a bf16 model's fused decode step (a GPU's default) normalised
+    otherwise than its full forward: a quarter of the values 1 bfloat16 step off (RMSNorm), a third
+    of LayerNorm's up to 436 steps (where the bias cancels the rest); cached decoding of a bf16 SSM
+    drifted 8% of the logits' scale from its full forward, against 0 with the XLA norms."""
+    from flax import nnx
+
+    from llmjax.models import decode_norm
+
+    D = 768
+    rngs = nnx.Rngs(0)
+    layer = (nnx.LayerNorm(D, epsilon=1e-5, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=rngs) if kind == "layer"
+             else nnx.RMSNorm(D, epsilon=1e-6, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=rngs))
+    layer.scale[...] = 1 + 0.5 * jax.random.normal(jax.random.key(1), (D,))
+    if kind == "layer":
+        layer.bias[...] = 0.5 * jax.random.normal(jax.random.key(2), (D,))
+    x = jax.random.normal(jax.random.key(5), (8, 1, D), jnp.bfloat16)
+    h = jax.random.normal(jax.random.key(6), (8, 1, D), jnp.bfloat16)
+    h_bias = 0.5 * jax.random.normal(jax.random.key(7), (D,))
+
+    def assert_flaxs(got, want, what):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        step = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(want), 2.0**-100))) - 7)  # bfloat16's spacing at each value
+        assert (np.abs(got - want) <= step).all(), f"{what}: up to {(np.abs(got - want) / step).max()} bfloat16 steps off"
+        assert (got != want).mean() < 0.01, f"{what}: {(got != want).mean():.1%} of the values differ"
+
+    assert_flaxs(decode_norm.norm(layer, x, interpret=True), layer(x), "norm")
+    s, y = decode_norm.add_norm(layer, x, h, interpret=True)
+    assert_flaxs(y, layer(x + h), "add_norm")
+    s, y = decode_norm.add_norm(layer, x, h, h_bias=h_bias, interpret=True)
+    np.testing.assert_array_equal(s, x + (h + h_bias.astype(jnp.bfloat16)))
+    assert_flaxs(y, layer(s), "add_norm with h's bias")
+
+
 @pytest.mark.parametrize("arch", ["vanilla", "mla", "ssm"])
 def test_the_model_decodes_with_the_norm_kernels_on_a_gpu_only(arch):
     """decode_norm_impl 'auto': two norm kernels per layer for one token per row when tracing for a

@@ -10,9 +10,9 @@ Here one program per row loads the row (`chunk` values at a time, kept in regist
 in float32, and writes the normalised row (and, for `add_norm`, the residual sum) once.
 
 Numerics as flax's nnx.LayerNorm / nnx.RMSNorm (statistics in float32, the fast variance
-E[x^2] - E[x]^2, scale and bias in float32, the result cast to the layer's dtype); the residual sum
-is rounded to its dtype before it is normalised, as `norm(x + h)` does. Only the order of float32
-additions differs. On a CPU (tests, `model.decode_norm_impl='pallas'`) it runs in Pallas'
+E[x^2] - E[x]^2, scale and bias rounded to the layer's dtype as flax rounds them, then applied in
+float32, the result cast to the layer's dtype); the residual sum is rounded to its dtype before it
+is normalised, as `norm(x + h)` does. Only the order of float32 additions differs. On a CPU (tests, `model.decode_norm_impl='pallas'`) it runs in Pallas'
 interpreter.
 """
 
@@ -93,10 +93,15 @@ def decode_norm_rows(x, delta, scale, bias, *, rms: bool, eps: float, dtype, int
 
 
 def _params(norm, D: int):
-    """(is it an RMSNorm, its scale (ones where it has none), its bias or None)."""
+    """(is it an RMSNorm, its scale (ones where it has none), its bias or None), each rounded to the
+    layer's dtype first, as flax's layer rounds them (`promote_dtype` with the layer's dtype: a
+    bfloat16 layer multiplies by the bfloat16 scale and adds the bfloat16 bias, in float32)."""
     rms = isinstance(norm, nnx.RMSNorm)
     scale = norm.scale[...] if norm.scale is not None else jnp.ones((D,), jnp.float32)
     bias = None if rms or norm.bias is None else norm.bias[...]
+    if norm.dtype is not None:
+        scale = scale.astype(norm.dtype)
+        bias = None if bias is None else bias.astype(norm.dtype)
     return rms, scale, bias
 
 
