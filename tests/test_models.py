@@ -311,6 +311,38 @@ def test_cached_decoding_matches_full_forward(case):
         close(logits, want, err_msg=f"ragged step {i}")
 
 
+@pytest.mark.parametrize("arch", ["linformer", "mla", "ssm"])
+def test_bfloat16_decode_states_stay_causal_and_track_the_full_forward(arch):
+    """dtype='bfloat16' (what the default variants train in), for the architectures that decode
+    through a state of their own (the Linformer's block and float32 running sums, MLA's latent and
+    absorbed projections, the SSM's recurrence and convolution window): causal bit for bit, and
+    cached decoding through the fused norms (a GPU's path), chunked prefill and rows at different
+    positions, within bfloat16's rounding of the full forward. The two round at different points
+    (the Linformer's decode keeps its sums in float32 where the full forward rounds their mean), so
+    the bound is 2^-5 of the logit scale, twice what these models need (the attention
+    architectures decode XLA's way bit for bit; their fused kernels are bounded in
+    tests/test_decode_attention.py)."""
+    test_causality((arch, {"dtype": "bfloat16"}))
+    m = perturb_vectors(scale_params(llmjax.build_model(config(arch, dtype="bfloat16", decode_norm_impl="pallas"), seed=2), 3.0))
+    B, T = 2, 20
+    toks = tokens(4, B, T)
+    full = nnx.jit(lambda m, t: m(t)[0])(m, toks)
+    bound = 2.0**-5 * float(jnp.abs(full).max())
+    step = nnx.jit(lambda m, t, p, c: m(t, positions=p, cache=c)[:2])
+    cache = m.init_cache(B, 32)
+    # row 1 first takes a 5-token prompt (row 0 padding), then both decode 5 positions apart
+    pos = jnp.asarray([[-1] * 5, list(range(5))])
+    logits, cache = step(m, jnp.where(pos >= 0, toks[:, :5], 63), pos, cache)
+    assert float(jnp.abs(logits[1] - full[1, :5]).max()) < bound
+    starts = np.array([0, 5])
+    for size in (7, 4, 1, 1, 1):
+        pos = jnp.asarray(starts[:, None] + np.arange(size))
+        logits, cache = step(m, jnp.take_along_axis(toks, pos, 1), pos, cache)
+        err = float(jnp.abs(logits - jnp.take_along_axis(full, pos[..., None], 1)).max())
+        assert err < bound, f"chunk at {starts.tolist()}: {err} >= {bound}"
+        starts += size
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_decoding_fills_the_cache_through_padding_and_pauses(arch):
     """The decode contract's edge shapes, each step against the full forward (float32, 1e-4):
