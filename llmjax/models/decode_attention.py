@@ -18,8 +18,12 @@ products with a block of keys (hd, block) or values are elementwise products and
 matrix product needs 16 rows; XLA's own decode does the same). The caches stay (B, K, hd, S).
 
 Numerics as the XLA path: bias added in float32 and rounded to the projection's dtype, keys and
-values rounded to the cache dtype, logits and softmax in float32, probabilities rounded to the cache
-dtype for the value product (accumulated in float32); only the order of float32 additions differs.
+values rounded to the cache dtype, logits and softmax in float32, the value product accumulated in
+float32. One difference beyond the order of float32 additions: the online softmax rounds each
+probability to the cache dtype before it is normalised (exp(logit - running max), divided by the sum
+at the end), where XLA rounds the normalised probability; in float32 nothing changes, in bfloat16
+cached decoding ends 0.6-1.2% of the logit scale from the full forward (tiny models, weights x3-x5),
+as flash attention's forward (cuDNN's on a GPU) differs from XLA's.
 A padding token (position < 0) writes nothing and attends to slot 0 only, as `visible_mask` says.
 On a CPU (tests, `model.decode_attention_impl='pallas'`) it runs in Pallas' interpreter.
 """
