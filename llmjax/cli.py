@@ -34,7 +34,13 @@ def define_config_flag(required: bool = True):
         fail(_flagfile_error(e))
 
 
+# the last line `fail` said (llmjax.train tells a multi-process run's other processes what stopped this one)
+last_error: str | None = None
+
+
 def fail(message: str, code: int = 2):
+    global last_error
+    last_error = message
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
 

@@ -229,6 +229,8 @@ class _Stop:
         if signum == signal.SIGINT and self.requested == "Ctrl-C":
             # (not KeyboardInterrupt: raised in whatever Python code runs, JAX's callbacks swallow it)
             print(f"error: {interrupted(self.checkpoints)}", file=sys.stderr, flush=True)
+            if _TOGETHER is not None:  # (the other processes would wait for this one in their next collective)
+                _TOGETHER.stop_all(interrupted(self.checkpoints), 130)
             os._exit(130)
         self.requested = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
         if signum == signal.SIGINT:
@@ -278,6 +280,12 @@ def in_thread(fn) -> concurrent.futures.Future:
     return future
 
 
+class EveryProcess(ConfigError):
+    """A refusal that every process makes at the same point, from what a collective told them all
+    (check_same_config, check_same_data, check_shared_workdir, check_shards): each says its own
+    line and ends as one process does (StopTogether leaves it alone)."""
+
+
 def most_of_all_processes(n: int) -> int:
     """The largest of every process's `n` (a collective: every process must call it at the same
     point); `n` itself with one process."""
@@ -305,9 +313,9 @@ def check_same_config(resolved: dict) -> None:
     n = int(multihost_utils.broadcast_one_to_all(np.int32(len(blob))))  # process 0's config, for the keys that differ
     lead = bytes(np.asarray(multihost_utils.broadcast_one_to_all(np.frombuffer(blob[:n].ljust(n, b" "), np.uint8))))
     diffs = config_diff(json.loads(lead), resolved) if jax.process_index() in others else []
-    raise ConfigError(f"the processes were given different configs: process(es) {', '.join(map(str, others))} differ from process 0"
-                      + (f" ({'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''}: process 0's -> this process's)" if diffs else "")
-                      + "; give every process the same --config and --config.* flags")
+    raise EveryProcess(f"the processes were given different configs: process(es) {', '.join(map(str, others))} differ from process 0"
+                       + (f" ({'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''}: process 0's -> this process's)" if diffs else "")
+                       + "; give every process the same --config and --config.* flags")
 
 
 def check_same_data(dataset) -> None:
@@ -328,9 +336,9 @@ def check_same_data(dataset) -> None:
     if differ.any():
         others = [p for p in range(len(differ)) if differ[p].any()]
         what = [k for k, d in zip(parts, differ.any(axis=0)) if d]
-        raise ConfigError(f"the processes read different prepared data as dataset '{dataset.name}': process(es) "
-                          f"{', '.join(map(str, others))} differ from process 0 in its {', '.join(what)} (this process's: "
-                          f"{dataset.path}); give every process the same prepared dataset (process 0's data.dir, shared or copied)")
+        raise EveryProcess(f"the processes read different prepared data as dataset '{dataset.name}': process(es) "
+                           f"{', '.join(map(str, others))} differ from process 0 in its {', '.join(what)} (this process's: "
+                           f"{dataset.path}); give every process the same prepared dataset (process 0's data.dir, shared or copied)")
 
 
 SHARED_WAIT_S = 5  # how long a process looks for process 0's marker file (a network file system's caches)
@@ -362,9 +370,9 @@ def check_shared_workdir(workdir: Path) -> None:
             marker.unlink(missing_ok=True)
     if not seen_by.all():
         blind = [str(p) for p in range(len(seen_by)) if not seen_by[p]]
-        raise ConfigError(f"--workdir {workdir} is not one folder that every process shares: process(es) {', '.join(blind)} do not "
-                          f"see the file process 0 wrote there; give every process the same folder, on a file system every host "
-                          f"mounts (the checkpoints are written by every process into one folder)")
+        raise EveryProcess(f"--workdir {workdir} is not one folder that every process shares: process(es) {', '.join(blind)} do not "
+                           f"see the file process 0 wrote there; give every process the same folder, on a file system every host "
+                           f"mounts (the checkpoints are written by every process into one folder)")
 
 
 def check_shards(dataset, damaged: concurrent.futures.Future, step: int) -> None:
@@ -377,8 +385,8 @@ def check_shards(dataset, damaged: concurrent.futures.Future, step: int) -> None
         bad = [f"(the check failed: {type(e).__name__}: {e})"]
     if most_of_all_processes(len(bad)):  # (one process alone stopping would leave the others in a collective)
         what = "; ".join(bad) if bad else "another process found a damaged shard in its copy"
-        raise ConfigError(f"dataset '{dataset.name}' in {dataset.path}: {what}; "
-                          f"delete that folder and prepare it again. Stopped at step {step}, nothing saved")
+        raise EveryProcess(f"dataset '{dataset.name}' in {dataset.path}: {what}; "
+                           f"delete that folder and prepare it again. Stopped at step {step}, nothing saved")
 
 
 def data_fingerprint(dataset) -> str:
@@ -1252,8 +1260,13 @@ def coordinator_problem(address: str, process_id: int | None, wait_s: float = CO
     return None
 
 
+_DISTRIBUTED_TRIED = False  # (init_distributed was reached: its own refusals say what to fix)
+
+
 def init_distributed():
     """jax.distributed for multi-process runs: explicit flags, or what a cluster (SLURM, ...) sets."""
+    global _DISTRIBUTED_TRIED
+    _DISTRIBUTED_TRIED = True
     FLAGS = flags.FLAGS
     hint = "give --coordinator_address=HOST:PORT (process 0's), --num_processes=N and --process_id=0..N-1 to every process"
     address, n, i = FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
@@ -1278,6 +1291,150 @@ def init_distributed():
             cli.fail(f"jax.distributed could not start under SLURM ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}); {hint}")
 
 
+_TOGETHER = None  # the StopTogether of this process's multi-process run, while it trains
+FAILED_KEY = "llmjax/train/failed"  # (jax.distributed's key-value store: "process\ncode\nline" of the first process that failed)
+WATCH_S = 0.5  # how often each process looks for another's failure
+ACK_WAIT_S = 10.0  # how long a failed process 0 (the coordinator's host) waits for the others to read its failure
+
+
+class StopTogether:
+    """With several processes, one process's error ends every process at once, each in one line:
+    the failing one says what (its own error line), the others that process N stopped and why. Else
+    the others waited in their next collective (a check at the start, a training step) and the
+    failed process in jax.distributed's shutdown barrier, both for 5 minutes, then all ended in C++
+    aborts with their stacks. The failing process puts its line in jax.distributed's key-value
+    store; a thread in every process looks for it every WATCH_S seconds and ends its process with
+    os._exit (where the process may be blocked in a collective that no Python code can leave).
+    Every process that fails ends with os._exit too (jax.distributed's shutdown barrier would wait
+    for the processes that have gone); process 0, which hosts the store, first waits for the
+    others to have read it (at most ACK_WAIT_S seconds). A no-op in a single process."""
+
+    def __init__(self):
+        from jax._src import distributed
+
+        self.client = distributed.global_state.client  # (None in one process; not jax.process_count(): no backend started here)
+        self.done = None
+
+    def __enter__(self):
+        global _TOGETHER
+        if self.client is not None:
+            import threading
+
+            self.done = threading.Event()
+            self.thread = threading.Thread(target=self._watch, name="llmjax-stop-together", daemon=True)
+            self.thread.start()
+            _TOGETHER = self
+        return self
+
+    def _watch(self):
+        while not self.done.wait(WATCH_S):
+            self._stop_if_another_failed()
+
+    def _stop_if_another_failed(self):
+        """Where another process failed: say so and end this one (else return)."""
+        me = jax.process_index()
+        try:
+            who, code, line = self.client.key_value_try_get(FAILED_KEY).split("\n", 2)
+        except Exception:  # noqa: BLE001  (not there: no process failed)
+            return
+        if int(who) == me:
+            return
+        print(f"error: process {who} stopped, so this process stopped too (process {who}: {line})", file=sys.stderr, flush=True)
+        with contextlib.suppress(Exception):
+            self.client.key_value_set(f"{FAILED_KEY}/read/{me}", "1")
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        os._exit(int(code))
+
+    def stop_all(self, line: str, code: int):
+        """Tell the other processes that this one stopped with `line` (said already), and end it."""
+        me = jax.process_index()
+        try:
+            self.client.key_value_set(FAILED_KEY, f"{me}\n{code}\n{line}")
+            first = True
+        except Exception:  # noqa: BLE001  (another process failed first: its line ends the others)
+            first = False
+        if me == 0 and first:  # (the store lives in this process: the others read it before it goes)
+            deadline = time.monotonic() + ACK_WAIT_S
+            for p in range(1, jax.process_count()):
+                while time.monotonic() < deadline:
+                    try:
+                        self.client.key_value_try_get(f"{FAILED_KEY}/read/{p}")
+                        break
+                    except Exception:  # noqa: BLE001
+                        time.sleep(0.1)
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+    def __exit__(self, kind, e, tb):
+        global _TOGETHER
+        if self.client is None:
+            return False
+        if e is None or (isinstance(e, SystemExit) and e.code in (0, None)) or isinstance(e, EveryProcess):
+            self.done.set()
+            self.thread.join()
+            _TOGETHER = None
+            return False
+        if not isinstance(e, (SystemExit, KeyboardInterrupt)):  # (cli.fail's line: _main asked before it)
+            # (an error that another process's end caused here: Gloo's 'Connection closed by peer' in a
+            # collective; that process put its line in the store before it ended)
+            self._stop_if_another_failed()
+        if isinstance(e, SystemExit):  # (cli.fail: its line said)
+            line, code = cli.last_error or "stopped", e.code if isinstance(e.code, int) else 1
+        elif isinstance(e, ConfigError):
+            line, code = str(e), 2
+        elif isinstance(e, KeyboardInterrupt):
+            line, code = "interrupted", 130
+        elif type(e).__name__ == "JaxRuntimeError" and (said := cli.exhausted(e)) is not None:
+            line, code = said, 1
+        else:  # (a bug: its traceback, as in one process)
+            import traceback
+
+            traceback.print_exception(e)
+            line, code = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}", 1
+        if not isinstance(e, SystemExit):
+            print(f"error: {line}", file=sys.stderr, flush=True)
+        self.stop_all(line, code)
+
+
+AT_START_WAIT_S = 30  # how long a process refused before jax.distributed started waits for the others, to tell them
+
+
+def stop_others_at_the_start(argv: list[str], code: int) -> None:
+    """A process refused before jax.distributed started (its --config file missing on its host, a
+    flag it alone was given wrong): where its --coordinator_address, --num_processes and
+    --process_id are whole, it joins the run only to tell the others its line (StopTogether),
+    and ends. Else the others waited for it in jax.distributed's start for 5 minutes, and process
+    0 then ended in a C++ abort with its stack. Returns where it cannot join."""
+    given = {name: cli.given(argv, (name,)) for name in ("coordinator_address", "num_processes", "process_id")}
+    if not all(given.values()):
+        return
+    address, n, i = given["coordinator_address"][-1][1], given["num_processes"][-1][1], given["process_id"][-1][1]
+    if not (re.fullmatch(r".+:\d+", address) and n.isdigit() and i.isdigit() and 0 <= int(i) < int(n) and int(n) > 1):
+        return
+    deadline = time.monotonic() + AT_START_WAIT_S
+    try:
+        if coordinator_problem(address, int(i), wait_s=AT_START_WAIT_S) is not None:
+            return
+    except Exception:  # noqa: BLE001  (its own line is said; the others' start says theirs)
+        return
+
+    def join():  # (in a thread: jax.distributed ends the process in a C++ abort where the others never come)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=address, num_processes=int(n), process_id=int(i),
+                                   initialization_timeout=AT_START_WAIT_S + 60)
+
+    try:
+        in_thread(join).result(timeout=max(1.0, deadline - time.monotonic()))
+    except BaseException:  # noqa: BLE001  (not joined in time, or refused: end without jax.distributed's shutdown barrier)
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os._exit(code)
+    StopTogether().stop_all(cli.last_error or "stopped", code)
+
+
 def final_loss_covers(cfg, val_batches: int | None = None) -> str:
     """What a finished run's final val_loss covers: eval.final_num_batches (0, or at least the
     split's `val_batches`: the whole split)."""
@@ -1292,11 +1449,18 @@ def main(argv):
     if FLAGS.config is None:
         cli.fail("--config is required, e.g. --config configs/shakespeare_char.py")
     init_distributed()
+    with StopTogether():  # (several processes: one's error ends them all, at once)
+        _main(FLAGS)
+
+
+def _main(FLAGS):
     enable_compilation_cache()
     workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
     try:
         run = train(FLAGS.config, workdir)
     except TrainingError as e:
+        if _TOGETHER is not None:  # (a collective that failed as another process ended: 'checkpoint ... could not be written (Gloo ...)')
+            _TOGETHER._stop_if_another_failed()
         cli.fail(str(e), code=1)
     except KeyboardInterrupt:  # (before the loop, or after it)
         cli.fail(interrupted(Path(workdir).absolute() / "checkpoints"), code=130)
@@ -1310,4 +1474,9 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    cli.run(main)
+    try:
+        cli.run(main)
+    except SystemExit as e:  # (refused before jax.distributed started: the other processes wait for this one there)
+        if e.code not in (0, None) and not _DISTRIBUTED_TRIED:
+            stop_others_at_the_start(sys.argv, e.code if isinstance(e.code, int) else 1)
+        raise

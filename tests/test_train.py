@@ -355,20 +355,21 @@ def _env(**extra):
     return env
 
 
-def _train_cmd(workdir, *extra):
-    args = [sys.executable, "-m", "llmjax.train", "--config", "configs/vanilla.py:tiny", "--workdir", str(workdir)]
+def _train_cmd(workdir, *extra, config="configs/vanilla.py:tiny"):
+    args = [sys.executable, "-m", "llmjax.train", "--config", config, "--workdir", str(workdir)]
     args += [f"--config.{k}={v}" for k, v in TINY.items()]
     return args + list(extra)
 
 
-def _two_processes(workdir, extra=lambda i: [], env=lambda i: {}, timeout=300):
+def _two_processes(workdir, extra=lambda i: [], env=lambda i: {}, timeout=300, config=lambda i: "configs/vanilla.py:tiny"):
     """Start the tiny run as processes 0 and 1 of a jax.distributed run on localhost (`workdir`,
-    `extra` flags and `env` variables per process) and wait: their exit codes and stderr lines
-    (Gloo's own lines left out)."""
+    `extra` flags, `env` variables and `config` per process) and wait: their exit codes and stderr
+    lines (Gloo's own lines left out)."""
     port = _free_port()
     procs = [
         subprocess.Popen(
-            _train_cmd(workdir(i), f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}", *extra(i)),
+            _train_cmd(workdir(i), f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}", *extra(i),
+                       config=config(i)),
             cwd=ROOT, env=_env(**env(i)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for i in range(2)
@@ -516,6 +517,63 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
     stopped = max(losses(workdir))
     assert f"stopped by SIGTERM after step {stopped}; checkpoint saved" in outs[0] and stopped % 5 == 0, outs[0]
     assert sorted(int(c.name) for c in (workdir / "checkpoints").iterdir() if c.name.isdigit()) == [stopped]
+
+
+@pytest.mark.parametrize("failing, what", [(1, "data"), (0, "config")])
+def test_a_process_that_fails_alone_stops_every_process_at_once_in_one_line(tmp_path, failing, what):
+    """An error in one process only (its data.dir holds the dataset unfinished; its --config file
+    is missing on its host, refused before jax.distributed starts) ends every process at once, in
+    one line each: the failing one's own, the other's naming it. The other waited in its next
+    collective (or in jax.distributed's start) and the failing one in jax.distributed's shutdown
+    barrier, both for 5 minutes, and then they ended in C++ aborts with their stacks."""
+    from llmjax.prepare import STATE
+
+    (tmp_path / "data1" / "tinyshakespeare_char").mkdir(parents=True)
+    (tmp_path / "data1" / "tinyshakespeare_char" / STATE).write_text("{}")
+    env = (lambda i: {"LLMJAX_DATA_DIR": str(tmp_path / "data1")} if i == failing and what == "data" else {})
+    config = (lambda i: str(tmp_path / "nowhere.py:tiny") if i == failing and what == "config" else "configs/vanilla.py:tiny")
+    started = time.monotonic()
+    codes, errs = _two_processes(lambda i: tmp_path / "multi", env=env, config=config, timeout=90)
+    assert codes == [2, 2] and time.monotonic() - started < 60, errs
+    said = errs[failing][0].removeprefix("error: ")
+    expected = (f"dataset 'tinyshakespeare_char' in {tmp_path / 'data1' / 'tinyshakespeare_char'} is unfinished" if what == "data"
+                else f"config file '{tmp_path / 'nowhere.py'}' not found")
+    assert len(errs[failing]) == 1 and said.startswith(expected), errs[failing]
+    other = 1 - failing
+    assert errs[other] == [f"error: process {failing} stopped, so this process stopped too (process {failing}: {said})"], errs[other]
+    assert not (tmp_path / "multi").exists()
+
+
+def test_a_second_ctrl_c_to_one_of_two_processes_stops_both_at_once(tmp_path):
+    """A second Ctrl-C to one process ends it at once and the other with it, in one line each
+    (the other waited in its next step's collective for 5 minutes, then ended in a C++ abort)."""
+    port = _free_port()
+    workdir = tmp_path / "multi"
+    procs = [
+        subprocess.Popen(
+            _train_cmd(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+                       "--config.train.max_steps=100000", "--config.train.checkpoint_every_steps=100000", "--config.eval.every_steps=0",
+                       "--config.train.log_every_steps=5"),
+            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        metrics = workdir / "metrics.jsonl"
+        deadline = time.time() + 180
+        while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3):
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        procs[1].send_signal(signal.SIGINT)
+        errs = [[line for line in p.communicate(timeout=60)[1].splitlines() if "Gloo" not in line] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [130, 130], errs
+    said = "interrupted; no checkpoint was written: the same command starts the run afresh"
+    assert errs[1][-1] == f"error: {said}" and not [line for line in errs[1] if "Traceback" in line], errs[1]
+    assert errs[0] == [f"error: process 1 stopped, so this process stopped too (process 1: {said})"], errs[0]
 
 
 def test_a_second_ctrl_c_stops_at_once_and_an_ignored_one_stays_ignored(tmp_path, monkeypatch, capsys):
