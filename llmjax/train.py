@@ -190,8 +190,15 @@ def train_settings(c: dict) -> dict:
     return t
 
 
-class WorkdirBusy(ConfigError):
-    """Another training process holds the workdir (its lock: `runtime.exclusive_folder`)."""
+class EveryProcess(ConfigError):
+    """A refusal that every process makes at the same point, from what a collective told them all
+    (check_same_config, check_same_data, check_shared_workdir, check_shards, the workdir's lock): each says its own
+    line and ends as one process does (StopTogether leaves it alone)."""
+
+
+class WorkdirBusy(EveryProcess):
+    """Another training process holds the workdir (its lock: `runtime.exclusive_folder`; process
+    0's, which every process hears of)."""
 
 
 @dataclasses.dataclass
@@ -278,12 +285,6 @@ def in_thread(fn) -> concurrent.futures.Future:
 
     threading.Thread(target=run, name="llmjax-" + fn.__name__, daemon=True).start()
     return future
-
-
-class EveryProcess(ConfigError):
-    """A refusal that every process makes at the same point, from what a collective told them all
-    (check_same_config, check_same_data, check_shared_workdir, check_shards): each says its own
-    line and ends as one process does (StopTogether leaves it alone)."""
 
 
 def most_of_all_processes(n: int) -> int:
@@ -1310,9 +1311,12 @@ class StopTogether:
     others to have read it (at most ACK_WAIT_S seconds). A no-op in a single process."""
 
     def __init__(self):
-        from jax._src import distributed
+        try:  # (JAX's own handle on the key-value store: private, so a JAX without it leaves this a no-op)
+            from jax._src import distributed
 
-        self.client = distributed.global_state.client  # (None in one process; not jax.process_count(): no backend started here)
+            self.client = distributed.global_state.client  # (None in one process; not jax.process_count(): no backend started here)
+        except (ImportError, AttributeError):
+            self.client = None
         self.done = None
 
     def __enter__(self):
@@ -1354,6 +1358,8 @@ class StopTogether:
             first = True
         except Exception:  # noqa: BLE001  (another process failed first: its line ends the others)
             first = False
+            with contextlib.suppress(Exception):  # (read, as the watcher would say: a failed process 0 need not wait for this one)
+                self.client.key_value_set(f"{FAILED_KEY}/read/{me}", "1")
         if me == 0 and first:  # (the store lives in this process: the others read it before it goes)
             deadline = time.monotonic() + ACK_WAIT_S
             for p in range(1, jax.process_count()):
