@@ -492,18 +492,16 @@ def test_sigterm_leaves_a_checkpoint_to_resume_from(tmp_path, sig):
     assert run.step == stopped + 3 and sorted(losses(workdir)) == list(range(1, stopped + 4))
 
 
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
-    """Several processes stop together: a SIGTERM to one process (as a preemption that reaches the
-    hosts at different times) is agreed at the next metrics block, and both save that step and exit
-    (each alone would leave the other waiting in a collective, and neither would save)."""
+def _two_long_runs(workdir, stderr):
+    """Processes 0 and 1 of an endless tiny run in `workdir` (stdout piped, stderr as given), once
+    they have trained a few steps (3 rows of metrics)."""
     port = _free_port()
-    workdir = tmp_path / "multi"
     procs = [
         subprocess.Popen(
             _train_cmd(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
                        "--config.train.max_steps=100000", "--config.train.checkpoint_every_steps=100000", "--config.eval.every_steps=0",
                        "--config.train.log_every_steps=5"),
-            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=stderr, text=True,
         )
         for i in range(2)
     ]
@@ -511,6 +509,15 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
     deadline = time.time() + 180
     while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3):
         time.sleep(0.2)
+    return procs
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
+    """Several processes stop together: a SIGTERM to one process (as a preemption that reaches the
+    hosts at different times) is agreed at the next metrics block, and both save that step and exit
+    (each alone would leave the other waiting in a collective, and neither would save)."""
+    workdir = tmp_path / "multi"
+    procs = _two_long_runs(workdir, stderr=subprocess.STDOUT)
     procs[1].send_signal(signal.SIGTERM)  # (the lead, process 0, is the one that says it)
     outs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
@@ -547,22 +554,8 @@ def test_a_process_that_fails_alone_stops_every_process_at_once_in_one_line(tmp_
 def test_a_second_ctrl_c_to_one_of_two_processes_stops_both_at_once(tmp_path):
     """A second Ctrl-C to one process ends it at once and the other with it, in one line each
     (the other waited in its next step's collective for 5 minutes, then ended in a C++ abort)."""
-    port = _free_port()
-    workdir = tmp_path / "multi"
-    procs = [
-        subprocess.Popen(
-            _train_cmd(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
-                       "--config.train.max_steps=100000", "--config.train.checkpoint_every_steps=100000", "--config.eval.every_steps=0",
-                       "--config.train.log_every_steps=5"),
-            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for i in range(2)
-    ]
+    procs = _two_long_runs(tmp_path / "multi", stderr=subprocess.PIPE)
     try:
-        metrics = workdir / "metrics.jsonl"
-        deadline = time.time() + 180
-        while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3):
-            time.sleep(0.2)
         procs[1].send_signal(signal.SIGINT)
         time.sleep(0.3)
         procs[1].send_signal(signal.SIGINT)
