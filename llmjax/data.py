@@ -106,6 +106,26 @@ def atomic_write_bytes(path: Path, chunks) -> None:
         raise
 
 
+def missing_folders(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, `path` first: what making it creates,
+    for `remove_empty` to take back (a tool refused or failed before writing anything there)."""
+    path = Path(path).absolute()
+    return [p for p in (path, *path.parents) if not p.exists()]
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """rmdir each of `folders` in order (the leaf first) while it is empty, passing over one that was
+    never made; stop at the first that is not empty (something was written into it meanwhile: it and
+    its parents stay)."""
+    for d in folders:
+        if not d.exists():
+            continue
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 

@@ -552,7 +552,7 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
         raise PrepareError("no training source (give a file without 'val=')")
     # the folders made here, `out` first, then the parents it needed (a/b for a/b/c): a run that fails
     # before its first finished shard removes these (where still empty), never a folder that was there
-    created = [p for p in (out, *out.parents) if not p.exists()]
+    created = D.missing_folders(out)
     out.mkdir(parents=True, exist_ok=True)
     with _only_preparation(out):  # (from here, what is in `out` is this run's to read and change)
         return _prepare_locked(name, out, sources, args, created, workers=workers, shard_tokens=shard_tokens, progress=progress,
@@ -566,16 +566,6 @@ def _only_preparation(out: Path):
     return exclusive_folder(out, lambda: PrepareError(
         f"another preparation is writing {out} now; wait for it to end (a finished dataset is then kept, an unfinished one "
         f"resumed by the same command), or use another --out"))
-
-
-def _remove_created(created: list[Path]) -> None:
-    """rmdir each folder of `created` (the leaf first) while it is empty; stop at the first that is
-    not (something else wrote into it meanwhile: it and its parents stay)."""
-    for d in created:
-        try:
-            d.rmdir()
-        except OSError:
-            return
 
 
 def _prepare_locked(name: str, out: Path, sources: list[Source], args: dict, created: list[Path], *, workers: int, shard_tokens: int,
@@ -644,7 +634,7 @@ def _prepare_locked(name: str, out: Path, sources: list[Source], args: dict, cre
             for f in out.iterdir():
                 if D.OWN_TEMPORARY.fullmatch(f.name):
                     f.unlink(missing_ok=True)
-            _remove_created(created)
+            D.remove_empty(created)
         raise
     finally:
         if bar is not None:
@@ -654,7 +644,7 @@ def _prepare_locked(name: str, out: Path, sources: list[Source], args: dict, cre
         # and a folder made here with it
         for f in [s["file"] for sp in ("train", "val") for s in state.get(sp, [])] + [STATE]:
             (out / f).unlink(missing_ok=True)
-        _remove_created(created)
+        D.remove_empty(created)
         raise PrepareError(f"the sources hold {counts['train']} training and {counts['val']} validation documents; both need at least one"
                            + (" (a held-out validation tail needs at least 2 documents: separate them with <|endoftext|> in a .txt, "
                               "or give a val= file)" if held_out else ""))

@@ -672,7 +672,7 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
     checkpoint or file that cannot be written (a full or read-only disk) stops it with a
     TrainingError of one line. A fresh run refused before it wrote anything leaves no folder behind
     (in a workdir that was there, no checkpoints/ folder)."""
-    made = [d for d in (Path(workdir).absolute(), *Path(workdir).absolute().parents) if not d.exists()]  # (the workdir first)
+    made = data_lib.missing_folders(workdir)  # (the workdir first)
     # (its checkpoints/, where this call makes it: in a workdir the user made beforehand too)
     made_ckpt = [] if (Path(workdir).absolute() / "checkpoints").exists() else [Path(workdir).absolute() / "checkpoints"]
     try:
@@ -697,11 +697,7 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
     except BaseException:
         # (refused after the workdir was made: a missing extra, a validation split too short, init_from
         # weights that cannot be read) the folders this call made, where still empty; rmdir removes nothing else
-        for d in [*made_ckpt, *made]:
-            try:
-                d.rmdir()
-            except OSError:
-                pass
+        data_lib.remove_empty([*made_ckpt, *made])
         raise
 
 
