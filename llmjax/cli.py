@@ -20,6 +20,10 @@ from llmjax.config import ConfigError, check_key, flags_spec, load_config, split
 
 FLAGS = flags.FLAGS
 
+# the trainer's exit status when its loss, gradients or update became inf or NaN (llmjax.train.NonFinite):
+# `llmjax.compare` records such a run as diverged and goes on with the others
+NON_FINITE_EXIT = 3
+
 
 def define_config_flag(required: bool = True):
     try:  # (config_flags reads sys.argv's --flagfiles here already: one that cannot be read was its traceback)

@@ -24,6 +24,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -215,6 +216,8 @@ def _reusable(p: dict, seed: int, folder: Path) -> dict | None:
         stats = json.loads(stats_file.read_text())
         if stats.get("seed") == seed and stats.get("returncode") == 0 and _finished(folder, p["cfg"].train.max_steps):
             return stats
+        if stats.get("seed") == seed and stats.get("returncode") == cli.NON_FINITE_EXIT and "non_finite_at_step" in stats:
+            return stats  # (diverged: run again, it would diverge again, from its last good checkpoint)
     return None
 
 
@@ -237,18 +240,19 @@ def _resumes(folder: Path) -> list[int]:
 def refusal(p: dict, seed: int, folder: Path) -> str | None:
     """Why the run in `folder` can be neither reused nor resumed for this config and code (one line),
     or None. compare checks every folder before it trains anything."""
-    if _reusable(p, seed, folder) is not None:
+    if (stats := _reusable(p, seed, folder)) is not None:
+        done = "diverged" if stats.get("returncode") == cli.NON_FINITE_EXIT else "finished"
         # (finished and of this config, whatever the flags that change no figure: a rerun with another
         # --task_dir or --set train.log_every_steps, or --batch_size given as the configs' own, started
         # the trainer again on the finished run, which overwrote its wall time and peak memory with
         # those of a process that trained nothing and marked it as resumed at its last step)
         changes = config_changes(folder / "config.json", p["cfg"])
         if changes:
-            return (f"{folder} holds a finished run of another config ({'; '.join(changes)}): its figures are not this config's; "
+            return (f"{folder} holds a {done} run of another config ({'; '.join(changes)}): its figures are not this config's; "
                     "delete that folder or use another --out")
         changed = code_changes(folder)
         if changed:
-            return (f"{folder} holds a finished run trained by other llmjax code ({changed} changed since): its figures are not "
+            return (f"{folder} holds a {done} run trained by other llmjax code ({changed} changed since): its figures are not "
                     "this code's; delete that folder or use another --out")
         return None
     if (folder / "config.json").is_file():  # an earlier run there: resumed only if it is this config's
@@ -310,6 +314,17 @@ def train_once(p: dict, seed: int, folder: Path, quiet: bool) -> dict:
             raise
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
+    if proc.returncode == cli.NON_FINITE_EXIT:  # (diverged: the row says so, and the other runs go on)
+        line = next((x for x in reversed((folder / "train.log").read_text().splitlines()) if x.startswith("error: ")), "")
+        at = re.search(r" (?:at|of) step (\d+)", line)
+        stats = {"seed": seed, "overrides": p["overrides"], "returncode": proc.returncode, "wall_seconds": wall,
+                 "max_rss_bytes": usage.ru_maxrss * 1024, "resumed_from_step": resumed, "resumed_from_steps": resumes,
+                 "non_finite_at_step": int(at.group(1)) if at else None, "error": line.removeprefix("error: ")}
+        atomic_write_json(folder / "compare_run.json", stats)
+        if not quiet:
+            print(f"compare: {p['name']} seed {seed} diverged: {stats['error'][:300]}; the comparison goes on (its row says so)",
+                  file=sys.stderr, flush=True)
+        return stats
     if proc.returncode != 0:
         tail = (folder / "train.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise CompareError(f"training {p['name']} seed {seed} failed (exit {proc.returncode}): {tail[0][:300]}; see {folder / 'train.log'}")
@@ -326,6 +341,14 @@ def train_once(p: dict, seed: int, folder: Path, quiet: bool) -> dict:
     return stats
 
 
+def _has_val_loss(folder: Path) -> bool:
+    """Whether the run in `folder` logged a validation loss (one that diverged may have none)."""
+    try:
+        return any("val_loss" in x or "val_loss_estimate" in x for x in (folder / "metrics.jsonl").read_text().splitlines())
+    except OSError:
+        return False
+
+
 def _finished(folder: Path, max_steps: int) -> bool:
     """Whether the run in `folder` reached `max_steps` with its final validation loss."""
     try:
@@ -337,13 +360,22 @@ def _finished(folder: Path, max_steps: int) -> bool:
 
 def summarize_runs(p: dict, runs: list[tuple[Path, dict]]) -> dict:
     """One table row from a config's runs."""
-    finals, rates, peaks, hs, walls = [], [], [], [], []
+    per_seed, rates, peaks, hs, walls, device = [], [], [], [], [], "cpu"
+    diverged = {}  # seed: the step whose loss, gradients or update became non-finite (None: unknown)
     for folder, stats in runs:
-        lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        last = lines[-1]
-        if last["step"] != p["overrides"]["train.max_steps"] or "val_loss" not in last:
+        metrics = folder / "metrics.jsonl"
+        lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
+        if stats.get("returncode") == cli.NON_FINITE_EXIT:  # (its steps before that count; it has no final loss)
+            diverged[stats["seed"]] = stats.get("non_finite_at_step")
+            per_seed.append(None)
+        elif not lines or lines[-1]["step"] != p["overrides"]["train.max_steps"] or "val_loss" not in lines[-1]:
             raise CompareError(f"{folder} did not finish; delete it and run again")
-        finals.append(last["val_loss"])
+        else:
+            last = lines[-1]
+            per_seed.append(last["val_loss"])
+            if "hellaswag_acc_norm" in last:
+                hs.append(last["hellaswag_acc_norm"])
+            walls.append(stats["wall_seconds"])  # (a diverged run's is shorter: left out)
         # the median step, leaving out the steps that compiled: the first, and the first after each
         # resume (a run from before the list of them: its last resume's)
         resumes = set(stats.get("resumed_from_steps", [stats.get("resumed_from_step", 0)]))
@@ -351,20 +383,21 @@ def summarize_runs(p: dict, runs: list[tuple[Path, dict]]) -> dict:
         timed = [m["tokens_per_sec"] for i, m in enumerate(lines) if i not in first]
         rates.append(statistics.median(timed) if timed else None)  # (None: every step compiled, --max_steps 1 say)
         gpu_peak = max((m["peak_memory_bytes"] for m in lines if m.get("peak_memory_bytes")), default=None)
-        peaks.append(gpu_peak if gpu_peak is not None else stats["max_rss_bytes"])
-        if "hellaswag_acc_norm" in last:
-            hs.append(last["hellaswag_acc_norm"])
-        walls.append(stats["wall_seconds"])
-        device = "gpu" if gpu_peak is not None else "cpu"
+        peaks.append((gpu_peak, stats["max_rss_bytes"]))
+        device = "gpu" if gpu_peak is not None else device
+    peaks = [gpu if device == "gpu" else rss for gpu, rss in peaks]  # (a run that diverged before it logged a step has no device peak)
     # (None: a run that finished before its compare recorded these; the others' figures, or unknown)
-    walls, peaks, rates = ([x for x in xs if x is not None] for xs in (walls, peaks, rates))
+    walls, peaks, rates, finals = ([x for x in xs if x is not None] for xs in (walls, peaks, rates, per_seed))
     s = summarize(p["mcfg"])
     return {
         "arch": p["mcfg"].arch, "config": p["spec"], "seeds": len(runs),
         "params_total": s["params_total"], "params_active": s["params_active"], "flops_per_token": s["flops_per_token"],
         "tokens": p["overrides"]["train.max_steps"] * p["tokens_per_step"],
-        "val_loss_mean": statistics.fmean(finals), "val_loss_std": statistics.stdev(finals) if len(finals) > 1 else None,  # (no spread from one seed)
-        "val_loss_per_seed": finals,
+        # (a config with a diverged seed has no mean: the seeds that survived alone would flatter it)
+        "val_loss_mean": None if diverged else statistics.fmean(finals),
+        "val_loss_std": statistics.stdev(finals) if len(finals) > 1 and not diverged else None,  # (no spread from one seed)
+        "val_loss_per_seed": per_seed,
+        "diverged": diverged,
         "train_tokens_per_sec": statistics.fmean(rates) if rates else None,
         "peak_memory_bytes": max(peaks, default=None), "peak_memory_kind": "device peak" if device == "gpu" else "process peak RSS",
         "wall_seconds_mean": statistics.fmean(walls) if walls else None,
@@ -384,6 +417,14 @@ def _final_eval(batches: list[int]) -> str:
     return "the validation split as each config's eval.final_num_batches sets (below)"
 
 
+def _diverged_cell(r: dict) -> str:
+    """The val loss cell of a config with a diverged seed: which, and the others' losses."""
+    seeds = sorted(r["diverged"])
+    kept = [f"{x:.4f}" for x in r["val_loss_per_seed"] if x is not None]
+    return (f"diverged ({'seed' if len(seeds) == 1 else 'seeds'} {', '.join(map(str, seeds))}" +
+            (f"; the others {', '.join(kept)}" if kept else "") + ")")
+
+
 def markdown(rows: list[dict], command: str, meta: dict) -> str:
     totals = [r["params_total"] for r in rows]
     spread = max(totals) / min(totals) - 1
@@ -393,10 +434,11 @@ def markdown(rows: list[dict], command: str, meta: dict) -> str:
     if hs:
         head.append("HellaSwag acc_norm")
     lines = ["| " + " | ".join(head) + " |", "| --- | --- | " + " | ".join(["---:"] * (len(head) - 2)) + " |"]
-    for r in sorted(rows, key=lambda r: r["val_loss_mean"]):
+    for r in sorted(rows, key=lambda r: (r["val_loss_mean"] is None, r["val_loss_mean"] or 0.0)):  # (diverged configs last)
         active = f"{r['params_total'] / 1e6:.2f}M" + (f" / {r['params_active'] / 1e6:.2f}M" if r["params_active"] != r["params_total"] else "")
         cells = [f"`{r['arch']}`", f"`{r['config']}`", active, f"{r['flops_per_token'] / 1e9:.3f}",
-                 f"{r['val_loss_mean']:.4f}" + (f" ± {r['val_loss_std']:.4f}" if r["val_loss_std"] is not None else ""),
+                 f"{r['val_loss_mean']:.4f}" + (f" ± {r['val_loss_std']:.4f}" if r["val_loss_std"] is not None else "")
+                 if r["val_loss_mean"] is not None else _diverged_cell(r),
                  "-" if r["train_tokens_per_sec"] is None else f"{r['train_tokens_per_sec']:,.0f}",
                  "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f} GiB",
                  "-" if r["wall_seconds_mean"] is None else f"{r['wall_seconds_mean']:.0f}"]
@@ -408,6 +450,12 @@ def markdown(rows: list[dict], command: str, meta: dict) -> str:
             f"{_final_eval(meta.get('final_eval_batches', [0]))} at the end. {meta['device']}, {meta['date']}. Command: `{command}`")
     if meta.get("differing_settings"):  # (the configs' own recipes: the comparison is of these too, not of the models alone)
         lines.append("\nSettings that differ between the configs (besides the model): " + "; ".join(meta["differing_settings"]) + ".")
+    if any(r.get("diverged") for r in rows):
+        lines.append("\nDiverged (the loss, gradients or update became inf or NaN; the trainer stopped and kept its last good checkpoint; "
+                     "a config with a diverged seed has no mean loss, and its train wall is the other seeds'): "
+                     + ", ".join(f"`{r['arch']}` seed {seed}" + (f" at step {step}" if step is not None else "")
+                                 for r in rows for seed, step in sorted(r["diverged"].items()))
+                     + ". Each run's train.log has the trainer's line.")
     resumed = [f"`{r['arch']}` seed {seed} from step {step}" for r in rows for seed, step in sorted(r["resumed"].items())]
     if resumed:  # (the losses, tokens/s and a device's peak are the whole run's, read from its metrics)
         part = "train wall is" if rows[0]["peak_memory_kind"] == "device peak" else "train wall and peak memory are"
@@ -508,9 +556,15 @@ def compare(specs, *, out: Path, seeds: int, max_steps: int, batch_size=None, ev
         atomic_write_bytes(out / "results.md", text.encode())
         from llmjax.plot import curves, draw
 
-        # (exactly this comparison's runs: other seed folders under --out are older runs')
-        draw(curves([[out / p["name"] / f"seed{seed}" for seed in range(seeds)] for p in plans]), out / "val_loss.png",
-             title=f"{meta['dataset']}, {rows[0]['tokens']:,} tokens, {seeds} seed(s)")
+        # (exactly this comparison's runs: other seed folders under --out are older runs'; of a config
+        # with a diverged seed, the seeds that finished, or where none did, the diverged ones' curves
+        # up to their last estimate: a diverged seed's shorter curve cut every seed's line at its end)
+        lines = []
+        for p, r in zip(plans, rows):
+            finished = [out / p["name"] / f"seed{seed}" for seed in range(seeds) if seed not in r["diverged"]]
+            lines += [finished] if finished else [[folder] for seed in range(seeds)
+                                                  if _has_val_loss(folder := out / p["name"] / f"seed{seed}")]
+        draw(curves(lines), out / "val_loss.png", title=f"{meta['dataset']}, {rows[0]['tokens']:,} tokens, {seeds} seed(s)")
         return {"rows": rows, "markdown": text, "figure": out / "val_loss.png"}
 
 

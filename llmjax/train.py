@@ -70,6 +70,16 @@ class TrainingError(RuntimeError):
     """Training stopped for a reason the user must see (one line)."""
 
 
+class NonFinite(TrainingError):
+    """The run's loss, gradients or update became inf or NaN at `step` (it diverged; its last good
+    checkpoint is kept). The trainer's exit status is then cli.NON_FINITE_EXIT."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+
 def peak_flops(device, override: float) -> float | None:
     if override:
         return override
@@ -976,12 +986,12 @@ def _train(cfg, workdir, *, hold: contextlib.ExitStack, devices=None, quiet: boo
             if not math.isfinite(host["train_loss"]) or not (skipped or all(math.isfinite(host[k]) for k in ("grad_norm", "update_norm"))):
                 hint = (f" (float16 gradients overflowed the static train.loss_scale={scaling:g}: a smaller one, or "
                         f"train.loss_scale=dynamic, keeps them finite)" if isinstance(scaling, float) and math.isfinite(host["train_loss"]) else "")
-                raise TrainingError(
+                raise NonFinite(
                     f"loss became non-finite at step {step} (train_loss={host['train_loss']}, grad_norm={host['grad_norm']}, "
-                    f"update_norm={host['update_norm']}){hint}; stopped. " + last
+                    f"update_norm={host['update_norm']}){hint}; stopped. " + last, step
                 )
             if skipped and host["loss_scale"] <= LOSS_SCALE_MIN:  # (halving it no further, every step would be skipped)
-                raise TrainingError(
+                raise NonFinite(
                     f"the gradients of step {step} overflowed float16 at loss scale {host['loss_scale']:g}, dynamic scaling's "
                     f"least (no scaling at all): the model's float16 backward pass overflows; stopped. Train it with "
                     f"model.dtype=bfloat16 or float32. " + last
@@ -989,7 +999,7 @@ def _train(cfg, workdir, *, hold: contextlib.ExitStack, devices=None, quiet: boo
                     f"the gradients of step {step} were non-finite at loss scale {host['loss_scale']:g}, dynamic scaling's least "
                     f"(no scaling at all), with model.dtype={mcfg.dtype}: not an overflow of float16 that scaling could avoid, the "
                     f"gradients themselves are inf or NaN (a lower train.lr, or train.loss_scale=none to stop at the first one); "
-                    f"stopped. " + last
+                    f"stopped. " + last, step
                 )
             line = {"step": step, "tokens": tokens_before + (step - start) * tokens_per_step, "train_loss": host["train_loss"],
                     "lr": host["lr"], "grad_norm": None if skipped else host["grad_norm"], "tokens_per_sec": tokens_per_step / dt, "step_time": dt,
@@ -1463,7 +1473,7 @@ def _main(FLAGS):
     except TrainingError as e:
         if _TOGETHER is not None:  # (a collective that failed as another process ended: 'checkpoint ... could not be written (Gloo ...)')
             _TOGETHER._stop_if_another_failed()
-        cli.fail(str(e), code=1)
+        cli.fail(str(e), code=cli.NON_FINITE_EXIT if isinstance(e, NonFinite) else 1)
     except KeyboardInterrupt:  # (before the loop, or after it)
         cli.fail(interrupted(Path(workdir).absolute() / "checkpoints"), code=130)
     if jax.process_index() == 0:

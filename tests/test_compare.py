@@ -409,6 +409,25 @@ def test_hellaswag_column(tmp_path):
     assert "HellaSwag acc_norm" in C.markdown([row], "cmd", {"dataset": "d", "context_len": 64, "seeds": "0, 1", "device": "CPU", "date": "x"})
 
 
+def test_a_config_with_one_diverged_seed_has_no_mean(tmp_path):
+    """Of seeds 0-2, seed 1 diverged at step 7: the row has no mean (the survivors alone would flatter
+    the config) and no spread, names the seed and the others' losses, and its wall time is theirs."""
+    plans = C.plan([SPECS[0]], max_steps=2, batch_size=None, eval_every=None, eval_batches=None, tasks="", tasks_limit=0, overrides={})
+    runs = []
+    for seed in range(3):
+        d = tmp_path / f"seed{seed}"
+        d.mkdir()
+        lines = [{"step": 1, "tokens_per_sec": 10.0}] + ([] if seed == 1 else [{"step": 2, "tokens_per_sec": 20.0, "val_loss": 3.0 + seed}])
+        (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        runs.append((d, {"seed": seed, "wall_seconds": 5.0 + seed, "max_rss_bytes": 2**30}
+                     | ({"returncode": 3, "non_finite_at_step": 7} if seed == 1 else {"returncode": 0})))
+    row = C.summarize_runs(plans[0], runs)
+    assert row["diverged"] == {1: 7} and row["val_loss_mean"] is None and row["val_loss_std"] is None
+    assert row["val_loss_per_seed"] == [3.0, None, 5.0] and row["wall_seconds_mean"] == 6.0
+    text = C.markdown([row], "cmd", {"dataset": "d", "context_len": 64, "seeds": "0, 1, 2", "device": "CPU", "date": "x"})
+    assert "| diverged (seed 1; the others 3.0000, 5.0000) |" in text and "`vanilla` seed 1 at step 7." in text
+
+
 def _cli(module, *args):
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
 
@@ -495,6 +514,42 @@ def test_a_run_the_trainer_ends_short_of_max_steps_is_said_to_resume(tmp_path):
         C.compare(SPECS[:1], out=tmp_path, overrides={"train.stop_at_step": "1"}, **kw)
     run = tmp_path / "vanilla_tiny" / "seed0"
     assert C._resumed_step(run) == 1 and not (run / "compare_run.json").exists()
+
+
+def test_a_diverged_run_is_a_row_that_says_so_and_the_others_go_on(result, tmp_path, monkeypatch):
+    """A run whose loss became NaN stopped the whole comparison ("training ... failed (exit 1)"), and
+    the same command hit it again (it resumed from its last good checkpoint and diverged again): no
+    table for the configs that trained fine. Now the trainer exits with its own status
+    (cli.NON_FINITE_EXIT), compare records the run as diverged, goes on, and its row says so; a
+    rerun reuses that record rather than diverging again."""
+    import shutil
+
+    out, _ = result
+    shutil.copytree(out / "vanilla_tiny", tmp_path / "vanilla_tiny")  # (finished: reused, nothing trained)
+    # lr 1e10: step 1 (warm-up's lr / 5) stays finite and leaves parameters that make step 2 NaN
+    f = users_config(tmp_path / "hot.py", "MODELS = {'tiny': v.MODELS['tiny']}\n"
+                                         "def get_config(variant='default'):\n"
+                                         "    return make_config(variant, MODELS, train={'tiny': {'lr': 1e10}})\n")
+    specs = [SPECS[0], f"{f}:tiny"]
+    kw = dict(out=tmp_path, seeds=1, max_steps=4, eval_every=2, eval_batches=1, command="test", quiet=True)
+    r = C.compare(specs, **kw)
+    hot = tmp_path / "hot_tiny" / "seed0"
+    assert json.loads((hot / "compare_run.json").read_text())["non_finite_at_step"] == 2
+    rows = {row["config"]: row for row in r["rows"]}
+    assert rows[specs[1]]["diverged"] == {0: 2} and rows[specs[1]]["val_loss_mean"] is None
+    assert rows[specs[1]]["val_loss_per_seed"] == [None]
+    assert rows[specs[0]]["diverged"] == {} and rows[specs[0]]["val_loss_mean"] == rows[specs[0]]["val_loss_per_seed"][0]
+    table = [x for x in r["markdown"].splitlines() if x.startswith("| `vanilla`")]
+    assert [x.split(" | ")[4] for x in table] == [f"{rows[specs[0]]['val_loss_mean']:.4f}", "diverged (seed 0)"], table
+    assert "Diverged (the loss, gradients or update became inf or NaN; " in r["markdown"] and "`vanilla` seed 0 at step 2." in r["markdown"]
+    assert (tmp_path / "val_loss.png").is_file()
+
+    def no_training(*a, **k):
+        raise AssertionError("a trainer was started")
+
+    monkeypatch.setattr(C.subprocess, "Popen", no_training)
+    again = C.compare(specs, **kw)  # (both runs' records reused)
+    assert again["markdown"].split("\n\n", 1)[1] == r["markdown"].split("\n\n", 1)[1]
 
 
 def test_a_second_compare_in_the_same_out_at_once_is_refused(result, tmp_path):
