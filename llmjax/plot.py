@@ -56,6 +56,22 @@ def read_run(path: Path) -> dict:
             "label": label, "config": config, "path": path}
 
 
+# training settings that change no run's curve, or only as its seed does: the seed, when it stops, logs and
+# saves, how its steps are split over devices and computed (llmjax.compare's RUN_CONTROL, and then some)
+NOT_RECIPE = {"seed", "stop_at_step", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "peak_flops_per_device",
+              "mesh", "deterministic", "loss_chunks"}
+
+
+def _recipe(config: dict) -> dict:
+    """A run's data and training settings that shape its curve (NOT_RECIPE's aside), flat:
+    seeds of one recipe share them all; runs of an lr sweep do not."""
+    from llmjax.train import train_settings
+
+    out = {"data.dataset": config.get("data", {}).get("dataset")}
+    out.update({f"train.{k}": v for k, v in train_settings(config).items() if k not in NOT_RECIPE})
+    return out
+
+
 def find_runs(path: Path) -> list[Path]:
     """`path` itself when it is a run, else the runs directly below it."""
     path = Path(path)
@@ -81,6 +97,15 @@ def curves(paths, labels=None) -> list[dict]:
             archs = sorted({r["config"]["model"].get("arch", "?") for r in runs})
             raise PlotError(f"the runs of {p} are of {len(models)} different models ({', '.join(archs)}); a folder's runs are drawn "
                             "as one line, their mean: pass each run, or a folder of one model's runs (its seeds)")
+        recipes = [_recipe(r["config"]) for r in runs]
+        differ = [k for k in sorted(set.intersection(*(set(x) for x in recipes)))  # (keys a run predates aside)
+                  if len({json.dumps(x[k], sort_keys=True) for x in recipes}) > 1]
+        if differ:  # (a folder of an lr sweep was drawn as one line, the mean of its learning rates)
+            k = differ[0]
+            values = ", ".join(f"{x[k]} ({r['path'].name})" for x, r in zip(recipes, runs))
+            raise PlotError(f"the runs of {p} were trained with different settings ({k}: {values}"
+                            + (f"; and {len(differ) - 1} more" if len(differ) > 1 else "") + "); a folder's runs are drawn as one "
+                            "line, their mean: pass each run, or a folder of one recipe's runs (its seeds)")
         shared = sorted(set.intersection(*(set(r["tokens"].tolist()) for r in runs)))
         if not shared:
             raise PlotError(f"the runs of {p} share no evaluation step")

@@ -607,6 +607,29 @@ def test_plot_averages_the_seeds_of_one_model_run_differently(tmp_path):
         plot.curves([tmp_path / "runs"])
 
 
+def test_plot_refuses_a_folder_of_runs_trained_with_different_settings(tmp_path):
+    """A folder of one model's runs at two learning rates (a sweep) was drawn as one line, the mean
+    of the two, as if they were seeds. Now it is refused naming the setting; seeds that differ only
+    in their seed, logging and checkpoints, stop step, mesh or loss chunks are still one line."""
+    from llmjax import plot
+
+    def run(name, **train):
+        p = tmp_path / "runs" / name
+        p.mkdir(parents=True)
+        m = {"arch": "vanilla", "n_layer": 2, "d_model": 64, "context_len": 64}
+        t = {"batch_size": 4, "grad_accum_steps": 1, "lr": 1e-3, "seed": 0, **train}
+        (p / "config.json").write_text(json.dumps({"model": m, "train": t, "data": {"dataset": "d", "dir": "data"}}))
+        (p / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "step_time": 0.1, "val_loss": 3 - s / 100}) + "\n" for s in (2, 4)))
+
+    run("seed0")
+    run("seed1", seed=1, log_every_steps=7, checkpoint_every_steps=3, mesh={"data": 2}, loss_chunks=8, stop_at_step=4)
+    assert [c["n_runs"] for c in plot.curves([tmp_path / "runs"])] == [2]
+    run("lr3e-3", lr=3e-3)
+    with pytest.raises(plot.PlotError, match=re.escape("were trained with different settings (train.lr: 0.003 (lr3e-3), 0.001 (seed0), "
+                                                       "0.001 (seed1)); a folder's runs are drawn as one line, their mean: pass each run")):
+        plot.curves([tmp_path / "runs"])
+
+
 def test_the_code_fingerprint_holds_the_trainers_modules_only(result, tmp_path):
     """The fingerprint is of the modules the trainer may run: an editor's lock file beside a model
     file (Emacs' `.#modern.py`, a link to nowhere: compare stopped with a FileNotFoundError
