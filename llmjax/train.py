@@ -267,12 +267,13 @@ def _saved_steps(checkpoints: Path) -> list[int]:
     return sorted(int(c.name) for c in checkpoints.iterdir() if c.name.isdigit()) if checkpoints.is_dir() else []
 
 
-def interrupted(checkpoints: Path) -> str:
-    """The line for a run interrupted at once: where it resumes from."""
+def interrupted(checkpoints: Path, by: str = "") -> str:
+    """The line for a run interrupted at once (`by` a signal's name, where not Ctrl-C): where it resumes from."""
     steps = _saved_steps(checkpoints)
+    what = f"interrupted by {by}" if by else "interrupted"
     if not steps:
-        return "interrupted; no checkpoint was written: the same command starts the run afresh"
-    return f"interrupted; the same command resumes from the last checkpoint written, step {steps[-1]} in {checkpoints}"
+        return f"{what}; no checkpoint was written: the same command starts the run afresh"
+    return f"{what}; the same command resumes from the last checkpoint written, step {steps[-1]} in {checkpoints}"
 
 
 def resume_point(checkpoints: Path) -> str:
@@ -1460,6 +1461,8 @@ def main(argv):
     FLAGS = flags.FLAGS
     if FLAGS.config is None:
         cli.fail("--config is required, e.g. --config configs/shakespeare_char.py")
+    if threading_main():  # (a SIGTERM before or after the loop: one line, as a Ctrl-C there)
+        signal.signal(signal.SIGTERM, cli.terminate)
     init_distributed()
     with StopTogether():  # (several processes: one's error ends them all, at once)
         _main(FLAGS)
@@ -1474,8 +1477,9 @@ def _main(FLAGS):
         if _TOGETHER is not None:  # (a collective that failed as another process ended: 'checkpoint ... could not be written (Gloo ...)')
             _TOGETHER._stop_if_another_failed()
         cli.fail(str(e), code=cli.NON_FINITE_EXIT if isinstance(e, NonFinite) else 1)
-    except KeyboardInterrupt:  # (before the loop, or after it)
-        cli.fail(interrupted(Path(workdir).absolute() / "checkpoints"), code=130)
+    except KeyboardInterrupt as e:  # (before the loop, or after it)
+        by_sigterm = isinstance(e, cli.Terminated)
+        cli.fail(interrupted(Path(workdir).absolute() / "checkpoints", "SIGTERM" if by_sigterm else ""), code=143 if by_sigterm else 130)
     if jax.process_index() == 0:
         if run.sample:
             print("--- sample ---")

@@ -569,6 +569,25 @@ def test_a_second_ctrl_c_to_one_of_two_processes_stops_both_at_once(tmp_path):
     assert errs[0] == [f"error: process 1 stopped, so this process stopped too (process 1: {said})"], errs[0]
 
 
+def test_a_sigterm_before_the_loop_is_one_line(tmp_path):
+    """A SIGTERM while the run starts (restoring a checkpoint, compiling: here inside `train`, before
+    its loop's own handler) ended the process at once with status -15 and not a word. Now it stops
+    as a Ctrl-C there does, in one line naming the checkpoint a run resumes from, with status 143."""
+    (tmp_path / "run" / "checkpoints" / "4").mkdir(parents=True)
+    code = ("import os, signal, sys, time\n"
+            "from llmjax import cli, train as T\n"
+            "def starting(cfg, workdir, **kw):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(60)\n"
+            "T.train = starting\n"
+            f"sys.argv = ['train', '--config', 'configs/vanilla.py:tiny', '--workdir', {str(tmp_path / 'run')!r}]\n"
+            "T.define_flags()\n"
+            "cli.run(T.main)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 143 and r.stderr == (f"error: interrupted by SIGTERM; the same command resumes from the last checkpoint "
+                                                f"written, step 4 in {tmp_path / 'run' / 'checkpoints'}\n"), (r.returncode, r.stderr[-2000:])
+
+
 def test_a_second_ctrl_c_stops_at_once_and_an_ignored_one_stays_ignored(tmp_path, monkeypatch, capsys):
     """The second Ctrl-C exits the process itself, in one line (a KeyboardInterrupt raised in JAX's
     callbacks was swallowed, with a traceback, and the run went on); a SIGINT the process ignores (a
