@@ -911,14 +911,16 @@ def _train(cfg, workdir, *, hold: contextlib.ExitStack, devices=None, quiet: boo
             raise ConfigError(str(e)) from None
         if old_cfg is not None:
             resuming(int(jax.device_get(schedule_count(state["opt"]))))
+        # (what changes from the next step on: not said where no step follows)
+        tell = (lambda *a, **k: None) if idle else say
         if saved_scale and "loss_scale" not in abstract_state:
             ls = jax.device_get(state.pop("loss_scale"))
-            say(f"dynamic loss scaling is off from step {start + 1} (train.loss_scale={tcfg.get('loss_scale', 'auto')}, "
+            tell(f"dynamic loss scaling is off from step {start + 1} (train.loss_scale={tcfg.get('loss_scale', 'auto')}, "
                 f"model.dtype={mcfg.dtype}); the run had it, at scale {float(ls['scale']):g} after {int(ls['skipped_steps'])} skipped step(s)")
         elif not saved_scale and "loss_scale" in abstract_state:
             state["loss_scale"] = jax.device_put(initial_loss_scale(), state_shard["loss_scale"])
-            say(f"dynamic loss scaling starts at step {start + 1}, at scale {LOSS_SCALE_INIT:g}: the run trained without it until then")
-        resume_data_position(train_it, meta, old_cfg, micro * accum, tcfg.seed, workdir, say, dataset)
+            tell(f"dynamic loss scaling starts at step {start + 1}, at scale {LOSS_SCALE_INIT:g}: the run trained without it until then")
+        resume_data_position(train_it, meta, old_cfg, micro * accum, tcfg.seed, workdir, tell, dataset)
         say(f"resumed from {workdir / 'checkpoints'} at step {start}")
     else:
         if tcfg.init_from:  # pretrained weights (read first: weights refused compile nothing), model.context_len rows of their positions

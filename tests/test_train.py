@@ -1778,7 +1778,8 @@ def test_a_rerun_with_nothing_to_run_keeps_the_runs_config_and_starts_no_wandb_r
     """A finished run (or one at its stop_at_step) run again with other settings trains nothing; it
     rewrote config.json with them (a record of settings no step trained with: the next resume's
     learning-rate jump was then said from the wrong rate, and llmjax.compare or plot read them as the
-    run's), said they applied from the next step, and resumed the W&B run with them."""
+    run's), said they applied from the next step (another batch size: the data position's line), and
+    resumed the W&B run with them."""
     import llmjax.train as T
 
     started = []
@@ -1786,11 +1787,13 @@ def test_a_rerun_with_nothing_to_run_keeps_the_runs_config_and_starts_no_wandb_r
     workdir = tmp_path / "run"
     train(cfg("vanilla", train__max_steps=6, train__stop_at_step=3), workdir, quiet=True)
     before = {n: (workdir / n).read_bytes() for n in ("config.json", "metrics.jsonl")}
-    for over in (dict(train__max_steps=6, train__stop_at_step=3, train__lr=0.5), dict(train__max_steps=3, train__beta2=0.9)):
+    for over in (dict(train__max_steps=6, train__stop_at_step=3, train__lr=0.5), dict(train__max_steps=3, train__beta2=0.9),
+                 dict(train__max_steps=3, train__batch_size=24)):
         run = train(cfg("vanilla", logging__wandb=True, **over), workdir, quiet=False)
         assert run.step == 3 and not started
         assert {n: (workdir / n).read_bytes() for n in before} == before
-        assert "resuming with changed settings" not in capsys.readouterr().out
+        out = capsys.readouterr().out  # (nor what another batch does to the data position: no step follows)
+        assert "resuming with changed settings" not in out and "the data position" not in out, out
     # resumed for real: the jump is from the rate the schedule it trained with (max_steps 6) gives
     train(cfg("vanilla", train__max_steps=7, train__stop_at_step=4), workdir, quiet=False)
     out = capsys.readouterr().out
