@@ -6,12 +6,14 @@ Train several architectures on the same data, token budget and seeds, then write
 - every (config, seed) is one ordinary training run (`python -m llmjax.train` in a subprocess, so
   each has its own process: clean timings, its own peak memory) in `--out/<arch>_<variant>/seed<S>`;
   a finished run is reused, so an interrupted comparison continues where it stopped (one of a
-  config edited since, or trained by other llmjax code, refused);
+  config edited since, or trained by other llmjax code, refused); a run that diverges (the trainer's
+  exit status cli.NON_FINITE_EXIT) is recorded as such and the others go on;
 - the configs must share the dataset, context length and vocabulary; `--max_steps` and
   `--batch_size` apply to all, so every run sees the same number of tokens, in the same order for
   the same seed (the data order depends on the seed only);
 - the table (rows by validation loss, lowest first; results.json keeps the order of --configs): parameters (total and active), FLOPs per token, final validation loss over the whole
-  split (or its first eval.final_num_batches batches; mean +- sample std over seeds), training tokens/s (the median step of each run, the steps
+  split (or its first eval.final_num_batches batches; mean +- sample std over seeds; none where a seed
+  diverged: the cell names it), training tokens/s (the median step of each run, the steps
   that compiled left out, averaged over seeds), peak memory (device peak on a GPU; the training process's peak resident memory on a CPU),
   training wall time, and, for GPT-2 BPE models, HellaSwag acc_norm from the in-loop scorer;
 - `val_loss.png`: validation loss against tokens and against training wall-clock time, one line per
