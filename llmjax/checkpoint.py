@@ -199,7 +199,11 @@ def _hint(hint: tuple[str, str], directory: Path, step: int) -> str:
     others = sorted(int(c.name) for c in Path(directory).iterdir() if c.name.isdigit() and int(c.name) != step)
     earlier = [s for s in others if s < step]
     other = earlier[-1] if earlier else (others[0] if others else None)
-    return hint[0].format(dir=directory, step=step, other=other) if other is not None else hint[1]
+    said = hint[0].format(dir=directory, step=step, other=other) if other is not None else hint[1]
+    if hint is RESUME_HINT and jax.process_count() > 1:  # (every process reads the one shared folder)
+        said += (f" (as process {jax.process_index()} of {jax.process_count()} reads it: if the other processes read it whole, the "
+                 f"trouble is this host's view of the folder, its mount, not the checkpoint; check that before moving it)")
+    return said
 
 
 def unreadable(directory: Path, step: int, e: BaseException, hint: tuple[str, str], target=None) -> str:

@@ -153,6 +153,16 @@ def test_resuming_past_a_damaged_metrics_file_or_onto_another_model_is_one_line(
     meta.write_text(meta.read_text()[:5])  # damaged, the same model
     with pytest.raises(CheckpointError, match=r"checkpoints/2 cannot be restored \(.*\); move it aside .* to resume from step 1$"):
         Checkpointer(run / "checkpoints").restore(2, _abstract(state))
+    # one process of several: every process reads the shared folder, so a checkpoint the others read
+    # is not damaged; the hint says so (moving it aside would have thrown a good checkpoint away)
+    from llmjax import checkpoint as K
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(K.jax, "process_count", lambda: 2)
+        mp.setattr(K.jax, "process_index", lambda: 1)
+        assert K._hint(K.RESUME_HINT, run / "checkpoints", 2).endswith(
+            "to resume from step 1 (as process 1 of 2 reads it: if the other processes read it whole, the trouble is this host's "
+            "view of the folder, its mount, not the checkpoint; check that before moving it)")
     metrics = run / "checkpoints" / "1" / "metrics" / "metrics"
     metrics.write_text('{"val_loss": 2.')
     with pytest.raises(CheckpointError, match=f"^{metrics} is damaged or not llmjax's \\(JSONDecodeError: .*move it aside .*and training "
