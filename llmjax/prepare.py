@@ -39,6 +39,7 @@ import math
 import multiprocessing
 import os
 import re
+import shlex
 import signal
 import socket
 import sys
@@ -100,7 +101,7 @@ def read_documents(src: Source, mark: float | None = None) -> Iterator[tuple[str
     streamed. A .txt document longer than PIECE_CHARS comes in pieces, one of which starts at byte
     `mark` if the document holds it (_txt_records). Blank documents (and parquet's null rows) are
     skipped, in every format; a UTF-8 byte-order mark opening a txt file is not text. Text that is not
-    UTF-8 is a PrepareError naming the file."""
+    UTF-8, or a txt file holding a NUL byte, is a PrepareError naming the file (`not_utf8`)."""
     try:
         # the bytes of skipped records count with the next document (the last one: with it), so that
         # the held-out tail is the last 1% of the source's bytes and the progress bar reaches the end
@@ -114,9 +115,61 @@ def read_documents(src: Source, mark: float | None = None) -> Iterator[tuple[str
             last, skipped = (doc, nbytes + skipped, starts), 0
         if last is not None:
             yield last[0], last[1] + skipped, last[2]
-    except UnicodeDecodeError as e:
-        raise PrepareError(f"{src.path} is not UTF-8 text ({e.reason} at byte {e.start} of a block read from it); "
+    except (UnicodeDecodeError, _NulByte) as e:
+        raise PrepareError(not_utf8(src.path) or f"{src.path} is not UTF-8 text ({getattr(e, 'reason', 'a NUL byte')}); "
                            "convert it, e.g. with iconv -f latin1 -t utf-8") from None
+
+
+class _NulByte(Exception):
+    """A .txt source holds a NUL character (said by `not_utf8`)."""
+
+
+def not_utf8(path: Path) -> str | None:
+    """Why a file is no UTF-8 text, in one line with the conversion to use: a UTF-16 or UTF-32
+    byte-order mark, else its first NUL byte (UTF-16 text without a mark decodes as UTF-8 with a NUL
+    after each ASCII character, silently: no text holds one) or byte that is not UTF-8, located by
+    its offset in the file and its line; None if it has none. Read up to that place, in blocks."""
+    fixed = path.with_name(path.stem + ".utf8" + path.suffix)
+
+    def convert(encoding: str) -> str:
+        return f"iconv -f {encoding} -t utf-8 {shlex.quote(str(path))} > {shlex.quote(str(fixed))}"
+
+    with open(path, "rb") as f:
+        head = f.read(4)
+    for bom, kind in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
+        if head.startswith(bom):
+            return f"{path} is {kind} text (it opens with {kind}'s byte-order mark), not UTF-8; convert it, e.g. with {convert(kind.lower())}"
+    base, line, pending, NL = 0, 1, b"", b"\n"
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            data, keep = pending + block, 0
+            bad = None
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if e.end == len(data) and e.reason == "unexpected end of data":  # a character the next block ends
+                    keep = len(data) - e.start
+                else:
+                    bad = e
+            nul = data.find(b"\0", 0, len(data) - keep)
+            at = nul if nul >= 0 and (bad is None or nul < bad.start) else None if bad is None else bad.start
+            where = "" if at is None else f"byte {base + at:,} (line {line + data.count(NL, 0, at):,})"
+            if at == nul and base + at < 2:  # (UTF-16's ASCII characters: "a\0b\0", or "\0a\0b" big-endian)
+                return (f"{path} holds a NUL byte at {where}, which no text holds: UTF-16 text without a byte-order mark? convert it, "
+                        f"e.g. with {convert('utf-16le' if at else 'utf-16be')}; or it is no text file")
+            if at == nul:
+                return (f"{path} holds a NUL byte at {where}, which no text holds (a damaged or binary file?); remove the NUL bytes, "
+                        f"e.g. with tr -d '\\000' < {shlex.quote(str(path))} > {shlex.quote(str(fixed))}")
+            if at is not None:
+                return (f"{path} is not UTF-8 text (0x{data[at]:02x}, {bad.reason}, at {where}); convert it, e.g. with "
+                        f"{convert('latin1')} if it is Latin-1 (-f cp1252: Windows text)")
+            line += data.count(NL, 0, len(data) - keep)
+            base += len(data) - keep
+            pending = data[len(data) - keep :]
+    if pending:
+        return (f"{path} is not UTF-8 text (0x{pending[0]:02x} at byte {base:,} (line {line:,}) starts a character that the file does not "
+                f"finish); if it was not cut short, convert it, e.g. with {convert('latin1')} if it is Latin-1 (-f cp1252: Windows text)")
+    return None
 
 
 # Where a text can be cut so that GPT-2's tokens of the two parts are those of the whole: before a
@@ -190,6 +243,8 @@ def _txt_records(f, mark: float | None) -> Iterator[tuple[str | None, int, bool]
         block = f.read(1 << 22)
         if not block:
             break
+        if "\0" in block:  # (UTF-16 text read as UTF-8: said by read_documents)
+            raise _NulByte
         parts = (rest + block).split(EOT_TEXT)
         rest = parts.pop()
         for doc in parts:
@@ -242,8 +297,12 @@ def check_source(src: Source) -> None:
     if src.kind == "parquet":
         _parquet(src.path)
     else:
-        with open(src.path, "rb"):
-            pass
+        with open(src.path, "rb") as f:
+            head = f.read(1 << 16)
+        # UTF-16 or UTF-32 text (a byte-order mark or NUL bytes at its start): said now, not once the
+        # sources before it are tokenised (the rest of a file is checked as it is read)
+        if head.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\0" in head:
+            raise PrepareError(not_utf8(src.path) or f"{src.path} is not UTF-8 text")
 
 
 def _parquet(path: Path):

@@ -110,6 +110,27 @@ def test_sources_as_users_have_them(tmp_path, docs):
         P.prepare("mine", tmp_path / "ed", [P.Source(edited, None)], workers=1, shard_tokens=5000, progress=False)
 
 
+def test_text_in_another_encoding_is_refused_with_the_conversion_that_fits(tmp_path):
+    """UTF-16 text (Windows PowerShell's `>` writes it) is refused with the iconv that converts it, not
+    latin1's (which gave a NUL after each character); without a byte-order mark it was prepared as
+    that silently (it decodes as UTF-8). A byte that is not UTF-8, or a NUL, is located in the file."""
+    text = "one document\nof two lines" + EOT + "and another one\n"
+    val = tmp_path / "val.txt"
+    val.write_text("held out text")
+    cases = {"bom16.txt": (b"\xff\xfe" + text.encode("utf-16-le"), "is UTF-16 text .*iconv -f utf-16 -t utf-8 "),
+             "bom16.jsonl": ('{"text": "hi"}\n'.encode("utf-16"), "is UTF-16 text .*iconv -f utf-16 -t utf-8 "),
+             "le16.txt": (text.encode("utf-16-le"), r"holds a NUL byte at byte 1 \(line 1\).*iconv -f utf-16le -t utf-8 "),
+             "latin.txt": ("first line\nsecond\ncaf\xe9 au lait".encode("latin-1"), r"is not UTF-8 text \(0xe9, .* at byte 21 \(line 3\)\).*iconv -f latin1"),
+             "end.txt": ("first line\ncaf\xe9".encode("latin-1"), r"is not UTF-8 text \(0xe9 at byte 14 \(line 2\) starts .*iconv -f latin1"),
+             # past the first 64 KB (not checked before reading): found as the file is read
+             "nul.txt": (b"x y\n" * 20_000 + b"z\0", r"holds a NUL byte at byte 80,001 \(line 20,001\).*tr -d")}
+    for name, (raw, needle) in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(P.PrepareError, match=rf"{name} {needle}"):
+            P.prepare("mine", tmp_path / f"o_{name}", [P.Source(tmp_path / name, "train"), P.Source(val, "val")], workers=1, progress=False)
+        assert not (tmp_path / f"o_{name}").exists()
+
+
 def test_bad_output_folders_and_settings_are_one_line(tmp_path, docs):
     txt, _, _ = write_sources(tmp_path, docs[:20])
     with pytest.raises(P.PrepareError, match="--workers must be at least 1"):
