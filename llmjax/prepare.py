@@ -734,8 +734,18 @@ def main(argv):
 
     signal.signal(signal.SIGTERM, terminated)
     F = flags.FLAGS
+    # a file among the arguments: one that --source did not take (`--source a.txt b.txt`, a shell glob
+    # `--source texts/*.txt`); alone, it was the dataset's name, and only the first file was prepared
+    files = [a for a in argv[1:]
+             if a.lower().endswith((".txt", ".jsonl", ".parquet")) or (("/" in a or "." in a) and Path(a).expanduser().is_file())]
+    if files:
+        more = f" (and {len(files) - 1} more)" if len(files) > 1 else ""
+        cli.fail(f"{files[0]}{more} is a file, not a dataset name: --source takes one file, so give each its own (--source a.txt "
+                 f"--source b.txt; many: printf -- '--source=%s\\n' texts/*.txt > sources.flags, then --flagfile=sources.flags), and "
+                 f"name the dataset: python -m llmjax.prepare NAME --source ...")
     if len(argv) != 2:
-        cli.fail(f"give one dataset: python -m llmjax.prepare <{'|'.join(DATASETS)}> [--out DIR] [--source FILE ...]")
+        cli.fail(f"give one dataset: python -m llmjax.prepare <{'|'.join(DATASETS)}> [--out DIR] [--source FILE ...]"
+                 + (f" (got {len(argv) - 1}: {' '.join(shlex.quote(a) for a in argv[1:])})" if len(argv) > 2 else ""))
     name = argv[1]
     out = Path(F.out) if F.out else D.data_dir("data") / name
     try:

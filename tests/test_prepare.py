@@ -470,6 +470,24 @@ def test_cli_errors_are_one_line(tmp_path):
         assert r.returncode == 2 and r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
 
 
+def test_files_that_source_did_not_take_are_refused(tmp_path):
+    """`--source a.txt b.txt` (a shell glob, `--source texts/*.txt`) gives --source the first file
+    only: the others were the dataset's name, or too many names; a lone second file was taken as the
+    name, and only the first file prepared, silently (into a folder named after the second)."""
+    from helpers import cli_cases
+
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("doc one<|endoftext|>doc two<|endoftext|>doc three")
+    a, b, out = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "o"
+    runs = cli_cases("llmjax.prepare", [["--source", str(a), str(b), f"--out={out}", "--noprogress"],
+                                        ["mine", "--source", str(a), str(b), f"--out={out}", "--noprogress"],
+                                        ["mine", "other", f"--out={out}"]])
+    for r, needle in zip(runs, [f"{b} is a file, not a dataset name: --source takes one file, so give each its own",
+                                f"{b} is a file, not a dataset name", "give one dataset: .* \\(got 2: mine other\\)"]):
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and re.match(f"error: {needle}", r.stderr), r.stderr
+    assert not out.exists()
+
+
 def test_source_arguments(tmp_path, monkeypatch):
     """`train=`/`val=` prefix a split, but a file with = in its name is that file; a URL's file is
     named as its path ends, without the query (a .jsonl served as ...?download=true was refused)."""
