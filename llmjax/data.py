@@ -277,8 +277,11 @@ def prepare_builtin(name: str, out: Path, *, repair: bool = False) -> TokenDatas
     if ds is not None:
         if ds.manifest.get("dataset") != name:
             raise DataError(f"{out} holds the prepared dataset '{ds.manifest.get('dataset')}', not '{name}'; use another folder")
-        if not repair or not ds.damaged_shards():  # (a few MB: a missing, cut or changed shard is written again)
+        if not repair or not (damaged := ds.damaged_shards()):  # (a few MB: a missing, cut or changed shard is written again)
             return ds
+        if isinstance(ds.manifest.get("prepared_from"), dict):  # (not the shipped text: repaired from its own sources, not replaced)
+            raise DataError(f"{out} holds '{name}' prepared from other text than the shipped one (--source files), and {'; '.join(damaged)}; "
+                            f"prepare it again from that text: {_command(name, out, ds.manifest['prepared_from'])}")
     refuse_foreign(out, shards=True)  # (its shards are written over: not in a user's folder)
     text = (tok.ASSETS / "tinyshakespeare.txt").read_text(encoding="utf-8")
     tokenizer = tok.CharTokenizer.from_text(text) if name == "tinyshakespeare_char" else tok.GPT2Tokenizer()
@@ -297,12 +300,18 @@ def _prepare_hint(name: str, path: Path) -> str:
 
 def _resume_command(name: str, path: Path, state: Path) -> str:
     """The `llmjax.prepare` command an unfinished preparation's state records (its sources)."""
-    from llmjax.prepare import HUB, SHARD_TOKENS
-
     try:
         args = json.loads(state.read_text())["args"]
     except (OSError, ValueError, KeyError, TypeError):
         args = {}
+    return _command(name, path, args)
+
+
+def _command(name: str, path: Path, args) -> str:
+    """The `llmjax.prepare` command of a preparation's arguments (a state's, or a manifest's
+    `prepared_from`): its dataset name, shard size and sources."""
+    from llmjax.prepare import HUB, SHARD_TOKENS
+
     # the name it was prepared under, which the state records (another starts afresh): a folder
     # prepared with --out under another name than its own is trained on by the folder's name
     if isinstance(args, dict) and isinstance(args.get("dataset"), str) and args["dataset"]:

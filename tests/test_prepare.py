@@ -882,6 +882,23 @@ def test_an_unfinished_preparation_under_a_built_in_name_is_not_written_over(tmp
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
+def test_a_damaged_built_in_name_prepared_from_ones_own_files_is_not_replaced_by_the_shipped_text(tmp_path, docs):
+    """`python -m llmjax.prepare tinyshakespeare` (no --source) repairs a damaged built-in dataset by
+    writing the shipped text again: over one prepared from the user's own files under that name, it
+    replaced their dataset with Shakespeare, silently. Now refused, with the command that repairs it."""
+    own, _, _ = write_sources(tmp_path, docs[:20])
+    out = tmp_path / "tinyshakespeare"
+    P.prepare("tinyshakespeare", out, [P.Source(own, None)], workers=1, progress=False)
+    (out / "val_0000.bin").unlink()
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    with pytest.raises(D.DataError, match=rf"prepared from other text .*val_0000.bin cannot be read.*python -m llmjax.prepare "
+                                          rf"tinyshakespeare --out {re.escape(str(out))} --source {re.escape(str(own))}$"):
+        P.prepare("tinyshakespeare", out)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    ds = P.prepare("tinyshakespeare", out, [P.Source(own, None)], workers=1, progress=False)  # (the command it names repairs it)
+    assert decoded(ds, "train") + decoded(ds, "val") == "".join(EOT + d for d in docs[:20])
+
+
 def test_a_path_flag_given_as_flag_equals_tilde_is_under_the_home_folder(tmp_path):
     """`--out=~/x` (and `~` in a --flagfile's name and in its lines) reaches the tools unexpanded: the
     shell expands `--out ~/x` only. It went to a folder literally named `~` in the working directory;
