@@ -601,6 +601,15 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
         raise PrepareError(f"--workers must be at least 1 (0: one per CPU), got {workers}")
     workers = workers or default_workers()
     sources = sources if sources else hub_sources(name)
+    # a file given twice (a shell glob and the file by name, say): its documents twice, and the
+    # validation documents (its held-out tail, or all of it as val= and train=) training ones too
+    seen: dict[Path, Source] = {}
+    for src in sources:
+        if (first := seen.setdefault(src.path.resolve(), src)) is not src:
+            how = "" if first.split == src.split else f" (as {first.split or 'a source'} and as {src.split or 'a source'})"
+            again = "given twice" if src.path == first.path else f"{first.path} again"
+            raise PrepareError(f"--source {src.path} is {again}{how}: its documents would be prepared twice, and validation documents "
+                               "trained on; give each file once")
     for src in sources:  # each source's type now, not once the ones before it are tokenised (hours, for a corpus)
         check_source(src)
     # a source is known by its path, size and modification time: an edited file is read again

@@ -488,6 +488,19 @@ def test_files_that_source_did_not_take_are_refused(tmp_path):
     assert not out.exists()
 
 
+def test_a_file_given_twice_is_refused(tmp_path, docs):
+    """The same file twice (a glob and its name, a link to it, train= and val=) was prepared twice:
+    its held-out tail's documents, or its val= copy, were training documents too."""
+    txt, _, _ = write_sources(tmp_path, docs[:20])
+    (tmp_path / "link.txt").symlink_to(txt)
+    for sources, needle in [([P.Source(txt, None), P.Source(txt, None)], f"{txt} is given twice:"),
+                            ([P.Source(txt, "train"), P.Source(txt, "val")], f"{txt} is given twice \\(as train and as val\\):"),
+                            ([P.Source(txt, None), P.Source(tmp_path / "link.txt", None)], f"{tmp_path / 'link.txt'} is {txt} again:")]:
+        with pytest.raises(P.PrepareError, match=f"--source {needle} its documents would be prepared twice"):
+            P.prepare("mine", tmp_path / "o", sources, workers=1, progress=False)
+        assert not (tmp_path / "o").exists()
+
+
 def test_source_arguments(tmp_path, monkeypatch):
     """`train=`/`val=` prefix a split, but a file with = in its name is that file; a URL's file is
     named as its path ends, without the query (a .jsonl served as ...?download=true was refused)."""
