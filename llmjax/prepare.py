@@ -627,6 +627,25 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
                                stop_after_shards=stop_after_shards)
 
 
+def _other(old, new: dict) -> str:
+    """How a prepared dataset's arguments (its manifest's `prepared_from`) differ from `new`: said as
+    "from other sources" where another name or --shard_tokens was all that differed."""
+    if not isinstance(old, dict) or not isinstance(old.get("sources"), list):
+        return "from other sources (the shipped text, or an older llmjax's preparation)"
+    if old.get("dataset") != new["dataset"]:
+        return f"named '{old.get('dataset')}', not '{new['dataset']}'"
+    if old.get("shard_tokens") != new["shard_tokens"]:
+        return f"from the same sources with --shard_tokens {old.get('shard_tokens')}"
+    try:
+        before = {(str(src), split): rest for src, split, *rest in old["sources"]}
+    except (TypeError, ValueError):
+        before = {}
+    changed = [src for src, split, *rest in new["sources"] if before.get((src, split), rest) != rest]
+    if changed and len(before) == len(new["sources"]) and all((src, split) in before for src, split, *_ in new["sources"]):
+        return f"from other sources: {changed[0]} changed since (its size or modification time)"
+    return f"from other sources ({', '.join(str(src) for src, *_ in old['sources'][:3])}{', ...' if len(old['sources']) > 3 else ''})"
+
+
 def _only_preparation(out: Path):
     """An exclusive lock on the folder `out` while a preparation reads and writes it
     (`runtime.exclusive_folder`): a second one at once would remove the first's temporaries and
@@ -650,7 +669,8 @@ def _prepare_locked(name: str, out: Path, sources: list[Source], args: dict, cre
         except (OSError, ValueError):
             raise PrepareError(f"{manifest} is damaged; delete {out} (or use another --out) to prepare it again") from None
         if existing.get("prepared_from") != args:
-            raise PrepareError(f"{out} already holds a prepared dataset from other sources; use another --out or delete it")
+            raise PrepareError(f"{out} already holds a prepared dataset {_other(existing.get('prepared_from'), args)}; use another --out or "
+                               "delete it")
         ds = D.TokenDataset.open(out)
         damaged = ds.damaged_shards()  # (a missing, cut or changed shard: the trainer says "prepare the dataset again")
         if not damaged:

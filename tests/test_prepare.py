@@ -225,6 +225,19 @@ def test_given_validation_split_and_idempotence(tmp_path, docs):
         P.prepare("tinystories", tmp_path / "out", sources[:1], workers=1, shard_tokens=10**6, progress=False)
 
 
+def test_a_folder_prepared_otherwise_says_what_differs(tmp_path, docs):
+    """Another dataset name or --shard_tokens over a prepared folder was refused as 'from other
+    sources', with the same sources."""
+    txt, jsonl, _ = write_sources(tmp_path, docs[:20])
+    out = tmp_path / "o"
+    P.prepare("mine", out, [P.Source(txt, None)], workers=1, shard_tokens=5000, progress=False)
+    for name, sources, size, needle in [("mine", [txt], 4000, "from the same sources with --shard_tokens 5000;"),
+                                        ("yours", [txt], 5000, "named 'mine', not 'yours';"),
+                                        ("mine", [jsonl], 5000, f"from other sources \\({txt}\\);")]:
+        with pytest.raises(P.PrepareError, match=f"already holds a prepared dataset {needle} use another --out or delete it"):
+            P.prepare(name, out, [P.Source(s, None) for s in sources], workers=1, shard_tokens=size, progress=False)
+
+
 def test_interrupted_then_resumed_gives_the_same_bytes(tmp_path, monkeypatch):
     docs = make_docs(400, seed=1, long=400)
     txt, _, parquet = write_sources(tmp_path, docs)
