@@ -390,7 +390,9 @@ class WindowSource:
                 raise DataError(f"the split's shards are shorter than one window of {length} tokens ({which}{total} tokens in shards of at "
                                 f"most {max(len(s) for s in shards)}; a window never crosses shards); prepare the dataset again with a "
                                 "larger --shard_tokens, or lower model.context_len")
-            raise DataError(f"the split is shorter than one window of {length} tokens ({which}{total} tokens); lower model.context_len")
+            more = {"val": ", or prepare the dataset with more validation text (a held-out tail is the last 1% of the text; a val= "
+                            "--source gives the split)", "train": ", or prepare the dataset from more text"}.get(split, "")
+            raise DataError(f"the split is shorter than one window of {length} tokens ({which}{total} tokens); lower model.context_len{more}")
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
 
     def __len__(self) -> int:

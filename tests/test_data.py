@@ -201,6 +201,12 @@ def test_a_split_too_short_for_a_window_says_whether_its_shards_or_its_tokens_ar
         D.train_batches(short, seq_len=1024, global_batch=2, seed=0)
     with pytest.raises(D.DataError, match=r"the split is shorter than one window of 2001 tokens \(val: 2000 tokens\); lower model.context_len"):
         D.WindowSource(short, 2001, "val")
+    # a small corpus's held-out tail (1% of it) is shorter than a window: more validation text is the fix, not only a shorter context
+    with pytest.raises(D.DataError, match=r"\(val: 2000 tokens\); lower model.context_len, or prepare the dataset with more validation "
+                                          r"text \(a held-out tail is the last 1% of the text; a val= --source gives the split\)$"):
+        D.WindowSource(short, 2001, "val")
+    with pytest.raises(D.DataError, match=r"\(train: 2000 tokens\); lower model.context_len, or prepare the dataset from more text$"):
+        D.WindowSource(short, 2001, "train")
     assert len(D.WindowSource(short, 500)) == 4
 
 
