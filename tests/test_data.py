@@ -140,6 +140,9 @@ def test_end_of_text_in_what_users_write(monkeypatch, tmp_path):
     gpt2 = tok.GPT2Tokenizer()
     assert gpt2.encode_prompt("<|endoftext|>Once") == [50256, 7454]
     assert gpt2.encode("<|endoftext|>Once")[-1] == 7454 and 50256 not in gpt2.encode("<|endoftext|>Once")
+    from llmjax.tokenize_worker import encode_documents  # (what llmjax.prepare writes of a .jsonl or .parquet text)
+
+    assert encode_documents(["<|endoftext|>Once"]).tolist() == [50256] + gpt2.encode("<|endoftext|>Once")
     assert gpt2.encode_prompt("plain text") == gpt2.encode("plain text")
     assert encode_pair(gpt2, "", "<|endoftext|>Hello") == ([50256], [15496])  # lm-eval's rule for an empty context
     char = tok.CharTokenizer("<|>a")
