@@ -589,6 +589,11 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
     """Prepare dataset `name` into `out` from `sources` (default: its Hugging Face files). Returns
     the opened dataset. Idempotent; resumes an interrupted run with the same arguments."""
     out = Path(out).absolute()
+    # (the dataset's folder under the data folder, and what data.dataset names: "" was the data
+    # folder itself, and "a/../.." refused only after it made data/a)
+    if not name.strip() or name != name.strip() or Path(name).is_absolute() or any(p in (".", "..") for p in name.replace("\\", "/").split("/")):
+        raise PrepareError(f"dataset name {name!r} is no folder name under the data folder; give a name such as mytext (what "
+                           "--config.data.dataset then names)")
     if out.exists() and not out.is_dir():
         raise PrepareError(f"{out} is a file, not a folder; give --out a folder (new or one this command wrote)")
     if name in D.BUILTIN and not sources:
@@ -783,7 +788,9 @@ def main(argv):
     except (PrepareError, D.DataError) as e:
         cli.fail(str(e))
     except KeyboardInterrupt:
-        cli.fail(f"interrupted; finished shards are kept in {out}: run the same command to resume", code=130)
+        kept = out.is_dir() and any(f.suffix == ".bin" for f in out.iterdir())  # (before its first shard: nothing, its folder gone)
+        cli.fail(f"interrupted; finished shards are kept in {out}: run the same command to resume" if kept else
+                 "interrupted before the first shard was finished; nothing was kept: run the same command to start again", code=130)
     except BrokenProcessPool:
         cli.fail(f"a tokeniser process died (killed, or out of memory: try fewer --workers); finished shards are kept in {out}: "
                  "run the same command to resume")

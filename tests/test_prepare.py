@@ -142,6 +142,12 @@ def test_bad_output_folders_and_settings_are_one_line(tmp_path, docs):
     P.prepare("mine", tmp_path / "other", [P.Source(txt, None)], workers=1, progress=False)
     with pytest.raises(D.DataError, match="holds the prepared dataset 'mine', not 'tinyshakespeare_char'"):
         P.prepare("tinyshakespeare_char", tmp_path / "other")
+    # a dataset name that is no folder under the data folder: "" prepared into the data folder itself,
+    # and "a/../.." made data/a before its refusal
+    for name in ("", " mine", "a/../..", "..", "./mine", str(tmp_path / "abs")):
+        with pytest.raises(P.PrepareError, match=f"^dataset name {re.escape(repr(name))} is no folder name under the data folder; "):
+            P.prepare(name, tmp_path / "data" / name, [P.Source(txt, None)], workers=1, progress=False)
+    assert not (tmp_path / "data").exists() and not (tmp_path / "abs").exists()
 
 
 def test_held_out_tail_is_one_percent_of_the_text_and_at_least_one_document(tmp_path):
@@ -725,8 +731,26 @@ def test_workers_are_light_and_do_not_outlive_a_killed_preparation(tmp_path, sig
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    if sig == signal.SIGTERM and proc.returncode != 0:
-        assert err.startswith("error: ") and err.count("\n") == 1 and "resume" in err, err
+    if sig == signal.SIGTERM and proc.returncode != 0:  # (the line says whether shards were kept, as they were)
+        kept = (tmp_path / "out").is_dir() and any(f.suffix == ".bin" for f in (tmp_path / "out").iterdir())
+        assert err.startswith("error: ") and err.count("\n") == 1 and ("resume" in err) == kept, (kept, err)
+
+
+def test_an_interruption_before_the_first_shard_says_nothing_was_kept(tmp_path):
+    """Interrupted before its first shard, a preparation keeps nothing (a folder it made goes too),
+    but the line said 'finished shards are kept in OUT: run the same command to resume'."""
+    (tmp_path / "a.txt").write_text("doc one<|endoftext|>doc two")
+    code = ("import sys\n"
+            "from llmjax import cli, prepare as P\n"
+            "def interrupted(*a, **k):\n"
+            "    raise KeyboardInterrupt\n"
+            "P.prepare = interrupted\n"
+            f"sys.argv = ['prepare', 'mine', '--source={tmp_path / 'a.txt'}', '--out={tmp_path / 'out'}']\n"
+            "P.define_flags()\n"
+            "cli.run(P.main)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 130 and r.stderr == ("error: interrupted before the first shard was finished; nothing was kept: run the same "
+                                                "command to start again\n"), r.stderr
 
 
 def test_default_workers_are_the_cpus_this_process_may_use(monkeypatch):
