@@ -49,6 +49,47 @@ def fail(message: str, code: int = 2):
     sys.exit(code)
 
 
+class TextOut:
+    """Model text for stdout (the sampler's samples, the trainer's end-of-run sample). A character
+    stdout's encoding cannot hold (a latin-1 or cp1252 terminal or pipe, where a GPT-2 BPE model may
+    write any character) is written as a \\uXXXX escape, as Python writes stderr, and counted: it was
+    UnicodeEncodeError, a traceback that ended the text where it stood. `warn` says how many, once,
+    on stderr. A stream whose own errors handler is not strict (PYTHONIOENCODING=latin-1:replace)
+    writes as it was told."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+        self.encoding = getattr(self.stream, "encoding", None) or "utf-8"
+        self.strict = getattr(self.stream, "errors", "strict") == "strict"
+        self.escaped = 0
+
+    def write(self, text: str, flush: bool = False):
+        if self.strict:
+            try:
+                text.encode(self.encoding)
+            except UnicodeEncodeError:
+                self.escaped += sum(1 for c in text if not _encodes(c, self.encoding))
+                text = text.encode(self.encoding, "backslashreplace").decode(self.encoding)
+        self.stream.write(text)
+        if flush:
+            self.stream.flush()
+
+    def warn(self):
+        if self.escaped:
+            print(f"warning: {self.escaped} character(s) of the text are not in the output's encoding ({self.encoding}) and were "
+                  "written as \\uXXXX escapes; for the characters themselves set PYTHONIOENCODING=utf-8 (or a UTF-8 locale)",
+                  file=sys.stderr, flush=True)
+            self.escaped = 0
+
+
+def _encodes(char: str, encoding: str) -> bool:
+    try:
+        char.encode(encoding)
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _config_args(argv: list[str]) -> tuple[str | None, list[str]]:
     """The --config spec and the dotted keys of the --config.* overrides in argv."""
     spec, keys = None, []

@@ -752,27 +752,24 @@ def main(argv):
                       quantize_embeddings=FLAGS.quantize_embeddings)
         n = FLAGS.num_samples
         rows = [p for p in prompts for _ in range(n)]
-        if len(rows) == 1:  # one sample: plain text, streamed
-            loaded.encode_prompts(rows)  # its errors and warnings before any text
-            sys.stdout.write(rows[0])
-            sys.stdout.flush()
-
-            def stream(row, text):
-                sys.stdout.write(text)
-                sys.stdout.flush()
-
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # (said above)
-                    loaded.generate_text(rows, FLAGS.max_new_tokens, sampling=sampling, seed=FLAGS.seed, on_text=stream)
-            finally:  # (also on Ctrl-C: the text's line ends before the one-line error)
-                sys.stdout.write("\n")
-                sys.stdout.flush()
-        else:
-            texts = loaded.generate_text(prompts, FLAGS.max_new_tokens, num_samples=n, sampling=sampling, seed=FLAGS.seed)
-            for k, (prompt, text) in enumerate(zip(rows, texts), start=1):
-                print(f"--- sample {k} ---")
-                print(prompt + text)
+        out = cli.TextOut()  # (a character stdout's encoding lacks: an escape and a warning, not a traceback mid-text)
+        try:
+            if len(rows) == 1:  # one sample: plain text, streamed
+                loaded.encode_prompts(rows)  # its errors and warnings before any text
+                out.write(rows[0], flush=True)
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # (said above)
+                        loaded.generate_text(rows, FLAGS.max_new_tokens, sampling=sampling, seed=FLAGS.seed,
+                                             on_text=lambda row, text: out.write(text, flush=True))
+                finally:  # (also on Ctrl-C: the text's line ends before the one-line error)
+                    out.write("\n", flush=True)
+            else:
+                texts = loaded.generate_text(prompts, FLAGS.max_new_tokens, num_samples=n, sampling=sampling, seed=FLAGS.seed)
+                for k, (prompt, text) in enumerate(zip(rows, texts), start=1):
+                    out.write(f"--- sample {k} ---\n{prompt}{text}\n")
+        finally:
+            out.warn()
     except (SampleError, ConfigError) as e:
         cli.fail(str(e))
     except jax.errors.JaxRuntimeError as e:

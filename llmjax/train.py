@@ -1484,8 +1484,9 @@ def _main(FLAGS):
         cli.fail(interrupted(Path(workdir).absolute() / "checkpoints", "SIGTERM" if by_sigterm else ""), code=143 if by_sigterm else 130)
     if jax.process_index() == 0:
         if run.sample:
-            print("--- sample ---")
-            print(run.sample)
+            out = cli.TextOut()  # (a character stdout's encoding lacks: an escape and a warning, not a traceback)
+            out.write(f"--- sample ---\n{run.sample}\n")
+            out.warn()
         if run.final:  # (the last line, after the sample: the run's summary)
             print(f"done: {run.step} steps, final val_loss {run.last_val_loss:.4f} ({final_loss_covers(FLAGS.config, run.val_batches)}); run in {run.workdir}")
 

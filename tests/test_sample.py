@@ -848,6 +848,55 @@ def test_cli_run_readers_take_one_run_and_name_a_bad_dtype(run_dir, tmp_path):
         S.load(run_dir, dtype="bfloat61")
 
 
+def test_text_stdout_cannot_encode_is_escaped_not_a_traceback(run_dir, tmp_path):
+    """stdout in an encoding that lacks some of the text's characters (a latin-1 or cp1252 terminal
+    or pipe; a GPT-2 BPE model may write any character): those characters are written as \\uXXXX
+    escapes, as Python writes stderr, with one warning line (it was UnicodeEncodeError's traceback,
+    the sample cut where it stood), streamed or not. A copy of the run whose 64 characters other
+    than the newline are CJK, so that every character it writes is one latin-1 lacks."""
+    import os
+
+    run = tmp_path / "cjk"
+    shutil.copytree(run_dir, run)
+    desc = json.loads((run / "tokenizer.json").read_text())
+    prompt = "".join(chr(0x4E00 + desc["chars"].index(c)) for c in "ROMEO:")  # (the same ids as ROMEO:)
+    desc["chars"] = "".join(c if c == "\n" else chr(0x4E00 + i) for i, c in enumerate(desc["chars"]))
+    (run / "tokenizer.json").write_text(json.dumps(desc))
+    loaded = S.load(run)
+    want = loaded.generate_text([prompt], 12, sampling=GREEDY)[0]
+    assert want.strip("\n")  # (characters latin-1 lacks)
+    base = [f"--checkpoint_path={run}", f"--prompt={prompt}", "--max_new_tokens=12", "--greedy"]
+    single, two = cli_cases("llmjax.sample", [base, base + ["--num_samples=2"]], env={**os.environ, "PYTHONIOENCODING": "latin-1"})
+    escaped = lambda text: text.encode("latin-1", "backslashreplace").decode("latin-1")  # noqa: E731
+    assert (single.returncode, single.stdout) == (0, escaped(prompt + want) + "\n"), single.stderr[-2000:]
+    assert (two.returncode, two.stdout) == (0, "".join(f"--- sample {k} ---\n{escaped(prompt + want)}\n" for k in (1, 2))), two.stderr[-2000:]
+    n = sum(c != "\n" for c in prompt + want)
+    for r, count in ((single, n), (two, 2 * n)):
+        assert r.stderr == (f"warning: {count} character(s) of the text are not in the output's encoding (iso8859-1) and were written as "
+                            "\\uXXXX escapes; for the characters themselves set PYTHONIOENCODING=utf-8 (or a UTF-8 locale)\n"), r.stderr[-2000:]
+
+
+def test_text_out_escapes_only_what_the_stream_cannot_hold(capsys):
+    """cli.TextOut (the sampler's and the trainer's text): only the characters the stream's encoding
+    lacks become escapes, counted once in the warning; a stream told to replace replaces."""
+    import io
+
+    from llmjax import cli
+
+    raw = io.BytesIO()
+    out = cli.TextOut(io.TextIOWrapper(raw, encoding="cp1252", write_through=True))
+    out.write("café € 東京🙂\n", flush=True)
+    assert raw.getvalue() == "café € \\u6771\\u4eac\\U0001f642\n".encode("cp1252")
+    out.warn()
+    out.warn()  # (said once)
+    assert capsys.readouterr().err.startswith("warning: 3 character(s) of the text are not in the output's encoding (cp1252)")
+    raw = io.BytesIO()
+    out = cli.TextOut(io.TextIOWrapper(raw, encoding="latin-1", errors="replace", write_through=True))
+    out.write("é東")
+    out.warn()
+    assert raw.getvalue() == "é?".encode("latin-1") and capsys.readouterr().err == ""
+
+
 def test_a_prompt_with_bytes_that_are_not_utf8_is_refused():
     """A byte of --prompt that is not UTF-8 (a terminal in latin-1: é is 0xE9; Python keeps it in
     sys.argv as the lone surrogate U+DCE9) was silently replaced by GPT-2's BPE with U+FFFD (the
