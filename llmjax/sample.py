@@ -740,6 +740,11 @@ def _prompts(FLAGS) -> list[str]:
 def main(argv):
     FLAGS = flags.FLAGS
     cli.start_run_reader(argv, "runs/shakespeare_char")
+    for name, more in (("prompt", "more prompts go in a --prompt_file, one per line"), ("prompt_file", "join the files into one")):
+        values = [v for _, v in cli.given(cli.command_line(), (name,))]
+        if len(set(values)) > 1:  # (absl keeps the last: the others were dropped, silently)
+            shown = ", ".join(repr(v if len(v) <= 40 else v[:37] + "...") for v in values)
+            cli.fail(f"--{name} is given {len(values)} times ({shown}) and only the last would be read; give one ({more})")
     warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
     try:
         if FLAGS.num_samples < 1 or not 0 <= FLAGS.max_new_tokens < 2**31:

@@ -805,6 +805,11 @@ def test_cli_errors_are_one_line(run_dir, tmp_path):
         ([f"--checkpoint_path={run_dir}", "--seed=4294967296"], "--seed must be in [0, 2**32)"),
         ([f"--checkpoint_path={run_dir}", "--max_new_tokens=2147483648"], "--max_new_tokens in [0, 2**31)"),  # (int32 counters)
         ([f"--checkpoint_path={run_dir}", "--prompt=ROMEO\u20ac"], "prompt 1: character"),  # refused before the prompt is printed
+        # (absl keeps the last of a flag given twice: the other prompts were dropped, silently)
+        ([f"--checkpoint_path={run_dir}", "--prompt=ROMEO:", "--prompt", "JULIET:"],
+         "--prompt is given 2 times ('ROMEO:', 'JULIET:') and only the last would be read; give one (more prompts go in a --prompt_file"),
+        ([f"--checkpoint_path={run_dir}", f"--prompt_file={tmp_path / 'a'}", "--prompt=x", f"--prompt_file={tmp_path / 'b'}"],
+         "--prompt_file is given 2 times ("),
     ]:
         cases.append((args, needle))
     for (args, needle), r in zip(cases, cli_cases("llmjax.sample", [args for args, _ in cases])):
