@@ -475,7 +475,7 @@ def start_ids(tokenizer) -> list[int]:
     return tokenizer.encode("\n") if "\n" in getattr(tokenizer, "chars", "\n") else [0]
 
 
-def _check_utf8(text: str, i: int) -> None:
+def _check_utf8(text: str, name: str) -> None:
     """Refuse a prompt holding a lone surrogate: a byte of argv that is not UTF-8 (Python keeps it as
     U+DC80 + byte), as a terminal not set to UTF-8 gives (latin-1's é, 0xE9). GPT-2's BPE replaced it
     with U+FFFD, silently (a character vocabulary named '\\udce9'); its raw byte would not be the
@@ -485,9 +485,9 @@ def _check_utf8(text: str, i: int) -> None:
         return
     code = ord(text[bad])
     if 0xDC80 <= code <= 0xDCFF:
-        raise SampleError(f"prompt {i + 1} holds the byte 0x{code - 0xDC00:02x}, which is not UTF-8, at character {bad + 1}: is the "
+        raise SampleError(f"{name} holds the byte 0x{code - 0xDC00:02x}, which is not UTF-8, at character {bad + 1}: is the "
                           "terminal's encoding UTF-8? give the prompt as UTF-8 text (e.g. in a UTF-8 --prompt_file)")
-    raise SampleError(f"prompt {i + 1} holds a lone surrogate U+{code:04X} at character {bad + 1}, which is no character; remove it")
+    raise SampleError(f"{name} holds a lone surrogate U+{code:04X} at character {bad + 1}, which is no character; remove it")
 
 
 @dataclasses.dataclass
@@ -500,23 +500,26 @@ class Loaded:
     step: int
     path: Path
 
-    def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+    def encode_prompts(self, prompts: Sequence[str], names: Sequence[str] | None = None) -> list[list[int]]:
         """Token ids of each prompt: an empty prompt starts from end-of-text (a newline for a
-        character vocabulary); a prompt longer than the context keeps its last tokens (warning)."""
+        character vocabulary); a prompt longer than the context keeps its last tokens (warning).
+        `names`: how errors and warnings name each prompt (default 'prompt N'; the command line
+        names a --prompt_file's line)."""
         context = self.model.cfg.context_len
         tok = self.tokenizer
         out = []
         for i, text in enumerate(prompts):
-            _check_utf8(text, i)
+            name = names[i] if names is not None else f"prompt {i + 1}"
+            _check_utf8(text, name)
             try:
                 ids = tok.encode_prompt(text) if text else []  # ("<|endoftext|>": the token, as nanoGPT's sampler reads it)
             except TokenizerError as e:
-                raise SampleError(f"prompt {i + 1}: {e}") from None
+                raise SampleError(f"{name}: {e}") from None
             if not ids:
                 ids = start_ids(tok)
             if len(ids) > context:
                 warnings.warn(
-                    f"prompt {i + 1} has {len(ids)} tokens, more than the model's context of {context}; keeping its last {context}",
+                    f"{name} has {len(ids)} tokens, more than the model's context of {context}; keeping its last {context}",
                     PromptTruncated,
                     stacklevel=2,
                 )
@@ -721,7 +724,14 @@ def define_quantize_flags():
 
 
 def _prompts(FLAGS) -> list[str]:
-    prompts = [] if FLAGS.prompt is None else [FLAGS.prompt]
+    return [text for text, _ in _named_prompts(FLAGS)]
+
+
+def _named_prompts(FLAGS) -> list[tuple[str, str]]:
+    """(text, name) of each prompt: --prompt's, then each line of --prompt_file that is not blank,
+    named by its line (errors and warnings say '--prompt_file F line N', not its place among the
+    prompts, which blank lines and --prompt shift)."""
+    prompts = [] if FLAGS.prompt is None else [(FLAGS.prompt, "--prompt")]
     if FLAGS.prompt_file is not None:
         if not FLAGS.prompt_file:  # (`--prompt_file=`, a shell variable that was empty, say: it was ignored)
             raise SampleError("--prompt_file is empty; name a file with one prompt per line")
@@ -730,11 +740,11 @@ def _prompts(FLAGS) -> list[str]:
             lines = Path(FLAGS.prompt_file).read_text(encoding="utf-8-sig").split("\n")
         except (OSError, UnicodeDecodeError) as e:
             raise SampleError(f"cannot read --prompt_file {FLAGS.prompt_file}: {e.strerror if isinstance(e, OSError) else e}") from None
-        lines = [line for line in lines if line.strip()]
+        lines = [(line, f"--prompt_file {FLAGS.prompt_file} line {k}") for k, line in enumerate(lines, start=1) if line.strip()]
         if not lines:  # (with --prompt too: the file's prompts were silently none)
             raise SampleError(f"--prompt_file {FLAGS.prompt_file} holds no prompt (every line is blank)")
         prompts += lines
-    return prompts or [""]
+    return prompts or [("", "--prompt")]
 
 
 def main(argv):
@@ -752,27 +762,27 @@ def main(argv):
         if not 0 <= FLAGS.seed < 2**32:
             raise SampleError(f"--seed must be in [0, 2**32), got {FLAGS.seed}")  # (JAX's keys hold 32 bits: larger seeds wrap)
         sampling = Sampling(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, greedy=FLAGS.greedy)
-        prompts = _prompts(FLAGS)
+        prompts, names = zip(*_named_prompts(FLAGS))
         loaded = load(FLAGS.checkpoint_path, FLAGS.which, dtype=FLAGS.dtype, quantize=FLAGS.quantize,
                       quantize_embeddings=FLAGS.quantize_embeddings)
         n = FLAGS.num_samples
         rows = [p for p in prompts for _ in range(n)]
+        loaded.encode_prompts(prompts, names)  # their errors and warnings (naming a --prompt_file's line) before any text
         out = cli.TextOut()  # (a character stdout's encoding lacks: an escape and a warning, not a traceback mid-text)
         try:
-            if len(rows) == 1:  # one sample: plain text, streamed
-                loaded.encode_prompts(rows)  # its errors and warnings before any text
-                out.write(rows[0], flush=True)
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")  # (said above)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (said above)
+                if len(rows) == 1:  # one sample: plain text, streamed
+                    out.write(rows[0], flush=True)
+                    try:
                         loaded.generate_text(rows, FLAGS.max_new_tokens, sampling=sampling, seed=FLAGS.seed,
                                              on_text=lambda row, text: out.write(text, flush=True))
-                finally:  # (also on Ctrl-C: the text's line ends before the one-line error)
-                    out.write("\n", flush=True)
-            else:
-                texts = loaded.generate_text(prompts, FLAGS.max_new_tokens, num_samples=n, sampling=sampling, seed=FLAGS.seed)
-                for k, (prompt, text) in enumerate(zip(rows, texts), start=1):
-                    out.write(f"--- sample {k} ---\n{prompt}{text}\n")
+                    finally:  # (also on Ctrl-C: the text's line ends before the one-line error)
+                        out.write("\n", flush=True)
+                else:
+                    texts = loaded.generate_text(list(prompts), FLAGS.max_new_tokens, num_samples=n, sampling=sampling, seed=FLAGS.seed)
+                    for k, (prompt, text) in enumerate(zip(rows, texts), start=1):
+                        out.write(f"--- sample {k} ---\n{prompt}{text}\n")
         finally:
             out.warn()
     except (SampleError, ConfigError) as e:

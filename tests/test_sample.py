@@ -725,6 +725,9 @@ def test_prompt_file_lines_are_split_at_newlines_only(tmp_path):
     assert S._prompts(flags_) == ["zero", "one\fline", "two\u2028still two", "three"]
     f.write_bytes(b"\xef\xbb\xbfROMEO:\nJULIET:\n")  # a byte-order mark (Windows editors) is not part of prompt 1
     assert S._prompts(types.SimpleNamespace(prompt=None, prompt_file=str(f))) == ["ROMEO:", "JULIET:"]
+    f.write_text("\r\nROMEO:\r\n\r\nJULIET:")  # (CRLF: lines as an editor numbers them)
+    assert S._named_prompts(types.SimpleNamespace(prompt="", prompt_file=str(f))) == [
+        ("", "--prompt"), ("ROMEO:", f"--prompt_file {f} line 2"), ("JULIET:", f"--prompt_file {f} line 4")]
 
 
 def test_a_prompt_file_with_no_prompt_is_refused_with_or_without_prompt(tmp_path):
@@ -795,6 +798,7 @@ def test_cli_several_samples_and_prompt_file(run_dir, tmp_path):
 
 
 def test_cli_errors_are_one_line(run_dir, tmp_path):
+    (tmp_path / "p.txt").write_text("JULIET:\n\n  \nFRIAR\u20ac\n")
     cases = []
     for args, needle in [
         ([f"--checkpoint_path={tmp_path / 'missing'}"], "no such run"),
@@ -804,7 +808,10 @@ def test_cli_errors_are_one_line(run_dir, tmp_path):
         ([f"--checkpoint_path={run_dir}", "--temperature=inf"], "temperature must be a finite number"),
         ([f"--checkpoint_path={run_dir}", "--seed=4294967296"], "--seed must be in [0, 2**32)"),
         ([f"--checkpoint_path={run_dir}", "--max_new_tokens=2147483648"], "--max_new_tokens in [0, 2**31)"),  # (int32 counters)
-        ([f"--checkpoint_path={run_dir}", "--prompt=ROMEO\u20ac"], "prompt 1: character"),  # refused before the prompt is printed
+        ([f"--checkpoint_path={run_dir}", "--prompt=ROMEO\u20ac"], "--prompt: character '\u20ac'"),  # refused before the prompt is printed
+        # a --prompt_file's prompt is named by its line (it was 'prompt 3': its place after --prompt, blank lines skipped)
+        ([f"--checkpoint_path={run_dir}", "--prompt=ROMEO:", f"--prompt_file={tmp_path / 'p.txt'}", "--num_samples=2"],
+         f"--prompt_file {tmp_path / 'p.txt'} line 4: character '\u20ac'"),
         # (absl keeps the last of a flag given twice: the other prompts were dropped, silently)
         ([f"--checkpoint_path={run_dir}", "--prompt=ROMEO:", "--prompt", "JULIET:"],
          "--prompt is given 2 times ('ROMEO:', 'JULIET:') and only the last would be read; give one (more prompts go in a --prompt_file"),
