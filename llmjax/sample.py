@@ -606,12 +606,14 @@ def resolve(path: str | Path, which: str = "latest") -> tuple[Path, int]:
     if step is None:
         try:
             with read_only_manager(run / "checkpoints", best_fn=lambda m: m["val_loss"], best_mode="min") as mgr:
-                step = mgr.latest_step() if which == "latest" else mgr.best_step()
+                latest = mgr.latest_step()
+                step = latest if which == "latest" else mgr.best_step()
         except CheckpointError as e:
             raise SampleError(str(e)) from None
+        if latest is None:  # (with --which=best it said to pass --which=latest, which found nothing either)
+            raise SampleError(f"{run / 'checkpoints'} holds no checkpoint; train it first")
         if step is None:
-            what = "no checkpoint" if which == "latest" else "no checkpoint with a validation loss"
-            raise SampleError(f"{run / 'checkpoints'} holds {what}; " + ("train it first" if which == "latest" else "train longer or pass --which=latest"))
+            raise SampleError(f"{run / 'checkpoints'} holds no checkpoint with a validation loss; train longer or pass --which=latest")
     return run, step
 
 

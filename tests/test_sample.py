@@ -571,6 +571,12 @@ def test_bad_checkpoints_are_one_line_errors(run_dir, tmp_path):
         S.load(tmp_path / "foreign")
     with pytest.raises(S.SampleError, match="no checkpoint 99"):
         S.load(run_dir / "checkpoints" / "99")
+    empty = tmp_path / "empty"  # a run with no checkpoint yet: --which=best said to pass --which=latest, which finds none either
+    (empty / "checkpoints").mkdir(parents=True)
+    shutil.copy(run_dir / "config.json", empty)
+    for which in ("latest", "best"):
+        with pytest.raises(S.SampleError, match=r"empty/checkpoints holds no checkpoint; train it first$"):
+            S.resolve(empty, which)
     broken = tmp_path / "broken"
     shutil.copytree(run_dir, broken)
     for f in (broken / "checkpoints" / "8" / "state").rglob("*"):
