@@ -385,10 +385,13 @@ def generate(
     sampling = sampling or Sampling()
     cfg = model.cfg
     context, B = cfg.context_len, len(prompts)
-    if not 0 <= max_new_tokens < 2**31:  # (a negative count gave no tokens, as 0 does)
-        raise SampleError(f"max_new_tokens must be in [0, 2**31) (the decode loop counts in int32), got {max_new_tokens}")
-    if not 0 <= seed < 2**32:  # (JAX's keys hold 32 bits: 2**32 gave seed 0's text, -1 seed 2**32 - 1's)
-        raise SampleError(f"seed must be in [0, 2**32) (JAX's random keys hold 32 bits), got {seed}")
+    whole = lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))  # noqa: E731
+    # (a negative count gave no tokens, as 0 does; 5.0 was JAX's "Shapes must be 1D sequences of concrete values of integer type")
+    if not whole(max_new_tokens) or not 0 <= max_new_tokens < 2**31:
+        raise SampleError(f"max_new_tokens must be in [0, 2**31), a whole number (the decode loop counts in int32), got {max_new_tokens!r}")
+    # (JAX's keys hold 32 bits: 2**32 gave seed 0's text, -1 seed 2**32 - 1's; 1.5 was "PRNG key seed must be an integer; got JitTracer")
+    if not whole(seed) or not 0 <= seed < 2**32:
+        raise SampleError(f"seed must be in [0, 2**32), a whole number (JAX's random keys hold 32 bits), got {seed!r}")
     prompts = [_token_ids(p, i) for i, p in enumerate(prompts)]
     if B == 0 or max_new_tokens == 0:
         return [[] for _ in prompts]

@@ -385,7 +385,11 @@ def test_bad_generate_input():
     assert generate(m, [[1]], 0) == [[]]
     with pytest.raises(S.SampleError, match=r"max_new_tokens must be in \[0, 2\*\*31\)"):
         generate(m, [[1]], -1)  # (it gave no tokens, as 0)
-    for seed in (2**32, -1):  # (JAX's keys hold 32 bits: 2**32 drew seed 0's tokens, -1 seed 2**32 - 1's)
+    for n in (5.0, True):  # (5.0 was JAX's "Shapes must be 1D sequences of concrete values"; True one token)
+        with pytest.raises(S.SampleError, match=r"max_new_tokens must be in \[0, 2\*\*31\), a whole number"):
+            generate(m, [[1]], n)
+    # (JAX's keys hold 32 bits: 2**32 drew seed 0's tokens, -1 seed 2**32 - 1's; 1.5 was JAX's "PRNG key seed must be an integer")
+    for seed in (2**32, -1, 1.5):
         with pytest.raises(S.SampleError, match=r"seed must be in \[0, 2\*\*32\)"):
             generate(m, [[1]], 3, seed=seed)
     # a flat list of ids (its rows were ints), float ids (cut to integers: [[1.5, 2]] decoded [[1, 2]]), a string
