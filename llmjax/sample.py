@@ -707,7 +707,7 @@ def define_flags():
     cli.define_checkpoint_flags()
     flags.adopt_module_key_flags(cli)  # (--help lists them with the tool's own flags)
     flags.DEFINE_string("prompt", None, "the prompt (empty: start from end-of-text)")
-    flags.DEFINE_string("prompt_file", None, "a file with one prompt per line (after --prompt, if given)")
+    flags.DEFINE_string("prompt_file", None, "a file with one prompt per line (after --prompt, if given); - for standard input")
     flags.DEFINE_integer("max_new_tokens", 100, "new tokens per sample")
     flags.DEFINE_float("temperature", 0.8, "softmax temperature (0: greedy)")
     flags.DEFINE_integer("top_k", 200, "sample among the k most likely tokens (0: all)")
@@ -742,7 +742,9 @@ def _named_prompts(FLAGS) -> list[tuple[str, str]]:
             raise SampleError("--prompt_file is empty; name a file with one prompt per line")
         try:
             # utf-8-sig: a byte-order mark is not text; not splitlines: it also splits at \f, \x1c, \u2028, ...
-            lines = Path(FLAGS.prompt_file).read_text(encoding="utf-8-sig").split("\n")
+            # ('-': standard input, as Unix tools read it: `... | python -m llmjax.sample --prompt_file=-`)
+            raw = sys.stdin.buffer.read() if FLAGS.prompt_file == "-" else Path(FLAGS.prompt_file).read_bytes()
+            lines = raw.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n").split("\n")  # (as text mode reads line ends)
         except (OSError, UnicodeDecodeError) as e:
             raise SampleError(f"cannot read --prompt_file {FLAGS.prompt_file}: {e.strerror if isinstance(e, OSError) else e}") from None
         lines = [(line, f"--prompt_file {FLAGS.prompt_file} line {k}") for k, line in enumerate(lines, start=1) if line.strip()]

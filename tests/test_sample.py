@@ -738,6 +738,11 @@ def test_prompt_file_lines_are_split_at_newlines_only(tmp_path):
     f.write_text("\r\nROMEO:\r\n\r\nJULIET:")  # (CRLF: lines as an editor numbers them)
     assert S._named_prompts(types.SimpleNamespace(prompt="", prompt_file=str(f))) == [
         ("", "--prompt"), ("ROMEO:", f"--prompt_file {f} line 2"), ("JULIET:", f"--prompt_file {f} line 4")]
+    # --prompt_file=- reads standard input, as Unix tools do (it was a file named '-': "cannot read")
+    with open(f, "rb") as stdin, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(S.sys, "stdin", types.SimpleNamespace(buffer=stdin))
+        assert S._named_prompts(types.SimpleNamespace(prompt=None, prompt_file="-")) == [
+            ("ROMEO:", "--prompt_file - line 2"), ("JULIET:", "--prompt_file - line 4")]
 
 
 def test_a_prompt_file_with_no_prompt_is_refused_with_or_without_prompt(tmp_path):
