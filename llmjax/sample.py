@@ -76,6 +76,11 @@ class Sampling:
     greedy: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.greedy, (bool, np.bool_)):  # ("no" was greedy, being truthy)
+            raise SampleError(f"greedy must be True or False, got {self.greedy!r}")
+        for name in ("temperature", "top_p"):  # ("1" was Python's TypeError from the comparison below)
+            if isinstance(getattr(self, name), (bool, np.bool_)) or not isinstance(getattr(self, name), (int, float, np.integer, np.floating)):
+                raise SampleError(f"{name} must be a number, got {getattr(self, name)!r}")
         if not 0 <= self.temperature <= float(np.finfo(np.float32).max):  # (NaN fails too)
             raise SampleError(f"temperature must be a finite number >= 0 (at most {np.finfo(np.float32).max:.3g}: logits are float32), "
                               f"got {self.temperature}")

@@ -382,6 +382,12 @@ def test_bad_generate_input():
         with pytest.raises(S.SampleError, match="top_k must be a whole number"):
             Sampling(top_k=top_k)
     assert Sampling(top_k=np.int64(5)).top_k == 5 and Sampling(top_k=0).top_k is None
+    # greedy="no" was greedy (truthy), temperature="1" Python's TypeError from a comparison
+    for kw, said in [({"greedy": "no"}, "greedy must be True or False, got 'no'"), ({"temperature": "1"}, "temperature must be a number"),
+                     ({"top_p": "0.9"}, "top_p must be a number"), ({"temperature": True}, "temperature must be a number")]:
+        with pytest.raises(S.SampleError, match=re.escape(said)):
+            Sampling(**kw)
+    assert Sampling(greedy=np.bool_(True), temperature=np.float32(0.5), top_p=1).greedy
     assert generate(m, [[1]], 0) == [[]]
     with pytest.raises(S.SampleError, match=r"max_new_tokens must be in \[0, 2\*\*31\)"):
         generate(m, [[1]], -1)  # (it gave no tokens, as 0)
