@@ -406,6 +406,9 @@ def generate(
         raise SampleError("every prompt needs at least one token (start an empty one from end-of-text)")
     if any(not 0 <= t < cfg.vocab_size for p in prompts for t in p):
         raise SampleError(f"prompt token ids must be in [0, {cfg.vocab_size})")
+    if eot_id is not None and (isinstance(eot_id, (bool, np.bool_)) or not isinstance(eot_id, (int, np.integer))
+                               or not 0 <= eot_id < cfg.vocab_size):  # (one outside the vocabulary never ended a row, silently)
+        raise SampleError(f"eot_id must be a token id in [0, {cfg.vocab_size}) or None (no end-of-text), got {eot_id!r}")
     eot = -1 if eot_id is None else int(eot_id)
     chunk = context // 2  # (a slide keeps the last context - chunk >= 1 tokens)
     graphdef, params = split_for_jit(model)

@@ -388,6 +388,9 @@ def test_bad_generate_input():
         with pytest.raises(S.SampleError, match=re.escape(said)):
             Sampling(**kw)
     assert Sampling(greedy=np.bool_(True), temperature=np.float32(0.5), top_p=1).greedy
+    for eot in (-1, m.cfg.vocab_size, 3.0, True):  # (one outside the vocabulary never ended a row, silently)
+        with pytest.raises(S.SampleError, match=re.escape(f"eot_id must be a token id in [0, {m.cfg.vocab_size}) or None")):
+            generate(m, [[1]], 2, eot_id=eot)
     assert generate(m, [[1]], 0) == [[]]
     with pytest.raises(S.SampleError, match=r"max_new_tokens must be in \[0, 2\*\*31\)"):
         generate(m, [[1]], -1)  # (it gave no tokens, as 0)
