@@ -80,23 +80,53 @@ def cpu_compiler_options(compute_dtype, platform: str | None = None) -> dict[str
     return dict(CPU_FLOAT32_OPTIONS)
 
 
+def compilation_cache_settings(environ=os.environ) -> dict | None:
+    """The folder and JAX settings of the command-line tools' compilation cache, from the
+    environment (None: off). The folder is $LLMJAX_COMPILATION_CACHE (empty: off), else JAX's own
+    $JAX_COMPILATION_CACHE_DIR where the user set one, else ~/.cache/llmjax/jax; a leading `~` is
+    the home folder. A size limit ($JAX_COMPILATION_CACHE_MAX_SIZE) or minimum compile time
+    ($JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS) the user set is kept (JAX read it at import);
+    otherwise at most 16 GiB, and every program is kept (loading beats compiling)."""
+    path = environ.get("LLMJAX_COMPILATION_CACHE")
+    if path is None:
+        path = environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join("~", ".cache", "llmjax", "jax")
+    if not path:
+        return None
+    settings = {"jax_compilation_cache_dir": path if "://" in path else os.path.expanduser(path)}
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in environ:
+        settings["jax_persistent_cache_min_compile_time_secs"] = 0
+    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in environ:
+        settings["jax_compilation_cache_max_size"] = CACHE_MAX_BYTES
+    return settings
+
+
 def enable_compilation_cache() -> str | None:
     """JAX's persistent compilation cache for the command-line tools, so a second run skips most
-    compiles. The folder is $LLMJAX_COMPILATION_CACHE (empty: off), default ~/.cache/llmjax/jax; at
-    most 16 GiB, the least recently used entries evicted. Kept by `llmjax.compile_cache.FolderCache`
-    (atomic writes, no folder scan per write), not JAX's own LRUCache, whose per-write scan of the
-    folder grows with every program kept (0.9 s per write at 4,500 entries)."""
+    compiles, in the folder `compilation_cache_settings` names (returned; None: off). Kept by
+    `llmjax.compile_cache.FolderCache` (atomic writes, no folder scan per write), not JAX's own
+    LRUCache, whose per-write scan of the folder grows with every program kept (0.9 s per write at
+    4,500 entries). A folder that cannot be made (a file in its place) is one warning line and no
+    cache, not JAX's warning about reading an entry."""
     import jax
 
     from llmjax.compile_cache import install
 
-    path = os.environ.get("LLMJAX_COMPILATION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "llmjax", "jax"))
-    if not path:
+    settings = compilation_cache_settings()
+    if settings is None:
         return None
+    path = settings["jax_compilation_cache_dir"]
+    if "://" not in path or path.startswith("file://"):
+        try:
+            os.makedirs(path.removeprefix("file://"), exist_ok=True)
+        except OSError as e:
+            why = "a file is in its place" if isinstance(e, (FileExistsError, NotADirectoryError)) else (e.strerror or str(e))
+            print(f"warning: the compilation cache folder {path} cannot be made ({why}), so compiled programs are not "
+                  "cached: set LLMJAX_COMPILATION_CACHE to a folder that can be written, or to nothing to turn the cache off",
+                  file=sys.stderr, flush=True)
+            return None
     install()
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # small programs too: loading beats compiling
-    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+    for name, value in settings.items():
+        jax.config.update(name, value)
     return path
 
 

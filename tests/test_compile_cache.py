@@ -189,3 +189,41 @@ def test_an_entry_above_the_low_water_mark_is_not_evicted_as_it_is_written(tmp_p
     time.sleep(0.01)
     cache.put("new", b"b" * 90)
     assert cache.get("new") == b"b" * 90 and cache.get("old") is None
+
+
+def test_the_tools_take_the_cache_settings_a_user_gave_jax(tmp_path, monkeypatch, capsys):
+    """`enable_compilation_cache` (every command-line tool's): LLMJAX_COMPILATION_CACHE first, else
+    the folder JAX_COMPILATION_CACHE_DIR names (it was ignored: 16 GiB went to ~/.cache instead),
+    and a size limit or minimum compile time set through JAX's variables is kept; a folder that
+    cannot be made is one warning line and no cache (it was JAX's warning about reading an entry)."""
+    import jax
+
+    from llmjax import runtime
+
+    updates = {}
+    monkeypatch.setattr(jax.config, "update", lambda name, value: updates.__setitem__(name, value))
+    monkeypatch.setattr(compile_cache, "install", lambda: True)
+    for name in ("LLMJAX_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE",
+                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+    def enabled(**env):
+        updates.clear()
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        return runtime.enable_compilation_cache()
+
+    default = str(tmp_path / "home" / ".cache" / "llmjax" / "jax")
+    assert enabled() == default and updates == {"jax_compilation_cache_dir": default, "jax_persistent_cache_min_compile_time_secs": 0,
+                                                "jax_compilation_cache_max_size": runtime.CACHE_MAX_BYTES}
+    theirs = str(tmp_path / "jax-cache")
+    assert enabled(JAX_COMPILATION_CACHE_DIR=theirs, JAX_COMPILATION_CACHE_MAX_SIZE="1000") == theirs
+    assert updates == {"jax_compilation_cache_dir": theirs, "jax_persistent_cache_min_compile_time_secs": 0}
+    assert enabled(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1", LLMJAX_COMPILATION_CACHE="~/ours") == str(tmp_path / "home" / "ours")
+    assert updates == {"jax_compilation_cache_dir": str(tmp_path / "home" / "ours")}
+    assert enabled(LLMJAX_COMPILATION_CACHE="") is None and updates == {}
+    (tmp_path / "a-file").write_text("")
+    assert enabled(LLMJAX_COMPILATION_CACHE=str(tmp_path / "a-file")) is None and updates == {}
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"warning: the compilation cache folder {tmp_path / 'a-file'} cannot be made (a file is in its place)")
