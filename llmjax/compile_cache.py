@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import threading
 import time
 import uuid
@@ -44,6 +45,28 @@ LOW_WATER = 0.8  # an eviction empties the folder down to this fraction of the l
 STALE_TMP_SECONDS = 3600  # a temporary file this old belongs to a writer that died: removed
 
 _TMP_TAG = uuid.uuid4().hex[:8]
+
+
+class CacheWarning(UserWarning):
+    """The cache's own warnings (a folder it cannot write, a program above its limit); the
+    command-line tools show them as one line (`one_line_warnings`)."""
+
+
+def one_line_warnings() -> None:
+    """Show CacheWarnings as one line, `warning: <message>`, not Python's two (this file's name and
+    line, then the source line of the call); other warnings as before."""
+    shown = warnings.showwarning
+    if getattr(shown, "_llmjax", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CacheWarning):
+            print(f"warning: {message}", file=file or sys.stderr, flush=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show._llmjax = True
+    warnings.showwarning = show
 _tmp_counter = itertools.count()
 
 
@@ -90,7 +113,8 @@ class FolderCache:
         except OSError:
             replaced = 0
         if 0 < self.max_bytes < len(value):
-            warnings.warn(f"a compiled program of {len(value)} bytes is larger than the compilation cache's limit ({self.max_bytes} bytes); not cached")
+            warnings.warn(f"a compiled program of {len(value)} bytes is larger than the compilation cache's limit ({self.max_bytes} bytes); "
+                          "not cached", CacheWarning)
             return
         # (a short name: an entry's own name may already be near the filesystem's 255-byte limit; a
         # random part as well as the pid: processes of other machines or containers may share the folder)
@@ -102,7 +126,8 @@ class FolderCache:
         except OSError as e:  # an unwritable folder or a full disk: said once, then nothing more is written
             tmp.unlink(missing_ok=True)
             self.max_bytes = 0
-            warnings.warn(f"cannot write to the compilation cache {self._path} ({e.strerror or e}); compiled programs are not cached")
+            warnings.warn(f"cannot write to the compilation cache {self._path} ({e.strerror or e}), so compiled programs are not cached: "
+                          "make room there, or set LLMJAX_COMPILATION_CACHE to a folder that can be written (empty: no cache)", CacheWarning)
             return
         except BaseException:
             tmp.unlink(missing_ok=True)

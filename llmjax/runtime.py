@@ -109,7 +109,7 @@ def enable_compilation_cache() -> str | None:
     cache, not JAX's warning about reading an entry."""
     import jax
 
-    from llmjax.compile_cache import install
+    from llmjax.compile_cache import install, one_line_warnings
 
     settings = compilation_cache_settings()
     if settings is None:
@@ -125,6 +125,7 @@ def enable_compilation_cache() -> str | None:
                   file=sys.stderr, flush=True)
             return None
     install()
+    one_line_warnings()  # (a folder it cannot write: one line, not Python's two)
     for name, value in settings.items():
         jax.config.update(name, value)
     return path

@@ -227,3 +227,30 @@ def test_the_tools_take_the_cache_settings_a_user_gave_jax(tmp_path, monkeypatch
     assert enabled(LLMJAX_COMPILATION_CACHE=str(tmp_path / "a-file")) is None and updates == {}
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"warning: the compilation cache folder {tmp_path / 'a-file'} cannot be made (a file is in its place)")
+
+
+def test_the_tools_say_a_cache_they_cannot_write_in_one_line(tmp_path, monkeypatch, capsys):
+    """A full disk or a read-only cache folder under a command-line tool (enable_compilation_cache):
+    one line that says what to do, not Python's warning lines (this file's name and line, then the
+    source line of the call)."""
+    import warnings
+
+    import jax
+
+    from llmjax import runtime
+
+    monkeypatch.setattr(jax.config, "update", lambda name, value: None)
+    monkeypatch.setattr(compile_cache, "install", lambda: True)
+    monkeypatch.setenv("LLMJAX_COMPILATION_CACHE", str(tmp_path / "cache"))
+
+    def full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(compile_cache.os, "replace", full)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        runtime.enable_compilation_cache()
+        FolderCache(tmp_path / "cache", max_bytes=1 << 20).put("a" * 8, b"x" * 10)
+    err = capsys.readouterr().err
+    assert err == (f"warning: cannot write to the compilation cache {tmp_path / 'cache'} (No space left on device), so compiled programs "
+                   "are not cached: make room there, or set LLMJAX_COMPILATION_CACHE to a folder that can be written (empty: no cache)\n")
