@@ -25,7 +25,7 @@ from absl import flags
 from flax import nnx
 
 from llmjax import cli
-from llmjax.config import load_config, model_config
+from llmjax.config import ConfigError, load_config, model_config
 from llmjax.registry import get_arch
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -119,7 +119,11 @@ def main(argv):
         rows = []
         for path in config_files():
             spec = f"configs/{path.name}:{FLAGS.variant}"
-            rows.append(dict(config=spec, **summarize(load_config(f"{path}:{FLAGS.variant}"))))
+            try:
+                cfg = load_config(f"{path}:{FLAGS.variant}")
+            except ConfigError as e:  # (a variant another config has: name the config that lacks it, as bench --all does)
+                cli.fail(f"{spec}: {e}")
+            rows.append(dict(config=spec, **summarize(cfg)))
     if FLAGS.json:
         print(json.dumps(rows[0] if FLAGS.config is not None else rows, indent=2))
     else:

@@ -90,9 +90,13 @@ def test_variant_with_a_config_is_refused_not_ignored():
     every config's variant when --config is not given); bench's --variant (for --all) likewise."""
     from helpers import cli_cases
 
-    (r,) = cli_cases("llmjax.summary", [["--config", "configs/vanilla.py:tiny", "--variant=small"]])
+    r, lacking = cli_cases("llmjax.summary", [["--config", "configs/vanilla.py:tiny", "--variant=small"], ["--variant", "nope"]])
     assert (r.returncode, r.stderr, r.stdout) == (2, "error: --variant is for every config, without --config; with --config put the "
                                                      "variant in it: --config configs/vanilla.py:small\n", ""), r.stderr
+    # a variant a config lacks names that config, as bench --all's error does (`--variant medium`, which only vanilla has, said
+    # "unknown variant 'medium'; choose one of default, small, tiny", no config named, after summarising vanilla's medium)
+    assert (lacking.returncode, lacking.stderr, lacking.stdout) == (
+        2, "error: configs/vanilla.py:nope: unknown variant 'nope'; choose one of default, small, tiny, medium, large, xl\n", ""), lacking.stderr
     # (-config, absl's one-dash form, too: the advice lost the path, '--config :tiny')
     for r in cli_cases("llmjax.bench", [[form, "configs/vanilla.py", "--variant", "tiny", "--suite=memory", "--steps=0"]
                                         for form in ("--config", "-config")]):
