@@ -209,6 +209,11 @@ def read_gpt2(source: str, mcfg=None) -> dict[str, np.ndarray]:
         from safetensors.numpy import load_file
     except ImportError:
         raise ExportError("importing GPT-2 weights needs safetensors and huggingface_hub: bash scripts/setup.sh hf") from None
+    if mcfg is not None:  # (the layout before the config.json's heads: a `modern` config was told to set GPT-2's heads first)
+        if mcfg.arch != "vanilla":
+            raise ExportError(f"GPT-2 weights are a `vanilla` model, not `{mcfg.arch}`: start from them with configs/vanilla.py "
+                              "(:medium, :large, :xl for the larger GPT-2s)")
+        check_gpt2(mcfg)
     path = Path(source).expanduser()
     if source in HUB_MODELS and not path.exists():  # (a local run or folder of that name is the user's)
         try:
@@ -234,6 +239,13 @@ def read_gpt2(source: str, mcfg=None) -> dict[str, np.ndarray]:
             hf = json.loads((path / "config.json").read_text())
         except (OSError, ValueError):
             hf = None
+        weights = f"GPT-2 weights are {', '.join(HUB_MODELS)}, a Hugging Face GPT-2 folder or a .safetensors file"
+        if (path / "checkpoints").is_dir() or (isinstance(hf, dict) and isinstance(hf.get("model"), dict)):
+            # (its config.json was read as GPT-2's with GPT-2 small's defaults: "set --config.model.n_head=12 ...")
+            raise ExportError(f"'{source}' is an llmjax training run, not GPT-2 weights; {weights} (a `vanilla` run exported "
+                              f"with `python -m llmjax.export --format safetensors` is one)")
+        if isinstance(hf, dict) and hf.get("model_type", "gpt2") != "gpt2":
+            raise ExportError(f"'{source}' is a Hugging Face '{hf['model_type']}' model folder, not GPT-2; {weights}")
         if isinstance(hf, dict):
             check_hf_gpt2(hf, f"{source}/config.json")
             if mcfg is not None:

@@ -636,6 +636,29 @@ def test_gpt2_folders_that_are_not_gpt2s_math_are_refused(tmp_path):
     assert load(folder).model.cfg.vocab_size == 50257
 
 
+def test_init_from_what_is_not_gpt2_weights_says_what_it_is(tmp_path):
+    """train.init_from (read_gpt2 with the run's model) of a Hugging Face Llama folder (llmjax's own
+    `modern` export) or of an llmjax training run read its config.json as GPT-2's with GPT-2 small's
+    defaults: "describes another model than the config (n_head=12, ...); set --config.model.n_head=12
+    --config.model.head_dim=64", advice that led to another refusal; and a `modern` config with real
+    GPT-2 weights was told to set GPT-2's heads before it was told GPT-2 is a `vanilla` model."""
+    vanilla = llmjax.model_config(config("vanilla", vocab_size=50257, padded_vocab_size=50304))
+    modern = llmjax.model_config(config("modern", vocab_size=50257, padded_vocab_size=50304))
+    weights = "GPT-2 weights are gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face GPT-2 folder or a .safetensors file"
+    llama, run, gpt2 = tmp_path / "llama", tmp_path / "run", tmp_path / "gpt2"
+    for folder, cfg in ((llama, X.llama_config(modern)), (run, {"model": {"arch": "vanilla", "n_head": 4, "head_dim": 16}}),
+                        (gpt2, X.gpt2_config(llmjax.model_config(config("vanilla", "default"))))):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(cfg))
+    (run / "checkpoints").mkdir()
+    with pytest.raises(X.ExportError, match=f"^'{re.escape(str(llama))}' is a Hugging Face 'llama' model folder, not GPT-2; {weights}$"):
+        X.read_gpt2(str(llama), vanilla)
+    with pytest.raises(X.ExportError, match=f"^'{re.escape(str(run))}' is an llmjax training run, not GPT-2 weights; {weights} "):
+        X.read_gpt2(str(run), vanilla)
+    with pytest.raises(X.ExportError, match="^GPT-2 weights are a `vanilla` model, not `modern`: start from them with configs/vanilla.py"):
+        X.read_gpt2(str(gpt2), modern)
+
+
 def test_an_offline_hub_lookup_is_one_line(monkeypatch, capfd, caplog):
     """`--checkpoint=gpt2` offline with nothing cached: huggingface_hub logs a warning for each try of
     the download (six in about 23 s, each twice: its own handler's line and absl's), all before our
