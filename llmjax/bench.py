@@ -221,6 +221,18 @@ def compiled_flops(compiled, tokens: int, model_flops_per_token: float, platform
             "compiled_bytes_per_token": moved / tokens if moved > 0 else None}
 
 
+def writable_folder(path: str, flag: str) -> None:
+    """An OSError (one line) where `path` is not a folder that exists or can be made and written:
+    a file there or above it, a folder that cannot be written."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise OSError(f"{flag}={path}: {p} is a file, not a folder; give a folder to write into")
+    if not os.access(p, os.W_OK):
+        raise OSError(f"{flag}={path}: {p} cannot be written; give a folder that can")
+
+
 def inference_model(mcfg, quantize: str | None = None):
     """Random weights prepared as a loaded checkpoint is (llmjax.sample.load): kernels and token
     table in the compute dtype, or int8 (llmjax.quant)."""
@@ -591,6 +603,15 @@ def main(argv):
                     check_hellaswag(mcfg)
                 planned.append((spec, cfg, mcfg.arch, i == len(sizes) - 1))
         current = None
+        if "hellaswag" in suites:  # (its file found, or downloaded, now: it was after the earlier suites had measured)
+            from llmjax.downstream import TaskError, find_file
+
+            try:
+                find_file("hellaswag", F.task_dir)
+            except TaskError as e:
+                raise ConfigError(str(e)) from None
+        if F.profile:  # (a folder the traces cannot go in was a profile_error after every row had measured, exit status 0)
+            writable_folder(F.profile, "--profile")
         if F.all:
             doc = Path(F.doc)
             if not doc.parent.is_dir() or doc.is_dir():

@@ -237,6 +237,13 @@ def test_cli_bad_input_is_one_line():
                          (["--config=configs/vanilla.py:tiny", "--set", "model.scan_layers=True", "--out=/nonexistent/rows.jsonl"],
                           "No such file or directory: /nonexistent"),
                          (["--config=configs/vanilla.py:tiny", "--set", "model.scan_layers=yes"], "error: model.scan_layers=yes: model.scan_layers takes true or false"),
+                         # a --profile folder that cannot be made, and the hellaswag suite's task file, were found out after the
+                         # other suites had measured (--profile: a profile_error, exit status 0)
+                         (["--config=configs/vanilla.py:tiny", "--suite=train", "--steps=1", "--profile=README.md/traces"],
+                          "error: --profile=README.md/traces: " + str(ROOT / "README.md") + " is a file, not a folder; give a folder to write into"),
+                         (["--config=configs/vanilla.py:tiny", "--suite=train,hellaswag", "--set", "model.vocab_size=50257", "--set",
+                           "model.padded_vocab_size=50304", "--task_dir=README.md/tasks"],
+                          "error: cannot use README.md/tasks as the task directory (Not a directory); pass a folder"),
                          (["--all", "--variant=tiny", f"--doc={ROOT / 'tests' / 'fixtures'}"], "is not a file in an existing folder"),
                          # --all: --set applies to every architecture's config; the error names the one without the key
                          # (it said only "unknown config key 'model.n_kv_head'", a key gqa and modern have)
