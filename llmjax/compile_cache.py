@@ -52,9 +52,15 @@ class CacheWarning(UserWarning):
     command-line tools show them as one line (`one_line_warnings`)."""
 
 
+# JAX's own warnings about an entry it could not read (damaged: it compiles the program again, and
+# FolderCache.put replaces the entry) or write (jax/_src/compiler.py)
+JAX_ENTRY_WARNINGS = ("Error reading persistent compilation cache entry", "Error writing persistent compilation cache entry")
+
+
 def one_line_warnings() -> None:
-    """Show CacheWarnings as one line, `warning: <message>`, not Python's two (this file's name and
-    line, then the source line of the call); other warnings as before."""
+    """Show CacheWarnings, and JAX's warnings about a cache entry it could not read or write, as one
+    line, `warning: <message>`, not Python's two (the warning's file and line, then the source line
+    of the call); other warnings as before."""
     shown = warnings.showwarning
     if getattr(shown, "_llmjax", False):
         return
@@ -62,6 +68,9 @@ def one_line_warnings() -> None:
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, CacheWarning):
             print(f"warning: {message}", file=file or sys.stderr, flush=True)
+        elif issubclass(category, UserWarning) and str(message).startswith(JAX_ENTRY_WARNINGS):
+            again = " (compiled again; the entry is replaced)" if str(message).startswith(JAX_ENTRY_WARNINGS[0]) else ""
+            print(f"warning: {' '.join(str(message).split())}{again}", file=file or sys.stderr, flush=True)
         else:
             shown(message, category, filename, lineno, file, line)
 

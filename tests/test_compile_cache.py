@@ -254,3 +254,24 @@ def test_the_tools_say_a_cache_they_cannot_write_in_one_line(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert err == (f"warning: cannot write to the compilation cache {tmp_path / 'cache'} (No space left on device), so compiled programs "
                    "are not cached: make room there, or set LLMJAX_COMPILATION_CACHE to a folder that can be written (empty: no cache)\n")
+
+
+def test_the_tools_say_a_damaged_entry_in_one_line(monkeypatch, capsys):
+    """JAX's warning about an entry it cannot read (cut short, or another program's bytes: it compiles
+    the program again, and FolderCache replaces the entry) under a command-line tool: one line, not
+    Python's two (jax/_src/compiler.py's name and line, then `  warnings.warn(`)."""
+    import warnings
+
+    import jax
+
+    from llmjax import runtime
+
+    monkeypatch.setattr(jax.config, "update", lambda name, value: None)
+    monkeypatch.setattr(compile_cache, "install", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        runtime.enable_compilation_cache()
+        warnings.warn("Error reading persistent compilation cache entry for 'jit_step': error: Error -3 while decompressing data: "
+                      "incorrect header check", UserWarning)
+    assert capsys.readouterr().err == ("warning: Error reading persistent compilation cache entry for 'jit_step': error: Error -3 while "
+                                       "decompressing data: incorrect header check (compiled again; the entry is replaced)\n")
