@@ -358,6 +358,7 @@ def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len,
         "decode_new_tokens": new_tokens if "decode" in suites else None,
         "decode_unroll": decode_unroll,
         "decode_grow": decode_grows(jax.default_backend()),
+        "decode_min_rows": None,  # (the decode suite's; every row has the same keys)
         "jax": jax.__version__,
         "flax": flax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),

@@ -492,6 +492,7 @@ def test_steps_zero_compiles_without_running():
     assert row["compiled_memory_bytes"] > 0 and row["train_tokens_per_sec"] is None and row["peak_memory_bytes"] is None
     ran = bench.bench(cfg, "x", suites={"memory"}, steps=1, repeats=1, decode_batches=[1], prompt_len=4, new_tokens=4)
     assert ran["compiled_memory_bytes"] == row["compiled_memory_bytes"]
+    assert row["decode_min_rows"] is None  # (a row without the decode suite has every key a decode row has: decode_min_rows was missing)
 
 
 def test_an_ssm_row_names_its_convolution_width():
