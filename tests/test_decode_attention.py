@@ -130,6 +130,29 @@ def test_the_model_decodes_with_the_kernel_on_a_gpu_only(arch):
         assert not _uses_kernel(auto, 1, S=40)  # a cache that is not a multiple of 16 slots: XLA's path
 
 
+def test_a_config_that_declares_other_attention_keeps_its_decode_off_the_kernel():
+    """An architecture of one's own whose attention is not the plain kind (ALiBi's bias in the scores,
+    say) declares it with `fused_decode_attention = False` in its config class (README, Registering a
+    new architecture). `Attention` ignored that on 'auto': traced for a GPU, a decoded token went
+    through the fused kernel, which knows no bias, so a GPU decoded without the change while every
+    CPU test passed. Here the plain GPT-2 model under such a config class: XLA's path on a GPU too."""
+    import dataclasses
+
+    from flax import nnx
+
+    from llmjax.models.vanilla import GPT2, VanillaConfig
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class OtherScores(VanillaConfig):
+        fused_decode_attention = False
+
+    plain = llmjax.model_config(config("vanilla"))
+    m = GPT2(OtherScores(**{f.name: getattr(plain, f.name) for f in dataclasses.fields(plain)}), rngs=nnx.Rngs(0))
+    with runtime.compiling_for("gpu"):
+        assert _uses_kernel(llmjax.build_model(plain, seed=0), 1)  # (the same model under vanilla's own config: the kernel)
+        assert not _uses_kernel(m, 1)
+
+
 def test_the_kernel_decodes_a_model_as_xla_does():
     """A scaled-up random vanilla model, one token at a time: kernel and XLA path give the same
     logits and the same caches (float32)."""

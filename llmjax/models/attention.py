@@ -124,6 +124,9 @@ class Attention(nnx.Module):
         self.rope_base = rope_base
         self.impl = cfg.attention_impl
         self.decode_impl = cfg.decode_attention_impl
+        # (a config class that declares its attention is not the plain kind, a bias or a window in
+        # the scores, keeps every decoded token off the fused kernel, which would drop the change)
+        self.fused_decode = type(cfg).fused_decode_attention
         # One fused projection for queries, keys and values: (D, (H + 2K) * hd).
         self.qkv_proj = dense(cfg, cfg.d_model, (cfg.n_head + 2 * n_kv_head) * head_dim, bias=bias, rngs=rngs)
         self.o_proj = dense(cfg, cfg.n_head * head_dim, cfg.d_model, bias=bias, std=residual_std(cfg), rngs=rngs)
@@ -183,7 +186,7 @@ class Attention(nnx.Module):
     def _decode_kernel(self, T: int, S: int) -> bool:
         """Whether one decoded token's attention runs as the fused kernel (models/decode_attention):
         'pallas' (an error where the shapes do not fit), or 'auto' on a GPU where they do."""
-        if T != 1 or self.decode_impl == "xla":
+        if T != 1 or self.decode_impl == "xla" or not self.fused_decode:
             return False
         fits = decode_attention.supported(self.head_dim, self.n_head // self.n_kv_head, S)
         if self.decode_impl == "pallas" and not fits:
