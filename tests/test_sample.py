@@ -111,47 +111,47 @@ def test_sliding_in_the_shortest_contexts(context):
     assert out == [reference_greedy(m, p, 7) for p in prompts]
 
 
-def test_decode_loop_logits_equal_full_forward_at_every_step():
+@pytest.mark.parametrize("arch", ARCHS)  # (one test per architecture: `-k NAME` selects a new one's)
+def test_decode_loop_logits_equal_full_forward_at_every_step(arch):
     """The jitted loop's greedy tokens (float32) are the full forward's argmax at every step, for
     rows of different lengths, each by a margin above 1e-4 (no tie decided by rounding). The logits
     themselves are compared, within 1e-4, through the sampler's own prefill and decode steps (the
     next test) and the contract suite: argmax agreement alone does not bound them."""
-    for arch in ARCHS:
-        m = decoder(arch, seed=2)
-        prompts = [[1, 2, 3, 4, 5], [6, 7]]
-        n = 6
-        out = generate(m, prompts, n, sampling=GREEDY)
-        graphdef, state = nnx.split(m)
-        full = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])
-        for r, (prompt, row) in enumerate(zip(prompts, out)):
-            seq = prompt + row
-            ref = full(state, jnp.asarray([seq]))[0]
-            # each step's token is the argmax of these logits, ahead of the runner-up by more than 1e-4
-            for t in range(len(prompt) - 1, len(seq) - 1):
-                top2 = jnp.sort(ref[t, : m.cfg.vocab_size])[-2:]
-                assert int(jnp.argmax(ref[t])) == seq[t + 1], (arch, r, t)
-                assert float(top2[1] - top2[0]) > 1e-4
+    m = decoder(arch, seed=2)
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]
+    n = 6
+    out = generate(m, prompts, n, sampling=GREEDY)
+    graphdef, state = nnx.split(m)
+    full = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])
+    for r, (prompt, row) in enumerate(zip(prompts, out)):
+        seq = prompt + row
+        ref = full(state, jnp.asarray([seq]))[0]
+        # each step's token is the argmax of these logits, ahead of the runner-up by more than 1e-4
+        for t in range(len(prompt) - 1, len(seq) - 1):
+            top2 = jnp.sort(ref[t, : m.cfg.vocab_size])[-2:]
+            assert int(jnp.argmax(ref[t])) == seq[t + 1], (arch, r, t)
+            assert float(top2[1] - top2[0]) > 1e-4
 
 
-def test_cache_vs_full_logits_through_the_sampler_prefill_and_decode():
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cache_vs_full_logits_through_the_sampler_prefill_and_decode(arch):
     """The sampler's own prefill and decode steps, driven one step at a time, give logits equal to
     the full forward within 1e-4 (float32) at every step, every architecture."""
-    for arch in ARCHS:
-        m = decoder(arch, seed=3)
-        graphdef, state = nnx.split(m)
-        toks = [4, 8, 15, 16, 23, 42 % 65, 7, 1, 9, 30]
-        full = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])(state, jnp.asarray([toks]))[0]
-        # prefill the first 4 left-padded to a bucket, then feed one token at a time
-        T = S.bucket(4, m.cfg.context_len)
-        padded = jnp.asarray([[0] * (T - 4) + toks[:4]])
-        pos = jnp.arange(T)[None] - (T - 4)
-        cache = m.init_cache(1, 32)
-        logits, cache, _ = m(padded, positions=pos, cache=cache)
-        np.testing.assert_allclose(logits[0, -1], full[3], atol=1e-4, rtol=1e-4)
-        step = jax.jit(lambda s, t, p, c: nnx.merge(graphdef, s)(t, positions=p, cache=c)[:2])
-        for i in range(4, len(toks)):
-            logits, cache = step(state, jnp.asarray([[toks[i]]]), jnp.asarray([[i]]), cache)
-            np.testing.assert_allclose(logits[0, -1], full[i], atol=1e-4, rtol=1e-4, err_msg=f"{arch} step {i}")
+    m = decoder(arch, seed=3)
+    graphdef, state = nnx.split(m)
+    toks = [4, 8, 15, 16, 23, 42 % 65, 7, 1, 9, 30]
+    full = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])(state, jnp.asarray([toks]))[0]
+    # prefill the first 4 left-padded to a bucket, then feed one token at a time
+    T = S.bucket(4, m.cfg.context_len)
+    padded = jnp.asarray([[0] * (T - 4) + toks[:4]])
+    pos = jnp.arange(T)[None] - (T - 4)
+    cache = m.init_cache(1, 32)
+    logits, cache, _ = m(padded, positions=pos, cache=cache)
+    np.testing.assert_allclose(logits[0, -1], full[3], atol=1e-4, rtol=1e-4)
+    step = jax.jit(lambda s, t, p, c: nnx.merge(graphdef, s)(t, positions=p, cache=c)[:2])
+    for i in range(4, len(toks)):
+        logits, cache = step(state, jnp.asarray([[toks[i]]]), jnp.asarray([[i]]), cache)
+        np.testing.assert_allclose(logits[0, -1], full[i], atol=1e-4, rtol=1e-4, err_msg=f"{arch} step {i}")
 
 
 def test_scanned_and_unrolled_layers_decode_the_same():
@@ -559,15 +559,15 @@ def test_load_restores_the_trained_weights(run_dir):
     assert S.load(run_dir / "checkpoints" / "8").step == 8
 
 
-def test_inference_params_leave_bf16_logits_unchanged():
-    for arch in ARCHS:
-        m = llmjax.build_model(config(arch, dtype="bfloat16"), seed=0)
-        toks = jax.random.randint(jax.random.key(0), (2, 20), 0, 65)
-        cast = load_params(llmjax.build_model(config(arch, dtype="bfloat16"), seed=0), S.inference_params(params(m), jnp.bfloat16))
-        assert any(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(params(cast)))
-        experts = [a for p, a in jax.tree_util.tree_leaves_with_path(params(cast)) if str(p[-1].key) in ("w_in", "w_out")]
-        assert all(a.dtype == jnp.bfloat16 for a in experts) and (arch != "moe" or experts)  # (not converted per token)
-        np.testing.assert_array_equal(np.asarray(cast(toks)[0]), np.asarray(m(toks)[0]), err_msg=arch)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_inference_params_leave_bf16_logits_unchanged(arch):
+    m = llmjax.build_model(config(arch, dtype="bfloat16"), seed=0)
+    toks = jax.random.randint(jax.random.key(0), (2, 20), 0, 65)
+    cast = load_params(llmjax.build_model(config(arch, dtype="bfloat16"), seed=0), S.inference_params(params(m), jnp.bfloat16))
+    assert any(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(params(cast)))
+    experts = [a for p, a in jax.tree_util.tree_leaves_with_path(params(cast)) if str(p[-1].key) in ("w_in", "w_out")]
+    assert all(a.dtype == jnp.bfloat16 for a in experts) and (arch != "moe" or experts)  # (not converted per token)
+    np.testing.assert_array_equal(np.asarray(cast(toks)[0]), np.asarray(m(toks)[0]), err_msg=arch)
 
 
 def test_bad_checkpoints_are_one_line_errors(run_dir, tmp_path):
