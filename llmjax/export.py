@@ -532,15 +532,15 @@ def _write(loaded, fmt: str, out: Path, gguf_path: Path, np_dtype, dtype: str) -
         from safetensors.numpy import save_file
     except ImportError:
         raise ExportError("safetensors export needs the safetensors package: bash scripts/setup.sh hf") from None
-    if loaded.tokenizer.eot_id != 50256:  # (first: no other setting can make such a model exportable)
+    if mcfg.arch not in ("vanilla", "modern"):  # (first: no setting, the vocabulary's included, makes it exportable)
+        raise ExportError(f"no Hugging Face layout for `{mcfg.arch}`; supported: {SUPPORTED}")
+    if loaded.tokenizer.eot_id != 50256:  # (next: no other setting can make such a model exportable)
         raise ExportError("Hugging Face export ships the GPT-2 BPE tokenizer; this model has another vocabulary"
                           " (a character-level run cannot be exported: train a GPT-2 BPE one, e.g. --config.data.dataset=tinyshakespeare --config.model.vocab_size=50257 --config.model.padded_vocab_size=50304)")
     if mcfg.arch == "vanilla":
         tensors, config = gpt2_tensors(params, mcfg, np_dtype), gpt2_config(mcfg)
-    elif mcfg.arch == "modern":
-        tensors, config = llama_tensors(params, mcfg, np_dtype), llama_config(mcfg)
     else:
-        raise ExportError(f"no Hugging Face layout for `{mcfg.arch}`; supported: {SUPPORTED}")
+        tensors, config = llama_tensors(params, mcfg, np_dtype), llama_config(mcfg)
     config["torch_dtype"] = dtype
     from llmjax.data import umask
 

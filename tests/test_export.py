@@ -384,6 +384,14 @@ def test_unsupported_exports_are_one_line_errors(runs, tmp_path):
     with pytest.raises(X.ExportError, match="ships the GPT-2 BPE tokenizer; this model has another vocabulary .a character-level run cannot "
                                             "be exported: train a GPT-2 BPE one"):
         X.export(char, "safetensors", tmp_path / "c")
+    # a character-level run of an architecture no layout holds: the architecture is said first (the
+    # vocabulary's hint, "train a GPT-2 BPE one", led to a retrained run refused for its architecture);
+    # gqa with n_kv_head == n_head holds vanilla's weights
+    cfg["model"].update(arch="gqa", bias=True, n_kv_head=cfg["model"]["n_head"])
+    (char / "config.json").write_text(json.dumps(cfg))
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "model": cfg["model"]}))
+    with pytest.raises(X.ExportError, match=r"^no Hugging Face layout for `gqa`; supported"):
+        X.export(char, "safetensors", tmp_path / "c")
     char_llama = tmp_path / "char_llama"  # (GGUF: refused before its folder is made)
     shutil.copytree(runs["modern"], char_llama)
     (char_llama / "tokenizer.json").write_text(json.dumps({"kind": "char", "vocab_size": 50257, "chars": chars}))
