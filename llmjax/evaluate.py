@@ -128,7 +128,12 @@ def _local_task_configs(tasks: list[str], task_dir, folder: Path) -> list[str]:
             f"task: {task}",
             "dataset_path: json",
             "dataset_name: null",
-            f"dataset_kwargs: {{data_files: {{{spec.split}: {json.dumps(str(path.absolute()))}}}}}",
+            # cache_dir: a cache of `datasets`' own in `folder`, gone with it. In its shared cache a local file is
+            # known by its path and mtime: a file replaced by another of the same mtime (cp -p, rsync -a, tar)
+            # was scored as the old one (the fast scorer read the new), and every ARC copy in AI2's layout,
+            # a new path each run, left another copy there
+            f"dataset_kwargs: {{data_files: {{{spec.split}: {json.dumps(str(path.absolute()))}}}, "
+            f"cache_dir: {json.dumps(str((folder / 'datasets').absolute()))}}}",
             "training_split: null",
         ]
         if spec.split == "test":

@@ -667,6 +667,35 @@ def test_local_tasks_run_the_harness_offline(bpe_model, monkeypatch):
     assert (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE) == before
 
 
+def test_the_harness_reads_a_task_file_replaced_with_the_same_mtime(tmp_path, monkeypatch):
+    """lm-eval's task reads a local file through `datasets`, whose shared cache knows a file by its
+    path and mtime: a file replaced by another of the same mtime (cp -p, rsync -a, tar) was scored
+    as the old one, while the fast scorer read the new. Each run now reads the file as it is."""
+    pytest.importorskip("lm_eval")
+    import os
+
+    from lm_eval.tasks import TaskManager
+
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+    lines = (FIXTURES / "hellaswag_val.jsonl").read_text().splitlines()
+    file = tmp_path / "tasks" / "hellaswag_val.jsonl"
+    file.parent.mkdir()
+
+    def harness_docs(rows):
+        file.write_text("\n".join(rows) + "\n")
+        os.utime(file, (1e9, 1e9))  # (the same mtime each time)
+        folder = tmp_path / f"yaml{len(rows)}"
+        folder.mkdir()
+        E._local_task_configs(["hellaswag"], file.parent, folder)
+        task = TaskManager(include_path=str(folder), include_defaults=False).load(["hellaswag"])["tasks"]["hellaswag"]
+        return [(d["query"], d["choices"], d["gold"]) for d in task.eval_docs]
+
+    for rows in (lines[:3], lines[5:7]):
+        got = harness_docs(rows)
+        assert got == [(it.context, list(it.choices), it.gold) for it in downstream.load_items("hellaswag", file.parent)]
+
+
 def test_registered_model_loads_a_checkpoint(bpe_run):
     pytest.importorskip("lm_eval")
     import llmjax.harness  # noqa: F401  (registers the model)
