@@ -257,8 +257,11 @@ def find_file(name: str, directory: str | os.PathLike | None = None, *, download
 def load_items(name: str, directory: str | os.PathLike | None = None, *, limit: int | None = None) -> list[Item]:
     """The task's items in file order (the first `limit` of them). A downloaded file must hold
     the whole official split; a file found in the directory is used as is (e.g. a subset), with a
-    note on stderr when its count differs from the official one."""
+    note on stderr when its count differs from the official one. `limit` None or 0: every item."""
     spec = TASKS[check_names([name])[0]]
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0):
+        # (a negative limit sliced from the end: -1, "no limit" elsewhere, scored all but the last item, unsaid)
+        raise TaskError(f"limit must be a whole number >= 0 (0 or None: every item), got {limit!r}")
     path = find_file(name, directory)
     items = parse_file(path, spec)
     if len(items) != spec.count:

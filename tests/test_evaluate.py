@@ -288,6 +288,10 @@ def test_preprocessing():
     assert arc[0].context.startswith("Question: Which statement best explains") and arc[0].context.endswith("\nAnswer:")
     assert sorted({len(it.choices) for it in arc}) == [3, 4, 5]
     assert downstream.load_items("arc_easy", FIXTURES, limit=4) == arc[:4]
+    assert downstream.load_items("arc_easy", FIXTURES, limit=0) == arc
+    for bad in (-1, 2.5):  # (-1 scored all but the last item)
+        with pytest.raises(downstream.TaskError, match=f"limit must be a whole number >= 0 \\(0 or None: every item\\), got {bad}"):
+            downstream.load_items("arc_easy", FIXTURES, limit=bad)
     # AI2's original jsonl format gives the same items
     row = json.loads((FIXTURES / "ARC-Easy-test.jsonl").read_text().splitlines()[0])
     original = {"id": row["id"], "answerKey": row["answerKey"],
