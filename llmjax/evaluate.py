@@ -288,6 +288,7 @@ def evaluate(FLAGS) -> dict:
         "model": "llmjax", "checkpoint": str(loaded.path), "step": loaded.step, "arch": mcfg.arch, "dtype": mcfg.dtype,
         "scorer": FLAGS.scorer, "batch_size": FLAGS.batch_size, "limit": FLAGS.limit, "device": str(device),
         "quantize": getattr(FLAGS, "quantize", None) or "none",
+        "quantize_embeddings": bool(getattr(FLAGS, "quantize_embeddings", False)),  # (an int8 token table scores otherwise)
     }
     out["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return out

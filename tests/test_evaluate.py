@@ -741,6 +741,23 @@ def test_model_arguments_that_would_be_ignored_are_refused(tmp_path):
     assert cls(model=m, tokenizer=tok, seed=0).seed == 0
 
 
+def test_the_printed_config_says_whether_the_token_table_was_quantized(monkeypatch):
+    """`--quantize int8` with and without `--quantize_embeddings` score different models (an int8 token
+    table too); the JSON's config said "quantize": "int8" for both."""
+    m = types.SimpleNamespace(cfg=types.SimpleNamespace(arch="vanilla", dtype="float32"))
+    loaded = types.SimpleNamespace(model=m, tokenizer=GPT2Tokenizer(), path="runs/x", step=3)
+    seen = []
+    monkeypatch.setattr(E, "load_for_scoring", lambda *a, **kw: seen.append(kw["quantize_embeddings"]) or loaded)
+    monkeypatch.setattr(E, "run_fast", lambda *a, **kw: {})
+    for flag in (False, True):
+        args = types.SimpleNamespace(tasks="hellaswag", batch_size=2, limit=None, scorer="fast", device="cpu", checkpoint_path="runs/x",
+                                     which="latest", dtype=None, task_dir=str(FIXTURES), num_fewshot=None, output_json=None,
+                                     quantize="int8", quantize_embeddings=flag)
+        config = E.evaluate(args)["config"]
+        assert (config["quantize"], config["quantize_embeddings"]) == ("int8", flag)
+    assert seen == [False, True]
+
+
 def test_cli_errors_are_one_line(bpe_run, tmp_path):
     args = types.SimpleNamespace(tasks="hellaswag", batch_size=2, limit=None, scorer="fast", device="cuda:0", checkpoint_path=str(bpe_run),
                                  which="latest", dtype=None, task_dir=str(FIXTURES), num_fewshot=None, output_json=None)
