@@ -164,6 +164,7 @@ def run_harness(
     """lm-evaluation-harness on `tasks` with the llmjax model."""
     try:
         import lm_eval
+        import lm_eval.evaluator
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise EvalError("--scorer=harness needs lm-evaluation-harness: bash scripts/setup.sh eval (or use --scorer=fast)") from None
@@ -188,10 +189,13 @@ def run_harness(
         before = {k: os.environ.get(k) for k in offline}
         os.environ.update({k: v for k, v in offline.items() if before[k] is None})
         # (`datasets` and `huggingface_hub` read those at import, which lm_eval has done: their flags too)
-        flags = offline_flags() if offline else []
-        saved = [(mod, name, getattr(mod, name)) for mod, name in flags]
-        for mod, name in flags:
-            setattr(mod, name, True)
+        flags = [(mod, name, True) for mod, name in (offline_flags() if offline else [])]
+        # lm-eval records `git describe` of the current folder, which is not llmjax's (its result is not
+        # in ours): outside a git repository git printed 'fatal: not a git repository ...' on stderr
+        flags.append((lm_eval.evaluator, "get_git_commit_hash", _no_git_hash))
+        saved = [(mod, name, getattr(mod, name)) for mod, name, _ in flags]
+        for mod, name, value in flags:
+            setattr(mod, name, value)
         try:
             start = time.perf_counter()
             try:
@@ -219,6 +223,11 @@ def run_harness(
         "results": out["results"], "n-samples": n, "n-shot": out.get("n-shot"), "versions": out.get("versions"),
         "lm_eval_version": getattr(lm_eval, "__version__", None), "items_per_sec": {"all": sum(n.values()) / elapsed},
     }
+
+
+def _no_git_hash():
+    """lm_eval.evaluator.get_git_commit_hash while llmjax runs the harness: none (see run_harness)."""
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

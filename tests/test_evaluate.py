@@ -661,14 +661,21 @@ def test_local_tasks_run_the_harness_offline(bpe_model, monkeypatch):
     before = (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)
     seen = {}
 
+    import lm_eval.evaluator
+
     def fake(**kw):
         seen["flags"] = (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)
+        seen["git"] = lm_eval.evaluator.get_git_commit_hash()  # (what simple_evaluate records)
         return {"results": {}, "n-samples": {"hellaswag": 2}}
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", fake)
+    git = lm_eval.evaluator.get_git_commit_hash
     out = E.run_harness(types.SimpleNamespace(model=m, tokenizer=tok), ["hellaswag"], batch_size=2, limit=2, task_dir=FIXTURES)
     assert seen["flags"] == (True, True) and out["n-samples"] == {"hellaswag": 2}
     assert (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE) == before
+    # lm-eval's `git describe` of the current folder (not llmjax's; outside a repository git said 'fatal: not a
+    # git repository' on stderr) is not run, and is lm-eval's own again afterwards
+    assert seen["git"] is None and lm_eval.evaluator.get_git_commit_hash is git
 
 
 def test_the_harness_reads_a_task_file_replaced_with_the_same_mtime(tmp_path, monkeypatch):
