@@ -18,6 +18,7 @@ import importlib.util
 import inspect
 import json
 import math
+import numbers
 import traceback
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
@@ -557,6 +558,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         returned = f"it returns {', '.join(mcfg.aux_losses)}" if mcfg.aux_losses else "it returns none"
         raise ConfigError(f"train.aux_loss_weights has {', '.join(repr(k) for k in unknown)}, which the {mcfg.arch} model does not return "
                           f"({returned}){closest(unknown[0], mcfg.aux_losses)}; remove it")
+    for name, weight in weights.items():  # (NaN stopped the run at step 1 as a 'non-finite loss', a string in a traceback; a
+        # negative weight trained the router away from what its loss asks, silently)
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not (math.isfinite(weight) and weight >= 0):
+            raise ConfigError(f"train.aux_loss_weights.{name} must be a finite number of at least 0 (0: logged, not trained), got {weight!r}")
 
 
 LOSS_SCALES = ("auto", "dynamic", "none")

@@ -117,6 +117,18 @@ def test_aux_loss_weights_the_model_does_not_return_are_refused():
         "load_balance": 0.01, "router_z": 0.01}
 
 
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), -0.01, "x", True])
+def test_aux_loss_weights_that_are_no_finite_number_of_at_least_0_are_refused(weight):
+    """A train.aux_loss_weights value that is not a finite number >= 0 is one line naming it: NaN
+    compiled and stopped the run at step 1 as a 'non-finite loss' (its cross-entropy finite), a
+    string (the group given whole) was a traceback after the workdir was written, and a negative
+    weight trained the router away from balance without a word. 0 (logged, not trained) loads."""
+    with pytest.raises(ConfigError) as err:
+        llmjax.load_config(f"{ROOT}/configs/moe.py:tiny", {"train.aux_loss_weights": {"load_balance": weight, "router_z": 0.001}})
+    assert str(err.value) == f"train.aux_loss_weights.load_balance must be a finite number of at least 0 (0: logged, not trained), got {weight!r}"
+    assert llmjax.load_config(f"{ROOT}/configs/moe.py:tiny", {"train.aux_loss_weights.router_z": 0}).train.aux_loss_weights.router_z == 0
+
+
 def test_unknown_key_written_in_a_config_file(tmp_path):
     f = tmp_path / "bad.py"
     f.write_text(
