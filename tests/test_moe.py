@@ -440,6 +440,36 @@ def test_capacity_mode_exchanges_tokens_with_all_to_all():
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_capacity_mode_with_bfloat16_matmuls_trains_on_an_expert_mesh():
+    """model.matmul_dtype=bfloat16 with the experts split over an `expert` axis (capacity mode:
+    the experts under shard_map, rows split over data and expert): the layer's output and its
+    gradients (every parameter's and the input's) are one device's. The experts' weight gradient
+    was refused by JAX's custom-VJP check (varying over the rows' axes, its weight not): a
+    traceback at the first training step."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from llmjax.sharding import BATCH_AXES, make_mesh, param_shardings
+
+    layer = _layer(moe_mode="capacity", capacity_factor=1.0, matmul_dtype="bfloat16")
+    graphdef, state = nnx.split(layer)
+    pure = nnx.to_pure_dict(state)
+    x = jax.random.normal(jax.random.key(4), (8, 16, 64))
+    cot = jax.random.normal(jax.random.key(5), x.shape)
+
+    def loss(p, x):
+        return jnp.sum(nnx.merge(graphdef, p)(x)[0] * cot)
+
+    want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(pure, x)
+    mesh = make_mesh({"data": 2, "fsdp": 1, "expert": 2}, jax.devices()[:4])
+    shardings = param_shardings({"blocks": {"layers": {0: {"mlp": pure}}}}, mesh)["blocks"]["layers"][0]["mlp"]
+    with jax.set_mesh(mesh):
+        f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), in_shardings=(shardings, NamedSharding(mesh, P(BATCH_AXES))))
+        got = f(pure, x)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got[1])[0], jax.tree.leaves(want[1])):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(np.abs(w).max()), err_msg=jax.tree_util.keystr(path))
+
+
 @pytest.mark.parametrize("impl", ["blocked", "dense"])
 def test_data_parallel_dropless_splits_the_expert_work(impl):
     """On a 4-device data mesh each device sorts and runs only its own rows (`batch_groups`): the

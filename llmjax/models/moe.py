@@ -340,8 +340,14 @@ def expert_parallel(ffn, buffers_BECD, *weights):
     if mesh.empty or "expert" not in mesh.axis_names or mesh.shape["expert"] == 1:
         return ffn(buffers_BECD, *weights)
     batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    rows_only = tuple(a for a in batch if a != "expert")  # (the axes the rows vary over and the weights do not)
 
     def local(buffers, *local_weights):  # buffers: (B / n_batch_shards, E, C, D); weights: E / n_expert
+        # the weights as varying over the rows' other axes as well: what jnp.einsum does by itself, its
+        # transpose summing the weights' gradients over those axes; a custom-VJP product (the bfloat16
+        # operands of model.matmul_dtype, layers.narrow_matmul) must be given such operands, or JAX
+        # refuses the weight gradient it returns (varying over every batch axis) at the first step
+        local_weights = jax.lax.pcast(local_weights, rows_only, to="varying") if rows_only else local_weights
         buffers = jax.lax.all_to_all(buffers, "expert", split_axis=1, concat_axis=0, tiled=True)
         out = ffn(buffers, *local_weights)  # this device's experts, for the rows of its expert group
         return jax.lax.all_to_all(out, "expert", split_axis=0, concat_axis=1, tiled=True)
