@@ -691,10 +691,27 @@ def load(
     abstract = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(build_model(canonical, seed=0), nnx.Param)))
     device = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
     target = {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)}
-    try:
-        params = convert_layer_layout(restore_params(run / "checkpoints", step, target, config["model"]), mcfg.scan_layers)
-    except CheckpointError as e:
-        raise SampleError(str(e)) from None
+    given = Path(path).expanduser()
+    named = given.name.isdigit() and given.parent.name == "checkpoints"  # one step (else its run's latest or best, as resolve reads)
+    for _ in range(20):
+        try:
+            params = convert_layer_layout(restore_params(run / "checkpoints", step, target, config["model"]), mcfg.scan_layers)
+            break
+        except CheckpointError as e:
+            # a trainer still running in the run saved a newer checkpoint and deleted this one (train.keep_checkpoints)
+            # while it was read: it said "has no checkpoint N" or "damaged"; a run folder reads the step that replaced it
+            newer = None if named else resolve(path, which)[1]
+            if newer is not None and newer != step:
+                step = newer
+                continue
+            if not (run / "checkpoints" / str(step)).is_dir():
+                raise SampleError(f"checkpoint {run / 'checkpoints' / str(step)} was deleted while it was read (a training run still "
+                                  f"running there keeps its last train.keep_checkpoints and the best); pass the run folder {run}, "
+                                  f"which reads its {which} checkpoint, or a later step") from None
+            raise SampleError(str(e)) from None
+    else:
+        raise SampleError(f"{run / 'checkpoints'}: each checkpoint read was deleted by a newer one before it was read whole (a training "
+                          f"run saving there very often); pass a checkpoints/<step> the run keeps, or read it once the run stops")
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(mcfg, seed=0)))
     if quantize not in (None, "", "none"):
         from llmjax import quant

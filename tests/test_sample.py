@@ -655,6 +655,36 @@ def test_a_damaged_or_foreign_metrics_file_is_one_line(run_dir, tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and r.stdout == "", r.stderr
 
 
+def test_a_checkpoint_a_running_trainer_replaces_while_it_is_read(run_dir, tmp_path, monkeypatch):
+    """A trainer still running in the run saves a newer checkpoint and deletes the one being read
+    (train.keep_checkpoints): sampling a run during training failed every time with keep 1 ('RUN/checkpoints
+    has no checkpoint 40 (it has [41])'). A run folder reads the step that replaced it, the same
+    parameters bit for bit; a step named by its path says it was deleted meanwhile."""
+    import llmjax.checkpoint as C
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    latest = max(int(c.name) for c in (run / "checkpoints").iterdir() if c.name.isdigit())
+    want = S.load(run)
+    restore, saves = C.restore_params, [1]
+
+    def replaced_meanwhile(directory, step, *args, **kwargs):  # the trainer's next save, then its deletion of `step`
+        if saves:
+            saves.pop()
+            (directory / str(step)).rename(directory / str(step + 1))
+        return restore(directory, step, *args, **kwargs)
+
+    monkeypatch.setattr(C, "restore_params", replaced_meanwhile)
+    got = S.load(run)
+    assert got.step == latest + 1
+    assert all(np.asarray(a).tobytes() == np.asarray(b).tobytes()
+               for a, b in zip(jax.tree.leaves(nnx.state(want.model)), jax.tree.leaves(nnx.state(got.model))))
+    saves.append(1)
+    with pytest.raises(S.SampleError, match=rf"^checkpoint {run}/checkpoints/{latest + 1} was deleted while it was read \(a training run "
+                                            rf"still running there .*\); pass the run folder {run}, which reads its latest checkpoint, or a later step$"):
+        S.load(run / "checkpoints" / str(latest + 1))
+
+
 def test_a_checkpoint_of_another_model_says_so(run_dir, tmp_path):
     """Checkpoints under another run's config.json: not 'damaged, pass an earlier one' (which fails
     alike) but which array differs."""
