@@ -795,6 +795,7 @@ def _train(cfg, workdir, *, hold: contextlib.ExitStack, devices=None, quiet: boo
     ckpt = Checkpointer(workdir / "checkpoints", keep=tcfg.keep_checkpoints)
     start = ckpt.latest_step() or 0
     changed: list[str] = []  # (the train settings a resume changes)
+    estimate_note = ""
     if start > tcfg.max_steps:
         raise ConfigError(f"{workdir} holds a run at step {start}, past train.max_steps={tcfg.max_steps}; "
                           f"set --config.train.max_steps={start} or more to continue it, or use another --workdir")
@@ -823,6 +824,14 @@ def _train(cfg, workdir, *, hold: contextlib.ExitStack, devices=None, quiet: boo
                 f"{workdir} holds a run with a different model config: {'; '.join(diffs)}; use another --workdir or the same config"
             )
         changed = config_diff(train_settings(old_cfg), resolved["train"], "train.")  # (said once restored: `resuming`)
+        # the validation estimate's windows (eval.num_batches batches of train.batch_size, drawn by train.seed): the best
+        # checkpoint is kept, and --which=best picks, by comparing estimates from before the resume with those after it
+        old_estimate = (old_cfg.get("eval", {}).get("num_batches"), train_settings(old_cfg).get("batch_size"), train_settings(old_cfg).get("seed"))
+        if old_estimate[0] is not None and old_estimate[0] != ecfg.num_batches:
+            changed.append(f"eval.num_batches ({old_estimate[0]} -> {ecfg.num_batches})")
+        if old_estimate[0] and old_estimate != (ecfg.num_batches, tcfg.batch_size, tcfg.seed):
+            estimate_note = (f"; the validation estimates from step {start + 1} on are over other windows than the earlier "
+                             f"checkpoints', with which keeping the best checkpoint and --which=best compare them")
 
     def resuming(count: int) -> None:
         """Say which settings the resume changed and, where they move the learning rate of step
@@ -831,10 +840,11 @@ def _train(cfg, workdir, *, hold: contextlib.ExitStack, devices=None, quiet: boo
         if not changed or idle:  # (nothing follows them: no step runs)
             return
         if jump := schedule_jump(train_settings(old_cfg), tcfg, start, count):
-            say(f"resuming with changed settings: {'; '.join(changed)}; {jump}")
+            say(f"resuming with changed settings: {'; '.join(changed)}; {jump}{estimate_note}")
         else:
             say(f"resuming with changed settings: {'; '.join(changed)} (the learning-rate schedule follows the new values from step {start + 1})"
-                if any(d.split(" ")[0] in SCHEDULE_KEYS for d in changed) else f"resuming with changed settings: {'; '.join(changed)}")
+                f"{estimate_note}" if any(d.split(" ")[0] in SCHEDULE_KEYS for d in changed)
+                else f"resuming with changed settings: {'; '.join(changed)}{estimate_note}")
 
     # --- data iterators ---------------------------------------------------------------------
     pi, pc = jax.process_index(), jax.process_count()

@@ -983,6 +983,22 @@ def test_optimizer_settings_out_of_range_are_one_line_errors(overrides, message)
         llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", overrides)
 
 
+def test_a_resume_that_changes_the_validation_estimate_says_so(tmp_path, capsys):
+    """The best checkpoint (kept; --which=best) is picked by comparing the periodic validation
+    estimates of every checkpoint, before a resume and after it: a resume with another
+    eval.num_batches (or train.batch_size, which the windows are drawn in) estimated over other
+    windows from then on, and said nothing (eval.num_batches is not a train setting)."""
+    run_dir = tmp_path / "run"
+    short = {"train__max_steps": 3, "eval__every_steps": 1, "eval__num_batches": 1, "train__checkpoint_every_steps": 0}
+    train(cfg("vanilla", train__stop_at_step=2, **short), run_dir, quiet=True)
+    capsys.readouterr()
+    train(cfg("vanilla", **{**short, "eval__num_batches": 2}), run_dir, quiet=False)
+    out = capsys.readouterr().out
+    assert ("resuming with changed settings: train.stop_at_step (2 -> 0); eval.num_batches (1 -> 2); the validation estimates from "
+            "step 3 on are over other windows than the earlier checkpoints', with which keeping the best checkpoint and --which=best "
+            "compare them\n") in out, out
+
+
 def test_zero_settings_resume_notices_and_a_cut_metrics_line(tmp_path, capsys):
     """`train.checkpoint_every_steps=0`: checkpoints only at evaluations and at the end;
     `eval.num_batches=0`: no estimates, only the whole-split loss at the last step. A metrics line
