@@ -16,7 +16,7 @@ from typing import Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llmjax.config import ConfigError, check_key, flags_spec, load_config, split_spec, validate
+from llmjax.config import ConfigError, check_key, flags_spec, load_config, parse_value, split_spec, validate
 
 FLAGS = flags.FLAGS
 
@@ -101,6 +101,23 @@ def _config_args(argv: list[str]) -> tuple[str | None, list[str]]:
         elif arg.startswith("--config."):
             keys.append(arg[len("--config.") :].split("=", 1)[0])
     return spec, keys
+
+
+def _override_values(argv: list[str], cfg) -> list[tuple[str, str]]:
+    """(key, text) of each override in argv (up to `--`) that gives a value: --config.KEY=VALUE, and
+    absl's --config.KEY VALUE for a key that is not a bool (a bool's --config.KEY alone means true)."""
+    out, i = [], 1
+    while i < len(argv) and argv[i] != "--":
+        arg = argv[i]
+        if arg.startswith("--config."):
+            key, eq, text = arg[len("--config.") :].partition("=")
+            if eq:
+                out.append((key, text))
+            elif i + 1 < len(argv) and not isinstance(cfg[key], bool):
+                out.append((key, argv[i + 1]))
+                i += 1
+        i += 1
+    return out
 
 
 def _with_spec(argv: list[str], spec: str) -> list[str]:
@@ -197,6 +214,11 @@ def _parse(argv: list[str]):
             cfg = load_config(spec)
             for key in keys:
                 check_key(cfg, key)
+            for key, text in _override_values(argv, cfg):  # (config_flags: "('Non-boolean argument to boolean flag', 'yes')")
+                try:
+                    parse_value(cfg, key, text)
+                except ConfigError as e:
+                    raise ConfigError(f"--config.{e}") from None
             argv = _with_spec(argv, flags_spec(spec))  # (config_flags calls get_config as load_config did)
         rest = FLAGS(argv)
         if spec is not None:

@@ -403,6 +403,24 @@ def test_cli_override_without_a_config_before_it_says_so():
         assert (r.returncode, r.stderr) == (2, line + "\n"), r.stderr
 
 
+def test_cli_override_value_of_another_type_says_what_the_key_takes():
+    """--config.KEY=VALUE whose value is not of the key's type: one line saying what the key takes,
+    as `--set` says it (config_flags said "('Non-boolean argument to boolean flag', 'yes')" and
+    "invalid literal for int() with base 10: '1.5'"); absl's other true spellings still apply."""
+    from helpers import cli_cases
+
+    V = ["--config", "configs/vanilla.py:tiny"]
+    cases = [V + ["--config.model.scan_layers=yes"], V + ["--config.model.vocab_size=1.5"], V + ["--config.train.lr=abc"],
+             V + ["--config.model.n_layer", "x"], V + ["--config.model.scan_layers=false", "--config.model.n_layer", "3", "--json"]]
+    want = ["error: --config.model.scan_layers=yes: model.scan_layers takes true or false\n",
+            "error: --config.model.vocab_size=1.5: model.vocab_size takes an integer\n",
+            "error: --config.train.lr=abc: train.lr takes a number\n", "error: --config.model.n_layer=x: model.n_layer takes an integer\n"]
+    runs = cli_cases("llmjax.summary", cases)
+    for r, line in zip(runs, want):
+        assert (r.returncode, r.stderr) == (2, line), r.stderr
+    assert (runs[-1].returncode, json.loads(runs[-1].stdout)["n_layer"]) == (0, 3), runs[-1].stderr
+
+
 @pytest.mark.parametrize("given", ["--flagfile={flagfile}", "-config=configs/vanilla.py:tiny"])
 def test_cli_override_after_a_config_given_in_absls_other_forms_applies(tmp_path, given):
     """An override after a --flagfile that holds --config, or after absl's one-dash -config: it
