@@ -528,6 +528,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         value = cfg[group][name]
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not (math.isfinite(value) and value >= low):
             raise ConfigError(f"{key} must be a finite number of at least {low}{meaning}, got {value}")
+    if not cfg.data.dataset.strip():  # (it was read as the data folder itself, with advice to prepare '' into it)
+        raise ConfigError("data.dataset is empty; set --config.data.dataset to a dataset's name (tinyshakespeare_char, fineweb_edu, "
+                          "or your own prepared with python -m llmjax.prepare)")
     t = cfg.train
     if not 0 <= t.seed < 2**32:
         raise ConfigError(f"train.seed must be in [0, 2**32), got {t.seed}")  # (grain's and JAX's seeds hold 32 bits)

@@ -129,6 +129,14 @@ def test_aux_loss_weights_that_are_no_finite_number_of_at_least_0_are_refused(we
     assert llmjax.load_config(f"{ROOT}/configs/moe.py:tiny", {"train.aux_loss_weights.router_z": 0}).train.aux_loss_weights.router_z == 0
 
 
+def test_an_empty_dataset_name_is_refused():
+    """data.dataset='' was read as the data folder itself: 'no prepared dataset of that name in .',
+    with advice to run `llmjax.prepare '' --out data`, which would write into the data folder."""
+    for name in ["", "  "]:
+        with pytest.raises(ConfigError, match=r"^data\.dataset is empty; set --config\.data\.dataset to a dataset's name"):
+            llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", {"data.dataset": name})
+
+
 def test_unknown_key_written_in_a_config_file(tmp_path):
     f = tmp_path / "bad.py"
     f.write_text(
