@@ -32,6 +32,7 @@ ATTENTION_IMPLS = ("auto", "cudnn", "xla")
 DECODE_KERNEL_IMPLS = ("auto", "xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 VARIANTS = ("default", "small", "tiny")
+INT_MAX = 2**31 - 1  # the largest model dimension, count or size a config may give
 
 
 class ConfigError(ValueError):
@@ -88,6 +89,8 @@ class ModelConfig:
             value = getattr(self, field.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"model.{field.name} must be a finite number, got {value}")
+            if isinstance(value, int) and not isinstance(value, bool) and value > INT_MAX:  # (beyond int64 it was a traceback)
+                raise ConfigError(f"model.{field.name}={value} is too large: at most {INT_MAX} (2**31 - 1, as token ids and positions are int32)")
         if self.padded_vocab_size < self.vocab_size:
             raise ConfigError(
                 f"model.padded_vocab_size={self.padded_vocab_size} is smaller than "

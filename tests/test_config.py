@@ -137,6 +137,16 @@ def test_an_empty_dataset_name_is_refused():
             llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", {"data.dataset": name})
 
 
+def test_a_model_size_beyond_int32_is_refused():
+    """model.n_layer=10**20 (any integer model key beyond int64) was a traceback in the trainer's
+    model build, and llmjax.summary printed a 10**24-parameter model: one line naming the key."""
+    for key in ["n_layer", "d_ff", "context_len"]:
+        with pytest.raises(ConfigError) as err:
+            llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", {f"model.{key}": 10**20})
+        assert str(err.value) == f"model.{key}=100000000000000000000 is too large: at most 2147483647 (2**31 - 1, as token ids and positions are int32)"
+    assert llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", {"model.d_ff": 2**31 - 1}).model.d_ff == 2**31 - 1
+
+
 def test_unknown_key_written_in_a_config_file(tmp_path):
     f = tmp_path / "bad.py"
     f.write_text(
