@@ -97,8 +97,9 @@ class ModelConfig:
                 f"model.vocab_size={self.vocab_size}; set it to vocab_size rounded up to a multiple of 64"
             )
         # (and the widths most architectures have: zero heads or a zero-width MLP would build a model
-        # without them; a zero or negative rope_base or norm_eps gives NaN logits)
-        for name in ("vocab_size", "n_layer", "d_model", "context_len", "norm_eps", "n_head", "head_dim", "d_ff", "rope_base"):
+        # without them; a zero or negative rope_base or norm_eps gives NaN logits; init_std=0 gave all-zero
+        # weights, whose gradients are zero too: a run that never trained, and a negative one is no N(0, std))
+        for name in ("vocab_size", "n_layer", "d_model", "context_len", "norm_eps", "init_std", "n_head", "head_dim", "d_ff", "rope_base"):
             if getattr(self, name, 1) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.dtype not in DTYPES:

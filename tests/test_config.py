@@ -147,6 +147,15 @@ def test_a_model_size_beyond_int32_is_refused():
     assert llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", {"model.d_ff": 2**31 - 1}).model.d_ff == 2**31 - 1
 
 
+def test_a_zero_or_negative_init_std_is_refused():
+    """model.init_std=0 built all-zero weights, whose gradients are all zero: the run's loss stayed
+    at ln(vocab), silently; a negative one was no N(0, std). One line, as for norm_eps."""
+    for value in [0.0, -0.02]:
+        with pytest.raises(ConfigError) as err:
+            llmjax.load_config(f"{ROOT}/configs/modern.py:tiny", {"model.init_std": value})
+        assert str(err.value) == f"model.init_std must be positive, got {value}"
+
+
 def test_unknown_key_written_in_a_config_file(tmp_path):
     f = tmp_path / "bad.py"
     f.write_text(
