@@ -712,6 +712,26 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
         raise
 
 
+def host_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_host_batch(tcfg, mcfg, memory: int | None = None) -> None:
+    """Refuse a step whose tokens alone (int32, gathered on the host by each process before they go to
+    the devices) exceed the host's memory: batch_size=10**9 ground for many minutes gathering windows,
+    growing without end and deaf to SIGTERM, where it could never fit."""
+    memory = host_memory() if memory is None else memory
+    need = tcfg.batch_size * tcfg.grad_accum_steps * (mcfg.context_len + 1) * 4 // jax.process_count()
+    if memory and need > memory:
+        raise ConfigError(f"one step's tokens, train.batch_size={tcfg.batch_size} x train.grad_accum_steps={tcfg.grad_accum_steps} "
+                          f"windows of model.context_len+1={mcfg.context_len + 1} int32 tokens, need {need / 1e9:.3g} GB on this host, "
+                          f"more than its {memory / 1e9:.3g} GB of memory; lower train.batch_size or train.grad_accum_steps")
+
+
 def _train(cfg, workdir, *, hold: contextlib.ExitStack, devices=None, quiet: bool = False) -> Run:
     if jax.default_backend() == "cpu":
         tune_host_allocator()
@@ -762,6 +782,7 @@ def _train(cfg, workdir, *, hold: contextlib.ExitStack, devices=None, quiet: boo
             raise ConfigError(f"eval.tasks: {e}") from None
 
     # --- mesh, model, optimizer (before the workdir: a mesh or batch refused leaves no folder) ---
+    check_host_batch(tcfg, mcfg)
     mesh = make_mesh(tcfg.mesh, devices)
     n_dev = mesh.devices.size
     if task_items and (ecfg.tasks_batch_size <= 0 or ecfg.tasks_batch_size % n_dev):

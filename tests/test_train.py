@@ -722,6 +722,24 @@ def test_a_dataset_whose_tokenizer_cannot_be_built_and_an_unwritable_data_dir_ar
     assert not (tmp_path / "run").exists()
 
 
+def test_a_step_larger_than_the_hosts_memory_is_refused_before_any_work(tmp_path):
+    """train.batch_size=10**9 (or such a grad_accum_steps) gathered windows for many minutes, its memory
+    growing without end and deaf to SIGTERM: one line, and no workdir, before the model is built."""
+    from llmjax.train import check_host_batch, host_memory
+
+    memory = host_memory()
+    assert memory and memory > 2**30
+    with pytest.raises(ConfigError, match=r"^one step's tokens, train.batch_size=1000000000 x train.grad_accum_steps=1 windows of "
+                                          r"model.context_len\+1=33 int32 tokens, need 132 GB on this host, more than its .* GB of memory; "
+                                          r"lower train.batch_size or train.grad_accum_steps$"):
+        train(cfg("vanilla", train__batch_size=10**9), tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+    c = cfg("vanilla", train__batch_size=8, train__grad_accum_steps=4)  # 8 x 4 x (32 + 1) x 4 = 4,224 bytes: the boundary, exactly
+    check_host_batch(c.train, llmjax.model_config(c), memory=4224)
+    with pytest.raises(ConfigError, match=r"need 4.22e-06 GB on this host, more than its 4.22e-06 GB"):
+        check_host_batch(c.train, llmjax.model_config(c), memory=4223)
+
+
 def test_a_second_training_process_in_the_same_workdir_is_refused(tmp_path):
     """The same command started again while the first still trains (in another terminal, say) is one
     line, and nothing of the first's is touched: both trained in one folder, each saving its own
