@@ -288,6 +288,10 @@ def make_config(variant: str, models: Mapping[str, Mapping[str, Any]], **group_o
     for group, per_variant in group_overrides.items():
         if group not in groups:
             raise ConfigError(f"unknown config group '{group}'{closest(group, groups)}")
+        for name in per_variant:  # (a typo'd variant's changes were dropped: the run used the shared defaults, silently)
+            if name not in models:
+                raise ConfigError(f"make_config's {group} changes name variant '{name}', which is not in its models "
+                                  f"({', '.join(models)}){closest(name, models)}")
         for key, value in per_variant.get(variant, {}).items():
             if key not in groups[group]:
                 raise ConfigError(f"unknown key '{group}.{key}'{closest(key, groups[group])}")

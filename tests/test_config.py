@@ -156,6 +156,17 @@ def test_a_zero_or_negative_init_std_is_refused():
         assert str(err.value) == f"model.init_std must be positive, got {value}"
 
 
+def test_group_changes_for_a_variant_that_does_not_exist_are_refused(tmp_path):
+    """make_config(variant, MODELS, train={'tyni': {...}}): the changes of a variant not in MODELS (a
+    typo) were dropped, so tiny trained on the shared defaults, silently: one line naming it."""
+    f = users_config(tmp_path / "mine.py", "def get_config(variant='default'):\n"
+                                           "    return make_config(variant, v.MODELS, train={'tyni': {'lr': 3e-3}})\n")
+    with pytest.raises(ConfigError) as err:
+        llmjax.load_config(f"{f}:tiny")
+    assert str(err.value) == ("make_config's train changes name variant 'tyni', which is not in its models "
+                              "(default, small, tiny, medium, large, xl) (did you mean 'tiny'?)")
+
+
 def test_unknown_key_written_in_a_config_file(tmp_path):
     f = tmp_path / "bad.py"
     f.write_text(
