@@ -56,19 +56,20 @@ def read_run(path: Path) -> dict:
             "label": label, "config": config, "path": path}
 
 
-# training settings that change no run's curve, or only as its seed does: the seed, when it stops, logs and
-# saves, how its steps are split over devices and computed (llmjax.compare's RUN_CONTROL, and then some)
-NOT_RECIPE = {"seed", "stop_at_step", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "peak_flops_per_device",
-              "mesh", "deterministic", "loss_chunks"}
+# training settings that change no run's curve, or only as its seed does, besides llmjax.compare's
+# RUN_CONTROL (the seed, when it stops, logs and saves): how its steps are split over devices and computed
+NOT_RECIPE = {"mesh", "deterministic", "loss_chunks"}
 
 
 def _recipe(config: dict) -> dict:
-    """A run's data and training settings that shape its curve (NOT_RECIPE's aside), flat:
+    """A run's data and training settings that shape its curve (RUN_CONTROL's and NOT_RECIPE's aside), flat:
     seeds of one recipe share them all; runs of an lr sweep do not."""
+    from llmjax.compare import RUN_CONTROL
     from llmjax.train import train_settings
 
+    ignored = NOT_RECIPE | {k.removeprefix("train.") for k in RUN_CONTROL if k.startswith("train.")}
     out = {"data.dataset": config.get("data", {}).get("dataset")}
-    out.update({f"train.{k}": v for k, v in train_settings(config).items() if k not in NOT_RECIPE})
+    out.update({f"train.{k}": v for k, v in train_settings(config).items() if k not in ignored})
     return out
 
 
