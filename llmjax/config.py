@@ -562,8 +562,16 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if schedule != "constant" and t.min_lr > t.lr:  # (constant reads no min_lr)
         raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}: the {schedule} schedule decays from lr to min_lr; "
                           f"lower min_lr")
+    if t.get("logits_dtype", "auto") not in LOGITS_DTYPES:  # (a run saved before the key: none there)
+        raise ConfigError(f"train.logits_dtype={t.logits_dtype!r} is not one of {', '.join(LOGITS_DTYPES)}"
+                          f"{closest(str(t.logits_dtype), LOGITS_DTYPES)}")
     mcfg = model_config(cfg)
     mcfg.check_run()
+    if t.loss_chunks > 1 and mcfg.padded_vocab_size % t.loss_chunks:  # (checked here, not when the step is built: a compare
+        # sweep or a summary says so before anything trains)
+        divisors = [str(d) for d in (2, 4, 8, 16, 32, 64) if mcfg.padded_vocab_size % d == 0]
+        raise ConfigError(f"train.loss_chunks={t.loss_chunks} must be 0 (off) or divide model.padded_vocab_size={mcfg.padded_vocab_size}"
+                          + (f" (e.g. {', '.join(divisors[-3:])})" if divisors else ""))
     weights = t.get("aux_loss_weights", {})
     if unknown := sorted(set(weights.keys()) - set(mcfg.aux_losses)):  # (they were ignored: a typo, or MoE weights on a dense model)
         returned = f"it returns {', '.join(mcfg.aux_losses)}" if mcfg.aux_losses else "it returns none"
@@ -576,6 +584,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 
 LOSS_SCALES = ("auto", "dynamic", "none")
+LOGITS_DTYPES = ("auto", "float32", "bfloat16")
 SCHEDULES = ("cosine", "wsd", "constant")
 
 

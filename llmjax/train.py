@@ -474,14 +474,10 @@ def step_compiler_options(mcfg, tcfg, platform: str) -> dict | None:
     return options
 
 
-LOGITS_DTYPES = ("auto", "float32", "bfloat16")
-
-
 def loss_logits_dtype(mcfg, tcfg):
-    """The dtype of the training and eval loss's logits (train.logits_dtype; auto: model.dtype)."""
+    """The dtype of the training and eval loss's logits (train.logits_dtype, checked by config.validate;
+    auto: model.dtype)."""
     name = tcfg.get("logits_dtype", "auto")
-    if name not in LOGITS_DTYPES:
-        raise ConfigError(f"train.logits_dtype='{name}' is not one of {', '.join(LOGITS_DTYPES)}")
     return mcfg.compute_dtype if name == "auto" else jnp.dtype(name)
 
 
@@ -530,10 +526,6 @@ def build_steps(cfg, mesh) -> Steps:
     if n_experts and expert_axis > 1 and n_experts % expert_axis:
         raise ConfigError(f"train.mesh.expert={expert_axis} must divide model.n_experts={n_experts} (each device holds whole experts)")
     logits_dtype = loss_logits_dtype(mcfg, tcfg)
-    if tcfg.loss_chunks < 0 or (tcfg.loss_chunks > 1 and mcfg.padded_vocab_size % tcfg.loss_chunks):
-        raise ConfigError(
-            f"train.loss_chunks={tcfg.loss_chunks} must be 0 (off) or divide model.padded_vocab_size={mcfg.padded_vocab_size}"
-        )
     canonical = mcfg.replace(scan_layers=True)  # storage layout of parameters (and checkpoints)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(mcfg, seed=0)))
 

@@ -1599,9 +1599,6 @@ def test_loss_chunks_train_alike_and_hold_less_memory():
     """Two float32 training steps and an evaluation with train.loss_chunks=8 match the plain ones; at GPT-2's
     vocabulary the compiled step's temporaries shrink by more than the float32 logits; a count that
     does not divide the table is a one-line config error."""
-    from llmjax.sharding import make_mesh
-    from llmjax.train import build_steps
-
     def run(chunks):
         return two_steps_and_eval(cfg("vanilla", train__loss_chunks=chunks, model__dtype="float32", **BIG_VOCAB))
 
@@ -1611,8 +1608,9 @@ def test_loss_chunks_train_alike_and_hold_less_memory():
     np.testing.assert_allclose(chunked[0], plain[0], rtol=1e-5)
     logits_bytes = 8 * 32 * 50304 * 4
     assert chunked[1] < plain[1] - logits_bytes, (chunked[1], plain[1])
-    with pytest.raises(ConfigError, match="loss_chunks"):
-        build_steps(cfg("vanilla", train__loss_chunks=12), make_mesh({"data": 1}, jax.devices()[:1]))
+    # (a count that does not divide the padded vocabulary is refused by the config check, before anything is built)
+    with pytest.raises(ConfigError, match=r"^train\.loss_chunks=12 must be 0 \(off\) or divide model\.padded_vocab_size=128 \(e\.g\. 16, 32, 64\)$"):
+        llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", {"train.loss_chunks": 12})
 
 
 def test_bf16_logits_train_like_float32_logits_and_hold_less_memory():
@@ -1620,8 +1618,7 @@ def test_bf16_logits_train_like_float32_logits_and_hold_less_memory():
     two steps and evaluation with bf16 logits stay within bf16 rounding of float32 logits; the
     compiled step's temporaries shrink by more than a quarter of the float32 logits at GPT-2's
     vocabulary; an unknown dtype is a one-line config error."""
-    from llmjax.sharding import make_mesh
-    from llmjax.train import build_steps, loss_logits_dtype
+    from llmjax.train import loss_logits_dtype
 
     assert loss_logits_dtype(llmjax.model_config(cfg()), cfg().train) == jnp.float32
     bf16 = cfg(model__dtype="bfloat16")
@@ -1636,8 +1633,8 @@ def test_bf16_logits_train_like_float32_logits_and_hold_less_memory():
     # (XLA's CPU compile saves 3/4 of the bf16 logits' size here; compiled for an H200, vanilla at
     # batch 16 saves twice their size, 3.2 GB: llmjax.aot, docs/benchmarks.md)
     assert narrow[1] < wide[1] - 8 * 32 * 50304 * 2 // 2, (narrow[1], wide[1])
-    with pytest.raises(ConfigError, match="logits_dtype"):
-        build_steps(cfg("vanilla", train__logits_dtype="float16"), make_mesh({"data": 1}, jax.devices()[:1]))
+    with pytest.raises(ConfigError, match=r"^train\.logits_dtype='float16' is not one of auto, float32, bfloat16 \(did you mean 'bfloat16'\?\)$"):
+        llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", {"train.logits_dtype": "float16"})
 
 
 def _reference_lr(schedule: str, step: int, *, lr, min_lr, warmup, max_steps, fraction=0.2) -> float:
