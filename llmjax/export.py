@@ -168,6 +168,10 @@ def params_from_gpt2(tensors: dict[str, np.ndarray], mcfg, *, crop: bool = False
                           "(wte.weight); llmjax's `vanilla` ties them, as GPT-2 does, and would compute another model")
     if f"h.{L}.ln_1.weight" in t:
         raise ExportError(f"the GPT-2 weights have more than model.n_layer={L} layers; pick the matching config")
+    # (fewer layers said "no tensor 'h.2.ln_1.weight'; is this a GPT-2 checkpoint?" of GPT-2 weights)
+    if 0 < (n := next(i for i in range(L + 1) if f"h.{i}.ln_1.weight" not in t)) < L:
+        raise ExportError(f"the GPT-2 weights have {n} layers, fewer than model.n_layer={L}; pick the matching config "
+                          f"(configs/vanilla.py, :medium, :large, :xl) or set --config.model.n_layer={n}")
     wte = np.zeros((mcfg.padded_vocab_size, D), np.float32)
     wte[:V] = get("wte.weight", (V, D))
 

@@ -44,6 +44,17 @@ def test_gpt2_tensors_round_trip():
         X.params_from_gpt2(t, llmjax.model_config(config("vanilla", d_ff=128)))
 
 
+
+def test_gpt2_weights_of_fewer_layers_say_how_many():
+    """GPT-2 weights of fewer layers than model.n_layer were "no tensor 'h.2.ln_1.weight'; is this a
+    GPT-2 checkpoint?" (they are): the line gives both counts, as more layers did."""
+    t = X.gpt2_tensors(jax.tree.map(np.asarray, params(llmjax.build_model(config("vanilla"), seed=0))), llmjax.model_config(config("vanilla")))
+    with pytest.raises(X.ExportError, match=r"^the GPT-2 weights have 2 layers, fewer than model.n_layer=3; pick the matching config "
+                                            r"\(configs/vanilla.py, :medium, :large, :xl\) or set --config.model.n_layer=2$"):
+        X.params_from_gpt2(t, llmjax.model_config(config("vanilla", n_layer=3)), crop=True)
+    with pytest.raises(X.ExportError, match=r"^the GPT-2 weights have more than model.n_layer=1 layers"):
+        X.params_from_gpt2(t, llmjax.model_config(config("vanilla", n_layer=1)), crop=True)
+
 def test_gpt2_import_crops_the_position_table_to_a_shorter_context():
     """train.init_from with a model.context_len below the weights' (GPT-2's 1024 into a 256 context;
     here 64 into 32) keeps the position table's first rows, as nanoGPT's `crop_block_size`: the
