@@ -172,6 +172,14 @@ def params_from_gpt2(tensors: dict[str, np.ndarray], mcfg, *, crop: bool = False
     if 0 < (n := next(i for i in range(L + 1) if f"h.{i}.ln_1.weight" not in t)) < L:
         raise ExportError(f"the GPT-2 weights have {n} layers, fewer than model.n_layer={L}; pick the matching config "
                           f"(configs/vanilla.py, :medium, :large, :xl) or set --config.model.n_layer={n}")
+    # (a character-level config was told to "pick the matching config (configs/vanilla.py, ...)": its vocabulary is what differs)
+    if (w := t.get("wte.weight")) is not None and w.ndim == 2 and w.shape[1] == D and w.shape[0] != V:
+        if w.shape[0] != 50257:
+            raise ExportError(f"the GPT-2 weights' token table (wte.weight) holds {w.shape[0]} tokens; llmjax reads GPT-2 weights with "
+                              "GPT-2's BPE vocabulary (50257 tokens)")
+        raise ExportError(f"the GPT-2 weights' token table (wte.weight) holds GPT-2's 50257 BPE tokens, the config's model.vocab_size={V}: "
+                          "train on GPT-2 BPE tokens, e.g. --config.data.dataset=tinyshakespeare --config.model.vocab_size=50257 "
+                          "--config.model.padded_vocab_size=50304")
     wte = np.zeros((mcfg.padded_vocab_size, D), np.float32)
     wte[:V] = get("wte.weight", (V, D))
 

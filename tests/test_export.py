@@ -55,6 +55,21 @@ def test_gpt2_weights_of_fewer_layers_say_how_many():
     with pytest.raises(X.ExportError, match=r"^the GPT-2 weights have more than model.n_layer=1 layers"):
         X.params_from_gpt2(t, llmjax.model_config(config("vanilla", n_layer=1)), crop=True)
 
+
+def test_gpt2_weights_for_another_vocabulary_say_so():
+    """GPT-2's 50257-token table into a character-level config (configs/vanilla.py:tiny) was told to
+    "pick the matching config (configs/vanilla.py, :medium, ...)", which are the same shapes; the line
+    names the vocabularies and the flags of GPT-2 BPE data. A table of another size is not GPT-2's."""
+    bpe = llmjax.model_config(config("vanilla", vocab_size=50257, padded_vocab_size=50304))
+    t = X.gpt2_tensors(jax.tree.map(np.asarray, params(llmjax.build_model(bpe, seed=0))), bpe)
+    with pytest.raises(X.ExportError, match=r"^the GPT-2 weights' token table \(wte.weight\) holds GPT-2's 50257 BPE tokens, the config's "
+                                            r"model.vocab_size=65: train on GPT-2 BPE tokens, e.g. --config.data.dataset=tinyshakespeare "):
+        X.params_from_gpt2(t, llmjax.model_config(config("vanilla")), crop=True)
+    padded = {**t, "transformer.wte.weight": np.zeros((50304, 64), np.float32)}  # (nanoGPT's padded table)
+    with pytest.raises(X.ExportError, match=r"^the GPT-2 weights' token table \(wte.weight\) holds 50304 tokens; llmjax reads GPT-2 weights "
+                                            r"with GPT-2's BPE vocabulary \(50257 tokens\)$"):
+        X.params_from_gpt2(padded, bpe, crop=True)
+
 def test_gpt2_import_crops_the_position_table_to_a_shorter_context():
     """train.init_from with a model.context_len below the weights' (GPT-2's 1024 into a 256 context;
     here 64 into 32) keeps the position table's first rows, as nanoGPT's `crop_block_size`: the
