@@ -635,6 +635,9 @@ def check_export_folder(out: Path) -> None:
         raise ExportError(f"--out {out} is a file; give a folder (a new one, or an earlier export's)")
     if not out.is_dir():
         return
+    if out.resolve() == Path.cwd().resolve():  # (`--out .` was "PosixPath('.') has an empty name")
+        raise ExportError(f"--out {out} is the folder you are in, which an export replaces whole (you would be left in a deleted "
+                          f"folder); run it from another one (cd .. and --out {Path.cwd().name})")
     if (out / "checkpoints").exists() or _is_llmjax_run(out / "config.json"):
         raise ExportError(f"--out {out} is a training run; give another folder (an export there would replace its config.json)")
     others = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)

@@ -731,3 +731,18 @@ def test_out_under_the_home_folder_is_written_there(runs, tmp_path, monkeypatch)
     pytest.importorskip("gguf")
     assert X.export(runs["modern"], "gguf", "~/exported/m") == tmp_path / "home" / "exported" / "m.gguf"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"] and (tmp_path / "home" / "exported" / "m.gguf").is_file()
+
+
+def test_out_that_is_the_working_folder_is_refused(runs, tmp_path, monkeypatch):
+    """`--out .` (an empty folder, or an earlier export, one is in) was "PosixPath('.') has an empty
+    name"; by another name it was replaced whole, leaving the shell in a deleted folder. Both are
+    one line saying where to run it from; from there it is written."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for out in (".", here):
+        with pytest.raises(X.ExportError, match=r"^--out \S+ is the folder you are in, which an export replaces whole .*\(cd \.\. and --out here\)$"):
+            X.export(runs["vanilla"], "safetensors", out)
+    assert not any(here.iterdir()) and sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+    monkeypatch.chdir(tmp_path)
+    assert X.export(runs["vanilla"], "safetensors", "here") == Path("here") and sorted(p.name for p in here.iterdir()) == sorted(X.EXPORT_FILES)
