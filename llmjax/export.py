@@ -512,22 +512,29 @@ def export(checkpoint, fmt: str, out, *, which: str = "latest", dtype: str = "fl
         raise ExportError(f"--dtype must be float32 or float16 (bfloat16 has no NumPy type; export float32 and convert), got {dtype}")
     out = os.path.expanduser(str(out))  # (`--out=~/x` reaches us unexpanded, as --checkpoint=~/... does, which load expands)
     gguf_path = Path(out) if str(out).endswith(".gguf") else Path(f"{out}.gguf")
-    if fmt == "gguf" and (str(out).endswith(os.sep) or Path(out).is_dir() or gguf_path.is_dir()):  # (said before loading)
-        raise ExportError(f"--out {out} is a folder; give the .gguf file's name, e.g. {Path(out) / 'model.gguf'}")
-    if fmt == "gguf":
-        if gguf_path.is_symlink():  # (an earlier export reached by a link: replaced where it lies, the link kept)
-            gguf_path = gguf_path.resolve()
-        check_export_gguf(gguf_path)
-    if fmt == "safetensors":
-        if Path(out).is_symlink():  # (an earlier export reached by a link: replaced where it lies, the link kept)
-            out = Path(out).resolve()
-        check_export_folder(Path(out))
+
+    def cannot_write(e: OSError) -> ExportError:
+        return ExportError(f"cannot write {gguf_path if fmt == 'gguf' else out}: {e.strerror or e}"
+                           f"{f' ({e.filename})' if getattr(e, 'filename', None) else ''}; nothing was replaced")
+
+    try:  # (a place that cannot even be looked at, under a folder one may not enter, was a PermissionError's traceback)
+        if fmt == "gguf" and (str(out).endswith(os.sep) or Path(out).is_dir() or gguf_path.is_dir()):  # (said before loading)
+            raise ExportError(f"--out {out} is a folder; give the .gguf file's name, e.g. {Path(out) / 'model.gguf'}")
+        if fmt == "gguf":
+            if gguf_path.is_symlink():  # (an earlier export reached by a link: replaced where it lies, the link kept)
+                gguf_path = gguf_path.resolve()
+            check_export_gguf(gguf_path)
+        if fmt == "safetensors":
+            if Path(out).is_symlink():  # (an earlier export reached by a link: replaced where it lies, the link kept)
+                out = Path(out).resolve()
+            check_export_folder(Path(out))
+    except OSError as e:
+        raise cannot_write(e) from None
     loaded = load(checkpoint, which, dtype="float32", scan_layers=True)
     try:
         return _write(loaded, fmt, Path(out), gguf_path, DTYPES[dtype], dtype)
     except OSError as e:  # (also safetensors' own error, below): a full disk, an unwritable place, a file in the way
-        raise ExportError(f"cannot write {gguf_path if fmt == 'gguf' else out}: {e.strerror or e}"
-                          f"{f' ({e.filename})' if getattr(e, 'filename', None) else ''}; nothing was replaced") from None
+        raise cannot_write(e) from None
 
 
 def _write(loaded, fmt: str, out: Path, gguf_path: Path, np_dtype, dtype: str) -> Path:

@@ -540,6 +540,27 @@ def test_export_write_failures_are_one_line(runs, tmp_path):
     assert not (tmp_path / "big").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+
+def test_an_out_one_may_not_look_at_is_one_line(runs, tmp_path, monkeypatch):
+    """An --out under a folder the user may not enter: its checks' stat of it raises EACCES (pathlib
+    passes that on), which was a PermissionError's traceback. Root enters any folder, so the stat is
+    made to answer as the kernel does for another user."""
+    import errno
+    import os
+
+    locked, stat = tmp_path / "locked", Path.stat
+
+    def denied(self, *a, **k):
+        if str(self).startswith(f"{locked}{os.sep}"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return stat(self, *a, **k)
+
+    monkeypatch.setattr(Path, "stat", denied)
+    for arch, fmt, out in (("vanilla", "safetensors", locked / "inner" / "exp"), ("modern", "gguf", locked / "inner" / "m.gguf")):
+        with pytest.raises(X.ExportError, match=f"^cannot write {re.escape(str(out))}: Permission denied \\(.*\\); nothing was replaced$"):
+            X.export(runs[arch], fmt, out)
+    assert not locked.exists()
+
 def test_a_weight_float16_cannot_hold_is_refused_not_written_as_inf(runs, tmp_path, monkeypatch):
     """--dtype float16 wrote a weight beyond float16's 65504 as inf without a word (a model whose
     every forward through that layer is NaN). Now one line naming the tensor and the magnitude, and
