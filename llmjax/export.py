@@ -218,6 +218,13 @@ def read_gpt2(source: str, mcfg=None) -> dict[str, np.ndarray]:
     with `mcfg` (train.init_from's model), the source's config.json, where it has one, must describe
     the same heads and norm epsilon (`check_hf_matches`: the tensors' shapes do not show them)."""
     try:
+        return _read_gpt2(source, mcfg)
+    except OSError as e:  # (a source under a folder one may not enter: pathlib passes EACCES on, a PermissionError's traceback)
+        raise ExportError(f"cannot read {source}: {e.strerror or e}{f' ({e.filename})' if getattr(e, 'filename', None) else ''}") from None
+
+
+def _read_gpt2(source: str, mcfg) -> dict[str, np.ndarray]:
+    try:
         from safetensors.numpy import load_file
     except ImportError:
         raise ExportError("importing GPT-2 weights needs safetensors and huggingface_hub: bash scripts/setup.sh hf") from None

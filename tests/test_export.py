@@ -561,6 +561,26 @@ def test_an_out_one_may_not_look_at_is_one_line(runs, tmp_path, monkeypatch):
             X.export(runs[arch], fmt, out)
     assert not locked.exists()
 
+
+def test_gpt2_weights_one_may_not_look_at_are_one_line(tmp_path, monkeypatch):
+    """train.init_from (and GPT-2 import) of a folder or file under a folder the user may not enter
+    was a PermissionError's traceback (pathlib passes EACCES on); the stat answers as for another user."""
+    import errno
+    import os
+
+    locked, stat = tmp_path / "locked", Path.stat
+
+    def denied(self, *a, **k):
+        if str(self).startswith(f"{locked}{os.sep}"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return stat(self, *a, **k)
+
+    monkeypatch.setattr(Path, "stat", denied)
+    mcfg = llmjax.model_config(config("vanilla", vocab_size=50257, padded_vocab_size=50304))
+    for source in (locked / "hf", locked / "model.safetensors"):
+        with pytest.raises(X.ExportError, match=f"^cannot read {re.escape(str(source))}: Permission denied \\(.*\\)$"):
+            X.read_gpt2(str(source), mcfg)
+
 def test_a_weight_float16_cannot_hold_is_refused_not_written_as_inf(runs, tmp_path, monkeypatch):
     """--dtype float16 wrote a weight beyond float16's 65504 as inf without a word (a model whose
     every forward through that layer is NaN). Now one line naming the tensor and the magnitude, and
