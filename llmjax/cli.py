@@ -7,6 +7,7 @@ program with `error: <what to do>` on stderr and exit status 2, never a tracebac
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -260,6 +261,11 @@ def run(main: Callable[[list[str]], None]):
         except BrokenPipeError:  # the reader of stdout went away (`... | head`): stop quietly, as other tools do
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's exit flush would fail again)
             sys.exit(141)  # 128 + SIGPIPE, the shell's status for a tool killed by it
+        except OSError as e:  # where a tool did not word it itself (pathlib's exists() and is_dir() pass EACCES on)
+            line = file_system_error(e)
+            if line is None:
+                raise
+            fail(line, code=1)
 
     app.run(guarded, flags_parser=_parse)
 
@@ -282,6 +288,18 @@ _EXHAUSTED_ADVICE = [
     (r"shared memory|register allocation|registers", "a GPU kernel XLA built needs more of the GPU's registers or shared memory than it has, which a smaller "
                                 "batch may not change: try another kernel (e.g. --config.model.attention_impl=xla), or report it with XLA's words"),
 ]
+
+
+def file_system_error(error: OSError) -> str | None:
+    """One line for a path the user may not read or write, or a full disk; None for other OS errors
+    (their traceback is what a report needs)."""
+    where = " -> ".join(str(f) for f in (error.filename, error.filename2) if f is not None) or "a file"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"{where}: {error.strerror or 'permission denied'} (the user this runs as may not read or write there): "
+                f"choose another path, or change its permissions")
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{where}: {error.strerror or 'no space left'}: a disk is full; make room and run again"
+    return None
 
 
 def out_of_memory(error: BaseException) -> str | None:

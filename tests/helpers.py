@@ -177,3 +177,20 @@ def readme_py_block(opening: str) -> str:
     blocks = [b for b in re.findall(r"```py\n(.*?)```", (ROOT / "README.md").read_text(), re.S) if b.startswith(opening)]
     assert len(blocks) == 1, f"README has {len(blocks)} ```py blocks opening with {opening!r}"
     return blocks[0]
+
+
+def deny_under(monkeypatch, folder) -> None:
+    """Make every path under `folder` answer stat() with EACCES, as the kernel answers a user who may
+    not enter it (these tests run as root, which enters any folder)."""
+    import errno
+    import os
+    from pathlib import Path
+
+    stat = Path.stat
+
+    def denied(self, *a, **k):
+        if str(self).startswith(f"{folder}{os.sep}"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return stat(self, *a, **k)
+
+    monkeypatch.setattr(Path, "stat", denied)

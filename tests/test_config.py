@@ -507,3 +507,36 @@ def test_cli_output_cut_short_by_its_reader_ends_quietly():
     script = f"{sys.executable} -m llmjax.summary --config configs/mla.py:tiny --json | true; echo status=${{PIPESTATUS[0]}}"
     proc = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.stderr == "" and proc.stdout.strip() == "status=141", (proc.stdout, proc.stderr)
+
+
+def test_a_path_one_may_not_enter_or_a_full_disk_is_one_line(tmp_path):
+    """An OSError no tool words itself: a path under a folder the user may not enter (pathlib's
+    exists() passes EACCES on: `sample --checkpoint=/root/x/run` was a PermissionError's traceback)
+    and a full disk are one line, exit status 1 (cli.run). Root enters any folder, so the stat
+    answers as the kernel does for another user; other OS errors keep their traceback."""
+    locked = tmp_path / "locked"
+    script = tmp_path / "tool.py"
+    script.write_text(
+        "import errno, os, sys\nfrom pathlib import Path\nfrom llmjax import cli\nimport llmjax.sample as S\n"
+        f"locked, stat = {str(locked)!r}, Path.stat\n"
+        "def denied(self, *a, **k):\n"
+        "    if str(self).startswith(locked + os.sep):\n"
+        "        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))\n"
+        "    return stat(self, *a, **k)\n"
+        "Path.stat = denied\n"
+        "def full(*a, **k):\n"
+        "    raise OSError(errno.ENOSPC if S.flags.FLAGS.prompt == 'full' else errno.EIO, 'No space left on device', 'runs/x/out')\n"
+        "if '--prompt=x' not in sys.argv:\n"
+        "    S.load = full\n"
+        "S.define_flags()\ncli.run(S.main)\n")
+    from helpers import cli_runs
+
+    locked_run, full, other = cli_runs([(str(script), [f"--checkpoint={locked}/run", "--prompt=x"]),
+                                        (str(script), ["--checkpoint=runs/x", "--prompt=full"]),
+                                        (str(script), ["--checkpoint=runs/x", "--prompt=other"])])
+    assert (locked_run.returncode, locked_run.stderr) == (
+        1, f"error: {locked}/run: Permission denied (the user this runs as may not read or write there): choose another path, "
+           "or change its permissions\n"), locked_run.stderr[-2000:]
+    assert (full.returncode, full.stderr) == (1, "error: runs/x/out: No space left on device: a disk is full; make room and run "
+                                                 "again\n"), full.stderr[-2000:]
+    assert other.returncode == 1 and "Traceback" in other.stderr and "OSError: [Errno 5]" in other.stderr, other.stderr[-2000:]

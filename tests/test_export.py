@@ -545,17 +545,10 @@ def test_an_out_one_may_not_look_at_is_one_line(runs, tmp_path, monkeypatch):
     """An --out under a folder the user may not enter: its checks' stat of it raises EACCES (pathlib
     passes that on), which was a PermissionError's traceback. Root enters any folder, so the stat is
     made to answer as the kernel does for another user."""
-    import errno
-    import os
+    from helpers import deny_under
 
-    locked, stat = tmp_path / "locked", Path.stat
-
-    def denied(self, *a, **k):
-        if str(self).startswith(f"{locked}{os.sep}"):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
-        return stat(self, *a, **k)
-
-    monkeypatch.setattr(Path, "stat", denied)
+    locked = tmp_path / "locked"
+    deny_under(monkeypatch, locked)
     for arch, fmt, out in (("vanilla", "safetensors", locked / "inner" / "exp"), ("modern", "gguf", locked / "inner" / "m.gguf")):
         with pytest.raises(X.ExportError, match=f"^cannot write {re.escape(str(out))}: Permission denied \\(.*\\); nothing was replaced$"):
             X.export(runs[arch], fmt, out)
@@ -565,17 +558,10 @@ def test_an_out_one_may_not_look_at_is_one_line(runs, tmp_path, monkeypatch):
 def test_gpt2_weights_one_may_not_look_at_are_one_line(tmp_path, monkeypatch):
     """train.init_from (and GPT-2 import) of a folder or file under a folder the user may not enter
     was a PermissionError's traceback (pathlib passes EACCES on); the stat answers as for another user."""
-    import errno
-    import os
+    from helpers import deny_under
 
-    locked, stat = tmp_path / "locked", Path.stat
-
-    def denied(self, *a, **k):
-        if str(self).startswith(f"{locked}{os.sep}"):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
-        return stat(self, *a, **k)
-
-    monkeypatch.setattr(Path, "stat", denied)
+    locked = tmp_path / "locked"
+    deny_under(monkeypatch, locked)
     mcfg = llmjax.model_config(config("vanilla", vocab_size=50257, padded_vocab_size=50304))
     for source in (locked / "hf", locked / "model.safetensors"):
         with pytest.raises(X.ExportError, match=f"^cannot read {re.escape(str(source))}: Permission denied \\(.*\\)$"):
