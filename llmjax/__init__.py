@@ -27,6 +27,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
+    if name == "ARCHS":  # (the architectures register themselves on import: else an empty dict)
+        importlib.import_module("llmjax.models")
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'llmjax' has no attribute {name!r}")

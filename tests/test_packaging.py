@@ -71,3 +71,16 @@ def test_every_tools_help_lists_its_main_flags():
     for (module, names), r in zip(tools, cli_runs([(module, ["--help"]) for module, _ in tools])):
         listed = set(re.findall(r"^\s+(--\w+):", r.stdout + r.stderr, re.M))
         assert set(names) <= listed, (module, set(names) - listed)
+
+
+def test_the_packages_archs_lists_every_architecture_at_once():
+    """`llmjax.ARCHS`, one of the package's names, was an empty dict in a fresh process until
+    something built a model (the architectures register themselves when llmjax.models is imported)."""
+    import subprocess
+    import sys
+
+    code = "import llmjax; first = sorted(llmjax.ARCHS); import llmjax.models; print(first == sorted(llmjax.ARCHS), *first)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    same, *names = r.stdout.split()
+    assert same == "True" and {"vanilla", "modern", "moe"} <= set(names), r.stdout
