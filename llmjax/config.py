@@ -577,6 +577,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         returned = f"it returns {', '.join(mcfg.aux_losses)}" if mcfg.aux_losses else "it returns none"
         raise ConfigError(f"train.aux_loss_weights has {', '.join(repr(k) for k in unknown)}, which the {mcfg.arch} model does not return "
                           f"({returned}){closest(unknown[0], mcfg.aux_losses)}; remove it")
+    if missing := sorted(set(mcfg.aux_losses) - set(weights.keys())):  # (it was refused when the first step traced the loss, after
+        # a fresh run had written its workdir)
+        raise ConfigError(f"train.aux_loss_weights has no weight for {', '.join(repr(k) for k in missing)}, which the {mcfg.arch} model "
+                          f"returns; give {'it' if len(missing) == 1 else 'each'} one (0: logged, not trained)")
     for name, weight in weights.items():  # (NaN stopped the run at step 1 as a 'non-finite loss', a string in a traceback; a
         # negative weight trained the router away from what its loss asks, silently)
         if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not (math.isfinite(weight) and weight >= 0):

@@ -740,6 +740,17 @@ def test_a_step_larger_than_the_hosts_memory_is_refused_before_any_work(tmp_path
         check_host_batch(c.train, llmjax.model_config(c), memory=4223)
 
 
+def test_an_aux_loss_without_a_weight_is_refused_before_the_workdir(tmp_path):
+    """A loss the model returns with no weight in train.aux_loss_weights (the MoE's group given whole,
+    `{'load_balance': 0.01}`) was refused only when the first step traced the loss, after the run
+    had written config.json, tokenizer.json and an empty metrics.jsonl: a fresh run refused left its
+    workdir behind."""
+    with pytest.raises(ConfigError, match=r"^train.aux_loss_weights has no weight for 'router_z', which the moe model returns; "
+                                          r"give it one \(0: logged, not trained\)$"):
+        train(cfg("moe", train__aux_loss_weights={"load_balance": 0.01}), tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_second_training_process_in_the_same_workdir_is_refused(tmp_path):
     """The same command started again while the first still trains (in another terminal, say) is one
     line, and nothing of the first's is touched: both trained in one folder, each saving its own
