@@ -673,11 +673,12 @@ def build_steps(cfg, mesh) -> Steps:
 def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False) -> Run:
     """Train (or resume) the run described by `cfg` in `workdir`. `devices` defaults to all. A
     checkpoint or file that cannot be written (a full or read-only disk) stops it with a
-    TrainingError of one line. A fresh run refused before it wrote anything leaves no folder behind
-    (in a workdir that was there, no checkpoints/ folder)."""
-    made = data_lib.missing_folders(workdir)  # (the workdir first)
+    TrainingError of one line. A fresh run refused or stopped before it logged or saved a step leaves
+    nothing behind (in a workdir that was there, only what was there before)."""
+    made, wd = data_lib.missing_folders(workdir), Path(workdir).absolute()  # (the workdir first)
     # (its checkpoints/, where this call makes it: in a workdir the user made beforehand too)
-    made_ckpt = [] if (Path(workdir).absolute() / "checkpoints").exists() else [Path(workdir).absolute() / "checkpoints"]
+    made_ckpt = [] if (wd / "checkpoints").exists() else [wd / "checkpoints"]
+    made_files = [wd / f for f in RUN_FILES if not (wd / f).exists()]
     try:
         try:
             with contextlib.ExitStack() as hold:  # (the workdir's lock, _train's to take: released as this returns)
@@ -686,7 +687,7 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
             raise TrainingError(f"{e}") from None
         except OSError as e:
             where = f" ({e.filename})" if e.filename else ""
-            raise TrainingError(f"{e.strerror or e}{where}; stopped. Make room or write access in {Path(workdir).absolute()}, "
+            raise TrainingError(f"{e.strerror or e}{where}; stopped. Make room or write access in {wd}, "
                                 f"then run the same command to resume from its last checkpoint") from None
         except jax.errors.JaxRuntimeError as e:  # (a batch or context too large for the device: one line, not XLA's traceback)
             what = cli.out_of_memory(e)
@@ -694,12 +695,19 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
                 raise
             raise TrainingError(f"out of device memory ({what}); lower train.batch_size (raise train.grad_accum_steps to keep the "
                                 f"global batch), or set model.remat=full or train.loss_chunks=8, or a shorter model.context_len; "
-                                f"{resume_point(Path(workdir).absolute() / 'checkpoints')}") from None
+                                f"{resume_point(wd / 'checkpoints')}") from None
     except WorkdirBusy:
         raise  # (the folders are the other run's: nothing is removed)
     except BaseException:
         # (refused after the workdir was made: a missing extra, a validation split too short, init_from
-        # weights that cannot be read) the folders this call made, where still empty; rmdir removes nothing else
+        # weights that cannot be read) the folders this call made, where still empty; rmdir removes nothing else.
+        # A fresh run stopped before its first step was logged or saved (a refusal when the step is traced, such
+        # as attention_impl='cudnn' on a CPU; a signal while compiling) takes back the run's files it wrote too.
+        metrics = wd / "metrics.jsonl"
+        if (wd.is_dir() and wd / "config.json" in made_files and jax.process_index() == 0 and not _saved_steps(wd / "checkpoints")
+                and (not metrics.is_file() or metrics.stat().st_size == 0)):
+            for f in made_files:
+                f.unlink(missing_ok=True)
         data_lib.remove_empty([*made_ckpt, *made])
         raise
 

@@ -751,6 +751,23 @@ def test_an_aux_loss_without_a_weight_is_refused_before_the_workdir(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_fresh_run_refused_when_its_step_is_traced_leaves_nothing_behind(tmp_path):
+    """attention_impl='cudnn' on a CPU is refused when the step is traced, after the run wrote
+    config.json, tokenizer.json and an empty metrics.jsonl: they were left behind (the README says a
+    fresh run refused leaves no workdir). Now they are taken back; in a folder the user made, what
+    was there stays."""
+    bad = cfg("vanilla", model__attention_impl="cudnn", model__dtype="bfloat16")
+    with pytest.raises(ConfigError, match=r"^model\.attention_impl='cudnn' needs a CUDA GPU"):
+        train(bad, tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        train(bad, mine, quiet=True)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
 def test_a_second_training_process_in_the_same_workdir_is_refused(tmp_path):
     """The same command started again while the first still trains (in another terminal, say) is one
     line, and nothing of the first's is touched: both trained in one folder, each saving its own
