@@ -1215,6 +1215,8 @@ def _wandb_modules():
 
 def _wandb_init(cfg, workdir: Path):
     wandb, load_dotenv = _wandb_modules()
+    from pydantic import ValidationError  # (W&B's settings are pydantic's)
+
     load_dotenv(Path.cwd() / ".env")
     id_file = workdir / "wandb_id.txt"
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
@@ -1233,6 +1235,13 @@ def _wandb_init(cfg, workdir: Path):
         raise ConfigError(f"logging.wandb=True: Weights & Biases could not start ({type(e).__name__}: {said}); put WANDB_API_KEY in a "
                           f".env file in the folder you run from (or run `wandb login`), or set WANDB_MODE=offline to log without "
                           f"an account, or drop logging.wandb") from None
+    except ValidationError as e:  # (a WANDB_* variable W&B's settings refuse, WANDB_MODE=offlin: pydantic's traceback)
+        err = e.errors()[0]
+        value = err.get("input")
+        names = [k for k, v in sorted(os.environ.items()) if k.startswith("WANDB_") and v == str(value)]  # (its variable)
+        what = f"{names[0]}={value!r}" if names else f"its setting {'.'.join(map(str, err.get('loc', ())))}={value!r}"
+        raise ConfigError(f"logging.wandb=True: Weights & Biases could not start: {what}: {err.get('msg')}; correct or unset it "
+                          f"(in the environment or the .env file in the folder you run from)") from None
     id_file.write_text(run_id)  # (once started: the next run continues this W&B run)
     return run
 

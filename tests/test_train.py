@@ -1339,6 +1339,21 @@ def test_wandb_that_cannot_start_is_one_line_and_leaves_no_workdir(tmp_path, mon
     wandb.teardown()  # (nor this test's settings for a later one)
 
 
+def test_a_wandb_variable_wandb_refuses_is_one_line_and_leaves_no_workdir(tmp_path, monkeypatch):
+    """A WANDB_* variable whose value W&B's settings refuse (WANDB_MODE=offlin) was pydantic's
+    ValidationError traceback ("1 validation error for Settings")."""
+    wandb = pytest.importorskip("wandb")
+    wandb.teardown()
+    monkeypatch.setenv("WANDB_MODE", "offlin")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^logging\.wandb=True: Weights & Biases could not start: WANDB_MODE='offlin': Input should be "
+                                          r"'online', 'offline', .*; correct or unset it \(in the environment or the \.env file .*\)$"):
+        train(cfg("vanilla", logging__wandb=True, train__max_steps=2), tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+    wandb.teardown()
+
+
 def test_a_fresh_run_refused_after_its_workdir_was_made_leaves_no_folder(tmp_path, monkeypatch):
     """Refusals found after the workdir was made left it behind: an empty checkpoints/ folder
     (train.init_from weights that cannot be read), or config.json, tokenizer.json and an empty
