@@ -1220,9 +1220,17 @@ def _wandb_init(cfg, workdir: Path):
     load_dotenv(Path.cwd() / ".env")
     id_file = workdir / "wandb_id.txt"
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    project = os.environ.get("WANDB_PROJECT_NAME") or cfg.logging.wandb_project
+    try:  # (W&B's own check of the name: its refusal said to set an API key or WANDB_MODE=offline)
+        wandb.Settings(project=project)
+    except wandb.errors.UsageError as e:
+        where = ("WANDB_PROJECT_NAME (in the environment or the .env file in the folder you run from)" if os.environ.get("WANDB_PROJECT_NAME")
+                 else "--config.logging.wandb_project")
+        raise ConfigError(f"logging.wandb=True: Weights & Biases could not start ({type(e).__name__}: {str(e).strip()[:300]}); "
+                          f"set {where} to another name") from None
     try:
         run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT_NAME") or cfg.logging.wandb_project,
+            project=project,
             entity=os.environ.get("WANDB_ENTITY") or None,
             name=workdir.name,
             id=run_id,

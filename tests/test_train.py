@@ -1354,6 +1354,25 @@ def test_a_wandb_variable_wandb_refuses_is_one_line_and_leaves_no_workdir(tmp_pa
     wandb.teardown()
 
 
+def test_a_wandb_project_name_wandb_refuses_says_which_setting_to_change(tmp_path, monkeypatch):
+    """A project name W&B refuses (a '/' in it) said to put WANDB_API_KEY in .env or set
+    WANDB_MODE=offline, which it was already; it names the setting that gave the name."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_PROJECT_NAME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^logging\.wandb=True: Weights & Biases could not start \(UsageError: Invalid project name "
+                                          r"'my/proj': .*\); set --config\.logging\.wandb_project to another name$"):
+        train(cfg("vanilla", logging__wandb=True, logging__wandb_project="my/proj", train__max_steps=2), tmp_path / "run", quiet=True)
+    monkeypatch.setenv("WANDB_PROJECT_NAME", "a:b")  # (it overrides the config's)
+    with pytest.raises(ConfigError, match=r"\(UsageError: Invalid project name 'a:b': .*\); set WANDB_PROJECT_NAME \(in the environment "
+                                          r"or the \.env file in the folder you run from\) to another name$"):
+        train(cfg("vanilla", logging__wandb=True, train__max_steps=2), tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+    wandb.teardown()
+
+
 def test_a_fresh_run_refused_after_its_workdir_was_made_leaves_no_folder(tmp_path, monkeypatch):
     """Refusals found after the workdir was made left it behind: an empty checkpoints/ folder
     (train.init_from weights that cannot be read), or config.json, tokenizer.json and an empty
