@@ -1198,9 +1198,30 @@ def _train(cfg, workdir, *, hold: contextlib.ExitStack, devices=None, quiet: boo
 def _progress(start, total, enabled):
     if not enabled:
         return None
+    if not sys.stderr.isatty():  # (a log file: tqdm's frames, each ending in a carriage return, were one line of them all)
+        return _ProgressLines(start, total)
     from tqdm import tqdm
 
     return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+class _ProgressLines:
+    """The progress bar where stderr is not a terminal: a line for each step whose figures were set."""
+
+    def __init__(self, start, total):
+        self.n, self.total, self.post = start, total, None
+
+    def set_postfix(self, post, refresh=False):
+        self.post = post
+
+    def update(self, n=1):
+        self.n += n
+        if self.post is not None:
+            print(f"step {self.n}/{self.total}: " + ", ".join(f"{k}={v}" for k, v in self.post.items()), file=sys.stderr, flush=True)
+            self.post = None
+
+    def close(self):
+        pass
 
 
 def _wandb_modules():

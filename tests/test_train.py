@@ -1851,6 +1851,22 @@ def test_the_progress_bar_shows_each_steps_own_figures(tmp_path, monkeypatch):
             assert post["val"] == f"{rows[shown]['val_loss']:.4f}", (n, post)
 
 
+def test_the_progress_bar_is_plain_lines_where_stderr_is_not_a_terminal(tmp_path, capsys):
+    """Where stderr is a file (`... 2> log`, a SLURM job's output), tqdm's frames, each ending in a
+    carriage return, made one line of them all; each logged step is a line of its own there."""
+    run = train(cfg("vanilla", train__max_steps=6, train__log_every_steps=2, eval__every_steps=3, logging__progress_bar=True),
+                tmp_path / "run", quiet=False)
+    err = capsys.readouterr().err  # (captured: not a terminal)
+    assert "\r" not in err, err
+    rows = {m["step"]: m for m in run.metrics}
+    drawn = [re.fullmatch(r"step (\d+)/6: (.*)", line) for line in err.splitlines() if line.startswith("step ")]
+    assert [int(m[1]) for m in drawn] == [2, 3, 4, 6], err
+    for m in drawn:
+        post, row = dict(kv.split("=", 1) for kv in m[2].split(", ")), rows[int(m[1])]
+        assert post["loss"] == f"{row['train_loss']:.4f}" and post["lr"] == f"{row['lr']:.2e}", (m[0], row)
+        assert post.get("val") == (f"{row['val_loss']:.4f}" if "val_loss" in row else None), (m[0], row)
+
+
 def test_a_run_stopped_at_stop_at_step_says_where_it_stands(tmp_path, capsys):
     """A run that ends at train.stop_at_step before max_steps said nothing (no `done:` line, no
     stop line: a silent exit), nor did the same command run again (nothing to run); each now says
