@@ -1020,12 +1020,12 @@ def _train(cfg, workdir, *, hold: contextlib.ExitStack, devices=None, quiet: boo
             if not math.isfinite(host["train_loss"]) or not (skipped or all(math.isfinite(host[k]) for k in ("grad_norm", "update_norm"))):
                 hint = (f" (float16 gradients overflowed the static train.loss_scale={scaling:g}: a smaller one, or "
                         f"train.loss_scale=dynamic, keeps them finite)" if isinstance(scaling, float) and math.isfinite(host["train_loss"]) else "")
-                raise NonFinite(
+                stop = NonFinite(
                     f"loss became non-finite at step {step} (train_loss={host['train_loss']}, grad_norm={host['grad_norm']}, "
                     f"update_norm={host['update_norm']}){hint}; stopped. " + last, step
                 )
-            if skipped and host["loss_scale"] <= LOSS_SCALE_MIN:  # (halving it no further, every step would be skipped)
-                raise NonFinite(
+            elif skipped and host["loss_scale"] <= LOSS_SCALE_MIN:  # (halving it no further, every step would be skipped)
+                stop = NonFinite(
                     f"the gradients of step {step} overflowed float16 at loss scale {host['loss_scale']:g}, dynamic scaling's "
                     f"least (no scaling at all): the model's float16 backward pass overflows; stopped. Train it with "
                     f"model.dtype=bfloat16 or float32. " + last
@@ -1035,6 +1035,12 @@ def _train(cfg, workdir, *, hold: contextlib.ExitStack, devices=None, quiet: boo
                     f"gradients themselves are inf or NaN (a lower train.lr, or train.loss_scale=none to stop at the first one); "
                     f"stopped. " + last, step
                 )
+            else:
+                stop = None
+            if stop is not None:
+                for good in lines:  # (the block's steps before it, the run's way there: their rows were lost with the block)
+                    emit(good)
+                raise stop
             line = {"step": step, "tokens": tokens_before + (step - start) * tokens_per_step, "train_loss": host["train_loss"],
                     "lr": host["lr"], "grad_norm": None if skipped else host["grad_norm"], "tokens_per_sec": tokens_per_step / dt, "step_time": dt,
                     "mfu": summary["flops_per_token"] * tokens_per_step / dt / (peak * n_dev) if peak else None}

@@ -905,6 +905,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
 
 
+def test_a_non_finite_loss_keeps_the_rows_of_the_steps_before_it(tmp_path):
+    """The finite steps read in one block with the non-finite one (up to 50, train.log_every_steps)
+    were never written to metrics.jsonl: the rows that show the run diverging were lost."""
+    # lr 3e3 in a long warm-up: finite for some steps, then NaN, inside the first 50-step block
+    bad = cfg("vanilla", train__lr=3e3, train__warmup_steps=1000, train__max_steps=100, train__log_every_steps=50,
+              train__checkpoint_every_steps=0, eval__every_steps=0)
+    # (on one device: on 8 CPU devices, 100 steps queued stalled XLA's all-reduce rendezvous on a loaded machine, an abort)
+    with pytest.raises(TrainingError, match=r"non-finite at step \d+ ") as err:
+        train(bad, tmp_path / "run", devices=jax.devices()[:1], quiet=True)
+    assert err.value.step > 3
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in rows] == list(range(1, err.value.step)) and all(math.isfinite(m["train_loss"]) for m in rows)
+
+
 def test_out_of_device_memory_is_one_line_saying_what_to_lower(tmp_path):
     """A batch or context too large for the device stops the run with one line that says what to
     lower (before: XLA's RESOURCE_EXHAUSTED traceback from the step's first result). Here a context
