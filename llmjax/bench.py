@@ -233,6 +233,17 @@ def writable_folder(path: str, flag: str) -> None:
         raise OSError(f"{flag}={path}: {p} cannot be written; give a folder that can")
 
 
+def check_doc(doc: Path) -> None:
+    """An OSError (one line) where --all could not write its table into `doc` once measured: not a
+    file in an existing folder, a folder that cannot be written (the table goes in through a
+    temporary file there: it was refused after every row had measured), damaged markers."""
+    if not doc.parent.is_dir() or doc.is_dir():
+        raise OSError(f"--doc={doc} is not a file in an existing folder")
+    if not os.access(doc.parent, os.W_OK | os.X_OK):
+        raise OSError(f"--doc={doc}: {doc.parent} cannot be written; give --doc a file in a folder that can")
+    rewrite_doc(doc.read_text() if doc.exists() else "", table([], ""))  # (damaged markers: refused now)
+
+
 def inference_model(mcfg, quantize: str | None = None):
     """Random weights prepared as a loaded checkpoint is (llmjax.sample.load): kernels and token
     table in the compute dtype, or int8 (llmjax.quant)."""
@@ -614,10 +625,7 @@ def main(argv):
         if F.profile:  # (a folder the traces cannot go in was a profile_error after every row had measured, exit status 0)
             writable_folder(F.profile, "--profile")
         if F.all:
-            doc = Path(F.doc)
-            if not doc.parent.is_dir() or doc.is_dir():
-                raise OSError(f"--doc={F.doc} is not a file in an existing folder")
-            rewrite_doc(doc.read_text() if doc.exists() else "", table([], ""))  # (damaged markers: refused now)
+            check_doc(Path(F.doc))
         if F.out:
             with open(F.out, "a"):
                 pass
@@ -692,8 +700,10 @@ def main(argv):
         try:
             text = rewrite_doc(path.read_text() if path.exists() else "# Benchmarks\n", block)
             atomic_write_bytes(path, text.encode())  # (a failed write leaves the document as it was)
-        except (ConfigError, OSError) as e:
+        except ConfigError as e:
             cli.fail(str(e))
+        except OSError as e:  # (a full disk, say: Python's words named the temporary file)
+            cli.fail(f"cannot write --doc {path}: {e.strerror or e} (the rows are printed above)", code=1)
     if failed:
         cli.fail(f"{failed} of {len(rows)} rows failed (marked in the table)", code=1)
 
