@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import sys
 import threading
 import time
@@ -45,6 +46,9 @@ LOW_WATER = 0.8  # an eviction empties the folder down to this fraction of the l
 STALE_TMP_SECONDS = 3600  # a temporary file this old belongs to a writer that died: removed
 
 _TMP_TAG = uuid.uuid4().hex[:8]
+# a temporary file `put` writes: .PID.TAG.N.tmp (a listing removes only these, and only when stale:
+# the folder is the user's to choose, LLMJAX_COMPILATION_CACHE=/tmp say, and its other files are not ours)
+TMP_NAME = re.compile(rf"\.\d+\.[0-9a-f]{{8}}\.\d+{re.escape(TMP_SUFFIX)}")
 
 
 class CacheWarning(UserWarning):
@@ -169,7 +173,7 @@ class FolderCache:
                 if e.name.endswith(CACHE_SUFFIX):
                     entries.append((st.st_mtime, st.st_size, e.name[: -len(CACHE_SUFFIX)]))
                     total += st.st_size
-                elif e.name.endswith(TMP_SUFFIX) and now - st.st_mtime > STALE_TMP_SECONDS:
+                elif TMP_NAME.fullmatch(e.name) and now - st.st_mtime > STALE_TMP_SECONDS:
                     Path(e.path).unlink(missing_ok=True)
         return entries, total
 

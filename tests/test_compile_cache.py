@@ -108,14 +108,18 @@ def test_a_folder_jax_wrote_stays_readable_and_dead_writers_leave_nothing(tmp_pa
     LRUCache(str(tmp_path), max_size=1 << 20).put("jaxkey", b"compiled")
     cache = FolderCache(tmp_path, max_bytes=1 << 20)
     assert cache.get("jaxkey") == b"compiled"
-    stale = tmp_path / f".gone.123.0{compile_cache.TMP_SUFFIX}"
-    fresh = tmp_path / f".busy.456.0{compile_cache.TMP_SUFFIX}"
-    for p in (stale, fresh):
+    stale = tmp_path / f".123.0badc0de.0{compile_cache.TMP_SUFFIX}"  # (a temporary file's name as `put` makes it)
+    fresh = tmp_path / f".456.0badc0de.0{compile_cache.TMP_SUFFIX}"
+    # not the cache's, though old and named *.tmp: the folder is the user's to choose (LLMJAX_COMPILATION_CACHE=/tmp,
+    # say), and a listing removed every *.tmp file of another program's there that was an hour old
+    theirs = [tmp_path / "draft.tmp", tmp_path / f".{os.getpid()}.notes.1{compile_cache.TMP_SUFFIX}"]
+    for p in (stale, fresh, *theirs):
         p.write_bytes(b"half")
     old = time.time() - compile_cache.STALE_TMP_SECONDS - 10
-    os.utime(stale, (old, old))
+    for p in (stale, *theirs):
+        os.utime(p, (old, old))
     cache.put("new", b"x")  # the first write lists the folder
-    assert not stale.exists() and fresh.exists()
+    assert not stale.exists() and fresh.exists() and all(p.exists() for p in theirs)
 
 
 def test_jax_keeps_its_programs_in_a_folder_cache_across_processes(tmp_path):
