@@ -35,7 +35,12 @@ def read_run(path: Path) -> dict:
     path = Path(path)
     try:
         config = json.loads((path / "config.json").read_text())
-        lines = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rows = [line for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        lines = [json.loads(line) for line in rows[:-1]]
+        try:
+            lines += [json.loads(line) for line in rows[-1:]]
+        except ValueError:  # a last line cut short (a run a full disk or a crash stopped, or one being written now): left out,
+            pass  # as the trainer leaves it out when it resumes (and redoes that step)
     except (OSError, ValueError) as e:
         raise PlotError(f"{path} is not a readable training run ({type(e).__name__}: {e}); pass run directories") from None
     t = config["train"]

@@ -607,6 +607,25 @@ def test_plot_averages_the_seeds_of_one_model_run_differently(tmp_path):
         plot.curves([tmp_path / "runs"])
 
 
+def test_plot_reads_a_run_whose_last_metrics_line_was_cut_short(tmp_path):
+    """A run stopped by a full disk (or a crash) mid-line, or one being written now, ends its
+    metrics.jsonl in half a line: the trainer leaves it out when it resumes, and plot refused the
+    whole run ('not a readable training run (JSONDecodeError ...)'). It is left out here too; a
+    damaged line before the last is still refused."""
+    from llmjax import plot
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": {"arch": "vanilla", "context_len": 64}, "train": {"batch_size": 4, "grad_accum_steps": 1}}))
+    rows = "".join(json.dumps({"step": s, "step_time": 0.1, "val_loss": 3 - s / 100}) + "\n" for s in (2, 4))
+    (run / "metrics.jsonl").write_text(rows + '{"step": 6, "step_time": 0.1, "val_lo')
+    (c,) = plot.curves([run])
+    assert list(c["tokens"]) == [2 * 4 * 64, 4 * 4 * 64] and list(c["mean"]) == [2.98, 2.96]
+    (run / "metrics.jsonl").write_text('{"step": 1, "val_lo\n' + rows)
+    with pytest.raises(plot.PlotError, match="is not a readable training run"):
+        plot.curves([run])
+
+
 def test_plot_refuses_a_folder_of_runs_trained_with_different_settings(tmp_path):
     """A folder of one model's runs at two learning rates (a sweep) was drawn as one line, the mean
     of the two, as if they were seeds. Now it is refused naming the setting; seeds that differ only
