@@ -596,6 +596,7 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
                            "--config.data.dataset then names)")
     if out.exists() and not out.is_dir():
         raise PrepareError(f"{out} is a file, not a folder; give --out a folder (new or one this command wrote)")
+    _refuse_anothers_unfinished(name, out, builtin=name in D.BUILTIN and not sources)
     if name in D.BUILTIN and not sources:
         return D.prepare_builtin(name, out, repair=True)
     if name not in DATASETS and not sources:
@@ -630,6 +631,24 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
     with _only_preparation(out):  # (from here, what is in `out` is this run's to read and change)
         return _prepare_locked(name, out, sources, args, created, workers=workers, shard_tokens=shard_tokens, progress=progress,
                                stop_after_shards=stop_after_shards)
+
+
+def _refuse_anothers_unfinished(name: str, out: Path, *, builtin: bool) -> None:
+    """Refuse an `out` that holds an unfinished preparation of another dataset (or, for the shipped
+    text, `builtin`, of any: prepare_builtin writes its shards over): it was started afresh, deleting
+    its finished shards (hours of a corpus), where a finished one is refused (`_other`). One of this
+    name with other sources or --shard_tokens still starts afresh (a source edited since, say)."""
+    state = out / STATE
+    if (out / D.MANIFEST).is_file() or not state.is_file():
+        return
+    try:
+        theirs = json.loads(state.read_text())["args"]["dataset"]
+    except (OSError, ValueError, KeyError, TypeError):
+        theirs = None
+    if builtin or (isinstance(theirs, str) and theirs != name):
+        raise PrepareError(f"{out} holds an unfinished preparation{f' of {theirs!r}' if isinstance(theirs, str) else ''}, which "
+                           f"this one would replace; resume it with `{D._resume_command(name, out, state)}`, or use another --out "
+                           f"(or delete {out} to start over)")
 
 
 def _other(old, new: dict) -> str:

@@ -932,6 +932,29 @@ def test_an_unfinished_preparation_under_a_built_in_name_is_not_written_over(tmp
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
+def test_an_unfinished_preparation_of_another_dataset_is_not_started_over(tmp_path, docs):
+    """An --out holding another dataset's unfinished preparation was started afresh, silently: its
+    finished shards (hours of a corpus) deleted, where a finished one is refused. So was one under
+    a built-in name prepared from --source files, by `prepare tinyshakespeare`, which wrote the
+    shipped text over its shards. Both are refused, naming the command that resumes it, and nothing
+    is changed."""
+    txt = write_sources(tmp_path, docs[:20])[0]
+    own = tmp_path / "mine.txt"
+    for theirs in ("mine", "tinyshakespeare"):
+        out = tmp_path / theirs
+        out.mkdir()
+        (out / P.STATE).write_text(json.dumps({"args": {"dataset": theirs, "sources": [[str(own), None, 1, 1]],
+                                                        "shard_tokens": P.SHARD_TOKENS}}))
+        (out / "train_0000.bin").write_bytes(b"a finished shard")
+        before = {f.name: f.read_bytes() for f in out.iterdir()}
+        for name, sources in (("other", [P.Source(txt, None)]), ("tinyshakespeare", None)):
+            with pytest.raises(P.PrepareError, match=rf"^{re.escape(str(out))} holds an unfinished preparation of '{theirs}', which this one "
+                                                     rf"would replace; resume it with `python -m llmjax.prepare {theirs} --out "
+                                                     rf"{re.escape(str(out))} --source {re.escape(str(own))}`, or use another --out"):
+                P.prepare(name, out, sources, workers=1, progress=False)
+            assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
 def test_a_damaged_built_in_name_prepared_from_ones_own_files_is_not_replaced_by_the_shipped_text(tmp_path, docs):
     """`python -m llmjax.prepare tinyshakespeare` (no --source) repairs a damaged built-in dataset by
     writing the shipped text again: over one prepared from the user's own files under that name, it
