@@ -126,13 +126,15 @@ def plan(specs: list[str], *, max_steps: int, batch_size: int | None, eval_every
     return out
 
 
-def config_changes(saved: Path, cfg) -> list[str]:
-    """How a run's config.json differs from `cfg` (the config with this comparison's overrides) in
-    its model, data, training and evaluation settings, RUN_CONTROL's aside: a config file edited
-    since the run, or other comparison flags (keys the run predates count as their defaults)."""
+def config_changes(saved: Path | dict, cfg) -> list[str]:
+    """How a run's config.json (or the config a diverged run's record holds) differs from `cfg` (the
+    config with this comparison's overrides) in its model, data, training and evaluation settings,
+    RUN_CONTROL's aside: a config file edited since the run, or other comparison flags (keys the run
+    predates count as their defaults)."""
     from llmjax.train import config_diff, train_settings
 
-    old, new = json.loads(saved.read_text()), json.loads(cfg.to_json())
+    old = saved if isinstance(saved, dict) else json.loads(saved.read_text())
+    new = json.loads(cfg.to_json())
     diffs = []
     for group in ("model", "data", "train", "eval"):
         a, b = old.get(group, {}), new.get(group, {})
@@ -214,12 +216,15 @@ def code_changes(folder: Path) -> str:
 def _reusable(p: dict, seed: int, folder: Path) -> dict | None:
     """The stats of the finished run of this config and seed in `folder`, else None."""
     stats_file = folder / "compare_run.json"
-    if stats_file.is_file() and (folder / "metrics.jsonl").is_file():
+    if stats_file.is_file():
         stats = json.loads(stats_file.read_text())
         if stats.get("seed") == seed and stats.get("returncode") == 0 and _finished(folder, p["cfg"].train.max_steps):
             return stats
-        if stats.get("seed") == seed and stats.get("returncode") == cli.NON_FINITE_EXIT and "non_finite_at_step" in stats:
-            return stats  # (diverged: run again, it would diverge again, from its last good checkpoint)
+        # (diverged: run again, it would diverge again, from its last good checkpoint; one that diverged
+        # at its first step has no config.json, the trainer took it back: its record holds the config)
+        if (stats.get("seed") == seed and stats.get("returncode") == cli.NON_FINITE_EXIT and "non_finite_at_step" in stats
+                and ((folder / "config.json").is_file() or isinstance(stats.get("config"), dict))):
+            return stats
     return None
 
 
@@ -248,7 +253,8 @@ def refusal(p: dict, seed: int, folder: Path) -> str | None:
         # --task_dir or --set train.log_every_steps, or --batch_size given as the configs' own, started
         # the trainer again on the finished run, which overwrote its wall time and peak memory with
         # those of a process that trained nothing and marked it as resumed at its last step)
-        changes = config_changes(folder / "config.json", p["cfg"])
+        saved = folder / "config.json"
+        changes = config_changes(saved if saved.is_file() else stats["config"], p["cfg"])
         if changes:
             return (f"{folder} holds a {done} run of another config ({'; '.join(changes)}): its figures are not this config's; "
                     "delete that folder or use another --out")
@@ -322,6 +328,8 @@ def train_once(p: dict, seed: int, folder: Path, quiet: bool) -> dict:
         stats = {"seed": seed, "overrides": p["overrides"], "returncode": proc.returncode, "wall_seconds": wall,
                  "max_rss_bytes": usage.ru_maxrss * 1024, "resumed_from_step": resumed, "resumed_from_steps": resumes,
                  "non_finite_at_step": int(at.group(1)) if at else None, "error": line.removeprefix("error: ")}
+        if not (folder / "config.json").is_file():  # (diverged at its first step: the trainer took its files back)
+            stats["config"] = json.loads(p["cfg"].to_json())  # (what a rerun's config is checked against)
         atomic_write_json(folder / "compare_run.json", stats)
         if not quiet:
             print(f"compare: {p['name']} seed {seed} diverged: {stats['error'][:300]}; the comparison goes on (its row says so)",

@@ -552,6 +552,25 @@ def test_a_diverged_run_is_a_row_that_says_so_and_the_others_go_on(result, tmp_p
     assert again["markdown"].split("\n\n", 1)[1] == r["markdown"].split("\n\n", 1)[1]
 
 
+def test_a_run_diverged_at_its_first_step_is_reused_and_a_fix_is_refused(tmp_path, monkeypatch):
+    """A run whose first step diverged leaves no config.json or metrics.jsonl (the trainer takes a
+    fresh run's files back): its record was not reused, so the same command trained and diverged it
+    again, and a fix (a lower lr) was trained unsaid where one of a later step's divergence is
+    refused. Now its record holds the config: reused by the same command, and another lr refused."""
+    kw = dict(out=tmp_path, seeds=1, max_steps=2, eval_every=2, eval_batches=1, tasks="", command="test", quiet=True)
+    r = C.compare(SPECS[:1], overrides={"train.lr": "1e38"}, **kw)  # (step 1's update overflows float32)
+    run = tmp_path / "vanilla_tiny" / "seed0"
+    assert r["rows"][0]["diverged"] == {0: 1} and not (run / "config.json").exists() and not (run / "metrics.jsonl").exists()
+
+    def no_training(*a, **k):
+        raise AssertionError("a trainer was started")
+
+    monkeypatch.setattr(C.subprocess, "Popen", no_training)
+    assert C.compare(SPECS[:1], overrides={"train.lr": "1e38"}, **kw)["rows"] == r["rows"]
+    with pytest.raises(C.CompareError, match=r"seed0 holds a diverged run of another config \(train\.lr \(1e\+38 -> 0\.001\)\)"):
+        C.compare(SPECS[:1], overrides={"train.lr": "1e-3"}, **kw)
+
+
 def test_a_second_compare_in_the_same_out_at_once_is_refused(result, tmp_path):
     """The same command started again while the first still ran started a second trainer in the run
     folder the first was training (resumed from its latest checkpoint; the table then called the run
