@@ -150,7 +150,8 @@ def draw(curve_list: list[dict], out: str | Path, title: str = "") -> Path:
     for ax in axes:
         ax.set_ylabel("validation loss (nats/token)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    if curve_list:  # (none: compare's figure where every run diverged at its first step; a legend of nothing was a warning)
+        axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
     out = Path(out)

@@ -480,6 +480,16 @@ def test_plot_to_a_place_it_cannot_write_is_one_line(tmp_path):
     assert (tmp_path / "afile").read_text() == "mine\n" and sorted(f.name for f in tmp_path.iterdir()) == ["afile"]
 
 
+def test_a_figure_of_no_lines_warns_nothing(tmp_path):
+    """compare's figure where every run diverged at its first step has no line: matplotlib's
+    "No artists with labels found to put in legend" UserWarning was printed under compare's output."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert P.draw([], tmp_path / "empty.png").stat().st_size > 0
+
+
 def test_an_out_compare_cannot_use_is_refused_before_any_run(tmp_path):
     """--out holding a user's own results.md (notes in the folder given) had it replaced by the table,
     unsaid; a file as --out, or one where --out cannot be made, was an OSError's traceback (at the
