@@ -83,8 +83,16 @@ def find_runs(path: Path) -> list[Path]:
     path = Path(path)
     if (path / "metrics.jsonl").is_file():
         return [path]
+    if not path.exists():
+        raise PlotError(f"{path} does not exist; pass run directories, or folders of runs")
     runs = sorted(p for p in path.iterdir() if (p / "metrics.jsonl").is_file()) if path.is_dir() else []
     if not runs:
+        # (compare's --out, one folder of runs per config: "no metrics.jsonl" said nothing of what to pass)
+        folders = sorted(d for d in path.iterdir() if d.is_dir() and any((r / "metrics.jsonl").is_file() for r in d.iterdir()
+                                                                            if r.is_dir())) if path.is_dir() else []
+        if folders:
+            raise PlotError(f"{path} holds folders of runs, not runs; pass each folder, one line apiece: python -m llmjax.plot "
+                            + " ".join(map(str, folders)) + " -o plot.png")
         raise PlotError(f"{path} is neither a training run nor a folder of runs (no metrics.jsonl)")
     return runs
 

@@ -464,6 +464,23 @@ def test_plot_cli(result, tmp_path):
     assert not (tmp_path / "noext.png").exists() and not [f for f in tmp_path.iterdir() if f.name.startswith(".")]
 
 
+def test_plot_of_a_folder_of_folders_of_runs_names_them(tmp_path):
+    """`plot runs/compare` (compare's --out: one folder of seeds per config) said "neither a training
+    run nor a folder of runs (no metrics.jsonl)", as a path that does not exist did: now each says
+    what to pass."""
+    for name in ("modern_tiny", "vanilla_tiny"):
+        (tmp_path / "cmp" / name / "seed0").mkdir(parents=True)
+        (tmp_path / "cmp" / name / "seed0" / "metrics.jsonl").write_text("")
+    folders = " ".join(str(tmp_path / "cmp" / n) for n in ("modern_tiny", "vanilla_tiny"))
+    with pytest.raises(P.PlotError, match=f"^{re.escape(str(tmp_path / 'cmp'))} holds folders of runs, not runs; pass each folder, "
+                                          f"one line apiece: python -m llmjax.plot {re.escape(folders)} -o plot.png$"):
+        P.curves([tmp_path / "cmp"])
+    with pytest.raises(P.PlotError, match=f"^{re.escape(str(tmp_path / 'nothere'))} does not exist"):
+        P.curves([tmp_path / "nothere"])
+    with pytest.raises(P.PlotError, match="neither a training run nor a folder of runs"):
+        P.curves([tmp_path / "cmp" / "modern_tiny" / "seed0" / "metrics.jsonl"])  # (a file: as before)
+
+
 def test_plot_to_a_place_it_cannot_write_is_one_line(tmp_path):
     """-o in a folder that cannot be made or written (a file where a folder should be, /proc) was an
     OSError's traceback; now one line naming the image, and nothing left behind."""
