@@ -564,7 +564,7 @@ def compare(specs, *, out: Path, seeds: int, max_steps: int, batch_size=None, ev
         # (results.json first: it marks the folder's results as compare's, see check_out)
         atomic_write_json(out / "results.json", {"rows": rows, "meta": meta, "command": command})
         atomic_write_bytes(out / "results.md", text.encode())
-        from llmjax.plot import curves, draw
+        from llmjax.plot import PlotError, curves, draw
 
         # (exactly this comparison's runs: other seed folders under --out are older runs'; of a config
         # with a diverged seed, the seeds that finished, or where none did, the diverged ones' curves
@@ -574,7 +574,10 @@ def compare(specs, *, out: Path, seeds: int, max_steps: int, batch_size=None, ev
             finished = [out / p["name"] / f"seed{seed}" for seed in range(seeds) if seed not in r["diverged"]]
             lines += [finished] if finished else [[folder] for seed in range(seeds)
                                                   if _has_val_loss(folder := out / p["name"] / f"seed{seed}")]
-        draw(curves(lines), out / "val_loss.png", title=f"{meta['dataset']}, {rows[0]['tokens']:,} tokens, {seeds} seed(s)")
+        try:
+            draw(curves(lines), out / "val_loss.png", title=f"{meta['dataset']}, {rows[0]['tokens']:,} tokens, {seeds} seed(s)")
+        except PlotError as e:  # (a full disk after the results were written: the table is kept and shown, not a traceback)
+            return {"rows": rows, "markdown": text, "figure": None, "figure_error": str(e)}
         return {"rows": rows, "markdown": text, "figure": out / "val_loss.png"}
 
 
@@ -623,6 +626,9 @@ def main(argv):
         cli.fail(f"interrupted; finished runs and the interrupted run's checkpoint are kept in {F.out}: the same command resumes",
                  code=130)
     print(result["markdown"])
+    if result["figure"] is None:
+        cli.fail(f"the figure was not drawn: {result['figure_error']}; the table above is in {Path(F.out) / 'results.md'} and "
+                 f"results.json", code=1)
     print(f"figure: {result['figure']}")
 
 

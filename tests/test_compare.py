@@ -731,6 +731,27 @@ def test_the_code_fingerprint_holds_the_trainers_modules_only(result, tmp_path):
     assert r.returncode == 0 and "train.py" in loaded and not loaded & C.NOT_TRAINING, (r.stderr, loaded & C.NOT_TRAINING)
 
 
+def test_a_figure_that_cannot_be_written_keeps_the_table(result, tmp_path, monkeypatch):
+    """The figure is drawn last, after results.json and results.md: a PlotError there (a full disk)
+    was a traceback after the training, the table never shown. Now the table is returned (and
+    printed) with the figure's error, which the command says in one line, exit status 1."""
+    import shutil
+
+    from llmjax import plot
+
+    out, _ = result
+    for spec in ("vanilla_tiny", "modern_tiny"):
+        shutil.copytree(out / spec, tmp_path / spec)
+
+    def full(*a, **k):
+        raise plot.PlotError(f"cannot write {tmp_path / 'val_loss.png'} (No space left on device); give an image name in a folder you can write")
+
+    monkeypatch.setattr(plot, "draw", full)
+    r = C.compare(SPECS, out=tmp_path, seeds=2, max_steps=4, eval_every=2, eval_batches=1, command="test", quiet=True)
+    assert r["figure"] is None and r["figure_error"].startswith("cannot write") and "No space left" in r["figure_error"]
+    assert (tmp_path / "results.md").read_text() == r["markdown"] and [row["arch"] for row in r["rows"]] == [row["arch"] for row in result[1]["rows"]]
+
+
 def test_a_run_stopped_before_its_first_checkpoint_starts_again_with_the_code_fixed(result, tmp_path):
     """A run that stopped before any checkpoint (a crash in a model file being tried) is started
     again from step 0 by the same command once the file is fixed: nothing of the first try is
