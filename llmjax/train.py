@@ -264,7 +264,10 @@ STOP_SIGNALS = (None, "SIGTERM", "Ctrl-C")
 
 
 def _saved_steps(checkpoints: Path) -> list[int]:
-    return sorted(int(c.name) for c in checkpoints.iterdir() if c.name.isdigit()) if checkpoints.is_dir() else []
+    try:  # (not there, or gone as it is read: another process of the run took back the empty folder it made)
+        return sorted(int(c.name) for c in checkpoints.iterdir() if c.name.isdigit())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def interrupted(checkpoints: Path, by: str = "") -> str:

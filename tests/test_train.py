@@ -905,6 +905,27 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
 
 
+def test_a_checkpoints_folder_another_process_takes_back_as_it_is_read_has_no_steps(tmp_path, monkeypatch):
+    """Processes of one run stopped together before a checkpoint (a non-finite loss at step 2): one
+    took back the empty checkpoints/ it made while another listed it, which then ended in a
+    FileNotFoundError traceback with exit status 1 (the others: 3)."""
+    import pathlib
+
+    from llmjax import train as T
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    listing = pathlib.Path.iterdir
+
+    def taken_back_first(self):  # (the other process's rmdir, after this one saw the folder)
+        if self == folder:
+            folder.rmdir()
+        return listing(self)
+
+    monkeypatch.setattr(pathlib.Path, "iterdir", taken_back_first)
+    assert T.interrupted(folder, "SIGTERM") == "interrupted by SIGTERM; no checkpoint was written: the same command starts the run afresh"
+
+
 def test_a_non_finite_loss_keeps_the_rows_of_the_steps_before_it(tmp_path):
     """The finite steps read in one block with the non-finite one (up to 50, train.log_every_steps)
     were never written to metrics.jsonl: the rows that show the run diverging were lost."""
