@@ -1358,6 +1358,9 @@ def init_distributed():
     FLAGS = flags.FLAGS
     hint = "give --coordinator_address=HOST:PORT (process 0's), --num_processes=N and --process_id=0..N-1 to every process"
     address, n, i = FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    # (its preemption service's own SIGTERM handler replaced the trainer's until the loop: a SIGTERM
+    # while the run restored or compiled was noted in a log line and the run went on to its end)
+    jax.config.update("jax_enable_preemption_service", False)
     if (address, n, i) != (None, None, None):  # (any one, also 0 or empty: a multi-process run meant, not one process alone)
         if address is not None and not re.fullmatch(r".+:\d+", address):  # (jax.distributed: an IndexError traceback)
             cli.fail(f"--coordinator_address={address} must be host:port (process 0's), e.g. 10.0.0.1:12345")

@@ -569,18 +569,22 @@ def test_a_second_ctrl_c_to_one_of_two_processes_stops_both_at_once(tmp_path):
     assert errs[0] == [f"error: process 1 stopped, so this process stopped too (process 1: {said})"], errs[0]
 
 
-def test_a_sigterm_before_the_loop_is_one_line(tmp_path):
+@pytest.mark.parametrize("distributed", [False, True], ids=["one-process", "jax.distributed"])
+def test_a_sigterm_before_the_loop_is_one_line(tmp_path, distributed):
     """A SIGTERM while the run starts (restoring a checkpoint, compiling: here inside `train`, before
     its loop's own handler) ended the process at once with status -15 and not a word. Now it stops
-    as a Ctrl-C there does, in one line naming the checkpoint a run resumes from, with status 143."""
+    as a Ctrl-C there does, in one line naming the checkpoint a run resumes from, with status 143.
+    (With jax.distributed, its preemption service's handler took the signal: a log line, and the
+    run went on to its end.)"""
     (tmp_path / "run" / "checkpoints" / "4").mkdir(parents=True)
+    flags = [f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=1", "--process_id=0"] if distributed else []
     code = ("import os, signal, sys, time\n"
             "from llmjax import cli, train as T\n"
             "def starting(cfg, workdir, **kw):\n"
             "    os.kill(os.getpid(), signal.SIGTERM)\n"
             "    time.sleep(60)\n"
             "T.train = starting\n"
-            f"sys.argv = ['train', '--config', 'configs/vanilla.py:tiny', '--workdir', {str(tmp_path / 'run')!r}]\n"
+            f"sys.argv = ['train', '--config', 'configs/vanilla.py:tiny', '--workdir', {str(tmp_path / 'run')!r}, *{flags!r}]\n"
             "T.define_flags()\n"
             "cli.run(T.main)\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
