@@ -246,6 +246,7 @@ class _Stop:
         if signum == signal.SIGINT and self.requested == "Ctrl-C":
             # (not KeyboardInterrupt: raised in whatever Python code runs, JAX's callbacks swallow it)
             print(f"error: {interrupted(self.checkpoints)}", file=sys.stderr, flush=True)
+            take_back_at_once()
             if _TOGETHER is not None:  # (the other processes would wait for this one in their next collective)
                 _TOGETHER.stop_all(interrupted(self.checkpoints), 130)
             os._exit(130)
@@ -682,6 +683,23 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
     # (its checkpoints/, where this call makes it: in a workdir the user made beforehand too)
     made_ckpt = [] if (wd / "checkpoints").exists() else [wd / "checkpoints"]
     made_files = [wd / f for f in RUN_FILES if not (wd / f).exists()]
+
+    def take_back():
+        # (refused after the workdir was made: a missing extra, a validation split too short, init_from
+        # weights that cannot be read) the folders this call made, where still empty; rmdir removes nothing else.
+        # A fresh run stopped before its first step was logged or saved (a refusal when the step is traced, such
+        # as attention_impl='cudnn' on a CPU; a signal while compiling) takes back the run's files it wrote too.
+        try:
+            logged = (wd / "metrics.jsonl").stat().st_size > 0
+        except FileNotFoundError:
+            logged = False
+        if wd.is_dir() and wd / "config.json" in made_files and jax.process_index() == 0 and not _saved_steps(wd / "checkpoints") and not logged:
+            for f in made_files:
+                f.unlink(missing_ok=True)
+        data_lib.remove_empty([*made_ckpt, *made])
+
+    global _TAKE_BACK
+    _TAKE_BACK = take_back
     try:
         try:
             with contextlib.ExitStack() as hold:  # (the workdir's lock, _train's to take: released as this returns)
@@ -702,17 +720,22 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
     except WorkdirBusy:
         raise  # (the folders are the other run's: nothing is removed)
     except BaseException:
-        # (refused after the workdir was made: a missing extra, a validation split too short, init_from
-        # weights that cannot be read) the folders this call made, where still empty; rmdir removes nothing else.
-        # A fresh run stopped before its first step was logged or saved (a refusal when the step is traced, such
-        # as attention_impl='cudnn' on a CPU; a signal while compiling) takes back the run's files it wrote too.
-        metrics = wd / "metrics.jsonl"
-        if (wd.is_dir() and wd / "config.json" in made_files and jax.process_index() == 0 and not _saved_steps(wd / "checkpoints")
-                and (not metrics.is_file() or metrics.stat().st_size == 0)):
-            for f in made_files:
-                f.unlink(missing_ok=True)
-        data_lib.remove_empty([*made_ckpt, *made])
+        take_back()
         raise
+    finally:
+        _TAKE_BACK = None
+
+
+# While `train` runs: what it takes back where it stops early (above), for a process that ends at
+# once with os._exit (a second Ctrl-C; another process of the run that failed, StopTogether)
+_TAKE_BACK = None
+
+
+def take_back_at_once() -> None:
+    """`train`'s take-back before an os._exit, which skips it (a fresh run's files were left behind)."""
+    if _TAKE_BACK is not None:
+        with contextlib.suppress(Exception):
+            _TAKE_BACK()
 
 
 def host_memory() -> int | None:
@@ -1434,6 +1457,7 @@ class StopTogether:
         if int(who) == me:
             return
         print(f"error: process {who} stopped, so this process stopped too (process {who}: {line})", file=sys.stderr, flush=True)
+        take_back_at_once()
         with contextlib.suppress(Exception):
             self.client.key_value_set(f"{FAILED_KEY}/read/{me}", "1")
         with contextlib.suppress(Exception):

@@ -772,6 +772,55 @@ def test_a_fresh_run_refused_when_its_step_is_traced_leaves_nothing_behind(tmp_p
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
+@pytest.mark.parametrize("ended_by", ["a second Ctrl-C", "another process's failure"])
+def test_a_fresh_run_ended_at_once_while_its_step_compiles_leaves_nothing_behind(tmp_path, monkeypatch, ended_by):
+    """A process ended at once with os._exit while its fresh run's first step compiled (a second
+    Ctrl-C; process 0 of a multi-process run when another process stopped, by a SIGTERM say) left
+    config.json, tokenizer.json and an empty metrics.jsonl behind: the take-back ran only for an error."""
+    import dataclasses
+
+    from llmjax import train as T
+
+    class Ended(Exception):
+        pass
+
+    left = []
+
+    def fake_exit(code):  # (what the workdir holds as the process ends)
+        left.append(sorted(p.name for p in (tmp_path / "run").rglob("*")) if (tmp_path / "run").exists() else None)
+        raise Ended(code)
+
+    class OtherFailed:  # (jax.distributed's key-value store, where process 1 stopped)
+        def key_value_try_get(self, key):
+            if key != T.FAILED_KEY:
+                raise KeyError(key)
+            return "1\n143\ninterrupted by SIGTERM; no checkpoint was written: the same command starts the run afresh"
+
+        def key_value_set(self, key, value):
+            pass
+
+    together = T.StopTogether.__new__(T.StopTogether)
+    together.client = OtherFailed()
+    build = T.build_steps
+
+    def ending_steps(cfg, mesh):
+        def step(state, tokens):  # (as it compiles: the signals arrive, or the watcher thread reads the store)
+            if ended_by == "a second Ctrl-C":
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+            else:
+                together._stop_if_another_failed()
+            raise AssertionError("not ended")
+
+        return dataclasses.replace(build(cfg, mesh), train_step=step)
+
+    monkeypatch.setattr(T.os, "_exit", fake_exit)
+    monkeypatch.setattr(T, "build_steps", ending_steps)
+    with pytest.raises(Ended):
+        train(cfg("vanilla"), tmp_path / "run", devices=jax.devices()[:1], quiet=True)
+    assert left == [None]
+
+
 def test_a_second_training_process_in_the_same_workdir_is_refused(tmp_path):
     """The same command started again while the first still trains (in another terminal, say) is one
     line, and nothing of the first's is touched: both trained in one folder, each saving its own
