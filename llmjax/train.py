@@ -1395,14 +1395,31 @@ def init_distributed():
             cli.fail(problem)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU-only runs; GPUs use NCCL
         try:
-            jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=i)
+            start_distributed(f"at --coordinator_address={address}", coordinator_address=address, num_processes=n, process_id=i)
         except (ValueError, RuntimeError) as e:  # (jax's own checks, a coordinator that cannot be reached)
             cli.fail(f"jax.distributed could not start ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}); {hint}")
     elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         try:
-            jax.distributed.initialize()
+            start_distributed("under SLURM")
         except (ValueError, RuntimeError) as e:
             cli.fail(f"jax.distributed could not start under SLURM ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}); {hint}")
+
+
+def start_distributed(where: str, **kwargs) -> None:
+    """jax.distributed.initialize(**kwargs), waiting COORDINATOR_WAIT_S for every process to join; past
+    that, one line and exit status 2. jax.distributed itself, where a process never started (its
+    command not run on one host, a wrong --num_processes), ended every other process 5 minutes on in
+    a C++ abort with its stack."""
+    def join():
+        jax.distributed.initialize(**kwargs, initialization_timeout=COORDINATOR_WAIT_S + 60)
+
+    try:
+        in_thread(join).result(timeout=COORDINATOR_WAIT_S)
+    except concurrent.futures.TimeoutError:
+        n = kwargs.get("num_processes")
+        print(f"error: not every process joined the run {where} within {COORDINATOR_WAIT_S:g} s; start every one"
+              f"{f' (--process_id=0..{n - 1})' if n else ''} with the same --coordinator_address and --num_processes", file=sys.stderr, flush=True)
+        os._exit(2)  # (not jax.distributed's shutdown: its start is still waiting, in its thread)
 
 
 _TOGETHER = None  # the StopTogether of this process's multi-process run, while it trains

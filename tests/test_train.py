@@ -1399,6 +1399,25 @@ def test_a_coordinator_jax_distributed_cannot_reach_is_one_line(tmp_path):
     assert coordinator_problem(f"[::1]:{port}", 0) is None  # (the port free again; an IPv6 address in brackets)
 
 
+def test_a_process_that_never_joins_is_one_line_in_the_others(tmp_path):
+    """Process 0 of two started alone (process 1's command never run) waits for it as long as
+    jax.distributed would, then says so in one line, exit status 2: jax.distributed ended it with a
+    C++ abort and its stack, 5 minutes on (here the wait is cut to 3 s)."""
+    port = _free_port()
+    code = ("import sys\n"
+            "from llmjax import cli, train as T\n"
+            "T.COORDINATOR_WAIT_S = 3\n"
+            f"sys.argv = ['train', '--config', 'configs/vanilla.py:tiny', '--workdir', {str(tmp_path / 'run')!r}, "
+            f"'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', '--process_id=0']\n"
+            "T.define_flags()\n"
+            "cli.run(T.main)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr == (f"error: not every process joined the run at --coordinator_address=127.0.0.1:{port} within "
+                                              f"3 s; start every one (--process_id=0..1) with the same --coordinator_address and "
+                                              f"--num_processes\n"), (r.returncode, r.stderr[-2000:])
+    assert not (tmp_path / "run").exists()
+
+
 def test_wandb_offline(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
