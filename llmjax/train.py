@@ -1572,6 +1572,13 @@ def stop_others_at_the_start(argv: list[str], code: int) -> None:
     StopTogether().stop_all(cli.last_error or "stopped", code)
 
 
+def peer_lost(error: BaseException) -> str | None:
+    """Gloo's words where a collective's peer went away (a process killed by SIGKILL or the kernel's
+    out-of-memory killer, a host lost: no line of its own in the store); None for other errors."""
+    found = re.search(r"Gloo \w+ failed: .*?(?:closed|reset) by peer", str(error))
+    return None if found is None else re.sub(r"\[external/[^\]]*\] ", "", found.group(0))[:300]
+
+
 def final_loss_covers(cfg, val_batches: int | None = None) -> str:
     """What a finished run's final val_loss covers: eval.final_num_batches (0, or at least the
     split's `val_batches`: the whole split)."""
@@ -1597,9 +1604,14 @@ def _main(FLAGS):
     workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
     try:
         run = train(FLAGS.config, workdir)
-    except TrainingError as e:
+    except (TrainingError, jax.errors.JaxRuntimeError) as e:
         if _TOGETHER is not None:  # (a collective that failed as another process ended: 'checkpoint ... could not be written (Gloo ...)')
             _TOGETHER._stop_if_another_failed()
+            if (gone := peer_lost(e)) is not None:  # (it said nothing: 'make room or write access', or a traceback, here)
+                cli.fail(f"another process of the run ended without a word ({gone}): killed (out of host memory?) or its host lost; "
+                         f"{resume_point(Path(workdir).absolute() / 'checkpoints')}", code=1)
+        if not isinstance(e, TrainingError):
+            raise
         cli.fail(str(e), code=cli.NON_FINITE_EXIT if isinstance(e, NonFinite) else 1)
     except KeyboardInterrupt as e:  # (before the loop, or after it)
         by_sigterm = isinstance(e, cli.Terminated)

@@ -569,6 +569,33 @@ def test_a_second_ctrl_c_to_one_of_two_processes_stops_both_at_once(tmp_path):
     assert errs[0] == [f"error: process 1 stopped, so this process stopped too (process 1: {said})"], errs[0]
 
 
+@pytest.mark.parametrize("where", ["a collective", "a checkpoint's save"])
+def test_a_process_killed_outright_is_one_line_in_the_others(tmp_path, where):
+    """A process killed without a word (SIGKILL, the kernel's out-of-memory killer, a host lost)
+    stopped the others in Gloo's error (as here, raised in a run of two processes when process 1 was
+    killed): a traceback, or, in a checkpoint's save, 'make room or write access there', which is not
+    what went wrong. Now one line that says a process went away. (One process of jax.distributed:
+    where Gloo does not raise, a collective waits for jax.distributed's heartbeat timeout.)"""
+    gloo = ("UNKNOWN: Gloo AllGather failed: [external/xla++third_party_ext+gloo/gloo/transport/tcp/pair.cc:538] Read error "
+            "[127.0.0.1]:33667: Connection reset by peer")
+    (tmp_path / "run" / "checkpoints" / "5").mkdir(parents=True)
+    raised = (f"jax.errors.JaxRuntimeError({gloo!r})" if where == "a collective" else
+              f"T.TrainingError('checkpoint /x/10 could not be written (JaxRuntimeError: ' + {gloo!r} + '); make room or write access there')")
+    code = ("import sys, jax\n"
+            "from llmjax import cli, train as T\n"
+            "def gone(cfg, workdir, **kw):\n"
+            f"    raise {raised}\n"
+            "T.train = gone\n"
+            f"sys.argv = ['train', '--config', 'configs/vanilla.py:tiny', '--workdir', {str(tmp_path / 'run')!r}, "
+            f"'--coordinator_address=127.0.0.1:{_free_port()}', '--num_processes=1', '--process_id=0']\n"
+            "T.define_flags()\n"
+            "cli.run(T.main)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr == ("error: another process of the run ended without a word (Gloo AllGather failed: Read error "
+                                              "[127.0.0.1]:33667: Connection reset by peer): killed (out of host memory?) or its host lost; "
+                                              f"a run resumes from its last checkpoint, step 5 in {tmp_path / 'run' / 'checkpoints'}\n"), r.stderr[-3000:]
+
+
 @pytest.mark.parametrize("distributed", [False, True], ids=["one-process", "jax.distributed"])
 def test_a_sigterm_before_the_loop_is_one_line(tmp_path, distributed):
     """A SIGTERM while the run starts (restoring a checkpoint, compiling: here inside `train`, before
