@@ -538,6 +538,8 @@ def main(argv):
     F = flags.FLAGS
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.refuse_empty(out="a file for the JSON lines", profile="a folder for the traces", doc="a markdown file",
+                     task_dir="the folder of hellaswag_val.jsonl")
     if (F.config is not None) == F.all:
         cli.fail("give --config configs/<arch>.py[:variant] or --all")
     if F.config is not None and F["variant"].present:  # (it was ignored: the spec's variant was measured)

@@ -355,6 +355,15 @@ def given(argv: list[str], names: tuple[str, ...]) -> list[tuple[str, str]]:
     return out
 
 
+def refuse_empty(**paths: str) -> None:
+    """Refuse each file or folder flag of `paths` (name -> what it takes) given an empty value
+    (`--out=`, or `--out "$DIR"` with DIR unset): absl reads it as given, and the tool went on as
+    without it, silently (its results not written, or written to the default place)."""
+    for name, what in paths.items():
+        if FLAGS[name].present and FLAGS[name].value == "":
+            fail(f"--{name} is empty (a shell variable that was not set?); give {what}, or drop --{name}")
+
+
 def start_run_reader(argv: list[str], example: str) -> None:
     """The common start of a tool that reads a training run (sample, evaluate, export): no stray
     arguments, --checkpoint_path given once (absl keeps the last of several values, its alias
@@ -373,4 +382,4 @@ def start_run_reader(argv: list[str], example: str) -> None:
     logging.set_verbosity(logging.ERROR)  # Orbax logs its read-only mode at WARNING
 
 
-__all__ = ["define_checkpoint_flags", "define_config_flag", "fail", "run", "split_spec", "start_run_reader"]
+__all__ = ["define_checkpoint_flags", "define_config_flag", "fail", "refuse_empty", "run", "split_spec", "start_run_reader"]

@@ -306,6 +306,7 @@ def evaluate(FLAGS) -> dict:
 def main(argv):
     FLAGS = flags.FLAGS
     cli.start_run_reader(argv, "runs/NAME")
+    cli.refuse_empty(output_json="a file name (e.g. metrics.json)", task_dir="the folder of the task files")
     try:
         out = evaluate(FLAGS)
     except (EvalError, SampleError, ScoreError, downstream.TaskError, ConfigError) as e:

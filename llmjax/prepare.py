@@ -800,6 +800,7 @@ def main(argv):
         cli.fail(f"give one dataset: python -m llmjax.prepare <{'|'.join(DATASETS)}> [--out DIR] [--source FILE ...]"
                  + (f" (got {len(argv) - 1}: {' '.join(shlex.quote(a) for a in argv[1:])})" if len(argv) > 2 else ""))
     name = argv[1]
+    cli.refuse_empty(out="the folder to prepare into")
     out = Path(F.out) if F.out else D.data_dir("data") / name
     try:
         sources = parse_sources(F.source, Path.home() / ".cache" / "llmjax" / "downloads") if F.source else None

@@ -797,6 +797,26 @@ def test_cli_errors_are_one_line(bpe_run, tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: no such run") and r.stderr.count("\n") == 1, r.stderr
 
 
+def test_an_empty_file_or_folder_flag_is_one_line(tmp_path):
+    """`--output_json=` (or `--output_json "$F"` with F unset) was read as no --output_json: the scores
+    printed, no file written, exit status 0; so were bench's --out and --profile, and --task_dir was
+    the default folder, prepare's --out the data folder's. Each is refused in one line, before
+    anything loads or is written (no run is needed: the checkpoint is never read)."""
+    from helpers import cli_runs
+
+    nowhere = str(tmp_path / "nowhere")
+    cases = [("llmjax.evaluate", [f"--checkpoint={nowhere}", "--output_json="], "--output_json"),
+             ("scripts/run_benchmarks.py", [f"--checkpoint={nowhere}", "--scorer=fast", "--task_dir", ""], "--task_dir"),
+             ("llmjax.bench", ["--config=configs/vanilla.py:tiny", "--out="], "--out"),
+             ("llmjax.bench", ["--config=configs/vanilla.py:tiny", "--profile="], "--profile"),
+             ("llmjax.bench", ["--all", "--doc="], "--doc"),
+             ("llmjax.prepare", ["mytext", f"--source={FIXTURES / 'hellaswag_val.jsonl'}", "--out="], "--out")]
+    for (module, args, flag), r in zip(cases, cli_runs([(module, args) for module, args, _ in cases])):
+        assert (r.returncode, r.stdout) == (2, ""), (module, args, r.stderr[-2000:])
+        assert re.fullmatch(rf"error: {flag} is empty \(a shell variable that was not set\?\); give .*, or drop {flag}\n", r.stderr), r.stderr
+    assert not (ROOT / "data" / "mytext").exists()
+
+
 def test_an_offline_hub_task_is_one_line(bpe_model, monkeypatch, capfd, caplog):
     """The harness on a task whose data is on the hub, offline: huggingface_hub logged a warning for
     each of its tries (six in about 23 s, each twice: its handler's line and absl's), 22 lines on the
