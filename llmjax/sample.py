@@ -770,8 +770,16 @@ def _named_prompts(FLAGS) -> list[tuple[str, str]]:
             # ('-': standard input, as Unix tools read it: `... | python -m llmjax.sample --prompt_file=-`)
             raw = sys.stdin.buffer.read() if FLAGS.prompt_file == "-" else Path(FLAGS.prompt_file).read_bytes()
             lines = raw.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n").split("\n")  # (as text mode reads line ends)
-        except (OSError, UnicodeDecodeError) as e:
-            raise SampleError(f"cannot read --prompt_file {FLAGS.prompt_file}: {e.strerror if isinstance(e, OSError) else e}") from None
+        except OSError as e:
+            raise SampleError(f"cannot read --prompt_file {FLAGS.prompt_file}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:  # (Python's words named neither line nor remedy: "can't decode byte 0xe9 in position 3")
+            if FLAGS.prompt_file != "-":
+                from llmjax.prepare import not_utf8
+
+                why = not_utf8(Path(FLAGS.prompt_file)) or f"{FLAGS.prompt_file} is not UTF-8 text ({e.reason})"  # (changed since)
+                raise SampleError(f"--prompt_file {why}") from None
+            raise SampleError(f"--prompt_file - (standard input) line {raw.count(b'\n', 0, e.start) + 1} holds the byte "
+                              f"0x{raw[e.start]:02x}, which is not UTF-8; convert the text, e.g. with iconv -f latin1 -t utf-8") from None
         lines = [(line, f"--prompt_file {FLAGS.prompt_file} line {k}") for k, line in enumerate(lines, start=1) if line.strip()]
         if not lines:  # (with --prompt too: the file's prompts were silently none)
             raise SampleError(f"--prompt_file {FLAGS.prompt_file} holds no prompt (every line is blank)")

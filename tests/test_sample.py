@@ -797,6 +797,25 @@ def test_a_prompt_file_with_no_prompt_is_refused_with_or_without_prompt(tmp_path
     assert S._prompts(types.SimpleNamespace(prompt="", prompt_file=None)) == [""]  # (an empty --prompt alone: end-of-text)
 
 
+def test_a_prompt_file_not_in_utf8_names_its_line_and_the_conversion(tmp_path):
+    """A --prompt_file in Latin-1 or UTF-16 was Python's words ("cannot read --prompt_file F: 'utf-8'
+    codec can't decode byte 0xe9 in position 8: ..."): the error names the byte, its line and the
+    iconv command that converts the file (from standard input: the line and the byte)."""
+    f = tmp_path / "p.txt"
+    f.write_bytes("ROMEO:\nCaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(S.SampleError, match=rf"^--prompt_file {re.escape(str(f))} is not UTF-8 text \(0xe9, invalid continuation byte, "
+                                            rf"at byte 10 \(line 2\)\); convert it, e.g. with iconv -f latin1 -t utf-8 {re.escape(str(f))} > "):
+        S._prompts(types.SimpleNamespace(prompt=None, prompt_file=str(f)))
+    with open(f, "rb") as stdin, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(S.sys, "stdin", types.SimpleNamespace(buffer=stdin))
+        with pytest.raises(S.SampleError, match=r"^--prompt_file - \(standard input\) line 2 holds the byte 0xe9, which is not UTF-8; "
+                                                r"convert the text, e.g. with iconv -f latin1 -t utf-8$"):
+            S._prompts(types.SimpleNamespace(prompt=None, prompt_file="-"))
+    f.write_bytes("ROMEO:\n".encode("utf-16"))
+    with pytest.raises(S.SampleError, match=rf"^--prompt_file {re.escape(str(f))} is UTF-16 text .* iconv -f utf-16 -t utf-8 "):
+        S._prompts(types.SimpleNamespace(prompt=None, prompt_file=str(f)))
+
+
 def test_stream_decoder_handles_characters_split_across_tokens():
     from llmjax.tokenizer import GPT2Tokenizer
 
