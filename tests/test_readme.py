@@ -1,4 +1,5 @@
-"""The README's Python API example runs as written."""
+"""README facts checked cheaply: its Python API example runs, its command transcripts print what
+they show, its Layout and the paths it cites are the files there are."""
 
 import re
 
@@ -30,3 +31,25 @@ def test_readme_command_transcripts_print_what_they_show():
             assert (r.returncode, r.stderr, r.stdout) == (2, shown, ""), lines[0]
         else:
             assert (r.returncode, r.stdout) == (0, shown), lines[0]
+
+
+def test_readme_layout_and_cited_paths_exist():
+    """The Layout block names every module and script there is, and only those; every repository
+    path the README cites (`llmjax/...`, `scripts/...`, `tests/...py::test`, `configs/...`, `docs/...`) exists."""
+    text = (ROOT / "README.md").read_text()
+    layout = text.split("\n## Layout\n", 1)[1].split("```", 2)[1]
+    named = set(re.findall(r"[\w.+-]+\.(?:py|sh)\b", layout))
+    files = {p.name for d in ("llmjax", "llmjax/models", "scripts") for p in (ROOT / d).iterdir()
+             if p.suffix in (".py", ".sh") and p.name != "__init__.py"}
+    assert named == files, f"in Layout, not a file: {sorted(named - files)}; a file Layout leaves out: {sorted(files - named)}"
+    cited = set()
+    for path, test in re.findall(r"(?<![\w/.])((?:llmjax|scripts|tests|configs|docs)/(?:[\w/.-]|\{[\w,]+\})*\w)(?:::(\w+))?", text):
+        head, _, rest = path.partition("{")  # tests/test_{models,sample}.py: each of them
+        names, _, tail = rest.partition("}")
+        cited |= {(head + name + tail, test) for name in names.split(",")} if rest else {(path, test)}
+    cited.discard(("configs/name.py", ""))  # (the new architecture's config, in "Adding an architecture")
+    assert len(cited) > 20
+    for path, test in cited:
+        assert (ROOT / path).exists(), path
+        if test:
+            assert re.search(rf"^def {test}\(", (ROOT / path).read_text(), re.M), f"{path}::{test}"
