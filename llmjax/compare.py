@@ -599,6 +599,8 @@ def main(argv):
     F = flags.FLAGS
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    # (an empty --out wrote the runs and results into the folder compare was run from)
+    cli.refuse_empty(out="the output folder (e.g. runs/compare)", task_dir="the folder of the task files")
     specs = [s for s in F.configs or [] if s]  # (a trailing or doubled comma: no config, not a file named '')
     if not specs:
         cli.fail("--configs is required, e.g. --configs configs/vanilla.py:small,configs/modern.py:small")

@@ -1592,6 +1592,7 @@ def main(argv):
     FLAGS = flags.FLAGS
     if FLAGS.config is None:
         cli.fail("--config is required, e.g. --config configs/shakespeare_char.py")
+    cli.refuse_empty(workdir="the run's folder (e.g. runs/NAME)")  # (it trained in the default runs/<config> instead)
     if threading_main():  # (a SIGTERM before or after the loop: one line, as a Ctrl-C there)
         signal.signal(signal.SIGTERM, cli.terminate)
     init_distributed()

@@ -800,7 +800,8 @@ def test_cli_errors_are_one_line(bpe_run, tmp_path):
 def test_an_empty_file_or_folder_flag_is_one_line(tmp_path):
     """`--output_json=` (or `--output_json "$F"` with F unset) was read as no --output_json: the scores
     printed, no file written, exit status 0; so were bench's --out and --profile, and --task_dir was
-    the default folder, prepare's --out the data folder's. Each is refused in one line, before
+    the default folder, prepare's --out the data folder's, train's --workdir the default runs/<config>,
+    compare's --out the folder it was run from. Each is refused in one line, before
     anything loads or is written (no run is needed: the checkpoint is never read)."""
     from helpers import cli_runs
 
@@ -810,7 +811,11 @@ def test_an_empty_file_or_folder_flag_is_one_line(tmp_path):
              ("llmjax.bench", ["--config=configs/vanilla.py:tiny", "--out="], "--out"),
              ("llmjax.bench", ["--config=configs/vanilla.py:tiny", "--profile="], "--profile"),
              ("llmjax.bench", ["--all", "--doc="], "--doc"),
-             ("llmjax.prepare", ["mytext", f"--source={FIXTURES / 'hellaswag_val.jsonl'}", "--out="], "--out")]
+             ("llmjax.prepare", ["mytext", f"--source={FIXTURES / 'hellaswag_val.jsonl'}", "--out="], "--out"),
+             # (the trainer trained in the default runs/<config> instead; compare wrote its runs and results where it was run)
+             ("llmjax.train", ["--config=configs/vanilla.py:tiny", "--workdir="], "--workdir"),
+             ("llmjax.compare", ["--configs=configs/vanilla.py:tiny", "--out="], "--out"),
+             ("llmjax.compare", ["--configs=configs/vanilla.py:tiny", "--task_dir="], "--task_dir")]
     for (module, args, flag), r in zip(cases, cli_runs([(module, args) for module, args, _ in cases])):
         assert (r.returncode, r.stdout) == (2, ""), (module, args, r.stderr[-2000:])
         assert re.fullmatch(rf"error: {flag} is empty \(a shell variable that was not set\?\); give .*, or drop {flag}\n", r.stderr), r.stderr
