@@ -13,7 +13,7 @@ import pytest
 
 import llmjax
 from conftest import ROOT
-from helpers import capped_python, cli_cases
+from helpers import capped_python, cli_cases, cli_runs
 from llmjax import bench
 from llmjax.summary import summarize
 
@@ -501,6 +501,87 @@ def test_gpu_check_script_on_cpu(tmp_path):
     assert "SKIP bench vanilla training (full) (out of time" in steps and "ok in" not in steps
     assert f"wheels {tmp_path}/wheels, task dir {tmp_path}/tasks, nanoGPT {tmp_path}/nano, anchors {(ROOT.parent / 'shared' / 'anchors').resolve()}\n" in (
         out / "env.txt").read_text()
+
+
+_GPU_CHECK_STUB = """#!{python} -S
+import json, os, re, sys
+env = {{k: v for k, v in os.environ.items() if k.startswith(("LLMJAX_", "XLA_FLAGS", "JAX_"))}}
+with open(os.environ["STUB_ARGS"], "a") as f:
+    f.write(json.dumps({{"args": sys.argv[1:], "env": env}}) + "\\n")
+sys.exit(1 if re.search(os.environ.get("STUB_FAIL", "^$"), " ".join(sys.argv[1:])) else 0)
+"""
+
+# bench's main up to its first measurement: every check of the command line, the config and the
+# environment (XLA_FLAGS, read when JAX starts its backend) done, nothing measured
+_BENCH_CHECKS = """import json, os, sys
+import llmjax.bench as b
+
+
+def measured(cfg, spec, **kw):
+    raise SystemExit(0)
+
+
+if __name__ == "__main__":
+    os.environ.update(json.loads(sys.argv.pop(1)))
+    b.bench = measured
+    b.define_flags()
+    b.cli.run(b.main)
+"""
+
+
+def test_gpu_check_commands_pass_the_tools_checks(tmp_path):
+    """Every command scripts/gpu_check.sh would run on the GPU machine, at the default configs, names
+    flags, config keys, values and XLA flags that exist: each `python -m llmjax.bench` passes bench's
+    checks (all made before it measures), its cuDNN preflights run up to the cuDNN call a CPU refuses,
+    and each pytest step's files and -k names are there. A renamed flag or key fails its step there
+    only, a GPU slot lost. Recorded by a stub Python, in the default mode with its fallbacks taken
+    (cuDNN with narrower values, vanilla's fused decoding and the SSM's row failing) and in the sweep
+    of every architecture it sweeps."""
+    import os
+
+    stub = tmp_path / "python"
+    stub.write_text(_GPU_CHECK_STUB.format(python=sys.executable))
+    stub.chmod(0o755)
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "hellaswag_val.jsonl").write_text("{}\n")
+    env = {**os.environ, "PYTHON": str(stub), "STUB_ARGS": str(tmp_path / "args"), "GPU_CHECK_BUDGET": "100000",
+           "GPU_CHECK_WHEELS": str(tmp_path / "no-wheels"), "LLMJAX_TASK_DIR": str(tmp_path / "task"), "TMPDIR": str(tmp_path),
+           "LLMJAX_COMPILATION_CACHE": str(tmp_path / "cache")}
+    runs = [(["out"], {"STUB_FAIL": r"narrower values ok|configs/ssm.py:default|configs/vanilla.py:default --suite=decode --repeats=3$"}),
+            (["sweep", "--sweep"], {"GPU_CHECK_SWEEP_ARCHS": "vanilla modern moe ssm"})]
+    procs = [subprocess.Popen(["bash", str(ROOT / "scripts" / "gpu_check.sh"), *args], cwd=tmp_path, env={**env, **extra},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for args, extra in runs]
+    for p in procs:
+        out = p.communicate(timeout=300)[0]
+        assert "gpu_check: exit" in out, out[-3000:]
+    steps = (tmp_path / "out" / "steps.log").read_text()
+    assert "pad mla's values" in steps and "decode with XLA's" in steps and "bench ssm (short), XLA's scan" in steps
+    calls = [json.loads(line) for line in (tmp_path / "args").read_text().splitlines()]
+    benches = [c for c in calls if c["args"][:2] == ["-m", "llmjax.bench"]]
+    assert len(benches) > 60
+    (tmp_path / "bench_checks.py").write_text(_BENCH_CHECKS)
+    checked = cli_runs([("bench_checks", [json.dumps(c["env"]), *c["args"][2:]]) for c in benches],
+                       env={**os.environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"})
+    failed = [f"{' '.join(c.args[1:])}: {c.stderr.strip()[-300:]}" for c in checked if c.returncode != 0]
+    assert not failed, "\n".join(failed)
+
+    # the cuDNN preflights up to cuDNN's call, which a CPU refuses
+    preflights = [c["args"][1] for c in calls if c["args"][0] == "-c" and "causal_attention" in c["args"][1]]
+    assert len(preflights) == 2
+    for i, code in enumerate(preflights):
+        (tmp_path / f"preflight{i}.py").write_text(code)
+    for c in cli_runs([(str(tmp_path / f"preflight{i}.py"), []) for i in range(len(preflights))]):
+        assert c.returncode == 1 and "ConfigError: model.attention_impl='cudnn' needs a CUDA GPU" in c.stderr, c.stderr[-2000:]
+
+    tests = [c["args"] for c in calls if c["args"][:2] == ["-m", "pytest"]]
+    assert len(tests) == 4
+    for args in tests:
+        files = [a for a in args if a.startswith("tests/")]
+        assert files and all((ROOT / f).exists() for f in files), args
+        text = "".join(p.read_text() for f in files for p in ([ROOT / f] if f.endswith(".py") else (ROOT / f).glob("test_*.py")))
+        if "-k" in args:
+            for name in re.split(r"\s+or\s+", args[args.index("-k") + 1]):
+                assert name.startswith("not ") or re.search(rf"def test_\w*{name}", text), (name, args)
 
 
 def test_steps_zero_compiles_without_running():
