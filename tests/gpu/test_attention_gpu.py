@@ -180,4 +180,5 @@ def test_fused_decode_kernels_on_gpu(arch):
     for t in range(20):
         pos = jnp.full((2, 1), t)
         (got, caches[0]), (want, caches[1]) = (step(m, toks[:, t : t + 1], pos, c) for m, c in zip(models, caches))
-        assert float(jnp.abs(got - want).max()) < 2**-6 * float(jnp.abs(want).max()), t
+        V = xla.cfg.vocab_size  # (the real vocabulary's logits: the padded columns' -1e9 made any error pass)
+        assert float(jnp.abs(got[..., :V] - want[..., :V]).max()) < 2**-6 * float(jnp.abs(want[..., :V]).max()), t
