@@ -158,16 +158,19 @@ def saved_state(path, step):
 
 @pytest.mark.parametrize(
     "arch,opts",
-    [("vanilla", {"train__grad_accum_steps": 2}), ("mla", {"model__scan_layers": False}),
+    # (on the 8 fake devices; wsd's decay starts at step 7, the first resumed step)
+    [("vanilla", {"train__grad_accum_steps": 2, "train.mesh.fsdp": 2, "train__schedule": "wsd", "train__decay_fraction": 0.5}),
+     ("mla", {"model__scan_layers": False, "model__matmul_dtype": "bfloat16", "train__schedule": "constant"}),
      ("moe", {"model__moe_mode": "capacity", "model__capacity_factor": 0.5, "train__loss_chunks": 2}),
-     ("ssm", {"train__grad_accum_steps": 2, "model__scan_layers": False})],
-    ids=["vanilla-accum2", "mla-unrolled", "moe-capacity-loss_chunks", "ssm-accum2-unrolled"],
+     ("ssm", {"train__grad_accum_steps": 2, "model__scan_layers": False, "train__logits_dtype": "bfloat16"})],
+    ids=["vanilla-accum2-fsdp2-wsd", "mla-unrolled-bf16_matmuls-constant", "moe-capacity-loss_chunks", "ssm-accum2-unrolled-bf16_logits"],
 )
 def test_exact_resume_is_bit_identical(arch, opts, tmp_path):
     """A 12-step run, and the same command stopped at step 6 then run again on the same workdir,
     give bit-identical metrics for every step (losses, validation losses, gradient norms, learning
     rates, a MoE's router losses and statistics: everything but timing) and a bit-identical final
-    state (parameters, optimizer moments)."""
+    state (parameters, optimizer moments). With the train options that change the step or the
+    schedule (data x FSDP mesh, wsd and constant schedules, bfloat16 matmul operands and logits)."""
     full = train(cfg(arch, **opts), tmp_path / "full", quiet=True)
     first = train(cfg(arch, train__stop_at_step=6, **opts), tmp_path / "split", quiet=True)
     assert first.step == 6 and not first.final
