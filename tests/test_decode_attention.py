@@ -178,9 +178,15 @@ def test_bad_decode_attention_settings_are_one_line_errors():
         with pytest.raises(ConfigError, match=rf"cached per head \(gqa, modern, moe, vanilla.*\); {arch} decodes its own way"):
             llmjax.model_config(config(arch, decode_attention_impl="pallas"))
     m = llmjax.build_model(config("vanilla", decode_attention_impl="pallas"), seed=0)
-    with pytest.raises(ConfigError, match=r"multiple of 16 slots \(got 40\)") as err:
+    # (only the needs not met: the line named every one, head_dim 16 and 2 heads per key/value head as if they were wrong too)
+    with pytest.raises(ConfigError, match=r"^model\.decode_attention_impl='pallas' needs a cache a multiple of 16 slots \(got 40\); "
+                                          r"use 'auto' or 'xla'") as err:
         _uses_kernel(m, 1, S=40)
     assert "\n" not in str(err.value)
+    narrow = llmjax.build_model(config("vanilla", decode_attention_impl="pallas", head_dim=8), seed=0)
+    with pytest.raises(ConfigError, match=r"^model\.decode_attention_impl='pallas' needs head_dim a power of two >= 16 \(got 8\) and "
+                                          r"a cache a multiple of 16 slots \(got 40\); use 'auto' or 'xla'"):
+        _uses_kernel(narrow, 1, S=40)
 
 
 # --- the fused norms (llmjax/models/decode_norm.py) ----------------------------------------------

@@ -188,13 +188,10 @@ class Attention(nnx.Module):
         'pallas' (an error where the shapes do not fit), or 'auto' on a GPU where they do."""
         if T != 1 or self.decode_impl == "xla" or not self.fused_decode:
             return False
-        fits = decode_attention.supported(self.head_dim, self.n_head // self.n_kv_head, S)
-        if self.decode_impl == "pallas" and not fits:
-            raise ConfigError(
-                f"model.decode_attention_impl='pallas' needs head_dim a power of two >= 16 (got {self.head_dim}), at most 16 "
-                f"query heads per key/value head (got {self.n_head // self.n_kv_head}) and a cache a multiple of 16 slots "
-                f"(got {S}); use 'auto' or 'xla'"
-            )
+        unmet = decode_attention.unmet(self.head_dim, self.n_head // self.n_kv_head, S)
+        fits = not unmet
+        if self.decode_impl == "pallas" and unmet:  # (only what is not met: the line named every need, met or not)
+            raise ConfigError(f"model.decode_attention_impl='pallas' needs {' and '.join(unmet)}; use 'auto' or 'xla'")
         return fits and (self.decode_impl == "pallas" or runtime.backend() == "gpu")
 
     @staticmethod

@@ -46,10 +46,19 @@ def block_slots(S: int) -> int | None:
     return next((b for b in (64, 32, 16) if S % b == 0), None)
 
 
+def unmet(head_dim: int, group: int, S: int) -> list[str]:
+    """What the kernel needs of these shapes that they lack (none: it takes them): head_dim a power
+    of two >= 16, at most 16 query heads per key/value head, S a multiple of 16."""
+    return [need for ok, need in (
+        (head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim a power of two >= 16 (got {head_dim})"),
+        (1 <= group <= MAX_GROUP, f"at most {MAX_GROUP} query heads per key/value head (got {group})"),
+        (block_slots(S) is not None, f"a cache a multiple of 16 slots (got {S})"),
+    ) if not ok]
+
+
 def supported(head_dim: int, group: int, S: int) -> bool:
-    """Whether the kernel takes these shapes: head_dim a power of two >= 16, at most 16 query heads
-    per key/value head, S a multiple of 16."""
-    return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and 1 <= group <= MAX_GROUP and block_slots(S) is not None
+    """Whether the kernel takes these shapes (`unmet` says what it lacks)."""
+    return not unmet(head_dim, group, S)
 
 
 def _decode_attention_kernel(pos_ref, q_ref, k_ref, v_ref, *rest, offsets, group: int, scale: float, block: int, has_bias: bool):
