@@ -682,7 +682,9 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
     made, wd = data_lib.missing_folders(workdir), Path(workdir).absolute()  # (the workdir first)
     # (its checkpoints/, where this call makes it: in a workdir the user made beforehand too)
     made_ckpt = [] if (wd / "checkpoints").exists() else [wd / "checkpoints"]
-    made_files = [wd / f for f in RUN_FILES if not (wd / f).exists()]
+    # (a fresh run's files, named by _train once it holds the workdir's lock: never another run's, one
+    # started meanwhile that wrote them while this one had not reached the lock)
+    fresh_files: list[Path] = []
 
     def take_back():
         # (refused after the workdir was made: a missing extra, a validation split too short, init_from
@@ -693,8 +695,8 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
             logged = (wd / "metrics.jsonl").stat().st_size > 0
         except FileNotFoundError:
             logged = False
-        if wd.is_dir() and wd / "config.json" in made_files and jax.process_index() == 0 and not _saved_steps(wd / "checkpoints") and not logged:
-            for f in made_files:
+        if fresh_files and not _saved_steps(wd / "checkpoints") and not logged:
+            for f in fresh_files:
                 f.unlink(missing_ok=True)
         data_lib.remove_empty([*made_ckpt, *made])
 
@@ -703,7 +705,7 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
     try:
         try:
             with contextlib.ExitStack() as hold:  # (the workdir's lock, _train's to take: released as this returns)
-                return _train(cfg, workdir, devices=devices, quiet=quiet, hold=hold)
+                return _train(cfg, workdir, devices=devices, quiet=quiet, hold=hold, fresh_files=fresh_files)
         except CheckpointError as e:
             raise TrainingError(f"{e}") from None
         except OSError as e:
@@ -758,7 +760,7 @@ def check_host_batch(tcfg, mcfg, memory: int | None = None) -> None:
                           f"more than its {memory / 1e9:.3g} GB of memory; lower train.batch_size or train.grad_accum_steps")
 
 
-def _train(cfg, workdir, *, hold: contextlib.ExitStack, devices=None, quiet: bool = False) -> Run:
+def _train(cfg, workdir, *, hold: contextlib.ExitStack, fresh_files: list[Path], devices=None, quiet: bool = False) -> Run:
     if jax.default_backend() == "cpu":
         tune_host_allocator()
     if jax.process_count() > 1:  # (before anything that one process alone may refuse)
@@ -838,6 +840,8 @@ def _train(cfg, workdir, *, hold: contextlib.ExitStack, devices=None, quiet: boo
         refused = True
     if most_of_all_processes(int(refused)):  # (every process stops, not process 0 alone)
         raise busy
+    if lead and not saved_cfg.exists():  # (a fresh run: its files, written below, are `train`'s to take back where it stops early)
+        fresh_files.extend(workdir / f for f in RUN_FILES)
     check_shared_workdir(workdir)
     ckpt = Checkpointer(workdir / "checkpoints", keep=tcfg.keep_checkpoints)
     start = ckpt.latest_step() or 0

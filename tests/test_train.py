@@ -3,6 +3,7 @@ one-line errors for bad input."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -871,6 +872,30 @@ def test_a_second_training_process_in_the_same_workdir_is_refused(tmp_path):
                 train(cfg("vanilla", train__max_steps=4), folder, devices=jax.devices()[:1], quiet=True)
     assert {f: f.read_bytes() for f in workdir.rglob("*") if f.is_file()} == before
     assert fresh.is_dir() and not any(fresh.iterdir())
+
+
+def test_a_run_stopped_as_it_starts_takes_back_nothing_of_another_run_that_started_meanwhile(tmp_path, monkeypatch):
+    """The same command twice in a new workdir, the second stopped (a Ctrl-C) before it reached the
+    workdir's lock, once the first had written its config.json, tokenizer.json and empty metrics.jsonl
+    and was compiling its first step: the second took those files back as its own fresh run's
+    (missing when it started), and the first trained on without them."""
+    from llmjax import train as T
+    from llmjax.runtime import exclusive_folder
+
+    workdir = tmp_path / "run"
+    first = {"config.json": json.dumps({"model": {"arch": "vanilla"}, "train": {}}), "tokenizer.json": "{}", "metrics.jsonl": ""}
+    with contextlib.ExitStack() as held:
+        def first_run_started_meanwhile(c):  # (the second's start: the first made the folder, holds it and wrote its files)
+            workdir.mkdir()
+            held.enter_context(exclusive_folder(workdir, lambda: AssertionError("held")))
+            for name, text in first.items():
+                (workdir / name).write_text(text)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(T, "validate", first_run_started_meanwhile)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg("vanilla"), workdir, quiet=True)
+    assert {f.name: f.read_text() for f in workdir.iterdir()} == first
 
 
 def test_what_an_empty_prompt_starts_from():
