@@ -1424,6 +1424,10 @@ def start_distributed(where: str, **kwargs) -> None:
         print(f"error: not every process joined the run {where} within {COORDINATOR_WAIT_S:g} s; start every one"
               f"{f' (--process_id=0..{n - 1})' if n else ''} with the same --coordinator_address and --num_processes", file=sys.stderr, flush=True)
         os._exit(2)  # (not jax.distributed's shutdown: its start is still waiting, in its thread)
+    except KeyboardInterrupt as e:  # (a Ctrl-C or SIGTERM meanwhile: Python's exit shut the half-started service down, in many log lines)
+        line, code = ("interrupted by SIGTERM", 143) if isinstance(e, cli.Terminated) else ("interrupted", 130)
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        os._exit(code)
 
 
 _TOGETHER = None  # the StopTogether of this process's multi-process run, while it trains

@@ -1473,6 +1473,29 @@ def test_a_process_that_never_joins_is_one_line_in_the_others(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
+def test_a_signal_while_waiting_for_the_other_processes_is_one_line(tmp_path, signum):
+    """A Ctrl-C or SIGTERM to process 0 while it waits for the others to join said its line, then
+    Python's exit shut down jax.distributed's service half-started in its thread: some 17 lines of
+    its logs ('Barrier failed because service is shutting down', 'Stopping coordination service as
+    cluster registration failed ...'), seconds later."""
+    code = ("import os, signal, sys, threading, jax\n"
+            "from llmjax import cli, train as T\n"
+            "initialize = jax.distributed.initialize\n"
+            "def waiting(**kw):  # (its service listening, process 1 not there)\n"
+            f"    threading.Timer(2, os.kill, (os.getpid(), {int(signum)})).start()\n"
+            "    initialize(**kw)\n"
+            "jax.distributed.initialize = waiting\n"
+            f"sys.argv = ['train', '--config', 'configs/vanilla.py:tiny', '--workdir', {str(tmp_path / 'run')!r}, "
+            f"'--coordinator_address=127.0.0.1:{_free_port()}', '--num_processes=2', '--process_id=0']\n"
+            "T.define_flags()\n"
+            "cli.run(T.main)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    said = ("error: interrupted\n", 130) if signum == signal.SIGINT else ("error: interrupted by SIGTERM\n", 143)
+    assert (r.stderr, r.returncode) == said, (r.returncode, r.stderr[-2000:])
+    assert not (tmp_path / "run").exists()
+
+
 def test_wandb_offline(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
