@@ -294,11 +294,14 @@ def file_system_error(error: OSError) -> str | None:
     """One line for a path the user may not read or write, or a full disk; None for other OS errors
     (their traceback is what a report needs)."""
     where = " -> ".join(str(f) for f in (error.filename, error.filename2) if f is not None) or "a file"
-    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if error.errno in (errno.EACCES, errno.EPERM):
         return (f"{where}: {error.strerror or 'permission denied'} (the user this runs as may not read or write there): "
                 f"choose another path, or change its permissions")
+    if error.errno == errno.EROFS:  # (no permission mends it)
+        return f"{where}: {error.strerror or 'read-only file system'}: nothing can be written on that disk; choose a path on another, or mount it read-write"
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"{where}: {error.strerror or 'no space left'}: a disk is full; make room and run again"
+        full = "your disk quota is used up" if error.errno == errno.EDQUOT else "a disk is full"
+        return f"{where}: {error.strerror or 'no space left'}: {full}; make room and run again"
     return None
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 
@@ -540,3 +542,18 @@ def test_a_path_one_may_not_enter_or_a_full_disk_is_one_line(tmp_path):
     assert (full.returncode, full.stderr) == (1, "error: runs/x/out: No space left on device: a disk is full; make room and run "
                                                  "again\n"), full.stderr[-2000:]
     assert other.returncode == 1 and "Traceback" in other.stderr and "OSError: [Errno 5]" in other.stderr, other.stderr[-2000:]
+
+
+def test_a_read_only_disk_or_a_used_up_quota_is_told_what_helps():
+    """A read-only file system was told it was the user's permissions ('the user this runs as may not
+    read or write there ... change its permissions', which no chmod mends), and a disk quota used up
+    that 'a disk is full'."""
+    from llmjax.cli import file_system_error
+
+    def line(code):
+        return file_system_error(OSError(code, os.strerror(code), "/mnt/ro/run"))
+
+    assert line(errno.EROFS) == ("/mnt/ro/run: Read-only file system: nothing can be written on that disk; choose a path on "
+                                 "another, or mount it read-write")
+    assert line(errno.EDQUOT) == "/mnt/ro/run: Disk quota exceeded: your disk quota is used up; make room and run again"
+    assert line(errno.EPERM).endswith("(the user this runs as may not read or write there): choose another path, or change its permissions")
