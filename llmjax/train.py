@@ -563,9 +563,13 @@ def build_steps(cfg, mesh) -> Steps:
         ce = token_losses(model.embed, x, tokens_BT1[:, 1:], tcfg.loss_chunks, logits_dtype).mean()
         aux = dict(aux)
         stats = aux.pop("stats", {})  # logged, not optimised
+        # (config.validate asks a weight for each loss the config class declares: one it does not, a new
+        # architecture's, would be refused there as a loss the model does not return, whatever weight it got)
         missing = sorted(set(aux) - set(weights))
         if missing:
-            raise ConfigError(f"the model returns auxiliary loss(es) {', '.join(missing)}; give each a weight in train.aux_loss_weights")
+            raise ConfigError(f"the {mcfg.arch} model returns auxiliary loss(es) {', '.join(missing)}, which its config class "
+                              f"({type(mcfg).__name__}) does not list in aux_losses: add them there (llmjax/models/), then give "
+                              f"each a weight in train.aux_loss_weights")
         total = ce + sum((weights[k] * v for k, v in aux.items()), jnp.float32(0))
         return total, (ce, aux, stats)
 

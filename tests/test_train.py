@@ -786,6 +786,21 @@ def test_an_aux_loss_without_a_weight_is_refused_before_the_workdir(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_an_aux_loss_its_config_does_not_declare_says_to_declare_it(tmp_path, monkeypatch):
+    """A model that returns an auxiliary loss its config class does not list in `aux_losses` (a new
+    architecture's, the guide followed) was told to give it a weight in train.aux_loss_weights, which
+    the config check then refused as a loss 'the model does not return': advice that went round in a
+    circle. It names the class variable to set."""
+    from llmjax.models.moe import MoEConfig
+
+    monkeypatch.setattr(MoEConfig, "aux_losses", ("load_balance",))  # (router_z left out of the declaration)
+    with pytest.raises(ConfigError, match=r"^the moe model returns auxiliary loss\(es\) router_z, which its config class "
+                                          r"\(MoEConfig\) does not list in aux_losses: add them there \(llmjax/models/\), then give "
+                                          r"each a weight in train\.aux_loss_weights(?:\n|$)"):  # (then JAX's note)
+        train(cfg("moe", train__aux_loss_weights={"load_balance": 0.01}), tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_fresh_run_refused_when_its_step_is_traced_leaves_nothing_behind(tmp_path):
     """attention_impl='cudnn' on a CPU is refused when the step is traced, after the run wrote
     config.json, tokenizer.json and an empty metrics.jsonl: they were left behind (the README says a
