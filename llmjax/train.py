@@ -695,13 +695,14 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
         # weights that cannot be read) the folders this call made, where still empty; rmdir removes nothing else.
         # A fresh run stopped before its first step was logged or saved (a refusal when the step is traced, such
         # as attention_impl='cudnn' on a CPU; a signal while compiling) takes back the run's files it wrote too.
-        try:
-            logged = (wd / "metrics.jsonl").stat().st_size > 0
-        except FileNotFoundError:
-            logged = False
-        if fresh_files and not _saved_steps(wd / "checkpoints") and not logged:
-            for f in fresh_files:
-                f.unlink(missing_ok=True)
+        if fresh_files and not _saved_steps(wd / "checkpoints"):  # (none: not a fresh run's, or a --workdir that is a file)
+            try:
+                logged = (wd / "metrics.jsonl").stat().st_size > 0
+            except FileNotFoundError:
+                logged = False
+            if not logged:
+                for f in fresh_files:
+                    f.unlink(missing_ok=True)
         data_lib.remove_empty([*made_ckpt, *made])
 
     global _TAKE_BACK
