@@ -290,8 +290,9 @@ def test_set_group_values_parse_as_config_overrides_do():
     <class 'str'> and cannot be casted'); JSON's form still reads."""
     from llmjax.config import parse_value, set_key, validate
 
-    cases = [("vanilla", "train.mesh", "{'data': 1, 'fsdp': 1, 'expert': 1}"), ("moe", "train.aux_loss_weights", "{'load_balance': 0.02}"),
-             ("moe", "train.aux_loss_weights", "{}")]
+    # (each loss the model returns needs its weight, config.validate: the MoE's two, the dense model's none)
+    cases = [("vanilla", "train.mesh", "{'data': 1, 'fsdp': 1, 'expert': 1}"),
+             ("moe", "train.aux_loss_weights", "{'load_balance': 0.02, 'router_z': 0.001}"), ("vanilla", "train.aux_loss_weights", "{}")]
     for arch, key, text in cases:
         spec = f"{ROOT}/configs/{arch}.py:tiny"
         want = config_flags_value(spec, key, text)
