@@ -494,6 +494,27 @@ def _stop(pool: cf.ProcessPoolExecutor) -> None:
             signal.signal(sig, handler)
 
 
+class _SignalsHeld:
+    """SIGINT and SIGTERM held back for a moment and raised as it ends, where the main thread runs:
+    the pool starts a spawned worker inside `submit`, writing its start-up data down a pipe, and a
+    Ctrl-C or SIGTERM raised in the middle of that write left the worker reading half of it, a
+    traceback (EOFError: Ran out of input) under the command's one line."""
+
+    def __enter__(self):
+        self.got, self.saved = [], {}
+        if threading.current_thread() is threading.main_thread():
+            self.saved = {sig: signal.signal(sig, lambda sig, frame: self.got.append(sig)) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        if self.got:  # (the first one, as its own handler would have taken it)
+            handler = self.saved[self.got[0]]
+            handler(self.got[0], None) if callable(handler) else signal.raise_signal(self.got[0])
+        return False
+
+
 def tokenize(stream, *, out: Path, shard_tokens: int, workers: int, state: dict, save_state, bar=None) -> dict:
     """Tokenise a document stream into train and val shards in one pass, resuming from
     state["resume"]. Returns the document counts per split (a long document cut between them counts
@@ -556,7 +577,9 @@ def tokenize(stream, *, out: Path, shard_tokens: int, workers: int, state: dict,
     try:
         for first, split, batch, nbytes in batches():
             docs, starts = zip(*batch)
-            pending.append((pool.submit(tokenize_worker.encode_documents, list(docs), list(starts)), first, split, sum(starts), nbytes))
+            with _SignalsHeld():  # (it may start a worker)
+                future = pool.submit(tokenize_worker.encode_documents, list(docs), list(starts))
+            pending.append((future, first, split, sum(starts), nbytes))
             while len(pending) > 2 * workers or (pending and pending[0][0].done()):
                 take()  # in order; at most 2 * workers batches of text in flight
         while pending:

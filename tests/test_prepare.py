@@ -987,3 +987,28 @@ def test_a_path_flag_given_as_flag_equals_tilde_is_under_the_home_folder(tmp_pat
     assert f"in {home / 'data' / 'a'} " in a.stdout and f"in {home / 'data' / 'b'} " in b.stdout
     assert (home / "data" / "a" / "manifest.json").is_file() and (home / "data" / "b" / "manifest.json").is_file()
     assert not (ROOT / "~").exists()
+
+
+def test_a_signal_while_a_worker_starts_is_raised_once_it_has_started():
+    """The pool starts a spawned worker inside `submit`, writing its start-up data down a pipe: a
+    SIGTERM raised in the middle of that write left the worker with half of it, an EOFError traceback
+    under the command's one line (seen once in CI). prepare holds SIGINT and SIGTERM back around
+    `submit` and raises the first as the handler in place would have, once it returns."""
+    from llmjax.prepare import _SignalsHeld
+
+    def terminated(*_):
+        raise KeyboardInterrupt
+
+    saved = signal.signal(signal.SIGTERM, terminated)
+    steps = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with _SignalsHeld():
+                signal.raise_signal(signal.SIGTERM)
+                steps.append("after the signal")  # (the work inside goes on to its end)
+        assert steps == ["after the signal"] and signal.getsignal(signal.SIGTERM) is terminated
+        with _SignalsHeld():  # (no signal: nothing raised)
+            steps.append("quiet")
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+    assert steps == ["after the signal", "quiet"]
