@@ -432,8 +432,10 @@ def test_the_ssm_compiles_its_fused_kernel_for_the_gpu(compiled_rows):
 def test_gpu_decoding_attends_in_one_fused_kernel_per_layer(compiled_rows):
     """On a GPU each decoded token's attention step (bias, cache writes, attention) is one Triton
     kernel per layer, and each of its two norms another, the caches are updated in place (no copy as
-    large as a layer's cache in the loop), and the token takes fewer kernels than with XLA's own
-    attention step (compiled for an H100)."""
+    large as a layer's cache in the loop), no kernel of the loop only converts a value's type (the
+    bfloat16 norms' scales and biases, rounded by XLA before the kernels, were 4 more per layer and
+    token: vanilla 124M 120.4 -> 168.4 kernels per token at batch 1), and the token takes fewer
+    kernels than with XLA's own attention step (compiled for an H100)."""
     fused, xla = compiled_rows[2], compiled_rows[5]
     mcfg = model_config(load_config("configs/vanilla.py:tiny"))
     ops = lambda row, key: sum(k["launches"] for k in row["top_kernels"] if key in k["op"])  # noqa: E731
@@ -443,6 +445,7 @@ def test_gpu_decoding_attends_in_one_fused_kernel_per_layer(compiled_rows):
     cache_mb = 2 * mcfg.n_head * mcfg.head_dim * fused["cache_len"] * 2 / 1e6  # one layer's keys, 2 rows, bf16
     assert not [k for k in fused["top_kernels"] if "copy" in k["name"] and k["mb_per_launch"] >= cache_mb / 2]
     assert fused["kernels"] <= xla["kernels"] - mcfg.n_layer, (fused["kernels"], xla["kernels"])  # at least one fewer per layer
+    assert not [k["name"] for k in fused["top_kernels"] if k["op"].endswith("convert_element_type") and k["launches"] >= 1]
 
 
 @needs_plugin

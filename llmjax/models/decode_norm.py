@@ -41,7 +41,7 @@ def supports(norm, D: int) -> bool:
     return isinstance(norm, (nnx.LayerNorm, nnx.RMSNorm)) and chunk_size(D) is not None and norm.feature_axes == -1
 
 
-def _decode_norm_kernel(*refs, rms: bool, eps: float, has_delta: bool, has_delta_bias: bool, has_bias: bool, chunk: int, D: int):
+def _decode_norm_kernel(*refs, rms: bool, eps: float, has_delta: bool, has_delta_bias: bool, has_bias: bool, chunk: int, D: int, param_dtype):
     it = iter(refs)
     x_ref = next(it)
     delta_ref = next(it) if has_delta else None
@@ -70,21 +70,25 @@ def _decode_norm_kernel(*refs, rms: bool, eps: float, has_delta: bool, has_delta
         mul = jax.lax.rsqrt(jnp.maximum(mean2 - mean * mean, 0.0) + eps)  # (flax's fast variance, clipped at 0 too)
     for c, v in enumerate(rows):
         part = pl.ds(c * chunk, chunk)
-        y = (v - mean) * (mul * scale_ref[part].astype(jnp.float32))
+        y = (v - mean) * (mul * scale_ref[part].astype(param_dtype).astype(jnp.float32))
         if has_bias:
-            y = y + bias_ref[part].astype(jnp.float32)
+            y = y + bias_ref[part].astype(param_dtype).astype(jnp.float32)
         y_ref[r, part] = y.astype(y_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("rms", "eps", "dtype", "interpret"))
-def decode_norm_rows(x, delta, scale, bias, *, rms: bool, eps: float, dtype, interpret: bool, delta_bias=None):
+@functools.partial(jax.jit, static_argnames=("rms", "eps", "dtype", "param_dtype", "interpret"))
+def decode_norm_rows(x, delta, scale, bias, *, rms: bool, eps: float, dtype, interpret: bool, delta_bias=None, param_dtype=None):
+    """`scale` and `bias` are rounded to `param_dtype` (if any) inside the kernel: rounded by XLA
+    before it, in a decode loop each would be a kernel of its own per token (XLA does not hoist
+    them out of the loop), 4 per layer."""
     R, D = x.shape
     assert delta_bias is None or delta is not None
     args = [x] + [a for a in (delta, delta_bias) if a is not None] + [scale] + ([bias] if bias is not None else [])
     outs = ([jax.ShapeDtypeStruct((R, D), jnp.result_type(x, delta))] if delta is not None else []) + [jax.ShapeDtypeStruct((R, D), dtype)]
     return pl.pallas_call(
         functools.partial(_decode_norm_kernel, rms=rms, eps=eps, has_delta=delta is not None,
-                          has_delta_bias=delta_bias is not None, has_bias=bias is not None, chunk=chunk_size(D), D=D),
+                          has_delta_bias=delta_bias is not None, has_bias=bias is not None, chunk=chunk_size(D), D=D,
+                          param_dtype=jnp.dtype(param_dtype or jnp.float32)),
         out_shape=tuple(outs),
         grid=(R,),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
@@ -93,24 +97,21 @@ def decode_norm_rows(x, delta, scale, bias, *, rms: bool, eps: float, dtype, int
 
 
 def _params(norm, D: int):
-    """(is it an RMSNorm, its scale (ones where it has none), its bias or None), each rounded to the
-    layer's dtype first, as flax's layer rounds them (`promote_dtype` with the layer's dtype: a
+    """(is it an RMSNorm, its scale (ones where it has none), its bias or None, the dtype the kernel
+    rounds them to first, as flax's layer rounds them: `promote_dtype` with the layer's dtype, so a
     bfloat16 layer multiplies by the bfloat16 scale and adds the bfloat16 bias, in float32)."""
     rms = isinstance(norm, nnx.RMSNorm)
     scale = norm.scale[...] if norm.scale is not None else jnp.ones((D,), jnp.float32)
     bias = None if rms or norm.bias is None else norm.bias[...]
-    if norm.dtype is not None:
-        scale = scale.astype(norm.dtype)
-        bias = None if bias is None else bias.astype(norm.dtype)
-    return rms, scale, bias
+    return rms, scale, bias, norm.dtype
 
 
 def norm(norm_layer, x_BTD, *, interpret: bool):
     """norm_layer(x) (an nnx.LayerNorm or nnx.RMSNorm over the last axis) as one kernel."""
     B, T, D = x_BTD.shape
-    rms, scale, bias = _params(norm_layer, D)
+    rms, scale, bias, param_dtype = _params(norm_layer, D)
     (y,) = decode_norm_rows(x_BTD.reshape(B * T, D), None, scale, bias, rms=rms, eps=float(norm_layer.epsilon),
-                 dtype=jnp.dtype(norm_layer.dtype or x_BTD.dtype), interpret=interpret)
+                 dtype=jnp.dtype(norm_layer.dtype or x_BTD.dtype), interpret=interpret, param_dtype=param_dtype)
     return y.reshape(B, T, D)
 
 
@@ -118,7 +119,8 @@ def add_norm(norm_layer, x_BTD, h_BTD, *, interpret: bool, h_bias=None):
     """(x + h, norm_layer(x + h)) as one kernel; with `h_bias` (h's layer's bias, not yet added:
     layers.linear_without_bias), h + h_bias in h's dtype takes h's place."""
     B, T, D = x_BTD.shape
-    rms, scale, bias = _params(norm_layer, D)
+    rms, scale, bias, param_dtype = _params(norm_layer, D)
     s, y = decode_norm_rows(x_BTD.reshape(B * T, D), h_BTD.reshape(B * T, D), scale, bias, rms=rms, eps=float(norm_layer.epsilon),
-                 dtype=jnp.dtype(norm_layer.dtype or jnp.result_type(x_BTD, h_BTD)), interpret=interpret, delta_bias=h_bias)
+                 dtype=jnp.dtype(norm_layer.dtype or jnp.result_type(x_BTD, h_BTD)), interpret=interpret, delta_bias=h_bias,
+                 param_dtype=param_dtype)
     return s.reshape(B, T, D), y.reshape(B, T, D)
