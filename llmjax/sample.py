@@ -765,6 +765,8 @@ def _named_prompts(FLAGS) -> list[tuple[str, str]]:
     if FLAGS.prompt_file is not None:
         if not FLAGS.prompt_file:  # (`--prompt_file=`, a shell variable that was empty, say: it was ignored)
             raise SampleError("--prompt_file is empty; name a file with one prompt per line")
+        if FLAGS.prompt_file == "-" and sys.stdin is None:  # (`<&-`: it was AttributeError's traceback)
+            raise SampleError("--prompt_file - reads standard input, which is closed; pipe the prompts in, one per line, or name a file")
         try:
             # utf-8-sig: a byte-order mark is not text; not splitlines: it also splits at \f, \x1c, \u2028, ...
             # ('-': standard input, as Unix tools read it: `... | python -m llmjax.sample --prompt_file=-`)

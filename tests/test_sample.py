@@ -797,6 +797,13 @@ def test_a_prompt_file_with_no_prompt_is_refused_with_or_without_prompt(tmp_path
     assert S._prompts(types.SimpleNamespace(prompt="", prompt_file=None)) == [""]  # (an empty --prompt alone: end-of-text)
 
 
+def test_prompt_file_dash_with_standard_input_closed_is_one_line(monkeypatch):
+    """`--prompt_file=- <&-`: Python's sys.stdin is None, which was AttributeError's traceback."""
+    monkeypatch.setattr(S.sys, "stdin", None)
+    with pytest.raises(S.SampleError, match=r"^--prompt_file - reads standard input, which is closed; pipe the prompts in"):
+        S._prompts(types.SimpleNamespace(prompt="ROMEO:", prompt_file="-"))
+
+
 def test_a_prompt_file_not_in_utf8_names_its_line_and_the_conversion(tmp_path):
     """A --prompt_file in Latin-1 or UTF-16 was Python's words ("cannot read --prompt_file F: 'utf-8'
     codec can't decode byte 0xe9 in position 8: ..."): the error names the byte, its line and the
