@@ -846,6 +846,16 @@ def test_cli_single_sample_streams_plain_text(run_dir):
     assert r.stdout == "ROMEO:" + want + "\n"
 
 
+def test_cli_with_standard_output_closed_is_one_line(run_dir):
+    """`python -m llmjax.sample ... >&-`: Python's sys.stdout is None, which was AttributeError's
+    traceback at the first text, once the model had loaded; one line before anything loads."""
+    closed = "import os, sys; os.close(1); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    r = subprocess.run([sys.executable, "-c", closed, "-m", "llmjax.sample", f"--checkpoint_path={run_dir}", "--prompt=ROMEO:",
+                        "--max_new_tokens=5"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert (r.returncode, r.stderr) == (2, "error: standard output is closed, and the samples are written there; redirect it "
+                                           "to a file instead\n"), r.stderr[-2000:]
+
+
 def test_cli_ctrl_c_while_streaming_ends_the_text_line_first(run_dir):
     """Ctrl-C during a streamed sample: the text's line is ended, so that the one-line error starts
     a line of its own (it followed the text on the same line)."""
