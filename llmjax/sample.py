@@ -387,6 +387,8 @@ def generate(
     when given, receives each row's new tokens as they arrive (every `stream_every` steps).
     `unroll`: decode steps per test of the loop's stop condition (1: every step); it changes the
     speed, never the tokens. Runs shorter than `unroll` steps test every step."""
+    if sampling is not None and not isinstance(sampling, Sampling):  # ("greedy" was AttributeError's traceback, deep in the loop)
+        raise SampleError(f"sampling must be a Sampling, e.g. Sampling(greedy=True) (None: the defaults), got {sampling!r}")
     sampling = sampling or Sampling()
     cfg = model.cfg
     context, B = cfg.context_len, len(prompts)
@@ -521,6 +523,9 @@ class Loaded:
         out = []
         for i, text in enumerate(prompts):
             name = names[i] if names is not None else f"prompt {i + 1}"
+            if not isinstance(text, str):  # (token ids, bytes or None were Python's TypeError from deep inside)
+                raise SampleError(f"{name} is not a string (got {type(text).__name__} {str(text)[:40]}); the prompts are a list of "
+                                  "strings (token ids go to generate)")
             _check_utf8(text, name)
             try:
                 ids = tok.encode_prompt(text) if text else []  # ("<|endoftext|>": the token, as nanoGPT's sampler reads it)
@@ -546,8 +551,9 @@ class Loaded:
         r = i * num_samples + j is prompt i's j-th sample. `on_text(row, text)` streams."""
         if isinstance(prompts, (str, bytes)):  # (each character was a prompt)
             raise SampleError(f"prompts is a list of strings; got one string: pass [{str(prompts)[:40]!r}]")
-        if num_samples < 1:  # (0 gave no text, silently)
-            raise SampleError(f"num_samples must be >= 1, got {num_samples}")
+        if isinstance(num_samples, (bool, np.bool_)) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+            # (0 gave no text, silently; 1.5 or "2" was Python's TypeError)
+            raise SampleError(f"num_samples must be >= 1, a whole number, got {num_samples!r}")
         ids = [p for p in self.encode_prompts(prompts) for _ in range(num_samples)]
         decoders = [StreamDecoder(self.tokenizer) for _ in ids]
 

@@ -413,6 +413,26 @@ def test_bad_generate_input():
         loaded.generate_text(["ROMEO:"], 3, num_samples=0)  # (no text, silently)
 
 
+def test_bad_generate_text_input_is_a_sample_error():
+    """generate_text given token ids, bytes or None as prompts, a num_samples that is no whole number,
+    or generate a sampling that is no Sampling: each was Python's TypeError or AttributeError from
+    deep inside ("'int' object is not iterable", "'str' object has no attribute 'greedy'")."""
+    from llmjax.tokenizer import CharTokenizer
+
+    model = types.SimpleNamespace(cfg=types.SimpleNamespace(context_len=8, vocab_size=3))
+    loaded = S.Loaded(model=model, tokenizer=CharTokenizer("\nAB"), config={}, step=0, path=None)
+    for prompts, said in [([1, 2], "prompt 1 is not a string (got int 1)"), (["A", b"AB"], "prompt 2 is not a string (got bytes"),
+                          (["A", None], "prompt 2 is not a string (got NoneType None)")]:
+        with pytest.raises(S.SampleError, match=re.escape(said) + r".*; the prompts are a list of strings \(token ids go to generate\)$"):
+            loaded.generate_text(prompts, 3)
+    for n in (1.5, "2", True):
+        with pytest.raises(S.SampleError, match=re.escape(f"num_samples must be >= 1, a whole number, got {n!r}")):
+            loaded.generate_text(["A"], 3, num_samples=n)
+    with pytest.raises(S.SampleError, match=r"^sampling must be a Sampling, e\.g\. Sampling\(greedy=True\) \(None: the defaults\), "
+                                            r"got 'greedy'$"):
+        generate(model, [[1]], 3, sampling="greedy")
+
+
 # --- top-k, top-p, padded vocabulary ---------------------------------------------------------------
 
 
