@@ -163,15 +163,20 @@ def saved_state(path, step):
     [("vanilla", {"train__grad_accum_steps": 2, "train.mesh.fsdp": 2, "train__schedule": "wsd", "train__decay_fraction": 0.5}),
      ("mla", {"model__scan_layers": False, "model__matmul_dtype": "bfloat16", "train__schedule": "constant"}),
      ("moe", {"model__moe_mode": "capacity", "model__capacity_factor": 0.5, "train__loss_chunks": 2}),
-     ("ssm", {"train__grad_accum_steps": 2, "model__scan_layers": False, "train__logits_dtype": "bfloat16"})],
-    ids=["vanilla-accum2-fsdp2-wsd", "mla-unrolled-bf16_matmuls-constant", "moe-capacity-loss_chunks", "ssm-accum2-unrolled-bf16_logits"],
+     ("ssm", {"train__grad_accum_steps": 2, "model__scan_layers": False, "train__logits_dtype": "bfloat16"}),
+     ("linformer", {}),
+     # (each of the 8 devices sorts its 32 rows into blocks of 8; Switch's gate; router losses per micro-batch)
+     ("moe", {"model__moe_impl": "blocked", "model__top_k": 1, "train__grad_accum_steps": 2})],
+    ids=["vanilla-accum2-fsdp2-wsd", "mla-unrolled-bf16_matmuls-constant", "moe-capacity-loss_chunks", "ssm-accum2-unrolled-bf16_logits",
+         "linformer", "moe-blocked-top1-accum2"],
 )
 def test_exact_resume_is_bit_identical(arch, opts, tmp_path):
     """A 12-step run, and the same command stopped at step 6 then run again on the same workdir,
     give bit-identical metrics for every step (losses, validation losses, gradient norms, learning
     rates, a MoE's router losses and statistics: everything but timing) and a bit-identical final
     state (parameters, optimizer moments). With the train options that change the step or the
-    schedule (data x FSDP mesh, wsd and constant schedules, bfloat16 matmul operands and logits)."""
+    schedule (data x FSDP mesh, wsd and constant schedules, bfloat16 matmul operands and logits), and
+    the MoE's two modes (capacity; dropless in sorted blocks, top-1 with router losses per micro-batch)."""
     full = train(cfg(arch, **opts), tmp_path / "full", quiet=True)
     first = train(cfg(arch, train__stop_at_step=6, **opts), tmp_path / "split", quiet=True)
     assert first.step == 6 and not first.final
@@ -183,7 +188,8 @@ def test_exact_resume_is_bit_identical(arch, opts, tmp_path):
     assert losses(tmp_path / "full", "val_loss") == losses(tmp_path / "split", "val_loss")
     assert figures(tmp_path / "full") == figures(tmp_path / "split")
     if arch == "moe":
-        assert all("aux_load_balance" in m and m["stat_dropped"] > 0 for m in figures(tmp_path / "full"))
+        capacity = opts.get("model__moe_mode") == "capacity"
+        assert all("aux_load_balance" in m and (m["stat_dropped"] > 0) == capacity for m in figures(tmp_path / "full"))
     full_state, split_state = saved_state(tmp_path / "full", 12), saved_state(tmp_path / "split", 12)
     assert len(full_state) == len(split_state) and all(np.array_equal(x, y) for x, y in zip(full_state, split_state))
     # the checkpoints' metric for `--which=best` is the periodic estimate at every step, the last
