@@ -167,11 +167,10 @@ RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl")
 
 
 def check_workdir(workdir: Path) -> dict | None:
-    """The config a workdir's earlier run saved (None for a new or empty workdir). Refuses a path
-    that is a file and a folder holding files a training run writes that are not an llmjax run's
-    (a Hugging Face model folder has a config.json and a tokenizer.json): nothing there is overwritten."""
-    if workdir.exists() and not workdir.is_dir():
-        raise ConfigError(f"--workdir {workdir} is a file; pass a folder (a new one, or an earlier run's)")
+    """The config a workdir's earlier run saved (None for a new or empty workdir). Refuses a folder
+    holding files a training run writes that are not an llmjax run's (a Hugging Face model folder has
+    a config.json and a tokenizer.json): nothing there is overwritten. Read under the workdir's lock:
+    read before it, a run that trained there and ended meanwhile went unseen."""
     cfg_path = workdir / "config.json"
     if cfg_path.is_file():
         try:
@@ -833,7 +832,8 @@ def _train(cfg, workdir, *, hold: contextlib.ExitStack, fresh_files: list[Path],
     # --- workdir: config.json (a resumed run must have the same model) ----------------------
     resolved = json.loads(cfg.to_json())
     saved_cfg = workdir / "config.json"
-    old_cfg = check_workdir(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir} is a file; pass a folder (a new one, or an earlier run's)")
     workdir.mkdir(parents=True, exist_ok=True)
     busy = WorkdirBusy(f"another training process is running in {workdir} now (the same command in another terminal?); wait for "
                        f"it to end (then the same command resumes its run), or use another --workdir")
@@ -845,6 +845,7 @@ def _train(cfg, workdir, *, hold: contextlib.ExitStack, fresh_files: list[Path],
         refused = True
     if most_of_all_processes(int(refused)):  # (every process stops, not process 0 alone)
         raise busy
+    old_cfg = check_workdir(workdir)
     if lead and not saved_cfg.exists():  # (a fresh run: its files, written below, are `train`'s to take back where it stops early)
         fresh_files.extend(workdir / f for f in RUN_FILES)
     check_shared_workdir(workdir)

@@ -895,6 +895,33 @@ def test_a_second_training_process_in_the_same_workdir_is_refused(tmp_path):
     assert fresh.is_dir() and not any(fresh.iterdir())
 
 
+def test_a_run_that_ended_in_the_workdir_before_this_one_held_it_is_seen(tmp_path, monkeypatch):
+    """The same workdir twice at once, the other run (of another model) ending before this one took
+    the workdir's lock: this one had read the workdir before the lock (nothing there) and restored
+    the other's checkpoint as its own run's, refused with the wrong line (the checkpoint 'holds another
+    model than its run's config.json'; another dataset or train settings went unchecked). Read under
+    the lock: the line for a workdir holding another model's run, and nothing of it is changed."""
+    import shutil
+
+    from llmjax import train as T
+
+    other = tmp_path / "other"
+    train(cfg("vanilla", model__n_layer=1, train__max_steps=2), other, devices=jax.devices()[:1], quiet=True)
+    theirs = {f.relative_to(other): f.read_bytes() for f in other.rglob("*") if f.is_file()}
+    lock = T.exclusive_folder
+
+    def after_the_other_run(path, busy):  # (it trained in `path` and ended just before this run's lock)
+        shutil.copytree(other, path, dirs_exist_ok=True)
+        return lock(path, busy)
+
+    monkeypatch.setattr(T, "exclusive_folder", after_the_other_run)
+    workdir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(workdir))} holds a run with a different model config: .*n_layer.*; use "
+                                          rf"another --workdir or the same config$"):
+        train(cfg("vanilla", train__max_steps=4), workdir, devices=jax.devices()[:1], quiet=True)
+    assert {f.relative_to(workdir): f.read_bytes() for f in workdir.rglob("*") if f.is_file()} == theirs
+
+
 def test_a_run_stopped_as_it_starts_takes_back_nothing_of_another_run_that_started_meanwhile(tmp_path, monkeypatch):
     """The same command twice in a new workdir, the second stopped (a Ctrl-C) before it reached the
     workdir's lock, once the first had written its config.json, tokenizer.json and empty metrics.jsonl
