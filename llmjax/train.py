@@ -707,27 +707,29 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
     global _TAKE_BACK
     _TAKE_BACK = take_back
     try:
-        try:
-            with contextlib.ExitStack() as hold:  # (the workdir's lock, _train's to take: released as this returns)
+        # (the workdir's lock, _train's to take: released as this returns, after any take-back, which
+        # released first would remove the files of a run that took the lock meanwhile)
+        with contextlib.ExitStack() as hold:
+            try:
                 return _train(cfg, workdir, devices=devices, quiet=quiet, hold=hold, fresh_files=fresh_files)
-        except CheckpointError as e:
-            raise TrainingError(f"{e}") from None
-        except OSError as e:
-            where = f" ({e.filename})" if e.filename else ""
-            raise TrainingError(f"{e.strerror or e}{where}; stopped. Make room or write access in {wd}, "
-                                f"then run the same command to resume from its last checkpoint") from None
-        except jax.errors.JaxRuntimeError as e:  # (a batch or context too large for the device: one line, not XLA's traceback)
-            what = cli.out_of_memory(e)
-            if what is None:
+            except WorkdirBusy:
+                raise  # (the folders are the other run's: nothing is removed)
+            except BaseException:
+                take_back()
                 raise
-            raise TrainingError(f"out of device memory ({what}); lower train.batch_size (raise train.grad_accum_steps to keep the "
-                                f"global batch), or set model.remat=full or train.loss_chunks=8, or a shorter model.context_len; "
-                                f"{resume_point(wd / 'checkpoints')}") from None
-    except WorkdirBusy:
-        raise  # (the folders are the other run's: nothing is removed)
-    except BaseException:
-        take_back()
-        raise
+    except CheckpointError as e:
+        raise TrainingError(f"{e}") from None
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise TrainingError(f"{e.strerror or e}{where}; stopped. Make room or write access in {wd}, "
+                            f"then run the same command to resume from its last checkpoint") from None
+    except jax.errors.JaxRuntimeError as e:  # (a batch or context too large for the device: one line, not XLA's traceback)
+        what = cli.out_of_memory(e)
+        if what is None:
+            raise
+        raise TrainingError(f"out of device memory ({what}); lower train.batch_size (raise train.grad_accum_steps to keep the "
+                            f"global batch), or set model.remat=full or train.loss_chunks=8, or a shorter model.context_len; "
+                            f"{resume_point(wd / 'checkpoints')}") from None
     finally:
         _TAKE_BACK = None
 

@@ -922,6 +922,36 @@ def test_a_run_that_ended_in_the_workdir_before_this_one_held_it_is_seen(tmp_pat
     assert {f.relative_to(workdir): f.read_bytes() for f in workdir.rglob("*") if f.is_file()} == theirs
 
 
+def test_a_fresh_run_refused_takes_its_files_back_before_it_lets_go_of_the_workdir(tmp_path, monkeypatch):
+    """A fresh run refused after it wrote its files (attention_impl='cudnn' on a CPU, as its step is
+    traced) let go of the workdir's lock, then took its files back: the same command started again
+    at that moment, holding the workdir once it was free, lost the config.json, tokenizer.json and
+    metrics.jsonl it had written there. Now the take-back is done before the lock is let go."""
+    import contextlib as cl
+
+    from llmjax import train as T
+
+    workdir = tmp_path / "run"
+    second = {"config.json": json.dumps({"model": {"arch": "vanilla"}, "train": {}}), "tokenizer.json": "{}", "metrics.jsonl": ""}
+    lock = T.exclusive_folder
+    with contextlib.ExitStack() as held:
+        @cl.contextmanager
+        def then_the_second_run(path, busy):  # (it takes the workdir as soon as it is free, and writes its files)
+            try:
+                with lock(path, busy):
+                    yield
+            finally:
+                path.mkdir(exist_ok=True)  # (as a run does before it takes the lock)
+                held.enter_context(lock(path, lambda: AssertionError("held")))
+                for name, text in second.items():
+                    (path / name).write_text(text)
+
+        monkeypatch.setattr(T, "exclusive_folder", then_the_second_run)
+        with pytest.raises(ConfigError, match=r"^model\.attention_impl='cudnn' needs a CUDA GPU"):
+            train(cfg("vanilla", model__attention_impl="cudnn", model__dtype="bfloat16"), workdir, quiet=True)
+        assert {f.name: f.read_text() for f in workdir.iterdir()} == second
+
+
 def test_a_run_stopped_as_it_starts_takes_back_nothing_of_another_run_that_started_meanwhile(tmp_path, monkeypatch):
     """The same command twice in a new workdir, the second stopped (a Ctrl-C) before it reached the
     workdir's lock, once the first had written its config.json, tokenizer.json and empty metrics.jsonl
