@@ -247,6 +247,8 @@ def run(main: Callable[[list[str]], None]):
 
     def guarded(argv):
         logging.set_verbosity(logging.WARNING)  # Orbax and grain log every save at INFO
+        if sys.stdout is None:  # (`>&-`: an AttributeError's traceback at the first text, after the work: a training run's closing sample)
+            fail("standard output is closed, and this tool writes its results there; redirect it to a file (or /dev/null) instead")
         try:
             main(argv)
         except ConfigError as e:

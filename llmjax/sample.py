@@ -805,8 +805,6 @@ def main(argv):
             cli.fail(f"--{name} is given {len(values)} times ({shown}) and only the last would be read; give one ({more})")
     warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
     try:
-        if sys.stdout is None:  # (`>&-`: it was AttributeError's traceback at the first text, after the model loaded)
-            raise SampleError("standard output is closed, and the samples are written there; redirect it to a file instead")
         if FLAGS.num_samples < 1 or not 0 <= FLAGS.max_new_tokens < 2**31:
             raise SampleError("--num_samples must be >= 1 and --max_new_tokens in [0, 2**31)")
         if not 0 <= FLAGS.seed < 2**32:

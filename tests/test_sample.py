@@ -866,14 +866,18 @@ def test_cli_single_sample_streams_plain_text(run_dir):
     assert r.stdout == "ROMEO:" + want + "\n"
 
 
-def test_cli_with_standard_output_closed_is_one_line(run_dir):
+@pytest.mark.parametrize("tool", ["sample", "train"])
+def test_cli_with_standard_output_closed_is_one_line(run_dir, tmp_path, tool):
     """`python -m llmjax.sample ... >&-`: Python's sys.stdout is None, which was AttributeError's
-    traceback at the first text, once the model had loaded; one line before anything loads."""
+    traceback at the first text, once the model had loaded; for the trainer, once the run had ended
+    (its closing sample). One line before anything loads or trains, for every tool (cli.run)."""
     closed = "import os, sys; os.close(1); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
-    r = subprocess.run([sys.executable, "-c", closed, "-m", "llmjax.sample", f"--checkpoint_path={run_dir}", "--prompt=ROMEO:",
-                        "--max_new_tokens=5"], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert (r.returncode, r.stderr) == (2, "error: standard output is closed, and the samples are written there; redirect it "
-                                           "to a file instead\n"), r.stderr[-2000:]
+    args = ([f"--checkpoint_path={run_dir}", "--prompt=ROMEO:", "--max_new_tokens=5"] if tool == "sample" else
+            ["--config=configs/vanilla.py:tiny", f"--workdir={tmp_path / 'run'}", "--config.train.max_steps=2"])
+    r = subprocess.run([sys.executable, "-c", closed, "-m", f"llmjax.{tool}", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert (r.returncode, r.stderr) == (2, "error: standard output is closed, and this tool writes its results there; redirect it "
+                                           "to a file (or /dev/null) instead\n"), r.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_ctrl_c_while_streaming_ends_the_text_line_first(run_dir):
