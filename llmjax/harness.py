@@ -28,7 +28,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 
 from llmjax.downstream import check_tokenizer
 from llmjax.sample import Sampling, generate
-from llmjax.scoring import Scorer
+from llmjax.scoring import Scorer, encode_pair
 
 
 def _int(value, name: str, minimum: int = 1) -> int:
@@ -139,6 +139,12 @@ class LlmjaxLM(TemplateLM):
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
         return self.llmjax_tokenizer.decode(tokens)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """TemplateLM's, with the tokens of llmjax.scoring.encode_pair (lm-eval's rules, as the fast
+        scorer's): an empty context and an empty continuation, lm-eval's IndexError, score 0 (log 1)."""
+        reqs = [((ctx, cont), *encode_pair(self.llmjax_tokenizer, ctx, cont)) for ctx, cont in (req.args for req in requests)]
+        return self._loglikelihood_tokens(reqs, disable_tqdm=disable_tqdm)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         out = self.scorer.score([(ctx, cont) for _, ctx, cont in requests], progress=not disable_tqdm)

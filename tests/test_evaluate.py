@@ -227,11 +227,34 @@ def test_encode_pair_is_lm_evals():
 
     cases = [("Hello", " world"), ("Question: x\nAnswer: ", "yes"), ("trailing  ", "tab\tand"), ("", "Starts here"),
              ("", "<|endoftext|>x"), ("un", "believable"), ("The cat", "")]
-    seen = []
+    from lm_eval.api.model import TemplateLM
+
+    seen, ours = [], []
+    reqs = [Instance("loglikelihood", {}, c, 0) for c in cases]
     lm._loglikelihood_tokens = lambda reqs, **k: seen.extend(reqs) or [(0.0, True)] * len(reqs)
-    lm.loglikelihood([Instance("loglikelihood", {}, c, 0) for c in cases], disable_tqdm=True)
+    TemplateLM.loglikelihood(lm, reqs, disable_tqdm=True)  # (lm-eval's own tokenisation)
+    lm._loglikelihood_tokens = lambda reqs, **k: ours.extend(reqs) or [(0.0, True)] * len(reqs)
+    lm.loglikelihood(reqs, disable_tqdm=True)  # (the llmjax model's: encode_pair)
+    assert [r[1:] for r in ours] == [encode_pair(tok, ctx, cont) for ctx, cont in cases]
     for (ctx, cont), (_, want_ctx, want_cont) in zip(cases, seen):
         assert encode_pair(tok, ctx, cont) == (list(want_ctx), list(want_cont)), (ctx, cont)
+
+
+def test_an_empty_continuation_scores_zero(bpe_model):
+    """An empty continuation has log-likelihood 0 (log 1) and is greedy, after any context; after an
+    empty one it was lm-eval's IndexError traceback (TemplateLM.loglikelihood reads its first token)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from llmjax.harness import LlmjaxLM
+
+    m, tok = bpe_model
+    lm = LlmjaxLM(model=m, tokenizer=tok, batch_size=2)
+    cases = [("", ""), ("Hello", ""), ("", "Hello"), ("Hello", " world")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, c, 0) for c in cases], disable_tqdm=True)
+    assert got[:2] == [(0.0, True), (0.0, True)]
+    want = reference_scores(m, [([tok.eot_id], tok.encode("Hello")), (tok.encode("Hello"), tok.encode(" world"))], 256)
+    np.testing.assert_allclose([g[0] for g in got[2:]], [w[0] for w in want], rtol=1e-5)
 
 
 def lm_eval_run(lm, tasks, task_manager, limit=None):
