@@ -324,9 +324,14 @@ def score_task(scorer: Scorer, tokenizer, items: Sequence[Item], *, progress: bo
     return metrics(items, [ll for ll, _ in results])
 
 
-def check_tokenizer(tokenizer) -> None:
+def check_tokenizer(tokenizer, tasks: Sequence[str] | None = TASK_NAMES) -> None:
+    """Refuse a character-level model (no end-of-text token), naming `tasks` (None: lm-eval's, whichever)."""
     if getattr(tokenizer, "eot_id", None) is None:
+        if tasks is not None and set(tasks) <= set(TASKS):
+            what = "HellaSwag and ARC"
+        else:  # (the harness's: "HellaSwag and ARC" misnamed e.g. lambada_openai)
+            what = "lm-eval's tasks" + (f" ({', '.join(tasks)})" if tasks else "")
         raise TaskError(
-            "HellaSwag and ARC are scored on text with the GPT-2 BPE tokenizer; this is a character-level model "
+            f"{what} are scored on text with the GPT-2 BPE tokenizer; this is a character-level model "
             "(train a BPE config, e.g. data.dataset=tinyshakespeare, to score it)"
         )

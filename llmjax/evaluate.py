@@ -170,7 +170,7 @@ def run_harness(
         raise EvalError("--scorer=harness needs lm-evaluation-harness: bash scripts/setup.sh eval (or use --scorer=fast)") from None
     from llmjax.harness import LlmjaxLM
 
-    downstream.check_tokenizer(loaded.tokenizer)
+    downstream.check_tokenizer(loaded.tokenizer, tasks)
     lm = LlmjaxLM(model=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, device=device)
     with tempfile.TemporaryDirectory(prefix="llmjax-tasks-") as folder:
         local = _local_task_configs(tasks, task_dir, Path(folder))
@@ -285,7 +285,7 @@ def evaluate(FLAGS) -> dict:
     device = pick_device(FLAGS.device)
     loaded = load_for_scoring(FLAGS.checkpoint_path, FLAGS.which, dtype=FLAGS.dtype, device=device,
                               quantize=getattr(FLAGS, "quantize", None), quantize_embeddings=getattr(FLAGS, "quantize_embeddings", False))
-    downstream.check_tokenizer(loaded.tokenizer)
+    downstream.check_tokenizer(loaded.tokenizer, tasks)
     kwargs = dict(batch_size=FLAGS.batch_size, limit=FLAGS.limit, task_dir=FLAGS.task_dir)
     with jax.default_device(device):
         if FLAGS.scorer == "fast":

@@ -116,7 +116,7 @@ class LlmjaxLM(TemplateLM):
                 raise ValueError("the llmjax model needs checkpoint=runs/NAME (a training run directory)")
             loaded = load_for_scoring(path, which, dtype=dtype, device=self.jax_device, quantize=quantize)
             model, tokenizer, self.step = loaded.model, loaded.tokenizer, loaded.step
-        check_tokenizer(tokenizer)
+        check_tokenizer(tokenizer, None)
         self.model, self.llmjax_tokenizer = model, tokenizer
         self.scorer = Scorer.for_model(model, self.batch_size_per_gpu)
 

@@ -546,6 +546,28 @@ def test_character_models_are_refused():
         downstream.score_task(Scorer.for_model(model("vanilla")), CharTokenizer("abc"), [])
 
 
+def test_a_character_model_is_refused_naming_the_lm_eval_tasks_asked_for(monkeypatch):
+    """`--tasks lambada_openai` with a character-level checkpoint said "HellaSwag and ARC are scored on
+    text ...", tasks that were not asked for; the line names lm-eval's tasks (not scored: refused first)."""
+    from llmjax.tokenizer import CharTokenizer
+
+    pytest.importorskip("lm_eval")
+    from llmjax.harness import LlmjaxLM
+
+    m = types.SimpleNamespace(cfg=types.SimpleNamespace(arch="vanilla", dtype="float32", context_len=64))
+    monkeypatch.setattr(E, "load_for_scoring", lambda *a, **kw: types.SimpleNamespace(model=m, tokenizer=CharTokenizer("abc")))
+    args = dict(batch_size=2, limit=None, device="cpu", checkpoint_path="runs/x", which="latest", dtype=None, task_dir=str(FIXTURES),
+                num_fewshot=None, output_json=None)
+    tail = r" are scored on text with the GPT-2 BPE tokenizer; this is a character-level model \(train a BPE config"
+    for scorer, tasks, what in [("harness", "lambada_openai", r"lm-eval's tasks \(lambada_openai\)"),
+                                ("harness", "hellaswag,lambada_openai", r"lm-eval's tasks \(hellaswag, lambada_openai\)"),
+                                ("harness", "hellaswag,arc_easy", "HellaSwag and ARC"), ("fast", "arc_easy", "HellaSwag and ARC")]:
+        with pytest.raises(downstream.TaskError, match=f"^{what}{tail}"):
+            E.evaluate(types.SimpleNamespace(scorer=scorer, tasks=tasks, **args))
+    with pytest.raises(downstream.TaskError, match=f"^lm-eval's tasks{tail}"):  # (the model made from Python: any task)
+        LlmjaxLM(model=m, tokenizer=CharTokenizer("abc"))
+
+
 # --- the trainer's in-loop scoring and the command line -------------------------------------------------
 
 
