@@ -271,8 +271,10 @@ def evaluate(FLAGS) -> dict:
     tasks = [t.strip() for t in FLAGS.tasks.split(",") if t.strip()]
     if not tasks:
         raise EvalError("--tasks is empty; e.g. --tasks=hellaswag,arc_easy")
-    if FLAGS.batch_size < 1 or (FLAGS.limit is not None and FLAGS.limit < 1):
-        raise EvalError("--batch_size and --limit must be >= 1")
+    if FLAGS.batch_size < 1:
+        raise EvalError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
+    if FLAGS.limit is not None and FLAGS.limit < 1:  # (eval.tasks_limit=0 is every item: here that is no --limit)
+        raise EvalError(f"--limit must be >= 1, got {FLAGS.limit}; drop --limit to score every item")
     shots = getattr(FLAGS, "num_fewshot", None)
     if shots is not None and shots < 0:
         raise EvalError(f"--num_fewshot must be >= 0, got {shots}")

@@ -822,6 +822,10 @@ def test_cli_errors_are_one_line(bpe_run, tmp_path):
     (damaged / "hellaswag_val.jsonl").write_text("\n".join((FIXTURES / "hellaswag_val.jsonl").read_text().splitlines()[:2] + ['{"ctx_a": "x"']))
     for change, needle in [({"tasks": "mmlu"}, "unknown task 'mmlu'"), ({"device": "tpux"}, "use cuda"), ({"tasks": " "}, "--tasks is empty"),
                            ({"device": "cpu:99"}, "there are only"),
+                           # (one line for both said neither which flag nor what to do)
+                           ({"batch_size": 0}, r"^--batch_size must be >= 1, got 0$"),
+                           ({"limit": 0}, r"^--limit must be >= 1, got 0; drop --limit to score every item$"),
+                           ({"limit": -3}, r"^--limit must be >= 1, got -3; drop --limit"),
                            ({"output_json": str(tmp_path)}, "is a folder; give a file name"),
                            ({"output_json": str(tmp_path / "afile" / "m.json")}, "is a file, not a folder"),
                            ({"device": "cpu", "task_dir": str(tmp_path / "afile"), "tasks": "arc_easy"}, "cannot use .*afile as the task directory"),
