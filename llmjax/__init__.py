@@ -10,6 +10,22 @@ dataset-preparation workers import) does not pull in JAX.
 """
 
 import importlib
+import sys
+
+
+def _interrupted_while_starting(signum, frame):
+    sys.stderr.write("error: interrupted\n")
+    import os
+
+    os._exit(130)
+
+
+if sys.argv[:1] == ["-m"]:  # (`python -m llmjax.<tool>`, while Python finds the tool: not a library import)
+    # A Ctrl-C while the tool imports JAX (seconds) was a KeyboardInterrupt traceback from deep in an
+    # import; it ends the tool in the one line that cli.run gives it later, which sets Python's own back
+    import signal
+
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 _EXPORTS = {
     "ConfigError": "llmjax.config",

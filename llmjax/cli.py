@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -17,6 +18,7 @@ from typing import Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import llmjax
 from llmjax.config import ConfigError, check_key, flags_spec, load_config, parse_value, split_spec, validate
 
 FLAGS = flags.FLAGS
@@ -247,6 +249,8 @@ def run(main: Callable[[list[str]], None]):
 
     def guarded(argv):
         logging.set_verbosity(logging.WARNING)  # Orbax and grain log every save at INFO
+        if signal.getsignal(signal.SIGINT) is llmjax._interrupted_while_starting:  # (the tool has imported: Ctrl-C is
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt again, which tools handle)
         if sys.stdout is None:  # (`>&-`: an AttributeError's traceback at the first text, after the work: a training run's closing sample)
             fail("standard output is closed, and this tool writes its results there; redirect it to a file (or /dev/null) instead")
         try:

@@ -897,6 +897,24 @@ def test_cli_ctrl_c_while_streaming_ends_the_text_line_first(run_dir):
     assert (head + out).endswith(b"\n") and err.decode() == "error: interrupted\n"
 
 
+@pytest.mark.parametrize("tool", ["sample", "train"])
+def test_a_ctrl_c_while_a_tool_imports_is_one_line(tool, tmp_path):
+    """Ctrl-C in a tool's first seconds, while it imports JAX and before cli.run: it was a
+    KeyboardInterrupt traceback from deep in an import (llmjax's package sets a handler under
+    `python -m`, which cli.run replaces with Python's own: the test above covers the Ctrl-C after)."""
+    import signal
+    import time
+
+    args = {"train": ["--config=configs/vanilla.py:tiny", f"--workdir={tmp_path / 'run'}"], "sample": [f"--checkpoint_path={tmp_path}"]}
+    proc = subprocess.Popen([sys.executable, "-m", f"llmjax.{tool}", *args[tool]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    time.sleep(0.8)  # (Python is up and imports JAX, which takes seconds)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert (proc.returncode, err) == (130, "error: interrupted\n"), err[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_several_samples_and_prompt_file(run_dir, tmp_path):
     (tmp_path / "prompts.txt").write_text("First\n\nSecond line\n")
     r = _cli(f"--checkpoint={run_dir}", "--prompt=Zero", f"--prompt_file={tmp_path / 'prompts.txt'}", "--num_samples=2",
