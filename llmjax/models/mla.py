@@ -84,7 +84,12 @@ class MultiHeadLatentAttention(nnx.Module):
         B, T, _ = x_BTD.shape
         H = self.n_head
         q_nope, q_rope = self._queries(x_BTD, positions_BT)
-        latent, k_rope = jnp.split(self.kv_down(x_BTD), [self.r], axis=-1)  # (B, T, r), (B, T, p)
+        # Decoding, XLA's GPU compiler merges the two products of x (q_proj's, kv_down's) into one by
+        # joining their weights, a copy it cannot fuse into the GEMM (kv_down's r + p columns are no
+        # multiple of its tiles) and makes every token (4.4 MB a layer for the default config):
+        # a barrier on kv_down's x keeps them two GEMMs there. (Training keeps the merge: one copy a step.)
+        x_kv = x_BTD if cache is None else jax.lax.optimization_barrier(x_BTD)
+        latent, k_rope = jnp.split(self.kv_down(x_kv), [self.r], axis=-1)  # (B, T, r), (B, T, p)
         latent = self.kv_norm(latent)
         k_rope = apply_rope(k_rope[:, :, None, :], positions_BT, self.rope_base)[:, :, 0, :]
         if cache is None:
