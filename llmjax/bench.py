@@ -545,6 +545,9 @@ def main(argv):
     if F.config is not None and F["variant"].present:  # (it was ignored: the spec's variant was measured)
         path, _ = cli.split_spec(F["config"].config_filename)  # (as given: --config, -config or a --flagfile's)
         cli.fail(f"--variant is for --all; with --config put the variant in it: --config {path}:{F.variant}")
+    if F.config is not None and F["doc"].present:  # (it was ignored: the row was printed, nothing written into FILE)
+        cli.fail("--doc is for --all (the table of every architecture); a --config row is printed, and --out FILE writes it as "
+                 "JSON lines")
     unknown = [s for s in F.suite if s not in SUITES]
     if unknown:
         cli.fail(f"unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}")

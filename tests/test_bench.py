@@ -271,6 +271,17 @@ def test_cli_bad_input_is_one_line():
         assert r.returncode == 2 and r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
 
 
+def test_doc_without_all_is_refused(tmp_path):
+    """--doc names where --all writes its table: with --config it was ignored (the row printed,
+    nothing written into the file, exit status 0)."""
+    doc = tmp_path / "b.md"
+    (r,) = cli_cases("llmjax.bench", [["--config=configs/vanilla.py:tiny", f"--doc={doc}", "--suite=memory", "--steps=0"]])
+    assert (r.returncode, r.stdout) == (2, ""), r.stderr[-2000:]
+    assert r.stderr == ("error: --doc is for --all (the table of every architecture); a --config row is printed, and --out FILE "
+                        "writes it as JSON lines\n")
+    assert not doc.exists()
+
+
 def test_out_of_device_memory_is_one_line():
     """XLA reports a failed device allocation as RESOURCE_EXHAUSTED at a result, or as INTERNAL at a
     dispatch (bench's timed step, here): both are recognised (cli.out_of_memory), and bench with
