@@ -233,15 +233,34 @@ def writable_folder(path: str, flag: str) -> None:
         raise OSError(f"{flag}={path}: {p} cannot be written; give a folder that can")
 
 
+DOC_TITLE = "# Benchmarks"
+
+
+def read_doc(doc: Path) -> str:
+    """The text of --all's `doc`, or DOC_TITLE where it is new or empty. An OSError (one line) where
+    it is not a benchmarks document: not text (its bytes were a UnicodeDecodeError's traceback), or
+    a document with no generated table whose title is not DOC_TITLE (README.md, a config: the table
+    was appended to it)."""
+    try:
+        text = doc.read_text() if doc.exists() else ""
+    except UnicodeDecodeError:
+        raise OSError(f"--doc={doc} is not a text file; give --doc the markdown file for the table (default {DOC})") from None
+    if text.strip() and not markers(text, BEGIN) and not markers(text, END) and not text.lstrip().startswith(DOC_TITLE):
+        raise OSError(f"--doc={doc} is not a benchmarks document (no {BEGIN} / {END} markers, no '{DOC_TITLE}' title); give "
+                      "docs/benchmarks.md or a new file, or put the two marker lines where the table goes")
+    return text if text.strip() else DOC_TITLE + "\n"
+
+
 def check_doc(doc: Path) -> None:
     """An OSError (one line) where --all could not write its table into `doc` once measured: not a
     file in an existing folder, a folder that cannot be written (the table goes in through a
-    temporary file there: it was refused after every row had measured), damaged markers."""
+    temporary file there: it was refused after every row had measured), not a benchmarks document
+    (`read_doc`), damaged markers."""
     if not doc.parent.is_dir() or doc.is_dir():
         raise OSError(f"--doc={doc} is not a file in an existing folder")
     if not os.access(doc.parent, os.W_OK | os.X_OK):
         raise OSError(f"--doc={doc}: {doc.parent} cannot be written; give --doc a file in a folder that can")
-    rewrite_doc(doc.read_text() if doc.exists() else "", table([], ""))  # (damaged markers: refused now)
+    rewrite_doc(read_doc(doc), table([], ""))  # (damaged markers: refused now)
 
 
 def inference_model(mcfg, quantize: str | None = None):
@@ -448,17 +467,24 @@ def table(rows: list[dict], command: str, suites=None) -> str:
 
 
 def rewrite_doc(text: str, block: str) -> str:
-    """`text` with its generated table (between BEGIN and END) replaced by `block`, or `block`
-    appended where it has none. Refused (ConfigError) where the markers are not exactly one BEGIN
-    followed by one END: a lost marker would make the next rewrite cut hand-written text."""
-    begins, ends = text.count(BEGIN), text.count(END)
-    if begins == ends == 0:
+    """`text` with its generated table (between BEGIN and END, each on a line of its own) replaced
+    by `block`, or `block` appended where it has none. Refused (ConfigError) where the markers are
+    not exactly one BEGIN followed by one END: a lost marker would make the next rewrite cut
+    hand-written text."""
+    begins, ends = markers(text, BEGIN), markers(text, END)
+    if not begins and not ends:
         return text.rstrip("\n") + "\n\n## Generated results table (`python -m llmjax.bench --all`)\n\n" + block + "\n"
-    if begins != 1 or ends != 1 or text.index(BEGIN) > text.index(END):
-        raise ConfigError(f"the generated table's markers are damaged ({begins} x {BEGIN}, {ends} x {END}); "
-                          "mend them (one of each, in that order) or pass another --doc")
-    a, b = text.index(BEGIN), text.index(END) + len(END)
+    if len(begins) != 1 or len(ends) != 1 or begins[0] > ends[0]:
+        raise ConfigError(f"the generated table's markers are damaged ({len(begins)} x {BEGIN}, {len(ends)} x {END}, each on a line "
+                          "of its own); mend them (one of each, in that order) or pass another --doc")
+    a, b = begins[0], ends[0] + len(END)
     return text[:a] + block + text[b:]
+
+
+def markers(text: str, marker: str) -> list[int]:
+    """Where `marker` stands on a line of its own in `text`: a mention of it in prose (README.md's)
+    is not one (with one of each mentioned, --doc README.md replaced the text between them)."""
+    return [m.start() for m in re.finditer(rf"^{re.escape(marker)}[ \t]*\r?$", text, re.MULTILINE)]
 
 
 # --- command line ------------------------------------------------------------------------------------
@@ -703,7 +729,7 @@ def main(argv):
 
         path = Path(F.doc)
         try:
-            text = rewrite_doc(path.read_text() if path.exists() else "# Benchmarks\n", block)
+            text = rewrite_doc(read_doc(path), block)
             atomic_write_bytes(path, text.encode())  # (a failed write leaves the document as it was)
         except ConfigError as e:
             cli.fail(str(e))

@@ -282,6 +282,32 @@ def test_doc_without_all_is_refused(tmp_path):
     assert not doc.exists()
 
 
+def test_a_doc_that_is_not_a_benchmarks_document_is_refused_before_measuring(tmp_path):
+    """--all appended its table to any --doc without markers (a config file), replaced the text
+    between two markers mentioned in prose (README.md's sentence about them), and a file that is not
+    text was a UnicodeDecodeError's traceback. Markers count on lines of their own; a file without
+    them is taken only where its title is '# Benchmarks' (docs/benchmarks.md's); a new or empty one
+    gets that title."""
+    readme, config, binary = tmp_path / "README.md", tmp_path / "vanilla.py", tmp_path / "b.md"
+    readme.write_text((ROOT / "README.md").read_text())
+    config.write_text((ROOT / "configs" / "vanilla.py").read_text())
+    binary.write_bytes(bytes(range(256)))
+    cases = [(readme, "is not a benchmarks document"), (config, "is not a benchmarks document"), (binary, "is not a text file")]
+    before = {doc: doc.read_bytes() for doc, _ in cases}
+    runs = cli_cases("llmjax.bench", [["--all", "--variant=tiny", "--suite=memory", "--steps=0", f"--doc={doc}"] for doc, _ in cases])
+    for (doc, needle), r in zip(cases, runs):
+        assert (r.returncode, r.stdout) == (2, ""), r.stderr[-2000:]
+        assert r.stderr.startswith(f"error: --doc={doc} {needle}") and r.stderr.count("\n") == 1, r.stderr[-2000:]
+        assert doc.read_bytes() == before[doc]
+    prose = f"# Benchmarks\n\nThe table goes between `{bench.BEGIN}` and\n`{bench.END}`, each on a line of its own.\n"
+    block = bench.table([], "cmd")
+    assert bench.rewrite_doc(prose, block) == prose + "\n## Generated results table (`python -m llmjax.bench --all`)\n\n" + block + "\n"
+    empty = tmp_path / "empty.md"
+    empty.write_text("\n")
+    assert bench.read_doc(empty) == bench.read_doc(tmp_path / "new.md") == "# Benchmarks\n"
+    assert bench.read_doc(ROOT / "docs" / "benchmarks.md").startswith("# Benchmarks\n")
+
+
 def test_out_of_device_memory_is_one_line():
     """XLA reports a failed device allocation as RESOURCE_EXHAUSTED at a result, or as INTERNAL at a
     dispatch (bench's timed step, here): both are recognised (cli.out_of_memory), and bench with
