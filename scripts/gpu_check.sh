@@ -48,10 +48,20 @@
 # GPU_CHECK_ONLY=REGEX runs only the steps whose names match (e.g. 'bench (vanilla|modern) decoding' on a
 # second slot). GPU_CHECK_VARIANT=tiny runs the same steps on tiny configs (to check this script on a CPU).
 set -uo pipefail
-out="${1:?usage: scripts/gpu_check.sh OUTDIR [--sweep]}"
+usage="usage: scripts/gpu_check.sh OUTDIR [--sweep]"
+out="${1:?$usage}"
 mode="${2:-default}"
-mkdir -p "$out"
-out="$(cd "$out" && pwd)"  # (before the cd below: a relative OUTDIR is where the command was run)
+# (a wrong argument refused in one line: '--sweep OUTDIR' made OUTDIR the mode, ran the default mode
+# and wrote every file into /, none of them returned)
+if [ $# -gt 2 ] || [[ "$out" == -* ]] || { [ "$mode" != default ] && [ "$mode" != --sweep ]; }; then
+  echo "error: got '$*'; $usage (OUTDIR first)" >&2
+  exit 2
+fi
+# (before the cd below: a relative OUTDIR is where the command was run)
+if ! mkdir -p -- "$out" 2>/dev/null || ! out="$(cd -- "$out" 2>/dev/null && pwd)" || [ ! -w "$out" ]; then
+  echo "error: OUTDIR $1 is not a folder that can be made and written; give another" >&2
+  exit 2
+fi
 # so are relative paths in these variables (their defaults, .whl and ../shared/anchors, are the repository's)
 for v in GPU_CHECK_WHEELS GPU_CHECK_ANCHORS LLMJAX_TASK_DIR NANOGPT_SRC LLMJAX_COMPILATION_CACHE PYTHON; do
   value="${!v:-}"

@@ -491,12 +491,12 @@ def test_gpu_carry_script_asks_pip_for_the_pinned_wheels(tmp_path):
     assert {"/.whl/", "/.task/"} <= set((ROOT / ".gitignore").read_text().splitlines())
 
 
-def _gpu_check(out, **env):
+def _gpu_check(out, args=("out",), **env):
     import os
 
     env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_VARIANT": "tiny", "GPU_CHECK_WHEELS": str(out / "no-wheels"), **env}
     # (OUTDIR relative to where the command runs, not to the repository)
-    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "out"], capture_output=True, text=True, cwd=out, env=env,
+    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), *args], capture_output=True, text=True, cwd=out, env=env,
                           timeout=600)
 
 
@@ -538,6 +538,18 @@ def test_gpu_check_script_on_cpu(tmp_path):
     assert "SKIP bench vanilla training (full) (out of time" in steps and "ok in" not in steps
     assert f"wheels {tmp_path}/wheels, task dir {tmp_path}/tasks, nanoGPT {tmp_path}/nano, anchors {(ROOT.parent / 'shared' / 'anchors').resolve()}\n" in (
         out / "env.txt").read_text()
+
+
+def test_gpu_check_refuses_its_arguments_in_the_wrong_order(tmp_path):
+    """`gpu_check.sh --sweep OUTDIR` took '--sweep' as OUTDIR (mkdir and cd refused it, OUTDIR became
+    '') and OUTDIR as the mode: it ran the default mode and wrote its files into /, where none of
+    them comes back from the GPU machine; an unknown mode ran the default mode. Each is one line,
+    exit status 2, before anything runs or is written."""
+    (tmp_path / "file").write_text("x")
+    for args in (["--sweep", "out"], ["out", "--sweeep"], ["out", "--sweep", "more"], ["file"]):
+        r = _gpu_check(tmp_path, GPU_CHECK_BUDGET="0", args=args)
+        assert r.returncode == 2 and r.stdout == "" and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, (args, r.stdout, r.stderr)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["file"], args
 
 
 _GPU_CHECK_STUB = """#!{python} -S
