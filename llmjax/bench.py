@@ -658,8 +658,11 @@ def main(argv):
         if F.all:
             check_doc(Path(F.doc))
         if F.out:
-            with open(F.out, "a"):
-                pass
+            try:
+                with open(F.out, "a"):
+                    pass
+            except OSError as e:  # (Python's words alone did not say which flag's file it was)
+                raise OSError(f"{e.strerror}: {F.out} (--out: give a file in a folder that exists and can be written)") from None
     except ConfigError as e:
         cli.fail(f"{current}: {e}" if F.all and current else str(e))
     except OSError as e:

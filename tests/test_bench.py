@@ -250,6 +250,9 @@ def test_cli_bad_input_is_one_line():
                          (["--config=configs/vanilla.py:tiny", "--suite=train,memory", "--quantize=int8"],
                           "--quantize int8 applies to the decode and hellaswag suites; --suite memory,train measures the float model"),
                          (["--config=configs/vanilla.py:tiny", "--out=/nonexistent/rows.jsonl"], "No such file or directory: /nonexistent"),
+                         (["--config=configs/vanilla.py:tiny", "--out=/nonexistent/rows.jsonl"],
+                          "(--out: give a file in a folder that exists and can be written)"),
+                         (["--config=configs/vanilla.py:tiny", f"--out={ROOT / 'tests'}"], "Is a directory: " + str(ROOT / "tests") + " (--out: "),
                          # --set reads a value as --config.* does: True is a bool (it was refused: "True is of original type <class 'str'>"),
                          # so this row is planned and only the --out after it is refused
                          (["--config=configs/vanilla.py:tiny", "--set", "model.scan_layers=True", "--out=/nonexistent/rows.jsonl"],
