@@ -286,9 +286,28 @@ def _read_documents(src: Source, mark: float | None) -> Iterator[tuple[str | Non
         text_bytes = sum(4 * b.num_rows + (pc.sum(pc.binary_length(b.column(0))).as_py() or 0)
                          for b in pf.iter_batches(columns=["text"], batch_size=65536))
         scale = src.path.stat().st_size / max(text_bytes, 1)
+        row = 0
         for batch in pf.iter_batches(columns=["text"], batch_size=2048):
-            for text in batch.column(0).to_pylist():
+            try:
+                texts = batch.column(0).to_pylist()
+            except UnicodeDecodeError:  # (parquet does not check its strings; said by the row, not by the file's bytes)
+                raise PrepareError(_not_utf8_row(src.path, batch.column(0), row)) from None
+            row += batch.num_rows
+            for text in texts:
                 yield text if text and text.strip() else None, (4 + len(text.encode() if text else b"")) * scale, True
+
+
+def _not_utf8_row(path: Path, column, first_row: int) -> str:
+    """Which row of a batch of a parquet 'text' column is not UTF-8 (the file's own bytes are
+    compressed binary: locating a byte in them, as `not_utf8` does a text file, said to strip its
+    NUL bytes with tr)."""
+    for i, value in enumerate(column):
+        try:
+            value.as_py()
+        except UnicodeDecodeError as e:
+            return (f"{path}: row {first_row + i + 1:,} of its 'text' column is not UTF-8 text (0x{e.object[e.start]:02x}, {e.reason}, "
+                    f"at byte {e.start:,} of the row); write the file again with that column decoded to UTF-8 (or without that row)")
+    return f"{path}: its 'text' column holds text that is not UTF-8; write the file again with that column decoded to UTF-8"
 
 
 def check_source(src: Source) -> None:

@@ -389,6 +389,22 @@ def test_text_that_is_no_string_is_one_line(tmp_path):
     assert (tmp_path / "mine").is_dir()
 
 
+def test_a_parquet_text_that_is_not_utf8_names_its_row(tmp_path):
+    """Parquet does not check its strings: a row that is no UTF-8 is named, with what to do; it was
+    located among the file's compressed bytes as a NUL byte, with the advice to strip them with tr."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [b"first document", b"second"] * 1100 + [b"caf\xe9 au lait", b"last"]  # (the bad row in the second batch of 2048)
+    offsets = np.cumsum([0] + [len(r) for r in rows]).astype(np.int32)
+    text = pa.Array.from_buffers(pa.string(), len(rows), [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(b"".join(rows))])
+    pq.write_table(pa.table({"text": text}), tmp_path / "bad.parquet")
+    with pytest.raises(P.PrepareError, match=r"bad.parquet: row 2,201 of its 'text' column is not UTF-8 text \(0xe9, invalid continuation "
+                                             r"byte, at byte 3 of the row\); write the file again with that column decoded to UTF-8"):
+        P.prepare("mine", tmp_path / "out", [P.Source(tmp_path / "bad.parquet", None)], workers=1, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_bad_later_source_is_refused_before_anything_is_tokenised(tmp_path, docs, monkeypatch):
     """A source of an unknown type, or a parquet file without a 'text' column, after a good one: refused
     at once, not once the sources before it are tokenised (hours, for a corpus), and nothing is written."""
