@@ -86,6 +86,7 @@ class PrepareError(ValueError):
 class Source:
     path: Path
     split: str | None  # "train", "val", or None (train, with a held-out val tail)
+    url: str | None = None  # downloaded to `path` (download_url) where not there yet
 
     @property
     def kind(self) -> str:
@@ -93,7 +94,7 @@ class Source:
         for ext in ("parquet", "jsonl", "txt"):
             if name.endswith("." + ext):
                 return ext
-        raise PrepareError(f"{self.path}: unknown source type; use .txt (documents separated by {EOT_TEXT}), .jsonl or .parquet")
+        raise PrepareError(f"{self.url or self.path}: unknown source type; use .txt (documents separated by {EOT_TEXT}), .jsonl or .parquet")
 
 
 def read_documents(src: Source, mark: float | None = None) -> Iterator[tuple[str, int, bool]]:
@@ -377,19 +378,23 @@ def _retry(fn, what: str, tries: int = 5, *, retries_itself: bool = False):
             time.sleep(wait)
 
 
-def download_url(url: str, cache: Path) -> Path:
-    # named as the URL's path ends (without its query: ".../data.jsonl?download=true" is a .jsonl)
+def url_target(url: str, cache: Path) -> Path:
+    """Where `url` is downloaded in `cache`: named as the URL's path ends (without its query:
+    ".../data.jsonl?download=true" is a .jsonl), so its type is known before it is downloaded."""
     name = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]) or "download"
-    target = cache / hashlib.sha256(url.encode()).hexdigest()[:16] / name
+    return cache / hashlib.sha256(url.encode()).hexdigest()[:16] / name
+
+
+def download_url(url: str, target: Path) -> None:
+    """Download `url` to `target` (atomically, retried), unless an earlier run did."""
     if target.is_file():
-        return target
+        return
 
     def fetch():
         with urllib.request.urlopen(url, timeout=60) as r:
             D.atomic_write_bytes(target, iter(lambda: r.read(1 << 20), b""))
 
     _retry(fetch, url)
-    return target
 
 
 def hub_sources(name: str) -> list[Source]:
@@ -414,7 +419,10 @@ def hub_sources(name: str) -> list[Source]:
     return out
 
 
-def parse_sources(items: list[str], cache: Path) -> list[Source]:
+def parse_sources(items: list[str], cache: Path, *, download: bool = True) -> list[Source]:
+    """The --source arguments as Sources, each checked (a split, a file, its type: a URL's by its
+    name) before any URL is downloaded; `download` False leaves that to `prepare`, after its own
+    checks."""
     out = []
     for item in items:
         split = None
@@ -424,17 +432,29 @@ def parse_sources(items: list[str], cache: Path) -> list[Source]:
                 raise PrepareError(f"--source {item}: no such file, and {prefix}= is no split (train= or val=)")
             split, item = prefix, rest
         if item.startswith(("http://", "https://")):
-            path = download_url(item, cache)
-        else:
-            path = Path(item).expanduser()
-            if path.is_dir():
-                d = item.rstrip("/") or "/"
-                raise PrepareError(f"--source {item} is a folder; give its files, one --source each (--source {d}/a.txt "
-                                   f"--source {d}/b.txt ...)")
-            if not path.is_file():
-                raise PrepareError(f"--source {item}: no such file")
+            out.append(Source(url_target(item, cache), split, url=item))
+            continue
+        path = Path(item).expanduser()
+        if path.is_dir():
+            d = item.rstrip("/") or "/"
+            raise PrepareError(f"--source {item} is a folder; give its files, one --source each (--source {d}/a.txt "
+                               f"--source {d}/b.txt ...)")
+        if not path.is_file():
+            raise PrepareError(f"--source {item}: no such file")
         out.append(Source(path.absolute(), split))
+    # every type now (Source.kind raises): a .jsonl.gz URL, or a missing file after a URL, was
+    # refused only once the URL was downloaded (gigabytes, or a minute of retries offline)
+    for src in out:
+        src.kind  # noqa: B018 (the property raises for another type)
+    if download:
+        fetch_sources(out)
     return out
+
+
+def fetch_sources(sources: list[Source]) -> None:
+    for src in sources:
+        if src.url is not None:
+            download_url(src.url, src.path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -648,7 +668,12 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
     if workers is not None and workers < 0:
         raise PrepareError(f"--workers must be at least 1 (0: one per CPU), got {workers}")
     workers = workers or default_workers()
+    _refuse_users_folder(out)  # (and again under the lock, below)
+    _refuse_another_dataset(name, out)
+    # downloads (the hub's, a --source URL's) only once the arguments are known to be good: a user's
+    # folder as --out was refused after fineweb_edu's 14 files were downloaded
     sources = sources if sources else hub_sources(name)
+    fetch_sources(sources)
     # a file given twice (a shell glob and the file by name, say): its documents twice, and the
     # validation documents (its held-out tail, or all of it as val= and train=) training ones too
     seen: dict[Path, Source] = {}
@@ -712,6 +737,28 @@ def _other(old, new: dict) -> str:
     return f"from other sources ({', '.join(str(src) for src, *_ in old['sources'][:3])}{', ...' if len(old['sources']) > 3 else ''})"
 
 
+def _refuse_users_folder(out: Path) -> None:
+    """Refuse an `out` that holds files no preparation wrote, and neither a manifest nor a state:
+    a user's folder, left untouched."""
+    if not (out / D.MANIFEST).is_file() and not (out / STATE).is_file():
+        try:
+            D.refuse_foreign(out, shards=False)
+        except D.DataError as e:
+            raise PrepareError(f"--out {e}") from None
+
+
+def _refuse_another_dataset(name: str, out: Path) -> None:
+    """Refuse an `out` that holds a dataset prepared under another name (or from the shipped text),
+    as `_prepare_locked` does, but before anything is downloaded (its sources' files are needed to
+    compare the rest)."""
+    try:
+        old = json.loads((out / D.MANIFEST).read_text()).get("prepared_from")
+    except (OSError, ValueError, AttributeError):
+        return  # (no manifest, or a damaged one: said under the lock)
+    if not isinstance(old, dict) or old.get("dataset") != name:
+        raise PrepareError(f"{out} already holds a prepared dataset {_other(old, {'dataset': name})}; use another --out or delete it")
+
+
 def _only_preparation(out: Path):
     """An exclusive lock on the folder `out` while a preparation reads and writes it
     (`runtime.exclusive_folder`): a second one at once would remove the first's temporaries and
@@ -724,11 +771,7 @@ def _only_preparation(out: Path):
 def _prepare_locked(name: str, out: Path, sources: list[Source], args: dict, created: list[Path], *, workers: int, shard_tokens: int,
                     progress: bool, stop_after_shards: int | None) -> D.TokenDataset:
     manifest = out / D.MANIFEST
-    if not manifest.is_file() and not (out / STATE).is_file():  # (a folder this command did not write: untouched)
-        try:
-            D.refuse_foreign(out, shards=False)
-        except D.DataError as e:
-            raise PrepareError(f"--out {e}") from None
+    _refuse_users_folder(out)
     if manifest.is_file():
         try:
             existing = json.loads(manifest.read_text())
@@ -845,7 +888,7 @@ def main(argv):
     cli.refuse_empty(out="the folder to prepare into")
     out = Path(F.out) if F.out else D.data_dir("data") / name
     try:
-        sources = parse_sources(F.source, Path.home() / ".cache" / "llmjax" / "downloads") if F.source else None
+        sources = parse_sources(F.source, Path.home() / ".cache" / "llmjax" / "downloads", download=False) if F.source else None
         ds = prepare(name, out, sources, workers=F.workers, shard_tokens=F.shard_tokens, progress=F.progress)
     except (PrepareError, D.DataError) as e:
         cli.fail(str(e))

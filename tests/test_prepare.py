@@ -555,6 +555,41 @@ def test_source_arguments(tmp_path, monkeypatch):
     assert urls == ["https://example.org/d/my%20data.jsonl?download=true"]
 
 
+def test_nothing_is_downloaded_before_the_arguments_are_known_to_be_good(tmp_path, monkeypatch, docs):
+    """A URL of another type (.jsonl.gz), a missing file after a URL, a bad setting or a user's
+    folder as --out is refused before any download (they were refused once it was done: gigabytes,
+    fineweb_edu's 14 files, or a minute of retries offline); then the same URL downloads once."""
+    import io
+
+    urls = []
+    body = "".join(json.dumps({"text": d}) + "\n" for d in docs[:20]).encode()
+    monkeypatch.setattr(P.urllib.request, "urlopen", lambda url, timeout=None: urls.append(url) or io.BytesIO(body))
+    monkeypatch.setattr(P, "hub_sources", lambda name: urls.append(name) or [])
+    cache = tmp_path / "cache"
+    url = "https://example.org/d.jsonl"
+    with pytest.raises(P.PrepareError, match=r"^https://example.org/d.jsonl.gz: unknown source type; use .txt"):
+        P.parse_sources([url + ".gz"], cache)
+    with pytest.raises(P.PrepareError, match=r"missing.txt: no such file"):
+        P.parse_sources([url, str(tmp_path / "missing.txt")], cache)
+    sources = P.parse_sources([url], cache, download=False)
+    with pytest.raises(P.PrepareError, match="--shard_tokens must be positive"):
+        P.prepare("mine", tmp_path / "out", sources, shard_tokens=0, progress=False)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.md").write_text("mine")
+    for srcs, name in ((sources, "mine"), (None, "fineweb_edu")):
+        with pytest.raises(P.PrepareError, match="holds files that no preparation wrote"):
+            P.prepare(name, tmp_path / "mine", srcs, workers=1, progress=False)
+    assert urls == [] and not cache.exists()
+    ds = P.prepare("mine", tmp_path / "out", sources, workers=1, progress=False)
+    assert urls == [url] and decoded(ds, "train").startswith(EOT + docs[0])
+    with pytest.raises(P.PrepareError, match="already holds a prepared dataset named 'mine', not 'fineweb_edu'; use another --out"):
+        P.prepare("fineweb_edu", tmp_path / "out", None, workers=1, progress=False)
+    assert urls == [url]
+    # the command too (it tried the unreachable URL five times, 15 s, and said it could not download it)
+    r = _cli("mine", "--source=http://127.0.0.1:9/d.jsonl", "--shard_tokens=0", f"--out={tmp_path / 'o'}")
+    assert r.returncode == 2 and r.stderr == "error: --shard_tokens must be positive\n", r.stderr
+
+
 def test_cli_prepares_the_builtin_datasets(tmp_path):
     r = _cli("tinyshakespeare", f"--out={tmp_path / 'ts'}")
     assert r.returncode == 0, r.stderr
