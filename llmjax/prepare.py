@@ -878,7 +878,8 @@ def main(argv):
              if a.lower().endswith((".txt", ".jsonl", ".parquet")) or (("/" in a or "." in a) and Path(a).expanduser().is_file())]
     if files:
         more = f" (and {len(files) - 1} more)" if len(files) > 1 else ""
-        cli.fail(f"{files[0]}{more} is a file, not a dataset name: --source takes one file, so give each its own (--source a.txt "
+        what = "a file" if Path(files[0]).expanduser().is_file() else "a file's name"  # (`prepare notes.txt`, no such file: no dataset name either)
+        cli.fail(f"{files[0]}{more} is {what}, not a dataset name: --source takes one file, so give each its own (--source a.txt "
                  f"--source b.txt; many: printf -- '--source=%s\\n' texts/*.txt > sources.flags, then --flagfile=sources.flags), and "
                  f"name the dataset: python -m llmjax.prepare NAME --source ...")
     if len(argv) != 2:

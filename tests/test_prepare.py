@@ -516,9 +516,10 @@ def test_files_that_source_did_not_take_are_refused(tmp_path):
     a, b, out = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "o"
     runs = cli_cases("llmjax.prepare", [["--source", str(a), str(b), f"--out={out}", "--noprogress"],
                                         ["mine", "--source", str(a), str(b), f"--out={out}", "--noprogress"],
-                                        ["mine", "other", f"--out={out}"]])
+                                        ["mine", "other", f"--out={out}"], [str(tmp_path / "notes.txt"), f"--out={out}"]])
     for r, needle in zip(runs, [f"{b} is a file, not a dataset name: --source takes one file, so give each its own",
-                                f"{b} is a file, not a dataset name", "give one dataset: .* \\(got 2: mine other\\)"]):
+                                f"{b} is a file, not a dataset name", "give one dataset: .* \\(got 2: mine other\\)",
+                                f"{tmp_path / 'notes.txt'} is a file's name, not a dataset name"]):  # (no such file: not 'is a file')
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and re.match(f"error: {needle}", r.stderr), r.stderr
     assert not out.exists()
 
