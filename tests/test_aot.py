@@ -358,6 +358,8 @@ rows.append(aot.decode_report(cfg, device, "h100", 4, 8, 24))  # four rows: four
 rows.append(aot.decode_report(cfg, device, "h100", 1, 8, 24, top=10000, mode="topk"))  # top-k sampling's loop
 mla = load_config("configs/mla.py:tiny", {**json.loads(sys.argv[1]), "model.d_ff": 128})  # (SwiGLU's two weights: 2 x 64 columns)
 rows.append(aot.decode_report(mla, device, "h100", 1, 8, 24, top=10000))
+modern = load_config("configs/modern.py:tiny", json.loads(sys.argv[1]))
+rows.append(aot.decode_report(modern, device, "h100", 1, 8, 24, top=10000))  # rotary embeddings before the fused kernel
 print(json.dumps(rows))
 """
 
@@ -448,6 +450,18 @@ def test_gpu_decoding_attends_in_one_fused_kernel_per_layer(compiled_rows):
     assert not [k for k in fused["top_kernels"] if "copy" in k["name"] and k["mb_per_launch"] >= cache_mb / 2]
     assert fused["kernels"] <= xla["kernels"] - mcfg.n_layer, (fused["kernels"], xla["kernels"])  # at least one fewer per layer
     assert not [k["name"] for k in fused["top_kernels"] if k["op"].endswith("convert_element_type") and k["launches"] >= 1]
+
+
+@needs_plugin
+def test_gpu_decoding_rotates_queries_and_keys_in_one_kernel_per_layer(compiled_rows):
+    """With rotary embeddings (modern), each decoded token's queries and keys are rotated in one
+    kernel per layer before the fused attention kernel reads them (rotated apart, XLA made each its
+    own: 2 a layer, 12 more kernels per token for the default modern)."""
+    modern = compiled_rows[9]
+    n_layer = model_config(load_config("configs/modern.py:tiny")).n_layer
+    launches = lambda key: sum(k["launches"] for k in modern["top_kernels"] if k["op"].endswith(key))  # noqa: E731
+    assert launches("decode_attention)/pallas_call") == n_layer  # (the fused kernel: else the rotation is not before it)
+    assert launches("/concatenate") == n_layer  # (apply_rope's halves joined: the rotation's kernel)
 
 
 @needs_plugin

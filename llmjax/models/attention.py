@@ -174,9 +174,9 @@ class Attention(nnx.Module):
             srcs, offsets = (raw, raw, raw), (0, H, H + K)
         else:  # rotated queries and keys: the bias (if any) is added before the rotation, by XLA
             raw, bias = (raw, None) if bias is None else (raw + bias.astype(raw.dtype), None)
-            q = apply_rope(raw[:, None, :H], positions_BT, self.rope_base)[:, 0]
-            k = apply_rope(raw[:, None, H : H + K], positions_BT, self.rope_base)[:, 0]
-            srcs, offsets = (q, k, raw), (0, 0, H + K)
+            # queries and keys rotated together: one kernel (rotated apart, XLA made each its own, 2 a layer)
+            qk = apply_rope(raw[:, None, : H + K], positions_BT, self.rope_base)[:, 0]
+            srcs, offsets = (qk, qk, raw), (0, H, H + K)
         out, k_cache, v_cache = decode_attention.decode_attention(
             *srcs, bias, cache["k"], cache["v"], positions_BT[:, 0], offsets=offsets, n_head=H,
             interpret=runtime.backend() != "gpu",
