@@ -1442,6 +1442,8 @@ _TOGETHER = None  # the StopTogether of this process's multi-process run, while 
 FAILED_KEY = "llmjax/train/failed"  # (jax.distributed's key-value store: "process\ncode\nline" of the first process that failed)
 WATCH_S = 0.5  # how often each process looks for another's failure
 ACK_WAIT_S = 10.0  # how long a failed process 0 (the coordinator's host) waits for the others to read its failure
+ALIVE_KEY = "llmjax/train/alive/"  # (the key-value store: each process's watcher's round count, "done" once the process ended well)
+LOST_S = 10.0  # a process whose round count has stood still this long is gone (killed outright, its host lost)
 
 
 class StopTogether:
@@ -1454,16 +1456,34 @@ class StopTogether:
     os._exit (where the process may be blocked in a collective that no Python code can leave).
     Every process that fails ends with os._exit too (jax.distributed's shutdown barrier would wait
     for the processes that have gone); process 0, which hosts the store, first waits for the
-    others to have read it (at most ACK_WAIT_S seconds). A no-op in a single process."""
+    others to have read it (at most ACK_WAIT_S seconds). A no-op in a single process.
 
-    def __init__(self):
+    A process killed outright (SIGKILL, the out-of-memory killer, its host lost) puts no line
+    there: where the others' collective did not fail at once (Gloo's pairs not yet connected, an
+    Orbax barrier of a checkpoint's save), they waited for jax.distributed's heartbeat timeout,
+    100 s, then ended in C++ aborts. So each watcher also counts its rounds in the store, and one
+    whose count stands still for LOST_S seconds is gone: the process that sees it says so in one
+    line and stops the others as a failed process does. (jax.distributed's own liveness cannot
+    say it: a lost heartbeat ends every process in a C++ abort, a lower heartbeat timeout only
+    sooner; jax_enable_recoverability, which keeps them alive, lets process 0 end before the others
+    at a run's end, and the others then abort.) A process 0 killed outright takes the store with
+    it: jax.distributed then ends the others at once, in its C++ abort."""
+
+    def __init__(self, checkpoints: Path | None = None):
+        import threading
+
         try:  # (JAX's own handle on the key-value store: private, so a JAX without it leaves this a no-op)
             from jax._src import distributed
 
             self.client = distributed.global_state.client  # (None in one process; not jax.process_count(): no backend started here)
         except (ImportError, AttributeError):
             self.client = None
+        self.checkpoints = checkpoints  # (where a run stopped by a lost process resumes from)
         self.done = None
+        self.ending = threading.RLock()  # (held by the thread that ends the process: its line alone, not one per thread)
+        self.lost: set[int] = set()  # processes gone: their round count stood still for LOST_S seconds
+        self.moved: dict[int, tuple] = {}  # process -> (its round count, when this watcher saw it move)
+        self.looked = None  # when this watcher last read the counts
 
     def __enter__(self):
         global _TOGETHER
@@ -1477,8 +1497,48 @@ class StopTogether:
         return self
 
     def _watch(self):
+        rounds = 0
         while not self.done.wait(WATCH_S):
             self._stop_if_another_failed()
+            rounds += 1
+            with contextlib.suppress(Exception):
+                self.client.key_value_set(f"{ALIVE_KEY}{jax.process_index()}", str(rounds), allow_overwrite=True)
+            self._stop_if_another_is_gone()
+
+    def _claim(self, wait: bool = True) -> bool:
+        """Make this thread the one that ends the process. Where another thread is ending it: wait
+        for its os._exit (`wait`), or False."""
+        if self.ending.acquire(blocking=False):
+            return True
+        while wait:
+            time.sleep(60)
+        return False
+
+    def _stop_if_another_is_gone(self):
+        """Where another process's round count stood still for LOST_S seconds: say so and end this
+        process as a failed one does, the others with it (else return)."""
+        try:
+            counts = dict(self.client.key_value_dir_get(ALIVE_KEY))
+        except Exception:  # noqa: BLE001  (the store did not answer: judged at the next round)
+            return
+        now = time.monotonic()
+        held_up = self.looked is None or now - self.looked > 4 * WATCH_S  # (this thread itself did not run: no judge of the others)
+        self.looked = now
+        for p in range(jax.process_count()):
+            count = counts.get(f"{ALIVE_KEY}{p}")
+            if p == jax.process_index() or count == "done":
+                continue
+            if held_up or p not in self.moved or self.moved[p][0] != count:
+                self.moved[p] = (count, now)
+            elif now - self.moved[p][1] >= LOST_S:
+                self.lost.add(p)
+        if not self.lost or not self._claim(wait=False):
+            return
+        line = (f"process {min(self.lost)} of the run ended without a word (nothing from it for {LOST_S:g} s): killed (out of host "
+                f"memory?) or its host lost; {resume_point(self.checkpoints) if self.checkpoints else 'no checkpoint was written'}")
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        take_back_at_once()
+        self.stop_all(line, 1)
 
     def _stop_if_another_failed(self):
         """Where another process failed: say so and end this one (else return)."""
@@ -1489,6 +1549,7 @@ class StopTogether:
             return
         if int(who) == me:
             return
+        self._claim()
         print(f"error: process {who} stopped, so this process stopped too (process {who}: {line})", file=sys.stderr, flush=True)
         take_back_at_once()
         with contextlib.suppress(Exception):
@@ -1499,6 +1560,7 @@ class StopTogether:
 
     def stop_all(self, line: str, code: int):
         """Tell the other processes that this one stopped with `line` (said already), and end it."""
+        self._claim()
         me = jax.process_index()
         try:
             self.client.key_value_set(FAILED_KEY, f"{me}\n{code}\n{line}")
@@ -1510,7 +1572,7 @@ class StopTogether:
         if me == 0 and first:  # (the store lives in this process: the others read it before it goes)
             deadline = time.monotonic() + ACK_WAIT_S
             for p in range(1, jax.process_count()):
-                while time.monotonic() < deadline:
+                while time.monotonic() < deadline and p not in self.lost:  # (one gone reads nothing)
                     try:
                         self.client.key_value_try_get(f"{FAILED_KEY}/read/{p}")
                         break
@@ -1528,12 +1590,15 @@ class StopTogether:
         if e is None or (isinstance(e, SystemExit) and e.code in (0, None)) or isinstance(e, EveryProcess):
             self.done.set()
             self.thread.join()
+            with contextlib.suppress(Exception):  # (ended well: its count stands still from now on, and is no loss)
+                self.client.key_value_set(f"{ALIVE_KEY}{jax.process_index()}", "done", allow_overwrite=True)
             _TOGETHER = None
             return False
         if not isinstance(e, (SystemExit, KeyboardInterrupt)):  # (cli.fail's line: _main asked before it)
             # (an error that another process's end caused here: Gloo's 'Connection closed by peer' in a
             # collective; that process put its line in the store before it ended)
             self._stop_if_another_failed()
+        self._claim()  # (its line alone: not after its watcher's, where that thread is ending the process)
         if isinstance(e, SystemExit):  # (cli.fail: its line said)
             line, code = cli.last_error or "stopped", e.code if isinstance(e.code, int) else 1
         elif isinstance(e, ConfigError):
@@ -1612,19 +1677,20 @@ def main(argv):
     if threading_main():  # (a SIGTERM before or after the loop: one line, as a Ctrl-C there)
         signal.signal(signal.SIGTERM, cli.terminate)
     init_distributed()
-    with StopTogether():  # (several processes: one's error ends them all, at once)
-        _main(FLAGS)
-
-
-def _main(FLAGS):
-    enable_compilation_cache()
     workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
+    with StopTogether(Path(workdir).absolute() / "checkpoints"):  # (several processes: one's error ends them all, at once)
+        _main(FLAGS, workdir)
+
+
+def _main(FLAGS, workdir: str):
+    enable_compilation_cache()
     try:
         run = train(FLAGS.config, workdir)
     except (TrainingError, jax.errors.JaxRuntimeError) as e:
         if _TOGETHER is not None:  # (a collective that failed as another process ended: 'checkpoint ... could not be written (Gloo ...)')
             _TOGETHER._stop_if_another_failed()
             if (gone := peer_lost(e)) is not None:  # (it said nothing: 'make room or write access', or a traceback, here)
+                _TOGETHER._claim()  # (not its watcher's line too, where it found the process gone meanwhile)
                 cli.fail(f"another process of the run ended without a word ({gone}): killed (out of host memory?) or its host lost; "
                          f"{resume_point(Path(workdir).absolute() / 'checkpoints')}", code=1)
         if not isinstance(e, TrainingError):

@@ -371,15 +371,16 @@ def _train_cmd(workdir, *extra, config="configs/vanilla.py:tiny"):
     return args + list(extra)
 
 
-def _two_processes(workdir, extra=lambda i: [], env=lambda i: {}, timeout=300, config=lambda i: "configs/vanilla.py:tiny"):
+def _two_processes(workdir, extra=lambda i: [], env=lambda i: {}, timeout=300, config=lambda i: "configs/vanilla.py:tiny",
+                   python=lambda i: ["-m", "llmjax.train"]):
     """Start the tiny run as processes 0 and 1 of a jax.distributed run on localhost (`workdir`,
-    `extra` flags, `env` variables and `config` per process) and wait: their exit codes and stderr
-    lines (Gloo's own lines left out)."""
+    `extra` flags, `env` variables, `config` and `python`'s arguments before the flags per process)
+    and wait: their exit codes and stderr lines (Gloo's own lines left out)."""
     port = _free_port()
     procs = [
         subprocess.Popen(
-            _train_cmd(workdir(i), f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}", *extra(i),
-                       config=config(i)),
+            [sys.executable, *python(i), *_train_cmd(workdir(i), f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                                     f"--process_id={i}", *extra(i), config=config(i))[3:]],
             cwd=ROOT, env=_env(**env(i)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for i in range(2)
@@ -604,6 +605,37 @@ def test_a_process_killed_outright_is_one_line_in_the_others(tmp_path, where):
     assert r.returncode == 1 and r.stderr == ("error: another process of the run ended without a word (Gloo AllGather failed: Read error "
                                               "[127.0.0.1]:33667: Connection reset by peer): killed (out of host memory?) or its host lost; "
                                               f"a run resumes from its last checkpoint, step 5 in {tmp_path / 'run' / 'checkpoints'}\n"), r.stderr[-3000:]
+
+
+def test_a_process_killed_outright_in_a_checkpoints_save_stops_the_other_soon_in_one_line(tmp_path):
+    """A process killed outright mid-training (here process 1, by SIGKILL as it reaches its first
+    checkpoint's barrier: Orbax's, in jax.distributed's key-value store, where nothing fails) left
+    the other waiting there (its next step's Gloo error ended the run, whose last save then waited)
+    for jax.distributed's heartbeat timeout, 100 s, then a C++ abort. Now it stops within seconds,
+    in one line that names the process gone, exit status 1."""
+    killed = tmp_path / "killed_at"
+    dies = ("import os, pathlib, runpy, signal, sys, time\n"
+            "from orbax.checkpoint._src.multihost import multihost\n"
+            "client = multihost.get_jax_distributed_client\n"
+            "class Dies:\n"
+            "    def __getattr__(self, name):\n"
+            "        return getattr(client(), name)\n"
+            "    def wait_at_barrier(self, key, *args, **kwargs):\n"
+            "        if key.startswith('_async_write_complete'):\n"
+            f"            pathlib.Path({str(killed)!r}).write_text(str(time.time()))\n"
+            "            os.kill(os.getpid(), signal.SIGKILL)\n"
+            "        return client().wait_at_barrier(key, *args, **kwargs)\n"
+            "multihost.get_jax_distributed_client = Dies\n"
+            "sys.argv[0] = 'llmjax.train'\n"
+            "runpy.run_module('llmjax.train', run_name='__main__', alter_sys=True)\n")
+    codes, errs = _two_processes(lambda i: tmp_path / "multi", python=lambda i: ["-c", dies] if i else ["-m", "llmjax.train"],
+                                 timeout=150)
+    took = time.time() - float(killed.read_text())  # (process 0's end, give or take: process 1 had gone before)
+    assert codes == [1, -signal.SIGKILL] and errs[1] == [], (codes, errs)
+    assert errs[0] == ["error: process 1 of the run ended without a word (nothing from it for 10 s): killed (out of host memory?) "
+                       "or its host lost; no checkpoint was written"], errs[0]
+    assert took < 20, took
+    assert not [c for c in (tmp_path / "multi" / "checkpoints").iterdir() if c.name.isdigit()]  # (the save cut short: Orbax's temporary folder)
 
 
 @pytest.mark.parametrize("distributed", [False, True], ids=["one-process", "jax.distributed"])
@@ -851,7 +883,7 @@ def test_a_fresh_run_ended_at_once_while_its_step_compiles_leaves_nothing_behind
         def key_value_set(self, key, value):
             pass
 
-    together = T.StopTogether.__new__(T.StopTogether)
+    together = T.StopTogether()
     together.client = OtherFailed()
     build = T.build_steps
 
