@@ -20,7 +20,17 @@ def _interrupted_while_starting(signum, frame):
     os._exit(130)
 
 
-if sys.argv[:1] == ["-m"]:  # (`python -m llmjax.<tool>`, while Python finds the tool: not a library import)
+def _starting_a_tool() -> bool:
+    """Whether Python is finding the module of `python -m llmjax.<tool>`: not a library import, nor
+    `python -m` of a user's package that imports llmjax (whose Ctrl-C would end it at once, its own
+    handlers and finally blocks unrun, a training run's first-Ctrl-C-saves too)."""
+    if sys.argv[:1] != ["-m"]:  # (runpy sets sys.argv[0] to the module's file once it has found it)
+        return False
+    name = sys.orig_argv[-len(sys.argv)]  # (the module's name: `-m NAME`, or `-mNAME` and `-BmNAME` in one word)
+    return (name.split("m", 1)[1] if name.startswith("-") else name).startswith("llmjax.")
+
+
+if _starting_a_tool():
     # A Ctrl-C while the tool imports JAX (seconds) was a KeyboardInterrupt traceback from deep in an
     # import; it ends the tool in the one line that cli.run gives it later, which sets Python's own back
     import signal

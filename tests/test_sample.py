@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import shutil
+import os
 import subprocess
 import sys
 import types
@@ -914,6 +915,19 @@ def test_a_ctrl_c_while_a_tool_imports_is_one_line(tool, tmp_path):
     assert (proc.returncode, err) == (130, "error: interrupted\n"), err[-2000:]
     assert not (tmp_path / "run").exists()
 
+
+def test_python_m_of_a_users_package_that_imports_llmjax_keeps_pythons_ctrl_c(tmp_path):
+    """The handler of the test above is a tool's alone: `python -m mypkg.run`, whose package imports
+    llmjax, had it for good (llmjax was imported while Python found mypkg.run): a Ctrl-C ended the
+    program at once, its own `except KeyboardInterrupt` and finally blocks unrun."""
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("import llmjax\n")
+    (tmp_path / "mypkg" / "run.py").write_text(
+        "import signal\ntry:\n    signal.raise_signal(signal.SIGINT)\nexcept KeyboardInterrupt:\n    print('saved')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    for m in (["-m", "mypkg.run"], ["-Bmmypkg.run"]):
+        r = subprocess.run([sys.executable, *m], capture_output=True, text=True, env=env, timeout=60)
+        assert (r.returncode, r.stdout, r.stderr) == (0, "saved\n", ""), (m, r.stderr)
 
 def test_cli_several_samples_and_prompt_file(run_dir, tmp_path):
     (tmp_path / "prompts.txt").write_text("First\n\nSecond line\n")
