@@ -673,16 +673,17 @@ def prepare(name: str, out: Path, sources: list[Source] | None = None, *, worker
     # downloads (the hub's, a --source URL's) only once the arguments are known to be good: a user's
     # folder as --out was refused after fineweb_edu's 14 files were downloaded
     sources = sources if sources else hub_sources(name)
-    fetch_sources(sources)
     # a file given twice (a shell glob and the file by name, say): its documents twice, and the
     # validation documents (its held-out tail, or all of it as val= and train=) training ones too
+    # (a URL given twice: said with the URL, before it is downloaded)
     seen: dict[Path, Source] = {}
     for src in sources:
         if (first := seen.setdefault(src.path.resolve(), src)) is not src:
             how = "" if first.split == src.split else f" (as {first.split or 'a source'} and as {src.split or 'a source'})"
             again = "given twice" if src.path == first.path else f"{first.path} again"
-            raise PrepareError(f"--source {src.path} is {again}{how}: its documents would be prepared twice, and validation documents "
-                               "trained on; give each file once")
+            raise PrepareError(f"--source {src.url or src.path} is {again}{how}: its documents would be prepared twice, and validation "
+                               "documents trained on; give each file once")
+    fetch_sources(sources)
     for src in sources:  # each source's type now, not once the ones before it are tokenised (hours, for a corpus)
         check_source(src)
     # a source is known by its path, size and modification time: an edited file is read again

@@ -580,6 +580,9 @@ def test_nothing_is_downloaded_before_the_arguments_are_known_to_be_good(tmp_pat
     for srcs, name in ((sources, "mine"), (None, "fineweb_edu")):
         with pytest.raises(P.PrepareError, match="holds files that no preparation wrote"):
             P.prepare(name, tmp_path / "mine", srcs, workers=1, progress=False)
+    twice = P.parse_sources([url, "val=" + url], cache, download=False)  # (it named the downloaded file, in the cache)
+    with pytest.raises(P.PrepareError, match=rf"^--source {url} is given twice \(as a source and as val\):"):
+        P.prepare("mine", tmp_path / "out", twice, workers=1, progress=False)
     assert urls == [] and not cache.exists()
     ds = P.prepare("mine", tmp_path / "out", sources, workers=1, progress=False)
     assert urls == [url] and decoded(ds, "train").startswith(EOT + docs[0])
