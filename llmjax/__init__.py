@@ -14,9 +14,12 @@ import sys
 
 
 def _interrupted_while_starting(signum, frame):
-    sys.stderr.write("error: interrupted\n")
+    import contextlib
     import os
 
+    with contextlib.suppress(Exception):  # (what a tool without cli.run, llmjax.tracing, printed into a file or pipe)
+        sys.stdout.flush()
+    sys.stderr.write("error: interrupted\n")
     os._exit(130)
 
 

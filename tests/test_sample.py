@@ -923,6 +923,15 @@ def test_a_ctrl_c_while_a_tool_imports_is_one_line(tool, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_the_start_up_ctrl_c_keeps_what_the_tool_printed():
+    """The start-up handler ends the process at once (os._exit): what a tool that does not reach
+    cli.run (llmjax.tracing) had printed into a file or pipe was lost with stdout's buffer."""
+    code = "import llmjax; print('a summary'); llmjax._interrupted_while_starting(2, None)"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # (a pipe's stdout buffered, as by default)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60, env=env)
+    assert (r.returncode, r.stdout, r.stderr) == (130, "a summary\n", "error: interrupted\n")
+
+
 def test_python_m_of_a_users_package_that_imports_llmjax_keeps_pythons_ctrl_c(tmp_path):
     """The handler of the test above is a tool's alone: `python -m mypkg.run`, whose package imports
     llmjax, had it for good (llmjax was imported while Python found mypkg.run): a Ctrl-C ended the
