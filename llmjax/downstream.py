@@ -162,7 +162,7 @@ def parse_file(path: Path, spec: TaskSpec, *, downloaded_to: Path | None = None)
                 try:
                     items.append(spec.parse(json.loads(line)))
                 except (ValueError, TypeError, AttributeError) as e:
-                    raise bad(lineno, f"is not a {spec.name} item ({e})") from None
+                    raise bad(lineno, f"is not {'an' if spec.name[0] in 'aeiou' else 'a'} {spec.name} item ({e})") from None
     except OSError as e:
         raise TaskError(f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError:

@@ -429,7 +429,7 @@ def test_task_files_are_checked_by_content(tmp_path):
     row = json.loads((FIXTURES / "ARC-Easy-test.jsonl").read_text().splitlines()[0]) | {"answerKey": "Z"}
     (tmp_path / "arc_easy").mkdir()
     (tmp_path / "arc_easy" / "ARC-Easy-test.jsonl").write_text(json.dumps(row) + "\n")
-    with pytest.raises(downstream.TaskError, match="answerKey 'Z'"):
+    with pytest.raises(downstream.TaskError, match=r"ARC-Easy-test.jsonl:1 is not an arc_easy item \(answerKey 'Z'"):
         downstream.load_items("arc_easy", tmp_path)
 
 
