@@ -805,8 +805,10 @@ def main(argv):
             cli.fail(f"--{name} is given {len(values)} times ({shown}) and only the last would be read; give one ({more})")
     warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
     try:
-        if FLAGS.num_samples < 1 or not 0 <= FLAGS.max_new_tokens < 2**31:
-            raise SampleError("--num_samples must be >= 1 and --max_new_tokens in [0, 2**31)")
+        if FLAGS.num_samples < 1:
+            raise SampleError(f"--num_samples must be >= 1, got {FLAGS.num_samples}")
+        if not 0 <= FLAGS.max_new_tokens < 2**31:
+            raise SampleError(f"--max_new_tokens must be in [0, 2**31) (the decode loop counts in int32), got {FLAGS.max_new_tokens}")
         if not 0 <= FLAGS.seed < 2**32:
             raise SampleError(f"--seed must be in [0, 2**32), got {FLAGS.seed}")  # (JAX's keys hold 32 bits: larger seeds wrap)
         sampling = Sampling(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, greedy=FLAGS.greedy)

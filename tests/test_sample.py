@@ -969,7 +969,12 @@ def test_cli_errors_are_one_line(run_dir, tmp_path):
         ([f"--checkpoint_path={run_dir}", "--which=worst"], "which"),
         ([f"--checkpoint_path={run_dir}", "--temperature=inf"], "temperature must be a finite number"),
         ([f"--checkpoint_path={run_dir}", "--seed=4294967296"], "--seed must be in [0, 2**32)"),
-        ([f"--checkpoint_path={run_dir}", "--max_new_tokens=2147483648"], "--max_new_tokens in [0, 2**31)"),  # (int32 counters)
+        # (each flag named with the value given: it was '--num_samples must be >= 1 and --max_new_tokens in [0, 2**31)')
+        ([f"--checkpoint_path={run_dir}", "--max_new_tokens=2147483648"],
+         "error: --max_new_tokens must be in [0, 2**31) (the decode loop counts in int32), got 2147483648\n"),  # (int32 counters)
+        ([f"--checkpoint_path={run_dir}", "--max_new_tokens=-1"],
+         "error: --max_new_tokens must be in [0, 2**31) (the decode loop counts in int32), got -1\n"),
+        ([f"--checkpoint_path={run_dir}", "--num_samples=-3", "--max_new_tokens=-1"], "error: --num_samples must be >= 1, got -3\n"),
         ([f"--checkpoint_path={run_dir}", "--prompt=ROMEO\u20ac"], "--prompt: character '\u20ac'"),  # refused before the prompt is printed
         # a --prompt_file's prompt is named by its line (it was 'prompt 3': its place after --prompt, blank lines skipped)
         ([f"--checkpoint_path={run_dir}", "--prompt=ROMEO:", f"--prompt_file={tmp_path / 'p.txt'}", "--num_samples=2"],
@@ -1007,7 +1012,7 @@ def test_cli_run_readers_take_one_run_and_name_a_bad_dtype(run_dir, tmp_path):
         ("scripts/run_benchmarks.py", [f"--flagfile={tmp_path / 'flags'}", f"-checkpoint={run_dir}"], two),
         ("llmjax.export", ["--checkpoint", f"{run_dir}/", f"--checkpoint_path={run_dir}"], "--format (safetensors or gguf) and --out are required"),
         ("llmjax.sample", ["--prompt", f"--checkpoint={nowhere}", f"--checkpoint_path={run_dir}", "--num_samples=0"],
-         "--num_samples must be >= 1 and --max_new_tokens in [0, 2**31)"),
+         "--num_samples must be >= 1, got 0"),
         ("llmjax.sample", [f"--checkpoint_path={run_dir}", "--dtype=bf16"], f"--dtype=bf16: {enum}"),
         ("llmjax.evaluate", [f"--checkpoint_path={run_dir}", "--dtype=foo"], f"--dtype=foo: {enum}"),
         ("scripts/run_benchmarks.py", [f"--checkpoint_path={run_dir}", "--dtype="], f"--dtype=: {enum}"),
