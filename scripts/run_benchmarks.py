@@ -3,10 +3,17 @@
 the same flags (`--checkpoint_path runs/NAME --tasks hellaswag,arc_easy --batch_size 4 --dtype
 bfloat16 --device cuda:0 [--limit N] [--output_json metrics.json]`)."""
 
-from absl import flags
+import signal
 
-from llmjax import cli, evaluate
-from llmjax.evaluate import define_flags, main
+import llmjax
+
+if __name__ == "__main__":  # (a Ctrl-C while JAX imports is one line, as under `python -m llmjax.evaluate`; cli.run sets Python's back)
+    signal.signal(signal.SIGINT, llmjax._interrupted_while_starting)
+
+from absl import flags  # noqa: E402
+
+from llmjax import cli, evaluate  # noqa: E402
+from llmjax.evaluate import define_flags, main  # noqa: E402
 
 if __name__ == "__main__":
     define_flags()

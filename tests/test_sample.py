@@ -898,15 +898,18 @@ def test_cli_ctrl_c_while_streaming_ends_the_text_line_first(run_dir):
     assert (head + out).endswith(b"\n") and err.decode() == "error: interrupted\n"
 
 
-@pytest.mark.parametrize("tool", ["sample", "train"])
+@pytest.mark.parametrize("tool", ["sample", "train", "scripts/run_benchmarks.py"])
 def test_a_ctrl_c_while_a_tool_imports_is_one_line(tool, tmp_path):
     """Ctrl-C in a tool's first seconds, while it imports JAX and before cli.run: it was a
     KeyboardInterrupt traceback from deep in an import (llmjax's package sets a handler under
-    `python -m`, which cli.run replaces with Python's own: the test above covers the Ctrl-C after)."""
+    `python -m`, and the evaluate alias script at its top, which cli.run replaces with Python's
+    own: the test above covers the Ctrl-C after)."""
     import signal
 
-    args = {"train": ["--config=configs/vanilla.py:tiny", f"--workdir={tmp_path / 'run'}"], "sample": [f"--checkpoint_path={tmp_path}"]}
-    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", f"llmjax.{tool}", *args[tool]], stdout=subprocess.PIPE,
+    args = {"train": ["--config=configs/vanilla.py:tiny", f"--workdir={tmp_path / 'run'}"], "sample": [f"--checkpoint_path={tmp_path}"],
+            "scripts/run_benchmarks.py": [f"--checkpoint_path={tmp_path}"]}
+    command = [tool] if tool.endswith(".py") else ["-m", f"llmjax.{tool}"]
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", *command, *args[tool]], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
     # (-X importtime writes a line as each import ends: the signal goes once llmjax's package is imported and
     # JAX's import is under way, not after a sleep, which on a loaded machine could come before the first or,
