@@ -7,6 +7,7 @@ program with `error: <what to do>` on stderr and exit status 2, never a tracebac
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import re
@@ -253,8 +254,10 @@ def run(main: Callable[[list[str]], None]):
             signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt again, which tools handle)
         if sys.stdout is None:  # (`>&-`: an AttributeError's traceback at the first text, after the work: a training run's closing sample)
             fail("standard output is closed, and this tool writes its results there; redirect it to a file (or /dev/null) instead")
+        sys.stdout = _Stdout(sys.stdout)
         try:
             main(argv)
+            sys.stdout.flush()  # (here, not at Python's exit: a full disk there was 'Exception ignored in: <_io.TextIOWrapper ...>')
         except ConfigError as e:
             fail(str(e))
         except RuntimeError as e:  # (XLA's JaxRuntimeError: a tool words device memory itself, cli.out_of_memory)
@@ -296,10 +299,42 @@ _EXHAUSTED_ADVICE = [
 ]
 
 
+class _Stdout:
+    """sys.stdout while a tool runs, whose write and flush mark their OSError as standard output's:
+    Python's names no file (`> /dev/full`, or a full disk under `> out.txt`, was 'a file: No space
+    left on device')."""
+
+    def __init__(self, stream):
+        self.stream, self.failed = stream, False
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except OSError as e:
+            raise self._failed(e)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except OSError as e:
+            raise self._failed(e)
+
+    def _failed(self, error: OSError) -> OSError:
+        error.on_stdout = True
+        if not self.failed:  # (the text it still holds failed Python's exit flush again: a traceback after the tool's line)
+            self.failed = True
+            atexit.register(lambda: os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno()))
+        return error
+
+    def __getattr__(self, name):  # (encoding, errors, fileno, isatty, ...: the stream's own)
+        return getattr(self.stream, name)
+
+
 def file_system_error(error: OSError) -> str | None:
     """One line for a path the user may not read or write, or a full disk; None for other OS errors
     (their traceback is what a report needs)."""
-    where = " -> ".join(str(f) for f in (error.filename, error.filename2) if f is not None) or "a file"
+    where = ("standard output" if getattr(error, "on_stdout", False) else
+             " -> ".join(str(f) for f in (error.filename, error.filename2) if f is not None) or "a file")
     if error.errno in (errno.EACCES, errno.EPERM):
         return (f"{where}: {error.strerror or 'permission denied'} (the user this runs as may not read or write there): "
                 f"choose another path, or change its permissions")

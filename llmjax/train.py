@@ -720,6 +720,9 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
     except CheckpointError as e:
         raise TrainingError(f"{e}") from None
     except OSError as e:
+        if getattr(e, "on_stdout", False):  # (the tool's own output, not the workdir: `> /dev/full`, a full disk under `> log`)
+            raise TrainingError(f"{cli.file_system_error(e) or f'standard output: {e.strerror or e}'}; "
+                                f"{resume_point(wd / 'checkpoints')}") from None
         where = f" ({e.filename})" if e.filename else ""
         raise TrainingError(f"{e.strerror or e}{where}; stopped. Make room or write access in {wd}, "
                             f"then run the same command to resume from its last checkpoint") from None

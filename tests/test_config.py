@@ -512,6 +512,29 @@ def test_cli_output_cut_short_by_its_reader_ends_quietly():
     assert proc.stderr == "" and proc.stdout.strip() == "status=141", (proc.stdout, proc.stderr)
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_standard_output_on_a_full_disk_is_named(tmp_path, unbuffered):
+    """`python -m llmjax.<tool> > /dev/full` (a full disk under `> out.txt`): the line said 'a file:
+    No space left on device' (a write's OSError names no file), or, with stdout buffered until exit
+    (no PYTHONUNBUFFERED), Python's 'Exception ignored in: <_io.TextIOWrapper ...>' and exit status
+    120; the trainer blamed its workdir ('Make room or write access in runs/x'). Now one line that
+    names standard output, exit status 1."""
+    full = "error: standard output: No space left on device: a disk is full; make room and run again"
+    env = {**os.environ, "PYTHONUNBUFFERED": unbuffered}
+    for tool, args, line in [
+        ("summary", ["--config=configs/vanilla.py:tiny", "--json"], full),
+        ("train", ["--config=configs/vanilla.py:tiny", f"--workdir={tmp_path / 'run'}", "--config.train.max_steps=1",
+                   "--config.train.batch_size=8", "--config.model.context_len=16", "--config.eval.sample_tokens=0"],
+         f"{full}; no checkpoint was written"),
+    ]:
+        with open("/dev/full", "w") as stdout:
+            r = subprocess.run([sys.executable, "-m", f"llmjax.{tool}", *args], stdout=stdout, stderr=subprocess.PIPE, text=True,
+                               cwd=ROOT, env=env, timeout=300)
+        assert (r.returncode, r.stderr) == (1, line + "\n"), (tool, r.stderr[-2000:])
+    assert not (tmp_path / "run").exists()  # (the trainer's fresh run, stopped before its first checkpoint, is taken back)
+
+
 def test_a_path_one_may_not_enter_or_a_full_disk_is_one_line(tmp_path):
     """An OSError no tool words itself: a path under a folder the user may not enter (pathlib's
     exists() passes EACCES on: `sample --checkpoint=/root/x/run` was a PermissionError's traceback)
