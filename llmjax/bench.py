@@ -64,6 +64,11 @@ from llmjax.train import peak_flops  # noqa: E402
 
 SUITES = ("train", "decode", "memory", "hellaswag")
 DEFAULT_SUITES = ("train", "decode", "memory")
+# the flags that only these suites read: given without any of them, each was ignored, silently
+SUITE_FLAGS = {"batch_size": ("train", "memory"), "steps": ("train", "memory"), "repeats": ("train", "memory", "decode"),
+               "decode_batches": ("decode",), "decode_modes": ("decode",), "prompt_len": ("decode",), "new_tokens": ("decode",),
+               "decode_unroll": ("decode",), "task_batch_size": ("hellaswag",), "task_limit": ("hellaswag",),
+               "task_dir": ("hellaswag",), "profile": ("train", "decode")}
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
@@ -560,6 +565,11 @@ def config_overrides(argv: list[str], boolean) -> list[str]:
     return out
 
 
+def _listed(names, word: str) -> str:
+    """'a', 'a or b', 'a, b or c' (`word` 'or')."""
+    return f"{', '.join(names[:-1])} {word} {names[-1]}" if len(names) > 1 else names[0]
+
+
 def main(argv):
     F = flags.FLAGS
     if len(argv) > 1:
@@ -606,6 +616,10 @@ def main(argv):
     suites = set(F.suite)
     if not suites:
         cli.fail(f"--suite is empty; choose from {', '.join(SUITES)}")
+    for name, needs in SUITE_FLAGS.items():
+        if F[name].present and not suites & set(needs):
+            cli.fail(f"--{name} is for the {_listed(needs, 'and')} suite{'s' * (len(needs) > 1)}, which --suite {','.join(F.suite)} "
+                     f"does not run: add {_listed(needs, 'or')} to --suite, or drop --{name}")
     if F.steps == 0 and "train" in suites:  # (its row had no tokens/s and no MFU, and said nothing)
         cli.fail(f"--steps 0 compiles the training step without running it: the train suite has nothing to time; give --steps 1 or "
                  f"more, or leave train out (--suite {','.join(sorted(suites - {'train'})) or 'memory'}) for the compiled analysis alone")

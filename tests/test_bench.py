@@ -214,8 +214,9 @@ def test_a_stopped_row_is_written_with_what_it_measured(tmp_path):
             "def {fn}(*a, **k): os.kill(os.getpid(), signal.SIGTERM); time.sleep(120)\n"
             "b.{fn} = {fn}; b.define_flags(); b.cli.run(b.main)")
     out = tmp_path / "rows.jsonl"
-    common = ["--config=configs/gqa.py:tiny", "--steps=1", "--repeats=1", "--decode_modes=greedy", f"--out={out}"]
-    r = subprocess.run([sys.executable, "-c", stop.format(fn="bench_decode"), *common, "--suite=train,decode", "--batch_size=8"],
+    common = ["--config=configs/gqa.py:tiny", "--steps=1", "--repeats=1", f"--out={out}"]
+    r = subprocess.run([sys.executable, "-c", stop.format(fn="bench_decode"), *common, "--suite=train,decode", "--batch_size=8",
+                        "--decode_modes=greedy"],
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 128 + signal.SIGTERM, r.stderr[-2000:]
     assert r.stderr.splitlines()[-1] == f"error: stopped by SIGTERM: 1 of 1 rows written to {out}, the last one up to where it stopped"
@@ -249,6 +250,20 @@ def test_cli_bad_input_is_one_line():
                          # saying quantize=int8 of float figures
                          (["--config=configs/vanilla.py:tiny", "--suite=train,memory", "--quantize=int8"],
                           "--quantize int8 applies to the decode and hellaswag suites; --suite memory,train measures the float model"),
+                         # a suite's own flag given where its suite does not run was ignored, silently (the row measured without it)
+                         (["--config=configs/vanilla.py:tiny", "--task_limit=50"], "error: --task_limit is for the hellaswag suite, which "
+                          "--suite train,decode,memory does not run: add hellaswag to --suite, or drop --task_limit\n"),
+                         (["--config=configs/vanilla.py:tiny", "--suite=train", "--task_dir=tasks"], "--task_dir is for the hellaswag suite"),
+                         (["--config=configs/vanilla.py:tiny", "--suite=train,memory", "--prompt_len=8"], "--prompt_len is for the decode suite"),
+                         (["--config=configs/vanilla.py:tiny", "--suite=memory", "--decode_batches=1"], "--decode_batches is for the decode suite"),
+                         (["--config=configs/vanilla.py:tiny", "--suite=memory", "--steps=0", "--profile=traces"],
+                          "error: --profile is for the train and decode suites, which --suite memory does not run: add train or decode to "
+                          "--suite, or drop --profile\n"),
+                         (["--config=configs/vanilla.py:tiny", "--suite=decode", "--batch_size=16,32"],
+                          "--batch_size is for the train and memory suites, which --suite decode does not run"),
+                         (["--config=configs/vanilla.py:tiny", "--suite=hellaswag", "--repeats=5"],
+                          "--repeats is for the train, memory and decode suites, which --suite hellaswag does not run: add train, memory or "
+                          "decode to --suite"),
                          (["--config=configs/vanilla.py:tiny", "--out=/nonexistent/rows.jsonl"], "No such file or directory: /nonexistent"),
                          (["--config=configs/vanilla.py:tiny", "--out=/nonexistent/rows.jsonl"],
                           "(--out: give a file in a folder that exists and can be written)"),
