@@ -162,6 +162,7 @@ if "$py" -c "import xdist" 2>/dev/null; then xdist() { echo "-n $1"; }; else xdi
 anchors="${GPU_CHECK_ANCHORS:-../shared/anchors}"
 [ -n "${NANOGPT_SRC:-}" ] && [ -d "$NANOGPT_SRC" ] && NANOGPT_SRC="$(cd "$NANOGPT_SRC" && pwd)" && export NANOGPT_SRC
 last_rc=skipped
+xla_attention=  # (set where cuDNN attention failed its preflight)
 cfg() { echo "configs/$1.py:$variant"; }
 
 # sweep ARCH "BATCH SCAN REMAT KERNEL [LOSS_CHUNKS]"...: one training row per setting, each in its own
@@ -172,7 +173,8 @@ sweep() {
   for setting in "$@"; do
     read -r bs scan remat impl chunk <<<"$setting"
     chunk="${chunk:-0}"
-    [ "$variant" != default ] && impl=xla
+    # (the tiny configs, or cuDNN failed its preflight: the --set that says so wins over this row's override, and its name says what runs)
+    { [ "$variant" != default ] || [ -n "$xla_attention" ]; } && impl=xla
     step "sweep $arch batch $bs scan $scan remat $remat $impl loss_chunks $chunk" 120 sweep.log \
       "${bench[@]}" --config "$(cfg "$arch")" --suite=train,memory --steps=10 --repeats=3 --batch_size="$bs" \
       --config.model.scan_layers="$scan" --config.model.remat="$remat" --config.model.attention_impl="$impl" \
@@ -223,6 +225,7 @@ for K in (12, 4):
 print("cuDNN attention ok on", jax.devices()[0].device_kind)'
     if [ "$last_rc" != 0 ] && [ "$last_rc" != skipped ]; then
       bench+=(--set model.attention_impl=xla)  # (--set: --config.* flags before --config are refused)
+      xla_attention=1
       log "== cuDNN attention failed its preflight: the benchmarks below use attention_impl=xla"
     else
       # mla's values are narrower than its keys (64 against 96): cuDNN takes them unpadded on a Hopper

@@ -651,6 +651,23 @@ def test_gpu_check_commands_pass_the_tools_checks(tmp_path):
                 assert name.startswith("not ") or re.search(rf"def test_\w*{name}", text), (name, args)
 
 
+def test_gpu_check_sweep_rows_name_the_attention_that_runs(tmp_path):
+    """Where cuDNN attention fails its preflight, every benchmark gets `--set model.attention_impl=xla`,
+    which wins over a sweep row's `--config.model.attention_impl=cudnn`: the row recorded xla while
+    its step in steps.log said cudnn. Recorded by a stub Python whose preflight fails."""
+    stub = tmp_path / "python"
+    stub.write_text(_GPU_CHECK_STUB.format(python=sys.executable))
+    stub.chmod(0o755)
+    r = _gpu_check(tmp_path, PYTHON=str(stub), STUB_ARGS=str(tmp_path / "args"), STUB_FAIL="cuDNN attention ok on", GPU_CHECK_VARIANT="default",
+                   GPU_CHECK_BUDGET="100000", GPU_CHECK_ONLY="preflight: cuDNN attention forward|sweep (vanilla|modern) batch", TMPDIR=str(tmp_path))
+    steps = (tmp_path / "out" / "steps.log").read_text()
+    assert "gpu_check: exit" in r.stdout and "cuDNN attention failed its preflight" in steps, r.stdout[-3000:]
+    names = re.findall(r"^== \S+ (sweep .*) \(limit", steps, re.M)
+    assert len(names) == 5 and all(" xla loss_chunks " in n for n in names), names
+    benches = [c["args"] for c in map(json.loads, (tmp_path / "args").read_text().splitlines()) if c["args"][:2] == ["-m", "llmjax.bench"]]
+    assert len(benches) == 5 and all("--config.model.attention_impl=xla" in a and "model.attention_impl=xla" in a for a in benches), benches
+
+
 def test_steps_zero_compiles_without_running():
     cfg = llmjax.load_config(f"{ROOT}/configs/vanilla.py:tiny", {"train.batch_size": 8})
     row = bench.bench(cfg, "configs/vanilla.py:tiny", suites={"memory"}, steps=0, repeats=1, decode_batches=[1], prompt_len=4,
