@@ -201,6 +201,12 @@ def _flagfile_error(e: Exception) -> str:
     return re.sub(r"^ERROR::\s*", "", " ".join(str(e).split()))
 
 
+def _asks_for_help(argv: list[str]) -> bool:
+    """Whether the command line has absl's --help, -?, --helpfull, --helpshort or --helpxml (before a `--`)."""
+    words = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
+    return any(w.startswith("-") and w.lstrip("-").split("=")[0] in ("help", "?", "helpfull", "helpshort", "helpxml") for w in words)
+
+
 def _parse(argv: list[str]):
     global _COMMAND_LINE
     try:
@@ -224,7 +230,12 @@ def _parse(argv: list[str]):
                 except ConfigError as e:
                     raise ConfigError(f"--config.{e}") from None
             argv = _with_spec(argv, flags_spec(spec))  # (config_flags calls get_config as load_config did)
-        rest = FLAGS(argv)
+        try:
+            rest = FLAGS(argv)
+        except SystemExit as e:  # (absl's --help and its kin print the flags, then exit 1: a help asked for is no failure)
+            if e.code == 1 and _asks_for_help(argv):
+                sys.exit(0)
+            raise
         if spec is not None:
             validate(FLAGS["config"].value)
         return rest

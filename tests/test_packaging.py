@@ -57,7 +57,8 @@ def test_installed_versions_match_the_pins():
 
 def test_every_tools_help_lists_its_main_flags():
     """`--help` lists the flags a tool takes from llmjax.cli (--config, --checkpoint_path, --which) and
-    llmjax.sample (--quantize) with its own: they were under --helpfull only."""
+    llmjax.sample (--quantize) with its own: they were under --helpfull only. It exits 0 (absl's
+    help exits 1, which a script's `tool --help && ...` read as a failure)."""
     tools = []
     for module, names in [("llmjax.train", ["--config", "--workdir"]), ("llmjax.sample", ["--checkpoint_path", "--which", "--prompt"]),
                           ("llmjax.evaluate", ["--checkpoint_path", "--which", "--quantize", "--tasks"]),
@@ -71,6 +72,7 @@ def test_every_tools_help_lists_its_main_flags():
     for (module, names), r in zip(tools, cli_runs([(module, ["--help"]) for module, _ in tools])):
         listed = set(re.findall(r"^\s+(--\w+):", r.stdout + r.stderr, re.M))
         assert set(names) <= listed, (module, set(names) - listed)
+        assert r.returncode == 0, (module, r.returncode, r.stderr[-1000:])
 
 
 def test_the_packages_archs_lists_every_architecture_at_once():
