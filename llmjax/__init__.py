@@ -33,12 +33,19 @@ def _starting_a_tool() -> bool:
     return (name.split("m", 1)[1] if name.startswith("-") else name).startswith("llmjax.")
 
 
-if _starting_a_tool():
-    # A Ctrl-C while the tool imports JAX (seconds) was a KeyboardInterrupt traceback from deep in an
-    # import; it ends the tool in the one line that cli.run gives it later, which sets Python's own back
+def _set_start_up_handler():
+    """A Ctrl-C while the tool imports JAX (seconds) was a KeyboardInterrupt traceback from deep in an
+    import; it ends the tool in the one line that cli.run gives it later, which sets Python's own back.
+    Only in place of Python's own: an ignored SIGINT (a job started in the background, `nohup`) stays
+    ignored."""
     import signal
 
-    signal.signal(signal.SIGINT, _interrupted_while_starting)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+
+if _starting_a_tool():
+    _set_start_up_handler()
 
 _EXPORTS = {
     "ConfigError": "llmjax.config",

@@ -3,12 +3,10 @@
 the same flags (`--checkpoint_path runs/NAME --tasks hellaswag,arc_easy --batch_size 4 --dtype
 bfloat16 --device cuda:0 [--limit N] [--output_json metrics.json]`)."""
 
-import signal
-
 import llmjax
 
 if __name__ == "__main__":  # (a Ctrl-C while JAX imports is one line, as under `python -m llmjax.evaluate`; cli.run sets Python's back)
-    signal.signal(signal.SIGINT, llmjax._interrupted_while_starting)
+    llmjax._set_start_up_handler()
 
 from absl import flags  # noqa: E402
 

@@ -926,6 +926,25 @@ def test_a_ctrl_c_while_a_tool_imports_is_one_line(tool, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_an_ignored_ctrl_c_stays_ignored_while_a_tool_imports(tmp_path):
+    """A tool started with SIGINT ignored (a background job of a script, `nohup`) ignores it also while
+    it imports: the start-up handler took its place, so a Ctrl-C meant for the foreground ended it."""
+    import signal
+
+    ignored = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    proc = subprocess.Popen([sys.executable, "-c", ignored, "-X", "importtime", "-m", "llmjax.sample", f"--checkpoint_path={tmp_path / 'none'}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    names = []
+    for line in proc.stderr:  # (as above: the signal once JAX's import is under way)
+        names.append(line.rsplit("|", 1)[-1].strip())
+        if names[-1].startswith("jax.") and "llmjax" in names:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert names[-1].startswith("jax."), names[-20:]
+    assert proc.returncode == 2 and "error: no such run or checkpoint" in err and "interrupted" not in err, err[-2000:]
+
+
 def test_the_start_up_ctrl_c_keeps_what_the_tool_printed():
     """The start-up handler ends the process at once (os._exit): what a tool that does not reach
     cli.run (llmjax.tracing) had printed into a file or pipe was lost with stdout's buffer."""
