@@ -898,30 +898,36 @@ def test_cli_ctrl_c_while_streaming_ends_the_text_line_first(run_dir):
     assert (head + out).endswith(b"\n") and err.decode() == "error: interrupted\n"
 
 
-@pytest.mark.parametrize("tool", ["sample", "train", "scripts/run_benchmarks.py"])
-def test_a_ctrl_c_while_a_tool_imports_is_one_line(tool, tmp_path):
-    """Ctrl-C in a tool's first seconds, while it imports JAX and before cli.run: it was a
-    KeyboardInterrupt traceback from deep in an import (llmjax's package sets a handler under
-    `python -m`, and the evaluate alias script at its top, which cli.run replaces with Python's
-    own: the test above covers the Ctrl-C after)."""
+def _ctrl_c_while_jax_imports(args: list[str], before: list[str] = ()):
+    """Start `python [before] -X importtime ARGS`, send it SIGINT once llmjax's package is imported and
+    JAX's import is under way (-X importtime writes a line as each import ends; a sleep, on a loaded
+    machine, could come before the first or, on a fast one, once the tool had reached cli.run, whose
+    own Ctrl-C line a test would then see); (the process, its stderr)."""
     import signal
 
-    args = {"train": ["--config=configs/vanilla.py:tiny", f"--workdir={tmp_path / 'run'}"], "sample": [f"--checkpoint_path={tmp_path}"],
-            "scripts/run_benchmarks.py": [f"--checkpoint_path={tmp_path}"]}
-    command = [tool] if tool.endswith(".py") else ["-m", f"llmjax.{tool}"]
-    proc = subprocess.Popen([sys.executable, "-X", "importtime", *command, *args[tool]], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    # (-X importtime writes a line as each import ends: the signal goes once llmjax's package is imported and
-    # JAX's import is under way, not after a sleep, which on a loaded machine could come before the first or,
-    # on a fast one, once the tool had reached cli.run, whose own Ctrl-C line this test would then see)
+    proc = subprocess.Popen([sys.executable, *before, "-X", "importtime", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
     names = []
     for line in proc.stderr:
         names.append(line.rsplit("|", 1)[-1].strip())
         if names[-1].startswith("jax.") and "llmjax" in names:
             break
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert names[-1].startswith("jax."), names[-20:]
+    return proc, err
+
+
+@pytest.mark.parametrize("tool", ["sample", "train", "scripts/run_benchmarks.py"])
+def test_a_ctrl_c_while_a_tool_imports_is_one_line(tool, tmp_path):
+    """Ctrl-C in a tool's first seconds, while it imports JAX and before cli.run: it was a
+    KeyboardInterrupt traceback from deep in an import (llmjax's package sets a handler under
+    `python -m`, and the evaluate alias script at its top, which cli.run replaces with Python's
+    own: the test above covers the Ctrl-C after)."""
+    args = {"train": ["--config=configs/vanilla.py:tiny", f"--workdir={tmp_path / 'run'}"], "sample": [f"--checkpoint_path={tmp_path}"],
+            "scripts/run_benchmarks.py": [f"--checkpoint_path={tmp_path}"]}
+    command = [tool] if tool.endswith(".py") else ["-m", f"llmjax.{tool}"]
+    proc, err = _ctrl_c_while_jax_imports([*command, *args[tool]])
     assert (proc.returncode, [x for x in err.splitlines() if not x.startswith("import time:")]) == (130, ["error: interrupted"]), err[-2000:]
     assert not (tmp_path / "run").exists()
 
@@ -929,19 +935,8 @@ def test_a_ctrl_c_while_a_tool_imports_is_one_line(tool, tmp_path):
 def test_an_ignored_ctrl_c_stays_ignored_while_a_tool_imports(tmp_path):
     """A tool started with SIGINT ignored (a background job of a script, `nohup`) ignores it also while
     it imports: the start-up handler took its place, so a Ctrl-C meant for the foreground ended it."""
-    import signal
-
     ignored = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
-    proc = subprocess.Popen([sys.executable, "-c", ignored, "-X", "importtime", "-m", "llmjax.sample", f"--checkpoint_path={tmp_path / 'none'}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    names = []
-    for line in proc.stderr:  # (as above: the signal once JAX's import is under way)
-        names.append(line.rsplit("|", 1)[-1].strip())
-        if names[-1].startswith("jax.") and "llmjax" in names:
-            break
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert names[-1].startswith("jax."), names[-20:]
+    proc, err = _ctrl_c_while_jax_imports(["-m", "llmjax.sample", f"--checkpoint_path={tmp_path / 'none'}"], before=["-c", ignored])
     assert proc.returncode == 2 and "error: no such run or checkpoint" in err and "interrupted" not in err, err[-2000:]
 
 
