@@ -635,10 +635,11 @@ def resolve(path: str | Path, which: str = "latest") -> tuple[Path, int]:
 
 
 def inference_params(params: dict, dtype) -> dict:
-    """Kernels, the MoE's expert weights and the token table cast to the compute dtype once, as every
-    forward casts them anyway (the logits are identical; decoding reads half the bytes in bf16, and
-    converts nothing per token: left float32, the MoE's experts were converted at every step, 57 MB
-    per layer and token for the default config compiled for an H200). Everything else stays float32."""
+    """Kernels, the MoE's expert weights, the Linformer's projections and the token table cast to the
+    compute dtype once, as every forward casts them anyway (the logits are identical; decoding reads
+    half the bytes in bf16, and converts nothing per token: left float32, the MoE's experts were
+    converted at every step, 57 MB per layer and token for the default config compiled for an H200;
+    the Linformer's two projections, 2 kernels per layer and token). Everything else stays float32."""
     dtype = jnp.dtype(dtype)
     if dtype == jnp.float32:
         return params
@@ -647,7 +648,7 @@ def inference_params(params: dict, dtype) -> dict:
         names = [getattr(k, "key", None) for k in path]
         if "router" in names:  # (the MoE router computes in float32)
             return x
-        if names[-1] in ("kernel", "w_in", "w_out") or names[-2:] == ["embed", "embedding"]:
+        if names[-1] in ("kernel", "w_in", "w_out", "proj_k", "proj_v") or names[-2:] == ["embed", "embedding"]:
             return x.astype(dtype)
         return x
 

@@ -588,6 +588,8 @@ def test_inference_params_leave_bf16_logits_unchanged(arch):
     assert any(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(params(cast)))
     experts = [a for p, a in jax.tree_util.tree_leaves_with_path(params(cast)) if str(p[-1].key) in ("w_in", "w_out")]
     assert all(a.dtype == jnp.bfloat16 for a in experts) and (arch != "moe" or experts)  # (not converted per token)
+    projections = [a for p, a in jax.tree_util.tree_leaves_with_path(params(cast)) if str(p[-1].key) in ("proj_k", "proj_v")]
+    assert all(a.dtype == jnp.bfloat16 for a in projections) and (arch != "linformer" or projections)  # (the Linformer's: likewise)
     np.testing.assert_array_equal(np.asarray(cast(toks)[0]), np.asarray(m(toks)[0]), err_msg=arch)
 
 
