@@ -720,6 +720,8 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
     except CheckpointError as e:
         raise TrainingError(f"{e}") from None
     except OSError as e:
+        if getattr(e, "on_stdout", False) and isinstance(e, BrokenPipeError):  # (its reader went away, `| head -1`: cli.run
+            raise  # ends quietly, as other tools do, not 'error: standard output: Broken pipe')
         if getattr(e, "on_stdout", False):  # (the tool's own output, not the workdir: `> /dev/full`, a full disk under `> log`)
             raise TrainingError(f"{cli.file_system_error(e) or f'standard output: {e.strerror or e}'}; "
                                 f"{resume_point(wd / 'checkpoints')}") from None
@@ -1610,12 +1612,14 @@ class StopTogether:
             line, code = "interrupted", 130
         elif type(e).__name__ == "JaxRuntimeError" and (said := cli.exhausted(e)) is not None:
             line, code = said, 1
+        elif isinstance(e, BrokenPipeError) and getattr(e, "on_stdout", False):  # (`| head -1`: quiet here, as in one process)
+            line, code = "the reader of its standard output went away (a pipe closed)", 141
         else:  # (a bug: its traceback, as in one process)
             import traceback
 
             traceback.print_exception(e)
             line, code = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}", 1
-        if not isinstance(e, SystemExit):
+        if not isinstance(e, SystemExit) and code != 141:
             print(f"error: {line}", file=sys.stderr, flush=True)
         self.stop_all(line, code)
 

@@ -512,6 +512,18 @@ def test_cli_output_cut_short_by_its_reader_ends_quietly():
     assert proc.stderr == "" and proc.stdout.strip() == "status=141", (proc.stdout, proc.stderr)
 
 
+def test_the_trainers_output_cut_short_by_its_reader_ends_quietly(tmp_path):
+    """`python -m llmjax.train ... | head -1` whose reader has gone at a line the trainer says while
+    it trains (here its first, all steps warmup): it was 'error: standard output: Broken pipe; no
+    checkpoint was written', exit status 1, as if the run had failed; now quiet, 141, as other tools."""
+    run = tmp_path / "run"
+    script = (f"{sys.executable} -m llmjax.train --config=configs/vanilla.py:tiny --workdir={run} --config.train.max_steps=1 "
+              f"--config.train.batch_size=8 --config.model.context_len=16 | true; echo status=${{PIPESTATUS[0]}}")
+    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.stderr == "" and proc.stdout.strip() == "status=141", (proc.stdout, proc.stderr[-2000:])
+    assert not run.exists()  # (a fresh run stopped before its first checkpoint is taken back)
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
 @pytest.mark.parametrize("unbuffered", ["", "1"])
 def test_standard_output_on_a_full_disk_is_named(tmp_path, unbuffered):

@@ -607,6 +607,19 @@ def test_a_process_killed_outright_is_one_line_in_the_others(tmp_path, where):
                                               f"a run resumes from its last checkpoint, step 5 in {tmp_path / 'run' / 'checkpoints'}\n"), r.stderr[-3000:]
 
 
+def test_process_0s_output_cut_short_by_its_reader_stops_the_run_quietly_there(tmp_path):
+    """Process 0's standard output read by `| head -1`, gone before the line it says as it trains
+    (all steps warmup): quiet there (exit 141), as in one process, and the other says why it
+    stopped; not a BrokenPipeError's traceback."""
+    gone = ("import os, runpy; r, w = os.pipe(); os.close(r); os.dup2(w, 1); "
+            "runpy.run_module('llmjax.train', run_name='__main__', alter_sys=True)")
+    codes, lines = _two_processes(lambda i: tmp_path / "multi", extra=lambda i: ["--config.train.max_steps=1"],
+                                  python=lambda i: ["-c", gone] if i == 0 else ["-m", "llmjax.train"])
+    assert codes == [141, 141] and lines == [[], ["error: process 0 stopped, so this process stopped too (process 0: the reader of "
+                                                  "its standard output went away (a pipe closed))"]], (codes, lines)
+    assert not (tmp_path / "multi").exists()
+
+
 def test_a_process_killed_outright_in_a_checkpoints_save_stops_the_other_soon_in_one_line(tmp_path):
     """A process killed outright mid-training (here process 1, by SIGKILL as it reaches its first
     checkpoint's barrier: Orbax's, in jax.distributed's key-value store, where nothing fails) left
