@@ -1537,10 +1537,16 @@ class StopTogether:
                 self.moved[p] = (count, now)
             elif now - self.moved[p][1] >= LOST_S:
                 self.lost.add(p)
-        if not self.lost or not self._claim(wait=False):
+        if not self.lost:
+            return
+        try:  # (before the claim: raised after it, this thread died holding `ending`, and the main thread waited for it forever)
+            where = resume_point(self.checkpoints) if self.checkpoints else "no checkpoint was written"
+        except OSError as e:  # (the checkpoints' folder unreadable: on the lost host's file system, say)
+            where = f"its checkpoints could not be listed ({e.strerror or e}: {self.checkpoints})"
+        if not self._claim(wait=False):
             return
         line = (f"process {min(self.lost)} of the run ended without a word (nothing from it for {LOST_S:g} s): killed (out of host "
-                f"memory?) or its host lost; {resume_point(self.checkpoints) if self.checkpoints else 'no checkpoint was written'}")
+                f"memory?) or its host lost; {where}")
         print(f"error: {line}", file=sys.stderr, flush=True)
         take_back_at_once()
         self.stop_all(line, 1)

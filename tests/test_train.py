@@ -918,6 +918,33 @@ def test_a_fresh_run_ended_at_once_while_its_step_compiles_leaves_nothing_behind
     assert left == [None]
 
 
+def test_a_process_judged_gone_where_the_checkpoints_cannot_be_listed_still_ends_this_one(monkeypatch):
+    """The watcher that finds another process gone ends this one in one line where its checkpoints'
+    folder cannot be listed (on the lost host's file system, say): the OSError killed the watcher
+    thread holding StopTogether's lock, and the main thread, ending on its collective's error, waited
+    for that lock forever."""
+    import errno
+
+    from llmjax import train as T
+
+    class Store:  # (jax.distributed's key-value store: nothing from the other processes)
+        def key_value_dir_get(self, key):
+            return []
+
+    def unreadable(checkpoints):
+        raise OSError(errno.EIO, "Input/output error", str(checkpoints))
+
+    ended = []
+    together = T.StopTogether(T.Path("/nfs/run/checkpoints"))
+    together.client, together.lost = Store(), {1}
+    monkeypatch.setattr(T, "_saved_steps", unreadable)
+    monkeypatch.setattr(together, "stop_all", lambda line, code: ended.append((line, code)))
+    together._stop_if_another_is_gone()
+    assert ended == [("process 1 of the run ended without a word (nothing from it for 10 s): killed (out of host memory?) or its "
+                      "host lost; its checkpoints could not be listed (Input/output error: /nfs/run/checkpoints)", 1)], ended
+    assert together._claim(wait=False)  # (held by this thread, the one ending the process)
+
+
 def test_a_second_training_process_in_the_same_workdir_is_refused(tmp_path):
     """The same command started again while the first still trains (in another terminal, say) is one
     line, and nothing of the first's is touched: both trained in one folder, each saving its own
