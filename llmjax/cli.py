@@ -236,6 +236,13 @@ def _parse(argv: list[str]):
             if e.code == 1 and _asks_for_help(argv):
                 sys.exit(0)
             raise
+        except OSError as e:  # (the help's text to a standard output that fails: `--help | true` was 'error: [Errno 32] Broken pipe')
+            if not _asks_for_help(argv):
+                raise
+            if isinstance(e, BrokenPipeError):
+                _reader_gone()
+            e.on_stdout = True
+            fail(file_system_error(e) or f"standard output: {e.strerror or e}", code=1)
         if spec is not None:
             validate(FLAGS["config"].value)
         return rest
@@ -244,6 +251,12 @@ def _parse(argv: list[str]):
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
         text = " ".join(str(e).replace("\\n", " ").split())
         fail(re.sub(r"^flag (--\S+): ", r"\1: ", text) or type(e).__name__)
+
+
+def _reader_gone():
+    """The reader of stdout went away (`... | head`): stop quietly, as other tools do."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's exit flush would fail again)
+    sys.exit(141)  # 128 + SIGPIPE, the shell's status for a tool killed by it
 
 
 class Terminated(KeyboardInterrupt):
@@ -279,8 +292,7 @@ def run(main: Callable[[list[str]], None]):
         except KeyboardInterrupt as e:  # (a tool that keeps something says what in its own handler)
             fail("interrupted by SIGTERM", code=143) if isinstance(e, Terminated) else fail("interrupted", code=130)
         except BrokenPipeError:  # the reader of stdout went away (`... | head`): stop quietly, as other tools do
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's exit flush would fail again)
-            sys.exit(141)  # 128 + SIGPIPE, the shell's status for a tool killed by it
+            _reader_gone()
         except OSError as e:  # where a tool did not word it itself (pathlib's exists() and is_dir() pass EACCES on)
             line = file_system_error(e)
             if line is None:

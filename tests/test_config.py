@@ -512,6 +512,18 @@ def test_cli_output_cut_short_by_its_reader_ends_quietly():
     assert proc.stderr == "" and proc.stdout.strip() == "status=141", (proc.stdout, proc.stderr)
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_help_to_a_standard_output_that_fails_is_quiet_or_named():
+    """`--help | true` (the reader gone before the text) was 'error: [Errno 32] Broken pipe', exit
+    status 2, and `--helpfull > /dev/full` 'error: [Errno 28] No space left on device': now quiet
+    with 141, and a line that names standard output, exit status 1, as after any other text."""
+    script = (f"{sys.executable} -m llmjax.summary --help | true; echo status=${{PIPESTATUS[0]}}; "
+              f"{sys.executable} -m llmjax.summary --helpfull > /dev/full; echo status=$?")
+    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["status=141", "status=1"], (proc.stdout, proc.stderr)
+    assert proc.stderr == "error: standard output: No space left on device: a disk is full; make room and run again\n", proc.stderr
+
+
 def test_the_trainers_output_cut_short_by_its_reader_ends_quietly(tmp_path):
     """`python -m llmjax.train ... | head -1` whose reader has gone at a line the trainer says while
     it trains (here its first, all steps warmup): it was 'error: standard output: Broken pipe; no
