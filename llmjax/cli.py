@@ -278,7 +278,8 @@ def run(main: Callable[[list[str]], None]):
             signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt again, which tools handle)
         if sys.stdout is None:  # (`>&-`: an AttributeError's traceback at the first text, after the work: a training run's closing sample)
             fail("standard output is closed, and this tool writes its results there; redirect it to a file (or /dev/null) instead")
-        sys.stdout = _Stdout(sys.stdout)
+        if not isinstance(sys.stdout, _Stdout):  # (a process that runs several tools: one wrapper, not one per tool)
+            sys.stdout = _Stdout(sys.stdout)
         try:
             main(argv)
             sys.stdout.flush()  # (here, not at Python's exit: a full disk there was 'Exception ignored in: <_io.TextIOWrapper ...>')

@@ -720,9 +720,9 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
     except CheckpointError as e:
         raise TrainingError(f"{e}") from None
     except OSError as e:
-        if getattr(e, "on_stdout", False) and isinstance(e, BrokenPipeError):  # (its reader went away, `| head -1`: cli.run
-            raise  # ends quietly, as other tools do, not 'error: standard output: Broken pipe')
         if getattr(e, "on_stdout", False):  # (the tool's own output, not the workdir: `> /dev/full`, a full disk under `> log`)
+            if isinstance(e, BrokenPipeError):  # (its reader went away, `| head -1`: cli.run ends quietly, as other tools
+                raise  # do, not 'error: standard output: Broken pipe')
             raise TrainingError(f"{cli.file_system_error(e) or f'standard output: {e.strerror or e}'}; "
                                 f"{resume_point(wd / 'checkpoints')}") from None
         where = f" ({e.filename})" if e.filename else ""
