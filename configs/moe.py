@@ -1,7 +1,7 @@
 """Mixture-of-Experts GPT (`moe`): GPT-2 with 8 GELU experts per layer and top-2 routing; each
 expert's hidden width is half of GPT-2's MLP, so a token's active compute matches GPT-2 small.
 `model.moe_mode` is dropless (every routed token computed; `model.moe_impl`: auto, blocked with
-`model.moe_block_rows`-row blocks, dense or ragged_dot) or capacity (fixed (expert, slot) buffers,
+`model.moe_block_rows`-row blocks, dense, gather or ragged_dot) or capacity (fixed (expert, slot) buffers,
 `model.capacity_factor`). Pick a variant as configs/moe.py:small."""
 
 from llmjax.config import make_config

@@ -360,6 +360,9 @@ mla = load_config("configs/mla.py:tiny", {**json.loads(sys.argv[1]), "model.d_ff
 rows.append(aot.decode_report(mla, device, "h100", 1, 8, 24, top=10000))
 modern = load_config("configs/modern.py:tiny", json.loads(sys.argv[1]))
 rows.append(aot.decode_report(modern, device, "h100", 1, 8, 24, top=10000))  # rotary embeddings before the fused kernel
+for impl in ("auto", "dense"):  # (8 experts: the sampler's 2 rows' 4 assignments are fewer)
+    moe = load_config("configs/moe.py:tiny", {**json.loads(sys.argv[1]), "model.n_experts": 8, "model.moe_impl": impl})
+    rows.append(aot.decode_report(moe, device, "h100", 1, 8, 24, top=10000))
 print(json.dumps(rows))
 """
 
@@ -474,6 +477,21 @@ def test_mla_decoding_joins_no_weights_per_token(compiled_rows):
     kernel (a d_ff whose weights the GEMM's tiles divide, as the default config's)."""
     mla = compiled_rows[8]
     assert not [k["name"] for k in mla["top_kernels"] if k["name"].startswith("wrapped_concatenate") and k["launches"] >= 1]
+
+
+@needs_plugin
+def test_moe_decoding_one_row_reads_only_its_experts_weights(compiled_rows):
+    """Decoding one row (two with the sampler's padding row: 4 assignments of 8 experts), the MoE
+    layers read the weights of the routed experts alone, each gather fused into its product (no
+    copy): per token at least the unrouted experts' weights fewer bytes than every expert's products
+    (dense), in as many kernels (the default moe compiled for an H100: 0.39 GB a token instead of 0.62)."""
+    gathered, dense = compiled_rows[10], compiled_rows[11]
+    cfg = model_config(load_config("configs/moe.py:tiny"))
+    moved = lambda row: sum(k["mb_per_launch"] * k["launches"] for k in row["top_kernels"]) * 1e6  # noqa: E731
+    unrouted = cfg.n_layer * (8 - 2 * cfg.top_k) * 2 * cfg.d_model * cfg.d_ff * 2  # (bf16 w_in and w_out)
+    assert moved(gathered) < moved(dense) - 0.9 * unrouted, (moved(gathered), moved(dense), unrouted)
+    assert gathered["kernels"] <= dense["kernels"]
+    assert not [k for k in gathered["top_kernels"] if k["op"].endswith("/gather") and k["launches"] >= 1]  # (none unfused)
 
 
 @needs_plugin

@@ -90,7 +90,7 @@ def test_model_gets_a_frozen_dataclass():
         ({"model.n_kv_head": 3}, "model.n_head=4 must be a multiple of model.n_kv_head=3"),
         ({"model.matmul_dtype": "bf16"}, "model.matmul_dtype='bf16' is not one of '', 'bfloat16' (did you mean 'bfloat16'?)"),
         ({"model.matmul_dtype": "bfloat16", "model.dtype": "float16"}, "model.matmul_dtype='bfloat16' needs model.dtype='float32'"),
-        ({"model.moe_impl": "blocks"}, "model.moe_impl='blocks' is not one of auto, blocked, dense, ragged_dot (did you mean 'blocked'?)"),
+        ({"model.moe_impl": "blocks"}, "model.moe_impl='blocks' is not one of auto, blocked, dense, gather, ragged_dot (did you mean 'blocked'?)"),
         ({"model.moe_block_rows": 0}, "model.moe_block_rows must be positive, got 0"),
     ],
 )

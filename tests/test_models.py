@@ -40,6 +40,7 @@ OPTIONS = {
         {"top_k": 1, "scan_layers": False},
         {"moe_impl": "blocked", "moe_block_rows": 4},  # (the tiny shapes' `auto` is dense)
         {"moe_impl": "ragged_dot", "scan_layers": False, "top_k": 4},  # (every expert)
+        {"moe_impl": "gather"},  # (`auto` picks it for decoding one row)
     ],
     "ssm": COMMON
     + [

@@ -62,7 +62,7 @@ def _routed(layer, x, route):
 
 
 @pytest.mark.parametrize("route", ["router", "skewed", "one_empty"])
-@pytest.mark.parametrize("impl,block", [("blocked", 1), ("blocked", 4), ("blocked", 5), ("blocked", 512), ("dense", 0), ("ragged_dot", 0)])
+@pytest.mark.parametrize("impl,block", [("blocked", 1), ("blocked", 4), ("blocked", 5), ("blocked", 512), ("dense", 0), ("gather", 0), ("ragged_dot", 0)])
 def test_every_dropless_impl_matches_the_reference_and_each_other_in_gradients(impl, block, route):
     """Each way of running the experts, each block size (1, a power of two, not one, larger than
     any group), on the router's choices and on routings that leave experts empty or put every
@@ -86,7 +86,7 @@ def test_every_dropless_impl_matches_the_reference_and_each_other_in_gradients(i
     assert float(jnp.abs(got[1]).max()) > 0
 
 
-@pytest.mark.parametrize("impl", ["blocked", "dense"])
+@pytest.mark.parametrize("impl", ["blocked", "dense", "gather"])
 def test_dropless_impls_in_bfloat16(impl):
     """In bfloat16 (the default configs' dtype) each path stays within bfloat16 rounding of the
     float64 reference, in the compute dtype, and its input gradient of `ragged_dot`'s."""
@@ -125,7 +125,7 @@ def test_bias_gradients_in_bfloat16_sum_in_float32():
         g = jax.grad(loss)(state)
         return {k: np.asarray(g[k][...], np.float32) for k in ("b_in", "b_out")}
 
-    for impl in ("ragged_dot", "blocked", "dense"):
+    for impl in ("ragged_dot", "blocked", "dense", "gather"):
         got, want = bias_grads("bfloat16", impl), bias_grads("float32", impl)
         for k in got:
             err = np.abs(got[k] - want[k]).max() / np.abs(want[k]).max()
@@ -165,20 +165,24 @@ def _flops(fn, *args) -> float:
 
 def test_dropless_flops_are_the_routed_rows_not_every_expert():
     """The blocked layout multiplies the routed rows (plus padding to whole blocks); `ragged_dot`,
-    as XLA's CPU and NVIDIA backends run it, multiplies every row by every expert; `auto` picks
-    blocked for a training-sized batch and dense for decoding's few tokens."""
+    as XLA's CPU and NVIDIA backends run it, multiplies every row by every expert, as dense does;
+    gather multiplies the routed rows alone. `auto` picks blocked for a training-sized batch, dense
+    for decoding's few tokens and gather for fewer assignments than experts (a row or two)."""
     layer = _layer(n_experts=8, moe_block_rows=16)
     x = jax.random.normal(jax.random.key(7), (4, 64, 64))
     gates, experts = _routed(layer, x, "router")
     routed = 2 * 2 * x.shape[0] * x.shape[1] * layer.k * 64 * 64  # two matmuls of the routed rows
     rows = x.shape[0] * x.shape[1] * layer.k
     padded = M.n_blocks(rows, 8, M.block_rows(rows, 8, 16)) * M.block_rows(rows, 8, 16)
-    flops = {impl: _flops(lambda x, impl=impl: layer._dropless(x, gates, experts, impl=impl), x) for impl in ("blocked", "dense", "ragged_dot")}
+    flops = {impl: _flops(lambda x, impl=impl: layer._dropless(x, gates, experts, impl=impl), x) for impl in ("blocked", "dense", "gather", "ragged_dot")}
     assert flops["blocked"] < 1.1 * routed * padded / rows, (flops, routed)
+    assert 0.9 * routed < flops["gather"] < 1.1 * routed, (flops, routed)
     assert flops["ragged_dot"] > 0.9 * routed * 8 / layer.k and flops["dense"] > 0.9 * routed * 8 / layer.k
     default = M.MoEConfig.moe_block_rows
     assert M.dropless_plan(16 * 1024, 2, 8, default) == "blocked" and M.dropless_plan(16 * 1024, 2, 8, 2048) == "blocked"
-    assert M.dropless_plan(64, 2, 8, default) == "dense" and M.dropless_plan(1, 2, 8, default) == "dense"
+    assert M.dropless_plan(64, 2, 8, default) == "dense" and M.dropless_plan(4, 2, 8, default) == "dense"
+    assert M.dropless_plan(1, 2, 8, default) == "gather" and M.dropless_plan(3, 2, 8, default) == "gather"
+    assert M.dropless_plan(7, 1, 8, default) == "gather" and M.dropless_plan(1, 2, 2, default) == "dense"
 
 
 def _gshard_capacity(layer, x):
@@ -490,7 +494,7 @@ def test_data_parallel_dropless_splits_the_expert_work(impl):
     assert flops[4] < 0.3 * flops[1], flops
 
 
-@pytest.mark.parametrize("impl", ["blocked", "dense", "ragged_dot", "capacity"])
+@pytest.mark.parametrize("impl", ["blocked", "dense", "gather", "ragged_dot", "capacity"])
 def test_bfloat16_experts_keep_no_float32_hidden_activations(impl):
     """In bfloat16 the experts round each product to bf16 before its bias and GELU, as the dense
     MLP does, and their GELU runs under jax.checkpoint (layers.biased_gelu): every (rows, d_ff)
