@@ -174,6 +174,12 @@ def shape_bytes(shape: str) -> float:
     return sum(DTYPE_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d) for t, dims in _ARRAY.findall(shape))
 
 
+def _itemsize(shape: str) -> int:
+    """Bytes per element of an array shape's type (its first array's, for a tuple)."""
+    arrays = _ARRAY.findall(shape)
+    return DTYPE_BYTES[arrays[0][0]] if arrays else 1
+
+
 def _split_shape(rest: str) -> tuple[str, str]:
     """('shape', 'opcode(...)...') of an instruction's right-hand side."""
     if rest.startswith("("):
@@ -279,7 +285,7 @@ def _dot_flops(comp: list[Instr]) -> tuple[float, list[str], str]:
 
 NARROW = ("bf16xbf16", "f16xf16", "f8")  # GEMM operand types at the tensor cores' full rate
 HIGHEST = " (highest)"  # marks a GEMM type computed at Precision.HIGHEST
-SLICING = ("gather", "dynamic-slice")  # read part of their first operand
+SLICING = ("gather", "dynamic-slice", "slice")  # read part of their first operand
 IN_PLACE = {"dynamic-update-slice": 1, "scatter": 2}  # write part of their first operand: the update's index
 
 
@@ -293,7 +299,7 @@ def _is_param(name: str, by_name: dict) -> bool:
 
 def fusion_bytes(comp: list[Instr], operand_shapes: list[str], result_shape: str) -> float:
     """Bytes a fused kernel reads and writes: each operand whole, except one the kernel only
-    slices (gather, dynamic-slice: the slices) or updates in place (dynamic-update-slice, scatter:
+    slices (gather, dynamic-slice, slice: the slices) or updates in place (dynamic-update-slice, scatter:
     nothing read; the update written instead of the whole result)."""
     index = {i.name: int(i.inner) for i in comp if i.opcode == "parameter" and i.inner.strip().isdigit()}
     users: dict[str, list[tuple[Instr, int]]] = {}
@@ -315,7 +321,8 @@ def fusion_bytes(comp: list[Instr], operand_shapes: list[str], result_shape: str
         uses = uses_of(name)  # (a slice reads per element, so through converts as well)
         direct = uses_of(name, ("bitcast",))  # updated in place: the buffer itself, not a converted copy
         if uses and all(u.opcode in SLICING and pos == 0 for u, pos in uses):
-            total += sum(shape_bytes(u.shape) for u, _ in uses)
+            # (the slices' elements in the operand's own type: XLA may convert it before slicing)
+            total += sum(shape_bytes(u.shape) / _itemsize(u.shape) * _itemsize(operand_shapes[n]) for u, _ in uses)
         elif direct and all(u.opcode in IN_PLACE and pos == 0 for u, pos in direct):
             continue
         else:

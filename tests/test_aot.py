@@ -111,6 +111,30 @@ def test_the_hlo_reader_counts_launches_bytes_and_flops():
     assert s["roofline_ms"] == pytest.approx(1e3 * (max(g.flops / h100["peak_bf16"], g.bytes / h100["bandwidth"]) + other / h100["bandwidth"]))
 
 
+SLICE_HLO = """
+HloModule m
+
+%fused_slice (p0: bf16[64,16]) -> f32[8,16] {
+  %p0 = bf16[64,16]{1,0} parameter(0)
+  %c = f32[64,16]{1,0} convert(%p0)
+  ROOT %s = f32[8,16]{1,0} slice(%c), slice={[0:8], [0:16]}
+}
+
+ENTRY %main (x: bf16[64,16]) -> f32[8,16] {
+  %x = bf16[64,16]{1,0} parameter(0)
+  ROOT %f = f32[8,16]{1,0} fusion(%x), kind=kLoop, calls=%fused_slice
+}
+"""
+
+
+def test_a_fused_slice_reads_its_part_in_the_operands_type():
+    """A fusion that slices an operand reads the slice alone (a kernel computes each output element
+    from its own input element), in the operand's type where XLA converts before slicing (counted
+    whole, the Linformer's keys and values stored together were read twice per decode step)."""
+    (k,) = aot.kernels(SLICE_HLO)
+    assert k.bytes == 8 * 16 * 2 + 8 * 16 * 4
+
+
 ASYNC_HLO = """
 HloModule m
 
