@@ -14,12 +14,12 @@ No summary ever contains a token at or after the current block, so no position s
 Cost: each query scores block_size + rank keys, so a layer's attention costs
 O(T * (block_size + rank) * d) instead of O(T^2 * d), plus O(T * rank * d) to build the summaries:
 linear in the context length for a fixed block size and rank. The decode state is bounded: the
-current block's keys and values, the running sums of the block summaries and their count:
-(block_size + rank) * 2 * d numbers per layer, whatever the length.
+current block's keys and values and the sums of the completed blocks' (the summaries are linear
+in them): 4 * block_size * d numbers per layer, whatever the length.
 
 Training runs all blocks at once (summaries by an exclusive cumulative sum over blocks); decoding
-with a cache runs the same computation one token at a time (a completed block is folded into the
-running sums when the first token of the next block arrives), so prefill with a cache is sequential.
+with a cache runs the same computation one token at a time (each token adds the previous block's
+key and value in its slot into the sums as it overwrites them), so prefill with a cache is sequential.
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ def _attend(q, keys, values, mask, scale, dtype):
 
 
 class CausalLinformerAttention(nnx.Module):
-    """Decode cache per layer: {'k_block', 'v_block': (B, H, hd, block), 'k_sum', 'v_sum':
-    (B, H, hd, rank) float32, 'n_blocks': (B,) completed blocks added into the sums}."""
+    """Decode cache per layer: {'k_block', 'v_block': (B, H, hd, block), the current block's keys and
+    values; 'k_sum', 'v_sum': (B, H, hd, block) float32, the completed blocks' keys and values summed
+    slot by slot (see `_decode`)}."""
 
     def __init__(self, cfg: LinformerConfig, *, rngs: nnx.Rngs):
         H, hd, b, r = cfg.n_head, cfg.head_dim, cfg.block_size, cfg.rank
@@ -134,15 +135,20 @@ class CausalLinformerAttention(nnx.Module):
         return out.reshape(B, nb * b, self.H, self.hd)[:, :T]
 
     def _decode(self, q, k, v, positions_BT, cache):
-        """Token by token through the bounded state (prefill and decoding with a cache). Every write
-        is in place: the token's key and value into its slot of the block, a completed block's
-        summary added into the running sums of the rows that complete one (the others' indices
-        point past the batch and are dropped), nothing else; rows at position -1 change nothing.
-        Slots after the current one still hold the previous block: the mask hides them. Attention
-        reads the float32 sums and the block where they lie (scores against both, one softmax),
-        never a concatenated copy."""
-        b, r, dt = self.b, self.r, self.dtype
-        pk, pv = self.proj_k[...].astype(dt), self.proj_v[...].astype(dt)
+        """Token by token through the bounded state (prefill and decoding with a cache). The
+        summaries are linear in the keys, mean_j P K_j = P (sum_j K_j) / n, so the state keeps the
+        sum of the completed blocks' raw keys (and values), slot by slot, and projects onto the
+        summaries only the scores and the attention weights, never the keys: a query's summary
+        scores are (q . sum_j K_j) P^T / n, and the summary values' share of its output is
+        (sum_j V_j) (P^T p) / n. A token at slot s adds the key it overwrites (slot s of the
+        previous block, complete once this block began) into the sums, so the sum of blocks
+        0..i-1 is the state's sums plus the block's slots after s, which still hold the previous
+        block's keys. Every write is in place, one slot per row (rows at position -1 write
+        nothing); each token reads the block and the sums once. Computing the rank x d summaries
+        of the whole block every token and adding them into running sums moved 7.3 GB per step
+        for the default config decoding 64 rows, compiled for an H100 (docs/benchmarks.md)."""
+        b, r, f32 = self.b, self.r, jnp.float32
+        pk, pv = self.proj_k[...].astype(f32), self.proj_v[...].astype(f32)
         B = q.shape[0]
         rows = jnp.arange(B)
 
@@ -150,38 +156,36 @@ class CausalLinformerAttention(nnx.Module):
             q_t, k_t, v_t, pos = inputs  # (B, H, hd) x3, (B,)
             valid = pos >= 0
             slot = jnp.where(valid, pos % b, 0)
-            fold = valid & (slot == 0) & (pos > 0)  # the block so far is complete: add its summary
-            folding = jnp.where(fold, rows, B)  # (B: dropped)
-            summary = lambda p, blk: jnp.einsum("rs,bhds->bhdr", p, blk).astype(jnp.float32)  # noqa: E731
-            # (the barrier orders the summaries' reads of the blocks before the writes below, so
-            # that XLA updates the blocks in place instead of copying them first)
-            sk, sv, k_block, v_block = jax.lax.optimization_barrier(
-                (summary(pk, c["k_block"]), summary(pv, c["v_block"]), c["k_block"], c["v_block"]))
-            k_sum = c["k_sum"].at[folding].add(sk, mode="drop")
-            v_sum = c["v_sum"].at[folding].add(sv, mode="drop")
-            n = c["n_blocks"] + fold
+            n = jnp.where(valid, pos // b, 0)  # completed blocks (positions run from 0 in a cache)
+            # the key and value this token overwrites, read before the write below (the barrier
+            # orders them, so that XLA updates the block in place instead of copying it first)
+            old, kv_block = jax.lax.optimization_barrier((c["kv_block"][rows, :, :, :, slot], c["kv_block"]))
+            folding = jnp.where(valid & (n > 0), rows, B)  # (B: dropped)
+            kv_sum = c["kv_sum"].at[folding, :, :, :, slot].add(old.astype(f32), mode="drop")
             writing = jnp.where(valid, rows, B)
-            k_block = k_block.at[writing, :, :, slot].set(k_t.astype(k_block.dtype), mode="drop")
-            v_block = v_block.at[writing, :, :, slot].set(v_t.astype(v_block.dtype), mode="drop")
-            inv = (1.0 / jnp.maximum(n, 1).astype(jnp.float32))[:, None, None]  # the sums' mean
-            s_sum = jnp.einsum("bhd,bhdr->bhr", q_t.astype(jnp.float32), k_sum) * (self.scale * inv)
-            s_blk = jnp.einsum("bhd,bhds->bhs", q_t, k_block.astype(dt), preferred_element_type=jnp.float32) * self.scale
+            kv_block = kv_block.at[writing, :, :, :, slot].set(jnp.stack([k_t, v_t], axis=1).astype(kv_block.dtype), mode="drop")
+            later = (jnp.arange(b)[None, :] > slot[:, None])[:, None, :]  # (B, 1, b): the previous block's slots
+            inv = (1.0 / jnp.maximum(n, 1).astype(f32))[:, None, None]  # the sums' mean
+            q32 = q_t.astype(f32)
+            s_blk = jnp.einsum("bhd,bhds->bhs", q32, kv_block[:, 0].astype(f32))  # (B, H, b)
+            s_prev = jnp.einsum("bhd,bhds->bhs", q32, kv_sum[:, 0]) + jnp.where(later, s_blk, 0.0)  # q . sum_j K_j, per slot
+            s_sum = jnp.einsum("bhs,rs->bhr", s_prev, pk) * (self.scale * inv)
             s_sum = jnp.where((n > 0)[:, None, None], s_sum, -jnp.inf)
-            s_blk = jnp.where((jnp.arange(b)[None, :] <= slot[:, None])[:, None, :], s_blk, -jnp.inf)
+            s_blk = jnp.where(later, -jnp.inf, s_blk * self.scale)
             probs = jax.nn.softmax(jnp.concatenate([s_sum, s_blk], axis=-1), axis=-1)  # (B, H, r + b)
-            out = jnp.einsum("bhr,bhdr->bhd", probs[..., :r] * inv, v_sum) + jnp.einsum(
-                "bhs,bhds->bhd", probs[..., r:].astype(dt), v_block.astype(dt), preferred_element_type=jnp.float32)
-            return {"k_block": k_block, "v_block": v_block, "k_sum": k_sum, "v_sum": v_sum, "n_blocks": n}, out.astype(dt)
+            w = jnp.einsum("bhr,rs->bhs", probs[..., :r], pv) * inv  # each slot's weight in the summary values
+            out = jnp.einsum("bhs,bhds->bhd", w, kv_sum[:, 1]) + jnp.einsum(
+                "bhs,bhds->bhd", jnp.where(later, w, probs[..., r:]), kv_block[:, 1].astype(f32))
+            return {"kv_block": kv_block, "kv_sum": kv_sum}, out.astype(self.dtype)
 
         xs = (q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1), positions_BT.swapaxes(0, 1))
         cache, outs = jax.lax.scan(step, cache, xs)
         return outs.swapaxes(0, 1), cache
 
     def init_cache(self, batch_size: int, max_len: int, dtype):
-        del max_len  # bounded: one block plus the summaries
-        block = jnp.zeros((batch_size, self.H, self.hd, self.b), dtype)  # slots last: read in place by the products
-        sums = jnp.zeros((batch_size, self.H, self.hd, self.r), jnp.float32)  # running sums stay float32
-        return {"k_block": block, "v_block": block, "k_sum": sums, "v_sum": sums, "n_blocks": jnp.zeros((batch_size,), jnp.int32)}
+        del max_len  # bounded: one block and the completed blocks' sums
+        shape = (batch_size, 2, self.H, self.hd, self.b)  # keys and values together (one write each); slots last
+        return {"kv_block": jnp.zeros(shape, dtype), "kv_sum": jnp.zeros(shape, jnp.float32)}  # (the sums stay float32)
 
 
 def block(cfg: LinformerConfig, rngs: nnx.Rngs) -> PreNormBlock:
