@@ -424,6 +424,12 @@ def train_batches(
     import grain  # (here: grain imports JAX, and the preparation's workers import this module)
 
     source = WindowSource(shards, seq_len + 1, "train")
+    if len(source) < global_batch:  # (else grain's repeat fills the batch with the same windows again: 8 copies of one)
+        n = len(source)
+        raise DataError(f"the train split is too small for one batch: {sum(len(s) for s in shards)} tokens hold {n} window{'s' * (n != 1)} "
+                        f"of {seq_len + 1} tokens (model.context_len + 1), and one batch needs {global_batch} different windows "
+                        f"(train.batch_size x train.grad_accum_steps), {global_batch + seq_len} tokens or more; lower "
+                        "train.batch_size or model.context_len, or prepare the dataset from more text")
     ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
     ds = ds[process_index::process_count].map(source.__getitem__)
     ds = ds.batch(global_batch // process_count, drop_remainder=True, batch_fn=np.stack)

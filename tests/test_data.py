@@ -270,3 +270,20 @@ def test_a_misspelt_name_of_a_prepared_dataset_is_suggested(tmp_path, monkeypatc
     (tmp_path / "mytext_unfinished").mkdir()  # no manifest: not a prepared dataset, never suggested
     with pytest.raises(D.DataError, match=r"^unknown dataset 'mytext' \(did you mean 'mytexts'\?\)"):
         D.open_dataset("mytext", "data")
+
+
+def test_a_train_split_with_fewer_windows_than_one_batch_is_refused():
+    """grain's repeat filled a batch from a split of fewer windows than its rows with the same
+    windows again (65 tokens at seq_len 64: one window, 8 copies of it); refused, in one line. The
+    windows of every shard count (a window never crosses shards), and a batch of as many rows as the
+    split has windows is taken."""
+    with pytest.raises(D.DataError, match=r"^the train split is too small for one batch: 65 tokens hold 1 window of 65 tokens "
+                                          r"\(model.context_len \+ 1\), and one batch needs 8 different windows \(train.batch_size x "
+                                          r"train.grad_accum_steps\), 72 tokens or more; lower train.batch_size or model.context_len, "
+                                          r"or prepare the dataset from more text$"):
+        D.train_batches([np.arange(65, dtype=np.uint16)], seq_len=64, global_batch=8, seed=0)
+    two = [np.arange(12, dtype=np.uint16), np.arange(100, 112, dtype=np.uint16)]  # 4 windows of 9 in each
+    with pytest.raises(D.DataError, match=r"24 tokens hold 8 windows of 9 tokens .* needs 9 different windows"):
+        D.train_batches(two, seq_len=8, global_batch=9, seed=0)
+    batch = next(D.train_batches(two, seq_len=8, global_batch=8, seed=0, threads=0))
+    assert len({tuple(row) for row in batch.tolist()}) == 8  # every window once

@@ -1511,6 +1511,32 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert "python -m llmjax.prepare tinystories" in lines[0]
 
 
+def test_a_train_split_smaller_than_one_batch_is_refused_in_one_line(tmp_path, monkeypatch):
+    """A train split with fewer windows than one batch's rows (39 tokens: 7 windows of TINY's 33 for
+    a batch of 8) is refused before the run, in one line that gives the sizes and what to change; it
+    trained, grain's repeat filling each batch with the same windows again (65 tokens at
+    context 64: 8 copies of one window). At 8 windows it trains, on a validation split of one
+    window (its estimates draw windows with replacement, its whole-split loss pads)."""
+    from llmjax import data as D
+
+    ds = D.open_dataset("tinyshakespeare_char", "unused")
+    chars, tokenizer = np.asarray(ds.split("train")[0][:1000]), ds.manifest["tokenizer"]
+    for name, n in (("small", 39), ("enough", 40)):
+        out = tmp_path / "data" / name
+        D.write_manifest(out, name, tokenizer, {"train": [D.write_shard(out / "train_0000.bin", chars[:n])],
+                                                "val": [D.write_shard(out / "val_0000.bin", chars[500:533])]})
+    proc = subprocess.run(_train_cmd(tmp_path / "run", "--config.data.dataset=small"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=_env(LLMJAX_DATA_DIR=str(tmp_path / "data")))
+    assert proc.returncode == 2 and proc.stderr == (
+        "error: dataset 'small': the train split is too small for one batch: 39 tokens hold 7 windows of 33 tokens "
+        "(model.context_len + 1), and one batch needs 8 different windows (train.batch_size x train.grad_accum_steps), 40 tokens "
+        "or more; lower train.batch_size or model.context_len, or prepare the dataset from more text\n"), proc.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("LLMJAX_DATA_DIR", str(tmp_path / "data"))
+    run = train(cfg(data__dataset="enough", train__max_steps=2, eval__every_steps=1), tmp_path / "run", quiet=True)
+    assert run.step == 2 and np.isfinite(run.last_val_loss)
+
+
 def test_cli_says_what_the_final_val_loss_covers(tmp_path):
     """The CLI's last line said '(whole validation split)' of a loss over the split's first
     eval.final_num_batches batches (the tiny recipe's 20: 4.1003 against the whole split's 4.0988),
