@@ -6,7 +6,8 @@ header, and manifest.json), streaming and in parallel:
 - datasets: `tinyshakespeare`, `tinyshakespeare_char` (the text shipped in the package),
   `tinystories` (TinyStoriesV2-GPT4 train and valid text of roneneldan/TinyStories) and `fineweb_edu`
   (HuggingFaceFW/fineweb-edu, sample-10BT: about 10B GPT-2 tokens in 14 parquet files). Downloads go
-  through huggingface_hub (its cache; retried); `--source` takes local files or URLs instead:
+  through huggingface_hub (its cache; retried, but not a 4xx answer other than 408/429: that fails at
+  once); `--source` takes local files or URLs instead:
   `.txt` (documents separated by `<|endoftext|>`), `.jsonl` (a "text" field per line) or `.parquet`
   (a "text" column), optionally as `train=PATH` / `val=PATH`.
 - each document is preceded by the end-of-text token, so documents are separated by it (and a
@@ -45,6 +46,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -359,14 +361,35 @@ def _unresolved(e: BaseException) -> bool:
     return False
 
 
+def _refused(e: BaseException) -> str | None:
+    """'HTTP 404 Not Found' where the server answered with a client error somewhere in the error's
+    chain (urllib's HTTPError; huggingface_hub's HfHubHTTPError, its response's status): a missing
+    file or one the user may not read, which asking again does not change. 408 (request timeout)
+    and 429 (too many requests) are transient, as are the server's own errors (5xx): None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        response = getattr(e, "response", None)
+        status = e.code if isinstance(e, urllib.error.HTTPError) else getattr(response, "status_code", None)
+        if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
+            reason = e.reason if isinstance(e, urllib.error.HTTPError) else getattr(response, "reason_phrase", "")
+            return f"HTTP {status} {reason}".strip()
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _retry(fn, what: str, tries: int = 5, *, retries_itself: bool = False):
     """fn() with `tries` attempts, each failure said on stderr (offline, the waits add up).
     `retries_itself`: fn retries a connection itself (huggingface_hub: five times in about 23 s), so
-    a host name it could not resolve ends the download at once."""
+    a host name it could not resolve ends the download at once. A client error the server answered
+    (404, 403: `_refused`) ends it at once too."""
     for attempt in range(tries):
         try:
             return fn()
         except Exception as e:  # network errors come in many types
+            if status := _refused(e):
+                raise PrepareError(f"cannot download {what}: the server answered {status} (not retried: asking again gets the same); "
+                                   "check the address and your access to it, or give local files with --source") from None
             why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             if retries_itself and _unresolved(e):
                 raise PrepareError(f"cannot download {what}: no network (its host name does not resolve); connect, or give local "

@@ -652,6 +652,71 @@ def test_hub_sources_list_download_and_retry(monkeypatch, tmp_path, capsys):
     assert calls["offline"] == 1 and capsys.readouterr().err == ""
 
 
+def test_a_download_the_server_refuses_fails_at_once(tmp_path, monkeypatch, capsys):
+    """A 404 or 403 (any 4xx but 408 and 429) is not retried: one request, one line with the URL and
+    the status (the command tried five times, waiting 15 s, each try a line on stderr); 408, 429
+    and 5xx answers are still retried. The hub's client errors likewise (huggingface_hub's
+    HfHubHTTPError, its response's status)."""
+    import http.server
+    import threading
+
+    import httpx
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    answers, requests = [], []
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            status = answers.pop(0) if answers else 200
+            if status != 200:
+                return self.send_error(status)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"text": "hi"}\n')
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/d.jsonl"
+    try:
+        for status, reason in ((404, "Not Found"), (403, "Forbidden"), (410, "Gone")):
+            answers[:], requests[:] = [status] * 5, []
+            with pytest.raises(P.PrepareError) as e:
+                P.download_url(url, P.url_target(url, tmp_path / f"cache{status}"))
+            assert str(e.value) == (f"cannot download {url}: the server answered HTTP {status} {reason} (not retried: asking again gets "
+                                    "the same); check the address and your access to it, or give local files with --source")
+            assert len(requests) == 1 and capsys.readouterr().err == ""
+        monkeypatch.setattr(P.time, "sleep", lambda s: None)
+        answers[:], requests[:] = [408, 429, 503], []
+        target = P.url_target(url, tmp_path / "cache")
+        P.download_url(url, target)
+        assert len(requests) == 4 and target.read_text() == '{"text": "hi"}\n'
+        assert capsys.readouterr().err.count("try ") == 3
+        answers[:] = [404]
+        r = _cli("mine", f"--source={url.replace('d.jsonl', 'e.jsonl')}", f"--out={tmp_path / 'o'}", "--workers=1")
+        assert r.returncode == 2 and r.stderr == (f"error: cannot download {url.replace('d.jsonl', 'e.jsonl')}: the server answered HTTP "
+                                                  "404 Not Found (not retried: asking again gets the same); check the address and your "
+                                                  "access to it, or give local files with --source\n"), r.stderr
+    finally:
+        server.shutdown()
+    calls = []
+
+    def gone(repo_id, filename, repo_type):
+        calls.append(filename)
+        response = httpx.Response(404, request=httpx.Request("GET", f"https://huggingface.co/{repo_id}/{filename}"))
+        raise HfHubHTTPError("404 Client Error: Entry not found", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", gone)
+    with pytest.raises(P.PrepareError, match=r"^cannot download roneneldan/TinyStories/TinyStoriesV2-GPT4-train.txt: the server "
+                                             r"answered HTTP 404 Not Found \(not retried"):
+        P.hub_sources("tinystories")
+    assert len(calls) == 1
+
+
 def test_an_offline_hub_download_is_one_line(monkeypatch, capfd, caplog):
     """`python -m llmjax.prepare tinystories` offline: huggingface_hub logs a warning for each of its
     own tries (six in about 23 s, each twice: its handler's line and absl's), a dozen lines on the
