@@ -241,18 +241,27 @@ def writable_folder(path: str, flag: str) -> None:
 DOC_TITLE = "# Benchmarks"
 
 
+def front_matter_end(text: str) -> int:
+    """Where the text after a YAML front matter block that opens `text` starts (a line '---' first,
+    up to the next line '---' or '...', as Jekyll reads it; a static site's page); 0 where none."""
+    m = re.match(r"---[ \t]*\r?\n(?:.*?\r?\n)??(?:---|\.\.\.)[ \t]*(?:\r?\n|\Z)", text, re.DOTALL)
+    return m.end() if m else 0
+
+
 def read_doc(doc: Path) -> str:
     """The text of --all's `doc`, or DOC_TITLE where it is new or empty. An OSError (one line) where
     it is not a benchmarks document: not text (its bytes were a UnicodeDecodeError's traceback), or
     a document with no generated table whose title is not DOC_TITLE (README.md, a config: the table
-    was appended to it)."""
+    was appended to it). The title may follow a YAML front matter block (a static site's page: the
+    table goes in after it, or between the markers, and it is kept as it is)."""
     try:
         text = doc.read_text() if doc.exists() else ""
     except UnicodeDecodeError:
         raise OSError(f"--doc={doc} is not a text file; give --doc the markdown file for the table (default {DOC})") from None
-    if text.strip() and not markers(text, BEGIN) and not markers(text, END) and not text.lstrip().startswith(DOC_TITLE):
-        raise OSError(f"--doc={doc} is not a benchmarks document (no {BEGIN} / {END} markers, no '{DOC_TITLE}' title); give "
-                      "docs/benchmarks.md or a new file, or put the two marker lines where the table goes")
+    titled = text[front_matter_end(text):].lstrip().startswith(DOC_TITLE)
+    if text.strip() and not markers(text, BEGIN) and not markers(text, END) and not titled:
+        raise OSError(f"--doc={doc} is not a benchmarks document (no {BEGIN} / {END} markers, no '{DOC_TITLE}' title, first or after "
+                      "YAML front matter); give docs/benchmarks.md or a new file, or put the two marker lines where the table goes")
     return text if text.strip() else DOC_TITLE + "\n"
 
 

@@ -326,6 +326,27 @@ def test_a_doc_that_is_not_a_benchmarks_document_is_refused_before_measuring(tmp
     assert bench.read_doc(ROOT / "docs" / "benchmarks.md").startswith("# Benchmarks\n")
 
 
+def test_a_benchmarks_document_may_open_with_yaml_front_matter(tmp_path):
+    """A static site's page, its '# Benchmarks' title after a front matter block (--- ... ---): it was
+    refused as no benchmarks document. Taken now, the table appended after the title's text (or put
+    between the markers) and the front matter kept byte for byte; front matter before another title
+    (README.md's), or an opening '---' line never closed, is still refused."""
+    front = "---\ntitle: Benchmarks\nlayout: page\n...\n"
+    doc = tmp_path / "bench.md"
+    doc.write_text(front + "\n# Benchmarks\n\nNotes.\n")
+    block = bench.table([], "cmd")
+    bench.check_doc(doc)
+    written = bench.rewrite_doc(bench.read_doc(doc), block)
+    assert written == front + "\n# Benchmarks\n\nNotes.\n\n## Generated results table (`python -m llmjax.bench --all`)\n\n" + block + "\n"
+    doc.write_text(written)
+    assert bench.rewrite_doc(bench.read_doc(doc), bench.table([], "other")) == written.replace(block, bench.table([], "other"))
+    assert bench.front_matter_end("---\n---\n# Benchmarks") == 8 and bench.front_matter_end("---\n# Benchmarks\n") == 0
+    for text in ("---\ntitle: x\n---\n# README\n", "---\n# Benchmarks\n", "---\n----\n# Benchmarks\n", "intro\n---\n---\n# Benchmarks\n"):
+        doc.write_text(text)
+        with pytest.raises(OSError, match=r"is not a benchmarks document .*no '# Benchmarks' title, first or after YAML front matter\)"):
+            bench.check_doc(doc)
+
+
 def test_out_of_device_memory_is_one_line():
     """XLA reports a failed device allocation as RESOURCE_EXHAUSTED at a result, or as INTERNAL at a
     dispatch (bench's timed step, here): both are recognised (cli.out_of_memory), and bench with
