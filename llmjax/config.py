@@ -76,10 +76,10 @@ class ModelConfig:
     # A decoded token's two norms per layer (the second with the residual add before it) as one
     # fused kernel each (models/decode_norm.py), every architecture: auto = on a GPU; xla; pallas.
     decode_norm_impl: str = "auto"
-    # True where one decoded token's attention is attention.Attention's plain softmax(q.k) v over a
-    # per-head key/value cache, which the fused decode kernel (decode_attention_impl) computes; False
-    # for a decode state of another kind (mla, linformer, ssm) or attention with other scores (a bias,
-    # a window): those refuse decode_attention_impl='pallas' rather than ignore it
+    # True where one decoded token's attention runs in a fused decode kernel (decode_attention_impl):
+    # attention.Attention's plain softmax(q.k) v over a per-head key/value cache, or mla's latents;
+    # False for a decode state of another kind (linformer, ssm) or attention with other scores (a
+    # bias, a window): those refuse decode_attention_impl='pallas' rather than ignore it
     fused_decode_attention: ClassVar[bool] = True
     # the auxiliary losses the model returns (in `aux`, beside "stats"), which train.aux_loss_weights weighs
     aux_losses: ClassVar[tuple[str, ...]] = ()
@@ -134,8 +134,8 @@ class ModelConfig:
 
             fused = ", ".join(sorted(a for a, cls in ARCHS.items() if cls.config_class.fused_decode_attention))
             raise ConfigError(
-                f"model.decode_attention_impl='pallas' is for architectures that decode plain attention over keys and values "
-                f"cached per head ({fused}); {self.arch} decodes its own way: use 'auto' or 'xla'"
+                f"model.decode_attention_impl='pallas' is for architectures whose decoded token attends over a cache in a fused "
+                f"kernel ({fused}); {self.arch} decodes its own way: use 'auto' or 'xla'"
             )
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(

@@ -492,6 +492,21 @@ def test_gpu_decoding_rotates_queries_and_keys_in_one_kernel_per_layer(compiled_
 
 
 @needs_plugin
+def test_mla_decoding_attends_in_one_fused_kernel_per_layer(compiled_rows):
+    """MLA's decoded token attends against the cached latents in one kernel per layer
+    (decode_attention.latent_decode_attention: both cache writes, the scores, the softmax and the
+    weighted sum of latents; XLA's path made about 10 kernels of them), after one rotation kernel
+    for the queries' and the key's rotary parts together: the default mla at batch 1, compiled for
+    an H100, 299.4 -> 204.4 kernels per token."""
+    mla = compiled_rows[8]
+    n_layer = model_config(load_config("configs/mla.py:tiny")).n_layer
+    launches = lambda key: sum(k["launches"] for k in mla["top_kernels"] if k["op"].endswith(key))  # noqa: E731
+    assert launches("latent_decode_attention)/pallas_call") == n_layer
+    assert launches("/concatenate") == n_layer  # (apply_rope's halves joined: the rotation's kernel)
+    assert launches("/scatter") <= 1  # (the sampler's token; the caches are written in the kernel)
+
+
+@needs_plugin
 def test_mla_decoding_joins_no_weights_per_token(compiled_rows):
     """XLA's GPU compiler merges products that share an operand (q_proj's and kv_down's of the same
     x) into one GEMM over their joined weights; where the join cannot be fused into the GEMM (kv_down's

@@ -18,7 +18,7 @@ import llmjax
 from helpers import config, scale_params, tokens
 from llmjax import runtime
 from llmjax.config import ConfigError
-from llmjax.models.decode_attention import decode_attention, supported
+from llmjax.models.decode_attention import decode_attention, latent_decode_attention, latent_unmet, supported
 
 
 def reference(src, bias, k_cache, v_cache, pos, H, K):
@@ -173,9 +173,9 @@ def test_bad_decode_attention_settings_are_one_line_errors():
     with pytest.raises(ConfigError, match="is not one of auto, xla, pallas"):
         llmjax.model_config(config("vanilla", decode_attention_impl="triton"))
     own = sorted(a for a, cls in llmjax.ARCHS.items() if not cls.config_class.fused_decode_attention)
-    assert {"mla", "linformer", "ssm"} <= set(own)
+    assert {"linformer", "ssm"} <= set(own) and "mla" not in own
     for arch in own:
-        with pytest.raises(ConfigError, match=rf"cached per head \(gqa, modern, moe, vanilla.*\); {arch} decodes its own way"):
+        with pytest.raises(ConfigError, match=rf"in a fused kernel \(gqa, mla, modern, moe, vanilla.*\); {arch} decodes its own way"):
             llmjax.model_config(config(arch, decode_attention_impl="pallas"))
     m = llmjax.build_model(config("vanilla", decode_attention_impl="pallas"), seed=0)
     # (only the needs not met: the line named every one, head_dim 16 and 2 heads per key/value head as if they were wrong too)
@@ -187,6 +187,100 @@ def test_bad_decode_attention_settings_are_one_line_errors():
     with pytest.raises(ConfigError, match=r"^model\.decode_attention_impl='pallas' needs head_dim a power of two >= 16 \(got 8\) and "
                                           r"a cache a multiple of 16 slots \(got 40\); use 'auto' or 'xla'"):
         _uses_kernel(narrow, 1, S=40)
+
+
+# --- mla's latent kernel (decode_attention.latent_decode_attention) ---------------------------------
+
+
+def latent_reference(q, qkr, c_new, c_cache, kr_cache, pos, scale):
+    """float64: write each row's latent and rotary key at its position, then every head attends
+    over slots 0..position with logits scale (q . c + qr . kr) and values the latents."""
+    q, qkr = np.asarray(q, np.float64), np.asarray(qkr, np.float64)
+    qr, kr_new = qkr[:, :-1], qkr[:, -1]
+    cc, kc = np.array(c_cache, np.float64), np.array(kr_cache, np.float64)
+    B, H, _ = q.shape
+    out = np.zeros(q.shape)
+    for b in range(B):
+        p = int(pos[b])
+        if p >= 0:
+            cc[b, p], kc[b, p] = np.asarray(c_new[b], np.float64), kr_new[b]
+        n = p + 1 if p >= 0 else 1
+        for h in range(H):
+            logits = scale * (cc[b, :n] @ q[b, h] + kc[b, :n] @ qr[b, h])
+            w = np.exp(logits - logits.max())
+            out[b, h] = (w / w.sum()) @ cc[b, :n]
+    return out, cc, kc
+
+
+def latent_inputs(seed, B, H, r, p, S, dtype=jnp.float32):
+    """(q_lat, rotary queries and key (B, H + 1, p), latent, latent cache, rotary key cache)."""
+    ks = jax.random.split(jax.random.key(seed), 5)
+    shapes = [(B, H, r), (B, H + 1, p), (B, r), (B, S, r), (B, S, p)]
+    return [jax.random.normal(k, shape, dtype) for k, shape in zip(ks, shapes)]
+
+
+@pytest.mark.parametrize("H,r,p,S", [(4, 32, 8, 48), (12, 64, 32, 64), (1, 16, 2, 32)])
+def test_the_latent_kernel_equals_a_float64_reference(H, r, p, S):
+    pos = np.array([0, 15, 16, 17, S - 1, -1, 31])
+    args = latent_inputs(0, len(pos), H, r, p, S)
+    scale = 0.3
+    out, c2, k2 = latent_decode_attention(*args, jnp.asarray(pos), scale=scale, interpret=True)
+    want, cw, kw = latent_reference(*args, pos, scale)
+    np.testing.assert_allclose(out, want, atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose(c2, cw, atol=1e-6)
+    np.testing.assert_allclose(k2, kw, atol=1e-6)
+    changed = np.asarray((c2 != args[3]).any(axis=2) | (k2 != args[4]).any(axis=2))
+    for b, q in enumerate(pos):
+        assert set(np.flatnonzero(changed[b])) <= ({int(q)} if q >= 0 else set()), (b, q)
+
+
+def test_the_latent_kernel_never_uses_slots_after_the_position():
+    pos = jnp.array([0, 5, 33, 62])
+    q, qkr, c_new, cc, kc = latent_inputs(2, 4, 4, 32, 8, 64)
+    later = jnp.arange(64)[None, :, None] > pos[:, None, None]
+    junk = lambda c: jnp.where(later, 1e4, c)  # noqa: E731
+    run = lambda cc, kc: latent_decode_attention(q, qkr, c_new, cc, kc, pos, scale=0.2, interpret=True)[0]  # noqa: E731
+    np.testing.assert_array_equal(run(cc, kc), run(junk(cc), junk(kc)))
+
+
+def test_the_latent_kernel_in_bfloat16_and_its_shapes():
+    pos = np.array([0, 70, 127])
+    args = latent_inputs(3, 3, 8, 64, 16, 128, dtype=jnp.bfloat16)
+    out, c2, _ = latent_decode_attention(*args, jnp.asarray(pos), scale=0.125, interpret=True)
+    assert out.dtype == jnp.bfloat16 and c2.dtype == jnp.bfloat16
+    want, _, _ = latent_reference(*args, pos, 0.125)
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=2e-2, rtol=2e-2)
+    assert latent_unmet(256, 32, 320) == [] and latent_unmet(32, 8, 64) == []
+    assert len(latent_unmet(48, 32, 64)) == 1 and len(latent_unmet(256, 24, 64)) == 1 and len(latent_unmet(256, 32, 40)) == 1
+    with pytest.raises(ValueError, match="not supported"):
+        latent_decode_attention(*latent_inputs(0, 1, 2, 48, 8, 32), jnp.array([1]), scale=1.0, interpret=True)
+
+
+def test_mla_decodes_with_the_latent_kernel_on_a_gpu_only_and_as_xla_does():
+    """'auto': the latent kernel for one token per row when tracing for a GPU, never for a prompt
+    chunk or on a CPU; 'pallas' on a CPU too. A scaled-up random mla model (queries compressed,
+    matmul operands in bfloat16 or not), one token at a time: kernel and XLA path give the same
+    logits and caches (float32)."""
+    auto, xla = (llmjax.build_model(config("mla", decode_attention_impl=i), seed=0) for i in ("auto", "xla"))
+    pallas = llmjax.build_model(config("mla", decode_attention_impl="pallas"), seed=0)
+    uses = functools.partial(_uses_kernel, kernel="latent_decode_attention")
+    assert not uses(auto, 1) and not uses(xla, 1) and uses(pallas, 1) and not uses(pallas, 3)
+    with runtime.compiling_for("gpu"):
+        assert uses(auto, 1) and not uses(auto, 3) and not uses(xla, 1) and not uses(auto, 1, S=40)
+    with pytest.raises(ConfigError, match=r"^model\.decode_attention_impl='pallas' needs a cache a multiple of 16 slots \(got 40\); "):
+        uses(pallas, 1, S=40)
+    for opts in ({"q_lora_rank": 24}, {"matmul_dtype": "bfloat16"}):
+        ms = {i: scale_params(llmjax.build_model(config("mla", decode_attention_impl=i, scan_layers=False, **opts), seed=4), 4.0)
+              for i in ("xla", "pallas")}
+        toks = tokens(5, 2, 12)
+        caches = {i: m.init_cache(2, 32) for i, m in ms.items()}
+        for t in range(12):
+            pos = jnp.stack([jnp.full((1,), t), jnp.full((1,), t - 3)])  # (the second row starts later: padding first)
+            outs = {i: m(toks[:, t : t + 1], positions=pos, cache=caches[i]) for i, m in ms.items()}
+            caches = {i: o[1] for i, o in outs.items()}
+            np.testing.assert_allclose(outs["pallas"][0], outs["xla"][0], atol=2e-5, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(caches["pallas"]), jax.tree.leaves(caches["xla"])):  # (the second layer's: from the first's outputs)
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
 # --- the fused norms (llmjax/models/decode_norm.py) ----------------------------------------------

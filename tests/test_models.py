@@ -67,7 +67,8 @@ DECODE_OPTIONS = {  # the fused decode kernels (Pallas' interpreter here): atten
                {"decode_attention_impl": "pallas", "matmul_dtype": "bfloat16"}],
     "moe": [{"decode_attention_impl": "pallas", "decode_norm_impl": "pallas", "scan_layers": False},
             {"decode_attention_impl": "pallas", "matmul_dtype": "bfloat16"}],
-    "mla": [{"decode_norm_impl": "pallas"}],
+    "mla": [{"decode_norm_impl": "pallas", "decode_attention_impl": "pallas"},
+            {"decode_attention_impl": "pallas", "matmul_dtype": "bfloat16", "q_lora_rank": 24}],
     "linformer": [{"decode_norm_impl": "pallas", "scan_layers": False}],
     "ssm": [{"decode_norm_impl": "pallas"}],
 }

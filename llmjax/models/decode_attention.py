@@ -26,6 +26,11 @@ cached decoding ends 0.6-1.2% of the logit scale from the full forward (tiny mod
 as flash attention's forward (cuDNN's on a GPU) differs from XLA's.
 A padding token (position < 0) writes nothing and attends to slot 0 only, as `visible_mask` says.
 On a CPU (tests, `model.decode_attention_impl='pallas'`) it runs in Pallas' interpreter.
+
+`latent_decode_attention` is the same step for MLA's absorbed attention: one program per (row, query
+head), every head reading the cached latents (B, S, r) as its keys and values and the shared rotary
+keys (B, S, p) for the rest of its logits; head 0 writes the token's latent and rotary key. XLA's
+path (mla.MultiHeadLatentAttention._absorbed_attention) took about 10 kernels a layer for it.
 """
 
 from __future__ import annotations
@@ -141,3 +146,89 @@ def decode_attention(q_src, k_src, v_src, bias, k_cache, v_cache, positions_B, *
         interpret=interpret,
     )(*args)
     return out, k_cache, v_cache
+
+
+# --- multi-head latent attention (mla): one decoded token against the cached latents ----------------
+
+
+def latent_unmet(rank: int, rope_dim: int, S: int) -> list[str]:
+    """What the latent kernel needs of these shapes that they lack: the latent's width and the
+    rotary key's powers of two (Triton's block shapes), S a multiple of 16."""
+    return [need for ok, need in (
+        (rank >= 16 and rank & (rank - 1) == 0, f"kv_lora_rank a power of two >= 16 (got {rank})"),
+        (rope_dim >= 1 and rope_dim & (rope_dim - 1) == 0, f"qk_rope_dim a power of two (got {rope_dim})"),
+        (block_slots(S) is not None, f"a cache a multiple of 16 slots (got {S})"),
+    ) if not ok]
+
+
+def _latent_attention_kernel(pos_ref, q_ref, qkr_ref, c_new_ref, c_ref, kr_ref, o_ref, c_out, kr_out, *, scale: float,
+                             block: int, narrow):
+    """Row b, query head h: as `_decode_attention_kernel`, with one key/value head shared by every
+    query head (the latent c, (S, r), both key and value; the rotary key (S, p) adds to the logits).
+    Head 0 writes the token's latent and rotary key; every head reads only the slots before it."""
+    b, h = pl.program_id(0), pl.program_id(1)
+    pos = pos_ref[b]
+    S = c_ref.shape[1]
+    cache_dtype = c_ref.dtype
+    new_c = c_new_ref[b, :].astype(cache_dtype)
+    new_kr = qkr_ref[b, q_ref.shape[1], :].astype(cache_dtype)  # (the rotary key: after the H queries')
+    live = (pos >= 0) & (pos < S)  # a padding token (or one past the cache) writes nothing
+    plgpu.store(c_out.at[b, jnp.maximum(pos, 0), :], new_c, mask=jnp.full(new_c.shape, live & (h == 0)))
+    plgpu.store(kr_out.at[b, jnp.maximum(pos, 0), :], new_kr, mask=jnp.full(new_kr.shape, live & (h == 0)))
+
+    def latent(x):  # the latent as the products take it: under model.matmul_dtype rounded to it first
+        return (x if narrow is None else x.astype(narrow)).astype(jnp.float32)
+
+    new_c, new_kr = latent(new_c), new_kr.astype(jnp.float32)
+    q = q_ref[b, h, :].astype(jnp.float32) * scale  # (r,)
+    qr = qkr_ref[b, h, :].astype(jnp.float32) * scale  # (p,)
+    cached = jnp.where(pos >= 0, pos, 1)  # slots read from the cache: those before the token (padding: slot 0)
+    lanes = jnp.arange(block)
+
+    def step(i, carry):
+        out, run_max, run_sum = carry
+        visible = i * block + lanes < cached
+        c = latent(c_ref[b, pl.ds(i * block, block), :])  # (block, r)
+        kr = kr_ref[b, pl.ds(i * block, block), :].astype(jnp.float32)  # (block, p)
+        logits = jnp.where(visible, jnp.sum(c * q[None, :], axis=1) + jnp.sum(kr * qr[None, :], axis=1), -jnp.inf)
+        new_max = jnp.maximum(run_max, jnp.max(logits))
+        probs = jnp.exp(logits - new_max)  # 0 where not visible
+        correction = jnp.exp(run_max - new_max)
+        pv = jnp.sum(probs.astype(cache_dtype).astype(jnp.float32)[:, None] * c, axis=0)  # (r,)
+        return out * correction + pv, new_max, run_sum * correction + jnp.sum(probs)
+
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.float32(-jnp.inf), jnp.float32(0.0))
+    out, run_max, run_sum = jax.lax.fori_loop(0, pl.cdiv(cached, block), step, init)
+    logit = jnp.where(live, jnp.sum(q * new_c) + jnp.sum(qr * new_kr), -jnp.inf)  # the new token itself
+    new_max = jnp.maximum(run_max, logit)
+    p, correction = jnp.exp(logit - new_max), jnp.exp(run_max - new_max)
+    out = out * correction + p.astype(cache_dtype).astype(jnp.float32) * new_c
+    o_ref[b, h, :] = (out / (run_sum * correction + p)).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "narrow", "interpret"))
+def latent_decode_attention(q_lat, qk_rope, c_new, c_cache, kr_cache, positions_B, *, scale: float, narrow=None,
+                            interpret: bool = False):
+    """MLA's absorbed attention for one token per row: write its latent c_new (B, r) and rotary key
+    (qk_rope[:, H], (B, p)) into the caches (B, S, r) and (B, S, p) at positions[b], and attend with
+    the absorbed queries q_lat (B, H, r) (W_uk folded in) and the rotary queries qk_rope[:, :H]
+    over slots 0..positions[b]: softmax(scale (q_lat c + q_rope k_rope)) c, the latent attended
+    (W_uv still to apply), in q_lat's dtype, with the caches: (out (B, H, r), c_cache, kr_cache).
+    (The rotary queries and key come as one array (B, H + 1, p), rotated in one kernel, read where
+    they lie.) `narrow` (model.matmul_dtype) rounds the latents as the products' operands."""
+    B, H, r = q_lat.shape
+    S, p = c_cache.shape[1], kr_cache.shape[2]
+    if latent_unmet(r, p, S) or qk_rope.shape != (B, H + 1, p):
+        raise ValueError(f"latent_decode_attention: kv_lora_rank {r}, qk_rope_dim {p}, {S} slots, rotary parts {qk_rope.shape} "
+                         "are not supported")
+    block = next(b for b in (32, 16) if S % b == 0)  # (a (block, r) tile of latents in registers)
+    args = [positions_B.astype(jnp.int32), q_lat, qk_rope, c_new, c_cache, kr_cache]
+    return pl.pallas_call(
+        functools.partial(_latent_attention_kernel, scale=scale, block=block, narrow=narrow),
+        out_shape=(jax.ShapeDtypeStruct((B, H, r), q_lat.dtype), jax.ShapeDtypeStruct(c_cache.shape, c_cache.dtype),
+                   jax.ShapeDtypeStruct(kr_cache.shape, kr_cache.dtype)),
+        grid=(B, H),
+        input_output_aliases={4: 1, 5: 2},
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+    )(*args)

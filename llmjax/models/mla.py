@@ -12,7 +12,9 @@ Keys and values are compressed jointly into one latent per token:
 Training expands k_nope and v and runs ordinary (flash) attention. Decoding caches only c and kr,
 r + p numbers per token and layer (288 at the default, against 2 * 12 * 64 = 1536 for GPT-2), and
 never re-expands keys and values: W_uk is absorbed into the query (q_nope W_uk^T scores directly
-against the latent) and W_uv is applied after the weighted sum of latents.
+against the latent) and W_uv is applied after the weighted sum of latents; on a GPU the attention
+against the latents, with both cache writes, is one fused kernel per layer
+(decode_attention.latent_decode_attention, `model.decode_attention_impl`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llmjax import runtime
 from llmjax.config import ConfigError, ModelConfig
+from llmjax.models import decode_attention
 from llmjax.models.attention import causal_attention, visible_mask, write_cache
 from llmjax.models.layers import DecoderLM, PreNormBlock, SwiGLU, apply_rope, dense, dot32, residual_std, rms_norm
 from llmjax.registry import register
@@ -32,7 +36,7 @@ from llmjax.registry import register
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MLAConfig(ModelConfig):
-    fused_decode_attention = False  # its own decode state: decode_attention_impl='pallas' refused (config.ModelConfig)
+    # (its decode step's fused kernel is decode_attention.latent_decode_attention: decode_attention_impl applies)
     n_head: int
     d_ff: int
     rope_base: float
@@ -60,6 +64,7 @@ class MultiHeadLatentAttention(nnx.Module):
         H, D = cfg.n_head, cfg.d_model
         self.n_head, self.r, self.nope, self.rope, self.vd = H, cfg.kv_lora_rank, cfg.qk_nope_dim, cfg.qk_rope_dim, cfg.v_head_dim
         self.rope_base, self.impl, self.dtype = cfg.rope_base, cfg.attention_impl, cfg.compute_dtype
+        self.decode_impl = cfg.decode_attention_impl
         self.narrow = cfg.narrow_matmuls
         self.scale = 1.0 / math.sqrt(cfg.qk_nope_dim + cfg.qk_rope_dim)
         qk = cfg.qk_nope_dim + cfg.qk_rope_dim
@@ -74,16 +79,16 @@ class MultiHeadLatentAttention(nnx.Module):
         self.kv_up = dense(cfg, cfg.kv_lora_rank, H * (cfg.qk_nope_dim + cfg.v_head_dim), rngs=rngs)
         self.o_proj = dense(cfg, H * cfg.v_head_dim, D, std=residual_std(cfg), rngs=rngs)
 
-    def _queries(self, x_BTD, positions_BT):
+    def _queries(self, x_BTD):
+        """(q_nope (B, T, H, nope), q_rope (B, T, H, p) not yet rotated)."""
         B, T, _ = x_BTD.shape
         q = self.q_up(self.q_norm(self.q_down(x_BTD))) if hasattr(self, "q_down") else self.q_proj(x_BTD)
-        q_nope, q_rope = jnp.split(q.reshape(B, T, self.n_head, self.nope + self.rope), [self.nope], axis=-1)
-        return q_nope, apply_rope(q_rope, positions_BT, self.rope_base)  # (B, T, H, nope), (B, T, H, p)
+        return jnp.split(q.reshape(B, T, self.n_head, self.nope + self.rope), [self.nope], axis=-1)
 
     def __call__(self, x_BTD, positions_BT, cache):
         B, T, _ = x_BTD.shape
         H = self.n_head
-        q_nope, q_rope = self._queries(x_BTD, positions_BT)
+        q_nope, q_rope = self._queries(x_BTD)
         # Decoding, XLA's GPU compiler merges the two products of x (q_proj's, kv_down's) into one by
         # joining their weights, a copy it cannot fuse into the GEMM (kv_down's r + p columns are no
         # multiple of its tiles) and makes every token (4.4 MB a layer for the default config):
@@ -91,6 +96,12 @@ class MultiHeadLatentAttention(nnx.Module):
         x_kv = x_BTD if cache is None else jax.lax.optimization_barrier(x_BTD)
         latent, k_rope = jnp.split(self.kv_down(x_kv), [self.r], axis=-1)  # (B, T, r), (B, T, p)
         latent = self.kv_norm(latent)
+        if cache is not None and self._decode_kernel(T, cache["latent"].shape[1]):
+            # the queries' and the key's rotary parts rotated together, one kernel (apart, XLA made two a layer)
+            qk_rope = apply_rope(jnp.concatenate([q_rope, k_rope[:, :, None, :]], axis=2), positions_BT, self.rope_base)
+            out, cache = self._fused_decode(q_nope, qk_rope, latent, cache, positions_BT)
+            return self.o_proj(out.reshape(B, T, H * self.vd)), cache
+        q_rope = apply_rope(q_rope, positions_BT, self.rope_base)
         k_rope = apply_rope(k_rope[:, :, None, :], positions_BT, self.rope_base)[:, :, 0, :]
         if cache is None:
             kv = self.kv_up(latent).reshape(B, T, H, self.nope + self.vd)
@@ -103,15 +114,44 @@ class MultiHeadLatentAttention(nnx.Module):
             out = self._absorbed_attention(q_nope, q_rope, cache, positions_BT)
         return self.o_proj(out.reshape(B, T, H * self.vd)), cache
 
+    def _rounded(self, a):
+        """`a` as the products take it: under model.matmul_dtype the expanded path multiplies the
+        latent and W_ukv rounded to it, so the absorbed one rounds them the same way."""
+        return a.astype(self.narrow).astype(self.dtype) if self.narrow is not None else a.astype(self.dtype)
+
+    def _absorbing_weights(self):
+        """(W_uk (r, H, nope), W_uv (r, H, v)): kv_up's kernel, split."""
+        w_ukv = self._rounded(self.kv_up.kernel[...]).reshape(self.r, self.n_head, self.nope + self.vd)
+        return w_ukv[..., : self.nope], w_ukv[..., self.nope :]
+
+    def _fused_decode(self, q_nope_BTHn, qk_rope_BTHp, latent_BTr, cache, positions_BT):
+        """One token per row through decode_attention.latent_decode_attention, given the rotated
+        rotary parts of the H queries and, as head H, the key: the kernel writes the latent and the
+        rotary key into the caches and attends against the latents (XLA's path: two
+        scatters, the two score products, the mask, the softmax's reductions and the weighted sum,
+        about 10 kernels a layer, each reading every cache slot)."""
+        w_uk_rHn, w_uv_rHv = self._absorbing_weights()
+        q_lat_BHr = jnp.einsum("bthn,rhn->bthr", q_nope_BTHn, w_uk_rHn)[:, 0]
+        o_lat_BHr, c_cache, kr_cache = decode_attention.latent_decode_attention(
+            q_lat_BHr, qk_rope_BTHp[:, 0], latent_BTr[:, 0], cache["latent"], cache["k_rope"],
+            positions_BT[:, 0], scale=self.scale, narrow=self.narrow, interpret=runtime.backend() != "gpu")
+        return jnp.einsum("bthr,rhv->bthv", o_lat_BHr[:, None], w_uv_rHv), {"latent": c_cache, "k_rope": kr_cache}
+
+    def _decode_kernel(self, T: int, S: int) -> bool:
+        """Whether one decoded token's attention runs as the fused kernel: 'pallas' (an error where
+        the shapes do not fit), or 'auto' on a GPU where they do (as attention.Attention's)."""
+        if T != 1 or self.decode_impl == "xla":
+            return False
+        unmet = decode_attention.latent_unmet(self.r, self.rope, S)
+        if self.decode_impl == "pallas" and unmet:
+            raise ConfigError(f"model.decode_attention_impl='pallas' needs {' and '.join(unmet)}; use 'auto' or 'xla'")
+        return not unmet and (self.decode_impl == "pallas" or runtime.backend() == "gpu")
+
     def _absorbed_attention(self, q_nope_BTHn, q_rope_BTHp, cache, positions_BT):
         """Attention straight against the cached latents: W_uk folded into the queries, W_uv applied
         to the attended latent. Logits and softmax in float32."""
-        # Under model.matmul_dtype the expanded path multiplies the latent and W_ukv rounded to it:
-        # round them the same way here, so both paths compute the same products.
-        rounded = (lambda a: a.astype(self.narrow).astype(self.dtype)) if self.narrow is not None else (lambda a: a.astype(self.dtype))  # noqa: E731
-        w_ukv = rounded(self.kv_up.kernel[...]).reshape(self.r, self.n_head, self.nope + self.vd)
-        w_uk_rHn, w_uv_rHv = w_ukv[..., : self.nope], w_ukv[..., self.nope :]
-        c_BSr = rounded(cache["latent"])
+        w_uk_rHn, w_uv_rHv = self._absorbing_weights()
+        c_BSr = self._rounded(cache["latent"])
         kr_BSp = cache["k_rope"].astype(self.dtype)
         q_lat_BTHr = jnp.einsum("bthn,rhn->bthr", q_nope_BTHn, w_uk_rHn)
         scores_BHTS = jnp.einsum("bthr,bsr->bhts", q_lat_BTHr, c_BSr, preferred_element_type=jnp.float32)
