@@ -98,3 +98,34 @@ def test_bfloat16_attention_gradients_are_within_its_rounding():
     for name, got, ref in zip("qkv", grads, want):
         rel = np.abs(np.asarray(got, np.float64) - ref).mean() / np.abs(ref).mean()
         assert rel < 0.006, (name, rel)
+
+
+def test_bfloat16_decoding_rounds_where_the_full_forward_does():
+    """In bfloat16, a decode step rounds what the full forward rounds: the projections P_k, P_v to
+    the compute dtype (the step's output depends on them only through that rounding) and the
+    attention probabilities before the value product. The first block (exact causal attention, no
+    summaries) then decodes as the full forward computes it: before the state held the completed
+    blocks' key sums, it did so bit for bit, and the sums' version kept float32 probabilities and
+    projections, 17% of the first block's outputs a bfloat16 rounding off (a model's logits up to
+    0.19 of the 2^-5 bound in test_models' bfloat16 test, from 0)."""
+    import jax
+    from flax import nnx
+
+    from llmjax.config import model_config
+    from llmjax.models.linformer import CausalLinformerAttention
+
+    cfg = model_config(config("linformer", dtype="bfloat16"))
+    att = CausalLinformerAttention(cfg, rngs=nnx.Rngs(0))
+    B, T, b = 2, 3 * cfg.block_size, cfg.block_size
+    q, k, v = ((3 * jax.random.normal(key, (B, T, cfg.n_head, cfg.head_dim))).astype(jnp.bfloat16) for key in jax.random.split(jax.random.key(1), 3))
+    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    decode = lambda: np.asarray(att._decode(q, k, v, positions, att.init_cache(B, T, jnp.bfloat16))[0], np.float32)  # noqa: E731
+    got, full = decode(), np.asarray(att._blocks(q, k, v), np.float32)
+    differ = np.mean(got[:, :b] != full[:, :b])
+    assert differ < 0.02, differ  # (0 here; a CPU that orders the 16-term score sums otherwise may flip a rounding)
+    assert np.abs(got - full).max() > 0  # (the summaries' scores are not rounded as the full forward's are: not all equal)
+    for name in ("proj_k", "proj_v"):
+        p = getattr(att, name)
+        assert not np.array_equal(np.asarray(p[...]), np.asarray(p[...].astype(jnp.bfloat16), np.float32))
+        p[...] = p[...].astype(jnp.bfloat16).astype(jnp.float32)
+    np.testing.assert_array_equal(decode(), got)

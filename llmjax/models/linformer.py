@@ -148,7 +148,9 @@ class CausalLinformerAttention(nnx.Module):
         of the whole block every token and adding them into running sums moved 7.3 GB per step
         for the default config decoding 64 rows, compiled for an H100 (docs/benchmarks.md)."""
         b, r, f32 = self.b, self.r, jnp.float32
-        pk, pv = self.proj_k[...].astype(f32), self.proj_v[...].astype(f32)
+        # (rounded to the compute dtype first, as the full forward's summaries take them; likewise the
+        # probabilities below before the value products: the first block then decodes as `_attend` computes it)
+        pk, pv = (p[...].astype(self.dtype).astype(f32) for p in (self.proj_k, self.proj_v))
         B = q.shape[0]
         rows = jnp.arange(B)
 
@@ -172,7 +174,7 @@ class CausalLinformerAttention(nnx.Module):
             s_sum = jnp.einsum("bhs,rs->bhr", s_prev, pk) * (self.scale * inv)
             s_sum = jnp.where((n > 0)[:, None, None], s_sum, -jnp.inf)
             s_blk = jnp.where(later, -jnp.inf, s_blk * self.scale)
-            probs = jax.nn.softmax(jnp.concatenate([s_sum, s_blk], axis=-1), axis=-1)  # (B, H, r + b)
+            probs = jax.nn.softmax(jnp.concatenate([s_sum, s_blk], axis=-1), axis=-1).astype(self.dtype).astype(f32)  # (B, H, r + b)
             w = jnp.einsum("bhr,rs->bhs", probs[..., :r], pv) * inv  # each slot's weight in the summary values
             out = jnp.einsum("bhs,bhds->bhd", w, kv_sum[:, 1]) + jnp.einsum(
                 "bhs,bhds->bhd", jnp.where(later, w, probs[..., r:]), kv_block[:, 1].astype(f32))
