@@ -71,6 +71,25 @@ def test_the_fused_kernel_equals_the_recurrence_in_values_and_gradients(B, T, E,
         np.testing.assert_allclose(a, b, atol=2e-5 * float(jnp.abs(b).max()), rtol=1e-4, err_msg=name)
 
 
+def test_the_fused_backward_keeps_one_state_a_chunk_not_every_state():
+    """The gradient's pass recomputes the states a chunk at a time from checkpoints (one state
+    every `CHUNK` steps) instead of writing every step's (B, T, E, N) state and reading it back:
+    3.2 GB a layer and step for the default ssm at batch 16 x 1024, 2.5 of its 3.9 GB outside GEMMs
+    (compiled for an H100, docs/benchmarks.md)."""
+    B, T, E, N = 2, 37, 16, 4
+    delta, u, Bm, Cm, A, h0 = _inputs(2, B, T, E, N)
+    grad = jax.grad(lambda *a: jnp.sum(fused.selective_scan(*a, True)[0] ** 2), argnums=range(6))
+
+    def shapes(jaxpr):
+        out = [v.aval.shape for e in jaxpr.eqns for v in e.outvars if hasattr(v.aval, "shape")]
+        for sub in jax.extend.core.subjaxprs(jaxpr):
+            out += shapes(sub)
+        return out
+
+    states = [s for s in shapes(jax.make_jaxpr(grad)(delta, u, Bm, Cm, A, h0).jaxpr) if len(s) == 4 and s[0] == B and s[2:] == (E, N)]
+    assert states and all(s[1] <= -(-64 // fused.CHUNK) for s in states), states
+
+
 def test_the_fused_kernel_block_and_support():
     assert [fused.block_e(e) for e in (1536, 768, 128, 24, 8, 6, 100)] == [64, 64, 64, 8, 8, None, None]
     assert fused.supported(1536, 16) and not fused.supported(1536, 12) and not fused.supported(6, 4)
