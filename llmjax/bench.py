@@ -55,6 +55,7 @@ from flax import nnx  # noqa: E402
 
 from llmjax import cli  # noqa: E402
 from llmjax.config import ConfigError, load_config, model_config, parse_value, set_key  # noqa: E402
+from llmjax.models import selective_scan  # noqa: E402
 from llmjax.registry import build_model  # noqa: E402
 from llmjax.sample import DECODE_UNROLL, SampleError, Sampling, decode_grows, decode_min_rows, generate, inference_params  # noqa: E402
 from llmjax.scoring import ScoreError  # noqa: E402
@@ -380,6 +381,8 @@ def bench(cfg, spec: str, *, suites, steps, repeats, decode_batches, prompt_len,
         "deterministic": bool(cfg.train.get("deterministic", False)),
         "attention_impl": mcfg.attention_impl,
         **{k: getattr(mcfg, k) for k in ("moe_mode", "moe_impl", "moe_block_rows", "capacity_factor", "scan_chunk", "scan_impl", "d_conv", "decode_attention_impl", "decode_norm_impl") if hasattr(mcfg, k)},
+        # (the SSM's fused scan: steps between its backward's kept states, LLMJAX_SSM_BACKWARD_CHUNK's sweep rows apart)
+        **({"ssm_backward_chunk": selective_scan.backward_chunk()} if mcfg.arch == "ssm" else {}),
         "batch_size": cfg.train.batch_size if suites & {"train", "memory"} else None,
         "seq_len": mcfg.context_len,
         "params_total": summ["params_total"],

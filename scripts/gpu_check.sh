@@ -36,7 +36,8 @@
 # --sweep: training tokens/s over batch x scanned/unrolled layers x remat x attention kernel x loss
 # chunks, most telling settings first, as far as the budget goes, for vanilla and modern (or the
 # architectures in GPU_CHECK_SWEEP_ARCHS; for moe: block sizes, capacity mode, dense experts; for
-# ssm: scan chunk lengths, remat, and without the convolution).
+# ssm: the fused scan's backward with 4, 16 and 2 steps between its kept states, remat, without the
+# convolution, and XLA's scan).
 #
 # Relative paths in OUTDIR, GPU_CHECK_WHEELS, GPU_CHECK_ANCHORS, LLMJAX_TASK_DIR, NANOGPT_SRC,
 # LLMJAX_COMPILATION_CACHE and PYTHON are from the folder the script is run in (env.txt names them resolved).
@@ -200,9 +201,15 @@ if [ "$mode" = --sweep ]; then
         "--config.model.moe_impl=blocked --config.model.moe_block_rows=2048" \
         "--config.model.moe_impl=blocked --config.model.moe_block_rows=512" "--config.model.moe_impl=dense" \
         "--config.model.moe_mode=capacity --config.model.capacity_factor=1.0" ;;
-      ssm) sweep_overrides ssm "--config.model.scan_chunk=128" "--config.model.scan_chunk=64" "--config.model.scan_chunk=256" \
-        "--config.model.scan_chunk=32" "--config.model.scan_chunk=128 --config.model.remat=dots" \
-        "--config.model.scan_chunk=128 --config.model.d_conv=0" ;;  # (last: without Mamba's convolution, its cost)
+      ssm)  # (the fused scan's backward with 4 and 16 steps between its kept states, against the default 8;
+        # scan_chunk is XLA's scan's, used only with scan_impl=xla: one row of it to compare)
+        sweep_overrides ssm ""
+        for every in 4 16 2; do
+          step "sweep ssm LLMJAX_SSM_BACKWARD_CHUNK=$every" 120 sweep.log env LLMJAX_SSM_BACKWARD_CHUNK=$every "${bench[@]}" \
+            --config "$(cfg ssm)" --suite=train,memory --steps=10 --repeats=3 --batch_size=16
+        done
+        sweep_overrides ssm "--config.model.remat=dots" "--config.model.d_conv=0" \
+          "--config.model.scan_impl=xla --config.model.scan_chunk=128" ;;  # (d_conv=0: without Mamba's convolution, its cost)
       *) sweep "$arch" "16 False none cudnn" "32 False none cudnn" "64 False none cudnn" "16 False none cudnn 16" \
         "32 True none cudnn" "64 False dots_no_batch cudnn" "32 False none cudnn 16" "32 False none xla" \
         "64 True dots_no_batch cudnn" "16 True none cudnn" "32 False dots_no_batch cudnn" "16 False none xla" ;;

@@ -90,6 +90,24 @@ def test_the_fused_backward_keeps_one_state_a_chunk_not_every_state():
     assert states and all(s[1] <= -(-64 // fused.CHUNK) for s in states), states
 
 
+def test_the_backward_chunk_changes_no_gradient(monkeypatch):
+    """LLMJAX_SSM_BACKWARD_CHUNK (gpu_check's sweep) moves the backward's kept states, not its
+    values: chunks of 1, 4 and 64 steps give the default's gradients; a bad value is one line."""
+    from llmjax.config import ConfigError
+
+    delta, u, Bm, Cm, A, h0 = _inputs(3, 2, 37, 16, 4)
+    grad = lambda: jax.grad(lambda *a: jnp.sum(fused.selective_scan(*a, True)[0] ** 2), argnums=range(6))(delta, u, Bm, Cm, A, h0)  # noqa: E731
+    want = grad()
+    for every in ("1", "4", "64"):
+        monkeypatch.setenv("LLMJAX_SSM_BACKWARD_CHUNK", every)
+        assert fused.backward_chunk() == int(every)
+        for a, b in zip(grad(), want):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(jnp.abs(b).max()))
+    monkeypatch.setenv("LLMJAX_SSM_BACKWARD_CHUNK", "6")
+    with pytest.raises(ConfigError, match=r"^LLMJAX_SSM_BACKWARD_CHUNK must be a power of two .* got '6'$"):
+        fused.backward_chunk()
+
+
 def test_the_fused_kernel_block_and_support():
     assert [fused.block_e(e) for e in (1536, 768, 128, 24, 8, 6, 100)] == [64, 64, 64, 8, 8, None, None]
     assert fused.supported(1536, 16) and not fused.supported(1536, 12) and not fused.supported(6, 4)

@@ -27,6 +27,7 @@ steps (delta = 0, u = 0), and `supported` says whether E and N fit.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,8 @@ from jax.experimental import pallas as pl
 BLOCK_E = 64  # channels per program (a power of two; N is the other state axis)
 # Steps between the states the backward pass keeps (a power of two): it recomputes each chunk's states
 # from the one before it in registers, unrolled, so the (B, T, E, N) states are never written whole.
+# LLMJAX_SSM_BACKWARD_CHUNK overrides it (scripts/gpu_check.sh --sweep tries 4 and 16: how many
+# states Triton keeps in registers before it spills only a GPU can say).
 CHUNK = 8
 
 
@@ -82,9 +85,20 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def backward_chunk() -> int:
+    """Steps between the backward's kept states: LLMJAX_SSM_BACKWARD_CHUNK, else CHUNK."""
+    env = os.environ.get("LLMJAX_SSM_BACKWARD_CHUNK", "").strip()
+    if env and not (env.isdigit() and int(env) > 0 and int(env) & (int(env) - 1) == 0):
+        from llmjax.config import ConfigError  # (a user's setting: one line)
+
+        raise ConfigError(f"LLMJAX_SSM_BACKWARD_CHUNK must be a power of two (steps between the backward's kept states; "
+                          f"default {CHUNK}), got {env!r}")
+    return int(env) if env else CHUNK
+
+
 def _chunk(Tp: int) -> int:
     """Steps between the backward's checkpoints for a (power-of-two) length Tp."""
-    return min(CHUNK, Tp)
+    return min(backward_chunk(), Tp)
 
 
 @functools.partial(jax.jit, static_argnames=("keep_states", "interpret"))
