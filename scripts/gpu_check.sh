@@ -27,7 +27,8 @@
 #   5. a jax.profiler trace of vanilla (5 training steps at batch 16, decoding at batch 1 and 64),
 #      summarised in its row (device busy fraction, time per kind of operation, top operations);
 #      HellaSwag items/s of gqa, mla, moe, linformer and ssm on the first 2,000 items;
-#   6. with what time is left, a few sweep settings (vanilla: float32 loss logits, batch-64 decoding with
+#   6. with what time is left, mla's decoding through XLA's attention and the MoE's batch-1 decoding with
+#      dense experts (A/Bs of session 33's changes), a few sweep settings (vanilla: float32 loss logits, batch-64 decoding with
 #      the whole cache from the start, the loss over 16 vocabulary slices at
 #      batch 16, batch 64, scanned layers, remat; modern at batch 64; vanilla decoding with while loops
 #      in CUDA graphs, and without; the MoE in capacity mode, with 2048- and 512-row blocks, and through
@@ -343,6 +344,12 @@ print(\"nanogpt train bs=32 peak_mem_GB %.2f\" % (torch.cuda.max_memory_allocate
   # vocabulary slices (memory at batch 16), training at batch 64, decoding with the whole while loop
   # in CUDA graphs (and with no command buffers at all); and decoding that tests its stop condition
   # after every token (a predicate copied to the host and waited for each step), the old loop
+  # session 33's decoding changes, A/B against what they replaced: mla's attention through XLA
+  # instead of its latent kernel; the MoE's batch-1 experts dense (all 8 read) instead of gathered
+  step "bench mla decoding, XLA's attention (no latent kernel)" 80 bench.log "${bench[@]}" --config "$(cfg mla)" \
+    --suite=decode --repeats=3 --decode_modes=greedy --config.model.decode_attention_impl=xla
+  step "bench moe decoding at batch 1, dense experts" 60 bench.log "${bench[@]}" --config "$(cfg moe)" \
+    --suite=decode --repeats=3 --decode_modes=greedy --decode_batches=1 --config.model.moe_impl=dense
   # the training loss's logits in float32 (train.logits_dtype; the default reads bf16 logits, as nanoGPT)
   step "sweep vanilla float32 logits" 80 sweep.log "${bench[@]}" --config "$(cfg vanilla)" --suite=train,memory --batch_size=16 \
     --steps=10 --repeats=2 --config.train.logits_dtype=float32
