@@ -531,6 +531,8 @@ def test_moe_decoding_one_row_reads_only_its_experts_weights(compiled_rows):
     assert moved(gathered) < moved(dense) - 0.9 * unrouted, (moved(gathered), moved(dense), unrouted)
     assert gathered["kernels"] <= dense["kernels"]
     assert not [k for k in gathered["top_kernels"] if k["op"].endswith("/gather") and k["launches"] >= 1]  # (none unfused)
+    # the router's top-k taken of its logits: no softmax over every expert in the loop (1 kernel a layer)
+    assert not [k["name"] for k in gathered["top_kernels"] if "softmax" in k["name"] and k["launches"] >= 1]
 
 
 @needs_plugin

@@ -208,8 +208,11 @@ class MoEFeedForward(nnx.Module):
         the router would learn from the auxiliary losses alone."""
         logits = self.router(x_BTD).astype(jnp.float32)  # (B, T, E)
         probs = jax.nn.softmax(logits, axis=-1)
-        top_p, top_e = jax.lax.top_k(probs, self.k)  # (B, T, k)
-        gates = top_p if self.k == 1 else top_p / jnp.sum(top_p, axis=-1, keepdims=True)
+        # the top_k of the logits (the probabilities' order), and the renormalised gates as the softmax of
+        # those k: decoding (whose probabilities only the unused losses read) then computes no softmax
+        # over every expert, a kernel a layer and token (the default moe at batch 1: 166.4 -> 154.4)
+        top_l, top_e = jax.lax.top_k(logits, self.k)  # (B, T, k)
+        gates = jnp.exp(top_l - jax.nn.logsumexp(logits, axis=-1, keepdims=True)) if self.k == 1 else jax.nn.softmax(top_l, axis=-1)
         return logits, probs, gates, top_e
 
     def __call__(self, x_BTD, dropless: bool | None = None):
