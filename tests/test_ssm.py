@@ -78,6 +78,13 @@ def test_the_fused_backward_keeps_one_state_a_chunk_not_every_state():
     (compiled for an H100, docs/benchmarks.md)."""
     B, T, E, N = 2, 37, 16, 4
     delta, u, Bm, Cm, A, h0 = _inputs(2, B, T, E, N)
+    states = _kept_states(delta, u, Bm, Cm, A, h0)
+    assert states and all(s[1] <= -(-64 // fused.CHUNK) for s in states), states
+
+
+def _kept_states(delta, u, Bm, Cm, A, h0):
+    """The shapes (B, n, E, N) of every state-sized array the fused scan's gradient makes, traced
+    afresh (a new function: make_jaxpr keeps a function's trace)."""
     grad = jax.grad(lambda *a: jnp.sum(fused.selective_scan(*a, True)[0] ** 2), argnums=range(6))
 
     def shapes(jaxpr):
@@ -86,13 +93,15 @@ def test_the_fused_backward_keeps_one_state_a_chunk_not_every_state():
             out += shapes(sub)
         return out
 
-    states = [s for s in shapes(jax.make_jaxpr(grad)(delta, u, Bm, Cm, A, h0).jaxpr) if len(s) == 4 and s[0] == B and s[2:] == (E, N)]
-    assert states and all(s[1] <= -(-64 // fused.CHUNK) for s in states), states
+    return [s for s in shapes(jax.make_jaxpr(grad)(delta, u, Bm, Cm, A, h0).jaxpr) if len(s) == 4 and s[0] == u.shape[0] and s[2:] == A.shape]
 
 
 def test_the_backward_chunk_changes_no_gradient(monkeypatch):
     """LLMJAX_SSM_BACKWARD_CHUNK (gpu_check's sweep) moves the backward's kept states, not its
-    values: chunks of 1, 4 and 64 steps give the default's gradients; a bad value is one line."""
+    values: chunks of 1, 4 and 64 steps give the default's gradients; a bad value is one line. Each
+    setting really runs (the kept states (B, 64 / chunk, E, N)): once read inside the kernels' jits,
+    the first setting's trace served every later one in the process (jit's cache keys no environment),
+    and this test compared the default with itself."""
     from llmjax.config import ConfigError
 
     delta, u, Bm, Cm, A, h0 = _inputs(3, 2, 37, 16, 4)
@@ -101,6 +110,7 @@ def test_the_backward_chunk_changes_no_gradient(monkeypatch):
     for every in ("1", "4", "64"):
         monkeypatch.setenv("LLMJAX_SSM_BACKWARD_CHUNK", every)
         assert fused.backward_chunk() == int(every)
+        assert set(_kept_states(delta, u, Bm, Cm, A, h0)) == {(2, 64 // int(every), 16, 4)}, every
         for a, b in zip(grad(), want):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(jnp.abs(b).max()))
     monkeypatch.setenv("LLMJAX_SSM_BACKWARD_CHUNK", "6")

@@ -96,17 +96,20 @@ def backward_chunk() -> int:
     return int(env) if env else CHUNK
 
 
-def _chunk(Tp: int) -> int:
+def _chunk(Tp: int, every: int) -> int:
     """Steps between the backward's checkpoints for a (power-of-two) length Tp."""
-    return min(backward_chunk(), Tp)
+    return min(every, Tp)
 
 
-@functools.partial(jax.jit, static_argnames=("keep_states", "interpret"))
-def scan(delta_BTE, u_BTE, B_BTN, C_BTN, A_EN, h0_BEN, *, keep_states: bool = False, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("keep_states", "every", "interpret"))
+def scan(delta_BTE, u_BTE, B_BTN, C_BTN, A_EN, h0_BEN, *, keep_states: bool = False, every: int = CHUNK, interpret: bool = False):
     """(y (B, T, E), h_last (B, E, N)) of h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t, y_t = h_t . C_t,
     float32; with `keep_states`, (h_last, checkpoints (B, Tp / chunk, E, N)) instead, the states after
-    every `_chunk(Tp)` steps of the sequence padded to Tp, a power of two. (delta_t u_t is computed in
-    the kernel: written out by XLA first, it cost a read of both and a write and read of the product.)"""
+    every `_chunk(Tp, every)` steps of the sequence padded to Tp, a power of two. (delta_t u_t is computed
+    in the kernel: written out by XLA first, it cost a read of both and a write and read of the product.)
+    `every` (the backward's `backward_chunk()`, read by its caller) is a static argument, not read here
+    from the environment: jit's cache does not know the environment, and a second setting in one
+    process would have reused the first's trace."""
     B, T, E = delta_BTE.shape
     N = A_EN.shape[1]
     BE = block_e(E)
@@ -117,7 +120,7 @@ def scan(delta_BTE, u_BTE, B_BTN, C_BTN, A_EN, h0_BEN, *, keep_states: bool = Fa
     rows_e = pl.BlockSpec((None, Tp, BE), lambda b, j: (b, 0, j))
     rows_n = pl.BlockSpec((None, Tp, N), lambda b, j: (b, 0, 0))
     state = pl.BlockSpec((None, BE, N), lambda b, j: (b, j, 0))
-    K = _chunk(Tp)
+    K = _chunk(Tp, every)
     if keep_states:
         out_specs = [state, pl.BlockSpec((None, Tp // K, BE, N), lambda b, j: (b, 0, j, 0))]
         out_shape = [jax.ShapeDtypeStruct((B, E, N), jnp.float32), jax.ShapeDtypeStruct((B, Tp // K, E, N), jnp.float32)]
@@ -188,18 +191,19 @@ def _bwd_kernel(delta_ref, u_ref, b_ref, c_ref, a_ref, h0_ref, hs_ref, dy_ref, d
 def _bwd(interpret, residuals, cotangents):
     delta, u, Bm, Cm, A, h0 = residuals
     dy, dh_last = cotangents
-    _, h = scan(delta, u, Bm, Cm, A, h0, keep_states=True, interpret=interpret)  # checkpoints (B, Tp / chunk, E, N)
-    return _scan_bwd(delta, u, Bm, Cm, A, h0, h, dy, dh_last, interpret=interpret)
+    every = backward_chunk()  # (read once, here, for both kernels: static arguments of their jits)
+    _, h = scan(delta, u, Bm, Cm, A, h0, keep_states=True, every=every, interpret=interpret)  # checkpoints (B, Tp / chunk, E, N)
+    return _scan_bwd(delta, u, Bm, Cm, A, h0, h, dy, dh_last, every=every, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def _scan_bwd(delta_BTE, u_BTE, B_BTN, C_BTN, A_EN, h0_BEN, h_BCEN, dy_BTE, dhlast_BEN, *, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("every", "interpret"))
+def _scan_bwd(delta_BTE, u_BTE, B_BTN, C_BTN, A_EN, h0_BEN, h_BCEN, dy_BTE, dhlast_BEN, *, every: int, interpret: bool):
     B, T, E = delta_BTE.shape
     N = A_EN.shape[1]
     BE = block_e(E)
     nb = E // BE
     Tp = _next_pow2(T)
-    K = _chunk(Tp)
+    K = _chunk(Tp, every)
     if Tp != T:  # identity steps at the end (zero inputs, zero output gradient): no contribution
         pad = lambda a: jnp.pad(a, ((0, 0), (0, Tp - T)) + ((0, 0),) * (a.ndim - 2))  # noqa: E731
         delta_BTE, u_BTE, B_BTN, C_BTN, dy_BTE = map(pad, (delta_BTE, u_BTE, B_BTN, C_BTN, dy_BTE))
