@@ -31,9 +31,9 @@ def reference(src, bias, k_cache, v_cache, pos, H, K):
     out = np.zeros((B, K, G, d))
     for b in range(B):
         p = int(pos[b])
-        if p >= 0:
+        if 0 <= p < S:  # (past the cache: nothing written, every slot seen, as XLA's path)
             kc[b, :, :, p], vc[b, :, :, p] = src[b, H : H + K], src[b, H + K :]
-        n = p + 1 if p >= 0 else 1
+        n = min(p + 1, S) if p >= 0 else 1
         for h in range(K):
             for g in range(G):
                 logits = src[b, h * G + g] @ kc[b, h, :, :n] / np.sqrt(d)
@@ -202,9 +202,9 @@ def latent_reference(q, qkr, c_new, c_cache, kr_cache, pos, scale):
     out = np.zeros(q.shape)
     for b in range(B):
         p = int(pos[b])
-        if p >= 0:
+        if 0 <= p < cc.shape[1]:  # (past the cache: nothing written, every slot seen, as XLA's path)
             cc[b, p], kc[b, p] = np.asarray(c_new[b], np.float64), kr_new[b]
-        n = p + 1 if p >= 0 else 1
+        n = min(p + 1, cc.shape[1]) if p >= 0 else 1
         for h in range(H):
             logits = scale * (cc[b, :n] @ q[b, h] + kc[b, :n] @ qr[b, h])
             w = np.exp(logits - logits.max())
@@ -254,6 +254,29 @@ def test_the_latent_kernel_in_bfloat16_and_its_shapes():
     assert len(latent_unmet(48, 32, 64)) == 1 and len(latent_unmet(256, 24, 64)) == 1 and len(latent_unmet(256, 32, 40)) == 1
     with pytest.raises(ValueError, match="not supported"):
         latent_decode_attention(*latent_inputs(0, 1, 2, 48, 8, 32), jnp.array([1]), scale=1.0, interpret=True)
+
+
+@pytest.mark.parametrize("S", [32, 48])
+def test_both_kernels_past_the_cache_write_nothing_and_see_every_slot(S):
+    """A position at or past the cache's S slots (only an unchecked jitted call gives one:
+    `DecoderLM.check_positions` refuses it eagerly) writes nothing and attends to all S slots, as
+    XLA's path (`write_cache`, `visible_mask`). Past S, the kernels' loops ran a block beyond the
+    cache: in the interpreter the last block again (slots counted twice), on a GPU whatever memory
+    follows the cache."""
+    pos = np.array([S, S + 3, S + 17, S + 40, 5])
+    H, K, d = 4, 2, 16
+    src, bias, kc, vc = inputs(1, len(pos), H, K, d, S)
+    out, k2, v2 = decode_attention(src, src, src, bias, kc, vc, jnp.asarray(pos), offsets=(0, H, H + K), n_head=H, interpret=True)
+    want, kw, vw = reference(src, bias, kc, vc, pos, H, K)
+    np.testing.assert_allclose(out, want, atol=2e-6, rtol=1e-5)
+    np.testing.assert_array_equal(k2[:4], kc[:4])
+    np.testing.assert_array_equal(v2[:4], vc[:4])
+    args = latent_inputs(1, len(pos), 4, 32, 8, S)
+    out, c2, r2 = latent_decode_attention(*args, jnp.asarray(pos), scale=0.3, interpret=True)
+    want, cw, kw = latent_reference(*args, pos, 0.3)
+    np.testing.assert_allclose(out, want, atol=2e-6, rtol=1e-5)
+    np.testing.assert_array_equal(c2[:4], args[3][:4])
+    np.testing.assert_array_equal(r2[:4], args[4][:4])
 
 
 def test_mla_decodes_with_the_latent_kernel_on_a_gpu_only_and_as_xla_does():

@@ -24,7 +24,10 @@ probability to the cache dtype before it is normalised (exp(logit - running max)
 at the end), where XLA rounds the normalised probability; in float32 nothing changes, in bfloat16
 cached decoding ends 0.6-1.2% of the logit scale from the full forward (tiny models, weights x3-x5),
 as flash attention's forward (cuDNN's on a GPU) differs from XLA's.
-A padding token (position < 0) writes nothing and attends to slot 0 only, as `visible_mask` says.
+A padding token (position < 0) writes nothing and attends to slot 0 only, as `visible_mask` says;
+one at or past the cache's S slots (unchecked under jit) writes nothing and attends to all S, as
+XLA's path does (before, past S the loop read a block beyond the cache: on a GPU memory
+after it, in the interpreter the last block again).
 On a CPU (tests, `model.decode_attention_impl='pallas'`) it runs in Pallas' interpreter.
 
 `latent_decode_attention` is the same step for MLA's absorbed attention: one program per (row, query
@@ -92,7 +95,9 @@ def _decode_attention_kernel(pos_ref, q_ref, k_ref, v_ref, *rest, offsets, group
     new_k, new_v = new_k.astype(jnp.float32), new_v.astype(jnp.float32)
 
     qs = [head(q_ref, q_off + h * group + g) * scale for g in range(group)]  # (hd,) each
-    cached = jnp.where(pos >= 0, pos, 1)  # slots read from the cache: those before the token (padding: slot 0)
+    # slots read from the cache: those before the token (padding: slot 0; a position past the cache, which only
+    # an unchecked jitted call gives: all S, as XLA's path, never a block past the cache's end)
+    cached = jnp.minimum(jnp.where(pos >= 0, pos, 1), S)
     lanes = jnp.arange(block)
 
     def step(i, carry):
@@ -182,7 +187,7 @@ def _latent_attention_kernel(pos_ref, q_ref, qkr_ref, c_new_ref, c_ref, kr_ref, 
     new_c, new_kr = latent(new_c), new_kr.astype(jnp.float32)
     q = q_ref[b, h, :].astype(jnp.float32) * scale  # (r,)
     qr = qkr_ref[b, h, :].astype(jnp.float32) * scale  # (p,)
-    cached = jnp.where(pos >= 0, pos, 1)  # slots read from the cache: those before the token (padding: slot 0)
+    cached = jnp.minimum(jnp.where(pos >= 0, pos, 1), S)  # (as `_decode_attention_kernel`'s)
     lanes = jnp.arange(block)
 
     def step(i, carry):
