@@ -17,7 +17,7 @@ checkpoint before it, in registers, and walks the adjoint g_t = dL/dh_t back thr
 writing each step's gradients (B's and C's as per-block partial sums). Keeping every state h_t
 instead ((B, T, E, N) float32, written once and read once) moved 3.2 GB more per layer and step for
 the default config at batch 16 x 1024, compiled for an H100: the step's bytes outside GEMMs were
-112 GB, now 78 (docs/benchmarks.md, session 33).
+112 GB, now 74 (docs/benchmarks.md, session 33).
 
 On a CPU (tests, `model.scan_impl='pallas'`) the kernel runs in Pallas' interpreter: slow, for
 checking only. The kernel's block shapes must be powers of two: T is padded to one with identity
