@@ -234,6 +234,35 @@ def test_the_latent_kernel_equals_a_float64_reference(H, r, p, S):
         assert set(np.flatnonzero(changed[b])) <= ({int(q)} if q >= 0 else set()), (b, q)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_latent_kernel_normalises_the_new_latent_read_where_it_lies(dtype):
+    """With the norm's scale, the kernel takes kv_down's output (the latent before its RMSNorm, then
+    the rotary key's r + p values) and normalises the latent as nnx.RMSNorm does (float64 here):
+    the cache holds the normalised latent, and the heads attend to it."""
+    from flax import nnx
+
+    B, H, r, p, S = 5, 4, 32, 8, 48
+    pos = np.array([0, 15, 16, 47, -1])
+    q, qkr, _, cc, kc = latent_inputs(4, B, H, r, p, S, dtype=dtype)
+    kv = 3.0 * jax.random.normal(jax.random.key(9), (B, r + p), dtype)  # (the rotary key's part is never read)
+    norm = nnx.RMSNorm(r, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    norm.scale[...] = jax.random.uniform(jax.random.key(1), (r,), jnp.float32, 0.5, 2.0)
+    out, c2, k2 = latent_decode_attention(q, qkr, kv, cc, kc, jnp.asarray(pos), scale=0.3, norm_scale=norm.scale[...],
+                                          norm_eps=1e-5, norm_dtype=dtype, norm_param_dtype=dtype, interpret=True)
+    x = np.asarray(kv[:, :r], np.float64)
+    normed = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * np.asarray(norm.scale[...].astype(dtype), np.float64)
+    want, cw, kw = latent_reference(q, qkr, normed, cc, kc, pos, 0.3)
+    tol = dict(atol=2e-6, rtol=1e-5) if dtype == jnp.float32 else dict(atol=3e-2, rtol=2e-2)
+    np.testing.assert_allclose(np.asarray(c2, np.float64), cw, **tol)
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, **tol)
+    np.testing.assert_array_equal(k2, np.asarray(kw, k2.dtype))
+    # the cached latent is flax's RMSNorm of it, to the last bit in float32 (bfloat16: within its rounding)
+    flax_c = norm(kv[:, None, :r])[:, 0]
+    live = pos >= 0
+    got = np.asarray(c2, np.float32)[np.flatnonzero(live), pos[live]]
+    np.testing.assert_allclose(got, np.asarray(flax_c, np.float32)[live], **(dict(atol=1e-6, rtol=1e-6) if dtype == jnp.float32 else dict(atol=0, rtol=8e-3)))
+
+
 def test_the_latent_kernel_never_uses_slots_after_the_position():
     pos = jnp.array([0, 5, 33, 62])
     q, qkr, c_new, cc, kc = latent_inputs(2, 4, 4, 32, 8, 64)

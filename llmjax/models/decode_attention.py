@@ -166,16 +166,24 @@ def latent_unmet(rank: int, rope_dim: int, S: int) -> list[str]:
     ) if not ok]
 
 
-def _latent_attention_kernel(pos_ref, q_ref, qkr_ref, c_new_ref, c_ref, kr_ref, o_ref, c_out, kr_out, *, scale: float,
-                             block: int, narrow):
+def _latent_attention_kernel(pos_ref, q_ref, qkr_ref, c_new_ref, *rest, scale: float, block: int, narrow, norm):
     """Row b, query head h: as `_decode_attention_kernel`, with one key/value head shared by every
     query head (the latent c, (S, r), both key and value; the rotary key (S, p) adds to the logits).
-    Head 0 writes the token's latent and rotary key; every head reads only the slots before it."""
+    Head 0 writes the token's latent and rotary key; every head reads only the slots before it.
+    With `norm` (eps, its dtype, its scale's dtype), the token's latent is first RMS-normalised (the
+    next ref holds the norm's scale), as decode_norm's kernel does it."""
+    norm_scale_ref, (c_ref, kr_ref, o_ref, c_out, kr_out) = (rest[0], rest[1:]) if norm else (None, rest)
     b, h = pl.program_id(0), pl.program_id(1)
     pos = pos_ref[b]
-    S = c_ref.shape[1]
+    S, r = c_ref.shape[1], c_ref.shape[2]
     cache_dtype = c_ref.dtype
-    new_c = c_new_ref[b, :].astype(cache_dtype)
+    new_c = c_new_ref[b, pl.ds(0, r)]  # (c_new may hold more after the latent: kv_down's output, read where it lies)
+    if norm:  # statistics in float32, the scale rounded to its dtype, the result to the norm's (as flax's RMSNorm)
+        eps, norm_dtype, param_dtype = norm
+        x = new_c.astype(jnp.float32)
+        mul = jax.lax.rsqrt(jnp.sum(x * x) / r + eps)
+        new_c = (x * (mul * norm_scale_ref[...].astype(param_dtype).astype(jnp.float32))).astype(norm_dtype)
+    new_c = new_c.astype(cache_dtype)
     new_kr = qkr_ref[b, q_ref.shape[1], :].astype(cache_dtype)  # (the rotary key: after the H queries')
     live = (pos >= 0) & (pos < S)  # a padding token (or one past the cache) writes nothing
     plgpu.store(c_out.at[b, jnp.maximum(pos, 0), :], new_c, mask=jnp.full(new_c.shape, live & (h == 0)))
@@ -211,8 +219,9 @@ def _latent_attention_kernel(pos_ref, q_ref, qkr_ref, c_new_ref, c_ref, kr_ref, 
     o_ref[b, h, :] = (out / (run_sum * correction + p)).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "narrow", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "narrow", "norm_eps", "norm_dtype", "norm_param_dtype", "interpret"))
 def latent_decode_attention(q_lat, qk_rope, c_new, c_cache, kr_cache, positions_B, *, scale: float, narrow=None,
+                            norm_scale=None, norm_eps: float = 1e-6, norm_dtype=None, norm_param_dtype=None,
                             interpret: bool = False):
     """MLA's absorbed attention for one token per row: write its latent c_new (B, r) and rotary key
     (qk_rope[:, H], (B, p)) into the caches (B, S, r) and (B, S, p) at positions[b], and attend with
@@ -220,20 +229,27 @@ def latent_decode_attention(q_lat, qk_rope, c_new, c_cache, kr_cache, positions_
     over slots 0..positions[b]: softmax(scale (q_lat c + q_rope k_rope)) c, the latent attended
     (W_uv still to apply), in q_lat's dtype, with the caches: (out (B, H, r), c_cache, kr_cache).
     (The rotary queries and key come as one array (B, H + 1, p), rotated in one kernel, read where
-    they lie.) `narrow` (model.matmul_dtype) rounds the latents as the products' operands."""
+    they lie.) `narrow` (model.matmul_dtype) rounds the latents as the products' operands.
+    With `norm_scale` (r,), c_new is the latent before its RMSNorm (eps `norm_eps`, output in
+    `norm_dtype`, the scale rounded to `norm_param_dtype` first, as flax's nnx.RMSNorm), normalised
+    in the kernel: XLA made that norm two kernels a layer. c_new may be wider than r (B, r + ...):
+    its first r values are the latent (kv_down's output, read where it lies)."""
     B, H, r = q_lat.shape
     S, p = c_cache.shape[1], kr_cache.shape[2]
-    if latent_unmet(r, p, S) or qk_rope.shape != (B, H + 1, p):
-        raise ValueError(f"latent_decode_attention: kv_lora_rank {r}, qk_rope_dim {p}, {S} slots, rotary parts {qk_rope.shape} "
-                         "are not supported")
+    if latent_unmet(r, p, S) or qk_rope.shape != (B, H + 1, p) or c_new.shape[0] != B or c_new.shape[1] < r:
+        raise ValueError(f"latent_decode_attention: kv_lora_rank {r}, qk_rope_dim {p}, {S} slots, rotary parts {qk_rope.shape}, "
+                         f"latents {c_new.shape} are not supported")
     block = next(b for b in (32, 16) if S % b == 0)  # (a (block, r) tile of latents in registers)
-    args = [positions_B.astype(jnp.int32), q_lat, qk_rope, c_new, c_cache, kr_cache]
+    norm = None
+    if norm_scale is not None:
+        norm = (float(norm_eps), jnp.dtype(norm_dtype or c_new.dtype), jnp.dtype(norm_param_dtype or jnp.float32))
+    args = [positions_B.astype(jnp.int32), q_lat, qk_rope, c_new] + ([norm_scale] if norm else []) + [c_cache, kr_cache]
     return pl.pallas_call(
-        functools.partial(_latent_attention_kernel, scale=scale, block=block, narrow=narrow),
+        functools.partial(_latent_attention_kernel, scale=scale, block=block, narrow=narrow, norm=norm),
         out_shape=(jax.ShapeDtypeStruct((B, H, r), q_lat.dtype), jax.ShapeDtypeStruct(c_cache.shape, c_cache.dtype),
                    jax.ShapeDtypeStruct(kr_cache.shape, kr_cache.dtype)),
         grid=(B, H),
-        input_output_aliases={4: 1, 5: 2},
+        input_output_aliases={len(args) - 2: 1, len(args) - 1: 2},
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
     )(*args)

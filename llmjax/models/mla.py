@@ -94,13 +94,14 @@ class MultiHeadLatentAttention(nnx.Module):
         # multiple of its tiles) and makes every token (4.4 MB a layer for the default config):
         # a barrier on kv_down's x keeps them two GEMMs there. (Training keeps the merge: one copy a step.)
         x_kv = x_BTD if cache is None else jax.lax.optimization_barrier(x_BTD)
-        latent, k_rope = jnp.split(self.kv_down(x_kv), [self.r], axis=-1)  # (B, T, r), (B, T, p)
-        latent = self.kv_norm(latent)
+        kv_BTc = self.kv_down(x_kv)
+        latent, k_rope = jnp.split(kv_BTc, [self.r], axis=-1)  # (B, T, r), (B, T, p)
         if cache is not None and self._decode_kernel(T, cache["latent"].shape[1]):
             # the queries' and the key's rotary parts rotated together, one kernel (apart, XLA made two a layer)
             qk_rope = apply_rope(jnp.concatenate([q_rope, k_rope[:, :, None, :]], axis=2), positions_BT, self.rope_base)
-            out, cache = self._fused_decode(q_nope, qk_rope, latent, cache, positions_BT)
+            out, cache = self._fused_decode(q_nope, qk_rope, kv_BTc, cache, positions_BT)
             return self.o_proj(out.reshape(B, T, H * self.vd)), cache
+        latent = self.kv_norm(latent)
         q_rope = apply_rope(q_rope, positions_BT, self.rope_base)
         k_rope = apply_rope(k_rope[:, :, None, :], positions_BT, self.rope_base)[:, :, 0, :]
         if cache is None:
@@ -124,17 +125,22 @@ class MultiHeadLatentAttention(nnx.Module):
         w_ukv = self._rounded(self.kv_up.kernel[...]).reshape(self.r, self.n_head, self.nope + self.vd)
         return w_ukv[..., : self.nope], w_ukv[..., self.nope :]
 
-    def _fused_decode(self, q_nope_BTHn, qk_rope_BTHp, latent_BTr, cache, positions_BT):
+    def _fused_decode(self, q_nope_BTHn, qk_rope_BTHp, kv_BTc, cache, positions_BT):
         """One token per row through decode_attention.latent_decode_attention, given the rotated
-        rotary parts of the H queries and, as head H, the key: the kernel writes the latent and the
-        rotary key into the caches and attends against the latents (XLA's path: two
-        scatters, the two score products, the mask, the softmax's reductions and the weighted sum,
-        about 10 kernels a layer, each reading every cache slot)."""
+        rotary parts of the H queries and, as head H, the key, and kv_down's output (the latent
+        before kv_norm, then the rotary key): the kernel normalises the latent, writes it and the
+        rotary key into the caches and attends against the latents (XLA's path: the norm's two
+        kernels, two scatters, the two score products, the mask, the softmax's reductions and the
+        weighted sum, about 12 kernels a layer, most reading every cache slot)."""
         w_uk_rHn, w_uv_rHv = self._absorbing_weights()
         q_lat_BHr = jnp.einsum("bthn,rhn->bthr", q_nope_BTHn, w_uk_rHn)[:, 0]
+        norm = self.kv_norm
         o_lat_BHr, c_cache, kr_cache = decode_attention.latent_decode_attention(
-            q_lat_BHr, qk_rope_BTHp[:, 0], latent_BTr[:, 0], cache["latent"], cache["k_rope"],
-            positions_BT[:, 0], scale=self.scale, narrow=self.narrow, interpret=runtime.backend() != "gpu")
+            q_lat_BHr, qk_rope_BTHp[:, 0], kv_BTc[:, 0], cache["latent"], cache["k_rope"],
+            positions_BT[:, 0], scale=self.scale, narrow=self.narrow,
+            norm_scale=norm.scale[...] if norm.scale is not None else jnp.ones((self.r,), jnp.float32),
+            norm_eps=float(norm.epsilon), norm_dtype=jnp.dtype(norm.dtype or kv_BTc.dtype), norm_param_dtype=norm.dtype,
+            interpret=runtime.backend() != "gpu")
         return jnp.einsum("bthr,rhv->bthv", o_lat_BHr[:, None], w_uv_rHv), {"latent": c_cache, "k_rope": kr_cache}
 
     def _decode_kernel(self, T: int, S: int) -> bool:
