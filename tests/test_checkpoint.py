@@ -339,3 +339,29 @@ def test_a_restore_out_of_device_memory_is_not_called_damaged(tmp_path, monkeypa
     assert str(e.value) == (f"checkpoint {tmp_path / 'ckpt'}/2 is not damaged, but restoring it ran out of device memory ({words}); free "
                             "the device's memory (another process may hold it) or use one with more, or shard the state over more devices (train.mesh)")
     assert (tmp_path / "ckpt" / "2").is_dir()
+
+
+def test_a_state_replicated_over_cpu_devices_is_saved_without_slicing_it(tmp_path, monkeypatch):
+    """On a CPU, Orbax writes each replicated array whole from one device: its default
+    ("replica-parallel") sliced every array into one part per device with an eager JAX op, ~3 ms
+    each (13.5 s of a 22 s 8-device test run). The state restores exactly, onto one device and
+    back onto the 8."""
+    from orbax.checkpoint._src.serialization import replica_slices
+
+    sliced = []
+    real = replica_slices.ReplicaSlice.data
+    monkeypatch.setattr(replica_slices.ReplicaSlice, "data", lambda self: sliced.append(self.slice_args) or real(self))
+    mesh = jax.make_mesh((8,), ("x",), devices=jax.devices()[:8])
+    everywhere = NamedSharding(mesh, P())
+    rng = np.random.default_rng(2)
+    state = {"params": {"w": rng.standard_normal((64, 32)).astype(np.float32), "b": rng.standard_normal(32).astype(np.float32)},
+             "step": np.int32(7)}
+    state = jax.device_put(state, everywhere)
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save(7, state, iter(grain.MapDataset.range(4).to_iter_dataset()), {"step": 7})
+    ckpt.close()
+    assert sliced and not [a for a in sliced if a is not None], sliced  # (whole shards only)
+    for target in (_abstract(state), jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=everywhere), state)):
+        restored = Checkpointer(tmp_path / "ckpt").restore(7, target)
+        for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
