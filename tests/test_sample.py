@@ -4,6 +4,7 @@ per-row random streams, end-of-text, checkpoint loading and the command line."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -43,13 +44,20 @@ def decoder(arch, scan_layers=False, seed=1, **opts):
     return perturb_vectors(scale_params(m, 6.0), seed)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _full_logits(graphdef, state, tokens):
+    """The model's full forward (one jitted function for every call: each row's reference reuses
+    the program its batch-mates traced)."""
+    return nnx.merge(graphdef, state)(tokens)[0]
+
+
 def reference_greedy(m, prompt, n, context=None):
     """Greedy continuation by full recomputation: each token is the argmax of a fresh forward over
     the row's window (right-padded to the context, so one shape; causality makes padding harmless).
     The window slides as the sampler's does: past the context it keeps the last context - context//2."""
     context = context or m.cfg.context_len
     graphdef, state = nnx.split(m)
-    full = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])
+    full = functools.partial(_full_logits, graphdef)
     seq, start = list(prompt), max(0, len(prompt) - context)
     out = []
     for _ in range(n):
