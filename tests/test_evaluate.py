@@ -265,14 +265,15 @@ def lm_eval_run(lm, tasks, task_manager, limit=None):
 
 @pytest.fixture(scope="module")
 def fixture_task_manager(tmp_path_factory):
-    """lm-eval's TaskManager with hellaswag and arc_easy pointed at the fixture files (built once:
-    it indexes every task lm-eval ships, several seconds)."""
+    """lm-eval's TaskManager with hellaswag and arc_easy pointed at the fixture files (their YAMLs
+    include lm-eval's own by path), as `run_harness` makes it: without lm-eval's other tasks, whose
+    index took 10-15 s."""
     pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
     folder = tmp_path_factory.mktemp("lm-eval-tasks")
     assert E._local_task_configs(["hellaswag", "arc_easy"], FIXTURES, folder) == ["hellaswag", "arc_easy"]
-    return TaskManager(include_path=str(folder))
+    return TaskManager(include_path=str(folder), include_defaults=False)
 
 
 def test_fast_scorer_equals_lm_evals_tasks_at_every_batch_size(bpe_model, fixture_task_manager, monkeypatch):
@@ -723,6 +724,30 @@ def test_local_tasks_run_the_harness_offline(bpe_model, monkeypatch):
     assert seen["git"] is None and lm_eval.evaluator.get_git_commit_hash is git
 
 
+def test_the_harness_indexes_lm_evals_own_tasks_only_where_one_is_asked(bpe_model, monkeypatch):
+    """Every task from local files: lm-eval's TaskManager is made without lm-eval's own task folder
+    (indexing its 14,683 tasks took 10-15 s of every such run; the local YAMLs include the two tasks'
+    own files by path). A task that is not local needs that index."""
+    lm_eval = pytest.importorskip("lm_eval")
+    import lm_eval.tasks
+
+    made = []
+
+    class Recorded(Exception):
+        pass
+
+    def record(**kw):
+        made.append(kw.get("include_defaults", True))
+        raise Recorded
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", record)
+    m, tok = bpe_model
+    for tasks in (["hellaswag", "arc_easy"], ["hellaswag", "piqa"]):
+        with pytest.raises(Recorded):
+            E.run_harness(types.SimpleNamespace(model=m, tokenizer=tok), tasks, batch_size=2, limit=2, task_dir=FIXTURES)
+    assert made == [False, True]
+
+
 def test_the_harness_reads_a_task_file_replaced_with_the_same_mtime(tmp_path, monkeypatch):
     """lm-eval's task reads a local file through `datasets`, whose shared cache knows a file by its
     path and mtime: a file replaced by another of the same mtime (cp -p, rsync -a, tar) was scored
@@ -885,7 +910,7 @@ def test_an_offline_hub_task_is_one_line(bpe_model, monkeypatch, capfd, caplog):
     class Tasks:  # (lm-eval's own index of every task takes seconds to build)
         all_tasks = ["arc_challenge"]
 
-        def __init__(self, include_path=None):
+        def __init__(self, include_path=None, include_defaults=True):
             pass
 
     def offline(**kw):  # (as `datasets` does through the hub: its _http module's warning, then the error)
