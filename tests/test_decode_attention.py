@@ -256,7 +256,7 @@ def test_the_latent_kernel_normalises_the_new_latent_read_where_it_lies(dtype):
     np.testing.assert_allclose(np.asarray(c2, np.float64), cw, **tol)
     np.testing.assert_allclose(np.asarray(out, np.float64), want, **tol)
     np.testing.assert_array_equal(k2, np.asarray(kw, k2.dtype))
-    # the cached latent is flax's RMSNorm of it, to the last bit in float32 (bfloat16: within its rounding)
+    # the cached latent is flax's RMSNorm of it, within float32 rounding (bfloat16: within its own rounding)
     flax_c = norm(kv[:, None, :r])[:, 0]
     live = pos >= 0
     got = np.asarray(c2, np.float32)[np.flatnonzero(live), pos[live]]
