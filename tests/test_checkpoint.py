@@ -215,21 +215,29 @@ def test_a_run_resumes_on_another_number_of_processes(tmp_path):
         np.testing.assert_array_equal(next(fresh), a)
 
 
-def test_a_late_write_completion_is_not_printed(capsys):
-    """TensorStore prints a callback's exception through sys.excepthook: a write that completes
-    after Orbax's event loop closed (after a failed save) printed "Event loop is closed" with its
-    traceback before the one-line error (seen once in CI). That report is left out, nothing else."""
+def _closed_loop_error() -> RuntimeError:
+    """asyncio's "Event loop is closed", raised in call_soon_threadsafe (as a TensorStore callback
+    raises it after Orbax's loop closed), with its traceback."""
     import asyncio
-    import sys
-
-    import llmjax.checkpoint  # noqa: F401  (installs the hook)
 
     loop = asyncio.new_event_loop()
     loop.close()
     try:
         loop.call_soon_threadsafe(print)
     except RuntimeError as e:
-        closed = e
+        return e
+    raise AssertionError("call_soon_threadsafe on a closed loop raised nothing")
+
+
+def test_a_late_write_completion_is_not_printed(capsys):
+    """TensorStore prints a callback's exception through sys.excepthook: a write that completes
+    after Orbax's event loop closed (after a failed save) printed "Event loop is closed" with its
+    traceback before the one-line error (seen once in CI). That report is left out, nothing else."""
+    import sys
+
+    import llmjax.checkpoint  # noqa: F401  (installs the hook)
+
+    closed = _closed_loop_error()
     sys.excepthook(RuntimeError, closed, closed.__traceback__.tb_next)  # (as from TensorStore's thread: asyncio's frame first)
     assert capsys.readouterr().err == ""
     sys.excepthook(RuntimeError, closed, closed.__traceback__)  # raised here, in llmjax's or a user's code: printed
@@ -243,19 +251,13 @@ def test_a_late_completion_reported_as_unraisable_is_not_printed():
     callback called from C): seen once in CI after a restore refused for another model's shapes.
     llmjax.checkpoint's hook leaves it out and passes everything else on; importing it installs the
     hook (pytest puts its own in place while a test runs, so a process of its own checks that)."""
-    import asyncio
     import subprocess
     import sys
     import types
 
     from llmjax.checkpoint import _late_completion_unraisable_hook
 
-    loop = asyncio.new_event_loop()
-    loop.close()
-    try:
-        loop.call_soon_threadsafe(print)
-    except RuntimeError as e:
-        closed = e
+    closed = _closed_loop_error()
     passed = []
     hook = _late_completion_unraisable_hook(passed.append)
     unraisable = lambda kind, value, tb: types.SimpleNamespace(exc_type=kind, exc_value=value, exc_traceback=tb, err_msg=None, object=None)  # noqa: E731
