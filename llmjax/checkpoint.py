@@ -65,6 +65,13 @@ class _Quiet(logging.Filter):
 logging.getLogger("absl").addFilter(_Quiet())
 
 
+def _late_completion(kind, value, tb) -> bool:
+    """Whether an exception is asyncio's "Event loop is closed" raised in call_soon_threadsafe as a
+    TensorStore thread calls it (its traceback starts there, not in Python code that called it)."""
+    return kind is RuntimeError and str(value) == "Event loop is closed" and tb is not None \
+        and tb.tb_frame.f_code.co_name == "call_soon_threadsafe"
+
+
 def _late_completion_hook(previous):
     """sys.excepthook that leaves out TensorStore's report of a write completing after Orbax's event
     loop closed (after a failed save: "Event loop is closed", raised in asyncio's
@@ -72,10 +79,8 @@ def _late_completion_hook(previous):
     failed save is said in one line by Checkpointer. Everything else goes to `previous`."""
 
     def hook(kind, value, tb):
-        if kind is RuntimeError and str(value) == "Event loop is closed" and tb is not None \
-                and tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
-            return
-        previous(kind, value, tb)
+        if not _late_completion(kind, value, tb):
+            previous(kind, value, tb)
 
     hook.llmjax = True
     return hook
@@ -88,11 +93,8 @@ def _late_completion_unraisable_hook(previous):
     `previous`."""
 
     def hook(unraisable):
-        tb = unraisable.exc_traceback
-        if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed" and tb is not None \
-                and tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
-            return
-        previous(unraisable)
+        if not _late_completion(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback):
+            previous(unraisable)
 
     hook.llmjax = True
     return hook
