@@ -15,6 +15,9 @@ for a GPU) gives a compile-only device for a described GPU (`TARGETS`); the step
 without running anything. This must happen before JAX starts its backends in the process: the CLI
 does it first thing; from Python, call `gpu_device()` first.
 
+A program compiled before (the same lowered module for the same target, versions and settings) is
+read back from the report cache (`compile_for_report`), in the tools' compilation cache folder.
+
 What it cannot know: with no GPU to time candidates on, XLA skips autotuning, so each GEMM gets a
 default Triton configuration instead of the one (or the cuBLAS call) a real compile would pick: the
 kernel count and memory are those of a real compile, GEMM speed is not measured. The roofline time
@@ -495,11 +498,11 @@ def memory(compiled) -> dict:
             "peak_bytes": args + outs + temp - alias}
 
 
-def compiled_report(compiled, target: str, per: float = 1.0, top: int = 0) -> dict:
+def compiled_report(compiled: Compiled, target: str, per: float = 1.0, top: int = 0) -> dict:
     """Memory, kernels, GEMM types, bytes and roofline of a compiled program for `target` (each
     divided by `per`), with its `top` costliest kernels when asked."""
-    ks = kernels(compiled.as_text())
-    row = {**memory(compiled), **summarize_kernels(ks, target, per)}
+    ks = kernels(compiled.text)
+    row = {**compiled.memory, **summarize_kernels(ks, target, per)}
     if top:
         row["top_kernels"] = top_kernels(ks, target, top, per)
     return row
@@ -509,10 +512,105 @@ def compiled_report(compiled, target: str, per: float = 1.0, top: int = 0) -> di
 # The trainer's step and the sampler's loop, compiled for the target
 
 
-def _timed_compile(lowered) -> tuple[object, float]:
+@dataclasses.dataclass
+class Compiled:
+    """What a report reads of one compiled program: XLA's optimised HLO text, its memory analysis
+    (`memory`), how long XLA took to compile it, and whether this came from the report cache."""
+
+    text: str
+    memory: dict
+    seconds: float
+    cached: bool = False
+
+
+REPORT_CACHE_VERSION = 1
+_LOC_PATH = re.compile(r'loc\("[^"]*/([^"/]*)":')
+
+
+def _plugin_versions() -> list[str]:
+    folder = plugin_dir()
+    names = sorted(p.name for p in folder.glob("*.dist-info")) if folder.is_dir() else []
+    if not names:  # (a GPU machine's installed plugin)
+        from importlib import metadata
+
+        for dist in ("jax-cuda13-plugin", "jax-cuda13-pjrt"):
+            try:
+                names.append(f"{dist}-{metadata.version(dist)}")
+            except metadata.PackageNotFoundError:
+                pass
+    return names
+
+
+def report_cache_key(lowered, target: str) -> str:
+    """The report cache's key for compiling `lowered` for `target`: a hash of everything the
+    compiled program depends on. The lowered module with its source locations (which name XLA's
+    ops: the reports read them), each location's file by name only, so that a checkout elsewhere
+    hits the same entry and an edit that moves a traced line misses it; the target's description;
+    jax, jaxlib and the plugin's versions; $XLA_FLAGS; whether cuDNN was found; and JAX's settings
+    (those about caches, logging and transfer guards left out)."""
+    import hashlib
+
+    import jax
+    from jax._src import lib
+
+    settings = sorted((k, repr(v)) for k, v in jax.config.values.items()
+                      if not re.search(r"cache|log|dump|transfer_guard|mtls|traceback|profil", k))
+    head = json.dumps([REPORT_CACHE_VERSION, target, target_config(target), jax.__version__, lib.version_str, _plugin_versions(),
+                       os.environ.get("XLA_FLAGS", ""), _cudnn_found(), settings])
+    h = hashlib.sha256(head.encode())
+    h.update(_LOC_PATH.sub(r'loc("\1":', lowered.as_text(debug_info=True)).encode())
+    return f"llmjax-aot-{h.hexdigest()}"
+
+
+def _cudnn_found() -> bool:
+    try:
+        return importlib.util.find_spec("nvidia.cudnn") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def report_cache():
+    """The folder cache (llmjax.compile_cache.FolderCache) that keeps compiled programs' reports,
+    in the command-line tools' compilation cache folder (llmjax.runtime: $LLMJAX_COMPILATION_CACHE,
+    ~/.cache/llmjax/jax by default), or None where that cache is off. A compile-only device's
+    programs cannot be stored in JAX's own cache (they cannot be loaded back: nothing can run them),
+    so their HLO text and memory analysis are kept instead."""
+    from llmjax.compile_cache import FolderCache
+    from llmjax.runtime import compilation_cache_settings
+
+    settings = compilation_cache_settings()
+    if settings is None or "://" in settings["jax_compilation_cache_dir"]:
+        return None
+    limit = settings.get("jax_compilation_cache_max_size")
+    if limit is None:
+        limit = int(os.environ.get("JAX_COMPILATION_CACHE_MAX_SIZE", -1))
+    try:
+        return FolderCache(settings["jax_compilation_cache_dir"], max_bytes=limit)
+    except OSError:  # (a folder that cannot be made: no cache, as the tools' own compiles have none then)
+        return None
+
+
+def compile_for_report(lowered, target: str, cache=None) -> Compiled:
+    """`lowered` compiled for `target` (its HLO text and memory analysis), read from `cache` (a
+    FolderCache) when the same program was compiled before, else compiled and put there. An entry
+    that cannot be read (damaged, or another version's) is compiled again and replaced."""
+    import zlib
+
+    key = report_cache_key(lowered, target) if cache is not None else None
+    if key is not None:
+        raw = cache.get(key)
+        if raw is not None:
+            try:
+                entry = json.loads(zlib.decompress(raw))
+                return Compiled(entry["text"], entry["memory"], float(entry["seconds"]), cached=True)
+            except (zlib.error, ValueError, KeyError, TypeError):
+                pass
     t0 = time.perf_counter()
     compiled = lowered.compile()
-    return compiled, time.perf_counter() - t0
+    out = Compiled(compiled.as_text(), memory(compiled), time.perf_counter() - t0)
+    if key is not None:
+        cache.put(key, zlib.compress(json.dumps({"text": out.text, "memory": out.memory, "seconds": out.seconds}).encode()))
+    return out
 
 
 def train_report(cfg, device, target: str, top: int = 0) -> dict:
@@ -533,8 +631,9 @@ def train_report(cfg, device, target: str, top: int = 0) -> dict:
         s = build_steps(cfg, mesh)
         state = jax.eval_shape(s.init_state)
         tokens = jax.ShapeDtypeStruct((accum, B, T + 1), jnp.int32, sharding=s.tok_shard)
-        compiled, seconds = _timed_compile(s.train_step.lower(state, tokens))
-    row = {"suite": "train", "batch_size": B, "seq_len": T, "compile_seconds": seconds, **compiled_report(compiled, target, top=top)}
+        compiled = compile_for_report(s.train_step.lower(state, tokens), target, report_cache())
+    row = {"suite": "train", "batch_size": B, "seq_len": T, "compile_seconds": compiled.seconds, "compile_cached": compiled.cached,
+           **compiled_report(compiled, target, top=top)}
     row["model_flops"] = summarize(mcfg)["flops_per_token"] * accum * B * T
     return row
 
@@ -574,13 +673,14 @@ def decode_report(cfg, device, target: str, batch: int, prompt_len: int, new_tok
         prefix, sampling = DECODE_MODES[mode]
         kw = dict(sampling=sampling, eot=-1)
         lowered = prefill.lower(graphdef, params, state, toks, lengths, cache_len=cache_len, **kw)
-        pre, pre_s = _timed_compile(lowered)
+        cache = report_cache()
+        pre = compile_for_report(lowered, target, cache)
         state = place(lowered.out_info)
         steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=sh)
-        dec, dec_s = _timed_compile(decode.lower(graphdef, params, state, steps, unroll=unroll, **kw))
+        dec = compile_for_report(decode.lower(graphdef, params, state, steps, unroll=unroll, **kw), target, cache)
     prefill_row = compiled_report(pre, target)
     row = {"suite": f"decode_{prefix}b{batch}", "decode_mode": mode, "batch_size": batch, "prompt_len": T0, "cache_len": cache_len, "unroll": unroll,
-           "compile_seconds": pre_s + dec_s, "prefill_kernels": prefill_row["kernels"],
+           "compile_seconds": pre.seconds + dec.seconds, "compile_cached": pre.cached and dec.cached, "prefill_kernels": prefill_row["kernels"],
            "prefill_peak_bytes": prefill_row["peak_bytes"], "decode_rows": rows, "tokens_per_step": batch}
     per_step = compiled_report(dec, target, per=unroll, top=top)  # the loop's body: `unroll` steps
     row.update({k: v for k, v in per_step.items() if not k.endswith("_bytes") or k == "other_bytes"})

@@ -341,6 +341,75 @@ def test_a_missing_plugin_is_a_one_line_error(tmp_path):
     assert "setup_aot.sh" in r.stderr
 
 
+_PROGRAM = """import jax
+
+
+def f(x):
+    y = jax.numpy.tanh(x @ x.T)
+    return (y * 2.0).sum()
+"""
+
+
+def _lowered_from(folder, text: str, name: str):
+    """f of a module with source `text` written at folder/NAME.py, lowered for a (4, 8) input."""
+    import importlib.util
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.py").write_text(text)
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return jax.jit(module.f).lower(jax.ShapeDtypeStruct((4, 8), np.float32))
+
+
+def test_the_report_cache_keeps_a_compiled_program_and_misses_whatever_changed_it(tmp_path, monkeypatch):
+    """The report cache (a compile-only device's programs cannot go into JAX's own cache): the same
+    program compiled again is read back exactly, from a checkout anywhere; a program whose source
+    moved, or another target, XLA flag or JAX setting, is compiled again; a damaged entry is
+    compiled again and replaced."""
+    from llmjax.compile_cache import FolderCache
+
+    cache = FolderCache(tmp_path / "cache", max_bytes=-1)
+    # (one line makes both: the locations name the callers' lines too)
+    lowered, elsewhere = [_lowered_from(folder, _PROGRAM, "prog") for folder in (tmp_path / "a", tmp_path / "b" / "c")]
+    first = aot.compile_for_report(lowered, "h100", cache)
+    again = aot.compile_for_report(lowered, "h100", cache)
+    assert (first.cached, again.cached) == (False, True)
+    assert (again.text, again.memory, again.seconds) == (first.text, first.memory, first.seconds)
+    assert "tanh" in first.text and first.memory["argument_bytes"] == 4 * 8 * 4
+    key = aot.report_cache_key(lowered, "h100")
+    # the same file in another folder (another checkout): the same entry
+    assert aot.report_cache_key(elsewhere, "h100") == key and aot.compile_for_report(elsewhere, "h100", cache).cached
+    # a line moved (the ops' locations, which the reports read, change), another file name, another program
+    moved = _PROGRAM.replace("def f", "\ndef f")
+    others = [_lowered_from(tmp_path / "d", moved, "prog"), _lowered_from(tmp_path / "e", _PROGRAM, "other"),
+              _lowered_from(tmp_path / "f", _PROGRAM.replace("tanh", "sin"), "prog")]
+    keys = {key, aot.report_cache_key(lowered, "h200")} | {aot.report_cache_key(lo, "h100") for lo in others}
+    with monkeypatch.context() as m:
+        m.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0")
+        keys.add(aot.report_cache_key(lowered, "h100"))
+    with jax.numpy_dtype_promotion("strict"):
+        keys.add(aot.report_cache_key(lowered, "h100"))
+    assert len(keys) == 7 and aot.report_cache_key(lowered, "h100") == key
+    assert not aot.compile_for_report(others[0], "h100", cache).cached
+    # a damaged entry
+    entry = tmp_path / "cache" / f"{key}-cache"
+    entry.write_bytes(entry.read_bytes()[:100])
+    damaged = aot.compile_for_report(lowered, "h100", cache)
+    assert not damaged.cached and damaged.text == first.text
+    assert aot.compile_for_report(lowered, "h100", cache).cached
+
+
+def test_the_report_cache_is_the_tools_compilation_cache_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMJAX_COMPILATION_CACHE", str(tmp_path / "c"))
+    assert aot.report_cache()._path == tmp_path / "c"
+    monkeypatch.setenv("LLMJAX_COMPILATION_CACHE", "")
+    assert aot.report_cache() is None
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("LLMJAX_COMPILATION_CACHE", str(tmp_path / "file"))
+    assert aot.report_cache() is None  # (compiled, not cached)
+
+
 needs_plugin = pytest.mark.skipif(not (aot.plugin_dir() / "jax_plugins").is_dir(),
                                   reason="JAX's CUDA plugin is not in ./.aot (bash scripts/setup_aot.sh)")
 
@@ -395,7 +464,9 @@ print(json.dumps(rows))
 def compiled_rows(tmp_path_factory):
     def build(_):
         # XLA's autotuning off: compiling for a GPU that is not there, it picks the same kernels (every row
-        # but compile_seconds identical, checked 2026-12-06 with jax 0.11.2) in 45 s, not 78 s, of the suite
+        # but compile_seconds identical, checked 2026-12-06 with jax 0.11.2) in 45 s, not 78 s, of the suite.
+        # The programs XLA compiled before, the same lowered modules, are read from the report cache in the
+        # tests' compilation cache folder (LLMJAX_COMPILATION_CACHE, conftest): 71 s -> 9 s (2026-12-07)
         env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "XLA_FLAGS": "--xla_gpu_autotune_level=0"}
         r = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(OVERRIDES)], cwd=ROOT, capture_output=True, text=True,
                            timeout=600, env=env)
