@@ -149,6 +149,21 @@ def test_end_of_text_in_what_users_write(monkeypatch, tmp_path):
     assert char.encode_prompt("<|>") == char.encode("<|>")
 
 
+def test_the_gpt2_ranks_are_tiktokens_from_both_files(monkeypatch):
+    """The encoding's ranks, read from encoder.json alone, are exactly those tiktoken builds from
+    vocab.bpe's merges and encoder.json (which asserts the two agree), and it encodes as tiktoken's
+    own "gpt2" encoding would (the merges applied by rank)."""
+    import tiktoken.load
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # (tiktoken then reads the local files directly)
+    folder = tok.ASSETS / "gpt2"
+    want = tiktoken.load.data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(folder / "vocab.bpe"),
+                                                         encoder_json_file=str(folder / "encoder.json"))
+    enc = tok.gpt2_encoding()
+    assert enc._mergeable_ranks == want and len(want) == 50256 and enc.n_vocab == 50257
+    assert enc.encode("Ünïcödé 😀 tabs\t\tand   spaces <|endoftext|>", allowed_special="all")[-1] == 50256
+
+
 def test_the_shipped_bpe_files_are_checked_without_tiktokens_cache(monkeypatch, tmp_path):
     """The GPT-2 BPE files are checked against tiktoken's sha256 by llmjax itself: a damaged copy is
     one line whatever TIKTOKEN_CACHE_DIR says, and an unwritable cache folder does not matter."""
