@@ -1546,9 +1546,12 @@ def test_cli_says_what_the_final_val_loss_covers(tmp_path):
     workdir = tmp_path / "run"
     assert [final_loss_covers(cfg("vanilla", **{"eval.final_num_batches": n}), 4) for n in (0, 3, 4)] == [
         "the whole validation split", "the validation split's first 3 batches", "the whole validation split"]
-    for n, words in ((3, "the validation split's first 3 batches"), (10**6, "the whole validation split")):  # (then a finished run again)
-        proc = subprocess.run(_train_cmd(workdir, "--config.train.max_steps=2", f"--config.eval.final_num_batches={n}"), cwd=ROOT,
-                              env=_env(), capture_output=True, text=True, timeout=300)
+    from helpers import cli_cases
+
+    said = ((3, "the validation split's first 3 batches"), (10**6, "the whole validation split"))  # (then a finished run again)
+    procs = cli_cases("llmjax.train", [_train_cmd(workdir, "--config.train.max_steps=2", f"--config.eval.final_num_batches={n}")[3:]
+                                       for n, _ in said], env=_env(), timeout=300)  # (one after the other)
+    for (n, words), proc in zip(said, procs):
         assert proc.returncode == 0, proc.stderr[-3000:]
         done = [re.fullmatch(rf"done: 2 steps, final val_loss (\S+) \({words}\); run in {re.escape(str(workdir))}", line)
                 for line in proc.stdout.splitlines() if line.startswith("done: ")]
@@ -1566,19 +1569,20 @@ def test_the_done_line_is_the_commands_last_after_the_sample(tmp_path):
     assert lines[-1].startswith("done: 2 steps, final val_loss ") and "--- sample ---" in lines[:-1], proc.stdout[-2000:]
 
 
-@pytest.mark.parametrize("flags,needle", [
-    (["--num_processes=2", "--process_id=0"], "--coordinator_address"),
-    (["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"], "--process_id=2"),
-    (["--coordinator_address=localhost", "--num_processes=1", "--process_id=0"], "--coordinator_address=localhost must be host:port"),
-    (["--process_id=1"], "--coordinator_address=HOST:PORT"),  # (was ignored: a whole run in one process, in the shared workdir)
-], ids=["no-coordinator", "process-id-out-of-range", "no-port", "process-id-alone"])
-def test_bad_multi_process_flags_are_one_line(tmp_path, flags, needle):
+def test_bad_multi_process_flags_are_one_line(tmp_path):
     """jax.distributed's flags that cannot start a run: one line, no traceback (a ValueError or an
     IndexError from jax.distributed's address parsing, with its traceback, before)."""
-    proc = subprocess.run(_train_cmd(tmp_path / "run", *flags), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr[-3000:]
-    assert not (tmp_path / "run").exists()
+    from helpers import cli_cases
+
+    cases = [(["--num_processes=2", "--process_id=0"], "--coordinator_address"),
+             (["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"], "--process_id=2"),
+             (["--coordinator_address=localhost", "--num_processes=1", "--process_id=0"], "--coordinator_address=localhost must be host:port"),
+             (["--process_id=1"], "--coordinator_address=HOST:PORT")]  # (was ignored: a whole run in one process, in the shared workdir)
+    got = cli_cases("llmjax.train", [_train_cmd(tmp_path / f"run{k}", *flags)[3:] for k, (flags, _) in enumerate(cases)], env=_env(), timeout=120)
+    for k, ((flags, needle), proc) in enumerate(zip(cases, got)):
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (flags, proc.stderr[-3000:])
+        assert not (tmp_path / f"run{k}").exists()
 
 
 def test_a_zero_or_negative_process_count_or_an_empty_coordinator_is_one_line(tmp_path):
