@@ -230,6 +230,9 @@ def _parse(argv: list[str]):
                 except ConfigError as e:
                     raise ConfigError(f"--config.{e}") from None
             argv = _with_spec(argv, flags_spec(spec))  # (config_flags calls get_config as load_config did)
+        # config_flags imports the --config file: no bytecode cache written beside it (load_config writes
+        # none either), which a later load of the file rewritten within the second at the same size would read
+        dont_write, sys.dont_write_bytecode = sys.dont_write_bytecode, True
         try:
             rest = FLAGS(argv)
         except SystemExit as e:  # (absl's --help and its kin print the flags, then exit 1: a help asked for is no failure)
@@ -243,6 +246,8 @@ def _parse(argv: list[str]):
                 _reader_gone()
             e.on_stdout = True
             fail(file_system_error(e) or f"standard output: {e.strerror or e}", code=1)
+        finally:
+            sys.dont_write_bytecode = dont_write
         if spec is not None:
             validate(FLAGS["config"].value)
         return rest

@@ -355,7 +355,10 @@ def _config_call(spec: str):
     module_spec = importlib.util.spec_from_file_location(f"llmjax_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
     try:
-        module_spec.loader.exec_module(module)
+        # compiled from its source every time, no bytecode cache read or written: Python's cache holds
+        # for a source of the same size and modification second, so a config rewritten within a
+        # second at the same length (a script writing configs) was read as the one before
+        exec(compile(file.read_bytes(), str(file), "exec", dont_inherit=True), module.__dict__)
     except ConfigError:
         raise
     except Exception as e:  # (a syntax error, a failed import: the user's file, so where in it and what)

@@ -248,6 +248,27 @@ def test_cli_config_file_with_a_syntax_error_is_one_line(tmp_path):
     assert (proc.returncode, proc.stderr) == (2, f"error: config file '{f}' does not load: SyntaxError: expected ':' (line 1)\n"), proc.stderr
 
 
+def test_a_config_file_rewritten_within_a_second_is_read_again(tmp_path, monkeypatch):
+    """A config file is read from its source at every load, and no bytecode cache is written beside
+    it, by load_config or by the command line's --config (config_flags imports it): Python's cache
+    holds for a source of the same size and modification second, so a config rewritten within the
+    second at the same length (as a script writing configs does) was read as the one before."""
+    from helpers import cli_cases
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)  # (as Python's default; our machines set PYTHONDONTWRITEBYTECODE)
+    f = tmp_path / "mine.py"
+    for n_layer in (1, 2, 3):
+        f.write_text(f"import importlib.util\nspec = importlib.util.spec_from_file_location('base', {str(ROOT / 'configs' / 'vanilla.py')!r})\n"
+                     f"base = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(base)\n\n\n"
+                     f"def get_config(variant='tiny'):\n    cfg = base.get_config(variant)\n    cfg.model.n_layer = {n_layer}\n    return cfg\n")
+        os.utime(f, (1_700_000_000, 1_700_000_000))  # (the same second each time, the same size)
+        assert llmjax.load_config(str(f)).model.n_layer == n_layer
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    r, = cli_cases("llmjax.summary", [["--config", str(f), "--json"]], env=env)
+    assert r.returncode == 0 and json.loads(r.stdout)["n_layer"] == 3, r.stderr[-2000:]
+    assert not (tmp_path / "__pycache__").exists()
+
+
 def test_set_values_parse_as_config_overrides_do():
     """`--set KEY=VALUE` (llmjax.bench, llmjax.compare) gives the value `--config.KEY=VALUE` gives,
     the reference being config_flags' own parse: before, --set read JSON, so `model.scan_layers=True`
