@@ -606,21 +606,72 @@ def _write(loaded, fmt: str, out: Path, gguf_path: Path, np_dtype, dtype: str) -
 EXPORT_FILES = {"model.safetensors", "config.json", "vocab.json", "merges.txt", "tokenizer_config.json"}
 
 
+def gguf_strings(path: Path, keys) -> dict[str, str]:
+    """The string values of `keys` in a (little-endian) GGUF file's metadata, read only as far as the
+    last of them: gguf's GGUFReader parses every field and tensor first, 3 s for an export's
+    50,257-token vocabulary and 50,000 merges (ours come after these keys). ValueError: not such a
+    GGUF file, or cut short."""
+    import struct
+
+    from gguf import GGUF_MAGIC, GGUFValueType as T
+
+    sizes = {T.UINT8: 1, T.INT8: 1, T.BOOL: 1, T.UINT16: 2, T.INT16: 2, T.UINT32: 4, T.INT32: 4, T.FLOAT32: 4, T.UINT64: 8,
+             T.INT64: 8, T.FLOAT64: 8}
+    want, found = set(keys), {}
+    with open(path, "rb") as f:
+        def read(fmt: str) -> tuple:
+            data = f.read(struct.calcsize(fmt))
+            if len(data) != struct.calcsize(fmt):
+                raise ValueError(f"{path} is cut short")
+            return struct.unpack(fmt, data)
+
+        def string() -> bytes:
+            (n,) = read("<Q")
+            data = f.read(n)
+            if len(data) != n:
+                raise ValueError(f"{path} is cut short")
+            return data
+
+        def skip(kind: int) -> None:
+            if kind == T.STRING:
+                string()
+            elif kind == T.ARRAY:
+                item, count = read("<IQ")
+                if item in sizes:
+                    f.seek(sizes[item] * count, os.SEEK_CUR)
+                else:
+                    for _ in range(count):
+                        skip(item)
+            elif kind in sizes:
+                f.seek(sizes[kind], os.SEEK_CUR)
+            else:
+                raise ValueError(f"{path}: unknown GGUF value type {kind}")
+
+        magic, version = read("<II")
+        if magic != GGUF_MAGIC or version not in (2, 3):
+            raise ValueError(f"{path} is not a GGUF file (version 2 or 3, little-endian)")
+        _, kv_count = read("<QQ")
+        for _ in range(kv_count):
+            key = string().decode("utf-8", "replace")
+            (kind,) = read("<I")
+            if key in want and kind == T.STRING:
+                found[key] = string().decode("utf-8", "replace")
+                if len(found) == len(want):
+                    break
+            else:
+                skip(kind)
+    return found
+
+
 def check_export_gguf(path: Path) -> None:
     """Refuse a .gguf --out that exists and is not an earlier llmjax export (a GGUF of architecture
     `llama` with the GPT-2 BPE tokenizer embedded, as `_write_gguf` writes): nothing else is overwritten."""
     if not path.exists():
         return
+    keys = ("general.architecture", "tokenizer.ggml.model", "tokenizer.ggml.pre")
     try:
-        import gguf
-
-        fields = gguf.GGUFReader(str(path)).fields
-
-        def value(key):
-            field = fields[key]
-            return bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
-
-        ours = (value("general.architecture"), value("tokenizer.ggml.model"), value("tokenizer.ggml.pre")) == ("llama", "gpt2", "gpt-2")
+        values = gguf_strings(path, keys)
+        ours = tuple(values.get(k) for k in keys) == ("llama", "gpt2", "gpt-2")
     except Exception:  # noqa: BLE001 (not GGUF, cut short, or no gguf package: not provably an export)
         ours = False
     if not ours:

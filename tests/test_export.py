@@ -306,6 +306,16 @@ def test_gguf_export_reads_back(runs, tmp_path):
     assert int(field("llama.block_count")) == 2 and int(field("llama.attention.head_count")) == H
     assert field("tokenizer.ggml.model") == "gpt2" and len(field("tokenizer.ggml.tokens")) == 50257
     assert int(field("tokenizer.ggml.eos_token_id")) == 50256
+    # the metadata reader that tells an earlier export (check_export_gguf): gguf's values, read through
+    # the arrays for a key not there, and a file cut short anywhere before a key is no GGUF
+    strings = {k: str(field(k)) for k, f in reader.fields.items() if f.types == [gguf.GGUFValueType.STRING]}
+    assert len(strings) >= 4 and X.gguf_strings(path, [*strings, "not.there"]) == strings
+    assert X.gguf_strings(path, ["tokenizer.ggml.pre"]) == {"tokenizer.ggml.pre": "gpt-2"}
+    data = path.read_bytes()
+    for n in (0, 3, 20, 200, 2000, 400_000):
+        (tmp_path / "cut.gguf").write_bytes(data[:n])
+        with pytest.raises(ValueError):
+            X.gguf_strings(tmp_path / "cut.gguf", [*strings, "not.there"])
 
 
 def test_exports_never_overwrite_what_is_not_theirs(runs, tmp_path):
