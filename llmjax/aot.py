@@ -578,16 +578,22 @@ def report_cache():
     from llmjax.compile_cache import FolderCache
     from llmjax.runtime import compilation_cache_settings
 
+    import jax
+
     settings = compilation_cache_settings()
     if settings is None or "://" in settings["jax_compilation_cache_dir"]:
         return None
-    limit = settings.get("jax_compilation_cache_max_size")
-    if limit is None:
-        limit = int(os.environ.get("JAX_COMPILATION_CACHE_MAX_SIZE", -1))
-    try:
-        return FolderCache(settings["jax_compilation_cache_dir"], max_bytes=limit)
-    except OSError:  # (a folder that cannot be made: no cache, as the tools' own compiles have none then)
-        return None
+    # (a size limit the user set in $JAX_COMPILATION_CACHE_MAX_SIZE: as JAX read it)
+    folder, limit = settings["jax_compilation_cache_dir"], settings.get("jax_compilation_cache_max_size", jax.config.jax_compilation_cache_max_size)
+    if (folder, limit) not in _report_caches:  # (one per folder: a FolderCache lists its folder at its first write)
+        try:
+            _report_caches[folder, limit] = FolderCache(folder, max_bytes=limit)
+        except OSError:  # (a folder that cannot be made: no cache, as the tools' own compiles have none then)
+            return None
+    return _report_caches[folder, limit]
+
+
+_report_caches: dict[tuple[str, int], object] = {}
 
 
 def compile_for_report(lowered, target: str, cache=None) -> Compiled:
