@@ -29,6 +29,7 @@ gaps and overlap: a lower bound to compare two versions of a step by, not a pred
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -524,7 +525,9 @@ class Compiled:
 
 
 REPORT_CACHE_VERSION = 1
-_LOC_PATH = re.compile(r'loc\("[^"]*/([^"/]*)":')
+# an absolute path to a Python file, anywhere in a lowered module's text: in its locations
+# (loc("/x/llmjax/models/layers.py":12:3)) and inside the Pallas kernels' serialized Triton modules
+_SOURCE_PATH = re.compile(r"(?:/[^/\s\"'\\:()]+)+/([^/\s\"'\\:()]+\.py)\b")
 
 
 def _plugin_versions() -> list[str]:
@@ -544,8 +547,9 @@ def _plugin_versions() -> list[str]:
 def report_cache_key(lowered, target: str) -> str:
     """The report cache's key for compiling `lowered` for `target`: a hash of everything the
     compiled program depends on. The lowered module with its source locations (which name XLA's
-    ops: the reports read them), each location's file by name only, so that a checkout elsewhere
-    hits the same entry and an edit that moves a traced line misses it; the target's description;
+    ops: the reports read them) and the Pallas kernels' own, each file by name only
+    (`canonical_paths`), so that a checkout elsewhere hits the same entry and an edit that moves a
+    traced line misses it; the target's description;
     jax, jaxlib and the plugin's versions; $XLA_FLAGS; whether cuDNN was found; and JAX's settings
     (those about caches, logging and transfer guards left out)."""
     import hashlib
@@ -558,8 +562,30 @@ def report_cache_key(lowered, target: str) -> str:
     head = json.dumps([REPORT_CACHE_VERSION, target, target_config(target), jax.__version__, lib.version_str, _plugin_versions(),
                        os.environ.get("XLA_FLAGS", ""), _cudnn_found(), settings])
     h = hashlib.sha256(head.encode())
-    h.update(_LOC_PATH.sub(r'loc("\1":', lowered.as_text(debug_info=True)).encode())
+    h.update(canonical_paths(lowered.as_text(debug_info=True)).encode())
     return f"llmjax-aot-{h.hexdigest()}"
+
+
+def canonical_paths(text: str) -> str:
+    """`text` with every absolute path to a Python file cut to the file's name: the same program
+    lowered in a checkout elsewhere (another clone, another virtual environment) reads the same."""
+    return _SOURCE_PATH.sub(r"\1", text)
+
+
+@contextlib.contextmanager
+def _file_names_only():
+    """Lowering inside: source files named without their folders (JAX's
+    jax_hlo_source_file_canonicalization_regex), in the module's locations and in the Pallas kernels'
+    serialized Triton modules, whose byte offsets a path's length changes: `canonical_paths` cannot
+    make those the same for a checkout elsewhere. XLA's metadata then names each op's file alone."""
+    import jax
+
+    before = jax.config.jax_hlo_source_file_canonicalization_regex
+    jax.config.update("jax_hlo_source_file_canonicalization_regex", r".*/")
+    try:
+        yield
+    finally:
+        jax.config.update("jax_hlo_source_file_canonicalization_regex", before)
 
 
 def _cudnn_found() -> bool:
@@ -633,7 +659,7 @@ def train_report(cfg, device, target: str, top: int = 0) -> dict:
     mcfg, tcfg = model_config(cfg), cfg.train
     mesh = make_mesh({"data": 1}, [device])
     B, T, accum = tcfg.batch_size, mcfg.context_len, tcfg.grad_accum_steps
-    with runtime.compiling_for("gpu"), jax.set_mesh(mesh), jax.default_device(device):  # (Pallas asks the default device)
+    with runtime.compiling_for("gpu"), jax.set_mesh(mesh), jax.default_device(device), _file_names_only():  # (Pallas asks the default device)
         s = build_steps(cfg, mesh)
         state = jax.eval_shape(s.init_state)
         tokens = jax.ShapeDtypeStruct((accum, B, T + 1), jnp.int32, sharding=s.tok_shard)
@@ -666,7 +692,7 @@ def decode_report(cfg, device, target: str, batch: int, prompt_len: int, new_tok
     def place(tree):
         return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree)
 
-    with runtime.compiling_for("gpu"), jax.default_device(device):
+    with runtime.compiling_for("gpu"), jax.default_device(device), _file_names_only():
         graphdef, params = nnx.split(nnx.eval_shape(lambda: inference_model(mcfg, quantize)))
         params = place(params)
         prefill, decode = sample._jitted()

@@ -392,6 +392,11 @@ def test_the_report_cache_keeps_a_compiled_program_and_misses_whatever_changed_i
         keys.add(aot.report_cache_key(lowered, "h100"))
     assert len(keys) == 7 and aot.report_cache_key(lowered, "h100") == key
     assert not aot.compile_for_report(others[0], "h100", cache).cached
+    # paths inside a Pallas kernel's serialized Triton module too (whose byte offsets a path's length
+    # changes: the reports lower their programs with file names only, _file_names_only)
+    kernel = 'loc("{}/llmjax/models/layers.py":12:3) "\\00{}/llmjax/models/decode_norm.py\\00_kernel"'
+    assert aot.canonical_paths(kernel.format("/work/a", "/work/a")) == aot.canonical_paths(kernel.format("/x/b-c", "/y"))
+    assert aot.canonical_paths(kernel.format("/a", "/a")) != aot.canonical_paths(kernel.format("/a", "/a").replace("norm", "nurm"))
     # a damaged entry
     entry = tmp_path / "cache" / f"{key}-cache"
     entry.write_bytes(entry.read_bytes()[:100])
