@@ -99,7 +99,8 @@ def write_hub_arc(path: Path, out: Path) -> Path:
     """`path` itself when every row is in the Hugging Face `ai2_arc` layout (what lm-eval's arc_easy
     reads); else a copy at `out` with every row in that layout (id, question, choices {text, label},
     answerKey)."""
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    with open(path, encoding="utf-8") as f:  # (by newlines, as parse_file: str.splitlines() also splits at U+2028,
+        rows = [json.loads(line) for line in f if line.strip()]  # U+2029 and U+0085, which JSON allows in a string)
     if not any(isinstance(r.get("question"), dict) for r in rows):
         return Path(path)
     hub = []
@@ -161,7 +162,7 @@ def parse_file(path: Path, spec: TaskSpec, *, downloaded_to: Path | None = None)
                     continue
                 try:
                     items.append(spec.parse(json.loads(line)))
-                except (ValueError, TypeError, AttributeError) as e:
+                except (ValueError, TypeError, AttributeError, RecursionError) as e:  # (json's decoder recurses)
                     raise bad(lineno, f"is not {'an' if spec.name[0] in 'aeiou' else 'a'} {spec.name} item ({e})") from None
     except OSError as e:
         raise TaskError(f"cannot read {path}: {e.strerror}") from None

@@ -667,6 +667,35 @@ def test_cli_out_of_device_memory_is_one_line(bpe_run):
                         r"lower --batch_size", last), last
 
 
+def test_an_ai2_arc_file_with_unicode_line_separators_reads_as_the_fast_scorer_reads_it(tmp_path):
+    """JSON allows U+2028, U+2029 and U+0085 raw inside a string; the fast scorer reads a file by its
+    newlines, but the harness's copy in the hub's layout split it with str.splitlines(), which also
+    splits there: a JSONDecodeError traceback for a file the fast scorer scored."""
+    pytest.importorskip("lm_eval")
+    rows = []
+    for k, line in enumerate((FIXTURES / "ARC-Easy-test.jsonl").read_text().splitlines()[:3]):
+        row = json.loads(line)
+        rows.append({"id": row["id"], "answerKey": row["answerKey"], "question": {
+            "stem": row["question"] + "\u2028\u2029\x85"[k] + "(see figure)",
+            "choices": [{"text": t, "label": lab} for t, lab in zip(row["choices"]["text"], row["choices"]["label"])]}})
+    (tmp_path / "ARC-Easy-test.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    items = downstream.load_items("arc_easy", tmp_path)
+    assert len(items) == 3 and items[2].context.endswith("\x85(see figure)\nAnswer:")
+    (tmp_path / "lm-eval").mkdir()
+    assert E._local_task_configs(["arc_easy"], tmp_path, tmp_path / "lm-eval") == ["arc_easy"]
+    hub = [json.loads(line) for line in (tmp_path / "lm-eval" / "ARC-Easy-test.jsonl").read_text(encoding="utf-8").split("\n") if line]
+    assert [downstream._parse_arc(r) for r in hub] == items
+
+
+def test_a_task_line_nested_past_pythons_recursion_limit_is_one_line(tmp_path):
+    """A damaged line that nests deeper than Python's recursion limit (json's decoder recurses) was a
+    RecursionError traceback; it is the damaged-file line that other bad JSON gives."""
+    good = (FIXTURES / "hellaswag_val.jsonl").read_text().splitlines()
+    (tmp_path / "hellaswag_val.jsonl").write_text("\n".join(good[:3] + ["[" * 100000 + "]" * 100000]) + "\n")
+    with pytest.raises(downstream.TaskError, match=r"hellaswag_val.jsonl:4 is not a hellaswag item \(maximum recursion depth"):
+        downstream.load_items("hellaswag", tmp_path)
+
+
 def test_cli_harness_and_fast_scorer_agree(bpe_run, tmp_path):
     """Both scorers, on HellaSwag and on ARC-Easy given in AI2's original layout (lm-eval's own task
     reads the hub's: the harness gets a copy in that layout)."""
