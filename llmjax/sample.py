@@ -33,6 +33,7 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -391,6 +392,9 @@ def generate(
         raise SampleError(f"sampling must be a Sampling, e.g. Sampling(greedy=True) (None: the defaults), got {sampling!r}")
     sampling = sampling or Sampling()
     cfg = model.cfg
+    if not isinstance(prompts, Iterable):  # (an iterator, taken as a list: it was len()'s TypeError)
+        raise SampleError(f"prompts must be a list of token-id lists, e.g. [[1, 2, 3], [4]], got {type(prompts).__name__}")
+    prompts = list(prompts)
     context, B = cfg.context_len, len(prompts)
     whole = lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))  # noqa: E731
     # (a negative count gave no tokens, as 0 does; 5.0 was JAX's "Shapes must be 1D sequences of concrete values of integer type")
@@ -400,10 +404,12 @@ def generate(
     if not whole(seed) or not 0 <= seed < 2**32:
         raise SampleError(f"seed must be in [0, 2**32), a whole number (JAX's random keys hold 32 bits), got {seed!r}")
     prompts = [_token_ids(p, i) for i, p in enumerate(prompts)]
-    if B == 0 or max_new_tokens == 0:
-        return [[] for _ in prompts]
-    if unroll < 1 or stream_every < 1:
-        raise SampleError(f"unroll and stream_every must be >= 1, got {unroll} and {stream_every}")
+    # (2.5 was JAX's fori_loop TypeError, deep in the trace, and True the same; a float stream_every was cut silently)
+    if not whole(unroll) or not whole(stream_every) or unroll < 1 or stream_every < 1:
+        raise SampleError(f"unroll and stream_every must be whole numbers >= 1, got {unroll!r} and {stream_every!r}")
+    if on_tokens is not None and not callable(on_tokens):
+        raise SampleError(f"on_tokens must be a function (row, ids) or None, got {type(on_tokens).__name__}")
+    # (checked whatever max_new_tokens is: with 0, an empty or out-of-vocabulary prompt was taken and gave [])
     if any(len(p) == 0 for p in prompts):
         raise SampleError("every prompt needs at least one token (start an empty one from end-of-text)")
     if any(not 0 <= t < cfg.vocab_size for p in prompts for t in p):
@@ -411,6 +417,8 @@ def generate(
     if eot_id is not None and (isinstance(eot_id, (bool, np.bool_)) or not isinstance(eot_id, (int, np.integer))
                                or not 0 <= eot_id < cfg.vocab_size):  # (one outside the vocabulary never ended a row, silently)
         raise SampleError(f"eot_id must be a token id in [0, {cfg.vocab_size}) or None (no end-of-text), got {eot_id!r}")
+    if B == 0 or max_new_tokens == 0:
+        return [[] for _ in prompts]
     eot = -1 if eot_id is None else int(eot_id)
     chunk = context // 2  # (a slide keeps the last context - chunk >= 1 tokens)
     graphdef, params = split_for_jit(model)

@@ -432,6 +432,22 @@ def test_bad_generate_input():
         with pytest.raises(S.SampleError, match="prompt 1 is not a sequence of token ids"):
             generate(m, prompts, 3)
     assert generate(m, [np.array([1, 2]), (3,)], 2, sampling=GREEDY) == generate(m, [[1, 2], [3]], 2, sampling=GREEDY)
+    # an iterator of prompts is taken as its list (len()'s TypeError); a number is refused
+    assert generate(m, iter([[1, 2], [3]]), 2, sampling=GREEDY) == generate(m, [[1, 2], [3]], 2, sampling=GREEDY)
+    with pytest.raises(S.SampleError, match=r"prompts must be a list of token-id lists, e.g. \[\[1, 2, 3\], \[4\]\], got int"):
+        generate(m, 7, 3)
+    # unroll and stream_every: 2.5 and True were JAX's fori_loop TypeError, "4" Python's; a float stream_every was cut silently
+    for kw in ({"unroll": 2.5}, {"unroll": True}, {"unroll": "4"}, {"unroll": 0}, {"stream_every": 2.5}, {"stream_every": -1}):
+        with pytest.raises(S.SampleError, match="unroll and stream_every must be whole numbers >= 1"):
+            generate(m, [[1, 2]], 5, sampling=GREEDY, on_tokens=lambda row, ids: None, **kw)
+    with pytest.raises(S.SampleError, match="on_tokens must be a function"):
+        generate(m, [[1, 2]], 5, on_tokens=[])
+    # with no new tokens asked for, bad input is still refused (it gave [[]])
+    for prompts, kw, said in [([[]], {}, "at least one token"), ([[999]], {}, "token ids must be in"), ([[1]], {"eot_id": -5}, "eot_id must be"),
+                              ([[1]], {"unroll": 0}, "unroll and stream_every")]:
+        with pytest.raises(S.SampleError, match=said):
+            generate(m, prompts, 0, sampling=GREEDY, **kw)
+    assert generate(m, [], 0) == generate(m, [], 5) == []
     loaded = S.Loaded(model=m, tokenizer=None, config={}, step=0, path=None)
     with pytest.raises(S.SampleError, match=r"got one string: pass \['ROMEO:'\]"):
         loaded.generate_text("ROMEO:", 3)  # (each character was a prompt: six continuations)
