@@ -272,8 +272,20 @@ def prepare_builtin(name: str, out: Path, *, repair: bool = False) -> TokenDatas
     out = Path(out)
     try:
         ds = TokenDataset.open(out)
-    except DataError:
+    except DataError as e:
         ds = None
+        # a manifest that cannot be read says nothing of what its shards hold: the user's own text
+        # under this name (--source files) was replaced with the shipped one, silently. Only the
+        # shipped text's own dataset, of another format version, is prepared again.
+        try:
+            old = json.loads((out / MANIFEST).read_text(encoding="utf-8")) if (out / MANIFEST).exists() else None
+        except (OSError, ValueError):
+            old = False
+        if old is not None and not (isinstance(old, dict) and old.get("format") == "llmjax-tokens" and old.get("dataset") == name
+                                    and "prepared_from" not in old):
+            again = _command(name, out, old.get("prepared_from") if isinstance(old, dict) else None)
+            raise DataError(f"{e.args[0].split('; ')[0]}, so what its shards hold is not known (they are kept); delete {out} to prepare "
+                            f"'{name}' again from the shipped text, or prepare it again from your own files: {again}") from None
     if ds is not None:
         if ds.manifest.get("dataset") != name:
             raise DataError(f"{out} holds the prepared dataset '{ds.manifest.get('dataset')}', not '{name}'; use another folder")

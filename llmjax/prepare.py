@@ -454,6 +454,9 @@ def parse_sources(items: list[str], cache: Path, *, download: bool = True) -> li
             if prefix not in ("train", "val"):
                 raise PrepareError(f"--source {item}: no such file, and {prefix}= is no split (train= or val=)")
             split, item = prefix, rest
+        if not item:  # (Path("") is the working folder: "--source  is a folder", with a suggestion of //a.txt)
+            raise PrepareError(f"--source {split + '=' if split else ''} is empty (a shell variable that was not set?); give a file, "
+                               "or drop it")
         if item.startswith(("http://", "https://")):
             out.append(Source(url_target(item, cache), split, url=item))
             continue
@@ -814,7 +817,11 @@ def _prepare_locked(name: str, out: Path, sources: list[Source], args: dict, cre
         if D.OWN_TEMPORARY.fullmatch(stale.name):
             stale.unlink()
     state_path = out / STATE
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    try:  # (our own record of finished shards: one that cannot be read starts afresh, as one of other arguments does)
+        state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    except (OSError, ValueError):  # (an empty file was JSONDecodeError's traceback)
+        state = {}
+    state = state if isinstance(state, dict) else {}  # ([] was AttributeError's)
     # (the state counts records, which depend on how .txt documents are cut: a state written by
     # another cut, or by a version that counted whole documents, is started afresh)
     state_args = {**args, "txt_piece_chars": PIECE_CHARS}

@@ -1092,6 +1092,58 @@ def test_a_damaged_built_in_name_prepared_from_ones_own_files_is_not_replaced_by
     assert decoded(ds, "train") + decoded(ds, "val") == "".join(EOT + d for d in docs[:20])
 
 
+def test_a_built_in_name_whose_manifest_cannot_be_read_is_kept_not_replaced_by_the_shipped_text(tmp_path, docs, monkeypatch):
+    """A built-in name prepared from one's own files, its manifest then cut short or of another
+    format version: the trainer (data.open_dataset) and `prepare NAME` took it for no dataset and
+    wrote the shipped text over its shards, silently (train_0001... left behind, in no manifest).
+    Now one line that says what to do, and every file kept; the shipped text's own dataset of
+    another format version is still prepared again."""
+    own, _, _ = write_sources(tmp_path, docs[:20])
+    monkeypatch.setenv("LLMJAX_DATA_DIR", str(tmp_path / "data"))
+    out = tmp_path / "data" / "tinyshakespeare"
+    P.prepare("tinyshakespeare", out, [P.Source(own, None)], workers=1, progress=False, shard_tokens=2000)
+    assert len(list(out.glob("train_*.bin"))) > 1
+    text = (out / D.MANIFEST).read_text()
+    for manifest, why in [(text[:100], "is not valid JSON"), (text.replace(f'"version": {D.VERSION}', '"version": 99'), "is not an llmjax token manifest")]:
+        (out / D.MANIFEST).write_text(manifest)
+        before = {f.name: f.read_bytes() for f in out.iterdir()}
+        for prepare in (lambda: D.open_dataset("tinyshakespeare", "unused"), lambda: P.prepare("tinyshakespeare", out)):
+            with pytest.raises(D.DataError, match=rf"manifest.json {why}.*, so what its shards hold is not known \(they are kept\); delete "
+                                                  rf"{re.escape(str(out))} to prepare 'tinyshakespeare' again"):
+                prepare()
+            assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    # the shipped text's own, of another format version (an older llmjax's): prepared again
+    shipped = tmp_path / "shipped"
+    D.prepare_builtin("tinyshakespeare_char", shipped)
+    want = {f.name: f.read_bytes() for f in shipped.iterdir()}
+    old = json.loads((shipped / D.MANIFEST).read_text()) | {"version": 99}
+    (shipped / D.MANIFEST).write_text(json.dumps(old))
+    D.prepare_builtin("tinyshakespeare_char", shipped)
+    assert {f.name: f.read_bytes() for f in shipped.iterdir()} == want
+
+
+def test_a_damaged_record_of_finished_shards_starts_afresh(tmp_path, docs):
+    """The preparation's own record of its finished shards (.prepare_state.json) empty or not an
+    object was JSONDecodeError's or AttributeError's traceback; it starts afresh, as a record of
+    other arguments does, and gives the same bytes."""
+    own, _, _ = write_sources(tmp_path, docs[:20])
+    want = {f.name: f.read_bytes() for f in P.prepare("t", tmp_path / "want", [P.Source(own, None)], workers=1, progress=False).path.iterdir()}
+    for i, body in enumerate(["", "[]", "{\"args\": "]):
+        out = tmp_path / f"out{i}"
+        out.mkdir()
+        (out / P.STATE).write_text(body)
+        ds = P.prepare("t", out, [P.Source(own, None)], workers=1, progress=False)
+        assert {f.name: f.read_bytes() for f in ds.path.iterdir()} == want, body
+
+
+def test_an_empty_source_is_one_line():
+    """`--source "$F"` with F unset (and train=, val= with nothing after): Path("") is the working
+    folder, so it was "--source  is a folder", suggesting --source //a.txt."""
+    for item, said in [("", "--source  is empty"), ("train=", "--source train= is empty"), ("val=", "--source val= is empty")]:
+        with pytest.raises(P.PrepareError, match=re.escape(said + " (a shell variable that was not set?); give a file, or drop it")):
+            P.parse_sources([item], Path("/nonexistent"), download=False)
+
+
 def test_a_path_flag_given_as_flag_equals_tilde_is_under_the_home_folder(tmp_path):
     """`--out=~/x` (and `~` in a --flagfile's name and in its lines) reaches the tools unexpanded: the
     shell expands `--out ~/x` only. It went to a folder literally named `~` in the working directory;
