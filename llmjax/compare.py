@@ -217,7 +217,13 @@ def _reusable(p: dict, seed: int, folder: Path) -> dict | None:
     """The stats of the finished run of this config and seed in `folder`, else None."""
     stats_file = folder / "compare_run.json"
     if stats_file.is_file():
-        stats = json.loads(stats_file.read_text())
+        try:  # (an empty or cut record was JSONDecodeError's traceback, [] AttributeError's)
+            stats = json.loads(stats_file.read_text())
+            why = "" if isinstance(stats, dict) else f"a JSON {type(stats).__name__}, not an object"
+        except (OSError, ValueError) as e:
+            why = getattr(e, "strerror", None) or (e.msg if isinstance(e, json.JSONDecodeError) else type(e).__name__)
+        if why:
+            raise CompareError(f"{stats_file} is damaged ({why}): it records the run in {folder}; delete that folder to train the run again")
         if stats.get("seed") == seed and stats.get("returncode") == 0 and _finished(folder, p["cfg"].train.max_steps):
             return stats
         # (diverged: run again, it would diverge again, from its last good checkpoint; one that diverged
@@ -262,6 +268,10 @@ def refusal(p: dict, seed: int, folder: Path) -> str | None:
         if changed:
             return (f"{folder} holds a {done} run trained by other llmjax code ({changed} changed since): its figures are not "
                     "this code's; delete that folder or use another --out")
+        try:  # (its table row reads every line: a damaged one, said now, not after the other runs have trained)
+            _metrics_lines(folder)
+        except CompareError as e:
+            return str(e)
         return None
     if (folder / "config.json").is_file():  # an earlier run there: resumed only if it is this config's
         changes = config_changes(folder / "config.json", p["cfg"])
@@ -368,13 +378,33 @@ def _finished(folder: Path, max_steps: int) -> bool:
     return isinstance(last, dict) and last.get("step") == max_steps and "val_loss" in last
 
 
+def _metrics_lines(folder: Path) -> list[dict]:
+    """The run's metrics.jsonl rows ([]: none), or a CompareError naming a damaged line (it was
+    JSONDecodeError's traceback: the run counts as finished by its last line alone)."""
+    metrics = folder / "metrics.jsonl"
+    if not metrics.is_file():
+        return []
+    lines = []
+    for i, x in enumerate(metrics.read_text().splitlines(), start=1):
+        if not x.strip():
+            continue
+        try:
+            row = json.loads(x)
+            why = "" if isinstance(row, dict) and isinstance(row.get("step"), int) else "no metrics row: a JSON object with its step"
+        except ValueError as e:
+            why = e.msg if isinstance(e, json.JSONDecodeError) else type(e).__name__
+        if why:
+            raise CompareError(f"{metrics}:{i} is damaged ({why}); mend or delete that line, or delete {folder} to train the run again")
+        lines.append(row)
+    return lines
+
+
 def summarize_runs(p: dict, runs: list[tuple[Path, dict]]) -> dict:
     """One table row from a config's runs."""
     per_seed, rates, peaks, hs, walls, device = [], [], [], [], [], "cpu"
     diverged = {}  # seed: the step whose loss, gradients or update became non-finite (None: unknown)
     for folder, stats in runs:
-        metrics = folder / "metrics.jsonl"
-        lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
+        lines = _metrics_lines(folder)
         if stats.get("returncode") == cli.NON_FINITE_EXIT:  # (its steps before that count; it has no final loss)
             diverged[stats["seed"]] = stats.get("non_finite_at_step")
             per_seed.append(None)

@@ -94,6 +94,36 @@ def test_a_finished_run_is_reused_under_flags_that_change_no_figure(result, tmp_
     assert {s: (tmp_path / "vanilla_tiny" / f"seed{s}" / name).read_text() for s in (0, 1) for name in ("compare_run.json", "train.log")} == before
 
 
+def test_a_damaged_record_or_metrics_line_of_a_finished_run_is_one_line(result, tmp_path):
+    """A finished run's compare_run.json empty, cut or not an object, or a metrics.jsonl line before
+    the last damaged (the run counts as finished by its last line): each was a JSONDecodeError or
+    AttributeError traceback. Now one line naming the file (and line), before anything trains, and
+    nothing is changed."""
+    import shutil
+
+    out, _ = result
+    for body in ("", '{"seed": 0, "retu', "[]"):
+        shutil.rmtree(tmp_path / "vanilla_tiny", ignore_errors=True)
+        shutil.copytree(out / "vanilla_tiny", tmp_path / "vanilla_tiny")
+        record = tmp_path / "vanilla_tiny" / "seed1" / "compare_run.json"
+        record.write_text(body)
+        with pytest.raises(C.CompareError, match=rf"^{re.escape(str(record))} is damaged \((Expecting value|Unterminated string.*|a JSON list, "
+                                                 rf"not an object)\): it records the run in .*seed1; delete that folder to train the run again$"):
+            C.compare(SPECS[:1], out=tmp_path, seeds=2, max_steps=4, eval_every=2, eval_batches=1, command="test", quiet=True)
+        assert record.read_text() == body
+    for line in ("X" + "{", "[1]"):
+        shutil.rmtree(tmp_path / "vanilla_tiny")
+        shutil.copytree(out / "vanilla_tiny", tmp_path / "vanilla_tiny")
+        metrics = tmp_path / "vanilla_tiny" / "seed0" / "metrics.jsonl"
+        rows = metrics.read_text().splitlines()
+        metrics.write_text("\n".join(rows[:1] + [line] + rows[2:]) + "\n")
+        before = {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()}
+        with pytest.raises(C.CompareError, match=rf"^{re.escape(str(metrics))}:2 is damaged \(.+\); mend or delete that line, or delete "
+                                                 rf".*seed0 to train the run again$"):
+            C.compare(SPECS[:1], out=tmp_path, seeds=2, max_steps=4, eval_every=2, eval_batches=1, command="test", quiet=True)
+        assert {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()} == before
+
+
 def test_a_finished_run_of_an_edited_config_is_refused(result, tmp_path):
     """A finished run is reused only if its config is still the one asked for: after its config
     file changed (here: its config.json, as the file edited since), compare refuses in one line
