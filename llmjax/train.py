@@ -188,6 +188,27 @@ def check_workdir(workdir: Path) -> dict | None:
     return None
 
 
+def refuse_workdir_place(workdir: Path) -> None:
+    """Refuse a --workdir under a file (mkdir's "Not a directory", said as a full disk is, with a
+    resume that cannot be) or inside a run's checkpoints/ (accepted: the run wrote its files into the
+    other run's checkpoint folders, which that run's rotation deleted with them)."""
+    for parent in Path(workdir).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--workdir {workdir}: {parent} is a file, not a folder; pass a folder (a new one, or an earlier run's)")
+            break
+    for parent in [Path(workdir).absolute(), *Path(workdir).absolute().parents]:
+        if parent.name != "checkpoints" or not (parent.parent / "config.json").is_file():
+            continue
+        try:
+            run = check_workdir(parent.parent)
+        except ConfigError:  # (not an llmjax run's)
+            run = None
+        if run is not None:
+            raise ConfigError(f"--workdir {workdir} is inside the checkpoints of the run in {parent.parent} (whose saves are kept and "
+                              f"deleted there); use a --workdir outside it")
+
+
 def train_settings(c: dict) -> dict:
     """A resolved config's train group, with the keys the run predates as what the run did:
     train.loss_scale none (no scaling) in float16, else auto (none too); train.schedule cosine
@@ -688,6 +709,26 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
     # (a fresh run's files, named by _train once it holds the workdir's lock: never another run's, one
     # started meanwhile that wrote them while this one had not reached the lock)
     fresh_files: list[Path] = []
+    # (a resume's run files as they were, and the step it resumed from: put back where it stops before
+    # it logs or saves a step, a refusal when the step is traced, say: its config.json said settings that
+    # never trained, the next resume's notes were of those, and a run with no checkpoint lost its metrics)
+    earlier: dict = {}
+
+    def steps_after(start: int) -> bool:
+        if any(s > start for s in _saved_steps(wd / "checkpoints")):
+            return True
+        try:
+            lines = (wd / "metrics.jsonl").read_text().splitlines()
+        except (OSError, ValueError):
+            return False
+        for line in lines:
+            try:
+                m = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(m, dict) and isinstance(m.get("step"), int) and m["step"] > start:
+                return True
+        return False
 
     def take_back():
         # (refused after the workdir was made: a missing extra, a validation split too short, init_from
@@ -702,6 +743,12 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
             if not logged:
                 for f in fresh_files:
                     f.unlink(missing_ok=True)
+        if earlier and not steps_after(earlier["start"]):
+            for f, data in earlier["files"].items():
+                if data is None:
+                    f.unlink(missing_ok=True)
+                else:
+                    data_lib.atomic_write_bytes(f, data)
         data_lib.remove_empty([*made_ckpt, *made])
 
     global _TAKE_BACK
@@ -711,7 +758,7 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
         # released first would remove the files of a run that took the lock meanwhile)
         with contextlib.ExitStack() as hold:
             try:
-                return _train(cfg, workdir, devices=devices, quiet=quiet, hold=hold, fresh_files=fresh_files)
+                return _train(cfg, workdir, devices=devices, quiet=quiet, hold=hold, fresh_files=fresh_files, earlier=earlier)
             except WorkdirBusy:
                 raise  # (the folders are the other run's: nothing is removed)
             except BaseException:
@@ -771,7 +818,8 @@ def check_host_batch(tcfg, mcfg, memory: int | None = None) -> None:
                           f"more than its {memory / 1e9:.3g} GB of memory; lower train.batch_size or train.grad_accum_steps")
 
 
-def _train(cfg, workdir, *, hold: contextlib.ExitStack, fresh_files: list[Path], devices=None, quiet: bool = False) -> Run:
+def _train(cfg, workdir, *, hold: contextlib.ExitStack, fresh_files: list[Path], earlier: dict, devices=None,
+           quiet: bool = False) -> Run:
     if jax.default_backend() == "cpu":
         tune_host_allocator()
     if jax.process_count() > 1:  # (before anything that one process alone may refuse)
@@ -841,6 +889,7 @@ def _train(cfg, workdir, *, hold: contextlib.ExitStack, fresh_files: list[Path],
     saved_cfg = workdir / "config.json"
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"--workdir {workdir} is a file; pass a folder (a new one, or an earlier run's)")
+    refuse_workdir_place(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     busy = WorkdirBusy(f"another training process is running in {workdir} now (the same command in another terminal?); wait for "
                        f"it to end (then the same command resumes its run), or use another --workdir")
@@ -1020,6 +1069,8 @@ def _train(cfg, workdir, *, hold: contextlib.ExitStack, fresh_files: list[Path],
     metrics_path = workdir / "metrics.jsonl"
     history = []
     if lead:
+        if saved_cfg.is_file():  # (a resume, or a run with no checkpoint started again: `train` puts these back where it stops early)
+            earlier.update(start=start, files={f: (f.read_bytes() if f.is_file() else None) for f in (workdir / n for n in RUN_FILES)})
         if not (idle and saved_cfg.is_file()):
             data_lib.atomic_write_json(saved_cfg, resolved)
         data_lib.atomic_write_json(workdir / "tokenizer.json", tokenizer.description())
@@ -1687,6 +1738,10 @@ def main(argv):
     if FLAGS.config is None:
         cli.fail("--config is required, e.g. --config configs/shakespeare_char.py")
     cli.refuse_empty(workdir="the run's folder (e.g. runs/NAME)")  # (it trained in the default runs/<config> instead)
+    workdirs = cli.given(cli.command_line(), ("workdir",))  # (absl keeps the last: --workdir A --workdir B trained in B, silently)
+    if any(Path(w) != Path(workdirs[0][1]) for _, w in workdirs[1:]):
+        cli.fail(f"--workdir {workdirs[0][1]} and --workdir {next(w for _, w in workdirs if Path(w) != Path(workdirs[0][1]))} name two "
+                 "runs' folders; give one")
     if threading_main():  # (a SIGTERM before or after the loop: one line, as a Ctrl-C there)
         signal.signal(signal.SIGTERM, cli.terminate)
     init_distributed()

@@ -869,6 +869,28 @@ def test_a_fresh_run_refused_when_its_step_is_traced_leaves_nothing_behind(tmp_p
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
+def test_a_resume_refused_when_its_step_is_traced_changes_none_of_the_runs_files(tmp_path):
+    """A resume refused when its step is traced (attention_impl='cudnn' on a CPU) had rewritten the
+    run's config.json with settings that never trained (the next resume's notes were of those: "the
+    learning rate jumps" from a rate no step used) and cut metrics.jsonl to the restored step; a run
+    with no checkpoint (diverged at its first steps, or stopped before its first save) lost every
+    metrics line. Now the files are put back as they were."""
+    finished = tmp_path / "finished"
+    train(cfg("vanilla", train__max_steps=6, train__checkpoint_every_steps=3), finished, quiet=True)
+    unsaved = tmp_path / "unsaved"  # (metrics logged, no checkpoint: as a run stopped before its first save)
+    train(cfg("vanilla", train__max_steps=4, train__checkpoint_every_steps=0), unsaved, quiet=True)
+    import shutil
+
+    shutil.rmtree(unsaved / "checkpoints" / "4")
+    (finished / "metrics.jsonl").write_text((finished / "metrics.jsonl").read_text() + '{"step": 7, "train_loss": 1.0}\n')
+    for run in (finished, unsaved):
+        before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()}
+        assert before["metrics.jsonl"]
+        with pytest.raises(ConfigError, match=r"^model\.attention_impl='cudnn' needs a CUDA GPU"):
+            train(cfg("vanilla", train__max_steps=8, train__lr=5e-4, model__attention_impl="cudnn", model__dtype="bfloat16"), run, quiet=True)
+        assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()} == before, run.name
+
+
 @pytest.mark.parametrize("ended_by", ["a second Ctrl-C", "another process's failure"])
 def test_a_fresh_run_ended_at_once_while_its_step_compiles_leaves_nothing_behind(tmp_path, monkeypatch, ended_by):
     """A process ended at once with os._exit while its fresh run's first step compiled (a second
@@ -1295,6 +1317,18 @@ def test_a_workdir_that_is_not_a_run_is_left_alone(tmp_path):
     with pytest.raises(ConfigError, match="holds metrics.jsonl but no llmjax config.json"):
         train(cfg("vanilla"), other, quiet=True)
     assert sorted(p.name for p in other.iterdir()) == ["metrics.jsonl"]
+    # a workdir under a file was mkdir's "Not a directory" said as a full disk is ("... then run the same command to resume")
+    with pytest.raises(ConfigError, match=rf"^--workdir {re.escape(str(tmp_path))}/file/sub: {re.escape(str(tmp_path))}/file is a file, not a folder"):
+        train(cfg("vanilla"), tmp_path / "file" / "sub", quiet=True)
+    # one inside a run's checkpoints was taken: its files went into the run's checkpoint folders, deleted with them
+    run = tmp_path / "run"
+    (run / "checkpoints" / "4").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"model": {"arch": "vanilla"}, "train": {}}))
+    for inside in (run / "checkpoints", run / "checkpoints" / "4", run / "checkpoints" / "new" / "sub"):
+        with pytest.raises(ConfigError, match=rf"^--workdir {re.escape(str(inside))} is inside the checkpoints of the run in "
+                                              rf"{re.escape(str(run))} \(whose saves are kept and deleted there\); use a --workdir outside it$"):
+            train(cfg("vanilla"), inside, quiet=True)
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == ["checkpoints", "checkpoints/4", "config.json"]
 
 
 @pytest.mark.parametrize("key,value", [
