@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import functools
 import os
 import re
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
 
 import llmjax
 from llmjax.config import ConfigError, check_key, flags_spec, load_config, parse_value, split_spec, validate
@@ -215,6 +216,11 @@ def _parse(argv: list[str]):
         fail(_flagfile_error(e))
     _COMMAND_LINE = argv
     spec, keys = _config_args(argv)
+    # (absl keeps the last --config: two configs trained the second, silently; with overrides between them
+    # config_flags said "The flag 'config.train.max_steps' is defined twice")
+    if "config" in FLAGS and len(specs := [v for _, v in given(argv, ("config",))]) > 1:
+        fail(f"--config is given {len(specs)} times ({', '.join(specs)}); give one config, then its overrides "
+             "(--config.KEY=VALUE)")
     early = _misplaced_override(argv)
     if early is not None and "config" in FLAGS:
         fail(f"{early} comes before --config; give --config {spec} first, then its overrides" if spec is not None else
@@ -224,6 +230,12 @@ def _parse(argv: list[str]):
             cfg = load_config(spec)
             for key in keys:
                 check_key(cfg, key)
+            # (a group given whole and one of its keys: config_flags said "max_steps is not a valid key or attribute
+            # of <class 'ml_collections...ConfigDict'>", where the group had replaced the config's)
+            for group in (k for k in keys if isinstance(functools.reduce(lambda node, name: node[name], k.split("."), cfg), ConfigDict)):
+                if inner := next((k for k in keys if k.startswith(group + ".")), None):
+                    raise ConfigError(f"--config.{group}={{...}} replaces the whole group and --config.{inner} sets one of its keys; "
+                                      f"set them one by one, --config.{group}.KEY=VALUE")
             for key, text in _override_values(argv, cfg):  # (config_flags: "('Non-boolean argument to boolean flag', 'yes')")
                 try:
                     parse_value(cfg, key, text)

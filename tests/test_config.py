@@ -465,6 +465,31 @@ def test_cli_override_without_a_config_before_it_says_so():
         assert (r.returncode, r.stderr) == (2, line + "\n"), r.stderr
 
 
+def test_cli_two_configs_or_a_group_and_one_of_its_keys_are_one_line(tmp_path):
+    """--config given twice: absl kept the last (two configs trained the second, silently), and with
+    overrides between them config_flags said "The flag 'config.train.max_steps' is defined twice". A
+    group given whole beside one of its keys: "max_steps is not a valid key or attribute of <class
+    'ml_collections...ConfigDict'>". The trainer's --workdir given twice trained in the last."""
+    from helpers import cli_runs
+
+    v, g = "configs/vanilla.py:tiny", "configs/gqa.py:tiny"
+    w = f"--workdir={tmp_path / 'run'}"  # (where a run would go, were one started)
+    runs = [("llmjax.train", ["--config", v, "--config", g, w]), ("llmjax.train", ["--config", v, "--config.train.max_steps=1", f"--config={v}", w]),
+            ("llmjax.train", ["--config", v, "--config.train={'lr': 1.0}", "--config.train.max_steps=1", w]),
+            ("llmjax.train", ["--config", v, "--config.train.mesh.data=1", "--config.train.mesh={'data': 1}", w]),
+            ("llmjax.train", ["--config", v, "--workdir", str(tmp_path / "a"), f"--workdir={tmp_path / 'b'}"])]
+    want = [f"error: --config is given 2 times ({v}, {g}); give one config, then its overrides (--config.KEY=VALUE)",
+            f"error: --config is given 2 times ({v}, {v}); give one config, then its overrides (--config.KEY=VALUE)",
+            "error: --config.train={...} replaces the whole group and --config.train.max_steps sets one of its keys; set them one by "
+            "one, --config.train.KEY=VALUE",
+            "error: --config.train.mesh={...} replaces the whole group and --config.train.mesh.data sets one of its keys; set them one "
+            "by one, --config.train.mesh.KEY=VALUE",
+            f"error: --workdir {tmp_path / 'a'} and --workdir {tmp_path / 'b'} name two runs' folders; give one"]
+    for r, line in zip(cli_runs(runs), want):
+        assert (r.returncode, r.stdout, r.stderr) == (2, "", line + "\n"), r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_cli_override_value_of_another_type_says_what_the_key_takes():
     """--config.KEY=VALUE whose value is not of the key's type: one line saying what the key takes,
     as `--set` says it (config_flags said "('Non-boolean argument to boolean flag', 'yes')" and
