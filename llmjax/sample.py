@@ -675,6 +675,8 @@ def load(
     from llmjax import export
     from llmjax.checkpoint import CheckpointError, restore_params
 
+    if not isinstance(path, (str, os.PathLike)) or not str(path):  # (None or a number was pathlib's TypeError, deep inside)
+        raise SampleError(f"path must be a training run's folder, one of its checkpoints or GPT-2 weights (e.g. 'runs/NAME'), got {path!r}")
     if dtype not in (None, "") and dtype not in DTYPES:  # (it was "RUN: model.dtype='foo' is not one of ...", as if the run's own)
         raise SampleError(f"dtype (--dtype) must be one of {', '.join(DTYPES)}, got {dtype!r}{closest(str(dtype), DTYPES)}")
     if quantize_embeddings and quantize in (None, "", "none"):

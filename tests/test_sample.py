@@ -637,6 +637,9 @@ def test_inference_params_leave_bf16_logits_unchanged(arch):
 def test_bad_checkpoints_are_one_line_errors(run_dir, tmp_path):
     with pytest.raises(S.SampleError, match="no such run"):
         S.load(tmp_path / "nope")
+    for path in (None, 3, ""):  # (None and 3 were pathlib's TypeError from deep inside)
+        with pytest.raises(S.SampleError, match=rf"^path must be a training run's folder, .* got {re.escape(repr(path))}$"):
+            S.load(path)
     (tmp_path / "foreign").mkdir()
     with pytest.raises(S.SampleError, match=r"not an llmjax training run \(it has no config.json and checkpoints/\)"):
         S.load(tmp_path / "foreign")
