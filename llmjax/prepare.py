@@ -826,6 +826,12 @@ def _prepare_locked(name: str, out: Path, sources: list[Source], args: dict, cre
     # another cut, or by a version that counted whole documents, is started afresh)
     state_args = {**args, "txt_piece_chars": PIECE_CHARS}
     if state.get("args") != state_args:
+        finished = [s for split in ("train", "val") for s in state.get(split, []) if isinstance(state.get(split), list)]
+        if finished and isinstance(state.get("args"), dict) and state["args"].get("txt_piece_chars") == PIECE_CHARS:
+            # (said: its finished shards were deleted and prepared again with no word, hours of a large corpus's work)
+            print(f"prepare: {out} holds an unfinished preparation {_other(state['args'], args)}; starting afresh: its "
+                  f"{len(finished)} finished shard(s) are prepared again (the command that resumes it instead: "
+                  f"{D._command(state['args'].get('dataset') or name, out, state['args'])})", file=sys.stderr, flush=True)
         state = {"args": state_args}
     for split in ("train", "val"):  # finished shards must still be intact
         for s in state.get(split, []):

@@ -279,6 +279,25 @@ def test_interrupted_then_resumed_gives_the_same_bytes(tmp_path, monkeypatch):
     assert files(tmp_path / "old") == files(tmp_path / "ref_txt")
 
 
+def test_an_unfinished_preparation_started_afresh_says_so(tmp_path, docs, capsys):
+    """The same name prepared again with another --shard_tokens (or another source path) into a
+    folder holding an unfinished preparation: it starts afresh, as it must (its shards and records
+    would not match), but its finished shards were deleted with no word. Now one line says so and
+    gives the command that would have resumed it."""
+    own, _, _ = write_sources(tmp_path, docs[:60])
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        P.prepare("mine", out, [P.Source(own, None)], workers=1, shard_tokens=2000, progress=False, stop_after_shards=2)
+    capsys.readouterr()
+    P.prepare("mine", out, [P.Source(own, None)], workers=1, shard_tokens=3000, progress=False)
+    err = capsys.readouterr().err
+    assert err == (f"prepare: {out} holds an unfinished preparation from the same sources with --shard_tokens 2000; starting afresh: "
+                   f"its 2 finished shard(s) are prepared again (the command that resumes it instead: python -m llmjax.prepare mine "
+                   f"--out {out} --shard_tokens 2000 --source {own})\n"), err
+    P.prepare("mine", tmp_path / "again", [P.Source(own, None)], workers=1, shard_tokens=3000, progress=False)
+    assert capsys.readouterr().err == ""  # (nothing said for a new folder)
+
+
 def _wait_for_shards(proc, out, n: int) -> None:
     """Until the preparation writing `out` has recorded `n` finished training shards (or ended)."""
     deadline = time.time() + 120
