@@ -246,6 +246,9 @@ def find_file(name: str, directory: str | os.PathLike | None = None, *, download
     """The task's file in the task directory (downloading it there when missing)."""
     spec = TASKS[check_names([name])[0]]
     base = task_dir(directory)
+    if base.is_file():  # (a task's file given itself: "cannot use X as the task directory (File exists)")
+        raise TaskError(f"the task directory {base} is a file; give the folder that holds {spec.file}"
+                        + (f" ({base.parent})" if base.name == spec.file else f" (this file named {spec.file}, or a copy by that name)"))
     for candidate in (base / spec.file, base / spec.name / spec.file):
         if candidate.is_file():
             return candidate

@@ -882,7 +882,12 @@ def test_cli_errors_are_one_line(bpe_run, tmp_path):
                            ({"limit": -3}, r"^--limit must be >= 1, got -3; drop --limit"),
                            ({"output_json": str(tmp_path)}, "is a folder; give a file name"),
                            ({"output_json": str(tmp_path / "afile" / "m.json")}, "is a file, not a folder"),
-                           ({"device": "cpu", "task_dir": str(tmp_path / "afile"), "tasks": "arc_easy"}, "cannot use .*afile as the task directory"),
+                           # (a file as the task directory was "cannot use ... as the task directory (File exists); pass a folder")
+                           ({"device": "cpu", "task_dir": str(tmp_path / "afile"), "tasks": "arc_easy"},
+                            r"^the task directory .*afile is a file; give the folder that holds ARC-Easy-test.jsonl \(this file named "
+                            r"ARC-Easy-test.jsonl, or a copy by that name\)$"),
+                           ({"device": "cpu", "task_dir": str(damaged / "hellaswag_val.jsonl"), "tasks": "hellaswag"},
+                            rf"^the task directory .*hellaswag_val.jsonl is a file; give the folder that holds hellaswag_val.jsonl \({re.escape(str(damaged))}\)$"),
                            ({"device": "cpu", "scorer": "harness", "num_fewshot": 1, "limit": 2}, "--num_fewshot=1 with hellaswag: .*use --num_fewshot=0"),
                            # the fast scorer is 0-shot: a few-shot request was scored 0-shot, with nothing said
                            ({"device": "cpu", "num_fewshot": 5}, r"^--num_fewshot=5: the fast scorer scores 0-shot only; drop --num_fewshot or use --scorer=harness$"),
