@@ -826,7 +826,7 @@ def _prepare_locked(name: str, out: Path, sources: list[Source], args: dict, cre
     # another cut, or by a version that counted whole documents, is started afresh)
     state_args = {**args, "txt_piece_chars": PIECE_CHARS}
     if state.get("args") != state_args:
-        finished = [s for split in ("train", "val") for s in state.get(split, []) if isinstance(state.get(split), list)]
+        finished = [s for split in ("train", "val") for s in (state.get(split) if isinstance(state.get(split), list) else [])]
         if finished and isinstance(state.get("args"), dict) and state["args"].get("txt_piece_chars") == PIECE_CHARS:
             # (said: its finished shards were deleted and prepared again with no word, hours of a large corpus's work)
             print(f"prepare: {out} holds an unfinished preparation {_other(state['args'], args)}; starting afresh: its "
