@@ -499,3 +499,35 @@ def test_bad_decode_norm_settings_are_one_line_errors():
     with pytest.raises(ConfigError, match="d_model a multiple of 16") as err:
         _uses_kernel(m, 1, kernel="decode_norm_rows")
     assert "\n" not in str(err.value)
+
+
+def test_a_second_decode_through_the_kernels_traces_nothing_again():
+    """Pallas's fuser, imported lazily inside the first kernel run in interpret mode, registers a
+    JAX setting that is part of every jit's trace context: every function traced before it missed
+    its cache once (the sampler's second `generate` traced and compiled its prefill and decode loop
+    again: `bench` timed that as decoding, 5 tok/s for 400). In a process of its own, as a user's:
+    the suite's workers have imported the fuser long before."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import jax, numpy as np, llmjax\n"
+            "from jax import monitoring\n"
+            "from llmjax.config import model_config\n"
+            "from llmjax.bench import inference_model\n"
+            "from llmjax.sample import Sampling, generate\n"
+            "cfg = llmjax.load_config('configs/vanilla.py:tiny', {'model.decode_attention_impl': 'pallas', 'model.decode_norm_impl': 'pallas'})\n"
+            "model = inference_model(model_config(cfg).replace(scan_layers=False), None)\n"
+            "traced = []\n"
+            "monitoring.register_event_duration_secs_listener(lambda event, secs, **kw: traced.append(event) "
+            "if event == '/jax/core/compile/jaxpr_trace_duration' else None)\n"
+            "out = generate(model, [[1, 2, 3]], 4, sampling=Sampling(greedy=True))\n"
+            "first = len(traced)\n"
+            "again = generate(model, [[1, 2, 3]], 4, sampling=Sampling(greedy=True))\n"
+            "print(first, len(traced) - first, out == again)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    first, again, same = r.stdout.split()
+    assert int(first) > 0 and same == "True", r.stdout
+    assert again == "0", f"the second generate traced {again} functions again"
