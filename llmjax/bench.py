@@ -54,7 +54,7 @@ from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from llmjax import cli  # noqa: E402
-from llmjax.config import ConfigError, load_config, model_config, parse_value, set_key  # noqa: E402
+from llmjax.config import ConfigError, load_config, model_config, parse_value, set_key, validate  # noqa: E402
 from llmjax.models import selective_scan  # noqa: E402
 from llmjax.registry import build_model  # noqa: E402
 from llmjax.sample import DECODE_UNROLL, SampleError, Sampling, decode_grows, decode_min_rows, generate, inference_params  # noqa: E402
@@ -667,6 +667,7 @@ def main(argv):
                         set_key(cfg, key, parse_value(cfg, key, text))
                     if batch_size:
                         set_key(cfg, "train.batch_size", batch_size)
+                validate(cfg)  # (--set train.batch_size=0 was a ZeroDivisionError after it measured, grad_accum_steps=0 an IndexError)
                 mcfg = model_config(cfg)
                 if "hellaswag" in suites:
                     check_hellaswag(mcfg)
@@ -682,7 +683,7 @@ def main(argv):
         if F.profile:  # (a folder the traces cannot go in was a profile_error after every row had measured, exit status 0)
             writable_folder(F.profile, "--profile")
         if F.all:
-            check_doc(Path(F.doc))
+            check_doc(Path(F.doc).resolve())  # (a symlink: its target is the document)
         if F.out:
             try:
                 with open(F.out, "a"):
@@ -756,7 +757,7 @@ def main(argv):
     if F.all:
         from llmjax.data import atomic_write_bytes
 
-        path = Path(F.doc)
+        path = Path(F.doc).resolve()  # (a symlink was replaced by a file: the link lost, its target not updated)
         try:
             text = rewrite_doc(read_doc(path), block)
             atomic_write_bytes(path, text.encode())  # (a failed write leaves the document as it was)

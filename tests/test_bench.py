@@ -160,9 +160,12 @@ def test_cli_all_rewrites_the_doc_table(tmp_path):
     """--all measures every architecture and rewrites the doc's table; an architecture that fails
     while measured (here ssm, made to raise) is a marked row and an error line, the others' rows are
     kept and the table written, and the exit status is 1 (it was a traceback and nothing written).
-    Each row records the overrides given and its decode settings; a decode-only row has no batch."""
+    Each row records the overrides given and its decode settings; a decode-only row has no batch.
+    A --doc that is a symlink stays one, its target rewritten (it was replaced by a file)."""
+    real = tmp_path / "real.md"
+    real.write_text("# Benchmarks\n\nkept\n")
     doc = tmp_path / "benchmarks.md"
-    doc.write_text("# Benchmarks\n\nkept\n")
+    doc.symlink_to(real)
     boom = ("import sys, llmjax.bench as b; real = b.bench\n"
             "def bench(cfg, spec, **kw):\n"
             "    if 'ssm' in spec: raise RuntimeError('boom')\n"
@@ -173,7 +176,8 @@ def test_cli_all_rewrites_the_doc_table(tmp_path):
                         f"--out={tmp_path / 'rows.jsonl'}"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 1, r.stderr[-2000:]
     assert r.stderr.splitlines()[-2:] == ["error: configs/ssm.py:tiny: RuntimeError: boom", f"error: 1 of {len(llmjax.ARCHS)} rows failed (marked in the table)"]
-    text = doc.read_text()
+    assert doc.is_symlink()
+    text = real.read_text()
     assert "kept" in text and text.count("| `") == len(llmjax.ARCHS) and "| `ssm` | failed: RuntimeError: boom |" in text
     # the command without --doc FILE (test_the_table_records_the_command_without_its_doc)
     assert str(doc) not in text and "--set model.decode_norm_impl=xla --out=" in text
@@ -283,7 +287,13 @@ def test_cli_bad_input_is_one_line():
                          (["--all", "--variant=tiny", f"--doc={ROOT / 'tests' / 'fixtures'}"], "is not a file in an existing folder"),
                          # --all: --set applies to every architecture's config; the error names the one without the key
                          # (it said only "unknown config key 'model.n_kv_head'", a key gqa and modern have)
-                         (["--all", "--variant=tiny", "--set", "model.n_kv_head=2"], "error: configs/vanilla.py:tiny: unknown config key 'model.n_kv_head'")]:
+                         (["--all", "--variant=tiny", "--set", "model.n_kv_head=2"], "error: configs/vanilla.py:tiny: unknown config key 'model.n_kv_head'"),
+                         # --set values were not checked against the config's ranges: batch size 0 was a ZeroDivisionError
+                         # after it measured, grad_accum_steps=0 an IndexError (and --all wrote a table of failed rows)
+                         (["--config=configs/vanilla.py:tiny", "--suite=train", "--set", "train.batch_size=0"],
+                          "error: train.batch_size must be a finite number of at least 1, got 0"),
+                         (["--config=configs/gqa.py:tiny", "--suite=memory", "--set", "train.grad_accum_steps=0"],
+                          "error: train.grad_accum_steps must be a finite number of at least 1, got 0")]:
         cases.append((args, needle))
     for (args, needle), r in zip(cases, cli_cases("llmjax.bench", [args for args, _ in cases])):
         assert r.returncode == 2 and r.stderr.startswith("error: ") and needle in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
