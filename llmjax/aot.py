@@ -784,6 +784,12 @@ def main(argv):
         cli.fail(f"unknown suite(s) {', '.join(unknown)}; choose from train, decode")
     if not F.suite:  # (it compiled nothing and printed nothing, exit status 0)
         cli.fail("--suite is empty; choose from train, decode")
+    # (a flag of a suite left out was ignored, as bench refuses it: --batch_size with --suite decode, say)
+    for name, suite in (("batch_size", "train"), ("decode_batches", "decode"), ("prompt_len", "decode"), ("new_tokens", "decode"),
+                        ("decode_modes", "decode")):
+        if F[name].present and suite not in F.suite:
+            cli.fail(f"--{name} is for the {suite} suite, which --suite {','.join(F.suite)} does not compile: add {suite} to --suite, "
+                     f"or drop --{name}")
     if F.quantize and "decode" not in F.suite:  # (it was ignored: the float training step compiled)
         cli.fail(f"--quantize {F.quantize} applies to the decode suite; --suite train compiles the float training step: add decode "
                  "(--suite train,decode) or drop --quantize")

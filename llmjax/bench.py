@@ -227,6 +227,21 @@ def compiled_flops(compiled, tokens: int, model_flops_per_token: float, platform
             "compiled_bytes_per_token": moved / tokens if moved > 0 else None}
 
 
+def check_rows_file(path: Path) -> None:
+    """A ConfigError where the existing --out file is no file of bench rows (bench appends rows): its
+    first line that is not blank no JSON object. (Only the first: a row cut short by a kill, the last
+    one, must not stop gpu_check's later steps from appending theirs.)"""
+    with open(path, "rb") as f:
+        first = next((line for line in f if line.strip()), b"")
+    try:
+        ok = not first or isinstance(json.loads(first), dict)
+    except ValueError:  # (UnicodeDecodeError too)
+        ok = False
+    if not ok:
+        raise ConfigError(f"--out {path}: it is no file of bench rows (its first line is no JSON object), and rows are appended to "
+                          "it; give a new file or one bench wrote")
+
+
 def writable_folder(path: str, flag: str) -> None:
     """An OSError (one line) where `path` is not a folder that exists or can be made and written:
     a file there or above it, a folder that cannot be written."""
@@ -686,8 +701,14 @@ def main(argv):
             check_doc(Path(F.doc).resolve())  # (a symlink: its target is the document)
         if F.out:
             try:
-                with open(F.out, "a"):
-                    pass
+                if os.path.exists(F.out):  # (rows are appended: to README.md, say, they were)
+                    with open(F.out, "a"):
+                        pass
+                    check_rows_file(Path(F.out))
+                else:  # (made here, it was left empty where the first row failed)
+                    with open(F.out, "x"):
+                        pass
+                    os.unlink(F.out)
             except OSError as e:  # (Python's words alone did not say which flag's file it was)
                 raise OSError(f"{e.strerror}: {F.out} (--out: give a file in a folder that exists and can be written)") from None
     except ConfigError as e:

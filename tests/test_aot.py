@@ -694,12 +694,17 @@ def test_an_empty_suite_or_decode_batches_is_a_one_line_error():
     from helpers import cli_cases
 
     base = ["--config", "configs/vanilla.py:tiny"]
-    cases = [base + ["--suite="], base + ["--suite=decode", "--decode_batches="], base + ["--suite=train", "--quantize=int8"]]
+    cases = [base + ["--suite="], base + ["--suite=decode", "--decode_batches="], base + ["--suite=train", "--quantize=int8"],
+             base + ["--suite=decode", "--batch_size=4"], base + ["--suite=train", "--decode_batches=3", "--prompt_len=5"]]
     want = ["error: --suite is empty; choose from train, decode",
             "error: --decode_batches is empty; give the decode batch sizes (e.g. 1,64) or leave decode out of --suite",
             # (--quantize int8 without the decode suite was ignored: the float training step compiled, exit status 0)
             "error: --quantize int8 applies to the decode suite; --suite train compiles the float training step: add decode "
-            "(--suite train,decode) or drop --quantize"]
+            "(--suite train,decode) or drop --quantize",
+            # (a flag of a suite left out was ignored, exit status 0; bench refuses it)
+            "error: --batch_size is for the train suite, which --suite decode does not compile: add train to --suite, or drop --batch_size",
+            "error: --decode_batches is for the decode suite, which --suite train does not compile: add decode to --suite, or drop "
+            "--decode_batches"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     for r, line in zip(cli_cases("llmjax.aot", cases, env=env), want):
         assert (r.returncode, r.stderr, r.stdout) == (2, line + "\n", ""), r.stderr

@@ -238,6 +238,31 @@ def test_a_stopped_row_is_written_with_what_it_measured(tmp_path):
     assert row["error"] == "stopped by SIGTERM" and "train_tokens_per_sec" not in row
 
 
+def test_out_takes_bench_rows_only_and_is_made_by_the_first_row(tmp_path):
+    """--out appends rows: to a file of other text (a README.md given by mistake) it appended JSON; a
+    new --out was made by the check before anything ran, and left empty where the first row failed."""
+    from helpers import cli_cases
+
+    notes = tmp_path / "notes.md"
+    notes.write_text("# my notes\n")
+    rows = tmp_path / "rows.jsonl"
+    r, = cli_cases("llmjax.bench", [["--config=configs/vanilla.py:tiny", "--suite=memory", "--steps=0", f"--out={notes}"]])
+    assert (r.returncode, r.stderr) == (2, f"error: --out {notes}: it is no file of bench rows (its first line is no JSON object), and "
+                                           "rows are appended to it; give a new file or one bench wrote\n"), r.stderr
+    assert notes.read_text() == "# my notes\n"
+    from llmjax import bench as B
+
+    (tmp_path / "ok.jsonl").write_text('\n{"arch": "vanilla"}\n{"arch": "mo')
+    B.check_rows_file(tmp_path / "ok.jsonl")  # (rows bench wrote, the last cut short by a kill: gpu_check's next steps append theirs)
+    boom = ("import llmjax.bench as b\n"
+            "def bench(cfg, spec, **kw):\n"
+            "    raise RuntimeError('boom')\n"
+            "b.bench = bench; b.define_flags(); b.cli.run(b.main)")
+    r = subprocess.run([sys.executable, "-c", boom, "--config=configs/vanilla.py:tiny", "--suite=memory", "--steps=0", f"--out={rows}"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode != 0 and not rows.exists(), (r.returncode, r.stderr[-1000:])
+
+
 def test_cli_bad_input_is_one_line():
     cases = []
     for args, needle in [([], "--config"), (["--config=configs/vanilla.py:tiny", "--suite=speed"], "unknown suite"),
