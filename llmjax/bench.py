@@ -704,7 +704,8 @@ def main(argv):
                 if os.path.exists(F.out):  # (rows are appended: to README.md, say, they were)
                     with open(F.out, "a"):
                         pass
-                    check_rows_file(Path(F.out))
+                    if os.path.isfile(F.out):  # (not /dev/stdout or a pipe: reading one would wait)
+                        check_rows_file(Path(F.out))
                 else:  # (made here, it was left empty where the first row failed)
                     with open(F.out, "x"):
                         pass

@@ -261,6 +261,10 @@ def test_out_takes_bench_rows_only_and_is_made_by_the_first_row(tmp_path):
     r = subprocess.run([sys.executable, "-c", boom, "--config=configs/vanilla.py:tiny", "--suite=memory", "--steps=0", f"--out={rows}"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode != 0 and not rows.exists(), (r.returncode, r.stderr[-1000:])
+    # --out /dev/stdout (or a pipe) is no file to read: reading it to check it waited forever where stdout was a pipe
+    r = subprocess.run([sys.executable, "-m", "llmjax.bench", "--config=configs/vanilla.py:tiny", "--suite=memory", "--steps=0",
+                        "--out=/dev/stdout"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and any(line.startswith('{"arch": "vanilla"') for line in r.stdout.splitlines()), r.stderr[-1000:]
 
 
 def test_cli_bad_input_is_one_line():
