@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import errno
-import functools
 import os
 import re
 import signal
@@ -228,11 +227,10 @@ def _parse(argv: list[str]):
     try:
         if spec is not None:  # our own checks first: clearer messages than config_flags'
             cfg = load_config(spec)
-            for key in keys:
-                check_key(cfg, key)
+            values = {key: check_key(cfg, key) for key in keys}
             # (a group given whole and one of its keys: config_flags said "max_steps is not a valid key or attribute
             # of <class 'ml_collections...ConfigDict'>", where the group had replaced the config's)
-            for group in (k for k in keys if isinstance(functools.reduce(lambda node, name: node[name], k.split("."), cfg), ConfigDict)):
+            for group in (k for k, v in values.items() if isinstance(v, ConfigDict)):
                 if inner := next((k for k in keys if k.startswith(group + ".")), None):
                     raise ConfigError(f"--config.{group}={{...}} replaces the whole group and --config.{inner} sets one of its keys; "
                                       f"set them one by one, --config.{group}.KEY=VALUE")

@@ -445,9 +445,10 @@ def _locate(cfg: ml_collections.ConfigDict, dotted: str):
     return node, leaf
 
 
-def check_key(cfg: ml_collections.ConfigDict, dotted: str) -> None:
-    """Raise a one-line ConfigError when 'group.key' is not in cfg."""
-    _locate(cfg, dotted)
+def check_key(cfg: ml_collections.ConfigDict, dotted: str) -> Any:
+    """cfg's value at 'group.key' (a ConfigDict for a group), or a one-line ConfigError when it is not in cfg."""
+    node, leaf = _locate(cfg, dotted)
+    return node[leaf]
 
 
 def set_key(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:

@@ -714,21 +714,15 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
     # never trained, the next resume's notes were of those, and a run with no checkpoint lost its metrics)
     earlier: dict = {}
 
-    def steps_after(start: int) -> bool:
+    def logged_or_saved(start: int, logged_bytes: int | None) -> bool:
+        """Whether this process saved a step past `start`, or logged one: metrics.jsonl longer than the
+        `logged_bytes` it was rewritten to as the run started (None: not yet rewritten)."""
         if any(s > start for s in _saved_steps(wd / "checkpoints")):
             return True
         try:
-            lines = (wd / "metrics.jsonl").read_text().splitlines()
-        except (OSError, ValueError):
+            return logged_bytes is not None and (wd / "metrics.jsonl").stat().st_size > logged_bytes
+        except FileNotFoundError:
             return False
-        for line in lines:
-            try:
-                m = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(m, dict) and isinstance(m.get("step"), int) and m["step"] > start:
-                return True
-        return False
 
     def take_back():
         # (refused after the workdir was made: a missing extra, a validation split too short, init_from
@@ -743,7 +737,7 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, quiet: bool = False)
             if not logged:
                 for f in fresh_files:
                     f.unlink(missing_ok=True)
-        if earlier and not steps_after(earlier["start"]):
+        if earlier and not logged_or_saved(earlier["start"], earlier.get("logged_bytes")):
             for f, data in earlier["files"].items():
                 if data is None:
                     f.unlink(missing_ok=True)
@@ -1082,7 +1076,10 @@ def _train(cfg, workdir, *, hold: contextlib.ExitStack, fresh_files: list[Path],
                     continue
                 if isinstance(m, dict) and m.get("step", start + 1) <= start:
                     history.append(m)
-        data_lib.atomic_write_bytes(metrics_path, "".join(json.dumps(m) + "\n" for m in history).encode())
+        kept = "".join(json.dumps(m) + "\n" for m in history).encode()
+        data_lib.atomic_write_bytes(metrics_path, kept)
+        if earlier:
+            earlier["logged_bytes"] = len(kept)
 
     # --- loop --------------------------------------------------------------------------------------
     summary = summarize(mcfg)
@@ -1738,10 +1735,9 @@ def main(argv):
     if FLAGS.config is None:
         cli.fail("--config is required, e.g. --config configs/shakespeare_char.py")
     cli.refuse_empty(workdir="the run's folder (e.g. runs/NAME)")  # (it trained in the default runs/<config> instead)
-    workdirs = cli.given(cli.command_line(), ("workdir",))  # (absl keeps the last: --workdir A --workdir B trained in B, silently)
-    if any(Path(w) != Path(workdirs[0][1]) for _, w in workdirs[1:]):
-        cli.fail(f"--workdir {workdirs[0][1]} and --workdir {next(w for _, w in workdirs if Path(w) != Path(workdirs[0][1]))} name two "
-                 "runs' folders; give one")
+    workdirs = [w for _, w in cli.given(cli.command_line(), ("workdir",))]  # (absl keeps the last: --workdir A --workdir B trained in B)
+    if others := [w for w in workdirs[1:] if Path(w) != Path(workdirs[0])]:
+        cli.fail(f"--workdir {workdirs[0]} and --workdir {others[0]} name two runs' folders; give one")
     if threading_main():  # (a SIGTERM before or after the loop: one line, as a Ctrl-C there)
         signal.signal(signal.SIGTERM, cli.terminate)
     init_distributed()
