@@ -144,7 +144,25 @@ class ModelConfig:
 
     def check_run(self) -> None:
         """Refusals for a config to train or measure (validate: train, compare, bench) that a saved
-        run's model is still read with (sample, evaluate, export): none here; architectures add theirs."""
+        run's model is still read with (sample, evaluate, export); architectures add theirs, after these.
+        Here: the shapes the fused decode kernels need, where the config asks for them ('pallas').
+        (The model refuses them at the first decoded token: a run trained every step before its
+        end-of-run sample said so.)"""
+        from llmjax.models import decode_attention, decode_norm  # (models import this module)
+
+        if self.decode_norm_impl == "pallas" and decode_norm.unmet(self.d_model):
+            raise ConfigError(f"model.decode_norm_impl='pallas' needs {' and '.join(decode_norm.unmet(self.d_model))}; use 'auto' or 'xla'")
+        if self.decode_attention_impl == "pallas" and self.fused_decode_attention:
+            unmet = self.decode_attention_unmet(decode_attention)
+            if self.context_len % 16:  # (a decode cache holds a multiple of 64 slots, or the whole context)
+                unmet.append(f"model.context_len a multiple of 16, the longest decode cache (got {self.context_len})")
+            if unmet:
+                raise ConfigError(f"model.decode_attention_impl='pallas' needs {' and '.join(unmet)}; use 'auto' or 'xla'")
+
+    def decode_attention_unmet(self, decode_attention) -> list[str]:
+        """What the fused decode attention kernel needs of this config that it lacks, the cache's
+        length aside (an architecture with fused_decode_attention: per-head keys and values here)."""
+        return decode_attention.unmet(self.head_dim, self.n_head // getattr(self, "n_kv_head", self.n_head), None)
 
     @property
     def compute_dtype(self):

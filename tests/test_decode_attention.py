@@ -169,6 +169,15 @@ def test_the_kernel_decodes_a_model_as_xla_does():
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def saved_run_config(arch, kernels: dict, **shapes):
+    """A run's config with decode kernel settings (`kernels`) that validate refuses for these shapes,
+    as a saved run's config may hold them (set after validation)."""
+    cfg = config(arch, **shapes)
+    with cfg.unlocked():
+        cfg.model.update(kernels)
+    return cfg
+
+
 def test_bad_decode_attention_settings_are_one_line_errors():
     with pytest.raises(ConfigError, match="is not one of auto, xla, pallas"):
         llmjax.model_config(config("vanilla", decode_attention_impl="triton"))
@@ -183,7 +192,8 @@ def test_bad_decode_attention_settings_are_one_line_errors():
                                           r"use 'auto' or 'xla'") as err:
         _uses_kernel(m, 1, S=40)
     assert "\n" not in str(err.value)
-    narrow = llmjax.build_model(config("vanilla", decode_attention_impl="pallas", head_dim=8), seed=0)
+    # (a saved run's config: validate refuses such shapes for a run to train, test below; a saved run's model is still built)
+    narrow = llmjax.build_model(saved_run_config("vanilla", {"decode_attention_impl": "pallas"}, head_dim=8), seed=0)
     with pytest.raises(ConfigError, match=r"^model\.decode_attention_impl='pallas' needs head_dim a power of two >= 16 \(got 8\) and "
                                           r"a cache a multiple of 16 slots \(got 40\); use 'auto' or 'xla'"):
         _uses_kernel(narrow, 1, S=40)
@@ -495,7 +505,7 @@ def test_the_model_decodes_with_the_norm_kernels_on_a_gpu_only(arch):
 def test_bad_decode_norm_settings_are_one_line_errors():
     with pytest.raises(ConfigError, match="decode_norm_impl='fused' is not one of auto, xla, pallas"):
         llmjax.model_config(config("vanilla", decode_norm_impl="fused"))
-    m = llmjax.build_model(config("vanilla", decode_norm_impl="pallas", d_model=40, head_dim=10), seed=0)
+    m = llmjax.build_model(saved_run_config("vanilla", {"decode_norm_impl": "pallas"}, d_model=40, head_dim=10), seed=0)
     with pytest.raises(ConfigError, match="d_model a multiple of 16") as err:
         _uses_kernel(m, 1, kernel="decode_norm_rows")
     assert "\n" not in str(err.value)
@@ -531,3 +541,39 @@ def test_a_second_decode_through_the_kernels_traces_nothing_again():
     first, again, same = r.stdout.split()
     assert int(first) > 0 and same == "True", r.stdout
     assert again == "0", f"the second generate traced {again} functions again"
+
+
+@pytest.mark.parametrize("arch,overrides,need", [
+    ("vanilla", {"decode_attention_impl": "pallas", "head_dim": 8}, r"decode_attention_impl='pallas' needs head_dim a power of two >= 16 \(got 8\)"),
+    ("gqa", {"decode_attention_impl": "pallas", "n_head": 34, "n_kv_head": 2, "head_dim": 16},
+     r"decode_attention_impl='pallas' needs at most 16 query heads per key/value head \(got 17\)"),
+    ("mla", {"decode_attention_impl": "pallas", "kv_lora_rank": 24}, r"decode_attention_impl='pallas' needs kv_lora_rank a power of two >= 16 \(got 24\)"),
+    ("modern", {"decode_attention_impl": "pallas", "context_len": 100},
+     r"decode_attention_impl='pallas' needs model.context_len a multiple of 16, the longest decode cache \(got 100\)"),
+    ("linformer", {"decode_norm_impl": "pallas", "d_model": 40}, r"decode_norm_impl='pallas' needs d_model a multiple of 16 \(at most 16 x 1024\), got 40"),
+])
+def test_a_run_asking_for_a_decode_kernel_its_shapes_do_not_fit_is_refused_before_it_trains(arch, overrides, need):
+    """The models refuse such shapes at the first decoded token: a run trained every step, then its
+    end-of-run sample said so. validate (train, compare, bench) refuses them first; a saved run's
+    model is still built (sample and evaluate say it at the first decoded token)."""
+    kernels = {k: v for k, v in overrides.items() if k.endswith("_impl")}
+    with pytest.raises(ConfigError, match=rf"^model\.{need}; use 'auto' or 'xla'$"):
+        config(arch, **overrides)
+    cfg = saved_run_config(arch, kernels, **{k: v for k, v in overrides.items() if k not in kernels})  # (the shapes alone are fine)
+    with pytest.raises(ConfigError, match=rf"^model\.{need}; use 'auto' or 'xla'$"):
+        llmjax.config.validate(cfg)
+    llmjax.build_model(cfg, seed=0)  # (read as a saved run's)
+
+
+def test_the_trainer_refuses_a_decode_kernel_the_shapes_do_not_fit_before_its_first_step(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    cmd = [sys.executable, "-m", "llmjax.train", "--config", f"{ROOT}/configs/vanilla.py:tiny", "--workdir", str(tmp_path / "run"),
+           "--config.model.head_dim=8", "--config.model.decode_attention_impl=pallas", "--config.train.max_steps=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        2, "", "error: model.decode_attention_impl='pallas' needs head_dim a power of two >= 16 (got 8); use 'auto' or 'xla'\n")
+    assert not (tmp_path / "run").exists()

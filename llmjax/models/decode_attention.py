@@ -54,13 +54,13 @@ def block_slots(S: int) -> int | None:
     return next((b for b in (64, 32, 16) if S % b == 0), None)
 
 
-def unmet(head_dim: int, group: int, S: int) -> list[str]:
+def unmet(head_dim: int, group: int, S: int | None) -> list[str]:
     """What the kernel needs of these shapes that they lack (none: it takes them): head_dim a power
-    of two >= 16, at most 16 query heads per key/value head, S a multiple of 16."""
+    of two >= 16, at most 16 query heads per key/value head, S a multiple of 16 (None: not checked)."""
     return [need for ok, need in (
         (head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim a power of two >= 16 (got {head_dim})"),
         (1 <= group <= MAX_GROUP, f"at most {MAX_GROUP} query heads per key/value head (got {group})"),
-        (block_slots(S) is not None, f"a cache a multiple of 16 slots (got {S})"),
+        (S is None or block_slots(S) is not None, f"a cache a multiple of 16 slots (got {S})"),
     ) if not ok]
 
 
@@ -156,13 +156,13 @@ def decode_attention(q_src, k_src, v_src, bias, k_cache, v_cache, positions_B, *
 # --- multi-head latent attention (mla): one decoded token against the cached latents ----------------
 
 
-def latent_unmet(rank: int, rope_dim: int, S: int) -> list[str]:
+def latent_unmet(rank: int, rope_dim: int, S: int | None) -> list[str]:
     """What the latent kernel needs of these shapes that they lack: the latent's width and the
-    rotary key's powers of two (Triton's block shapes), S a multiple of 16."""
+    rotary key's powers of two (Triton's block shapes), S a multiple of 16 (None: not checked)."""
     return [need for ok, need in (
         (rank >= 16 and rank & (rank - 1) == 0, f"kv_lora_rank a power of two >= 16 (got {rank})"),
         (rope_dim >= 1 and rope_dim & (rope_dim - 1) == 0, f"qk_rope_dim a power of two (got {rope_dim})"),
-        (block_slots(S) is not None, f"a cache a multiple of 16 slots (got {S})"),
+        (S is None or block_slots(S) is not None, f"a cache a multiple of 16 slots (got {S})"),
     ) if not ok]
 
 

@@ -36,6 +36,11 @@ def chunk_size(D: int) -> int | None:
     return c if c >= 16 and D // c <= 16 else None
 
 
+def unmet(D: int) -> list[str]:
+    """What the kernel needs of rows of D values that they lack (none: it takes them)."""
+    return [] if chunk_size(D) is not None else [f"d_model a multiple of 16 (at most 16 x 1024), got {D}"]
+
+
 def supports(norm, D: int) -> bool:
     """Whether `norm` (a model's norm layer) can run as the kernel on rows of D values."""
     return isinstance(norm, (nnx.LayerNorm, nnx.RMSNorm)) and chunk_size(D) is not None and norm.feature_axes == -1

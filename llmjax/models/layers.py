@@ -373,7 +373,7 @@ class PreNormBlock(nnx.Module):
         D = x_BTD.shape[2]
         fits = decode_norm.supports(self.norm_1, D) and decode_norm.supports(self.norm_2, D)
         if self.decode_norm_impl == "pallas" and not fits:
-            raise ConfigError(f"model.decode_norm_impl='pallas' needs d_model a multiple of 16 (at most 16 x 1024), got {D}; "
+            raise ConfigError(f"model.decode_norm_impl='pallas' needs {' and '.join(decode_norm.unmet(D)) or 'LayerNorm or RMSNorm norms'}; "
                               "use 'auto' or 'xla'")
         return fits and (self.decode_norm_impl == "pallas" or runtime.backend() == "gpu")
 

@@ -53,6 +53,7 @@ class LinformerConfig(ModelConfig):
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
 
     def check_run(self) -> None:
+        super().check_run()
         # (a saved run of such a model is still read: it is plain attention, and says what it is)
         if self.block_size >= self.context_len:
             raise ConfigError(f"model.block_size={self.block_size} is not below model.context_len={self.context_len}: the whole context is "

@@ -56,6 +56,9 @@ class MLAConfig(ModelConfig):
         if self.q_lora_rank < 0:
             raise ConfigError(f"model.q_lora_rank must be 0 (no query compression) or positive, got {self.q_lora_rank}")
 
+    def decode_attention_unmet(self, decode_attention) -> list[str]:
+        return decode_attention.latent_unmet(self.kv_lora_rank, self.qk_rope_dim, None)
+
 
 class MultiHeadLatentAttention(nnx.Module):
     """Decode cache per layer: {'latent': (B, S, r), 'k_rope': (B, S, p)}."""
