@@ -25,6 +25,7 @@ import os
 import re
 import shlex
 import struct
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,11 +88,16 @@ def umask() -> int:
 
 
 def atomic_write_bytes(path: Path, chunks) -> None:
-    """Write `chunks` (bytes or an iterable of bytes-like) to `path` via a temporary file + rename."""
+    """Write `chunks` (bytes or an iterable of bytes-like) to `path` via a temporary file + rename.
+    A file it replaces keeps its permissions; a new one gets what a file written in place would."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # (mkstemp makes it 0600; a document rewritten, bench --doc's, took 0666 & ~umask, not its own 0600 or 0755)
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mode = 0o666 & ~umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~umask())  # (mkstemp makes it 0600; a file written in place would get this)
+    os.chmod(tmp, mode)
     try:
         with os.fdopen(fd, "wb") as f:
             for chunk in [chunks] if isinstance(chunks, (bytes, bytearray, memoryview)) else chunks:

@@ -277,6 +277,20 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     assert os.listdir(tmp_path) == ["f.json"]
 
 
+def test_atomic_write_keeps_the_permissions_of_the_file_it_replaces(tmp_path):
+    """A rewritten file (bench --doc's document, evaluate --output_json's, compare's results) keeps
+    its own mode (it took 0666 & ~umask); a new one gets what a file written in place would."""
+    new = tmp_path / "new.md"
+    D.atomic_write_bytes(new, b"a")
+    assert new.stat().st_mode & 0o7777 == 0o666 & ~D.umask()
+    for mode in (0o600, 0o755, 0o444):
+        target = tmp_path / f"doc{mode:o}.md"
+        target.write_text("old")
+        target.chmod(mode)
+        D.atomic_write_bytes(target, b"new")
+        assert (target.read_text(), target.stat().st_mode & 0o7777) == ("new", mode)
+
+
 def test_a_misspelt_name_of_a_prepared_dataset_is_suggested(tmp_path, monkeypatch):
     """A typo of the user's own prepared dataset names it, as a typo of a built-in one does."""
     monkeypatch.setenv("LLMJAX_DATA_DIR", str(tmp_path))
