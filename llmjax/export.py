@@ -474,6 +474,7 @@ def _write_gguf(gguf, tensors: dict, mcfg, tokenizer, tmp: Path, dtype, name: st
     merges = [line for line in (ASSETS / "gpt2" / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:] if line]
     w = gguf.GGUFWriter(str(tmp), arch="llama")
     w.add_name(name)
+    w.add_string(GGUF_MARK, "1")  # (what check_export_gguf tells an earlier export by: before the vocabulary, read first)
     w.add_context_length(mcfg.context_len)
     w.add_embedding_length(mcfg.d_model)
     w.add_block_count(mcfg.n_layer)
@@ -663,19 +664,27 @@ def gguf_strings(path: Path, keys) -> dict[str, str]:
     return found
 
 
+# A metadata key of llmjax's own in every GGUF it writes: architecture `llama` with the GPT-2 BPE
+# tokenizer alone is also what llama.cpp's conversion of an exported model holds, which an export
+# to its name wrote over.
+GGUF_MARK = "llmjax.export"
+
+
 def check_export_gguf(path: Path) -> None:
     """Refuse a .gguf --out that exists and is not an earlier llmjax export (a GGUF of architecture
-    `llama` with the GPT-2 BPE tokenizer embedded, as `_write_gguf` writes): nothing else is overwritten."""
+    `llama` with the GPT-2 BPE tokenizer embedded and GGUF_MARK, as `_write_gguf` writes): nothing
+    else is overwritten."""
     if not path.exists():
         return
-    keys = ("general.architecture", "tokenizer.ggml.model", "tokenizer.ggml.pre")
+    keys = ("general.architecture", "tokenizer.ggml.model", "tokenizer.ggml.pre", GGUF_MARK)
     try:
         values = gguf_strings(path, keys)
-        ours = tuple(values.get(k) for k in keys) == ("llama", "gpt2", "gpt-2")
+        ours = tuple(values.get(k) for k in keys) == ("llama", "gpt2", "gpt-2", "1")
     except Exception:  # noqa: BLE001 (not GGUF, cut short, or no gguf package: not provably an export)
         ours = False
     if not ours:
-        raise ExportError(f"--out {path} is not an earlier llmjax export; give a new name (or move that file aside)")
+        raise ExportError(f"--out {path} is not an earlier llmjax export (or one written before 2026-12-07, which lacks the "
+                          f"'{GGUF_MARK}' key); give a new name (or move that file aside)")
 
 
 def _is_earlier_export(out: Path) -> bool:

@@ -659,8 +659,26 @@ def test_exports_never_overwrite_files_or_folders_that_are_not_exports(runs, tmp
     with pytest.raises(X.ExportError, match=r"user_hf holds a model that is not an earlier llmjax export"):
         X.export(runs["modern"], "safetensors", user)
     assert (user / "model.safetensors").read_bytes() == b"weights" and sorted(p.name for p in user.iterdir()) == ["config.json", "model.safetensors"]
-    pytest.importorskip("gguf")
+    gguf = pytest.importorskip("gguf")
+    # llama.cpp's own conversion of an exported model: architecture llama with the GPT-2 tokenizer,
+    # as an export's, without llmjax's key (it was taken for an earlier export and written over)
+    converted = tmp_path / "converted.gguf"
+    w = gguf.GGUFWriter(str(converted), arch="llama")
+    w.add_name("llama.cpp's conversion")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_tensor("token_embd.weight", np.ones((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    data = converted.read_bytes()
+    with pytest.raises(X.ExportError, match=r"converted.gguf is not an earlier llmjax export \(or one written before 2026-12-07, "
+                                            r"which lacks the 'llmjax.export' key\); give a new name"):
+        X.export(runs["modern"], "gguf", converted)
+    assert converted.read_bytes() == data
     first = X.export(runs["modern"], "gguf", tmp_path / "v1.gguf")
+    assert X.gguf_strings(first, [X.GGUF_MARK]) == {X.GGUF_MARK: "1"}
     (tmp_path / "latest.gguf").symlink_to(first)
     assert X.export(runs["modern"], "gguf", tmp_path / "latest.gguf", dtype="float16") == first
     assert (tmp_path / "latest.gguf").is_symlink() and first.stat().st_size < 10_000_000
