@@ -13,17 +13,17 @@ compilation).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from absl import flags
 
 from llmjax import cli
-from llmjax.data import umask
+from llmjax.data import atomic_write_bytes
 
 
 class PlotError(ValueError):
@@ -34,31 +34,67 @@ def read_run(path: Path) -> dict:
     """A run's validation curve: {'tokens', 'seconds', 'val_loss'} (arrays), its label and config."""
     path = Path(path)
     try:
-        config = json.loads((path / "config.json").read_text())
-        rows = [line for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        lines = [json.loads(line) for line in rows[:-1]]
-        try:
-            lines += [json.loads(line) for line in rows[-1:]]
-        except ValueError:  # a last line cut short (a run a full disk or a crash stopped, or one being written now): left out,
-            pass  # as the trainer leaves it out when it resumes (and redoes that step)
+        config_text = (path / "config.json").read_text()
+        text = (path / "metrics.jsonl").read_text()
     except (OSError, ValueError) as e:
         raise PlotError(f"{path} is not a readable training run ({type(e).__name__}: {e}); pass run directories") from None
-    t = config["train"]
-    tokens_per_step = t["batch_size"] * t["grad_accum_steps"] * config["model"]["context_len"]
+    try:  # (a config.json of no run's shape was a KeyError or TypeError, valid JSON or not)
+        config = json.loads(config_text)
+        if not (isinstance(config, dict) and isinstance(config.get("model"), dict) and isinstance(config.get("train"), dict)
+                and isinstance(config["model"].get("arch"), str)):
+            raise ValueError("no model and train settings")
+    except ValueError as e:
+        why = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+        raise PlotError(f"{path / 'config.json'} is damaged ({why}); it is the run's config as the trainer wrote it") from None
+    rows = [(i, line) for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    lines = []
+    for i, line in rows:
+        try:
+            m = json.loads(line)
+        except ValueError as e:
+            if i == rows[-1][0]:  # a last line cut short (a run a full disk or a crash stopped, or one being written now): left out,
+                break  # as the trainer leaves it out when it resumes (and redoes that step)
+            m, why = None, e.msg if isinstance(e, json.JSONDecodeError) else type(e).__name__
+        else:  # (a row of null or a list was an AttributeError, one without its step a KeyError: one line naming it, as compare's)
+            why = "" if isinstance(m, dict) and isinstance(m.get("step"), int) and not isinstance(m["step"], bool) else \
+                "no metrics row: a JSON object with its step"
+            loss = m.get("val_loss_estimate", m.get("val_loss")) if not why else None
+            if not why and not (loss is None or _number(loss)) or not why and not _number(m.get("tokens", 0)):
+                why = "its val_loss or tokens is not a number"
+        if why:
+            raise PlotError(f"{path / 'metrics.jsonl'}:{i} is damaged ({why}); mend or delete that line")
+        lines.append(m)
     tokens, seconds, losses, elapsed = [], [], [], 0.0
     for m in lines:
-        elapsed += m.get("step_time") or 0.0
+        elapsed += m.get("step_time") if _number(m.get("step_time")) else 0.0
         loss = m.get("val_loss_estimate", m.get("val_loss"))
         if loss is not None:
             # (the row's own count: a run resumed with another batch; rows written before it: step x tokens per step)
-            tokens.append(m.get("tokens", m["step"] * tokens_per_step))
+            tokens.append(m["tokens"] if "tokens" in m else m["step"] * _tokens_per_step(path, config))
             seconds.append(elapsed)
             losses.append(loss)
     if not tokens:
         raise PlotError(f"{path} has no validation loss yet (eval.every_steps)")
     label = f"{config['model']['arch']}"
-    return {"tokens": np.asarray(tokens, float), "seconds": np.asarray(seconds), "val_loss": np.asarray(losses),
+    return {"tokens": np.asarray(tokens, float), "seconds": np.asarray(seconds), "val_loss": np.asarray(losses, float),
             "label": label, "config": config, "path": path}
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _tokens_per_step(path: Path, config: dict) -> int:
+    """Training tokens per step from a run's config (for metrics rows written before their `tokens`)."""
+    t, m = config["train"], config["model"]
+    try:
+        n = t["batch_size"] * t["grad_accum_steps"] * m["context_len"]
+        if not isinstance(n, int):
+            raise TypeError(type(n).__name__)
+    except (KeyError, TypeError) as e:
+        raise PlotError(f"{path / 'config.json'} is damaged (its batch_size, grad_accum_steps or context_len: {e}); "
+                        "it is the run's config as the trainer wrote it") from None
+    return n
 
 
 # training settings that change no run's curve, or only as its seed does, besides llmjax.compare's
@@ -147,45 +183,51 @@ def draw(curve_list: list[dict], out: str | Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out = Path(out)
+    if out.is_symlink():  # (a link to an earlier figure: rewritten where it lies, the link kept, as bench --doc's)
+        out = out.resolve()
+    fmt = out.suffix.lower().lstrip(".")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    handles, labels = [], []
     for c in curve_list:
         for ax, x in zip(axes, (c["tokens"], c["seconds"])):
-            (line,) = ax.plot(x, c["mean"], marker="o", markersize=3, label=c["label"] + (f" ({c['n_runs']} seeds)" if c["n_runs"] > 1 else ""))
-            if c["n_runs"] > 1:
-                ax.fill_between(x, c["low"], c["high"], color=line.get_color(), alpha=0.15, linewidth=0)
+            (line,) = ax.plot(x, c["mean"], marker="o", markersize=3)
+            if c["n_runs"] > 1:  # (PostScript has no transparency: the band's colour there is the mix it would show over white)
+                rgb = np.asarray(matplotlib.colors.to_rgb(line.get_color()))
+                band = dict(color=0.15 * rgb + 0.85, zorder=line.get_zorder() - 0.5) if fmt in ("ps", "eps") else \
+                    dict(color=line.get_color(), alpha=0.15)
+                ax.fill_between(x, c["low"], c["high"], linewidth=0, **band)
+        handles.append(line)
+        labels.append(c["label"] + (f" ({c['n_runs']} seeds)" if c["n_runs"] > 1 else ""))
     axes[0].set_xlabel("tokens seen")
     axes[1].set_xlabel("training wall-clock time (s)")
     for ax in axes:
         ax.set_ylabel("validation loss (nats/token)")
-        ax.grid(alpha=0.3)
+        ax.grid(color="0.9")  # (matplotlib's grey at alpha 0.3 over white; opaque: PostScript has no transparency)
     if curve_list:  # (none: compare's figure where every run diverged at its first step; a legend of nothing was a warning)
-        axes[0].legend(fontsize=8)
+        # (labels given, not taken from the lines: matplotlib leaves out a line whose label starts with "_", a run folder
+        # "_base"; and no label or title is read as mathtext: "$" in a folder's name was a ParseSyntaxException's traceback)
+        for text in axes[0].legend(handles, labels, fontsize=8, framealpha=1.0 if fmt in ("ps", "eps") else None).get_texts():
+            text.set_parse_math(False)
     if title:
-        fig.suptitle(title)
-    out = Path(out)
+        fig.suptitle(title, parse_math=False)
     if out.is_dir() or str(out).endswith(os.sep):
         raise PlotError(f"{out} is a folder; give the image's file name, e.g. {out / 'plot.png'}")
-    fmt = out.suffix.lower().lstrip(".")
-    if fmt not in fig.canvas.get_supported_filetypes():
+    if fmt not in fig.canvas.get_supported_filetypes() or fmt == "pgf":  # (pgf needs a LaTeX installation: a RuntimeError)
         raise PlotError(f"{out}: give a file name ending in an image type matplotlib writes "
                         f"({', '.join('.' + t for t in ('png', 'pdf', 'svg', 'jpg'))}, ...)")
     blocking = next((d for d in out.parents if d.exists() and not d.is_dir()), None)
     if blocking is not None:
         raise PlotError(f"cannot write {out}: {blocking} is a file, not a folder; give an image name in a folder")
-    tmp = None
+    image = io.BytesIO()
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, dpi=120, format=fmt)
-        os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, out)  # (a reader never sees half an image)
-    except OSError as e:  # (a folder that cannot be made or written, a file where a folder should be, a full disk: was a traceback)
-        raise PlotError(f"cannot write {out} ({e.strerror or e}); give an image name in a folder you can write") from None
+        fig.savefig(image, dpi=120, format=fmt)
     finally:
         plt.close(fig)
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+    try:
+        atomic_write_bytes(out, image.getbuffer())  # (a reader never sees half an image; an earlier one keeps its permissions)
+    except OSError as e:  # (a folder that cannot be made or written, a file where a folder should be, a full disk: was a traceback)
+        raise PlotError(f"cannot write {out} ({e.strerror or e}); give an image name in a folder you can write") from None
     return out
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -698,8 +699,75 @@ def test_plot_reads_a_run_whose_last_metrics_line_was_cut_short(tmp_path):
     (c,) = plot.curves([run])
     assert list(c["tokens"]) == [2 * 4 * 64, 4 * 4 * 64] and list(c["mean"]) == [2.98, 2.96]
     (run / "metrics.jsonl").write_text('{"step": 1, "val_lo\n' + rows)
-    with pytest.raises(plot.PlotError, match="is not a readable training run"):
+    with pytest.raises(plot.PlotError, match=rf"^{re.escape(str(run / 'metrics.jsonl'))}:1 is damaged \(Unterminated string starting at\); "
+                                             "mend or delete that line$"):
         plot.curves([run])
+
+
+def test_plot_names_a_damaged_metrics_line_or_config_in_one_line(tmp_path):
+    """Rows that are JSON but no metrics row (null, a list, an object without its step), and a
+    config.json of no run's shape, were AttributeError, KeyError and TypeError tracebacks; a line
+    before the last cut short said JSONDecodeError's 'line 1 column 13' and 'pass run directories'
+    of a run directory. Each now names the file and line."""
+    from llmjax import plot
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = {"model": {"arch": "vanilla", "context_len": 64}, "train": {"batch_size": 4, "grad_accum_steps": 1}}
+    good = json.dumps({"step": 2, "step_time": 0.1, "val_loss": 3.0})
+    for row, why in [("null", "no metrics row: a JSON object with its step"), ("[1, 2]", "no metrics row: a JSON object with its step"),
+                     ('{"val_loss": 3.0}', "no metrics row: a JSON object with its step"),
+                     ('{"step": true, "val_loss": 3.0}', "no metrics row: a JSON object with its step"),
+                     ('{"step": 4, "val_loss": "3.0"}', "its val_loss or tokens is not a number"),
+                     ('{"step": 4, "val_loss": 3.0, "tokens": null}', "its val_loss or tokens is not a number")]:
+        (run / "config.json").write_text(json.dumps(config))
+        (run / "metrics.jsonl").write_text(f"{good}\n{row}\n{good}\n")
+        with pytest.raises(plot.PlotError, match=rf"^{re.escape(str(run / 'metrics.jsonl'))}:2 is damaged \({re.escape(why)}\); "
+                                                 "mend or delete that line$"):
+            plot.curves([run])
+    (run / "metrics.jsonl").write_text(f"{good}\n")
+    for bad in ("[]", "{}", '{"model": {"arch": "vanilla"}}', '{"model": 1, "train": {}}', "{"):
+        (run / "config.json").write_text(bad)
+        with pytest.raises(plot.PlotError, match=rf"^{re.escape(str(run / 'config.json'))} is damaged \(.*\); it is the run's config"):
+            plot.curves([run])
+    (run / "config.json").write_text(json.dumps({**config, "train": {"batch_size": 4}}))  # (needed by a row without its tokens)
+    with pytest.raises(plot.PlotError, match=r"config.json is damaged \(its batch_size, grad_accum_steps or context_len: 'grad_accum_steps'\)"):
+        plot.curves([run])
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 2, "val_loss": 3.0, "tokens": 512}) + "\n")
+    assert list(plot.curves([run])[0]["tokens"]) == [512]  # (not needed: a row with its tokens)
+
+
+def test_plot_draws_labels_and_titles_as_written_in_every_format_it_offers(tmp_path):
+    """A run folder named '_base' had no legend entry (matplotlib leaves out labels starting with
+    '_'); '$' in a folder's name or --title was read as mathtext (a ParseSyntaxException's
+    traceback, or garbled); .pgf, offered, needs LaTeX (a RuntimeError's traceback); .eps and .ps
+    printed a warning line of their missing transparency; -o a link to an earlier figure replaced
+    the link. A figure's texts are drawn as written, every format offered writes cleanly, a link is kept."""
+    import numpy as np
+    from llmjax import plot
+
+    def curve(label, n):
+        return {"label": label, "tokens": np.array([1.0, 2.0]), "seconds": np.array([0.1, 0.2]), "mean": np.array([3.0, 2.5]),
+                "low": np.array([2.9, 2.4]), "high": np.array([3.1, 2.6]), "n_runs": n}
+
+    c = [curve("_base", 1), curve("cost$5_$", 2), curve(r"lr$1e-3$^", 1)]
+    svg = plot.draw(c, tmp_path / "f.svg", title=r"$\frac$ 50% _x").read_text()
+    for text in ("_base", "cost$5_$ (2 seeds)", "lr$1e-3$^", r"$\frac$ 50% _x"):
+        assert f"<!-- {text} -->" in svg  # (matplotlib's SVG names each text it draws, as drawn)
+    with pytest.raises(plot.PlotError, match="give a file name ending in an image type matplotlib writes"):
+        plot.draw(c, tmp_path / "f.pgf")
+    (tmp_path / "target.png").write_bytes(b"earlier")
+    (tmp_path / "link.png").symlink_to(tmp_path / "target.png")
+    assert plot.draw(c, tmp_path / "link.png") == tmp_path / "target.png"
+    assert (tmp_path / "link.png").is_symlink() and (tmp_path / "target.png").read_bytes()[:4] == b"\x89PNG"
+    run = tmp_path / "runs" / "seed0"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"model": {"arch": "vanilla", "context_len": 64}, "train": {"batch_size": 4, "grad_accum_steps": 1}}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "val_loss": 3 - s / 100}) + "\n" for s in (2, 4)))
+    shutil.copytree(run, tmp_path / "runs" / "seed1")
+    for fmt in ("eps", "ps"):
+        r = _cli("llmjax.plot", str(tmp_path / "runs"), "-o", str(tmp_path / f"f.{fmt}"))
+        assert (r.returncode, r.stderr) == (0, ""), r.stderr
 
 
 def test_plot_refuses_a_folder_of_runs_trained_with_different_settings(tmp_path):
