@@ -149,6 +149,9 @@ def latest_trace(directory: str | Path) -> Path:
     """`directory` itself when it is a trace file, else the latest *.xplane.pb under it."""
     if Path(directory).is_file():
         return Path(directory)
+    if str(directory) == "" or not Path(directory).exists():  # ("" was the current folder, searched whole, without a word)
+        raise FileNotFoundError(f"{str(directory)!r} does not exist; pass a directory written by jax.profiler.trace "
+                                "(bench --profile's) or one of its *.xplane.pb files")
     paths = sorted(Path(directory).glob("**/*.xplane.pb"), key=lambda p: p.stat().st_mtime)
     if not paths:
         raise FileNotFoundError(f"no *.xplane.pb under {directory}; pass a directory written by jax.profiler.trace")
@@ -183,10 +186,20 @@ def format_summary(title: str, s: dict) -> str:
     return "\n".join(lines)
 
 
+USAGE = "usage: python -m llmjax.tracing DIR|FILE [...]   (summaries of the latest *.xplane.pb under each DIR, or of FILE)"
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m llmjax.tracing DIR|FILE [...]   (summaries of the latest *.xplane.pb under each DIR, or of FILE)")
-        return 0 if argv else 2
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    if not argv:
+        print(USAGE, file=sys.stderr)
+        return 2
+    flag = next((a for a in argv if a.startswith("-") and not Path(a).exists()), None)
+    if flag is not None:  # (--top was taken for a folder: "no *.xplane.pb under --top")
+        print(f"error: unknown flag {flag}: this tool takes trace folders or files only; {USAGE}", file=sys.stderr)
+        return 2
     for d in argv:
         try:
             path = latest_trace(d)

@@ -146,6 +146,7 @@ def test_cpu_trace_of_a_loop(tmp_path):
     r = subprocess.run([sys.executable, "-m", "llmjax.tracing", str(tmp_path / "trace")], capture_output=True, text=True, cwd=ROOT,
                        timeout=300)
     assert r.returncode == 0 and "host events" in r.stdout and "| operation | kind |" in r.stdout, r.stderr
+    (tmp_path / "none").mkdir()  # (a folder with no trace; a path that does not exist: test below)
     r = subprocess.run([sys.executable, "-m", "llmjax.tracing", str(tmp_path / "none")], capture_output=True, text=True, cwd=ROOT,
                        timeout=300)
     assert r.returncode == 2 and r.stderr.startswith("error: no *.xplane.pb") and r.stderr.count("\n") == 1
@@ -175,3 +176,20 @@ def test_an_empty_trace_file_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="is not a readable trace"):
         tracing.summarize(tmp_path / "empty.xplane.pb")
     assert tracing.main([str(tmp_path)]) == 2
+
+
+def test_the_cli_tells_a_flag_an_empty_or_missing_path_and_help_anywhere(tmp_path, monkeypatch, capsys):
+    """Every argument was a path: "" searched the current folder whole and summarised the newest trace
+    under it, "--top" said "no *.xplane.pb under --top", a missing path that nothing was under it,
+    and --help was honoured first only."""
+    (tmp_path / "t.xplane.pb").write_bytes(b"")  # (one the current folder's search would find)
+    monkeypatch.chdir(tmp_path)
+    cases = [([""], "error: '' does not exist; pass a directory written by jax.profiler.trace"),
+             ([str(tmp_path / "nothere")], f"error: '{tmp_path / 'nothere'}' does not exist;"),
+             ([str(tmp_path), "--top"], "error: unknown flag --top: this tool takes trace folders or files only; usage:")]
+    for argv, message in cases:
+        assert tracing.main(argv) == 2
+        out, err = capsys.readouterr()
+        assert (out, err.count("\n")) == ("", 1) and err.startswith(message), err
+    assert tracing.main([str(tmp_path), "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: python -m llmjax.tracing DIR|FILE")
