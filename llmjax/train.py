@@ -159,7 +159,11 @@ def schedule_jump(old_train: dict, tcfg, step: int, count: int) -> str | None:
     rate = f"the learning rate jumps from {old:.4g} to {new:.4g} at step {step + 1}"
     begin = tcfg.max_steps - decay_steps(tcfg) + 1  # a wsd decay's first step (it runs at lr)
     if tcfg.get("schedule", "cosine") == "wsd" and begin <= count:
-        return f"the wsd decay now began at step {begin}, before the resumed step {step}, so {rate}"
+        if count == step:
+            return f"the wsd decay now began at step {begin}, before the resumed step {step}, so {rate}"
+        # (the schedule counts updates: "began at step 5" named a run step that loss scaling skipped, the 5th update's being 12)
+        return (f"the wsd decay now began at the optimizer's update {begin}, before the {count} it has made by the resumed step "
+                f"{step} ({step - count} skipped by loss scaling), so {rate}")
     return f"the learning-rate schedule follows the new values from step {step + 1}: {rate}"
 
 # What a training run writes in its workdir (besides checkpoints/ and the wandb/ folder).

@@ -279,3 +279,19 @@ def test_a_resume_whose_steps_were_skipped_says_the_jump_the_optimizer_takes(tmp
     old, new = (float(T.lr_schedule(cfg("vanilla", train__warmup_steps=w).train)(applied)) for w in (2, 6))
     assert rows[6]["lr"] == pytest.approx(new, rel=1e-6) and not math.isclose(old, new)
     assert f"the learning rate jumps from {old:.4g} to {new:.4g} at step 7\n" in out, out
+
+
+def test_a_wsd_decay_moved_before_a_resume_with_skipped_steps_is_said_in_updates():
+    """The wsd decay's first step is a position of the schedule, which counts the optimizer's
+    updates: with steps skipped it is not the run's step. 'the wsd decay now began at step 5, before
+    the resumed step 12' named run step 5 (skipped) for the 5th update, made at run step 12."""
+    old = {**cfg("vanilla").train.to_dict(), "schedule": "wsd", "decay_fraction": 0.25, "warmup_steps": 2, "max_steps": 14}
+    new = cfg("vanilla", train__schedule="wsd", train__decay_fraction=0.75, train__warmup_steps=2, train__max_steps=14).train
+    begin = 14 - round(0.75 * 14) + 1  # 4
+    rates = [float(T.lr_schedule(t)(5)) for t in (T.ml_collections.ConfigDict(old), new)]
+    rate = f"the learning rate jumps from {rates[0]:.4g} to {rates[1]:.4g} at step 13"
+    assert T.schedule_jump(old, new, 12, 5) == (f"the wsd decay now began at the optimizer's update {begin}, before the 5 it has made by "
+                                                f"the resumed step 12 (7 skipped by loss scaling), so {rate}")
+    rates = [float(T.lr_schedule(t)(12)) for t in (T.ml_collections.ConfigDict(old), new)]
+    assert T.schedule_jump(old, new, 12, 12) == (f"the wsd decay now began at step {begin}, before the resumed step 12, so the learning rate "
+                                                 f"jumps from {rates[0]:.4g} to {rates[1]:.4g} at step 13")
