@@ -566,14 +566,13 @@ def test_a_run_asking_for_a_decode_kernel_its_shapes_do_not_fit_is_refused_befor
 
 
 def test_the_trainer_refuses_a_decode_kernel_the_shapes_do_not_fit_before_its_first_step(tmp_path):
-    import subprocess
-    import sys
+    """(In process: the command line says a ConfigError as its one line, tests/test_config.py.)"""
+    from llmjax.train import train
 
-    from helpers import ROOT
-
-    cmd = [sys.executable, "-m", "llmjax.train", "--config", f"{ROOT}/configs/vanilla.py:tiny", "--workdir", str(tmp_path / "run"),
-           "--config.model.head_dim=8", "--config.model.decode_attention_impl=pallas", "--config.train.max_steps=2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert (proc.returncode, proc.stdout, proc.stderr) == (
-        2, "", "error: model.decode_attention_impl='pallas' needs head_dim a power of two >= 16 (got 8); use 'auto' or 'xla'\n")
+    cfg = saved_run_config("vanilla", {"decode_attention_impl": "pallas"}, head_dim=8)
+    with cfg.unlocked():
+        cfg.train.max_steps = 2
+    with pytest.raises(ConfigError, match=r"^model\.decode_attention_impl='pallas' needs head_dim a power of two >= 16 \(got 8\); "
+                                          r"use 'auto' or 'xla'$"):
+        train(cfg, tmp_path / "run", quiet=True)
     assert not (tmp_path / "run").exists()
