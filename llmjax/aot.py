@@ -833,8 +833,12 @@ def main(argv):
         print(json.dumps(r) if F.json else format_rows([r]), flush=True)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # (the module as imported, not this __main__ copy of it: cli.tool)
+    from absl import flags
+
     from llmjax import cli
 
-    define_flags()
-    cli.run(main)
+    aot = cli.tool("llmjax.aot")
+    aot.define_flags()
+    flags.adopt_module_key_flags(aot)  # (--help lists the key flags of __main__, which defines none now)
+    cli.run(aot.main)

@@ -791,6 +791,12 @@ def main(argv):
         cli.fail(f"{failed} of {len(rows)} rows failed (marked in the table)", code=1)
 
 
-if __name__ == "__main__":
-    define_flags()
-    cli.run(main)
+if __name__ == "__main__":  # (the module as imported, not this __main__ copy of it: cli.tool)
+    from absl import flags
+
+    from llmjax import cli
+
+    bench = cli.tool("llmjax.bench")
+    bench.define_flags()
+    flags.adopt_module_key_flags(bench)  # (--help lists the key flags of __main__, which defines none now)
+    cli.run(bench.main)

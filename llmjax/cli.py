@@ -284,6 +284,17 @@ def terminate(signum, frame):
     raise Terminated
 
 
+def tool(name: str):
+    """The tool's module as other modules import it (`llmjax.sample`), for its `__main__` block to
+    run: `python -m llmjax.sample` runs the file as `__main__`, a second copy of its classes beside
+    the module's own, so an object the copy made was not the module's kind where other modules check
+    (the sampler on a Hugging Face folder: `export.load_gpt2`'s `generate` refused `__main__.Sampling`,
+    a traceback) and an error the module raised was not the one the copy caught."""
+    import importlib
+
+    return importlib.import_module(name)
+
+
 def run(main: Callable[[list[str]], None]):
     """absl's app.run with flag errors and ConfigErrors reported as one line."""
 

@@ -664,6 +664,12 @@ def main(argv):
     print(f"figure: {result['figure']}")
 
 
-if __name__ == "__main__":
-    define_flags()
-    cli.run(main)
+if __name__ == "__main__":  # (the module as imported, not this __main__ copy of it: cli.tool)
+    from absl import flags
+
+    from llmjax import cli
+
+    compare = cli.tool("llmjax.compare")
+    compare.define_flags()
+    flags.adopt_module_key_flags(compare)  # (--help lists the key flags of __main__, which defines none now)
+    cli.run(compare.main)

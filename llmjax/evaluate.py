@@ -332,6 +332,12 @@ def main(argv):
             cli.fail(f"cannot write --output_json {FLAGS.output_json}: {e.strerror or e} (the results are printed above)")
 
 
-if __name__ == "__main__":
-    define_flags()
-    cli.run(main)
+if __name__ == "__main__":  # (the module as imported, not this __main__ copy of it: cli.tool)
+    from absl import flags
+
+    from llmjax import cli
+
+    evaluate = cli.tool("llmjax.evaluate")
+    evaluate.define_flags()
+    flags.adopt_module_key_flags(evaluate)  # (--help lists the key flags of __main__, which defines none now)
+    cli.run(evaluate.main)

@@ -249,6 +249,12 @@ def main(argv):
     sys.stdout.flush()
 
 
-if __name__ == "__main__":
-    define_flags()
-    cli.run(main)
+if __name__ == "__main__":  # (the module as imported, not this __main__ copy of it: cli.tool)
+    from absl import flags
+
+    from llmjax import cli
+
+    plot = cli.tool("llmjax.plot")
+    plot.define_flags()
+    flags.adopt_module_key_flags(plot)  # (--help lists the key flags of __main__, which defines none now)
+    cli.run(plot.main)

@@ -944,8 +944,12 @@ def main(argv):
     print(f"prepared {name} in {out} ({counts})")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # (the module as imported, not this __main__ copy of it: cli.tool)
+    from absl import flags
+
     from llmjax import cli
 
-    define_flags()
-    cli.run(main)
+    prepare = cli.tool("llmjax.prepare")
+    prepare.define_flags()
+    flags.adopt_module_key_flags(prepare)  # (--help lists the key flags of __main__, which defines none now)
+    cli.run(prepare.main)

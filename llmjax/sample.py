@@ -855,6 +855,12 @@ def main(argv):
                  f"(the new tokens are kept on the device); lower --max_new_tokens or --num_samples")
 
 
-if __name__ == "__main__":
-    define_flags()
-    cli.run(main)
+if __name__ == "__main__":  # (the module as imported, not this __main__ copy of it: cli.tool)
+    from absl import flags
+
+    from llmjax import cli
+
+    sample = cli.tool("llmjax.sample")
+    sample.define_flags()
+    flags.adopt_module_key_flags(sample)  # (--help lists the key flags of __main__, which defines none now)
+    cli.run(sample.main)

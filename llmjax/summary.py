@@ -130,9 +130,19 @@ def main(argv):
         print(format_table(rows))
 
 
-if __name__ == "__main__":
+def define_flags():
     cli.define_config_flag()
     flags.adopt_module_key_flags(cli)  # (--help lists them with the tool's own flags)
     flags.DEFINE_bool("json", False, "print JSON (an object for --config, a list otherwise)")
     flags.DEFINE_string("variant", "default", "variant of every config, when --config is not given")
-    cli.run(main)
+
+
+if __name__ == "__main__":  # (the module as imported, not this __main__ copy of it: cli.tool)
+    from absl import flags
+
+    from llmjax import cli
+
+    summary = cli.tool("llmjax.summary")
+    summary.define_flags()
+    flags.adopt_module_key_flags(summary)  # (--help lists the key flags of __main__, which defines none now)
+    cli.run(summary.main)

@@ -211,5 +211,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # (the module as imported, not this __main__ copy of it: llmjax.cli.tool, without absl)
+    import importlib
+
+    sys.exit(importlib.import_module("llmjax.tracing").main(sys.argv[1:]))

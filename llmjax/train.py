@@ -1776,11 +1776,13 @@ def _main(FLAGS, workdir: str):
             print(f"done: {run.step} steps, final val_loss {run.last_val_loss:.4f} ({final_loss_covers(FLAGS.config, run.val_batches)}); run in {run.workdir}")
 
 
-if __name__ == "__main__":
-    define_flags()
+if __name__ == "__main__":  # (the module as imported, not this __main__ copy of it: cli.tool)
+    train_module = cli.tool("llmjax.train")
+    train_module.define_flags()
+    flags.adopt_module_key_flags(train_module)  # (--help lists the key flags of __main__, which defines none now)
     try:
-        cli.run(main)
+        cli.run(train_module.main)
     except SystemExit as e:  # (refused before jax.distributed started: the other processes wait for this one there)
-        if e.code not in (0, None) and not _DISTRIBUTED_TRIED:
-            stop_others_at_the_start(sys.argv, e.code if isinstance(e.code, int) else 1)
+        if e.code not in (0, None) and not train_module._DISTRIBUTED_TRIED:
+            train_module.stop_others_at_the_start(sys.argv, e.code if isinstance(e.code, int) else 1)
         raise

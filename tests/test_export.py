@@ -463,7 +463,7 @@ def test_logits_match_transformers(runs, tmp_path, arch):
 def test_sample_and_evaluate_gpt2_weights_without_a_run(runs, tmp_path, monkeypatch):
     """`load` takes OpenAI GPT-2 directly: a hub name (mocked hub) or a Hugging Face GPT-2 folder."""
     from llmjax.evaluate import load_for_scoring
-    from llmjax.sample import load
+    from llmjax.sample import Sampling, load
 
     folder = X.export(runs["vanilla"], "safetensors", tmp_path / "hf")
     _, ref = run_params(runs["vanilla"])
@@ -500,6 +500,12 @@ def test_sample_and_evaluate_gpt2_weights_without_a_run(runs, tmp_path, monkeypa
     with pytest.raises(SampleError, match=r"^'.*noweights' is neither gpt2, .* \(holding model.safetensors\)$"):
         load(tmp_path / "noweights")
     assert X.gpt2_model_config({"model_type": "gpt2"})["d_model"] == 768  # transformers' defaults for keys left out
+    # the command line on that folder: `-m` ran sample.py as __main__, whose Sampling was not the one export's
+    # load_gpt2 imported (a traceback: "sampling must be a Sampling ..., got Sampling(temperature=0.8, ...)")
+    r = subprocess.run([sys.executable, "-m", "llmjax.sample", f"--checkpoint={folder}", "--prompt=Hi", "--max_new_tokens=4", "--greedy",
+                        "--dtype=float32"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    greedy = load(folder, dtype="float32").generate_text(["Hi"], 4, sampling=Sampling(greedy=True))
+    assert (r.returncode, r.stderr, r.stdout) == (0, "", "Hi" + greedy[0] + "\n"), r.stderr
 
 
 def test_hub_init_from_reads_cached_weights_without_their_config(runs, tmp_path, monkeypatch):

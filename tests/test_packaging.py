@@ -86,3 +86,15 @@ def test_the_packages_archs_lists_every_architecture_at_once():
     assert r.returncode == 0, r.stderr
     same, *names = r.stdout.split()
     assert same == "True" and {"vanilla", "modern", "moe"} <= set(names), r.stdout
+
+
+def test_every_tool_runs_its_module_as_imported_not_a_main_copy():
+    """`python -m llmjax.X` runs X's file as `__main__`, a second copy of its classes beside
+    llmjax.X's: the sampler's Sampling made by the copy was refused by llmjax.sample's own check
+    when export.load_gpt2 (which imports llmjax.sample) decoded a Hugging Face folder, a traceback
+    (tests/test_export.py runs that command). Each tool's __main__ block runs the imported module's."""
+    tools = sorted(p for p in (ROOT / "llmjax").glob("*.py") if 'if __name__ == "__main__":' in p.read_text())
+    assert len(tools) >= 11
+    for path in tools:
+        block = path.read_text().split('if __name__ == "__main__":', 1)[1]
+        assert f'("llmjax.{path.stem}")' in block and re.search(r"\.main\b", block.split(f'("llmjax.{path.stem}")', 1)[1]), path.name
