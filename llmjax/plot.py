@@ -239,6 +239,8 @@ def define_flags():
 
 def main(argv):
     paths = argv[1:]
+    if flags.FLAGS.o == "":  # (-o= or --out "$DIR" unset: it was ". is a folder", as the other tools' empty flags are said)
+        cli.fail("-o is empty (a shell variable that was not set?); give the image's file name (e.g. plot.png), or drop -o")
     if not paths:
         cli.fail("give one or more run directories: python -m llmjax.plot runs/a runs/b -o plot.png")
     try:

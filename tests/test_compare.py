@@ -768,6 +768,9 @@ def test_plot_draws_labels_and_titles_as_written_in_every_format_it_offers(tmp_p
     for fmt in ("eps", "ps"):
         r = _cli("llmjax.plot", str(tmp_path / "runs"), "-o", str(tmp_path / f"f.{fmt}"))
         assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    r = _cli("llmjax.plot", str(tmp_path / "runs"), "--out=")  # (an unset shell variable: it said ". is a folder")
+    assert (r.returncode, r.stderr) == (2, "error: -o is empty (a shell variable that was not set?); give the image's file name "
+                                           "(e.g. plot.png), or drop -o\n")
 
 
 def test_plot_refuses_a_folder_of_runs_trained_with_different_settings(tmp_path):
