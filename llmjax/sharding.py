@@ -91,10 +91,13 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
         if len(devices) % known:
-            raise ConfigError(f"train.mesh {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices")
+            fixed = " x ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes) if s != -1 and a in mesh_cfg)
+            raise ConfigError(f"train.mesh {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices: the axes given "
+                              f"({fixed}) hold {known} devices apiece; give them sizes whose product divides {len(devices)}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ConfigError(f"train.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, there are {len(devices)}")
+        raise ConfigError(f"train.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, there are {len(devices)}; "
+                          "the mesh takes every device: make one axis -1 (the rest of them), e.g. --config.train.mesh.data=-1")
     size = dict(zip(MESH_AXES, sizes))
     return Mesh(np.array(devices).reshape([size[a] for a in BATCH_AXES]), BATCH_AXES)
 

@@ -22,6 +22,7 @@ sampler and evaluator need.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -345,6 +346,13 @@ def check_same_config(resolved: dict) -> None:
         return
     from jax.experimental import multihost_utils
 
+    # (first, from the device list every process holds, no collective: with unequal counts the allgather below,
+    # as every collective, split its rows by them: "cannot reshape array of size 5 into shape (2,2)", a traceback in each)
+    counts = collections.Counter(d.process_index for d in jax.devices())
+    if len(set(counts.values())) > 1:
+        raise EveryProcess("the processes see different numbers of devices (" + ", ".join(f"process {p}: {n}" for p, n in sorted(counts.items()))
+                           + "); give every process as many (CUDA_VISIBLE_DEVICES on GPUs, XLA_FLAGS' "
+                           "--xla_force_host_platform_device_count on CPUs)")
     blob = json.dumps(resolved, sort_keys=True).encode()
     digests = np.asarray(multihost_utils.process_allgather(np.frombuffer(hashlib.sha256(blob).digest(), np.uint8)))
     others = [p for p in range(len(digests)) if (digests[p] != digests[0]).any()]
@@ -1460,6 +1468,7 @@ def init_distributed():
             cli.fail(f"--num_processes={n} must be at least 1 (the number of processes, one per host)")
         if n is not None and i is not None and not 0 <= i < n:
             cli.fail(f"--process_id={i} must be in 0..{n - 1} (--num_processes={n})")
+        claim_process_id(address, i)  # (first: a second process 1 waited for no coordinator as the first did)
         if address and (problem := coordinator_problem(address, i)) is not None:  # (jax.distributed: a C++ abort, minutes later)
             cli.fail(problem)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU-only runs; GPUs use NCCL
@@ -1470,8 +1479,41 @@ def init_distributed():
     elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         try:
             start_distributed("under SLURM")
-        except (ValueError, RuntimeError) as e:
-            cli.fail(f"jax.distributed could not start under SLURM ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}); {hint}")
+        except (ValueError, RuntimeError) as e:  # (python run in an allocation's shell or batch script, not by srun: SLURM_NTASKS
+            # is set there, and JAX finds no step to take the processes from; giving a coordinator was the wrong advice)
+            cli.fail(f"jax.distributed could not start under SLURM ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}); "
+                     f"SLURM_NTASKS={os.environ['SLURM_NTASKS']} here: start every process with srun (one task per process), or unset "
+                     f"SLURM_NTASKS to train in this one process; or {hint}")
+
+
+_PROCESS_CLAIM = contextlib.ExitStack()  # (this process's claim_process_id lock, held until it exits)
+
+
+def claim_process_id(address: str | None, i: int | None) -> None:
+    """Refuse a second process `i` of the run at `address` on this host (process 1's command run again
+    in another terminal): jax.distributed took it for process i restarted and aborted every process of
+    the running run within seconds, C++ stacks, while the second waited 5 minutes to say that not
+    every process joined. (Process 0's second copy finds the coordinator's port taken.) An flock on a
+    folder of the temporary directory, held until this process ends; where none can be made or
+    locked, no check."""
+    if not address or i is None:
+        return
+    import tempfile
+
+    shared = Path(tempfile.gettempdir()) / "llmjax-processes"
+    folder = shared / f"{re.sub(r'[^A-Za-z0-9.-]', '_', address)}-{i}"
+    try:
+        if not shared.exists():
+            shared.mkdir(exist_ok=True)
+            shared.chmod(0o1777)  # (every user's runs make their folders here, as in /tmp)
+        folder.mkdir(exist_ok=True)
+        _PROCESS_CLAIM.enter_context(exclusive_folder(folder, lambda: ConfigError(
+            f"process {i} of the run at --coordinator_address={address} is running on this host already; a second one would end "
+            f"that run (jax.distributed aborts every process of it): stop that one first, or give this one its own --process_id")))
+    except OSError:
+        return
+    except ConfigError as e:
+        cli.fail(str(e))
 
 
 def start_distributed(where: str, **kwargs) -> None:

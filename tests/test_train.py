@@ -460,6 +460,52 @@ def test_a_workdir_the_processes_do_not_share_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "run0").exists() and not (tmp_path / "run1").exists()
 
 
+def test_processes_that_see_different_numbers_of_devices_are_refused_in_one_line(tmp_path):
+    """Process 0 with 2 devices, process 1 with 3 (another CUDA_VISIBLE_DEVICES on one host): every
+    collective split its rows by the device count, a "cannot reshape array of size 5 into shape
+    (2,2)" traceback in each. Refused from the device list every process holds, nothing left behind."""
+    flags3 = f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=3"
+    codes, errs = _two_processes(lambda i: tmp_path / "run", env=lambda i: {"XLA_FLAGS": flags3} if i else {}, timeout=120)
+    assert codes == [2, 2], errs
+    want = ("error: the processes see different numbers of devices (process 0: 2, process 1: 3); give every process as many "
+            "(CUDA_VISIBLE_DEVICES on GPUs, XLA_FLAGS' --xla_force_host_platform_device_count on CPUs)")
+    assert errs == [[want], [want]], errs
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_second_copy_of_a_running_process_is_refused_before_it_joins(tmp_path):
+    """Process 1's command run again on its host while the run trains: jax.distributed took it for
+    process 1 restarted and aborted every process of the run (C++ stacks), and the copy waited 5
+    minutes to say that not every process joined. The running process's claim (held here, as
+    train.claim_process_id holds it) refuses the copy at once, before it looks for the coordinator."""
+    import tempfile
+    from pathlib import Path
+
+    from llmjax.runtime import exclusive_folder
+
+    port = _free_port()
+    claim = Path(tempfile.gettempdir()) / "llmjax-processes" / f"127.0.0.1_{port}-1"
+    claim.mkdir(parents=True, exist_ok=True)
+    cmd = _train_cmd(tmp_path / "run", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=1")
+    with exclusive_folder(claim, lambda: AssertionError("held")):
+        r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stderr) == (2, f"error: process 1 of the run at --coordinator_address=127.0.0.1:{port} is running on this host "
+                                           "already; a second one would end that run (jax.distributed aborts every process of it): stop "
+                                           "that one first, or give this one its own --process_id\n"), r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_process_started_in_a_slurm_allocation_without_srun_is_told_to_use_it(tmp_path):
+    """SLURM_NTASKS is set in an allocation's shell and batch script, where python runs without srun:
+    JAX finds no step to take the processes from, and the line said to give --coordinator_address."""
+    env = {k: v for k, v in _env().items() if not k.startswith("SLURM_")}
+    r = subprocess.run(_train_cmd(tmp_path / "run"), cwd=ROOT, env={**env, "SLURM_NTASKS": "2"}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: jax.distributed could not start under SLURM (") and r.stderr.count("\n") == 1, r.stderr
+    assert "; SLURM_NTASKS=2 here: start every process with srun (one task per process), or unset SLURM_NTASKS to train in this one process; " \
+        "or give --coordinator_address" in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_workdir_another_run_trains_in_stops_every_process(tmp_path):
     """Process 0 finds the workdir's lock held (another run training there): every process stops in
     one line, not process 0 alone (process 1 waited in the next collective)."""
@@ -1408,8 +1454,10 @@ def test_bad_meshes_are_one_line_errors():
 
     eight = jax.devices()[:8]
     for mesh, needle in [({"data": -1, "fsdp": 0}, "fsdp=0; each axis is -1"), ({"data": -2, "fsdp": -4}, "data=-2, fsdp=-4"),
-                         ({"data": -1, "fsdp": -1}, "at most one axis may be -1"), ({"data": 3}, "needs 3 devices, there are 8"),
-                         ({"data": -1, "fsdp": 3}, "does not divide 8 devices")]:
+                         ({"data": -1, "fsdp": -1}, "at most one axis may be -1"), ({"data": 3}, "needs 3 devices, there are 8; the mesh takes every device: make one "
+                                                                                        "axis -1 (the rest of them), e.g. --config.train.mesh.data=-1"),
+                         ({"data": -1, "fsdp": 3}, "does not divide 8 devices: the axes given (fsdp=3) hold 3 devices apiece; give "
+                                                   "them sizes whose product divides 8")]:
         with pytest.raises(ConfigError, match=re.escape(needle)):
             make_mesh(mesh, eight)
     for mode in ("capacity", "dropless"):
