@@ -44,8 +44,26 @@ def _set_start_up_handler():
         signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 
+def _import_jax_or_say_its_setting():
+    """Import JAX, for a tool: an environment variable of JAX's with a value it cannot read
+    (JAX_COMPILATION_CACHE_MAX_SIZE=abc, which the README names; JAX_ENABLE_X64=maybe) was a
+    ValueError's traceback from JAX's import, in every tool; one line that names it instead."""
+    import re
+
+    try:
+        import jax  # noqa: F401
+    except ValueError as e:
+        m = re.match(r'Invalid value "(.*)" for JAX flag (\w+)|invalid truth value (.*) for environment \'(\w+)\'', str(e))
+        if m is None:
+            raise
+        value, name = (m.group(1), m.group(2).upper()) if m.group(2) else (m.group(3).strip("'"), m.group(4))
+        sys.stderr.write(f"error: the environment variable {name}={value!r} is not a value JAX reads ({e}); set it to one, or unset it\n")
+        sys.exit(2)
+
+
 if _starting_a_tool():
     _set_start_up_handler()
+    _import_jax_or_say_its_setting()
 
 _EXPORTS = {
     "ConfigError": "llmjax.config",

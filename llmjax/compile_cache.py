@@ -28,6 +28,7 @@ and JAX's own cache stays.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -137,13 +138,15 @@ class FolderCache:
                 f.write(value)
             os.replace(tmp, path)  # atomic: readers see all of it or nothing
         except OSError as e:  # an unwritable folder or a full disk: said once, then nothing more is written
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # (a read-only file system refuses even the unlink of no file: EROFS, before the warning)
+                tmp.unlink(missing_ok=True)
             self.max_bytes = 0
             warnings.warn(f"cannot write to the compilation cache {self._path} ({e.strerror or e}), so compiled programs are not cached: "
                           "make room there, or set LLMJAX_COMPILATION_CACHE to a folder that can be written (empty: no cache)", CacheWarning)
             return
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             raise
         if self.max_bytes > 0:
             self._count(len(value) - replaced, key)

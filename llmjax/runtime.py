@@ -40,13 +40,19 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
 _done = False
 
 
+def turned_off(name: str) -> bool:
+    """Whether the environment variable `name` (LLMJAX_NO_...) is set to a true value: 1, true, yes,
+    on (any case); unset, empty, 0, false, no or off leave the tuning on (0 turned it off, as 1 did)."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def tune_host_allocator() -> bool:
     """Ask glibc malloc to keep freed memory (no-op elsewhere, or with LLMJAX_NO_MALLOC_TUNING=1).
     Returns whether the settings were applied."""
     global _done
     if _done:
         return True
-    if sys.platform != "linux" or os.environ.get("LLMJAX_NO_MALLOC_TUNING"):
+    if sys.platform != "linux" or turned_off("LLMJAX_NO_MALLOC_TUNING"):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -73,7 +79,7 @@ def cpu_compiler_options(compute_dtype, platform: str | None = None) -> dict[str
     import jax
     import jax.numpy as jnp
 
-    if os.environ.get("LLMJAX_NO_XLA_TUNING") or (platform or jax.default_backend()) != "cpu" or jnp.dtype(compute_dtype) != jnp.float32:
+    if turned_off("LLMJAX_NO_XLA_TUNING") or (platform or jax.default_backend()) != "cpu" or jnp.dtype(compute_dtype) != jnp.float32:
         return None
     if not jax.lib.__version__.startswith(_TESTED_JAXLIB):
         return None
@@ -92,6 +98,8 @@ def compilation_cache_settings(environ=os.environ) -> dict | None:
         path = environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join("~", ".cache", "llmjax", "jax")
     if not path:
         return None
+    path = path.removeprefix("file://")  # (a local folder as a URL: JAX's compiler took it for etils' path of a scheme it lacks,
+    # KeyError 'file://' at the first compile; and file://~/x made a folder named '~')
     settings = {"jax_compilation_cache_dir": path if "://" in path else os.path.expanduser(path)}
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in environ:
         settings["jax_persistent_cache_min_compile_time_secs"] = 0

@@ -183,6 +183,45 @@ def test_an_unwritable_folder_warns_once_and_stops_writing(tmp_path, monkeypatch
     assert len(calls) == 1 and files(tmp_path) == []
 
 
+def test_a_read_only_folder_warns_once_and_stops_writing(tmp_path, monkeypatch):
+    """On a read-only file system the temporary file cannot be made, and unlinking it (which is not
+    there) fails too, with EROFS: that second OSError escaped before the warning and the switch-off,
+    so JAX warned once per program (29 lines for a tiny run)."""
+    import errno
+    from pathlib import Path
+
+    cache = FolderCache(tmp_path, max_bytes=1 << 20)
+    opened = []
+
+    def read_only(*args, **kwargs):
+        opened.append(args[0])
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(compile_cache, "open", read_only, raising=False)
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: read_only(self))
+    with pytest.warns(UserWarning, match="cannot write to the compilation cache .*Read-only file system"):
+        cache.put("a" * 8, b"x" * 10)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache.put("b" * 8, b"y" * 10)
+    assert len(opened) == 2 and cache.max_bytes == 0  # (the write, its unlink; nothing after the switch-off)
+
+
+def test_a_file_url_or_tilde_cache_folder_is_a_local_folder(monkeypatch):
+    """LLMJAX_COMPILATION_CACHE=file:///x reached JAX's compiler as a URL, which it took for an etils
+    path of a scheme it lacks (KeyError 'file://' at the first compile); file://~/x made a folder
+    named '~'."""
+    import os
+
+    from llmjax import runtime
+
+    home = os.path.expanduser("~")
+    for given, want in [("file:///tmp/x", "/tmp/x"), ("file://~/c", f"{home}/c"), ("~/c", f"{home}/c"), ("/srv/c", "/srv/c")]:
+        assert runtime.compilation_cache_settings({"LLMJAX_COMPILATION_CACHE": given})["jax_compilation_cache_dir"] == want, given
+
+
 def test_an_entry_above_the_low_water_mark_is_not_evicted_as_it_is_written(tmp_path):
     """An entry larger than the eviction's target (LOW_WATER of the limit) but within the limit stays:
     the eviction it set off removed it too, with every other entry, right after writing it."""
@@ -279,3 +318,29 @@ def test_the_tools_say_a_damaged_entry_in_one_line(monkeypatch, capsys):
                       "incorrect header check", UserWarning)
     assert capsys.readouterr().err == ("warning: Error reading persistent compilation cache entry for 'jit_step': error: Error -3 while "
                                        "decompressing data: incorrect header check (compiled again; the entry is replaced)\n")
+
+
+def test_the_tuning_switches_take_0_for_off(monkeypatch):
+    """LLMJAX_NO_MALLOC_TUNING / LLMJAX_NO_XLA_TUNING: any value turned the tuning off, 0 and false too."""
+    import jax.numpy as jnp
+
+    from llmjax import runtime
+
+    for value, off in [("1", True), ("true", True), ("YES", True), ("on", True), ("0", False), ("false", False), ("", False),
+                       ("off", False), (" No ", False)]:
+        monkeypatch.setenv("LLMJAX_NO_XLA_TUNING", value)
+        assert runtime.turned_off("LLMJAX_NO_XLA_TUNING") == off, value
+        assert (runtime.cpu_compiler_options(jnp.float32, "cpu") is None) == off, value  # (the pinned jaxlib: measured on)
+
+
+def test_a_jax_setting_it_cannot_read_is_one_line_in_every_tool():
+    """JAX_COMPILATION_CACHE_MAX_SIZE (the README names it) set to no number was a ValueError's
+    traceback from JAX's import, in every tool."""
+    from conftest import ROOT
+
+    for name, value, said in [("JAX_COMPILATION_CACHE_MAX_SIZE", "abc", 'Invalid value "abc" for JAX flag jax_compilation_cache_max_size'),
+                              ("JAX_ENABLE_X64", "maybe", "invalid truth value 'maybe' for environment 'JAX_ENABLE_X64'")]:
+        r = subprocess.run([sys.executable, "-m", "llmjax.summary", "--config", "configs/modern.py:tiny"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120, env={**os.environ, name: value})
+        assert (r.returncode, r.stdout, r.stderr) == (2, "", f"error: the environment variable {name}={value!r} is not a value JAX reads "
+                                                             f"({said}); set it to one, or unset it\n"), r.stderr
