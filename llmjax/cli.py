@@ -21,6 +21,7 @@ from ml_collections import ConfigDict, config_flags
 
 import llmjax
 from llmjax.config import ConfigError, check_key, flags_spec, load_config, parse_value, split_spec, validate
+from llmjax.tokenizer import InstallError
 
 FLAGS = flags.FLAGS
 
@@ -309,8 +310,8 @@ def run(main: Callable[[list[str]], None]):
         try:
             main(argv)
             sys.stdout.flush()  # (here, not at Python's exit: a full disk there was 'Exception ignored in: <_io.TextIOWrapper ...>')
-        except ConfigError as e:
-            fail(str(e))
+        except (ConfigError, InstallError) as e:  # (InstallError: a shipped file damaged, met in prepare's workers or
+            fail(str(e))  # a built-in dataset's preparation: a traceback, a _RemoteTraceback for the workers')
         except RuntimeError as e:  # (XLA's JaxRuntimeError: a tool words device memory itself, cli.out_of_memory)
             line = exhausted(e) if type(e).__name__ == "JaxRuntimeError" else None
             if line is None:

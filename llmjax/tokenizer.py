@@ -32,6 +32,10 @@ class TokenizerError(ValueError):
     """A tokenizer problem a user can fix (one line)."""
 
 
+class InstallError(TokenizerError):
+    """A file shipped in the package that cannot be read or is not as shipped: reinstalling fixes it."""
+
+
 @functools.lru_cache(maxsize=1)
 def gpt2_encoding() -> tiktoken.Encoding:
     """tiktoken's GPT-2 encoding from the shipped files, checked against tiktoken's pinned sha256 here
@@ -42,9 +46,9 @@ def gpt2_encoding() -> tiktoken.Encoding:
         try:
             ok = hashlib.sha256((folder / name).read_bytes()).hexdigest() == want
         except OSError as e:
-            raise TokenizerError(f"cannot read the shipped GPT-2 BPE file {folder / name} ({e.strerror}); reinstall llmjax") from None
+            raise InstallError(f"cannot read the shipped GPT-2 BPE file {folder / name} ({e.strerror}); reinstall llmjax") from None
         if not ok:
-            raise TokenizerError(f"the shipped GPT-2 BPE file {folder / name} is corrupt (its sha256 is not tiktoken's); reinstall llmjax")
+            raise InstallError(f"the shipped GPT-2 BPE file {folder / name} is corrupt (its sha256 is not tiktoken's); reinstall llmjax")
     # The ranks from encoder.json alone, as bytes: its tokens are written in GPT-2's printable stand-ins
     # for bytes (openai/gpt-2's bytes_to_unicode). tiktoken.load.data_gym_to_mergeable_bpe_ranks also
     # rebuilds every token from vocab.bpe's merges and asserts the two agree: the same ranks (tested),

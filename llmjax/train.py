@@ -850,6 +850,8 @@ def _train(cfg, workdir, *, hold: contextlib.ExitStack, fresh_files: list[Path],
     damaged = in_thread(dataset.damaged_shards)
     try:
         tokenizer = dataset.tokenizer()
+    except tok_lib.InstallError as e:  # (the package's own files: preparing the dataset again does not mend them)
+        raise ConfigError(str(e)) from None
     except tok_lib.TokenizerError as e:
         raise ConfigError(f"dataset '{dataset.name}' in {dataset.path}: {e}; prepare it again with llmjax.prepare") from None
     if tokenizer.vocab_size != mcfg.vocab_size:

@@ -1203,3 +1203,43 @@ def test_a_signal_while_a_worker_starts_is_raised_once_it_has_started():
     finally:
         signal.signal(signal.SIGTERM, saved)
     assert steps == ["after the signal", "quiet"]
+
+
+def test_a_damaged_shipped_bpe_file_is_one_line_in_prepare_and_train(tmp_path, monkeypatch):
+    """A shipped GPT-2 BPE file not as shipped: prepare's workers raised it (a _RemoteTraceback), and
+    training on a built-in dataset not yet prepared raised it from the preparation (a traceback);
+    training on one prepared said 'prepare it again', which does not mend the package. Each is the
+    one line sample and evaluate give, and nothing is left behind."""
+    import shutil
+
+    copy = tmp_path / "copy"  # (the package, its encoder.json with a byte more: as a damaged install)
+    shutil.copytree(ROOT / "llmjax", copy / "llmjax", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(copy / "llmjax" / "assets" / "gpt2" / "encoder.json", "a") as f:
+        f.write(" ")
+    (tmp_path / "a.txt").write_text("hello world\nmore text\n")
+    (tmp_path / "b.txt").write_text("held out\n")
+    r = subprocess.run([sys.executable, "-m", "llmjax.prepare", "mine", f"--source=train={tmp_path / 'a.txt'}", f"--source=val={tmp_path / 'b.txt'}",
+                        "--noprogress", f"--out={tmp_path / 'out'}"], capture_output=True, text=True, cwd=copy, timeout=300)
+    said = (f"error: the shipped GPT-2 BPE file {copy / 'llmjax' / 'assets' / 'gpt2' / 'encoder.json'} is corrupt (its sha256 is not "
+            f"tiktoken's); reinstall llmjax\n")
+    assert (r.returncode, r.stderr) == (2, said), r.stderr
+    assert not (tmp_path / "out").exists()
+    # the trainer, in process: the package's files as that copy's (its error is the CLI's line: cli.run)
+    from llmjax import tokenizer
+    from llmjax.tokenizer import InstallError
+    from llmjax.train import train
+    from test_train import cfg
+
+    D.open_dataset("tinyshakespeare", str(tmp_path / "data"))  # (prepared while the package is whole)
+    monkeypatch.setattr(tokenizer, "ASSETS", copy / "llmjax" / "assets")
+    tokenizer.gpt2_encoding.cache_clear()
+    try:
+        for data_dir in (tmp_path / "empty", tmp_path / "data"):  # (not prepared: its preparation; prepared: read)
+            c = cfg("vanilla", data__dataset="tinyshakespeare", data__dir=str(data_dir), model__vocab_size=50257,
+                    model__padded_vocab_size=50304)
+            with pytest.raises((InstallError, ConfigError), match=rf"^{re.escape(said[7:-1])}$"):
+                train(c, tmp_path / "run", quiet=True)
+            assert not (tmp_path / "run").exists()
+        assert not (tmp_path / "empty").exists() or not any((tmp_path / "empty").rglob("*.*"))  # (no half-prepared dataset)
+    finally:
+        tokenizer.gpt2_encoding.cache_clear()
