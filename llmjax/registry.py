@@ -18,18 +18,26 @@ from flax import nnx
 from llmjax.config import ConfigError, closest, model_config
 
 ARCHS: dict[str, type[nnx.Module]] = {}
+_SITES: dict[str, tuple[str, int]] = {}  # name -> (file, line) of the class statement that registered it
 
 
 def register(name: str):
-    """Class decorator adding a model class under `name`; the class must set `config_class`."""
+    """Class decorator adding a model class under `name`; the class must set `config_class`. The
+    same class statement run again (a config file that defines its own architecture: the command
+    line reads a config file two or three times) replaces it; another one under the name is refused."""
+    import sys
+
+    caller = sys._getframe(1)  # (the code the decorated class statement is in)
+    site = (caller.f_code.co_filename, caller.f_lineno)
 
     def wrap(cls):
-        if name in ARCHS:
+        if name in ARCHS and _SITES.get(name) != site:
             raise ValueError(f"architecture '{name}' is registered twice")
         if not hasattr(cls, "config_class"):
             raise TypeError(f"{cls.__name__} must define config_class")
         cls.arch_name = name
         ARCHS[name] = cls
+        _SITES[name] = site
         return cls
 
     return wrap

@@ -651,3 +651,31 @@ def test_a_read_only_disk_or_a_used_up_quota_is_told_what_helps():
                                  "another, or mount it read-write")
     assert line(errno.EDQUOT) == "/mnt/ro/run: Disk quota exceeded: your disk quota is used up; make room and run again"
     assert line(errno.EPERM).endswith("(the user this runs as may not read or write there): choose another path, or change its permissions")
+
+
+def test_a_config_file_that_registers_its_own_architecture_loads(tmp_path):
+    """A config file may define and register an architecture (try an idea in one file): the command
+    line reads a config file two or three times, and the second run of its class statement was
+    refused as "architecture 'myvanilla' is registered twice". The same statement run again replaces
+    it; another class under a registered name is still refused."""
+    from helpers import cli_runs, users_config
+    from llmjax.registry import register
+
+    path = users_config(tmp_path / "mine.py", (
+        "from llmjax.registry import register\n"
+        "from llmjax.models.vanilla import GPT2, VanillaConfig\n"
+        "@register('myvanilla')\n"
+        "class MyVanilla(GPT2):\n"
+        "    config_class = VanillaConfig\n"
+        "MODELS = v.MODELS\n"
+        "def get_config(variant='tiny'):\n"
+        "    cfg = make_config(variant, MODELS)\n"
+        "    cfg.model.arch = 'myvanilla'\n"
+        "    return cfg\n"))
+    (r,) = cli_runs([("llmjax.summary", ["--config", str(path)])])
+    assert r.returncode == 0 and "myvanilla" in r.stdout, r.stderr[-2000:]
+    with pytest.raises(ValueError, match="architecture 'vanilla' is registered twice"):
+        @register("vanilla")
+        class Other(llmjax.ARCHS["vanilla"]):
+            pass
+    assert llmjax.ARCHS["vanilla"].__name__ == "GPT2"
