@@ -369,6 +369,10 @@ def _config_call(spec: str):
     path, variant = split_spec(spec)
     file = Path(path)
     if not file.is_file():
+        whole = str(spec).rpartition(":")[0] if Path(str(spec).rpartition(":")[0]).is_file() else str(spec)
+        if ":" in whole and Path(whole).is_file():  # (the path's own ':' taken for the variant's: "config file '/tmp/a' not found")
+            raise ConfigError(f"config file '{whole}' has ':' in its path, which separates a config's variant (path:variant); "
+                              "move or link it to a path without one")
         raise ConfigError(f"config file '{path}' not found; pass e.g. configs/modern.py or configs/modern.py:tiny")
     module_spec = importlib.util.spec_from_file_location(f"llmjax_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)

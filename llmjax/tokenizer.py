@@ -137,6 +137,6 @@ def from_description(desc: dict):
             raise TokenizerError("character tokenizer description without its 'chars' (a string of the vocabulary)")
         tok = CharTokenizer(desc["chars"])
         if desc.get("vocab_size", tok.vocab_size) != tok.vocab_size:
-            raise TokenizerError(f"character tokenizer: vocab_size {desc['vocab_size']} but {tok.vocab_size} characters")
+            raise TokenizerError(f"character tokenizer: vocab_size {desc['vocab_size']!r} but {tok.vocab_size} characters")
         return tok
     raise TokenizerError(f"unknown tokenizer kind {kind!r} (expected 'gpt2' or 'char')")

@@ -679,3 +679,28 @@ def test_a_config_file_that_registers_its_own_architecture_loads(tmp_path):
         class Other(llmjax.ARCHS["vanilla"]):
             pass
     assert llmjax.ARCHS["vanilla"].__name__ == "GPT2"
+
+
+def test_a_key_given_twice_a_colon_in_a_path_and_a_newline_in_a_value_are_one_line(tmp_path):
+    """`--config.model.n_layer=2 --config.model.n_layer=5` trained 5 layers without a word (--config
+    given twice is refused); a config path with ':' in a folder's name said that its part before the
+    ':' was not found; a value with a newline split the error line in two."""
+    import shutil
+
+    from helpers import cli_runs
+
+    (tmp_path / "a:b").mkdir()
+    shutil.copy(ROOT / "configs" / "vanilla.py", tmp_path / "a:b" / "m.py")
+    runs = [("llmjax.summary", ["--config", "configs/vanilla.py:tiny", "--config.model.n_layer=2", "--config.model.n_layer=5"]),
+            ("llmjax.summary", ["--config", f"{tmp_path}/a:b/m.py:tiny"]), ("llmjax.summary", ["--config", f"{tmp_path}/a:b/m.py"]),
+            ("llmjax.summary", ["--config", "configs/vanilla.py:tiny", "--config.model.dtype=float32\n"])]
+    colon = (f"error: config file '{tmp_path}/a:b/m.py' has ':' in its path, which separates a config's variant (path:variant); move or "
+             "link it to a path without one\n")
+    want = ["error: --config.model.n_layer is given 2 times; give each key once\n", colon, colon,
+            "error: model.dtype='float32\\n' is not one of float32, bfloat16, float16 (did you mean 'float32'?)\n"]
+    for r, line in zip(cli_runs(runs), want):
+        assert (r.returncode, r.stderr) == (2, line), r.stderr[-2000:]
+    from llmjax.tokenizer import TokenizerError, from_description
+
+    with pytest.raises(TokenizerError, match=r"^character tokenizer: vocab_size '3' but 3 characters$"):  # (it read "vocab_size 3 but 3")
+        from_description({"kind": "char", "chars": "abc", "vocab_size": "3"})
