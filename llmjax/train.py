@@ -936,9 +936,11 @@ def _train(cfg, workdir, *, hold: contextlib.ExitStack, fresh_files: list[Path],
         if old_tok is not None and old_tok != tokenizer.description():
             def said(d):
                 return f"{d.get('kind')}, {d.get('vocab_size')} tokens" if isinstance(d, dict) else "not a tokenizer"
+            same = said(old_tok) == said(tokenizer.description())  # (it read "(char, 65 tokens) is not ... (char, 65 tokens)")
             raise ConfigError(f"{workdir} holds a run whose tokenizer ({said(old_tok)}: its tokenizer.json) is not the one dataset "
-                              f"'{dataset.name}' is now prepared with ({said(tokenizer.description())}): the dataset was prepared "
-                              f"again since; prepare it as before to resume, or use another --workdir")
+                              f"'{dataset.name}' is now prepared with ({said(tokenizer.description())}"
+                              f"{', the same size with other tokens' if same else ''}): the dataset was prepared again since, or the "
+                              f"run's tokenizer.json was changed; prepare it as before to resume (or put back that file), or use another --workdir")
         diffs = model_changes(old_cfg, resolved)
         if diffs:
             raise ConfigError(

@@ -806,7 +806,9 @@ def test_a_run_refuses_a_dataset_prepared_again_with_another_tokenizer(tmp_path)
     other = {**desc, "chars": desc["chars"][::-1]}  # (as a dataset prepared again from other text would have it)
     (workdir / "tokenizer.json").write_text(json.dumps(other))
     with pytest.raises(ConfigError, match=r"holds a run whose tokenizer \(char, 65 tokens: its tokenizer.json\) is not the one dataset "
-                                          r"'tinyshakespeare_char' is now prepared with \(char, 65 tokens\).*prepare it as before"):
+                                          r"'tinyshakespeare_char' is now prepared with \(char, 65 tokens, the same size with other tokens\): the dataset was "
+                                          r"prepared again since, or the run's tokenizer.json was changed; prepare it as before to resume "
+                                          r"\(or put back that file\), or use another --workdir$"):
         train(cfg("vanilla"), workdir, quiet=True)
     assert json.loads((workdir / "tokenizer.json").read_text()) == other  # (nothing overwritten)
 
