@@ -223,8 +223,6 @@ def _parse(argv: list[str]):
     if "config" in FLAGS and len(specs := [v for _, v in given(argv, ("config",))]) > 1:
         fail(f"--config is given {len(specs)} times ({', '.join(specs)}); give one config, then its overrides "
              "(--config.KEY=VALUE)")
-    if "config" in FLAGS and (twice := next((k for k in keys if keys.count(k) > 1), None)) is not None:  # (absl: the last, silently)
-        fail(f"--config.{twice} is given {keys.count(twice)} times; give each key once")
     early = _misplaced_override(argv)
     if early is not None and "config" in FLAGS:
         fail(f"{early} comes before --config; give --config {spec} first, then its overrides" if spec is not None else

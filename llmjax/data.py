@@ -89,11 +89,13 @@ def umask() -> int:
 
 def atomic_write_bytes(path: Path, chunks) -> None:
     """Write `chunks` (bytes or an iterable of bytes-like) to `path` via a temporary file + rename.
-    A file it replaces keeps its permissions; a new one gets what a file written in place would."""
+    A file it replaces keeps its permissions, its owner's write permission added; a new one gets
+    what a file written in place would."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:  # (mkstemp makes it 0600; a document rewritten, bench --doc's, took 0666 & ~umask, not its own 0600 or 0755)
-        mode = stat.S_IMODE(os.stat(path).st_mode)
+    try:  # (mkstemp makes it 0600; a document rewritten, bench --doc's, took 0666 & ~umask, not its own 0600 or 0755;
+        # writable by its owner whatever it was: a run's file the trainer rewrites, then appends to, as metrics.jsonl)
+        mode = stat.S_IMODE(os.stat(path).st_mode) | stat.S_IWUSR
     except OSError:
         mode = 0o666 & ~umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

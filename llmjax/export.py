@@ -607,8 +607,8 @@ def _write(loaded, fmt: str, out: Path, gguf_path: Path, np_dtype, dtype: str) -
 EXPORT_FILES = {"model.safetensors", "config.json", "vocab.json", "merges.txt", "tokenizer_config.json"}
 
 
-def gguf_strings(path: Path, keys) -> dict[str, str]:
-    """The string values of `keys` in a (little-endian) GGUF file's metadata, read only as far as the
+def gguf_strings(path: Path, keys) -> dict[str, str | int]:
+    """The string (and uint32) values of `keys` in a (little-endian) GGUF file's metadata, read only as far as the
     last of them: gguf's GGUFReader parses every field and tensor first, 3 s for an export's
     50,257-token vocabulary and 50,000 merges (ours come after these keys). ValueError: not such a
     GGUF file, or cut short."""
@@ -655,8 +655,8 @@ def gguf_strings(path: Path, keys) -> dict[str, str]:
         for _ in range(kv_count):
             key = string().decode("utf-8", "replace")
             (kind,) = read("<I")
-            if key in want and kind == T.STRING:
-                found[key] = string().decode("utf-8", "replace")
+            if key in want and kind in (T.STRING, T.UINT32):  # (a uint32: general.file_type)
+                found[key] = string().decode("utf-8", "replace") if kind == T.STRING else read("<I")[0]
                 if len(found) == len(want):
                     break
             else:
@@ -668,6 +668,7 @@ def gguf_strings(path: Path, keys) -> dict[str, str]:
 # tokenizer alone is also what llama.cpp's conversion of an exported model holds, which an export
 # to its name wrote over.
 GGUF_MARK = "llmjax.export"
+EXPORT_FILE_TYPES = (0, 1)  # general.file_type of an export: gguf.LlamaFileType.ALL_F32, MOSTLY_F16
 
 
 def check_export_gguf(path: Path) -> None:
@@ -676,15 +677,17 @@ def check_export_gguf(path: Path) -> None:
     else is overwritten."""
     if not path.exists():
         return
-    keys = ("general.architecture", "tokenizer.ggml.model", "tokenizer.ggml.pre", GGUF_MARK)
+    keys = ("general.architecture", "tokenizer.ggml.model", "tokenizer.ggml.pre", GGUF_MARK, "general.file_type")
     try:
         values = gguf_strings(path, keys)
-        ours = tuple(values.get(k) for k in keys) == ("llama", "gpt2", "gpt-2", "1")
+        # (and a file type an export writes: llama.cpp's quantize copies every key, the mark too, and sets its own type)
+        ours = tuple(values.get(k) for k in keys[:4]) == ("llama", "gpt2", "gpt-2", "1") and values.get(keys[4]) in EXPORT_FILE_TYPES
     except Exception:  # noqa: BLE001 (not GGUF, cut short, or no gguf package: not provably an export)
         ours = False
     if not ours:
-        raise ExportError(f"--out {path} is not an earlier llmjax export (or one written before 2026-12-07, which lacks the "
-                          f"'{GGUF_MARK}' key); give a new name (or move that file aside)")
+        raise ExportError(f"--out {path} is not an earlier llmjax export (another file, a GGUF of another source or file type, "
+                          f"or an export from before 2026-12-07, which lacks the '{GGUF_MARK}' key); give a new name (or move that "
+                          "file aside)")
 
 
 def _is_earlier_export(out: Path) -> bool:

@@ -11,6 +11,7 @@ branches on the architecture.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from flax import nnx
@@ -28,7 +29,9 @@ def register(name: str):
     import sys
 
     caller = sys._getframe(1)  # (the code the decorated class statement is in)
-    site = (caller.f_code.co_filename, caller.f_lineno)
+    # (its file as the file system has it: config_flags loads the file as typed, `./mine.py`, where load_config
+    # compiled it as `mine.py`: two names of one statement)
+    site = (os.path.realpath(caller.f_code.co_filename), caller.f_lineno)
 
     def wrap(cls):
         if name in ARCHS and _SITES.get(name) != site:

@@ -668,23 +668,29 @@ def test_exports_never_overwrite_files_or_folders_that_are_not_exports(runs, tmp
     gguf = pytest.importorskip("gguf")
     # llama.cpp's own conversion of an exported model: architecture llama with the GPT-2 tokenizer,
     # as an export's, without llmjax's key (it was taken for an earlier export and written over)
-    converted = tmp_path / "converted.gguf"
-    w = gguf.GGUFWriter(str(converted), arch="llama")
-    w.add_name("llama.cpp's conversion")
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_tensor("token_embd.weight", np.ones((4, 8), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    data = converted.read_bytes()
-    with pytest.raises(X.ExportError, match=r"converted.gguf is not an earlier llmjax export \(or one written before 2026-12-07, "
-                                            r"which lacks the 'llmjax.export' key\); give a new name"):
-        X.export(runs["modern"], "gguf", converted)
-    assert converted.read_bytes() == data
+    # and llama.cpp's quantize of an export, which copies every key, llmjax's too, and sets its file type (Q4_K_M)
+    for name, mark in (("converted", None), ("quantized", gguf.LlamaFileType.MOSTLY_Q4_K_M)):
+        converted = tmp_path / f"{name}.gguf"
+        w = gguf.GGUFWriter(str(converted), arch="llama")
+        w.add_name(f"llama.cpp's {name} export")
+        if mark is not None:
+            w.add_string(X.GGUF_MARK, "1")
+            w.add_file_type(mark)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        w.add_tensor("token_embd.weight", np.ones((4, 8), np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        data = converted.read_bytes()
+        with pytest.raises(X.ExportError, match=rf"{name}.gguf is not an earlier llmjax export \(another file, a GGUF of another source "
+                                                r"or file type, or an export from before 2026-12-07, which lacks the 'llmjax.export' key\); "
+                                                r"give a new name \(or move that file aside\)$"):
+            X.export(runs["modern"], "gguf", converted)
+        assert converted.read_bytes() == data
     first = X.export(runs["modern"], "gguf", tmp_path / "v1.gguf")
-    assert X.gguf_strings(first, [X.GGUF_MARK]) == {X.GGUF_MARK: "1"}
+    assert X.gguf_strings(first, [X.GGUF_MARK, "general.file_type"]) == {X.GGUF_MARK: "1", "general.file_type": 0}
     (tmp_path / "latest.gguf").symlink_to(first)
     assert X.export(runs["modern"], "gguf", tmp_path / "latest.gguf", dtype="float16") == first
     assert (tmp_path / "latest.gguf").is_symlink() and first.stat().st_size < 10_000_000
