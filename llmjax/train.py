@@ -1504,13 +1504,10 @@ def claim_process_id(address: str | None, i: int | None) -> None:
         return
     import tempfile
 
-    shared = Path(tempfile.gettempdir()) / "llmjax-processes"
-    folder = shared / f"{re.sub(r'[^A-Za-z0-9.-]', '_', address)}-{i}"
+    # (a folder of this user's: in one every user could write, another's lock on the name refused this user's run)
+    folder = Path(tempfile.gettempdir()) / f"llmjax-processes-{os.getuid()}" / f"{re.sub(r'[^A-Za-z0-9.-]', '_', address)}-{i}"
     try:
-        if not shared.exists():
-            shared.mkdir(exist_ok=True)
-            shared.chmod(0o1777)  # (every user's runs make their folders here, as in /tmp)
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         _PROCESS_CLAIM.enter_context(exclusive_folder(folder, lambda: ConfigError(
             f"process {i} of the run at --coordinator_address={address} is running on this host already; a second one would end "
             f"that run (jax.distributed aborts every process of it): stop that one first, or give this one its own --process_id")))

@@ -484,7 +484,7 @@ def test_a_second_copy_of_a_running_process_is_refused_before_it_joins(tmp_path)
     from llmjax.runtime import exclusive_folder
 
     port = _free_port()
-    claim = Path(tempfile.gettempdir()) / "llmjax-processes" / f"127.0.0.1_{port}-1"
+    claim = Path(tempfile.gettempdir()) / f"llmjax-processes-{os.getuid()}" / f"127.0.0.1_{port}-1"
     claim.mkdir(parents=True, exist_ok=True)
     cmd = _train_cmd(tmp_path / "run", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=1")
     with exclusive_folder(claim, lambda: AssertionError("held")):
