@@ -38,7 +38,7 @@ from absl import flags
 
 from llmjax import cli
 from llmjax.config import ConfigError, load_config, model_config, model_defaults, parse_value, set_key, split_spec, validate
-from llmjax.data import atomic_write_bytes, atomic_write_json
+from llmjax.data import atomic_write_bytes, atomic_write_json, metrics_rows
 from llmjax.runtime import exclusive_folder
 from llmjax.summary import summarize
 
@@ -384,19 +384,10 @@ def _metrics_lines(folder: Path) -> list[dict]:
     metrics = folder / "metrics.jsonl"
     if not metrics.is_file():
         return []
-    lines = []
-    for i, x in enumerate(metrics.read_text().splitlines(), start=1):
-        if not x.strip():
-            continue
-        try:
-            row = json.loads(x)
-            why = "" if isinstance(row, dict) and isinstance(row.get("step"), int) else "no metrics row: a JSON object with its step"
-        except ValueError as e:
-            why = e.msg if isinstance(e, json.JSONDecodeError) else type(e).__name__
-        if why:
-            raise CompareError(f"{metrics}:{i} is damaged ({why}); mend or delete that line, or delete {folder} to train the run again")
-        lines.append(row)
-    return lines
+    try:
+        return metrics_rows(metrics)
+    except ValueError as e:
+        raise CompareError(f"{e}; mend or delete that line, or delete {folder} to train the run again") from None
 
 
 def summarize_runs(p: dict, runs: list[tuple[Path, dict]]) -> dict:

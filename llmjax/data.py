@@ -134,6 +134,31 @@ def remove_empty(folders: list[Path]) -> None:
             return
 
 
+def metrics_rows(path: Path, *, cut_last: bool = False, check=None) -> list[dict]:
+    """The rows of a run's metrics.jsonl (`path`), each a JSON object with its step (and, with
+    `check`, for which check(row) gives "" rather than what is wrong). A damaged line is a ValueError
+    that names the file and line ("PATH:LINE is damaged (why)"); with `cut_last`, a
+    last line that is not whole JSON (a run a crash or a full disk stopped mid-line, or one being
+    written) is left out, as the trainer leaves it out when it resumes. OSError: the file unread."""
+    lines = [(i, x) for i, x in enumerate(Path(path).read_text().splitlines(), start=1) if x.strip()]
+    rows = []
+    for i, x in lines:
+        try:
+            row = json.loads(x)
+        except ValueError as e:
+            if cut_last and i == lines[-1][0]:
+                break
+            why = e.msg if isinstance(e, json.JSONDecodeError) else type(e).__name__
+        else:
+            step = row.get("step") if isinstance(row, dict) else None
+            why = "" if isinstance(step, int) and not isinstance(step, bool) else "no metrics row: a JSON object with its step"
+            why = why or (check(row) if check is not None else "")
+        if why:
+            raise ValueError(f"{path}:{i} is damaged ({why})")
+        rows.append(row)
+    return rows
+
+
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 

@@ -23,7 +23,7 @@ import numpy as np
 from absl import flags
 
 from llmjax import cli
-from llmjax.data import atomic_write_bytes
+from llmjax.data import atomic_write_bytes, metrics_rows
 
 
 class PlotError(ValueError):
@@ -35,9 +35,11 @@ def read_run(path: Path) -> dict:
     path = Path(path)
     try:
         config_text = (path / "config.json").read_text()
-        text = (path / "metrics.jsonl").read_text()
-    except (OSError, ValueError) as e:
+        lines = metrics_rows(path / "metrics.jsonl", cut_last=True, check=_plottable)  # (a last line cut short: left out, as the trainer does)
+    except (OSError, UnicodeDecodeError) as e:
         raise PlotError(f"{path} is not a readable training run ({type(e).__name__}: {e}); pass run directories") from None
+    except ValueError as e:  # (a row of null or a list was an AttributeError, one without its step a KeyError: one line, as compare's)
+        raise PlotError(f"{e}; mend or delete that line") from None
     try:  # (a config.json of no run's shape was a KeyError or TypeError, valid JSON or not)
         config = json.loads(config_text)
         if not (isinstance(config, dict) and isinstance(config.get("model"), dict) and isinstance(config.get("train"), dict)
@@ -46,24 +48,6 @@ def read_run(path: Path) -> dict:
     except ValueError as e:
         why = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
         raise PlotError(f"{path / 'config.json'} is damaged ({why}); it is the run's config as the trainer wrote it") from None
-    rows = [(i, line) for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
-    lines = []
-    for i, line in rows:
-        try:
-            m = json.loads(line)
-        except ValueError as e:
-            if i == rows[-1][0]:  # a last line cut short (a run a full disk or a crash stopped, or one being written now): left out,
-                break  # as the trainer leaves it out when it resumes (and redoes that step)
-            m, why = None, e.msg if isinstance(e, json.JSONDecodeError) else type(e).__name__
-        else:  # (a row of null or a list was an AttributeError, one without its step a KeyError: one line naming it, as compare's)
-            why = "" if isinstance(m, dict) and isinstance(m.get("step"), int) and not isinstance(m["step"], bool) else \
-                "no metrics row: a JSON object with its step"
-            loss = m.get("val_loss_estimate", m.get("val_loss")) if not why else None
-            if not why and not (loss is None or _number(loss)) or not why and not _number(m.get("tokens", 0)):
-                why = "its val_loss or tokens is not a number"
-        if why:
-            raise PlotError(f"{path / 'metrics.jsonl'}:{i} is damaged ({why}); mend or delete that line")
-        lines.append(m)
     tokens, seconds, losses, elapsed = [], [], [], 0.0
     for m in lines:
         elapsed += m.get("step_time") if _number(m.get("step_time")) else 0.0
@@ -78,6 +62,12 @@ def read_run(path: Path) -> dict:
     label = f"{config['model']['arch']}"
     return {"tokens": np.asarray(tokens, float), "seconds": np.asarray(seconds), "val_loss": np.asarray(losses, float),
             "label": label, "config": config, "path": path}
+
+
+def _plottable(m: dict) -> str:
+    """What is wrong with a metrics row for a curve ("": nothing): its loss and tokens must be numbers."""
+    loss = m.get("val_loss_estimate", m.get("val_loss"))
+    return "" if (loss is None or _number(loss)) and _number(m.get("tokens", 0)) else "its val_loss or tokens is not a number"
 
 
 def _number(x) -> bool:
