@@ -523,10 +523,11 @@ def test_a_workdir_another_run_trains_in_stops_every_process(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_leaves_a_checkpoint_to_resume_from(tmp_path, sig):
     """SIGTERM (a preemption) or a first Ctrl-C (SIGINT: was a KeyboardInterrupt traceback, and an
-    Orbax clean-up cut short) finishes the step, saves it and exits."""
+    Orbax clean-up cut short) finishes the step, saves it and exits: at once, not at the next
+    evaluation or checkpoint step (here there is none: a preemption's grace period would run out)."""
     workdir = tmp_path / "run"
     proc = subprocess.Popen(
-        _train_cmd(workdir, "--config.train.max_steps=100000", "--config.train.checkpoint_every_steps=100000"),
+        _train_cmd(workdir, "--config.train.max_steps=100000", "--config.train.checkpoint_every_steps=100000", "--config.eval.every_steps=0"),
         cwd=ROOT,
         env=_env(),
         stdout=subprocess.PIPE,
@@ -538,7 +539,10 @@ def test_sigterm_leaves_a_checkpoint_to_resume_from(tmp_path, sig):
     while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 5):
         time.sleep(0.2)
     proc.send_signal(sig)
-    out = proc.communicate(timeout=120)[0]
+    try:
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
     assert proc.returncode == 0, out
     said = "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C"
     assert f"stopped by {said} after step" in out and "Traceback" not in out, out
@@ -2357,3 +2361,121 @@ def test_a_rerun_with_nothing_to_run_keeps_the_runs_config_and_starts_no_wandb_r
     out = capsys.readouterr().out
     old = float(T.lr_schedule(cfg("vanilla", train__max_steps=6).train)(3))
     assert "train.max_steps (6 -> 7); train.stop_at_step (3 -> 4);" in out and f"jumps from {old:.4g} to" in out, out
+
+
+def test_gradient_accumulation_is_the_mean_over_every_micro_batch():
+    """train.grad_accum_steps=2 of 4 windows gives the step of one batch of the same 8 windows: the
+    loss and the gradients the optimizer gets are the mean over both micro-batches (not their sum,
+    not the first alone), within float32 summation order. (Exact resume compares a run with itself:
+    it passed with either.)"""
+    from llmjax import data as D
+    from llmjax.sharding import make_mesh
+    from llmjax.train import build_steps
+
+    ds = D.open_dataset("tinyshakespeare_char", "unused")
+    windows = next(D.sample_windows(ds.split("train"), seq_len=32, batch=8, num_batches=1, seed=0))
+    out = []
+    for accum in (1, 2):
+        c = cfg("vanilla", train__batch_size=8 // accum, train__grad_accum_steps=accum)
+        mesh = make_mesh(c.train.mesh, jax.devices()[:1])
+        steps = build_steps(c, mesh)
+        with jax.set_mesh(mesh):
+            params = steps.init_state()["params"]
+            grads, ce, _, _ = steps.gradients(params, windows.reshape(accum, 8 // accum, 33), None)
+        out.append((jax.device_get(grads), float(ce)))
+    (g1, ce1), (g2, ce2) = out
+    assert ce2 == pytest.approx(ce1, rel=1e-6)
+    for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()) + 1e-9)
+
+
+def test_tokens_seen_count_every_micro_batch_across_a_resume(tmp_path):
+    """Each row's `tokens` is the training tokens seen so far: train.batch_size x grad_accum_steps
+    windows of context_len targets a step, before and after a resume (which counts them from the
+    restored data position)."""
+    c = dict(train__batch_size=4, train__grad_accum_steps=2, train__max_steps=3, eval__every_steps=0)
+    one = jax.devices()[:1]
+    assert train(cfg("vanilla", train__stop_at_step=2, **c), tmp_path / "run", devices=one, quiet=True).step == 2
+    assert train(cfg("vanilla", **c), tmp_path / "run", devices=one, quiet=True).final
+    assert losses(tmp_path / "run", "tokens") == {1: 256, 2: 512, 3: 768}  # (8 windows of 32 targets a step)
+
+
+def test_fsdp_shards_the_optimizer_state_and_the_batch_as_well():
+    """Under FSDP, Adam's moments are split as their parameters are (else every device held them
+    whole: twice the parameters' memory, unsplit) and the batch is split over every device of the
+    mesh, the fsdp axis too (else each fsdp group computed the same rows again). The values are the
+    same either way: only the shardings show it."""
+    import optax
+
+    from llmjax.sharding import make_mesh
+    from llmjax.train import build_steps
+
+    c = cfg("vanilla", **{"train.mesh.data": 2, "train.mesh.fsdp": 4})
+    mesh = make_mesh(c.train.mesh, jax.devices()[:8])
+    steps = build_steps(c, mesh)
+    params = steps.state_shard["params"]
+    assert params["embed"]["embedding"].spec == P(None, "fsdp")
+    (adam,) = [s for s in jax.tree.leaves(steps.state_shard["opt"], is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+               if isinstance(s, optax.ScaleByAdamState)]
+    specs = functools.partial(jax.tree.map, lambda s: s.spec)
+    assert specs(adam.mu) == specs(params) and specs(adam.nu) == specs(params)
+    batch = jax.device_put(np.zeros((1, 8, 33), np.int32), steps.tok_shard)
+    assert {shard.data.shape for shard in batch.addressable_shards} == {(1, 1, 33)}
+
+
+def test_a_masked_cross_entropy_is_the_mean_over_the_positions_it_keeps():
+    """llmjax.cross_entropy with a mask: the mean of the kept positions' losses (a masked-out
+    position's target may be an ignore index), not of every position."""
+    from llmjax.loss import cross_entropy
+
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(2, 5, 7)), jnp.float32)
+    targets = rng.integers(0, 7, (2, 5))
+    mask = np.ones((2, 5), np.float32)
+    mask[0, 3:] = mask[1, 0] = 0
+    targets[0, 4] = -100
+    per_token = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits, -1)), np.maximum(targets, 0)[..., None], -1)[..., 0]
+    assert float(cross_entropy(logits, jnp.asarray(targets), jnp.asarray(mask))) == pytest.approx(per_token[mask > 0].mean(), rel=1e-6)
+
+
+def test_a_resume_that_cannot_rewrite_metrics_jsonl_leaves_it_whole(tmp_path):
+    """A resume rewrites metrics.jsonl to the rows its checkpoint covers; on a disk that takes no more
+    (here: files over a few kB cannot be written, the run's 30 rows are more) it stops in one line,
+    and the file is as it was, not cut short at what fitted (rows the user had are never lost)."""
+    import shlex
+
+    workdir = tmp_path / "run"
+    over = {"train.max_steps": 40, "eval.every_steps": 0}
+    train(cfg("vanilla", train__stop_at_step=30, **{k.replace(".", "__"): v for k, v in over.items()}), workdir,
+          devices=jax.devices()[:2], quiet=True)
+    before = (workdir / "metrics.jsonl").read_bytes()
+    largest = max((workdir / n).stat().st_size for n in ("config.json", "tokenizer.json"))
+    limit = largest // 1024 + 2  # (kB: room for the run's other files, not for its metrics)
+    assert len(before) > (limit + 1) * 1024, (len(before), limit)
+    cmd = _train_cmd(workdir, *(f"--config.{k}={v}" for k, v in over.items()))
+    limited = f"trap '' XFSZ; ulimit -f {limit}; exec {shlex.join(cmd)}"
+    r = subprocess.run(["bash", "-c", limited], cwd=ROOT, env=_env(LLMJAX_COMPILATION_CACHE=""), capture_output=True, text=True, timeout=300)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and re.match(r"error: File too large \(.*metrics\.jsonl\); stopped\. ", last), r.stderr[-3000:]
+    assert (workdir / "metrics.jsonl").read_bytes() == before
+    assert train(cfg("vanilla", train__stop_at_step=31, **{k.replace(".", "__"): v for k, v in over.items()}), workdir,
+                 devices=jax.devices()[:2], quiet=True).step == 31  # (room again)
+    assert [m["step"] for m in figures(workdir)] == list(range(1, 32))
+
+
+def test_the_data_fingerprint_tells_other_text_of_the_same_size_apart(tmp_path):
+    """The data position a checkpoint saves indexes the training shards it was taken on: shards
+    prepared again from other text of the same size (same names and token counts, other sha256) get
+    another fingerprint (a resume is refused), the same text prepared again the same one."""
+    from llmjax import data as D
+    from llmjax.train import data_fingerprint
+
+    def prepared(name, tokens):
+        out = tmp_path / name
+        shard = D.write_shard(out / "train_0000.bin", tokens)
+        D.write_manifest(out, "mine", {"kind": "char", "chars": "ab"}, {"train": [shard], "val": [shard]})
+        return D.TokenDataset.open(out)
+
+    tokens = np.arange(100, dtype=np.uint16) % 2
+    first, again, other = prepared("a", tokens), prepared("b", tokens.copy()), prepared("c", tokens[::-1].copy())
+    assert data_fingerprint(first) == data_fingerprint(again) != data_fingerprint(other)
