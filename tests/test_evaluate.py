@@ -29,7 +29,6 @@ ARCHS = sorted(llmjax.ARCHS)
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 
 
-
 def reference_scores(m, pairs, context_len):
     """Each request alone at its exact length (no padding, no batch-mates); float64 log-softmax."""
     out = []
@@ -337,6 +336,22 @@ def test_metrics_edge_cases_are_lm_evals():
     json.dumps(m, allow_nan=False)
 
 
+def test_acc_norm_is_per_character_and_the_standard_errors_are_lm_evals():
+    """acc_norm divides by the choice's characters (lm-eval's len(choice)): not its UTF-8 bytes (the
+    fixture items are ASCII, where the two agree), nor the delimiter space; the standard errors are
+    lm-eval's (sample standard deviation / sqrt(n)), as the fast scorer's results write them."""
+    lm_metrics = pytest.importorskip("lm_eval.api.metrics")
+    items = [downstream.Item("ctx", ("\u00e9\u00e9\u00e9", "abcd"), 1),  # per character -1.1 < -1.0; per byte -0.55 > -1.0
+             downstream.Item("ctx", ("a", "abcdefgh"), 1),  # per character -1.5 < -1.25; with the space -0.75 > -1.11
+             downstream.Item("ctx", ("x", "y"), 0), downstream.Item("ctx", ("x", "y"), 1), downstream.Item("ctx", ("x", "y"), 0)]
+    m = downstream.metrics(items, [-3.3, -4.0, -1.5, -10.0, -1.0, -2.0, -1.0, -2.0, -1.0, -2.0])
+    acc, acc_norm = [0.0, 0.0, 1.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0, 1.0]
+    assert (m["acc"], m["acc_norm"]) == (np.mean(acc), np.mean(acc_norm))
+    assert m["acc_stderr"] == pytest.approx(lm_metrics.mean_stderr(acc), rel=1e-12)
+    assert m["acc_norm_stderr"] == pytest.approx(lm_metrics.mean_stderr(acc_norm), rel=1e-12)
+    entry = E._result_entry("hellaswag", m)  # (what --scorer=fast writes)
+    assert (entry["acc_stderr,none"], entry["acc_norm_stderr,none"]) == (m["acc_stderr"], m["acc_norm_stderr"])
+
 # --- the harness model: rolling and generation -------------------------------------------------------
 
 
@@ -412,6 +427,46 @@ def test_harness_rolling_and_generate_until(bpe_model):
                                   disable_tqdm=True)
     assert whole[0] == tok.decode(generate(m, [last], 256, sampling=Sampling(greedy=True), eot_id=tok.eot_id)[0])
 
+
+def test_generate_until_keeps_the_last_context_minus_max_gen_toks_prompt_tokens(bpe_model):
+    """As lm-eval's HF model: a prompt longer than context_len - max_gen_toks keeps exactly its last
+    context_len - max_gen_toks tokens (one more overflowed the context at the last new token, which
+    a slide then drew from half the context)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from llmjax.harness import LlmjaxLM
+    from llmjax.sample import Sampling, generate
+
+    m, tok = bpe_model
+    lm = LlmjaxLM(model=m, tokenizer=tok, batch_size=3)
+    rng = np.random.default_rng(0)
+    texts = [" ".join(str(x) for x in rng.integers(0, 1000, 300)) for _ in range(3)]
+    max_gen = 8
+    keep = m.cfg.context_len - max_gen
+    ids = [lm.tok_encode(t) for t in texts]
+    assert all(len(i) > keep for i in ids)
+    want = [tok.decode(o) for o in generate(m, [i[-keep:] for i in ids], max_gen, sampling=Sampling(greedy=True), eot_id=tok.eot_id)]
+    got = lm.generate_until([Instance("generate_until", {}, (t, {"until": ["never appears"], "max_gen_toks": max_gen}), 0)
+                             for t in texts], disable_tqdm=True)
+    assert got == want
+
+
+def test_generate_until_draws_each_batch_with_its_own_seed(bpe_model):
+    """Sampled requests get a seed per group and batch: the same request in two batches (batch size 1)
+    draws two samples, not one stream twice (as lm-eval's HF model, whose torch generator moves on)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from llmjax.harness import LlmjaxLM
+
+    m, tok = bpe_model
+    lm = LlmjaxLM(model=m, tokenizer=tok, batch_size=1)
+    args = ("The quick brown fox", {"until": ["never appears"], "max_gen_toks": 8, "do_sample": True, "temperature": 1.0, "top_k": 0})
+    out = lm.generate_until([Instance("generate_until", {}, args, i) for i in range(3)], disable_tqdm=True)
+    assert len(set(out)) == 3, out
+    assert LlmjaxLM(model=m, tokenizer=tok, batch_size=1).generate_until(
+        [Instance("generate_until", {}, args, i) for i in range(3)], disable_tqdm=True) == out  # (seeded: the same again)
 
 # --- task files -----------------------------------------------------------------------------------
 

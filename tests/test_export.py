@@ -44,7 +44,6 @@ def test_gpt2_tensors_round_trip():
         X.params_from_gpt2(t, llmjax.model_config(config("vanilla", d_ff=128)))
 
 
-
 def test_gpt2_weights_of_fewer_layers_say_how_many():
     """GPT-2 weights of fewer layers than model.n_layer were "no tensor 'h.2.ln_1.weight'; is this a
     GPT-2 checkpoint?" (they are): the line gives both counts, as more layers did."""
@@ -69,6 +68,7 @@ def test_gpt2_weights_for_another_vocabulary_say_so():
     with pytest.raises(X.ExportError, match=r"^the GPT-2 weights' token table \(wte.weight\) holds 50304 tokens; llmjax reads GPT-2 weights "
                                             r"with GPT-2's BPE vocabulary \(50257 tokens\)$"):
         X.params_from_gpt2(padded, bpe, crop=True)
+
 
 def test_gpt2_import_crops_the_position_table_to_a_shorter_context():
     """train.init_from with a model.context_len below the weights' (GPT-2's 1024 into a 256 context;
@@ -229,6 +229,43 @@ def test_exported_tensors_compute_the_model_in_a_float64_reference():
         for layout, logits in got.items():
             np.testing.assert_allclose(logits, ours, rtol=0, atol=2e-5, err_msg=layout)
         assert np.abs(ours).max() > 0.1  # (logits that are not all near zero)
+
+
+def test_configs_and_gguf_metadata_carry_the_models_own_hyperparameters(tmp_path):
+    """A model whose norm epsilon, rope base and key/value heads are not the defaults: the Hugging
+    Face configs and the GGUF metadata (llama.cpp builds its graph from these keys, not from the
+    tensors) hold its own values, and the configs compute its logits in the float64 references (the
+    tiny runs use the defaults: a constant written in their place passed every other test)."""
+    gguf = pytest.importorskip("gguf")
+    from llmjax.tokenizer import GPT2Tokenizer
+
+    toks = np.random.default_rng(1).integers(0, 65, 16)
+    m = perturb_vectors(llmjax.build_model(config("vanilla", scan_layers=True, norm_eps=0.3), seed=5))
+    ours = np.asarray(m(jnp.asarray(toks[None], jnp.int32))[0], np.float64)[0, :, :65]
+    c = X.gpt2_config(m.cfg)
+    assert c["layer_norm_epsilon"] == 0.3
+    np.testing.assert_allclose(_ref_gpt2(X.gpt2_tensors(jax.tree.map(np.asarray, params(m)), m.cfg), c, toks), ours, rtol=0, atol=2e-5)
+
+    over = {"n_kv_head": 2, "rope_base": 500.0, "norm_eps": 0.3, "vocab_size": 50257, "padded_vocab_size": 50304}
+    m = perturb_vectors(llmjax.build_model(config("modern", scan_layers=True, **over), seed=5))
+    p, mcfg = jax.tree.map(np.asarray, params(m)), m.cfg
+    c = X.llama_config(mcfg)
+    assert (c["rms_norm_eps"], c["rope_theta"], c["num_key_value_heads"]) == (0.3, 500.0, 2)
+    path = tmp_path / "model.gguf"
+    X.write_gguf(p, mcfg, GPT2Tokenizer(), path)
+    reader = gguf.GGUFReader(str(path))
+
+    def field(name):
+        f = reader.fields[name]
+        return f.contents() if hasattr(f, "contents") else f.parts[f.data[0]]
+
+    want = {"context_length": mcfg.context_len, "embedding_length": mcfg.d_model, "block_count": mcfg.n_layer,
+            "feed_forward_length": mcfg.d_ff, "attention.head_count": mcfg.n_head, "attention.head_count_kv": 2,
+            "attention.key_length": mcfg.head_dim, "attention.value_length": mcfg.head_dim, "rope.dimension_count": mcfg.head_dim,
+            "vocab_size": 50257}
+    assert {k: int(field(f"llama.{k}")) for k in want} == want
+    assert float(field("llama.rope.freq_base")) == 500.0
+    assert float(field("llama.attention.layer_norm_rms_epsilon")) == pytest.approx(0.3, rel=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -556,7 +593,6 @@ def test_export_write_failures_are_one_line(runs, tmp_path):
     assert not (tmp_path / "big").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-
 def test_an_out_one_may_not_look_at_is_one_line(runs, tmp_path, monkeypatch):
     """An --out under a folder the user may not enter: its checks' stat of it raises EACCES (pathlib
     passes that on), which was a PermissionError's traceback. Root enters any folder, so the stat is
@@ -582,6 +618,7 @@ def test_gpt2_weights_one_may_not_look_at_are_one_line(tmp_path, monkeypatch):
     for source in (locked / "hf", locked / "model.safetensors"):
         with pytest.raises(X.ExportError, match=f"^cannot read {re.escape(str(source))}: Permission denied \\(.*\\)$"):
             X.read_gpt2(str(source), mcfg)
+
 
 def test_a_weight_float16_cannot_hold_is_refused_not_written_as_inf(runs, tmp_path, monkeypatch):
     """--dtype float16 wrote a weight beyond float16's 65504 as inf without a word (a model whose

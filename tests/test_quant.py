@@ -73,6 +73,40 @@ def test_embeddings_optionally_quantized():
     assert d.max() < 0.08
 
 
+@pytest.mark.parametrize("arch", ["vanilla", "moe"])
+def test_every_weight_is_rounded_by_its_own_output_channels_scale(arch):
+    """Dense kernels and expert weights (in, out) get one scale per output channel (the largest of
+    its inputs' weights / 127), the token table one per row: each dequantized weight is within half
+    its own channel's scale. (Scales over the contracted axis, the input channel, kept the rounding
+    bound of test_per_channel_rounding_bound and logits within test_int8_logits_are_close_to_float's
+    tolerance, yet rounded a small output channel with a large one's step.)"""
+    from flax import nnx
+
+    m = scale_params(llmjax.build_model(config(arch, scan_layers=False), seed=3), 3.0)
+    want = nnx.to_pure_dict(nnx.state(m, nnx.Param))
+    qm = quant.Int8LM(m, embeddings=True)
+    pure = jax.tree.map(lambda v: v[...], qm.weights, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    got = quant.dequantize_params(pure, jnp.float32)
+    leaves = jax.tree_util.tree_flatten_with_path(want)[0]
+    assert [p for p, _ in leaves] == [p for p, _ in jax.tree_util.tree_flatten_with_path(got)[0]]
+    checked = set()
+    for (path, w), d in zip(leaves, jax.tree.leaves(got)):
+        names = [getattr(k, "key", None) for k in path]
+        if "router" in names:
+            continue
+        if names[-1] in ("kernel", "w_in", "w_out"):
+            axis = -2  # the contracted (input) axis: the channel's own weights lie along it
+        elif names[-2:] == ["embed", "embedding"]:
+            axis = -1  # a row of the table
+        else:
+            continue
+        w, d = np.asarray(w, np.float64), np.asarray(d, np.float64)
+        half_step = np.abs(w).max(axis, keepdims=True) / 254
+        assert (np.abs(w - d) <= half_step * (1 + 1e-5) + 1e-12).all(), names
+        checked.add(names[-1])
+    assert {"kernel", "embedding"} <= checked and (arch != "moe" or {"w_in", "w_out"} <= checked), checked
+
+
 def test_moe_router_stays_float():
     qm = quant.Int8LM(llmjax.build_model(config("moe", scan_layers=False), seed=0))
     layer = qm.weights["blocks"]["layers"][0]["mlp"]

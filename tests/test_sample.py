@@ -388,6 +388,22 @@ def test_rows_stop_at_end_of_text():
     assert len(stopped[0]) == free[0].index(eot) <= 4
 
 
+def test_a_row_stops_at_end_of_text_whatever_follows_it():
+    """A row's output is its free draw cut before the first end-of-text, for several end-of-text ids,
+    including ones that the free draw follows with another token (test_rows_stop_at_end_of_text's id
+    is followed by itself: a row that drew one more token after end-of-text passed it)."""
+    m = decoder("vanilla", seed=6)
+    prompts = [[1, 2, 3], [40, 41]]
+    sp = Sampling(temperature=1.0, top_k=None)
+    free = generate(m, prompts, 15, sampling=sp, seed=3)
+    ks = [k for k in range(1, 12) if free[0][k] not in free[0][:k] and free[0][k + 1] != free[0][k]][:3]
+    assert ks
+    for k in ks:
+        eot = free[0][k]
+        stopped = generate(m, prompts, 15, sampling=sp, seed=3, eot_id=eot)
+        assert stopped == [f[: f.index(eot)] if eot in f else f for f in free], (k, eot)
+
+
 def test_streaming_delivers_every_token_in_order():
     m = decoder("ssm", seed=7)
     got = {0: [], 1: []}
@@ -516,6 +532,20 @@ def test_top_k_and_top_p_keep_exactly_the_right_tokens():
             assert not np.isfinite(got[row, 90:]).any()
             p = np.exp(got[row, :90] - got[row, :90].max())
             np.testing.assert_allclose(p / p.sum(), probs, atol=1e-6)
+
+
+def test_top_k_and_top_p_at_exact_ties_and_boundaries():
+    """Equal logits give exactly representable probabilities (1/4 each): top-p keeps the smallest set
+    whose mass reaches p, so a token whose more likely tokens already hold exactly p is dropped (a
+    `<=` on the mass before it kept one more); top-k keeps exactly k of tied tokens (a threshold at the
+    k-th value kept every tie)."""
+    x = jnp.zeros((1, 5)).at[0, 4].set(9.0)  # four real tokens, tied; last column: padded vocab
+    n_kept = lambda s: int(np.isfinite(np.asarray(filter_logits(x, 4, s))[0]).sum())  # noqa: E731
+    for p, want in ((0.25, 1), (0.5, 2), (0.75, 3), (0.5001, 3), (1.0, 4)):
+        assert n_kept(Sampling(temperature=1.0, top_k=None, top_p=p)) == want, p
+    for k, nucleus in ((1, 1), (2, 1), (3, 2)):  # (then the nucleus of the k kept, renormalised: 1/k each)
+        assert n_kept(Sampling(temperature=1.0, top_k=k)) == k, k
+        assert n_kept(Sampling(temperature=1.0, top_k=k, top_p=0.5)) == nucleus, k
 
 
 def test_extreme_temperatures_draw_only_real_tokens():
@@ -1007,6 +1037,7 @@ def test_python_m_of_a_users_package_that_imports_llmjax_keeps_pythons_ctrl_c(tm
     for m in (["-m", "mypkg.run"], ["-Bmmypkg.run"]):
         r = subprocess.run([sys.executable, *m], capture_output=True, text=True, env=env, timeout=60)
         assert (r.returncode, r.stdout, r.stderr) == (0, "saved\n", ""), (m, r.stderr)
+
 
 def test_cli_several_samples_and_prompt_file(run_dir, tmp_path):
     (tmp_path / "prompts.txt").write_text("First\n\nSecond line\n")
