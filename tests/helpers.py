@@ -47,6 +47,10 @@ def params(m) -> dict:
     return nnx.to_pure_dict(nnx.state(m, nnx.Param))
 
 
+# the parameters that start at zero or one: biases (the MoE experts' are b_in and b_out) and norm scales
+NEUTRAL_AT_INIT = ("bias", "scale", "b_in", "b_out")
+
+
 def perturb_vectors(m, seed: int = 0, std: float = 0.5):
     """Add N(0, std) noise to every bias and norm scale (per layer where layers are stacked): they
     start at zero and one, and a path that dropped or doubled a bias would still agree with another."""
@@ -54,7 +58,7 @@ def perturb_vectors(m, seed: int = 0, std: float = 0.5):
 
     def noisy(path, a):
         name = str(getattr(path[-1], "key", ""))
-        return a + std * jax.random.normal(next(keys), a.shape, a.dtype) if name in ("bias", "scale") else a
+        return a + std * jax.random.normal(next(keys), a.shape, a.dtype) if name in NEUTRAL_AT_INIT else a
 
     return load_params(m, jax.tree_util.tree_map_with_path(noisy, params(m)))
 

@@ -149,6 +149,35 @@ def test_shapes_and_dtypes(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_a_16bit_models_default_cache_is_16bit(arch):
+    """init_cache without a dtype, as the sampler calls it, makes a bfloat16 model's cache in bfloat16 (a
+    recurrent state may stay float32), as init_cache(..., bfloat16) does. A float32 default passes every
+    value test (a bfloat16 key widened to float32 and read back as bfloat16 is itself) and doubles the
+    memory of every decode (test_shapes_and_dtypes builds float32 models, where the two agree)."""
+    m = nnx.eval_shape(lambda: llmjax.build_model(config(arch, dtype="bfloat16"), seed=0))
+    dtypes = lambda *a: jax.tree.map(lambda x: x.dtype, jax.eval_shape(lambda: m.init_cache(2, 32, *a)))  # noqa: E731
+    assert dtypes() == dtypes(jnp.bfloat16)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_norm_eps_and_rope_base_reach_the_model(arch):
+    """Config numbers that change no parameter's shape, model.norm_eps and (rotary architectures)
+    model.rope_base, change the logits of the same weights. The contract suite compares a model with
+    itself, and every config and reference test runs norm_eps 1e-5 and rope_base 10000: LayerNorms
+    built without their epsilon (flax's default, 1e-6) or attention built with a fixed rotary base
+    passed every test."""
+    base = scale_params(llmjax.build_model(config(arch), seed=8), 3.0)
+    toks = tokens(12, 2, 16)
+    fwd = lambda m: np.asarray(nnx.jit(lambda m, t: m(t)[0])(m, toks)[..., : base.cfg.vocab_size])  # noqa: E731
+    want = fwd(base)
+    keys = [("norm_eps", 0.25)] + ([("rope_base", 37.0)] if hasattr(base.cfg, "rope_base") else [])
+    for key, value in keys:
+        other = load_params(llmjax.build_model(config(arch, **{key: value}), seed=0), params(base))
+        got = fwd(other)
+        assert np.abs(got - want).max() > 1e-2 * np.abs(want).max(), f"model.{key}={value} changed no logit"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_jit_equals_eager(arch):
     m = model(arch)
     toks = tokens(1, 2, 20)
@@ -511,6 +540,24 @@ def test_explicit_positions_past_the_table_or_the_cache_are_refused(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_a_position_exactly_at_the_end_is_refused(arch):
+    """The boundary itself: a last position equal to model.context_len (learned positions) or to the
+    cache's max_len is one past the end (test_explicit_positions_past_the_table_or_the_cache_are_refused
+    goes two past it, which `>` in place of `>=` refuses too); one less is accepted."""
+    m = model(arch)
+    C = m.cfg.context_len
+    toks = tokens(1, 1, 2)
+    if m.pos_embed is not None:
+        with pytest.raises(ValueError, match=rf"^positions reach {C}, "):
+            m(toks, positions=jnp.array([[C - 1, C]], jnp.int32))
+        m(toks, positions=jnp.array([[C - 2, C - 1]], jnp.int32))
+    if m.blocks.cache_slots(m.init_cache(1, 8)) is not None:
+        with pytest.raises(ValueError, match=r"^positions reach 8, but the cache holds 8 positions"):
+            m(toks, positions=jnp.array([[7, 8]], jnp.int32), cache=m.init_cache(1, 8))
+        m(toks, positions=jnp.array([[6, 7]], jnp.int32), cache=m.init_cache(1, 8))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_padded_vocab_rows_never_win(arch):
     m = scale_params(llmjax.build_model(config(arch), seed=6), 10.0)
     # Make the padded rows look attractive: a large embedding row would win without the mask.
@@ -568,14 +615,49 @@ def test_scanned_and_unrolled_layers_agree(arch):
     def loss(m):
         return llmjax.cross_entropy(m(toks[:, :-1])[0], toks[:, 1:])
 
-    grad, fwd = nnx.jit(nnx.value_and_grad(loss)), nnx.jit(lambda m: m(toks)[0])
+    grad, fwd = nnx.jit(nnx.value_and_grad(loss)), nnx.jit(lambda m: m(toks)[::2])
     l1, g1 = grad(scanned)
     l2, g2 = grad(unrolled)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     g2 = convert_layer_layout(nnx.to_pure_dict(g2), scan_layers=True)
     for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(g1)), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, atol=1e-4 * np.abs(a).max() + 1e-7, rtol=1e-4)
-    np.testing.assert_allclose(fwd(scanned), fwd(unrolled), atol=1e-5)
+    (logits1, aux1), (logits2, aux2) = fwd(scanned), fwd(unrolled)
+    np.testing.assert_allclose(logits1, logits2, atol=1e-5)
+    # the auxiliary losses (the MoE router's) and statistics: each layout's mean over the layers, which
+    # the trainer weighs alike whichever layout trains (the loss above leaves them out)
+    assert jax.tree.structure(aux1) == jax.tree.structure(aux2)
+    for a, b in zip(jax.tree.leaves(aux1), jax.tree.leaves(aux2)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_each_remat_policy_keeps_fewer_residuals_for_the_backward_pass(scan_layers):
+    """model.remat changes no value (test_scanned_and_unrolled_layers_agree), so only what the backward
+    pass keeps shows that it is applied at all: 'full' keeps the least (each block's input), 'dots' the
+    products too, 'dots_no_batch' the parameter products only (not attention's batched ones), 'none'
+    everything. (Measured, vanilla tiny at 2 x 16 tokens, in numbers kept: 132,961 < 165,729 < 173,921
+    < 223,329 scanned.) A stack that dropped the jax.checkpoint, or mapped a name to another policy,
+    trains the same numbers and runs out of memory at the size that needed the setting."""
+    import contextlib
+    import io
+    import re
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    toks = tokens(0, 2, 17)
+
+    def kept(remat):
+        m = llmjax.build_model(config("vanilla", remat=remat, scan_layers=scan_layers), seed=0)
+        graphdef, state = nnx.split(m)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):  # (one line per residual: "f32[2,16,64] from ...")
+            print_saved_residuals(lambda s: llmjax.cross_entropy(nnx.merge(graphdef, s)(toks[:, :-1])[0], toks[:, 1:]), state)
+        shapes = re.findall(r"^\w+\[([\d,]*)\]", printed.getvalue(), re.M)
+        return sum(math.prod(int(n) for n in shape.split(",") if n) for shape in shapes)
+
+    sizes = {r: kept(r) for r in ("full", "dots_no_batch", "dots", "none")}
+    assert sizes["full"] < sizes["dots_no_batch"] < sizes["dots"] < sizes["none"], sizes
 
 
 # --- exact parameter counts of the default (GPT-2-small shape) variants, from their dimensions ---

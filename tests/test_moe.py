@@ -13,7 +13,7 @@ from flax import nnx
 import llmjax
 import llmjax.models  # noqa: F401
 from conftest import ROOT
-from helpers import config
+from helpers import config, perturb_vectors
 from llmjax.models import moe as M
 from llmjax.models.moe import MoEFeedForward
 
@@ -246,8 +246,11 @@ def test_capacity_dispatch_is_gathers_not_one_hot_products():
 
 def test_capacity_mode_without_drops_equals_dropless_and_drops_latest_first():
     x = jax.random.normal(jax.random.key(1), (2, 16, 64))
-    dropless, _ = _layer()(x)
-    roomy, aux = _layer(moe_mode="capacity", capacity_factor=8.0)(x)
+    # (the experts' biases, zeros at initialisation, made nonzero: the capacity path's own expert_ffn
+    # adds them, and dropping one there passed every test, GShard's reference calling the same function)
+    biased = lambda layer: perturb_vectors(layer, seed=4)  # noqa: E731  (the same weights in both: nnx.Rngs(3))
+    dropless, _ = biased(_layer())(x)
+    roomy, aux = biased(_layer(moe_mode="capacity", capacity_factor=8.0))(x)
     np.testing.assert_allclose(roomy, dropless, atol=1e-5, rtol=1e-5)
     assert float(aux["stats"]["dropped"]) == 0.0
     tight = _layer(moe_mode="capacity", capacity_factor=0.5)
@@ -334,6 +337,25 @@ def test_balanced_router_gives_load_balance_one():
     _, aux = layer(x)
     # P_e = 1/E for every e, so E * sum f_e P_e = sum f_e = 1 whatever the (tie-broken) choices
     np.testing.assert_allclose(float(aux["load_balance"]), 1.0, rtol=1e-5)
+
+
+def test_router_losses_and_statistics_follow_their_formulas():
+    """`load_balance` (E * sum_e f_e P_e), `router_z` (the mean of logsumexp(logits)^2) and `expert_load`
+    against their definitions, from the router's float64 logits. test_balanced_router_gives_load_balance_one
+    pins only load_balance at uniform probabilities, where any f with sum 1 gives 1; the z-loss was checked
+    nowhere: a z-loss without its square, or a load over tokens rather than assignments, trained on."""
+    layer = _layer()
+    x = jax.random.normal(jax.random.key(7), (2, 16, 64))
+    _, aux = layer(x)
+    logits = np.asarray(x, np.float64) @ np.asarray(layer.router.kernel[...], np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    top = np.argsort(-logits, axis=-1)[..., : layer.k]  # (B, T, k)
+    load = np.bincount(top.reshape(-1), minlength=layer.E) / top.size
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    np.testing.assert_allclose(aux["stats"]["expert_load"], load, rtol=1e-6)
+    np.testing.assert_allclose(float(aux["load_balance"]), layer.E * np.sum(load * probs.mean(axis=(0, 1))), rtol=1e-5)
+    np.testing.assert_allclose(float(aux["router_z"]), np.mean(lse**2), rtol=1e-5)
 
 
 def test_trainer_logs_router_losses_and_expert_load(tmp_path):

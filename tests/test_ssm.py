@@ -218,6 +218,7 @@ def test_the_layer_matches_a_float64_reference_of_mambas_mixer(d_conv):
     m = SelectiveSSM(cfg, rngs=nnx.Rngs(5))
     if d_conv:  # larger than at initialisation, so that a wrong tap or offset shows
         m.conv_weight[...] = 3 * m.conv_weight[...]
+    m.D[...] = m.D[...] + jax.random.normal(jax.random.key(8), m.D.shape)  # (ones at initialisation: a dropped D would pass)
     p = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(m, nnx.Param)))
     x = jax.random.normal(jax.random.key(7), (2, 19, cfg.d_model))
     want = np.stack([reference.selective_ssm(x[r], p, cfg) for r in range(2)])
