@@ -105,6 +105,9 @@ def test_builtin_datasets_prepare_once_and_decode_back(data_dir):
     assert char.path == data_dir / "tinyshakespeare_char"
     t = char.tokenizer()
     assert t.vocab_size == 65
+    # nanoGPT's shakespeare_char ids (its sorted alphabet), the same in every process and on every host
+    # that prepares it (an order of set() differs between processes: another host's token ids)
+    assert t.chars == "".join(sorted(set(text))) and t.chars.startswith("\n !$&'")
     assert t.decode(char.split("train")[0]) == text[:cut] and t.decode(char.split("val")[0]) == text[cut:]
     mtime = (char.path / "manifest.json").stat().st_mtime_ns
     assert D.open_dataset("tinyshakespeare_char", "unused").manifest == char.manifest
@@ -248,6 +251,19 @@ def test_train_batches_deterministic_resumable_and_process_sharded():
         parts = [next(h) for h in halves]
         assert parts[0].shape == (3, 9)
         assert sorted(map(tuple, np.concatenate(parts).tolist())) == sorted(map(tuple, first[step].tolist()))
+
+
+def test_every_window_once_per_epoch_in_a_new_order_each_epoch():
+    """An epoch of train_batches is every window of the split exactly once, and the next epoch is
+    another order of them (a repeat that replayed the first epoch's order passed the tests above)."""
+    src = D.WindowSource(_shards(), 9)  # 784 windows: 98 batches of 8 make one epoch
+    everything = sorted(tuple(src[i].tolist()) for i in range(len(src)))
+    it = D.train_batches(_shards(), seq_len=8, global_batch=8, seed=3, threads=0)
+    epochs = [[tuple(row) for _ in range(len(src) // 8) for row in next(it).tolist()] for _ in range(2)]
+    for rows in epochs:
+        assert sorted(rows) == everything  # each window once
+    assert epochs[0] != epochs[1]
+    assert sum(a == b for a, b in zip(*epochs)) < 20  # (a fresh order, not a rotated or partly kept one)
 
 
 def test_sequential_windows_score_every_token_once():

@@ -215,6 +215,41 @@ def test_long_txt_documents_come_in_pieces_with_the_same_tokens(tmp_path, monkey
     assert decoded(ds, "train") + decoded(ds, "val") == "".join(EOT + d for d in dense)
 
 
+def test_long_txt_documents_with_runs_of_whitespace_are_cut_where_the_tokens_do_not_change(tmp_path, monkeypatch):
+    """Code, poems and markdown hold long runs of line breaks and spaces: a piece cut inside one (or
+    the held-out tail's cut at its mark) changed GPT-2's tokens ("\\n\\n" is one token), which the
+    documents above, with runs of two at most, never showed. The tokens are tiktoken's of each whole
+    document, whatever the pieces, batches and workers."""
+    enc = gpt2_encoding()
+    monkeypatch.setattr(P, "PIECE_CHARS", 300)
+    monkeypatch.setattr(P, "BATCH_BYTES", 3000)  # (several batches, in two workers)
+    for seed in range(4):  # (the held-out tail's cut falls elsewhere in each)
+        rng = random.Random(seed)
+        docs = ["".join(" " * rng.randint(0, 9) + " ".join(rng.choice(WORDS[:12]) for _ in range(rng.randint(1, 8)))
+                        + rng.choice(["\n" * rng.randint(1, 30), " " * rng.randint(1, 30) + "\n"]) for _ in range(rng.randint(30, 120)))
+                for _ in range(10)]
+        txt = tmp_path / f"code{seed}.txt"
+        txt.write_text(EOT.join(docs))
+        ds = P.prepare("m", tmp_path / f"o{seed}", [P.Source(txt, None)], workers=2, shard_tokens=1000, progress=False)
+        np.testing.assert_array_equal(_tokens(ds), [t for d in docs for t in [enc.eot_token] + enc.encode_ordinary(d)])
+
+
+def test_a_long_txt_document_in_a_later_source_is_cut_at_the_last_percent_of_all_sources(tmp_path):
+    """The held-out tail's cut in a long .txt document (a book) is where the last 1% of the bytes of
+    all the sources starts, counted from the start of the first: the book after a file of short
+    documents is cut there, not at the end of its last piece (PIECE_CHARS, here 2% of the text)."""
+    enc = gpt2_encoding()
+    docs = make_docs(60, seed=4)
+    book = (ROOT / "llmjax" / "assets" / "tinyshakespeare.txt").read_text()[:200_000]
+    (tmp_path / "a.txt").write_text(EOT.join(docs))
+    (tmp_path / "book.txt").write_text(book)
+    ds = P.prepare("m", tmp_path / "o", [P.Source(tmp_path / "a.txt", None), P.Source(tmp_path / "book.txt", None)], workers=2,
+                   shard_tokens=10**5, progress=False)
+    np.testing.assert_array_equal(_tokens(ds), [t for d in docs + [book] for t in [enc.eot_token] + enc.encode_ordinary(d)])
+    share = len(decoded(ds, "val").encode()) / sum((tmp_path / f).stat().st_size for f in ("a.txt", "book.txt"))
+    assert 0.0095 < share < 0.0105, share
+
+
 def test_given_validation_split_and_idempotence(tmp_path, docs):
     train, _, _ = write_sources(tmp_path, docs[:200], "train")
     val = tmp_path / "val.jsonl"
@@ -229,6 +264,12 @@ def test_given_validation_split_and_idempotence(tmp_path, docs):
     assert (tmp_path / "out" / "manifest.json").stat().st_mtime_ns == before
     with pytest.raises(P.PrepareError, match="other sources"):
         P.prepare("tinystories", tmp_path / "out", sources[:1], workers=1, shard_tokens=10**6, progress=False)
+    # val= given before train= (the order of the flags): the same shards, the training split's last
+    # partial one included (a validation batch first closed the training split before it began)
+    small = [P.prepare("tinystories", tmp_path / f"small{i}", order, workers=1, shard_tokens=3000, progress=False)
+             for i, order in enumerate((sources, sources[::-1]))]
+    assert files(small[1].path) == files(small[0].path) and small[1].manifest["splits"] == small[0].manifest["splits"]
+    assert decoded(small[1], "train") == "".join(EOT + d for d in docs[:200])
 
 
 def test_a_folder_prepared_otherwise_says_what_differs(tmp_path, docs):
@@ -251,7 +292,12 @@ def test_interrupted_then_resumed_gives_the_same_bytes(tmp_path, monkeypatch):
     monkeypatch.setattr(P, "PIECE_CHARS", 700)  # and the longer .txt documents come in pieces
     for src in (txt, parquet):
         ref = tmp_path / f"ref_{src.suffix[1:]}"
-        P.prepare("x", ref, [P.Source(src, None)], workers=2, shard_tokens=4000, progress=False)
+        ds = P.prepare("x", ref, [P.Source(src, None)], workers=2, shard_tokens=4000, progress=False)
+        # (many batches in two workers, pieces and shards ending inside batches: tiktoken's tokens of each whole document; the
+        # resumed runs are compared with this one alone, which one batch in a worker's place, or a piece taken to start a
+        # document, would pass)
+        enc = gpt2_encoding()
+        np.testing.assert_array_equal(_tokens(ds), [t for d in docs for t in [enc.eot_token] + enc.encode_ordinary(d)])
         out = tmp_path / f"resumed_{src.suffix[1:]}"
         for stop in (2, 5, 9, 10):  # interrupted right after the 2nd, 5th, ... shard, then run again
             with pytest.raises(KeyboardInterrupt):
@@ -287,13 +333,16 @@ def test_an_unfinished_preparation_started_afresh_says_so(tmp_path, docs, capsys
     own, _, _ = write_sources(tmp_path, docs[:60])
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        P.prepare("mine", out, [P.Source(own, None)], workers=1, shard_tokens=2000, progress=False, stop_after_shards=2)
+        P.prepare("mine", out, [P.Source(own, None)], workers=1, shard_tokens=1000, progress=False, stop_after_shards=5)
     capsys.readouterr()
-    P.prepare("mine", out, [P.Source(own, None)], workers=1, shard_tokens=3000, progress=False)
+    ds = P.prepare("mine", out, [P.Source(own, None)], workers=1, shard_tokens=3000, progress=False)
     err = capsys.readouterr().err
-    assert err == (f"prepare: {out} holds an unfinished preparation from the same sources with --shard_tokens 2000; starting afresh: "
-                   f"its 2 finished shard(s) are prepared again (the command that resumes it instead: python -m llmjax.prepare mine "
-                   f"--out {out} --shard_tokens 2000 --source {own})\n"), err
+    assert err == (f"prepare: {out} holds an unfinished preparation from the same sources with --shard_tokens 1000; starting afresh: "
+                   f"its 5 finished shard(s) are prepared again (the command that resumes it instead: python -m llmjax.prepare mine "
+                   f"--out {out} --shard_tokens 1000 --source {own})\n"), err
+    # the old preparation's shards that the new one has fewer of are gone, not left beside the dataset
+    assert sorted(files(out)) == sorted(s["file"] for sp in ("train", "val") for s in ds.manifest["splits"][sp])
+    assert len(ds.manifest["splits"]["train"]) < 5
     P.prepare("mine", tmp_path / "again", [P.Source(own, None)], workers=1, shard_tokens=3000, progress=False)
     assert capsys.readouterr().err == ""  # (nothing said for a new folder)
 
@@ -506,6 +555,11 @@ def test_a_shard_size_larger_than_the_data_takes_only_what_the_data_needs(tmp_pa
     assert (tmp_path / "pieces.bin").read_bytes() == (tmp_path / "joined.bin").read_bytes()
     with pytest.raises(D.DataError, match="do not fit in uint16"):
         D.write_shard(tmp_path / "big.bin", [np.arange(3), np.array([70000])])
+    for bad in (65536, -1):  # (the first values that wrap, written as 0 and 65535)
+        with pytest.raises(D.DataError, match="do not fit in uint16"):
+            D.write_shard(tmp_path / "big.bin", np.array([1, bad]))
+    D.write_shard(tmp_path / "top.bin", np.array([0, 65535]))
+    np.testing.assert_array_equal(D.open_shard(tmp_path / "top.bin"), [0, 65535])
 
 
 def test_cli_errors_are_one_line(tmp_path):
