@@ -449,6 +449,19 @@ class WindowSource:
         return np.asarray(self.shards[shard][start : start + self.length], np.int32)
 
 
+# How train.seed becomes the shuffle's seed. grain reshuffles epoch e with (its seed + e), so with the
+# seed itself (order 1, checkpoints before 2026-12-08) seed s + 1's epochs were seed s's from its
+# second epoch on: `compare --seeds` runs saw one order one epoch apart. Order 2 draws the shuffle's
+# seed from train.seed (numpy's SeedSequence), so nearby seeds' orders share no epoch. A run resumes
+# in the order its checkpoint names (llmjax.train), so a run begun in order 1 finishes in it.
+DATA_ORDER = 2
+
+
+def shuffle_seed(seed: int, order: int = DATA_ORDER) -> int:
+    """The shuffle's seed (grain's, < 2**32) for train.seed `seed` in data order `order`."""
+    return seed if order == 1 else int(np.random.SeedSequence(seed).generate_state(1)[0])
+
+
 def train_batches(
     shards: list[np.ndarray],
     *,
@@ -459,11 +472,13 @@ def train_batches(
     process_count: int = 1,
     threads: int = 2,
     prefetch: int = 8,
+    order: int = DATA_ORDER,
 ) -> grain.DatasetIterator:
     """An endless, checkpointable iterator of this process's rows of each global batch: int32
     (global_batch / process_count, seq_len + 1) random windows. Window starts are shuffled from
-    `seed`, reshuffled every epoch; process p takes elements p, p + P, ... of the shuffled stream, so
-    the union over processes of step s's rows is the same set for any process count."""
+    `seed` (shuffle_seed: in data order `order`), reshuffled every epoch; process p takes elements
+    p, p + P, ... of the shuffled stream, so the union over processes of step s's rows is the same
+    set for any process count."""
     if global_batch % process_count:
         raise DataError(f"train.batch_size={global_batch} must be divisible by the {process_count} processes")
     import grain  # (here: grain imports JAX, and the preparation's workers import this module)
@@ -475,7 +490,7 @@ def train_batches(
                         f"of {seq_len + 1} tokens (model.context_len + 1), and one batch needs {global_batch} different windows "
                         f"(train.batch_size x train.grad_accum_steps), {global_batch + seq_len} tokens or more; lower "
                         "train.batch_size or model.context_len, or prepare the dataset from more text")
-    ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
+    ds = grain.MapDataset.range(len(source)).shuffle(seed=shuffle_seed(seed, order)).repeat(None)
     ds = ds[process_index::process_count].map(source.__getitem__)
     ds = ds.batch(global_batch // process_count, drop_remainder=True, batch_fn=np.stack)
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)))

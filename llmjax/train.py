@@ -971,10 +971,14 @@ def _train(cfg, workdir, *, hold: contextlib.ExitStack, fresh_files: list[Path],
 
     # --- data iterators ---------------------------------------------------------------------
     pi, pc = jax.process_index(), jax.process_count()
+
+    def train_batches(order: int = data_lib.DATA_ORDER):
+        return data_lib.train_batches(dataset.split("train"), seq_len=T, global_batch=micro * accum, seed=tcfg.seed,
+                                      process_index=pi, process_count=pc, order=order)
+
+    data_order = data_lib.DATA_ORDER  # (a resumed run's: its checkpoint's, below)
     try:
-        train_it = data_lib.train_batches(
-            dataset.split("train"), seq_len=T, global_batch=micro * accum, seed=tcfg.seed, process_index=pi, process_count=pc
-        )
+        train_it = train_batches()
         val_shards = dataset.split("val")
         data_lib.WindowSource(val_shards, T + 1, "val")  # (a split too short for one window: said now, not at the first evaluation)
     except data_lib.DataError as e:
@@ -1053,6 +1057,10 @@ def _train(cfg, workdir, *, hold: contextlib.ExitStack, fresh_files: list[Path],
         elif not saved_scale and "loss_scale" in abstract_state:
             state["loss_scale"] = jax.device_put(initial_loss_scale(), state_shard["loss_scale"])
             tell(f"dynamic loss scaling starts at step {start + 1}, at scale {LOSS_SCALE_INIT:g}: the run trained without it until then")
+        data_order = meta.get("data_order", 1)  # (a checkpoint before data order 2 names none)
+        if data_order != data_lib.DATA_ORDER:  # the run goes on in the order it began in: the restored position indexes it
+            position, train_it = train_it.get_state(), train_batches(data_order)
+            train_it.set_state(position)
         resume_data_position(train_it, meta, old_cfg, micro * accum, tcfg.seed, workdir, tell, dataset)
         say(f"resumed from {workdir / 'checkpoints'} at step {start}")
     else:
@@ -1255,7 +1263,7 @@ def _train(cfg, workdir, *, hold: contextlib.ExitStack, fresh_files: list[Path],
                     ckpt.save(step, state, train_it, {"step": step, "model": resolved["model"],
                                                       "val_loss": val, "val_whole_split": bool(is_last and val is not None),
                                                       "val_final_batches": ecfg.final_num_batches,
-                                                      "data_global_batch": micro * accum, "data_seed": tcfg.seed,
+                                                      "data_global_batch": micro * accum, "data_seed": tcfg.seed, "data_order": data_order,
                                                       "data_train": data_fingerprint(dataset)},
                               val_loss=best_metric)
                     last_good = step

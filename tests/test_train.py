@@ -2479,3 +2479,39 @@ def test_the_data_fingerprint_tells_other_text_of_the_same_size_apart(tmp_path):
     tokens = np.arange(100, dtype=np.uint16) % 2
     first, again, other = prepared("a", tokens), prepared("b", tokens.copy()), prepared("c", tokens[::-1].copy())
     assert data_fingerprint(first) == data_fingerprint(again) != data_fingerprint(other)
+
+
+def test_nearby_seeds_share_no_epoch_and_a_run_begun_in_the_earlier_order_resumes_in_it(tmp_path, monkeypatch):
+    """grain reshuffles epoch e with its shuffle seed + e: seeded with train.seed itself (data order 1),
+    seed 1's first epoch was seed 0's second (compare --seeds ran one order one epoch apart); in data
+    order 2 no epoch of seed 1 is one of seed 0's. A run whose checkpoints predate order 2 (no
+    data_order in their metadata) resumes in order 1, bit for bit as an uninterrupted run in it, and
+    its later checkpoints name that order."""
+    from llmjax import checkpoint as C
+    from llmjax import data as D
+
+    shards = [np.arange(200, dtype=np.uint16)]  # 192 windows of 9 tokens: an epoch is 24 batches of 8
+
+    def epochs(seed, order):
+        it = D.train_batches(shards, seq_len=8, global_batch=8, seed=seed, threads=0, order=order)
+        windows = np.concatenate([next(it) for _ in range(48)])
+        return windows[:192], windows[192:]
+
+    assert np.array_equal(epochs(0, 1)[1], epochs(1, 1)[0])  # (order 1's flaw)
+    seed0, seed1 = epochs(0, 2), epochs(1, 2)
+    assert not any(np.array_equal(a, b) for a in seed0 for b in seed1)
+
+    one = jax.devices()[:1]
+    save = C.Checkpointer.save
+    with monkeypatch.context() as before:  # the trainer before data order 2
+        before.setattr(D, "DATA_ORDER", 1)
+        before.setattr(C.Checkpointer, "save", lambda self, step, state, it, meta, **kw: save(
+            self, step, state, it, {k: v for k, v in meta.items() if k != "data_order"}, **kw))
+        full = losses(train(cfg("vanilla"), tmp_path / "full", devices=one, quiet=True))
+        train(cfg("vanilla", train__stop_at_step=6), tmp_path / "split", devices=one, quiet=True)
+    assert train(cfg("vanilla"), tmp_path / "split", devices=one, quiet=True).step == 12
+    assert losses(tmp_path / "split") == full  # bit-identical floats: the same windows after the resume
+    ckpt = C.Checkpointer(tmp_path / "split" / "checkpoints")
+    assert ckpt.restore(12, None)[1]["data_order"] == 1
+    ckpt.close()
+    assert losses(train(cfg("vanilla"), tmp_path / "new", devices=one, quiet=True))[12] != full[12]  # (order 2: other windows)
