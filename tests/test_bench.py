@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
 import llmjax
@@ -479,6 +480,7 @@ def test_hellaswag_suite_scores_items(monkeypatch):
     assert 0 <= row["hellaswag_acc_norm_random_init"] <= 1
     assert compiles == [0]
 
+
 def test_hellaswag_suite_refuses_a_character_model_before_measuring(monkeypatch):
     from llmjax.config import ConfigError
 
@@ -495,6 +497,70 @@ def test_own_peak_is_reported_only_when_this_measurement_set_it():
     assert bench.own_peak({"peak_bytes_in_use": 0}, {"peak_bytes_in_use": 5}) == 5  # first in the process
     assert bench.own_peak({"peak_bytes_in_use": 7}, {"peak_bytes_in_use": 9}) == 9  # rose during this one
     assert bench.own_peak({"peak_bytes_in_use": 9}, {"peak_bytes_in_use": 9}) is None  # an earlier one was higher
+
+
+def test_the_rate_is_the_median_timed_block():
+    """Three timed blocks of 1 s, 5 s and 2 s (a clock that moves only when a block runs): the rate is
+    the units over the median block, 2 s, not over their mean (2.67 s) or the first block (1 s)."""
+    from types import SimpleNamespace
+
+    clock, durations = [0.0], iter([1.0, 5.0, 2.0])
+
+    def run():
+        clock[0] += next(durations)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+        assert bench._median_rate(run, 600, 3) == 300.0
+
+
+def test_train_figures_by_hand(monkeypatch):
+    """bench_train's arithmetic with the timing replaced by a block of --steps 2 steps in 0.5 s: a step
+    of 2 accumulated micro-batches of 8 x 64 tokens is 1,024 tokens, so 2 * 1,024 / 0.5 = 4,096
+    tokens/s and 250 ms a step; MFU is the model's FLOPs at that rate over the peak of all 8 devices
+    (train.peak_flops_per_device is one device's), the FLOPs by hand (6N + 12 L H hd T; modern has no
+    position table); and the timed blocks start after the warm-up block (the step's first runs)."""
+    cfg = llmjax.load_config(f"{ROOT}/configs/modern.py:tiny",
+                             {"train.batch_size": 8, "train.grad_accum_steps": 2, "train.peak_flops_per_device": 1e9})
+    synced, seen = [], {}
+    ready = jax.block_until_ready
+    monkeypatch.setattr(jax, "block_until_ready", lambda x: synced.append(1) or ready(x))
+
+    def rate(run, units, repeats):
+        seen.update(units=units, repeats=repeats, blocks_before=len(synced))
+        run()
+        return units / 0.5
+
+    monkeypatch.setattr(bench, "_median_rate", rate)
+    row = bench.bench_train(cfg, steps=2, repeats=3, memory=False)
+    assert seen == {"units": 2 * 2 * 8 * 64, "repeats": 3, "blocks_before": 1}
+    assert row["train_tokens_per_sec"] == 4096 and row["step_time_ms"] == pytest.approx(250)
+    m = cfg.model
+    flops = 6 * summarize(cfg)["params_total"] + 12 * m.n_layer * m.n_head * m.head_dim * m.context_len
+    assert jax.device_count() == 8 and row["mfu"] == pytest.approx(flops * 4096 / (8 * 1e9))
+
+
+def test_decode_rate_counts_every_sequences_new_tokens(monkeypatch):
+    """A run at batch 3 with a 5-token prompt and 6 new tokens makes 3 x 6 = 18 tokens (the prompt's
+    are prefill, not decoded tokens; batch 1's run makes 6), and each batch size is timed after a
+    run that compiled it."""
+    calls, seen = [], []
+
+    def generate(model, prompts, n, **kw):
+        calls.append(len(prompts))
+        return [[0] * n for _ in prompts]
+
+    def rate(run, units, repeats):
+        seen.append((units, len(calls)))
+        run()
+        return units / 0.5
+
+    monkeypatch.setattr(bench, "generate", generate)
+    monkeypatch.setattr(bench, "_median_rate", rate)
+    row = bench.bench_decode(llmjax.load_config(f"{ROOT}/configs/modern.py:tiny"), batches=[1, 3], prompt_len=5, new_tokens=6,
+                             repeats=2, modes=("greedy",))
+    assert seen == [(6, 1), (18, 3)]
+    assert row["decode_tokens_per_sec_b1"] == 12 and row["decode_tokens_per_sec_b3"] == 36
 
 
 def test_mfu_peak_is_the_cards_own_datasheet_figure():

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import llmjax
@@ -457,6 +458,68 @@ def test_a_config_with_one_diverged_seed_has_no_mean(tmp_path):
     assert row["val_loss_per_seed"] == [3.0, None, 5.0] and row["wall_seconds_mean"] == 6.0
     text = C.markdown([row], "cmd", {"dataset": "d", "context_len": 64, "seeds": "0, 1, 2", "device": "CPU", "date": "x"})
     assert "| diverged (seed 1; the others 3.0000, 5.0000) |" in text and "`vanilla` seed 1 at step 7." in text
+
+
+def test_a_rows_figures_worked_by_hand(tmp_path):
+    """summarize_runs and markdown against figures worked by hand, on three seeds of made-up metrics
+    (4 steps of 2 accumulated micro-batches of 8 x 64 tokens):
+    - the final loss is the last step's whole-split `val_loss` (not the train loss, the estimate
+      beside it, or seed 0's lower one at step 2): 3.0, 3.5, 4.5; mean 11/3, sample std 0.7638;
+    - tokens/s is each seed's median step, the compiling ones left out (the first, and seed 2's step
+      3, the first after its resume from step 2): 200, 200 and median(100, 500) = 300; their mean 233.3;
+    - peak memory the highest seed's; train wall and HellaSwag the seeds' means."""
+    plans = C.plan([SPECS[0]], max_steps=4, batch_size=None, eval_every=None, eval_batches=None, tasks="", tasks_limit=0,
+                   overrides={"train.grad_accum_steps": 2})
+    rates = {0: [5.0, 100.0, 400.0, 200.0], 1: [5.0, 100.0, 400.0, 200.0], 2: [5.0, 100.0, 7.0, 500.0]}
+    finals, earlier, walls, hs = [3.0, 3.5, 4.5], [2.9, 3.9, 4.9], [10.0, 20.0, 60.0], [0.25, 0.30, 0.41]
+    runs = []
+    for seed in range(3):
+        d = tmp_path / f"seed{seed}"
+        d.mkdir()
+        lines = [{"step": s, "tokens_per_sec": rates[seed][s - 1], "train_loss": finals[seed] - 0.2} for s in (1, 2, 3, 4)]
+        lines[1]["val_loss"] = earlier[seed]
+        lines[3].update(val_loss=finals[seed], val_loss_estimate=finals[seed] + 0.1, hellaswag_acc_norm=hs[seed])
+        (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        runs.append((d, {"seed": seed, "returncode": 0, "wall_seconds": walls[seed], "max_rss_bytes": [1, 3, 2][seed] * 2**30,
+                         "resumed_from_step": 2 if seed == 2 else 0, "resumed_from_steps": [2] if seed == 2 else []}))
+    row = C.summarize_runs(plans[0], runs)
+    assert row["val_loss_per_seed"] == finals and row["val_loss_mean"] == pytest.approx(11 / 3)
+    assert row["val_loss_std"] == pytest.approx(0.763763, abs=1e-6)  # sqrt(((3 - 11/3)^2 + (3.5 - 11/3)^2 + (4.5 - 11/3)^2) / 2)
+    assert row["train_tokens_per_sec"] == pytest.approx(700 / 3)
+    assert row["peak_memory_bytes"] == 3 * 2**30 and row["wall_seconds_mean"] == 30.0 and row["hellaswag_acc_norm"] == pytest.approx(0.32)
+    assert row["tokens"] == 4 * 2 * 8 * 64
+    # the table: the better config first, the cells as computed, the total parameters' spread max/min - 1
+    better = {**row, "arch": "modern", "config": "m", "params_total": 1_250_000, "params_active": 1_250_000, "val_loss_mean": 3.2,
+              "val_loss_std": 0.1}
+    text = C.markdown([{**row, "params_total": 1_000_000, "params_active": 1_000_000}, better], "cmd",
+                      {"dataset": "d", "context_len": 64, "seeds": "0, 1, 2", "device": "CPU", "date": "x"})
+    table = [x.split(" | ") for x in text.splitlines() if x.startswith("| `")]
+    assert [r[0] for r in table] == ["| `modern`", "| `vanilla`"]
+    assert table[1][2:8] == ["1.00M", f"{row['flops_per_token'] / 1e9:.3f}", "3.6667 ± 0.7638", "233", "3.00 GiB", "30"]
+    assert "total parameters within 25.0% of each other" in text and "4,096 training tokens per run" in text
+
+
+def test_plot_draws_the_estimates_mean_band_and_time_by_hand(tmp_path):
+    """Two seeds of made-up metrics: the points are the periodic estimates (at the last step
+    `val_loss_estimate`, not the whole-split `val_loss` beside it), their mean with a min-max band,
+    at the tokens seen, and the time the sum of the steps' times up to and including the point's
+    step, averaged over the seeds."""
+    step_times = {"seed0": [2.0, 0.5, 0.5, 0.5], "seed1": [4.0, 0.5, 0.5, 0.5]}
+    estimates = {"seed0": (3.0, 2.5), "seed1": (3.2, 2.7)}
+    for name in step_times:
+        p = tmp_path / "runs" / name
+        p.mkdir(parents=True)
+        (p / "config.json").write_text(json.dumps({"model": {"arch": "vanilla", "context_len": 64}, "train": {"batch_size": 4, "grad_accum_steps": 1}}))
+        lines = [{"step": s, "tokens": s * 256, "step_time": step_times[name][s - 1]} for s in (1, 2, 3, 4)]
+        lines[1]["val_loss"] = estimates[name][0]
+        lines[3].update(val_loss=2.0, val_loss_estimate=estimates[name][1])
+        (p / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (c,) = P.curves([tmp_path / "runs"])
+    assert c["n_runs"] == 2 and list(c["tokens"]) == [512, 1024]
+    np.testing.assert_allclose(c["mean"], [3.1, 2.6])
+    np.testing.assert_allclose(c["low"], [3.0, 2.5])
+    np.testing.assert_allclose(c["high"], [3.2, 2.7])
+    np.testing.assert_allclose(c["seconds"], [(2.5 + 4.5) / 2, (3.5 + 5.5) / 2])
 
 
 def _cli(module, *args):

@@ -69,6 +69,17 @@ def test_table_lists_every_config():
     assert [p.stem for p in config_files()][:4] == ["vanilla", "modern", "gqa", "mla"]
 
 
+def test_table_columns_hold_their_own_figures():
+    """Each column of the printed table holds its own figure (a made-up row whose figures all differ:
+    a column that printed another's, the total under non-embedding say, passed the test above)."""
+    row = dict(config="c.py", arch="moe", params_total=300_000_000, params_non_embedding=250_000_000, params_active=120_000_000,
+               flops_per_token=7.5e8, decode_state_bytes_per_token=36_864, decode_state_bytes=3 * 2**20)
+    constant = {**row, "config": "d.py", "decode_state_bytes_per_token": None}
+    _, grows, fixed = format_table([row, constant]).splitlines()
+    assert grows.split() == ["c.py", "moe", "300,000,000", "250.00M", "120.00M", "0.750", "36,864", "3.00", "MiB"]
+    assert fixed.split()[6] == "-"
+
+
 def test_cli_json(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "llmjax.summary", "--config", "configs/gqa.py", "--json"],
