@@ -445,7 +445,7 @@ def data_fingerprint(dataset) -> str:
 
 
 def resume_data_position(train_it, meta: dict, old_cfg: dict | None, global_batch: int, seed: int, workdir: Path, say,
-                         dataset=None) -> None:
+                         dataset=None, devices: int = 1) -> None:
     """The restored training iterator's position (counted in global batches of the run that saved
     it) in this run's global batches: the same windows come next whatever the batch. A checkpoint
     older than the meta keys takes them from the run's config.json. A position that is no whole
@@ -466,9 +466,15 @@ def resume_data_position(train_it, meta: dict, old_cfg: dict | None, global_batc
     position = dict(train_it.get_state())
     used = position["next_index"] * old_batch  # windows consumed
     if used % global_batch:
+        # (train.batch_size is a multiple of the mesh's devices, so the global batch is too)
+        fits = sorted((g for d in range(1, math.isqrt(used) + 1) if used % d == 0 for g in {d, used // d} if g % devices == 0),
+                      key=lambda g: (abs(g - global_batch), g))[:3]
+        mesh = f" and that the {devices} devices of the mesh divide" if devices > 1 else ""
+        todo = (f"resume with a global batch that divides {used}{mesh} (the nearest: {', '.join(map(str, sorted(fits)))})" if fits else
+                f"no global batch that the {devices} devices of the mesh divide divides {used}: resume on a number of devices that "
+                f"divides {old_batch}, as the run's did")
         raise ConfigError(f"{workdir} holds a run that has used {used} training windows (batches of {old_batch}): not a whole number of "
-                          f"batches of {global_batch} (train.batch_size x grad_accum_steps); resume with a global batch that divides "
-                          f"{used}, or use another --workdir")
+                          f"batches of {global_batch} (train.batch_size x grad_accum_steps); {todo}, or use another --workdir")
     train_it.set_state({**position, "next_index": used // global_batch})
     say(f"the data position: {used} windows used, batch {old_batch} -> {global_batch}; the next windows are the same")
 
@@ -1061,7 +1067,7 @@ def _train(cfg, workdir, *, hold: contextlib.ExitStack, fresh_files: list[Path],
         if data_order != data_lib.DATA_ORDER:  # the run goes on in the order it began in: the restored position indexes it
             position, train_it = train_it.get_state(), train_batches(data_order)
             train_it.set_state(position)
-        resume_data_position(train_it, meta, old_cfg, micro * accum, tcfg.seed, workdir, tell, dataset)
+        resume_data_position(train_it, meta, old_cfg, micro * accum, tcfg.seed, workdir, tell, dataset, devices=mesh.devices.size)
         say(f"resumed from {workdir / 'checkpoints'} at step {start}")
     else:
         if tcfg.init_from:  # pretrained weights (read first: weights refused compile nothing), model.context_len rows of their positions

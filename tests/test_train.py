@@ -1181,8 +1181,15 @@ def test_a_resume_with_another_global_batch_continues_with_the_next_windows(tmp_
     np.testing.assert_array_equal(next(it12), whole[24:36])
     it16 = batches(16)
     it16.set_state(it8.get_state())
-    with pytest.raises(ConfigError, match=r"has used 24 training windows \(batches of 8\): not a whole number of batches of 16 .*another --workdir$"):
+    with pytest.raises(ConfigError, match=r"has used 24 training windows \(batches of 8\): not a whole number of batches of 16 .*"
+                                          r"that divides 24 \(the nearest: 8, 12, 24\), or use another --workdir$"):
         resume_data_position(it16, meta, None, 16, 0, tmp_path, lambda *a: None)
+    # on a mesh of 8 or 16 devices (train.batch_size, so the global batch, a multiple of them): what those divide too
+    with pytest.raises(ConfigError, match=r"divides 24 and that the 8 devices of the mesh divide \(the nearest: 8, 24\), or use"):
+        resume_data_position(it16, meta, None, 16, 0, tmp_path, lambda *a: None, devices=8)
+    with pytest.raises(ConfigError, match=r"; no global batch that the 16 devices of the mesh divide divides 24: resume on a number of "
+                                          r"devices that divides 8, as the run's did, or use another --workdir$"):
+        resume_data_position(it16, meta, None, 16, 0, tmp_path, lambda *a: None, devices=16)
     with pytest.raises(ConfigError, match=r"trained with train.seed=0, .*resume with --config.train.seed=0 .*another --workdir$"):
         resume_data_position(batches(8), meta, None, 8, 1, tmp_path, lambda *a: None)
     # an older checkpoint (no such meta keys): the run's config.json says
