@@ -295,3 +295,41 @@ def test_a_wsd_decay_moved_before_a_resume_with_skipped_steps_is_said_in_updates
     rates = [float(T.lr_schedule(t)(12)) for t in (T.ml_collections.ConfigDict(old), new)]
     assert T.schedule_jump(old, new, 12, 12) == (f"the wsd decay now began at step {begin}, before the resumed step 12, so the learning rate "
                                                  f"jumps from {rates[0]:.4g} to {rates[1]:.4g} at step 13")
+
+
+def test_the_loss_scale_constants_are_the_readmes():
+    """README (train.loss_scale): the scale starts at 2**15, is halved not below 1, and 2000 finite
+    steps in a row double it (the rule's test shortens the interval, so only this pins it)."""
+    assert (T.LOSS_SCALE_INIT, T.LOSS_SCALE_MIN, T.LOSS_SCALE_GROWTH_INTERVAL) == (2.0**15, 1.0, 2000)
+
+
+@pytest.mark.parametrize("where", ["middle", "last"])
+def test_a_non_finite_gradient_in_any_parameter_skips_the_step(monkeypatch, where):
+    """Dynamic scaling skips a step whose gradients hold an inf 'anywhere' (README): here one entry of
+    one parameter's gradient (not the first parameter's) is made inf after the backward pass; the
+    step is skipped, no parameter or optimizer state moves and the scale halves."""
+    real = jax.value_and_grad
+
+    def poisoned(f, **kw):
+        g = real(f, **kw)
+
+        def h(*args):
+            out, grads = g(*args)
+            leaves, tree = jax.tree.flatten(grads)
+            k = len(leaves) // 2 if where == "middle" else len(leaves) - 1
+            leaves[k] = leaves[k].at[(0,) * leaves[k].ndim].set(jnp.inf)
+            return out, jax.tree.unflatten(tree, leaves)
+
+        return h
+
+    monkeypatch.setattr(jax, "value_and_grad", poisoned)
+    c = cfg("vanilla", train__loss_scale="dynamic")  # (float32: the scale is exact, the inf is ours alone)
+    s = build_steps(c, make_mesh(c.train.mesh, jax.devices()[:1]))
+    state = s.init_state()
+    before = jax.device_get(state)
+    state, m = s.train_step(state, jax.device_put(shakespeare_batch(c), s.tok_shard))
+    after, m = jax.device_get((state, m))
+    assert bool(m["step_skipped"]) and int(m["skipped_steps"]) == 1 and float(m["update_norm"]) == 0
+    for part in ("params", "opt"):
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[part]), jax.tree.leaves(after[part]))), part
+    assert float(after["loss_scale"]["scale"]) == T.LOSS_SCALE_INIT / 2

@@ -1404,3 +1404,27 @@ def test_logits_that_turn_non_finite_while_decoding_stop_the_sample_there():
                                             r"at its new token 4\)"):
         generate(bad, prompts, 5, sampling=GREEDY, on_tokens=lambda r, t: got[r].extend(t), stream_every=2, unroll=1)
     assert got[1] == want[1][: len(got[1])] and len(got[1]) < 4 and got[0] == want[0][: len(got[0])]
+
+
+def test_the_validation_estimate_is_the_mean_over_eval_num_batches(run_dir):
+    """The last step's val_loss_estimate (the checkpoints' metric for --which=best) is the mean token
+    loss of the final parameters over eval.num_batches (2) random validation batches of
+    train.batch_size windows, drawn with seed train.seed + 1: by hand from the loaded model."""
+    from llmjax import data as data_lib
+
+    loaded = S.load(run_dir)
+    c = json.loads((run_dir / "config.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    want = [m["val_loss_estimate"] for m in rows if m["step"] == 8][0]
+    ds = data_lib.open_dataset("tinyshakespeare_char", None)
+    windows = list(data_lib.sample_windows(ds.split("val"), seq_len=32, batch=c["train"]["batch_size"],
+                                           num_batches=c["eval"]["num_batches"], seed=c["train"]["seed"] + 1))
+    assert len(windows) == 2
+
+    @jax.jit
+    def token_losses(toks):
+        logits = loaded.model(toks[:, :-1])[0]
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), toks[:, 1:, None], -1)[..., 0]
+
+    got = float(np.mean([np.asarray(token_losses(jnp.asarray(w))) for w in windows]))
+    assert abs(got - want) < 1e-5, (got, want)

@@ -2522,3 +2522,28 @@ def test_nearby_seeds_share_no_epoch_and_a_run_begun_in_the_earlier_order_resume
     assert ckpt.restore(12, None)[1]["data_order"] == 1
     ckpt.close()
     assert losses(train(cfg("vanilla"), tmp_path / "new", devices=one, quiet=True))[12] != full[12]  # (order 2: other windows)
+
+
+def test_the_logged_gradient_and_update_norms_are_the_steps_own():
+    """metrics.jsonl's grad_norm is the global norm of the step's gradients before clipping, and
+    update_norm the global norm of what the optimizer added to the parameters (clipped, Adam's,
+    decayed, times the learning rate): both by hand from one step of build_steps."""
+    from llmjax import data as D
+    from llmjax.sharding import make_mesh
+    from llmjax.train import build_steps
+
+    def norm(tree):
+        return float(np.sqrt(sum(np.sum(np.square(np.asarray(a, np.float64))) for a in jax.tree.leaves(tree))))
+
+    c = cfg("vanilla", train__grad_clip=0.5, train__warmup_steps=0, train__weight_decay=0.1)
+    s = build_steps(c, make_mesh(c.train.mesh, jax.devices()[:1]))
+    state = s.init_state()
+    ds = D.open_dataset("tinyshakespeare_char", "unused")
+    windows = next(D.sample_windows(ds.split("train"), seq_len=c.model.context_len, batch=c.train.batch_size, num_batches=1, seed=0))
+    tokens = jax.device_put(windows[None], s.tok_shard)
+    before = jax.device_get(state["params"])
+    grads = jax.device_get(s.gradients(state["params"], tokens, None)[0])
+    state, m = s.train_step(state, tokens)
+    after, m = jax.device_get((state["params"], m))
+    assert float(m["grad_norm"]) == pytest.approx(norm(grads), rel=1e-5) and float(m["grad_norm"]) > 0.5  # (clipped: above the clip)
+    assert float(m["update_norm"]) == pytest.approx(norm(jax.tree.map(np.subtract, after, before)), rel=1e-3)
