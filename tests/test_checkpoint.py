@@ -47,6 +47,30 @@ def test_fingerprints_see_every_change_and_no_sharding():
     assert fingerprints(dict(tree, m=m))["['m']"] != fp["['m']"]
 
 
+def test_one_flipped_bit_in_any_element_of_any_dtype_changes_the_fingerprint():
+    """A single flipped bit in the first, a middle or the last element of an array of each dtype
+    changes its fingerprint (the bits are summed, not the values: a bfloat16 or float32 value cast
+    to an integer would not see a low mantissa bit; the last word counts as the others do)."""
+    rng = np.random.default_rng(2)
+    tree = {
+        "f32": rng.standard_normal((5, 7)).astype(np.float32),
+        "bf16": np.asarray(jnp.asarray(rng.standard_normal(9) * 0.1, jnp.bfloat16)),
+        "f16": (rng.standard_normal(6) * 0.1).astype(np.float16),
+        "i32": rng.integers(-1000, 1000, (11,), dtype=np.int32),
+        "u8": rng.integers(0, 255, (13,), dtype=np.uint8),
+        "u32": rng.integers(0, 2**31, (3, 2), dtype=np.uint32),
+    }
+    fp = fingerprints(tree)
+    for name, x in tree.items():
+        n = x.size
+        for i in (0, n // 2, n - 1):
+            for bit in (0, 8 * x.dtype.itemsize - 1):  # the lowest bit and the sign (top) bit
+                y = np.array(x, copy=True)
+                words = y.reshape(-1).view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
+                words[i] ^= words.dtype.type(1 << bit)
+                assert fingerprints(dict(tree, **{name: y}))[f"['{name}']"] != fp[f"['{name}']"], (name, i, bit)
+
+
 def _save(directory, steps=(1, 2)):
     """Two checkpoints of a small state of random float32 arrays (which zstd leaves nearly
     uncompressed: a damaged byte there decompresses to a wrong value, not to an error)."""
@@ -125,6 +149,23 @@ def test_the_samplers_restore_checks_the_parameters(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, restore_params(tmp_path / "ckpt", 2, target), state["params"])
     with pytest.raises(CheckpointError, match="no checkpoint 7"):
         restore_params(tmp_path / "ckpt", 7, target)
+
+
+def test_arrays_whose_elements_moved_are_refused_on_restore(tmp_path):
+    """The restore compares both sums of a fingerprint: an array whose elements were swapped (the
+    same plain sum, another position-weighted one) differs from what was saved."""
+    state = _save(tmp_path / "ckpt")
+    target = {"params": _abstract(state["params"])}
+    swapped = state["params"]["w"].copy()
+    swapped[0, 0], swapped[5, 7] = swapped[5, 7], swapped[0, 0]
+    saved, moved = (fingerprints({"params": dict(state["params"], w=w)})["['params']['w']"] for w in (state["params"]["w"], swapped))
+    assert saved[:8] == moved[:8] and saved != moved  # (the plain sums agree; only the weighted ones differ)
+    meta_file = tmp_path / "ckpt" / "2" / "meta" / "metadata"
+    meta_file.write_text(meta_file.read_text().replace(saved, moved))
+    with pytest.raises(CheckpointError, match=r"checkpoint .*/2 is damaged: 1 array\(s\) differ .*\['params'\]\['w'\]"):
+        restore_params(tmp_path / "ckpt", 2, target)
+    with pytest.raises(CheckpointError, match=r"checkpoint .*/2 is damaged: 1 array\(s\) differ .*\['params'\]\['w'\]"):
+        Checkpointer(tmp_path / "ckpt").restore(2, _abstract(state))
 
 
 def test_resuming_past_a_damaged_metrics_file_or_onto_another_model_is_one_line(tmp_path):

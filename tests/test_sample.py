@@ -649,6 +649,9 @@ def test_load_restores_the_trained_weights(run_dir):
     best = S.load(run_dir, "best")
     assert best.step in (4, 8)
     assert S.load(run_dir / "checkpoints" / "8").step == 8
+    # on the device asked for (another than the first): every parameter restored there
+    on = S.load(run_dir, device=jax.devices()[3])
+    assert {d for a in jax.tree.leaves(nnx.state(on.model, nnx.Param)) for d in a.devices()} == {jax.devices()[3]}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -731,6 +734,28 @@ def test_which_best_with_one_checkpoint_or_gpt2_weights_is_refused(run_dir, tmp_
     (tmp_path / "hf" / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(S.SampleError, match=r"^--which=best picks among a training run's checkpoints; .*hf is GPT-2 weights \(one set\): drop --which$"):
         S.load(tmp_path / "hf", "best")
+
+
+def test_which_best_reads_the_lowest_validation_loss(tmp_path):
+    """--which=best is the checkpoint of the lowest validation loss (not the highest, not the latest,
+    and whatever the steps' order); --which=latest the highest step. Checkpoints of a tiny state under
+    a folder laid out as a run's (resolve reads no model)."""
+    import grain
+
+    from llmjax.checkpoint import Checkpointer
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    it = iter(grain.MapDataset.range(10).to_iter_dataset())
+    ckpt = Checkpointer(run / "checkpoints", keep=5)
+    state = {"params": {"w": np.ones((2, 3), np.float32)}}
+    for step, loss in ((1, 3.0), (2, 1.5), (3, 4.0), (4, None), (5, 2.0)):
+        ckpt.save(step, state, it, {"step": step}, val_loss=loss)
+    ckpt.close()
+    assert S.resolve(run, "best") == (run, 2)
+    assert S.resolve(run, "latest") == (run, 5) == S.resolve(run / "checkpoints", "latest")
+    assert S.resolve(run / "checkpoints" / "3", "latest") == (run, 3)
 
 
 def test_a_damaged_or_foreign_metrics_file_is_one_line(run_dir, tmp_path):
